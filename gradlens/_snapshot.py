@@ -1,0 +1,77 @@
+"""The :class:`Snapshot`: what the profiler measured at one probed step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+__all__ = ["TOTAL_LAYER", "Level", "Snapshot"]
+
+#: Name under which the Gram of all shared parameters is stored next to the per-layer Grams.
+TOTAL_LAYER = "__all__"
+
+Level = Literal["parameters", "features"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Per-task Gram matrices of one probed step.
+
+    ``gram[s, t] = <g_s, g_t>`` where ``g_t`` is the gradient of task ``t``'s loss with respect to
+    the shared parameters (``level == "parameters"``) or to the shared representation passed as
+    ``features=`` (``level == "features"``). ``layer_grams`` holds the same per module; their sum
+    is ``gram``. All matrices are float64 CPU tensors of shape ``(T, T)``.
+
+    Example:
+        >>> import torch
+        >>> snap = Snapshot(step=0, tasks=("a", "b"), gram=torch.tensor([[4.0, -2.0], [-2.0, 1.0]],
+        ...                 dtype=torch.float64), layer_grams={}, weights=torch.ones(2))
+        >>> snap.cosine()[0, 1].item()
+        -1.0
+        >>> snap.norms().tolist()
+        [2.0, 1.0]
+    """
+
+    step: int
+    tasks: tuple[str, ...]
+    gram: torch.Tensor
+    layer_grams: Mapping[str, torch.Tensor]
+    weights: torch.Tensor
+    engine: str = "loop"
+    level: Level = "parameters"
+    #: Which rule computed each layer's Gram ("linear", "conv", "generic", ...).
+    rules: Mapping[str, str] = field(default_factory=dict)
+    #: The task losses at this step, as floats.
+    losses: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def zero_tasks(self) -> tuple[str, ...]:
+        """Tasks whose gradient on the shared parameters is exactly zero (their cosines are NaN)."""
+        diag = torch.diagonal(self.gram)
+        return tuple(t for t, d in zip(self.tasks, diag.tolist()) if d == 0.0)
+
+    def norms(self, layer: str | None = None) -> torch.Tensor:
+        """Gradient norm of each task, ``sqrt(diag G)``, in total or for one layer."""
+        g = self._select(layer)
+        return torch.sqrt(torch.clamp(torch.diagonal(g), min=0.0))
+
+    def cosine(self, layer: str | None = None) -> torch.Tensor:
+        """Cosine matrix ``G[s,t] / (|g_s| |g_t|)``; NaN for a task whose gradient is zero."""
+        g = self._select(layer)
+        n = torch.sqrt(torch.clamp(torch.diagonal(g), min=0.0))
+        denom = n[:, None] * n[None, :]
+        out = g / denom
+        return torch.where(denom > 0, out, torch.full_like(out, float("nan")))
+
+    def _select(self, layer: str | None) -> torch.Tensor:
+        if layer is None or layer == TOTAL_LAYER:
+            return self.gram
+        try:
+            return self.layer_grams[layer]
+        except KeyError:
+            raise KeyError(
+                f"`layer` should be one of {sorted(self.layer_grams)}; found {layer!r}."
+            ) from None
