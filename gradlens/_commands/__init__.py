@@ -1,0 +1,1 @@
+"""One module per ``gradlens`` subcommand (see :mod:`gradlens.cli`)."""
