@@ -13,12 +13,14 @@ Example:
 
 from gradlens._errors import GradlensError, GradlensWarning, MissingExtraError, StoreError
 from gradlens._snapshot import TOTAL_LAYER, Snapshot
+from gradlens.profiler import Profiler
 
 __all__ = [
     "TOTAL_LAYER",
     "GradlensError",
     "GradlensWarning",
     "MissingExtraError",
+    "Profiler",
     "Snapshot",
     "StoreError",
 ]

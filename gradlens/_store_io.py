@@ -1,0 +1,113 @@
+"""Atomic files and checksummed Parquet chunks for the run store.
+
+Every file of a run is written under a temporary name in its final directory, fsynced, then
+``os.replace``-d into place and the directory fsynced, so a reader (or a process killed with
+SIGKILL at any instant) sees either the whole file or none of it. Parquet chunks carry page CRC
+checksums, so a chunk damaged afterwards fails to read instead of being misread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+import warnings
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gradlens._errors import GradlensWarning
+
+__all__: list[str] = []
+
+_CHUNK_RE = re.compile(r"^chunk-(\d{6,})\.parquet$")
+TMP_PREFIX = ".tmp-"
+
+
+def chunk_name(index: int) -> str:
+    """File name of chunk ``index`` (``chunk-000012.parquet``)."""
+    return f"chunk-{index:06d}.parquet"
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (no-op where directories cannot be opened)."""
+    if os.name != "posix":  # pragma: no cover
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(final: Path) -> Path:
+    return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}")
+
+
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    """Write ``data`` to ``final`` atomically (temp file in the same directory, fsync, rename)."""
+    tmp = _tmp_path(final)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+
+
+def atomic_write_table(final: Path, table: pa.Table) -> None:
+    """Write ``table`` as a checksummed Parquet file at ``final``, atomically."""
+    tmp = _tmp_path(final)
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, write_page_checksum=True, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+
+
+def list_chunks(directory: Path) -> dict[int, Path]:
+    """Committed chunks of ``directory`` by index (temporary files are ignored)."""
+    if not directory.is_dir():
+        return {}
+    out: dict[int, Path] = {}
+    for entry in directory.iterdir():
+        m = _CHUNK_RE.match(entry.name)
+        if m:
+            out[int(m.group(1))] = entry
+    return dict(sorted(out.items()))
+
+
+def read_chunk(path: Path, schema: pa.Schema) -> pa.Table | None:
+    """Read one chunk and check its columns; on any failure warn naming the file and return None."""
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+        missing = [f.name for f in schema if f.name not in table.column_names]
+        if missing:
+            raise ValueError(f"missing columns {missing}")
+        table = table.select(schema.names)
+        for field in schema:
+            found = table.schema.field(field.name).type
+            if not found.equals(field.type):
+                raise ValueError(f"column {field.name!r} is {found}, expected {field.type}")
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        warnings.warn(
+            f"Skipping the unreadable chunk {path} ({type(exc).__name__}: {exc}). The rest of the "
+            f"run is read; the steps of this chunk are missing.",
+            GradlensWarning,
+            stacklevel=4,
+        )
+        return None
+    return table

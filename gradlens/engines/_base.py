@@ -1,0 +1,215 @@
+"""The contract every engine fulfils, and what the engines share.
+
+An engine receives the stacked task losses of one probed step and must
+1. compute one float64 ``T x T`` Gram matrix per layer of the shared parameters (or of the
+   representation, for representation-level engines), and
+2. write ``sum_t w_t g_t`` into ``.grad`` of the shared parameters it computed gradients for,
+   accumulating as autograd does, and report which parameters those are.
+The profiler then runs one weighted backward restricted to every other leaf the losses reach
+(task heads and the like), so that all ``.grad`` equal those of ``sum_t w_t L_t``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from gradlens._errors import GradlensError
+from gradlens._snapshot import Level
+
+__all__ = ["BackwardContext", "Engine", "EngineResult", "SharedParams", "resolve_shared"]
+
+#: Layer name of parameters owned directly by the root module given as ``shared``.
+ROOT_LAYER = "(root)"
+
+
+@dataclass
+class SharedParams:
+    """The trainable shared parameters, grouped by layer (the module that owns each one)."""
+
+    named: list[tuple[str, nn.Parameter]]
+    module: nn.Module | None
+    layer_of: dict[int, str]
+    layers: list[str]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named]
+
+
+def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
+    """Resolve ``Profiler(shared=...)``: a module, or an iterable of (name, parameter) pairs."""
+    if isinstance(shared, nn.Module):
+        named = [(n, p) for n, p in shared.named_parameters() if p.requires_grad]
+        module: nn.Module | None = shared
+    else:
+        try:
+            items = list(shared)  # type: ignore[arg-type]
+        except TypeError:
+            raise GradlensError(
+                "`shared` should be an nn.Module or an iterable of (name, parameter) pairs; "
+                f"found {type(shared).__name__}."
+            ) from None
+        named = []
+        for i, item in enumerate(items):
+            if (
+                isinstance(item, tuple)
+                and len(item) == 2
+                and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)
+            ):
+                named.append(item)
+            elif isinstance(item, torch.Tensor):
+                named.append((f"param{i}", item))
+            else:
+                raise GradlensError(
+                    "`shared` should be an nn.Module or an iterable of (name, parameter) pairs; "
+                    f"found an item of type {type(item).__name__} at position {i}."
+                )
+        named = [(n, p) for n, p in named if p.requires_grad]
+        module = None
+    if not named:
+        raise GradlensError(
+            "`shared` should hold at least one parameter with requires_grad=True; found none."
+        )
+    seen: set[int] = set()
+    unique = []
+    for n, p in named:
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique.append((n, p))
+    layer_of: dict[int, str] = {}
+    layers: list[str] = []
+    for n, p in unique:
+        layer = n.rpartition(".")[0] if module is not None else (n.rpartition(".")[0] or n)
+        layer = layer or ROOT_LAYER
+        layer_of[id(p)] = layer
+        if layer not in layers:
+            layers.append(layer)
+    return SharedParams(unique, module, layer_of, layers)
+
+
+@dataclass
+class BackwardContext:
+    """What the profiler hands an engine at a probed step."""
+
+    losses: torch.Tensor  # (T,)
+    weights: torch.Tensor  # (T,), dtype and device of the losses
+    #: Shared parameters that the losses reach, in the order of ``SharedParams.named``.
+    reached: list[nn.Parameter]
+    #: How many graph edges lead to each reached leaf (by id): uses in this forward.
+    uses: dict[int, int]
+    #: Autograd nodes of the losses' graph (for engines that recorded graph edges).
+    nodes: set[torch.autograd.graph.Node]
+    features: Sequence[torch.Tensor] | None = None
+    memory_budget: int = 1 << 30
+
+
+@dataclass
+class EngineResult:
+    """Per-layer Grams (float64, on the losses' device) and what the engine wrote."""
+
+    layer_grams: dict[str, torch.Tensor]
+    rules: dict[str, str] = field(default_factory=dict)
+    #: Parameters whose ``.grad`` the engine wrote (by id).
+    written: set[int] = field(default_factory=set)
+
+
+class Engine(ABC):
+    """Base class of the engines; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    level: ClassVar[Level] = "parameters"
+    needs_features: ClassVar[bool] = False
+
+    def __init__(self, shared: SharedParams, n_tasks: int) -> None:
+        self.shared = shared
+        self.n_tasks = n_tasks
+
+    def attach(self) -> None:
+        """Install whatever hooks the engine needs (called once by the profiler)."""
+
+    def detach(self) -> None:
+        """Remove every hook; must be idempotent."""
+
+    def set_recording(self, on: bool) -> None:
+        """Tell the engine whether the coming forward pass belongs to a probed step."""
+
+    @abstractmethod
+    def compute(self, ctx: BackwardContext) -> EngineResult:
+        """Compute the per-layer Grams and write the weighted gradient (see module docstring)."""
+
+
+def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    """Add ``g`` to ``p.grad`` as autograd's accumulation does (set when None)."""
+    g = g.detach().reshape(p.shape)
+    if p.grad is None:
+        p.grad = g.clone(memory_format=torch.preserve_format) if g._base is not None else g
+    else:
+        p.grad.add_(g)
+
+
+def batched_grad(
+    losses: torch.Tensor,
+    inputs: Sequence[torch.Tensor | torch.autograd.graph.GradientEdge],
+    tasks: slice | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """One batched backward: the gradient of each selected task's loss w.r.t. each input.
+
+    Returns, for each input, a tensor of shape ``(n_selected, *input.shape)`` (None when no
+    selected loss reaches it).
+    """
+    T = losses.shape[0]
+    eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
+    if tasks is not None:
+        eye = eye[tasks]
+    with _quiet_vmap():
+        return torch.autograd.grad(
+            losses,
+            list(inputs),
+            grad_outputs=eye,
+            is_grads_batched=True,
+            retain_graph=True,
+            allow_unused=True,
+        )
+
+
+@contextmanager
+def _quiet_vmap() -> Iterator[None]:
+    # vmap's slow-path notice ("There is a performance drop because we have not yet implemented
+    # the batching rule for ...") is not the user's concern: the result is exact either way.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        yield
+
+
+def gram_of_rows(rows: Sequence[torch.Tensor], other: Sequence[torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+    """``sum_k R_k O_k^T`` over blocks of shape (T, ...) flattened per task, in float64 output."""
+    other = rows if other is None else other
+    total: torch.Tensor | None = None
+    for r, o in zip(rows, other):
+        r2 = r.reshape(r.shape[0], -1)
+        o2 = o.reshape(o.shape[0], -1)
+        g = (r2 @ o2.T).to(torch.float64)
+        total = g if total is None else total + g
+    if total is None:
+        raise GradlensError("internal: gram_of_rows needs at least one block")
+    return total
+
+
+def group_by_layer(
+    shared: SharedParams, params: Iterable[torch.Tensor]
+) -> Mapping[str, list[torch.Tensor]]:
+    """Group parameters by their layer, in layer order."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for p in params:
+        out.setdefault(shared.layer_of[id(p)], []).append(p)
+    return {layer: out[layer] for layer in shared.layers if layer in out}

@@ -1,0 +1,80 @@
+"""The ``batched`` engine: one batched backward over the T cotangents, chunked over tasks.
+
+``torch.autograd.grad(..., is_grads_batched=True)`` computes every task's gradient of every shared
+parameter in one call. When ``T x P`` would exceed ``memory_budget`` bytes the tasks are split into
+chunks of ``c`` tasks; the Gram's off-diagonal blocks then need a chunk pair in memory at once, so
+the engine recomputes chunks (``n + n(n-1)/2`` batched backwards for ``n`` chunks) and never holds
+more than two chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradlens.engines._base import (
+    BackwardContext,
+    Engine,
+    EngineResult,
+    accumulate_grad,
+    batched_grad,
+    gram_of_rows,
+    group_by_layer,
+)
+
+__all__ = ["BatchedEngine"]
+
+
+class BatchedEngine(Engine):
+    """All tasks' parameter gradients from one batched backward (chunked under a budget)."""
+
+    name = "batched"
+
+    def compute(self, ctx: BackwardContext) -> EngineResult:
+        params = ctx.reached
+        if not params:
+            return EngineResult({})
+        T = ctx.losses.shape[0]
+        itemsize = params[0].element_size()
+        per_task = sum(p.numel() for p in params) * itemsize
+        # two chunks may be alive at once
+        chunk = max(1, min(T, ctx.memory_budget // max(1, 2 * per_task)))
+        bounds = [(s, min(T, s + chunk)) for s in range(0, T, chunk)]
+        layers = group_by_layer(self.shared, params)
+        index = {id(p): k for k, p in enumerate(params)}
+        dev = ctx.losses.device
+        grams = {
+            layer: torch.zeros(T, T, dtype=torch.float64, device=dev) for layer in layers
+        }
+        weighted: list[torch.Tensor | None] = [None] * len(params)
+
+        def grads_of(lo: int, hi: int) -> list[torch.Tensor]:
+            gs = batched_grad(ctx.losses, params, slice(lo, hi))
+            return [
+                torch.zeros((hi - lo, *p.shape), dtype=p.dtype, device=p.device) if g is None
+                else g
+                for g, p in zip(gs, params)
+            ]
+
+        for i, (lo, hi) in enumerate(bounds):
+            Ji = grads_of(lo, hi)
+            w = ctx.weights[lo:hi]
+            for k, g in enumerate(Ji):
+                part = torch.tensordot(w, g, dims=1)
+                weighted[k] = part if weighted[k] is None else weighted[k] + part
+            for layer, ps in layers.items():
+                rows = [Ji[index[id(p)]] for p in ps]
+                grams[layer][lo:hi, lo:hi] = gram_of_rows(rows)
+            for lo2, hi2 in bounds[i + 1 :]:
+                Jj = grads_of(lo2, hi2)
+                for layer, ps in layers.items():
+                    block = gram_of_rows(
+                        [Ji[index[id(p)]] for p in ps], [Jj[index[id(p)]] for p in ps]
+                    )
+                    grams[layer][lo:hi, lo2:hi2] = block
+                    grams[layer][lo2:hi2, lo:hi] = block.T
+                del Jj
+            del Ji
+        for p, g in zip(params, weighted):
+            if g is not None:
+                accumulate_grad(p, g)
+        return EngineResult(grams, {layer: "batched" for layer in grams}, {id(p) for p in params})

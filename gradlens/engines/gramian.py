@@ -1,0 +1,171 @@
+"""The ``gramian`` engine: per-layer Grams from recorded activations and per-task output gradients.
+
+Forward hooks record, for every shared module that has a rule (Linear, Conv), its input and the
+autograd edge of its output. At a probed step one batched backward over the T cotangents yields
+each task's gradient with respect to those outputs (and, for modules without a rule, directly with
+respect to their parameters: the exact generic fallback). Each rule turns inputs and output
+gradients into the layer's Gram without ever forming a ``T x P`` tensor for the whole model, and
+writes ``sum_t w_t g_t`` from the same quantities: there is no second backward through the shared
+part.
+
+A rule serves a module only when its parameters are used exactly once per recorded call in this
+graph (counted on the autograd graph); a parameter also used outside the module's ``forward``
+(weight tying, functional reuse) sends the module to the generic path, so results stay exact.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from gradlens.engines._base import (
+    BackwardContext,
+    Engine,
+    EngineResult,
+    SharedParams,
+    accumulate_grad,
+    batched_grad,
+    gram_of_rows,
+    group_by_layer,
+)
+from gradlens.engines.rules import Rule, rule_for
+
+__all__ = ["GramianEngine"]
+
+
+@dataclass
+class _Record:
+    input: torch.Tensor
+    edge: GradientEdge
+    out_shape: torch.Size
+
+
+class GramianEngine(Engine):
+    """Per-layer Grams from activations and output gradients; generic fallback per module."""
+
+    name = "gramian"
+
+    def __init__(self, shared: SharedParams, n_tasks: int) -> None:
+        super().__init__(shared, n_tasks)
+        self._recording = True
+        self._records: dict[str, list[_Record]] = {}
+        self._modules: dict[str, tuple[nn.Module, Rule]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._finalizer: weakref.finalize | None = None
+
+    # -- hooks -------------------------------------------------------------------------------
+    def attach(self) -> None:
+        root = self.shared.module
+        if root is None:
+            return
+        shared_ids = {id(p) for p in self.shared.params}
+        owners: dict[int, int] = {}
+        for _, mod in root.named_modules():
+            for p in mod.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        for name, mod in root.named_modules():
+            rule = rule_for(type(mod))
+            own = [p for p in mod.parameters(recurse=False) if id(p) in shared_ids]
+            if rule is None or not own or not rule.applies(mod):
+                continue
+            if any(owners[id(p)] > 1 for p in own):  # tied to another module: generic path
+                continue
+            layer = self.shared.layer_of[id(own[0])]
+            self._modules[layer] = (mod, rule)
+            self._handles.append(mod.register_forward_hook(self._hook(layer)))
+        self._finalizer = weakref.finalize(self, _remove, list(self._handles))
+
+    def detach(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+        self._handles.clear()
+        self._records.clear()
+
+    def set_recording(self, on: bool) -> None:
+        self._recording = on
+        if not on:
+            self._records.clear()
+
+    def _hook(self, layer: str) -> Callable[..., None]:
+        ref = weakref.ref(self)
+
+        def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+            engine = ref()
+            if engine is None or not engine._recording or not torch.is_grad_enabled():
+                return
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            engine._records.setdefault(layer, []).append(
+                _Record(x.detach(), get_gradient_edge(output), output.shape)
+            )
+
+        return hook
+
+    # -- compute -----------------------------------------------------------------------------
+    def compute(self, ctx: BackwardContext) -> EngineResult:
+        records, self._records = self._records, {}
+        params = ctx.reached
+        if not params:
+            return EngineResult({})
+        by_layer = group_by_layer(self.shared, params)
+        rule_layers: dict[str, list[_Record]] = {}
+        generic: list[torch.Tensor] = []
+        for layer, ps in by_layer.items():
+            live = [r for r in records.get(layer, ()) if r.edge.node in ctx.nodes]
+            if (
+                layer in self._modules
+                and live
+                and all(ctx.uses.get(id(p), 0) == len(live) for p in ps)
+            ):
+                rule_layers[layer] = live
+            else:
+                generic.extend(ps)
+
+        inputs: list[torch.Tensor | GradientEdge] = [
+            r.edge for recs in rule_layers.values() for r in recs
+        ]
+        inputs += generic
+        grads = list(batched_grad(ctx.losses, inputs))
+        T = ctx.losses.shape[0]
+
+        grams: dict[str, torch.Tensor] = {}
+        rules: dict[str, str] = {}
+        k = 0
+        for layer, recs in rule_layers.items():
+            mod, rule = self._modules[layer]
+            outs = []
+            for r in recs:
+                d = grads[k]
+                k += 1
+                if d is None:  # output recorded but not reached by any task: zero
+                    d = r.input.new_zeros((T, *r.out_shape))
+                outs.append(d)
+            grams[layer] = rule.fn(
+                mod, [r.input for r in recs], outs, ctx.weights, by_layer[layer],
+                ctx.memory_budget,
+            )
+            rules[layer] = rule.name
+        gen_grads = {
+            id(p): (torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device) if g is None else g)
+            for p, g in zip(generic, grads[k:])
+        }
+        for layer, ps in group_by_layer(self.shared, generic).items():
+            grams[layer] = gram_of_rows([gen_grads[id(p)] for p in ps])
+            rules[layer] = "generic"
+            for p in ps:
+                accumulate_grad(p, torch.tensordot(ctx.weights, gen_grads[id(p)], dims=1))
+        ordered = {layer: grams[layer] for layer in by_layer}
+        return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, {id(p) for p in params})
+
+
+def _remove(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    for h in handles:
+        h.remove()

@@ -1,0 +1,418 @@
+"""The :class:`Profiler`: measure per-task gradient interference inside a training loop.
+
+``prof.backward(losses, weights)`` replaces ``loss.backward()``. Afterwards every parameter's
+``.grad`` is what ``sum_t w_t * L_t`` ``.backward()`` gives (same accumulation), on probed and
+unprobed steps alike, so profiling never changes the training trajectory. On probed steps it
+returns a :class:`~gradlens.Snapshot` of float64 per-layer and total Gram matrices.
+
+Example:
+    >>> import torch, gradlens as gl
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    >>> heads = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 1), "b": torch.nn.Linear(8, 1)})
+    >>> x, y = torch.randn(16, 4), torch.randn(16)
+    >>> with gl.Profiler(trunk, tasks=["a", "b"], engine="gramian", every=2) as prof:
+    ...     for step in range(4):
+    ...         z = trunk(x)
+    ...         losses = {t: ((heads[t](z).squeeze(1) - y) ** 2).mean() for t in prof.tasks}
+    ...         snap = prof.backward(losses, weights={"a": 0.3, "b": 0.7})
+    ...         if snap is not None:
+    ...             print(snap.step, tuple(snap.gram.shape), sorted(snap.layer_grams))
+    0 (2, 2) ['0']
+    2 (2, 2) ['0']
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from gradlens._errors import GradlensError, GradlensWarning
+from gradlens._snapshot import Snapshot
+from gradlens.engines import engine_class
+from gradlens.engines._base import BackwardContext, Engine, resolve_shared
+from gradlens.schedules import Schedule, as_schedule
+
+__all__ = ["Profiler", "Sink"]
+
+_FREED = "Trying to backward through the graph a second time"
+
+
+class Sink(Protocol):
+    """Anything that receives snapshots (the run store, a TensorBoard sink...)."""
+
+    def add_snapshot(self, snap: Snapshot) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Profiler:
+    """Attach to the shared part of a model and measure its per-task Gram matrices.
+
+    Args:
+        shared: the shared module (its trainable parameters are the shared ones), or an iterable
+            of ``(name, parameter)`` pairs.
+        tasks: task names, in the order of the Gram's rows.
+        engine: ``"gramian"`` (default), ``"batched"``, ``"loop"`` or ``"features"``.
+        every: probe every k-th step (an int), or any callable ``step -> bool``
+            (see :mod:`gradlens.schedules`).
+        store: a run directory path (a :class:`gradlens.store.RunWriter` is created there) or a
+            writer; snapshots are written to it and it is closed with the profiler.
+        sinks: more receivers of snapshots (e.g. :class:`gradlens.sinks.TensorBoardSink`).
+        memory_budget: bytes an engine may use for one block of per-task quantities (the batched
+            engine's task chunks, the rules' output-row blocks).
+        meta: extra fields for the run store's ``meta.json`` (model, seed, config...).
+    """
+
+    def __init__(
+        self,
+        shared: nn.Module | Iterable[Any],
+        tasks: Sequence[str],
+        engine: str = "gramian",
+        every: int | Schedule = 1,
+        store: str | Path | Any | None = None,
+        *,
+        sinks: Sequence[Sink] = (),
+        memory_budget: int = 256 * 2**20,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.tasks: tuple[str, ...] = _check_tasks(tasks)
+        self._shared = resolve_shared(shared)
+        self._engine: Engine = engine_class(engine)(self._shared, len(self.tasks))
+        self._schedule = as_schedule(every)
+        if not isinstance(memory_budget, int) or memory_budget <= 0:
+            raise GradlensError(
+                f"`memory_budget` should be a positive int (bytes); found {memory_budget!r}."
+            )
+        self._budget = memory_budget
+        self.step = 0
+        self._closed = False
+        self._warned_zero: set[str] = set()
+        self._engine.attach()
+        self._engine.set_recording(self._schedule(0))
+        self.store = _open_store(store, self._meta(meta, engine, every))
+        self._sinks: list[Sink] = list(sinks)
+        if self.store is not None:
+            self._sinks.insert(0, self.store)
+        self._finalizer = weakref.finalize(self, _finalize, self._engine, list(self._sinks))
+
+    # -- public --------------------------------------------------------------------------------
+    @property
+    def engine(self) -> str:
+        """Name of the engine in use."""
+        return self._engine.name
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Layer names (modules owning shared parameters), in parameter order."""
+        return tuple(self._shared.layers)
+
+    def will_probe(self, step: int | None = None) -> bool:
+        """Whether ``step`` (default: the coming one) is probed."""
+        return bool(self._schedule(self.step if step is None else step))
+
+    def backward(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        weights: Mapping[str, float | torch.Tensor] | None = None,
+        *,
+        features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        retain_graph: bool = False,
+    ) -> Snapshot | None:
+        """Replace ``loss.backward()``: write the weighted gradient; measure on probed steps.
+
+        Args:
+            losses: one scalar loss per task, keyed by task name (all tasks, no others).
+            weights: one non-negative finite weight per task; None means 1 for every task, the
+                plain sum ``sum_t L_t``.
+            features: the shared representation ``z`` (required by the ``features`` engine).
+            retain_graph: as in ``Tensor.backward``.
+
+        Returns:
+            A :class:`Snapshot` on probed steps, else None.
+        """
+        if self._closed:
+            raise GradlensError("`backward` was called on a closed Profiler; create a new one.")
+        L = _stack_losses(losses, self.tasks)
+        w = _weights_tensor(weights, self.tasks, L)
+        step = self.step
+        probe = bool(self._schedule(step))
+        feats = self._check_features(features)
+        snap = None
+        try:
+            if not probe:
+                torch.autograd.backward(w @ L, retain_graph=retain_graph)
+            else:
+                snap = self._probe(step, L, w, feats, retain_graph)
+        except RuntimeError as exc:
+            if _FREED in str(exc):
+                raise GradlensError(
+                    "`losses` should come from a graph that has not been backpropagated yet; "
+                    "found a graph already freed by an earlier backward. Compute the losses "
+                    "anew at each step (or keep the graph with retain_graph=True)."
+                ) from exc
+            raise
+        finally:
+            self.step = step + 1
+            self._engine.set_recording(bool(self._schedule(self.step)))
+        if snap is not None:
+            for sink in self._sinks:
+                sink.add_snapshot(snap)
+        return snap
+
+    def close(self) -> None:
+        """Remove every hook from the model and flush and close the store and sinks."""
+        if not self._closed:
+            self._closed = True
+            self._finalizer()
+
+    def __enter__(self) -> Profiler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Profiler(tasks={list(self.tasks)}, engine={self.engine!r}, "
+            f"layers={len(self.layers)}, step={self.step})"
+        )
+
+    # -- internals -----------------------------------------------------------------------------
+    def _check_features(
+        self, features: torch.Tensor | Sequence[torch.Tensor] | None
+    ) -> list[torch.Tensor] | None:
+        if not self._engine.needs_features:
+            if features is not None:
+                raise GradlensError(
+                    f"`features` is used only by engine='features'; found it passed to "
+                    f"engine={self.engine!r}. Drop it or switch engines."
+                )
+            return None
+        if features is None:
+            raise GradlensError(
+                "`features` should be the shared representation z (a tensor that requires grad) "
+                "when engine='features'; found None. Call prof.backward(losses, features=z)."
+            )
+        feats = [features] if isinstance(features, torch.Tensor) else list(features)
+        for z in feats:
+            if not isinstance(z, torch.Tensor) or not z.requires_grad:
+                raise GradlensError(
+                    "`features` should be tensors that require grad (the output of the shared "
+                    f"part); found {type(z).__name__}"
+                    + (" with requires_grad=False" if isinstance(z, torch.Tensor) else "")
+                    + "."
+                )
+        return feats
+
+    def _probe(
+        self,
+        step: int,
+        L: torch.Tensor,
+        w: torch.Tensor,
+        feats: list[torch.Tensor] | None,
+        retain_graph: bool,
+    ) -> Snapshot:
+        leaves, uses, nodes = _traverse(L)
+        shared_ids = {id(p) for p in self._shared.params}
+        reached = [p for p in self._shared.params if id(p) in leaves]
+        ctx = BackwardContext(
+            losses=L, weights=w, reached=reached, uses=uses, nodes=nodes, features=feats,
+            memory_budget=self._budget,
+        )
+        result = self._engine.compute(ctx)
+        rest = [v for i, v in leaves.items() if i not in result.written]
+        if rest:
+            torch.autograd.backward(w @ L, inputs=rest, retain_graph=retain_graph)
+        del shared_ids
+        T = len(self.tasks)
+        layer_names = list(result.layer_grams)
+        if layer_names:
+            stacked = torch.stack([result.layer_grams[n] for n in layer_names]).cpu()
+            layer_grams = dict(zip(layer_names, stacked.unbind(0)))
+            gram = stacked.sum(0)
+        else:
+            layer_grams = {}
+            gram = torch.zeros(T, T, dtype=torch.float64)
+        snap = Snapshot(
+            step=step,
+            tasks=self.tasks,
+            gram=gram,
+            layer_grams=layer_grams,
+            weights=w.detach().to("cpu", torch.float64),
+            engine=self.engine,
+            level=self._engine.level,
+            rules=result.rules,
+            losses=dict(zip(self.tasks, L.detach().to("cpu", torch.float64).tolist())),
+        )
+        self._flag_zero(snap)
+        return snap
+
+    def _flag_zero(self, snap: Snapshot) -> None:
+        new = [t for t in snap.zero_tasks if t not in self._warned_zero]
+        if new:
+            self._warned_zero.update(new)
+            warnings.warn(
+                f"tasks {new} have a zero gradient on the shared "
+                f"{'representation' if snap.level == 'features' else 'parameters'} at step "
+                f"{snap.step}: their cosines are NaN (Snapshot.zero_tasks flags them). Does "
+                "each of these losses depend on the shared part?",
+                GradlensWarning,
+                stacklevel=3,
+            )
+
+    def _meta(self, meta: Mapping[str, Any] | None, engine: str, every: object) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tasks": list(self.tasks),
+            "engine": engine,
+            "level": self._engine.level,
+            "layers": list(self._shared.layers),
+            "every": every if isinstance(every, int) else repr(every),
+            "shared_params": sum(p.numel() for p in self._shared.params),
+        }
+        out.update(meta or {})
+        return out
+
+
+def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(tasks, str) or not isinstance(tasks, Iterable):
+        raise GradlensError(
+            f"`tasks` should be a sequence of task names; found {type(tasks).__name__}."
+        )
+    out = tuple(tasks)
+    if not out or not all(isinstance(t, str) and t for t in out):
+        raise GradlensError(f"`tasks` should be non-empty strings, at least one; found {out!r}.")
+    if len(set(out)) != len(out):
+        dup = sorted({t for t in out if out.count(t) > 1})
+        raise GradlensError(f"`tasks` should be unique; found duplicates {dup}.")
+    return out
+
+
+def _stack_losses(losses: Mapping[str, torch.Tensor], tasks: tuple[str, ...]) -> torch.Tensor:
+    if not isinstance(losses, Mapping):
+        raise GradlensError(
+            f"`losses` should be a mapping task -> scalar loss; found {type(losses).__name__}."
+        )
+    unknown = [k for k in losses if k not in tasks]
+    if unknown:
+        raise GradlensError(
+            f"`losses` has undeclared tasks {unknown}; the profiler's tasks are {list(tasks)}."
+        )
+    missing = [t for t in tasks if t not in losses]
+    if missing:
+        raise GradlensError(f"`losses` is missing tasks {missing}; expected all of {list(tasks)}.")
+    vals = []
+    for t in tasks:
+        v = losses[t]
+        if not isinstance(v, torch.Tensor):
+            raise GradlensError(
+                f"`losses[{t!r}]` should be a scalar tensor; found {type(v).__name__}."
+            )
+        if v.numel() != 1:
+            raise GradlensError(
+                f"`losses[{t!r}]` should be a scalar (one element); found shape "
+                f"{tuple(v.shape)}. Reduce it (e.g. .mean()) first."
+            )
+        if not v.requires_grad:
+            raise GradlensError(
+                f"`losses[{t!r}]` should require grad (depend on the model's parameters); "
+                "found a tensor with requires_grad=False."
+            )
+        vals.append(v.reshape(()))
+    dtypes = {v.dtype for v in vals}
+    if len(dtypes) > 1:
+        dt = torch.promote_types(*dtypes) if len(dtypes) == 2 else torch.float64
+        vals = [v.to(dt) for v in vals]
+    L = torch.stack(vals)
+    finite = torch.isfinite(L.detach())
+    if not bool(finite.all()):
+        bad = {t: v for t, v, ok in zip(tasks, L.detach().tolist(), finite.tolist()) if not ok}
+        raise GradlensError(f"`losses` should be finite; found {bad}.")
+    return L
+
+
+def _weights_tensor(
+    weights: Mapping[str, float | torch.Tensor] | None, tasks: tuple[str, ...], L: torch.Tensor
+) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(len(tasks), dtype=L.dtype, device=L.device)
+    if not isinstance(weights, Mapping):
+        raise GradlensError(
+            f"`weights` should be a mapping task -> weight or None; found {type(weights).__name__}."
+        )
+    if set(weights) != set(tasks):
+        raise GradlensError(
+            f"`weights` should have exactly the tasks {list(tasks)} as keys; found "
+            f"{list(weights)}."
+        )
+    vals = []
+    for t in tasks:
+        v = weights[t]
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise GradlensError(
+                f"`weights[{t!r}]` should be a real number; found {type(v).__name__}."
+            ) from None
+        if not math.isfinite(f) or f < 0:
+            raise GradlensError(f"`weights[{t!r}]` should be finite and >= 0; found {f}.")
+        vals.append(f)
+    return torch.tensor(vals, dtype=L.dtype, device=L.device)
+
+
+def _traverse(
+    L: torch.Tensor,
+) -> tuple[dict[int, torch.Tensor], dict[int, int], set[torch.autograd.graph.Node]]:
+    """Leaves reached from L's graph (by id), uses per leaf (edges into it), all nodes."""
+    leaves: dict[int, torch.Tensor] = {}
+    uses: dict[int, int] = {}
+    root = L.grad_fn
+    nodes: set[torch.autograd.graph.Node] = set()
+    if root is None:
+        return leaves, uses, nodes
+    stack = [root]
+    nodes.add(root)
+    while stack:
+        fn = stack.pop()
+        for nxt, _ in fn.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                uses[id(var)] = uses.get(id(var), 0) + 1
+                leaves[id(var)] = var
+            if nxt not in nodes:
+                nodes.add(nxt)
+                stack.append(nxt)
+    return leaves, uses, nodes
+
+
+def _open_store(store: str | Path | Any | None, meta: dict[str, Any]) -> Sink | None:
+    if store is None:
+        return None
+    if isinstance(store, (str, Path)):
+        from gradlens.store import RunWriter
+
+        return RunWriter(store, meta=meta)  # type: ignore[no-any-return]
+    if hasattr(store, "add_snapshot") and hasattr(store, "close"):
+        if hasattr(store, "update_meta"):
+            store.update_meta(**meta)
+        return store  # type: ignore[no-any-return]
+    raise GradlensError(
+        "`store` should be a run directory path or a RunWriter; found "
+        f"{type(store).__name__}."
+    )
+
+
+def _finalize(engine: Engine, sinks: list[Sink]) -> None:
+    engine.detach()
+    for sink in sinks:
+        sink.close()
