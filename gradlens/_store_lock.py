@@ -41,7 +41,7 @@ _MAX_TRIES = 20
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host and is not a zombie (conservative: True if unsure)."""
+    """Whether ``pid`` runs on this host and is not a zombie (True when unsure)."""
     if pid <= 0:
         return False
     if os.name != "posix":  # pragma: no cover - os.kill(pid, 0) would terminate on Windows
@@ -183,7 +183,7 @@ class RunLock:
                 )
             host = socket.gethostname()
             if rec.get("host") != host:
-                self._refuse(rec, f"it was written on another host and cannot be checked from {host}")
+                self._refuse(rec, f"it was written on another host, unverifiable from {host}")
             if _pid_alive(int(rec["pid"])):
                 self._refuse(rec, "that process is alive")
             warnings.warn(

@@ -48,6 +48,7 @@ import os
 import platform
 import shutil
 import time
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from functools import cached_property
@@ -59,7 +60,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from gradlens._errors import GradlensError, StoreError
+from gradlens._errors import GradlensError, GradlensWarning, StoreError
 from gradlens._snapshot import TOTAL_LAYER, Snapshot
 from gradlens._store_io import (
     TMP_PREFIX,
@@ -69,7 +70,7 @@ from gradlens._store_io import (
     list_chunks,
     read_chunk,
 )
-from gradlens._store_lock import LOCK_NAME, RunLock
+from gradlens._store_lock import RunLock
 
 __all__ = ["FORMAT_VERSION", "Run", "RunWriter", "load_run", "load_runs"]
 
@@ -82,15 +83,27 @@ _RESERVED_META = ("format_version", "created", "versions")
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
 _STEPS_SCHEMA = pa.schema(
-    [("step", pa.int64()), ("layer", _DICT), ("task_i", _DICT), ("task_j", _DICT),
-     ("gram", pa.float64())]
+    [
+        ("step", pa.int64()),
+        ("layer", _DICT),
+        ("task_i", _DICT),
+        ("task_j", _DICT),
+        ("gram", pa.float64()),
+    ]
 )
 _SCALARS_SCHEMA = pa.schema(
     [("step", pa.int64()), ("task", _DICT), ("weight", pa.float64()), ("loss", pa.float64())]
 )
 _EVALS_SCHEMA = pa.schema(
-    [("point", pa.string()), ("epoch", pa.int64()), ("step", pa.int64()), ("split", pa.string()),
-     ("task", pa.string()), ("metric", pa.string()), ("value", pa.float64())]
+    [
+        ("point", pa.string()),
+        ("epoch", pa.int64()),
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("task", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
 )
 
 
@@ -166,8 +179,9 @@ def _check_tasks(tasks: Any) -> tuple[str, ...]:
         or not all(isinstance(t, str) for t in tasks)
         or len(set(tasks)) != len(tasks)
     ):
-        raise StoreError(f"`meta['tasks']` should be a non-empty list of distinct strings; "
-                         f"found {tasks!r}.")
+        raise StoreError(
+            f"`meta['tasks']` should be a non-empty list of distinct strings; found {tasks!r}."
+        )
     return tuple(tasks)
 
 
@@ -215,8 +229,7 @@ class _WriterState:
     def flush(self) -> None:
         if not self.buf_steps:
             return
-        tasks = self.tasks
-        assert tasks is not None  # set by the first snapshot
+        tasks = self.tasks or ()  # set by the first snapshot, before anything is buffered
         steps = np.asarray(self.buf_steps, dtype=np.int64)
         n_layers = [len(c) for c in self.buf_codes]
         codes = np.concatenate(self.buf_codes)
@@ -343,7 +356,7 @@ class RunWriter:
 
         run_dir = Path(path)
         if run_dir.exists() and not run_dir.is_dir():
-            raise StoreError(f"`path` should be a directory for the run; found a file at {run_dir}.")
+            raise StoreError(f"`path` should be a run directory; found a file at {run_dir}.")
         run_dir.mkdir(parents=True, exist_ok=True)
         state = _WriterState(run_dir, flush_every, float(flush_seconds))
         state.lock.acquire()
@@ -491,7 +504,9 @@ class RunWriter:
             if not isinstance(val, str) or not val:
                 raise StoreError(f"`{arg}` should be a non-empty string; found {val!r}.")
         for arg, val in (("epoch", epoch), ("step", step)):
-            if val is not None and (isinstance(val, bool) or not isinstance(val, (int, np.integer))):
+            if val is not None and (
+                isinstance(val, bool) or not isinstance(val, (int, np.integer))
+            ):
                 raise StoreError(f"`{arg}` should be an int or None; found {val!r}.")
         if not isinstance(values, Mapping) or not values:
             raise StoreError(
@@ -584,13 +599,12 @@ class RunWriter:
 # --------------------------------------------------------------------------------------------
 
 
-def _empty_frame(schema: pa.Schema) -> pd.DataFrame:
-    return schema.empty_table().to_pandas()
-
-
 def _read_evals(run_dir: Path) -> pd.DataFrame:
-    tables = [t for p in list_chunks(run_dir / _EVALS).values()
-              if (t := read_chunk(p, _EVALS_SCHEMA)) is not None]
+    tables = [
+        t
+        for p in list_chunks(run_dir / _EVALS).values()
+        if (t := read_chunk(p, _EVALS_SCHEMA)) is not None
+    ]
     table = pa.concat_tables(tables) if tables else _EVALS_SCHEMA.empty_table()
     df = table.to_pandas()
     for col in ("epoch", "step"):
@@ -605,7 +619,12 @@ def _read_steps(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     scalars: list[pa.Table] = []
     for index, path in step_chunks.items():
         if index not in scalar_chunks:
-            read_chunk(run_dir / _SCALARS / path.name, _SCALARS_SCHEMA)  # warns: file missing
+            warnings.warn(
+                f"Skipping the chunk {path}: its scalars chunk {run_dir / _SCALARS / path.name} "
+                f"is missing.",
+                GradlensWarning,
+                stacklevel=3,
+            )
             continue
         st = read_chunk(path, _STEPS_SCHEMA)
         sc = read_chunk(scalar_chunks[index], _SCALARS_SCHEMA)
@@ -615,11 +634,13 @@ def _read_steps(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     # A scalars chunk without its steps chunk is a flush cut short: not committed, not read.
     st_df = (pa.concat_tables(steps) if steps else _STEPS_SCHEMA.empty_table()).to_pandas()
     sc_df = (pa.concat_tables(scalars) if scalars else _SCALARS_SCHEMA.empty_table()).to_pandas()
-    for df in (st_df, sc_df):
-        if not df["step"].is_monotonic_increasing:  # pragma: no cover - the writer keeps order
-            df.sort_values("step", kind="stable", inplace=True)
-        df.reset_index(drop=True, inplace=True)
-    return st_df, sc_df
+    return _by_step(st_df), _by_step(sc_df)
+
+
+def _by_step(df: pd.DataFrame) -> pd.DataFrame:
+    if not df["step"].is_monotonic_increasing:  # pragma: no cover - the writer keeps order
+        df = df.sort_values("step", kind="stable")
+    return df.reset_index(drop=True)
 
 
 class Run:
@@ -679,8 +700,9 @@ class Run:
         remap = np.array([lookup.get(str(c), -1) for c in cat.categories] + [-1], dtype=np.int64)
         return remap[cat.codes.to_numpy()]
 
-    def _fill(self, mask: np.ndarray | None, shape: tuple[int, ...], lead: list[np.ndarray]
-              ) -> np.ndarray:
+    def _fill(
+        self, mask: np.ndarray | None, shape: tuple[int, ...], lead: list[np.ndarray]
+    ) -> np.ndarray:
         out = np.full(shape, np.nan)
         i = self._codes("task_i", self.tasks)
         j = self._codes("task_j", self.tasks)
@@ -857,7 +879,9 @@ def load_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) 
         runs = [Path(p) for p in paths]
         base = None
     if not runs:
-        raise StoreError(f"`paths` should lead to at least one run directory; found none in {paths!r}.")
+        raise StoreError(
+            f"`paths` should lead to at least one run directory; found none in {paths!r}."
+        )
     if base is None:
         base = Path(os.path.commonpath([p.absolute().parent for p in runs]))
         runs_rel = [p.absolute() for p in runs]
@@ -870,8 +894,9 @@ def load_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) 
         row.update(_flatten(meta))
         evals = _read_evals(run_dir)
         final = evals[evals["point"] == "final"]
-        for split, task, metric, value in zip(final["split"], final["task"], final["metric"],
-                                              final["value"]):
+        for split, task, metric, value in zip(
+            final["split"], final["task"], final["metric"], final["value"]
+        ):
             row[f"final.{split}.{task}.{metric}"] = value
         rows.append(row)
     return pd.DataFrame(rows).sort_values("run_id", kind="stable").reset_index(drop=True)
