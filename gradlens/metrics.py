@@ -431,7 +431,11 @@ def _tiled_strings(pattern: Sequence[str], reps: int) -> Any:
     period = int(lengths.sum())
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     offsets = np.empty(len(pattern) * reps + 1, dtype=np.int64)
-    offsets[:-1] = (np.arange(reps, dtype=np.int64)[:, None] * period + starts[None, :]).ravel()
+    np.add(
+        np.arange(reps, dtype=np.int64)[:, None] * period,
+        starts[None, :],
+        out=offsets[:-1].reshape(reps, len(pattern)),
+    )
     offsets[-1] = period * reps
     data = np.tile(np.frombuffer(b"".join(encoded) or b"\0", dtype=np.uint8)[:period], reps)
     arr = pa.LargeStringArray.from_buffers(
@@ -555,6 +559,7 @@ def metrics_frame(
             "value": values,
         },
         columns=list(_FRAME_COLUMNS),
+        copy=False,
     )
 
 
