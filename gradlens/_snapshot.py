@@ -8,6 +8,8 @@ from typing import Literal
 
 import torch
 
+from gradlens import metrics as _metrics
+
 __all__ = ["TOTAL_LAYER", "Level", "Snapshot"]
 
 #: Name under which the Gram of all shared parameters is stored next to the per-layer Grams.
@@ -50,21 +52,22 @@ class Snapshot:
     @property
     def zero_tasks(self) -> tuple[str, ...]:
         """Tasks whose gradient on the shared parameters is exactly zero (their cosines are NaN)."""
-        diag = torch.diagonal(self.gram)
-        return tuple(t for t, d in zip(self.tasks, diag.tolist()) if d == 0.0)
+        flags = _metrics.zero_tasks(self.gram)
+        return tuple(t for t, zero in zip(self.tasks, flags.tolist()) if zero)
 
     def norms(self, layer: str | None = None) -> torch.Tensor:
-        """Gradient norm of each task, ``sqrt(diag G)``, in total or for one layer."""
-        g = self._select(layer)
-        return torch.sqrt(torch.clamp(torch.diagonal(g), min=0.0))
+        """Gradient norm of each task, ``sqrt(diag G)``, in total or for one layer.
+
+        See :func:`gradlens.metrics.norms`.
+        """
+        return _metrics.norms(self._select(layer))
 
     def cosine(self, layer: str | None = None) -> torch.Tensor:
-        """Cosine matrix ``G[s,t] / (|g_s| |g_t|)``; NaN for a task whose gradient is zero."""
-        g = self._select(layer)
-        n = torch.sqrt(torch.clamp(torch.diagonal(g), min=0.0))
-        denom = n[:, None] * n[None, :]
-        out = g / denom
-        return torch.where(denom > 0, out, torch.full_like(out, float("nan")))
+        """Cosine matrix ``G[s,t] / (|g_s| |g_t|)``; NaN for a task whose gradient is zero.
+
+        See :func:`gradlens.metrics.cosine`.
+        """
+        return _metrics.cosine(self._select(layer))
 
     def _select(self, layer: str | None) -> torch.Tensor:
         if layer is None or layer == TOTAL_LAYER:
