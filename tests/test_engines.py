@@ -1,0 +1,166 @@
+"""Every engine against the loop reference on the zoo: Grams (total and per layer) and .grad."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradlens as gl
+from gradlens.testing import reference_grams
+from tests.zoo import ZOO, build, task_losses
+
+PARAM_ENGINES = ["loop", "batched", "gramian"]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def _weights(n: int) -> dict[str, float]:
+    return {f"t{t}": 0.25 + 0.5 * ((t * 7) % 5) / 4 for t in range(n)}
+
+
+def _assert_gram_close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """Entrywise error relative to sqrt(G_ss G_tt): cosines agree to ``tol``."""
+    d = torch.sqrt(torch.clamp(torch.diagonal(ref), min=0))
+    scale = torch.clamp(d[:, None] * d[None, :], min=1e-300)
+    err = ((got - ref).abs() / scale).max().item()
+    assert err <= tol, f"relative Gram error {err:.3g} > {tol}"
+
+
+def _all_params(trunk, heads):
+    return list(trunk.parameters()) + list(heads.parameters())
+
+
+def _plain_grads(trunk, heads, x, ys, w):
+    state = torch.random.get_rng_state()
+    losses = task_losses(trunk, heads, x, ys)
+    sum(w[t] * v for t, v in losses.items()).backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in _all_params(trunk, heads)]
+    for p in _all_params(trunk, heads):
+        p.grad = None
+    return grads, state
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("n_tasks", [1, 2, 8, 40])
+@pytest.mark.parametrize("engine", PARAM_ENGINES)
+@pytest.mark.parametrize("model", sorted(ZOO))
+def test_engine_matches_reference(model, engine, n_tasks, dtype):
+    trunk, heads, x, ys = build(model, n_tasks, dtype)
+    w = _weights(n_tasks)
+    plain, state = _plain_grads(trunk, heads, x, ys, w)
+    # same dropout masks / batch statistics: replay the RNG state of the plain forward
+    torch.random.set_rng_state(state)
+    losses = task_losses(trunk, heads, x, ys)
+    ref = reference_grams(losses, trunk)
+    with gl.Profiler(trunk, tasks=list(losses), engine=engine) as prof:
+        snap = prof.backward(losses, weights=w)
+    assert snap is not None
+    assert snap.gram.dtype == torch.float64
+    assert snap.gram.shape == (n_tasks, n_tasks)
+    _assert_gram_close(snap.gram, ref.gram, TOL[dtype])
+    assert list(snap.layer_grams) == list(ref.layer_grams)
+    for layer, g in ref.layer_grams.items():
+        _assert_gram_close(snap.layer_grams[layer], g, TOL[dtype])
+    torch.testing.assert_close(
+        sum(snap.layer_grams.values()), snap.gram, rtol=1e-12, atol=0.0
+    )
+    # .grad equals the plain weighted backward's, heads included
+    for p, g in zip(_all_params(trunk, heads), plain):
+        if g is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, g, rtol=TOL[dtype], atol=TOL[dtype] * 1e-2)
+
+
+def test_gramian_uses_rules_and_falls_back_per_module():
+    trunk, heads, x, ys = build("transformer", 2)
+    with gl.Profiler(trunk, tasks=["t0", "t1"], engine="gramian") as prof:
+        snap = prof.backward(task_losses(trunk, heads, x, ys))
+    assert snap.rules["embed"] == "linear"
+    assert snap.rules["block.linear1"] == "linear"
+    # attention's raw parameters and norms have no rule: exact generic path
+    assert snap.rules["block.self_attn"] == "generic"
+    assert snap.rules["block.self_attn.out_proj"] == "generic"
+    assert snap.rules["norm"] == "generic"
+
+
+def test_gramian_detects_weight_used_outside_forward():
+    trunk, heads, x, ys = build("tied", 2)
+    with gl.Profiler(trunk, tasks=["t0", "t1"], engine="gramian") as prof:
+        snap = prof.backward(task_losses(trunk, heads, x, ys))
+    assert snap.rules == {"a": "generic", "b": "linear"}
+
+
+def test_twice_used_module_is_served_by_its_rule():
+    trunk, heads, x, ys = build("twice", 3)
+    with gl.Profiler(trunk, tasks=["t0", "t1", "t2"], engine="gramian") as prof:
+        snap = prof.backward(task_losses(trunk, heads, x, ys))
+    assert snap.rules["mid"] == "linear"
+
+
+@pytest.mark.parametrize("n_tasks", [1, 3, 40])
+def test_batched_engine_chunks_under_a_small_budget(n_tasks):
+    trunk, heads, x, ys = build("cnn_bn", n_tasks)
+    losses = task_losses(trunk, heads, x, ys)
+    ref = reference_grams(losses, trunk)
+    n_params = sum(p.numel() for p in trunk.parameters())
+    # room for ~3 tasks per chunk (two chunks live at once)
+    budget = 2 * 3 * n_params * 8
+    with gl.Profiler(trunk, tasks=list(losses), engine="batched", memory_budget=budget) as prof:
+        snap = prof.backward(losses)
+    _assert_gram_close(snap.gram, ref.gram, 1e-10)
+
+
+def test_gramian_linear_gradient_path_under_a_small_budget():
+    # a budget too small for the N x N kernel forces the chunked gradient path
+    trunk, heads, x, ys = build("mlp", 5, batch=40)
+    losses = task_losses(trunk, heads, x, ys)
+    ref = reference_grams(losses, trunk)
+    with gl.Profiler(trunk, tasks=list(losses), engine="gramian", memory_budget=512) as prof:
+        snap = prof.backward(losses)
+    _assert_gram_close(snap.gram, ref.gram, 1e-10)
+    for layer, g in ref.layer_grams.items():
+        _assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn_bn", "transformer"])
+def test_features_engine_is_the_representation_gram(model):
+    trunk, heads, x, ys = build(model, 4)
+    w = _weights(4)
+    plain, state = _plain_grads(trunk, heads, x, ys, w)
+    torch.random.set_rng_state(state)
+    losses, z = task_losses(trunk, heads, x, ys, features=True)
+    J = torch.stack(
+        [torch.autograd.grad(v, z, retain_graph=True)[0].reshape(-1) for v in losses.values()]
+    )
+    with gl.Profiler(trunk, tasks=list(losses), engine="features") as prof:
+        snap = prof.backward(losses, weights=w, features=z)
+    assert snap.level == "features"
+    assert list(snap.layer_grams) == ["features"]
+    _assert_gram_close(snap.gram, J @ J.T, 1e-10)
+    for p, g in zip(_all_params(trunk, heads), plain):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("engine", [*PARAM_ENGINES, "features"])
+def test_grad_accumulates_into_existing_grad(engine):
+    trunk, heads, x, ys = build("mlp", 2)
+    params = _all_params(trunk, heads)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    losses, z = task_losses(trunk, heads, x, ys, features=True)
+    expected = torch.autograd.grad(sum(losses.values()), params, retain_graph=True)
+    with gl.Profiler(trunk, tasks=list(losses), engine=engine) as prof:
+        prof.backward(losses, features=z if engine == "features" else None)
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g + 1, rtol=1e-12, atol=1e-12)
+
+
+def test_named_parameters_as_shared():
+    trunk, heads, x, ys = build("mlp", 3)
+    losses = task_losses(trunk, heads, x, ys)
+    ref = reference_grams(losses, trunk)
+    named = [(n, p) for n, p in trunk.named_parameters()]
+    with gl.Profiler(named, tasks=list(losses), engine="gramian") as prof:
+        snap = prof.backward(losses)
+    _assert_gram_close(snap.gram, ref.gram, 1e-10)
+    assert list(snap.layer_grams) == list(ref.layer_grams)
