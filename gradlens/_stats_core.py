@@ -116,7 +116,7 @@ def correlation_counts(x: np.ndarray, y: np.ndarray, C: np.ndarray, method: str)
 
 
 def _residualise(V: np.ndarray, D: np.ndarray, C: np.ndarray) -> np.ndarray:
-    """Weighted least-squares residuals of ``V`` (``(B, n)``) on the designs ``D`` (``(B, n, k)``)."""
+    """Weighted least-squares residuals of ``V`` (``(B, n)``) on designs ``D`` (``(B, n, k)``)."""
     W = C[:, :, None] * D
     A = np.einsum("bnk,bnl->bkl", W, D)
     rhs = np.einsum("bnk,bn->bk", W, V)
@@ -209,9 +209,7 @@ def bootstrap_counts(
     return C
 
 
-def block_bootstrap_counts(
-    rng: np.random.Generator, n_boot: int, n: int, block: int
-) -> np.ndarray:
+def block_bootstrap_counts(rng: np.random.Generator, n_boot: int, n: int, block: int) -> np.ndarray:
     """Count matrix of a circular block bootstrap: ``ceil(n / block)`` blocks of ``block``
     consecutive indices (wrapping around), starts uniform, truncated to ``n`` indices."""
     n_blocks = math.ceil(n / block)
