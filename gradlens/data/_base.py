@@ -49,9 +49,7 @@ class TaskInfo:
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(TaskKind):
-            raise GradlensError(
-                f"`kind` must be one of {get_args(TaskKind)}; found {self.kind!r}."
-            )
+            raise GradlensError(f"`kind` must be one of {get_args(TaskKind)}; found {self.kind!r}.")
         if not isinstance(self.n_outputs, int) or self.n_outputs < 1:
             raise GradlensError(f"`n_outputs` must be a positive int; found {self.n_outputs!r}.")
 
@@ -109,7 +107,8 @@ class MultiTaskDataset(Dataset):
         if isinstance(inputs, torch.Tensor):
             if inputs.ndim < 2:
                 raise GradlensError(
-                    f"`inputs` must have shape (N, *input_shape); found shape {tuple(inputs.shape)}."
+                    f"`inputs` must have shape (N, *input_shape); "
+                    f"found shape {tuple(inputs.shape)}."
                 )
             self._x: torch.Tensor | None = inputs.to(torch.float32)
             self._source: _ImageSource | None = None
@@ -165,13 +164,14 @@ class MultiTaskDataset(Dataset):
             >>> tuple(X.shape), Y["r"].dtype
             ((3, 1, 2, 2), torch.float32)
         """
-        if self._x is None:
-            src = self._source
-            assert src is not None  # internal invariant: one of the two is set
-            self._x = torch.stack([src.load(i) for i in range(self._n)]) if self._n else (
-                torch.zeros((0, *self.input_shape))
+        if self._x is None and self._source is not None:
+            load = self._source.load
+            self._x = (
+                torch.stack([load(i) for i in range(self._n)])
+                if self._n
+                else torch.zeros((0, *self.input_shape))
             )
-        return self._x, dict(self._y)
+        return self._x, dict(self._y)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return (
@@ -287,8 +287,8 @@ def _split_indices(n: int, seed: int, tag: int = 0) -> dict[str, np.ndarray]:
     ``(n, seed, tag)``.
     """
     perm = _rng(seed, _TAG_SPLIT, tag).permutation(n)
-    n_train = int(round(SPLIT_FRACTIONS[0] * n))
-    n_val = int(round(SPLIT_FRACTIONS[1] * n))
+    n_train = round(SPLIT_FRACTIONS[0] * n)
+    n_val = round(SPLIT_FRACTIONS[1] * n)
     return {
         "train": np.sort(perm[:n_train]),
         "val": np.sort(perm[n_train : n_train + n_val]),

@@ -61,9 +61,9 @@ def _positive_int(name: str, value: object) -> int:
 _MULTIDIGITS_N = {"train": 6000, "val": 1500, "test": 1500}
 
 
-def _multidigits(split: str, seed: int, root: Path | None, *, n: int | None = None) -> (
-    MultiTaskDataset
-):
+def _multidigits(
+    split: str, seed: int, root: Path | None, *, n: int | None = None
+) -> MultiTaskDataset:
     """Two digits of the same split side by side: input (1, 8, 16), tasks "left" and "right"."""
     n = _MULTIDIGITS_N[split] if n is None else _positive_int("n", n)
     images, labels = _split_pool(split, seed)
@@ -99,9 +99,9 @@ def _member(digits: set[int]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     return lambda x, y: np.isin(y, sorted(digits)).astype(np.int64)
 
 
-def _above_median(feature: Callable[[np.ndarray], np.ndarray]) -> Callable[
-    [np.ndarray, np.ndarray], np.ndarray
-]:
+def _above_median(
+    feature: Callable[[np.ndarray], np.ndarray],
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     def attr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         # The threshold is a constant of the attribute: the median over all 1,797 digits.
         threshold = np.median(feature(_digits()[0]))
@@ -129,9 +129,7 @@ _ATTRIBUTES: dict[str, tuple[int, str, Callable[[np.ndarray, np.ndarray], np.nda
     "left_heavy": (
         2,
         "1 when the left four columns hold more ink than the right four",
-        lambda x, y: (x[:, :, :4].sum(axis=(1, 2)) > x[:, :, 4:].sum(axis=(1, 2))).astype(
-            np.int64
-        ),
+        lambda x, y: (x[:, :, :4].sum(axis=(1, 2)) > x[:, :, 4:].sum(axis=(1, 2))).astype(np.int64),
     ),
     "center_ink": (
         2,
@@ -145,8 +143,9 @@ DIGIT_ATTRIBUTES: dict[str, str] = {k: v[1] for k, v in _ATTRIBUTES.items()}
 _DEFAULT_ATTRIBUTES = tuple(list(_ATTRIBUTES)[:6])
 
 
-def _select(option: str, value: Sequence[str] | None, valid: Sequence[str],
-            default: Sequence[str]) -> tuple[str, ...]:
+def _select(
+    option: str, value: Sequence[str] | None, valid: Sequence[str], default: Sequence[str]
+) -> tuple[str, ...]:
     if value is None:
         return tuple(default)
     if isinstance(value, str):
@@ -156,12 +155,15 @@ def _select(option: str, value: Sequence[str] | None, valid: Sequence[str],
     if unknown:
         raise GradlensError(f"`{option}` has unknown names {unknown}; valid: {tuple(valid)}.")
     if not chosen or len(set(chosen)) != len(chosen):
-        raise GradlensError(f"`{option}` must be a non-empty list of distinct names; found {chosen}.")
+        raise GradlensError(
+            f"`{option}` must be a non-empty list of distinct names; found {chosen}."
+        )
     return chosen
 
 
-def _digit_attributes(split: str, seed: int, root: Path | None, *,
-                      tasks: Sequence[str] | None = None) -> MultiTaskDataset:
+def _digit_attributes(
+    split: str, seed: int, root: Path | None, *, tasks: Sequence[str] | None = None
+) -> MultiTaskDataset:
     """One 8x8 digit, up to 12 attribute tasks derived from it."""
     chosen = _select("tasks", tasks, tuple(_ATTRIBUTES), _DEFAULT_ATTRIBUTES)
     images, labels = _split_pool(split, seed)
@@ -229,8 +231,14 @@ _DOMAINS: dict[str, tuple[str, _Transform]] = {
 #: The domains of DomainDigits and their transforms (name -> description).
 DIGIT_DOMAINS: dict[str, str] = {k: v[0] for k, v in _DOMAINS.items()}
 _DOMAIN_SIZES = {
-    "train": {"original": 1200, "noisy": 800, "inverted": 500, "rotated": 300, "blurred": 200,
-              "shifted": 100},
+    "train": {
+        "original": 1200,
+        "noisy": 800,
+        "inverted": 500,
+        "rotated": 300,
+        "blurred": 200,
+        "shifted": 100,
+    },
     "val": dict.fromkeys(_DOMAINS, 250),
     "test": dict.fromkeys(_DOMAINS, 250),
 }
@@ -260,11 +268,14 @@ def _domain_sizes(sizes: object, domains: tuple[str, ...], split: str) -> dict[s
     )
 
 
-def _domain_digits(split: str, seed: int, root: Path | None, *,
-                   domains: Sequence[str] | None = None,
-                   sizes: int | Sequence[int] | Mapping[str, int] | None = None) -> (
-    MultiDomainDataset
-):
+def _domain_digits(
+    split: str,
+    seed: int,
+    root: Path | None,
+    *,
+    domains: Sequence[str] | None = None,
+    sizes: int | Sequence[int] | Mapping[str, int] | None = None,
+) -> MultiDomainDataset:
     """The digit task under several domains of different sizes, input (1, 8, 8)."""
     chosen = _select("domains", domains, tuple(_DOMAINS), tuple(_DOMAINS))
     per_domain = _domain_sizes(sizes, chosen, split)

@@ -43,7 +43,8 @@ def _check_scales(n_tasks: int, scales: Sequence[float] | None) -> np.ndarray:
     s = np.asarray(scales, dtype=np.float64).reshape(-1)
     if s.shape != (n_tasks,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise GradlensError(
-            f"`scales` must hold {n_tasks} positive finite numbers (one per task); found {scales!r}."
+            f"`scales` must hold {n_tasks} positive finite numbers (one per task); "
+            f"found {scales!r}."
         )
     return s
 
@@ -66,9 +67,18 @@ def _whitened_inputs(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     return X @ (evecs / np.sqrt(evals)) @ evecs.T
 
 
-def _synthetic(split: str, seed: int, root: Path | None, *, n_tasks: int = 2,
-               angle: float = 60.0, scales: Sequence[float] | None = None, dim: int = 16,
-               n: int | None = None, noise: float = 0.1) -> MultiTaskDataset:
+def _synthetic(
+    split: str,
+    seed: int,
+    root: Path | None,
+    *,
+    n_tasks: int = 2,
+    angle: float = 60.0,
+    scales: Sequence[float] | None = None,
+    dim: int = 16,
+    n: int | None = None,
+    noise: float = 0.1,
+) -> MultiTaskDataset:
     """y_t = scale_t <u_t, x> + noise, with equiangular unit vectors u_t."""
     c = _check_angle(n_tasks, angle)
     s = _check_scales(n_tasks, scales)
@@ -97,14 +107,26 @@ def _synthetic(split: str, seed: int, root: Path | None, *, n_tasks: int = 2,
         task_info=dict.fromkeys(names, info),
         name="synthetic",
         split=split,
-        meta={"angle": float(angle), "cosine": c, "scales": tuple(s.tolist()), "directions": U,
-              "noise": float(noise), "dim": dim},
+        meta={
+            "angle": float(angle),
+            "cosine": c,
+            "scales": tuple(s.tolist()),
+            "directions": U,
+            "noise": float(noise),
+            "dim": dim,
+        },
     )
 
 
-def expected_gradient_gram(n_tasks: int, angle: float, scales: Sequence[float] | None = None,
-                           *, noise: float = 0.0, dim: int = 16,
-                           batch_size: int | None = None) -> torch.Tensor:
+def expected_gradient_gram(
+    n_tasks: int,
+    angle: float,
+    scales: Sequence[float] | None = None,
+    *,
+    noise: float = 0.0,
+    dim: int = 16,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """Closed-form Gram of the task gradients on the shared layer, for the synthetic data.
 
     Setting: ``load_dataset("synthetic", ...)``; a shared linear layer ``z = W x``
@@ -139,7 +161,9 @@ def expected_gradient_gram(n_tasks: int, angle: float, scales: Sequence[float] |
     G = np.outer(s, s) * C
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise GradlensError(f"`batch_size` must be a positive int or None; found {batch_size!r}.")
+            raise GradlensError(
+                f"`batch_size` must be a positive int or None; found {batch_size!r}."
+            )
         if not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
             raise GradlensError(f"`noise` must be a finite number >= 0; found {noise!r}.")
         b = batch_size
@@ -147,9 +171,15 @@ def expected_gradient_gram(n_tasks: int, angle: float, scales: Sequence[float] |
     return torch.from_numpy(G)
 
 
-def expected_gradient_cosine(n_tasks: int, angle: float, scales: Sequence[float] | None = None,
-                             *, noise: float = 0.0, dim: int = 16,
-                             batch_size: int | None = None) -> torch.Tensor:
+def expected_gradient_cosine(
+    n_tasks: int,
+    angle: float,
+    scales: Sequence[float] | None = None,
+    *,
+    noise: float = 0.0,
+    dim: int = 16,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """Cosine matrix of :func:`expected_gradient_gram` (same setting and arguments).
 
     Full batch: ``cos(angle)`` between every pair of tasks, exactly. Minibatch of ``b`` rows: the
