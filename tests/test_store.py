@@ -26,7 +26,53 @@ from gradlens import TOTAL_LAYER, GradlensError, GradlensWarning, Snapshot, Stor
 from gradlens.metrics import metrics_frame
 from gradlens.store import FORMAT_VERSION, RunWriter, load_run, load_runs
 
-CHILD = Path(__file__).with_name("_store_child.py")
+# The child process of the SIGKILL tests: trains a small two-task model forever under
+# gradlens.Profiler(..., engine="loop", every=1, store=RunWriter(RUN_DIR, flush_every=...))
+# and prints "flushed <step>" each time a chunk ending at <step> is committed (the writer
+# flushes synchronously inside prof.backward at every FLUSH_EVERY-th probed step).
+CHILD_SOURCE = """
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+import gradlens as gl
+from gradlens.store import RunWriter
+
+
+def main() -> None:
+    path, flush_every = sys.argv[1], int(sys.argv[2])
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh()
+    )
+    heads = torch.nn.ModuleDict({"a": torch.nn.Linear(32, 1), "b": torch.nn.Linear(32, 1)})
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = torch.optim.SGD(params, lr=1e-2)
+    writer = RunWriter(path, flush_every=flush_every, flush_seconds=math.inf)
+    prof = gl.Profiler(trunk, tasks=["a", "b"], engine="loop", every=1, store=writer)
+    print("ready", flush=True)
+    step = 0
+    while True:
+        x = torch.randn(64, 8)
+        z = trunk(x)
+        losses = {
+            "a": (heads["a"](z).squeeze(1) - x[:, 0]).pow(2).mean(),
+            "b": (heads["b"](z).squeeze(1) - x[:, 1] * x[:, 2]).pow(2).mean(),
+        }
+        opt.zero_grad()
+        prof.backward(losses, weights={"a": 0.25, "b": 0.75})
+        opt.step()
+        if (step + 1) % flush_every == 0:
+            print(f"flushed {step}", flush=True)
+        step += 1
+
+
+if __name__ == "__main__":
+    main()
+"""
 
 
 def _psd(rng: np.random.Generator, t: int) -> np.ndarray:
@@ -35,8 +81,12 @@ def _psd(rng: np.random.Generator, t: int) -> np.ndarray:
 
 
 def _snapshots(
-    n: int, tasks: tuple[str, ...] = ("a", "b", "c"), layers: tuple[str, ...] = ("l1", "l2"),
-    seed: int = 0, start: int = 0, stride: int = 1,
+    n: int,
+    tasks: tuple[str, ...] = ("a", "b", "c"),
+    layers: tuple[str, ...] = ("l1", "l2"),
+    seed: int = 0,
+    start: int = 0,
+    stride: int = 1,
 ) -> list[Snapshot]:
     rng = np.random.default_rng(seed)
     out = []
@@ -62,7 +112,9 @@ def test_round_trip_grams_scalars_and_layout(tmp_path):
     snaps = _snapshots(10, stride=3)
     _write(tmp_path / "r", snaps, flush_every=4)
     assert sorted(p.name for p in (tmp_path / "r" / "steps").iterdir()) == [
-        "chunk-000000.parquet", "chunk-000001.parquet", "chunk-000002.parquet"
+        "chunk-000000.parquet",
+        "chunk-000001.parquet",
+        "chunk-000002.parquet",
     ]
     run = load_run(tmp_path / "r")
     assert run.tasks == ("a", "b", "c")
@@ -75,11 +127,20 @@ def test_round_trip_grams_scalars_and_layout(tmp_path):
     assert len(run.steps) == 10 * 3 * 6
     first = run.steps[(run.steps.step == 0) & (run.steps.layer == "l1")]
     assert list(zip(first.task_i, first.task_j)) == [
-        ("a", "a"), ("a", "b"), ("a", "c"), ("b", "b"), ("b", "c"), ("c", "c")
+        ("a", "a"),
+        ("a", "b"),
+        ("a", "c"),
+        ("b", "b"),
+        ("b", "c"),
+        ("c", "c"),
     ]
     for layer in run.layers:
-        expected = np.stack([s.gram.numpy() if layer == TOTAL_LAYER else
-                             s.layer_grams[layer].numpy() for s in snaps])
+        expected = np.stack(
+            [
+                s.gram.numpy() if layer == TOTAL_LAYER else s.layer_grams[layer].numpy()
+                for s in snaps
+            ]
+        )
         np.testing.assert_array_equal(run.grams(layer), expected)
     np.testing.assert_array_equal(run.gram(27, "l2"), snaps[9].layer_grams["l2"].numpy())
     np.testing.assert_array_equal(run.all_grams()[:, 0], run.grams())
@@ -94,11 +155,13 @@ def test_metrics_are_metrics_frame_of_the_stored_grams(tmp_path):
     snaps = _snapshots(5)
     _write(tmp_path / "r", snaps, flush_every=2)
     run = load_run(tmp_path / "r")
-    grams = np.stack([np.stack([s.gram.numpy(), *(g.numpy() for g in s.layer_grams.values())])
-                      for s in snaps])
+    grams = np.stack(
+        [np.stack([s.gram.numpy(), *(g.numpy() for g in s.layer_grams.values())]) for s in snaps]
+    )
     weights = np.stack([s.weights.numpy() for s in snaps])
-    expected = metrics_frame(grams, run.tasks, weights=weights, steps=np.arange(5),
-                             layers=run.layers)
+    expected = metrics_frame(
+        grams, run.tasks, weights=weights, steps=np.arange(5), layers=run.layers
+    )
     pd.testing.assert_frame_equal(run.metrics, expected)
     assert run.metrics is run.metrics  # cached
     cos = run.metrics.query("metric == 'cosine' and step == 3 and layer == 'l1'")
@@ -108,8 +171,11 @@ def test_metrics_are_metrics_frame_of_the_stored_grams(tmp_path):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    t=st.integers(1, 5), n_layers=st.integers(0, 3), n=st.integers(0, 12),
-    flush_every=st.integers(1, 5), seed=st.integers(0, 2**16),
+    t=st.integers(1, 5),
+    n_layers=st.integers(0, 3),
+    n=st.integers(0, 12),
+    flush_every=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
 )
 def test_round_trip_property(tmp_path_factory, t, n_layers, n, flush_every, seed):
     """Whatever the shapes and chunking, the Grams read back are exactly the Grams written."""
@@ -202,10 +268,17 @@ def test_forgotten_writer_is_flushed_and_unlocked_when_collected(tmp_path):
 
 
 def test_context_manager_flushes_on_error(tmp_path):
-    with pytest.raises(RuntimeError, match="boom"), RunWriter(tmp_path / "r") as w:
-        w.add_snapshot(_snapshots(1)[0])
-        raise RuntimeError("boom")
-    assert w.closed
+    writers = []
+
+    def train() -> None:
+        with RunWriter(tmp_path / "r") as w:
+            writers.append(w)
+            w.add_snapshot(_snapshots(1)[0])
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train()
+    assert writers[0].closed
     assert len(load_run(tmp_path / "r").probed_steps) == 1
 
 
@@ -223,9 +296,14 @@ def test_close_is_idempotent_and_final(tmp_path):
 
 
 def test_meta_is_written_with_versions_and_converted_values(tmp_path):
-    meta = {"tasks": ("a", "b"), "seed": np.int64(3), "weights": {"a": np.float32(0.25)},
-            "model": {"width": 8, "layers": [1, 2]}, "config": {"lr": torch.tensor(0.5)},
-            "out": tmp_path}
+    meta = {
+        "tasks": ("a", "b"),
+        "seed": np.int64(3),
+        "weights": {"a": np.float32(0.25)},
+        "model": {"width": 8, "layers": [1, 2]},
+        "config": {"lr": torch.tensor(0.5)},
+        "out": tmp_path,
+    }
     with RunWriter(tmp_path / "r", meta=meta) as w:
         w.update_meta(seed=4, note="hello")
         assert w.meta["seed"] == 4
@@ -280,14 +358,16 @@ def test_snapshot_errors(tmp_path):
     s0, s1 = _snapshots(2)
     with RunWriter(tmp_path / "r", meta={"tasks": ["a", "b", "c"]}) as w:
         w.add_snapshot(s1)
-        with pytest.raises(StoreError, match=r"`snap.step` should increase strictly; found step 0 "
-                                             r"after step 1"):
+        with pytest.raises(
+            StoreError,
+            match=r"`snap.step` should increase strictly; found step 0 "
+            r"after step 1",
+        ):
             w.add_snapshot(s0)
         other = _snapshots(1, tasks=("a", "b"), start=5)[0]
         with pytest.raises(StoreError, match=r"`snap.tasks` should be the run's tasks"):
             w.add_snapshot(other)
-        bad = Snapshot(9, ("a", "b", "c"), torch.eye(2, dtype=torch.float64), {},
-                       torch.ones(3))
+        bad = Snapshot(9, ("a", "b", "c"), torch.eye(2, dtype=torch.float64), {}, torch.ones(3))
         with pytest.raises(StoreError, match=r"layer '__all__' at step 9 should be 3 x 3"):
             w.add_snapshot(bad)
         with pytest.raises(StoreError, match=r"`snap` should be a gradlens Snapshot; found dict"):
@@ -300,8 +380,10 @@ def test_newer_format_version_is_refused(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["format_version"] = FORMAT_VERSION + 1
     meta_path.write_text(json.dumps(meta))
-    msg = (rf"format version {FORMAT_VERSION + 1}; this gradlens reads versions up to "
-           rf"{FORMAT_VERSION}\. Upgrade gradlens")
+    msg = (
+        rf"format version {FORMAT_VERSION + 1}; this gradlens reads versions up to "
+        rf"{FORMAT_VERSION}\. Upgrade gradlens"
+    )
     with pytest.raises(StoreError, match=msg):
         load_run(tmp_path / "r")
     with pytest.raises(StoreError, match=msg):
@@ -335,10 +417,16 @@ def test_existing_run_needs_overwrite(tmp_path):
 
 def test_evals_are_written_immediately_with_nullable_ints(tmp_path):
     w = RunWriter(tmp_path / "r", meta={"tasks": ["left", "right"]})
-    w.add_eval({"left": {"accuracy": 0.9, "loss": 0.3}}, split="val", point="epoch", epoch=1,
-               step=np.int64(40))
-    w.add_eval({"left": {"accuracy": 0.95}, "right": {"accuracy": 0.5}}, split="test",
-               point="final")
+    w.add_eval(
+        {"left": {"accuracy": 0.9, "loss": 0.3}},
+        split="val",
+        point="epoch",
+        epoch=1,
+        step=np.int64(40),
+    )
+    w.add_eval(
+        {"left": {"accuracy": 0.95}, "right": {"accuracy": 0.5}}, split="test", point="final"
+    )
     ev = load_run(tmp_path / "r").evals  # before close: already on disk
     w.close()
     assert list(ev.columns) == ["point", "epoch", "step", "split", "task", "metric", "value"]
@@ -355,12 +443,18 @@ def test_evals_are_written_immediately_with_nullable_ints(tmp_path):
     [
         ({"a": {"acc": 1.0}}, {"split": "", "point": "final"}, r"`split` should be a non-empty"),
         ({"a": {"acc": 1.0}}, {"split": "val", "point": 3}, r"`point` should be a non-empty"),
-        ({"a": {"acc": 1.0}}, {"split": "val", "point": "e", "epoch": 1.5},
-         r"`epoch` should be an int or None; found 1.5"),
+        (
+            {"a": {"acc": 1.0}},
+            {"split": "val", "point": "e", "epoch": 1.5},
+            r"`epoch` should be an int or None; found 1.5",
+        ),
         ({}, {"split": "val", "point": "final"}, r"`values` should be a non-empty mapping"),
         ({"a": 0.9}, {"split": "val", "point": "final"}, r"map task names to \{metric: value\}"),
-        ({"a": {"acc": "high"}}, {"split": "val", "point": "final"},
-         r"`values\['a'\]\['acc'\]` should be a number; found 'high'"),
+        (
+            {"a": {"acc": "high"}},
+            {"split": "val", "point": "final"},
+            r"`values\['a'\]\['acc'\]` should be a number; found 'high'",
+        ),
     ],
 )
 def test_eval_errors(tmp_path, values, kw, match):
@@ -459,7 +553,8 @@ def test_second_writer_in_the_same_process_is_refused(tmp_path):
     lock = json.loads((tmp_path / "r" / ".lock").read_text())
     assert lock["pid"] == os.getpid()
     assert lock["host"] == socket.gethostname()
-    with pytest.raises(StoreError, match=rf"{tmp_path / 'r'} is being written by pid {os.getpid()}"):
+    msg = rf"{tmp_path / 'r'} is being written by pid {os.getpid()}"
+    with pytest.raises(StoreError, match=msg):
         RunWriter(tmp_path / "r", overwrite=True)
     w.close()
     assert not (tmp_path / "r" / ".lock").exists()
@@ -513,11 +608,20 @@ def test_lock_from_another_host_or_unreadable_is_refused(tmp_path):
 
 
 def _start_child(path: Path, flush_every: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(gradlens.store.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    script = path.with_name(f"{path.name}_child.py")
+    script.write_text(CHILD_SOURCE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(gradlens.store.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     return subprocess.Popen(
-        [sys.executable, str(CHILD), str(path), str(flush_every)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [sys.executable, str(script), str(path), str(flush_every)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
@@ -530,8 +634,9 @@ def _read_line(proc: subprocess.Popen[str]) -> str:
     return line.strip()
 
 
-def _kill_while_training(path: Path, flush_every: int, chunks: int, rng: np.random.Generator
-                         ) -> tuple[int, int]:
+def _kill_while_training(
+    path: Path, flush_every: int, chunks: int, rng: np.random.Generator
+) -> tuple[int, int]:
     """Run the child, check a second writer is refused, SIGKILL it; (its pid, last flushed step)."""
     with _start_child(path, flush_every) as proc:
         try:
@@ -602,13 +707,17 @@ def test_sigkill_many_times(tmp_path):
 def _sweep(root: Path) -> None:
     for width in (8, 16):
         for p in (0.25, 0.75):
-            meta = {"tasks": ["a", "b"], "weights": {"a": p, "b": 1 - p},
-                    "model": {"width": width}, "seed": 1, "config": {"lr": 0.1, "dims": [3, 4]}}
+            meta = {
+                "tasks": ["a", "b"],
+                "weights": {"a": p, "b": 1 - p},
+                "model": {"width": width},
+                "seed": 1,
+                "config": {"lr": 0.1, "dims": [3, 4]},
+            }
             with RunWriter(root / f"w{width}" / f"p{p}", meta=meta) as w:
                 w.add_snapshot(_snapshots(1, tasks=("a", "b"))[0])
                 w.add_eval({"a": {"acc": 0.1}}, split="val", point="final")
-                w.add_eval({"a": {"acc": p * width}, "b": {"acc": 1.0}}, split="val",
-                           point="final")
+                w.add_eval({"a": {"acc": p * width}, "b": {"acc": 1.0}}, split="val", point="final")
                 w.add_eval({"a": {"acc": -1.0}}, split="val", point="epoch", epoch=0)
 
 
