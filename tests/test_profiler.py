@@ -1,0 +1,257 @@
+"""Profiler behaviour: trajectories unchanged, schedules, hooks, bad input, Gram laws."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gradlens as gl
+from gradlens.schedules import Every, First, LogSpaced, Union, as_schedule
+from tests.zoo import build, task_losses
+
+ENGINES = ["loop", "batched", "gramian", "features"]
+
+
+def _train(model: str, engine: str | None, every: int, steps: int = 30):
+    torch.manual_seed(1)
+    trunk, heads, x, ys = build(model, 3, torch.float64, batch=8)
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    w = {"t0": 0.2, "t1": 0.5, "t2": 0.3}
+    prof = None if engine is None else gl.Profiler(trunk, list(w), engine=engine, every=every)
+    probed = []
+    for _ in range(steps):
+        opt.zero_grad()
+        losses, z = task_losses(trunk, heads, x, ys, features=True)
+        if prof is None:
+            sum(w[t] * v for t, v in losses.items()).backward()
+        else:
+            snap = prof.backward(losses, w, features=z if engine == "features" else None)
+            if snap is not None:
+                probed.append(snap.step)
+        opt.step()
+    if prof is not None:
+        prof.close()
+    return [p.detach().clone() for p in params], probed
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("model", ["mlp", "cnn_bn", "dropout"])
+def test_profiling_never_changes_the_trajectory(model, engine, every):
+    plain, _ = _train(model, None, every)
+    profiled, probed = _train(model, engine, every)
+    assert probed == list(range(0, 30, every))
+    for a, b in zip(plain, profiled):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_schedules():
+    assert [s for s in range(10) if Every(4, offset=1)(s)] == [1, 5, 9]
+    assert [s for s in range(5) if First(3)(s)] == [0, 1, 2]
+    logs = [s for s in range(1001) if LogSpaced(1)(s)]
+    assert logs == [0, 1, 10, 100, 1000]
+    assert [s for s in range(7) if Union(First(1), Every(3))(s)] == [0, 3, 6]
+    assert as_schedule(lambda s: s == 2)(2)
+    with pytest.raises(gl.GradlensError, match="`every` should be a positive int"):
+        as_schedule(0)
+    with pytest.raises(gl.GradlensError, match="`every` should be a positive int or a callable"):
+        as_schedule("often")
+
+
+def test_callable_schedule_and_will_probe():
+    trunk, heads, x, ys = build("mlp", 2)
+    with gl.Profiler(trunk, ["t0", "t1"], every=lambda s: s in (1, 2)) as prof:
+        got = []
+        for _ in range(4):
+            assert prof.will_probe() == (prof.step in (1, 2))
+            got.append(prof.backward(task_losses(trunk, heads, x, ys)) is not None)
+    assert got == [False, True, True, False]
+
+
+def _n_hooks(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in module.modules())
+
+
+def test_hooks_removed_on_close_context_and_gc():
+    trunk, heads, x, ys = build("cnn_bn", 2)
+    prof = gl.Profiler(trunk, ["t0", "t1"], engine="gramian")
+    assert _n_hooks(trunk) > 0
+    prof.close()
+    assert _n_hooks(trunk) == 0
+    prof.close()  # idempotent
+    with gl.Profiler(trunk, ["t0", "t1"]):
+        assert _n_hooks(trunk) > 0
+    assert _n_hooks(trunk) == 0
+    prof = gl.Profiler(trunk, ["t0", "t1"])
+    assert _n_hooks(trunk) > 0
+    del prof
+    gc.collect()
+    assert _n_hooks(trunk) == 0
+
+
+def test_closed_profiler_refuses_backward():
+    trunk, heads, x, ys = build("mlp", 2)
+    prof = gl.Profiler(trunk, ["t0", "t1"])
+    prof.close()
+    with pytest.raises(gl.GradlensError, match="closed Profiler"):
+        prof.backward(task_losses(trunk, heads, x, ys))
+
+
+def test_unprobed_steps_record_nothing():
+    trunk, heads, x, ys = build("mlp", 2)
+    with gl.Profiler(trunk, ["t0", "t1"], every=2) as prof:
+        prof.backward(task_losses(trunk, heads, x, ys))
+        task_losses(trunk, heads, x, ys)  # forward of unprobed step 1
+        assert prof._engine._records == {}
+
+
+# -- bad input -------------------------------------------------------------------------------
+@pytest.fixture
+def setup():
+    trunk, heads, x, ys = build("mlp", 2)
+    prof = gl.Profiler(trunk, ["t0", "t1"], engine="gramian")
+    yield prof, (lambda: task_losses(trunk, heads, x, ys))
+    prof.close()
+
+
+def test_non_scalar_loss(setup):
+    prof, make = setup
+    losses = make()
+    losses["t0"] = losses["t0"].expand(3)
+    with pytest.raises(gl.GradlensError, match=r"`losses\['t0'\]` should be a scalar.*\(3,\)"):
+        prof.backward(losses)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss(setup, bad):
+    prof, make = setup
+    losses = make()
+    losses["t1"] = losses["t1"] * bad
+    with pytest.raises(gl.GradlensError, match="`losses` should be finite; found .*t1"):
+        prof.backward(losses)
+
+
+def test_undeclared_and_missing_tasks(setup):
+    prof, make = setup
+    losses = make()
+    with pytest.raises(gl.GradlensError, match=r"undeclared tasks \['t9'\]"):
+        prof.backward({**losses, "t9": losses["t0"]})
+    with pytest.raises(gl.GradlensError, match=r"missing tasks \['t1'\]"):
+        prof.backward({"t0": losses["t0"]})
+
+
+def test_loss_that_does_not_require_grad(setup):
+    prof, make = setup
+    losses = make()
+    losses["t0"] = losses["t0"].detach()
+    with pytest.raises(gl.GradlensError, match="should require grad"):
+        prof.backward(losses)
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ({"t0": -1.0, "t1": 1.0}, r"`weights\['t0'\]` should be finite and >= 0; found -1.0"),
+        ({"t0": float("nan"), "t1": 1.0}, r"`weights\['t0'\]` should be finite and >= 0; found nan"),
+        ({"t0": float("inf"), "t1": 1.0}, r"should be finite and >= 0; found inf"),
+        ({"t0": 1.0}, r"`weights` should have exactly the tasks \['t0', 't1'\]"),
+        ({"t0": 1.0, "x": 1.0}, r"`weights` should have exactly the tasks"),
+        ({"t0": "a", "t1": 1.0}, r"`weights\['t0'\]` should be a real number; found str"),
+        ([0.5, 0.5], r"`weights` should be a mapping"),
+    ],
+)
+def test_bad_weights(setup, weights, match):
+    prof, make = setup
+    with pytest.raises(gl.GradlensError, match=match):
+        prof.backward(make(), weights)
+
+
+def test_bad_constructor_arguments():
+    trunk, *_ = build("mlp", 2)
+    with pytest.raises(gl.GradlensError, match="`engine` should be one of"):
+        gl.Profiler(trunk, ["a"], engine="fast")
+    with pytest.raises(gl.GradlensError, match="`tasks` should be unique; found duplicates"):
+        gl.Profiler(trunk, ["a", "a"])
+    with pytest.raises(gl.GradlensError, match="`tasks` should be a sequence"):
+        gl.Profiler(trunk, "ab")
+    with pytest.raises(gl.GradlensError, match="`shared` should hold at least one parameter"):
+        gl.Profiler(nn.ReLU(), ["a"])
+    with pytest.raises(gl.GradlensError, match="`shared` should be an nn.Module or an iterable"):
+        gl.Profiler(3, ["a"])
+    with pytest.raises(gl.GradlensError, match="`memory_budget` should be a positive int"):
+        gl.Profiler(trunk, ["a"], memory_budget=0)
+    with pytest.raises(gl.GradlensError, match="`store` should be a run directory path"):
+        gl.Profiler(trunk, ["a"], store=42)
+
+
+def test_features_engine_needs_features():
+    trunk, heads, x, ys = build("mlp", 2)
+    with gl.Profiler(trunk, ["t0", "t1"], engine="features") as prof:
+        losses, z = task_losses(trunk, heads, x, ys, features=True)
+        with pytest.raises(gl.GradlensError, match="`features` should be the shared repr"):
+            prof.backward(losses)
+        with pytest.raises(gl.GradlensError, match="requires_grad=False"):
+            prof.backward(losses, features=z.detach())
+    with gl.Profiler(trunk, ["t0", "t1"], engine="gramian") as prof:
+        with pytest.raises(gl.GradlensError, match="`features` is used only by engine='features'"):
+            prof.backward(losses, features=z)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_second_backward_through_freed_graph(engine):
+    trunk, heads, x, ys = build("mlp", 2)
+    with gl.Profiler(trunk, ["t0", "t1"], engine=engine) as prof:
+        losses, z = task_losses(trunk, heads, x, ys, features=True)
+        feats = z if engine == "features" else None
+        prof.backward(losses, features=feats)
+        with pytest.raises(gl.GradlensError, match="graph already freed"):
+            prof.backward(losses, features=feats)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_task_that_does_not_reach_the_shared_part_is_flagged(engine):
+    trunk, heads, x, ys = build("mlp", 2)
+    z = trunk(x)
+    extra = nn.Parameter(torch.ones((), dtype=torch.float64))
+    losses = {"t0": heads[0](z).pow(2).mean(), "t1": extra * 2.0}
+    with gl.Profiler(trunk, ["t0", "t1"], engine=engine) as prof:
+        with pytest.warns(gl.GradlensWarning, match=r"tasks \['t1'\] have a zero gradient"):
+            snap = prof.backward(losses, features=z if engine == "features" else None)
+    assert snap.zero_tasks == ("t1",)
+    assert snap.gram[1, 1] == 0
+    cos = snap.cosine()
+    assert torch.isnan(cos[0, 1]) and torch.isnan(cos[1, 1]) and cos[0, 0] == 1
+    assert extra.grad == 2.0  # the non-shared leaf still gets its weighted gradient
+
+
+# -- Gram laws (hypothesis) ------------------------------------------------------------------
+def _gram_of(engine: str, order: list[int], scales: list[float]):
+    torch.manual_seed(3)
+    trunk, heads, x, ys = build("cnn_bn", 4, batch=5)
+    losses = task_losses(trunk, heads, x, ys)
+    vals = list(losses.values())
+    names = [f"t{i}" for i in range(4)]
+    permuted = {names[k]: vals[i] * scales[i] for k, i in enumerate(order)}
+    with gl.Profiler(trunk, names, engine=engine) as prof:
+        return prof.backward(permuted).gram
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    order=st.permutations(range(4)),
+    scales=st.lists(st.floats(0.1, 10.0), min_size=4, max_size=4),
+    engine=st.sampled_from(["batched", "gramian"]),
+)
+def test_permuting_and_scaling_tasks_permutes_and_scales_the_gram(order, scales, engine):
+    base = _gram_of(engine, [0, 1, 2, 3], [1.0] * 4)
+    got = _gram_of(engine, list(order), scales)
+    c = torch.tensor(scales, dtype=torch.float64)
+    idx = torch.tensor(list(order))
+    expected = base[idx][:, idx] * (c[idx][:, None] * c[idx][None, :])
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
