@@ -225,7 +225,12 @@ class Profiler:
         shared_ids = {id(p) for p in self._shared.params}
         reached = [p for p in self._shared.params if id(p) in leaves]
         ctx = BackwardContext(
-            losses=L, weights=w, reached=reached, uses=uses, nodes=nodes, features=feats,
+            losses=L,
+            weights=w,
+            reached=reached,
+            uses=uses,
+            nodes=nodes,
+            features=feats,
             memory_budget=self._budget,
         )
         result = self._engine.compute(ctx)
@@ -350,8 +355,7 @@ def _weights_tensor(
         )
     if set(weights) != set(tasks):
         raise GradlensError(
-            f"`weights` should have exactly the tasks {list(tasks)} as keys; found "
-            f"{list(weights)}."
+            f"`weights` should have exactly the tasks {list(tasks)} as keys; found {list(weights)}."
         )
     vals = []
     for t in tasks:
@@ -407,8 +411,7 @@ def _open_store(store: str | Path | Any | None, meta: dict[str, Any]) -> Sink | 
             store.update_meta(**meta)
         return store  # type: ignore[no-any-return]
     raise GradlensError(
-        "`store` should be a run directory path or a RunWriter; found "
-        f"{type(store).__name__}."
+        f"`store` should be a run directory path or a RunWriter; found {type(store).__name__}."
     )
 
 

@@ -190,8 +190,9 @@ def _quiet_vmap() -> Iterator[None]:
         yield
 
 
-def gram_of_rows(rows: Sequence[torch.Tensor], other: Sequence[torch.Tensor] | None = None
-                 ) -> torch.Tensor:
+def gram_of_rows(
+    rows: Sequence[torch.Tensor], other: Sequence[torch.Tensor] | None = None
+) -> torch.Tensor:
     """``sum_k R_k O_k^T`` over blocks of shape (T, ...) flattened per task, in float64 output."""
     other = rows if other is None else other
     total: torch.Tensor | None = None

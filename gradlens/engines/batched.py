@@ -42,16 +42,13 @@ class BatchedEngine(Engine):
         layers = group_by_layer(self.shared, params)
         index = {id(p): k for k, p in enumerate(params)}
         dev = ctx.losses.device
-        grams = {
-            layer: torch.zeros(T, T, dtype=torch.float64, device=dev) for layer in layers
-        }
+        grams = {layer: torch.zeros(T, T, dtype=torch.float64, device=dev) for layer in layers}
         weighted: list[torch.Tensor | None] = [None] * len(params)
 
         def grads_of(lo: int, hi: int) -> list[torch.Tensor]:
             gs = batched_grad(ctx.losses, params, slice(lo, hi))
             return [
-                torch.zeros((hi - lo, *p.shape), dtype=p.dtype, device=p.device) if g is None
-                else g
+                torch.zeros((hi - lo, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
                 for g, p in zip(gs, params)
             ]
 

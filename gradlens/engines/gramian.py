@@ -149,7 +149,11 @@ class GramianEngine(Engine):
                     d = r.input.new_zeros((T, *r.out_shape))
                 outs.append(d)
             grams[layer] = rule.fn(
-                mod, [r.input for r in recs], outs, ctx.weights, by_layer[layer],
+                mod,
+                [r.input for r in recs],
+                outs,
+                ctx.weights,
+                by_layer[layer],
                 ctx.memory_budget,
             )
             rules[layer] = rule.name

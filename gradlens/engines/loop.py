@@ -42,10 +42,7 @@ def layer_grams_from_grads(
     out = {}
     for layer, ps in group_by_layer(shared, params).items():
         J = torch.stack(
-            [
-                torch.cat([g[index[id(p)]].reshape(-1).to(torch.float64) for p in ps])
-                for g in grads
-            ]
+            [torch.cat([g[index[id(p)]].reshape(-1).to(torch.float64) for p in ps]) for g in grads]
         )
         out[layer] = J @ J.T
     return out

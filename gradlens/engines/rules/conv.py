@@ -74,8 +74,8 @@ def conv_rule(
                 groups=g,
             )
             # (g, T, oc/g, ...) -> (T, g, oc/g, ...) -> (T, oc, ...)
-            part = part.reshape(g, T, oc // g, *W.shape[1:]).movedim(1, 0).reshape(
-                T, oc, *W.shape[1:]
+            part = (
+                part.reshape(g, T, oc // g, *W.shape[1:]).movedim(1, 0).reshape(T, oc, *W.shape[1:])
             )
             gW = part if gW is None else gW + part
         if gW is None:  # no recorded call: nothing to add

@@ -34,8 +34,10 @@ def linear_rule(
     has_b = b is not None and any(p is b for p in params)
     out_f, in_f = W.shape
     T = out_grads[0].shape[0]
-    A = torch.cat([x.reshape(-1, in_f) for x in inputs]) if len(inputs) > 1 else (
-        inputs[0].reshape(-1, in_f)
+    A = (
+        torch.cat([x.reshape(-1, in_f) for x in inputs])
+        if len(inputs) > 1
+        else (inputs[0].reshape(-1, in_f))
     )
     D = torch.cat([d.reshape(T, -1, out_f) for d in out_grads], dim=1)
     N = A.shape[0]
