@@ -691,6 +691,7 @@ class StreamingSummary:
         """
         g, _ = _gram(G)
         T, L = len(self.tasks), len(self.layers)
+        found = tuple(g.shape)
         if g.ndim == 2 and L == 1:
             g = g[None]
         if g.shape != (L, T, T):
@@ -698,7 +699,7 @@ class StreamingSummary:
             raise GradlensError(
                 f"`G` should have shape {want} for tasks {list(self.tasks)}"
                 + (f" and layers {list(self.layers)}" if self._layered else "")
-                + f"; found shape {tuple(g.shape)}."
+                + f"; found shape {found}."
             )
         if step is None:
             s = 0 if self._last is None else self._last + 1

@@ -266,7 +266,8 @@ def test_zero_gradient_task_is_nan_and_flagged_without_warnings(as_tensor):
     np.testing.assert_array_equal(flags, [False, True, False])
     for name in ("cosine", "conflict", "conflict_strength", "gms"):
         v = out[name]
-        assert np.isnan(v[1]).all() and np.isnan(v[:, 1]).all(), name
+        assert np.isnan(v[1]).all(), name
+        assert np.isnan(v[:, 1]).all(), name
         assert not np.isnan(v[np.ix_([0, 2], [0, 2])]).any(), name
     assert out["cosine"][0, 0] == 1.0
     assert np.isnan(out["norm_ratio"])
@@ -312,8 +313,10 @@ def test_tensor_in_tensor_out():
     ]:
         out_t = f(Gt, *args)
         out_n = f(G, *(a.numpy() if isinstance(a, torch.Tensor) else a for a in args))
-        assert isinstance(out_t, torch.Tensor) and out_t.dtype == torch.float64, f.__name__
-        assert isinstance(out_n, np.ndarray) and out_n.dtype == np.float64, f.__name__
+        assert isinstance(out_t, torch.Tensor), f.__name__
+        assert out_t.dtype == torch.float64, f.__name__
+        assert isinstance(out_n, np.ndarray), f.__name__
+        assert out_n.dtype == np.float64, f.__name__
         np.testing.assert_allclose(out_t.numpy(), out_n, rtol=1e-6, atol=1e-6)
     flags = M.zero_tasks(Gt)
     assert isinstance(flags, torch.Tensor)
