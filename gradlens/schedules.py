@@ -106,5 +106,6 @@ def as_schedule(every: int | Schedule) -> Schedule:
     if callable(every):
         return every
     raise GradlensError(
-        f"`every` should be a positive int or a callable step -> bool; found {type(every).__name__}."
+        "`every` should be a positive int or a callable step -> bool; "
+        f"found {type(every).__name__}."
     )

@@ -133,7 +133,7 @@ def test_non_finite_loss(setup, bad):
     prof, make = setup
     losses = make()
     losses["t1"] = losses["t1"] * bad
-    with pytest.raises(gl.GradlensError, match="`losses` should be finite; found .*t1"):
+    with pytest.raises(gl.GradlensError, match=r"`losses` should be finite; found .*t1"):
         prof.backward(losses)
 
 
@@ -158,7 +158,10 @@ def test_loss_that_does_not_require_grad(setup):
     ("weights", "match"),
     [
         ({"t0": -1.0, "t1": 1.0}, r"`weights\['t0'\]` should be finite and >= 0; found -1.0"),
-        ({"t0": float("nan"), "t1": 1.0}, r"`weights\['t0'\]` should be finite and >= 0; found nan"),
+        (
+            {"t0": float("nan"), "t1": 1.0},
+            r"`weights\['t0'\]` should be finite and >= 0; found nan",
+        ),
         ({"t0": float("inf"), "t1": 1.0}, r"should be finite and >= 0; found inf"),
         ({"t0": 1.0}, r"`weights` should have exactly the tasks \['t0', 't1'\]"),
         ({"t0": 1.0, "x": 1.0}, r"`weights` should have exactly the tasks"),
@@ -182,7 +185,7 @@ def test_bad_constructor_arguments():
         gl.Profiler(trunk, "ab")
     with pytest.raises(gl.GradlensError, match="`shared` should hold at least one parameter"):
         gl.Profiler(nn.ReLU(), ["a"])
-    with pytest.raises(gl.GradlensError, match="`shared` should be an nn.Module or an iterable"):
+    with pytest.raises(gl.GradlensError, match=r"`shared` should be an nn\.Module or an iterable"):
         gl.Profiler(3, ["a"])
     with pytest.raises(gl.GradlensError, match="`memory_budget` should be a positive int"):
         gl.Profiler(trunk, ["a"], memory_budget=0)
@@ -199,7 +202,7 @@ def test_features_engine_needs_features():
         with pytest.raises(gl.GradlensError, match="requires_grad=False"):
             prof.backward(losses, features=z.detach())
     with gl.Profiler(trunk, ["t0", "t1"], engine="gramian") as prof:
-        with pytest.raises(gl.GradlensError, match="`features` is used only by engine='features'"):
+        with pytest.raises(gl.GradlensError, match=r"`features` is used only by engine='features'"):
             prof.backward(losses, features=z)
 
 
@@ -226,7 +229,9 @@ def test_task_that_does_not_reach_the_shared_part_is_flagged(engine):
     assert snap.zero_tasks == ("t1",)
     assert snap.gram[1, 1] == 0
     cos = snap.cosine()
-    assert torch.isnan(cos[0, 1]) and torch.isnan(cos[1, 1]) and cos[0, 0] == 1
+    assert torch.isnan(cos[0, 1])
+    assert torch.isnan(cos[1, 1])
+    assert cos[0, 0] == 1
     assert extra.grad == 2.0  # the non-shared leaf still gets its weighted gradient
 
 

@@ -68,7 +68,7 @@ class GramianEngine(Engine):
         for _, mod in root.named_modules():
             for p in mod.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
-        for name, mod in root.named_modules():
+        for _name, mod in root.named_modules():
             rule = rule_for(type(mod))
             own = [p for p in mod.parameters(recurse=False) if id(p) in shared_ids]
             if rule is None or not own or not rule.applies(mod):
