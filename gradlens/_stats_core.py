@@ -243,6 +243,24 @@ def auto_block_length(x: np.ndarray, y: np.ndarray) -> int:
     return int(max(1, min(max(base, round(b_pw)), n // 2)))
 
 
+def lag1_autocorrelation(v: np.ndarray) -> float:
+    """Sample lag-1 autocorrelation ``sum (v_t - m)(v_{t-1} - m) / sum (v_t - m)^2``."""
+    c = v - v.mean()
+    denom = float(c @ c)
+    return float(c[1:] @ c[:-1]) / denom if denom > 0 else 0.0
+
+
+def effective_n(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Effective sample size of the correlation of two AR(1)-like series, with the lag-1
+    autocorrelations used: ``n (1 - r_x r_y) / (1 + r_x r_y)`` (Bretherton et al. 1999), clipped
+    to ``[3, n]``."""
+    n = x.shape[0]
+    rx, ry = lag1_autocorrelation(x), lag1_autocorrelation(y)
+    a = rx * ry
+    n_eff = n * (1.0 - a) / (1.0 + a) if a > -1.0 else float(n)
+    return float(min(max(n_eff, 3.0), n)), rx, ry
+
+
 def permutations(rng: np.random.Generator, n: int, n_perm: int) -> tuple[np.ndarray, bool]:
     """Permutation index rows and whether they are all ``n!`` permutations (an exact test).
 

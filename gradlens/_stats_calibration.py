@@ -1,0 +1,317 @@
+"""Simulations that calibrate :mod:`gradlens.stats`: false-positive rates, power and coverage.
+
+Run ``python -m gradlens._stats_calibration`` (optionally ``--quick``) to print the tables quoted
+in ``docs/stats.md``; ``tests/test_stats.py`` runs smaller versions of the same simulations.
+
+Designs:
+
+- *Null sweep*: 30 runs, a weight grid of 6 values x 5 seeds (ties, as in a real sweep), and an
+  interference or accuracy value drawn independently of the weight (no association).
+- *Planted association*: 30 runs of a bivariate normal with correlation ``rho`` (Pearson scale;
+  Spearman's rho is ``6/pi asin(rho/2)``, Kendall's tau ``2/pi asin(rho)``).
+- *Within a run*: two independent AR(1) series of ``n`` epochs with coefficient ``phi``; the true
+  correlation is 0.
+- *Optimal weight*: 4 model sizes (1e5 .. 1e8 parameters), a 9-point weight grid, 3 seeds; the
+  score is ``-a (w - p*_size)^2 + noise``; under the null ``p*`` is 0.5 at every size, under the
+  alternative it moves by ``shift`` per decade of size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from gradlens import stats
+
+__all__ = [
+    "associations_fwer",
+    "null_pvalues",
+    "planted_pvalues",
+    "trend_pvalues",
+    "within_run_calibration",
+]
+
+_GRID = np.linspace(0.1, 0.9, 6)
+
+
+def _null_xy(rng: np.random.Generator, n_runs: int) -> tuple[np.ndarray, np.ndarray]:
+    seeds = math.ceil(n_runs / _GRID.size)
+    x = np.repeat(_GRID, seeds)[:n_runs]
+    return x, rng.normal(size=n_runs)
+
+
+def null_pvalues(
+    n_sweeps: int, *, method: str, n_runs: int = 30, n_perm: int = 999, seed: int = 0
+) -> np.ndarray:
+    """Permutation p-values of :func:`gradlens.stats.correlate` over null sweeps."""
+    out = np.empty(n_sweeps)
+    for i in range(n_sweeps):
+        rng = np.random.default_rng([seed, i])
+        x, y = _null_xy(rng, n_runs)
+        res = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)  # type: ignore[arg-type]
+        out[i] = res["p_value"]
+    return out
+
+
+def planted_pvalues(
+    n_sweeps: int,
+    *,
+    rho: float,
+    method: str,
+    n_runs: int = 30,
+    n_perm: int = 999,
+    n_boot: int = 0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """P-values and interval-covers-truth flags over sweeps with a planted correlation ``rho``.
+
+    The truth for the coverage flag is the population value of ``method`` under the bivariate
+    normal (Pearson ``rho``, Spearman ``6/pi asin(rho/2)``, Kendall ``2/pi asin(rho)``); the flag
+    is NaN when ``n_boot`` is 0.
+    """
+    truth = {
+        "pearson": rho,
+        "spearman": 6.0 / math.pi * math.asin(rho / 2.0),
+        "kendall": 2.0 / math.pi * math.asin(rho),
+    }[method]
+    cov = np.array([[1.0, rho], [rho, 1.0]])
+    p = np.empty(n_sweeps)
+    covered = np.full(n_sweeps, np.nan)
+    for i in range(n_sweeps):
+        rng = np.random.default_rng([seed, i])
+        xy = rng.multivariate_normal([0.0, 0.0], cov, size=n_runs)
+        res = stats.correlate(
+            xy[:, 0],
+            xy[:, 1],
+            method=method,
+            n_boot=n_boot,
+            n_perm=n_perm,
+            seed=rng,  # type: ignore[arg-type]
+        )
+        p[i] = res["p_value"]
+        if n_boot:
+            covered[i] = float(res["ci_low"] <= truth <= res["ci_high"])
+    return p, covered
+
+
+def _ar1(rng: np.random.Generator, n: int, phi: float) -> np.ndarray:
+    e = rng.normal(size=n + 50)
+    x = np.empty_like(e)
+    x[0] = e[0] / math.sqrt(1.0 - phi**2)
+    for t in range(1, e.size):
+        x[t] = phi * x[t - 1] + e[t]
+    return x[50:]
+
+
+def _series_run(x: np.ndarray, y: np.ndarray) -> SimpleNamespace:
+    """A minimal run whose per-epoch cosine is ``x`` and validation accuracy ``y``."""
+    k = np.arange(1, x.size + 1)
+    metrics = pd.DataFrame(
+        {
+            "step": k * 10,
+            "layer": "__all__",
+            "metric": "cosine",
+            "task_i": "a",
+            "task_j": "b",
+            "value": x,
+        }
+    )
+    evals = pd.DataFrame(
+        {
+            "point": [f"epoch:{i}" for i in k],
+            "epoch": pd.array(k, "Int64"),
+            "step": pd.array(k * 10, "Int64"),
+            "split": "val",
+            "task": "a",
+            "metric": "accuracy",
+            "value": y,
+        }
+    )
+    return SimpleNamespace(meta={"tasks": ["a", "b"]}, metrics=metrics, evals=evals)
+
+
+def within_run_calibration(
+    n_series: int,
+    *,
+    n: int = 50,
+    phi: float = 0.8,
+    block: int | str = "auto",
+    n_boot: int = 999,
+    seed: int = 0,
+) -> dict[str, float]:
+    """:func:`gradlens.stats.within_run` on independent AR(1) pairs (true correlation 0).
+
+    Returns the coverage of 0 by the block-bootstrap interval (``coverage_block``) and by the
+    effective-n interval (``coverage_neff``), and the rejection rates at 0.05 of the effective-n
+    t-test (``fpr_neff``) and of the centred block-bootstrap p-value (``fpr_block``).
+    """
+    hits = {"coverage_block": 0, "coverage_neff": 0, "fpr_neff": 0, "fpr_block": 0}
+    for i in range(n_series):
+        rng = np.random.default_rng([seed, i])
+        x, y = _ar1(rng, n, phi), _ar1(rng, n, phi)
+        res = stats.within_run(
+            _series_run(x, y),
+            metric="cosine",
+            block=block,
+            n_boot=n_boot,
+            seed=rng,  # type: ignore[arg-type]
+        )
+        hits["coverage_block"] += res["ci_low"] <= 0.0 <= res["ci_high"]
+        hits["coverage_neff"] += res["ci_low_neff"] <= 0.0 <= res["ci_high_neff"]
+        hits["fpr_neff"] += res["p_value"] < 0.05
+        hits["fpr_block"] += res["p_block"] < 0.05
+    return {k: v / n_series for k, v in hits.items()}
+
+
+def _sweep_table(
+    rng: np.random.Generator, shift: float, noise: float, seeds: int = 3
+) -> pd.DataFrame:
+    grid = np.linspace(0.1, 0.9, 9)
+    rows = []
+    for decade, size in enumerate([1e5, 1e6, 1e7, 1e8]):
+        best = 0.5 + shift * (decade - 1.5)
+        level = 0.6 + 0.05 * decade
+        for s in range(seeds):
+            for w in grid:
+                score = level - 0.5 * (w - best) ** 2 + rng.normal(0.0, noise)
+                rows.append({"model.n_params": size, "seed": s, "w": w, "acc": score})
+    return pd.DataFrame(rows)
+
+
+def trend_pvalues(
+    n_sweeps: int,
+    *,
+    shift: float,
+    noise: float = 0.01,
+    estimator: str = "grid",
+    n_boot: int = 999,
+    seed: int = 0,
+) -> np.ndarray:
+    """P-values of :func:`gradlens.stats.optimal_weight_trend` over simulated weight sweeps."""
+    out = np.empty(n_sweeps)
+    for i in range(n_sweeps):
+        rng = np.random.default_rng([seed, i])
+        table = _sweep_table(rng, shift, noise)
+        res = stats.optimal_weight_trend(
+            table,
+            weight_col="w",
+            score_col="acc",
+            estimator=estimator,
+            n_boot=n_boot,
+            seed=rng,  # type: ignore[arg-type]
+        )
+        out[i] = res["p_value"]
+    return out
+
+
+def associations_fwer(
+    n_sweeps: int,
+    *,
+    correction: str = "holm",
+    methods: Sequence[str] = ("spearman",),
+    n_perm: int = 499,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Family-wise error rate of :func:`gradlens.stats.associations` on null tables (3 sizes x
+    6 weights x 3 seeds; 2 interference and 2 accuracy columns, all independent of everything),
+    with the correction and without it (any raw p below 0.05)."""
+    any_adj = 0
+    any_raw = 0
+    for i in range(n_sweeps):
+        rng = np.random.default_rng([seed, i])
+        n = 3 * 6 * 3
+        table = pd.DataFrame(
+            {
+                "model.n_params": np.repeat([1e5, 1e6, 1e7], 18),
+                "weights.a": np.tile(np.repeat(_GRID, 3), 3),
+                "cosine.a|b": rng.normal(size=n),
+                "gms.a|b": rng.normal(size=n),
+                "accuracy.a": rng.normal(size=n),
+                "accuracy.mean": rng.normal(size=n),
+            }
+        )
+        res = stats.associations(
+            table,
+            weight_cols=["weights.a"],
+            interference_cols=["cosine.a|b", "gms.a|b"],
+            accuracy_cols=["accuracy.a", "accuracy.mean"],
+            methods=list(methods),  # type: ignore[arg-type]
+            correction=correction,  # type: ignore[arg-type]
+            n_boot=0,
+            n_perm=n_perm,
+            seed=int(rng.integers(2**31)),
+        )
+        any_adj += bool((res["p_adjusted"] < 0.05).any())
+        any_raw += bool((res["p_value"] < 0.05).any())
+    return any_adj / n_sweeps, any_raw / n_sweeps
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer simulations (about 1 min)")
+    args = parser.parse_args(argv)
+    k = 0.25 if args.quick else 1.0
+    start = time.perf_counter()
+
+    n_null = int(2000 * k)
+    print(f"## False-positive rate at alpha = 0.05, {n_null} null sweeps of 30 runs")
+    for method in ("spearman", "pearson", "kendall"):
+        p = null_pvalues(n_null, method=method)
+        print(f"{method:9s} FPR = {np.mean(p < 0.05):.4f}")
+
+    n_pow = int(1000 * k)
+    print(f"\n## Power at alpha = 0.05 (permutation test), {n_pow} sweeps each")
+    print("| n | rho | spearman | pearson | kendall |")
+    for n_runs in (30, 60):
+        for rho in (0.3, 0.5):
+            cells = []
+            for method in ("spearman", "pearson", "kendall"):
+                p, _ = planted_pvalues(n_pow, rho=rho, method=method, n_runs=n_runs)
+                cells.append(f"{np.mean(p < 0.05):.3f}")
+            print(f"| {n_runs} | {rho} | " + " | ".join(cells) + " |")
+
+    n_cov = int(400 * k)
+    print(f"\n## Bootstrap 95 % interval coverage, n = 30, rho = 0.5, {n_cov} sweeps")
+    for method in ("spearman", "pearson", "kendall"):
+        _, covered = planted_pvalues(n_cov, rho=0.5, method=method, n_boot=999, n_perm=0)
+        print(f"{method:9s} coverage = {np.nanmean(covered):.3f}")
+
+    n_ser = int(400 * k)
+    print(f"\n## Within a run: independent AR(1) pairs (true r = 0), {n_ser} pairs")
+    print(
+        "| n | phi | block | coverage, block CI | coverage, n_eff CI | FPR n_eff t | FPR block p |"
+    )
+    for n, phi in ((30, 0.5), (50, 0.8), (100, 0.8), (50, 0.95)):
+        for block in ("auto", 1):
+            r = within_run_calibration(n_ser, n=n, phi=phi, block=block)
+            print(
+                f"| {n} | {phi} | {block} | {r['coverage_block']:.3f} | {r['coverage_neff']:.3f} "
+                f"| {r['fpr_neff']:.3f} | {r['fpr_block']:.3f} |"
+            )
+
+    n_tr = int(400 * k)
+    print(f"\n## Optimal-weight trend test, {n_tr} sweeps (4 sizes x 9 weights x 3 seeds)")
+    print("| estimator | noise | shift per decade | rejection rate |")
+    for estimator in ("grid", "quadratic"):
+        for noise in (0.01, 0.03):
+            for shift in (0.0, 0.05, 0.1):
+                p = trend_pvalues(n_tr, shift=shift, noise=noise, estimator=estimator)
+                print(f"| {estimator} | {noise} | {shift} | {np.mean(p < 0.05):.3f} |")
+
+    n_fw = int(400 * k)
+    print(f"\n## associations(): family-wise error on null tables, {n_fw} tables")
+    for correction in ("holm", "bh"):
+        adj, raw = associations_fwer(n_fw, correction=correction)
+        print(f"{correction}: P(any adjusted p < 0.05) = {adj:.3f}; uncorrected = {raw:.3f}")
+    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())
