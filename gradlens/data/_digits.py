@@ -41,11 +41,11 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _split_pool(split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of one split of the digits (70/15/15, seeded)."""
+def _split_pool(split: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images, labels and indices (into the 1,797 digits) of one split (70/15/15, seeded)."""
     images, labels = _digits()
     idx = _split_indices(len(labels), seed)[split]
-    return images[idx], labels[idx]
+    return images[idx], labels[idx], idx
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -66,7 +66,7 @@ def _multidigits(
 ) -> MultiTaskDataset:
     """Two digits of the same split side by side: input (1, 8, 16), tasks "left" and "right"."""
     n = _MULTIDIGITS_N[split] if n is None else _positive_int("n", n)
-    images, labels = _split_pool(split, seed)
+    images, labels, pool = _split_pool(split, seed)
     rng = _rng(seed, _TAG_PAIRS, _TAG_SAMPLE[split])
     left = rng.integers(0, len(labels), size=n)
     right = rng.integers(0, len(labels), size=n)
@@ -78,7 +78,7 @@ def _multidigits(
         task_info={"left": info, "right": info},
         name="multidigits",
         split=split,
-        meta={"pool_size": len(labels)},
+        meta={"left_index": pool[left], "right_index": pool[right]},
     )
 
 
@@ -166,7 +166,7 @@ def _digit_attributes(
 ) -> MultiTaskDataset:
     """One 8x8 digit, up to 12 attribute tasks derived from it."""
     chosen = _select("tasks", tasks, tuple(_ATTRIBUTES), _DEFAULT_ATTRIBUTES)
-    images, labels = _split_pool(split, seed)
+    images, labels, pool = _split_pool(split, seed)
     targets = {t: torch.from_numpy(_ATTRIBUTES[t][2](images, labels)) for t in chosen}
     return MultiTaskDataset(
         torch.from_numpy(images[:, None].copy()),
@@ -174,6 +174,7 @@ def _digit_attributes(
         task_info={t: TaskInfo("classification", _ATTRIBUTES[t][0]) for t in chosen},
         name="digit_attributes",
         split=split,
+        meta={"index": pool},
     )
 
 
@@ -279,8 +280,8 @@ def _domain_digits(
     """The digit task under several domains of different sizes, input (1, 8, 8)."""
     chosen = _select("domains", domains, tuple(_DOMAINS), tuple(_DOMAINS))
     per_domain = _domain_sizes(sizes, chosen, split)
-    images, labels = _split_pool(split, seed)
-    xs, ys, ds = [], [], []
+    images, labels, pool = _split_pool(split, seed)
+    xs, ys, ds, base = [], [], [], []
     for k, d in enumerate(chosen):
         # The stream depends on the domain's global position, so a subset keeps its samples.
         rng = _rng(seed, _TAG_DOMAINS, _TAG_SAMPLE[split], list(_DOMAINS).index(d))
@@ -289,6 +290,7 @@ def _domain_digits(
         idx = np.concatenate([rng.permutation(len(labels)) for _ in range(reps)])[:size]
         xs.append(_DOMAINS[d][1](images[idx], rng))
         ys.append(labels[idx])
+        base.append(pool[idx])
         ds.append(np.full(size, k, dtype=np.int64))
     order = _rng(seed, _TAG_DOMAINS, _TAG_SAMPLE[split], 99).permutation(sum(per_domain.values()))
     x = np.concatenate(xs)[order][:, None]
@@ -300,5 +302,5 @@ def _domain_digits(
         n_classes=10,
         name="domain_digits",
         split=split,
-        meta={"sizes": per_domain},
+        meta={"sizes": per_domain, "index": np.concatenate(base)[order]},
     )

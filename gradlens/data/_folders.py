@@ -100,7 +100,7 @@ def _read_celeba_attributes(path: Path) -> tuple[list[str], list[str], np.ndarra
     """Parse ``list_attr_celeba.txt``: (attribute names, file names, values in {0, 1})."""
     if not path.is_file():
         raise GradlensError(f"CelebA attribute file not found: expected {path}.")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    lines = path.read_text().splitlines()
     if len(lines) < 2 or not lines[0].strip().isdigit():
         raise GradlensError(
             f"{path}: the first line must be the image count and the second the attribute names."
@@ -110,6 +110,8 @@ def _read_celeba_attributes(path: Path) -> tuple[list[str], list[str], np.ndarra
     files, rows = [], []
     for k, line in enumerate(lines[2:], start=3):
         fields = line.split()
+        if not fields:
+            continue
         if len(fields) != len(names) + 1 or any(v not in ("1", "-1") for v in fields[1:]):
             raise GradlensError(
                 f"{path}, line {k}: expected a file name and {len(names)} values of 1 or -1; "
@@ -249,6 +251,7 @@ def _domainnet(
         raise GradlensError(f"The DomainNet split files in {root} list no images.")
     n_classes = max(class_of_label) + 1
     paths: list[Path] = []
+    rels: list[str] = []
     dom: list[int] = []
     labels: list[int] = []
     for k, d in enumerate(chosen):
@@ -264,6 +267,7 @@ def _domainnet(
             if not path.is_file():
                 raise GradlensError(f"Image {path} listed in {listed_in} does not exist.")
             paths.append(path)
+            rels.append(rel)
             dom.append(k)
             labels.append(label)
     return MultiDomainDataset(
@@ -274,5 +278,9 @@ def _domainnet(
         n_classes=n_classes,
         name="domainnet",
         split=split,
-        meta={"root": str(root), "classes": [class_of_label.get(i) for i in range(n_classes)]},
+        meta={
+            "root": str(root),
+            "files": rels,
+            "classes": [class_of_label.get(i) for i in range(n_classes)],
+        },
     )
