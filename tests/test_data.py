@@ -41,6 +41,15 @@ SPLIT_SIZES = {
 BUNDLED = ("multidigits", "digit_attributes", "domain_digits", "synthetic")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are tiny: one thread is faster, and immune to oversubscribed CPUs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
     bunch = sklearn_datasets.load_digits()

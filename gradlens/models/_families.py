@@ -104,11 +104,14 @@ VIT_MAX_TOKENS = 32
 
 
 def vit_patch_size(h: int, w: int) -> int:
-    """The smallest patch size giving at most 32 patches (8x8 -> 2, 8x16 -> 2, 64x64 -> 16)."""
-    p = 1
-    while (h // p) * (w // p) > VIT_MAX_TOKENS:
-        p += 1
-    return p
+    """Patch size giving at most 32 patches: 8x8 -> 2, 8x16 -> 2, 32x32 -> 8, 64x64 -> 16.
+
+    The smallest divisor of both sides that gets there; when no common divisor does (e.g.
+    218x178), the smallest size that does, dropping the remainder pixels at the border.
+    """
+    fits = [p for p in range(1, min(h, w) + 1) if (h // p) * (w // p) <= VIT_MAX_TOKENS]
+    exact = [p for p in fits if h % p == 0 and w % p == 0]
+    return exact[0] if exact else fits[0]
 
 
 class Attention(nn.Module):
