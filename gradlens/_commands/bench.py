@@ -1,0 +1,90 @@
+"""``gradlens bench``: engine step times as ratios to a plain step, in one process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+NAME = "bench"
+HELP = "Time each engine against a plain scalarized step and the per-task loop (one process)."
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def _strs(s: str) -> list[str]:
+    return [v for v in s.split(",") if v]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from gradlens.bench import METHODS
+
+    p.add_argument(
+        "--models",
+        type=_strs,
+        default=["mlp-1m", "cnn-1m"],
+        help="comma-separated: mlp-tiny, mlp-1m, mlp-10m, cnn-1m, cnn-10m, transformer",
+    )
+    p.add_argument("--tasks", type=_ints, default=[2, 8, 40], help="comma-separated T values")
+    p.add_argument(
+        "--methods",
+        type=_strs,
+        default=list(METHODS),
+        help=f"comma-separated among {', '.join(METHODS)}",
+    )
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure peak memory growth per method, one fresh process each",
+    )
+    p.add_argument("--json", type=Path, default=None, help="write all rows as JSON to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gradlens.bench import format_table, measure_peak_memory, run_benchmark
+
+    def say(msg: str) -> None:
+        sys.stderr.write(msg + "\n")
+
+    rows = run_benchmark(
+        args.models, args.tasks, args.methods, batch=args.batch, repeats=args.repeats, progress=say
+    )
+    print(format_table(rows))
+    out: dict[str, object] = {"time": rows}
+    if args.memory:
+        mem = []
+        for model in args.models:
+            for T in args.tasks:
+                for m in [m for m in args.methods if m != "torchjd" or _has_torchjd()]:
+                    mem.append(measure_peak_memory(model, T, m, args.batch))
+                    say(f"memory {model} T={T} {m}: {mem[-1]['peak_mib']:.0f} MiB")
+        print()
+        print(f"{'model':<12}{'T':>4}  " + "  ".join(f"{m:>12}" for m in args.methods))
+        for model in args.models:
+            for T in args.tasks:
+                cells = {
+                    r["method"]: r["peak_mib"]
+                    for r in mem
+                    if r["model"] == model and r["tasks"] == T
+                }
+                print(
+                    f"{model:<12}{T:>4}  "
+                    + "  ".join(
+                        f"{cells[m]:>9.0f}MiB" if m in cells else f"{'-':>12}" for m in args.methods
+                    )
+                )
+        out["memory"] = mem
+    if args.json is not None:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def _has_torchjd() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchjd") is not None
