@@ -158,6 +158,8 @@ class MultiTaskDataset(Dataset):
     def tensors(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The whole split as ``(X, {target: Y})`` (lazily loaded images are read once, then kept).
 
+        The tensors are the dataset's own (not copies): clone them before changing them in place.
+
         Example:
             >>> import torch
             >>> X, Y = MultiTaskDataset(torch.ones(3, 1, 2, 2), {"r": torch.zeros(3)}).tensors()
