@@ -1,0 +1,166 @@
+"""Helpers shared by sweeps and PBT: tasks, JSON state files, the directory lock, summaries."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gradlens._errors import GradlensError, GradlensWarning, StoreError
+from gradlens._store_io import atomic_write_bytes
+from gradlens._store_lock import RunLock
+from gradlens.search._config import ExecutorSpec, SearchConfig
+from gradlens.search.executors import Executor, make_executor
+
+__all__: list[str] = []
+
+#: Version of index.json / pbt.json written by this gradlens.
+STATE_FORMAT = 1
+
+
+def check_train(train: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the ``[train]`` table with the harness's own ``TrainConfig.from_dict``."""
+    from gradlens.train import TrainConfig
+
+    return TrainConfig.from_dict(dict(train)).to_dict()
+
+
+def resolve_tasks(train: Mapping[str, Any]) -> tuple[str, ...]:
+    """The tasks (or domains) a ``[train]`` table trains on: its ``tasks`` or the dataset's."""
+    tasks = train.get("tasks")
+    if tasks:
+        return tuple(tasks)
+    from gradlens.data import load_dataset
+
+    opts = dict(train.get("dataset_options") or {})
+    root = opts.pop("root", None)
+    data_seed = opts.pop("seed", int(train.get("seed", 0)))
+    ds = load_dataset(train.get("dataset", "multidigits"), "val", seed=data_seed, root=root, **opts)
+    return tuple(ds.tasks)
+
+
+def json_roundtrip(obj: Any) -> Any:
+    """``obj`` through JSON and back, so tuples compare equal to lists read from a state file."""
+    return json.loads(json.dumps(obj))
+
+
+def out_dir_for(config: SearchConfig, out: str | os.PathLike[str] | None) -> Path:
+    """``out``, else ``[executor].storage``, else ``runs/<config file stem>``."""
+    if out is not None:
+        return Path(out)
+    if config.executor.storage is not None:
+        return Path(config.executor.storage)
+    stem = config.source.stem if config.source is not None else "search"
+    return Path("runs") / stem
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (temp file, fsync, rename)."""
+    atomic_write_bytes(path, json.dumps(obj, indent=1, allow_nan=True).encode("utf-8"))
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GradlensError(f"The {what} {path} cannot be read as JSON ({exc}).") from None
+    if not isinstance(obj, dict) or obj.get("format") != STATE_FORMAT:
+        raise GradlensError(
+            f"The {what} {path} should be a gradlens {what} of format {STATE_FORMAT}; found "
+            f"format {obj.get('format') if isinstance(obj, dict) else obj!r}."
+        )
+    return obj
+
+
+@contextlib.contextmanager
+def directory_lock(out: Path, what: str) -> Iterator[None]:
+    """Hold the writer lock of a sweep / PBT directory; a dead previous driver is taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GradlensWarning)
+        try:
+            lock.acquire()
+        except StoreError as exc:
+            raise StoreError(
+                f"The {what} directory {out} is in use by another live gradlens process: {exc}"
+            ) from None
+    if caught:
+        warnings.warn(
+            f"Resuming the {what} in {out}: the process that ran it before is no longer running.",
+            GradlensWarning,
+            stacklevel=4,
+        )
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def executor_for(spec: ExecutorSpec) -> Executor:
+    return make_executor(spec.kind, workers=spec.workers, address=spec.address)
+
+
+def has_final(run_dir: Path) -> bool:
+    """Whether a run directory holds a readable ``"final"`` eval (the harness's completion mark)."""
+    from gradlens.store import _read_evals
+
+    if not (run_dir / "meta.json").is_file():
+        return False
+    try:
+        evals = _read_evals(run_dir)
+    except (StoreError, OSError):
+        return False
+    return bool((evals["point"] == "final").any())
+
+
+def plain_final(final: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """``{split: {task: {metric: float}}}`` with plain floats (numpy / torch scalars converted)."""
+    return {
+        str(split): {
+            str(task): {str(m): float(v) for m, v in metrics.items()}
+            for task, metrics in per_task.items()
+        }
+        for split, per_task in final.items()
+    }
+
+
+def summary_metric(per_task: Mapping[str, Mapping[str, float]]) -> str:
+    """``"accuracy"`` when the tasks report it, else ``"loss"`` (regression)."""
+    if per_task and all("accuracy" in m for m in per_task.values()):
+        return "accuracy"
+    return "loss"
+
+
+def mean_metric(
+    per_task: Mapping[str, Mapping[str, float]], metric: str, tasks: Sequence[str] | None = None
+) -> float:
+    """Mean of ``metric`` over ``tasks`` (all by default); NaN when none reports it."""
+    names = list(per_task) if tasks is None else list(tasks)
+    vals = [float(per_task[t][metric]) for t in names if t in per_task and metric in per_task[t]]
+    return math.fsum(vals) / len(vals) if vals else math.nan
+
+
+def format_weights(weights: Mapping[str, float]) -> str:
+    return " ".join(f"{t}={w:.3g}" for t, w in weights.items())
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A plain aligned text table (floats to 4 decimals)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.4f}"
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)

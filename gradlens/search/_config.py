@@ -1,0 +1,400 @@
+"""TOML configuration of sweeps and PBT: ``[train]``, ``[sweep]``, ``[pbt]``, ``[executor]``.
+
+Every table is validated here, and every error names the ``table.key``, what was expected and
+what was found. ``[train]`` is handed to :meth:`gradlens.train.TrainConfig.from_dict`, which
+validates its own fields.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from gradlens._errors import GradlensError
+
+__all__ = ["ExecutorSpec", "PBTSpec", "SearchConfig", "SweepSpec", "load_config"]
+
+ExecutorKind = Literal["local", "ray"]
+EXECUTOR_KINDS: tuple[str, ...] = ("local", "ray")
+PBT_INITS: tuple[str, ...] = ("random", "uniform")
+PBT_MODES: tuple[str, ...] = ("max", "min")
+_TABLES = ("train", "sweep", "pbt", "executor")
+
+
+def _bad(key: str, expected: str, found: object) -> GradlensError:
+    return GradlensError(f"`{key}` should be {expected}; found {found!r}.")
+
+
+def _int(key: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(key, f"an integer >= {minimum}", value)
+    return value
+
+
+def _float(key: str, value: object, low: float, high: float, *, open_low: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(key, f"a number in {'(' if open_low else '['}{low}, {high}]", value)
+    v = float(value)
+    if not math.isfinite(v) or v > high or v < low or (open_low and v == low):
+        raise _bad(key, f"a number in {'(' if open_low else '['}{low}, {high}]", value)
+    return v
+
+
+def _check_keys(table: str, d: Mapping[str, Any], known: tuple[str, ...]) -> None:
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise GradlensError(
+            f"`{table}.{unknown[0]}` is not a known key; expected one of {known}, found the "
+            f"unknown key(s) {unknown}."
+        )
+
+
+def _table(name: str, value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _bad(name, "a TOML table", value)
+    return dict(value)
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """The ``[executor]`` table: where trials run and where their results go.
+
+    Attributes:
+        kind: ``"local"`` (a process pool on this machine, no extra dependency) or ``"ray"``.
+        workers: Parallel trials (local: processes, 1 runs in this process; Ray: actors / tasks
+            of one CPU each). ``None``: ``min(cpus, 2)`` locally, the cluster's CPUs on Ray.
+        address: The Ray cluster address (``"auto"``, ``"ray://host:10001"``); ``None`` starts
+            a local Ray instance. Only for ``kind = "ray"``.
+        storage: The output directory (results, checkpoints, index); ``--out`` overrides it. On
+            a Ray cluster it must be a filesystem every node mounts at the same path.
+    """
+
+    kind: ExecutorKind = "local"
+    workers: int | None = None
+    address: str | None = None
+    storage: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ExecutorSpec:
+        """Validate an ``[executor]`` table.
+
+        Example:
+            >>> ExecutorSpec.from_dict({"kind": "local", "workers": 1}).workers
+            1
+        """
+        d = _table("executor", d)
+        _check_keys("executor", d, ("kind", "workers", "address", "storage"))
+        kind = d.get("kind", "local")
+        if kind not in EXECUTOR_KINDS:
+            raise _bad("executor.kind", f"one of {EXECUTOR_KINDS}", kind)
+        workers = d.get("workers")
+        if workers is not None:
+            workers = _int("executor.workers", workers, 1)
+        address = d.get("address")
+        if address is not None and (not isinstance(address, str) or not address):
+            raise _bad("executor.address", "a Ray address string", address)
+        if address is not None and kind != "ray":
+            raise _bad("executor.address", 'unset unless executor.kind = "ray"', address)
+        storage = d.get("storage")
+        if storage is not None and (not isinstance(storage, str) or not storage):
+            raise _bad("executor.storage", "a directory path string", storage)
+        return cls(kind, workers, address, storage)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The ``[sweep]`` table: weights x model sizes x seeds, plus single-task baselines.
+
+    Exactly one of ``p`` (two tasks: the first task's weight, the second gets ``1 - p``),
+    ``grid`` (points per simplex axis, see :func:`~gradlens.search.simplex_grid`) or ``random``
+    (that many Dirichlet(``alpha``) draws with ``random_seed``) sets the weights.
+
+    Attributes:
+        p: Weights of the first of two tasks, each in ``[0, 1]``.
+        grid: Points per simplex axis (>= 2).
+        random: Number of random weight vectors (>= 1).
+        random_seed: Seed of the random draws.
+        alpha: Dirichlet concentration of the random draws.
+        sizes: Model sizes, each ``{"width": float, "depth": int}`` (either may be omitted: the
+            ``[train]`` value is used); ``None``: the ``[train]`` size only.
+        seeds: Training seeds; ``None``: the ``[train]`` seed only.
+        baselines: Add one single-task run per task (weight 1 on it, 0 elsewhere) per size and
+            seed, flagged ``baseline_of`` in the run's config.
+    """
+
+    p: tuple[float, ...] | None = None
+    grid: int | None = None
+    random: int | None = None
+    random_seed: int = 0
+    alpha: float = 1.0
+    sizes: tuple[dict[str, Any], ...] | None = None
+    seeds: tuple[int, ...] | None = None
+    baselines: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SweepSpec:
+        """Validate a ``[sweep]`` table.
+
+        Example:
+            >>> SweepSpec.from_dict({"p": [0.25, 0.75], "seeds": [0, 1]}).seeds
+            (0, 1)
+        """
+        d = _table("sweep", d)
+        known = ("p", "grid", "random", "random_seed", "alpha", "sizes", "seeds", "baselines")
+        _check_keys("sweep", d, known)
+        chosen = [k for k in ("p", "grid", "random") if k in d]
+        if len(chosen) != 1:
+            raise GradlensError(
+                f"`sweep` should set exactly one of `sweep.p`, `sweep.grid` or `sweep.random` to "
+                f"choose the weights; found {chosen or 'none'}."
+            )
+        p = None
+        if "p" in d:
+            raw = d["p"]
+            if not isinstance(raw, list) or not raw:
+                raise _bad("sweep.p", "a non-empty list of numbers in [0, 1]", raw)
+            p = tuple(_float(f"sweep.p[{i}]", v, 0.0, 1.0) for i, v in enumerate(raw))
+            if len(set(p)) != len(p):
+                raise _bad("sweep.p", "distinct values", raw)
+        grid = _int("sweep.grid", d["grid"], 2) if "grid" in d else None
+        random = _int("sweep.random", d["random"], 1) if "random" in d else None
+        random_seed = _int("sweep.random_seed", d.get("random_seed", 0), 0)
+        alpha = _float("sweep.alpha", d.get("alpha", 1.0), 0.0, math.inf, open_low=True)
+        sizes = None
+        if "sizes" in d:
+            raw = d["sizes"]
+            if not isinstance(raw, list) or not raw:
+                raise _bad("sweep.sizes", "a non-empty list of tables {width, depth}", raw)
+            out = []
+            for i, s in enumerate(raw):
+                if not isinstance(s, Mapping) or not s or set(s) - {"width", "depth"}:
+                    raise _bad(f"sweep.sizes[{i}]", "a table with keys width and/or depth", s)
+                size: dict[str, Any] = {}
+                if "width" in s:
+                    size["width"] = _float(
+                        f"sweep.sizes[{i}].width", s["width"], 0.0, math.inf, open_low=True
+                    )
+                if "depth" in s:
+                    size["depth"] = _int(f"sweep.sizes[{i}].depth", s["depth"], 1)
+                out.append(size)
+            sizes = tuple(out)
+        seeds = None
+        if "seeds" in d:
+            raw = d["seeds"]
+            if not isinstance(raw, list) or not raw:
+                raise _bad("sweep.seeds", "a non-empty list of integers >= 0", raw)
+            seeds = tuple(_int(f"sweep.seeds[{i}]", v, 0) for i, v in enumerate(raw))
+            if len(set(seeds)) != len(seeds):
+                raise _bad("sweep.seeds", "distinct seeds", raw)
+        baselines = d.get("baselines", False)
+        if not isinstance(baselines, bool):
+            raise _bad("sweep.baselines", "true or false", baselines)
+        return cls(p, grid, random, random_seed, alpha, sizes, seeds, baselines)
+
+
+@dataclass(frozen=True)
+class PBTSpec:
+    """The ``[pbt]`` table: population-based training of the task weights.
+
+    Attributes:
+        population: Members ``N`` (>= 2).
+        interval_epochs: ``E``: members are ranked, exploited and explored every ``E`` epochs.
+        epochs: Total epochs per member; ``None``: ``[train].epochs``.
+        quantile: Fraction of the population replaced each round: the bottom
+            ``Q = max(1, floor(N * quantile))`` copy members drawn from the top ``Q``
+            (in ``(0, 0.5]``); ``replace`` sets ``Q`` directly instead.
+        replace: ``Q`` itself (``1 <= Q <= N / 2``), overriding ``quantile``.
+        metric: The validation metric to rank by: ``"score"`` (:func:`gradlens.train.score`:
+            mean accuracy, or mean R^2 for regression), any metric name such as ``"accuracy"``
+            or ``"loss"`` (its mean over tasks), or ``"<task>.<metric>"`` (one task's).
+        mode: ``"max"`` or ``"min"``; ``None``: ``"min"`` for a metric named ``loss`` or
+            ``mse``, ``"max"`` otherwise.
+        perturb_factors: Factors of the multiplicative perturbation (each weight is multiplied by
+            one drawn uniformly, then the vector is renormalised).
+        resample_probability: Probability of redrawing the weights from Dirichlet(``alpha``)
+            instead of perturbing them.
+        alpha: Dirichlet concentration of the initial (``init = "random"``) and resampled
+            weights.
+        init: ``"random"`` (Dirichlet draws) or ``"uniform"`` (every member starts at ``1/T``).
+        seed: Seeds PBT's own choices (initial weights, donors, perturbations); member ``k``
+            trains with ``[train].seed + k``.
+    """
+
+    population: int = 8
+    interval_epochs: int = 1
+    epochs: int | None = None
+    quantile: float = 0.25
+    replace: int | None = None
+    metric: str = "score"
+    mode: str | None = None
+    perturb_factors: tuple[float, ...] = (0.8, 1.25)
+    resample_probability: float = 0.05
+    alpha: float = 1.0
+    init: str = "random"
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PBTSpec:
+        """Validate a ``[pbt]`` table.
+
+        Example:
+            >>> spec = PBTSpec.from_dict({"population": 4, "metric": "loss"})
+            >>> spec.n_replace, spec.resolved_mode
+            (1, 'min')
+        """
+        d = _table("pbt", d)
+        known = (
+            "population", "interval_epochs", "epochs", "quantile", "replace", "metric", "mode",
+            "perturb_factors", "resample_probability", "alpha", "init", "seed",
+        )  # fmt: skip
+        _check_keys("pbt", d, known)
+        population = _int("pbt.population", d.get("population", 8), 2)
+        interval = _int("pbt.interval_epochs", d.get("interval_epochs", 1), 1)
+        epochs = d.get("epochs")
+        if epochs is not None:
+            epochs = _int("pbt.epochs", epochs, 1)
+        quantile = _float("pbt.quantile", d.get("quantile", 0.25), 0.0, 0.5, open_low=True)
+        replace = d.get("replace")
+        if replace is not None:
+            replace = _int("pbt.replace", replace, 1)
+            if replace > population // 2:
+                raise _bad("pbt.replace", f"at most population // 2 = {population // 2}", replace)
+        metric = d.get("metric", "score")
+        if not isinstance(metric, str) or metric.count(".") > 1 or not all(metric.split(".")):
+            raise _bad("pbt.metric", 'a metric name ("score", "accuracy") or "<task>.<metric>"',
+                       metric)  # fmt: skip
+        mode = d.get("mode")
+        if mode is not None and mode not in PBT_MODES:
+            raise _bad("pbt.mode", f"one of {PBT_MODES}", mode)
+        raw = d.get("perturb_factors", [0.8, 1.25])
+        if not isinstance(raw, list) or not raw:
+            raise _bad("pbt.perturb_factors", "a non-empty list of positive numbers", raw)
+        factors = tuple(
+            _float(f"pbt.perturb_factors[{i}]", v, 0.0, math.inf, open_low=True)
+            for i, v in enumerate(raw)
+        )
+        resample = _float("pbt.resample_probability", d.get("resample_probability", 0.05), 0, 1)
+        alpha = _float("pbt.alpha", d.get("alpha", 1.0), 0.0, math.inf, open_low=True)
+        init = d.get("init", "random")
+        if init not in PBT_INITS:
+            raise _bad("pbt.init", f"one of {PBT_INITS}", init)
+        seed = _int("pbt.seed", d.get("seed", 0), 0)
+        return cls(
+            population, interval, epochs, quantile, replace, metric, mode, factors, resample,
+            alpha, init, seed,
+        )  # fmt: skip
+
+    @property
+    def n_replace(self) -> int:
+        """``Q``: members replaced (and donors drawn from) each round."""
+        if self.replace is not None:
+            return self.replace
+        return max(1, math.floor(self.population * self.quantile))
+
+    @property
+    def resolved_mode(self) -> str:
+        """``mode``, or the default for :attr:`metric` (``"min"`` for a loss or mse)."""
+        if self.mode is not None:
+            return self.mode
+        return "min" if self.metric.split(".")[-1] in ("loss", "mse") else "max"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """A parsed configuration file.
+
+    Attributes:
+        train: The ``[train]`` table, as given (the base of every run).
+        sweep: The ``[sweep]`` table, if any.
+        pbt: The ``[pbt]`` table, if any.
+        executor: The ``[executor]`` table (defaults when absent).
+        source: The file it was read from, if any.
+    """
+
+    train: dict[str, Any]
+    sweep: SweepSpec | None = None
+    pbt: PBTSpec | None = None
+    executor: ExecutorSpec = ExecutorSpec()
+    source: Path | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: Path | None = None) -> SearchConfig:
+        """Validate a whole configuration (the parsed TOML document).
+
+        Example:
+            >>> cfg = SearchConfig.from_dict({"train": {"epochs": 2}, "sweep": {"p": [0.5]}})
+            >>> cfg.sweep.p, cfg.executor.kind
+            ((0.5,), 'local')
+        """
+        if not isinstance(d, Mapping):
+            raise _bad("config", "a mapping of TOML tables", d)
+        unknown = sorted(set(d) - set(_TABLES))
+        if unknown:
+            raise GradlensError(
+                f"`{unknown[0]}` is not a known table; expected the tables {_TABLES}, found "
+                f"{unknown}."
+            )
+        train = _table("train", d.get("train"))
+        return cls(
+            train=train,
+            sweep=SweepSpec.from_dict(d["sweep"]) if "sweep" in d else None,
+            pbt=PBTSpec.from_dict(d["pbt"]) if "pbt" in d else None,
+            executor=ExecutorSpec.from_dict(d.get("executor", {})),
+            source=source,
+        )
+
+    def with_executor(self, **changes: Any) -> SearchConfig:
+        """A copy with some ``[executor]`` keys replaced (the CLI's ``--workers`` etc.).
+
+        Example:
+            >>> SearchConfig({}).with_executor(workers=3).executor.workers
+            3
+        """
+        base = {
+            "kind": self.executor.kind,
+            "workers": self.executor.workers,
+            "address": self.executor.address,
+            "storage": self.executor.storage,
+        }
+        base.update({k: v for k, v in changes.items() if v is not None})
+        spec = ExecutorSpec.from_dict({k: v for k, v in base.items() if v is not None})
+        return SearchConfig(self.train, self.sweep, self.pbt, spec, self.source)
+
+
+def load_config(path: str | os.PathLike[str]) -> SearchConfig:
+    """Read and validate a TOML configuration file.
+
+    Raises:
+        GradlensError: If the file is missing, is not valid TOML, or a table is invalid.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "s.toml"
+        >>> _ = f.write_text('[train]\\nepochs = 1\\n[sweep]\\ngrid = 3\\n')
+        >>> load_config(f).sweep.grid
+        3
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        from gradlens._errors import require
+
+        tomllib = require("tomli", "dev", "Reading TOML configs on Python 3.10")  # type: ignore[assignment]
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise GradlensError(f"`config` should be a TOML file; found no file {p}.") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise GradlensError(f"`config` should be a UTF-8 TOML file; {p}: {exc}.") from None
+    try:
+        doc = tomllib.loads(text)  # type: ignore[attr-defined]
+    except Exception as exc:  # tomllib.TOMLDecodeError (tomli's on 3.10)
+        raise GradlensError(f"`config` should be valid TOML; {p}: {exc}.") from None
+    return SearchConfig.from_dict(doc, source=p)

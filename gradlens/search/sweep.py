@@ -1,0 +1,387 @@
+"""Weight sweeps: a grid or random sample of the simplex x model sizes x seeds (+ baselines).
+
+Layout of a sweep directory::
+
+    index.json        every planned run: id, weights, width, depth, seed, baseline_of, status
+                      ("planned", "running", "done", "failed"), attempts, error, seconds, final
+    <run id>/         one gradlens run directory per run (written by gradlens.train)
+    .lock             the live driver's pid
+
+The driver is the only writer of ``index.json`` and rewrites it atomically after every status
+change. A rerun of the same configuration skips every run whose status is ``"done"`` and whose
+directory holds the ``"final"`` eval, and redoes every other run from scratch (its directory is
+removed first), so a sweep killed at any instant resumes to exactly one complete run per planned
+run.
+
+Example:
+    >>> from gradlens.search import SearchConfig, plan_sweep
+    >>> cfg = SearchConfig.from_dict({"train": {"seed": 0},
+    ...                               "sweep": {"p": [0.25, 0.75], "baselines": True}})
+    >>> [r.id for r in plan_sweep(cfg, ("left", "right"))]
+    ['w0.25-0.75_seed0', 'w0.75-0.25_seed0', 'single-left_seed0', 'single-right_seed0']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradlens._errors import GradlensError
+from gradlens.search._common import (
+    STATE_FORMAT,
+    check_train,
+    directory_lock,
+    executor_for,
+    format_table,
+    format_weights,
+    has_final,
+    json_roundtrip,
+    mean_metric,
+    out_dir_for,
+    plain_final,
+    read_json,
+    resolve_tasks,
+    summary_metric,
+    write_json,
+)
+from gradlens.search._config import SearchConfig, SweepSpec
+from gradlens.search.executors import Executor
+from gradlens.search.simplex import dirichlet_weights, simplex_grid
+
+__all__ = ["INDEX_NAME", "PlannedRun", "format_sweep", "plan_sweep", "run_sweep"]
+
+#: The sweep's index file, inside the sweep directory.
+INDEX_NAME = "index.json"
+_STATUSES = ("planned", "running", "done", "failed")
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training of a sweep.
+
+    Attributes:
+        id: The run's directory name inside the sweep directory (unique, readable).
+        weights: Task -> weight (on the simplex).
+        width: Model width; ``None``: the ``[train]`` value.
+        depth: Model depth; ``None``: the ``[train]`` value.
+        seed: The training seed.
+        baseline_of: The task of a single-task baseline (weight 1 on it, 0 elsewhere), else None.
+    """
+
+    id: str
+    weights: dict[str, float]
+    width: float | None
+    depth: int | None
+    seed: int
+    baseline_of: str | None = None
+
+    def train_dict(self, base: Mapping[str, Any], sweep: str) -> dict[str, Any]:
+        """The ``[train]`` table of this run: ``base`` with its weights, size, seed and tags.
+
+        Example:
+            >>> r = PlannedRun("a", {"x": 0.5, "y": 0.5}, 2.0, None, 3)
+            >>> d = r.train_dict({"epochs": 1}, "s")
+            >>> d["weights"], d["width"], d["seed"], d["config"]["sweep"]
+            ({'x': 0.5, 'y': 0.5}, 2.0, 3, 's')
+        """
+        d = dict(base)
+        d["weights"] = dict(self.weights)
+        d["seed"] = self.seed
+        if self.width is not None:
+            d["width"] = self.width
+        if self.depth is not None:
+            d["depth"] = self.depth
+        d["config"] = {
+            **dict(base.get("config") or {}),
+            "sweep": sweep,
+            "run_id": self.id,
+            "baseline_of": self.baseline_of,
+        }
+        return d
+
+
+def _weight_vectors(spec: SweepSpec, tasks: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+    T = len(tasks)
+    if spec.p is not None:
+        if T != 2:
+            raise GradlensError(
+                f"`sweep.p` is for two tasks (weights p and 1 - p); found {T} tasks {list(tasks)}."
+                f" Use `sweep.grid` or `sweep.random` instead."
+            )
+        rows = [np.array([p, 1.0 - p]) for p in spec.p]
+    elif spec.grid is not None:
+        rows = list(simplex_grid(T, spec.grid))
+    else:  # SweepSpec.from_dict guarantees exactly one of p, grid, random
+        draws = dirichlet_weights(T, int(spec.random or 0), spec.random_seed, alpha=spec.alpha)
+        return [(f"r{k:03d}", w) for k, w in enumerate(draws)]
+    return [("w" + "-".join(f"{v:.4g}" for v in w), w) for w in rows]
+
+
+def plan_sweep(config: SearchConfig, tasks: Sequence[str]) -> list[PlannedRun]:
+    """Every run of the sweep ``config.sweep``, in order (weights, then sizes, then seeds).
+
+    Args:
+        config: A configuration with a ``[sweep]`` table.
+        tasks: The tasks the weights are over, in order (``p`` is the first one's weight).
+
+    Raises:
+        GradlensError: If there is no ``[sweep]`` table or ``sweep.p`` is used with T != 2.
+
+    Example:
+        >>> cfg = SearchConfig.from_dict({"train": {}, "sweep": {
+        ...     "grid": 3, "sizes": [{"width": 0.5}, {"width": 1.0}], "seeds": [0, 1]}})
+        >>> runs = plan_sweep(cfg, ("a", "b"))
+        >>> len(runs), runs[0].id, runs[0].weights
+        (12, 'w0-1_width0.5_seed0', {'a': 0.0, 'b': 1.0})
+    """
+    spec = config.sweep
+    if spec is None:
+        raise GradlensError("`config` should hold a [sweep] table; found none.")
+    tasks = tuple(tasks)
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise GradlensError(f"`tasks` should be distinct task names; found {list(tasks)}.")
+    train = config.train
+    sizes = list(spec.sizes) if spec.sizes is not None else [{}]
+    seeds = list(spec.seeds) if spec.seeds is not None else [int(train.get("seed", 0))]
+    points: list[tuple[str, np.ndarray, str | None]] = [
+        (name, w, None) for name, w in _weight_vectors(spec, tasks)
+    ]
+    if spec.baselines:
+        for k, t in enumerate(tasks):
+            points.append((f"single-{t}", np.eye(len(tasks))[k], t))
+    runs = []
+    for name, w, baseline in points:
+        for size in sizes:
+            for seed in seeds:
+                parts = [name]
+                if "width" in size:
+                    parts.append(f"width{size['width']:g}")
+                if "depth" in size:
+                    parts.append(f"depth{size['depth']}")
+                parts.append(f"seed{seed}")
+                runs.append(
+                    PlannedRun(
+                        id="_".join(parts),
+                        weights={t: float(v) for t, v in zip(tasks, w)},
+                        width=size.get("width"),
+                        depth=size.get("depth"),
+                        seed=seed,
+                        baseline_of=baseline,
+                    )
+                )
+    ids = [r.id for r in runs]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise GradlensError(
+            f"`sweep` should plan distinct runs; found duplicates {dup[:3]} (repeated sizes or "
+            f"weights that coincide at 4 significant digits)."
+        )
+    return runs
+
+
+def _train_trial(train: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """One sweep run, in a worker: train to the end and return what the index records."""
+    from gradlens.train import TrainConfig
+    from gradlens.train import train as train_fn
+
+    t0 = time.perf_counter()
+    result = train_fn(TrainConfig.from_dict(train), run_dir, progress=False)
+    return {
+        "final": plain_final(result.metrics),
+        "epochs_run": int(result.epochs_run),
+        "stopped_early": bool(result.stopped_early),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _plan_identity(spec: SweepSpec, train: Mapping[str, Any], tasks: Sequence[str]) -> Any:
+    return {
+        "train": dict(train),
+        "sweep": dataclasses.asdict(spec),
+        "tasks": list(tasks),
+    }
+
+
+def _load_index(path: Path, identity: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    index = read_json(path, "sweep index")
+    old = index.get("plan", {})
+    new = json_roundtrip(identity)
+    if old != new:
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise GradlensError(
+            f"`out` {path.parent} holds a different sweep: its [{', '.join(changed)}] differ from "
+            f"this configuration's. Resume with the same configuration, or choose a new --out."
+        )
+    return {r["id"]: r for r in index.get("runs", [])}
+
+
+def run_sweep(
+    config: SearchConfig,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    executor: Executor | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run (or resume) a sweep; one run directory per planned run under ``out``.
+
+    Args:
+        config: A configuration with ``[train]`` and ``[sweep]`` tables.
+        out: The sweep directory; ``None``: ``[executor].storage``, else
+            ``runs/<config file stem>``.
+        executor: Where to run; ``None``: the one ``[executor]`` describes (closed at the end).
+        progress: Show a progress bar over runs (on stderr).
+
+    Returns:
+        One row per planned run, in plan order: ``id``, ``weights`` (text), ``width``, ``depth``,
+        ``seed``, ``baseline_of``, ``status``, ``metric`` (``accuracy``, or ``loss`` for
+        regression), ``val`` and ``test`` (its final mean over the tasks; a baseline's own task
+        only), ``seconds``, ``error``.
+
+    A run that raises is recorded as ``"failed"`` with its error, the others go on; a rerun
+    retries it. Killing the process at any point loses at most the runs in flight.
+
+    Example:
+        >>> import tempfile
+        >>> cfg = SearchConfig.from_dict({
+        ...     "train": {"dataset": "synthetic", "model": "mlp", "width": 0.05, "depth": 1,
+        ...               "epochs": 1, "batch_size": 250, "every": 1000, "device": "cpu"},
+        ...     "sweep": {"p": [0.2, 0.8]}, "executor": {"workers": 1}})
+        >>> df = run_sweep(cfg, tempfile.mkdtemp(), progress=False)
+        >>> df[["id", "status"]].values.tolist()
+        [['w0.2-0.8_seed0', 'done'], ['w0.8-0.2_seed0', 'done']]
+    """
+    from tqdm.auto import tqdm
+
+    if config.sweep is None:
+        raise GradlensError("`config` should hold a [sweep] table; found none.")
+    check_train(config.train)
+    out_dir = out_dir_for(config, out)
+    tasks = resolve_tasks(config.train)
+    plan = plan_sweep(config, tasks)
+    identity = _plan_identity(config.sweep, config.train, tasks)
+    with directory_lock(out_dir, "sweep"):
+        index_path = out_dir / INDEX_NAME
+        old = _load_index(index_path, identity) if index_path.exists() else {}
+        records: dict[str, dict[str, Any]] = {}
+        todo: list[PlannedRun] = []
+        for run in plan:
+            rec = old.get(run.id)
+            run_dir = out_dir / run.id
+            if rec is not None and rec.get("status") == "done" and has_final(run_dir):
+                records[run.id] = rec
+                continue
+            attempts = int(rec.get("attempts", 0)) if rec else 0
+            records[run.id] = {
+                **json_roundtrip(dataclasses.asdict(run)),
+                "status": "planned",
+                "attempts": attempts,
+                "error": None,
+                "seconds": None,
+                "final": None,
+            }
+            todo.append(run)
+
+        def save() -> None:
+            write_json(
+                index_path,
+                {"format": STATE_FORMAT, "kind": "sweep", "plan": json_roundtrip(identity),
+                 "runs": [records[r.id] for r in plan]},
+            )  # fmt: skip
+
+        save()
+        for run in todo:  # redo from scratch: a broken run leaves a partial directory
+            if (out_dir / run.id).exists():
+                shutil.rmtree(out_dir / run.id)
+
+        def on_submit(i: int) -> None:
+            rec = records[todo[i].id]
+            rec["status"] = "running"
+            rec["attempts"] += 1
+            save()
+
+        own = executor is None
+        ex = executor_for(config.executor) if executor is None else executor
+        bar = tqdm(
+            total=len(plan), initial=len(plan) - len(todo), desc=f"sweep {out_dir.name}",
+            unit="run", disable=not progress, dynamic_ncols=True,
+        )  # fmt: skip
+        try:
+            items = [(run.train_dict(config.train, out_dir.name), str(out_dir / run.id))
+                     for run in todo]  # fmt: skip
+            for i, fut in ex.map_unordered(_train_trial, items, on_submit=on_submit):
+                rec = records[todo[i].id]
+                exc = fut.exception()
+                if exc is None:
+                    rec.update(fut.result(), status="done", error=None)
+                else:
+                    rec.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                save()
+                bar.set_postfix_str(f"{todo[i].id}: {rec['status']}", refresh=False)
+                bar.update()
+        finally:
+            bar.close()
+            if own:
+                ex.close()
+    return _summary(plan, records)
+
+
+def _summary(plan: Sequence[PlannedRun], records: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for run in plan:
+        rec = records[run.id]
+        final = rec.get("final") or {}
+        only = [run.baseline_of] if run.baseline_of else None
+        metric = summary_metric(final.get("val", {})) if final else "accuracy"
+        rows.append(
+            {
+                "id": run.id,
+                "weights": format_weights(run.weights),
+                "width": run.width,
+                "depth": run.depth,
+                "seed": run.seed,
+                "baseline_of": run.baseline_of,
+                "status": rec["status"],
+                "metric": metric,
+                "val": mean_metric(final.get("val", {}), metric, only),
+                "test": mean_metric(final.get("test", {}), metric, only),
+                "seconds": rec.get("seconds"),
+                "error": rec.get("error"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def format_sweep(summary: pd.DataFrame) -> str:
+    """The end-of-sweep table: per run its weights, size, seed, status and final val/test mean.
+
+    Example:
+        >>> df = pd.DataFrame([{"id": "a", "weights": "x=0.5 y=0.5", "width": None, "depth": None,
+        ...     "seed": 0, "baseline_of": None, "status": "done", "metric": "accuracy",
+        ...     "val": 0.5, "test": 0.25, "seconds": 1.0, "error": None}])
+        >>> print(format_sweep(df))
+        id  weights      width  depth  seed  status  val (accuracy)  test (accuracy)
+        --  -----------  -----  -----  ----  ------  --------------  ---------------
+        a   x=0.5 y=0.5                0     done    0.5000          0.2500
+    """
+    metric = summary["metric"].iloc[0] if len(summary) else "accuracy"
+    rows = []
+    for r in summary.to_dict("records"):
+        row = dict(r)
+        row[f"val ({metric})"] = r["val"]
+        row[f"test ({metric})"] = r["test"]
+        for k in ("width", "depth"):
+            v = r[k]
+            row[k] = None if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:g}"
+        rows.append(row)
+    cols = ["id", "weights", "width", "depth", "seed", "status", f"val ({metric})",
+            f"test ({metric})"]  # fmt: skip
+    return format_table(rows, cols)
