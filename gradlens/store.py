@@ -714,7 +714,11 @@ class Run:
         return out
 
     def _step_index(self) -> np.ndarray:
-        return np.searchsorted(self.probed_steps, self.steps["step"].to_numpy())
+        """Row -> index into :attr:`probed_steps` (``steps`` is sorted by step)."""
+        steps = self.steps["step"].to_numpy()
+        out = np.zeros(len(steps), dtype=np.int64)
+        np.cumsum(steps[1:] != steps[:-1], out=out[1:])
+        return out
 
     def _layer_mask(self, layer: str) -> np.ndarray:
         if layer not in self.layers:
