@@ -22,6 +22,7 @@ import datetime as _dt
 import json
 import os
 import socket
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -115,10 +116,10 @@ class RunLock:
         """Take the lock, taking over a stale one with a warning; raise StoreError if it is live."""
         if self._fd is not None:
             return
-        for _ in range(_MAX_TRIES):
+        for attempt in range(_MAX_TRIES):
             fd = self._try_create()
             if fd is None:
-                fd = self._try_take_over()
+                fd = self._try_take_over(last=attempt == _MAX_TRIES - 1)
             if fd is not None:
                 self._fd = fd
                 return
@@ -150,6 +151,9 @@ class RunLock:
         except FileExistsError:
             os.close(fd)
             return None
+        except OSError:  # a file system without hard links: plain O_EXCL creation
+            os.close(fd)
+            return self._create_excl()
         except BaseException:
             os.close(fd)
             raise
@@ -158,7 +162,21 @@ class RunLock:
                 os.unlink(tmp)
         return fd
 
-    def _try_take_over(self) -> int | None:
+    def _create_excl(self) -> int | None:
+        """Create the lock in place with O_EXCL (the record is briefly empty; readers wait)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return None
+        try:
+            _try_flock(fd)
+            _write_record(fd, _owner_record())
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _try_take_over(self, last: bool) -> int | None:
         """Inspect an existing lock: refuse a live one, take over a stale one, None to retry."""
         try:
             fd = os.open(self.path, os.O_RDWR)
@@ -176,6 +194,10 @@ class RunLock:
                 return None  # the file we opened was released and replaced: retry
             if not locked:
                 self._refuse(rec, "it holds the lock")
+            if rec is None and not last:  # maybe being created in place: look again shortly
+                os.close(fd)
+                time.sleep(0.02)
+                return None
             if rec is None:
                 raise StoreError(
                     f"The writer lock {self.path} is unreadable (not the JSON record gradlens "

@@ -21,6 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gradlens._store_lock
 import gradlens.store
 from gradlens import TOTAL_LAYER, GradlensError, GradlensWarning, Snapshot, StoreError
 from gradlens.metrics import metrics_frame
@@ -559,6 +560,19 @@ def test_second_writer_in_the_same_process_is_refused(tmp_path):
     w.close()
     assert not (tmp_path / "r" / ".lock").exists()
     RunWriter(tmp_path / "r", overwrite=True).close()
+
+
+def test_lock_without_hard_links(tmp_path, monkeypatch):
+    def no_link(src: object, dst: object) -> None:
+        raise PermissionError("hard links not supported")
+
+    monkeypatch.setattr(gradlens._store_lock.os, "link", no_link)
+    w = RunWriter(tmp_path / "r")
+    assert json.loads((tmp_path / "r" / ".lock").read_text())["pid"] == os.getpid()
+    with pytest.raises(StoreError, match=r"being written by pid"):
+        RunWriter(tmp_path / "r", overwrite=True)
+    w.close()
+    assert not list((tmp_path / "r").glob(".lock*"))
 
 
 def _dead_pid() -> int:
