@@ -148,8 +148,11 @@ class Engine(ABC):
 
 
 def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
-    """Add ``g`` to ``p.grad`` as autograd's accumulation does (set when None)."""
-    g = g.detach().reshape(p.shape)
+    """Add ``g`` to ``p.grad`` as autograd's accumulation does (set when None).
+
+    ``g`` is cast to the parameter's dtype (rules may compute in a wider one under autocast).
+    """
+    g = g.detach().reshape(p.shape).to(p.dtype)
     if p.grad is None:
         p.grad = g.clone(memory_format=torch.preserve_format) if g._base is not None else g
     else:
@@ -193,17 +196,26 @@ def _quiet_vmap() -> Iterator[None]:
 def gram_of_rows(
     rows: Sequence[torch.Tensor], other: Sequence[torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """``sum_k R_k O_k^T`` over blocks of shape (T, ...) flattened per task, in float64 output."""
+    """``sum_k R_k O_k^T`` over blocks of shape (T, ...) flattened per task, in float64 output.
+
+    Half-precision blocks (autocast) are multiplied in float32 at least.
+    """
     other = rows if other is None else other
     total: torch.Tensor | None = None
     for r, o in zip(rows, other):
         r2 = r.reshape(r.shape[0], -1)
         o2 = o.reshape(o.shape[0], -1)
+        r2, o2 = r2.to(compute_dtype(r2.dtype)), o2.to(compute_dtype(o2.dtype))
         g = (r2 @ o2.T).to(torch.float64)
         total = g if total is None else total + g
     if total is None:
         raise GradlensError("internal: gram_of_rows needs at least one block")
     return total
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype Grams are multiplied in: ``dtype`` promoted to float32 at least."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def group_by_layer(

@@ -30,6 +30,7 @@ from gradlens.engines._base import (
     SharedParams,
     accumulate_grad,
     batched_grad,
+    compute_dtype,
     gram_of_rows,
     group_by_layer,
 )
@@ -147,10 +148,10 @@ class GramianEngine(Engine):
                 k += 1
                 if d is None:  # output recorded but not reached by any task: zero
                     d = r.input.new_zeros((T, *r.out_shape))
-                outs.append(d)
+                outs.append(d.to(compute_dtype(d.dtype)))  # bf16/fp16 (autocast) -> float32
             grams[layer] = rule.fn(
                 mod,
-                [r.input for r in recs],
+                [r.input.to(compute_dtype(r.input.dtype)) for r in recs],
                 outs,
                 ctx.weights,
                 by_layer[layer],
