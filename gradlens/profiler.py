@@ -26,9 +26,11 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +46,8 @@ from gradlens.schedules import Schedule, as_schedule
 __all__ = ["Profiler", "Sink"]
 
 _FREED = "Trying to backward through the graph a second time"
+#: Engines that backpropagate T cotangents at once with vmap (unsupported by torch.compile).
+_VMAP_ENGINES = ("gramian", "batched")
 
 
 class Sink(Protocol):
@@ -85,8 +89,8 @@ class Profiler:
         meta: Mapping[str, Any] | None = None,
     ) -> None:
         self.tasks: tuple[str, ...] = _check_tasks(tasks)
-        self._shared = resolve_shared(shared)
-        self._engine: Engine = engine_class(engine)(self._shared, len(self.tasks))
+        self._shared = resolve_shared(_uncompiled(shared, engine))
+        self._engine: Engine = self._make_engine(engine)
         self._schedule = as_schedule(every)
         if not isinstance(memory_budget, int) or memory_budget <= 0:
             raise GradlensError(
@@ -126,6 +130,7 @@ class Profiler:
         *,
         features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         retain_graph: bool = False,
+        grad_scale: float | torch.Tensor | None = None,
     ) -> Snapshot | None:
         """Replace ``loss.backward()``: write the weighted gradient; measure on probed steps.
 
@@ -135,38 +140,48 @@ class Profiler:
                 plain sum ``sum_t L_t``.
             features: the shared representation ``z`` (required by the ``features`` engine).
             retain_graph: as in ``Tensor.backward``.
+            grad_scale: the loss scale of a ``torch.amp.GradScaler`` (``scaler.get_scale()``),
+                with ``losses`` unscaled: ``.grad`` then equals that of
+                ``scaler.scale(sum_t w_t L_t).backward()`` and the Grams are unscaled (divided
+                by ``grad_scale**2``). A probed step whose scaled gradients overflow (the
+                scaler skips it too) returns None and stores nothing.
 
         Returns:
             A :class:`Snapshot` on probed steps, else None.
         """
-        if self._closed:
-            raise GradlensError("`backward` was called on a closed Profiler; create a new one.")
-        L = _stack_losses(losses, self.tasks)
-        w = _weights_tensor(weights, self.tasks, L)
-        step = self.step
-        probe = bool(self._schedule(step))
-        feats = self._check_features(features)
-        snap = None
-        try:
-            if not probe:
-                torch.autograd.backward(w @ L, retain_graph=retain_graph)
-            else:
-                snap = self._probe(step, L, w, feats, retain_graph)
-        except RuntimeError as exc:
-            if _FREED in str(exc):
-                raise GradlensError(
-                    "`losses` should come from a graph that has not been backpropagated yet; "
-                    "found a graph already freed by an earlier backward. Compute the losses "
-                    "anew at each step (or keep the graph with retain_graph=True)."
-                ) from exc
-            raise
-        finally:
-            self.step = step + 1
-            self._engine.set_recording(bool(self._schedule(self.step)))
-        if snap is not None:
-            for sink in self._sinks:
-                sink.add_snapshot(snap)
-        return snap
+        return self._run(losses, weights, features, retain_graph, grad_scale, write=True)
+
+    def observe(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        weights: Mapping[str, float | torch.Tensor] | None = None,
+        *,
+        features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        grad_scale: float | torch.Tensor | None = None,
+    ) -> Snapshot | None:
+        """Measure without touching ``.grad``, for loops that own their backward call.
+
+        The graph is kept, so the caller's own ``loss.backward()`` still works afterwards and
+        gives exactly the gradients it would have given without gradlens. The cost on a probed
+        step is the engine's measurement (its weighted sum is computed and discarded: one
+        transient ``.grad``-sized buffer per shared parameter) plus keeping the graph alive until
+        the caller's backward; unprobed steps cost nothing. Arguments as in :meth:`backward`.
+
+        Example:
+            >>> import torch, gradlens as gl
+            >>> trunk, head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+            >>> prof = gl.Profiler(trunk, tasks=["a", "b"], engine="gramian")
+            >>> out = head(trunk(torch.randn(5, 3)))
+            >>> losses = {"a": out[:, 0].mean(), "b": out[:, 1].mean()}
+            >>> snap = prof.observe(losses)
+            >>> trunk.weight.grad is None
+            True
+            >>> sum(losses.values()).backward()  # the framework's own backward
+            >>> tuple(snap.gram.shape), trunk.weight.grad is not None
+            ((2, 2), True)
+            >>> prof.close()
+        """
+        return self._run(losses, weights, features, True, grad_scale, write=False)
 
     def close(self) -> None:
         """Remove every hook from the model and flush and close the store and sinks."""
@@ -187,6 +202,56 @@ class Profiler:
         )
 
     # -- internals -----------------------------------------------------------------------------
+    def _make_engine(self, engine: str) -> Engine:
+        """The engine instance (subclasses may substitute one, e.g. a communicating engine)."""
+        return engine_class(engine)(self._shared, len(self.tasks))
+
+    def _after(self, snap: Snapshot | None, wrote: bool) -> Snapshot | None:
+        """Hook run after the gradients are written and before sinks see the snapshot."""
+        return snap
+
+    def _run(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        weights: Mapping[str, float | torch.Tensor] | None,
+        features: torch.Tensor | Sequence[torch.Tensor] | None,
+        retain_graph: bool,
+        grad_scale: float | torch.Tensor | None,
+        write: bool,
+    ) -> Snapshot | None:
+        what = "backward" if write else "observe"
+        if self._closed:
+            raise GradlensError(f"`{what}` was called on a closed Profiler; create a new one.")
+        L = _stack_losses(losses, self.tasks)
+        w = _weights_tensor(weights, self.tasks, L)
+        scale = _check_scale(grad_scale, L)
+        step = self.step
+        probe = bool(self._schedule(step))
+        feats = self._check_features(features)
+        snap = None
+        try:
+            if probe:
+                snap = self._probe(step, L, w, feats, retain_graph, scale, write)
+            elif write:
+                Ls = L if scale is None else L * scale
+                torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
+        except RuntimeError as exc:
+            if _FREED in str(exc):
+                raise GradlensError(
+                    "`losses` should come from a graph that has not been backpropagated yet; "
+                    "found a graph already freed by an earlier backward. Compute the losses "
+                    "anew at each step (or keep the graph with retain_graph=True)."
+                ) from exc
+            raise
+        finally:
+            self.step = step + 1
+            self._engine.set_recording(bool(self._schedule(self.step)))
+        snap = self._after(snap, write)
+        if snap is not None:
+            for sink in self._sinks:
+                sink.add_snapshot(snap)
+        return snap
+
     def _check_features(
         self, features: torch.Tensor | Sequence[torch.Tensor] | None
     ) -> list[torch.Tensor] | None:
@@ -220,12 +285,14 @@ class Profiler:
         w: torch.Tensor,
         feats: list[torch.Tensor] | None,
         retain_graph: bool,
-    ) -> Snapshot:
+        scale: torch.Tensor | None,
+        write: bool,
+    ) -> Snapshot | None:
         leaves, uses, nodes = _traverse(L)
-        shared_ids = {id(p) for p in self._shared.params}
         reached = [p for p in self._shared.params if id(p) in leaves]
+        Ls = L if scale is None else L * scale
         ctx = BackwardContext(
-            losses=L,
+            losses=Ls,
             weights=w,
             reached=reached,
             uses=uses,
@@ -233,11 +300,16 @@ class Profiler:
             features=feats,
             memory_budget=self._budget,
         )
-        result = self._engine.compute(ctx)
+        # engines compute in the dtypes of the recorded tensors, never under an autocast region
+        with torch.autocast(L.device.type, enabled=False):
+            if write:
+                result = self._engine.compute(ctx)
+            else:
+                with _grads_kept(reached):
+                    result = self._engine.compute(ctx)
         rest = [v for i, v in leaves.items() if i not in result.written]
-        if rest:
-            torch.autograd.backward(w @ L, inputs=rest, retain_graph=retain_graph)
-        del shared_ids
+        if rest and write:
+            torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
         T = len(self.tasks)
         layer_names = list(result.layer_grams)
         if layer_names:
@@ -247,6 +319,12 @@ class Profiler:
         else:
             layer_grams = {}
             gram = torch.zeros(T, T, dtype=torch.float64)
+        if scale is not None:
+            inv2 = 1.0 / float(scale) ** 2  # GradScaler scales are powers of two: exact
+            if not bool(torch.isfinite(gram).all()):
+                return None  # overflowed scaled gradients: the scaler skips this step too
+            gram = gram * inv2
+            layer_grams = {n: g * inv2 for n, g in layer_grams.items()}
         snap = Snapshot(
             step=step,
             tasks=self.tasks,
@@ -285,6 +363,65 @@ class Profiler:
         }
         out.update(meta or {})
         return out
+
+
+@contextmanager
+def _grads_kept(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Let an engine write ``.grad`` of ``params`` into fresh tensors, then put the old back."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+def _check_scale(grad_scale: float | torch.Tensor | None, L: torch.Tensor) -> torch.Tensor | None:
+    if grad_scale is None:
+        return None
+    if isinstance(grad_scale, torch.Tensor):
+        if grad_scale.numel() != 1:
+            raise GradlensError(
+                "`grad_scale` should be a positive finite number or a one-element tensor "
+                f"(scaler.get_scale()); found a tensor of shape {tuple(grad_scale.shape)}."
+            )
+        s = grad_scale.detach().reshape(()).to(L.device, L.dtype)
+    elif isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool):
+        s = torch.tensor(float(grad_scale), dtype=L.dtype, device=L.device)
+    else:
+        raise GradlensError(
+            "`grad_scale` should be a positive finite number or a one-element tensor "
+            f"(scaler.get_scale()); found {type(grad_scale).__name__}."
+        )
+    f = float(s)
+    if not math.isfinite(f) or f <= 0:
+        raise GradlensError(f"`grad_scale` should be positive and finite; found {f}.")
+    return s
+
+
+def _uncompiled(shared: nn.Module | Iterable[Any], engine: str) -> nn.Module | Iterable[Any]:
+    """Unwrap a ``torch.compile``'d module; refuse engines that vmap through compiled graphs."""
+    dynamo = sys.modules.get("torch._dynamo")  # nothing is compiled before dynamo is imported
+    if not isinstance(shared, nn.Module) or dynamo is None:
+        return shared
+    optimized = dynamo.eval_frame.OptimizedModule
+    compiled = [
+        name or "(root)"
+        for name, m in shared.named_modules()
+        if isinstance(m, optimized) or getattr(m, "_compiled_call_impl", None) is not None
+    ]
+    if compiled and engine in _VMAP_ENGINES:
+        raise GradlensError(
+            f"`engine={engine!r}` cannot profile a torch.compile'd `shared` module (compiled: "
+            f"{compiled}): it needs a batched (vmap) backward through the compiled graph, which "
+            "torch.compile does not support. Use engine='loop' (exact, one backward per task), "
+            "or engine='features' with only the trunk compiled, or compile only the task heads."
+        )
+    while isinstance(shared, optimized):
+        shared = shared._orig_mod  # parameter and layer names without the `_orig_mod.` prefix
+    return shared
 
 
 def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
