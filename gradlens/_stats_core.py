@@ -67,14 +67,14 @@ def weighted_pearson(X: np.ndarray, Y: np.ndarray, C: np.ndarray) -> np.ndarray:
     NaN where either variable is constant within the resample.
     """
     N = C.sum(axis=1, keepdims=True)
-    mx = (C * X).sum(axis=1, keepdims=True) / N
-    my = (C * Y).sum(axis=1, keepdims=True) / N
-    dx = X - mx
-    dy = Y - my
-    sxy = (C * dx * dy).sum(axis=1)
-    sxx = (C * dx * dx).sum(axis=1)
-    syy = (C * dy * dy).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
+        mx = (C * X).sum(axis=1, keepdims=True) / N
+        my = (C * Y).sum(axis=1, keepdims=True) / N
+        dx = X - mx
+        dy = Y - my
+        sxy = (C * dx * dy).sum(axis=1)
+        sxx = (C * dx * dx).sum(axis=1)
+        syy = (C * dy * dy).sum(axis=1)
         r = np.clip(sxy / np.sqrt(sxx * syy), -1.0, 1.0)
     bad = _constant(X, C) | _constant(Y, C) | ~(sxx > 0) | ~(syy > 0)
     return np.where(bad, np.nan, r)
