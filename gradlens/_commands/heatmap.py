@@ -1,0 +1,32 @@
+"""``gradlens heatmap RUN``: the task x task conflict heatmap of one run, as a PNG."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NAME = "heatmap"
+HELP = "Draw one run's task x task mean cosine and conflict frequency heatmap."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``RUN``, ``--out``, ``--layer``, ``--dpi``."""
+    p.add_argument("run", type=Path, metavar="RUN", help="a run directory")
+    p.add_argument("--out", type=Path, default=None, help="output image (default RUN/heatmap.png)")
+    p.add_argument(
+        "--layer", default="__all__", help="layer to draw (default: all shared parameters)"
+    )
+    p.add_argument("--dpi", type=int, default=110, help="resolution (110)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Draw and save the heatmap; print its path."""
+    from gradlens import plots
+    from gradlens.store import load_run
+
+    out = args.out if args.out is not None else args.run / "heatmap.png"
+    fig = plots.conflict_heatmap(load_run(args.run), layer=args.layer)
+    path = plots.save(fig, out, dpi=args.dpi)
+    sys.stdout.write(f"wrote {path}\n")
+    return 0

@@ -1,0 +1,54 @@
+"""``gradlens report DIR``: report.md, a self-contained report.html and stats.json of a sweep."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NAME = "report"
+HELP = (
+    "Analyse every run under DIR: statistics with intervals and adjusted p-values, figures, "
+    "a plain-language summary; writes report.md, report.html and stats.json."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``DIR``, ``--out``, ``--split``, ``--metric``, ``--correction``, ``--n-boot``, ..."""
+    p.add_argument("dir", type=Path, metavar="DIR", help="directory holding the run directories")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default DIR/report)")
+    p.add_argument("--split", default="test", help="split of the reported scores (test)")
+    p.add_argument("--select-split", default="val", help="split on which weights are chosen (val)")
+    p.add_argument("--metric", default="accuracy", help="eval metric (accuracy)")
+    p.add_argument(
+        "--correction",
+        choices=["holm", "bh", "none"],
+        default="holm",
+        help="multiple-testing correction (holm)",
+    )
+    p.add_argument("--alpha", type=float, default=0.05, help="level of the summary (0.05)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (2000)")
+    p.add_argument("--n-perm", type=int, default=2000, help="permutations (2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the report and print where it was written."""
+    from gradlens.report import build_report
+
+    paths = build_report(
+        args.dir,
+        args.out,
+        split=args.split,
+        select_split=args.select_split,
+        eval_metric=args.metric,
+        correction=args.correction,
+        alpha=args.alpha,
+        n_boot=args.n_boot,
+        n_perm=args.n_perm,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    sys.stdout.write(f"wrote {paths.html}\nwrote {paths.markdown}\nwrote {paths.json}\n")
+    return 0
