@@ -10,7 +10,7 @@ documentation shows). Peak memory is measured in a fresh process per method (``-
 Example:
     >>> from gradlens.bench import run_benchmark
     >>> rows = run_benchmark(models=["mlp-tiny"], tasks=[2], methods=["plain", "gramian"],
-    ...                      repeats=2, batch=16)
+    ...                      repeats=2, batch=16, amortise=())
     >>> sorted({r["method"] for r in rows})
     ['gramian', 'plain']
 """
