@@ -59,6 +59,19 @@ def out_dir_for(config: SearchConfig, out: str | os.PathLike[str] | None) -> Pat
     return Path("runs") / stem
 
 
+def pin_data_seed(train: Mapping[str, Any]) -> dict[str, Any]:
+    """``train`` with ``dataset_options.seed`` set, so runs with other seeds share the same data.
+
+    The harness derives the data (its splits) from ``seed`` unless ``dataset_options.seed`` is
+    given; sweeps and PBT vary ``seed`` for the initialisation and batch order only.
+    """
+    d = dict(train)
+    opts = dict(d.get("dataset_options") or {})
+    opts.setdefault("seed", int(d.get("seed", 0)))
+    d["dataset_options"] = opts
+    return d
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (temp file, fsync, rename)."""
     atomic_write_bytes(path, json.dumps(obj, indent=1, allow_nan=True).encode("utf-8"))

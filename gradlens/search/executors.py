@@ -240,6 +240,7 @@ class _ProcessHost(Host):
                 fut.set_exception(value)
         with self._lock:
             pending, self._pending = list(self._pending), deque()
+        self._proc.join(timeout=10)
         code = self._proc.exitcode
         for fut in pending:
             fut.set_exception(
@@ -322,6 +323,11 @@ class LocalExecutor(Executor):
 # --------------------------------------------------------------------------------------------
 
 
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    """The one Ray remote function: calls ``fn`` (Ray only wraps Python functions, not builtins)."""
+    return fn(*args)
+
+
 class _RayHostActor:
     """The object a Ray actor holds: builds ``cls(*args)`` and forwards method calls to it."""
 
@@ -379,14 +385,12 @@ class RayExecutor(Executor):
             self._owns = True
         cpus = int(self._ray.cluster_resources().get("CPU", 1))
         self.workers = workers or max(1, cpus)
-        self._remote: dict[Callable[..., Any], Any] = {}
+        self._runner = self._ray.remote(num_cpus=1)(_call)
         self._actor_cls = self._ray.remote(num_cpus=1)(_RayHostActor)
         self._hosts: list[Host] = []
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
-        if fn not in self._remote:
-            self._remote[fn] = self._ray.remote(num_cpus=1)(fn)
-        return self._remote[fn].remote(*args).future()
+        return self._runner.remote(fn, *args).future()
 
     def host(self, cls: Callable[..., Any], *args: Any) -> Host:
         h = _RayHost(self._ray, self._actor_cls, cls, args)

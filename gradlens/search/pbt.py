@@ -61,6 +61,7 @@ from gradlens.search._common import (
     json_roundtrip,
     mean_metric,
     out_dir_for,
+    pin_data_seed,
     plain_final,
     read_json,
     resolve_tasks,
@@ -356,7 +357,7 @@ def run_pbt(
                 run_dir = out_dir / m["run_dir"]
                 if run_dir.exists():  # restarted from its checkpoint: a fresh run directory
                     shutil.rmtree(run_dir)
-                tdict = dict(config.train)
+                tdict = pin_data_seed(config.train)
                 tdict.update(
                     seed=int(train["seed"]) + k,
                     epochs=total,

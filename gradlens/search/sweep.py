@@ -47,6 +47,7 @@ from gradlens.search._common import (
     json_roundtrip,
     mean_metric,
     out_dir_for,
+    pin_data_seed,
     plain_final,
     read_json,
     resolve_tasks,
@@ -87,13 +88,16 @@ class PlannedRun:
     def train_dict(self, base: Mapping[str, Any], sweep: str) -> dict[str, Any]:
         """The ``[train]`` table of this run: ``base`` with its weights, size, seed and tags.
 
+        The data seed (``dataset_options.seed``) is pinned to ``base``'s, so every run of a
+        sweep sees the same data whatever its training seed.
+
         Example:
             >>> r = PlannedRun("a", {"x": 0.5, "y": 0.5}, 2.0, None, 3)
             >>> d = r.train_dict({"epochs": 1}, "s")
-            >>> d["weights"], d["width"], d["seed"], d["config"]["sweep"]
-            ({'x': 0.5, 'y': 0.5}, 2.0, 3, 's')
+            >>> d["weights"], d["width"], d["seed"], d["config"]["sweep"], d["dataset_options"]
+            ({'x': 0.5, 'y': 0.5}, 2.0, 3, 's', {'seed': 0})
         """
-        d = dict(base)
+        d = pin_data_seed(base)
         d["weights"] = dict(self.weights)
         d["seed"] = self.seed
         if self.width is not None:
