@@ -1,0 +1,249 @@
+"""Tests of gradlens.report and the report/heatmap commands: files, escaping, self-containment,
+numbers equal to gradlens.stats, a summary that follows the data, and a headless Chromium render."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import scipy.stats as ss
+
+from gradlens import stats
+from gradlens._errors import GradlensError, StoreError
+from gradlens.cli import main
+from gradlens.report import ReportPaths, build_report
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _sweepgen import make_sweep
+
+EVIL = "<script>alert(1)</script>"
+SIZES = ((2, 32), (4, 128))
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[Path, ReportPaths]:
+    """A sweep where conflict rises with the weight of the first task, named to attack HTML."""
+    root = make_sweep(
+        tmp_path_factory.mktemp("planted"), tasks=(EVIL, "right"), sizes=SIZES, epochs=4
+    )
+    paths = build_report(
+        root, n_boot=100, n_perm=999, methods=["spearman", "pearson"], progress=False
+    )
+    return root, paths
+
+
+def _json(path: Path) -> dict:
+    def no_constants(name: str) -> float:
+        raise AssertionError(f"non-strict JSON constant {name}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constants)
+
+
+def test_files_written_and_figures_embedded(planted):
+    _, paths = planted
+    for p in (paths.markdown, paths.html, paths.json):
+        assert p.is_file()
+        assert p.stat().st_size > 1000
+    html = paths.html.read_text(encoding="utf-8")
+    images = re.findall(r'<img alt="[^"]*" src="([^"]*)"', html)
+    assert len(images) == len(paths.figures) == 6
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    # no external resource of any kind
+    assert not re.search(r"(?:src|href)=\"(?!data:)", html)
+    assert "http://" not in html
+    assert "https://" not in html
+    md = paths.markdown.read_text(encoding="utf-8")
+    for fig in paths.figures:
+        assert f"(figures/{fig.name})" in md
+        img = mpimg.imread(fig)[..., :3]
+        assert img.std() > 0.05
+
+
+def test_user_strings_are_escaped(planted):
+    _, paths = planted
+    html = paths.html.read_text(encoding="utf-8")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script" not in html.lower()
+    md = paths.markdown.read_text(encoding="utf-8")
+    assert "&lt;script&gt;" in md
+    assert "<script" not in md.lower()
+    assert EVIL in json.dumps(_json(paths.json))  # the JSON keeps the name as data
+
+
+def test_stats_json_numbers_are_the_stats_numbers(planted):
+    root, paths = planted
+    data = _json(paths.json)
+    (ts,) = data["task_sets"]
+    assert ts["tasks"] == [EVIL, "right"]
+    assert ts["weight_cols"] == [f"weights.{EVIL}"]
+    rows = ts["associations"]
+    assert {r["correction"] for r in rows} == {"holm"}
+    assert {r["n_tests"] for r in rows} == {len(rows)}
+    table = stats.runs_table(root)
+    joint = table[table.n_tasks == 2]
+    pooled = next(
+        r
+        for r in rows
+        if r["scope"] == "pooled" and r["x"] == f"weights.{EVIL}" and r["y"] == "conflict_freq.mean"
+    )
+    rho = ss.spearmanr(joint[f"weights.{EVIL}"], joint["conflict_freq.mean"]).statistic
+    assert pooled["estimate"] == pytest.approx(rho, abs=1e-12)
+    assert pooled["ci_low"] < pooled["estimate"] < pooled["ci_high"]
+    p = np.array([r["p_value"] for r in rows], dtype=float)
+    np.testing.assert_allclose([r["p_adjusted"] for r in rows], stats.adjust(p, "holm"))
+    opt = ts["optimal_weight"]
+    assert [o["p_star"] for o in opt] == [0.3, 0.3]  # the planted optimum at both sizes
+    assert ts["joint_gain_selected_on"] == "val"
+    assert all(g[f"weights.{EVIL}"] == 0.3 for g in ts["joint_gain_selected"])
+    within = [w for w in ts["within_run"] if w.get("p_value") is not None]
+    assert within
+    assert all(w["p_method"] == "AR(1) effective-n t-test" for w in within)
+    assert len(data["runs"]) == len(table)
+
+
+def test_summary_follows_the_planted_effect(planted):
+    _, paths = planted
+    data = _json(paths.json)
+    supported = " ".join(data["summary"]["supported"])
+    row = next(
+        r
+        for r in data["task_sets"][0]["associations"]
+        if r["scope"] == "partial"
+        and r["x"] == f"weights.{EVIL}"
+        and r["y"] == "conflict_freq.mean"
+    )
+    assert row["p_adjusted"] < 0.05
+    assert f"The weight of {EVIL} and conflict frequency have a monotone association" in supported
+    assert f"rho = {row['estimate']:+.2g}" in supported
+    assert "higher weight of" in supported
+    html = paths.html.read_text(encoding="utf-8")
+    assert "Supported by the data" in html
+    assert "Holm (family-wise error rate)" in html
+
+
+def test_null_sweep_via_the_cli_reports_no_evidence_and_the_permutation_floor(tmp_path, capsys):
+    root = make_sweep(
+        tmp_path / "null",
+        sizes=((2, 32),),
+        weights=(0.1, 0.5, 0.9),
+        seeds=(0, 1, 2),
+        epochs=3,
+        effect=0.0,
+        baselines=False,
+    )
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "report",
+            str(root),
+            "--out",
+            str(out),
+            "--n-boot",
+            "50",
+            "--n-perm",
+            "99",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    assert "report.html" in capsys.readouterr().out
+    data = _json(out / "stats.json")
+    text = " ".join(data["summary"]["not_supported"])
+    assert (
+        "No evidence of a monotone association between the weight of left and conflict "
+        "frequency" in text
+    )
+    assert "smallest adjusted p-value attainable is" in text  # 99 permutations, several tests
+    assert "no single-task runs" in text  # the gain is not testable without baselines
+    row = next(
+        r
+        for r in data["task_sets"][0]["associations"]
+        if r["x"] == "weights.left" and r["y"] == "conflict_freq.mean"
+    )
+    assert not row["p_adjusted"] < 0.05
+
+
+def test_sweep_without_joint_runs_says_nothing_is_testable(tmp_path):
+    root = make_sweep(tmp_path / "s", sizes=((2, 32),), weights=(), seeds=(0,), epochs=2)
+    paths = build_report(root, tmp_path / "r", n_boot=10, n_perm=10, progress=False)
+    data = _json(paths.json)
+    assert data["summary"]["supported"] == []
+    assert "no run with two or more tasks" in data["summary"]["not_supported"][0]
+    assert paths.figures == ()
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(GradlensError, match="`correction` should be one of"):
+        build_report(tmp_path, correction="bonferroni")
+    with pytest.raises(GradlensError, match="`methods` should be"):
+        build_report(tmp_path, methods=["spearman", "distance"])
+    with pytest.raises(GradlensError, match="`alpha` should lie in"):
+        build_report(tmp_path, alpha=1.5)
+    with pytest.raises(GradlensError, match="`n_boot` should be an int"):
+        build_report(tmp_path, n_boot=-1)
+    with pytest.raises(GradlensError, match="`sweep_dir` should be a directory"):
+        build_report(tmp_path / "missing")
+    with pytest.raises(StoreError, match="at least one run"):
+        build_report(tmp_path)
+
+
+def test_heatmap_command(planted, tmp_path, capsys):
+    root, _ = planted
+    run = root / "d2-w32" / "p0.50-s0"
+    out = tmp_path / "h.png"
+    assert main(["heatmap", str(run), "--out", str(out), "--layer", "trunk.1"]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert mpimg.imread(out)[..., :3].std() > 0.05
+    assert main(["heatmap", str(run)]) == 0
+    assert (run / "heatmap.png").is_file()
+    assert main(["heatmap", str(run), "--layer", "nope"]) == 2
+    assert "`layer` should be one of" in capsys.readouterr().err
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="no chromium on PATH (CI installs Debian's with .ci/install-chromium.sh; without apt "
+    "it cannot, and the report's HTML is then only checked structurally)",
+)
+def test_report_renders_in_headless_chromium(planted, tmp_path):
+    _, paths = planted
+    shot = tmp_path / "shot.png"
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1200,2000",
+        paths.html.resolve().as_uri(),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=180)
+    img = mpimg.imread(shot)[..., :3]
+    assert img.shape[:2] == (2000, 1200)
+    assert img.std() > 0.1
+    dark = (img.max(axis=2) < 0.5).mean()  # text and figure ink
+    assert dark > 0.005
+    coloured = (np.ptp(img, axis=2) > 0.2).mean()  # red/green summary text, heatmap colours
+    assert coloured > 0.01
+    assert not math.isnan(float(img.mean()))
