@@ -764,13 +764,15 @@ def pbt_schedules(
     task: str = "task",
     weight: str = "weight",
     max_cols: int = 4,
+    end: float | None = None,
     title: str | None = None,
 ) -> Figure:
     """The loss-weight schedule of each PBT member as stacked areas over epochs.
 
-    One small panel per member (shared axes), the weights of the tasks stacked (piecewise
-    constant after each epoch, as PBT changes them at epoch boundaries); a task missing at an
-    epoch counts 0. One legend for all panels.
+    One small panel per member (shared axes), the weights of the tasks stacked. Each row gives
+    the weights that take effect at its epoch and hold until the member's next row (PBT changes
+    them at round boundaries); the last ones hold until ``end`` (default: one more median
+    interval). A task missing at an epoch counts 0. One legend for all panels.
 
     Args:
         schedule: Tidy table ``[member, epoch, task, weight]`` (column names configurable).
@@ -779,6 +781,7 @@ def pbt_schedules(
         task: Task column.
         weight: Weight column.
         max_cols: Panels per row.
+        end: Epoch at which training ended (the right edge of every panel).
         title: Figure title.
 
     Example:
@@ -815,9 +818,10 @@ def pbt_schedules(
         wide = sub.pivot_table(index=epoch, columns=task, values=weight, aggfunc="mean")
         wide = wide.reindex(columns=tasks).fillna(0.0).sort_index()
         x = wide.index.to_numpy(np.float64)
-        # the last epoch's weights hold for one more epoch length: close the last step
-        last = x[-1] + (x[-1] - x[-2] if x.size > 1 else 1.0)
-        x = np.append(x, last)
+        # the last weights hold until the end of training: close the last step there
+        last = float(np.median(np.diff(x))) if x.size > 1 else 1.0
+        stop = float(end) if end is not None and end > x[-1] else x[-1] + last
+        x = np.append(x, stop)
         wide = pd.concat([wide, wide.iloc[-1:]])
         handles = ax.stackplot(
             x,

@@ -743,6 +743,32 @@ def _representative(
     return str(work["run_id"].iloc[0])
 
 
+def _pbt_schedule(
+    joint: pd.DataFrame, by_id: dict[str, Any]
+) -> tuple[pd.DataFrame | None, float | None]:
+    """Tidy ``[member, epoch, task, weight]`` of the runs whose meta holds ``pbt.schedule``."""
+    rows = []
+    end = None
+    for rid in joint["run_id"]:
+        run = by_id[rid]
+        pbt = run.meta.get("pbt")
+        if not isinstance(pbt, dict) or not isinstance(pbt.get("schedule"), list):
+            continue
+        member = pbt.get("member", rid)
+        for entry in pbt["schedule"]:
+            for task, w in dict(entry.get("weights", {})).items():
+                rows.append(
+                    {"member": member, "epoch": entry.get("epoch"), "task": task, "weight": w}
+                )
+        points = run.evals["point"].astype(str)
+        epochs = run.evals.loc[points.str.startswith("epoch:"), "epoch"].dropna()
+        if len(epochs):
+            end = max(end or 0.0, float(epochs.max()))
+    if not rows:
+        return None, None
+    return pd.DataFrame(rows), end
+
+
 def _task_set_section(
     number: int,
     tasks: list[str],
@@ -852,6 +878,18 @@ def _task_set_section(
                 "weight" + (", per task, with intervals." if panel else ", mean over tasks."),
                 opts.dpi,
             )
+    schedule, end = _pbt_schedule(joint, by_id)
+    if schedule is not None:
+        out["pbt_schedule"] = schedule
+        fig = plots.pbt_schedules(schedule, end=end)
+        _figure(
+            figs,
+            f"{slug}-pbt.png",
+            fig,
+            f"Loss-weight schedules of the {schedule['member'].nunique()} PBT members "
+            "(weights stacked; each change is an exploit/explore step).",
+            opts.dpi,
+        )
     rep = _representative(joint, wcols, size_col, opt)
     run = by_id[rep]
     if len(run.layers) > 2:

@@ -259,6 +259,7 @@ def make_run(
     dim: int = 32,
     seed: int = 0,
     epochs: int = 5,
+    extra_meta: dict | None = None,
 ) -> Path:
     """Write one run with ``n_tasks`` tasks in three groups and return its path.
 
@@ -280,6 +281,7 @@ def make_run(
         "model": {"family": "mlp", "depth": n_layers, "width": dim, "n_params": dim * dim},
         "seed": seed,
         "engine": "gramian",
+        **(extra_meta or {}),
     }
     with _no_fsync(), RunWriter(Path(path), meta=meta, flush_every=1000) as w:
         for step in range(n_steps):

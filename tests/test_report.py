@@ -23,7 +23,7 @@ from gradlens.cli import main
 from gradlens.report import ReportPaths, build_report
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _sweepgen import make_sweep
+from _sweepgen import make_run, make_sweep
 
 EVIL = "<script>alert(1)</script>"
 SIZES = ((2, 32), (4, 128))
@@ -181,6 +181,31 @@ def test_sweep_without_joint_runs_says_nothing_is_testable(tmp_path):
     assert data["summary"]["supported"] == []
     assert "no run with two or more tasks" in data["summary"]["not_supported"][0]
     assert paths.figures == ()
+
+
+def test_pbt_members_get_their_weight_schedules_drawn(tmp_path):
+    tasks = ["a", "b", "c"]
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        schedule = [
+            {"epoch": e, "weights": dict(zip(tasks, rng.dirichlet(np.ones(3)).tolist()))}
+            for e in (0, 2, 4)
+        ]
+        make_run(
+            tmp_path / "pbt" / f"member-{k:03d}",
+            tasks=tasks,
+            n_layers=2,
+            n_steps=12,
+            epochs=6,
+            seed=k,
+            extra_meta={"pbt": {"member": k, "schedule": schedule}},
+        )
+    paths = build_report(tmp_path / "pbt", n_boot=20, n_perm=20, progress=False)
+    assert "set1-pbt.png" in [p.name for p in paths.figures]
+    sched = _json(paths.json)["task_sets"][0]["pbt_schedule"]
+    assert len(sched) == 3 * 3 * 3  # members x change points x tasks
+    assert {r["member"] for r in sched} == {0, 1, 2}
+    assert "PBT members" in paths.html.read_text(encoding="utf-8")
 
 
 def test_bad_arguments(tmp_path):
