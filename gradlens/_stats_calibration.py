@@ -253,62 +253,72 @@ def associations_fwer(
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer simulations (about 1 min)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a quarter of the simulations")
+    parser.add_argument(
+        "--only", choices=["null", "power", "coverage", "within", "trend", "fwer"], default=None
+    )
     args = parser.parse_args(argv)
     k = 0.25 if args.quick else 1.0
     start = time.perf_counter()
 
-    n_null = int(2000 * k)
-    print(f"## False-positive rate at alpha = 0.05, {n_null} null sweeps of 30 runs")
-    for method in ("spearman", "pearson", "kendall"):
-        p = null_pvalues(n_null, method=method)
-        print(f"{method:9s} FPR = {np.mean(p < 0.05):.4f}")
+    def wanted(part: str) -> bool:
+        return args.only in (None, part)
 
-    n_pow = int(1000 * k)
-    print(f"\n## Power at alpha = 0.05 (permutation test), {n_pow} sweeps each")
-    print("| n | rho | spearman | pearson | kendall |")
-    for n_runs in (30, 60):
-        for rho in (0.3, 0.5):
-            cells = []
-            for method in ("spearman", "pearson", "kendall"):
-                p, _ = planted_pvalues(n_pow, rho=rho, method=method, n_runs=n_runs)
-                cells.append(f"{np.mean(p < 0.05):.3f}")
-            print(f"| {n_runs} | {rho} | " + " | ".join(cells) + " |")
+    if wanted("null"):
+        n_null = int(2000 * k)
+        print(f"## False-positive rate at alpha = 0.05, {n_null} null sweeps of 30 runs")
+        for method in ("spearman", "pearson", "kendall"):
+            p = null_pvalues(n_null, method=method)
+            print(f"{method:9s} FPR = {np.mean(p < 0.05):.4f}")
 
-    n_cov = int(400 * k)
-    print(f"\n## Bootstrap 95 % interval coverage, n = 30, rho = 0.5, {n_cov} sweeps")
-    for method in ("spearman", "pearson", "kendall"):
-        _, covered = planted_pvalues(n_cov, rho=0.5, method=method, n_boot=999, n_perm=0)
-        print(f"{method:9s} coverage = {np.nanmean(covered):.3f}")
+    if wanted("power"):
+        n_pow = int(1000 * k)
+        print(f"\n## Power at alpha = 0.05 (permutation test), {n_pow} sweeps each")
+        print("| n | rho | spearman | pearson | kendall |")
+        for n_runs in (30, 60):
+            for rho in (0.3, 0.5):
+                cells = []
+                for method in ("spearman", "pearson", "kendall"):
+                    p, _ = planted_pvalues(n_pow, rho=rho, method=method, n_runs=n_runs)
+                    cells.append(f"{np.mean(p < 0.05):.3f}")
+                print(f"| {n_runs} | {rho} | " + " | ".join(cells) + " |")
 
-    n_ser = int(400 * k)
-    print(f"\n## Within a run: independent AR(1) pairs (true r = 0), {n_ser} pairs")
-    print(
-        "| n | phi | block | coverage, block CI | coverage, n_eff CI | FPR n_eff t | FPR block p |"
-    )
-    for n, phi in ((30, 0.5), (50, 0.8), (100, 0.8), (50, 0.95)):
-        for block in ("auto", 1):
-            r = within_run_calibration(n_ser, n=n, phi=phi, block=block)
-            print(
-                f"| {n} | {phi} | {block} | {r['coverage_block']:.3f} | {r['coverage_neff']:.3f} "
-                f"| {r['fpr_neff']:.3f} | {r['fpr_block']:.3f} |"
-            )
+    if wanted("coverage"):
+        n_cov = int(400 * k)
+        print(f"\n## Bootstrap 95 % interval coverage, n = 30, rho = 0.5, {n_cov} sweeps")
+        for method in ("spearman", "pearson", "kendall"):
+            _, covered = planted_pvalues(n_cov, rho=0.5, method=method, n_boot=999, n_perm=0)
+            print(f"{method:9s} coverage = {np.nanmean(covered):.3f}")
 
-    n_tr = int(400 * k)
-    print(f"\n## Optimal-weight trend test, {n_tr} sweeps (4 sizes x 9 weights x 3 seeds)")
-    print("| estimator | noise | shift per decade | rejection rate |")
-    for estimator in ("grid", "quadratic"):
-        for noise in (0.01, 0.03):
-            for shift in (0.0, 0.05, 0.1):
-                p = trend_pvalues(n_tr, shift=shift, noise=noise, estimator=estimator)
-                print(f"| {estimator} | {noise} | {shift} | {np.mean(p < 0.05):.3f} |")
+    if wanted("within"):
+        n_ser = int(400 * k)
+        print(f"\n## Within a run: independent AR(1) pairs (true r = 0), {n_ser} pairs")
+        print("| n | phi | block | cover, block CI | cover, n_eff CI | FPR n_eff t | FPR block p |")
+        for n, phi in ((30, 0.5), (50, 0.8), (100, 0.8), (50, 0.95)):
+            for block in ("auto", 1):
+                r = within_run_calibration(n_ser, n=n, phi=phi, block=block)
+                print(
+                    f"| {n} | {phi} | {block} | {r['coverage_block']:.3f} "
+                    f"| {r['coverage_neff']:.3f} | {r['fpr_neff']:.3f} | {r['fpr_block']:.3f} |"
+                )
 
-    n_fw = int(400 * k)
-    print(f"\n## associations(): family-wise error on null tables, {n_fw} tables")
-    for correction in ("holm", "bh"):
-        adj, raw = associations_fwer(n_fw, correction=correction)
-        print(f"{correction}: P(any adjusted p < 0.05) = {adj:.3f}; uncorrected = {raw:.3f}")
+    if wanted("trend"):
+        n_tr = int(400 * k)
+        print(f"\n## Optimal-weight trend test, {n_tr} sweeps (4 sizes x 9 weights x 3 seeds)")
+        print("| estimator | noise | shift per decade | rejection rate |")
+        for estimator in ("grid", "quadratic"):
+            for noise in (0.01, 0.03):
+                for shift in (0.0, 0.05, 0.1):
+                    p = trend_pvalues(n_tr, shift=shift, noise=noise, estimator=estimator)
+                    print(f"| {estimator} | {noise} | {shift} | {np.mean(p < 0.05):.3f} |")
+
+    if wanted("fwer"):
+        n_fw = int(400 * k)
+        print(f"\n## associations(): family-wise error on null tables, {n_fw} tables")
+        for correction in ("holm", "bh"):
+            adj, raw = associations_fwer(n_fw, correction=correction)
+            print(f"{correction}: P(any adjusted p < 0.05) = {adj:.3f}; uncorrected = {raw:.3f}")
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
     return 0
 

@@ -1240,6 +1240,14 @@ def _sweep_cells(
     return w_values.astype(np.float64), cells
 
 
+def _rescaled(c: np.ndarray) -> np.ndarray:
+    """Seed values spread by ``sqrt(m / (m - 1))`` around their mean, so that the bootstrap
+    variance of their mean is the unbiased ``s^2 / m`` instead of ``(m - 1) / m`` of it (a third
+    too small with 3 seeds)."""
+    m = c.size
+    return c if m < 2 else c.mean() + math.sqrt(m / (m - 1.0)) * (c - c.mean())
+
+
 def _p_star_boot(
     w: np.ndarray, cells: list[np.ndarray], n_boot: int, rng: np.random.Generator, estimator: str
 ) -> tuple[float, float, np.ndarray]:
@@ -1251,7 +1259,7 @@ def _p_star_boot(
     M = np.empty((n_boot, len(cells)))
     for k, c in enumerate(cells):
         counts = rng.multinomial(c.size, np.full(c.size, 1.0 / c.size), size=n_boot)
-        M[:, k] = counts @ c / c.size
+        M[:, k] = counts @ _rescaled(c) / c.size
     boots, _ = _p_star(M, w, n_k, estimator)
     return float(p[0]), float(score[0]), boots
 
@@ -1292,8 +1300,10 @@ def optimal_weight(
     means (weighted by the seeds per cell) and ``p*`` is its vertex clipped to the grid range when
     it is concave, else the best grid point of the fit; it moves continuously, so its interval is
     less lumpy. The interval is a percentile bootstrap that resamples seeds within each weight
-    (the grid stays fixed): with one seed per weight it has no width. Use single-task runs
-    elsewhere: pass the joint runs of one task pair.
+    (the grid stays fixed), from the seed values spread by ``sqrt(m / (m - 1))`` around their cell
+    mean so that a mean of ``m`` seeds gets its unbiased variance (a plain bootstrap of 3 seeds
+    gives two thirds of it); with one seed per weight the interval has no width. Pass the joint
+    runs of one task pair (single-task runs belong to :func:`joint_gain`).
 
     Args:
         table: One row per run (e.g. :func:`runs_table`).
@@ -1471,7 +1481,7 @@ def _gain_boot(
         if n_boot == 0:
             return gain, np.empty(0), True
         C = rng.multinomial(d.size, np.full(d.size, 1.0 / d.size), size=n_boot)
-        return gain, C @ d / d.size, True
+        return gain, C @ _rescaled(d) / d.size, True
     a = js[col].to_numpy(np.float64)
     b = ss[col].to_numpy(np.float64)
     if a.size == 0 or b.size == 0:
@@ -1481,7 +1491,7 @@ def _gain_boot(
         return gain, np.empty(0), False
     ca = rng.multinomial(a.size, np.full(a.size, 1.0 / a.size), size=n_boot)
     cb = rng.multinomial(b.size, np.full(b.size, 1.0 / b.size), size=n_boot)
-    return gain, ca @ a / a.size - cb @ b / b.size, False
+    return gain, ca @ _rescaled(a) / a.size - cb @ _rescaled(b) / b.size, False
 
 
 def joint_gain(
@@ -1504,7 +1514,8 @@ def joint_gain(
     name; ``config.baseline_of`` is not needed). ``gain = mean(joint <metric>.t) - mean(single
     <metric>.t)`` over seeds. When the joint and single runs have the same seeds (matched on
     ``seed_col``), the gain is the mean of per-seed differences and the bootstrap resamples seeds
-    jointly (``paired``); otherwise both sides are resampled independently. Picking the best
+    jointly (``paired``); otherwise both sides are resampled independently (seed values rescaled
+    as in :func:`optimal_weight`). Picking the best
     weight on the same test scores you report is optimistic: select it on validation scores.
 
     Args:
