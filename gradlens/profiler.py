@@ -130,7 +130,7 @@ class Profiler:
         *,
         features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         retain_graph: bool = False,
-        grad_scale: float | torch.Tensor | None = None,
+        grad_scale: torch.amp.GradScaler | float | torch.Tensor | None = None,
     ) -> Snapshot | None:
         """Replace ``loss.backward()``: write the weighted gradient; measure on probed steps.
 
@@ -140,11 +140,12 @@ class Profiler:
                 plain sum ``sum_t L_t``.
             features: the shared representation ``z`` (required by the ``features`` engine).
             retain_graph: as in ``Tensor.backward``.
-            grad_scale: the loss scale of a ``torch.amp.GradScaler`` (``scaler.get_scale()``),
-                with ``losses`` unscaled: ``.grad`` then equals that of
-                ``scaler.scale(sum_t w_t L_t).backward()`` and the Grams are unscaled (divided
-                by ``grad_scale**2``). A probed step whose scaled gradients overflow (the
-                scaler skips it too) returns None and stores nothing.
+            grad_scale: mixed precision: the ``torch.amp.GradScaler`` (or its scale, a number),
+                with ``losses`` unscaled. ``.grad`` then equals that of
+                ``scaler.scale(sum_t w_t L_t).backward()``, so ``scaler.step(opt)`` follows as
+                usual, and the Grams are unscaled (divided by ``scale**2``). A probed step whose
+                scaled gradients overflow (the scaler skips it too) returns None and stores
+                nothing.
 
         Returns:
             A :class:`Snapshot` on probed steps, else None.
@@ -157,7 +158,7 @@ class Profiler:
         weights: Mapping[str, float | torch.Tensor] | None = None,
         *,
         features: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        grad_scale: float | torch.Tensor | None = None,
+        grad_scale: torch.amp.GradScaler | float | torch.Tensor | None = None,
     ) -> Snapshot | None:
         """Measure without touching ``.grad``, for loops that own their backward call.
 
@@ -216,7 +217,7 @@ class Profiler:
         weights: Mapping[str, float | torch.Tensor] | None,
         features: torch.Tensor | Sequence[torch.Tensor] | None,
         retain_graph: bool,
-        grad_scale: float | torch.Tensor | None,
+        grad_scale: torch.amp.GradScaler | float | torch.Tensor | None,
         write: bool,
     ) -> Snapshot | None:
         what = "backward" if write else "observe"
@@ -378,22 +379,29 @@ def _grads_kept(params: Sequence[torch.Tensor]) -> Iterator[None]:
             p.grad = g
 
 
-def _check_scale(grad_scale: float | torch.Tensor | None, L: torch.Tensor) -> torch.Tensor | None:
+def _check_scale(grad_scale: float | torch.Tensor | Any, L: torch.Tensor) -> torch.Tensor | None:
     if grad_scale is None:
         return None
+    if isinstance(grad_scale, torch.amp.GradScaler):
+        if not grad_scale.is_enabled():
+            return None
+        # scale() initialises the scaler's state (scaler.step needs it) and reads the scale
+        # without a host sync
+        one = torch.ones((), dtype=torch.float32, device=L.device)
+        return grad_scale.scale(one).reshape(()).to(L.dtype)
     if isinstance(grad_scale, torch.Tensor):
         if grad_scale.numel() != 1:
             raise GradlensError(
-                "`grad_scale` should be a positive finite number or a one-element tensor "
-                f"(scaler.get_scale()); found a tensor of shape {tuple(grad_scale.shape)}."
+                "`grad_scale` should be a torch.amp.GradScaler, a positive finite number or a "
+                f"one-element tensor; found a tensor of shape {tuple(grad_scale.shape)}."
             )
         s = grad_scale.detach().reshape(()).to(L.device, L.dtype)
     elif isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool):
         s = torch.tensor(float(grad_scale), dtype=L.dtype, device=L.device)
     else:
         raise GradlensError(
-            "`grad_scale` should be a positive finite number or a one-element tensor "
-            f"(scaler.get_scale()); found {type(grad_scale).__name__}."
+            "`grad_scale` should be a torch.amp.GradScaler, a positive finite number or a "
+            f"one-element tensor; found {type(grad_scale).__name__}."
         )
     f = float(s)
     if not math.isfinite(f) or f <= 0:
