@@ -1,0 +1,172 @@
+"""``gradlens train``: train one model with the profiler attached and store the run."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+NAME = "train"
+HELP = "Train one multi-task (or single-task) model with the profiler attached; store the run."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags for the TrainConfig fields; a flag overrides the same field of ``--config``."""
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML file of TrainConfig fields (top level, or a [train] table)",
+    )
+    p.add_argument("--dataset", default=None, help="dataset name (default multidigits)")
+    p.add_argument(
+        "--data-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a dataset option, repeatable; VALUE is read as JSON when it parses (n=512)",
+    )
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
+    p.add_argument("--model", default=None, help="model family: mlp, resnet or vit")
+    p.add_argument("--width", type=float, default=None, help="width multiplier")
+    p.add_argument("--depth", type=int, default=None, help="depth (default: the family's)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="A=W,B=W",
+        help="loss weights (multi-domain: sampling probabilities), normalised; default uniform",
+    )
+    p.add_argument("--optimizer", default=None, help="adam or sgd")
+    p.add_argument("--lr", type=float, default=None, help="learning rate")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size")
+    p.add_argument("--epochs", type=int, default=None, help="epochs")
+    p.add_argument("--seed", type=int, default=None, help="seed")
+    p.add_argument(
+        "--engine", default=None, help="profiler engine (gramian, batched, loop, features)"
+    )
+    p.add_argument("--every", default=None, help="probe every k-th step, or log / log:N")
+    p.add_argument(
+        "--early-stopping", type=int, default=None, metavar="PATIENCE", help="patience in epochs"
+    )
+    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run directory (default runs/train-<date>-<time>)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, store the run and print the final metrics."""
+    import torch
+
+    from gradlens._errors import GradlensError
+    from gradlens._train_format import format_metrics
+    from gradlens.train import train
+
+    fields: dict[str, Any] = _read_config(args.config) if args.config is not None else {}
+    if args.data_option:
+        options = dict(fields.get("dataset_options") or {})
+        options.update(_parse_options(args.data_option))
+        fields["dataset_options"] = options
+    flags = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "width": args.width,
+        "depth": args.depth,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "engine": args.engine,
+        "early_stopping": args.early_stopping,
+        "device": args.device,
+    }
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    if args.tasks is not None:
+        fields["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.weights is not None:
+        fields["weights"] = _parse_weights(args.weights)
+    if args.every is not None:
+        fields["every"] = int(args.every) if args.every.strip().isdigit() else args.every.strip()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise GradlensError(f"`--threads` should be a positive int; found {args.threads}.")
+        torch.set_num_threads(args.threads)
+    out = args.out
+    if out is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"train-{stamp}"
+    result = train(fields, out, progress=not args.no_progress, overwrite=args.overwrite)
+    stopped = " (stopped early)" if result.stopped_early else ""
+    sys.stdout.write(
+        f"{format_metrics(result.metrics)}\n\n"
+        f"{result.epochs_run} epochs{stopped}; run stored in {result.run_dir} "
+        f'(gradlens.load_run("{result.run_dir}"))\n'
+    )
+    return 0
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    from gradlens._errors import GradlensError
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GradlensError(f"`--config` should be a TOML file; found no file {path}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise GradlensError(f"`--config` {path} is not valid TOML: {exc}.") from None
+    if isinstance(data.get("train"), dict):
+        return dict(data["train"])
+    return dict(data)
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    from gradlens._errors import GradlensError
+
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise GradlensError(
+                f"`--weights` should look like left=0.3,right=0.7; found {text!r}."
+            ) from None
+    return out
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    from gradlens._errors import GradlensError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise GradlensError(f"`--data-option` should look like KEY=VALUE; found {item!r}.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
