@@ -59,20 +59,20 @@ def _check_engine(model, engine, n_tasks, dtype):
     plain, state = _plain_grads(trunk, heads, x, ys, w)
     # same dropout masks / batch statistics: replay the RNG state of the plain forward
     torch.random.set_rng_state(state)
-    losses = task_losses(trunk, heads, x, ys)
-    ref = reference_grams(losses, trunk)
-    with gl.Profiler(trunk, tasks=list(losses), engine=engine) as prof:
+    with gl.Profiler(trunk, tasks=list(w), engine=engine) as prof:
+        losses = task_losses(trunk, heads, x, ys)  # forward with the profiler attached
+        ref = reference_grams(losses, trunk)
         snap = prof.backward(losses, weights=w)
     assert snap is not None
+    if engine == "gramian":  # every zoo trunk has Linear or Conv layers served by a rule
+        assert {"linear", "conv"} & set(snap.rules.values()), snap.rules
     assert snap.gram.dtype == torch.float64
     assert snap.gram.shape == (n_tasks, n_tasks)
     _assert_gram_close(snap.gram, ref.gram, TOL[dtype])
     assert list(snap.layer_grams) == list(ref.layer_grams)
     for layer, g in ref.layer_grams.items():
         _assert_gram_close(snap.layer_grams[layer], g, TOL[dtype])
-    torch.testing.assert_close(
-        sum(snap.layer_grams.values()), snap.gram, rtol=1e-12, atol=0.0
-    )
+    torch.testing.assert_close(sum(snap.layer_grams.values()), snap.gram, rtol=1e-12, atol=0.0)
     # .grad equals the plain weighted backward's, heads included
     for p, g in zip(_all_params(trunk, heads), plain):
         if g is None:
@@ -123,10 +123,11 @@ def test_batched_engine_chunks_under_a_small_budget(n_tasks):
 def test_gramian_linear_gradient_path_under_a_small_budget():
     # a budget too small for the N x N kernel forces the chunked gradient path
     trunk, heads, x, ys = build("mlp", 5, batch=40)
-    losses = task_losses(trunk, heads, x, ys)
-    ref = reference_grams(losses, trunk)
-    with gl.Profiler(trunk, tasks=list(losses), engine="gramian", memory_budget=512) as prof:
+    with gl.Profiler(trunk, [f"t{i}" for i in range(5)], "gramian", memory_budget=512) as prof:
+        losses = task_losses(trunk, heads, x, ys)
+        ref = reference_grams(losses, trunk)
         snap = prof.backward(losses)
+    assert set(snap.rules.values()) == {"linear"}
     _assert_gram_close(snap.gram, ref.gram, 1e-10)
     for layer, g in ref.layer_grams.items():
         _assert_gram_close(snap.layer_grams[layer], g, 1e-10)
@@ -174,3 +175,36 @@ def test_named_parameters_as_shared():
         snap = prof.backward(losses)
     _assert_gram_close(snap.gram, ref.gram, 1e-10)
     assert list(snap.layer_grams) == list(ref.layer_grams)
+
+
+@pytest.mark.parametrize("engine", PARAM_ENGINES)
+def test_head_that_reuses_a_shared_weight(engine):
+    # the head reaches a shared parameter without passing through the shared part's output
+    trunk, heads, x, ys = build("mlp", 3)
+    with gl.Profiler(trunk, tasks=["t0", "t1", "t2"], engine=engine) as prof:
+        losses, z = task_losses(trunk, heads, x, ys, features=True)
+        losses["t1"] = losses["t1"] + (z @ trunk[4].weight).pow(2).mean()
+        ref = reference_grams(losses, trunk)
+        expected = torch.autograd.grad(
+            sum(losses.values()), list(trunk.parameters()), retain_graph=True
+        )
+        snap = prof.backward(losses)
+    _assert_gram_close(snap.gram, ref.gram, 1e-10)
+    for p, g in zip(trunk.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_tasks", [1, 4])
+def test_shared_part_that_is_a_single_rule_module(n_tasks):
+    # the shared root's output edge is also its only layer's output edge
+    lin = torch.nn.Linear(5, 3).double()
+    heads = torch.nn.ModuleList([torch.nn.Linear(3, 1).double() for _ in range(n_tasks)])
+    x = torch.randn(7, 5, dtype=torch.float64)
+    names = [f"t{i}" for i in range(n_tasks)]
+    with gl.Profiler(lin, tasks=names, engine="gramian") as prof:
+        z = lin(x)  # forward after the profiler attached its hooks
+        losses = {t: h(torch.tanh(z)).pow(2).mean() for t, h in zip(names, heads)}
+        ref = reference_grams(losses, lin)
+        snap = prof.backward(losses)
+    assert snap.rules == {"(root)": "linear"}
+    _assert_gram_close(snap.gram, ref.gram, 1e-10)

@@ -184,6 +184,51 @@ def batched_grad(
         )
 
 
+def per_task_grad(
+    losses: torch.Tensor,
+    inputs: Sequence[torch.Tensor | torch.autograd.graph.GradientEdge],
+    shapes: Sequence[Sequence[int]],
+) -> list[torch.Tensor]:
+    """Each task's gradient w.r.t. each input by one small backward per task, stacked (T, ...).
+
+    Used where the inputs sit just below the task heads: task t's backward only runs through the
+    part of the graph between its own loss and the inputs (its head), so the cost grows linearly
+    with T, where a batched backward would push all T cotangents through every head.
+    """
+    T = losses.shape[0]
+    got: list[list[torch.Tensor | None]] = [[] for _ in inputs]
+    for t in range(T):
+        gs = torch.autograd.grad(losses[t], list(inputs), retain_graph=True, allow_unused=True)
+        for k, g in enumerate(gs):
+            got[k].append(g)
+    out = []
+    for row, shape in zip(got, shapes):
+        like = next((g for g in row if g is not None), None)
+        dtype = losses.dtype if like is None else like.dtype
+        zeros = torch.zeros(tuple(shape), dtype=dtype, device=losses.device)
+        out.append(torch.stack([zeros if g is None else g for g in row]))
+    return out
+
+
+def batched_grad_from(
+    outputs: Sequence[torch.autograd.graph.GradientEdge],
+    cotangents: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor | torch.autograd.graph.GradientEdge],
+) -> tuple[torch.Tensor | None, ...]:
+    """Batched backward from intermediate ``outputs`` with (T, ...) ``cotangents``."""
+    if not inputs:
+        return ()
+    with _quiet_vmap():
+        return torch.autograd.grad(
+            list(outputs),
+            list(inputs),
+            grad_outputs=list(cotangents),
+            is_grads_batched=True,
+            retain_graph=True,
+            allow_unused=True,
+        )
+
+
 @contextmanager
 def _quiet_vmap() -> Iterator[None]:
     # vmap's slow-path notice ("There is a performance drop because we have not yet implemented

@@ -30,9 +30,11 @@ from gradlens.engines._base import (
     SharedParams,
     accumulate_grad,
     batched_grad,
+    batched_grad_from,
     compute_dtype,
     gram_of_rows,
     group_by_layer,
+    per_task_grad,
 )
 from gradlens.engines.rules import Rule, rule_for
 
@@ -55,6 +57,7 @@ class GramianEngine(Engine):
         super().__init__(shared, n_tasks)
         self._recording = True
         self._records: dict[str, list[_Record]] = {}
+        self._boundary: list[_Record] = []
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize | None = None
@@ -79,6 +82,7 @@ class GramianEngine(Engine):
             layer = self.shared.layer_of[id(own[0])]
             self._modules[layer] = (mod, rule)
             self._handles.append(mod.register_forward_hook(self._hook(layer)))
+        self._handles.append(root.register_forward_hook(self._boundary_hook()))
         self._finalizer = weakref.finalize(self, _remove, list(self._handles))
 
     def detach(self) -> None:
@@ -86,11 +90,30 @@ class GramianEngine(Engine):
             self._finalizer()
         self._handles.clear()
         self._records.clear()
+        self._boundary.clear()
 
     def set_recording(self, on: bool) -> None:
         self._recording = on
         if not on:
             self._records.clear()
+            self._boundary.clear()
+
+    def _boundary_hook(self) -> Callable[..., None]:
+        """Record the output edges of the shared root module: the boundary to the task heads."""
+        ref = weakref.ref(self)
+
+        def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+            engine = ref()
+            if engine is None or not engine._recording or not torch.is_grad_enabled():
+                return
+            leaves, _ = torch.utils._pytree.tree_flatten(output)
+            for out in leaves:
+                if isinstance(out, torch.Tensor) and out.requires_grad:
+                    engine._boundary.append(
+                        _Record(out.detach(), get_gradient_edge(out), out.shape)
+                    )
+
+        return hook
 
     def _hook(self, layer: str) -> Callable[..., None]:
         ref = weakref.ref(self)
@@ -113,6 +136,7 @@ class GramianEngine(Engine):
     # -- compute -----------------------------------------------------------------------------
     def compute(self, ctx: BackwardContext) -> EngineResult:
         records, self._records = self._records, {}
+        boundary, self._boundary = self._boundary, []
         params = ctx.reached
         if not params:
             return EngineResult({})
@@ -134,8 +158,8 @@ class GramianEngine(Engine):
             r.edge for recs in rule_layers.values() for r in recs
         ]
         inputs += generic
-        grads = list(batched_grad(ctx.losses, inputs))
         T = ctx.losses.shape[0]
+        grads = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
 
         grams: dict[str, torch.Tensor] = {}
         rules: dict[str, str] = {}
@@ -169,6 +193,69 @@ class GramianEngine(Engine):
                 accumulate_grad(p, torch.tensordot(ctx.weights, gen_grads[id(p)], dims=1))
         ordered = {layer: grams[layer] for layer in by_layer}
         return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, {id(p) for p in params})
+
+    def _output_grads(
+        self,
+        ctx: BackwardContext,
+        inputs: list[torch.Tensor | GradientEdge],
+        boundary: list[_Record],
+        rule_layers: dict[str, list[_Record]],
+        generic: list[torch.Tensor],
+    ) -> list[torch.Tensor | None]:
+        """Every task's gradient w.r.t. each input (layer output edges, generic parameters).
+
+        Two stages when the losses reach the shared part only through its outputs: one small
+        backward per task from its loss to the shared outputs (through its own head only), then
+        one batched backward of the T cotangents from there through the shared part. Otherwise
+        (T = 1, or a loss reaches shared parameters another way, e.g. a head tied to a shared
+        weight) one batched backward from the losses.
+        """
+        live = [b for b in boundary if b.edge.node in ctx.nodes]
+        T = ctx.losses.shape[0]
+        if T == 1 or not live:
+            return list(batched_grad(ctx.losses, inputs))
+        stop = {b.edge.node for b in live}
+        inside = {r.edge.node for recs in rule_layers.values() for r in recs}
+        if _reaches_past(ctx.losses, stop, inside, {id(p) for p in self.shared.params}):
+            return list(batched_grad(ctx.losses, inputs))
+        edges = [b.edge for b in live]
+        cot = per_task_grad(ctx.losses, edges, [b.out_shape for b in live])
+        at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot)}
+
+        def key(x: torch.Tensor | GradientEdge) -> tuple[object, int] | None:
+            return (x.node, x.output_nr) if isinstance(x, GradientEdge) else None
+
+        rest = [x for x in inputs if key(x) not in at_boundary]
+        got = iter(batched_grad_from(edges, cot, rest))
+        return [at_boundary[k] if (k := key(x)) in at_boundary else next(got) for x in inputs]
+
+
+def _reaches_past(
+    losses: torch.Tensor,
+    stop: set[torch.autograd.graph.Node],
+    inside: set[torch.autograd.graph.Node],
+    shared_ids: set[int],
+) -> bool:
+    """Whether the losses' graph reaches recorded layers or shared leaves without crossing
+    ``stop`` (the shared part's output nodes)."""
+    root = losses.grad_fn
+    if root is None:
+        return False
+    seen = {root}
+    todo = [root]
+    while todo:
+        fn = todo.pop()
+        for nxt, _ in fn.next_functions:
+            if nxt is None or nxt in seen:
+                continue
+            seen.add(nxt)
+            if nxt in stop:
+                continue
+            var = getattr(nxt, "variable", None)
+            if nxt in inside or (var is not None and id(var) in shared_ids):
+                return True
+            todo.append(nxt)
+    return False
 
 
 def _remove(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
