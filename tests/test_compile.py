@@ -1,0 +1,78 @@
+"""torch.compile'd trunks: the loop and features engines work, the vmap engines are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradlens as gl
+from gradlens.testing import reference_grams
+
+TASKS = ["a", "b", "c"]
+W = {"a": 0.2, "b": 0.5, "c": 0.3}
+# importing torch._dynamo (torch.compile) touches torch.jit internals that warn on torch 2.13
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)
+
+
+def _model() -> tuple[nn.Module, nn.ModuleList]:
+    trunk = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8)).double()
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in TASKS]).double()
+    return trunk, heads
+
+
+def _losses(z: torch.Tensor, heads: nn.ModuleList, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {t: ((h(z).squeeze(1) - y[i]) ** 2).mean() for i, (t, h) in enumerate(zip(TASKS, heads))}
+
+
+@pytest.mark.parametrize("engine", ["gramian", "batched"])
+@pytest.mark.parametrize("how", ["wrapper", "in_place", "submodule"])
+def test_vmap_engines_refuse_compiled_modules(engine, how):
+    trunk, _ = _model()
+    if how == "wrapper":
+        shared = torch.compile(trunk)
+    elif how == "in_place":
+        trunk.compile()
+        shared = trunk
+    else:
+        trunk[2] = torch.compile(trunk[2])
+        shared = trunk
+    where = {"wrapper": r"\['\(root\)'\]", "in_place": r"\['\(root\)'\]", "submodule": r"\['2'\]"}
+    with pytest.raises(
+        gl.GradlensError,
+        match=rf"`engine='{engine}'` cannot profile a torch.compile'd `shared` module "
+        rf"\(compiled: {where[how]}\).*Use engine='loop'",
+    ):
+        gl.Profiler(shared, TASKS, engine=engine)
+
+
+@pytest.mark.slow
+def test_loop_and_features_engines_on_a_compiled_trunk():
+    torch.manual_seed(0)
+    trunk, heads = _model()
+    compiled = torch.compile(trunk)
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)
+    params = list(trunk.parameters()) + list(heads.parameters())
+    for engine in ["loop", "features"]:
+        prof = gl.Profiler(compiled, TASKS, engine=engine)
+        assert prof.layers == ("0", "2")  # names of the original module, no `_orig_mod.`
+        for _ in range(2):
+            z = compiled(x)
+            losses = _losses(z, heads, y)
+            ref = reference_grams(losses, trunk)
+            J = torch.stack(
+                [torch.autograd.grad(v, z, retain_graph=True)[0].flatten() for v in losses.values()]
+            )
+            snap = prof.backward(losses, W, features=z if engine == "features" else None)
+            got = [p.grad.clone() for p in params]
+            for p in params:
+                p.grad = None
+            sum(W[t] * v for t, v in _losses(trunk(x), heads, y).items()).backward()
+            for g, p in zip(got, params):
+                torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-12)
+                p.grad = None
+            want = J @ J.T if engine == "features" else ref.gram
+            torch.testing.assert_close(snap.gram, want, rtol=1e-10, atol=1e-12)
+        prof.close()
