@@ -256,3 +256,36 @@ def test_one_rank_is_the_plain_profiler():
     for g, p in zip(got, model.parameters()):
         _close(g, p.grad)
     prof.close()
+
+
+# -- the documented examples ---------------------------------------------------------------------
+_DOC = Path(__file__).resolve().parents[1] / "docs" / "real_setups.md"
+
+
+def _doc_blocks() -> list[str]:
+    import re
+
+    return re.findall(r"```python\n(.*?)```", _DOC.read_text(), flags=re.S)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(5))
+def test_real_setups_examples_run(index, tmp_path):
+    import subprocess
+    import sys
+
+    blocks = _doc_blocks()
+    assert len(blocks) == 5
+    script = tmp_path / "example.py"
+    script.write_text(blocks[index])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=_DOC.parents[1],
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip()
