@@ -19,9 +19,9 @@ After the last round every member runs ``Trainer.finish()`` (final val/test eval
 Layout of a PBT directory::
 
     pbt.json                     the state after the last completed round (the commit point):
-                                 epoch, each member's weights, schedule, lineage, scores and the
-                                 checkpoint it resumes from, the random state; the summary at
-                                 the end
+                                 epoch, each member's weights, schedule, lineage, scores, the
+                                 checkpoint it resumes from and its training CPU seconds, the
+                                 random state, the wall seconds; the summary at the end
     member-000/ ...              one gradlens run directory per member; meta["pbt"] holds its
                                  weight schedule and lineage
     checkpoints/epoch-XXXX/      the checkpoints of the last completed round only
@@ -177,13 +177,18 @@ class _Members:
         out = {}
         Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
         for k in ks:
+            c0 = time.process_time()
             tr = self._trainers[k]
             val = tr.fit_epochs(epochs)
             path = Path(ckpt_dir) / f"member-{k:03d}.pt"
             tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
             torch.save(tr.state_dict(), tmp)
             os.replace(tmp, path)
-            out[k] = {"val": plain_final({"val": val})["val"], "epoch": tr.epoch}
+            out[k] = {
+                "val": plain_final({"val": val})["val"],
+                "epoch": tr.epoch,
+                "cpu_seconds": time.process_time() - c0,
+            }
         return out
 
     def exploit(
@@ -231,6 +236,7 @@ def _fresh_state(spec: PBTSpec, tasks: Sequence[str], identity: dict[str, Any]) 
                 "lineage": [],
                 "scores": [],
                 "checkpoint": None,
+                "cpu_seconds": 0.0,
                 "final": None,
             }
         )
@@ -385,6 +391,9 @@ def run_pbt(
                 scores = [pbt_score(results[k]["val"], spec.metric) for k in range(len(members))]
                 for m, s in zip(members, scores):
                     m["scores"].append({"epoch": epoch, "score": s})
+                    m["cpu_seconds"] = (
+                        m.get("cpu_seconds", 0.0) + results[m["member"]]["cpu_seconds"]
+                    )
                     m["checkpoint"] = f"{ckpt_rel}/member-{m['member']:03d}.pt"
                 if epoch < total:
                     moves: dict[int, tuple[str, dict[str, float]]] = {}

@@ -3,7 +3,8 @@
 Layout of a sweep directory::
 
     index.json        every planned run: id, weights, width, depth, seed, baseline_of, status
-                      ("planned", "running", "done", "failed"), attempts, error, seconds, final
+                      ("planned", "running", "done", "failed"), attempts, error, final, and
+                      its cost: seconds (wall) and cpu_seconds (CPU time of its process)
     <run id>/         one gradlens run directory per run (written by gradlens.train)
     .lock             the live driver's pid
 
@@ -197,13 +198,14 @@ def _train_trial(train: dict[str, Any], run_dir: str) -> dict[str, Any]:
     from gradlens.train import TrainConfig
     from gradlens.train import train as train_fn
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = train_fn(TrainConfig.from_dict(train), run_dir, progress=False)
     return {
         "final": plain_final(result.metrics),
         "epochs_run": int(result.epochs_run),
         "stopped_early": bool(result.stopped_early),
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
     }
 
 
