@@ -243,8 +243,9 @@ class Trainer:
         overwrite: replace a run already stored in ``run_dir``.
 
     The run's ``meta.json`` holds ``tasks``, ``kind``, ``scalarization``, ``weights`` (the initial
-    normalised weights), ``weight_schedule`` (every weight change as ``{"epoch", "step",
-    "weights"}``, the first entry being the initial weights), ``model`` (``family``, ``width``,
+    normalised weights), ``weight_schedule`` (the weights in use from each ``{"epoch", "step"}``
+    on: the first entry holds the initial weights, and a change at a step that already has an
+    entry replaces it), ``model`` (``family``, ``width``,
     ``depth``, ``n_params``, ``n_shared_params``), ``seed``, ``config`` (``TrainConfig.to_dict()``,
     user fields under ``config``), ``dataset`` (name, kind, options, sizes) and, from the
     profiler, ``engine``, ``layers``, ``every``. Evals: ``point="epoch:k"`` after each epoch
@@ -349,7 +350,8 @@ class Trainer:
         """The normalised weights in use (loss weights, or sampling probabilities).
 
         Setting them (a mapping task -> non-negative number, normalised to the simplex) takes
-        effect from the next step and is recorded in ``meta["weight_schedule"]``.
+        effect from the next step and is recorded in ``meta["weight_schedule"]``; set before the
+        first step, they also replace ``meta["weights"]``.
         """
         return dict(self._weights)
 
@@ -366,9 +368,16 @@ class Trainer:
     def _set_weights(self, w: dict[str, float]) -> None:
         self._check_feasible(w, "weights")
         self._weights = w
-        self._log.append({"epoch": self.epoch, "step": self.step, "weights": dict(w)})
+        entry = {"epoch": self.epoch, "step": self.step, "weights": dict(w)}
+        if self._log[-1]["step"] == self.step and self._log[-1]["epoch"] == self.epoch:
+            self._log[-1] = entry  # the replaced weights were in use for no step
+        else:
+            self._log.append(entry)
         if self.store is not None:
-            self.store.update_meta(weight_schedule=self._log)
+            fields: dict[str, Any] = {"weight_schedule": self._log}
+            if self.step == 0:
+                fields["weights"] = dict(w)  # set before training: these are the initial ones
+            self.store.update_meta(**fields)
 
     def _check_feasible(self, w: Mapping[str, float], name: str) -> None:
         if not self.multidomain:

@@ -354,8 +354,12 @@ def test_domain_subset_filters_samples():
 
 def test_weight_changes_are_recorded_and_used(tmp_path):
     t = Trainer(tiny(every=1), tmp_path / "run", progress=False)
+    t.weights = {"left": 1.0, "right": 3.0}  # before training: the initial weights
+    assert t.store.meta["weights"] == {"left": 0.25, "right": 0.75}
+    t.weights = {"left": 1.0, "right": 1.0}
     t.fit_epochs(1)
-    t.weights = {"left": 0.0, "right": 2.0}
+    t.weights = {"left": 1.0, "right": 0.0}
+    t.weights = {"left": 0.0, "right": 2.0}  # replaces the change at the same step
     assert t.weights == {"left": 0.0, "right": 1.0}
     t.fit_epochs(1)
     with pytest.raises(GradlensError, match=r"`weights\['left'\]` should be a finite number >= 0"):
@@ -364,6 +368,7 @@ def test_weight_changes_are_recorded_and_used(tmp_path):
         t.weights = None
     t.finish()
     run = load_run(tmp_path / "run")
+    assert run.meta["weights"] == {"left": 0.5, "right": 0.5}
     assert run.meta["weight_schedule"] == [
         {"epoch": 0, "step": 0, "weights": {"left": 0.5, "right": 0.5}},
         {"epoch": 1, "step": 5, "weights": {"left": 0.0, "right": 1.0}},

@@ -103,19 +103,24 @@ def run(args: argparse.Namespace) -> int:
         fields["weights"] = _parse_weights(args.weights)
     if args.every is not None:
         fields["every"] = int(args.every) if args.every.strip().isdigit() else args.every.strip()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise GradlensError(f"`--threads` should be a positive int; found {args.threads}.")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise GradlensError(f"`--threads` should be a positive int; found {args.threads}.")
     out = args.out
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"train-{stamp}"
-    result = train(fields, out, progress=not args.no_progress, overwrite=args.overwrite)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        result = train(fields, out, progress=not args.no_progress, overwrite=args.overwrite)
+    finally:
+        torch.set_num_threads(threads)
     stopped = " (stopped early)" if result.stopped_early else ""
+    epochs = f"{result.epochs_run} epoch{'s' * (result.epochs_run != 1)}"
     sys.stdout.write(
         f"{format_metrics(result.metrics)}\n\n"
-        f"{result.epochs_run} epochs{stopped}; run stored in {result.run_dir} "
+        f"{epochs}{stopped}; run stored in {result.run_dir} "
         f'(gradlens.load_run("{result.run_dir}"))\n'
     )
     return 0
