@@ -186,6 +186,12 @@ class DistributedProfiler(Profiler):
             "(rank-local Grams; pass `store` on rank 0 only)."
         )
 
+    def close(self) -> None:
+        """As :meth:`Profiler.close`; DDP's own gradient sync is switched back on."""
+        if self._ddp is not None:
+            self._ddp.require_backward_grad_sync = True
+        super().close()
+
     def __repr__(self) -> str:
         return (
             f"DistributedProfiler(tasks={list(self.tasks)}, engine={self.engine!r}, "

@@ -247,6 +247,7 @@ def test_one_rank_is_the_plain_profiler():
     z, outs = net(x)
     losses = _losses(outs, y)
     ref = reference_grams(losses, model.trunk)
+    assert not net.require_backward_grad_sync  # every step is probed: the profiler reduces
     snap = prof.backward(losses, W)
     _close(snap.gram, ref.gram)
     got = [p.grad.clone() for p in model.parameters()]
@@ -256,6 +257,7 @@ def test_one_rank_is_the_plain_profiler():
     for g, p in zip(got, model.parameters()):
         _close(g, p.grad)
     prof.close()
+    assert net.require_backward_grad_sync  # DDP is itself again
 
 
 # -- the documented examples ---------------------------------------------------------------------
