@@ -223,7 +223,7 @@ class Profiler:
         what = "backward" if write else "observe"
         if self._closed:
             raise GradlensError(f"`{what}` was called on a closed Profiler; create a new one.")
-        L = _stack_losses(losses, self.tasks)
+        L, parts = _stack_losses(losses, self.tasks)
         w = _weights_tensor(weights, self.tasks, L)
         scale = _check_scale(grad_scale, L)
         step = self.step
@@ -232,7 +232,7 @@ class Profiler:
         snap = None
         try:
             if probe:
-                snap = self._probe(step, L, w, feats, retain_graph, scale, write)
+                snap = self._probe(step, L, parts, w, feats, retain_graph, scale, write)
             elif write:
                 Ls = L if scale is None else L * scale
                 torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
@@ -283,6 +283,7 @@ class Profiler:
         self,
         step: int,
         L: torch.Tensor,
+        parts: list[torch.Tensor],
         w: torch.Tensor,
         feats: list[torch.Tensor] | None,
         retain_graph: bool,
@@ -294,6 +295,7 @@ class Profiler:
         Ls = L if scale is None else L * scale
         ctx = BackwardContext(
             losses=Ls,
+            task_losses=parts if scale is None else [v * scale for v in parts],
             weights=w,
             reached=reached,
             uses=uses,
@@ -446,7 +448,14 @@ def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     return out
 
 
-def _stack_losses(losses: Mapping[str, torch.Tensor], tasks: tuple[str, ...]) -> torch.Tensor:
+def _stack_losses(
+    losses: Mapping[str, torch.Tensor], tasks: tuple[str, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Validate the losses; return them stacked (T,) and as the per-task scalars stacked.
+
+    The scalars are kept because a backward from ``L[t]`` would run through every task's graph
+    (through the stack), where one from the scalar runs through task t's graph only.
+    """
     if not isinstance(losses, Mapping):
         raise GradlensError(
             f"`losses` should be a mapping task -> scalar loss; found {type(losses).__name__}."
@@ -486,7 +495,7 @@ def _stack_losses(losses: Mapping[str, torch.Tensor], tasks: tuple[str, ...]) ->
     if not bool(finite.all()):
         bad = {t: v for t, v, ok in zip(tasks, L.detach().tolist(), finite.tolist()) if not ok}
         raise GradlensError(f"`losses` should be finite; found {bad}.")
-    return L
+    return L, vals
 
 
 def _weights_tensor(

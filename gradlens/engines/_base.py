@@ -110,6 +110,15 @@ class BackwardContext:
     nodes: set[torch.autograd.graph.Node]
     features: Sequence[torch.Tensor] | None = None
     memory_budget: int = 1 << 30
+    #: The scalar losses that ``losses`` stacks (a backward from one of them runs through its own
+    #: task's graph only; one from ``losses[t]`` would run through every task's, via the stack).
+    task_losses: Sequence[torch.Tensor] | None = None
+
+    def per_task(self) -> list[torch.Tensor]:
+        """The per-task scalar losses (``task_losses``, or ``losses`` unbound as a fallback)."""
+        return (
+            list(self.task_losses) if self.task_losses is not None else list(self.losses.unbind(0))
+        )
 
 
 @dataclass
@@ -185,7 +194,7 @@ def batched_grad(
 
 
 def per_task_grad(
-    losses: torch.Tensor,
+    losses: Sequence[torch.Tensor],
     inputs: Sequence[torch.Tensor | torch.autograd.graph.GradientEdge],
     shapes: Sequence[Sequence[int]],
 ) -> list[torch.Tensor]:
@@ -195,7 +204,8 @@ def per_task_grad(
     part of the graph between its own loss and the inputs (its head), so the cost grows linearly
     with T, where a batched backward would push all T cotangents through every head.
     """
-    T = losses.shape[0]
+    T = len(losses)
+    ref = losses[0]
     got: list[list[torch.Tensor | None]] = [[] for _ in inputs]
     for t in range(T):
         gs = torch.autograd.grad(losses[t], list(inputs), retain_graph=True, allow_unused=True)
@@ -204,8 +214,8 @@ def per_task_grad(
     out = []
     for row, shape in zip(got, shapes):
         like = next((g for g in row if g is not None), None)
-        dtype = losses.dtype if like is None else like.dtype
-        zeros = torch.zeros(tuple(shape), dtype=dtype, device=losses.device)
+        dtype = ref.dtype if like is None else like.dtype
+        zeros = torch.zeros(tuple(shape), dtype=dtype, device=ref.device)
         out.append(torch.stack([zeros if g is None else g for g in row]))
     return out
 

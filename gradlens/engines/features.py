@@ -33,6 +33,6 @@ class FeaturesEngine(Engine):
     def compute(self, ctx: BackwardContext) -> EngineResult:
         feats = list(ctx.features or ())
         # one small backward per task: each runs through its own head only
-        rows = per_task_grad(ctx.losses, feats, [z.shape for z in feats])
+        rows = per_task_grad(ctx.per_task(), feats, [z.shape for z in feats])
         rows = [r.to(z.dtype) for r, z in zip(rows, feats)]
         return EngineResult({FEATURES_LAYER: gram_of_rows(rows)}, {FEATURES_LAYER: "features"})

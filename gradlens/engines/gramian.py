@@ -219,7 +219,7 @@ class GramianEngine(Engine):
         if _reaches_past(ctx.losses, stop, inside, {id(p) for p in self.shared.params}):
             return list(batched_grad(ctx.losses, inputs))
         edges = [b.edge for b in live]
-        cot = per_task_grad(ctx.losses, edges, [b.out_shape for b in live])
+        cot = per_task_grad(ctx.per_task(), edges, [b.out_shape for b in live])
         at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot)}
 
         def key(x: torch.Tensor | GradientEdge) -> tuple[object, int] | None:
