@@ -68,6 +68,15 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert "plain ms" in capsys.readouterr().out
 
 
+def test_cpu_clock_restores_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    rows = run_benchmark(["mlp-tiny"], [2], ["plain", "batched"], repeats=1, batch=8, clock="cpu")
+    assert torch.get_num_threads() == before
+    assert all(r["seconds"] > 0 for r in rows)
+
+
 def test_memory_measurement_in_a_fresh_process():
     row = measure_peak_memory("mlp-tiny", 2, "gramian", batch=8)
     assert row["method"] == "gramian"
@@ -79,5 +88,7 @@ def test_unknown_model_or_method_is_refused():
 
     with pytest.raises(GradlensError, match="`model` should be one of"):
         run_benchmark(["resnet-9000"], [2], ["plain"], repeats=1)
+    with pytest.raises(GradlensError, match="`clock` should be 'wall' or 'cpu'"):
+        run_benchmark(["mlp-tiny"], [2], ["plain"], repeats=1, clock="sundial")
     with pytest.raises(GradlensError, match="`methods` should be among"):
         run_benchmark(["mlp-tiny"], [2], ["warp"], repeats=1)

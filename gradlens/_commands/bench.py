@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: CPU time of one torch thread (for a shared machine)",
+    )
+    p.add_argument(
         "--memory",
         action="store_true",
         help="also measure peak memory growth per method, one fresh process each",
@@ -52,7 +58,13 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(msg + "\n")
 
     rows = run_benchmark(
-        args.models, args.tasks, args.methods, batch=args.batch, repeats=args.repeats, progress=say
+        args.models,
+        args.tasks,
+        args.methods,
+        batch=args.batch,
+        repeats=args.repeats,
+        clock=args.clock,
+        progress=say,
     )
     print(format_table(rows))
     out: dict[str, object] = {"time": rows}
