@@ -300,7 +300,7 @@ class _GlobalParams(Engine):
         self.world = world
 
     def _task_grads(
-        self, losses: torch.Tensor, params: list[torch.Tensor]
+        self, ctx: BackwardContext, params: list[torch.Tensor]
     ) -> list[torch.Tensor | None]:
         raise NotImplementedError
 
@@ -312,7 +312,7 @@ class _GlobalParams(Engine):
         grams: dict[str, torch.Tensor] = {}
         hit: dict[str, bool] = {}
         for chunk in _layer_chunks(self.shared, params, T, ctx.memory_budget):
-            grads = self._task_grads(ctx.losses, chunk)
+            grads = self._task_grads(ctx, chunk)
             rows = [
                 torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
                 for p, g in zip(chunk, grads)
@@ -346,18 +346,18 @@ class _GlobalBatched(_GlobalParams):
     name = "batched"
 
     def _task_grads(
-        self, losses: torch.Tensor, params: list[torch.Tensor]
+        self, ctx: BackwardContext, params: list[torch.Tensor]
     ) -> list[torch.Tensor | None]:
-        return list(batched_grad(losses, params))
+        return list(batched_grad(ctx.losses, params))
 
 
 class _GlobalLoop(_GlobalParams):
     name = "loop"
 
     def _task_grads(
-        self, losses: torch.Tensor, params: list[torch.Tensor]
+        self, ctx: BackwardContext, params: list[torch.Tensor]
     ) -> list[torch.Tensor | None]:
-        per_task = loop_task_grads(list(losses.unbind(0)), params)
+        per_task = loop_task_grads(ctx.per_task(), params)
         return [torch.stack([g[k] for g in per_task]) for k in range(len(params))]
 
 
