@@ -134,7 +134,20 @@ class _Setup:
         for p in [*self.trunk.parameters(), *self.heads.parameters()]:
             p.grad = None
 
+    def prepare(self, method: str, every: int = 1) -> None:
+        """Attach the profiler ``method`` needs (and only it), before the timed forward.
+
+        A profiler is created fresh when the method changes, so its step counter starts at 0
+        (probed); no hooks of another method stay on the model while a method is timed.
+        """
+        key = (method, every) if method not in ("plain", "loop-libmtl", "torchjd") else None
+        if key is None or key not in self._profilers:
+            self.close()
+            if key is not None:
+                self._profilers[key] = Profiler(self.trunk, self.tasks, engine=method, every=every)
+
     def step(self, method: str, every: int = 1) -> None:
+        """One training step of ``method`` (call :meth:`prepare` first)."""
         self.zero()
         if method == "torchjd":
             self._torchjd_step()
@@ -145,16 +158,8 @@ class _Setup:
         elif method == "loop-libmtl":
             self._libmtl(losses)
         else:
-            prof = self._profiler(method, every)
+            prof = self._profilers[(method, every)]
             prof.backward(losses, self.w, features=z if method == "features" else None)
-
-    def _profiler(self, engine: str, every: int) -> Profiler:
-        key = (engine, every)
-        if key not in self._profilers:
-            for p in self._profilers.values():
-                p.close()
-            self._profilers = {key: Profiler(self.trunk, self.tasks, engine=engine, every=every)}
-        return self._profilers[key]
 
     def _libmtl(self, losses: dict[str, torch.Tensor]) -> None:
         # LibMTL's pattern: T autograd.grad calls on the shared parameters, flatten, stack
@@ -266,13 +271,15 @@ def _run(
             for r in range(warmup + repeats):
                 rot = order[r % len(order) :] + order[: r % len(order)]
                 for m in rot:
-                    t0 = now()
                     if m == "gramian-unprobed":
-                        # step 0 is probed by Every(10**9); later steps are not
+                        # a fresh profiler probes its step 0 only (Every(10**9)): time step 1
+                        setup.prepare("gramian", every=10**9)
                         setup.step("gramian", every=10**9)
                         t0 = now()
                         setup.step("gramian", every=10**9)
                     else:
+                        setup.prepare(m)
+                        t0 = now()
                         setup.step(m)
                     dt = now() - t0
                     if r >= warmup:
@@ -335,6 +342,7 @@ def _child_memory(model: str, n_tasks: int, method: str, batch: int) -> dict[str
     with torch.no_grad():
         setup.trunk(setup.x)  # allocate the forward's own buffers once
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    setup.prepare(method)
     for _ in range(3):
         setup.step(method)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

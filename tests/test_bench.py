@@ -92,3 +92,15 @@ def test_unknown_model_or_method_is_refused():
         run_benchmark(["mlp-tiny"], [2], ["plain"], repeats=1, clock="sundial")
     with pytest.raises(GradlensError, match="`methods` should be among"):
         run_benchmark(["mlp-tiny"], [2], ["warp"], repeats=1)
+
+
+def test_gramian_in_the_benchmark_is_served_by_its_rules():
+    # the profiler must be attached before the forward, or the gramian engine sees no layer
+    from gradlens.bench import _Setup
+
+    setup = _Setup("mlp-tiny", 2, 8)
+    setup.prepare("gramian")
+    losses, _ = setup.losses()
+    snap = next(iter(setup._profilers.values())).backward(losses, setup.w)
+    assert set(snap.rules.values()) == {"linear"}
+    setup.close()
