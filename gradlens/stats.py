@@ -780,7 +780,7 @@ def associations(
     resample: Literal["groups", "within"] = "groups",
     stratify: bool = True,
     n_boot: int = 2000,
-    n_perm: int = 2000,
+    n_perm: int | None = None,
     ci: float = 0.95,
     seed: int = 0,
     progress: bool = False,
@@ -815,7 +815,10 @@ def associations(
         resample: ``"groups"`` (cluster bootstrap) or ``"within"`` (seeds within a group).
         stratify: Add the per-size rows.
         n_boot: Bootstrap resamples per test.
-        n_perm: Permutations per test.
+        n_perm: Permutations per test; ``None``: ``max(2000, 40 * number of tests)``, so that
+            the smallest attainable p-value, ``1 / (n_perm + 1)``, survives a Holm correction
+            over the whole family at 0.05 (with fewer, a family of ``m`` tests can never reject
+            once ``m / (n_perm + 1) >= 0.05``).
         ci: Confidence level.
         seed: Base seed.
         progress: Show a progress bar over the tests.
@@ -851,7 +854,8 @@ def associations(
         _choice(resample, _core.RESAMPLES, "resample")
     level = _level(ci)
     _count(n_boot, "n_boot")
-    _count(n_perm, "n_perm")
+    if n_perm is not None:
+        _count(n_perm, "n_perm")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise GradlensError(f"`seed` should be an int; found {seed!r}.")
     sizes: list[Any] = []
@@ -905,6 +909,8 @@ def associations(
                             "_size": s,
                         }
                     )
+    if n_perm is None:
+        n_perm = max(2000, 40 * len(jobs))
     rows = []
     for index, job in enumerate(tqdm(jobs, desc="tests", disable=not progress)):
         rng = np.random.default_rng([int(seed), index])
