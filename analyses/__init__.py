@@ -1,0 +1,1 @@
+"""The paper's findings reproduced at small scale: ``python -m analyses.<name>``."""

@@ -1,0 +1,268 @@
+"""What the four analyses share: the study presets, the one sweep, reading results, writing outputs.
+
+Three presets (``--quick``, the default ``small`` and ``--full``) fix the data size, epochs, model
+grid, weights and seeds. ``capacity.py`` and ``optimal_weight.py`` analyse the *same* sweep
+directories (:func:`pair_sweep`): the sweep is resumable, so whichever script runs second reuses
+every finished run.
+
+Example:
+    >>> preset("quick").seeds
+    (0,)
+    >>> [p.name for p in PAIRS]
+    ['multidigits', 'domain_digits']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradlens import stats
+from gradlens.search import SearchConfig, run_sweep
+
+__all__ = [
+    "PAIRS",
+    "ROOT",
+    "Pair",
+    "Preset",
+    "Timer",
+    "base_train",
+    "load_tables",
+    "pair_sweep",
+    "parse_args",
+    "preset",
+    "run_study",
+    "save_figure",
+    "write_json",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Default folder of the committed figures and their JSON.
+FIGURES = ROOT / "figures"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One scale of the study (``quick``: seconds, for tests; ``small``: what we ran; ``full``)."""
+
+    name: str
+    widths: tuple[float, ...]
+    depths: tuple[int, ...]
+    p: tuple[float, ...]
+    seeds: tuple[int, ...]
+    epochs: int
+    multidigits_n: int
+    domain_sizes: int | None  # None: the dataset's defaults (1,200 original, 300 rotated)
+    conflict_epochs: int
+    pbt_epochs: int
+    pbt_population: int
+    attribute_tasks: int
+
+
+_P7 = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
+_PRESETS = {
+    "quick": Preset(
+        name="quick", widths=(0.125,), depths=(1,), p=(0.25, 0.5, 0.75), seeds=(0,), epochs=1,
+        multidigits_n=128, domain_sizes=64, conflict_epochs=3, pbt_epochs=2, pbt_population=2,
+        attribute_tasks=6,
+    ),
+    "small": Preset(
+        name="small", widths=(0.25, 0.5, 1.0), depths=(1, 2, 4), p=_P7, seeds=(0, 1, 2),
+        epochs=12, multidigits_n=2000, domain_sizes=None, conflict_epochs=20, pbt_epochs=12,
+        pbt_population=8, attribute_tasks=6,
+    ),
+    "full": Preset(
+        name="full", widths=(0.5, 1.0, 2.0), depths=(1, 2, 4), p=_P7, seeds=(0, 1, 2),
+        epochs=12, multidigits_n=2000, domain_sizes=None, conflict_epochs=40, pbt_epochs=24,
+        pbt_population=8, attribute_tasks=6,
+    ),
+}  # fmt: skip
+
+
+def preset(name: str) -> Preset:
+    """The preset called ``name`` (``"quick"``, ``"small"`` or ``"full"``).
+
+    Example:
+        >>> preset("small").widths, preset("full").epochs
+        ((0.25, 0.5, 1.0), 10)
+    """
+    return _PRESETS[name]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A two-task (MultiDigits) or two-domain (DomainDigits) pair."""
+
+    name: str
+    dataset: str
+    tasks: tuple[str, str]
+    kind: str
+
+    def options(self, pre: Preset) -> dict[str, Any]:
+        """The dataset options of this pair at the scale of ``pre``."""
+        if self.dataset == "multidigits":
+            return {"n": pre.multidigits_n}
+        opts: dict[str, Any] = {"domains": list(self.tasks)}
+        if pre.domain_sizes is not None:
+            opts["sizes"] = pre.domain_sizes
+        return opts
+
+
+PAIRS = (
+    Pair("multidigits", "multidigits", ("left", "right"), "two tasks (loss weights)"),
+    Pair("domain_digits", "domain_digits", ("original", "rotated"), "two domains (resampling)"),
+)
+
+
+def base_train(dataset: str, options: Mapping[str, Any], epochs: int) -> dict[str, Any]:
+    """The ``[train]`` table every analysis starts from (MLP, Adam, gramian engine every 10 steps).
+
+    Example:
+        >>> base_train("multidigits", {"n": 64}, 1)["engine"]
+        'gramian'
+    """
+    return {
+        "dataset": dataset,
+        "dataset_options": dict(options),
+        "model": "mlp",
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "batch_size": 64,
+        "epochs": epochs,
+        "engine": "gramian",
+        "every": 10,
+        "seed": 0,
+    }
+
+
+def run_study(cfg: Mapping[str, Any], out: Path, workers: int) -> pd.DataFrame:
+    """Run (or resume) one sweep with ``workers`` processes of one torch thread each.
+
+    ``LocalExecutor`` gives each worker ``cpus // workers`` threads: on 2 cores and 2 workers, one.
+    """
+    full = {**cfg, "executor": {"kind": "local", "workers": workers}}
+    return run_sweep(SearchConfig.from_dict(full), out, progress=True)
+
+
+def pair_sweep(pair: Pair, pre: Preset, runs: Path, workers: int) -> Path:
+    """Run (or resume) the capacity sweep of ``pair``: weights x sizes x seeds + baselines.
+
+    Both ``capacity.py`` and ``optimal_weight.py`` call this; the second call finds every run done.
+    """
+    cfg = {
+        "train": {
+            **base_train(pair.dataset, pair.options(pre), pre.epochs),
+            "tasks": list(pair.tasks),
+        },
+        "sweep": {
+            "p": list(pre.p),
+            "sizes": [{"width": w, "depth": d} for w in pre.widths for d in pre.depths],
+            "seeds": list(pre.seeds),
+            "baselines": True,
+        },
+    }
+    out = runs / f"sweep-{pair.name}"
+    run_study(cfg, out, workers)
+    return out
+
+
+def load_tables(sweep_dir: Path) -> dict[str, pd.DataFrame]:
+    """``runs_table`` of a sweep on the val and test splits, baselines marked as single-task runs.
+
+    A sweep baseline trains both heads' data with weight 1 on one task and 0 on the other, so its
+    ``tasks`` column names both; ``stats.joint_gain`` recognises single-task runs by ``tasks``
+    naming one task, hence ``tasks`` is set to the run's ``baseline_of`` tag for baselines here.
+    """
+    out = {}
+    for split in ("val", "test"):
+        t = stats.runs_table(sweep_dir, split=split)
+        base = t.get("config.config.baseline_of")  # [train].config, under meta.config
+        if base is not None:
+            is_base = base.notna() & (base.astype(str) != "") & (base.astype(str) != "None")
+            t.loc[is_base, "tasks"] = base[is_base]
+            t.loc[is_base, "n_tasks"] = 1
+        out[split] = t.reset_index(drop=True)
+    return out
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    """Strict JSON (NaN as null) via ``gradlens.stats.to_json``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats.to_json(_tidy(obj), path)
+    return path
+
+
+def _tidy(obj: Any) -> Any:
+    if isinstance(obj, pd.DataFrame):
+        return json.loads(obj.to_json(orient="records"))
+    if isinstance(obj, Mapping):
+        return {str(k): _tidy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_tidy(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return None if not math.isfinite(v) else v
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a figure with ``gradlens.plots.save``."""
+    from gradlens import plots
+
+    return plots.save(fig, path)
+
+
+class Timer:
+    """Wall and CPU seconds of a block (CPU of this process and its finished children)."""
+
+    def __enter__(self) -> Timer:
+        self.t0 = time.perf_counter()
+        self.c0 = _cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = _cpu() - self.c0
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The common flags: ``--quick`` / ``--full``, ``--runs``, ``--figures``, ``--workers``.
+
+    ``--quick`` writes its runs and figures under ``runs/analyses-quick`` unless told otherwise, so
+    it never overwrites the committed figures.
+    """
+    ap = argparse.ArgumentParser(description=description)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="tiny data, 1 size: seconds (for tests)")
+    g.add_argument("--full", action="store_true", help="the paper-style MLP grid (hours)")
+    ap.add_argument("--runs", type=Path, default=None, help="where the sweeps are written")
+    ap.add_argument("--figures", type=Path, default=None, help="where figures and JSON go")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes (1 torch thread)")
+    args = ap.parse_args(argv)
+    args.preset = preset("quick" if args.quick else "full" if args.full else "small")
+    if args.runs is None:
+        args.runs = ROOT / "runs" / f"analyses-{args.preset.name}"
+    if args.figures is None:
+        args.figures = FIGURES if args.preset.name != "quick" else args.runs / "figures"
+    if args.quick:
+        args.workers = 1
+    return args

@@ -1,0 +1,135 @@
+"""Finding 1: does the gain of joint over single-task training grow with model capacity?
+
+For a two-task pair (MultiDigits, loss weights) and a two-domain pair (DomainDigits, resampling),
+sweep the weight ``p`` over a width x depth grid of MLPs with 3 seeds and single-task baselines
+(:func:`analyses._common.pair_sweep`). Per size, the gain on each task is ``stats.joint_gain`` on
+the test split at the weight chosen on the validation split (and, for reference, at ``p = 0.5``).
+Whether it grows with capacity: Spearman of ``log10(parameters)`` and the gain over sizes, with a
+bootstrap over sizes.
+
+    python -m analyses.capacity            # the small grid we ran (see analyses/README.md)
+    python -m analyses.capacity --quick    # seconds; writes under runs/analyses-quick
+    python -m analyses.capacity --full     # the paper-style grid of gradlens.models.GRID
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analyses._common import (
+    PAIRS,
+    Timer,
+    load_tables,
+    pair_sweep,
+    parse_args,
+    save_figure,
+    write_json,
+)
+from gradlens import plots, stats
+
+__all__ = ["gains", "main", "select_weights"]
+
+SIZE = ["model.width", "model.depth"]
+
+
+def select_weights(val: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
+    """Per size, the joint weight with the best mean validation ``accuracy.mean`` over seeds.
+
+    Example:
+        >>> t = pd.DataFrame({"model.width": 1, "model.depth": 1, "n_tasks": 2,
+        ...     "weights.a": [0.2, 0.2, 0.8, 0.8], "accuracy.mean": [0.5, 0.6, 0.7, 0.7]})
+        >>> select_weights(t, ["a", "b"])["weights.a"].tolist()
+        [0.8]
+    """
+    joint = val[val["n_tasks"] == len(tasks)]
+    w = f"weights.{tasks[0]}"
+    cells = joint.groupby([*SIZE, w], as_index=False)["accuracy.mean"].mean()
+    best = cells.loc[cells.groupby(SIZE)["accuracy.mean"].idxmax()]
+    return best.rename(columns={"accuracy.mean": "val_accuracy"}).reset_index(drop=True)
+
+
+def gains(tables: dict[str, pd.DataFrame], tasks: Sequence[str], n_boot: int) -> pd.DataFrame:
+    """Test-split gains per size and task at the val-selected weight and at ``p = 0.5``."""
+    g = stats.joint_gain(tables["test"], size_cols=SIZE, n_boot=n_boot, seed=0)
+    w = f"weights.{tasks[0]}"
+    g = g.merge(
+        tables["test"][[*SIZE, "model.n_params"]].drop_duplicates(SIZE), on=SIZE, how="left"
+    )
+    chosen = select_weights(tables["val"], tasks)[[*SIZE, w]].assign(setting="p selected on val")
+    out = [g.merge(chosen, on=[*SIZE, w])]
+    uniform = g[np.isclose(g[w], 0.5)].assign(setting="p = 0.5")
+    if len(uniform):
+        out.append(uniform)
+    return pd.concat(out, ignore_index=True)
+
+
+def _trend(g: pd.DataFrame, n_boot: int) -> dict[str, Any]:
+    """Spearman of log10(parameters) and the gain over sizes x tasks (cluster bootstrap by size)."""
+    x = np.log10(g["model.n_params"].to_numpy(float))
+    res = stats.correlate(
+        x,
+        g["gain"].to_numpy(float),
+        method="spearman",
+        groups=g["model.n_params"],
+        n_boot=n_boot,
+        seed=0,
+    )
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the sweeps (resuming), compute the gains, write figures and JSON; return the summary."""
+    args = parse_args(__doc__.splitlines()[0], argv)
+    pre = args.preset
+    n_boot = 200 if pre.name == "quick" else 2000
+    summary: dict[str, Any] = {"preset": pre.__dict__, "pairs": {}}
+    for pair in PAIRS:
+        with Timer() as tm:
+            sweep = pair_sweep(pair, pre, args.runs, args.workers)
+        tables = load_tables(sweep)
+        g = gains(tables, pair.tasks, n_boot)
+        sel = g[g["setting"] == "p selected on val"]
+        pair_sum: dict[str, Any] = {
+            "kind": pair.kind,
+            "tasks": list(pair.tasks),
+            "sweep_wall_seconds": tm.wall,
+            "n_runs": len(tables["test"]),
+            "gains": g,
+            "mean_gain_selected": float(sel["gain"].mean()),
+            "share_positive_selected": float((sel["gain"] > 0).mean()),
+            "share_ci_above_0_selected": float((sel["ci_low"] > 0).mean()),
+            "share_ci_below_0_selected": float((sel["ci_high"] < 0).mean()),
+        }
+        for setting, sub in g.groupby("setting"):
+            pair_sum[f"trend ({setting})"] = (
+                _trend(sub, n_boot) if sub["model.n_params"].nunique() >= 3 else None
+            )
+        summary["pairs"][pair.name] = pair_sum
+        panel = g.assign(panel=g["task"] + ", " + g["setting"])
+        fig = plots.gain_grid(
+            panel,
+            panel="panel",
+            scale=100,
+            digits=1,
+            unit="accuracy points",
+            title=f"{pair.name} ({pair.kind}): joint - single-task test accuracy, MLP",
+        )
+        save_figure(fig, args.figures / f"capacity_{pair.name}.png")
+    write_json(summary, args.figures / "capacity.json")
+    return summary
+
+
+if __name__ == "__main__":
+    s = main()
+    for name, p in s["pairs"].items():
+        tr = p.get("trend (p selected on val)") or {}
+        rho = tr.get("estimate", math.nan)
+        print(
+            f"{name}: mean gain {100 * p['mean_gain_selected']:+.2f} points; "
+            f"Spearman(size, gain) {rho:.2f}; sweep {p['sweep_wall_seconds']:.0f} s"
+        )

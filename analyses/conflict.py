@@ -1,0 +1,166 @@
+"""Finding 2: does gradient conflict go with performance?
+
+Within runs: for each pair (MultiDigits, DomainDigits), three longer runs at ``p = 0.5`` (MLP width
+0.5, depth 2, probes every 2 steps) give per-epoch conflict (the fraction of probes with
+``cos < 0``) and the per-epoch validation accuracy; ``stats.within_run`` correlates them per run
+(Pearson, effective-n test and interval), and all epochs of all runs are pooled (Pearson, cluster
+bootstrap by run), as the paper's single linear fit (r = 0.06) did.
+
+Across runs: on the capacity sweeps (``analyses.capacity``), ``stats.associations`` of the weight,
+the run's conflict frequency and mean cosine, and its final test accuracy (Spearman, pooled, per
+size and partial on size; seeds of a configuration resampled together; Holm over all tests).
+
+    python -m analyses.conflict [--quick | --full]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analyses._common import (
+    PAIRS,
+    Pair,
+    Preset,
+    base_train,
+    load_tables,
+    pair_sweep,
+    parse_args,
+    run_study,
+    save_figure,
+    write_json,
+)
+from gradlens import load_run, plots, stats
+
+__all__ = ["across_runs", "main", "within_runs"]
+
+
+def _long_runs(pair: Pair, pre: Preset, runs: Path, workers: int) -> Path:
+    quick = pre.name == "quick"
+    train = {
+        **base_train(pair.dataset, pair.options(pre), pre.conflict_epochs),
+        "tasks": list(pair.tasks),
+        "every": 2,
+    }
+    sweep = {
+        "p": [0.5],
+        "sizes": [{"width": 0.125 if quick else 0.5, "depth": 1 if quick else 2}],
+        "seeds": list(range(2 if quick else 3)),
+    }
+    out = runs / f"conflict-{pair.name}"
+    run_study({"train": train, "sweep": sweep}, out, workers)
+    return out
+
+
+def within_runs(run_dirs: Sequence[Path], n_boot: int) -> dict[str, Any]:
+    """Per-run ``within_run`` and the pooled per-epoch Pearson (cluster bootstrap by run)."""
+    per_run, epochs = [], []
+    for k, d in enumerate(sorted(run_dirs)):
+        run = load_run(d)
+        res = stats.within_run(run, metric="conflict", n_boot=n_boot, seed=k)
+        per_run.append({"run": d.name, **res})
+        epochs.append(stats.epoch_table(run, metric="conflict").assign(run=d.name))
+    ep = pd.concat(epochs, ignore_index=True)
+    pooled = stats.correlate(
+        ep["interference"], ep["score"], method="pearson", groups=ep["run"], n_boot=n_boot, seed=0
+    )
+    centred = ep.assign(
+        interference=ep["interference"] - ep.groupby("run")["interference"].transform("mean"),
+        score=ep["score"] - ep.groupby("run")["score"].transform("mean"),
+    )
+    within = stats.correlate(
+        centred["interference"],
+        centred["score"],
+        method="pearson",
+        groups=centred["run"],
+        n_boot=n_boot,
+        seed=0,
+    )
+    return {"per_run": per_run, "pooled": pooled, "pooled_run_centred": within, "epochs": ep}
+
+
+def across_runs(table: pd.DataFrame, weight_col: str, n_boot: int) -> pd.DataFrame:
+    """``stats.associations`` of weight, conflict and accuracy over the joint runs of a sweep."""
+    joint = table[table["n_tasks"] == 2]
+    return stats.associations(
+        joint,
+        weight_cols=[weight_col],
+        interference_cols=["conflict_freq.mean", "cosine.mean"],
+        accuracy_cols=["accuracy.mean"],
+        methods=("spearman",),
+        group_cols=["model.n_params", weight_col],
+        n_boot=n_boot,
+        seed=0,
+    )
+
+
+def _scatter(epochs: dict[str, pd.DataFrame]) -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * len(epochs), 4.2), layout="constrained")
+    for ax, (name, ep) in zip(fig.subplots(1, len(epochs), squeeze=False)[0], epochs.items()):
+        for k, (run, sub) in enumerate(ep.groupby("run")):
+            sc = ax.scatter(
+                sub["interference"],
+                sub["score"],
+                c=sub["epoch"],
+                cmap="viridis",
+                marker="osD^v"[k % 5],
+                s=28,
+                label=run.split("_")[-1],
+            )
+        r = np.corrcoef(ep["interference"], ep["score"])[0, 1]
+        ax.set(
+            xlabel="per-epoch conflict frequency (cos < 0)",
+            ylabel="val accuracy (mean)",
+            title=f"{name}: pooled Pearson r = {r:.2f}",
+        )
+        ax.legend(title="run", fontsize=8)
+        fig.colorbar(sc, ax=ax, label="epoch")
+    return fig
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train the long runs, resume the sweeps, compute both analyses, write figures and JSON."""
+    args = parse_args(__doc__.splitlines()[0], argv)
+    pre = args.preset
+    n_boot = 200 if pre.name == "quick" else 2000
+    summary: dict[str, Any] = {"preset": pre.__dict__, "pairs": {}}
+    epochs = {}
+    for pair in PAIRS:
+        long_dir = _long_runs(pair, pre, args.runs, args.workers)
+        w = within_runs([d for d in long_dir.iterdir() if d.is_dir()], n_boot)
+        epochs[pair.name] = w.pop("epochs")
+        tables = load_tables(pair_sweep(pair, pre, args.runs, args.workers))
+        wcol = f"weights.{pair.tasks[0]}"
+        assoc = across_runs(tables["test"], wcol, n_boot)
+        summary["pairs"][pair.name] = {"kind": pair.kind, "within": w, "across": assoc}
+        first = sorted(d for d in long_dir.iterdir() if d.is_dir())[0]
+        fig = plots.conflict_timeline(load_run(first), title=f"{pair.name}: {first.name}")
+        save_figure(fig, args.figures / f"conflict_timeline_{pair.name}.png")
+        joint = tables["test"][tables["test"]["n_tasks"] == 2]
+        for col, stem in (("conflict_freq.mean", "conflict"), ("accuracy.mean", "accuracy")):
+            fig = plots.weight_vs_interference(
+                joint,
+                weight_col=wcol,
+                interference_col=col,
+                title=f"{pair.name}: {col} vs {wcol}, per model size (test accuracy)",
+            )
+            save_figure(fig, args.figures / f"weight_vs_{stem}_{pair.name}.png")
+    save_figure(_scatter(epochs), args.figures / "conflict_vs_accuracy_epochs.png")
+    write_json(summary, args.figures / "conflict.json")
+    return summary
+
+
+if __name__ == "__main__":
+    s = main()
+    for name, p in s["pairs"].items():
+        pooled = p["within"]["pooled"]
+        print(
+            f"{name}: pooled per-epoch r = {pooled['estimate']:.3f} "
+            f"[{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}]"
+        )

@@ -1,0 +1,88 @@
+"""Finding 3: is the optimal weight ``p*`` stable across model sizes?
+
+Reads the same sweeps as ``analyses.capacity`` (running or resuming them if needed): per model size
+``p*`` of the first task's weight (first domain's sampling probability) on the validation split,
+with the grid and the quadratic estimators of ``stats.optimal_weight`` and their seed-bootstrap
+intervals; then ``stats.optimal_weight_trend``: the slope of ``p*`` on ``log10(parameters)``.
+
+    python -m analyses.optimal_weight [--quick | --full]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from analyses._common import PAIRS, load_tables, pair_sweep, parse_args, save_figure, write_json
+from gradlens import plots, stats
+
+__all__ = ["main", "optimum"]
+
+
+def optimum(table: pd.DataFrame, weight_col: str, n_boot: int) -> dict[str, Any]:
+    """``p*`` per size and its trend over sizes, for both estimators, from joint runs only."""
+    joint = table[table["n_tasks"] == 2]
+    out: dict[str, Any] = {}
+    for est in ("grid", "quadratic"):
+        best = stats.optimal_weight(
+            joint,
+            weight_col=weight_col,
+            size_cols=["model.n_params"],
+            estimator=est,
+            n_boot=n_boot,
+            seed=0,
+        )
+        sizes = joint[["model.n_params", "model.width", "model.depth"]].drop_duplicates()
+        best = best.merge(sizes, on="model.n_params", how="left")
+        trend = (
+            stats.optimal_weight_trend(
+                joint, weight_col=weight_col, estimator=est, n_boot=n_boot, seed=0
+            )
+            if len(sizes) >= 2
+            else None
+        )
+        out[est] = {
+            "per_size": best,
+            "trend": trend,
+            "range": float(best["p_star"].max() - best["p_star"].min()),
+        }
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Resume the sweeps, estimate ``p*`` per size, write figures and JSON; return the summary."""
+    args = parse_args(__doc__.splitlines()[0], argv)
+    pre = args.preset
+    n_boot = 200 if pre.name == "quick" else 2000
+    summary: dict[str, Any] = {"preset": pre.__dict__, "pairs": {}}
+    for pair in PAIRS:
+        tables = load_tables(pair_sweep(pair, pre, args.runs, args.workers))
+        wcol = f"weights.{pair.tasks[0]}"
+        res = {split: optimum(tables[split], wcol, n_boot) for split in ("val", "test")}
+        summary["pairs"][pair.name] = {"kind": pair.kind, "weight": wcol, **res}
+        per_size = res["val"]["quadratic"]["per_size"].copy()
+        # plots.accuracy_vs_weight draws ci - p* as error bars and fails on a negative one; a
+        # percentile interval need not contain p* (the JSON keeps the interval as estimated).
+        per_size["ci_low"] = per_size[["ci_low", "p_star"]].min(axis=1)
+        per_size["ci_high"] = per_size[["ci_high", "p_star"]].max(axis=1)
+        fig = plots.accuracy_vs_weight(
+            tables["val"][tables["val"]["n_tasks"] == 2],
+            weight_col=wcol,
+            optimum=per_size[["model.n_params", "p_star", "score_at_p_star", "ci_low", "ci_high"]],
+            title=f"{pair.name}: validation accuracy vs {wcol} (quadratic p*, 95% CI)",
+        )
+        save_figure(fig, args.figures / f"optimal_weight_{pair.name}.png")
+    write_json(summary, args.figures / "optimal_weight.json")
+    return summary
+
+
+if __name__ == "__main__":
+    s = main()
+    for name, p in s["pairs"].items():
+        tr = p["val"]["quadratic"]["trend"] or {}
+        print(
+            f"{name}: p* range {p['val']['quadratic']['range']:.3f}; slope/decade "
+            f"{tr.get('slope')} CI [{tr.get('ci_low')}, {tr.get('ci_high')}] p={tr.get('p_value')}"
+        )
