@@ -44,7 +44,8 @@ Example (one process; the same code runs on every rank of a ``torchrun`` job):
     >>> snap = prof.backward({"a": model["a"](z).mean(), "b": model["b"](z).mean()})
     >>> tuple(snap.gram.shape), prof.world_size
     ((2, 2), 1)
-    >>> prof.close(); dist.destroy_process_group()
+    >>> prof.close(); del snap, prof, ddp  # release DDP before its process group
+    >>> dist.destroy_process_group()
 """
 
 from __future__ import annotations
