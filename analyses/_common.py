@@ -43,6 +43,7 @@ __all__ = [
     "preset",
     "run_study",
     "save_figure",
+    "sweep_cost",
     "write_json",
 ]
 
@@ -94,7 +95,7 @@ def preset(name: str) -> Preset:
 
     Example:
         >>> preset("small").widths, preset("full").epochs
-        ((0.25, 0.5, 1.0), 10)
+        ((0.25, 0.5, 1.0), 12)
     """
     return _PRESETS[name]
 
@@ -193,6 +194,20 @@ def load_tables(sweep_dir: Path) -> dict[str, pd.DataFrame]:
             t.loc[is_base, "n_tasks"] = 1
         out[split] = t.reset_index(drop=True)
     return out
+
+
+def sweep_cost(sweep_dir: Path) -> dict[str, float]:
+    """Summed wall and CPU seconds of the runs of a sweep (from its ``index.json``).
+
+    Unlike the wall time of the call that last resumed it, this survives a resume.
+    """
+    runs = json.loads((sweep_dir / "index.json").read_text())["runs"]
+    done = [r for r in runs if r.get("status") == "done"]
+    return {
+        "runs": len(done),
+        "run_wall_seconds": float(sum(r.get("seconds") or 0.0 for r in done)),
+        "run_cpu_seconds": float(sum(r.get("cpu_seconds") or 0.0 for r in done)),
+    }
 
 
 def write_json(obj: Any, path: Path) -> Path:

@@ -143,12 +143,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         fig = plots.conflict_timeline(load_run(first), title=f"{pair.name}: {first.name}")
         save_figure(fig, args.figures / f"conflict_timeline_{pair.name}.png")
         joint = tables["test"][tables["test"]["n_tasks"] == 2]
-        for col, stem in (("conflict_freq.mean", "conflict"), ("accuracy.mean", "accuracy")):
+        for col, stem in (("conflict_freq.mean", "conflict"), ("accuracy.mean", "test_accuracy")):
             fig = plots.weight_vs_interference(
                 joint,
                 weight_col=wcol,
                 interference_col=col,
-                title=f"{pair.name}: {col} vs {wcol}, per model size (test accuracy)",
+                title=f"{pair.name}: {col} vs {wcol}, per model size (joint runs)",
             )
             save_figure(fig, args.figures / f"weight_vs_{stem}_{pair.name}.png")
     save_figure(_scatter(epochs), args.figures / "conflict_vs_accuracy_epochs.png")

@@ -96,6 +96,39 @@ def schedule_table(state: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _describe(x: np.ndarray) -> dict[str, Any]:
+    """Mean test accuracy of an arm and its 95 % t-interval over seeds / replicates."""
+    from scipy import stats as st
+
+    out: dict[str, Any] = {"test": x.tolist(), "test_mean": float(x.mean())}
+    if len(x) > 1:
+        half = float(st.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+        out.update(
+            test_sd=float(x.std(ddof=1)),
+            ci_low=out["test_mean"] - half,
+            ci_high=out["test_mean"] + half,
+        )
+    return out
+
+
+def _welch(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Difference of means with Welch's t-test (None with fewer than 2 values per arm)."""
+    from scipy import stats as st
+
+    diff = float(a.mean() - b.mean())
+    if min(len(a), len(b)) < 2:
+        return {"difference": diff, "p_value": None}
+    res = st.ttest_ind(a, b, equal_var=False)
+    ci = res.confidence_interval(0.95)
+    return {
+        "difference": diff,
+        "ci_low": float(ci.low),
+        "ci_high": float(ci.high),
+        "p_value": float(res.pvalue),
+        "test": "Welch t",
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the three arms (resuming), compare them, write the schedule figure and JSON."""
     args = parse_args(__doc__.splitlines()[0], argv)
@@ -106,52 +139,82 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seeds = [0] if pre.name == "quick" else [0, 1, 2]
     with Timer() as t_uni:
         uniform = _uniform(base, seeds, root, args.workers)
-    with Timer() as t_pbt:
-        pbt_cfg = {
-            "train": base,
-            "pbt": {
-                "population": n,
-                "epochs": pre.pbt_epochs,
-                "interval_epochs": 1 if pre.name == "quick" else 2,
-                "quantile": 0.25,
-                "metric": "accuracy",
-                "seed": 0,
-            },
-            "executor": {"kind": "local", "workers": args.workers},
-        }
-        members = run_pbt(SearchConfig.from_dict(pbt_cfg), root / "pbt", progress=True)
-    with Timer() as t_rand:
-        rand = run_study(
-            {"train": base, "sweep": {"random": n, "random_seed": 0}}, root / "random", args.workers
+    reps = 1 if pre.name == "quick" else 3
+    pbt_rows, rand_rows, t_pbt, t_rand = [], [], 0.0, 0.0
+    for r in range(reps):
+        # replicate r: other training seeds and PBT/random choices, the same data split
+        train_r = (
+            base
+            if r == 0
+            else {
+                **base,
+                "seed": 100 * r,
+                "dataset_options": {**base["dataset_options"], "seed": 0},
+            }
         )
-    best_pbt = members.loc[members["val"].idxmax()]
-    best_rand = rand.loc[rand["val"].idxmax()]
+        sfx = "" if r == 0 else f"-r{r}"
+        with Timer() as tm:
+            pbt_cfg = {
+                "train": train_r,
+                "pbt": {
+                    "population": n,
+                    "epochs": pre.pbt_epochs,
+                    "interval_epochs": 1 if pre.name == "quick" else 2,
+                    "quantile": 0.25,
+                    "metric": "accuracy",
+                    "seed": r,
+                },
+                "executor": {"kind": "local", "workers": args.workers},
+            }
+            members = run_pbt(SearchConfig.from_dict(pbt_cfg), root / f"pbt{sfx}", progress=True)
+        t_pbt += tm.wall
+        with Timer() as tm:
+            rand = run_study(
+                {"train": train_r, "sweep": {"random": n, "random_seed": r}},
+                root / f"random{sfx}",
+                args.workers,
+            )
+        t_rand += tm.wall
+        bp, br = members.loc[members["val"].idxmax()], rand.loc[rand["val"].idxmax()]
+        pbt_rows.append(
+            {
+                "replicate": r,
+                "best_member": int(bp["member"]),
+                "val": float(bp["val"]),
+                "test": float(bp["test"]),
+                "final_weights": bp["weights"],
+                "members": members,
+            }
+        )
+        rand_rows.append(
+            {
+                "replicate": r,
+                "best_run": br["id"],
+                "val": float(br["val"]),
+                "test": float(br["test"]),
+                "weights": br["weights"],
+                "runs": rand,
+            }
+        )
     state = json.loads((root / "pbt" / "pbt.json").read_text())
-    u = uniform["test"].to_numpy(float)
+    arms = {
+        "uniform": uniform["test"].to_numpy(float),
+        "pbt": np.array([x["test"] for x in pbt_rows]),
+        "random_static": np.array([x["test"] for x in rand_rows]),
+    }
     summary = {
         "preset": pre.__dict__,
         "tasks": list(base["dataset_options"]["tasks"]),
         "population": n,
-        "uniform": {
-            "per_seed": uniform,
-            "test_mean": float(u.mean()),
-            "test_sd": float(u.std(ddof=1)) if len(u) > 1 else None,
+        "replicates": reps,
+        "uniform": {"per_seed": uniform, **_describe(arms["uniform"])},
+        "pbt": {"per_replicate": pbt_rows, **_describe(arms["pbt"])},
+        "random_static": {"per_replicate": rand_rows, **_describe(arms["random_static"])},
+        "differences": {
+            f"{a} - {b}": _welch(arms[a], arms[b])
+            for a, b in (("pbt", "uniform"), ("pbt", "random_static"), ("random_static", "uniform"))
         },
-        "pbt": {
-            "best_member": int(best_pbt["member"]),
-            "val": float(best_pbt["val"]),
-            "test": float(best_pbt["test"]),
-            "final_weights": best_pbt["weights"],
-            "members": members,
-        },
-        "random_static": {
-            "best_run": best_rand["id"],
-            "val": float(best_rand["val"]),
-            "test": float(best_rand["test"]),
-            "weights": best_rand["weights"],
-            "runs": rand,
-        },
-        "wall_seconds": {"uniform": t_uni.wall, "pbt": t_pbt.wall, "random": t_rand.wall},
+        "wall_seconds": {"uniform": t_uni.wall, "pbt": t_pbt, "random": t_rand},
     }
     fig = plots.pbt_schedules(
         schedule_table(state),
@@ -166,6 +229,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     s = main()
     print(
-        f"uniform {s['uniform']['test_mean']:.4f}  PBT {s['pbt']['test']:.4f}  "
-        f"random-best {s['random_static']['test']:.4f}  walls {s['wall_seconds']}"
+        f"uniform {s['uniform']['test_mean']:.4f}  PBT {s['pbt']['test_mean']:.4f}  "
+        f"random-best {s['random_static']['test_mean']:.4f}  walls {s['wall_seconds']}"
     )

@@ -169,6 +169,7 @@ def test_capacity_quick(quick_dirs: tuple[Path, Path]) -> None:
         assert set(g["setting"]) == {"p selected on val", "p = 0.5"}
         assert np.allclose(g["gain"], g["joint_mean"] - g["single_mean"])
         _png_ok(quick_dirs[1] / f"capacity_{name}.png")
+        _png_ok(quick_dirs[1] / f"capacity_{name}_uniform.png")
     data = json.loads((quick_dirs[1] / "capacity.json").read_text())
     assert data["preset"]["name"] == "quick"
 
@@ -204,7 +205,12 @@ def test_conflict_quick(quick_dirs: tuple[Path, Path]) -> None:
 def test_pbt_quick(quick_dirs: tuple[Path, Path]) -> None:
     s = pbt.main(_argv(quick_dirs))
     assert len(s["tasks"]) >= 6
-    assert len(s["pbt"]["members"]) == s["population"] == len(s["random_static"]["runs"])
-    for arm in (s["pbt"]["test"], s["random_static"]["test"], s["uniform"]["test_mean"]):
-        assert 0 <= arm <= 1
+    rep = s["pbt"]["per_replicate"][0]
+    assert len(rep["members"]) == s["population"]
+    assert len(s["random_static"]["per_replicate"][0]["runs"]) == s["population"]
+    assert rep["test"] == s["pbt"]["test_mean"]  # one replicate in quick mode
+    for arm in ("uniform", "pbt", "random_static"):
+        assert 0 <= s[arm]["test_mean"] <= 1
+    d = s["differences"]["pbt - uniform"]
+    assert d["difference"] == pytest.approx(s["pbt"]["test_mean"] - s["uniform"]["test_mean"])
     _png_ok(quick_dirs[1] / "pbt_schedules.png")
