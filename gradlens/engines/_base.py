@@ -239,6 +239,40 @@ def batched_grad_from(
         )
 
 
+def looped_grad_from(
+    outputs: Sequence[torch.autograd.graph.GradientEdge],
+    cotangents: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor | torch.autograd.graph.GradientEdge],
+) -> list[torch.Tensor | None]:
+    """As :func:`batched_grad_from`, by one backward per task (stacked; None where unreached).
+
+    On CPU, vmap has no efficient batching rule for convolution backward (it loops over the T
+    cotangents and concatenates T-fold activations); one plain backward per task is faster there.
+    """
+    if not inputs:
+        return []
+    T = cotangents[0].shape[0]
+    got: list[list[torch.Tensor | None]] = [[] for _ in inputs]
+    for t in range(T):
+        gs = torch.autograd.grad(
+            list(outputs),
+            list(inputs),
+            grad_outputs=[c[t] for c in cotangents],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for k, g in enumerate(gs):
+            got[k].append(g)
+    out: list[torch.Tensor | None] = []
+    for row in got:
+        like = next((g for g in row if g is not None), None)
+        if like is None:
+            out.append(None)
+        else:
+            out.append(torch.stack([torch.zeros_like(like) if g is None else g for g in row]))
+    return out
+
+
 @contextmanager
 def _quiet_vmap() -> Iterator[None]:
     # vmap's slow-path notice ("There is a performance drop because we have not yet implemented

@@ -34,6 +34,7 @@ from gradlens.engines._base import (
     compute_dtype,
     gram_of_rows,
     group_by_layer,
+    looped_grad_from,
     per_task_grad,
 )
 from gradlens.engines.rules import Rule, rule_for
@@ -206,9 +207,10 @@ class GramianEngine(Engine):
 
         Two stages when the losses reach the shared part only through its outputs: one small
         backward per task from its loss to the shared outputs (through its own head only), then
-        one batched backward of the T cotangents from there through the shared part. Otherwise
-        (T = 1, or a loss reaches shared parameters another way, e.g. a head tied to a shared
-        weight) one batched backward from the losses.
+        one batched backward of the T cotangents from there through the shared part (on CPU, when
+        the shared part has convolutions, one backward per task instead: vmap has no efficient
+        convolution-backward rule there). Otherwise (T = 1, or a loss reaches shared parameters
+        another way, e.g. a head tied to a shared weight) one batched backward from the losses.
         """
         live = [b for b in boundary if b.edge.node in ctx.nodes]
         T = ctx.losses.shape[0]
@@ -226,7 +228,10 @@ class GramianEngine(Engine):
             return (x.node, x.output_nr) if isinstance(x, GradientEdge) else None
 
         rest = [x for x in inputs if key(x) not in at_boundary]
-        got = iter(batched_grad_from(edges, cot, rest))
+        looped = ctx.losses.device.type == "cpu" and any(
+            self._modules[layer][1].name == "conv" for layer in rule_layers
+        )
+        got = iter((looped_grad_from if looped else batched_grad_from)(edges, cot, rest))
         return [at_boundary[k] if (k := key(x)) in at_boundary else next(got) for x in inputs]
 
 
