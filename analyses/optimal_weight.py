@@ -62,11 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         wcol = f"weights.{pair.tasks[0]}"
         res = {split: optimum(tables[split], wcol, n_boot) for split in ("val", "test")}
         summary["pairs"][pair.name] = {"kind": pair.kind, "weight": wcol, **res}
-        per_size = res["val"]["quadratic"]["per_size"].copy()
-        # plots.accuracy_vs_weight draws ci - p* as error bars and fails on a negative one; a
-        # percentile interval need not contain p* (the JSON keeps the interval as estimated).
-        per_size["ci_low"] = per_size[["ci_low", "p_star"]].min(axis=1)
-        per_size["ci_high"] = per_size[["ci_high", "p_star"]].max(axis=1)
+        per_size = res["val"]["quadratic"]["per_size"]
         fig = plots.accuracy_vs_weight(
             tables["val"][tables["val"]["n_tasks"] == 2],
             weight_col=wcol,

@@ -563,6 +563,12 @@ def accuracy_vs_weight(
     :func:`gradlens.stats.optimal_weight` with ``size_cols=[size_col]``) or, when not given,
     the grid optimum without an interval.
 
+    A percentile bootstrap interval of an argmax estimator need not contain its point estimate
+    (``p*`` of the full data can lie outside the percentiles of the resampled ``p*``); that is
+    legitimate, not an error. Each side of the bar runs from the star to its end of the interval,
+    with its length clipped at zero, so the bar covers ``[min(ci_low, p*), max(ci_high, p*)]``;
+    the legend gives the interval as estimated.
+
     Args:
         table: One row per run.
         weight_col: The swept weight.
@@ -618,7 +624,7 @@ def accuracy_vs_weight(
                 ax.errorbar(
                     [p],
                     [score],
-                    xerr=[[p - lo], [hi - p]],
+                    xerr=[[max(p - lo, 0.0)], [max(hi - p, 0.0)]],
                     color=colour,
                     lw=1.2,
                     capsize=3,

@@ -205,6 +205,27 @@ def test_accuracy_vs_weight_marks_the_optimum(table, tmp_path):
     assert "p* = 0.3" in default.axes[0].get_legend().get_texts()[0].get_text()
 
 
+def test_accuracy_vs_weight_interval_not_containing_the_estimate(tmp_path):
+    # a percentile interval of an argmax need not contain p*: matplotlib rejected the negative
+    # error-bar length ("xerr must not contain negative values"); each side is clipped at zero
+    w = np.repeat([0.1, 0.3, 0.5, 0.7, 0.9], 2)
+    t = pd.DataFrame({"w": w, "acc": 0.8 - (w - 0.3) ** 2, "size": [1, 2] * 5})
+    opt = pd.DataFrame({"size": [1, 2], "p_star": [0.3, 0.3], "score_at_p_star": [0.8, 0.8],
+                        "ci_low": [0.5, 0.1], "ci_high": [0.7, 0.2]})  # fmt: skip
+    fig = plots.accuracy_vs_weight(t, weight_col="w", score_col="acc", size_col="size",
+                                   optimum=opt)  # fmt: skip
+    ax = fig.axes[0]
+    spans = []
+    for container in ax.containers:
+        (seg,) = container.lines[2][0].get_segments()
+        spans.append((float(seg[0][0]), float(seg[1][0])))
+    # the bar covers [min(ci_low, p*), max(ci_high, p*)]
+    np.testing.assert_allclose(sorted(spans), [(0.1, 0.3), (0.3, 0.7)], rtol=0, atol=1e-12)
+    legend = [x.get_text() for x in ax.get_legend().get_texts()]
+    assert legend == ["size=1: p* = 0.3 [0.5, 0.7]", "size=2: p* = 0.3 [0.1, 0.2]"]
+    _png_ok(plots.save(fig, tmp_path / "outside.png"))
+
+
 def test_gain_grid_cells_and_errors(table, tmp_path):
     gain = stats.joint_gain(table, size_cols=["model.depth", "model.width"], n_boot=100)
     at = gain[gain["weights.left"] == 0.3]
