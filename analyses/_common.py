@@ -178,22 +178,16 @@ def pair_sweep(pair: Pair, pre: Preset, runs: Path, workers: int) -> Path:
 
 
 def load_tables(sweep_dir: Path) -> dict[str, pd.DataFrame]:
-    """``runs_table`` of a sweep on the val and test splits, baselines marked as single-task runs.
+    """``runs_table`` of a sweep on the val and test splits.
 
-    A sweep baseline trains both heads' data with weight 1 on one task and 0 on the other, so its
-    ``tasks`` column names both; ``stats.joint_gain`` recognises single-task runs by ``tasks``
-    naming one task, hence ``tasks`` is set to the run's ``baseline_of`` tag for baselines here.
+    The sweep's baselines train with one task (``tasks = [task]``), so ``stats.joint_gain`` finds
+    them as single-task runs (``n_tasks == 1``); their model has one head, hence fewer parameters:
+    match sizes on width and depth, not ``model.n_params``.
     """
-    out = {}
-    for split in ("val", "test"):
-        t = stats.runs_table(sweep_dir, split=split)
-        base = t.get("config.config.baseline_of")  # [train].config, under meta.config
-        if base is not None:
-            is_base = base.notna() & (base.astype(str) != "") & (base.astype(str) != "None")
-            t.loc[is_base, "tasks"] = base[is_base]
-            t.loc[is_base, "n_tasks"] = 1
-        out[split] = t.reset_index(drop=True)
-    return out
+    return {
+        split: stats.runs_table(sweep_dir, split=split).reset_index(drop=True)
+        for split in ("val", "test")
+    }
 
 
 def sweep_cost(sweep_dir: Path) -> dict[str, float]:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from gradlens import GradlensError, GradlensWarning, load_run, load_runs
+from gradlens import GradlensError, GradlensWarning, load_run, load_runs, stats
+from gradlens._train_data import load_train_data
 from gradlens.cli import main
 from gradlens.search import SearchConfig, load_config, plan_sweep, run_sweep, simplex_grid
 from gradlens.search import sweep as sweep_mod
@@ -64,12 +66,13 @@ def test_plan_crosses_weights_sizes_seeds_and_adds_baselines():
     assert len(base) == 8
     assert {r.baseline_of for r in base} == {"left", "right"}
     for r in base:
-        assert r.weights[r.baseline_of] == 1.0
-        assert sum(r.weights.values()) == 1.0
-    d = base[0].train_dict(cfg.train, "s")
+        assert r.weights == {r.baseline_of: 1.0}
+    d = base[0].train_dict({**cfg.train, "tasks": ["left", "right"]}, "s")
     assert d["config"] == {"sweep": "s", "run_id": base[0].id, "baseline_of": "left"}
-    assert d["weights"] == {"left": 1.0, "right": 0.0}
+    assert d["tasks"] == ["left"]  # the harness's single-task run
+    assert d["weights"] == {"left": 1.0}
     assert d["seed"] == 3
+    assert "tasks" not in first.train_dict(cfg.train, "s")
 
 
 def test_plan_grid_and_random():
@@ -120,15 +123,89 @@ def test_cli_sweep_end_to_end_then_rerun_skips_everything(tmp_path, capsys):
     assert len(df) == 4
     row = df.set_index("run_id").loc["single-left_width0.125_depth1_seed0"]
     assert row["config.config.baseline_of"] == "left"
-    assert (row["weights.left"], row["weights.right"]) == (1.0, 0.0)
+    assert json.loads(row["tasks"]) == ["left"]
+    assert row["weights.left"] == 1.0
+    assert np.isnan(row["weights.right"])
+    assert np.isnan(row["final.test.right.accuracy"])
     # the index records the same final numbers as the run store
     for rec in idx["runs"]:
-        acc = df.set_index("run_id").loc[rec["id"], "final.test.left.accuracy"]
-        assert rec["final"]["test"]["left"]["accuracy"] == acc
+        for task, m in rec["final"]["test"].items():
+            acc = df.set_index("run_id").loc[rec["id"], f"final.test.{task}.accuracy"]
+            assert m["accuracy"] == acc
     before = _created(out)
     assert main(["sweep", str(EXAMPLE), "--out", str(out), "--no-progress"]) == 0
     assert _created(out) == before
     assert all(r["attempts"] == 1 for r in _index(out)["runs"])
+
+
+def test_baselines_are_single_task_runs_that_joint_gain_finds(tmp_path):
+    out = tmp_path / "s"
+    df = run_sweep(_cfg({"p": [0.5], "baselines": True}), out, progress=False)
+    assert (df["status"] == "done").all()
+    table = stats.runs_table(out)
+    single = table[table["n_tasks"] == 1].set_index("tasks")
+    assert sorted(single.index) == ["left", "right"]
+    assert single.loc["left", "config.config.baseline_of"] == "left"
+    # one head: the single-task model is smaller, so match sizes on width and depth
+    assert (single["model.n_params"] < table[table["n_tasks"] == 2]["model.n_params"].min()).all()
+    g = stats.joint_gain(table, size_cols=["model.width", "model.depth"], n_boot=50)
+    assert sorted(g["task"]) == ["left", "right"]
+    assert np.isfinite(g[["gain", "single_mean", "ci_low", "ci_high"]].to_numpy()).all()
+    assert (g["note"] == "").all()
+    np.testing.assert_allclose(g["gain"], g["joint_mean"] - g["single_mean"], rtol=0, atol=1e-12)
+    for _, r in g.iterrows():
+        assert r["single_mean"] == single.loc[r["task"], f"accuracy.{r['task']}"]
+
+
+def test_rerun_redoes_a_done_run_whose_record_differs_from_the_plan(tmp_path):
+    # a baseline of an older sweep (weight 1 on its task, 0 on the other, both tasks trained)
+    cfg = _cfg({"p": [0.5], "baselines": True})
+    out = tmp_path / "s"
+    run_sweep(cfg, out, progress=False)
+    idx = _index(out)
+    for r in idx["runs"]:  # a redone run's directory is removed first: its mark goes
+        (out / r["id"] / "mark").write_text("")
+    old = next(r for r in idx["runs"] if r["id"] == "single-left_seed0")
+    old["weights"] = {"left": 1.0, "right": 0.0}
+    (out / "index.json").write_text(json.dumps(idx))
+    df = run_sweep(cfg, out, progress=False)
+    assert (df["status"] == "done").all()
+    kept = sorted(r["id"] for r in idx["runs"] if (out / r["id"] / "mark").exists())
+    assert kept == ["single-right_seed0", "w0.5-0.5_seed0"]
+    recs = {r["id"]: r for r in _index(out)["runs"]}
+    assert recs["single-left_seed0"]["weights"] == {"left": 1.0}
+    assert [recs[i]["attempts"] for i in sorted(recs)] == [2, 1, 1]
+
+
+def test_multidomain_baseline_trains_on_its_domain_only(tmp_path):
+    # DomainDigits draws other samples of a domain loaded alone: the sweep pins `domains` to the
+    # sweep's tasks, so the baseline keeps exactly the joint runs' samples of its domain
+    cfg = _cfg({"p": [0.5], "baselines": True}, dataset="domain_digits",
+               dataset_options={"sizes": 32}, tasks=["original", "rotated"],
+               batch_size=32)  # fmt: skip
+    out = tmp_path / "d"
+    df = run_sweep(cfg, out, progress=False).set_index("id")
+    assert (df["status"] == "done").all()
+    joint = load_run(out / "w0.5-0.5_seed0").meta
+    dev = torch.device("cpu")
+
+    def data(meta: dict) -> object:
+        c = meta["config"]
+        return load_train_data(c["dataset"], c["dataset_options"], c["tasks"], c["seed"], dev)
+
+    joint_data = data(joint)
+    for k, dom in enumerate(("original", "rotated")):
+        meta = load_run(out / f"single-{dom}_seed0").meta
+        assert meta["tasks"] == [dom]
+        assert meta["dataset"]["options"]["domains"] == ["original", "rotated"]
+        assert meta["dataset"]["domain_counts"]["train"] == {dom: 32}
+        one = data(meta)
+        for split in ("train", "val", "test"):
+            mask = joint_data.splits[split].Y["domain"] == k
+            assert torch.equal(one.splits[split].X, joint_data.splits[split].X[mask])
+            assert torch.equal(one.splits[split].Y["label"],
+                               joint_data.splits[split].Y["label"][mask])  # fmt: skip
+        assert set(df.loc[f"single-{dom}_seed0", ["val", "test"]].notna()) == {True}
 
 
 def test_broken_runs_are_redone_and_only_they(tmp_path):

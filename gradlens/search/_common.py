@@ -72,6 +72,37 @@ def pin_data_seed(train: Mapping[str, Any]) -> dict[str, Any]:
     return d
 
 
+def pin_task_option(train: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """``train`` with the dataset's task option set to ``tasks`` when ``dataset_options`` lacks it.
+
+    Datasets that select their tasks through an option (``tasks``, ``attributes`` or
+    ``domains``) receive ``[train].tasks`` through it, and a dataset's samples may depend on that
+    list (DomainDigits draws other samples of ``original`` when it is loaded alone). Pinning the
+    option to the sweep's tasks makes a run on some of them (a single-task baseline,
+    ``tasks = [t]``) load the same data as the joint runs and keep its tasks' part of it; for the
+    joint runs the data is unchanged (the harness would pass the same list).
+
+    Example:
+        >>> d = pin_task_option({"dataset": "domain_digits"}, ["original", "rotated"])
+        >>> d["dataset_options"]
+        {'domains': ['original', 'rotated']}
+        >>> pin_task_option({"dataset": "multidigits"}, ["left", "right"])["dataset_options"]
+        {}
+    """
+    from gradlens._train_data import _TASK_OPTIONS
+    from gradlens.data import dataset_options
+
+    d = dict(train)
+    opts = dict(d.get("dataset_options") or {})
+    valid = dataset_options(d.get("dataset", "multidigits"))
+    for key in _TASK_OPTIONS:
+        if key in valid:
+            opts.setdefault(key, list(tasks))
+            break
+    d["dataset_options"] = opts
+    return d
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (temp file, fsync, rename)."""
     atomic_write_bytes(path, json.dumps(obj, indent=1, allow_nan=True).encode("utf-8"))

@@ -124,8 +124,9 @@ class SweepSpec:
         sizes: Model sizes, each ``{"width": float, "depth": int}`` (either may be omitted: the
             ``[train]`` value is used); ``None``: the ``[train]`` size only.
         seeds: Training seeds; ``None``: the ``[train]`` seed only.
-        baselines: Add one single-task run per task (weight 1 on it, 0 elsewhere) per size and
-            seed, flagged ``baseline_of`` in the run's config.
+        baselines: Add one single-task run per task per size and seed: ``tasks = [task]``
+            (one head; multi-domain: that domain's samples only), flagged ``baseline_of`` in the
+            run's config.
     """
 
     p: tuple[float, ...] | None = None

@@ -9,10 +9,12 @@ Layout of a sweep directory::
     .lock             the live driver's pid
 
 The driver is the only writer of ``index.json`` and rewrites it atomically after every status
-change. A rerun of the same configuration skips every run whose status is ``"done"`` and whose
-directory holds the ``"final"`` eval, and redoes every other run from scratch (its directory is
-removed first), so a sweep killed at any instant resumes to exactly one complete run per planned
-run.
+change. A rerun of the same configuration skips every run whose status is ``"done"``, whose
+record matches its planned run (weights, size, seed, baseline_of) and whose directory holds the
+``"final"`` eval, and redoes every other run from scratch (its directory is removed first), so a
+sweep killed at any instant resumes to exactly one complete run per planned run. (Baselines of
+sweeps written before they trained with ``tasks = [task]`` were weight-1/0 runs over every task:
+their records differ from the plan, so a rerun redoes them.)
 
 Example:
     >>> from gradlens.search import SearchConfig, plan_sweep
@@ -49,6 +51,7 @@ from gradlens.search._common import (
     mean_metric,
     out_dir_for,
     pin_data_seed,
+    pin_task_option,
     plain_final,
     read_json,
     resolve_tasks,
@@ -72,11 +75,12 @@ class PlannedRun:
 
     Attributes:
         id: The run's directory name inside the sweep directory (unique, readable).
-        weights: Task -> weight (on the simplex).
+        weights: Task -> weight (on the simplex); a baseline's is ``{task: 1.0}``.
         width: Model width; ``None``: the ``[train]`` value.
         depth: Model depth; ``None``: the ``[train]`` value.
         seed: The training seed.
-        baseline_of: The task of a single-task baseline (weight 1 on it, 0 elsewhere), else None.
+        baseline_of: The task of a single-task baseline (trained with ``tasks = [task]``: one
+            head, or one domain's samples), else None.
     """
 
     id: str
@@ -90,16 +94,25 @@ class PlannedRun:
         """The ``[train]`` table of this run: ``base`` with its weights, size, seed and tags.
 
         The data seed (``dataset_options.seed``) is pinned to ``base``'s, so every run of a
-        sweep sees the same data whatever its training seed.
+        sweep sees the same data whatever its training seed. A baseline trains with
+        ``tasks = [baseline_of]`` (the harness's single-task run); :func:`run_sweep` also pins
+        the dataset's task option (``tasks`` / ``attributes`` / ``domains``) to the sweep's tasks
+        in ``base`` so that a baseline loads the same data as the joint runs.
 
         Example:
             >>> r = PlannedRun("a", {"x": 0.5, "y": 0.5}, 2.0, None, 3)
             >>> d = r.train_dict({"epochs": 1}, "s")
             >>> d["weights"], d["width"], d["seed"], d["config"]["sweep"], d["dataset_options"]
             ({'x': 0.5, 'y': 0.5}, 2.0, 3, 's', {'seed': 0})
+            >>> b = PlannedRun("single-x", {"x": 1.0}, None, None, 0, baseline_of="x")
+            >>> d = b.train_dict({"tasks": ["x", "y"]}, "s")
+            >>> d["tasks"], d["weights"], d["config"]["baseline_of"]
+            (['x'], {'x': 1.0}, 'x')
         """
         d = pin_data_seed(base)
         d["weights"] = dict(self.weights)
+        if self.baseline_of is not None:
+            d["tasks"] = [self.baseline_of]
         d["seed"] = self.seed
         if self.width is not None:
             d["width"] = self.width
@@ -157,12 +170,12 @@ def plan_sweep(config: SearchConfig, tasks: Sequence[str]) -> list[PlannedRun]:
     train = config.train
     sizes = list(spec.sizes) if spec.sizes is not None else [{}]
     seeds = list(spec.seeds) if spec.seeds is not None else [int(train.get("seed", 0))]
-    points: list[tuple[str, np.ndarray, str | None]] = [
-        (name, w, None) for name, w in _weight_vectors(spec, tasks)
+    points: list[tuple[str, dict[str, float], str | None]] = [
+        (name, {t: float(v) for t, v in zip(tasks, w)}, None)
+        for name, w in _weight_vectors(spec, tasks)
     ]
-    if spec.baselines:
-        for k, t in enumerate(tasks):
-            points.append((f"single-{t}", np.eye(len(tasks))[k], t))
+    if spec.baselines:  # the harness's single-task run: tasks = [t]
+        points += [(f"single-{t}", {t: 1.0}, t) for t in tasks]
     runs = []
     for name, w, baseline in points:
         for size in sizes:
@@ -176,7 +189,7 @@ def plan_sweep(config: SearchConfig, tasks: Sequence[str]) -> list[PlannedRun]:
                 runs.append(
                     PlannedRun(
                         id="_".join(parts),
-                        weights={t: float(v) for t, v in zip(tasks, w)},
+                        weights=dict(w),
                         width=size.get("width"),
                         depth=size.get("depth"),
                         seed=seed,
@@ -282,12 +295,18 @@ def run_sweep(
         for run in plan:
             rec = old.get(run.id)
             run_dir = out_dir / run.id
-            if rec is not None and rec.get("status") == "done" and has_final(run_dir):
+            planned = json_roundtrip(dataclasses.asdict(run))
+            if (
+                rec is not None
+                and rec.get("status") == "done"
+                and all(rec.get(k) == v for k, v in planned.items())
+                and has_final(run_dir)
+            ):
                 records[run.id] = rec
                 continue
             attempts = int(rec.get("attempts", 0)) if rec else 0
             records[run.id] = {
-                **json_roundtrip(dataclasses.asdict(run)),
+                **planned,
                 "status": "planned",
                 "attempts": attempts,
                 "error": None,
@@ -321,7 +340,8 @@ def run_sweep(
             unit="run", disable=not progress, dynamic_ncols=True,
         )  # fmt: skip
         try:
-            items = [(run.train_dict(config.train, out_dir.name), str(out_dir / run.id))
+            base = pin_task_option(config.train, tasks)
+            items = [(run.train_dict(base, out_dir.name), str(out_dir / run.id))
                      for run in todo]  # fmt: skip
             for i, fut in ex.map_unordered(_train_trial, items, on_submit=on_submit):
                 rec = records[todo[i].id]
