@@ -58,9 +58,8 @@ def gains(tables: dict[str, pd.DataFrame], tasks: Sequence[str], n_boot: int) ->
     """Test-split gains per size and task at the val-selected weight and at ``p = 0.5``."""
     g = stats.joint_gain(tables["test"], size_cols=SIZE, n_boot=n_boot, seed=0)
     w = f"weights.{tasks[0]}"
-    g = g.merge(
-        tables["test"][[*SIZE, "model.n_params"]].drop_duplicates(SIZE), on=SIZE, how="left"
-    )
+    joint = tables["test"][tables["test"]["n_tasks"] == len(tasks)]  # sizes of the joint models
+    g = g.merge(joint[[*SIZE, "model.n_params"]].drop_duplicates(SIZE), on=SIZE, how="left")
     chosen = select_weights(tables["val"], tasks)[[*SIZE, w]].assign(setting="p selected on val")
     out = [g.merge(chosen, on=[*SIZE, w])]
     uniform = g[np.isclose(g[w], 0.5)].assign(setting="p = 0.5")
