@@ -21,7 +21,6 @@ import copy
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -323,7 +322,8 @@ def _row(
 
 
 def measure_peak_memory(model: str, n_tasks: int, method: str, batch: int = 128) -> dict[str, Any]:
-    """Peak RSS growth (MiB) of three steps of ``method``, in a fresh interpreter."""
+    """Peak resident-memory growth (MiB) over three steps of ``method``, in a fresh interpreter
+    (Linux: sampled from ``/proc/self/statm``)."""
     code = (
         "import json, sys; from gradlens.bench import _child_memory; "
         f"print(json.dumps(_child_memory({model!r}, {n_tasks}, {method!r}, {batch})))"
@@ -337,21 +337,45 @@ def measure_peak_memory(model: str, n_tasks: int, method: str, batch: int = 128)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _child_memory(model: str, n_tasks: int, method: str, batch: int) -> dict[str, Any]:
+    """Peak resident memory above the level before the first step, sampled every millisecond.
+
+    (``ru_maxrss`` is a high-water mark over the whole process, set by imports and set-up as
+    well, so it can hide a step's peak; sampling the current RSS cannot.)
+    """
+    import threading
+
     setup = _Setup(model, n_tasks, batch)
+    setup.prepare(method)
     with torch.no_grad():
         setup.trunk(setup.x)  # allocate the forward's own buffers once
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    setup.prepare(method)
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for _ in range(3):
         setup.step(method)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], _rss_bytes())
     return {
         "model": model,
         "tasks": n_tasks,
         "method": method,
         "batch": batch,
-        "peak_mib": (after - before) / 1024.0,
+        "peak_mib": (peak[0] - base) / 2**20,
     }
 
 
