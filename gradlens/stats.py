@@ -764,7 +764,8 @@ def _relation_pairs(
 def _group_keys(df: pd.DataFrame, cols: list[str]) -> np.ndarray | None:
     if not cols:
         return None
-    return df[cols].astype(str).agg("\x1f".join, axis=1).to_numpy()
+    # one integer label per distinct combination (NaN is a value of its own, as before)
+    return df.groupby(cols, sort=False, dropna=False).ngroup().to_numpy()
 
 
 def associations(
