@@ -103,6 +103,9 @@ class TrainConfig:
         momentum: SGD momentum (unused by Adam).
         weight_decay: L2 weight decay of the optimizer.
         batch_size: training batch size (an epoch is ``floor(n_train / batch_size)`` steps).
+        steps_per_epoch: training steps per epoch; None: ``floor(n_train / batch_size)``. Sweeps
+            set it on single-task baselines so that they get the joint runs' compute (a
+            single-domain baseline's own split is smaller than the joint training set).
         epochs: number of training epochs (:func:`train`).
         seed: seeds the model initialisation and the batch order (and the data by default).
         engine: the profiler engine, one of :data:`gradlens.engines.ENGINES`.
@@ -136,6 +139,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 128
+    steps_per_epoch: int | None = None
     epochs: int = 10
     seed: int = 0
     engine: str = "gramian"
@@ -175,6 +179,9 @@ class TrainConfig:
         self.momentum = _check_number("momentum", self.momentum, low=0.0, high=1.0)
         self.weight_decay = _check_number("weight_decay", self.weight_decay, low=0.0)
         self.batch_size = _check_int("batch_size", self.batch_size, low=1, none_ok=False)
+        self.steps_per_epoch = _check_int(
+            "steps_per_epoch", self.steps_per_epoch, low=1, none_ok=True
+        )
         self.epochs = _check_int("epochs", self.epochs, low=0, none_ok=False)
         self.seed = _check_int("seed", self.seed, low=0, none_ok=False)
         _check_choice("engine", self.engine, tuple(sorted(ENGINES)))
@@ -530,12 +537,12 @@ class Trainer:
         self._apply_schedule()
         self.model.train()
         split = self.data.splits["train"]
-        n_steps = steps_per_epoch(len(split), self.config.batch_size)
-        batches = (
-            None
-            if self.multidomain
-            else epoch_batches(len(split), self.config.batch_size, self._gen)
-        )
+        n_steps = self.config.steps_per_epoch or steps_per_epoch(len(split), self.config.batch_size)
+        batches = None
+        if not self.multidomain:  # passes over fresh permutations until n_steps batches
+            batches = epoch_batches(len(split), self.config.batch_size, self._gen)
+            while len(batches) < n_steps:
+                batches += epoch_batches(len(split), self.config.batch_size, self._gen)
         total = self._total_epochs
         bar = tqdm(
             total=n_steps,

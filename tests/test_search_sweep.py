@@ -326,3 +326,26 @@ def test_sweep_on_ray_local(tmp_path, capsys):
     ray_rows = {r["id"]: r["final"] for r in _index(out)["runs"]}
     for rec in _index(tmp_path / "local")["runs"]:
         assert ray_rows[rec["id"]] == rec["final"]
+
+
+def test_domain_baselines_get_the_joint_runs_steps_per_epoch(tmp_path):
+    # a single-domain baseline's split is smaller than the joint one: it is given the joint
+    # runs' steps per epoch, so it gets the same compute
+    from gradlens.data import load_dataset
+
+    base = {
+        "dataset": "domain_digits",
+        "batch_size": 64,
+        "epochs": 1,
+        "dataset_options": {"domains": ["original", "rotated"]},
+    }
+    steps = sweep_mod._joint_steps(base)
+    n = len(load_dataset("domain_digits", "train", seed=0, domains=["original", "rotated"]))
+    assert steps == n // 64
+    run = sweep_mod.PlannedRun(
+        "single-rotated", {"rotated": 1.0}, None, None, 0, baseline_of="rotated"
+    )
+    d = run.train_dict(base, "s", steps)
+    assert d["steps_per_epoch"] == steps
+    joint = sweep_mod.PlannedRun("p0.5", {"original": 0.5, "rotated": 0.5}, None, None, 0)
+    assert "steps_per_epoch" not in joint.train_dict(base, "s", steps)

@@ -568,3 +568,15 @@ def test_minibatch_mean_cosine_matches_the_closed_form(tmp_path):
     assert abs(cos.mean() - want) < 4 * se + 0.005
     # the planted angle, attenuated only by the noise: |want - cos 60| < 0.001
     assert abs(want - 0.5) < 0.001
+
+
+@pytest.mark.parametrize("make", [tiny, domains])
+def test_steps_per_epoch_sets_the_compute_of_an_epoch(make):
+    # 160 MultiDigits pairs / 32 = 5 steps by default; 12 asks for more than one pass
+    with gtrain.Trainer(
+        gtrain.TrainConfig.from_dict(make(steps_per_epoch=12)), progress=False
+    ) as tr:
+        tr.fit_epochs(1)
+        assert tr.step == 12
+    with pytest.raises(GradlensError, match="steps_per_epoch"):
+        gtrain.TrainConfig.from_dict(make(steps_per_epoch=0))

@@ -90,14 +90,19 @@ class PlannedRun:
     seed: int
     baseline_of: str | None = None
 
-    def train_dict(self, base: Mapping[str, Any], sweep: str) -> dict[str, Any]:
+    def train_dict(
+        self, base: Mapping[str, Any], sweep: str, joint_steps: int | None = None
+    ) -> dict[str, Any]:
         """The ``[train]`` table of this run: ``base`` with its weights, size, seed and tags.
 
         The data seed (``dataset_options.seed``) is pinned to ``base``'s, so every run of a
         sweep sees the same data whatever its training seed. A baseline trains with
         ``tasks = [baseline_of]`` (the harness's single-task run); :func:`run_sweep` also pins
         the dataset's task option (``tasks`` / ``attributes`` / ``domains``) to the sweep's tasks
-        in ``base`` so that a baseline loads the same data as the joint runs.
+        in ``base`` so that a baseline loads the same data as the joint runs, and passes
+        ``joint_steps`` (the joint runs' steps per epoch), which a baseline takes as its
+        ``steps_per_epoch`` so that it gets the same compute (a single-domain baseline's own
+        training split is smaller than the joint one).
 
         Example:
             >>> r = PlannedRun("a", {"x": 0.5, "y": 0.5}, 2.0, None, 3)
@@ -113,6 +118,8 @@ class PlannedRun:
         d["weights"] = dict(self.weights)
         if self.baseline_of is not None:
             d["tasks"] = [self.baseline_of]
+            if joint_steps is not None and d.get("steps_per_epoch") is None:
+                d["steps_per_epoch"] = joint_steps  # the joint runs' compute per epoch
         d["seed"] = self.seed
         if self.width is not None:
             d["width"] = self.width
@@ -125,6 +132,22 @@ class PlannedRun:
             "baseline_of": self.baseline_of,
         }
         return d
+
+
+def _joint_steps(base: Mapping[str, Any]) -> int | None:
+    """Steps per epoch of the sweep's joint runs (None: set by ``[train].steps_per_epoch``)."""
+    from gradlens._train_data import steps_per_epoch
+    from gradlens.data import load_dataset
+    from gradlens.train import TrainConfig
+
+    cfg = TrainConfig.from_dict(dict(base))
+    if cfg.steps_per_epoch is not None:
+        return None
+    opts = dict(cfg.dataset_options)
+    root = opts.pop("root", None)
+    data_seed = opts.pop("seed", cfg.seed)
+    n = len(load_dataset(cfg.dataset, "train", seed=data_seed, root=root, **opts))
+    return steps_per_epoch(n, cfg.batch_size)
 
 
 def _weight_vectors(spec: SweepSpec, tasks: Sequence[str]) -> list[tuple[str, np.ndarray]]:
@@ -341,7 +364,8 @@ def run_sweep(
         )  # fmt: skip
         try:
             base = pin_task_option(config.train, tasks)
-            items = [(run.train_dict(base, out_dir.name), str(out_dir / run.id))
+            joint_steps = _joint_steps(base) if any(r.baseline_of for r in todo) else None
+            items = [(run.train_dict(base, out_dir.name, joint_steps), str(out_dir / run.id))
                      for run in todo]  # fmt: skip
             for i, fut in ex.map_unordered(_train_trial, items, on_submit=on_submit):
                 rec = records[todo[i].id]
