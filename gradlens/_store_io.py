@@ -13,7 +13,9 @@ import os
 import re
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,12 +48,12 @@ def _tmp_path(final: Path) -> Path:
     return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}")
 
 
-def atomic_write_bytes(final: Path, data: bytes) -> None:
-    """Write ``data`` to ``final`` atomically (temp file in the same directory, fsync, rename)."""
+def _atomic_write(final: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write`` on a temp file beside ``final``, fsync it, rename it over ``final``."""
     tmp = _tmp_path(final)
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -60,22 +62,19 @@ def atomic_write_bytes(final: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(final.parent)
+
+
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    """Write ``data`` to ``final`` atomically (temp file in the same directory, fsync, rename)."""
+    _atomic_write(final, lambda fh: fh.write(data))
 
 
 def atomic_write_table(final: Path, table: pa.Table) -> None:
     """Write ``table`` as a checksummed Parquet file at ``final``, atomically."""
-    tmp = _tmp_path(final)
-    try:
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, write_page_checksum=True, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(final.parent)
+    _atomic_write(
+        final,
+        lambda fh: pq.write_table(table, fh, write_page_checksum=True, compression="zstd"),
+    )
 
 
 def list_chunks(directory: Path) -> dict[int, Path]:
