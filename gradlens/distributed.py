@@ -50,7 +50,7 @@ Example (one process; the same code runs on every rank of a ``torchrun`` job):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -269,25 +269,33 @@ def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
     return out
 
 
-def _buckets(params: list[nn.Parameter], limit: int) -> list[list[nn.Parameter]]:
-    """Consecutive parameters of one dtype and device, at most ``limit`` bytes a bucket."""
+def _pack(
+    groups: list[list[nn.Parameter]], nbytes: Callable[[list[nn.Parameter]], int], limit: int
+) -> list[list[nn.Parameter]]:
+    """Consecutive groups joined while their bytes stay within ``limit`` (a group that alone
+    exceeds it stands alone); groups of different dtype or device are never joined."""
     out: list[list[nn.Parameter]] = []
     size = 0
-    for p in params:
-        nbytes = p.numel() * p.element_size()
+    for g in groups:
+        n = nbytes(g)
         last = out[-1] if out else None
         if (
             last is None
-            or last[0].dtype != p.dtype
-            or last[0].device != p.device
-            or size + nbytes > limit
+            or last[0].dtype != g[0].dtype
+            or last[0].device != g[0].device
+            or size + n > limit
         ):
-            out.append([p])
-            size = nbytes
+            out.append(list(g))
+            size = n
         else:
-            last.append(p)
-            size += nbytes
+            last.extend(g)
+            size += n
     return out
+
+
+def _buckets(params: list[nn.Parameter], limit: int) -> list[list[nn.Parameter]]:
+    """Consecutive parameters of one dtype and device, at most ``limit`` bytes a bucket."""
+    return _pack([[p] for p in params], lambda g: g[0].numel() * g[0].element_size(), limit)
 
 
 class _GlobalParams(Engine):
@@ -366,17 +374,8 @@ def _layer_chunks(
     shared: SharedParams, params: list[nn.Parameter], T: int, budget: int
 ) -> list[list[nn.Parameter]]:
     """Whole layers grouped so that a chunk's ``T x P_chunk`` gradients fit in ``budget``."""
-    out: list[list[nn.Parameter]] = []
-    size = budget + 1
-    for ps in group_by_layer(shared, params).values():
-        nbytes = T * sum(p.numel() * p.element_size() for p in ps)
-        if out and size + nbytes <= budget:
-            out[-1].extend(ps)
-            size += nbytes
-        else:
-            out.append(list(ps))
-            size = nbytes
-    return out
+    layers = [list(ps) for ps in group_by_layer(shared, params).values()]
+    return _pack(layers, lambda ps: T * sum(p.numel() * p.element_size() for p in ps), budget)
 
 
 class _GlobalFeatures(FeaturesEngine):
