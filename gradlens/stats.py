@@ -171,6 +171,26 @@ def _result(
     }
 
 
+def _undefined(
+    method: str, level: float, n: int, n_groups: int, bootstrap: str, note: str
+) -> dict[str, Any]:
+    """The result row of a statistic that is undefined on this data (NaN, with the reason)."""
+    nan2 = (math.nan, math.nan)
+    return _result(
+        method,
+        math.nan,
+        nan2,
+        level,
+        math.nan,
+        n=n,
+        n_groups=n_groups,
+        bootstrap=bootstrap,
+        n_boot=0,
+        p_method="none",
+        note=note,
+    )
+
+
 def _degenerate(x: np.ndarray, y: np.ndarray) -> str:
     if x.size < 3:
         return f"fewer than 3 complete pairs ({x.size})"
@@ -280,19 +300,7 @@ def correlate(
     note = _degenerate(xv, yv)
     nan2 = (math.nan, math.nan)
     if note:
-        return _result(
-            method,
-            math.nan,
-            nan2,
-            level,
-            math.nan,
-            n=n,
-            n_groups=n_groups,
-            bootstrap=boot_kind,
-            n_boot=0,
-            p_method="none",
-            note=note,
-        )
+        return _undefined(method, level, n, n_groups, boot_kind, note)
     estimate = float(_core.correlation_counts(xv, yv, np.ones((1, n)), method)[0])
     boots = np.empty(0)
     if n_boot:
@@ -414,19 +422,7 @@ def partial_correlation(
             note = "a variable is fully explained by the covariates"
     out_cov = ",".join(covs)
     if note:
-        res = _result(
-            method,
-            math.nan,
-            nan2,
-            level,
-            math.nan,
-            n=n,
-            n_groups=n_groups,
-            bootstrap=boot_kind,
-            n_boot=0,
-            p_method="none",
-            note=note,
-        )
+        res = _undefined(method, level, n, n_groups, boot_kind, note)
         return {**res, "covariates": out_cov}
     boots = np.empty(0)
     if n_boot:
