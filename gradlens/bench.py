@@ -5,7 +5,11 @@ rotating order), and reported as ratios of medians to the plain step ``(sum_t w_
 on the same model and batch. Peers: a LibMTL-style per-task loop (T ``autograd.grad`` calls,
 flatten, Gram, weighted gradient written back) and, when ``torchjd`` is installed, TorchJD's
 Gramian engine (``torchjd.autogram.Engine.compute_gramian`` then the weighted backward, as its
-documentation shows). Peak memory is measured in a fresh process per method (``--memory``).
+documentation shows). Peak memory is measured in a fresh process per method (``--memory``):
+resident-memory growth on CPU, ``torch.cuda.max_memory_allocated`` growth on a CUDA device.
+
+Everything runs on one ``device`` ("cpu", "cuda" or "cuda:N"); on CUDA each timed step is
+bracketed by ``torch.cuda.synchronize()``, so the clock reads when the device has finished.
 
 Example:
     >>> from gradlens.bench import run_benchmark
@@ -13,6 +17,8 @@ Example:
     ...                      repeats=2, batch=16, amortise=())
     >>> sorted({r["method"] for r in rows})
     ['gramian', 'plain']
+    >>> rows[0]["device"]
+    'cpu'
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import copy
 import importlib.util
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -35,7 +42,15 @@ from torch.nn import functional as F
 from gradlens._errors import GradlensError
 from gradlens.profiler import Profiler
 
-__all__ = ["METHODS", "MODELS", "format_table", "run_benchmark"]
+__all__ = [
+    "AMORTISED",
+    "METHODS",
+    "MODELS",
+    "format_table",
+    "hardware_info",
+    "measure_peak_memory",
+    "run_benchmark",
+]
 
 #: model name -> (trunk factory, input shape, feature dim)
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {}
@@ -100,22 +115,117 @@ MODELS.update(
 
 METHODS = ("plain", "loop-libmtl", "torchjd", "loop", "batched", "gramian", "features")
 
+#: methods that get amortised rows (``method@every=k``) when ``amortise`` is not empty
+AMORTISED = ("gramian", "features")
+
+# A profiler built with ``every=_ONCE`` probes its step 0 only: the unprobed timings use it.
+_ONCE = 10**9
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device` of type cpu or cuda (not yet checked to exist)."""
+    expected = "`device` should be 'cpu', 'cuda' or 'cuda:N'"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise GradlensError(f"{expected}; found {device!r}.") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise GradlensError(f"{expected}; found {device!r} (device type {dev.type!r}).")
+    return dev
+
+
+def _check_device(dev: torch.device, given: object) -> torch.device:
+    """``dev`` if this machine has it, with a CUDA index made explicit; else a GradlensError."""
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise GradlensError(
+            f"`device` should be 'cpu' on this machine (torch.cuda.is_available() is False, "
+            f"torch {torch.__version__}); found {given!r}."
+        )
+    n = torch.cuda.device_count()
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= n:
+        raise GradlensError(
+            f"`device` should be 'cpu' or one of cuda:0..cuda:{n - 1} on this machine; "
+            f"found {given!r}."
+        )
+    return torch.device("cuda", index)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    return _check_device(_parse_device(device), device)
+
+
+def _clock(clock: str, device: torch.device) -> Callable[[], float]:
+    """The clock of ``clock`` ('wall' or 'cpu'); on CUDA it synchronizes before each read, so a
+    step's end is read once its kernels have run, and its start once the previous work has."""
+    if clock == "cpu":
+        return time.thread_time
+    if device.type == "cuda":
+
+        def now() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return now
+    return time.perf_counter
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware_info(device: str | torch.device = "cpu", clock: str = "wall") -> dict[str, Any]:
+    """What the benchmark ran on: the device, its name and torch's version (on CPU, also the
+    number of torch threads the timing used: 1 under ``clock="cpu"``).
+
+    Example:
+        >>> info = hardware_info("cpu")
+        >>> info["device"], info["torch_threads"] >= 1, bool(info["name"])
+        ('cpu', True, True)
+    """
+    dev = _device(device)
+    info: dict[str, Any] = {"device": str(dev), "torch": torch.__version__}
+    if dev.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["name"] = _cpu_name()
+        info["torch_threads"] = 1 if clock == "cpu" else torch.get_num_threads()
+    return info
+
 
 class _Setup:
     """Model, heads, batch and a step function per method."""
 
-    def __init__(self, model: str, n_tasks: int, batch: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: str,
+        n_tasks: int,
+        batch: int,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if model not in MODELS:
             raise GradlensError(f"`model` should be one of {sorted(MODELS)}; found {model!r}.")
-        torch.manual_seed(seed)
+        self.device = torch.device(device)
+        torch.manual_seed(seed)  # built on CPU, then moved: the same model and batch everywhere
         make, shape, d = MODELS[model]
-        self.trunk = make()
-        self.heads = nn.ModuleList([nn.Linear(d, 10) for _ in range(n_tasks)])
-        self.x = torch.randn(batch, *shape)
-        self.y = torch.randint(0, 10, (n_tasks, batch))
+        self.trunk = make().to(self.device)
+        self.heads = nn.ModuleList([nn.Linear(d, 10) for _ in range(n_tasks)]).to(self.device)
+        self.x = torch.randn(batch, *shape).to(self.device)
+        self.y = torch.randint(0, 10, (n_tasks, batch)).to(self.device)
         self.tasks = [f"t{i}" for i in range(n_tasks)]
         self.w = {t: 1.0 / n_tasks for t in self.tasks}
-        self.wt = torch.full((n_tasks,), 1.0 / n_tasks)
+        self.wt = torch.full((n_tasks,), 1.0 / n_tasks, device=self.device)
         self.n_params = sum(p.numel() for p in self.trunk.parameters())
         self._profilers: dict[tuple[str, int], Profiler] = {}
         self._torchjd: Any = None
@@ -133,17 +243,25 @@ class _Setup:
         for p in [*self.trunk.parameters(), *self.heads.parameters()]:
             p.grad = None
 
-    def prepare(self, method: str, every: int = 1) -> None:
+    def prepare(self, method: str, every: int = 1, fresh: bool = False) -> None:
         """Attach the profiler ``method`` needs (and only it), before the timed forward.
 
-        A profiler is created fresh when the method changes, so its step counter starts at 0
-        (probed); no hooks of another method stay on the model while a method is timed.
+        A profiler is created fresh when the method changes (or ``fresh`` is set), so its step
+        counter starts at 0 (probed); no hooks of another method stay on the model while a
+        method is timed. TorchJD's engine (on its own copy of the trunk) is built here, so its
+        set-up is neither timed nor counted in its peak memory.
         """
         key = (method, every) if method not in ("plain", "loop-libmtl", "torchjd") else None
-        if key is None or key not in self._profilers:
+        if key is None or fresh or key not in self._profilers:
             self.close()
             if key is not None:
                 self._profilers[key] = Profiler(self.trunk, self.tasks, engine=method, every=every)
+        if method == "torchjd" and self._torchjd is None:
+            # its hooks stay on the modules it is given: use a copy so other methods don't pay
+            from torchjd.autogram import Engine
+
+            self._jd_trunk = copy.deepcopy(self.trunk).to(self.device)
+            self._torchjd = Engine(self._jd_trunk, batch_dim=None)
 
     def step(self, method: str, every: int = 1) -> None:
         """One training step of ``method`` (call :meth:`prepare` first)."""
@@ -178,12 +296,6 @@ class _Setup:
         torch.autograd.backward(self.wt @ L, inputs=list(self.heads.parameters()))
 
     def _torchjd_step(self) -> None:
-        if self._torchjd is None:
-            # its hooks stay on the modules it is given: use a copy so other methods don't pay
-            from torchjd.autogram import Engine
-
-            self._jd_trunk = copy.deepcopy(self.trunk)
-            self._torchjd = Engine(self._jd_trunk, batch_dim=None)
         for p in self._jd_trunk.parameters():
             p.grad = None
         losses, _ = self.losses(self._jd_trunk)
@@ -218,33 +330,68 @@ def run_benchmark(
     warmup: int = 2,
     amortise: Sequence[int] = (10, 100),
     clock: str = "wall",
+    device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Time one training step per method, interleaved, as ratios to the plain step.
 
     Returns one row per (model, T, method): median seconds per step, ratio to plain, ratio to the
-    LibMTL-style loop; plus, for ``gramian`` and each ``k`` in ``amortise``, a row
-    ``gramian@every=k`` whose time is ``(t_probe + (k - 1) t_unprobed) / k`` from the measured
-    probed and unprobed step times of the same run.
+    LibMTL-style loop, and the device. For ``gramian`` and ``features`` (see :data:`AMORTISED`),
+    when ``amortise`` is not empty, three more kinds of rows, all from the same interleaved run:
+
+    - ``<method>-after-probe``: an unprobed step right after a probed one. It costs more than a
+      steady unprobed step (on CPU ~10 % for ``gramian``: the allocator and page-fault aftermath
+      of the probe's large buffers; a plain step right after a probe is equally slower).
+    - ``<method>-unprobed``: a steady unprobed step, one preceded by an unprobed step.
+    - ``<method>@every=k`` for each ``k`` in ``amortise`` (integers >= 2): the mean step time
+      when probing every k-th step, ``(t_probe + t_after + (k - 2) t_steady) / k``, where
+      ``t_probe`` is the ``<method>`` row, ``t_after`` the after-probe row and ``t_steady`` the
+      unprobed row.
+
+    The unprobed steps are timed on a profiler made fresh for each timing with
+    ``every=10**9``, so it probes its step 0 only: step 1 is the after-probe step, step 2 a
+    steady one.
 
     ``clock="cpu"`` times the CPU time of the calling thread (``time.thread_time``) with torch
     on one thread: robust to other processes sharing the machine, and the work each method does;
-    ``clock="wall"`` (default) is elapsed time with torch's own threading.
+    ``clock="wall"`` (default) is elapsed time with torch's own threading. ``device`` is "cpu",
+    "cuda" or "cuda:N"; on CUDA only the wall clock is meaningful (the CPU time of the launching
+    thread misses the kernels), and each timed step starts and ends with
+    ``torch.cuda.synchronize()``.
     """
     if clock not in ("wall", "cpu"):
         raise GradlensError(f"`clock` should be 'wall' or 'cpu'; found {clock!r}.")
+    dev = _parse_device(device)
+    if clock == "cpu" and dev.type == "cuda":
+        raise GradlensError(
+            f"`clock` should be 'wall' when `device` is a CUDA device (the CPU time of the "
+            f"launching thread does not include the GPU's work); found clock='cpu' with "
+            f"device={device!r}."
+        )
+    dev = _check_device(dev, device)
+    bad = [k for k in amortise if isinstance(k, bool) or not isinstance(k, int) or k < 2]
+    if bad:
+        raise GradlensError(
+            f"`amortise` should hold integers k >= 2 (probe every k-th step; k=1 is the probed "
+            f"row itself); found {list(amortise)!r}."
+        )
+    now = _clock(clock, dev)
     if clock == "cpu":
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             return _run(
-                models, tasks, methods, batch, repeats, warmup, amortise, time.thread_time, progress
+                models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress
             )
         finally:
             torch.set_num_threads(threads)
-    return _run(
-        models, tasks, methods, batch, repeats, warmup, amortise, time.perf_counter, progress
-    )
+    return _run(models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress)
+
+
+def _amortised(t_probe: float, t_after: float, t_steady: float, k: int) -> float:
+    """Mean step time when probing every ``k``-th step (k >= 2): one probed step, one step right
+    after it, ``k - 2`` steady unprobed steps."""
+    return (t_probe + t_after + (k - 2) * t_steady) / k
 
 
 def _run(
@@ -256,49 +403,64 @@ def _run(
     warmup: int,
     amortise: Sequence[int],
     now: Callable[[], float],
+    device: torch.device,
     progress: Callable[[str], None] | None,
 ) -> list[dict[str, Any]]:
     methods = _available(methods)
+    # timed unprobed steps: name -> (method, untimed steps of a fresh every=_ONCE profiler before
+    # the timed one): 1 = the probe (so the timed step comes right after it), 2 = probe + one
+    # unprobed step (so the timed step is a steady one)
+    unprobed: dict[str, tuple[str, int]] = {}
+    if amortise:
+        for m in AMORTISED:
+            if m in methods:
+                unprobed[f"{m}-after-probe"] = (m, 1)
+                unprobed[f"{m}-unprobed"] = (m, 2)
+    order = [*methods, *unprobed]
     rows: list[dict[str, Any]] = []
     for model in models:
         for T in tasks:
-            setup = _Setup(model, T, batch)
-            times: dict[str, list[float]] = {m: [] for m in methods}
-            unprobed: list[float] = []
-            extra = ["gramian-unprobed"] if "gramian" in methods and amortise else []
-            order = methods + extra
+            setup = _Setup(model, T, batch, device=device)
+            times: dict[str, list[float]] = {m: [] for m in order}
             for r in range(warmup + repeats):
                 rot = order[r % len(order) :] + order[: r % len(order)]
-                for m in rot:
-                    if m == "gramian-unprobed":
-                        # a fresh profiler probes its step 0 only (Every(10**9)): time step 1
-                        setup.prepare("gramian", every=10**9)
-                        setup.step("gramian", every=10**9)
+                for name in rot:
+                    if name in unprobed:
+                        m, before = unprobed[name]
+                        setup.prepare(m, every=_ONCE, fresh=True)
+                        for _ in range(before):
+                            setup.step(m, every=_ONCE)
                         t0 = now()
-                        setup.step("gramian", every=10**9)
+                        setup.step(m, every=_ONCE)
                     else:
-                        setup.prepare(m)
+                        setup.prepare(name)
                         t0 = now()
-                        setup.step(m)
+                        setup.step(name)
                     dt = now() - t0
                     if r >= warmup:
-                        (unprobed if m == "gramian-unprobed" else times[m]).append(dt)
+                        times[name].append(dt)
             setup.close()
             med = {m: statistics.median(v) for m, v in times.items()}
             base = med.get("plain", float("nan"))
             loop = med.get("loop-libmtl", float("nan"))
+            common = {
+                "model": model,
+                "params": setup.n_params,
+                "tasks": T,
+                "batch": batch,
+                "device": str(device),
+            }
             for m in methods:
-                rows.append(_row(model, T, batch, setup.n_params, m, med[m], base, loop))
-            if unprobed and "gramian" in med:
-                tu = statistics.median(unprobed)
-                rows.append(
-                    _row(model, T, batch, setup.n_params, "gramian-unprobed", tu, base, loop)
-                )
+                rows.append(_row(common, m, med[m], base, loop))
+            for m in AMORTISED:
+                if f"{m}-unprobed" not in med:
+                    continue
+                t_after, t_steady = med[f"{m}-after-probe"], med[f"{m}-unprobed"]
+                rows.append(_row(common, f"{m}-after-probe", t_after, base, loop))
+                rows.append(_row(common, f"{m}-unprobed", t_steady, base, loop))
                 for k in amortise:
-                    t = (med["gramian"] + (k - 1) * tu) / k
-                    rows.append(
-                        _row(model, T, batch, setup.n_params, f"gramian@every={k}", t, base, loop)
-                    )
+                    t = _amortised(med[m], t_after, t_steady, k)
+                    rows.append(_row(common, f"{m}@every={k}", t, base, loop))
             if progress is not None:
                 progress(
                     f"{model} T={T}: " + ", ".join(f"{m} {med[m] / base:.2f}x" for m in methods)
@@ -306,27 +468,35 @@ def _run(
     return rows
 
 
-def _row(
-    model: str, T: int, batch: int, n: int, method: str, t: float, base: float, loop: float
+def _row(common: dict[str, Any], method: str, t: float, base: float, loop: float) -> dict[str, Any]:
+    return {**common, "method": method, "seconds": t, "vs_plain": t / base, "vs_loop": t / loop}
+
+
+def measure_peak_memory(
+    model: str,
+    n_tasks: int,
+    method: str,
+    batch: int = 128,
+    *,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    return {
-        "model": model,
-        "params": n,
-        "tasks": T,
-        "batch": batch,
-        "method": method,
-        "seconds": t,
-        "vs_plain": t / base,
-        "vs_loop": t / loop,
-    }
+    """Peak memory growth (MiB) over three steps of ``method``, in a fresh interpreter.
 
+    On CPU it is the resident-memory growth (Linux: sampled from ``/proc/self/statm``; the row's
+    ``"memory"`` is ``"rss"``); on a CUDA device it is ``torch.cuda.max_memory_allocated`` above
+    ``torch.cuda.memory_allocated`` before the first step (``"memory": "cuda_allocated"``: the
+    tensors' bytes, not the caching allocator's reserve).
 
-def measure_peak_memory(model: str, n_tasks: int, method: str, batch: int = 128) -> dict[str, Any]:
-    """Peak resident-memory growth (MiB) over three steps of ``method``, in a fresh interpreter
-    (Linux: sampled from ``/proc/self/statm``)."""
+    Example:
+        >>> row = measure_peak_memory("mlp-tiny", 2, "plain", batch=8)
+        >>> row["memory"], row["device"], row["peak_mib"] >= 0
+        ('rss', 'cpu', True)
+    """
+    dev = _device(device)
     code = (
         "import json, sys; from gradlens.bench import _child_memory; "
-        f"print(json.dumps(_child_memory({model!r}, {n_tasks}, {method!r}, {batch})))"
+        f"print(json.dumps(_child_memory({model!r}, {n_tasks}, {method!r}, {batch}, "
+        f"{str(dev)!r})))"
     )
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     out = subprocess.run(
@@ -342,18 +512,14 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _child_memory(model: str, n_tasks: int, method: str, batch: int) -> dict[str, Any]:
-    """Peak resident memory above the level before the first step, sampled every millisecond.
+def _rss_peak(steps: Callable[[], None]) -> int:
+    """Peak resident memory above the level before ``steps``, sampled every millisecond.
 
     (``ru_maxrss`` is a high-water mark over the whole process, set by imports and set-up as
     well, so it can hide a step's peak; sampling the current RSS cannot.)
     """
     import threading
 
-    setup = _Setup(model, n_tasks, batch)
-    setup.prepare(method)
-    with torch.no_grad():
-        setup.trunk(setup.x)  # allocate the forward's own buffers once
     base = _rss_bytes()
     peak = [base]
     done = threading.Event()
@@ -365,17 +531,50 @@ def _child_memory(model: str, n_tasks: int, method: str, batch: int) -> dict[str
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    for _ in range(3):
-        setup.step(method)
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], _rss_bytes())
+    try:
+        steps()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_bytes()) - base
+
+
+def _cuda_peak(steps: Callable[[], None], device: torch.device) -> int:
+    """Peak allocated CUDA memory during ``steps`` above what was allocated before them."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    steps()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _child_memory(
+    model: str, n_tasks: int, method: str, batch: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """Peak memory growth over three steps of ``method``, in this (fresh) process."""
+    dev = torch.device(device)
+    setup = _Setup(model, n_tasks, batch, device=dev)
+    setup.prepare(method)
+    with torch.no_grad():
+        # allocate the forward's own buffers once
+        (setup._jd_trunk if method == "torchjd" else setup.trunk)(setup.x)
+
+    def steps() -> None:
+        for _ in range(3):
+            setup.step(method)
+
+    cuda = dev.type == "cuda"
+    peak = _cuda_peak(steps, dev) if cuda else _rss_peak(steps)
+    setup.close()
     return {
         "model": model,
         "tasks": n_tasks,
         "method": method,
         "batch": batch,
-        "peak_mib": (peak[0] - base) / 2**20,
+        "device": str(dev),
+        "memory": "cuda_allocated" if cuda else "rss",
+        "peak_mib": peak / 2**20,
     }
 
 

@@ -6,9 +6,16 @@ import json
 import math
 
 import pytest
+import torch
 
-from gradlens.bench import format_table, measure_peak_memory, run_benchmark
+from gradlens import GradlensError
+from gradlens.bench import format_table, hardware_info, measure_peak_memory, run_benchmark
 from gradlens.cli import main
+
+no_cuda = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal of CUDA on a machine without it"
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_run_benchmark_rows():
@@ -26,21 +33,69 @@ def test_run_benchmark_rows():
         "loop-libmtl",
         "gramian",
         "features",
+        "gramian-after-probe",
         "gramian-unprobed",
         "gramian@every=10",
         "gramian@every=100",
+        "features-after-probe",
+        "features-unprobed",
+        "features@every=10",
+        "features@every=100",
     ]
     plain = rows[0]
     assert plain["vs_plain"] == 1.0
     for r in rows:
         assert r["seconds"] > 0
+        assert r["device"] == "cpu"
         assert math.isclose(r["vs_plain"], r["seconds"] / plain["seconds"])
-    # amortised rows are what they say: (probe + (k-1) unprobed) / k
+    # amortised rows are what they say: (probe + after-probe + (k-2) steady unprobed) / k
     t = {r["method"]: r["seconds"] for r in rows}
-    assert math.isclose(t["gramian@every=10"], (t["gramian"] + 9 * t["gramian-unprobed"]) / 10)
+    for m in ("gramian", "features"):
+        probe, after, steady = t[m], t[f"{m}-after-probe"], t[f"{m}-unprobed"]
+        assert math.isclose(t[f"{m}@every=10"], (probe + after + 8 * steady) / 10)
+        assert math.isclose(t[f"{m}@every=100"], (probe + after + 98 * steady) / 100)
     table = format_table(rows)
     assert "mlp-tiny" in table
     assert "gramian@every=10" in table
+    assert "features@every=100" in table
+
+
+def test_amortised_rows_only_for_the_methods_asked():
+    rows = run_benchmark(
+        ["mlp-tiny"], [2], ["plain", "features"], repeats=1, batch=8, warmup=0, amortise=(2,)
+    )
+    t = {r["method"]: r["seconds"] for r in rows}
+    assert set(t) == {
+        "plain",
+        "features",
+        "features-after-probe",
+        "features-unprobed",
+        "features@every=2",
+    }
+    # k = 2: a probe and the step right after it, no steady step
+    assert math.isclose(t["features@every=2"], (t["features"] + t["features-after-probe"]) / 2)
+    with pytest.raises(GradlensError, match="`amortise` should hold integers k >= 2"):
+        run_benchmark(["mlp-tiny"], [2], ["plain", "gramian"], repeats=1, batch=8, amortise=(1,))
+
+
+def test_unprobed_timings_come_after_one_or_two_untimed_steps(monkeypatch):
+    # the after-probe step follows the probe of a fresh every=10**9 profiler, the steady one
+    # follows the probe and one unprobed step: record which profiler step each timing sees
+    from gradlens import bench
+
+    seen: list[tuple[int, bool]] = []
+    step = bench._Setup.step
+
+    def spy(self, method, every=1):
+        prof = self._profilers.get((method, every))
+        if prof is not None and every == bench._ONCE:
+            seen.append((prof.step, bool(prof._schedule(prof.step))))
+        step(self, method, every)
+
+    monkeypatch.setattr(bench._Setup, "step", spy)
+    run_benchmark(["mlp-tiny"], [2], ["gramian"], repeats=1, batch=8, warmup=0, amortise=(10,))
+    # after-probe: steps 0 (probe), 1 (timed); steady: steps 0, 1, 2 (timed), in either order
+    assert sorted(seen) == sorted([(0, True), (1, False), (0, True), (1, False), (2, False)])
 
 
 def test_bench_cli_writes_json(tmp_path, capsys):
@@ -80,7 +135,108 @@ def test_cpu_clock_restores_torch_threads():
 def test_memory_measurement_in_a_fresh_process():
     row = measure_peak_memory("mlp-tiny", 2, "gramian", batch=8)
     assert row["method"] == "gramian"
+    assert row["memory"] == "rss"
+    assert row["device"] == "cpu"
     assert row["peak_mib"] >= 0
+
+
+def test_bad_device_is_refused():
+    with pytest.raises(GradlensError, match=r"`device` should be 'cpu', 'cuda' or 'cuda:N'.*'gpu'"):
+        run_benchmark(["mlp-tiny"], [2], ["plain"], repeats=1, batch=8, device="gpu")
+    with pytest.raises(GradlensError, match=r"`device` should be .*found 'meta'"):
+        run_benchmark(["mlp-tiny"], [2], ["plain"], repeats=1, batch=8, device="meta")
+    with pytest.raises(GradlensError, match="`device` should be"):
+        measure_peak_memory("mlp-tiny", 2, "plain", batch=8, device="cuda:x")
+
+
+@no_cuda
+def test_cuda_without_cuda_is_refused():
+    with pytest.raises(GradlensError, match=r"`device` should be 'cpu'.*is False.*found 'cuda'"):
+        run_benchmark(["mlp-tiny"], [2], ["plain"], repeats=1, batch=8, device="cuda")
+    with pytest.raises(GradlensError, match=r"`device` should be 'cpu'.*found 'cuda:0'"):
+        measure_peak_memory("mlp-tiny", 2, "plain", batch=8, device="cuda:0")
+    assert main(["bench", "--models", "mlp-tiny", "--tasks", "2", "--device", "cuda"]) == 2
+
+
+def test_cuda_index_is_checked_against_the_devices(monkeypatch):
+    # the checks of a CUDA request, run here by pretending one device is present
+    from gradlens.bench import _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _device("cuda") == torch.device("cuda", 0)
+    assert _device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(
+        GradlensError, match=r"one of cuda:0..cuda:0 on this machine; found 'cuda:1'"
+    ):
+        _device("cuda:1")
+
+
+def test_cpu_clock_with_a_cuda_device_is_refused():
+    # refused before the device is looked for, so the message is the same with or without CUDA
+    with pytest.raises(GradlensError, match=r"`clock` should be 'wall' when `device` is a CUDA"):
+        run_benchmark(["mlp-tiny"], [2], ["plain"], repeats=1, batch=8, device="cuda", clock="cpu")
+
+
+def test_cuda_clock_synchronizes_at_each_read(monkeypatch):
+    from gradlens.bench import _clock
+
+    calls: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    now = _clock("wall", torch.device("cuda", 0))
+    t0 = now()
+    t1 = now()
+    assert t1 >= t0
+    assert calls == [torch.device("cuda", 0)] * 2
+    calls.clear()
+    _clock("wall", torch.device("cpu"))()
+    assert calls == []
+
+
+def test_bench_cli_json_has_hardware(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--models", "mlp-tiny", "--tasks", "2", "--methods", "plain,gramian"]
+    assert (
+        main([*args, "--repeats", "1", "--batch", "8", "--device", "cpu", "--json", str(out)]) == 0
+    )
+    data = json.loads(out.read_text())
+    hw = data["hardware"]
+    assert hw["device"] == "cpu"
+    assert hw["name"]
+    assert hw["torch_threads"] == torch.get_num_threads()
+    assert hw["torch"] == torch.__version__
+    assert {r["device"] for r in data["time"]} == {"cpu"}
+    assert hardware_info("cpu", clock="cpu")["torch_threads"] == 1
+
+
+@needs_cuda
+def test_benchmark_and_memory_on_cuda():
+    rows = run_benchmark(
+        ["mlp-tiny"],
+        [2],
+        ["plain", "gramian", "features"],
+        repeats=2,
+        batch=8,
+        warmup=1,
+        device="cuda",
+        amortise=(10,),
+    )
+    dev = f"cuda:{torch.cuda.current_device()}"
+    t = {r["method"]: r["seconds"] for r in rows}
+    assert {r["device"] for r in rows} == {dev}
+    assert all(v > 0 for v in t.values())
+    assert math.isclose(
+        t["gramian@every=10"],
+        (t["gramian"] + t["gramian-after-probe"] + 8 * t["gramian-unprobed"]) / 10,
+    )
+    assert hardware_info("cuda")["name"] == torch.cuda.get_device_name()
+    # one fresh process (CUDA start-up is most of this test's time)
+    row = measure_peak_memory("mlp-tiny", 2, "gramian", batch=8, device="cuda")
+    assert row["memory"] == "cuda_allocated"
+    assert row["device"] == dev
+    # three steps allocate at least the trunk's gradients (~6.3k float32, 25 KiB)
+    assert row["peak_mib"] > 0
 
 
 def test_unknown_model_or_method_is_refused():

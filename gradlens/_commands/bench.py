@@ -41,7 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
-        help="wall: elapsed time; cpu: CPU time of one torch thread (for a shared machine)",
+        help="wall: elapsed time; cpu: CPU time of one torch thread (for a shared machine; "
+        "not with a CUDA device)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models and batches live: cpu (default), cuda or cuda:N; on CUDA each "
+        "timed step is synchronized and --memory reports allocated CUDA memory",
     )
     p.add_argument(
         "--memory",
@@ -52,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradlens.bench import format_table, measure_peak_memory, run_benchmark
+    from gradlens.bench import format_table, hardware_info, measure_peak_memory, run_benchmark
 
     def say(msg: str) -> None:
         sys.stderr.write(msg + "\n")
@@ -64,16 +71,17 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch,
         repeats=args.repeats,
         clock=args.clock,
+        device=args.device,
         progress=say,
     )
     print(format_table(rows))
-    out: dict[str, object] = {"time": rows}
+    out: dict[str, object] = {"hardware": hardware_info(args.device, args.clock), "time": rows}
     if args.memory:
         mem = []
         for model in args.models:
             for T in args.tasks:
                 for m in [m for m in args.methods if m != "torchjd" or _has_torchjd()]:
-                    mem.append(measure_peak_memory(model, T, m, args.batch))
+                    mem.append(measure_peak_memory(model, T, m, args.batch, device=args.device))
                     say(f"memory {model} T={T} {m}: {mem[-1]['peak_mib']:.0f} MiB")
         print()
         print(f"{'model':<12}{'T':>4}  " + "  ".join(f"{m:>12}" for m in args.methods))
