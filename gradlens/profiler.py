@@ -302,6 +302,9 @@ class Profiler:
             nodes=nodes,
             features=feats,
             memory_budget=self._budget,
+            leaves=leaves,
+            write=write,
+            retain_graph=retain_graph,
         )
         # engines compute in the dtypes of the recorded tensors, never under an autocast region
         with torch.autocast(L.device.type, enabled=False):

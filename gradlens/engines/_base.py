@@ -113,6 +113,14 @@ class BackwardContext:
     #: The scalar losses that ``losses`` stacks (a backward from one of them runs through its own
     #: task's graph only; one from ``losses[t]`` would run through every task's, via the stack).
     task_losses: Sequence[torch.Tensor] | None = None
+    #: Every leaf the losses reach (by id), shared or not.
+    leaves: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    #: Whether the engine may write ``.grad`` of leaves other than the shared parameters (False
+    #: for ``Profiler.observe``: there the engine writes only the shared parameters' ``.grad``,
+    #: which the profiler puts back).
+    write: bool = True
+    #: The caller's ``retain_graph`` (for an engine that runs the last backward itself).
+    retain_graph: bool = False
 
     def per_task(self) -> list[torch.Tensor]:
         """The per-task scalar losses (``task_losses``, or ``losses`` unbound as a fallback)."""
@@ -163,9 +171,41 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     """
     g = g.detach().reshape(p.shape).to(p.dtype)
     if p.grad is None:
-        p.grad = g.clone(memory_format=torch.preserve_format) if g._base is not None else g
+        # alias a tensor that owns exactly its storage (as autograd steals a fresh gradient);
+        # copy a slice of a larger buffer or a strided view
+        own = g.is_contiguous() and g.untyped_storage().nbytes() == g.numel() * g.element_size()
+        p.grad = g if own else g.clone(memory_format=torch.contiguous_format)
     else:
         p.grad.add_(g)
+
+
+class Workspace:
+    """Large per-probe buffers kept from one probe to the next, on CPU.
+
+    A fresh large CPU allocation is mapped anew and pays a page fault per 4 KiB page on first
+    touch (glibc maps blocks above 32 MiB for each allocation; measured on the reference
+    machine: stacking 40 rows of 0.75 MiB took 225 ms the first time, ~4 ms into a reused
+    buffer). CUDA tensors come from the caching allocator instead.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[object, torch.Tensor] = {}
+
+    def get(
+        self, key: object, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """An uninitialised buffer of this shape (the same one as last time when it fits)."""
+        if device.type != "cpu":
+            return torch.empty(tuple(shape), dtype=dtype, device=device)
+        b = self._bufs.get(key)
+        if b is None or b.shape != tuple(shape) or b.dtype != dtype:
+            b = torch.empty(tuple(shape), dtype=dtype, device=device)
+            self._bufs[key] = b
+        return b
+
+    def clear(self) -> None:
+        """Release every buffer."""
+        self._bufs.clear()
 
 
 def batched_grad(
@@ -224,6 +264,7 @@ def batched_grad_from(
     outputs: Sequence[torch.autograd.graph.GradientEdge],
     cotangents: Sequence[torch.Tensor],
     inputs: Sequence[torch.Tensor | torch.autograd.graph.GradientEdge],
+    retain_graph: bool = True,
 ) -> tuple[torch.Tensor | None, ...]:
     """Batched backward from intermediate ``outputs`` with (T, ...) ``cotangents``."""
     if not inputs:
@@ -234,7 +275,7 @@ def batched_grad_from(
             list(inputs),
             grad_outputs=list(cotangents),
             is_grads_batched=True,
-            retain_graph=True,
+            retain_graph=retain_graph,
             allow_unused=True,
         )
 
@@ -243,6 +284,7 @@ def looped_grad_from(
     outputs: Sequence[torch.autograd.graph.GradientEdge],
     cotangents: Sequence[torch.Tensor],
     inputs: Sequence[torch.Tensor | torch.autograd.graph.GradientEdge],
+    retain_graph: bool = True,
 ) -> list[torch.Tensor | None]:
     """As :func:`batched_grad_from`, by one backward per task (stacked; None where unreached).
 
@@ -258,7 +300,7 @@ def looped_grad_from(
             list(outputs),
             list(inputs),
             grad_outputs=[c[t] for c in cotangents],
-            retain_graph=True,
+            retain_graph=retain_graph or t < T - 1,
             allow_unused=True,
         )
         for k, g in enumerate(gs):

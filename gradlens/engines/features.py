@@ -1,22 +1,32 @@
 """The ``features`` engine: task gradients with respect to the shared representation only.
 
 MGDA-UB style (Sener and Koltun 2018): the call passes ``features=z``, the output of the shared
-part; one small backward per task through its own head gives each task's gradient with respect
-to ``z``, and their Gram is an upper-bound proxy of the parameter-level one. The Grams are
-representation-level (``Snapshot.level == "features"``; one layer named ``"features"``). The
-weighted gradient of every parameter then comes from the single ordinary backward the profiler
-runs, so the shared part is traversed once, as in plain training.
+part; each task's gradient with respect to ``z`` is the Gram's row, an upper-bound proxy of the
+parameter-level one. The Grams are representation-level (``Snapshot.level == "features"``; one
+layer named ``"features"``).
+
+Where every head is its own (see :mod:`gradlens.engines._capture`), the rows are captured by hooks
+during the one weighted backward of ``sum_t w_t L_t`` that training runs anyway, so a probed step
+costs a plain step plus copying T rows and their ``T x T`` product. Otherwise (heads sharing a
+node just above ``z``) one small backward per task through its own head gives the rows, and the
+profiler's ordinary backward the weighted gradient.
 """
 
 from __future__ import annotations
+
+import torch
+from torch.autograd.graph import get_gradient_edge
 
 from gradlens.engines._base import (
     BackwardContext,
     Engine,
     EngineResult,
+    SharedParams,
+    Workspace,
     gram_of_rows,
     per_task_grad,
 )
+from gradlens.engines._capture import capture_rows, split_heads
 
 __all__ = ["FEATURES_LAYER", "FeaturesEngine"]
 
@@ -30,9 +40,36 @@ class FeaturesEngine(Engine):
     level = "features"
     needs_features = True
 
+    def __init__(self, shared: SharedParams, n_tasks: int) -> None:
+        super().__init__(shared, n_tasks)
+        self._workspace = Workspace()
+
+    def detach(self) -> None:
+        self._workspace.clear()
+
     def compute(self, ctx: BackwardContext) -> EngineResult:
         feats = list(ctx.features or ())
-        # one small backward per task: each runs through its own head only
-        rows = per_task_grad(ctx.per_task(), feats, [z.shape for z in feats])
+        shapes = [z.shape for z in feats]
+        edges = [get_gradient_edge(z) for z in feats]
+        split = split_heads(ctx.per_task(), edges, ctx.uses, [z.dtype for z in feats])
+        if split is None:
+            # one small backward per task: each runs through its own head only
+            rows = per_task_grad(ctx.per_task(), feats, shapes)
+            rows = [r.to(z.dtype) for r, z in zip(rows, feats)]
+            return EngineResult({FEATURES_LAYER: gram_of_rows(rows)}, {FEATURES_LAYER: "features"})
+        # the training backward itself (every leaf when writing), rows captured on the way
+        leaves = list(ctx.leaves.values()) if ctx.write else []
+        rows, u, _ = capture_rows(
+            ctx,
+            edges,
+            shapes,
+            split,
+            leaves,
+            retain_graph=ctx.retain_graph or not ctx.write,
+            workspace=self._workspace,
+        )
         rows = [r.to(z.dtype) for r, z in zip(rows, feats)]
-        return EngineResult({FEATURES_LAYER: gram_of_rows(rows)}, {FEATURES_LAYER: "features"})
+        G = gram_of_rows(rows) / torch.outer(u, u).to(torch.float64)
+        return EngineResult(
+            {FEATURES_LAYER: G}, {FEATURES_LAYER: "features"}, {id(p) for p in leaves}
+        )

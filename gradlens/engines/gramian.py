@@ -28,6 +28,7 @@ from gradlens.engines._base import (
     Engine,
     EngineResult,
     SharedParams,
+    Workspace,
     accumulate_grad,
     batched_grad,
     batched_grad_from,
@@ -37,6 +38,7 @@ from gradlens.engines._base import (
     looped_grad_from,
     per_task_grad,
 )
+from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines.rules import Rule, rule_for
 
 __all__ = ["GramianEngine"]
@@ -62,6 +64,7 @@ class GramianEngine(Engine):
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize | None = None
+        self._workspace = Workspace()
 
     # -- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -92,6 +95,7 @@ class GramianEngine(Engine):
         self._handles.clear()
         self._records.clear()
         self._boundary.clear()
+        self._workspace.clear()
 
     def set_recording(self, on: bool) -> None:
         self._recording = on
@@ -160,7 +164,9 @@ class GramianEngine(Engine):
         ]
         inputs += generic
         T = ctx.losses.shape[0]
-        grads = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
+        grads, u, v, heads = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
+        # rows carry u_t (see engines._capture): weight v in the sums, divide Grams by u_s u_t
+        unscale = torch.outer(u, u).to(torch.float64).reciprocal()
 
         grams: dict[str, torch.Tensor] = {}
         rules: dict[str, str] = {}
@@ -174,11 +180,11 @@ class GramianEngine(Engine):
                 if d is None:  # output recorded but not reached by any task: zero
                     d = r.input.new_zeros((T, *r.out_shape))
                 outs.append(d.to(compute_dtype(d.dtype)))  # bf16/fp16 (autocast) -> float32
-            grams[layer] = rule.fn(
+            grams[layer] = unscale * rule.fn(
                 mod,
                 [r.input.to(compute_dtype(r.input.dtype)) for r in recs],
                 outs,
-                ctx.weights,
+                v,
                 by_layer[layer],
                 ctx.memory_budget,
             )
@@ -188,12 +194,13 @@ class GramianEngine(Engine):
             for p, g in zip(generic, grads[k:])
         }
         for layer, ps in group_by_layer(self.shared, generic).items():
-            grams[layer] = gram_of_rows([gen_grads[id(p)] for p in ps])
+            grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
             rules[layer] = "generic"
             for p in ps:
-                accumulate_grad(p, torch.tensordot(ctx.weights, gen_grads[id(p)], dims=1))
+                accumulate_grad(p, torch.tensordot(v, gen_grads[id(p)], dims=1))
         ordered = {layer: grams[layer] for layer in by_layer}
-        return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, {id(p) for p in params})
+        written = {id(p) for p in params} | {id(p) for p in heads}
+        return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, written)
 
     def _output_grads(
         self,
@@ -202,12 +209,17 @@ class GramianEngine(Engine):
         boundary: list[_Record],
         rule_layers: dict[str, list[_Record]],
         generic: list[torch.Tensor],
-    ) -> list[torch.Tensor | None]:
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Every task's gradient w.r.t. each input (layer output edges, generic parameters).
 
-        Two stages when the losses reach the shared part only through its outputs: one small
-        backward per task from its loss to the shared outputs (through its own head only), then
-        one batched backward of the T cotangents from there through the shared part (on CPU,
+        Returns them (row t scaled by ``u_t``), ``u``, the weights ``v`` for the weighted sums,
+        and the head leaves whose ``.grad`` was written on the way.
+
+        Two stages when the losses reach the shared part only through its outputs: the rows at
+        the shared outputs, from one weighted backward through the heads with a hook per head
+        (which also writes the heads' gradients; see :mod:`gradlens.engines._capture`), or from
+        one small backward per task where heads share a node; then one batched backward of the
+        T cotangents from there through the shared part (on CPU,
         unless the shared part is Linear layers only, one backward per task instead: vmap has no
         efficient rule for convolution, norm or attention backward there). Otherwise (T = 1, or a
         loss reaches shared parameters another way, e.g. a head tied to a shared weight) one
@@ -215,14 +227,22 @@ class GramianEngine(Engine):
         """
         live = [b for b in boundary if b.edge.node in ctx.nodes]
         T = ctx.losses.shape[0]
+        plain = (torch.ones_like(ctx.weights), ctx.weights, [])
         if T == 1 or not live:
-            return list(batched_grad(ctx.losses, inputs))
+            return list(batched_grad(ctx.losses, inputs)), *plain
         stop = {b.edge.node for b in live}
         inside = {r.edge.node for recs in rule_layers.values() for r in recs}
         if _reaches_past(ctx.losses, stop, inside, {id(p) for p in self.shared.params}):
-            return list(batched_grad(ctx.losses, inputs))
+            return list(batched_grad(ctx.losses, inputs)), *plain
         edges = [b.edge for b in live]
-        cot = per_task_grad(ctx.per_task(), edges, [b.out_shape for b in live])
+        shapes = [b.out_shape for b in live]
+        split = split_heads(ctx.per_task(), edges, ctx.uses, [b.input.dtype for b in live])
+        if split is None:
+            cot = per_task_grad(ctx.per_task(), edges, shapes)
+            u, v, heads = plain
+        else:
+            heads = split.leaves if ctx.write else []
+            cot, u, v = capture_rows(ctx, edges, shapes, split, heads, workspace=self._workspace)
         at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot)}
 
         def key(x: torch.Tensor | GradientEdge) -> tuple[object, int] | None:
@@ -237,8 +257,13 @@ class GramianEngine(Engine):
         looped = ctx.losses.device.type == "cpu" and (
             bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
         )
-        got = iter((looped_grad_from if looped else batched_grad_from)(edges, cot, rest))
-        return [at_boundary[k] if (k := key(x)) in at_boundary else next(got) for x in inputs]
+        # the last backward frees the graph, as a plain backward would, unless the profiler
+        # still has leaves to reach (those neither shared nor in the heads) or the caller keeps it
+        done = {id(p) for p in ctx.reached} | {id(p) for p in heads}
+        keep = ctx.retain_graph or not ctx.write or not set(ctx.leaves) <= done
+        got = iter((looped_grad_from if looped else batched_grad_from)(edges, cot, rest, keep))
+        out = [at_boundary[k] if (k := key(x)) in at_boundary else next(got) for x in inputs]
+        return out, u, v, heads
 
 
 def _reaches_past(
