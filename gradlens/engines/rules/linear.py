@@ -3,10 +3,16 @@
 With ``A`` (N x in) the layer's inputs over all calls and positions and ``D_t`` (N x out) task t's
 gradient with respect to the layer's output, task t's weight gradient is ``D_t^T A`` and its bias
 gradient ``D_t^T 1``. Two exact ways to the Gram, the cheaper chosen by counting flops:
-- kernel: ``G[s,t] = <D_s, K D_t>`` with ``K = A A^T (+ 1 1^T for the bias)``, N x N;
+- kernel: ``G[s,t] = <D_s, K D_t>`` with ``K = A A^T (+ 1 1^T for the bias)``, N x N, formed in
+  task chunks (``K D_c`` for a chunk c of tasks at a time, its size bounded by the memory budget;
+  only the blocks on and below the diagonal, mirrored, as G is symmetric);
 - gradients: form the T weight gradients (in output-row blocks under the memory budget) and
   multiply them.
+A layer with a bias but no trainable weight needs neither: ``G = S S^T`` with ``S_t = D_t^T 1``.
 The weighted gradient ``(sum_t w_t D_t)^T A`` costs what a plain backward's weight gradient costs.
+
+The kernel path is one pure function, :func:`kernel_core`; on CUDA it runs compiled through
+``torch.compile`` (see :mod:`gradlens.engines.rules._fused`), elsewhere eagerly.
 """
 
 from __future__ import annotations
@@ -15,9 +21,75 @@ import torch
 from torch import nn
 
 from gradlens.engines._base import accumulate_grad
-from gradlens.engines.rules import register_rule
+from gradlens.engines.rules import _fused, register_rule
 
-__all__: list[str] = []
+__all__ = ["kernel_chunk", "kernel_core"]
+
+
+def _weighted_grads(
+    A: torch.Tensor, D: torch.Tensor, w: torch.Tensor, has_weight: bool, has_bias: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(sum_t w_t D_t)^T A`` and ``(sum_t w_t D_t)^T 1``, None where the parameter is absent."""
+    Dw = torch.tensordot(w, D, dims=1)  # N x out
+    return (Dw.T @ A if has_weight else None), (Dw.sum(0) if has_bias else None)
+
+
+def kernel_chunk(T: int, N: int, out_f: int, itemsize: int, budget: int) -> int:
+    """Tasks per chunk of the kernel path: ``K D_c`` (and ``K`` broadcast over the chunk for the
+    batched product) within ``budget`` bytes, at least one task, at most T.
+
+    >>> kernel_chunk(40, 128, 1536, 4, 256 * 2**20), kernel_chunk(40, 128, 1536, 4, 1)
+    (40, 1)
+    """
+    per_task = N * (out_f + N) * itemsize
+    return max(1, min(T, budget // max(1, per_task)))
+
+
+def kernel_core(
+    A: torch.Tensor,
+    D: torch.Tensor,
+    w: torch.Tensor,
+    chunk: int,
+    *,
+    has_weight: bool,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A Linear layer's float64 Gram (kernel path) and weighted weight and bias gradients.
+
+    Args:
+        A: N x in inputs (same dtype as ``D``; ignored without a weight).
+        D: T x N x out task gradients with respect to the layer's output.
+        w: T task weights (dtype of ``D``).
+        chunk: tasks per ``K D_c`` block (see :func:`kernel_chunk`).
+        has_weight: whether the losses reach the weight (its gradient is formed, and ``A A^T``).
+        has_bias: whether the losses reach the bias (its gradient is formed, and ``+ 1 1^T``).
+
+    Pure (writes no ``.grad``): the same function runs eagerly and, on CUDA, compiled.
+
+    >>> A, D = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    >>> G, gW, gb = kernel_core(A, D, torch.ones(2, dtype=torch.float64), 1,
+    ...                         has_weight=True, has_bias=False)
+    >>> g = torch.stack([(D[t].T @ A).reshape(-1) for t in range(2)])
+    >>> torch.allclose(G, g @ g.T), torch.allclose(gW, D.sum(0).T @ A), gb is None
+    (True, True, True)
+    """
+    T, N, _ = D.shape
+    gW, gb = _weighted_grads(A, D, w, has_weight, has_bias)
+    if not has_weight:  # K = 1 1^T: G[s,t] = <S_s, S_t> with S_t = D_t^T 1
+        S = D.sum(1)
+        return (S @ S.T).to(torch.float64), gW, gb
+    K = A @ A.T
+    if has_bias:
+        K = K + 1.0
+    Df = D.reshape(T, -1)
+    G = D.new_zeros(T, T)
+    for lo in range(0, T, chunk):
+        hi = min(lo + chunk, T)
+        KD = torch.bmm(K.expand(hi - lo, N, N), D[lo:hi])  # chunk x N x out
+        G[lo:, lo:hi] = Df[lo:] @ KD.reshape(hi - lo, -1).T  # blocks on and below the diagonal
+        del KD  # one chunk's K D_c alive at a time
+    G = G.tril() + G.tril(-1).T  # exactly symmetric, whatever the chunking
+    return G.to(torch.float64), gW, gb
 
 
 @register_rule(nn.Linear, name="linear")
@@ -29,6 +101,7 @@ def linear_rule(
     params: list[torch.Tensor],
     budget: int,
 ) -> torch.Tensor:
+    """The layer's float64 Gram; writes its parameters' weighted gradients (see the module doc)."""
     W, b = module.weight, module.bias
     has_w = any(p is W for p in params)
     has_b = b is not None and any(p is b for p in params)
@@ -39,36 +112,41 @@ def linear_rule(
         if len(inputs) > 1
         else (inputs[0].reshape(-1, in_f))
     )
-    D = torch.cat([d.reshape(T, -1, out_f) for d in out_grads], dim=1)
+    D = (  # no copy for the usual single call: D is T x N x out, as large as the layer gets
+        torch.cat([d.reshape(T, -1, out_f) for d in out_grads], dim=1)
+        if len(out_grads) > 1
+        else out_grads[0].reshape(T, -1, out_f)
+    )
     N = A.shape[0]
     A = A.to(D.dtype)
-
-    Dw = torch.tensordot(weights.to(D.dtype), D, dims=1)  # N x out
-    if has_w:
-        accumulate_grad(W, Dw.T @ A)
-    if has_b:
-        accumulate_grad(b, Dw.sum(0))
+    w = weights.to(D.dtype)
 
     itemsize = D.element_size()
-    kernel_flops = (N * N * in_f if has_w else 0) + T * N * N * out_f + T * T * N * out_f
+    kernel_flops = N * N * in_f + T * N * N * out_f + T * T * N * out_f
     grad_flops = T * N * out_f * in_f + T * T * out_f * in_f
     kernel_fits = N * N * itemsize <= budget
-    if kernel_fits and (kernel_flops <= grad_flops or not has_w):
-        K = A @ A.T if has_w else D.new_zeros(N, N)
-        if has_b:
-            K = K + 1.0
-        KD = torch.matmul(K, D)  # T x N x out
-        return (D.reshape(T, -1) @ KD.reshape(T, -1).T).to(torch.float64)
+    if not has_w or (kernel_fits and kernel_flops <= grad_flops):
+        chunk = kernel_chunk(T, N, out_f, itemsize, budget)
+        G, gW, gb = _fused.run(kernel_core, A, D, w, chunk, has_weight=has_w, has_bias=has_b)
+        if gW is not None:
+            accumulate_grad(W, gW)
+        if gb is not None:
+            accumulate_grad(b, gb)
+        return G
 
+    gW, gb = _weighted_grads(A, D, w, has_w, has_b)
+    if gW is not None:
+        accumulate_grad(W, gW)
+    if gb is not None:
+        accumulate_grad(b, gb)
     G = torch.zeros(T, T, dtype=torch.float64, device=D.device)
     if has_b:
-        gb = D.sum(1)  # T x out
-        G += (gb @ gb.T).to(torch.float64)
-    if has_w:
-        rows = max(1, min(out_f, budget // max(1, T * in_f * itemsize)))
-        Dt = D.transpose(1, 2)  # T x out x N
-        for lo in range(0, out_f, rows):
-            gW = torch.matmul(Dt[:, lo : lo + rows], A)  # T x rows x in
-            g2 = gW.reshape(T, -1)
-            G += (g2 @ g2.T).to(torch.float64)
+        S = D.sum(1)  # T x out
+        G += (S @ S.T).to(torch.float64)
+    rows = max(1, min(out_f, budget // max(1, T * in_f * itemsize)))
+    Dt = D.transpose(1, 2)  # T x out x N
+    for lo in range(0, out_f, rows):
+        gWt = torch.matmul(Dt[:, lo : lo + rows], A)  # T x rows x in
+        g2 = gWt.reshape(T, -1)
+        G += (g2 @ g2.T).to(torch.float64)
     return G
