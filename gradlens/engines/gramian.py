@@ -16,7 +16,7 @@ graph (counted on the autograd graph); a parameter also used outside the module'
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +39,7 @@ from gradlens.engines._base import (
     per_task_grad,
 )
 from gradlens.engines._capture import capture_rows, split_heads
+from gradlens.engines._segments import plan_segments
 from gradlens.engines.rules import Rule, rule_for
 
 __all__ = ["GramianEngine"]
@@ -164,35 +165,51 @@ class GramianEngine(Engine):
         ]
         inputs += generic
         T = ctx.losses.shape[0]
-        grads, u, v, heads = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
+        u, v, heads, stream = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
         # rows carry u_t (see engines._capture): weight v in the sums, divide Grams by u_s u_t
         unscale = torch.outer(u, u).to(torch.float64).reciprocal()
 
+        # each layer's Gram is computed as soon as all its outputs' gradients are in, and its
+        # T x N x out blocks are dropped then (the backward is cut between layers where it can)
+        slot = [(layer, j) for layer, recs in rule_layers.items() for j in range(len(recs))]
+        outs: dict[str, list[torch.Tensor | None]] = {
+            layer: [None] * len(recs) for layer, recs in rule_layers.items()
+        }
+        left = {layer: len(recs) for layer, recs in rule_layers.items()}
         grams: dict[str, torch.Tensor] = {}
         rules: dict[str, str] = {}
-        k = 0
-        for layer, recs in rule_layers.items():
-            mod, rule = self._modules[layer]
-            outs = []
-            for r in recs:
-                d = grads[k]
-                k += 1
-                if d is None:  # output recorded but not reached by any task: zero
-                    d = r.input.new_zeros((T, *r.out_shape))
-                outs.append(d.to(compute_dtype(d.dtype)))  # bf16/fp16 (autocast) -> float32
-            grams[layer] = unscale * rule.fn(
-                mod,
-                [r.input.to(compute_dtype(r.input.dtype)) for r in recs],
-                outs,
-                v,
-                by_layer[layer],
-                ctx.memory_budget,
-            )
-            rules[layer] = rule.name
-        gen_grads = {
-            id(p): (torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device) if g is None else g)
-            for p, g in zip(generic, grads[k:])
-        }
+        gen_grads: dict[int, torch.Tensor] = {}
+        for i, d in stream:
+            if i >= len(slot):
+                p = inputs[i]
+                assert isinstance(p, torch.Tensor)
+                gen_grads[id(p)] = (
+                    torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device) if d is None else d
+                )
+                continue
+            layer, j = slot[i]
+            outs[layer][j] = d
+            left[layer] -= 1
+            if left[layer] == 0:
+                recs = rule_layers[layer]
+                mod, rule = self._modules[layer]
+                got = [
+                    # a recorded output no task reached: zero; bf16/fp16 (autocast) -> float32
+                    r.input.new_zeros((T, *r.out_shape))
+                    if g is None
+                    else g.to(compute_dtype(g.dtype))
+                    for r, g in zip(recs, outs.pop(layer))
+                ]
+                grams[layer] = unscale * rule.fn(
+                    mod,
+                    [r.input.to(compute_dtype(r.input.dtype)) for r in recs],
+                    got,
+                    v,
+                    by_layer[layer],
+                    ctx.memory_budget,
+                )
+                rules[layer] = rule.name
+                del got
         for layer, ps in group_by_layer(self.shared, generic).items():
             grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
             rules[layer] = "generic"
@@ -209,31 +226,35 @@ class GramianEngine(Engine):
         boundary: list[_Record],
         rule_layers: dict[str, list[_Record]],
         generic: list[torch.Tensor],
-    ) -> tuple[list[torch.Tensor | None], torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, list[torch.Tensor], Iterator[tuple[int, torch.Tensor | None]]
+    ]:
         """Every task's gradient w.r.t. each input (layer output edges, generic parameters).
 
-        Returns them (row t scaled by ``u_t``), ``u``, the weights ``v`` for the weighted sums,
-        and the head leaves whose ``.grad`` was written on the way.
+        Returns ``u``, the weights ``v`` for the weighted sums, the head leaves whose ``.grad``
+        was written on the way, and an iterator of ``(index in inputs, gradient)`` (row t scaled
+        by ``u_t``; None where no task reaches the input), in the order they become available.
 
         Two stages when the losses reach the shared part only through its outputs: the rows at
         the shared outputs, from one weighted backward through the heads with a hook per head
         (which also writes the heads' gradients; see :mod:`gradlens.engines._capture`), or from
-        one small backward per task where heads share a node; then one batched backward of the
-        T cotangents from there through the shared part (on CPU,
-        unless the shared part is Linear layers only, one backward per task instead: vmap has no
-        efficient rule for convolution, norm or attention backward there). Otherwise (T = 1, or a
-        loss reaches shared parameters another way, e.g. a head tied to a shared weight) one
-        batched backward from the losses.
+        one small backward per task where heads share a node; then batched backwards of the T
+        cotangents from there through the shared part, one per segment between cut layers (see
+        :mod:`gradlens.engines._segments`). On CPU, unless the shared part is Linear layers only,
+        one backward per task instead of a batched one: vmap has no efficient rule for
+        convolution, norm or attention backward there. Otherwise (T = 1, or a loss reaches shared
+        parameters another way, e.g. a head tied to a shared weight) one batched backward from
+        the losses.
         """
         live = [b for b in boundary if b.edge.node in ctx.nodes]
         T = ctx.losses.shape[0]
         plain = (torch.ones_like(ctx.weights), ctx.weights, [])
         if T == 1 or not live:
-            return list(batched_grad(ctx.losses, inputs)), *plain
+            return *plain, enumerate(batched_grad(ctx.losses, inputs))
         stop = {b.edge.node for b in live}
         inside = {r.edge.node for recs in rule_layers.values() for r in recs}
         if _reaches_past(ctx.losses, stop, inside, {id(p) for p in self.shared.params}):
-            return list(batched_grad(ctx.losses, inputs)), *plain
+            return *plain, enumerate(batched_grad(ctx.losses, inputs))
         edges = [b.edge for b in live]
         shapes = [b.out_shape for b in live]
         split = split_heads(ctx.per_task(), edges, ctx.uses, [b.input.dtype for b in live])
@@ -243,12 +264,6 @@ class GramianEngine(Engine):
         else:
             heads = split.leaves if ctx.write else []
             cot, u, v = capture_rows(ctx, edges, shapes, split, heads, workspace=self._workspace)
-        at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot)}
-
-        def key(x: torch.Tensor | GradientEdge) -> tuple[object, int] | None:
-            return (x.node, x.output_nr) if isinstance(x, GradientEdge) else None
-
-        rest = [x for x in inputs if key(x) not in at_boundary]
         # On CPU, vmap is efficient where the shared part is Linear layers and elementwise ops
         # (one large matrix product for all tasks); for convolutions, norm layers and attention
         # it loops internally and concatenates T-fold activations, so one backward per task is
@@ -257,13 +272,48 @@ class GramianEngine(Engine):
         looped = ctx.losses.device.type == "cpu" and (
             bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
         )
-        # the last backward frees the graph, as a plain backward would, unless the profiler
-        # still has leaves to reach (those neither shared nor in the heads) or the caller keeps it
+        # the backward frees the graph, as a plain backward would, unless the profiler still
+        # has leaves to reach (those neither shared nor in the heads) or the caller keeps it
         done = {id(p) for p in ctx.reached} | {id(p) for p in heads}
         keep = ctx.retain_graph or not ctx.write or not set(ctx.leaves) <= done
-        got = iter((looped_grad_from if looped else batched_grad_from)(edges, cot, rest, keep))
-        out = [at_boundary[k] if (k := key(x)) in at_boundary else next(got) for x in inputs]
-        return out, u, v, heads
+        backward = looped_grad_from if looped else batched_grad_from
+        return u, v, heads, _segmented(edges, cot, inputs, backward, keep)
+
+
+def _segmented(
+    edges: list[GradientEdge],
+    cot: list[torch.Tensor],
+    inputs: list[torch.Tensor | GradientEdge],
+    backward: Callable[..., Sequence[torch.Tensor | None]],
+    keep: bool,
+) -> Iterator[tuple[int, torch.Tensor | None]]:
+    """Gradients of ``inputs`` from cotangents ``cot`` at ``edges``, one backward per segment."""
+    at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot)}
+    rest: list[int] = []
+    for i, x in enumerate(inputs):
+        k = (x.node, x.output_nr) if isinstance(x, GradientEdge) else None
+        if k in at_boundary:
+            yield i, at_boundary[k]
+        else:
+            rest.append(i)
+    del at_boundary
+    tops: list[GradientEdge] | None = edges
+    cots = cot
+    del cot
+    for members, cut in plan_segments(edges, [inputs[i] for i in rest]):
+        if not members:
+            continue
+        if tops is None:  # the cut above was reached by no task: nothing below is
+            yield from ((rest[m], None) for m in members)
+            continue
+        got = dict(zip(members, backward(tops, cots, [inputs[rest[m]] for m in members], keep)))
+        tops = cots = None  # type: ignore[assignment]
+        if cut is not None and got[cut] is not None:
+            edge = inputs[rest[cut]]
+            assert isinstance(edge, GradientEdge)
+            tops, cots = [edge], [got[cut]]  # type: ignore[list-item]
+        for m in members:
+            yield rest[m], got.pop(m)
 
 
 def _reaches_past(
