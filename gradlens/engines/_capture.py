@@ -133,14 +133,30 @@ def capture_rows(
     T = len(parts)
     u, v, alone = task_scales(ctx.weights)
     solo = per_task_grad([parts[t] for t in alone], edges, shapes) if alone else []
-    got: list[list[list[torch.Tensor]]] = [[[] for _ in range(T)] for _ in edges]
+    # each hook copies its task's gradient into row t of one (T, *shape) buffer per shared
+    # output, so the T gradients are never alive twice (as a list and as a stack)
+    bufs: list[torch.Tensor | None] = [None] * len(edges)
+    filled = [[False] * T for _ in edges]
 
     def make(t: int, slots: list[tuple[int, int]]) -> Callable[..., None]:
         def hook(grad_inputs: tuple[torch.Tensor | None, ...], _: object) -> None:
             for i, k in slots:
                 g = grad_inputs[i]
-                if g is not None:
-                    got[k][t].append(g)
+                if g is None:
+                    continue
+                buf = bufs[k]
+                if buf is None:
+                    shape = (T, *shapes[k])
+                    buf = bufs[k] = (
+                        torch.empty(shape, dtype=g.dtype, device=g.device)
+                        if workspace is None
+                        else workspace.get(("rows", k), shape, g.dtype, g.device)
+                    )
+                if filled[k][t]:
+                    buf[t].add_(g)
+                else:
+                    buf[t].copy_(g)
+                    filled[k][t] = True
 
         return hook
 
@@ -156,20 +172,16 @@ def capture_rows(
     for p, g in zip(leaves, grads[len(edges) :]):
         if g is not None:
             accumulate_grad(p, g)
+    del grads
     rows = []
     for k, shape in enumerate(shapes):
-        like = next((g for gs in got[k] for g in gs), None)
-        ref = like if like is not None else ctx.losses
-        zero = torch.zeros(tuple(shape), dtype=ref.dtype, device=ref.device)
-        per = [
-            zero if not gs else gs[0] if len(gs) == 1 else torch.stack(gs).sum(0) for gs in got[k]
-        ]
-        if workspace is None:
-            row = torch.stack(per)
-        else:
-            row = workspace.get(("rows", k), (T, *shape), ref.dtype, ref.device)
-            torch.stack(per, out=row)
+        buf = bufs[k]
+        if buf is None:  # no task reaches this output
+            buf = torch.zeros((T, *shape), dtype=ctx.losses.dtype, device=ctx.losses.device)
+        for t in range(T):
+            if not filled[k][t]:
+                buf[t].zero_()
         if alone:
-            row[alone] = solo[k].to(row.dtype)
-        rows.append(row)
+            buf[alone] = solo[k].to(buf.dtype)
+        rows.append(buf)
     return rows, u, v

@@ -28,7 +28,6 @@ from gradlens.engines._base import (
     Engine,
     EngineResult,
     SharedParams,
-    Workspace,
     accumulate_grad,
     batched_grad,
     batched_grad_from,
@@ -65,7 +64,6 @@ class GramianEngine(Engine):
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize | None = None
-        self._workspace = Workspace()
 
     # -- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -96,7 +94,6 @@ class GramianEngine(Engine):
         self._handles.clear()
         self._records.clear()
         self._boundary.clear()
-        self._workspace.clear()
 
     def set_recording(self, on: bool) -> None:
         self._recording = on
@@ -263,7 +260,8 @@ class GramianEngine(Engine):
             u, v, heads = plain
         else:
             heads = split.leaves if ctx.write else []
-            cot, u, v = capture_rows(ctx, edges, shapes, split, heads, workspace=self._workspace)
+            # no workspace: the rows are the first segment's cotangents, freed once it is done
+            cot, u, v = capture_rows(ctx, edges, shapes, split, heads)
         # On CPU, vmap is efficient where the shared part is Linear layers and elementwise ops
         # (one large matrix product for all tasks); for convolutions, norm layers and attention
         # it loops internally and concatenates T-fold activations, so one backward per task is
