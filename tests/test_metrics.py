@@ -492,7 +492,8 @@ def _batch_reference(grams: np.ndarray, steps: np.ndarray, halflife: float) -> d
             "cos": cos,
             "count": ok.sum(axis=0),
             "undefined": (~ok).sum(axis=0),
-            "mean": np.nanmean(np.where(ok, cos, np.nan), axis=0) if ok.any() else None,
+            # NaN where a (layer, pair) has no defined cosine (np.nanmean would warn there)
+            "mean": np.where(ok, cos, 0.0).sum(axis=0) / ok.sum(axis=0),
             "conflict_freq": (cos < 0).sum(axis=0) / ok.sum(axis=0),
             "ema": (wts * np.nan_to_num(cos)).sum(axis=0) / wts.sum(axis=0),
             "ema_conflict": (wts * (cos < 0)).sum(axis=0) / wts.sum(axis=0),
