@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# One short, prepared run on a CUDA machine: the CUDA correctness tests, then the benchmark.
+# One short, prepared run on a CUDA machine: the CUDA correctness tests, the benchmark, where
+# the time of a step goes, the opt-in fused rule against the eager one, and peak CUDA memory.
 # Usage (repo root, a python3 with CUDA torch; gradlens from the checkout, optional torchjd on
-# PYTHONPATH): OUT=/some/dir bash benchmarks/gpu_check.sh
+# PYTHONPATH): OUT=/some/dir [STAGES="tests bench"] bash benchmarks/gpu_check.sh
 # Every stage has its own time limit and writes its output under $OUT as it goes.
 set -u
 OUT=${OUT:-gpu_out}
+STAGES=${STAGES:-"tests bench profile fused memory"}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=python3
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $py -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
-  $py -c "import torchjd; print('torchjd', torchjd.__version__)" 2>&1 | tail -1
+  $py -c "import importlib.metadata as m; print('torchjd', m.version('torchjd'))" 2>&1 | tail -1
 } 2>&1 | tee "$OUT/env.txt"
 
 stage() {  # name, seconds, command...
   local name=$1 secs=$2; shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   local t0=$SECONDS
   timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
   echo "== $name: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt"
@@ -25,12 +28,14 @@ stage() {  # name, seconds, command...
 # 1. CUDA correctness: every engine against the float64 loop reference on CUDA, fused path taken
 stage tests 150 $py -m pytest tests/test_cuda.py tests/test_bench.py -q --maxfail=5 -p no:cacheprovider \
   -o filterwarnings=default -o addopts="" -m "not slow"
-# 2. the benchmark with the eager Linear rule (no compilation in the timings' warm-up)
-stage bench 150 env GRADLENS_FUSED=0 $py -m gradlens.cli bench --device cuda \
+# 2. the benchmark (eager Linear rule, the default)
+stage bench 150 $py -m gradlens.cli bench --device cuda \
   --models mlp-1m,mlp-10m,cnn-1m,transformer --tasks 2,8,40 --repeats 7 --json "$OUT/bench.json"
-# 3. fused (torch.compile) Linear rule against the eager one, gramian on the 10M MLP
-stage fused 75 $py -m gradlens.cli bench --device cuda --models mlp-10m --tasks 8,40 \
-  --methods plain,gramian --repeats 7 --json "$OUT/bench_fused.json"
-# 4. peak CUDA memory, one fresh process per method
-stage memory 75 env GRADLENS_FUSED=0 $py -m gradlens.cli bench --device cuda --models mlp-10m \
+# 3. where the time of a plain and of a probed step goes (kernels vs launches and Python)
+stage profile 60 $py benchmarks/profile_step.py --device cuda --model mlp-10m --tasks 8 40
+# 4. the opt-in fused (torch.compile) Linear rule, gramian on the 10M MLP
+stage fused 75 env GRADLENS_FUSED=1 $py -m gradlens.cli bench --device cuda --models mlp-10m \
+  --tasks 8,40 --methods plain,gramian --repeats 7 --json "$OUT/bench_fused.json"
+# 5. peak CUDA memory, one fresh process per method
+stage memory 75 $py -m gradlens.cli bench --device cuda --models mlp-10m \
   --tasks 40 --repeats 1 --memory --json "$OUT/bench_memory.json"

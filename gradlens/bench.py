@@ -1,7 +1,7 @@
 """Benchmark of the engines against a plain scalarized step and the per-task loop.
 
 Everything is measured in one process, interleaved (each repeat times every method once, in a
-rotating order), and reported as ratios of medians to the plain step ``(sum_t w_t L_t).backward()``
+rotating order), and reported as ratios of medians to the plain step ``(w @ stack(L)).backward()``
 on the same model and batch. Peers: a LibMTL-style per-task loop (T ``autograd.grad`` calls,
 flatten, Gram, weighted gradient written back) and, when ``torchjd`` is installed, TorchJD's
 Gramian engine (``torchjd.autogram.Engine.compute_gramian`` then the weighted backward, as its
@@ -271,7 +271,9 @@ class _Setup:
             return
         losses, z = self.losses()
         if method == "plain":
-            sum(self.w[t] * v for t, v in losses.items()).backward()
+            # the scalarization as one product (the profiler's own form): a Python sum of T
+            # products launches 2T small kernels, a cost the profiled steps would not pay
+            (self.wt @ torch.stack(list(losses.values()))).backward()
         elif method == "loop-libmtl":
             self._libmtl(losses)
         else:

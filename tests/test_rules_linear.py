@@ -82,7 +82,7 @@ def fresh_fused(monkeypatch: pytest.MonkeyPatch) -> _fused.FusedState:
     st = _fused.FusedState()
     monkeypatch.setattr(_fused, "state", st)
     monkeypatch.setattr(_fused, "_compiled", {})
-    monkeypatch.delenv("GRADLENS_FUSED", raising=False)
+    monkeypatch.setenv("GRADLENS_FUSED", "1")  # opt-in
     return st
 
 
@@ -155,6 +155,14 @@ def test_cpu_tensors_take_the_eager_path(fresh_fused, monkeypatch):
     _assert_gram_close(snap.gram, ref.gram, 1e-10)
     assert fresh_fused.calls == 0
     assert fresh_fused.disabled is None
+
+
+def test_fused_path_is_opt_in(fresh_fused, monkeypatch):
+    monkeypatch.setattr(_fused, "DEVICES", frozenset({"cpu"}))
+    monkeypatch.delenv("GRADLENS_FUSED")
+    assert not _fused.enabled_for(torch.device("cpu"))
+    monkeypatch.setenv("GRADLENS_FUSED", "1")
+    assert _fused.enabled_for(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("value", ["0", "false", "OFF"])
