@@ -100,6 +100,7 @@ class Profiler:
         self.step = 0
         self._closed = False
         self._warned_zero: set[str] = set()
+        self._w_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
         self._engine.attach()
         self._engine.set_recording(self._schedule(0))
         self.store = _open_store(store, self._meta(meta, engine, every))
@@ -135,7 +136,8 @@ class Profiler:
         """Replace ``loss.backward()``: write the weighted gradient; measure on probed steps.
 
         Args:
-            losses: one scalar loss per task, keyed by task name (all tasks, no others).
+            losses: one scalar loss per task, keyed by task name (all tasks, no others); checked
+                finite on probed steps (reading them on the host every step would stall a GPU).
             weights: one non-negative finite weight per task; None means 1 for every task, the
                 plain sum ``sum_t L_t``.
             features: the shared representation ``z`` (required by the ``features`` engine).
@@ -223,11 +225,13 @@ class Profiler:
         what = "backward" if write else "observe"
         if self._closed:
             raise GradlensError(f"`{what}` was called on a closed Profiler; create a new one.")
-        L, parts = _stack_losses(losses, self.tasks)
-        w = _weights_tensor(weights, self.tasks, L)
-        scale = _check_scale(grad_scale, L)
         step = self.step
         probe = bool(self._schedule(step))
+        # finiteness is checked on probed steps only: the check reads the losses on the host,
+        # which on a GPU would stall every step (an unprobed step then behaves as plain training)
+        L, parts = _stack_losses(losses, self.tasks, check_finite=probe)
+        w = self._weights_on(weights, L)
+        scale = _check_scale(grad_scale, L)
         feats = self._check_features(features)
         snap = None
         try:
@@ -252,6 +256,17 @@ class Profiler:
             for sink in self._sinks:
                 sink.add_snapshot(snap)
         return snap
+
+    def _weights_on(
+        self, weights: Mapping[str, float | torch.Tensor] | None, L: torch.Tensor
+    ) -> torch.Tensor:
+        """The weights as a tensor like ``L``; the last one is reused when the values repeat
+        (no host-to-device copy per step on a GPU)."""
+        vals = _weight_values(weights, self.tasks)
+        key = (vals, L.dtype, L.device)
+        if self._w_cache is None or self._w_cache[0] != key:
+            self._w_cache = (key, torch.tensor(vals, dtype=L.dtype, device=L.device))
+        return self._w_cache[1]
 
     def _check_features(
         self, features: torch.Tensor | Sequence[torch.Tensor] | None
@@ -452,7 +467,7 @@ def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 
 
 def _stack_losses(
-    losses: Mapping[str, torch.Tensor], tasks: tuple[str, ...]
+    losses: Mapping[str, torch.Tensor], tasks: tuple[str, ...], check_finite: bool = True
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Validate the losses; return them stacked (T,) and as the per-task scalars stacked.
 
@@ -494,6 +509,8 @@ def _stack_losses(
         dt = torch.promote_types(*dtypes) if len(dtypes) == 2 else torch.float64
         vals = [v.to(dt) for v in vals]
     L = torch.stack(vals)
+    if not check_finite:
+        return L, vals
     finite = torch.isfinite(L.detach())
     if not bool(finite.all()):
         bad = {t: v for t, v, ok in zip(tasks, L.detach().tolist(), finite.tolist()) if not ok}
@@ -501,11 +518,12 @@ def _stack_losses(
     return L, vals
 
 
-def _weights_tensor(
-    weights: Mapping[str, float | torch.Tensor] | None, tasks: tuple[str, ...], L: torch.Tensor
-) -> torch.Tensor:
+def _weight_values(
+    weights: Mapping[str, float | torch.Tensor] | None, tasks: tuple[str, ...]
+) -> tuple[float, ...]:
+    """The validated weights as floats, in task order (all 1 for None)."""
     if weights is None:
-        return torch.ones(len(tasks), dtype=L.dtype, device=L.device)
+        return (1.0,) * len(tasks)
     if not isinstance(weights, Mapping):
         raise GradlensError(
             f"`weights` should be a mapping task -> weight or None; found {type(weights).__name__}."
@@ -526,7 +544,7 @@ def _weights_tensor(
         if not math.isfinite(f) or f < 0:
             raise GradlensError(f"`weights[{t!r}]` should be finite and >= 0; found {f}.")
         vals.append(f)
-    return torch.tensor(vals, dtype=L.dtype, device=L.device)
+    return tuple(vals)
 
 
 def _traverse(

@@ -137,6 +137,33 @@ def test_non_finite_loss(setup, bad):
         prof.backward(losses)
 
 
+def test_unprobed_steps_do_not_read_the_losses_on_the_host():
+    # a non-finite loss on an unprobed step behaves as in plain training (no host sync per step)
+    trunk, heads, x, ys = build("mlp", 2)
+    with gl.Profiler(trunk, ["t0", "t1"], engine="gramian", every=2) as prof:
+        prof.backward(task_losses(trunk, heads, x, ys))  # step 0: probed
+        losses = task_losses(trunk, heads, x, ys)
+        losses["t1"] = losses["t1"] * float("nan")
+        assert prof.backward(losses) is None  # step 1: unprobed, no error
+        assert torch.isnan(trunk[0].weight.grad).all()
+        losses = task_losses(trunk, heads, x, ys)
+        losses["t1"] = losses["t1"] * float("nan")
+        with pytest.raises(gl.GradlensError, match="`losses` should be finite"):
+            prof.backward(losses)  # step 2: probed
+
+
+def test_weights_tensor_is_reused_while_the_values_repeat(setup):
+    prof, make = setup
+    L = torch.zeros(2, dtype=torch.float64)
+    a = prof._weights_on({"t0": 0.5, "t1": 1.0}, L)
+    assert prof._weights_on({"t0": 0.5, "t1": 1.0}, L) is a
+    b = prof._weights_on({"t0": 0.25, "t1": 1.0}, L)
+    assert b is not a
+    assert b.tolist() == [0.25, 1.0]
+    assert prof._weights_on(None, L).tolist() == [1.0, 1.0]
+    assert prof._weights_on(None, L.float()).dtype == torch.float32
+
+
 def test_undeclared_and_missing_tasks(setup):
     prof, make = setup
     losses = make()
