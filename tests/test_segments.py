@@ -88,7 +88,8 @@ def test_one_backward_per_layer_and_blocks_freed_on_the_way(monkeypatch, n_tasks
 
     monkeypatch.setattr(gramian_mod, "batched_grad_from", spy)
     names = [f"t{i}" for i in range(n_tasks)]
-    with gl.Profiler(trunk, tasks=names, engine="gramian") as prof:
+    # a tiny budget: no merging of segments (small blocks would otherwise go in one backward)
+    with gl.Profiler(trunk, tasks=names, engine="gramian", memory_budget=8) as prof:
         z = trunk(x)
         losses = {
             t: ((h(z).squeeze(1) - ys[i]) ** 2).mean() for i, (t, h) in enumerate(zip(names, heads))
@@ -102,3 +103,25 @@ def test_one_backward_per_layer_and_blocks_freed_on_the_way(monkeypatch, n_tasks
     assert asked == [1, 1, 1]
     # when a backward starts, only its own cotangent (the block above) is still alive
     assert max(alive) <= 1, alive
+
+
+def test_small_blocks_share_one_backward(monkeypatch):
+    trunk = _trunk()
+    heads = nn.ModuleList([nn.Linear(5, 1).double() for _ in range(3)])
+    x = torch.randn(7, 6, dtype=torch.float64)
+    asked: list[int] = []
+    inner = gramian_mod.batched_grad_from
+
+    def spy(outputs, cotangents, inputs, *rest):
+        asked.append(len(inputs))
+        return inner(outputs, cotangents, inputs, *rest)
+
+    monkeypatch.setattr(gramian_mod, "batched_grad_from", spy)
+    names = ["t0", "t1", "t2"]
+    with gl.Profiler(trunk, tasks=names, engine="gramian") as prof:  # default budget
+        z = trunk(x)
+        losses = {t: h(z).pow(2).mean() * (i + 1) for i, (t, h) in enumerate(zip(names, heads))}
+        ref = reference_grams(losses, trunk)
+        snap = prof.backward(losses)
+    _assert_gram_close(snap.gram, ref.gram, 1e-10)
+    assert asked == [3]

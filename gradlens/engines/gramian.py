@@ -275,17 +275,29 @@ class GramianEngine(Engine):
         done = {id(p) for p in ctx.reached} | {id(p) for p in heads}
         keep = ctx.retain_graph or not ctx.write or not set(ctx.leaves) <= done
         backward = looped_grad_from if looped else batched_grad_from
-        return u, v, heads, _segmented(edges, cot, inputs, backward, keep)
+        itemsize = cot[0].element_size()
+        shape_of = {r.edge: r.out_shape for recs in rule_layers.values() for r in recs}
+        sizes = [
+            T * itemsize * (x.numel() if isinstance(x, torch.Tensor) else shape_of[x].numel())
+            for x in inputs
+        ]
+        # segments are merged while their blocks together stay under an eighth of the budget:
+        # on small layers one backward call costs less than the memory it would save
+        limit = ctx.memory_budget // 8
+        return u, v, heads, _segmented(edges, cot, inputs, sizes, limit, backward, keep)
 
 
 def _segmented(
     edges: list[GradientEdge],
     cot: list[torch.Tensor],
     inputs: list[torch.Tensor | GradientEdge],
+    sizes: list[int],
+    limit: int,
     backward: Callable[..., Sequence[torch.Tensor | None]],
     keep: bool,
 ) -> Iterator[tuple[int, torch.Tensor | None]]:
-    """Gradients of ``inputs`` from cotangents ``cot`` at ``edges``, one backward per segment."""
+    """Gradients of ``inputs`` from cotangents ``cot`` at ``edges``, one backward per segment
+    (consecutive segments merged while the bytes of their ``inputs``' blocks stay <= ``limit``)."""
     at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot)}
     rest: list[int] = []
     for i, x in enumerate(inputs):
@@ -298,7 +310,14 @@ def _segmented(
     tops: list[GradientEdge] | None = edges
     cots = cot
     del cot
+    merged: list[tuple[list[int], int | None, int]] = []
     for members, cut in plan_segments(edges, [inputs[i] for i in rest]):
+        size = sum(sizes[rest[m]] for m in members)
+        if merged and merged[-1][2] + size <= limit:  # the cut above becomes an inner target
+            merged[-1] = (merged[-1][0] + members, cut, merged[-1][2] + size)
+        else:
+            merged.append((members, cut, size))
+    for members, cut, _ in merged:
         if not members:
             continue
         if tops is None:  # the cut above was reached by no task: nothing below is
