@@ -14,10 +14,12 @@ for the rest of the process, with one :class:`~gradlens._errors.GradlensWarning`
 the call is redone eagerly (the core has no side effects, so redoing it is safe).
 
 The fused path is opt-in: set the environment variable ``GRADLENS_FUSED=1``. Measured on an
-H200 (``benchmarks/gpu_check.sh``, mlp-10m, batch 128), it did not beat the eager rule, whose
-products are already single cuBLAS calls: gramian 3.23x of a plain step fused against 3.17x eager
-at T = 8, 1.89x against 1.81x at T = 40; a probed step there is bound by launches and Python
-work, not by the rule's arithmetic, and each new shape costs a compilation.
+H200 (``benchmarks/gpu_check.sh``, mlp-10m, batch 128, gramian as a ratio to a plain step), it
+showed no consistent gain over the eager rule, whose products are already single cuBLAS calls:
+fused 3.23x against eager 3.17x at T = 8 and 1.89x against 1.81x at T = 40 in one run, 2.31x
+against 2.73x and 2.02x against 2.33x in another. A probed step there is bound by kernel
+launches and Python work (profiled: 1.8 ms of kernels in a 17 ms step at T = 8), not by the
+rule's arithmetic, and each new shape costs a compilation.
 
 Example:
     >>> import torch
