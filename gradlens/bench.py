@@ -2,11 +2,13 @@
 
 Everything is measured in one process, interleaved (each repeat times every method once, in a
 rotating order), and reported as ratios of medians to the plain step ``(w @ stack(L)).backward()``
-on the same model and batch. Peers: a LibMTL-style per-task loop (T ``autograd.grad`` calls,
-flatten, Gram, weighted gradient written back) and, when ``torchjd`` is installed, TorchJD's
-Gramian engine (``torchjd.autogram.Engine.compute_gramian`` then the weighted backward, as its
-documentation shows). Peak memory is measured in a fresh process per method (``--memory``):
-resident-memory growth on CPU, ``torch.cuda.max_memory_allocated`` growth on a CUDA device.
+on the same model and batch. A profiled method is timed on its profiler's second probe (the first
+allocates the engine's buffers), as in a training run. Peers: a LibMTL-style per-task loop
+(T ``autograd.grad`` calls, flatten, Gram, weighted gradient written back) and, when
+``torchjd`` is installed, TorchJD's Gramian engine (``torchjd.autogram.Engine.compute_gramian``
+then the weighted backward, as its documentation shows). Peak memory is measured in a fresh
+process per method (``--memory``): resident-memory growth on CPU,
+``torch.cuda.max_memory_allocated`` growth on a CUDA device.
 
 Everything runs on one ``device`` ("cpu", "cuda" or "cuda:N"); on CUDA each timed step is
 bracketed by ``torch.cuda.synchronize()``, so the clock reads when the device has finished.
@@ -243,25 +245,29 @@ class _Setup:
         for p in [*self.trunk.parameters(), *self.heads.parameters()]:
             p.grad = None
 
-    def prepare(self, method: str, every: int = 1, fresh: bool = False) -> None:
+    def prepare(self, method: str, every: int = 1, fresh: bool = False) -> bool:
         """Attach the profiler ``method`` needs (and only it), before the timed forward.
 
         A profiler is created fresh when the method changes (or ``fresh`` is set), so its step
         counter starts at 0 (probed); no hooks of another method stay on the model while a
         method is timed. TorchJD's engine (on its own copy of the trunk) is built here, so its
-        set-up is neither timed nor counted in its peak memory.
+        set-up is neither timed nor counted in its peak memory. Returns whether a profiler was
+        created.
         """
         key = (method, every) if method not in ("plain", "loop-libmtl", "torchjd") else None
+        created = False
         if key is None or fresh or key not in self._profilers:
             self.close()
             if key is not None:
                 self._profilers[key] = Profiler(self.trunk, self.tasks, engine=method, every=every)
+                created = True
         if method == "torchjd" and self._torchjd is None:
             # its hooks stay on the modules it is given: use a copy so other methods don't pay
             from torchjd.autogram import Engine
 
             self._jd_trunk = copy.deepcopy(self.trunk).to(self.device)
             self._torchjd = Engine(self._jd_trunk, batch_dim=None)
+        return created
 
     def step(self, method: str, every: int = 1) -> None:
         """One training step of ``method`` (call :meth:`prepare` first)."""
@@ -435,7 +441,10 @@ def _run(
                         t0 = now()
                         setup.step(m, every=_ONCE)
                     else:
-                        setup.prepare(name)
+                        if setup.prepare(name):
+                            # a profiler's first probe allocates its buffers: time the second
+                            # (with every=1 a probe too), the steady state of a training run
+                            setup.step(name)
                         t0 = now()
                         setup.step(name)
                     dt = now() - t0
