@@ -260,3 +260,22 @@ def test_gramian_in_the_benchmark_is_served_by_its_rules():
     snap = next(iter(setup._profilers.values())).backward(losses, setup.w)
     assert set(snap.rules.values()) == {"linear"}
     setup.close()
+
+
+def test_profiled_methods_are_timed_on_their_second_probe(monkeypatch):
+    from gradlens import bench
+
+    calls: list[str] = []
+    inner = bench._Setup.step
+
+    def spy(self, method, every=1):
+        calls.append(method)
+        return inner(self, method, every)
+
+    monkeypatch.setattr(bench._Setup, "step", spy)
+    run_benchmark(
+        ["mlp-tiny"], [2], ["plain", "gramian"], repeats=2, warmup=0, batch=8, amortise=()
+    )
+    # each repeat recreates the gramian profiler: one untimed probe, then the timed one
+    assert calls.count("gramian") == 4
+    assert calls.count("plain") == 2
