@@ -263,19 +263,22 @@ def test_gramian_in_the_benchmark_is_served_by_its_rules():
 
 
 def test_profiled_methods_are_timed_on_their_second_probe(monkeypatch):
+    from collections import Counter
+
     from gradlens import bench
 
-    calls: list[str] = []
+    used: Counter[int] = Counter()
     inner = bench._Setup.step
 
     def spy(self, method, every=1):
-        calls.append(method)
+        if method == "gramian":
+            used[id(self._profilers[(method, every)])] += 1
         return inner(self, method, every)
 
     monkeypatch.setattr(bench._Setup, "step", spy)
     run_benchmark(
-        ["mlp-tiny"], [2], ["plain", "gramian"], repeats=2, warmup=0, batch=8, amortise=()
+        ["mlp-tiny"], [2], ["plain", "gramian"], repeats=3, warmup=0, batch=8, amortise=()
     )
-    # each repeat recreates the gramian profiler: one untimed probe, then the timed one
-    assert calls.count("gramian") == 4
-    assert calls.count("plain") == 2
+    # a profiler's first probe (which allocates its buffers) is never the only, timed, one
+    assert used
+    assert min(used.values()) >= 2
