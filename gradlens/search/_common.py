@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gradlens._errors import GradlensError, GradlensWarning, StoreError
-from gradlens._store_io import atomic_write_bytes
+from gradlens._store_io import TMP_PREFIX, atomic_write_bytes
 from gradlens._store_lock import RunLock
 from gradlens.search._config import ExecutorSpec, SearchConfig
 from gradlens.search.executors import Executor, make_executor
@@ -140,6 +140,10 @@ def directory_lock(out: Path, what: str) -> Iterator[None]:
             GradlensWarning,
             stacklevel=4,
         )
+    # with the lock held no other driver writes here: a temp file is what a killed one left
+    for tmp in out.glob(f"{TMP_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     try:
         yield
     finally:
