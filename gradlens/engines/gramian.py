@@ -239,14 +239,13 @@ class GramianEngine(Engine):
         cotangents from there through the shared part, one per segment between cut layers (see
         :mod:`gradlens.engines._segments`). On CPU, unless the shared part is Linear layers only,
         one backward per task instead of a batched one: vmap has no efficient rule for
-        convolution, norm or attention backward there. Otherwise (T = 1, or a loss reaches shared
-        parameters another way, e.g. a head tied to a shared weight) one batched backward from
-        the losses.
+        convolution, norm or attention backward there. Otherwise (a loss reaches shared parameters
+        another way, e.g. a head tied to a shared weight) one batched backward from the losses.
         """
         live = [b for b in boundary if b.edge.node in ctx.nodes]
         T = ctx.losses.shape[0]
         plain = (torch.ones_like(ctx.weights), ctx.weights, [])
-        if T == 1 or not live:
+        if not live:
             return *plain, enumerate(batched_grad(ctx.losses, inputs))
         stop = {b.edge.node for b in live}
         inside = {r.edge.node for recs in rule_layers.values() for r in recs}
