@@ -1,12 +1,15 @@
 """The ``gramian`` engine: per-layer Grams from recorded activations and per-task output gradients.
 
 Forward hooks record, for every shared module that has a rule (Linear, Conv), its input and the
-autograd edge of its output. At a probed step one batched backward over the T cotangents yields
-each task's gradient with respect to those outputs (and, for modules without a rule, directly with
-respect to their parameters: the exact generic fallback). Each rule turns inputs and output
-gradients into the layer's Gram without ever forming a ``T x P`` tensor for the whole model, and
-writes ``sum_t w_t g_t`` from the same quantities: there is no second backward through the shared
-part.
+autograd edge of its output, and the edges of the shared part's outputs. At a probed step one
+weighted backward through the task heads captures each task's gradient at the shared outputs (see
+:mod:`gradlens.engines._capture`; it also writes the heads' gradients), then batched backwards of
+those T cotangents yield each task's gradient with respect to the recorded outputs (and, for
+modules without a rule, directly with respect to their parameters: the exact generic fallback),
+one segment between cut layers at a time (see :mod:`gradlens.engines._segments`). Each rule turns
+inputs and output gradients into the layer's Gram as soon as they arrive, without ever forming a
+``T x P`` tensor for the whole model, and writes ``sum_t w_t g_t`` from the same quantities: there
+is no second backward through the shared part.
 
 A rule serves a module only when its parameters are used exactly once per recorded call in this
 graph (counted on the autograd graph); a parameter also used outside the module's ``forward``

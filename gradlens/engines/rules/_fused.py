@@ -131,7 +131,7 @@ def _disable(core: Callable[..., Any], exc: Exception) -> None:
     warnings.warn(
         f"gradlens: the fused (torch.compile) path of the gramian engine's rules failed in "
         f"`{name}` ({reason}); it is switched off for this process and the exact eager path "
-        f"runs instead. Set GRADLENS_FUSED=0 to skip the attempt.",
+        f"runs instead. Unset GRADLENS_FUSED (or set it to 0) to skip the attempt.",
         GradlensWarning,
         stacklevel=3,
     )
