@@ -503,7 +503,7 @@ def _stack_losses(
                 f"`losses[{t!r}]` should require grad (depend on the model's parameters); "
                 "found a tensor with requires_grad=False."
             )
-        vals.append(v.reshape(()))
+        vals.append(v if v.dim() == 0 else v.reshape(()))  # no extra view node for a scalar
     dtypes = {v.dtype for v in vals}
     if len(dtypes) > 1:
         dt = torch.promote_types(*dtypes) if len(dtypes) == 2 else torch.float64
