@@ -282,3 +282,14 @@ def test_profiled_methods_are_timed_on_their_second_probe(monkeypatch):
     # a profiler's first probe (which allocates its buffers) is never the only, timed, one
     assert used
     assert min(used.values()) >= 2
+
+
+def test_bench_cli_memory_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--models", "mlp-tiny", "--tasks", "2", "--methods", "plain", "--repeats"]
+    assert main([*args, "1", "--batch", "8", "--memory", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["method"], r["memory"]) for r in data["memory"]] == [("plain", "rss")]
+    printed = capsys.readouterr().out
+    assert "peak resident memory above the model and batch" in printed
+    assert "MiB" in printed.splitlines()[-1]

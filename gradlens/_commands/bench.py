@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
                     mem.append(measure_peak_memory(model, T, m, args.batch, device=args.device))
                     say(f"memory {model} T={T} {m}: {mem[-1]['peak_mib']:.0f} MiB")
         print()
+        what = {"rss": "resident memory", "cuda_allocated": "allocated CUDA memory"}
+        kinds = sorted({what.get(r.get("memory", ""), str(r.get("memory"))) for r in mem})
+        print(f"peak {', '.join(kinds)} above the model and batch, one fresh process per method")
         print(f"{'model':<12}{'T':>4}  " + "  ".join(f"{m:>12}" for m in args.methods))
         for model in args.models:
             for T in args.tasks:
