@@ -22,13 +22,7 @@ SHAPES = {
 CASES = [(f, s) for f in FAMILIES for s in SHAPES[f]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: one thread is faster, and immune to oversubscribed CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 @pytest.mark.parametrize(("family", "shape"), CASES)

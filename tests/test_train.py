@@ -17,14 +17,7 @@ from gradlens._train_data import multidomain_losses
 from gradlens.data import expected_gradient_cosine, expected_gradient_gram
 from gradlens.train import TrainConfig, Trainer, TrainResult, score, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread is faster, and immune to oversubscribed CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def tiny(**kw):
