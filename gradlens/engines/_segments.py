@@ -40,7 +40,7 @@ def plan_segments(
     previous segment's cut (from ``tops`` for the first); the last segment has no cut. Targets
     are layer-output edges or leaf tensors. One segment holding every target when no cut exists.
     """
-    every = [list(range(len(targets)))]
+    one = [(list(range(len(targets))), None)]
     nodes = [t.node if isinstance(t, GradientEdge) else _leaf_node(t) for t in targets]
     start = {e.node for e in tops}
     parents: dict[Node, list[tuple[Node, int]]] = {}
@@ -61,7 +61,7 @@ def plan_segments(
         if isinstance(t, GradientEdge) and t.node not in start and t.node in parents
     ]
     if not candidates or len(candidates) * len(seen) > _MAX_WORK:
-        return [(every[0], None)]
+        return one
     cuts: list[tuple[int, set[Node]]] = []
     for i in candidates:
         n = nodes[i]
@@ -78,7 +78,7 @@ def plan_segments(
         if not chain or nodes[i] in chain[-1][1]:
             chain.append((i, below))
     if not chain:
-        return [(every[0], None)]
+        return one
     segments: list[list[int]] = [[] for _ in range(len(chain) + 1)]
     for j, n in enumerate(nodes):
         segments[sum(n in below for _, below in chain)].append(j)
