@@ -183,9 +183,10 @@ class Workspace:
     """Large per-probe buffers kept from one probe to the next, on CPU.
 
     A fresh large CPU allocation is mapped anew and pays a page fault per 4 KiB page on first
-    touch (glibc maps blocks above 32 MiB for each allocation; measured on the reference
-    machine: stacking 40 rows of 0.75 MiB took 225 ms the first time, ~4 ms into a reused
-    buffer). CUDA tensors come from the caching allocator instead.
+    touch (glibc maps blocks above 32 MiB for each allocation, and smaller ones once its
+    threshold has moved; ``benchmarks/page_faults.py`` on the reference machine: stacking 40
+    rows of 0.75 MiB into a new buffer took ~20 ms, 225 ms once under load, ~3 ms into a reused
+    one). CUDA tensors come from the caching allocator instead.
     """
 
     def __init__(self) -> None:
