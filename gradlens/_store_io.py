@@ -9,10 +9,10 @@ checksums, so a chunk damaged afterwards fails to read instead of being misread.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import uuid
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -20,12 +20,40 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gradlens._errors import GradlensWarning
+from gradlens._errors import StoreError
 
 __all__: list[str] = []
 
 _CHUNK_RE = re.compile(r"^chunk-(\d{6,})\.parquet$")
 TMP_PREFIX = ".tmp-"
+#: Key of the header every chunk carries in its Parquet schema metadata (JSON: chunk index,
+#: tasks, first and last step), checked by the reader against the file name and meta.json.
+HEADER_KEY = b"gradlens"
+
+_DICT = pa.dictionary(pa.int32(), pa.string())
+STEPS_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("layer", _DICT),
+        ("task_i", _DICT),
+        ("task_j", _DICT),
+        ("gram", pa.float64()),
+    ]
+)
+SCALARS_SCHEMA = pa.schema(
+    [("step", pa.int64()), ("task", _DICT), ("weight", pa.float64()), ("loss", pa.float64())]
+)
+EVALS_SCHEMA = pa.schema(
+    [
+        ("point", pa.string()),
+        ("epoch", pa.int64()),
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("task", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
 
 
 def chunk_name(index: int) -> str:
@@ -89,24 +117,45 @@ def list_chunks(directory: Path) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
-def read_chunk(path: Path, schema: pa.Schema) -> pa.Table | None:
-    """Read one chunk and check its columns; on any failure warn naming the file and return None."""
+class ChunkError(StoreError):
+    """A chunk file cannot be read as a chunk of the expected kind (the message names it)."""
+
+
+def read_chunk(path: Path, schema: pa.Schema) -> pa.Table:
+    """Read one chunk and check its columns; raise :class:`ChunkError` naming the file if not."""
     try:
         table = pq.read_table(path, page_checksum_verification=True)
         missing = [f.name for f in schema if f.name not in table.column_names]
         if missing:
             raise ValueError(f"missing columns {missing}")
+        header = chunk_header(table)
         table = table.select(schema.names)
         for field in schema:
             found = table.schema.field(field.name).type
             if not found.equals(field.type):
                 raise ValueError(f"column {field.name!r} is {found}, expected {field.type}")
     except (OSError, ValueError, pa.ArrowException) as exc:
-        warnings.warn(
-            f"Skipping the unreadable chunk {path} ({type(exc).__name__}: {exc}). The rest of the "
-            f"run is read; the steps of this chunk are missing.",
-            GradlensWarning,
-            stacklevel=4,
-        )
-        return None
+        raise ChunkError(f"the unreadable chunk {path} ({type(exc).__name__}: {exc})") from None
+    if header is not None:
+        table = with_header(table, header)
     return table
+
+
+def chunk_header(table: pa.Table) -> dict[str, object] | None:
+    """The gradlens header of a chunk (None for chunks written before headers existed).
+
+    Raises:
+        ValueError: If a header is there but is not a JSON object.
+    """
+    raw = (table.schema.metadata or {}).get(HEADER_KEY)
+    if raw is None:
+        return None
+    header = json.loads(raw.decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError(f"its header should be a JSON object; found {header!r:.60}")
+    return header
+
+
+def with_header(table: pa.Table, header: dict[str, object]) -> pa.Table:
+    """``table`` carrying ``header`` as its gradlens schema metadata."""
+    return table.replace_schema_metadata({HEADER_KEY: json.dumps(header).encode("utf-8")})
