@@ -56,8 +56,13 @@ def check_name(name: object, what: str) -> str:
     return name  # type: ignore[return-value]  # checked to be a str above
 
 
-def inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+def inside(
+    root: str | os.PathLike[str], path: str | os.PathLike[str], *, follow: bool = True
+) -> Path:
     """``path`` if it resolves to a strict descendant of ``root``; else a GradlensError.
+
+    With ``follow=False`` a symlink as the last component is not followed (the link itself is
+    what is checked: it is about to be removed, not written through).
 
     Example:
         >>> import tempfile
@@ -70,7 +75,11 @@ def inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
         gradlens._errors.GradlensError: Refusing to write or delete ... outside ...
     """
     base = Path(root).resolve()
-    target = Path(path).resolve()
+    p = Path(path)
+    if follow or p.name in ("", ".", ".."):
+        target = p.resolve()
+    else:
+        target = p.parent.resolve() / p.name
     if target == base or base not in target.parents:
         raise GradlensError(
             f"Refusing to write or delete {Path(path)}: it resolves to {target}, outside "
@@ -86,7 +95,7 @@ def remove_tree(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> N
     """
     p = Path(path)
     if p.is_symlink():
-        inside(root, p.parent / "_")  # the link's own location must be inside, not its target
+        inside(root, p, follow=False)  # the link itself must be inside; its target is kept
         p.unlink()
         return
     inside(root, p)

@@ -66,14 +66,16 @@ def committed_state(run_dir: Path, tasks: tuple[str, ...] | None) -> tuple[int, 
 
 
 def truncate_after(
-    run_dir: Path, step: int, n_chunks: int, n_evals: int
+    run_dir: Path, step: int, n_chunks: int, n_evals: int, eval_step: int | None = None
 ) -> tuple[int, int | None, int, int]:
-    """Drop stored steps and evals after ``step``.
+    """Drop the stored probed steps after ``step`` and the evals from the first one recorded
+    with a step after ``eval_step`` (default ``step``) on.
 
     Returns:
         ``(steps chunks, last step kept, evals chunks, steps dropped)``.
     """
     steps_dir, scalars_dir, evals_dir = run_dir / "steps", run_dir / "scalars", run_dir / "evals"
+    eval_step = step if eval_step is None else eval_step
     tables = {i: read_chunk(steps_dir / p.name, STEPS_SCHEMA)
               for i, p in list_chunks(steps_dir).items() if i < n_chunks}  # fmt: skip
     keep_chunks, last, dropped, straddle = n_chunks, None, 0, None
@@ -91,7 +93,7 @@ def truncate_after(
     keep_evals = n_evals
     for i, path in sorted(list_chunks(evals_dir).items()):
         col = read_chunk(path, EVALS_SCHEMA).column("step")
-        if any(v is not None and v > step for v in col.to_pylist()):
+        if any(v is not None and v > eval_step for v in col.to_pylist()):
             keep_evals = i
             break
     write_commits(run_dir, keep_chunks, keep_evals)

@@ -626,9 +626,10 @@ class RunWriter:
         self._check_open("flush").flush()
 
     def rewind(self, step: int) -> int:
-        """Drop every stored or buffered step after ``step``, and every eval from the first one
-        recorded after ``step`` on: the run continues from ``step`` (training restored from a
-        checkpoint taken there). Returns the number of probed steps dropped.
+        """Continue the run at training step ``step`` (training restored from a checkpoint taken
+        after ``step`` steps): every stored or buffered probed step ``>= step`` is dropped, and
+        every eval from the first one recorded with a step ``> step`` on (an eval recorded at
+        ``step`` was taken at the checkpoint). Returns the number of probed steps dropped.
 
         Example:
             >>> import tempfile, torch
@@ -636,7 +637,7 @@ class RunWriter:
             >>> w = RunWriter(tempfile.mkdtemp() + "/r", meta={"tasks": ["a"]}, flush_every=2)
             >>> for s in range(5):
             ...     w.add_snapshot(Snapshot(s, ("a",), torch.ones(1, 1), {}, torch.ones(1)))
-            >>> w.rewind(2)
+            >>> w.rewind(3)
             2
             >>> w.add_snapshot(Snapshot(3, ("a",), torch.ones(1, 1), {}, torch.ones(1)))
             >>> w.close()
@@ -647,15 +648,13 @@ class RunWriter:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise StoreError(f"`step` should be an int; found {step!r}.")
         step = int(step)
-        if st.last_step is None or st.last_step <= step:
-            return 0
-        kept = [k for k, s in enumerate(st.buf_steps) if s <= step]
+        kept = [k for k, s in enumerate(st.buf_steps) if s < step]
         dropped = len(st.buf_steps) - len(kept)
         for name in ("buf_steps", "buf_codes", "buf_values", "buf_weights", "buf_losses"):
             setattr(st, name, [getattr(st, name)[k] for k in kept])
         try:
             n_chunks, last, n_evals, gone = truncate_after(
-                st.path, step, st.chunk_index, st.eval_index
+                st.path, step - 1, st.chunk_index, st.eval_index, eval_step=step
             )
         except OSError as exc:
             raise StoreError(f"Could not rewind the run {st.path} to step {step} ({exc}).") from exc

@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 from gradlens._errors import GradlensError, GradlensWarning
+from gradlens._paths import check_name
 from gradlens._train_data import (
     TrainData,
     epoch_batches,
@@ -165,6 +166,8 @@ class TrainConfig:
                 raise GradlensError(
                     f"`tasks` should be a non-empty list of distinct task names; found {tasks!r}."
                 )
+            for t in tasks:  # task names become file names (a sweep's baseline run ids)
+                check_name(t, "tasks[]")
             self.tasks = tasks
         _check_choice("model", self.model, FAMILIES)
         self.width = _check_number("width", self.width, low=0.0, strict=True)
@@ -248,6 +251,9 @@ class Trainer:
         run_dir: the run directory to write (meta, probed Grams, evals); None keeps nothing.
         progress: show a tqdm bar per epoch with the running losses (only on a terminal).
         overwrite: replace a run already stored in ``run_dir``.
+        append: continue the run stored in ``run_dir`` (see ``RunWriter(append=True)``): load
+            the checkpoint it was resumed from with :meth:`load_state_dict`, which drops the
+            steps and evals the run stored after that checkpoint and keeps every one before.
 
     The run's ``meta.json`` holds ``tasks``, ``kind``, ``scalarization``, ``weights`` (the initial
     normalised weights), ``weight_schedule`` (the weights in use from each ``{"epoch", "step"}``
@@ -279,6 +285,7 @@ class Trainer:
         *,
         progress: bool = True,
         overwrite: bool = False,
+        append: bool = False,
     ) -> None:
         cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
         self.config = cfg
@@ -335,8 +342,14 @@ class Trainer:
             "device": str(self.device),
         }
         writer = None
+        self._stored_log: list[dict[str, Any]] | None = None
         if run_dir is not None:
-            writer = RunWriter(run_dir, meta=meta, overwrite=overwrite)
+            if append and (Path(run_dir) / "meta.json").is_file():
+                from gradlens.store import _read_meta
+
+                stored = _read_meta(Path(run_dir)).get("weight_schedule")
+                self._stored_log = list(stored) if isinstance(stored, list) else None
+            writer = RunWriter(run_dir, meta=meta, overwrite=overwrite, append=append)
         self.run_dir: Path | None = None if writer is None else writer.path
         try:
             self.profiler = Profiler(
@@ -497,6 +510,13 @@ class Trainer:
         self.step = int(state["step"])
         self.profiler.step = self.step
         w = _normalise(state["weights"], self.tasks, "state['weights']")
+        if self.store is not None:  # the run continues at the loaded step
+            self.store.rewind(self.step)
+        if self._stored_log is not None:  # a reopened run: its schedule up to the loaded step
+            kept = [e for e in self._stored_log if int(e.get("step", 0)) <= self.step]
+            self._log, self._stored_log = kept or self._log, None
+            if self.store is not None:
+                self.store.update_meta(weight_schedule=self._log)
         if w != self._weights:
             self._set_weights(w)
 

@@ -153,7 +153,7 @@ def test_append_removes_an_uncommitted_scalars_chunk(tmp_path):
     np.testing.assert_array_equal(run.scalars.step.unique(), np.arange(6))
 
 
-@pytest.mark.parametrize("to", [-1, 0, 2, 3, 4, 9])
+@pytest.mark.parametrize("to", [0, 1, 2, 3, 4, 5, 7, 10])
 def test_rewind_drops_steps_and_evals_after_the_step(tmp_path, to):
     path = tmp_path / "r"
     w = RunWriter(path, meta={"tasks": ["a", "b"]}, flush_every=2)
@@ -162,13 +162,13 @@ def test_rewind_drops_steps_and_evals_after_the_step(tmp_path, to):
         if s % 2:
             w.add_eval({"a": {"acc": s / 10}}, split="val", point=f"e{s}", step=s)
     dropped = w.rewind(to)
-    kept = [s for s in range(7) if s <= to]
+    kept = [s for s in range(7) if s < to]
     assert dropped == 7 - len(kept)
-    w.add_snapshot(_snap(to + 1))
+    w.add_snapshot(_snap(to))
     w.close()
     run = load_run(path, strict=True)
-    np.testing.assert_array_equal(run.probed_steps, [*kept, to + 1])
-    np.testing.assert_array_equal(run.scalars.step.unique(), [*kept, to + 1])
+    np.testing.assert_array_equal(run.probed_steps, [*kept, to])
+    np.testing.assert_array_equal(run.scalars.step.unique(), [*kept, to])
     assert run.evals.step.tolist() == [s for s in (1, 3, 5) if s <= to]
 
 
@@ -188,7 +188,7 @@ def test_rewind_cut_short_still_reads_consistently(tmp_path, monkeypatch):
     monkeypatch.setattr(gradlens._store_append, "atomic_write_table", dies_on_scalars)
     w = RunWriter(path, append=True)
     with pytest.raises(KeyboardInterrupt):
-        w.rewind(1)
+        w.rewind(2)
     w.close()
     run = load_run(path, strict=True)
     np.testing.assert_array_equal(run.probed_steps, [0, 1])

@@ -28,8 +28,9 @@ Layout of a PBT directory::
 
 A PBT killed at any point resumes from the last completed round: members restart from the
 checkpoints named in ``pbt.json`` and the random state is restored, so the continuation makes
-the same choices. A resumed member's run directory is started afresh at the resume epoch (its
-Gram history before it is lost; ``meta["pbt"]`` still holds the whole schedule and lineage).
+the same choices. A resumed member's run directory is reopened in append mode and cut back to
+its checkpoint's step: every step it flushed before the checkpoint is kept, the ones after it
+are trained again (a member that had no checkpoint yet starts its run afresh).
 
 Example:
     >>> _select_exploits([0.9, 0.1, 0.5, 0.7], 1, "max", np.random.default_rng(0))
@@ -41,8 +42,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradlens._errors import GradlensError
+from gradlens._errors import GradlensError, GradlensWarning
+from gradlens._paths import check_name, inside, remove_tree
 from gradlens.search._common import (
     STATE_FORMAT,
     check_train,
@@ -159,7 +161,14 @@ class _Members:
 
         from gradlens.train import Trainer
 
-        tr = Trainer(train, run_dir, progress=False)
+        # with a checkpoint, the member's run continues (append) from the checkpoint's step; the
+        # writer a killed PBT left is dead, and taking over its lock is what resuming means
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Taking over the stale writer lock", GradlensWarning)
+            tr = Trainer(
+                train, run_dir, progress=False, overwrite=checkpoint is None,
+                append=checkpoint is not None,
+            )  # fmt: skip
         try:
             if checkpoint is not None:
                 tr.load_state_dict(torch.load(checkpoint, weights_only=True))
@@ -360,9 +369,7 @@ def run_pbt(
             all_metas = metas()
             for m in members:
                 k = m["member"]
-                run_dir = out_dir / m["run_dir"]
-                if run_dir.exists():  # restarted from its checkpoint: a fresh run directory
-                    shutil.rmtree(run_dir)
+                run_dir = inside(out_dir, out_dir / check_name(m["run_dir"], "run_dir"))
                 tdict = pin_data_seed(config.train)
                 tdict.update(
                     seed=int(train["seed"]) + k,
@@ -456,7 +463,7 @@ def run_pbt(
                 seconds=seconds0 + time.perf_counter() - t_start,
             )
             write_json(state_path, state)
-            shutil.rmtree(out_dir / _CKPT, ignore_errors=True)
+            remove_tree(out_dir, out_dir / _CKPT)
         finally:
             bar.close()
             if own:
@@ -477,7 +484,7 @@ def _prune_checkpoints(root: Path, keep: str) -> None:
         return
     for p in root.iterdir():
         if p.name != keep:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(root, p)
 
 
 def _summary(state: Mapping[str, Any], tasks: Sequence[str], spec: PBTSpec) -> pd.DataFrame:

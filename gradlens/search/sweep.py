@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens._errors import GradlensError
+from gradlens._paths import check_name, inside, remove_tree
 from gradlens.search._common import (
     STATE_FORMAT,
     check_train,
@@ -190,6 +190,8 @@ def plan_sweep(config: SearchConfig, tasks: Sequence[str]) -> list[PlannedRun]:
     tasks = tuple(tasks)
     if not tasks or len(set(tasks)) != len(tasks):
         raise GradlensError(f"`tasks` should be distinct task names; found {list(tasks)}.")
+    for t in tasks:
+        check_name(t, "tasks[]")
     train = config.train
     sizes = list(spec.sizes) if spec.sizes is not None else [{}]
     seeds = list(spec.seeds) if spec.seeds is not None else [int(train.get("seed", 0))]
@@ -219,7 +221,7 @@ def plan_sweep(config: SearchConfig, tasks: Sequence[str]) -> list[PlannedRun]:
                         baseline_of=baseline,
                     )
                 )
-    ids = [r.id for r in runs]
+    ids = [check_name(r.id, "run id") for r in runs]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise GradlensError(
@@ -345,10 +347,11 @@ def run_sweep(
                  "runs": [records[r.id] for r in plan]},
             )  # fmt: skip
 
+        for run in todo:  # proven inside out_dir before anything is written or deleted
+            inside(out_dir, out_dir / run.id, follow=False)
         save()
         for run in todo:  # redo from scratch: a broken run leaves a partial directory
-            if (out_dir / run.id).exists():
-                shutil.rmtree(out_dir / run.id)
+            remove_tree(out_dir, out_dir / run.id)
 
         def on_submit(i: int) -> None:
             rec = records[todo[i].id]

@@ -1,0 +1,73 @@
+"""Sweeps and PBT resumed after an interruption keep every step their runs flushed before it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradlens.search.pbt as pbt_module
+from gradlens import load_run
+from gradlens.search import SearchConfig, run_pbt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SYNTH = {
+    "dataset": "synthetic",
+    "dataset_options": {"n": 200, "angle": 120.0, "noise": 0.1},
+    "model": "mlp",
+    "width": 0.05,
+    "depth": 1,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.0,
+    "batch_size": 50,
+    "every": 1,
+}
+
+
+def _pbt_cfg() -> SearchConfig:
+    return SearchConfig.from_dict(
+        {
+            "train": SYNTH,
+            "pbt": {"population": 2, "epochs": 4, "interval_epochs": 1, "seed": 1},
+            "executor": {"workers": 1},
+        }
+    )
+
+
+def test_pbt_resume_keeps_the_history_flushed_before_the_interruption(tmp_path, monkeypatch):
+    """Interrupt PBT in round 3 after the members flushed half a round past their checkpoints;
+    the resumed members' runs hold exactly the uninterrupted run's steps, Grams and evals."""
+    cfg = _pbt_cfg()
+    run_pbt(cfg, tmp_path / "straight", progress=False)
+    real = pbt_module._Members.train
+    calls: list[int] = []
+
+    def interrupted(self, ks, epochs, ckpt_dir):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:  # round 3: train on past the checkpoint, flush, then "die"
+            for k in ks:
+                self._trainers[k].fit_epochs(1)
+                self._trainers[k].store.flush()
+            raise KeyboardInterrupt
+        return real(self, ks, epochs, ckpt_dir)
+
+    monkeypatch.setattr(pbt_module._Members, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pbt(cfg, tmp_path / "resumed", progress=False)
+    flushed = {m: load_run(tmp_path / "resumed" / m).probed_steps for m in ("member-000",)}
+    assert flushed["member-000"].max() >= 11  # steps past the epoch-2 checkpoint (step 7)
+    monkeypatch.setattr(pbt_module._Members, "train", real)
+    run_pbt(cfg, tmp_path / "resumed", progress=False)
+    for m in ("member-000", "member-001"):
+        a = load_run(tmp_path / "resumed" / m, strict=True)
+        b = load_run(tmp_path / "straight" / m, strict=True)
+        np.testing.assert_array_equal(a.probed_steps, b.probed_steps)
+        np.testing.assert_array_equal(a.probed_steps, np.arange(16))
+        torch.testing.assert_close(a.all_grams(), b.all_grams(), rtol=1e-12, atol=0.0)
+        assert a.evals[["point", "split", "task", "metric"]].equals(
+            b.evals[["point", "split", "task", "metric"]]
+        )
+        assert a.meta["weight_schedule"] == b.meta["weight_schedule"]
+        assert [r["after_step"] for r in a.meta["resumes"]] == [11]  # what was flushed
