@@ -57,6 +57,10 @@ from gradlens._train_data import (
     resample_batch,
     steps_per_epoch,
 )
+from gradlens._train_limits import (
+    check_device_available,
+    check_model_size,
+)
 from gradlens.data import DATASETS
 from gradlens.engines import ENGINES
 from gradlens.models import DEFAULT_DEPTH, FAMILIES, build_model
@@ -251,6 +255,8 @@ class Trainer:
         run_dir: the run directory to write (meta, probed Grams, evals); None keeps nothing.
         progress: show a tqdm bar per epoch with the running losses (only on a terminal).
         overwrite: replace a run already stored in ``run_dir``.
+        yes: confirm a model beyond the size bound (:data:`MAX_DEPTH` blocks or
+            :data:`PARAMS_WITHOUT_YES` parameters), which is otherwise refused before it is built.
         append: continue the run stored in ``run_dir`` (see ``RunWriter(append=True)``): load
             the checkpoint it was resumed from with :meth:`load_state_dict`, which drops the
             steps and evals the run stored after that checkpoint and keeps every one before.
@@ -286,17 +292,19 @@ class Trainer:
         progress: bool = True,
         overwrite: bool = False,
         append: bool = False,
+        yes: bool = False,
     ) -> None:
         cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
         self.config = cfg
         self.progress = bool(progress)
-        self.device = torch.device(cfg.device)
+        self.device = check_device_available(cfg.device)
         self.data: TrainData = load_train_data(
             cfg.dataset, cfg.dataset_options, cfg.tasks, cfg.seed, self.device
         )
         self.tasks: tuple[str, ...] = self.data.tasks
         self.multidomain = self.data.kind == "multidomain"
         depth = DEFAULT_DEPTH[cfg.model] if cfg.depth is None else cfg.depth
+        check_model_size(cfg, self.data.heads, self.data.input_shape, depth, yes)
         self.model = build_model(
             cfg.model,
             self.data.heads,
@@ -654,8 +662,11 @@ def train(
     *,
     progress: bool = True,
     overwrite: bool = False,
+    yes: bool = False,
 ) -> TrainResult:
     """Train ``config.epochs`` epochs (with early stopping if configured), then :meth:`finish`.
+
+    ``yes`` confirms a model beyond the size bound (see :class:`Trainer`).
 
     With ``early_stopping = k``, training stops after ``k`` epochs without a new best mean
     validation :func:`score`, and the model of the best epoch is restored before the final
@@ -667,7 +678,7 @@ def train(
         >>> res.run_dir is None, res.epochs_run, res.stopped_early
         (True, 2, False)
     """
-    trainer = Trainer(config, run_dir, progress=progress, overwrite=overwrite)
+    trainer = Trainer(config, run_dir, progress=progress, overwrite=overwrite, yes=yes)
     try:
         cfg = trainer.config
         trainer._total_epochs = cfg.epochs

@@ -7,12 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from gradlens._commands._args import positive_int, positive_ints
+
 NAME = "bench"
 HELP = "Time each engine against a plain scalarized step and the per-task loop (one process)."
-
-
-def _ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v]
 
 
 def _strs(s: str) -> list[str]:
@@ -28,15 +26,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=["mlp-1m", "cnn-1m"],
         help="comma-separated: mlp-tiny, mlp-1m, mlp-10m, cnn-1m, cnn-10m, transformer",
     )
-    p.add_argument("--tasks", type=_ints, default=[2, 8, 40], help="comma-separated T values")
+    p.add_argument(
+        "--tasks", type=positive_ints, default=[2, 8, 40], help="comma-separated T values"
+    )
     p.add_argument(
         "--methods",
         type=_strs,
         default=list(METHODS),
         help=f"comma-separated among {', '.join(METHODS)}",
     )
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--batch", type=positive_int, default=128)
+    p.add_argument("--repeats", type=positive_int, default=7)
     p.add_argument(
         "--clock",
         choices=("wall", "cpu"),
