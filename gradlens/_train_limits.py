@@ -12,7 +12,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -81,3 +82,29 @@ def check_model_size(
             f"to build it anyway, or choose a smaller width or depth."
         )
     return n
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (None: as set), then restore the count.
+
+    A run's numbers depend on its thread count (reductions split differently: up to 2e-5
+    relative in the Grams between 1 and 2 threads), so the harness fixes it per run.
+
+    Example:
+        >>> n = torch.get_num_threads()
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == n
+        True
+    """
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -60,6 +60,7 @@ from gradlens._train_data import (
 from gradlens._train_limits import (
     check_device_available,
     check_model_size,
+    torch_threads,
 )
 from gradlens.data import DATASETS
 from gradlens.engines import ENGINES
@@ -119,6 +120,9 @@ class TrainConfig:
         early_stopping: patience in epochs on the mean validation score (:func:`score`); None
             disables it. The model of the best epoch is restored before the final evaluation.
         device: a torch device string.
+        threads: torch CPU threads while this run trains and evaluates (restored after); None
+            leaves torch's setting. Part of the run's recorded configuration because the
+            numbers depend on it; sweeps and PBT set 1 when it is None, whatever ``workers``.
         config: free-form user fields, stored with the run (``meta["config"]["config"]``).
 
     Example:
@@ -151,6 +155,7 @@ class TrainConfig:
     every: int | str = 10
     early_stopping: int | None = None
     device: str = "cpu"
+    threads: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -197,6 +202,8 @@ class TrainConfig:
             self.early_stopping = _check_int(
                 "early_stopping", self.early_stopping, low=1, none_ok=False
             )
+        if self.threads is not None:
+            self.threads = _check_int("threads", self.threads, low=1, none_ok=False)
         if not isinstance(self.device, str):
             raise GradlensError(f"`device` should be a torch device string; found {self.device!r}.")
         try:
@@ -431,7 +438,8 @@ class Trainer:
         n = _check_int("n", n, low=1, none_ok=False)
         val: dict[str, dict[str, float]] = {}
         for _ in range(n):
-            bar, train_losses = self._train_epoch()
+            with torch_threads(self.config.threads):
+                bar, train_losses = self._train_epoch()
             val = self.evaluate("val")
             if bar is not None:
                 bar.set_postfix_str(_postfix(train_losses, val), refresh=True)
@@ -454,7 +462,8 @@ class Trainer:
         """
         if split not in _SPLITS:
             raise GradlensError(f"`split` should be one of {_SPLITS}; found {split!r}.")
-        return evaluate(self.model, self.data, split)
+        with torch_threads(self.config.threads):
+            return evaluate(self.model, self.data, split)
 
     def finish(self) -> dict[str, dict[str, dict[str, float]]]:
         """Evaluate ``val`` and ``test``, record them as point ``"final"``, close the run.

@@ -71,3 +71,33 @@ def test_pbt_resume_keeps_the_history_flushed_before_the_interruption(tmp_path, 
         )
         assert a.meta["weight_schedule"] == b.meta["weight_schedule"]
         assert [r["after_step"] for r in a.meta["resumes"]] == [11]  # what was flushed
+
+
+def test_a_sweep_run_trains_with_its_recorded_thread_count(tmp_path, monkeypatch):
+    """Whatever the driver's (or a worker's) torch thread count, a run trains with the count its
+    config records (1 by default), so in-process, process-pool and resumed runs agree."""
+    from gradlens.search import run_sweep
+    from gradlens.train import Trainer
+
+    seen: list[int] = []
+    real = Trainer._train_epoch
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", spy)
+    cfg = SearchConfig.from_dict(
+        {"train": SYNTH, "sweep": {"p": [0.3]}, "executor": {"workers": 1}}
+    )
+    grams = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # the module fixture restores the count afterwards
+        out = tmp_path / f"t{threads}"
+        run_sweep(cfg, out, progress=False)
+        run = load_run(out / "w0.3-0.7_seed0")
+        assert run.meta["config"]["threads"] == 1
+        grams.append(run.all_grams())
+        assert torch.get_num_threads() == threads  # restored after the run
+    assert set(seen) == {1}
+    torch.testing.assert_close(grams[0], grams[1], rtol=1e-13, atol=0.0)

@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         fields["every"] = int(args.every) if args.every.strip().isdigit() else args.every.strip()
     if args.threads is not None and args.threads < 1:
         raise GradlensError(f"`--threads` should be a positive int; found {args.threads}.")
+    if args.threads is not None:
+        fields["threads"] = args.threads  # recorded with the run: its numbers depend on it
     out = args.out
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

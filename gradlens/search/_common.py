@@ -72,6 +72,21 @@ def pin_data_seed(train: Mapping[str, Any]) -> dict[str, Any]:
     return d
 
 
+def pin_threads(train: Mapping[str, Any]) -> dict[str, Any]:
+    """``train`` with ``threads`` set (1 when unset): a run's numbers depend on its torch thread
+    count, so every run of a sweep or PBT trains with the same one, recorded in its config,
+    whatever the executor's ``workers`` (a resumed sweep reproduces its numbers).
+
+    Example:
+        >>> pin_threads({"epochs": 1})["threads"], pin_threads({"threads": 4})["threads"]
+        (1, 4)
+    """
+    d = dict(train)
+    if d.get("threads") is None:
+        d["threads"] = 1
+    return d
+
+
 def pin_task_option(train: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
     """``train`` with the dataset's task option set to ``tasks`` when ``dataset_options`` lacks it.
 

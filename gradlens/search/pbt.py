@@ -64,6 +64,7 @@ from gradlens.search._common import (
     mean_metric,
     out_dir_for,
     pin_data_seed,
+    pin_threads,
     plain_final,
     read_json,
     resolve_tasks,
@@ -370,7 +371,7 @@ def run_pbt(
             for m in members:
                 k = m["member"]
                 run_dir = inside(out_dir, out_dir / check_name(m["run_dir"], "run_dir"))
-                tdict = pin_data_seed(config.train)
+                tdict = pin_threads(pin_data_seed(config.train))
                 tdict.update(
                     seed=int(train["seed"]) + k,
                     epochs=total,

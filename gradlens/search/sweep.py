@@ -52,6 +52,7 @@ from gradlens.search._common import (
     out_dir_for,
     pin_data_seed,
     pin_task_option,
+    pin_threads,
     plain_final,
     read_json,
     resolve_tasks,
@@ -119,7 +120,7 @@ class PlannedRun:
             >>> d["tasks"], d["weights"], d["config"]["baseline_of"]
             (['x'], {'x': 1.0}, 'x')
         """
-        d = pin_data_seed(base)
+        d = pin_threads(pin_data_seed(base))
         d["weights"] = dict(self.weights)
         if self.baseline_of is not None:
             d["tasks"] = [self.baseline_of]
