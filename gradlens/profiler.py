@@ -575,6 +575,8 @@ def _weight_values(
     vals = []
     for t in tasks:
         v = weights[t]
+        if isinstance(v, (str, bytes, bool)):  # float() would accept "0.5" and True
+            raise GradlensError(f"`weights[{t!r}]` should be a real number; found {v!r}.")
         try:
             f = float(v)
         except (TypeError, ValueError):

@@ -429,9 +429,10 @@ class RunWriter:
         ours = [run_dir / n for n in (META_NAME, _STEPS, _SCALARS, _EVALS, COMMITS_NAME)]
         if not overwrite and any(p.exists() for p in ours):
             raise StoreError(
-                f"`path` {run_dir} already holds a run; pass overwrite=True (`--overwrite` on "
-                f"the command line) to replace it, append=True to continue it, or choose a new "
-                f"directory."
+                f"`path` {run_dir} already holds a run: replace it with "
+                f"RunWriter(path, overwrite=True) (for a Profiler: "
+                f"store=RunWriter(path, overwrite=True); `gradlens train`: --overwrite), continue "
+                f"it with append=True, or choose a new directory."
             )
         for p in ours:
             if p.is_dir():

@@ -108,3 +108,20 @@ def test_an_engine_error_does_not_advance_the_step(monkeypatch):
     assert snap is not None
     assert snap.step == 0
     assert prof.step == 1
+
+
+@pytest.mark.parametrize("bad", ["0.5", True, b"1"])
+def test_weights_that_are_not_numbers_are_refused(bad):
+    trunk, head = _model()
+    with gl.Profiler(trunk, tasks=["a", "b"], engine="loop") as prof:
+        out = head(trunk(torch.randn(5, 3)))
+        with pytest.raises(GradlensError, match=r"`weights\['a'\]` should be a real number"):
+            prof.backward({"a": out[:, 0].mean(), "b": out[:, 1].mean()}, {"a": bad, "b": 0.5})
+        assert prof.step == 0
+
+
+def test_profiler_on_an_existing_run_names_the_real_keywords(tmp_path):
+    trunk, _ = _model()
+    gl.Profiler(trunk, tasks=["a", "b"], store=tmp_path / "r").close()
+    with pytest.raises(GradlensError, match=r"store=RunWriter\(path, overwrite=True\)"):
+        gl.Profiler(trunk, tasks=["a", "b"], store=tmp_path / "r")

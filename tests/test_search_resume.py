@@ -101,3 +101,22 @@ def test_a_sweep_run_trains_with_its_recorded_thread_count(tmp_path, monkeypatch
         assert torch.get_num_threads() == threads  # restored after the run
     assert set(seen) == {1}
     torch.testing.assert_close(grams[0], grams[1], rtol=1e-13, atol=0.0)
+
+
+@pytest.mark.parametrize("field", ["weights", "weight_schedule"])
+def test_train_weights_in_a_search_config_are_refused_not_ignored(tmp_path, field):
+    from gradlens import GradlensError
+    from gradlens.search import run_sweep
+
+    value = {"task0": 0.9, "nosuch": 0.1}
+    if field == "weight_schedule":
+        value = [{"epoch": 0, "weights": value}]
+    train = {**SYNTH, field: value}
+    sweep = SearchConfig.from_dict({"train": train, "sweep": {"p": [0.5]}})
+    with pytest.raises(GradlensError, match=rf"`train.{field}` should not be set in a sweep"):
+        run_sweep(sweep, tmp_path / "s", progress=False)
+    pbt = SearchConfig.from_dict({"train": train, "pbt": {"population": 2}})
+    with pytest.raises(GradlensError, match=rf"`train.{field}` should not be set in a pbt"):
+        run_pbt(pbt, tmp_path / "p", progress=False)
+    assert not (tmp_path / "s").exists()
+    assert not (tmp_path / "p").exists()

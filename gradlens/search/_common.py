@@ -30,6 +30,17 @@ def check_train(train: Mapping[str, Any]) -> dict[str, Any]:
     return TrainConfig.from_dict(dict(train)).to_dict()
 
 
+def refuse_train_weights(train: Mapping[str, Any], table: str) -> None:
+    """A sweep or PBT sets every run's weights itself: ``[train]`` weights would be ignored."""
+    set_here = [k for k in ("weights", "weight_schedule") if train.get(k) is not None]
+    if set_here:
+        raise GradlensError(
+            f"`train.{set_here[0]}` should not be set in a {table} configuration: the [{table}] "
+            f"table gives every run its weights, so it would be ignored; found "
+            f"{train[set_here[0]]!r:.80}. Remove it from [train]."
+        )
+
+
 def resolve_tasks(train: Mapping[str, Any]) -> tuple[str, ...]:
     """The tasks (or domains) a ``[train]`` table trains on: its ``tasks`` or the dataset's."""
     tasks = train.get("tasks")

@@ -67,6 +67,7 @@ from gradlens.search._common import (
     pin_threads,
     plain_final,
     read_json,
+    refuse_train_weights,
     resolve_tasks,
     summary_metric,
     write_json,
@@ -318,6 +319,7 @@ def run_pbt(
     if spec is None:
         raise GradlensError("`config` should hold a [pbt] table; found none.")
     train = check_train(config.train)
+    refuse_train_weights(config.train, "pbt")
     total = spec.epochs if spec.epochs is not None else int(train["epochs"])
     if total < 1:
         raise GradlensError(f"`pbt.epochs` (or `train.epochs`) should be >= 1; found {total}.")

@@ -55,6 +55,7 @@ from gradlens.search._common import (
     pin_threads,
     plain_final,
     read_json,
+    refuse_train_weights,
     resolve_tasks,
     summary_metric,
     write_json,
@@ -333,6 +334,7 @@ def run_sweep(
     if config.sweep is None:
         raise GradlensError("`config` should hold a [sweep] table; found none.")
     check_train(config.train)
+    refuse_train_weights(config.train, "sweep")
     out_dir = out_dir_for(config, out)
     tasks = resolve_tasks(config.train)
     plan = plan_sweep(config, tasks, yes=yes)
