@@ -43,21 +43,28 @@ def test_pbt_resume_keeps_the_history_flushed_before_the_interruption(tmp_path, 
     run_pbt(cfg, tmp_path / "straight", progress=False)
     real = pbt_module._Members.train
     calls: list[int] = []
+    on_disk: list[list[int]] = []
 
     def interrupted(self, ks, epochs, ckpt_dir):  # type: ignore[no-untyped-def]
         calls.append(1)
-        if len(calls) == 3:  # round 3: train on past the checkpoint, flush, then "die"
+        if len(calls) == 3:  # round 3: train past the checkpoint, flush, train on, then "die"
             for k in ks:
-                self._trainers[k].fit_epochs(1)
-                self._trainers[k].store.flush()
+                tr = self._trainers[k]
+                # the checkpoint of round 2 was taken with every step before it on disk
+                on_disk.append(load_run(tr.run_dir).probed_steps.tolist())
+                tr.fit_epochs(1)
+                tr.store.flush()  # on disk beyond the checkpoint: the resume must drop it
+                tr.fit_epochs(1)
+                tr.store._state._clear()  # what a SIGKILL loses: the unflushed buffer
             raise KeyboardInterrupt
         return real(self, ks, epochs, ckpt_dir)
 
     monkeypatch.setattr(pbt_module._Members, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pbt(cfg, tmp_path / "resumed", progress=False)
-    flushed = {m: load_run(tmp_path / "resumed" / m).probed_steps for m in ("member-000",)}
-    assert flushed["member-000"].max() >= 11  # steps past the epoch-2 checkpoint (step 7)
+    assert on_disk == [list(range(8))] * 2
+    flushed = load_run(tmp_path / "resumed" / "member-000").probed_steps
+    assert flushed.max() == 11  # steps past the epoch-2 checkpoint (step 7) were flushed
     monkeypatch.setattr(pbt_module._Members, "train", real)
     run_pbt(cfg, tmp_path / "resumed", progress=False)
     for m in ("member-000", "member-001"):

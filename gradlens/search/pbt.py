@@ -191,6 +191,8 @@ class _Members:
             c0 = time.process_time()
             tr = self._trainers[k]
             val = tr.fit_epochs(epochs)
+            if tr.store is not None:  # every step before the checkpoint is on disk with it
+                tr.store.flush()
             path = Path(ckpt_dir) / f"member-{k:03d}.pt"
             tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
             torch.save(tr.state_dict(), tmp)
