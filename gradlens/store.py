@@ -7,13 +7,17 @@ Layout of a run directory (format version :data:`FORMAT_VERSION`)::
                                    every layer's Gram, layer ``"__all__"`` for the total
     scalars/chunk-000000.parquet   [step, task, weight, loss]: the same steps' weights and losses
     evals/chunk-000000.parquet     [point, epoch, step, split, task, metric, value]
+    commits.json                   how many steps and evals chunks are committed
     .lock                          the live writer's pid, host and start time
 
 :class:`RunWriter` buffers the current chunk of probed steps in memory and writes it every
 ``flush_every`` steps or ``flush_seconds`` seconds; each file is written under a temporary name and
 renamed into place, and a ``scalars`` chunk is always renamed before its ``steps`` chunk, which is
 the commit point. A run killed at any instant therefore reads back every step of its last committed
-chunk and nothing torn. Evals are written as soon as they are added.
+chunk and nothing torn. Evals are written as soon as they are added. Each chunk carries a header
+(index, tasks, steps) that the reader checks against its file name, ``meta.json`` and the commit
+record (see :mod:`gradlens._store_check`); ``RunWriter(..., append=True)`` continues a run whose
+writer died and :meth:`RunWriter.rewind` cuts one back to a step (:mod:`gradlens._store_append`).
 
 :func:`load_run` reads one run (also while it is being written), :func:`load_runs` tabulates many
 runs (meta flattened + final evals) for cross-run analysis; ``gradlens.stats`` builds its tables
