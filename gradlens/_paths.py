@@ -72,7 +72,7 @@ def inside(
         >>> inside(d, Path(d) / "x" / ".." / ".." / "victim")
         Traceback (most recent call last):
         ...
-        gradlens._errors.GradlensError: Refusing to write or delete ... outside ...
+        gradlens._errors.GradlensError: Refusing to use ... outside ...
     """
     base = Path(root).resolve()
     p = Path(path)
@@ -82,8 +82,8 @@ def inside(
         target = p.parent.resolve() / p.name
     if target == base or base not in target.parents:
         raise GradlensError(
-            f"Refusing to write or delete {Path(path)}: it resolves to {target}, outside "
-            f"the directory {base} it should stay in."
+            f"Refusing to use {Path(path)}: it resolves to {target}, outside the directory "
+            f"{base} that gradlens writes, deletes and reads run files in."
         )
     return Path(path)
 

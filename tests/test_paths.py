@@ -134,6 +134,11 @@ def test_tampered_pbt_state_cannot_reach_outside(tmp_path):
     (out / "pbt.json").write_text(json.dumps(state))
     with pytest.raises(GradlensError, match="`run_dir` should be a name usable"):
         run_pbt(cfg, out, progress=False)
+    state["members"][0]["run_dir"] = "member-000"
+    state["members"][0]["checkpoint"] = "../victim/pwned_seed0/precious.txt"
+    (out / "pbt.json").write_text(json.dumps(state))
+    with pytest.raises(GradlensError, match=r"Refusing to use .*precious\.txt"):
+        run_pbt(cfg, out, progress=False)
     assert (victim / "precious.txt").read_text() == "keep me"
 
 
@@ -142,7 +147,7 @@ def test_inside_and_remove_tree_refuse_escapes(tmp_path):
     root.mkdir()
     victim = _victim(tmp_path)
     for bad in (root, root / ".." / "victim", tmp_path, Path("/")):
-        with pytest.raises(GradlensError, match="Refusing to write or delete"):
+        with pytest.raises(GradlensError, match="Refusing to use"):
             remove_tree(root, bad)
     (root / "link").symlink_to(victim, target_is_directory=True)
     with pytest.raises(GradlensError, match="outside"):
