@@ -134,7 +134,10 @@ def read_chunk(path: Path, schema: pa.Schema) -> pa.Table:
             found = table.schema.field(field.name).type
             if not found.equals(field.type):
                 raise ValueError(f"column {field.name!r} is {found}, expected {field.type}")
-    except (OSError, ValueError, pa.ArrowException) as exc:
+        # a damaged page the checksums let through (a dictionary index out of range...) is
+        # caught here, not later as a crash in pandas
+        table.validate(full=True)
+    except (OSError, ValueError, IndexError, pa.ArrowException) as exc:
         raise ChunkError(f"the unreadable chunk {path} ({type(exc).__name__}: {exc})") from None
     if header is not None:
         table = with_header(table, header)

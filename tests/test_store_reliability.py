@@ -347,3 +347,22 @@ def test_read_only_directory_is_a_store_error(tmp_path):
             RunWriter(ro / "run")
     finally:
         ro.chmod(0o700)
+
+
+def test_a_chunk_with_an_out_of_range_dictionary_index_is_skipped(tmp_path):
+    """Found by the exhaustive bit-flip fuzz: a flip the page checksums let through left a
+    dictionary index out of range, which crashed in pandas instead of being reported."""
+    import pyarrow as pa
+
+    path = tmp_path / "r"
+    _write(path, list(range(4)))
+    name = path / "steps" / "chunk-000001.parquet"
+    t = gradlens._store_io.read_chunk(name, gradlens._store_io.STEPS_SCHEMA)
+    col = t.column("task_i").combine_chunks()
+    bad_codes = pa.array([5] * len(col), pa.int32())  # only 2 tasks in the dictionary
+    broken = pa.DictionaryArray.from_arrays(bad_codes, col.dictionary, safe=False)
+    t = t.set_column(t.schema.get_field_index("task_i"), "task_i", broken)
+    gradlens._store_io.atomic_write_table(name, t)
+    with pytest.warns(GradlensWarning, match=r"Skipping the unreadable chunk .*chunk-000001"):
+        run = load_run(path)
+    np.testing.assert_array_equal(run.probed_steps, [0, 1])
