@@ -621,10 +621,15 @@ class RunWriter:
                     f"`tasks` cannot change during a run: it is {list(st.tasks)}; found "
                     f"{list(tasks)}."
                 )
-            if st.tasks is None:
-                st.set_tasks(tasks)
-        st.meta.update(new)
-        st.write_meta()
+        old = st.meta
+        st.meta = {**old, **new}
+        try:
+            st.write_meta()
+        except StoreError:
+            st.meta = old  # a failed call changes nothing
+            raise
+        if "tasks" in new and st.tasks is None:
+            st.set_tasks(tuple(new["tasks"]))
 
     def flush(self) -> None:
         """Write the buffered steps as one chunk now (no-op if none are buffered)."""

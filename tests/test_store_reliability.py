@@ -333,6 +333,7 @@ def test_os_errors_are_store_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(gradlens.store, "atomic_write_bytes", disk_full)
     with pytest.raises(StoreError, match=r"Could not write the metadata .*No space left"):
         w.update_meta(seed=1)
+    assert "seed" not in w.meta  # a failed call changes nothing
     monkeypatch.undo()
     w.close()
 
