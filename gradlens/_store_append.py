@@ -111,5 +111,6 @@ def truncate_after(
             header = chunk_header(table) or {"chunk": straddle}
             kept = table.filter(pc.less_equal(table.column("step"), pa.scalar(step, pa.int64())))
             header["steps"] = [int(pc.min(kept.column("step")).as_py()), last]
+            header["rows"] = kept.num_rows
             atomic_write_table(d / name, with_header(kept, header))
     return keep_chunks, last, keep_evals, dropped

@@ -1,6 +1,7 @@
 """Reading a run's chunks back with every inconsistency named: the reader side of the store.
 
-The writer gives each chunk a header (its index, the run's tasks, its first and last step) and
+The writer gives each chunk a header (its index, row count, first and last step, the task and
+layer labels it may use; checked against the table on every read, see ``read_chunk``) and
 keeps a commit record (``commits.json``: how many steps and evals chunks are committed). The
 reader checks, per chunk: that it is readable, that its header's index is its file name's (a
 chunk copied over another is caught), that its steps follow the previous chunk's (no duplicated
@@ -31,6 +32,7 @@ from gradlens._store_io import (
     chunk_header,
     list_chunks,
     read_chunk,
+    step_range,
 )
 
 __all__: list[str] = []
@@ -194,6 +196,12 @@ def read_eval_chunks(
     return out
 
 
-def header_for(index: int, tasks: tuple[str, ...], steps: Any) -> dict[str, Any]:
-    """The header of chunk ``index`` holding ``steps`` (an int array, sorted)."""
-    return {"chunk": index, "tasks": list(tasks), "steps": [int(steps[0]), int(steps[-1])]}
+def header_for(index: int, table: pa.Table, **fields: Any) -> dict[str, Any]:
+    """The header of chunk ``index`` holding ``table``: its index, row count, first and last
+    step (if it has steps) and ``fields`` (``tasks``, ``layers``: the labels it may use)."""
+    header: dict[str, Any] = {"chunk": index, "rows": table.num_rows}
+    steps = step_range(table)
+    if steps is not None:
+        header["steps"] = steps
+    header.update(fields)
+    return header

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gradlens._errors import StoreError
@@ -137,11 +138,51 @@ def read_chunk(path: Path, schema: pa.Schema) -> pa.Table:
         # a damaged page the checksums let through (a dictionary index out of range...) is
         # caught here, not later as a crash in pandas
         table.validate(full=True)
+        if header is not None:
+            _check_header(table, header)
     except (OSError, ValueError, IndexError, pa.ArrowException) as exc:
         raise ChunkError(f"the unreadable chunk {path} ({type(exc).__name__}: {exc})") from None
     if header is not None:
         table = with_header(table, header)
     return table
+
+
+def step_range(table: pa.Table) -> list[int] | None:
+    """``[first, last]`` step of a table (None without a step column or non-null steps)."""
+    if "step" not in table.column_names:
+        return None
+    mm = pc.min_max(table["step"]).as_py()
+    return None if mm["min"] is None else [int(mm["min"]), int(mm["max"])]
+
+
+def _labels(table: pa.Table, column: str) -> set[str]:
+    """The labels a dictionary column's rows use."""
+    col = table.column(column).combine_chunks()
+    return {str(v) for v in pc.unique(col.dictionary.take(col.indices)).to_pylist()}
+
+
+def _check_header(table: pa.Table, header: dict[str, object]) -> None:
+    """The table agrees with its header: a damaged file footer (no checksum covers it) can
+    make Parquet return fewer rows, and a damaged dictionary other labels; both are caught here.
+
+    Raises:
+        ValueError: Naming the first disagreement.
+    """
+    rows = header.get("rows")
+    if rows is not None and rows != table.num_rows:
+        raise ValueError(f"{table.num_rows} rows read, its header says {rows}")
+    steps = header.get("steps")
+    if steps is not None and step_range(table) != steps:
+        raise ValueError(f"steps {step_range(table)} read, its header says {steps}")
+    for key, columns in (("tasks", ("task_i", "task_j", "task")), ("layers", ("layer",))):
+        allowed = header.get(key)
+        if not isinstance(allowed, list):
+            continue
+        for column in columns:
+            if column in table.column_names:
+                extra = _labels(table, column) - {str(a) for a in allowed}
+                if extra:
+                    raise ValueError(f"labels {sorted(extra)} in {column!r} are not in its header")
 
 
 def chunk_header(table: pa.Table) -> dict[str, object] | None:

@@ -264,11 +264,15 @@ class _WriterState:
             schema=_SCALARS_SCHEMA,
         )
         name = chunk_name(self.chunk_index)
-        header = header_for(self.chunk_index, tasks, steps)
+        i, labels = self.chunk_index, {"tasks": list(tasks)}
+        step_header = header_for(i, step_table, layers=list(self.layer_codes), **labels)
         try:
             # scalars first: the steps chunk is the commit point read by load_run
-            atomic_write_table(self.path / _SCALARS / name, with_header(scalar_table, header))
-            atomic_write_table(self.path / _STEPS / name, with_header(step_table, header))
+            atomic_write_table(
+                self.path / _SCALARS / name,
+                with_header(scalar_table, header_for(i, scalar_table, **labels)),
+            )
+            atomic_write_table(self.path / _STEPS / name, with_header(step_table, step_header))
             # then the record: a kill before it leaves one chunk more than recorded, which is read
             write_commits(self.path, self.chunk_index + 1, self.eval_index)
         except OSError as exc:
@@ -593,6 +597,7 @@ class RunWriter:
             schema=_EVALS_SCHEMA,
         )
         try:
+            table = with_header(table, header_for(st.eval_index, table))
             atomic_write_table(st.path / _EVALS / chunk_name(st.eval_index), table)
             write_commits(st.path, st.chunk_index, st.eval_index + 1)
         except OSError as exc:
