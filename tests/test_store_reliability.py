@@ -367,3 +367,38 @@ def test_a_chunk_with_an_out_of_range_dictionary_index_is_skipped(tmp_path):
     with pytest.warns(GradlensWarning, match=r"Skipping the unreadable chunk .*chunk-000001"):
         run = load_run(path)
     np.testing.assert_array_equal(run.probed_steps, [0, 1])
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("rows", "8 rows read, its header says 12"),
+        ("label", r"labels \['c'\] in 'task_j' are not in its header"),
+        ("layer", r"labels \['gc'\] in 'layer' are not in its header"),
+    ],
+)
+def test_a_chunk_that_disagrees_with_its_header_is_skipped(tmp_path, change, match):
+    """Found by the exhaustive bit-flip fuzz: a flip in the Parquet footer (no checksum covers
+    it) made the reader return 8 of a chunk's 12 rows silently."""
+    import pyarrow as pa
+
+    path = tmp_path / "r"
+    _write(path, list(range(4)))
+    name = path / "steps" / "chunk-000001.parquet"
+    t = gradlens._store_io.read_chunk(name, gradlens._store_io.STEPS_SCHEMA)
+    header = gradlens._store_io.chunk_header(t)
+    if change == "rows":
+        t = t.slice(0, 8)
+    else:
+        column = "task_j" if change == "label" else "layer"
+        col = t.column(column).combine_chunks()
+        renamed = [("c" if v == "b" else v) if change == "label" else ("gc" if v == "fc" else v)
+                   for v in col.dictionary.to_pylist()]  # fmt: skip
+        arr = pa.DictionaryArray.from_arrays(col.indices, pa.array(renamed))
+        t = t.set_column(t.schema.get_field_index(column), column, arr)
+    gradlens._store_io.atomic_write_table(name, gradlens._store_io.with_header(t, header))
+    with pytest.warns(GradlensWarning, match=r"Skipping the unreadable chunk .*chunk-000001"):
+        run = load_run(path)
+    np.testing.assert_array_equal(run.probed_steps, [0, 1])
+    with pytest.raises(StoreError, match=match):
+        load_run(path, strict=True)
