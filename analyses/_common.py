@@ -68,6 +68,7 @@ class Preset:
     pbt_epochs: int
     pbt_population: int
     attribute_tasks: int
+    pbt_replicates: int = 3  # PBT, random-static and best-of-N replicates
 
 
 _P7 = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
@@ -75,7 +76,7 @@ _PRESETS = {
     "quick": Preset(
         name="quick", widths=(0.125,), depths=(1,), p=(0.25, 0.5, 0.75), seeds=(0,), epochs=1,
         multidigits_n=128, domain_sizes=64, conflict_epochs=3, pbt_epochs=2, pbt_population=2,
-        attribute_tasks=6,
+        attribute_tasks=6, pbt_replicates=1,
     ),
     "small": Preset(
         name="small", widths=(0.25, 0.5, 1.0), depths=(1, 2, 4), p=_P7, seeds=(0, 1, 2),
@@ -85,7 +86,7 @@ _PRESETS = {
     "full": Preset(
         name="full", widths=(0.5, 1.0, 2.0), depths=(1, 2, 4), p=_P7, seeds=(0, 1, 2),
         epochs=12, multidigits_n=2000, domain_sizes=None, conflict_epochs=40, pbt_epochs=24,
-        pbt_population=8, attribute_tasks=6,
+        pbt_population=8, attribute_tasks=6, pbt_replicates=10,
     ),
 }  # fmt: skip
 

@@ -2,9 +2,10 @@
 
 Within runs: for each pair (MultiDigits, DomainDigits), three longer runs at ``p = 0.5`` (MLP width
 0.5, depth 2, probes every 2 steps) give per-epoch conflict (the fraction of probes with
-``cos < 0``) and the per-epoch validation accuracy; ``stats.within_run`` correlates them per run
-(Pearson, effective-n test and interval), and all epochs of all runs are pooled (Pearson, cluster
-bootstrap by run), as the paper's single linear fit (r = 0.06) did.
+``cos < 0``; and, per run, the continuous mean cosine) and the per-epoch validation accuracy;
+``stats.within_run`` correlates them per run (Pearson, effective-n test and interval), and all
+epochs of all runs are pooled (Pearson, cluster bootstrap by run), as the paper's single linear
+fit (r = 0.06) did.
 
 Across runs: on the capacity sweeps (``analyses.capacity``), ``stats.associations`` of the weight,
 the run's conflict frequency and mean cosine, and its final test accuracy (Spearman, pooled, per
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analyses import _figures
 from analyses._common import (
     PAIRS,
     Pair,
@@ -34,6 +36,7 @@ from analyses._common import (
     save_figure,
     write_json,
 )
+from analyses.optimal_weight import weight_cells
 from gradlens import load_run, plots, stats
 
 __all__ = ["across_runs", "main", "within_runs"]
@@ -62,7 +65,8 @@ def within_runs(run_dirs: Sequence[Path], n_boot: int) -> dict[str, Any]:
     for k, d in enumerate(sorted(run_dirs)):
         run = load_run(d)
         res = stats.within_run(run, metric="conflict", n_boot=n_boot, seed=k)
-        per_run.append({"run": d.name, **res})
+        cos = stats.within_run(run, metric="cosine", n_boot=n_boot, seed=k)
+        per_run.append({"run": d.name, **res, "cosine": cos})
         epochs.append(stats.epoch_table(run, metric="conflict").assign(run=d.name))
     ep = pd.concat(epochs, ignore_index=True)
     pooled = stats.correlate(
@@ -143,12 +147,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         fig = plots.conflict_timeline(load_run(first), title=f"{pair.name}: {first.name}")
         save_figure(fig, args.figures / f"conflict_timeline_{pair.name}.png")
         joint = tables["test"][tables["test"]["n_tasks"] == 2]
-        for col, stem in (("conflict_freq.mean", "conflict"), ("accuracy.mean", "test_accuracy")):
-            fig = plots.weight_vs_interference(
-                joint,
+        for col, stem, ylabel, scale in (
+            ("conflict_freq.mean", "conflict", "share of probes with cos < 0", 1.0),
+            ("cosine.mean", "cosine", "mean gradient cosine of the two tasks", 1.0),
+            ("accuracy.mean", "test_accuracy", "test accuracy, mean over tasks (points)", 100.0),
+        ):
+            fig = _figures.weight_vs_metric(
+                weight_cells(joint, wcol, col),
                 weight_col=wcol,
-                interference_col=col,
-                title=f"{pair.name}: {col} vs {wcol}, per model size (joint runs)",
+                xlabel=_figures.weight_label(wcol, pair.kind),
+                ylabel=ylabel,
+                scale=scale,
+                title=f"{pair.name} ({pair.kind}), MLP, joint runs: {ylabel} against the weight",
             )
             save_figure(fig, args.figures / f"weight_vs_{stem}_{pair.name}.png")
     save_figure(_scatter(epochs), args.figures / "conflict_vs_accuracy_epochs.png")

@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from analyses import _figures
 from analyses._common import PAIRS, load_tables, pair_sweep, parse_args, save_figure, write_json
-from gradlens import plots, stats
+from gradlens import stats
 
-__all__ = ["main", "optimum"]
+__all__ = ["main", "optimum", "weight_cells"]
 
 
 def optimum(table: pd.DataFrame, weight_col: str, n_boot: int) -> dict[str, Any]:
@@ -51,6 +53,22 @@ def optimum(table: pd.DataFrame, weight_col: str, n_boot: int) -> dict[str, Any]
     return out
 
 
+def weight_cells(joint: pd.DataFrame, weight_col: str, value: str) -> pd.DataFrame:
+    """Per size and weight: the seed mean and standard error of ``value`` (for the figures).
+
+    Example:
+        >>> t = pd.DataFrame({"model.depth": 1, "model.width": 1.0, "model.n_params": 10,
+        ...                   "w": [0.2, 0.2, 0.8], "acc": [0.5, 0.7, 0.9]})
+        >>> c = weight_cells(t, "w", "acc")
+        >>> c["mean"].round(6).tolist(), c["n"].tolist()
+        ([0.6, 0.9], [2, 1])
+    """
+    keys = ["model.depth", "model.width", "model.n_params", weight_col]
+    out = joint.groupby(keys)[value].agg(["mean", "std", "count"]).reset_index()
+    out["se"] = (out["std"] / np.sqrt(out["count"])).fillna(0.0)
+    return out.rename(columns={"count": "n"}).drop(columns="std")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Resume the sweeps, estimate ``p*`` per size, write figures and JSON; return the summary."""
     args = parse_args(__doc__.splitlines()[0], argv)
@@ -62,12 +80,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         wcol = f"weights.{pair.tasks[0]}"
         res = {split: optimum(tables[split], wcol, n_boot) for split in ("val", "test")}
         summary["pairs"][pair.name] = {"kind": pair.kind, "weight": wcol, **res}
-        per_size = res["val"]["quadratic"]["per_size"]
-        fig = plots.accuracy_vs_weight(
-            tables["val"][tables["val"]["n_tasks"] == 2],
+        joint = tables["val"][tables["val"]["n_tasks"] == 2]
+        cells = weight_cells(joint, wcol, "accuracy.mean")
+        opt = res["val"]["quadratic"]["per_size"][["model.n_params", "p_star", "ci_low", "ci_high"]]
+        grid = res["val"]["grid"]["per_size"][["model.n_params", "p_star"]]
+        opt = opt.merge(grid.rename(columns={"p_star": "best_p"}), on="model.n_params")
+        summary["pairs"][pair.name]["figure_cells"] = cells
+        fig = _figures.accuracy_vs_weight(
+            cells,
+            opt,
             weight_col=wcol,
-            optimum=per_size[["model.n_params", "p_star", "score_at_p_star", "ci_low", "ci_high"]],
-            title=f"{pair.name}: validation accuracy vs {wcol} (quadratic p*, 95% CI)",
+            xlabel=_figures.weight_label(wcol, pair.kind),
+            title=f"{pair.name} ({pair.kind}), MLP: validation accuracy against the weight",
         )
         save_figure(fig, args.figures / f"optimal_weight_{pair.name}.png")
     write_json(summary, args.figures / "optimal_weight.json")
