@@ -24,13 +24,14 @@ import pandas as pd
 
 from analyses import _figures
 from analyses._common import (
-    PAIRS,
+    QUICK,
     Timer,
     load_tables,
     pair_sweep,
     parse_args,
     save_figure,
     sweep_cost,
+    sweep_units,
     write_json,
 )
 from gradlens import stats
@@ -118,17 +119,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the sweeps (resuming), compute the gains, write figures and JSON; return the summary."""
     args = parse_args(__doc__.splitlines()[0], argv)
     pre = args.preset
-    n_boot = 200 if pre.name == "quick" else 2000
+    n_boot = 200 if pre.name in QUICK else 2000
     summary: dict[str, Any] = {"preset": pre.__dict__, "pairs": {}}
     all_gains = {}
-    for pair in PAIRS:
+    units = sweep_units(pre)
+    for name, pair, family in units:
         with Timer() as tm:
-            sweep = pair_sweep(pair, pre, args.runs, args.workers)
+            sweep = pair_sweep(pair, pre, args.runs, args.workers, family)
         tables = load_tables(sweep)
         g = gains(tables, pair.tasks, n_boot)
-        all_gains[pair.name] = g
+        all_gains[name] = g
         sel = g[g["setting"] == "p selected on val"]
         pair_sum: dict[str, Any] = {
+            "pair": pair.name,
+            "family": family,
             "kind": pair.kind,
             "tasks": list(pair.tasks),
             "sweep_wall_seconds_this_call": tm.wall,
@@ -145,15 +149,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 _trend(sub, n_boot) if sub["model.n_params"].nunique() >= 3 else None
             )
             pair_sum[f"ols ({setting})"] = ols_fit(sub)
-        summary["pairs"][pair.name] = pair_sum
+        summary["pairs"][name] = pair_sum
     # one y scale for every capacity figure, so that pairs compare at a glance
     both = pd.concat(all_gains.values())
     lows = both[["gain", "ci_low"]].min(axis=1)
     highs = both[["gain", "ci_high"]].max(axis=1)
     ylim = (100 * float(lows.min()) - 1, max(100 * float(highs.max()), 0) + 1)
     summary["figure_ylim_points"] = list(ylim)
-    for pair in PAIRS:
-        g = all_gains[pair.name]
+    for name, pair, family in units:
+        g = all_gains[name]
         for setting, stem in (("p selected on val", ""), ("p = 0.5", "_uniform")):
             sub = g[g["setting"] == setting]
             if not len(sub):
@@ -161,12 +165,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             fig = _figures.gain_vs_params(
                 sub,
                 weight_col=f"weights.{pair.tasks[0]}",
-                fit=summary["pairs"][pair.name][f"ols ({setting})"],
+                fit=summary["pairs"][name][f"ols ({setting})"],
                 ylim=ylim,
-                title=f"{pair.name} ({pair.kind}), MLP: joint - single-task test accuracy at "
-                f"{setting} (p of '{pair.tasks[0]}' written by each point); 95 % seed intervals",
+                title=f"{pair.name} ({pair.kind}), {family.upper()}: joint - single-task test "
+                f"accuracy at {setting} (p of '{pair.tasks[0]}' written by each point); "
+                "95 % seed intervals",
             )
-            save_figure(fig, args.figures / f"capacity_{pair.name}{stem}.png")
+            save_figure(fig, args.figures / f"capacity_{name}{stem}.png")
     write_json(summary, args.figures / "capacity.json")
     return summary
 

@@ -25,7 +25,7 @@ import pandas as pd
 
 from analyses import _figures
 from analyses._common import (
-    PAIRS,
+    QUICK,
     Pair,
     Preset,
     base_train,
@@ -34,16 +34,23 @@ from analyses._common import (
     parse_args,
     run_study,
     save_figure,
+    study_pairs,
+    sweep_units,
     write_json,
 )
 from analyses.optimal_weight import weight_cells
 from gradlens import load_run, plots, stats
 
-__all__ = ["across_runs", "main", "within_runs"]
+__all__ = ["across_runs", "long_size", "main", "within_runs"]
+
+
+def long_size(pre: Preset) -> tuple[float, int]:
+    """Width and depth of the MLP of the long runs (tiny in the quick presets)."""
+    return (0.125, 1) if pre.name in QUICK else (0.5, 2)
 
 
 def _long_runs(pair: Pair, pre: Preset, runs: Path, workers: int) -> Path:
-    quick = pre.name == "quick"
+    width, depth = long_size(pre)
     train = {
         **base_train(pair.dataset, pair.options(pre), pre.conflict_epochs),
         "tasks": list(pair.tasks),
@@ -51,8 +58,8 @@ def _long_runs(pair: Pair, pre: Preset, runs: Path, workers: int) -> Path:
     }
     sweep = {
         "p": [0.5],
-        "sizes": [{"width": 0.125 if quick else 0.5, "depth": 1 if quick else 2}],
-        "seeds": list(range(2 if quick else 3)),
+        "sizes": [{"width": width, "depth": depth}],
+        "seeds": list(range(pre.conflict_seeds)),
     }
     out = runs / f"conflict-{pair.name}"
     run_study({"train": train, "sweep": sweep}, out, workers)
@@ -132,20 +139,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train the long runs, resume the sweeps, compute both analyses, write figures and JSON."""
     args = parse_args(__doc__.splitlines()[0], argv)
     pre = args.preset
-    n_boot = 200 if pre.name == "quick" else 2000
+    n_boot = 200 if pre.name in QUICK else 2000
     summary: dict[str, Any] = {"preset": pre.__dict__, "pairs": {}}
     epochs = {}
-    for pair in PAIRS:
+    for pair in study_pairs(pre):
         long_dir = _long_runs(pair, pre, args.runs, args.workers)
         w = within_runs([d for d in long_dir.iterdir() if d.is_dir()], n_boot)
         epochs[pair.name] = w.pop("epochs")
-        tables = load_tables(pair_sweep(pair, pre, args.runs, args.workers))
-        wcol = f"weights.{pair.tasks[0]}"
-        assoc = across_runs(tables["test"], wcol, n_boot)
-        summary["pairs"][pair.name] = {"kind": pair.kind, "within": w, "across": assoc}
+        summary["pairs"][pair.name] = {"kind": pair.kind, "within": w}
         first = sorted(d for d in long_dir.iterdir() if d.is_dir())[0]
         fig = plots.conflict_timeline(load_run(first), title=f"{pair.name}: {first.name}")
         save_figure(fig, args.figures / f"conflict_timeline_{pair.name}.png")
+    for name, pair, family in sweep_units(pre):
+        tables = load_tables(pair_sweep(pair, pre, args.runs, args.workers, family))
+        wcol = f"weights.{pair.tasks[0]}"
+        assoc = across_runs(tables["test"], wcol, n_boot)
+        # the MLP sweep keeps the key "across"; other families add "across (<family>)"
+        key = "across" if family == "mlp" else f"across ({family})"
+        summary["pairs"][pair.name][key] = assoc
         joint = tables["test"][tables["test"]["n_tasks"] == 2]
         for col, stem, ylabel, scale in (
             ("conflict_freq.mean", "conflict", "share of probes with cos < 0", 1.0),
@@ -158,9 +169,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 xlabel=_figures.weight_label(wcol, pair.kind),
                 ylabel=ylabel,
                 scale=scale,
-                title=f"{pair.name} ({pair.kind}), MLP, joint runs: {ylabel} against the weight",
+                title=f"{pair.name} ({pair.kind}), {family.upper()}, joint runs: {ylabel} against "
+                "the weight",
             )
-            save_figure(fig, args.figures / f"weight_vs_{stem}_{pair.name}.png")
+            save_figure(fig, args.figures / f"weight_vs_{stem}_{name}.png")
     save_figure(_scatter(epochs), args.figures / "conflict_vs_accuracy_epochs.png")
     write_json(summary, args.figures / "conflict.json")
     return summary

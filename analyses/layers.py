@@ -20,8 +20,15 @@ import numpy as np
 import pandas as pd
 
 from analyses import _figures
-from analyses._common import PAIRS, load_tables, pair_sweep, parse_args, save_figure, write_json
-from analyses.conflict import _long_runs
+from analyses._common import (
+    load_tables,
+    pair_sweep,
+    parse_args,
+    save_figure,
+    study_pairs,
+    write_json,
+)
+from analyses.conflict import _long_runs, long_size
 from gradlens import load_run, stats
 
 __all__ = ["layer_epochs", "layer_profile", "main"]
@@ -82,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(__doc__.splitlines()[0], argv)
     pre = args.preset
     summary: dict[str, Any] = {"preset": pre.__dict__, "pairs": {}}
-    for pair in PAIRS:
+    width, depth = long_size(pre)
+    for pair in study_pairs(pre):
         long_dir = _long_runs(pair, pre, args.runs, args.workers)
         ep = pd.concat(
             [layer_epochs(d) for d in sorted(long_dir.iterdir()) if d.is_dir()], ignore_index=True
@@ -106,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         fig = _figures.layer_conflict(
             ep.dropna(subset=["cosine"]),
-            title=f"{pair.name} ({pair.kind}), MLP width 0.5 depth 2, p = 0.5: per-layer "
-            f"gradient cosine over training ({ep['run'].nunique()} runs)",
+            title=f"{pair.name} ({pair.kind}), MLP width {width:g} depth {depth}, p = 0.5: "
+            f"per-layer gradient cosine over training ({ep['run'].nunique()} runs)",
         )
         save_figure(fig, args.figures / f"layer_conflict_{pair.name}.png")
     write_json(summary, args.figures / "layers.json")

@@ -17,7 +17,15 @@ import numpy as np
 import pandas as pd
 
 from analyses import _figures
-from analyses._common import PAIRS, load_tables, pair_sweep, parse_args, save_figure, write_json
+from analyses._common import (
+    QUICK,
+    load_tables,
+    pair_sweep,
+    parse_args,
+    save_figure,
+    sweep_units,
+    write_json,
+)
 from gradlens import stats
 
 __all__ = ["main", "optimum", "weight_cells"]
@@ -73,27 +81,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Resume the sweeps, estimate ``p*`` per size, write figures and JSON; return the summary."""
     args = parse_args(__doc__.splitlines()[0], argv)
     pre = args.preset
-    n_boot = 200 if pre.name == "quick" else 2000
+    n_boot = 200 if pre.name in QUICK else 2000
     summary: dict[str, Any] = {"preset": pre.__dict__, "pairs": {}}
-    for pair in PAIRS:
-        tables = load_tables(pair_sweep(pair, pre, args.runs, args.workers))
+    for name, pair, family in sweep_units(pre):
+        tables = load_tables(pair_sweep(pair, pre, args.runs, args.workers, family))
         wcol = f"weights.{pair.tasks[0]}"
         res = {split: optimum(tables[split], wcol, n_boot) for split in ("val", "test")}
-        summary["pairs"][pair.name] = {"kind": pair.kind, "weight": wcol, **res}
+        summary["pairs"][name] = {
+            "pair": pair.name,
+            "family": family,
+            "kind": pair.kind,
+            "weight": wcol,
+            **res,
+        }
         joint = tables["val"][tables["val"]["n_tasks"] == 2]
         cells = weight_cells(joint, wcol, "accuracy.mean")
         opt = res["val"]["quadratic"]["per_size"][["model.n_params", "p_star", "ci_low", "ci_high"]]
         grid = res["val"]["grid"]["per_size"][["model.n_params", "p_star"]]
         opt = opt.merge(grid.rename(columns={"p_star": "best_p"}), on="model.n_params")
-        summary["pairs"][pair.name]["figure_cells"] = cells
+        summary["pairs"][name]["figure_cells"] = cells
         fig = _figures.accuracy_vs_weight(
             cells,
             opt,
             weight_col=wcol,
             xlabel=_figures.weight_label(wcol, pair.kind),
-            title=f"{pair.name} ({pair.kind}), MLP: validation accuracy against the weight",
+            title=f"{pair.name} ({pair.kind}), {family.upper()}: validation accuracy against the "
+            "weight",
         )
-        save_figure(fig, args.figures / f"optimal_weight_{pair.name}.png")
+        save_figure(fig, args.figures / f"optimal_weight_{name}.png")
     write_json(summary, args.figures / "optimal_weight.json")
     return summary
 

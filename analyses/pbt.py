@@ -35,6 +35,7 @@ import pandas as pd
 
 from analyses import _figures
 from analyses._common import (
+    QUICK,
     Preset,
     Timer,
     base_train,
@@ -56,7 +57,7 @@ EQUIVALENCE_MARGIN = 0.005
 
 def _train(pre: Preset) -> dict[str, Any]:
     tasks = list(DIGIT_ATTRIBUTES)[: pre.attribute_tasks]
-    quick = pre.name == "quick"
+    quick = pre.name in QUICK
     return {
         **base_train("digit_attributes", {"tasks": tasks}, pre.pbt_epochs),
         "width": 0.125 if quick else 0.5,
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = _train(pre)
     root = args.runs / "pbt"
     n = pre.pbt_population
-    seeds = [0] if pre.name == "quick" else [0, 1, 2]
+    seeds = list(range(pre.uniform_seeds))
     with Timer() as t_uni:
         uniform = _uniform(base, seeds, root, args.workers)
     reps = pre.pbt_replicates
@@ -206,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "pbt": {
                     "population": n,
                     "epochs": pre.pbt_epochs,
-                    "interval_epochs": 1 if pre.name == "quick" else 2,
+                    "interval_epochs": 1 if pre.name in QUICK else 2,
                     "quantile": 0.25,
                     "metric": "accuracy",
                     "seed": r,

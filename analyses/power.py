@@ -272,8 +272,12 @@ def noise_levels(figures: Path) -> dict[str, Any]:
       (``half / 1.96 * sqrt(3) / sqrt(2/3)``: a bootstrap over 3 seeds is too narrow by about
       ``sqrt(2/3)``), median over cells;
     - ``sd_size_gain``: SD of the cell gains around their OLS line on ``log10(parameters)``;
-    - ``sd_pstar``: median half-width / 1.96 of the per-size quadratic ``p*`` intervals;
+    - ``sd_pstar``: the larger of the median half-width / 1.96 of the per-size quadratic ``p*``
+      intervals and the SD of the per-size ``p*`` around their OLS line on ``log10(parameters)``
+      (which holds the depth effect seen on DomainDigits);
     - ``sd_replicate``: SD of the PBT arms' replicate accuracies (pooled over arms).
+
+    Each is the larger of the two pairs' values (the conservative choice for a new dataset).
     """
     cap = json.loads((figures / "capacity.json").read_text())
     opt = json.loads((figures / "optimal_weight.json").read_text())
@@ -289,7 +293,11 @@ def noise_levels(figures: Path) -> dict[str, Any]:
         coef = np.polyfit(x, y, 1)
         s_size = float(np.std(y - np.polyval(coef, x), ddof=2))
         ps = opt["pairs"][name]["val"]["quadratic"]["per_size"]
-        s_p = float(np.median([(r["ci_high"] - r["ci_low"]) / 2 / 1.96 for r in ps]))
+        s_ci = float(np.median([(r["ci_high"] - r["ci_low"]) / 2 / 1.96 for r in ps]))
+        xp = np.log10([r["model.n_params"] for r in ps])
+        yp = np.array([r["p_star"] for r in ps])
+        s_line = float(np.std(yp - np.polyval(np.polyfit(xp, yp, 1), xp), ddof=2))
+        s_p = max(s_ci, s_line)
         out["per_pair"][name] = {"sd_seed_gain": s_seed, "sd_size_gain": s_size, "sd_pstar": s_p}
         seed_sd.append(s_seed)
         size_sd.append(s_size)
@@ -299,9 +307,9 @@ def noise_levels(figures: Path) -> dict[str, Any]:
         sum(((r - r.mean()) ** 2).sum() for r in reps) / sum(len(r) - 1 for r in reps)
     )
     out.update(
-        sd_seed_gain=float(np.mean(seed_sd)),
-        sd_size_gain=float(np.mean(size_sd)),
-        sd_pstar=float(np.mean(pstar_sd)),
+        sd_seed_gain=float(np.max(seed_sd)),
+        sd_size_gain=float(np.max(size_sd)),
+        sd_pstar=float(np.max(pstar_sd)),
         sd_replicate=pooled,
         # a paired difference of two arms that share nothing but the data: sqrt(2) x the SD
         sd_diff_unpaired=pooled * math.sqrt(2),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ from analyses import (
     optimal_weight,
     pbt,
     power,
+    reanalyse,
     timing,
 )
 
@@ -183,6 +185,9 @@ def test_capacity_quick(quick_dirs: tuple[Path, Path]) -> None:
         _png_ok(quick_dirs[1] / f"capacity_{name}_uniform.png")
     data = json.loads((quick_dirs[1] / "capacity.json").read_text())
     assert data["preset"]["name"] == "quick"
+    assert data["pairs"]["multidigits"]["ols (p selected on val)"] is None  # one size in quick
+    lo, hi = data["figure_ylim_points"]
+    assert lo < 0 < hi
 
 
 @pytest.mark.slow
@@ -208,7 +213,10 @@ def test_conflict_quick(quick_dirs: tuple[Path, Path]) -> None:
         assert math.isnan(r) or -1 <= r <= 1
         assoc = s["pairs"][name]["across"]
         assert {"p_value", "p_adjusted", "estimate"} <= set(assoc.columns)
+        assert {"estimate", "p_value"} <= set(w["per_run"][0]["cosine"])
         _png_ok(quick_dirs[1] / f"conflict_timeline_{name}.png")
+        for stem in ("conflict", "cosine", "test_accuracy"):
+            _png_ok(quick_dirs[1] / f"weight_vs_{stem}_{name}.png")
     _png_ok(quick_dirs[1] / "conflict_vs_accuracy_epochs.png")
 
 
@@ -224,7 +232,13 @@ def test_pbt_quick(quick_dirs: tuple[Path, Path]) -> None:
         assert 0 <= s[arm]["test_mean"] <= 1
     d = s["differences"]["pbt - uniform"]
     assert d["difference"] == pytest.approx(s["pbt"]["test_mean"] - s["uniform"]["test_mean"])
+    best = s["uniform_best_of_n"]["per_replicate"][0]
+    assert len(best["runs"]) == s["population"]  # N uniform seeds: PBT's compute
+    assert best["val"] == pytest.approx(best["runs"]["val"].max())
+    paired = s["differences"]["pbt - uniform_best_of_n"]
+    assert paired["test"] == "paired t"
     _png_ok(quick_dirs[1] / "pbt_schedules.png")
+    _png_ok(quick_dirs[1] / "pbt_result.png")
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,6 +406,30 @@ def test_figures_render(tmp_path: Path) -> None:
     )
 
 
+def test_fisher_pool_and_reanalysis(tmp_path: Path) -> None:
+    from scipy import stats as st
+
+    r, n = [0.1, 0.4, -0.2], [30, 30, 30]
+    p = reanalyse.fisher_pool(r, n)
+    z = np.arctanh(r)
+    assert p["estimate"] == pytest.approx(math.tanh(z.mean()))  # equal n: the mean z
+    se = 1 / math.sqrt(3 * 27)
+    assert p["ci_high"] == pytest.approx(math.tanh(z.mean() + st.norm.ppf(0.975) * se))
+    lo, hi = st.t.interval(0.95, 2, loc=z.mean(), scale=st.sem(z))
+    assert p["random_effects_low"] == pytest.approx(math.tanh(lo))
+    assert p["random_effects_high"] == pytest.approx(math.tanh(hi))
+    s = reanalyse.main(["--out", str(tmp_path)])
+    pooled = s["finding2_within_pooled"]["domain_digits"]["pooled_fisher_z_n_eff"]
+    assert -1 < pooled["ci_low"] < pooled["estimate"] < pooled["ci_high"] < 1
+    d = s["pbt_differences"]["pbt - uniform (Welch)"]
+    lo90, hi90 = d["ci90_points"]
+    assert d["ci95_points"][0] < lo90 < d["difference_points"] < hi90 < d["ci95_points"][1]
+    assert d["equivalence_margin_supported_points"] == pytest.approx(max(-lo90, hi90))
+    assert json.loads((tmp_path / "reanalysis.json").read_text()) == json.loads(
+        json.dumps(s, default=float)
+    )
+
+
 @pytest.mark.slow
 def test_power_quick(tmp_path: Path) -> None:
     res = power.main(["--quick", "--figures", str(tmp_path)])
@@ -425,3 +463,57 @@ def test_layers_quick(quick_dirs: tuple[Path, Path]) -> None:
         assert ((c >= -1) & (c <= 1)).all()
         _png_ok(quick_dirs[1] / f"layer_conflict_{name}.png")
     assert (quick_dirs[1] / "layers.json").exists()
+
+
+@pytest.mark.parametrize(
+    "module", [_common, _design, _figures, capacity, optimal_weight, pbt, power, reanalyse]
+)
+def test_doc_examples(module: ModuleType) -> None:
+    import doctest
+
+    res = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert res.failed == 0
+
+
+def test_study_presets_and_flags(tmp_path: Path) -> None:
+    args = _common.parse_args("x", ["--study", "--priority", "2"])
+    assert args.preset.study
+    assert args.preset.max_priority == 2
+    assert args.figures == _common.FIGURES / "study"  # beside, not over, the small run
+    assert [p.name for p in _common.study_pairs(args.preset)] == [
+        "multimnist",
+        "multimnist_agree",
+        "multimnist_apart",
+        "digit_sources",
+    ]
+    assert args.preset.seeds == _design.STUDY.seeds
+    assert args.preset.early_stopping == _design.STUDY.patience
+    q = _common.parse_args("x", ["--study-quick", "--runs", str(tmp_path)])
+    assert q.preset.name == "study-quick"
+    assert q.figures == tmp_path / "figures"
+    assert q.workers == 1
+    mm = _common.study_pairs(q.preset)[0]
+    assert mm.options(q.preset) == {"n": 64, "image_size": 16}
+    assert _common.study_pairs(args.preset)[0].options(args.preset)["n"] == 2000
+    with pytest.raises(SystemExit):
+        _common.parse_args("x", ["--study", "--quick"])
+
+
+@pytest.mark.slow
+def test_study_quick_capacity_and_optimal_weight(tmp_path: Path) -> None:
+    """The study's path: MultiMNIST and DigitSources, MLP and ResNet, early stopping."""
+    argv = ["--study-quick", "--runs", str(tmp_path / "runs")]
+    s = capacity.main(argv)
+    assert set(s["pairs"]) == {
+        "multimnist",
+        "multimnist-resnet",
+        "digit_sources",
+        "digit_sources-resnet",
+    }
+    assert s["pairs"]["multimnist-resnet"]["family"] == "resnet"
+    for name in s["pairs"]:
+        _png_ok(tmp_path / "runs" / "figures" / f"capacity_{name}.png")
+    o = optimal_weight.main(argv)
+    assert set(o["pairs"]) == set(s["pairs"])
+    t = _common.load_tables(tmp_path / "runs" / "sweep-multimnist-resnet")["test"]
+    assert set(t["model.family"]) == {"resnet"}
