@@ -26,6 +26,7 @@ __all__ = [
     "Study",
     "StudyPair",
     "budget",
+    "plan",
 ]
 
 #: (width, depth) per family: 6 sizes, about 3k-3M parameters on a 16x16 input (2.6-3 decades).
@@ -145,3 +146,67 @@ def budget(
         "total": float(sum(per_family.values())),
         "budget": study.cpu_seconds,
     }
+
+
+def plan(
+    per_epoch: Mapping[tuple[str, float, int], float],
+    fixed: Mapping[tuple[str, float, int], float],
+    study: Study = STUDY,
+) -> dict[str, Any]:
+    """What fits the CPU budget, in priority order, from measured per-epoch and fixed CPU seconds.
+
+    Parts, in the order they are kept: the MLP capacity sweeps of the priority-1 pairs; the
+    conflict runs (``conflict_runs`` MLP width 0.5 depth 2 runs of ``max_epochs`` per pair);
+    the many-task arms (per replicate: PBT, random static and best-of-N uniform, ``population``
+    trainings each, plus one uniform and one per MTO arm, ``pbt_epochs`` each, on the MLP width
+    0.5 depth 2); then each ResNet and ViT size (smallest first) on the priority-1 pairs; then
+    the MLP sweeps of the priority-2 and priority-3 pairs. A part is kept while the running total
+    stays within ``study.cpu_seconds``; the rest is listed as cut. The measured costs are those
+    of the 16x16 MultiMNIST pair, an upper bound for the 8x8 pairs (fewer pixels, at most as
+    many samples).
+
+    Example:
+        >>> pe = {("mlp", 0.5, 2): 0.1, ("resnet", 0.25, 1): 100.0}
+        >>> fx = {k: 0.0 for k in pe}
+        >>> p = plan(pe, fx, Study(families=("mlp", "resnet"), cpu_seconds=1000.0))
+        >>> [k["part"] for k in p["kept"]][:2], [k["part"] for k in p["cut"]][:1]
+        (['MLP sweeps, priority-1 pairs', 'conflict runs'], ['resnet width 0.25 depth 1'])
+    """
+
+    def run(key: tuple[str, float, int], epochs: float) -> float:
+        return fixed[key] + epochs * per_epoch[key]
+
+    cell = (len(study.p) + 2) * len(study.seeds)
+    p1 = sum(1 for sp in STUDY_PAIRS if sp.priority == 1)
+    mlp = [k for k in per_epoch if k[0] == "mlp"]
+    parts: list[tuple[str, float]] = [
+        (
+            "MLP sweeps, priority-1 pairs",
+            p1 * cell * sum(run(k, study.expected_epochs) for k in mlp),
+        )
+    ]
+    mid = ("mlp", 0.5, 2)
+    parts.append(("conflict runs", p1 * study.conflict_runs * run(mid, study.max_epochs)))
+    per_rep = 3 * study.pbt_population + 1 + len(MTO_ARMS)
+    parts.append(("many-task arms", study.pbt_replicates * per_rep * run(mid, study.pbt_epochs)))
+    for fam in study.families:
+        if fam == "mlp":
+            continue
+        for k in sorted((k for k in per_epoch if k[0] == fam), key=lambda k: per_epoch[k]):
+            parts.append(
+                (f"{fam} width {k[1]:g} depth {k[2]}", p1 * cell * run(k, study.expected_epochs))
+            )
+    for prio in (2, 3):
+        n = sum(1 for sp in STUDY_PAIRS if sp.priority == prio)
+        parts.append(
+            (f"MLP sweeps, priority-{prio} pairs ({n})",
+             n * cell * sum(run(k, study.expected_epochs) for k in mlp))
+        )  # fmt: skip
+    kept, cut, total = [], [], 0.0
+    for name, cost in parts:
+        if total + cost <= study.cpu_seconds:
+            kept.append({"part": name, "cpu_seconds": cost})
+            total += cost
+        else:
+            cut.append({"part": name, "cpu_seconds": cost})
+    return {"kept": kept, "cut": cut, "total_kept": total, "budget": study.cpu_seconds}

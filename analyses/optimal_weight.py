@@ -3,7 +3,9 @@
 Reads the same sweeps as ``analyses.capacity`` (running or resuming them if needed): per model size
 ``p*`` of the first task's weight (first domain's sampling probability) on the validation split,
 with the grid and the quadratic estimators of ``stats.optimal_weight`` and their seed-bootstrap
-intervals; then ``stats.optimal_weight_trend``: the slope of ``p*`` on ``log10(parameters)``.
+intervals; then ``stats.optimal_weight_trend``: the slope of ``p*`` on ``log10(parameters)``; and
+the cost of transfer: per size, the test accuracy at the smallest model's weight minus that at
+its own (:func:`transfer_cost`).
 
     python -m analyses.optimal_weight [--quick | --full]
 """
@@ -28,7 +30,7 @@ from analyses._common import (
 )
 from gradlens import stats
 
-__all__ = ["main", "optimum", "weight_cells"]
+__all__ = ["main", "optimum", "transfer_cost", "weight_cells"]
 
 
 def optimum(table: pd.DataFrame, weight_col: str, n_boot: int) -> dict[str, Any]:
@@ -77,6 +79,59 @@ def weight_cells(joint: pd.DataFrame, weight_col: str, value: str) -> pd.DataFra
     return out.rename(columns={"count": "n"}).drop(columns="std")
 
 
+def transfer_cost(tables: dict[str, pd.DataFrame], tasks: Sequence[str]) -> pd.DataFrame:
+    """Per size, the test accuracy lost by using the smallest model's weight instead of its own.
+
+    Each size's weight and the smallest size's weight are the grid points with the best mean
+    validation accuracy (:func:`analyses.capacity.select_weights`); the cost is the test
+    ``accuracy.mean`` at the smallest model's weight minus that at the size's own, paired by seed,
+    with a t-interval over seeds (None with one seed). Negative: transferring costs accuracy.
+
+    Example:
+        >>> t = pd.DataFrame({"model.width": [1, 1, 1, 1, 2, 2, 2, 2], "model.depth": 1,
+        ...     "model.n_params": [10] * 4 + [20] * 4, "n_tasks": 2, "seed": [0, 1] * 4,
+        ...     "weights.a": [0.2, 0.2, 0.8, 0.8] * 2,
+        ...     "accuracy.mean": [0.9, 0.9, 0.5, 0.5, 0.6, 0.6, 0.8, 0.8]})
+        >>> transfer_cost({"val": t, "test": t}, ["a", "b"])["cost"].round(6).tolist()
+        [0.0, -0.2]
+    """
+    from scipy import stats as st
+
+    from analyses.capacity import SIZE, select_weights
+
+    w = f"weights.{tasks[0]}"
+    own = select_weights(tables["val"], tasks)
+    sizes = tables["val"][[*SIZE, "model.n_params"]].drop_duplicates(SIZE)
+    own = own.merge(sizes, on=SIZE)
+    p_small = float(own.loc[own["model.n_params"].idxmin(), w])
+    test = tables["test"][tables["test"]["n_tasks"] == len(tasks)]
+    rows = []
+    for _, r in own.iterrows():
+        at = test[
+            (test["model.width"] == r["model.width"]) & (test["model.depth"] == r["model.depth"])
+        ]
+        a = at[np.isclose(at[w], p_small)].set_index("seed")["accuracy.mean"]
+        b = at[np.isclose(at[w], r[w])].set_index("seed")["accuracy.mean"]
+        d = (a - b).dropna()
+        half = (
+            float(st.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+            if len(d) > 1
+            else None
+        )
+        rows.append(
+            {
+                "model.n_params": int(r["model.n_params"]),
+                "own_p": float(r[w]),
+                "small_p": p_small,
+                "cost": float(d.mean()),
+                "ci_low": None if half is None else float(d.mean()) - half,
+                "ci_high": None if half is None else float(d.mean()) + half,
+                "n_seeds": len(d),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Resume the sweeps, estimate ``p*`` per size, write figures and JSON; return the summary."""
     args = parse_args(__doc__.splitlines()[0], argv)
@@ -100,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         grid = res["val"]["grid"]["per_size"][["model.n_params", "p_star"]]
         opt = opt.merge(grid.rename(columns={"p_star": "best_p"}), on="model.n_params")
         summary["pairs"][name]["figure_cells"] = cells
+        summary["pairs"][name]["transfer_cost"] = transfer_cost(tables, pair.tasks)
         fig = _figures.accuracy_vs_weight(
             cells,
             opt,

@@ -9,11 +9,13 @@ extrapolates them to the whole study.
 
     python -m analyses.timing            # about 5 min of one core; writes figures/timing.json
     python -m analyses.timing --quick    # two tiny sizes, 64 samples (tests)
+    python -m analyses.timing --replan figures/timing.json   # budget and plan again, no training
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -22,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from analyses._common import FIGURES, ROOT, write_json
-from analyses._design import FAMILY_SIZES, STUDY, STUDY_PAIRS, budget
+from analyses._design import FAMILY_SIZES, STUDY, STUDY_PAIRS, budget, plan
 
-__all__ = ["main", "time_training"]
+__all__ = ["main", "replan", "time_training"]
 
 
 def time_training(cfg: dict[str, Any], epochs: int) -> dict[str, float]:
@@ -50,8 +52,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two tiny sizes, 64 samples")
     ap.add_argument("--out", type=Path, default=None, help="folder of timing.json")
+    ap.add_argument(
+        "--replan", type=Path, default=None, help="recompute budget and plan of this timing.json"
+    )
     args = ap.parse_args(argv)
     out = args.out or (ROOT / "runs" / "analyses-quick" / "figures" if args.quick else FIGURES)
+    if args.replan is not None:
+        return replan(args.replan, out)
     torch.set_num_threads(1)
     pair = STUDY_PAIRS[0]
     options = {**pair.options, "n": 64} if args.quick else dict(pair.options)
@@ -106,7 +113,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "load_average": os.getloadavg(),
         "sizes": rows,
         "budget_one_pair": budget(per_epoch, fixed),
+        "plan": plan(per_epoch, fixed) if ("mlp", 0.5, 2) in per_epoch else None,
     }
+    write_json(summary, out / "timing.json")
+    return summary
+
+
+def replan(path: Path, out: Path) -> dict[str, Any]:
+    """Recompute ``budget_one_pair`` and ``plan`` of a ``timing.json`` (no training)."""
+    summary = json.loads(path.read_text())
+    keys = [(r["family"], r["width"], r["depth"]) for r in summary["sizes"]]
+    per_epoch = {k: r["cpu_per_epoch"] for k, r in zip(keys, summary["sizes"])}
+    fixed = {k: r["cpu_fixed"] for k, r in zip(keys, summary["sizes"])}
+    summary["budget_one_pair"] = budget(per_epoch, fixed)
+    summary["plan"] = plan(per_epoch, fixed) if ("mlp", 0.5, 2) in per_epoch else None
     write_json(summary, out / "timing.json")
     return summary
 

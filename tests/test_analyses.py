@@ -200,6 +200,8 @@ def test_optimal_weight_quick(quick_dirs: tuple[Path, Path]) -> None:
         assert min(pre.p) <= row["p_star"] <= max(pre.p)
         assert row["n_runs"] == len(pre.p) * len(pre.seeds)
         _png_ok(quick_dirs[1] / f"optimal_weight_{name}.png")
+        cost = s["pairs"][name]["transfer_cost"]
+        assert cost["cost"].tolist() == [0.0]  # one size: its own weight is the smallest's
     assert (quick_dirs[1] / "optimal_weight.json").exists()
 
 
@@ -451,6 +453,9 @@ def test_timing_quick(tmp_path: Path) -> None:
         assert r["cpu_fixed"] >= 0
     assert set(s["budget_one_pair"]["per_family"]) == {"mlp", "resnet"}
     assert json.loads((tmp_path / "timing.json").read_text())["quick"] is True
+    # replanning reads the measurements back and recomputes the same budget
+    again = timing.main(["--replan", str(tmp_path / "timing.json"), "--out", str(tmp_path / "b")])
+    assert again["budget_one_pair"]["total"] == pytest.approx(s["budget_one_pair"]["total"])
 
 
 @pytest.mark.slow
