@@ -23,6 +23,7 @@ __all__ = [
     "accuracy_vs_weight",
     "gain_vs_params",
     "layer_conflict",
+    "layer_depth",
     "params_label",
     "pbt_result",
     "pbt_schedules",
@@ -374,4 +375,34 @@ def layer_conflict(table: pd.DataFrame, *, title: str) -> Any:
     a2.set_xlabel("mean over epochs (bars: range over runs)")
     a2.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def layer_depth(by_depth: pd.DataFrame, *, title: str) -> Any:
+    """Mean cosine per layer position (input to output), one line per depth, +-1 SE over runs.
+
+    ``by_depth``: ``model.depth``, ``position`` (0 = the input layer), ``mean``, ``std``, ``count``.
+    """
+    fig = _figure(6.5, 4.0)
+    ax = fig.subplots()
+    for k, (d, s) in enumerate(by_depth.groupby("model.depth")):
+        s = s.sort_values("position")
+        se = (s["std"] / np.sqrt(s["count"])).fillna(0.0)
+        ax.errorbar(
+            s["position"],
+            s["mean"],
+            yerr=se,
+            marker=_DEPTH_MARKERS[k % 7],
+            capsize=3,
+            label=f"depth {d}",
+        )
+    ax.axhline(0, color="0.4", lw=0.8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer position (0 = first layer of the trunk)")
+    ax.set_ylabel("mean gradient cosine over the run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(_wrap(title, 80), fontsize=10)
     return fig

@@ -118,6 +118,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"per-layer gradient cosine over training ({ep['run'].nunique()} runs)",
         )
         save_figure(fig, args.figures / f"layer_conflict_{pair.name}.png")
+        if len(by_depth):
+            fig = _figures.layer_depth(
+                by_depth,
+                title=f"{pair.name}: per-layer mean cosine by depth, joint runs at p = 0.5 "
+                "(all widths and seeds; +-1 SE)",
+            )
+            save_figure(fig, args.figures / f"layer_depth_{pair.name}.png")
     write_json(summary, args.figures / "layers.json")
     return summary
 

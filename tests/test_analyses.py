@@ -400,6 +400,11 @@ def test_figures_render(tmp_path: Path) -> None:
          "run": "r0"}
     )  # fmt: skip
     figs["layers"] = _figures.layer_conflict(layers, title="planted")
+    by_depth = pd.DataFrame(
+        {"model.depth": [1, 2, 2], "position": [0, 0, 1], "mean": [0.1, 0.05, -0.1],
+         "std": [0.02, 0.03, 0.04], "count": [3, 3, 3]}
+    )  # fmt: skip
+    figs["layer_depth"] = _figures.layer_depth(by_depth, title="planted")
     for name, fig in figs.items():
         _png_ok(_common.save_figure(fig, tmp_path / f"{name}.png"))
     assert _figures.params_label(1_234_567) == "1.23M"
@@ -467,6 +472,7 @@ def test_layers_quick(quick_dirs: tuple[Path, Path]) -> None:
         c = ep["cosine"].dropna()
         assert ((c >= -1) & (c <= 1)).all()
         _png_ok(quick_dirs[1] / f"layer_conflict_{name}.png")
+        _png_ok(quick_dirs[1] / f"layer_depth_{name}.png")
     assert (quick_dirs[1] / "layers.json").exists()
 
 
