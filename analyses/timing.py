@@ -9,7 +9,7 @@ extrapolates them to the whole study.
 
     python -m analyses.timing            # about 5 min of one core; writes figures/timing.json
     python -m analyses.timing --quick    # two tiny sizes, 64 samples (tests)
-    python -m analyses.timing --replan figures/timing.json   # budget and plan again, no training
+    python -m analyses.timing --replan A/timing.json B/timing.json   # join, budget, plan
 """
 
 from __future__ import annotations
@@ -53,7 +53,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="two tiny sizes, 64 samples")
     ap.add_argument("--out", type=Path, default=None, help="folder of timing.json")
     ap.add_argument(
-        "--replan", type=Path, default=None, help="recompute budget and plan of this timing.json"
+        "--replan",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="recompute budget and plan from these timing.json files (their rows joined)",
+    )
+    ap.add_argument(
+        "--families", nargs="+", default=None, choices=STUDY.families, help="only these families"
     )
     args = ap.parse_args(argv)
     out = args.out or (ROOT / "runs" / "analyses-quick" / "figures" if args.quick else FIGURES)
@@ -65,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sizes = (
         {"mlp": ((0.125, 1),), "resnet": ((0.25, 1),)}
         if args.quick
-        else {f: FAMILY_SIZES[f] for f in STUDY.families}
+        else {f: FAMILY_SIZES[f] for f in (args.families or STUDY.families)}
     )
     rows, per_epoch, fixed = [], {}, {}
     warm = True  # the first training pays for imports and reading the digits: not timed
@@ -119,9 +126,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-def replan(path: Path, out: Path) -> dict[str, Any]:
-    """Recompute ``budget_one_pair`` and ``plan`` of a ``timing.json`` (no training)."""
-    summary = json.loads(path.read_text())
+def replan(paths: Sequence[Path], out: Path) -> dict[str, Any]:
+    """Recompute ``budget_one_pair`` and ``plan`` from ``timing.json`` files (no training).
+
+    The files' size rows are joined (e.g. one run per family, run side by side); a size measured
+    twice keeps its first row. ``sources`` records the files and their load averages.
+    """
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    summary = dict(parts[0])
+    seen: set[tuple[str, float, int]] = set()
+    rows = []
+    for part in parts:
+        for r in part["sizes"]:
+            key = (r["family"], r["width"], r["depth"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    summary["sizes"] = rows
+    summary["sources"] = [
+        {"file": str(p), "load_average": part.get("load_average")} for p, part in zip(paths, parts)
+    ]
     keys = [(r["family"], r["width"], r["depth"]) for r in summary["sizes"]]
     per_epoch = {k: r["cpu_per_epoch"] for k, r in zip(keys, summary["sizes"])}
     fixed = {k: r["cpu_fixed"] for k, r in zip(keys, summary["sizes"])}

@@ -459,8 +459,11 @@ def test_timing_quick(tmp_path: Path) -> None:
     assert set(s["budget_one_pair"]["per_family"]) == {"mlp", "resnet"}
     assert json.loads((tmp_path / "timing.json").read_text())["quick"] is True
     # replanning reads the measurements back and recomputes the same budget
-    again = timing.main(["--replan", str(tmp_path / "timing.json"), "--out", str(tmp_path / "b")])
+    one = str(tmp_path / "timing.json")
+    again = timing.main(["--replan", one, one, "--out", str(tmp_path / "b")])
     assert again["budget_one_pair"]["total"] == pytest.approx(s["budget_one_pair"]["total"])
+    assert len(again["sizes"]) == len(s["sizes"])  # a size measured twice counts once
+    assert len(again["sources"]) == 2
 
 
 @pytest.mark.slow
