@@ -102,10 +102,10 @@ class Study:
     patience: int = 5
     expected_epochs: float = 15.0  # mean epochs run with early stopping (assumed, see README)
     batch_size: int = 64
-    pbt_replicates: int = 10
+    pbt_replicates: int = 20
     pbt_population: int = 8
     pbt_epochs: int = 12
-    conflict_runs: int = 10
+    conflict_runs: int = 20
     cpu_seconds: float = 2 * 90 * 60.0  # 2 cores for 90 minutes
     families: tuple[str, ...] = ("mlp", "resnet", "vit")
     extra: dict[str, Any] = field(default_factory=dict)

@@ -150,7 +150,7 @@ def accuracy_vs_weight(
     axes = fig.subplots(1, len(depths), sharey=True, squeeze=False)[0]
     lo = 100 * float((cells["mean"] - cells["se"]).min())
     hi = 100 * float((cells["mean"] + cells["se"]).max())
-    span = hi - lo
+    span = max(hi - lo, 1.0)  # flat curves (one seed, tiny data) still get a readable range
     for ax, d in zip(axes, depths):
         sub = cells[cells["model.depth"] == d]
         for k, (n, s) in enumerate(sub.groupby("model.n_params")):

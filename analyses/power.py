@@ -69,22 +69,38 @@ def _t_ppf(q: float, df: np.ndarray | float) -> np.ndarray:
     return np.asarray(st.t.ppf(q, df))
 
 
+def _grid(
+    decades: float, sizes: int, families: int, log_params: Sequence[Sequence[float]] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (log10 parameters, from 0) and the family index of every cell of a design."""
+    if log_params is not None:
+        x = np.concatenate([np.asarray(f, float) - min(f) for f in log_params])
+        fam = np.concatenate([np.full(len(f), k) for k, f in enumerate(log_params)])
+        return x, fam
+    return np.tile(np.linspace(0.0, decades, sizes), families), np.repeat(
+        np.arange(families), sizes
+    )
+
+
 def power_trend(
     *,
     slope: float,
-    decades: float,
-    sizes: int,
-    families: int,
+    decades: float = 0.0,
+    sizes: int = 0,
+    families: int = 1,
     seeds: int,
     sd_seed: float,
     sd_size: float,
     n_sim: int,
     seed: int = 0,
+    log_params: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, float]:
     """Power of the Spearman and the OLS-slope tests of finding 1 (two-sided, 5 %).
 
     ``sd_seed``: SD of one seed's paired gain (joint - single); ``sd_size``: SD of a size's true
-    gain around the line. Both in accuracy points, like ``slope`` (points per decade).
+    gain around the line. Both in accuracy points, like ``slope`` (points per decade). The sizes
+    are ``sizes`` evenly spaced over ``decades`` for each of ``families``, or, with
+    ``log_params``, the given ``log10(parameters)`` of each family.
 
     Example:
         >>> p = power_trend(slope=0.0, decades=2, sizes=6, families=1, seeds=5, sd_seed=1,
@@ -95,8 +111,8 @@ def power_trend(
     from scipy import stats as st
 
     rng = _rng(seed)
-    x = np.tile(np.linspace(0.0, decades, sizes), families)
-    fam = np.repeat(np.arange(families), sizes)
+    x, fam = _grid(decades, sizes, families, log_params)
+    families = int(fam.max()) + 1
     k = len(x)
     noise = rng.normal(0, sd_size, (n_sim, k)) + rng.normal(
         0, sd_seed / math.sqrt(seeds), (n_sim, k)
@@ -210,15 +226,18 @@ def power_across(
 def power_pstar_slope(
     *,
     slope: float,
-    decades: float,
-    sizes: int,
-    families: int,
+    decades: float = 0.0,
+    sizes: int = 0,
+    families: int = 1,
     sd_pstar: float,
     margin: float,
     n_sim: int,
     seed: int = 0,
+    log_params: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, float]:
     """Finding 3: OLS slope of ``p*`` on ``log10(parameters)`` (family intercepts), TOST.
+
+    Sizes as in :func:`power_trend`.
 
     Example:
         >>> p = power_pstar_slope(slope=0.0, decades=3, sizes=6, families=3, sd_pstar=0.05,
@@ -227,8 +246,8 @@ def power_pstar_slope(
         True
     """
     rng = _rng(seed)
-    x = np.tile(np.linspace(0.0, decades, sizes), families)
-    fam = np.repeat(np.arange(families), sizes)
+    x, fam = _grid(decades, sizes, families, log_params)
+    families = int(fam.max()) + 1
     y = slope * x + rng.normal(0, sd_pstar, (n_sim, len(x)))
     xc = x - np.array([x[fam == f].mean() for f in fam])
     ym = np.stack([y[:, fam == f].mean(axis=1) for f in range(families)], axis=1)[:, fam]
@@ -317,13 +336,42 @@ def noise_levels(figures: Path) -> dict[str, Any]:
     return out
 
 
-def run(noise: dict[str, Any], n_sim: int) -> dict[str, Any]:
-    """Every power figure of the README, for the current and the proposed designs."""
+def planned_sizes(timing: dict[str, Any] | None) -> list[list[float]] | None:
+    """``log10(parameters)`` per family of the sizes the budget plan keeps (``timing.json``).
+
+    Example:
+        >>> t = {"sizes": [{"family": "mlp", "width": 1.0, "depth": 1, "n_params": 1000},
+        ...                {"family": "mlp", "width": 2.0, "depth": 1, "n_params": 100000}],
+        ...      "plan": {"kept": [{"part": "MLP sweeps, priority-1 pairs"}]}}
+        >>> planned_sizes(t)
+        [[3.0, 5.0]]
+    """
+    if timing is None or not timing.get("plan"):
+        return None
+    kept = {k["part"] for k in timing["plan"]["kept"]}
+    out: dict[str, list[float]] = {}
+    for r in timing["sizes"]:
+        fam = r["family"]
+        part = f"{fam} width {r['width']:g} depth {r['depth']}"
+        if (fam == "mlp" and "MLP sweeps, priority-1 pairs" in kept) or part in kept:
+            out.setdefault(fam, []).append(math.log10(r["n_params"]))
+    return [sorted(v) for v in out.values() if len(v) >= 2] or None
+
+
+def run(noise: dict[str, Any], n_sim: int, timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every power figure of the README, for the current and the proposed designs.
+
+    With ``timing`` (``timing.json`` holding a budget ``plan``), also the design the budget
+    keeps ("planned within budget"): its families' measured parameter counts.
+    """
     fams = len(STUDY.families)
     sizes = len(next(iter(FAMILY_SIZES.values())))
     res: dict[str, Any] = {"effects": EFFECTS, "noise": noise, "n_sim": n_sim}
+    planned = planned_sizes(timing)
+    if planned is not None:
+        res["planned_log10_params"] = planned
     f1 = {}
-    for label, kw in {
+    designs1: dict[str, dict[str, Any]] = {
         "current (1 family, 9 sizes, 1.7 decades, 3 seeds)": dict(
             decades=1.7, sizes=9, families=1, seeds=3
         ),
@@ -333,7 +381,14 @@ def run(noise: dict[str, Any], n_sim: int) -> dict[str, Any]:
         f"proposed ({fams} families x {sizes} sizes, 2.6 decades, 5 seeds)": dict(
             decades=2.6, sizes=sizes, families=fams, seeds=5
         ),
-    }.items():
+    }
+    if planned is not None:
+        designs1["planned within budget (" + _describe(planned) + ", 5 seeds)"] = dict(
+            log_params=planned, seeds=5
+        )
+        # one slope over the two priority-1 pairs (an intercept per pair and family)
+        designs1["planned, pooled over 2 pairs"] = dict(log_params=planned * 2, seeds=5)
+    for label, kw in designs1.items():
         f1[label] = {
             "power": power_trend(
                 slope=EFFECTS["finding1_slope_points_per_decade"],
@@ -383,6 +438,15 @@ def run(noise: dict[str, Any], n_sim: int) -> dict[str, Any]:
         for cfg, s in ((63, 3), (30, 5), (90, 5))
     }
     m3 = EFFECTS["finding3_equivalence_margin_slope_per_decade"]
+    designs3: dict[str, dict[str, Any]] = {
+        "current (9 sizes, 1.7 decades)": dict(decades=1.7, sizes=9, families=1),
+        f"proposed ({fams} x {sizes} sizes, 2.6 decades)": dict(
+            decades=2.6, sizes=sizes, families=fams
+        ),
+    }
+    if planned is not None:
+        designs3["planned within budget (" + _describe(planned) + ")"] = dict(log_params=planned)
+        designs3["planned, pooled over 2 pairs"] = dict(log_params=planned * 2)
     res["finding3"] = {
         label: {
             "at_slope_0": power_pstar_slope(
@@ -392,12 +456,7 @@ def run(noise: dict[str, Any], n_sim: int) -> dict[str, Any]:
                 slope=m3, sd_pstar=noise["sd_pstar"], margin=m3, n_sim=n_sim, seed=1, **kw
             ),
         }
-        for label, kw in {
-            "current (9 sizes, 1.7 decades)": dict(decades=1.7, sizes=9, families=1),
-            f"proposed ({fams} x {sizes} sizes, 2.6 decades)": dict(
-                decades=2.6, sizes=sizes, families=fams
-            ),
-        }.items()
+        for label, kw in designs3.items()
     }
     pe, pm = EFFECTS["pbt_effect_points"], EFFECTS["pbt_equivalence_margin_points"]
     res["pbt"] = {
@@ -411,6 +470,10 @@ def run(noise: dict[str, Any], n_sim: int) -> dict[str, Any]:
         )
     }
     return res
+
+
+def _describe(planned: Sequence[Sequence[float]]) -> str:
+    return " + ".join(f"{len(f)} sizes over {max(f) - min(f):.1f} decades" for f in planned)
 
 
 def _figure(res: dict[str, Any]) -> Any:
@@ -462,7 +525,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--figures", type=Path, default=None, help="where power.json/png go")
     args = ap.parse_args(argv)
     out = args.figures or (ROOT / "runs" / "analyses-quick" / "figures" if args.quick else FIGURES)
-    res = run(noise_levels(FIGURES), 200 if args.quick else 4000)
+    tpath = FIGURES / "timing.json"
+    timing = json.loads(tpath.read_text()) if tpath.exists() else None
+    res = run(noise_levels(FIGURES), 200 if args.quick else 4000, timing)
     res["quick"] = args.quick
     write_json(res, out / "power.json")
     save_figure(_figure(res), out / "power.png")

@@ -130,19 +130,23 @@ def replan(paths: Sequence[Path], out: Path) -> dict[str, Any]:
     """Recompute ``budget_one_pair`` and ``plan`` from ``timing.json`` files (no training).
 
     The files' size rows are joined (e.g. one run per family, run side by side); a size measured
-    twice keeps its first row. ``sources`` records the files and their load averages.
+    twice keeps its first row (the others go to ``repeats``). ``sources`` records the files and
+    their load averages.
     """
     parts = [json.loads(Path(p).read_text()) for p in paths]
     summary = dict(parts[0])
     seen: set[tuple[str, float, int]] = set()
-    rows = []
+    rows, repeats = [], []
     for part in parts:
         for r in part["sizes"]:
             key = (r["family"], r["width"], r["depth"])
             if key not in seen:
                 seen.add(key)
                 rows.append(r)
+            else:
+                repeats.append(r)
     summary["sizes"] = rows
+    summary["repeats"] = repeats  # sizes measured again: how repeatable the CPU times are
     summary["sources"] = [
         {"file": str(p), "load_average": part.get("load_average")} for p, part in zip(paths, parts)
     ]

@@ -463,6 +463,7 @@ def test_timing_quick(tmp_path: Path) -> None:
     again = timing.main(["--replan", one, one, "--out", str(tmp_path / "b")])
     assert again["budget_one_pair"]["total"] == pytest.approx(s["budget_one_pair"]["total"])
     assert len(again["sizes"]) == len(s["sizes"])  # a size measured twice counts once
+    assert len(again["repeats"]) == len(s["sizes"])
     assert len(again["sources"]) == 2
 
 
