@@ -523,11 +523,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="200 simulations per cell")
     ap.add_argument("--figures", type=Path, default=None, help="where power.json/png go")
+    ap.add_argument(
+        "--noise-from",
+        type=Path,
+        default=FIGURES,
+        help="folder of the capacity/optimal_weight/pbt JSON the noise levels are read from "
+        "(e.g. figures/study once its first sweeps are done)",
+    )
     args = ap.parse_args(argv)
     out = args.figures or (ROOT / "runs" / "analyses-quick" / "figures" if args.quick else FIGURES)
     tpath = FIGURES / "timing.json"
     timing = json.loads(tpath.read_text()) if tpath.exists() else None
-    res = run(noise_levels(FIGURES), 200 if args.quick else 4000, timing)
+    res = run(noise_levels(args.noise_from), 200 if args.quick else 4000, timing)
+    res["noise_from"] = str(args.noise_from)
     res["quick"] = args.quick
     write_json(res, out / "power.json")
     save_figure(_figure(res), out / "power.png")
