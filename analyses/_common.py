@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyses._design import FAMILY_SIZES, STUDY, STUDY_PAIRS
+from analyses._design import CPU_SIZES, FAMILY_SIZES, STUDY, STUDY_PAIRS
 from gradlens import stats
 from gradlens.search import SearchConfig, run_sweep
 
@@ -46,6 +46,7 @@ __all__ = [
     "save_figure",
     "sizes",
     "study_pairs",
+    "sweep_config",
     "sweep_cost",
     "sweep_units",
     "write_json",
@@ -80,7 +81,8 @@ class Preset:
     families: tuple[str, ...] = ("mlp",)
     early_stopping: int | None = None  # patience; the best-validation model is restored
     max_priority: int = 1  # study pairs of this priority or lower (1: run first)
-    sizes_per_family: int | None = None  # the first k sizes of each family (None: all)
+    sizes_per_family: int | None = None  # the first k sizes of each family (None: see sizes())
+    device: str = "cpu"  # the capacity sweeps' torch device
 
 
 _P7 = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
@@ -234,23 +236,30 @@ def sweep_units(pre: Preset) -> list[tuple[str, Pair, str]]:
 
 
 def sizes(pre: Preset, family: str) -> list[dict[str, Any]]:
-    """The model sizes of a sweep: the width x depth grid, or the study's sizes of ``family``.
+    """The model sizes of a sweep: the width x depth grid, or the study's sizes of ``family``
+    (on the CPU those the budget keeps, :data:`analyses._design.CPU_SIZES`; on another device all).
 
     Example:
         >>> sizes(preset("study-quick"), "resnet")
         [{'width': 0.25, 'depth': 1}]
+        >>> len(sizes(preset("study"), "resnet")), len(sizes(preset("study"), "mlp"))
+        (4, 6)
     """
     if not pre.study:
         return [{"width": w, "depth": d} for w in pre.widths for d in pre.depths]
-    grid = FAMILY_SIZES[family][: pre.sizes_per_family]
-    return [{"width": w, "depth": d} for w, d in grid]
+    k = pre.sizes_per_family
+    if k is None and pre.device == "cpu":
+        k = CPU_SIZES[family]
+    return [{"width": w, "depth": d} for w, d in FAMILY_SIZES[family][:k]]
 
 
-def pair_sweep(pair: Pair, pre: Preset, runs: Path, workers: int, family: str = "mlp") -> Path:
-    """Run (or resume) the capacity sweep of ``pair``: weights x sizes x seeds + baselines.
+def sweep_config(pair: Pair, pre: Preset, family: str = "mlp") -> dict[str, Any]:
+    """The sweep configuration of :func:`pair_sweep` (a ``SearchConfig`` table).
 
-    Both ``capacity.py`` and ``optimal_weight.py`` call this; the second call finds every run done.
-    With ``pre.early_stopping`` each run keeps its best-validation epoch.
+    Example:
+        >>> cfg = sweep_config(study_pairs(preset("study"))[0], preset("study"), "resnet")
+        >>> cfg["train"]["model"], cfg["train"]["early_stopping"], len(cfg["sweep"]["sizes"])
+        ('resnet', 5, 4)
     """
     train = {
         **base_train(pair.dataset, pair.options(pre), pre.epochs),
@@ -259,7 +268,9 @@ def pair_sweep(pair: Pair, pre: Preset, runs: Path, workers: int, family: str = 
     }
     if pre.early_stopping is not None:
         train["early_stopping"] = pre.early_stopping
-    cfg = {
+    if pre.device != "cpu":
+        train["device"] = pre.device
+    return {
         "train": train,
         "sweep": {
             "p": list(pre.p),
@@ -268,6 +279,15 @@ def pair_sweep(pair: Pair, pre: Preset, runs: Path, workers: int, family: str = 
             "baselines": True,
         },
     }
+
+
+def pair_sweep(pair: Pair, pre: Preset, runs: Path, workers: int, family: str = "mlp") -> Path:
+    """Run (or resume) the capacity sweep of ``pair``: weights x sizes x seeds + baselines.
+
+    Both ``capacity.py`` and ``optimal_weight.py`` call this; the second call finds every run done.
+    With ``pre.early_stopping`` each run keeps its best-validation epoch.
+    """
+    cfg = sweep_config(pair, pre, family)
     out = runs / (f"sweep-{pair.name}" if family == "mlp" else f"sweep-{pair.name}-{family}")
     run_study(cfg, out, workers)
     return out
@@ -371,6 +391,12 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
         "--study-quick", action="store_true", help="the study's code paths at test scale"
     )
     ap.add_argument("--priority", type=int, default=1, choices=(1, 2, 3), help="with --study")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="with --study: the capacity sweeps' torch device (e.g. cuda: every size, results "
+        "under figures/study-<device>)",
+    )
     ap.add_argument("--runs", type=Path, default=None, help="where the sweeps are written")
     ap.add_argument("--figures", type=Path, default=None, help="where figures and JSON go")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (1 torch thread)")
@@ -381,15 +407,18 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     else:
         args.preset = preset("quick" if args.quick else "full" if args.full else "small")
     if args.study:
-        args.preset = replace(preset("study"), max_priority=args.priority)
+        args.preset = replace(preset("study"), max_priority=args.priority, device=args.device)
+    elif args.device != "cpu":
+        ap.error("--device is for --study runs")
+    tag = args.preset.name + ("" if args.preset.device == "cpu" else f"-{args.preset.device}")
     if args.runs is None:
-        args.runs = ROOT / "runs" / f"analyses-{args.preset.name}"
+        args.runs = ROOT / "runs" / f"analyses-{tag}"
     if args.figures is None:
         # the study's results go beside, not over, the committed small-run figures
         args.figures = (
             args.runs / "figures"
             if args.preset.name in QUICK
-            else FIGURES / "study"
+            else FIGURES / tag
             if args.preset.study
             else FIGURES
         )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "CPU_SIZES",
     "FAMILY_SIZES",
     "MTO_ARMS",
     "STUDY",
@@ -35,6 +36,10 @@ FAMILY_SIZES: dict[str, tuple[tuple[float, int], ...]] = {
     "resnet": ((0.25, 1), (0.5, 1), (1.0, 1), (1.0, 2), (2.0, 2), (4.0, 2)),
     "vit": ((0.25, 1), (0.5, 1), (0.5, 2), (1.0, 2), (2.0, 2), (2.0, 4)),
 }
+
+#: Sizes of each family the CPU budget keeps (the first k of FAMILY_SIZES; ``plan`` in
+#: figures/timing.json); a GPU run (``--device cuda``) runs them all.
+CPU_SIZES: dict[str, int] = {"mlp": 6, "resnet": 4, "vit": 4}
 
 #: The MTO methods of the paper's table, as arms beside uniform / PBT (weightings issue 17).
 MTO_ARMS: tuple[str, ...] = (

@@ -512,6 +512,29 @@ def test_study_presets_and_flags(tmp_path: Path) -> None:
     assert _common.study_pairs(args.preset)[0].options(args.preset)["n"] == 2000
     with pytest.raises(SystemExit):
         _common.parse_args("x", ["--study", "--quick"])
+    # the budget's sizes on the CPU; every size, labelled by device, on a GPU
+    cpu = _common.sweep_config(mm, args.preset, "vit")
+    assert len(cpu["sweep"]["sizes"]) == _design.CPU_SIZES["vit"]
+    assert "device" not in cpu["train"]
+    gpu = _common.parse_args("x", ["--study", "--device", "cuda"])
+    assert gpu.figures == _common.FIGURES / "study-cuda"
+    assert gpu.runs.name == "analyses-study-cuda"
+    cfg = _common.sweep_config(mm, gpu.preset, "vit")
+    assert cfg["train"]["device"] == "cuda"
+    assert len(cfg["sweep"]["sizes"]) == len(_design.FAMILY_SIZES["vit"])
+    with pytest.raises(SystemExit):
+        _common.parse_args("x", ["--device", "cuda"])
+
+
+def test_cpu_sizes_follow_the_committed_budget_plan() -> None:
+    plan = json.loads((_common.FIGURES / "timing.json").read_text())["plan"]
+    kept = {k["part"] for k in plan["kept"]}
+    assert "MLP sweeps, priority-1 pairs" in kept
+    for family, k in _design.CPU_SIZES.items():
+        if family == "mlp":
+            continue
+        names = [f"{family} width {w:g} depth {d}" for w, d in _design.FAMILY_SIZES[family]]
+        assert [n in kept for n in names] == [True] * k + [False] * (len(names) - k)
 
 
 @pytest.mark.slow
