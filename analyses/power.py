@@ -535,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tpath = FIGURES / "timing.json"
     timing = json.loads(tpath.read_text()) if tpath.exists() else None
     res = run(noise_levels(args.noise_from), 200 if args.quick else 4000, timing)
-    res["noise_from"] = str(args.noise_from)
+    src = Path(args.noise_from).resolve()
+    res["noise_from"] = str(src.relative_to(ROOT) if src.is_relative_to(ROOT) else src)
     res["quick"] = args.quick
     write_json(res, out / "power.json")
     save_figure(_figure(res), out / "power.png")
