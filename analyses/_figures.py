@@ -397,9 +397,9 @@ def layer_depth(by_depth: pd.DataFrame, *, title: str) -> Any:
             label=f"depth {d}",
         )
     ax.axhline(0, color="0.4", lw=0.8)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    positions = sorted(int(v) for v in by_depth["position"].unique())
+    ax.set_xticks(positions)
+    ax.set_xlim(-0.5, positions[-1] + 0.5)
     ax.set_xlabel("layer position (0 = first layer of the trunk)")
     ax.set_ylabel("mean gradient cosine over the run")
     ax.grid(alpha=0.3)
