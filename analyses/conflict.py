@@ -9,7 +9,9 @@ fit (r = 0.06) did.
 
 Across runs: on the capacity sweeps (``analyses.capacity``), ``stats.associations`` of the weight,
 the run's conflict frequency and mean cosine, and its final test accuracy (Spearman, pooled, per
-size and partial on size; seeds of a configuration resampled together; Holm over all tests).
+size and partial on size; seeds of a configuration resampled together; Holm over all tests), and
+:func:`weight_controlled`: the mean cosine and the conflict frequency against accuracy with the
+weight (``p``, ``p^2``) and the size partialled out.
 
     python -m analyses.conflict [--quick | --full]
 """
@@ -41,7 +43,7 @@ from analyses._common import (
 from analyses.optimal_weight import weight_cells
 from gradlens import load_run, plots, stats
 
-__all__ = ["across_runs", "long_size", "main", "within_runs"]
+__all__ = ["across_runs", "long_size", "main", "weight_controlled", "within_runs"]
 
 
 def long_size(pre: Preset) -> tuple[float, int]:
@@ -109,6 +111,37 @@ def across_runs(table: pd.DataFrame, weight_col: str, n_boot: int) -> pd.DataFra
     )
 
 
+def weight_controlled(joint: pd.DataFrame, weight_col: str, n_boot: int) -> list[dict[str, Any]]:
+    """Run-level interference vs test accuracy, controlling for the weight and the size.
+
+    Partial Pearson correlation (``stats.partial_correlation``) of the mean cosine (and of the
+    conflict frequency) with ``accuracy.mean`` over the joint runs, on the covariates
+    ``log10(parameters)``, ``p`` and ``p^2`` (accuracy is a hump in ``p``, so a linear term alone
+    would leave the weight's effect in the residuals); seeds of a configuration are resampled
+    together. A table with too few runs for the covariates gives a row with a ``note``.
+    """
+    t = joint.assign(
+        log10_params=np.log10(joint["model.n_params"].astype(float)),
+        p=joint[weight_col].astype(float),
+        p2=joint[weight_col].astype(float) ** 2,
+    )
+    covariates = ["log10_params", "p", "p2"]
+    if t["model.n_params"].nunique() < 2:
+        covariates = ["p", "p2"]
+    out = []
+    for x in ("cosine.mean", "conflict_freq.mean"):
+        row: dict[str, Any] = {"x": x, "y": "accuracy.mean", "controls": covariates}
+        if len(t) < len(covariates) + 4:
+            out.append({**row, "estimate": None, "note": f"{len(t)} runs: too few"})
+            continue
+        res = stats.partial_correlation(
+            t, x, "accuracy.mean", covariates, method="pearson", n_boot=n_boot,
+            n_perm=n_boot, groups=["model.n_params", weight_col], seed=0,
+        )  # fmt: skip
+        out.append({**row, **res})
+    return out
+
+
 def _scatter(epochs: dict[str, pd.DataFrame]) -> Any:
     from matplotlib.figure import Figure
 
@@ -157,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # the MLP sweep keeps the key "across"; other families add "across (<family>)"
         key = "across" if family == "mlp" else f"across ({family})"
         summary["pairs"][pair.name][key] = assoc
+        wkey = "weight_controlled" + ("" if family == "mlp" else f" ({family})")
+        summary["pairs"][pair.name][wkey] = weight_controlled(
+            tables["test"][tables["test"]["n_tasks"] == 2], wcol, n_boot
+        )
         joint = tables["test"][tables["test"]["n_tasks"] == 2]
         for col, stem, ylabel, scale in (
             ("conflict_freq.mean", "conflict", "share of probes with cos < 0", 1.0),

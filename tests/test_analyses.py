@@ -216,6 +216,7 @@ def test_conflict_quick(quick_dirs: tuple[Path, Path]) -> None:
         assoc = s["pairs"][name]["across"]
         assert {"p_value", "p_adjusted", "estimate"} <= set(assoc.columns)
         assert {"estimate", "p_value"} <= set(w["per_run"][0]["cosine"])
+        assert len(s["pairs"][name]["weight_controlled"]) == 2
         _png_ok(quick_dirs[1] / f"conflict_timeline_{name}.png")
         for stem in ("conflict", "cosine", "test_accuracy"):
             _png_ok(quick_dirs[1] / f"weight_vs_{stem}_{name}.png")
@@ -335,6 +336,33 @@ def test_ols_fit_and_paired_test_against_scipy() -> None:
     assert d["equivalent_within_margin"] == (
         d["ci90_low"] > -pbt.EQUIVALENCE_MARGIN and d["ci90_high"] < pbt.EQUIVALENCE_MARGIN
     )
+
+
+def test_weight_controlled_removes_a_confound_through_the_weight() -> None:
+    """Cosine and accuracy both follow a hump in p and nothing else: partialled on p and p^2,
+    their correlation vanishes, while the raw correlation is strong."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (1e3, 1e4, 1e5):
+        for p in (0.1, 0.3, 0.5, 0.7, 0.9):
+            for seed in range(4):
+                hump = -((p - 0.5) ** 2)
+                rows.append(
+                    {"model.n_params": n, "weights.a": p, "seed": seed,
+                     "cosine.mean": hump + 0.01 * rng.normal(),
+                     "conflict_freq.mean": 0.5 + 0.05 * rng.normal(),
+                     "accuracy.mean": 0.9 + hump + 0.01 * rng.normal()}
+                )  # fmt: skip
+    joint = pd.DataFrame(rows)
+    raw = np.corrcoef(joint["cosine.mean"], joint["accuracy.mean"])[0, 1]
+    assert raw > 0.8
+    res = {r["x"]: r for r in conflict.weight_controlled(joint, "weights.a", n_boot=200)}
+    cos = res["cosine.mean"]
+    assert abs(cos["estimate"]) < 0.3
+    assert cos["ci_low"] < 0 < cos["ci_high"]
+    assert res["cosine.mean"]["controls"] == ["log10_params", "p", "p2"]
+    few = conflict.weight_controlled(joint.iloc[:5], "weights.a", n_boot=50)
+    assert few[0]["estimate"] is None
 
 
 def _size_cells() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
