@@ -133,15 +133,18 @@ def test_multimnist_deterministic_seeded_and_split_disjoint() -> None:
     assert torch.equal(a[0], b[0])
     assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
     assert not torch.equal(a[0], c[0])
-    used = {
-        s: set(load_dataset("multimnist", s, seed=1, n=2000).meta["front_index"].tolist())
-        for s in SPLITS
-    }
-    assert not used["train"] & used["val"]
-    assert not used["train"] & used["test"]
-    assert not used["val"] & used["test"]
-    sizes = {s: len(_mnist._mnist_split(s, 1)[2]) for s in SPLITS}
-    assert sizes == {"train": 3500, "val": 750, "test": 750}
+    pools = {s: set(_mnist._mnist_split(s, 1)[2].tolist()) for s in SPLITS}
+    assert {s: len(v) for s, v in pools.items()} == {"train": 3500, "val": 750, "test": 750}
+    assert not pools["train"] & pools["val"]
+    assert not pools["train"] & pools["test"]
+    assert not pools["val"] & pools["test"]
+    for s in SPLITS:
+        meta = load_dataset("multimnist", s, seed=1, n=500).meta
+        assert set(meta["front_index"].tolist()) <= pools[s]
+        assert set(meta["back_index"].tolist()) <= pools[s]
+        src = load_dataset("digit_sources", s, seed=1)
+        mnist_rows = src.domain.numpy() == src.tasks.index("mnist")
+        assert set(src.meta["index"][mnist_rows].tolist()) <= pools[s]
 
 
 def test_multimnist_errors() -> None:
