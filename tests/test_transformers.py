@@ -12,9 +12,9 @@ import gradlens as gl
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import BertConfig, BertModel, Trainer, TrainingArguments  # noqa: E402
+from transformers import BertConfig, BertModel, Trainer, TrainingArguments
 
-from gradlens.integrations.transformers import GradlensTrainerCallback  # noqa: E402
+from gradlens.integrations.transformers import GradlensTrainerCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,7 +129,7 @@ def test_errors(tmp_path):
     with pytest.raises(gl.GradlensError, match="`shared_attr` should name the shared module"):
         _fit(tmp_path, [cb])
     cb = GradlensTrainerCallback(TASKS, shared_attr="bert")
-    with pytest.raises(gl.GradlensError, match="should return a dict .* found tuple"):
+    with pytest.raises(gl.GradlensError, match=r"should return a dict .* found tuple"):
         _fit(tmp_path, [cb], returns="tuple")
     with pytest.raises(gl.GradlensError, match="`keep` should be an int >= 0; found -1"):
         GradlensTrainerCallback(TASKS, shared_attr="bert", keep=-1)
