@@ -113,10 +113,30 @@ def test_callback_profiles_a_trainer_run_without_changing_it(tmp_path):
     assert cb.profiler is None
 
 
+class _Sink:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.meta: dict = {}
+        self.closed = False
+
+    def add_snapshot(self, snap) -> None:
+        self.steps.append(snap.step)
+
+    def update_meta(self, **meta) -> None:
+        self.meta.update(meta)
+
+    def close(self) -> None:
+        self.closed = True
+
+
 def test_micro_batches_are_profiled_and_evaluation_is_not(tmp_path):
-    cb = GradlensTrainerCallback(TASKS, shared_attr="bert", every=1, keep=100)
+    sink = _Sink()
+    cb = GradlensTrainerCallback(TASKS, shared_attr="bert", every=1, keep=100, sinks=[sink])
     model = _fit(tmp_path, [cb], gradient_accumulation_steps=2)
     assert [s.step for s in cb.snapshots] == list(range(8))  # 4 optimizer steps x 2
+    assert sink.steps == list(range(8))
+    assert sink.closed
+    assert sink.meta["framework"] == "transformers"
     model.eval()
     batch = _data(2)
     with torch.no_grad():
