@@ -188,6 +188,21 @@ def test_mlflow_sink_file_store_reads_back(mlflow_uri):
     assert (np.ptp(img, axis=2) > 0.2).mean() > 0.02
 
 
+def test_mlflow_sink_default_experiment(tmp_path, mlflow_uri, monkeypatch):
+    (tmp_path / "mlruns").mkdir()  # an existing empty store has no experiment "0" yet
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    sink = MLflowSink(tracking_uri=mlflow_uri, image_every=0)
+    sink.close()
+    exp = sink.client.get_experiment(sink.client.get_run(sink.run_id).info.experiment_id)
+    assert exp.name == "Default"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    sink = MLflowSink(tracking_uri=mlflow_uri, image_every=0)
+    sink.close()
+    exp = sink.client.get_experiment(sink.client.get_run(sink.run_id).info.experiment_id)
+    assert exp.name == "from-env"
+
+
 def test_mlflow_sink_on_an_existing_run(mlflow_uri):
     from mlflow.tracking import MlflowClient
 

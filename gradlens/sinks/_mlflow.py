@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -62,8 +63,8 @@ class MLflowSink(QueuedSink):
             :meth:`close`.
         tracking_uri: the tracking server or store (default: MLflow's own default, e.g.
             ``MLFLOW_TRACKING_URI``).
-        experiment: experiment name for a new run (created if missing; default MLflow's
-            "Default" experiment).
+        experiment: experiment name for a new run (created if missing); default, as MLflow's
+            own: ``MLFLOW_EXPERIMENT_ID``, else ``MLFLOW_EXPERIMENT_NAME``, else "Default".
         run_name: name of a new run.
         image_every, pair_limit, layer_limit, max_pending, max_pending_images: see
             :class:`gradlens.sinks.QueuedSink`.
@@ -109,15 +110,16 @@ class MLflowSink(QueuedSink):
 
         self.client: Any = MlflowClient(tracking_uri=tracking_uri)
         if run is None:
-            exp_id = None
-            if experiment is not None:
-                found = self.client.get_experiment_by_name(experiment)
+            exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID") if experiment is None else None
+            if not exp_id:
+                name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+                found = self.client.get_experiment_by_name(name)
                 exp_id = (
                     found.experiment_id
                     if found is not None
-                    else self.client.create_experiment(experiment)
+                    else self.client.create_experiment(name)
                 )
-            created = self.client.create_run(exp_id or "0", run_name=run_name)
+            created = self.client.create_run(exp_id, run_name=run_name)
             self.run_id: str = created.info.run_id
             self._owns = True
         else:
