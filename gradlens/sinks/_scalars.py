@@ -85,20 +85,60 @@ def snapshot_scalars(
     return out
 
 
-def heatmap_rgb(snap: Snapshot, dpi: int = 80) -> Any:
-    """The task x task cosine heatmap of one snapshot as an ``(H, W, 3)`` uint8 array.
+def heatmap_rgb(snap: Snapshot, dpi: int = 100) -> Any:
+    """The task x task cosine matrix of one snapshot drawn as an ``(H, W, 3)`` uint8 array.
 
-    Drawn by :func:`gradlens.plots.conflict_heatmap` from this snapshot alone (its "mean" is the
-    snapshot's cosine); needs the ``plot`` extra and at least two tasks.
+    A small figure, cheap to draw from the sink's worker thread (about 70 ms of CPU for four
+    tasks here, against 400 ms for :func:`gradlens.plots.conflict_heatmap`, whose layout fitting
+    would hold the interpreter lock the training thread needs): a diverging palette fixed to
+    ``[-1, 1]`` (red: conflict), the diagonal grey, values in the cells for up to 12 tasks. Needs
+    the ``plot`` extra.
+
+    Example:
+        >>> import torch
+        >>> g = torch.tensor([[4.0, -2.0], [-2.0, 1.0]], dtype=torch.float64)
+        >>> rgb = heatmap_rgb(Snapshot(0, ("a", "b"), g, {}, torch.ones(2)))
+        >>> rgb.dtype.name, rgb.shape[2], rgb.shape[0] > 100
+        ('uint8', 3, True)
     """
-    from gradlens import plots
-    from gradlens._snapshot import TOTAL_LAYER
-    from gradlens.metrics import metrics_frame
+    from matplotlib import colormaps
 
-    g = snap.gram.detach().cpu().double().numpy()[None, None]
-    frame = metrics_frame(g, snap.tasks, steps=[snap.step], layers=[TOTAL_LAYER])
-    fig = plots.conflict_heatmap(frame, title=f"step {snap.step}: cosine of each task pair")
+    from gradlens._plots_util import ANNOTATE_MAX, CONFLICT_CMAP, new_figure, text
+
+    cos = metrics.cosine(snap.gram.detach().cpu().double().numpy())
+    n = len(snap.tasks)
+    np.fill_diagonal(cos, np.nan)
+    cell = min(0.45, 8.0 / n)
+    side = cell * n
+    fig = new_figure(side + 2.3, side + 1.3)
+    fig.set_layout_engine("none")
     fig.set_dpi(dpi)
+    w, h = fig.get_size_inches()
+    ax = fig.add_axes((1.0 / w, 0.9 / h, side / w, side / h))
+    cmap = colormaps[CONFLICT_CMAP].with_extremes(bad="#d9d9d9")
+    image = ax.imshow(cos, cmap=cmap, vmin=-1.0, vmax=1.0, interpolation="nearest")
+    labels = [text(t) for t in snap.tasks]
+    font = 8.0 if n <= 12 else max(4.0, 8.0 * 12 / n)
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), labels, fontsize=font)
+    ax.tick_params(length=0)
+    if n <= ANNOTATE_MAX:
+        for i in range(n):
+            for j in range(n):
+                if i != j and np.isfinite(cos[i, j]):
+                    colour = "white" if abs(cos[i, j]) > 0.6 else "black"
+                    ax.text(
+                        j,
+                        i,
+                        f"{cos[i, j]:+.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=min(font, 7.0),
+                        color=colour,
+                    )
+    ax.set_title(f"cosine, step {snap.step}", fontsize=9)
+    cax = fig.add_axes(((side + 1.2) / w, 0.9 / h, 0.12 / w, side / h))
+    fig.colorbar(image, cax=cax).ax.tick_params(labelsize=7)
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())
     return rgba[..., :3].copy()
