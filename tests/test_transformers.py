@@ -155,3 +155,33 @@ def test_errors(tmp_path):
         GradlensTrainerCallback(TASKS, shared_attr="bert", keep=-1)
     with pytest.raises(gl.GradlensError, match="`shared_attr` should be an attribute path"):
         GradlensTrainerCallback(TASKS, shared_attr="")
+
+
+def test_a_forward_set_on_the_instance_is_put_back(tmp_path):
+    """accelerate's mixed precision sets ``model.forward`` on the instance; the callback wraps it
+    and puts it back after training."""
+    torch.manual_seed(0)
+    model = TwoTaskBert()
+    calls = []
+
+    def instance_forward(*args, **kwargs):
+        calls.append(1)
+        return TwoTaskBert.forward(model, *args, **kwargs)
+
+    model.forward = instance_forward
+    cb = GradlensTrainerCallback(TASKS, shared_attr="bert", every=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=2,
+        per_device_train_batch_size=6,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,  # the instance forward's signature is (*args, **kwargs)
+    )
+    Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb]).train()
+    assert vars(model)["forward"] is instance_forward
+    assert len(calls) == 2
+    assert [s.step for s in cb.snapshots] == [0]
