@@ -52,3 +52,4 @@ def test_example_runs(index, tmp_path, monkeypatch, capsys):
         assert "('2',) None" in out
     if "use_reentrant=False" in code:
         assert "gramian ['linear']" in out
+        assert "When use_reentrant=True, torch.utils.checkpoint is incompat" in out
