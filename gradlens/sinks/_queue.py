@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +36,7 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
     return value
 
 
-class QueuedSink:
+class QueuedSink(ABC):
     """Base of the dashboard sinks: a bounded queue drained by one worker thread.
 
     Args:
@@ -162,17 +163,21 @@ class QueuedSink:
         self.close()
 
     # -- backend (subclasses) --------------------------------------------------------------------
+    @abstractmethod
     def _write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        raise NotImplementedError
+        """Log one snapshot's scalars (worker thread)."""
 
+    @abstractmethod
     def _write_image(self, step: int, rgb: Any) -> None:
-        raise NotImplementedError
+        """Log one heatmap, an ``(H, W, 3)`` uint8 array (worker thread)."""
 
+    @abstractmethod
     def _write_meta(self, meta: Mapping[str, Any]) -> None:
-        raise NotImplementedError
+        """Log the run's meta (worker thread)."""
 
+    @abstractmethod
     def _finish(self) -> None:
-        raise NotImplementedError
+        """End the backend's run if the sink started it (the caller's thread, after the drain)."""
 
     # -- worker ----------------------------------------------------------------------------------
     def _start(self) -> None:
