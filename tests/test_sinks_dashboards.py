@@ -110,6 +110,7 @@ def test_wandb_sink_offline_run_reads_back(tmp_path, wandb_mod):
     image_rows = [r for r in rows if "gradlens.heatmap/cosine/path" in r]
     assert [r["gradlens/step"] for r in scalar_rows] == [0, 1, 2, 3, 4]
     assert [r["gradlens/step"] for r in image_rows] == [0, 2, 4]
+    assert len(rows) == 5  # one log call per snapshot, its heatmap in the same row
 
     def get(name: str) -> list[tuple[int, float]]:
         return [(r["gradlens/step"], r[name]) for r in scalar_rows]
@@ -239,15 +240,14 @@ class _Recorder(QueuedSink):
         self.finished = 0
         self.fail_at: int | None = None
 
-    def _write_scalars(self, step: int, scalars: Any) -> None:
+    def _write(self, step: int, scalars: Any, rgb: Any) -> None:
         if step == self.fail_at:
             raise OSError("disk full")
         self.scalars.append(step)
-
-    def _write_image(self, step: int, rgb: Any) -> None:
-        self.started.set()
-        self.release.wait(30)
-        self.images.append(step)
+        if rgb is not None:
+            self.started.set()
+            self.release.wait(30)
+            self.images.append(step)
 
     def _write_meta(self, meta: Any) -> None:
         pass

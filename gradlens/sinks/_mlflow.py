@@ -140,16 +140,15 @@ class MLflowSink(QueuedSink):
             self._owns = False
         self._params: dict[str, str] = {}
 
-    def _write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    def _write(self, step: int, scalars: Mapping[str, float], rgb: Any | None) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         metrics = [Metric(mlflow_key(k), float(v), ts, step) for k, v in scalars.items()]
         for lo in range(0, len(metrics), _METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[lo : lo + _METRICS_PER_BATCH])
-
-    def _write_image(self, step: int, rgb: Any) -> None:
-        self.client.log_image(self.run_id, rgb, key=IMAGE_KEY, step=step)
+        if rgb is not None:
+            self.client.log_image(self.run_id, rgb, key=IMAGE_KEY, step=step)
 
     def _write_meta(self, meta: Mapping[str, Any]) -> None:
         from mlflow.entities import Param, RunTag

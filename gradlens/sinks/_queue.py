@@ -3,7 +3,7 @@
 :class:`QueuedSink` takes each snapshot from the profiler (``add_snapshot`` only appends to a
 queue), and a worker thread turns it into scalars (:func:`gradlens.sinks._scalars.snapshot_scalars`)
 and, every ``image_every`` probes, a heatmap image, and hands both to the backend
-(``_write_scalars``, ``_write_image``, ``_write_meta``, ``_finish``: subclasses).
+(``_write``, ``_write_meta``, ``_finish``: subclasses).
 
 When the worker falls behind, images are dropped first: a heatmap is skipped when
 ``max_pending_images`` images are already waiting; scalars are dropped (the oldest first) only when
@@ -164,12 +164,9 @@ class QueuedSink(ABC):
 
     # -- backend (subclasses) --------------------------------------------------------------------
     @abstractmethod
-    def _write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        """Log one snapshot's scalars (worker thread)."""
-
-    @abstractmethod
-    def _write_image(self, step: int, rgb: Any) -> None:
-        """Log one heatmap, an ``(H, W, 3)`` uint8 array (worker thread)."""
+    def _write(self, step: int, scalars: Mapping[str, float], rgb: Any | None) -> None:
+        """Log one snapshot's scalars and, when one is due, its heatmap (an ``(H, W, 3)`` uint8
+        array; else None), in one call where the library allows (worker thread)."""
 
     @abstractmethod
     def _write_meta(self, meta: Mapping[str, Any]) -> None:
@@ -216,10 +213,8 @@ class QueuedSink(ABC):
 
     def _write_snapshot(self, snap: Snapshot, image: bool) -> None:
         scalars = snapshot_scalars(snap, pair_limit=self.pair_limit, layer_limit=self.layer_limit)
-        self._write_scalars(int(snap.step), scalars)
+        self._write(int(snap.step), scalars, heatmap_rgb(snap) if image else None)
         self.last = scalars
-        if image:
-            self._write_image(int(snap.step), heatmap_rgb(snap))
 
     def _raise_error(self) -> None:
         exc = self._error

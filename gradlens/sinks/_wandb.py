@@ -21,9 +21,11 @@ class WandbSink(QueuedSink):
     Per snapshot, the scalars of :func:`gradlens.sinks.snapshot_scalars` (total and per-layer
     cosine, conflict frequency, GMS and norm ratio, each pair's cosine) plus ``gradlens/step``,
     declared with ``run.define_metric`` as the x axis of every ``gradlens*`` chart, so gradlens
-    never passes ``step=`` to ``run.log`` and cannot collide with the steps of your own logging
-    (W&B's own ``_step`` counts ``log`` calls, as with Hugging Face's W&B callback). Every
-    ``image_every`` snapshots, the task x task cosine heatmap as ``gradlens.heatmap/cosine``. The
+    never passes ``step=`` to ``run.log`` (as Hugging Face's W&B callback does not): W&B's own
+    ``_step`` advances by one per snapshot (one ``log`` call each), so if you log to the same run
+    with explicit ``step=`` values, give your charts their own x axis with ``define_metric``
+    instead (W&B drops rows logged to a step below its current one). Every ``image_every``
+    snapshots, the task x task cosine heatmap as ``gradlens.heatmap/cosine``, in the same row. The
     profiler's meta (tasks, engine, layers, your ``meta=``) goes to ``run.config["gradlens"]``.
 
     Args:
@@ -70,10 +72,10 @@ class WandbSink(QueuedSink):
             raise GradlensError(
                 f"`init` should be a dict of wandb.init arguments; found {type(init).__name__}."
             )
-        wandb = require("wandb", "wandb", "WandbSink")
+        wandb: Any = require("wandb", "wandb", "WandbSink")
         if run is None:
             self._owns = True
-            run = wandb.init(**dict(init or {}))  # type: ignore[attr-defined]
+            run = wandb.init(**dict(init or {}))
         else:
             if init:
                 raise GradlensError(
@@ -87,16 +89,15 @@ class WandbSink(QueuedSink):
                 )
             self._owns = False
         self.run = run
-        self._wandb = wandb
+        self._wandb: Any = wandb
         run.define_metric(STEP_KEY)
         run.define_metric("gradlens*", step_metric=STEP_KEY)
 
-    def _write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        self.run.log({STEP_KEY: step, **scalars})
-
-    def _write_image(self, step: int, rgb: Any) -> None:
-        image = self._wandb.Image(rgb, caption=f"step {step}")  # type: ignore[attr-defined]
-        self.run.log({STEP_KEY: step, IMAGE_KEY: image})
+    def _write(self, step: int, scalars: Mapping[str, float], rgb: Any | None) -> None:
+        row: dict[str, Any] = {STEP_KEY: step, **scalars}
+        if rgb is not None:
+            row[IMAGE_KEY] = self._wandb.Image(rgb, caption=f"step {step}")
+        self.run.log(row)  # one log call per snapshot: W&B's own _step advances by one
 
     def _write_meta(self, meta: Mapping[str, Any]) -> None:
         self.run.config.update({"gradlens": dict(meta)}, allow_val_change=True)
