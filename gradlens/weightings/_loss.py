@@ -31,7 +31,8 @@ def _floats(losses: Mapping[str, Any], tasks: Sequence[str], who: str) -> list[f
         raise GradlensError(
             f"`losses` given to {who} should map exactly the tasks {list(tasks)}; found {found}."
         )
-    out = [float(losses[t]) for t in tasks]
+    vals = [losses[t] for t in tasks]
+    out = [float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for v in vals]
     if not all(math.isfinite(v) for v in out):
         raise GradlensError(f"`losses` given to {who} should be finite; found {out}.")
     return out
