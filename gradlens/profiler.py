@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens._snapshot import Snapshot
+from gradlens._snapshot import Snapshot, _symmetric
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
 from gradlens.schedules import Schedule, as_schedule
@@ -354,6 +354,7 @@ class Profiler:
             leaves=leaves,
             write=not measure_only,
             retain_graph=retain_graph or weighting is not None,
+            keep_blocks=weighting is not None and write,
         )
         # engines compute in the dtypes of the recorded tensors, never under an autocast region
         with torch.autocast(L.device.type, enabled=False):
@@ -384,7 +385,9 @@ class Profiler:
             layer_grams = {n: g * inv2 for n, g in layer_grams.items()}
         extra: dict[str, Any] = {}
         if weighting is not None:
-            w, extra = self._apply_weighting(weighting, gram, layer_grams, Ls, write, retain_graph)
+            w, extra = self._apply_weighting(
+                weighting, gram, layer_grams, Ls, write, retain_graph, result.writer
+            )
         snap = Snapshot(
             step=step,
             tasks=self.tasks,
@@ -408,35 +411,54 @@ class Profiler:
         Ls: torch.Tensor,
         write: bool,
         retain_graph: bool,
+        writer: Callable[[Mapping[str, torch.Tensor]], None] | None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Call a Gram weighting on this probe's Grams, hold and write its update.
 
-        Whole model: one backward of ``sum_t w_t L_t`` after the Grams (the alternative, keeping
-        every layer's per-task blocks until the total Gram is known, costs ``T x P`` memory on
-        the gramian engine, which never forms those blocks; a weighted backward costs about one
-        plain backward). Per layer: see :func:`gradlens.weightings._apply.write_per_layer`.
-        Everything is checked before anything is written.
+        Everything is checked before anything is written. Where the engine kept the per-task
+        blocks of its pass (``writer``: they fit ``memory_budget``), ``J_l^T w_l`` is written
+        from them, then the other leaves (the heads) by a backward restricted to them:
+        ``"kept_blocks"``. Otherwise the whole model gets one more backward of
+        ``sum_t w_t L_t`` (``"second_backward"``) and per-layer weights batched backwards over
+        task chunks (``"per_layer_batched"``, see
+        :func:`gradlens.weightings._apply.write_per_layer`).
         """
         per_layer = isinstance(weighting, _weighting.PerLayer)
+        # the Snapshot's exactly symmetric Grams: the weights are those of what it records
+        gram = _symmetric(gram)
         w64 = _weighting.call_weighting(weighting, gram)
-        layer_w = (
-            {n: _weighting.call_weighting(weighting, g, n) for n, g in layer_grams.items()}
-            if per_layer
-            else {}
-        )
+        layer_w = {
+            n: _weighting.call_weighting(weighting, _symmetric(g), n)
+            for n, g in (layer_grams.items() if per_layer else ())
+        }
         self._held = (w64, layer_w)
         w = w64.to(Ls.device, Ls.dtype)
+        if writer is not None:
+            path = "kept_blocks"
+        else:
+            path = "per_layer_batched" if per_layer else "second_backward"
         if write:
-            if per_layer:
+            if writer is not None:
+                writer(layer_w if per_layer else dict.fromkeys(layer_grams, w64))
+                self._write_rest(Ls, w, retain_graph)
+            elif per_layer:
                 self._write_weighted(Ls, w, layer_w, retain_graph)
             else:
                 torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
         extra = {
             "weighting": _weighting.weighting_name(weighting),
-            "weighting_path": "per_layer_batched" if per_layer else "second_backward",
+            "weighting_path": path,
             "layer_weights": layer_w,
         }
         return w, extra
+
+    def _write_rest(self, Ls: torch.Tensor, w: torch.Tensor, retain_graph: bool) -> None:
+        """``sum_t w_t`` of the gradients of every leaf outside the shared parameters."""
+        leaves, _, _ = _traverse(Ls)
+        ids = {id(p) for p in self._shared.params}
+        rest = [v for i, v in leaves.items() if i not in ids]
+        if rest:
+            torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
 
     def _write_weighted(
         self,
@@ -451,10 +473,7 @@ class Profiler:
         missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
         lw = {**layer_w, **dict.fromkeys(missing, w.detach().cpu())}
         _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget)
-        ids = {id(p) for p in shared}
-        rest = [v for i, v in leaves.items() if i not in ids]
-        if rest:
-            torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
+        self._write_rest(Ls, w, retain_graph)
 
     def _flag_zero(self, snap: Snapshot) -> None:
         new = [t for t in snap.zero_tasks if t not in self._warned_zero]

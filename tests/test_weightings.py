@@ -32,7 +32,15 @@ def _seeded(fn, G, seed=1):
         return torch.as_tensor(fn(G), dtype=torch.float64)
 
 
-def _check(model: str, engine: str, method: str, per_layer: bool, n_tasks: int = 3) -> None:
+def _check(
+    model: str,
+    engine: str,
+    method: str,
+    per_layer: bool,
+    n_tasks: int = 3,
+    budget: int = 256 * 2**20,
+    path: str = "kept_blocks",
+) -> None:
     trunk, heads, x, ys = build(model, n_tasks, torch.float64)
     every = list(trunk.parameters()) + list(heads.parameters())
     params = [p for p in every if p.requires_grad]
@@ -44,7 +52,7 @@ def _check(model: str, engine: str, method: str, per_layer: bool, n_tasks: int =
     torch.random.set_rng_state(state)  # the same dropout masks
     fn = make_weighting(method, tasks)
     arg = gl.per_layer(fn) if per_layer else fn
-    with gl.Profiler(trunk, tasks=tasks, engine=engine) as prof:
+    with gl.Profiler(trunk, tasks=tasks, engine=engine, memory_budget=budget) as prof:
         losses = task_losses(trunk, heads, x, ys)
         with torch.random.fork_rng():
             torch.manual_seed(1)
@@ -68,7 +76,7 @@ def _check(model: str, engine: str, method: str, per_layer: bool, n_tasks: int =
             torch.testing.assert_close(lw, exp_lw[n], atol=tol, rtol=tol)
     name = repr(fn) if fn is not raw else type(fn).__name__
     assert snap.weighting == (f"per_layer({name})" if per_layer else name)
-    assert snap.weighting_path == ("per_layer_batched" if per_layer else "second_backward")
+    assert snap.weighting_path == path
     # .grad = J^T w with the weights actually used (exact: 1e-10)
     shared = {id(p) for p in trunk.parameters()}
     layer_of = {id(p): n.rpartition(".")[0] or "(root)" for n, p in trunk.named_parameters()}
@@ -95,3 +103,14 @@ def test_weighted_grad_is_exact(model, engine, method, per_layer):
 @pytest.mark.parametrize("model", sorted(set(ZOO) - set(QUICK_MODELS)))
 def test_weighted_grad_is_exact_on_the_whole_zoo(model, engine, method, per_layer):
     _check(model, engine, method, per_layer)
+
+
+@pytest.mark.parametrize("per_layer", [False, True], ids=["whole", "per_layer"])
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+def test_blocks_over_the_budget_fall_back_to_a_backward(model, engine, per_layer):
+    """Blocks that do not fit ``memory_budget``: a second backward (whole model) or batched
+    backwards over task chunks (per layer); the loop engine holds its T x P gradients anyway."""
+    fallback = "per_layer_batched" if per_layer else "second_backward"
+    path = "kept_blocks" if engine == "loop" else fallback
+    _check(model, engine, "upgrad", per_layer, budget=64, path=path)

@@ -19,7 +19,7 @@ graph (counted on the autograd graph); a parameter also used outside the module'
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +165,12 @@ class GramianEngine(Engine):
         ]
         inputs += generic
         T = ctx.losses.shape[0]
+        # a Gram weighting's step: keep every layer's T x output blocks (and the generic
+        # layers' T x P_l gradients) when they fit the budget, to write J_l^T w_l afterwards
+        blocks = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
+        blocks += sum(p.numel() for p in generic)
+        keep = ctx.keep_blocks and T * ctx.losses.element_size() * blocks <= ctx.memory_budget
+        kept: dict[str, list[torch.Tensor | None]] = {}
         u, v, heads, stream = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
         # rows carry u_t (see engines._capture): weight v in the sums, divide Grams by u_s u_t
         unscale = torch.outer(u, u).to(torch.float64).reciprocal()
@@ -193,12 +199,15 @@ class GramianEngine(Engine):
             if left[layer] == 0:
                 recs = rule_layers[layer]
                 mod, rule = self._modules[layer]
+                raw = outs.pop(layer)
+                if keep:
+                    kept[layer] = raw
                 got = [
                     # a recorded output no task reached: zero; bf16/fp16 (autocast) -> float32
                     r.input.new_zeros((T, *r.out_shape))
                     if g is None
                     else g.to(compute_dtype(g.dtype))
-                    for r, g in zip(recs, outs.pop(layer))
+                    for r, g in zip(recs, raw)
                 ]
                 grams[layer] = unscale * rule.fn(
                     mod,
@@ -217,6 +226,9 @@ class GramianEngine(Engine):
                 accumulate_grad(p, torch.tensordot(v, gen_grads[id(p)], dims=1))
         ordered = {layer: grams[layer] for layer in by_layer}
         written = {id(p) for p in params} | {id(p) for p in heads}
+        if keep:
+            write = _blocks_writer(self.shared, rule_layers, kept, by_layer, generic, gen_grads, u)
+            return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, set(), write)
         return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, written)
 
     def _output_grads(
@@ -287,6 +299,51 @@ class GramianEngine(Engine):
         # on small layers one backward call costs less than the memory it would save
         limit = ctx.memory_budget // 8
         return u, v, heads, _segmented(edges, cot, inputs, sizes, limit, backward, keep)
+
+
+def _blocks_writer(
+    shared: SharedParams,
+    rule_layers: dict[str, list[_Record]],
+    kept: dict[str, list[torch.Tensor | None]],
+    by_layer: Mapping[str, list[torch.Tensor]],
+    generic: list[torch.Tensor],
+    gen_grads: dict[int, torch.Tensor],
+    u: torch.Tensor,
+) -> Callable[[Mapping[str, torch.Tensor]], None]:
+    """The writer of ``sum_t w_{l,t} g_{l,t}`` from the kept blocks (rows carry ``u_t``).
+
+    A rule layer's parameter gradient for the weighted output gradient ``sum_t w_t D_t`` comes
+    from autograd on the layer's own output node (its weight-gradient products only: the
+    gradient with respect to its input is not needed, so autograd skips it); a generic layer's
+    is the weighted sum of its kept per-task gradients.
+    """
+
+    def scaled(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (w.to(like.device, torch.float64) / u.to(like.device, torch.float64)).to(
+            like.dtype
+        )
+
+    def write(weights: Mapping[str, torch.Tensor]) -> None:
+        for layer, recs in rule_layers.items():
+            edges, grads = [], []
+            for r, g in zip(recs, kept[layer]):
+                if g is not None:
+                    edges.append(r.edge)
+                    grads.append(torch.tensordot(scaled(weights[layer], g), g, dims=1))
+            if not edges:
+                continue
+            ps = by_layer[layer]
+            gs = torch.autograd.grad(
+                edges, ps, grad_outputs=grads, retain_graph=True, allow_unused=True
+            )
+            for p, g in zip(ps, gs):
+                if g is not None:
+                    accumulate_grad(p, g)
+        for p in generic:
+            g = gen_grads[id(p)]
+            accumulate_grad(p, torch.tensordot(scaled(weights[shared.layer_of[id(p)]], g), g, 1))
+
+    return write
 
 
 def _segmented(
