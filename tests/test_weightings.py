@@ -114,3 +114,12 @@ def test_blocks_over_the_budget_fall_back_to_a_backward(model, engine, per_layer
     fallback = "per_layer_batched" if per_layer else "second_backward"
     path = "kept_blocks" if engine == "loop" else fallback
     _check(model, engine, "upgrad", per_layer, budget=64, path=path)
+
+
+@pytest.mark.parametrize("per_layer", [False, True], ids=["whole", "per_layer"])
+@pytest.mark.parametrize("model", ["twice", "tied", "cnn_bn"])
+def test_gramian_kept_blocks_on_reused_and_tied_modules(model, per_layer):
+    """A module called twice (its rule rewrites from the kept blocks), a weight used outside its
+    module (generic path) and convolutions with BatchNorm, by default; the rest of the zoo under
+    ``-m slow``."""
+    _check(model, "gramian", "upgrad", per_layer)

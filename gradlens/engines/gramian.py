@@ -227,7 +227,10 @@ class GramianEngine(Engine):
         ordered = {layer: grams[layer] for layer in by_layer}
         written = {id(p) for p in params} | {id(p) for p in heads}
         if keep:
-            write = _blocks_writer(self.shared, rule_layers, kept, by_layer, generic, gen_grads, u)
+            write = _blocks_writer(
+                self.shared, self._modules, rule_layers, kept, by_layer, generic, gen_grads, u,
+                ctx.memory_budget,
+            )  # fmt: skip
             return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, set(), write)
         return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, written)
 
@@ -303,19 +306,24 @@ class GramianEngine(Engine):
 
 def _blocks_writer(
     shared: SharedParams,
+    modules: Mapping[str, tuple[nn.Module, Rule]],
     rule_layers: dict[str, list[_Record]],
     kept: dict[str, list[torch.Tensor | None]],
     by_layer: Mapping[str, list[torch.Tensor]],
     generic: list[torch.Tensor],
     gen_grads: dict[int, torch.Tensor],
     u: torch.Tensor,
+    budget: int,
 ) -> Callable[[Mapping[str, torch.Tensor]], None]:
     """The writer of ``sum_t w_{l,t} g_{l,t}`` from the kept blocks (rows carry ``u_t``).
 
-    A rule layer's parameter gradient for the weighted output gradient ``sum_t w_t D_t`` comes
-    from autograd on the layer's own output node (its weight-gradient products only: the
-    gradient with respect to its input is not needed, so autograd skips it); a generic layer's
-    is the weighted sum of its kept per-task gradients.
+    A rule layer called once: its parameter gradient for the weighted output gradient
+    ``sum_t w_t D_t`` comes from autograd on the layer's own output node (the weight-gradient
+    products only: the gradient with respect to its input is not needed, so autograd skips it).
+    A rule layer called several times: autograd from a later call's output would also reach the
+    parameters through the earlier calls, so the rule itself writes the weighted gradient from
+    the kept inputs and output gradients (recomputing its Gram, which is discarded). A generic
+    layer: the weighted sum of its kept per-task gradients.
     """
 
     def scaled(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -325,6 +333,18 @@ def _blocks_writer(
 
     def write(weights: Mapping[str, torch.Tensor]) -> None:
         for layer, recs in rule_layers.items():
+            if len(recs) > 1:
+                mod, rule = modules[layer]
+                T = u.shape[0]
+                got = [
+                    r.input.new_zeros((T, *r.out_shape))
+                    if g is None
+                    else g.to(compute_dtype(g.dtype))
+                    for r, g in zip(recs, kept[layer])
+                ]
+                ins = [r.input.to(compute_dtype(r.input.dtype)) for r in recs]
+                rule.fn(mod, ins, got, scaled(weights[layer], got[0]), by_layer[layer], budget)
+                continue
             edges, grads = [], []
             for r, g in zip(recs, kept[layer]):
                 if g is not None:
