@@ -810,6 +810,11 @@ def _check_weighting(cfg: TrainConfig) -> None:
             f"`per_layer` applies a Gram weighting per layer: `weighting` should be one of "
             f"{sorted(GRAM_METHODS)}; found {cfg.weighting!r}."
         )
+    if cfg.per_layer and cfg.engine == "features":
+        raise GradlensError(
+            "`per_layer` needs per-layer parameter Grams; found engine='features', whose Gram is "
+            "representation-level. Use another engine or per_layer=False."
+        )
 
 
 def _make_trainer_weighting(cfg: TrainConfig, tasks: Sequence[str], kind: str) -> Any:

@@ -37,6 +37,10 @@ def tiny(**kw):
         ({"weighting": "dwa", "per_layer": True}, r"`per_layer` applies a Gram weighting"),
         ({"per_layer": True}, r"found None"),
         ({"weighting": "upgrad", "per_layer": 1}, r"`per_layer` should be a bool"),
+        (
+            {"weighting": "upgrad", "per_layer": True, "engine": "features"},
+            r"`per_layer` needs per-layer parameter Grams",
+        ),
     ],
 )
 def test_config_rejects_bad_weighting_fields(fields, match):
@@ -53,8 +57,14 @@ def test_a_multidomain_dataset_refuses_a_weighting():
 
 @pytest.mark.parametrize(
     ("method", "per_layer"),
-    [("upgrad", False), ("mgda", True), ("nash_mtl", False), ("uncertainty", False),
-     ("dwa", False), ("rlw", False)],
+    [
+        ("upgrad", False),
+        ("mgda", True),
+        ("nash_mtl", False),
+        ("uncertainty", False),
+        ("dwa", False),
+        ("rlw", False),
+    ],
 )
 def test_state_dict_round_trip_continues_identically(tmp_path, method, per_layer):
     """The weighting's state (held Gram weights; learnt log-variances; loss history; random
@@ -74,9 +84,10 @@ def test_state_dict_round_trip_continues_identically(tmp_path, method, per_layer
 
 
 def test_load_state_checks_the_weighting():
-    with Trainer(tiny(weighting="upgrad"), progress=False) as a, Trainer(
-        tiny(weighting="mgda"), progress=False
-    ) as b:
+    with (
+        Trainer(tiny(weighting="upgrad"), progress=False) as a,
+        Trainer(tiny(weighting="mgda"), progress=False) as b,
+    ):
         with pytest.raises(GradlensError, match="weighting 'mgda'; found 'upgrad'"):
             b.load_state_dict(a.state_dict())
 
@@ -96,9 +107,27 @@ def test_uncertainty_weighting_learns_its_log_variances(tmp_path):
 
 def test_train_command_with_a_weighting_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--data-option", "n=128", "--width", "0.125", "--depth", "1",
-            "--batch-size", "32", "--epochs", "1", "--every", "1", "--no-progress",
-            "--weighting", "upgrad", "--per-layer", "--out", str(out)]
+    args = [
+        "train",
+        "--data-option",
+        "n=128",
+        "--width",
+        "0.125",
+        "--depth",
+        "1",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--every",
+        "1",
+        "--no-progress",
+        "--weighting",
+        "upgrad",
+        "--per-layer",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert "run stored in" in capsys.readouterr().out
     run = load_run(out)

@@ -18,6 +18,7 @@ from tests.zoo import ZOO, build, task_losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("torchjd")
+pytest.importorskip("scipy")  # CAGrad
 
 ENGINES = ["loop", "batched", "gramian"]
 #: Weights' tolerance against the weighting on the reference Gram: 1e-10, or the solver's
@@ -70,8 +71,9 @@ def _check(
         with torch.random.fork_rng():
             torch.manual_seed(1)
             raw(snap.gram)  # the total's call comes first in the profiler
-            exp_lw = {n: torch.as_tensor(raw(g), dtype=torch.float64)
-                      for n, g in snap.layer_grams.items()}
+            exp_lw = {
+                n: torch.as_tensor(raw(g), dtype=torch.float64) for n, g in snap.layer_grams.items()
+            }
         for n, lw in snap.layer_weights.items():
             torch.testing.assert_close(lw, exp_lw[n], atol=tol, rtol=tol)
     name = repr(fn) if fn is not raw else type(fn).__name__

@@ -171,6 +171,7 @@ def _cagrad_objective(w, G, c):
 
 def test_cagrad_inner_problem_against_a_grid():
     """T = 2: the simplex is a segment; a fine grid bounds the SLSQP optimum from above."""
+    pytest.importorskip("scipy")
     rng = np.random.default_rng(0)
     for _ in range(5):
         J = rng.normal(size=(2, 7))
@@ -184,6 +185,7 @@ def test_cagrad_inner_problem_against_a_grid():
 
 
 def test_cagrad_update_matches_the_official_formula():
+    pytest.importorskip("scipy")
     rng = np.random.default_rng(1)
     J = torch.tensor(rng.normal(size=(3, 9)))
     G = J @ J.T

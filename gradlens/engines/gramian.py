@@ -327,9 +327,8 @@ def _blocks_writer(
     """
 
     def scaled(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return (w.to(like.device, torch.float64) / u.to(like.device, torch.float64)).to(
-            like.dtype
-        )
+        w64, u64 = w.to(like.device, torch.float64), u.to(like.device, torch.float64)
+        return (w64 / u64).to(like.dtype)
 
     def write(weights: Mapping[str, torch.Tensor]) -> None:
         for layer, recs in rule_layers.items():

@@ -23,7 +23,8 @@ Example:
 from __future__ import annotations
 
 from gradlens.weightings._apply import PerLayer, Signed, call_weighting, per_layer
-from gradlens.weightings._gram import CAGrad, NashMTL
+from gradlens.weightings._cagrad import CAGrad
+from gradlens.weightings._gram import NashMTL
 from gradlens.weightings._loss import DWA, LossWeighting, RandomLossWeighting, UncertaintyWeighting
 from gradlens.weightings._registry import GRAM_METHODS, LOSS_METHODS, METHODS, make_weighting
 

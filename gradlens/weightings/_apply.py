@@ -134,7 +134,8 @@ def call_weighting(fn: GramWeighting, gram: torch.Tensor, where: str = "total") 
         Traceback (most recent call last):
         ...
         gradlens._errors.GradlensError: `weights` callable <lambda> should return T = 2 finite \
-non-negative weights from the total Gram; found negative weights [-1.0, -1.0].
+non-negative weights from the total Gram; found negative weights [-1.0, -1.0] (wrap a \
+method whose weights may be negative by definition in gradlens.weightings.Signed).
     """
     T = gram.shape[0]
     name = weighting_name(fn)
@@ -185,9 +186,7 @@ def write_per_layer(
     T = losses.shape[0]
     size = sum(p.numel() for p in params) * params[0].element_size()
     chunk = max(1, min(T, budget // max(1, size)))
-    W = {
-        id(p): layer_weights[layer_of[id(p)]].to(losses.device, p.dtype) for p in params
-    }
+    W = {id(p): layer_weights[layer_of[id(p)]].to(losses.device, p.dtype) for p in params}
     acc: list[torch.Tensor | None] = [None] * len(params)
     for lo in range(0, T, chunk):
         hi = min(T, lo + chunk)

@@ -7,7 +7,8 @@ from typing import Any
 
 from gradlens._errors import GradlensError, require
 from gradlens.weightings._apply import Signed
-from gradlens.weightings._gram import CAGrad, NashMTL
+from gradlens.weightings._cagrad import CAGrad
+from gradlens.weightings._gram import NashMTL
 from gradlens.weightings._loss import DWA, LossWeighting, RandomLossWeighting, UncertaintyWeighting
 
 __all__ = ["GRAM_METHODS", "LOSS_METHODS", "METHODS", "make_weighting"]
