@@ -15,7 +15,6 @@ from gradlens import load_run, plots, stats
 from gradlens._errors import GradlensError
 from gradlens._plots_util import MIN_FONT, overlapping
 from gradlens.metrics import metrics_frame
-
 from tests._sweepgen import make_run, make_sweep
 
 SIZES = ((2, 32), (4, 128))

@@ -20,7 +20,6 @@ from gradlens import stats
 from gradlens._errors import GradlensError, StoreError
 from gradlens.cli import main
 from gradlens.report import ReportPaths, build_report
-
 from tests._sweepgen import make_run, make_sweep
 
 EVIL = "<script>alert(1)</script>"

@@ -88,7 +88,7 @@ def test_pbt_score():
     seed=st.integers(0, 1000),
     mode=st.sampled_from(["max", "min"]),
 )
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80)
 def test_select_exploits_takes_the_worst_and_copies_the_best(scores, q, seed, mode):
     q = min(q, len(scores) // 2)
     pairs = _select_exploits(scores, q, mode, np.random.default_rng(seed))
