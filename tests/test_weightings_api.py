@@ -177,8 +177,12 @@ def test_cagrad_inner_problem_against_a_grid():
         J = rng.normal(size=(2, 7))
         G = J @ J.T
         w = CAGrad(c=0.5).simplex_weights(torch.tensor(G)).numpy()
-        grid = np.linspace(0, 1, 20001)
-        best = min(_cagrad_objective(np.array([a, 1 - a]), G, 0.5) for a in grid)
+        a = np.linspace(0, 1, 20001)
+        W = np.stack([a, 1 - a], 1)
+        b = np.full(2, 0.5)
+        c = 0.5 * math.sqrt(b @ G @ b + 1e-8) + 1e-8
+        quad = np.einsum("ki,ij,kj->k", W, G, W)
+        best = float((W @ G @ b + c * np.sqrt(quad + 1e-8)).min())
         assert _cagrad_objective(w, G, 0.5) <= best + 1e-9
         assert abs(w.sum() - 1) < 1e-9
         assert (w >= 0).all()
