@@ -213,7 +213,7 @@ class GramianEngine(Engine):
                     mod,
                     [r.input.to(compute_dtype(r.input.dtype)) for r in recs],
                     got,
-                    v,
+                    None if keep else v,  # kept blocks: the writer writes, once weights are known
                     by_layer[layer],
                     ctx.memory_budget,
                 )
@@ -222,7 +222,7 @@ class GramianEngine(Engine):
         for layer, ps in group_by_layer(self.shared, generic).items():
             grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
             rules[layer] = "generic"
-            for p in ps:
+            for p in ps if not keep else ():
                 accumulate_grad(p, torch.tensordot(v, gen_grads[id(p)], dims=1))
         ordered = {layer: grams[layer] for layer in by_layer}
         written = {id(p) for p in params} | {id(p) for p in heads}
