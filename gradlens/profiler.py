@@ -256,7 +256,7 @@ class Profiler:
         # which on a GPU would stall every step (an unprobed step then behaves as plain training)
         L, parts = _stack_losses(losses, self.tasks, check_finite=probe)
         if gw is None:
-            w = self._weights_on(weights, L)  # type: ignore[arg-type]
+            w = self._weights_on(weights, L)  # type: ignore[arg-type]  # not a callable here
         else:
             w = (held[0] if held is not None else torch.ones(len(self.tasks))).to(L.device, L.dtype)
         scale = _check_scale(grad_scale, L)
@@ -386,7 +386,7 @@ class Profiler:
         extra: dict[str, Any] = {}
         if weighting is not None:
             w, extra = self._apply_weighting(
-                weighting, gram, layer_grams, Ls, write, retain_graph, result.writer
+                weighting, gram, layer_grams, Ls, write, retain_graph, result.writer, leaves
             )
         snap = Snapshot(
             step=step,
@@ -412,6 +412,7 @@ class Profiler:
         write: bool,
         retain_graph: bool,
         writer: Callable[[Mapping[str, torch.Tensor]], None] | None,
+        leaves: Mapping[int, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Call a Gram weighting on this probe's Grams, hold and write its update.
 
@@ -440,7 +441,7 @@ class Profiler:
         if write:
             if writer is not None:
                 writer(layer_w if per_layer else dict.fromkeys(layer_grams, w64))
-                self._write_rest(Ls, w, retain_graph)
+                self._write_rest(Ls, w, retain_graph, leaves)
             elif per_layer:
                 self._write_weighted(Ls, w, layer_w, retain_graph)
             else:
@@ -452,9 +453,16 @@ class Profiler:
         }
         return w, extra
 
-    def _write_rest(self, Ls: torch.Tensor, w: torch.Tensor, retain_graph: bool) -> None:
+    def _write_rest(
+        self,
+        Ls: torch.Tensor,
+        w: torch.Tensor,
+        retain_graph: bool,
+        leaves: Mapping[int, torch.Tensor] | None = None,
+    ) -> None:
         """``sum_t w_t`` of the gradients of every leaf outside the shared parameters."""
-        leaves, _, _ = _traverse(Ls)
+        if leaves is None:
+            leaves = _traverse(Ls)[0]
         ids = {id(p) for p in self._shared.params}
         rest = [v for i, v in leaves.items() if i not in ids]
         if rest:
@@ -470,10 +478,11 @@ class Profiler:
         """``J_l^T w_l`` on each shared layer, ``sum_t w_t`` of the gradients on other leaves."""
         leaves, _, _ = _traverse(Ls)
         shared = [p for p in self._shared.params if id(p) in leaves]
+        # a layer the held probe did not reach (conditional computation) takes the total weights
         missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
         lw = {**layer_w, **dict.fromkeys(missing, w.detach().cpu())}
         _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget)
-        self._write_rest(Ls, w, retain_graph)
+        self._write_rest(Ls, w, retain_graph, leaves)
 
     def _flag_zero(self, snap: Snapshot) -> None:
         new = [t for t in snap.zero_tasks if t not in self._warned_zero]
