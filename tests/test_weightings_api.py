@@ -269,3 +269,10 @@ def test_rlw_and_dwa_follow_their_definitions():
     r = np.array([1.0 / 4.0, 1.0 / 2.0]) / 2.0
     exp = 2 * np.exp(r) / np.exp(r).sum()
     np.testing.assert_allclose(list(dwa.weights({"a": 1.0, "b": 1.0}).values()), exp, rtol=1e-12)
+
+
+def test_per_layer_needs_a_plain_callable():
+    with pytest.raises(gl.GradlensError, match="`weighting` should be a callable"):
+        gl.per_layer(3)
+    with pytest.raises(gl.GradlensError, match="found PerLayer"):
+        gl.per_layer(gl.per_layer(NashMTL()))
