@@ -14,6 +14,7 @@ import importlib.util
 _NEEDS = {
     "gradlens/integrations/lightning.py": "lightning",
     "gradlens/weightings/_cagrad.py": "scipy",  # its doctest solves with SLSQP
+    "gradlens/integrations/transformers.py": "transformers",
 }
 
 collect_ignore = [path for path, lib in _NEEDS.items() if importlib.util.find_spec(lib) is None]
