@@ -44,7 +44,10 @@ from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines._segments import plan_segments
 from gradlens.engines.rules import Rule, rule_for
 
-__all__ = ["GramianEngine"]
+__all__ = ["UNRECORDED", "GramianEngine"]
+
+#: Note recorded when a probe finds no forward recorded by the hooks (see ``Snapshot.notes``).
+UNRECORDED = "forward-not-recorded"
 
 
 @dataclass
@@ -52,6 +55,7 @@ class _Record:
     input: torch.Tensor
     edge: GradientEdge
     out_shape: torch.Size
+    out_dtype: torch.dtype
 
 
 class GramianEngine(Engine):
@@ -73,15 +77,16 @@ class GramianEngine(Engine):
         root = self.shared.module
         if root is None:
             return
-        shared_ids = {id(p) for p in self.shared.params}
+        # frozen parameters too: one unfrozen later is served by its rule from then on
+        shared_ids = {id(p) for p in self.shared.all_params}
         owners: dict[int, int] = {}
         for _, mod in root.named_modules():
             for p in mod.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
         for _name, mod in root.named_modules():
-            rule = rule_for(type(mod))
             own = [p for p in mod.parameters(recurse=False) if id(p) in shared_ids]
-            if rule is None or not own or not rule.applies(mod):
+            rule = rule_for(mod) if own else None
+            if rule is None:
                 continue
             if any(owners[id(p)] > 1 for p in own):  # tied to another module: generic path
                 continue
@@ -101,8 +106,11 @@ class GramianEngine(Engine):
     def set_recording(self, on: bool) -> None:
         self._recording = on
         if not on:
-            self._records.clear()
-            self._boundary.clear()
+            self.discard()
+
+    def discard(self) -> None:
+        self._records.clear()
+        self._boundary.clear()
 
     def _boundary_hook(self) -> Callable[..., None]:
         """Record the output edges of the shared root module: the boundary to the task heads."""
@@ -116,7 +124,7 @@ class GramianEngine(Engine):
             for out in leaves:
                 if isinstance(out, torch.Tensor) and out.requires_grad:
                     engine._boundary.append(
-                        _Record(out.detach(), get_gradient_edge(out), out.shape)
+                        _Record(out.detach(), get_gradient_edge(out), out.shape, out.dtype)
                     )
 
         return hook
@@ -134,7 +142,7 @@ class GramianEngine(Engine):
             if not isinstance(x, torch.Tensor):
                 return
             engine._records.setdefault(layer, []).append(
-                _Record(x.detach(), get_gradient_edge(output), output.shape)
+                _Record(x.detach(), get_gradient_edge(output), output.shape, output.dtype)
             )
 
         return hook
@@ -149,12 +157,19 @@ class GramianEngine(Engine):
         by_layer = group_by_layer(self.shared, params)
         rule_layers: dict[str, list[_Record]] = {}
         generic: list[torch.Tensor] = []
+        notes = []
+        if self._modules and not records and not boundary:
+            # hooks installed but nothing recorded: the forward ran before the profiler existed
+            # (or outside a probed step); every layer is served by the exact generic path
+            notes.append(UNRECORDED)
         for layer, ps in by_layer.items():
             live = [r for r in records.get(layer, ()) if r.edge.node in ctx.nodes]
             if (
                 layer in self._modules
                 and live
                 and all(ctx.uses.get(id(p), 0) == len(live) for p in ps)
+                # the rule computes every trainable parameter of its module: all must be here
+                and {id(p) for p in ps} == _trainable(self._modules[layer][0])
             ):
                 rule_layers[layer] = live
             else:
@@ -195,19 +210,26 @@ class GramianEngine(Engine):
                 mod, rule = self._modules[layer]
                 got = [
                     # a recorded output no task reached: zero; bf16/fp16 (autocast) -> float32
-                    r.input.new_zeros((T, *r.out_shape))
+                    torch.zeros(
+                        (T, *r.out_shape),
+                        dtype=compute_dtype(r.out_dtype),
+                        device=r.input.device,
+                    )
                     if g is None
                     else g.to(compute_dtype(g.dtype))
                     for r, g in zip(recs, outs.pop(layer))
                 ]
-                grams[layer] = unscale * rule.fn(
+                G, weighted = rule.fn(
                     mod,
-                    [r.input.to(compute_dtype(r.input.dtype)) for r in recs],
+                    [_widen(r.input) for r in recs],
                     got,
                     v,
-                    by_layer[layer],
                     ctx.memory_budget,
                 )
+                grams[layer] = unscale * G
+                own = dict(mod.named_parameters(recurse=False))
+                for pname, g in weighted.items():
+                    accumulate_grad(own[pname], g)
                 rules[layer] = rule.name
                 del got
         for layer, ps in group_by_layer(self.shared, generic).items():
@@ -217,7 +239,9 @@ class GramianEngine(Engine):
                 accumulate_grad(p, torch.tensordot(v, gen_grads[id(p)], dims=1))
         ordered = {layer: grams[layer] for layer in by_layer}
         written = {id(p) for p in params} | {id(p) for p in heads}
-        return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, written)
+        return EngineResult(
+            ordered, {l_: rules[l_] for l_ in ordered}, written, engine=self.name, notes=notes
+        )
 
     def _output_grads(
         self,
@@ -361,6 +385,15 @@ def _reaches_past(
                 return True
             todo.append(nxt)
     return False
+
+
+def _trainable(module: nn.Module) -> set[int]:
+    return {id(p) for p in module.parameters(recurse=False) if p.requires_grad}
+
+
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    """A recorded floating input in the dtype rules compute in (indices stay as they are)."""
+    return x.to(compute_dtype(x.dtype)) if x.is_floating_point() else x
 
 
 def _remove(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
