@@ -48,6 +48,15 @@ class Snapshot:
     rules: Mapping[str, str] = field(default_factory=dict)
     #: The task losses at this step, as floats.
     losses: Mapping[str, float] = field(default_factory=dict)
+    #: ``engine="auto"``: seconds of the fastest timed probe of each candidate engine on this
+    #: graph shape so far (``engine`` names the candidate that computed this snapshot).
+    timings: Mapping[str, float] = field(default_factory=dict)
+    #: Shared layers that no loss reached at this step: their Gram is zero (listed, not absent).
+    unreached: tuple[str, ...] = ()
+    #: Facts about this probe: ``"forward-not-recorded"`` (the forward ran before the profiler
+    #: existed, or bypassed the shared module's hooks: every layer took the generic path),
+    #: ``"auto-chose:<engine>"`` (the probe that settled ``auto``'s choice).
+    notes: tuple[str, ...] = ()
 
     @property
     def zero_tasks(self) -> tuple[str, ...]:

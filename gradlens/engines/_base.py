@@ -176,6 +176,8 @@ class Engine(ABC):
     name: ClassVar[str]
     level: ClassVar[Level] = "parameters"
     needs_features: ClassVar[bool] = False
+    #: Whether the engine relies on forward hooks (a forward they did not see costs it speed).
+    uses_hooks: ClassVar[bool] = False
 
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         self.shared = shared

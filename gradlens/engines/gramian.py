@@ -62,6 +62,7 @@ class GramianEngine(Engine):
     """Per-layer Grams from activations and output gradients; generic fallback per module."""
 
     name = "gramian"
+    uses_hooks = True
 
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         super().__init__(shared, n_tasks)
