@@ -12,8 +12,8 @@ A layer with a bias but no trainable weight needs neither: ``G = S S^T`` with ``
 The weighted gradient ``(sum_t w_t D_t)^T A`` costs what a plain backward's weight gradient costs.
 
 HF's ``Conv1D`` (GPT-2), ``y = x W + b`` with ``W`` stored transposed, shares the math
-(:func:`conv1d_rule`). The kernel path is one pure function, :func:`kernel_core`; on CUDA it runs compiled through
-``torch.compile`` (see :mod:`gradlens.engines.rules._fused`), elsewhere eagerly.
+(:func:`conv1d_rule`). The kernel path is one pure function, :func:`kernel_core`; on CUDA it runs
+compiled through ``torch.compile`` (see :mod:`gradlens.engines.rules._fused`), elsewhere eagerly.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def linear_grads(
     has_b: bool,
     budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The Gram and weighted gradients of ``y = A W^T + b`` from ``A`` (N x in), ``D`` (T x N x out).
+    """Gram and weighted gradients of ``y = A W^T + b`` from ``A`` (N x in), ``D`` (T x N x out).
 
     >>> A, D = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
     >>> G, gW, gb = linear_grads(A, D, torch.ones(2, dtype=torch.float64), True, True, 1 << 20)

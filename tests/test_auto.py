@@ -1,0 +1,102 @@
+"""The ``auto`` engine: every probe exact whichever candidate serves it; the choice is kept per
+graph shape, recorded in the Snapshot, the run's meta and ``repr(prof)``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradlens as gl
+from gradlens.engines.auto import CANDIDATES, Decision
+from gradlens.store import load_run
+from gradlens.testing import reference_grams
+from tests.zoo import build, task_losses
+
+TOL = 1e-10
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    d = ref.diagonal().clamp(min=0).sqrt()
+    err = ((got - ref).abs() / (d[:, None] * d[None, :]).clamp(min=1e-300)).max().item()
+    assert err <= TOL, err
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn_bn", "transformer"])
+def test_auto_is_exact_on_every_probe_and_settles(model, tmp_path):
+    trunk, heads, x, ys = build(model, 3)
+    w = {"t0": 0.2, "t1": 0.5, "t2": 0.3}
+    params = list(trunk.parameters()) + list(heads.parameters())
+    used = []
+    with gl.Profiler(trunk, list(w), store=tmp_path / "run") as prof:
+        assert prof.engine == "auto"
+        for _ in range(7):
+            losses = task_losses(trunk, heads, x, ys)
+            ref = reference_grams(losses, trunk)
+            plain = torch.autograd.grad(
+                sum(w[t] * v for t, v in losses.items()), params, retain_graph=True
+            )
+            snap = prof.backward(losses, w)
+            _close(snap.gram, ref.gram)
+            assert list(snap.layer_grams) == list(ref.layer_grams) == list(prof.layers)
+            for layer, g in ref.layer_grams.items():
+                _close(snap.layer_grams[layer], g)
+            for p, g in zip(params, plain):
+                torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+                p.grad = None
+            used.append(snap.engine)
+            assert set(snap.timings) <= {c.name for c in CANDIDATES}
+        chosen = prof._engine.describe()
+        assert f"chose={chosen!r}" in repr(prof)
+    # round 1 times every candidate, loop first; then the winner serves every probe
+    assert used[:3] == ["loop", "batched", "gramian"]
+    assert used[-1] == chosen
+    assert snap.timings[chosen] == min(snap.timings.values())
+    meta = load_run(tmp_path / "run").meta
+    assert meta["engine"] == "auto"
+    (decision,) = meta["auto"]
+    assert decision["winner"] == chosen
+    assert decision["tasks"] == 3
+    assert decision["seconds"] == pytest.approx(snap.timings)
+
+
+def test_auto_decides_anew_for_a_new_batch_shape():
+    trunk, heads, x, ys = build("mlp", 2, batch=6)
+    with gl.Profiler(trunk, ["t0", "t1"]) as prof:
+        for _ in range(6):
+            prof.backward(task_losses(trunk, heads, x, ys))
+        assert len(prof._engine.decisions) == 1
+        small_x, small_y = x[:3], ys[:, :3]
+        losses = task_losses(trunk, heads, small_x, small_y)
+        ref = reference_grams(losses, trunk)
+        snap = prof.backward(losses)
+        assert len(prof._engine.decisions) == 2
+        assert snap.engine == "loop"  # a new shape starts round 1 again
+        _close(snap.gram, ref.gram)
+        # the first shape's decision is kept
+        snap = prof.backward(task_losses(trunk, heads, x, ys))
+        first = next(iter(prof._engine.decisions.values()))
+        assert snap.engine == first.winner
+
+
+def test_second_round_times_only_close_candidates():
+    d = Decision()
+    order = ["loop", "batched", "gramian"]
+    for name, t in [("loop", 10.0), ("batched", 1.0), ("gramian", 1.2)]:
+        assert d.next_candidate(order) == name
+        d.times[name] = [t]
+    assert d.next_candidate(order) == "batched"
+    d.times["batched"].append(1.1)
+    assert d.next_candidate(order) == "gramian"
+    d.times["gramian"].append(0.9)
+    assert d.next_candidate(order) is None
+    assert d.best() == {"loop": 10.0, "batched": 1.0, "gramian": 0.9}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_auto_with_a_compiled_trunk_times_loop_only():
+    trunk, _, _, _ = build("mlp", 2)
+    trunk.compile()  # the vmap engines cannot run through it
+    with gl.Profiler(trunk, ["t0", "t1"]) as prof:
+        assert list(prof._engine.candidates) == ["loop"]
+    with gl.Profiler(build("mlp", 2)[0], ["t0", "t1"]) as prof:
+        assert list(prof._engine.candidates) == ["loop", "batched", "gramian"]
