@@ -10,15 +10,7 @@ import gradlens as gl
 from gradlens.engines.auto import CANDIDATES, Decision
 from gradlens.store import load_run
 from gradlens.testing import reference_grams
-from tests.zoo import build, task_losses
-
-TOL = 1e-10
-
-
-def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
-    d = ref.diagonal().clamp(min=0).sqrt()
-    err = ((got - ref).abs() / (d[:, None] * d[None, :]).clamp(min=1e-300)).max().item()
-    assert err <= TOL, err
+from tests.zoo import assert_gram_close, build, task_losses
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn_bn", "transformer"])
@@ -36,10 +28,10 @@ def test_auto_is_exact_on_every_probe_and_settles(model, tmp_path):
                 sum(w[t] * v for t, v in losses.items()), params, retain_graph=True
             )
             snap = prof.backward(losses, w)
-            _close(snap.gram, ref.gram)
+            assert_gram_close(snap.gram, ref.gram, 1e-10)
             assert list(snap.layer_grams) == list(ref.layer_grams) == list(prof.layers)
             for layer, g in ref.layer_grams.items():
-                _close(snap.layer_grams[layer], g)
+                assert_gram_close(snap.layer_grams[layer], g, 1e-10)
             for p, g in zip(params, plain):
                 torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
                 p.grad = None
@@ -71,7 +63,7 @@ def test_auto_decides_anew_for_a_new_batch_shape():
         snap = prof.backward(losses)
         assert len(prof._engine.decisions) == 2
         assert snap.engine == "loop"  # a new shape starts round 1 again
-        _close(snap.gram, ref.gram)
+        assert_gram_close(snap.gram, ref.gram, 1e-10)
         # the first shape's decision is kept
         snap = prof.backward(task_losses(trunk, heads, x, ys))
         first = next(iter(prof._engine.decisions.values()))

@@ -11,15 +11,9 @@ from torch.utils.checkpoint import checkpoint
 import gradlens as gl
 from gradlens.engines.gramian import UNRECORDED
 from gradlens.testing import reference_grams
-from tests.zoo import build, task_losses
+from tests.zoo import assert_gram_close, build, task_losses
 
 ENGINES = ["auto", "loop", "batched", "gramian"]
-
-
-def _close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-10) -> None:
-    d = ref.diagonal().clamp(min=0).sqrt()
-    err = ((got - ref).abs() / (d[:, None] * d[None, :]).clamp(min=1e-300)).max().item()
-    assert err <= tol, err
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -37,8 +31,8 @@ def test_parameters_unfrozen_after_creation_join_the_grams(engine):
             ref = reference_grams(losses, trunk)
             snap = prof.backward(losses)
             assert list(snap.layer_grams) == list(ref.layer_grams) == ["0", "2", "4"]
-            _close(snap.gram, ref.gram)
-            _close(snap.layer_grams["0"], ref.layer_grams["0"])
+            assert_gram_close(snap.gram, ref.gram, 1e-10)
+            assert_gram_close(snap.layer_grams["0"], ref.layer_grams["0"], 1e-10)
         assert trunk[0].weight.grad is not None
         trunk[2].requires_grad_(False)  # and frozen again: it leaves the Grams
         snap = prof.backward(task_losses(trunk, heads, x, ys))
@@ -74,7 +68,7 @@ def test_reentrant_checkpoint_is_refused_before_any_side_effect(engine):
         ref = reference_grams(losses, trunk)
         snap = prof.backward(losses)
         assert prof.step == 1
-        _close(snap.gram, ref.gram)
+        assert_gram_close(snap.gram, ref.gram, 1e-10)
 
 
 @pytest.mark.parametrize("engine", ["auto", "gramian"])
@@ -86,7 +80,7 @@ def test_profiler_created_after_the_forward_warns_once_and_notes_it(engine):
         with pytest.warns(gl.GradlensWarning, match=r"Create the Profiler before the first"):
             snap = prof.backward(losses)
         assert UNRECORDED in snap.notes
-        _close(snap.gram, ref.gram)  # still exact
+        assert_gram_close(snap.gram, ref.gram, 1e-10)  # still exact
         snap = prof.backward(task_losses(trunk, heads, x, ys))  # seen: no note, no warning
         assert UNRECORDED not in snap.notes
         losses = task_losses(trunk, heads, x, ys)
@@ -121,5 +115,5 @@ def test_unreached_layer_has_a_zero_gram_listed_and_flagged(engine):
     assert snap.unreached == ("b",)
     assert torch.count_nonzero(snap.layer_grams["b"]) == 0
     assert torch.count_nonzero(ref.layer_grams["b"]) == 0
-    _close(snap.gram, ref.gram)
+    assert_gram_close(snap.gram, ref.gram, 1e-10)
     assert trunk.b.weight.grad is None  # as a plain backward leaves it

@@ -11,14 +11,7 @@ import gradlens as gl
 from gradlens.engines import rules as rules_mod
 from gradlens.engines.rules import decline_reason, register_rule, rule_for
 from gradlens.testing import reference_grams
-
-TOL = 1e-10
-
-
-def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
-    d = ref.diagonal().clamp(min=0).sqrt()
-    err = ((got - ref).abs() / (d[:, None] * d[None, :]).clamp(min=1e-300)).max().item()
-    assert err <= TOL, err
+from tests.zoo import assert_gram_close
 
 
 class _Seq(nn.Module):
@@ -82,10 +75,10 @@ def test_rule_matches_the_loop_reference(model, n_tasks):
         snap = prof.backward(losses, w)
     served = {r for r in snap.rules.values()}
     assert "generic" not in served, snap.rules
-    _close(snap.gram, ref.gram)
+    assert_gram_close(snap.gram, ref.gram, 1e-10)
     assert list(snap.layer_grams) == list(ref.layer_grams)
     for layer, g in ref.layer_grams.items():
-        _close(snap.layer_grams[layer], g)
+        assert_gram_close(snap.layer_grams[layer], g, 1e-10)
     for p, g in zip(params, plain):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
 
@@ -140,7 +133,7 @@ def test_a_custom_rule_serves_its_module_exactly():
         assert snap.rules == {"0": "linear", "1": "scale", "3": "scale"}
         assert calls == [1, 1]
         for layer, g in ref.layer_grams.items():
-            _close(snap.layer_grams[layer], g)
+            assert_gram_close(snap.layer_grams[layer], g, 1e-10)
     finally:
         rules_mod._RULES.pop(Scale)
 
@@ -163,6 +156,6 @@ def test_hf_conv1d_rule():
         snap = prof.backward(losses)
     assert snap.rules == {"0": "conv1d", "2": "conv1d"}
     for layer, g in ref.layer_grams.items():
-        _close(snap.layer_grams[layer], g)
+        assert_gram_close(snap.layer_grams[layer], g, 1e-10)
     for p, g in zip(params, plain):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
