@@ -5,6 +5,11 @@ changes a number; only the time differs, by model, device, dtype and task count.
 whole probes (the engine plus the backward to the leaves it left, e.g. the task heads), one
 candidate per probe, and keeps the fastest for the rest of the run:
 
+- on CPU the ``gramian`` engine is timed twice over, as ``gramian`` (its second stage one
+  backward per task, its CPU default where the shared part is not Linear-only) and
+  ``gramian-vmap`` (one batched backward): which is faster depends on the layers and the batch
+  (measured at batch 4, T = 8: vmap faster on BERT, ViT, ConvNeXt, ResNet; looped as fast on
+  GPT-2; looped faster on the larger trunks of ``gradlens bench``);
 - round 1 times each candidate once (``loop`` first: the first probe of a process also pays
   one-time costs, and ``loop`` pays the least of them);
 - round 2 times again each candidate within :data:`CLOSE` of the best (first probes are noisy);
@@ -89,6 +94,12 @@ class AutoEngine(Engine):
         self.candidates: dict[str, Engine] = {
             c.name: c(shared, n_tasks) for c in CANDIDATES if only is None or c.name in only
         }
+        #: what is timed: name -> (engine, gramian second stage)
+        self.variants: dict[str, tuple[Engine, str | None]] = {
+            name: (e, None) for name, e in self.candidates.items()
+        }
+        if "gramian" in self.candidates:
+            self.variants["gramian-vmap"] = (self.candidates["gramian"], "vmap")
         self.decisions: dict[tuple[object, ...], Decision] = {}
         self._shapes: tuple[object, ...] = ()
         self._recording = True
@@ -139,15 +150,23 @@ class AutoEngine(Engine):
         key = self.key(ctx)
         self._shapes = ()
         decision = self.decisions.setdefault(key, Decision())
-        order = list(self.candidates)
+        order = [
+            n
+            for n in self.variants
+            # off CPU the gramian engine vmaps already: nothing more to time
+            if n != "gramian-vmap" or ctx.losses.device.type == "cpu"
+        ]
         name = decision.winner or decision.next_candidate(order)
         assert name is not None
+        engine, stage = self.variants[name]
         timing = decision.winner is None
         sync = _sync_for(ctx.losses.device)
         if timing:
             sync()
             t0 = time.perf_counter()
-        result = self.candidates[name].compute(ctx)
+        if isinstance(engine, GramianEngine):
+            engine.stage = stage
+        result = engine.compute(ctx)
         if ctx.write:
             # the backward to every other leaf (the task heads) is part of the probe's cost
             rest = [v for i, v in ctx.leaves.items() if i not in result.written]
@@ -162,10 +181,10 @@ class AutoEngine(Engine):
             if decision.next_candidate(order) is None:
                 best = decision.best()
                 decision.winner = min(best, key=best.__getitem__)
-        for other, e in self.candidates.items():
-            if other != name:
+        for e in self.candidates.values():
+            if e is not engine:
                 e.discard()
-        result.engine = name
+        result.engine = engine.name
         result.timings = decision.best()
         if decision.winner is not None and timing:
             result.notes.append(f"auto-chose:{decision.winner}")
@@ -191,7 +210,7 @@ class AutoEngine(Engine):
         return out
 
     def describe(self) -> str:
-        """The winners so far, e.g. ``gramian`` or ``gramian/batched`` (by graph shape)."""
+        """The winners so far, e.g. ``gramian`` or ``gramian-vmap/batched`` (by graph shape)."""
         winners = [d.winner for d in self.decisions.values() if d.winner is not None]
         if not winners:
             return "timing"

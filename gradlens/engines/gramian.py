@@ -72,6 +72,11 @@ class GramianEngine(Engine):
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize | None = None
+        #: how the second stage backpropagates the T cotangents through the shared part:
+        #: ``"looped"`` (one backward per task), ``"vmap"`` (one batched backward), or None for
+        #: the default (looped on CPU unless the shared part is Linear layers only; ``auto``
+        #: times both on CPU)
+        self.stage: str | None = None
 
     # -- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -297,6 +302,8 @@ class GramianEngine(Engine):
         looped = ctx.losses.device.type == "cpu" and (
             bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
         )
+        if self.stage is not None:
+            looped = self.stage == "looped"
         # the backward frees the graph, as a plain backward would, unless the profiler still
         # has leaves to reach (those neither shared nor in the heads) or the caller keeps it
         done = {id(p) for p in ctx.reached} | {id(p) for p in heads}
