@@ -2,8 +2,9 @@
 
 Every candidate (``loop``, ``batched``, ``gramian``) is exact, so which one serves a probe never
 changes a number; only the time differs, by model, device, dtype and task count. ``auto`` times
-whole probes (the engine plus the backward to the leaves it left, e.g. the task heads), one
-candidate per probe, and keeps the fastest for the rest of the run:
+whole probes (the engine plus the backward to the leaves it left, e.g. the task heads; CPU time
+of the process on CPU, synchronized wall time on CUDA), one candidate per probe, and keeps the
+fastest for the rest of the run:
 
 - on CPU the ``gramian`` engine is timed twice over, as ``gramian`` (its second stage one
   backward per task, its CPU default where the shared part is not Linear-only) and
@@ -160,10 +161,9 @@ class AutoEngine(Engine):
         assert name is not None
         engine, stage = self.variants[name]
         timing = decision.winner is None
-        sync = _sync_for(ctx.losses.device)
+        clock = _clock_for(ctx.losses.device)
         if timing:
-            sync()
-            t0 = time.perf_counter()
+            t0 = clock()
         if isinstance(engine, GramianEngine):
             engine.stage = stage
         result = engine.compute(ctx)
@@ -176,8 +176,7 @@ class AutoEngine(Engine):
                 )
             result.written |= set(ctx.leaves)
         if timing:
-            sync()
-            decision.times.setdefault(name, []).append(time.perf_counter() - t0)
+            decision.times.setdefault(name, []).append(clock() - t0)
             if decision.next_candidate(order) is None:
                 best = decision.best()
                 decision.winner = min(best, key=best.__getitem__)
@@ -217,7 +216,15 @@ class AutoEngine(Engine):
         return "/".join(dict.fromkeys(winners))
 
 
-def _sync_for(device: torch.device) -> Callable[[], None]:
+def _clock_for(device: torch.device) -> Callable[[], float]:
+    """CPU time of the process on CPU (robust to other processes taking the cores while a
+    candidate runs: one descheduling would otherwise decide the choice); wall time read after
+    ``torch.cuda.synchronize()`` on CUDA."""
     if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+
+        def now() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return now
+    return time.process_time
