@@ -114,17 +114,13 @@ class Profiler:
         self._w_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
         self._engine.attach()
         self._engine.set_recording(self._schedule(0))
-<<<<<<< HEAD
         self._forward_hook = (
             None
             if self._shared.module is None or not self._engine.uses_hooks
             else self._shared.module.register_forward_hook(_forward_seen(weakref.ref(self)))
         )
-        self.store = _open_store(store, self._meta(meta, engine, every))
-=======
         run_meta = self._meta(meta, engine, every)
         self.store = _open_store(store, run_meta)
->>>>>>> main
         self._sinks: list[Sink] = list(sinks)
         for sink in self._sinks:  # dashboards log the run meta as config/params
             if callable(getattr(sink, "update_meta", None)):
@@ -430,14 +426,16 @@ class Profiler:
             )
 
     def _log_auto(self) -> None:
-        """Write ``auto``'s decisions into the run's meta (``meta["auto"]``) as they are made."""
-        if not isinstance(self._engine, AutoEngine) or not hasattr(self.store, "update_meta"):
+        """Write ``auto``'s decisions, as they are made, into the run store's meta
+        (``meta["auto"]``; not to dashboards, some of which refuse a parameter that changes)."""
+        if not isinstance(self._engine, AutoEngine) or self.store is None:
             return
         done = {k for k, d in self._engine.decisions.items() if d.winner is not None}
         if done <= self._auto_logged:
             return
         self._auto_logged |= done
-        self.store.update_meta(auto=self._engine.summary())  # type: ignore[union-attr]
+        if callable(getattr(self.store, "update_meta", None)):
+            self.store.update_meta(auto=self._engine.summary())  # type: ignore[attr-defined]
 
     def _flag_zero(self, snap: Snapshot) -> None:
         new = [t for t in snap.zero_tasks if t not in self._warned_zero]
