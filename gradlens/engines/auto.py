@@ -177,6 +177,9 @@ class AutoEngine(Engine):
             result.written |= set(ctx.leaves)
         if timing:
             decision.times.setdefault(name, []).append(clock() - t0)
+            if name == "gramian" and isinstance(engine, GramianEngine) and not engine.last_looped:
+                # its default already vmapped (a Linear-only shared part): the same engine
+                decision.times.setdefault("gramian-vmap", decision.times[name])
             if decision.next_candidate(order) is None:
                 best = decision.best()
                 decision.winner = min(best, key=best.__getitem__)

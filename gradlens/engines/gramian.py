@@ -77,6 +77,8 @@ class GramianEngine(Engine):
         #: the default (looped on CPU unless the shared part is Linear layers only; ``auto``
         #: times both on CPU)
         self.stage: str | None = None
+        #: whether the last probe's second stage ran one backward per task
+        self.last_looped: bool | None = None
 
     # -- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -304,6 +306,7 @@ class GramianEngine(Engine):
         )
         if self.stage is not None:
             looped = self.stage == "looped"
+        self.last_looped = looped
         # the backward frees the graph, as a plain backward would, unless the profiler still
         # has leaves to reach (those neither shared nor in the heads) or the caller keeps it
         done = {id(p) for p in ctx.reached} | {id(p) for p in heads}
