@@ -72,6 +72,15 @@ class Snapshot:
     weighting_path: str | None = None
     #: ``gl.per_layer(w)``: each layer's own weights ``w(G_l)`` (float64, CPU); else empty.
     layer_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    #: ``engine="auto"``: seconds of the fastest timed probe of each candidate engine on this
+    #: graph shape so far (``engine`` names the candidate that computed this snapshot).
+    timings: Mapping[str, float] = field(default_factory=dict)
+    #: Shared layers that no loss reached at this step: their Gram is zero (listed, not absent).
+    unreached: tuple[str, ...] = ()
+    #: Facts about this probe: ``"forward-not-recorded"`` (the forward ran before the profiler
+    #: existed, or bypassed the shared module's hooks: every layer took the generic path),
+    #: ``"auto-chose:<engine>"`` (the probe that settled ``auto``'s choice).
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # The one place that makes every Gram a Snapshot holds exactly symmetric, whatever engine

@@ -43,6 +43,7 @@ from torch.nn import functional as F
 
 from gradlens._bench_weightings import WEIGHTED_METHODS, weighted_step
 from gradlens._errors import GradlensError
+from gradlens.engines._base import _quiet_vmap
 from gradlens.profiler import Profiler
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "METHODS",
     "MODELS",
     "WEIGHTED_METHODS",
+    "ZOO_MODELS",
     "format_table",
     "hardware_info",
     "measure_peak_memory",
@@ -117,7 +119,12 @@ MODELS.update(
     }
 )
 
-METHODS = ("plain", "loop-libmtl", "torchjd", "loop", "batched", "gramian", "features")
+METHODS = ("plain", "loop-libmtl", "torchjd", "loop", "batched", "gramian", "auto", "features")
+
+#: ``gradlens bench --zoo``: Hugging Face trunks (see :mod:`gradlens._bench_zoo`) and two of ours
+ZOO_MODELS = (
+    "bert", "gpt2", "t5-encoder", "vit", "resnet", "convnext", "mobilenetv2", "mlp-1m", "cnn-1m"
+)
 
 #: methods that get amortised rows (``method@every=k``) when ``amortise`` is not empty
 AMORTISED = ("gramian", "features")
@@ -218,14 +225,25 @@ class _Setup:
         seed: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        if model not in MODELS:
-            raise GradlensError(f"`model` should be one of {sorted(MODELS)}; found {model!r}.")
+        from gradlens._bench_zoo import ZOO, build_zoo
+
+        if model not in MODELS and model not in ZOO:
+            raise GradlensError(
+                f"`model` should be one of {sorted(MODELS) + sorted(ZOO)}; found {model!r}."
+            )
         self.device = torch.device(device)
         torch.manual_seed(seed)  # built on CPU, then moved: the same model and batch everywhere
-        make, shape, d = MODELS[model]
-        self.trunk = make().to(self.device)
+        if model in ZOO:
+            trunk, make_x = build_zoo(model)
+            x = make_x(batch)
+            with torch.no_grad():
+                d = trunk(x).shape[1]
+        else:
+            make, shape, d = MODELS[model]
+            trunk, x = make(), torch.randn(batch, *shape)
+        self.trunk = trunk.to(self.device)
         self.heads = nn.ModuleList([nn.Linear(d, 10) for _ in range(n_tasks)]).to(self.device)
-        self.x = torch.randn(batch, *shape).to(self.device)
+        self.x = x.to(self.device)
         self.y = torch.randint(0, 10, (n_tasks, batch)).to(self.device)
         self.tasks = [f"t{i}" for i in range(n_tasks)]
         self.w = {t: 1.0 / n_tasks for t in self.tasks}
@@ -293,6 +311,15 @@ class _Setup:
             prof = self._profilers[(method, every)]
             prof.backward(losses, self.w, features=z if method == "features" else None)
 
+    def deciding(self) -> bool:
+        """Whether the ``auto`` profiler is still timing candidates for this graph."""
+        engine = self._profilers[("auto", 1)]._engine
+        return not any(d.winner for d in engine.decisions.values())  # type: ignore[attr-defined]
+
+    def chosen(self) -> str:
+        """The engine the ``auto`` profiler chose."""
+        return self._profilers[("auto", 1)]._engine.describe()  # type: ignore[attr-defined]
+
     def _libmtl(self, losses: dict[str, torch.Tensor]) -> None:
         # LibMTL's pattern: T autograd.grad calls on the shared parameters, flatten, stack
         params = list(self.trunk.parameters())
@@ -315,7 +342,8 @@ class _Setup:
             p.grad = None
         losses, _ = self.losses(self._jd_trunk)
         L = torch.stack(list(losses.values()))
-        _ = self._torchjd.compute_gramian(L)
+        with _quiet_vmap():  # its vmap's slow-path notices (e.g. SDPA backward on CPU)
+            _ = self._torchjd.compute_gramian(L)
         L.backward(self.wt)
 
     def close(self) -> None:
@@ -439,6 +467,7 @@ def _run(
         for T in tasks:
             setup = _Setup(model, T, batch, device=device)
             times: dict[str, list[float]] = {m: [] for m in order}
+            chosen: dict[str, int] = {}
             for r in range(warmup + repeats):
                 rot = order[r % len(order) :] + order[: r % len(order)]
                 for name in rot:
@@ -452,8 +481,13 @@ def _run(
                     else:
                         if setup.prepare(name):
                             # a profiler's first probe allocates its buffers: time the second
-                            # (with every=1 a probe too), the steady state of a training run
+                            # (with every=1 a probe too), the steady state of a training run;
+                            # auto: the first probe after its choice is made
                             setup.step(name)
+                            while name == "auto" and setup.deciding():
+                                setup.step(name)
+                        if name == "auto":
+                            chosen[setup.chosen()] = chosen.get(setup.chosen(), 0) + 1
                         t0 = now()
                         setup.step(name)
                     dt = now() - t0
@@ -472,6 +506,8 @@ def _run(
             }
             for m in methods:
                 rows.append(_row(common, m, med[m], base, loop))
+                if m == "auto":  # what auto chose, over the repeats (a fresh choice each)
+                    rows[-1]["chose"] = dict(sorted(chosen.items()))
             for m in AMORTISED:
                 if f"{m}-unprobed" not in med:
                     continue

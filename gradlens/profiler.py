@@ -41,12 +41,16 @@ from gradlens._errors import GradlensError, GradlensWarning
 from gradlens._snapshot import Snapshot, _symmetric
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
+from gradlens.engines.auto import AutoEngine
+from gradlens.engines.gramian import UNRECORDED
 from gradlens.schedules import Schedule, as_schedule
 from gradlens.weightings import _apply as _weighting
 
 __all__ = ["Profiler", "Sink"]
 
 _FREED = "Trying to backward through the graph a second time"
+#: The autograd node of ``checkpoint(..., use_reentrant=True)``.
+_REENTRANT = "CheckpointFunctionBackward"
 #: Engines that backpropagate T cotangents at once with vmap (unsupported by torch.compile).
 _VMAP_ENGINES = ("gramian", "batched")
 
@@ -70,7 +74,9 @@ class Profiler:
         shared: the shared module (its trainable parameters are the shared ones), or an iterable
             of ``(name, parameter)`` pairs.
         tasks: task names, in the order of the Gram's rows.
-        engine: ``"gramian"`` (default), ``"batched"``, ``"loop"`` or ``"features"``.
+        engine: ``"auto"`` (default: the fastest of the exact engines ``"loop"``,
+            ``"batched"`` and ``"gramian"``, timed on the first probes; see
+            :mod:`gradlens.engines.auto`), one of those three, or ``"features"``.
         every: probe every k-th step (an int), or any callable ``step -> bool``
             (see :mod:`gradlens.schedules`).
         store: a run directory path (a :class:`gradlens.store.RunWriter` is created there) or a
@@ -86,7 +92,7 @@ class Profiler:
         self,
         shared: nn.Module | Iterable[Any],
         tasks: Sequence[str],
-        engine: str = "gramian",
+        engine: str = "auto",
         every: int | Schedule = 1,
         store: str | Path | Any | None = None,
         *,
@@ -95,7 +101,8 @@ class Profiler:
         meta: Mapping[str, Any] | None = None,
     ) -> None:
         self.tasks: tuple[str, ...] = _check_tasks(tasks)
-        self._shared = resolve_shared(_uncompiled(shared, engine))
+        module, self._compiled = _uncompiled(shared, engine)
+        self._shared = resolve_shared(module)
         self._engine: Engine = self._make_engine(engine)
         self._schedule = as_schedule(every)
         if not isinstance(memory_budget, int) or memory_budget <= 0:
@@ -106,11 +113,19 @@ class Profiler:
         self.step = 0
         self._closed = False
         self._warned_zero: set[str] = set()
+        self._warned_unrecorded = False
+        self._seen_forward = False
+        self._auto_logged: set[tuple[object, ...]] = set()
         self._w_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
         #: A Gram weighting's last weights (total, per layer), held between probes.
         self._held: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._engine.attach()
         self._engine.set_recording(self._schedule(0))
+        self._forward_hook = (
+            None
+            if self._shared.module is None or not self._engine.uses_hooks
+            else self._shared.module.register_forward_hook(_forward_seen(weakref.ref(self)))
+        )
         run_meta = self._meta(meta, engine, every)
         self.store = _open_store(store, run_meta)
         self._sinks: list[Sink] = list(sinks)
@@ -119,7 +134,9 @@ class Profiler:
                 sink.update_meta(**run_meta)
         if self.store is not None:
             self._sinks.insert(0, self.store)
-        self._finalizer = weakref.finalize(self, _finalize, self._engine, list(self._sinks))
+        self._finalizer = weakref.finalize(
+            self, _finalize, self._engine, list(self._sinks), self._forward_hook
+        )
 
     # -- public --------------------------------------------------------------------------------
     @property
@@ -129,7 +146,9 @@ class Profiler:
 
     @property
     def layers(self) -> tuple[str, ...]:
-        """Layer names (modules owning shared parameters), in parameter order."""
+        """Layer names (modules owning shared parameters that require grad now), in parameter
+        order: the layers of every Snapshot from now on (a layer no loss reaches has a zero
+        Gram there, listed in ``Snapshot.unreached``)."""
         return tuple(self._shared.layers)
 
     def will_probe(self, step: int | None = None) -> bool:
@@ -218,15 +237,22 @@ class Profiler:
         self.close()
 
     def __repr__(self) -> str:
+        chose = ""
+        if isinstance(self._engine, AutoEngine):
+            chose = f", chose={self._engine.describe()!r}"
         return (
-            f"Profiler(tasks={list(self.tasks)}, engine={self.engine!r}, "
+            f"Profiler(tasks={list(self.tasks)}, engine={self.engine!r}{chose}, "
             f"layers={len(self.layers)}, step={self.step})"
         )
 
     # -- internals -----------------------------------------------------------------------------
     def _make_engine(self, engine: str) -> Engine:
         """The engine instance (subclasses may substitute one, e.g. a communicating engine)."""
-        return engine_class(engine)(self._shared, len(self.tasks))
+        cls = engine_class(engine)
+        if cls is AutoEngine and self._compiled:
+            # the vmap engines cannot run through a torch.compile'd trunk: time loop only
+            return AutoEngine(self._shared, len(self.tasks), only=("loop",))
+        return cls(self._shared, len(self.tasks))
 
     def _after(self, snap: Snapshot | None, wrote: bool) -> Snapshot | None:
         """Hook run after the gradients are written and before sinks see the snapshot."""
@@ -277,6 +303,7 @@ class Profiler:
                 Ls = L if scale is None else L * scale
                 torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
         except RuntimeError as exc:
+            self._engine.discard()
             if _FREED in str(exc):
                 raise GradlensError(
                     "`losses` should come from a graph that has not been backpropagated yet; "
@@ -284,9 +311,12 @@ class Profiler:
                     "anew at each step (or keep the graph with retain_graph=True)."
                 ) from exc
             raise
-        finally:
-            self.step = step + 1
-            self._engine.set_recording(bool(self._schedule(self.step)))
+        except BaseException:
+            self._engine.discard()
+            raise
+        # the step advances only when the call succeeded: a failed call can be retried
+        self.step = step + 1
+        self._engine.set_recording(bool(self._schedule(self.step)))
         snap = self._after(snap, write)
         if snap is not None:
             for sink in self._sinks:
@@ -342,8 +372,12 @@ class Profiler:
         write: bool,
         weighting: Weighting | None = None,
     ) -> Snapshot | None:
-        leaves, uses, nodes = _traverse(L)
+        leaves, uses, nodes = _traverse(L)  # raises before any side effect (reentrant checkpoint)
         reached = [p for p in self._shared.params if id(p) in leaves]
+        notes: list[str] = []
+        if self._engine.uses_hooks and self._forward_hook is not None and not self._seen_forward:
+            notes.append(UNRECORDED)
+        self._seen_forward = False
         Ls = L if scale is None else L * scale
         # a Gram weighting: the engine measures only (as for observe), the writes come after
         measure_only = not write or weighting is not None
@@ -372,9 +406,17 @@ class Profiler:
         if rest and not measure_only:
             torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
         T = len(self.tasks)
-        layer_names = list(result.layer_grams)
+        # every trainable shared layer is listed: one that no loss reached has a zero Gram
+        computed = result.layer_grams
+        unreached: tuple[str, ...] = ()
+        if self._engine.level == "parameters":
+            unreached = tuple(n for n in self._shared.layers if n not in computed)
+        if unreached:
+            zero = torch.zeros(T, T, dtype=torch.float64, device=L.device)
+            computed = {n: computed.get(n, zero) for n in self._shared.layers}
+        layer_names = list(computed)
         if layer_names:
-            stacked = torch.stack([result.layer_grams[n] for n in layer_names]).cpu()
+            stacked = torch.stack([computed[n] for n in layer_names]).cpu()
             layer_grams = dict(zip(layer_names, stacked.unbind(0)))
             gram = stacked.sum(0)
         else:
@@ -390,8 +432,9 @@ class Profiler:
             layer_grams = {n: g * inv2 for n, g in layer_grams.items()}
         extra: dict[str, Any] = {}
         if weighting is not None:
+            reached_grams = {n: g for n, g in layer_grams.items() if n not in unreached}
             w, extra = self._apply_weighting(
-                weighting, gram, layer_grams, Ls, write, retain_graph, result.writer, leaves
+                weighting, gram, reached_grams, Ls, write, retain_graph, result.writer, leaves
             )
         snap = Snapshot(
             step=step,
@@ -399,13 +442,18 @@ class Profiler:
             gram=gram,
             layer_grams=layer_grams,
             weights=w.detach().to("cpu", torch.float64),
-            engine=self.engine,
+            engine=result.engine or self.engine,
             level=self._engine.level,
             rules=result.rules,
             losses=dict(zip(self.tasks, L.detach().to("cpu", torch.float64).tolist())),
+            timings=dict(result.timings),
+            unreached=unreached,
+            notes=tuple(dict.fromkeys([*notes, *result.notes])),
             **extra,
         )
         self._flag_zero(snap)
+        self._flag_unrecorded(snap)
+        self._log_auto()
         return snap
 
     def _apply_weighting(
@@ -489,6 +537,31 @@ class Profiler:
         _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget)
         self._write_rest(Ls, w, retain_graph, leaves)
 
+    def _flag_unrecorded(self, snap: Snapshot) -> None:
+        if UNRECORDED in snap.notes and not self._warned_unrecorded:
+            self._warned_unrecorded = True
+            warnings.warn(
+                f"the forward of the probe at step {snap.step} was not seen by the profiler's "
+                "hooks on the shared module (was the Profiler created after the forward, or "
+                "the trunk called through .forward()?): the gramian engine served every layer "
+                "by its exact but slower generic path (Snapshot.notes records it). Create the "
+                "Profiler before the first forward.",
+                GradlensWarning,
+                stacklevel=4,
+            )
+
+    def _log_auto(self) -> None:
+        """Write ``auto``'s decisions, as they are made, into the run store's meta
+        (``meta["auto"]``; not to dashboards, some of which refuse a parameter that changes)."""
+        if not isinstance(self._engine, AutoEngine) or self.store is None:
+            return
+        done = {k for k, d in self._engine.decisions.items() if d.winner is not None}
+        if done <= self._auto_logged:
+            return
+        self._auto_logged |= done
+        if callable(getattr(self.store, "update_meta", None)):
+            self.store.update_meta(auto=self._engine.summary())  # type: ignore[attr-defined]
+
     def _flag_zero(self, snap: Snapshot) -> None:
         new = [t for t in snap.zero_tasks if t not in self._warned_zero]
         if new:
@@ -558,11 +631,16 @@ def _check_scale(grad_scale: float | torch.Tensor | Any, L: torch.Tensor) -> tor
     return s
 
 
-def _uncompiled(shared: nn.Module | Iterable[Any], engine: str) -> nn.Module | Iterable[Any]:
-    """Unwrap a ``torch.compile``'d module; refuse engines that vmap through compiled graphs."""
+def _uncompiled(
+    shared: nn.Module | Iterable[Any], engine: str
+) -> tuple[nn.Module | Iterable[Any], bool]:
+    """Unwrap a ``torch.compile``'d module; refuse engines that vmap through compiled graphs.
+
+    Returns the module and whether any part of it is compiled.
+    """
     dynamo = sys.modules.get("torch._dynamo")  # nothing is compiled before dynamo is imported
     if not isinstance(shared, nn.Module) or dynamo is None:
-        return shared
+        return shared, False
     optimized = dynamo.eval_frame.OptimizedModule
     compiled = [
         name or "(root)"
@@ -578,7 +656,7 @@ def _uncompiled(shared: nn.Module | Iterable[Any], engine: str) -> nn.Module | I
         )
     while isinstance(shared, optimized):
         shared = shared._orig_mod  # parameter and layer names without the `_orig_mod.` prefix
-    return shared
+    return shared, bool(compiled)
 
 
 def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
@@ -690,6 +768,15 @@ def _traverse(
     nodes.add(root)
     while stack:
         fn = stack.pop()
+        if fn.name() == _REENTRANT:
+            raise GradlensError(
+                "`losses` come from a model that uses reentrant activation checkpointing "
+                "(torch.utils.checkpoint.checkpoint(..., use_reentrant=True), or Hugging Face's "
+                "gradient_checkpointing_enable() with use_reentrant=True), which supports no "
+                "per-task gradient (autograd.grad): pass use_reentrant=False (HF: "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                "False})). Nothing was written: .grad and the profiler's step are unchanged."
+            )
         for nxt, _ in fn.next_functions:
             if nxt is None:
                 continue
@@ -719,7 +806,22 @@ def _open_store(store: str | Path | Any | None, meta: dict[str, Any]) -> Sink | 
     )
 
 
-def _finalize(engine: Engine, sinks: list[Sink]) -> None:
+def _forward_seen(ref: weakref.ref[Profiler]) -> Any:
+    """A forward hook noting that the shared module ran a forward the engine's hooks saw."""
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        prof = ref()
+        if prof is not None and torch.is_grad_enabled():
+            prof._seen_forward = True
+
+    return hook
+
+
+def _finalize(
+    engine: Engine, sinks: list[Sink], hook: torch.utils.hooks.RemovableHandle | None
+) -> None:
+    if hook is not None:
+        hook.remove()
     engine.detach()
     for sink in sinks:
         sink.close()
