@@ -438,7 +438,7 @@ def test_associations_rows_columns_and_correction():
     )
     assert list(res.columns) == [
         "relation", "x", "y", "method", "scope", "stratum", "covariates", "n", "n_groups",
-        "estimate", "ci_low", "ci_high", "ci_level", "p_value", "p_method", "p_adjusted",
+        "estimate", "ci_low", "ci_high", "ci_level", "p_value", "p_method", "p_floor", "p_adjusted",
         "correction", "n_tests", "bootstrap", "note",
     ]  # fmt: skip
     # 3 relations x (3 pooled + 2 partial + 3 methods x 3 strata) = 42 tests.
@@ -452,10 +452,21 @@ def test_associations_rows_columns_and_correction():
     np.testing.assert_allclose(res.p_adjusted, stats.adjust(res.p_value.to_numpy(), "holm"))
     assert (res.bootstrap == "groups").all()
     assert (res[res.scope == "pooled"].n_groups == 15).all()
-    # The planted weight -> interference association is found in every scope.
+    # Whole configurations are permuted (the bootstrap's unit). Pooled and partial: 15
+    # configurations, 15! permutations, random ones; the default n_perm leaves room for 42 tests.
     wi = res[res.relation == "weight->interference"]
-    assert (wi.p_adjusted < 0.05).all()  # the default n_perm leaves room for 42 tests
+    whole = wi[wi.scope != "stratum"]
+    assert (whole.p_method.str.contains("permutation of groups")).all()
+    assert (whole.p_adjusted < 0.05).all()
     assert (wi.estimate > 0.5).all()
+    # Within one size only 5 configurations: all 5! = 120 permutations, exact, and the smallest
+    # attainable p is 1/120, which a Holm correction over 42 tests can never bring below 0.05.
+    strata = wi[wi.scope == "stratum"]
+    assert (strata.p_method == "exact permutation of groups").all()
+    np.testing.assert_allclose(strata.p_floor, 1 / 120)
+    # The planted order is the most extreme; its reversal has the same |rho|: p = 2/120.
+    np.testing.assert_allclose(strata.p_value, 2 / 120)
+    assert (strata.p_adjusted > 0.05).all()
     # The pooled estimate equals scipy's.
     row = res[(res.relation == "weight->interference") & (res.scope == "pooled")
               & (res.method == "kendall")].iloc[0]  # fmt: skip
