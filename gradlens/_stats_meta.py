@@ -43,7 +43,7 @@ def pool_correlations(r: Any, n: Any, *, ci: float = 0.95) -> dict[str, Any]:
     Example:
         >>> res = pool_correlations([0.3, 0.5, 0.4], [30, 40, 35])
         >>> round(res["estimate"], 3), res["k"], res["tau2"]
-        (0.408, 3, 0.0)
+        (0.414, 3, 0.0)
     """
     from gradlens.stats import _level, _vector
 

@@ -83,9 +83,8 @@ def selected_gain(
         key_t = key if isinstance(key, tuple) else (key,)
         base = dict(zip([*scols, tasks_col], key_t))
         varying = [c for c in wcols if sub[c].nunique(dropna=True) > 1] or wcols[:1]
-        configs = sub.groupby(varying, sort=True, dropna=False) if varying else None
-        conf_keys = list(configs.groups) if configs is not None else [()]
-        conf_keys = [k if isinstance(k, tuple) else (k,) for k in conf_keys]
+        uniq = sub[varying].drop_duplicates().sort_values(varying) if varying else None
+        conf_keys = [tuple(r) for r in uniq.itertuples(index=False)] if uniq is not None else [()]
         size_mask = np.ones(len(single), dtype=bool)
         for c in scols:
             size_mask &= (single[c] == base[c]).to_numpy()

@@ -55,11 +55,15 @@ __all__ = [
     "correlate",
     "epoch_table",
     "joint_gain",
+    "min_detectable_effect",
     "optimal_weight",
     "optimal_weight_trend",
     "partial_correlation",
+    "pool_correlations",
+    "power",
     "run_summary",
     "runs_table",
+    "selected_gain",
     "to_json",
     "within_run",
 ]
@@ -1692,3 +1696,9 @@ def to_json(obj: Any, path: str | os.PathLike[str] | None = None, *, indent: int
     if path is not None:
         Path(path).write_text(text + "\n", encoding="utf-8")
     return text
+
+
+# The focused modules below use the validation helpers above, so they are imported last.
+from gradlens._stats_meta import pool_correlations  # noqa: E402
+from gradlens._stats_power import min_detectable_effect, power  # noqa: E402
+from gradlens._stats_select import selected_gain  # noqa: E402
