@@ -9,7 +9,8 @@ differ (0.89 at 3 runs, measured in ``docs/stats.md``), so the interval and test
 Hartung-Knapp(-Sidik-Jonkman) variance, ``sum w*_i (z_i - mu)^2 / ((k - 1) sum w*_i)``, on
 ``k - 1`` degrees of freedom (0.94-0.96 at 3, 5 and 10 runs); the plain DerSimonian-Laird
 interval is returned too. The Hartung-Knapp variance is itself estimated from the spread of the
-runs: when a few runs happen to agree closely it can be narrower than the DerSimonian-Laird one.
+runs: when a few runs happen to agree closely it can be narrower than the DerSimonian-Laird one
+(when they agree exactly, the DerSimonian-Laird variance is used).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def pool_correlations(r: Any, n: Any, *, ci: float = 0.95) -> dict[str, Any]:
     mu = float(ws @ z / ws.sum())
     var_dl = 1.0 / float(ws.sum())
     q_hk = float(ws @ (z - mu) ** 2) / (k - 1)
-    var_hk = q_hk * var_dl
+    # Runs that agree exactly leave the Hartung-Knapp variance at 0: use DerSimonian-Laird's.
+    var_hk = q_hk * var_dl if q_hk > 0 else var_dl
     tq = float(sp.t.ppf((1 + level) / 2, k - 1))  # type: ignore[attr-defined]
     nq = float(sp.norm.ppf((1 + level) / 2))  # type: ignore[attr-defined]
     se_hk, se_dl = math.sqrt(var_hk), math.sqrt(var_dl)

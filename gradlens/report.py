@@ -420,21 +420,30 @@ def _associations_part(
         "progress": opts.progress,
     }
     primary = opts.methods[0]
-    # The family the summary rests on: one method, pooled and partial; kept small so that a
+    # The family the summary rests on: the relations it quotes (first weight, first
+    # interference summary, mean score), one method, pooled and partial; kept small so that a
     # correction over it leaves power. Everything else is a second, separately corrected family.
-    # Each family gets enough permutations for its correction to be able to reject.
-    # The primary family is read at alpha over the report's families (see _Findings.resolve);
+    # Each family gets enough permutations for its correction to be able to reject. The
+    # primary family is read at alpha over the report's families (see _Findings.resolve);
     # opts.n_families bounds their number, so its n_perm is sized for that level.
+    main_common = {
+        **common,
+        "weight_cols": wcols[:1],
+        "interference_cols": icols[:1],
+        "accuracy_cols": [c for c in acols if c == f"{opts.metric}.mean"] or acols[-1:],
+    }
     level_main = opts.alpha / opts.n_families
-    n_perm_main = _family_n_perm(joint, common, [primary], False, opts, level_main)
+    n_perm_main = _family_n_perm(joint, main_common, [primary], False, opts, level_main)
     n_perm_more = _family_n_perm(joint, common, list(opts.methods), True, opts, opts.alpha)
     main = stats.associations(
-        joint, methods=[primary], stratify=False, n_perm=n_perm_main, **common
+        joint, methods=[primary], stratify=False, n_perm=n_perm_main, **main_common
     )
     more = stats.associations(
         joint, methods=list(opts.methods), stratify=True, n_perm=n_perm_more, **common
     )
-    more = more[~((more["method"] == primary) & more["scope"].isin(["pooled", "partial"]))]
+    keys = ["relation", "x", "y", "method", "scope"]
+    in_main = more[keys].merge(main[keys], how="left", on=keys, indicator=True)["_merge"]
+    more = more[(in_main == "left_only").to_numpy()]
     if len(more):
         more = more.assign(
             p_adjusted=stats.adjust(more["p_value"].to_numpy(np.float64), opts.correction),  # type: ignore[arg-type]
@@ -461,12 +470,12 @@ def _associations_part(
         return cache[level]
 
     sec.paragraphs.append(
-        f"Associations across runs: {primary} correlations pooled over runs and partial on "
-        f"model size (primary family, {n_tests} tests), then {', '.join(opts.methods)} "
-        f"pooled, partial and within each model size (secondary family, {n_more} "
-        f"tests). Resampling unit of both the {level}% bootstrap intervals and the "
-        f"permutation p-values: {unit} ({n_perm_main} and {n_perm_more} permutations); each "
-        f"family adjusted with {corr}."
+        f"Associations across runs: {primary} correlations of the relations the summary quotes, "
+        f"pooled over runs and partial on model size (primary family, {n_tests} tests), then "
+        f"{', '.join(opts.methods)} for every summary, pooled, partial and within each model "
+        f"size (secondary family, {n_more} tests). Resampling unit of both the {level}% "
+        f"bootstrap intervals and the permutation p-values: {unit} ({n_perm_main} and "
+        f"{n_perm_more} permutations); each family adjusted with {corr}."
     )
     sec.tables.append(_assoc_table(main, f"Primary associations ({corr} over {n_tests} tests)"))
     if len(more):

@@ -14,8 +14,8 @@ Kinds of sweep (2 model sizes x 4 weights x ``seeds`` seeds, single-task baselin
 - ``planted``: the default planted sweep (cosine falls with the weight, accuracy a parabola in the
   weight, gain growing with size) without the within-run trend.
 
-Run ``python tests/_calibrate.py --sweeps 80`` (80 null and 80 clustered reports, 40 planted at
-3 and at 5 seeds, 20 at 10 seeds; about 10 s a report on one core) to print the rows quoted in
+Run ``python tests/_calibrate.py --sweeps 60`` (60 null and 60 clustered reports, 30 planted at
+3 and at 5 seeds, 15 at 10 seeds; about 10 s a report on one core) to print the rows quoted in
 ``docs/stats.md``; ``tests/test_calibration.py`` runs small versions.
 """
 

@@ -110,6 +110,66 @@ def test_stats_json_numbers_are_the_stats_numbers(planted):
     assert within
     assert all(w["p_method"] == "AR(1) effective-n t-test" for w in within)
     assert len(data["runs"]) == len(table)
+    # The gains are the held-out ones of stats.selected_gain, on the validation scores.
+    val = stats.runs_table(root, split="val").set_index("run_id")["accuracy.mean"]
+    both = table.assign(_sel=table["run_id"].map(val))
+    ref = stats.selected_gain(
+        both, select_col="_sel", size_cols=["model.depth", "model.width"]
+    ).sort_values(["model.depth", "model.width", "task"])
+    got = sorted(ts["joint_gain_selected"], key=lambda g: (g["model.depth"], g["model.width"],
+                                                           g["task"]))  # fmt: skip
+    np.testing.assert_allclose([g["gain"] for g in got], ref["gain"], rtol=1e-12)
+    np.testing.assert_allclose([g["p_value"] for g in got], ref["p_value"], rtol=1e-12)
+    np.testing.assert_allclose(
+        [g["p_adjusted"] for g in got], stats.adjust(ref["p_value"].to_numpy(), "holm")
+    )
+    # Within-run correlations pooled by Fisher z with random effects.
+    pooled_within = stats.pool_correlations(
+        [w["estimate"] for w in within], [w["n_eff"] for w in within]
+    )
+    assert ts["within_run_pooled"]["estimate"] == pytest.approx(pooled_within["estimate"])
+    # Every family got enough permutations for its correction to be able to reject.
+    assert ts["n_perm"]["secondary"] >= 2 * len(ts["associations_secondary"]) / 0.05
+    assert all(r["p_floor"] * len(rows) < 0.05 / 5 for r in rows)
+
+
+def test_header_counts_the_model_sizes_of_the_joint_runs(planted):
+    # Single-task baselines have their own parameter count (one head): 2 sizes, not 4.
+    _, paths = planted
+    md = paths.markdown.read_text(encoding="utf-8")
+    assert "2 model sizes among the joint runs" in md
+    assert "4 model sizes" not in md
+
+
+def test_summary_sections_separate_tests_from_descriptions(planted):
+    _, paths = planted
+    data = _json(paths.json)
+    summary = data["summary"]
+    # The best weight is an estimate, not a test: it is described, never "supported".
+    assert any("The best weight of" in s for s in summary["descriptive"])
+    assert not any("The best weight of" in s for s in summary["supported"])
+    # Every supported line names the family and the level it passed.
+    families = summary["decision"]["families"]
+    level = summary["decision"]["level_per_family"]
+    assert level == pytest.approx(0.05 / len(families))
+    assert summary["supported"]
+    for line in summary["supported"]:
+        assert f"significant at alpha / {len(families)}" in line
+    # Non-significance is never written as absence.
+    for line in summary["not_supported"]:
+        assert not line.startswith("No evidence")
+        assert "no association" not in line.lower()
+    md = paths.markdown.read_text(encoding="utf-8")
+    assert "### Descriptive (estimates, not tested claims)" in md
+    # The within-run table labels the interval it shows as the effective-n one.
+    assert "95% interval (effective n)" in md
+    assert "block bootstrap interval (undercovers)" in md
+    # Power: inconclusive associations say what correlation the design could have detected.
+    ts = data["task_sets"][0]
+    inconclusive = [s for s in summary["not_supported"] if s.startswith("Inconclusive: no ev")]
+    if any("association" in s for s in inconclusive):
+        assert "detected with 80 % power from |r| =" in " ".join(inconclusive)
+        assert ts["association_mde"]["reachable"]
 
 
 def test_summary_follows_the_planted_effect(planted):
@@ -154,11 +214,23 @@ def test_null_sweep_via_the_cli_reports_no_evidence_and_the_permutation_floor(tm
             "--n-perm",
             "99",
             "--no-progress",
+            "--margin-r",
+            "0.2",
+            "--margin-gain",
+            "0.02",
+            "--power-sims",
+            "0",
+            "--no-figures",
         ]
     )
     assert rc == 0
     assert "report.html" in capsys.readouterr().out
     data = _json(out / "stats.json")
+    assert data["options"]["margin_r"] == 0.2
+    assert data["options"]["margin_gain"] == 0.02
+    assert data["options"]["power_sims"] == 0
+    assert list((out / "figures").iterdir()) == []
+    assert "equivalence margin |rho| < 0.2" in " ".join(data["summary"]["not_supported"])
     text = " ".join(data["summary"]["not_supported"])
     assert (
         "Inconclusive: no evidence of a monotone association between the weight of left and "
@@ -219,6 +291,12 @@ def test_bad_arguments(tmp_path):
         build_report(tmp_path, alpha=1.5)
     with pytest.raises(GradlensError, match="`n_boot` should be an int"):
         build_report(tmp_path, n_boot=-1)
+    with pytest.raises(GradlensError, match="`power_sims` should be an int"):
+        build_report(tmp_path, power_sims=-1)
+    with pytest.raises(GradlensError, match="`margin_r` should be a correlation below 1"):
+        build_report(tmp_path, margin_r=1.0)
+    with pytest.raises(GradlensError, match="`margin_gain` should be a number >= 0"):
+        build_report(tmp_path, margin_gain=-0.1)
     with pytest.raises(GradlensError, match="`sweep_dir` should be a directory"):
         build_report(tmp_path / "missing")
     with pytest.raises(StoreError, match="at least one run"):
