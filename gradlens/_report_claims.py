@@ -37,7 +37,7 @@ def family_floor(table: pd.DataFrame, correction: str, alpha: float) -> tuple[fl
 
     Example:
         >>> t = pd.DataFrame({"p_value": [0.5, 0.2], "p_floor": [0.001, 0.01]})
-        >>> family_floor(t, "holm", 0.05)
+        >>> family_floor(t, "holm", 0.015)
         (0.002, 1)
     """
     tested = table[np.isfinite(table["p_value"].to_numpy(np.float64))]

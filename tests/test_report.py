@@ -352,3 +352,20 @@ def test_report_renders_in_headless_chromium(planted, tmp_path):
     coloured = (np.ptp(img, axis=2) > 0.2).mean()  # red/green summary text, heatmap colours
     assert coloured > 0.01
     assert not math.isnan(float(img.mean()))
+
+
+def test_report_helpers_against_closed_forms():
+    from gradlens import _report_claims as claims
+
+    # One-way ANOVA ICC of a balanced design from scipy's F: (F - 1) / (F + m - 1).
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(8), 3)
+    values = rng.normal(size=8)[groups] + rng.normal(size=24)
+    f = ss.f_oneway(*[values[groups == g] for g in range(8)]).statistic
+    assert claims.icc(values, groups) == pytest.approx((f - 1) / (f + 2))
+    assert claims.icc(rng.normal(size=24) * 0 + 1.0, groups) == 0.0  # no variance at all
+    # n_perm grows until m / (n_perm + 1) <= level / 2.
+    n = claims.n_perm_for(6, 0.01, 499)
+    assert n == 1200
+    assert 6 / (n + 1) <= 0.01 / 2
+    assert claims.n_perm_for(6, 0.01, 0) == 0
