@@ -18,6 +18,20 @@ TOTAL_LAYER = "__all__"
 Level = Literal["parameters", "features"]
 
 
+def _symmetric(G: torch.Tensor) -> torch.Tensor:
+    """``(G + G^T) / 2``: exactly symmetric by construction (floating-point addition commutes),
+    and equal to ``G`` when ``G`` already is; anything but a square matrix is left as it is.
+
+    >>> G = torch.tensor([[1.0, 2.0], [2.0 + 1e-15, 3.0]], dtype=torch.float64)
+    >>> S = _symmetric(G)
+    >>> torch.equal(S, S.T), torch.equal(_symmetric(S), S)
+    (True, True)
+    """
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        return G
+    return (G + G.T) / 2
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Per-task Gram matrices of one probed step.
@@ -48,6 +62,15 @@ class Snapshot:
     rules: Mapping[str, str] = field(default_factory=dict)
     #: The task losses at this step, as floats.
     losses: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The one place that makes every Gram a Snapshot holds exactly symmetric, whatever engine
+        # or BLAS produced it: a product such as ``S @ S.T`` is symmetric only up to rounding on
+        # some machines. Averaging with the transpose is exact for an already symmetric matrix.
+        object.__setattr__(self, "gram", _symmetric(self.gram))
+        object.__setattr__(
+            self, "layer_grams", {n: _symmetric(g) for n, g in self.layer_grams.items()}
+        )
 
     @property
     def zero_tasks(self) -> tuple[str, ...]:

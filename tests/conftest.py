@@ -7,6 +7,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# One hypothesis profile for the suite: no per-example deadline (a shared 2-core CI machine makes
+# timings meaningless) and derandomized, so that CI runs the same examples every time; tests set
+# only their own max_examples.
+settings.register_profile(
+    "gradlens", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("gradlens")
 
 
 @pytest.fixture(autouse=True)

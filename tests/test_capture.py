@@ -12,8 +12,7 @@ from gradlens.engines import features as features_mod
 from gradlens.engines import gramian as gramian_mod
 from gradlens.engines._capture import split_heads, task_scales
 from gradlens.testing import reference_grams
-from tests.test_engines import _assert_gram_close
-from tests.zoo import build, task_losses
+from tests.zoo import assert_gram_close, build, task_losses
 
 ENGINES = ["gramian", "features"]
 
@@ -36,7 +35,7 @@ def _run(engine, trunk, heads, make_losses, w):
         else:
             ref = reference_grams(losses, trunk).gram
         snap = prof.backward(losses, weights=w, features=z if engine == "features" else None)
-    _assert_gram_close(snap.gram, ref, 1e-10)
+    assert_gram_close(snap.gram, ref, 1e-10)
     for p, g in zip(params, plain):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
     return snap

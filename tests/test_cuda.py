@@ -16,7 +16,7 @@ from torch import nn
 import gradlens as gl
 from gradlens.engines.rules import _fused
 from gradlens.testing import reference_grams
-from tests.zoo import build, task_losses
+from tests.zoo import assert_gram_close, build, task_losses
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -44,12 +44,7 @@ def _weights(n: int) -> dict[str, float]:
 
 
 def _assert_gram_close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
-    """Entrywise error relative to sqrt(G_ss G_tt): cosines agree to ``tol``."""
-    got, ref = got.cpu(), ref.cpu()
-    d = torch.sqrt(torch.clamp(torch.diagonal(ref), min=0))
-    scale = torch.clamp(d[:, None] * d[None, :], min=1e-300)
-    err = ((got - ref).abs() / scale).max().item()
-    assert err <= tol, f"relative Gram error {err:.3g} > {tol}"
+    assert_gram_close(got.cpu(), ref.cpu(), tol)
 
 
 def _on_device(model: str, dtype: torch.dtype):

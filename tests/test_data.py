@@ -318,7 +318,7 @@ def test_domain_digits_options():
 # --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(n_tasks=st.integers(1, 6), frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
 def test_synthetic_directions_are_equiangular(n_tasks, frac, seed):
     lo = -1.0 / (n_tasks - 1) if n_tasks > 1 else -1.0

@@ -186,7 +186,7 @@ def _jacobians(draw: st.DrawFn, min_tasks: int = 2) -> np.ndarray:
     return draw(hnp.arrays(np.float64, (T, P), elements=_entry))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(J=_jacobians(), data=st.data())
 def test_permutation_equivariance(J, data):
     T = J.shape[0]
@@ -209,7 +209,7 @@ def test_permutation_equivariance(J, data):
     )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(J=_jacobians(), data=st.data())
 def test_cosine_scale_invariance(J, data):
     T = J.shape[0]
@@ -224,7 +224,7 @@ def test_cosine_scale_invariance(J, data):
     np.testing.assert_allclose(M.norm_cv(c**2 * G), M.norm_cv(G), rtol=1e-9)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(J=_jacobians(min_tasks=1), w=st.floats(0.0, 3.0, allow_subnormal=False))
 def test_ranges_and_nan_only_for_zero_tasks(J, w):
     G = _gram(J)
@@ -589,7 +589,7 @@ def _assert_same(a: M.StreamingSummary, b: M.StreamingSummary) -> None:
         np.testing.assert_allclose(da[key], db[key], rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(
     seed=st.integers(0, 10_000),
     sizes=st.tuples(st.integers(0, 6), st.integers(0, 6), st.integers(0, 6)),

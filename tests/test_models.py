@@ -113,7 +113,7 @@ def test_parameter_count_grows_with_width_and_depth(family):
         assert list(col) == sorted(set(col))  # strictly increasing in width
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20)
 @given(w1=st.floats(0.05, 4.0), w2=st.floats(0.05, 4.0), family=st.sampled_from(FAMILIES))
 def test_parameter_count_monotone_in_width(w1, w2, family):
     lo, hi = sorted((w1, w2))

@@ -15,9 +15,7 @@ from gradlens import load_run, plots, stats
 from gradlens._errors import GradlensError
 from gradlens._plots_util import MIN_FONT, overlapping
 from gradlens.metrics import metrics_frame
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from _sweepgen import make_run, make_sweep
+from tests._sweepgen import make_run, make_sweep
 
 SIZES = ((2, 32), (4, 128))
 

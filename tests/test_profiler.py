@@ -274,7 +274,7 @@ def _gram_of(engine: str, order: list[int], scales: list[float]):
         return prof.backward(permuted).gram
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=10)
 @given(
     order=st.permutations(range(4)),
     scales=st.lists(st.floats(0.1, 10.0), min_size=4, max_size=4),

@@ -30,3 +30,21 @@ def test_readme_gives_the_two_setup_commands():
     assert "gradlens demo" in text
     assert 'pytest -m "not slow"' in text
     assert "pip install torch==2.13.0" in text
+
+
+def _readme_test_command() -> str:
+    """The shell line of the README's ``Tests`` block (the command a new user runs)."""
+    text = README.read_text()
+    block = re.search(r"^Tests\b.*?```bash\n(.*?)\n```", text, flags=re.S | re.M)
+    assert block, "the README should hold a `Tests` paragraph followed by a bash block"
+    return block.group(1).strip()
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    command = _readme_test_command()
+    assert command.endswith('pytest -m "not slow"'), command
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert command in [line.strip() for line in ci], (
+        f".ci/run should run the README's test command verbatim: {command!r}"
+    )
+

@@ -9,7 +9,6 @@ import math
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -21,9 +20,7 @@ from gradlens import stats
 from gradlens._errors import GradlensError, StoreError
 from gradlens.cli import main
 from gradlens.report import ReportPaths, build_report
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _sweepgen import make_run, make_sweep
+from tests._sweepgen import make_run, make_sweep
 
 EVIL = "<script>alert(1)</script>"
 SIZES = ((2, 32), (4, 128))

@@ -88,7 +88,7 @@ def test_pbt_score():
     seed=st.integers(0, 1000),
     mode=st.sampled_from(["max", "min"]),
 )
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80)
 def test_select_exploits_takes_the_worst_and_copies_the_best(scores, q, seed, mode):
     q = min(q, len(scores) // 2)
     pairs = _select_exploits(scores, q, mode, np.random.default_rng(seed))
@@ -286,6 +286,7 @@ def test_process_hosts_give_the_same_pbt_as_in_process(tmp_path):
     run_pbt(_cfg(pbt, workers=2), tmp_path / "pool", progress=False)
     run_pbt(_cfg(pbt, workers=1), tmp_path / "inline", progress=False)
     a, b = _state(tmp_path / "pool"), _state(tmp_path / "inline")
+    assert len(a["members"]) == len(b["members"]) == 4
     for x, y in zip(a["members"], b["members"]):
         assert (x["schedule"], x["lineage"], x["final"]) == (y["schedule"], y["lineage"],
                                                               y["final"])  # fmt: skip

@@ -15,7 +15,7 @@ from gradlens.search import dirichlet_weights, grid_size, perturb_weights, simpl
 
 
 @given(T=st.integers(1, 6), k=st.integers(2, 6))
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 def test_grid_is_every_lattice_point_of_the_simplex(T, k):
     G = simplex_grid(T, k)
     m = k - 1
@@ -67,7 +67,7 @@ def test_dirichlet_bad_alpha():
     w=st.lists(st.floats(0.01, 10.0), min_size=2, max_size=8),
     seed=st.integers(0, 2**32 - 1),
 )
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 def test_multiplicative_perturbation_law(w, seed):
     """w' = w * f / sum(w * f) with every f_i in factors, and never all f_i equal."""
     factors = (0.8, 1.25)

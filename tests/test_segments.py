@@ -13,7 +13,7 @@ import gradlens as gl
 from gradlens.engines import gramian as gramian_mod
 from gradlens.engines._segments import plan_segments
 from gradlens.testing import reference_grams
-from tests.test_engines import _assert_gram_close
+from tests.zoo import assert_gram_close
 
 
 class _Residual(nn.Module):
@@ -96,9 +96,9 @@ def test_one_backward_per_layer_and_blocks_freed_on_the_way(monkeypatch, n_tasks
         }
         ref = reference_grams(losses, trunk)
         snap = prof.backward(losses)
-    _assert_gram_close(snap.gram, ref.gram, 1e-10)
+    assert_gram_close(snap.gram, ref.gram, 1e-10)
     for layer, g in ref.layer_grams.items():
-        _assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+        assert_gram_close(snap.layer_grams[layer], g, 1e-10)
     # the shared output is the last layer's: three more layers, one backward each
     assert asked == [1, 1, 1]
     # when a backward starts, only its own cotangent (the block above) is still alive
@@ -123,5 +123,5 @@ def test_small_blocks_share_one_backward(monkeypatch):
         losses = {t: h(z).pow(2).mean() * (i + 1) for i, (t, h) in enumerate(zip(names, heads))}
         ref = reference_grams(losses, trunk)
         snap = prof.backward(losses)
-    _assert_gram_close(snap.gram, ref.gram, 1e-10)
+    assert_gram_close(snap.gram, ref.gram, 1e-10)
     assert asked == [3]

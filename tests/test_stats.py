@@ -96,7 +96,7 @@ def _xy_counts(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, y, counts
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(_xy_counts())
 def test_resample_statistic_equals_scipy_on_expanded_sample(data):
     x, y, counts = data
@@ -284,7 +284,7 @@ def test_partial_correlation_removes_a_confounder_and_refuses_kendall():
         stats.partial_correlation(df, "x", "y", ["nope"])
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 @given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=30))
 def test_adjust_matches_scipy_bh_and_hand_holm(ps):
     p = np.array(ps)

@@ -170,7 +170,7 @@ def test_metrics_are_metrics_frame_of_the_stored_grams(tmp_path):
     assert cos.value.iloc[0] == pytest.approx(g[0, 1] / np.sqrt(g[0, 0] * g[1, 1]), rel=1e-12)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(
     t=st.integers(1, 5),
     n_layers=st.integers(0, 3),

@@ -4,6 +4,7 @@ checkpoints, early stopping and the planted gradient angle of the synthetic data
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -271,9 +272,14 @@ def test_features_engine_and_log_schedule(tmp_path):
     assert run.probed_steps.tolist() == [0, 1, 3]  # LogSpaced(2) over 5 steps
 
 
-def test_progress_bar_runs(tmp_path, capsys):
+def test_progress_bar_shows_each_epoch_on_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # tqdm draws only on a terminal
     train(tiny(), None, progress=True)
-    capsys.readouterr()  # tqdm writes to stderr (or nothing without a terminal)
+    err = capsys.readouterr().err
+    assert "epoch 1" in err
+    assert "step" in err
+    train(tiny(), None, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 # --------------------------------------------------------------------------------------------

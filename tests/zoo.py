@@ -161,3 +161,11 @@ def task_losses(trunk: nn.Module, heads: nn.ModuleList, x: torch.Tensor, ys: tor
         out = head(z).squeeze(1)
         losses[f"t{t}"] = ((out - ys[t]) ** 2).mean() * (1 + t % 3) + 0.1 * t * out.mean()
     return (losses, z) if features else losses
+
+
+def assert_gram_close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """Entrywise error relative to sqrt(G_ss G_tt): cosines agree to ``tol``."""
+    d = torch.sqrt(torch.clamp(torch.diagonal(ref), min=0))
+    scale = torch.clamp(d[:, None] * d[None, :], min=1e-300)
+    err = ((got - ref).abs() / scale).max().item()
+    assert err <= tol, f"relative Gram error {err:.3g} > {tol}"
