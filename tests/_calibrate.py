@@ -14,7 +14,7 @@ Kinds of sweep (2 model sizes x 4 weights x ``seeds`` seeds, single-task baselin
 - ``planted``: the default planted sweep (cosine falls with the weight, accuracy a parabola in the
   weight, gain growing with size) without the within-run trend.
 
-Run ``python tests/_calibrate.py --sweeps 60`` (60 null and 60 clustered reports, 30 planted at
+Run ``python -m tests._calibrate --sweeps 60`` (60 null and 60 clustered reports, 30 planted at
 3 and at 5 seeds, 15 at 10 seeds; about 10 s a report on one core) to print the rows quoted in
 ``docs/stats.md``; ``tests/test_calibration.py`` runs small versions.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,10 +31,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _sweepgen import make_sweep
-
 from gradlens.report import build_report
+from tests._sweepgen import make_sweep
 
 __all__ = ["KINDS", "calibrate", "report_once"]
 

@@ -8,13 +8,10 @@ rates quoted in ``docs/stats.md`` at a smaller number of reports.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _calibrate import calibrate, report_once
+from tests._calibrate import calibrate, report_once
 
 
 def test_a_null_report_supports_nothing_and_its_intervals_cover(tmp_path):
