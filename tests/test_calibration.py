@@ -27,7 +27,7 @@ def test_a_null_report_supports_nothing_and_its_intervals_cover(tmp_path):
 
 
 def test_a_planted_report_finds_the_planted_association(tmp_path):
-    res = report_once(tmp_path / "planted", "planted", 12, seeds=5)
+    res = report_once(tmp_path / "planted", "planted", 12)
     text = " ".join(res["supported"])
     assert "weight of left and conflict frequency have a monotone association" in text
     assert res["supported_association"]
