@@ -142,6 +142,7 @@ def calibrate(kind: str, n_sweeps: int, *, seeds: int = 3, start: int = 0) -> di
     pvals: dict[str, list[float]] = {k: [] for k in NULL_TESTS[kind]}
     cover: dict[str, list[bool]] = {"gain": [], "within_run": [], "within_pooled": []}
     found = {"weight->conflict": 0, "beats/worse": 0}
+    by_family: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(start, start + n_sweeps):
             res = report_once(Path(tmp) / f"{kind}{i}", kind, i, seeds=seeds)
@@ -151,6 +152,9 @@ def calibrate(kind: str, n_sweeps: int, *, seeds: int = 3, start: int = 0) -> di
                 pvals[k] += res["p"][k]
             for k in cover:
                 cover[k] += res["cover"][k]
+            for family in {s.split("[family '")[1].split("'")[0] for s in res["supported"]}:
+                key = family.split(" of ")[0]
+                by_family[key] = by_family.get(key, 0) + 1
             text = " ".join(res["supported"])
             found["weight->conflict"] += "weight of left and conflict frequency" in text
             found["beats/worse"] += "Joint training" in text
@@ -160,6 +164,7 @@ def calibrate(kind: str, n_sweeps: int, *, seeds: int = 3, start: int = 0) -> di
         "seeds": seeds,
         "any_supported": supported / n_sweeps,
         "supported_association": supported_assoc / n_sweeps,
+        "supported_by_family": {k: v / n_sweeps for k, v in sorted(by_family.items())},
     }
     for k, v in pvals.items():
         out[f"fpr.{k}"] = float(np.mean(np.asarray(v) < 0.05)) if v else math.nan
@@ -174,10 +179,12 @@ def calibrate(kind: str, n_sweeps: int, *, seeds: int = 3, start: int = 0) -> di
 
 def _main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweeps", type=int, default=100, help="reports per row (100)")
+    parser.add_argument("--sweeps", type=int, default=60, help="reports per row (60)")
+    parser.add_argument("--kinds", nargs="*", default=["null", "clustered", "planted"])
     args = parser.parse_args()
     start = time.perf_counter()
     rows = [("null", 3), ("clustered", 3), ("planted", 3), ("planted", 5), ("planted", 10)]
+    rows = [(kind, seeds) for kind, seeds in rows if kind in args.kinds]
     for kind, seeds in rows:
         n = args.sweeps if kind != "planted" else max(1, args.sweeps // (2 if seeds <= 5 else 4))
         res = calibrate(kind, n, seeds=seeds)
