@@ -13,6 +13,7 @@ import importlib.util
 # module path (relative to this file) -> the import name of the library it needs
 _NEEDS = {
     "gradlens/integrations/lightning.py": "lightning",
+    "gradlens/integrations/transformers.py": "transformers",
 }
 
 collect_ignore = [path for path, lib in _NEEDS.items() if importlib.util.find_spec(lib) is None]

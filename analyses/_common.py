@@ -20,13 +20,14 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from analyses._design import CPU_SIZES, FAMILY_SIZES, STUDY, STUDY_PAIRS
 from gradlens import stats
 from gradlens.search import SearchConfig, run_sweep
 
@@ -43,7 +44,11 @@ __all__ = [
     "preset",
     "run_study",
     "save_figure",
+    "sizes",
+    "study_pairs",
+    "sweep_config",
     "sweep_cost",
+    "sweep_units",
     "write_json",
 ]
 
@@ -68,6 +73,16 @@ class Preset:
     pbt_epochs: int
     pbt_population: int
     attribute_tasks: int
+    pbt_replicates: int = 3  # PBT, random-static and best-of-N replicates
+    uniform_seeds: int = 3  # seeds of the plain uniform arm of pbt.py
+    conflict_seeds: int = 3  # long runs per pair of conflict.py / layers.py
+    # The redesigned study (analyses/_design.py): its pairs, families and size grid.
+    study: bool = False
+    families: tuple[str, ...] = ("mlp",)
+    early_stopping: int | None = None  # patience; the best-validation model is restored
+    max_priority: int = 1  # study pairs of this priority or lower (1: run first)
+    sizes_per_family: int | None = None  # the first k sizes of each family (None: see sizes())
+    device: str = "cpu"  # the capacity sweeps' torch device
 
 
 _P7 = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
@@ -75,7 +90,7 @@ _PRESETS = {
     "quick": Preset(
         name="quick", widths=(0.125,), depths=(1,), p=(0.25, 0.5, 0.75), seeds=(0,), epochs=1,
         multidigits_n=128, domain_sizes=64, conflict_epochs=3, pbt_epochs=2, pbt_population=2,
-        attribute_tasks=6,
+        attribute_tasks=6, pbt_replicates=1, uniform_seeds=1, conflict_seeds=2,
     ),
     "small": Preset(
         name="small", widths=(0.25, 0.5, 1.0), depths=(1, 2, 4), p=_P7, seeds=(0, 1, 2),
@@ -85,13 +100,31 @@ _PRESETS = {
     "full": Preset(
         name="full", widths=(0.5, 1.0, 2.0), depths=(1, 2, 4), p=_P7, seeds=(0, 1, 2),
         epochs=12, multidigits_n=2000, domain_sizes=None, conflict_epochs=40, pbt_epochs=24,
-        pbt_population=8, attribute_tasks=6,
+        pbt_population=8, attribute_tasks=6, pbt_replicates=10,
+    ),
+    # The next run: see "Design for the next run" in analyses/README.md.
+    "study": Preset(
+        name="study", widths=(), depths=(), p=STUDY.p, seeds=STUDY.seeds,
+        epochs=STUDY.max_epochs, multidigits_n=2000, domain_sizes=None, conflict_epochs=30,
+        pbt_epochs=STUDY.pbt_epochs, pbt_population=STUDY.pbt_population, attribute_tasks=6,
+        pbt_replicates=STUDY.pbt_replicates, uniform_seeds=STUDY.pbt_replicates,
+        conflict_seeds=STUDY.conflict_runs, study=True, families=STUDY.families,
+        early_stopping=STUDY.patience, max_priority=1,
+    ),
+    # The same code paths at the scale of a test.
+    "study-quick": Preset(
+        name="study-quick", widths=(), depths=(), p=(0.25, 0.5, 0.75), seeds=(0,), epochs=2,
+        multidigits_n=64, domain_sizes=32, conflict_epochs=3, pbt_epochs=2, pbt_population=2,
+        attribute_tasks=6, pbt_replicates=1, uniform_seeds=1, conflict_seeds=2, study=True,
+        families=("mlp", "resnet"), early_stopping=1, max_priority=1, sizes_per_family=1,
     ),
 }  # fmt: skip
+QUICK = ("quick", "study-quick")
 
 
 def preset(name: str) -> Preset:
-    """The preset called ``name`` (``"quick"``, ``"small"`` or ``"full"``).
+    """The preset called ``name`` (``"quick"``, ``"small"``, ``"full"``, ``"study"``,
+    ``"study-quick"``).
 
     Example:
         >>> preset("small").widths, preset("full").epochs
@@ -109,8 +142,17 @@ class Pair:
     tasks: tuple[str, str]
     kind: str
 
+    #: Dataset options of a study pair (None: built from the preset, as below).
+    fixed: Mapping[str, Any] | None = None
+
     def options(self, pre: Preset) -> dict[str, Any]:
         """The dataset options of this pair at the scale of ``pre``."""
+        if self.fixed is not None:
+            opts = dict(self.fixed)
+            if pre.name in QUICK:  # the study's pairs at the scale of a test
+                key = "n" if self.dataset == "multimnist" else "sizes"
+                opts[key] = pre.multidigits_n if key == "n" else pre.domain_sizes
+            return opts
         if self.dataset == "multidigits":
             return {"n": pre.multidigits_n}
         opts: dict[str, Any] = {"domains": list(self.tasks)}
@@ -155,24 +197,98 @@ def run_study(cfg: Mapping[str, Any], out: Path, workers: int) -> pd.DataFrame:
     return run_sweep(SearchConfig.from_dict(full), out, progress=True)
 
 
-def pair_sweep(pair: Pair, pre: Preset, runs: Path, workers: int) -> Path:
-    """Run (or resume) the capacity sweep of ``pair``: weights x sizes x seeds + baselines.
+def study_pairs(pre: Preset) -> tuple[Pair, ...]:
+    """The pairs a preset runs: :data:`PAIRS`, or the study's pairs up to ``pre.max_priority``.
 
-    Both ``capacity.py`` and ``optimal_weight.py`` call this; the second call finds every run done.
+    Example:
+        >>> [p.name for p in study_pairs(preset("study"))]
+        ['multimnist', 'digit_sources']
     """
-    cfg = {
-        "train": {
-            **base_train(pair.dataset, pair.options(pre), pre.epochs),
-            "tasks": list(pair.tasks),
-        },
+    if not pre.study:
+        return PAIRS
+    return tuple(
+        Pair(
+            sp.name,
+            sp.dataset,
+            sp.tasks,
+            "two domains (resampling)"
+            if sp.dataset != "multimnist"
+            else "two tasks (loss weights)",
+            fixed=sp.options,
+        )
+        for sp in STUDY_PAIRS
+        if sp.priority <= pre.max_priority
+    )
+
+
+def sweep_units(pre: Preset) -> list[tuple[str, Pair, str]]:
+    """``(name, pair, family)`` of every capacity sweep (an MLP sweep keeps the pair's name).
+
+    Example:
+        >>> [u[0] for u in sweep_units(preset("study-quick"))]
+        ['multimnist', 'multimnist-resnet', 'digit_sources', 'digit_sources-resnet']
+    """
+    return [
+        (pair.name if fam == "mlp" else f"{pair.name}-{fam}", pair, fam)
+        for pair in study_pairs(pre)
+        for fam in pre.families
+    ]
+
+
+def sizes(pre: Preset, family: str) -> list[dict[str, Any]]:
+    """The model sizes of a sweep: the width x depth grid, or the study's sizes of ``family``
+    (on the CPU those the budget keeps, :data:`analyses._design.CPU_SIZES`; on another device all).
+
+    Example:
+        >>> sizes(preset("study-quick"), "resnet")
+        [{'width': 0.25, 'depth': 1}]
+        >>> len(sizes(preset("study"), "resnet")), len(sizes(preset("study"), "mlp"))
+        (4, 6)
+    """
+    if not pre.study:
+        return [{"width": w, "depth": d} for w in pre.widths for d in pre.depths]
+    k = pre.sizes_per_family
+    if k is None and pre.device == "cpu":
+        k = CPU_SIZES[family]
+    return [{"width": w, "depth": d} for w, d in FAMILY_SIZES[family][:k]]
+
+
+def sweep_config(pair: Pair, pre: Preset, family: str = "mlp") -> dict[str, Any]:
+    """The sweep configuration of :func:`pair_sweep` (a ``SearchConfig`` table).
+
+    Example:
+        >>> cfg = sweep_config(study_pairs(preset("study"))[0], preset("study"), "resnet")
+        >>> cfg["train"]["model"], cfg["train"]["early_stopping"], len(cfg["sweep"]["sizes"])
+        ('resnet', 5, 4)
+    """
+    train = {
+        **base_train(pair.dataset, pair.options(pre), pre.epochs),
+        "tasks": list(pair.tasks),
+        "model": family,
+    }
+    if pre.early_stopping is not None:
+        train["early_stopping"] = pre.early_stopping
+    if pre.device != "cpu":
+        train["device"] = pre.device
+    return {
+        "train": train,
         "sweep": {
             "p": list(pre.p),
-            "sizes": [{"width": w, "depth": d} for w in pre.widths for d in pre.depths],
+            "sizes": sizes(pre, family),
             "seeds": list(pre.seeds),
             "baselines": True,
         },
     }
-    out = runs / f"sweep-{pair.name}"
+
+
+def pair_sweep(pair: Pair, pre: Preset, runs: Path, workers: int, family: str = "mlp") -> Path:
+    """Run (or resume) the capacity sweep of ``pair``: weights x sizes x seeds + baselines.
+
+    Both ``capacity.py`` and ``optimal_weight.py`` call this; the second call finds every run done.
+    With ``pre.early_stopping`` each run keeps its best-validation epoch.
+    """
+    cfg = sweep_config(pair, pre, family)
+    out = runs / (f"sweep-{pair.name}" if family == "mlp" else f"sweep-{pair.name}-{family}")
     run_study(cfg, out, workers)
     return out
 
@@ -254,24 +370,58 @@ def _cpu() -> float:
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The common flags: ``--quick`` / ``--full``, ``--runs``, ``--figures``, ``--workers``.
+    """The common flags: ``--quick`` / ``--full`` / ``--study`` (``--priority``) /
+    ``--study-quick``, ``--runs``, ``--figures``, ``--workers``.
 
-    ``--quick`` writes its runs and figures under ``runs/analyses-quick`` unless told otherwise, so
-    it never overwrites the committed figures.
+    ``--quick`` and ``--study-quick`` write runs and figures under ``runs/analyses-<preset>``
+    unless told otherwise, so they never overwrite the committed figures; ``--study`` writes its
+    figures under ``figures/study/``.
     """
     ap = argparse.ArgumentParser(description=description)
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="tiny data, 1 size: seconds (for tests)")
     g.add_argument("--full", action="store_true", help="the paper-style MLP grid (hours)")
+    g.add_argument(
+        "--study",
+        action="store_true",
+        help="the redesigned study (analyses/README.md, 'Design for the next run'); with "
+        "--priority 2 or 3 it adds the lower-priority pairs",
+    )
+    g.add_argument(
+        "--study-quick", action="store_true", help="the study's code paths at test scale"
+    )
+    ap.add_argument("--priority", type=int, default=1, choices=(1, 2, 3), help="with --study")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="with --study: the capacity sweeps' torch device (e.g. cuda: every size, results "
+        "under figures/study-<device>)",
+    )
     ap.add_argument("--runs", type=Path, default=None, help="where the sweeps are written")
     ap.add_argument("--figures", type=Path, default=None, help="where figures and JSON go")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (1 torch thread)")
     args = ap.parse_args(argv)
-    args.preset = preset("quick" if args.quick else "full" if args.full else "small")
+    if args.study_quick:
+        args.quick = True
+        args.preset = preset("study-quick")
+    else:
+        args.preset = preset("quick" if args.quick else "full" if args.full else "small")
+    if args.study:
+        args.preset = replace(preset("study"), max_priority=args.priority, device=args.device)
+    elif args.device != "cpu":
+        ap.error("--device is for --study runs")
+    tag = args.preset.name + ("" if args.preset.device == "cpu" else f"-{args.preset.device}")
     if args.runs is None:
-        args.runs = ROOT / "runs" / f"analyses-{args.preset.name}"
+        args.runs = ROOT / "runs" / f"analyses-{tag}"
     if args.figures is None:
-        args.figures = FIGURES if args.preset.name != "quick" else args.runs / "figures"
+        # the study's results go beside, not over, the committed small-run figures
+        args.figures = (
+            args.runs / "figures"
+            if args.preset.name in QUICK
+            else FIGURES / tag
+            if args.preset.study
+            else FIGURES
+        )
     if args.quick:
         args.workers = 1
     return args

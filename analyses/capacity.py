@@ -5,7 +5,8 @@ sweep the weight ``p`` over a width x depth grid of MLPs with 3 seeds and single
 (:func:`analyses._common.pair_sweep`). Per size, the gain on each task is ``stats.joint_gain`` on
 the test split at the weight chosen on the validation split (and, for reference, at ``p = 0.5``).
 Whether it grows with capacity: Spearman of ``log10(parameters)`` and the gain over sizes, with a
-bootstrap over sizes.
+bootstrap over sizes, and the OLS slope of the gain on ``log10(parameters)`` (points per decade,
+t-interval over sizes). Figures: gain against parameters (log axis), one y scale for all pairs.
 
     python -m analyses.capacity            # the small grid we ran (see analyses/README.md)
     python -m analyses.capacity --quick    # seconds; writes under runs/analyses-quick
@@ -21,19 +22,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analyses import _figures
 from analyses._common import (
-    PAIRS,
+    QUICK,
     Timer,
     load_tables,
     pair_sweep,
     parse_args,
     save_figure,
     sweep_cost,
+    sweep_units,
     write_json,
 )
-from gradlens import plots, stats
+from gradlens import stats
 
-__all__ = ["gains", "main", "select_weights"]
+__all__ = ["gains", "main", "ols_fit", "select_weights"]
 
 SIZE = ["model.width", "model.depth"]
 
@@ -82,19 +85,54 @@ def _trend(g: pd.DataFrame, n_boot: int) -> dict[str, Any]:
     return res
 
 
+def ols_fit(g: pd.DataFrame) -> dict[str, float] | None:
+    """OLS of the gain (points) on ``log10(parameters)`` over sizes (the tasks' mean per size).
+
+    The tasks of one size share their runs, so the unit is the size: ``K`` sizes give a
+    t-interval of the slope with ``K - 2`` degrees of freedom. None with fewer than 3 sizes.
+
+    Example:
+        >>> g = pd.DataFrame({"model.n_params": [1e3, 1e4, 1e5, 1e3, 1e4, 1e5],
+        ...                   "gain": [0.00, 0.01, 0.02, 0.00, 0.01, 0.02]})
+        >>> round(ols_fit(g)["slope"], 6)
+        1.0
+    """
+    from scipy import stats as st
+
+    per = g.groupby("model.n_params")["gain"].mean()
+    if len(per) < 3:
+        return None
+    res = st.linregress(np.log10(per.index.to_numpy(float)), 100 * per.to_numpy(float))
+    half = float(st.t.ppf(0.975, len(per) - 2) * res.stderr)
+    return {
+        "slope": float(res.slope),
+        "intercept": float(res.intercept),
+        "ci_low": float(res.slope) - half,
+        "ci_high": float(res.slope) + half,
+        "p_value": float(res.pvalue),
+        "n_sizes": len(per),
+        "unit": "accuracy points per decade of parameters",
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the sweeps (resuming), compute the gains, write figures and JSON; return the summary."""
     args = parse_args(__doc__.splitlines()[0], argv)
     pre = args.preset
-    n_boot = 200 if pre.name == "quick" else 2000
+    n_boot = 200 if pre.name in QUICK else 2000
     summary: dict[str, Any] = {"preset": pre.__dict__, "pairs": {}}
-    for pair in PAIRS:
+    all_gains = {}
+    units = sweep_units(pre)
+    for name, pair, family in units:
         with Timer() as tm:
-            sweep = pair_sweep(pair, pre, args.runs, args.workers)
+            sweep = pair_sweep(pair, pre, args.runs, args.workers, family)
         tables = load_tables(sweep)
         g = gains(tables, pair.tasks, n_boot)
+        all_gains[name] = g
         sel = g[g["setting"] == "p selected on val"]
         pair_sum: dict[str, Any] = {
+            "pair": pair.name,
+            "family": family,
             "kind": pair.kind,
             "tasks": list(pair.tasks),
             "sweep_wall_seconds_this_call": tm.wall,
@@ -110,17 +148,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             pair_sum[f"trend ({setting})"] = (
                 _trend(sub, n_boot) if sub["model.n_params"].nunique() >= 3 else None
             )
-        summary["pairs"][pair.name] = pair_sum
+            pair_sum[f"ols ({setting})"] = ols_fit(sub)
+        summary["pairs"][name] = pair_sum
+    # one y scale for every capacity figure, so that pairs compare at a glance
+    both = pd.concat(all_gains.values())
+    lows = both[["gain", "ci_low"]].min(axis=1)
+    highs = both[["gain", "ci_high"]].max(axis=1)
+    ylim = (100 * float(lows.min()) - 1, max(100 * float(highs.max()), 0) + 1)
+    summary["figure_ylim_points"] = list(ylim)
+    for name, pair, family in units:
+        g = all_gains[name]
         for setting, stem in (("p selected on val", ""), ("p = 0.5", "_uniform")):
             sub = g[g["setting"] == setting]
             if not len(sub):
                 continue
-            fig = plots.gain_grid(
-                sub, panel="task", scale=100, digits=1, unit="accuracy points",
-                title=f"{pair.name} ({pair.kind}), MLP: joint - single-task test accuracy, "
-                f"{setting} (95% CI over seeds)",
-            )  # fmt: skip
-            save_figure(fig, args.figures / f"capacity_{pair.name}{stem}.png")
+            fig = _figures.gain_vs_params(
+                sub,
+                weight_col=f"weights.{pair.tasks[0]}",
+                fit=summary["pairs"][name][f"ols ({setting})"],
+                ylim=ylim,
+                title=f"{pair.name} ({pair.kind}), {family.upper()}: joint - single-task test "
+                f"accuracy at {setting} (p of '{pair.tasks[0]}' written by each point); "
+                "95 % seed intervals",
+            )
+            save_figure(fig, args.figures / f"capacity_{name}{stem}.png")
     write_json(summary, args.figures / "capacity.json")
     return summary
 

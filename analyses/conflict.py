@@ -2,13 +2,16 @@
 
 Within runs: for each pair (MultiDigits, DomainDigits), three longer runs at ``p = 0.5`` (MLP width
 0.5, depth 2, probes every 2 steps) give per-epoch conflict (the fraction of probes with
-``cos < 0``) and the per-epoch validation accuracy; ``stats.within_run`` correlates them per run
-(Pearson, effective-n test and interval), and all epochs of all runs are pooled (Pearson, cluster
-bootstrap by run), as the paper's single linear fit (r = 0.06) did.
+``cos < 0``; and, per run, the continuous mean cosine) and the per-epoch validation accuracy;
+``stats.within_run`` correlates them per run (Pearson, effective-n test and interval), and all
+epochs of all runs are pooled (Pearson, cluster bootstrap by run), as the paper's single linear
+fit (r = 0.06) did.
 
 Across runs: on the capacity sweeps (``analyses.capacity``), ``stats.associations`` of the weight,
 the run's conflict frequency and mean cosine, and its final test accuracy (Spearman, pooled, per
-size and partial on size; seeds of a configuration resampled together; Holm over all tests).
+size and partial on size; seeds of a configuration resampled together; Holm over all tests), and
+:func:`weight_controlled`: the mean cosine and the conflict frequency against accuracy with the
+weight (``p``, ``p^2``) and the size partialled out.
 
     python -m analyses.conflict [--quick | --full]
 """
@@ -22,8 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analyses import _figures
 from analyses._common import (
-    PAIRS,
+    QUICK,
     Pair,
     Preset,
     base_train,
@@ -32,15 +36,23 @@ from analyses._common import (
     parse_args,
     run_study,
     save_figure,
+    study_pairs,
+    sweep_units,
     write_json,
 )
+from analyses.optimal_weight import weight_cells
 from gradlens import load_run, plots, stats
 
-__all__ = ["across_runs", "main", "within_runs"]
+__all__ = ["across_runs", "long_size", "main", "weight_controlled", "within_runs"]
+
+
+def long_size(pre: Preset) -> tuple[float, int]:
+    """Width and depth of the MLP of the long runs (tiny in the quick presets)."""
+    return (0.125, 1) if pre.name in QUICK else (0.5, 2)
 
 
 def _long_runs(pair: Pair, pre: Preset, runs: Path, workers: int) -> Path:
-    quick = pre.name == "quick"
+    width, depth = long_size(pre)
     train = {
         **base_train(pair.dataset, pair.options(pre), pre.conflict_epochs),
         "tasks": list(pair.tasks),
@@ -48,8 +60,8 @@ def _long_runs(pair: Pair, pre: Preset, runs: Path, workers: int) -> Path:
     }
     sweep = {
         "p": [0.5],
-        "sizes": [{"width": 0.125 if quick else 0.5, "depth": 1 if quick else 2}],
-        "seeds": list(range(2 if quick else 3)),
+        "sizes": [{"width": width, "depth": depth}],
+        "seeds": list(range(pre.conflict_seeds)),
     }
     out = runs / f"conflict-{pair.name}"
     run_study({"train": train, "sweep": sweep}, out, workers)
@@ -62,7 +74,8 @@ def within_runs(run_dirs: Sequence[Path], n_boot: int) -> dict[str, Any]:
     for k, d in enumerate(sorted(run_dirs)):
         run = load_run(d)
         res = stats.within_run(run, metric="conflict", n_boot=n_boot, seed=k)
-        per_run.append({"run": d.name, **res})
+        cos = stats.within_run(run, metric="cosine", n_boot=n_boot, seed=k)
+        per_run.append({"run": d.name, **res, "cosine": cos})
         epochs.append(stats.epoch_table(run, metric="conflict").assign(run=d.name))
     ep = pd.concat(epochs, ignore_index=True)
     pooled = stats.correlate(
@@ -98,6 +111,37 @@ def across_runs(table: pd.DataFrame, weight_col: str, n_boot: int) -> pd.DataFra
     )
 
 
+def weight_controlled(joint: pd.DataFrame, weight_col: str, n_boot: int) -> list[dict[str, Any]]:
+    """Run-level interference vs test accuracy, controlling for the weight and the size.
+
+    Partial Pearson correlation (``stats.partial_correlation``) of the mean cosine (and of the
+    conflict frequency) with ``accuracy.mean`` over the joint runs, on the covariates
+    ``log10(parameters)``, ``p`` and ``p^2`` (accuracy is a hump in ``p``, so a linear term alone
+    would leave the weight's effect in the residuals); seeds of a configuration are resampled
+    together. A table with too few runs for the covariates gives a row with a ``note``.
+    """
+    t = joint.assign(
+        log10_params=np.log10(joint["model.n_params"].astype(float)),
+        p=joint[weight_col].astype(float),
+        p2=joint[weight_col].astype(float) ** 2,
+    )
+    covariates = ["log10_params", "p", "p2"]
+    if t["model.n_params"].nunique() < 2:
+        covariates = ["p", "p2"]
+    out = []
+    for x in ("cosine.mean", "conflict_freq.mean"):
+        row: dict[str, Any] = {"x": x, "y": "accuracy.mean", "controls": covariates}
+        if len(t) < len(covariates) + 4:
+            out.append({**row, "estimate": None, "note": f"{len(t)} runs: too few"})
+            continue
+        res = stats.partial_correlation(
+            t, x, "accuracy.mean", covariates, method="pearson", n_boot=n_boot,
+            n_perm=n_boot, groups=["model.n_params", weight_col], seed=0,
+        )  # fmt: skip
+        out.append({**row, **res})
+    return out
+
+
 def _scatter(epochs: dict[str, pd.DataFrame]) -> Any:
     from matplotlib.figure import Figure
 
@@ -128,29 +172,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train the long runs, resume the sweeps, compute both analyses, write figures and JSON."""
     args = parse_args(__doc__.splitlines()[0], argv)
     pre = args.preset
-    n_boot = 200 if pre.name == "quick" else 2000
+    n_boot = 200 if pre.name in QUICK else 2000
     summary: dict[str, Any] = {"preset": pre.__dict__, "pairs": {}}
     epochs = {}
-    for pair in PAIRS:
+    for pair in study_pairs(pre):
         long_dir = _long_runs(pair, pre, args.runs, args.workers)
         w = within_runs([d for d in long_dir.iterdir() if d.is_dir()], n_boot)
         epochs[pair.name] = w.pop("epochs")
-        tables = load_tables(pair_sweep(pair, pre, args.runs, args.workers))
-        wcol = f"weights.{pair.tasks[0]}"
-        assoc = across_runs(tables["test"], wcol, n_boot)
-        summary["pairs"][pair.name] = {"kind": pair.kind, "within": w, "across": assoc}
+        summary["pairs"][pair.name] = {"kind": pair.kind, "within": w}
         first = sorted(d for d in long_dir.iterdir() if d.is_dir())[0]
         fig = plots.conflict_timeline(load_run(first), title=f"{pair.name}: {first.name}")
         save_figure(fig, args.figures / f"conflict_timeline_{pair.name}.png")
+    for name, pair, family in sweep_units(pre):
+        tables = load_tables(pair_sweep(pair, pre, args.runs, args.workers, family))
+        wcol = f"weights.{pair.tasks[0]}"
+        assoc = across_runs(tables["test"], wcol, n_boot)
+        # the MLP sweep keeps the key "across"; other families add "across (<family>)"
+        key = "across" if family == "mlp" else f"across ({family})"
+        summary["pairs"][pair.name][key] = assoc
+        wkey = "weight_controlled" + ("" if family == "mlp" else f" ({family})")
+        summary["pairs"][pair.name][wkey] = weight_controlled(
+            tables["test"][tables["test"]["n_tasks"] == 2], wcol, n_boot
+        )
         joint = tables["test"][tables["test"]["n_tasks"] == 2]
-        for col, stem in (("conflict_freq.mean", "conflict"), ("accuracy.mean", "test_accuracy")):
-            fig = plots.weight_vs_interference(
-                joint,
+        for col, stem, ylabel, scale in (
+            ("conflict_freq.mean", "conflict", "share of probes with cos < 0", 1.0),
+            ("cosine.mean", "cosine", "mean gradient cosine of the two tasks", 1.0),
+            ("accuracy.mean", "test_accuracy", "test accuracy, mean over tasks (points)", 100.0),
+        ):
+            fig = _figures.weight_vs_metric(
+                weight_cells(joint, wcol, col),
                 weight_col=wcol,
-                interference_col=col,
-                title=f"{pair.name}: {col} vs {wcol}, per model size (joint runs)",
+                xlabel=_figures.weight_label(wcol, pair.kind),
+                ylabel=ylabel,
+                scale=scale,
+                title=f"{pair.name} ({pair.kind}), {family.upper()}, joint runs: {ylabel} against "
+                "the weight",
             )
-            save_figure(fig, args.figures / f"weight_vs_{stem}_{pair.name}.png")
+            save_figure(fig, args.figures / f"weight_vs_{stem}_{name}.png")
     save_figure(_scatter(epochs), args.figures / "conflict_vs_accuracy_epochs.png")
     write_json(summary, args.figures / "conflict.json")
     return summary

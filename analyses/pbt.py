@@ -8,7 +8,15 @@ MLP (width 0.5, depth 2). Three ways to choose the six loss weights, two of them
   copies one of the best quarter and perturbs its weights; the member with the best final
   validation accuracy is reported on the test split;
 - random static: ``N`` Dirichlet(1) weight vectors (a ``random`` sweep), the best on validation
-  reported on the test split. ``N`` trainings of the same length: PBT's compute.
+  reported on the test split. ``N`` trainings of the same length: PBT's compute;
+- uniform, best of ``N`` seeds: ``N`` uniform trainings with other seeds, the best on validation
+  reported on the test split: PBT's compute spent on seeds instead of weights (the control that
+  separates "searching weights" from "picking the luckiest of N runs").
+
+Differences: Welch t against the independent uniform seeds; paired t (by replicate, same training
+seed and data) between the arms run per replicate; the 90 % interval against an equivalence
+margin of 0.5 points stated in advance. Figures: ``pbt_schedules.png`` (every replicate, the
+reported member, copy events) and ``pbt_result.png`` (arms and differences).
 
 The score is the mean test accuracy over the six tasks (``gradlens.train.score``).
 
@@ -25,7 +33,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analyses import _figures
 from analyses._common import (
+    QUICK,
     Preset,
     Timer,
     base_train,
@@ -34,17 +44,20 @@ from analyses._common import (
     save_figure,
     write_json,
 )
-from gradlens import plots
 from gradlens.data import DIGIT_ATTRIBUTES
 from gradlens.search import SearchConfig, make_executor, run_pbt
 from gradlens.train import train
 
 __all__ = ["main", "schedule_table"]
 
+#: Equivalence margin of the arm differences, stated before the run: 0.5 accuracy points (the
+#: paper's largest PBT effect is +0.44).
+EQUIVALENCE_MARGIN = 0.005
+
 
 def _train(pre: Preset) -> dict[str, Any]:
     tasks = list(DIGIT_ATTRIBUTES)[: pre.attribute_tasks]
-    quick = pre.name == "quick"
+    quick = pre.name in QUICK
     return {
         **base_train("digit_attributes", {"tasks": tasks}, pre.pbt_epochs),
         "width": 0.125 if quick else 0.5,
@@ -119,14 +132,48 @@ def _welch(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     if min(len(a), len(b)) < 2:
         return {"difference": diff, "p_value": None}
     res = st.ttest_ind(a, b, equal_var=False)
-    ci = res.confidence_interval(0.95)
+    ci, ci90 = res.confidence_interval(0.95), res.confidence_interval(0.90)
     return {
         "difference": diff,
         "ci_low": float(ci.low),
         "ci_high": float(ci.high),
+        "ci90_low": float(ci90.low),
+        "ci90_high": float(ci90.high),
         "p_value": float(res.pvalue),
+        "equivalent_within_margin": bool(
+            ci90.low > -EQUIVALENCE_MARGIN and ci90.high < EQUIVALENCE_MARGIN
+        ),
         "test": "Welch t",
     }
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Mean paired difference (replicate by replicate) with a paired t-test and its 95 % interval.
+
+    Example:
+        >>> round(_paired(np.array([0.9, 0.8, 0.7]), np.array([0.8, 0.8, 0.6]))["difference"], 6)
+        0.066667
+    """
+    from scipy import stats as st
+
+    d = a - b
+    out: dict[str, Any] = {"difference": float(d.mean()), "p_value": None, "test": "paired t"}
+    if len(d) < 2:
+        return out
+    res = st.ttest_rel(a, b)
+    ci = res.confidence_interval(0.95)
+    ci90 = res.confidence_interval(0.90)
+    out.update(
+        ci_low=float(ci.low),
+        ci_high=float(ci.high),
+        ci90_low=float(ci90.low),
+        ci90_high=float(ci90.high),
+        p_value=float(res.pvalue),
+        equivalent_within_margin=bool(
+            ci90.low > -EQUIVALENCE_MARGIN and ci90.high < EQUIVALENCE_MARGIN
+        ),
+    )
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -136,11 +183,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = _train(pre)
     root = args.runs / "pbt"
     n = pre.pbt_population
-    seeds = [0] if pre.name == "quick" else [0, 1, 2]
+    seeds = list(range(pre.uniform_seeds))
     with Timer() as t_uni:
         uniform = _uniform(base, seeds, root, args.workers)
-    reps = 1 if pre.name == "quick" else 3
-    pbt_rows, rand_rows, t_pbt, t_rand = [], [], 0.0, 0.0
+    reps = pre.pbt_replicates
+    pbt_rows, rand_rows, best_rows, states = [], [], [], []
+    t_pbt = t_rand = t_best = 0.0
     for r in range(reps):
         # replicate r: other training seeds and PBT/random choices, the same data split
         train_r = (
@@ -159,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "pbt": {
                     "population": n,
                     "epochs": pre.pbt_epochs,
-                    "interval_epochs": 1 if pre.name == "quick" else 2,
+                    "interval_epochs": 1 if pre.name in QUICK else 2,
                     "quantile": 0.25,
                     "metric": "accuracy",
                     "seed": r,
@@ -175,7 +223,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 args.workers,
             )
         t_rand += tm.wall
+        with Timer() as tm:
+            # uniform weights, N seeds, the best on validation: PBT's compute without weights
+            seeds_r = [1000 * (r + 1) + k for k in range(n)]
+            uni_n = _uniform(train_r, seeds_r, root / f"uniform-best{sfx}", args.workers)
+        t_best += tm.wall
+        bu = uni_n.loc[uni_n["val"].idxmax()]
+        best_rows.append(
+            {"replicate": r, "best_seed": int(bu["seed"]), "val": float(bu["val"]),
+             "test": float(bu["test"]), "runs": uni_n}
+        )  # fmt: skip
         bp, br = members.loc[members["val"].idxmax()], rand.loc[rand["val"].idxmax()]
+        states.append(
+            {"replicate": r, "best": int(bp["member"]),
+             **json.loads((root / f"pbt{sfx}" / "pbt.json").read_text())}
+        )  # fmt: skip
         pbt_rows.append(
             {
                 "replicate": r,
@@ -196,11 +258,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "runs": rand,
             }
         )
-    state = json.loads((root / "pbt" / "pbt.json").read_text())
     arms = {
         "uniform": uniform["test"].to_numpy(float),
         "pbt": np.array([x["test"] for x in pbt_rows]),
         "random_static": np.array([x["test"] for x in rand_rows]),
+        "uniform_best_of_n": np.array([x["test"] for x in best_rows]),
     }
     summary = {
         "preset": pre.__dict__,
@@ -210,18 +272,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "uniform": {"per_seed": uniform, **_describe(arms["uniform"])},
         "pbt": {"per_replicate": pbt_rows, **_describe(arms["pbt"])},
         "random_static": {"per_replicate": rand_rows, **_describe(arms["random_static"])},
+        "uniform_best_of_n": {"per_replicate": best_rows, **_describe(arms["uniform_best_of_n"])},
         "differences": {
-            f"{a} - {b}": _welch(arms[a], arms[b])
-            for a, b in (("pbt", "uniform"), ("pbt", "random_static"), ("random_static", "uniform"))
+            **{
+                f"{a} - {b}": _welch(arms[a], arms[b])
+                for a, b in (("pbt", "uniform"), ("random_static", "uniform"))
+            },
+            # arms run per replicate with the same training seed and data: paired by replicate
+            **{
+                f"{a} - {b}": _paired(arms[a], arms[b])
+                for a, b in (("pbt", "random_static"), ("pbt", "uniform_best_of_n"))
+            },
         },
-        "wall_seconds": {"uniform": t_uni.wall, "pbt": t_pbt, "random": t_rand},
-    }
-    fig = plots.pbt_schedules(
-        schedule_table(state),
+        "equivalence_margin_points": EQUIVALENCE_MARGIN * 100,
+        "wall_seconds": {
+            "uniform": t_uni.wall, "pbt": t_pbt, "random": t_rand, "uniform_best_of_n": t_best
+        },
+    }  # fmt: skip
+    fig = _figures.pbt_schedules(
+        states,
         end=pre.pbt_epochs,
-        title=f"PBT weight schedules, DigitAttributes ({len(summary['tasks'])} tasks), {n} members",
+        title=f"PBT weight schedules, DigitAttributes ({len(summary['tasks'])} tasks), "
+        f"{n} members, {reps} replicate(s)",
     )
     save_figure(fig, args.figures / "pbt_schedules.png")
+    fig = _figures.pbt_result(
+        {k: v.tolist() for k, v in arms.items()},
+        summary["differences"],
+        margin=EQUIVALENCE_MARGIN,
+        title=f"DigitAttributes, {len(summary['tasks'])} tasks: test accuracy of each arm "
+        f"(PBT, random static, best of uniform: {n} trainings per replicate)",
+    )
+    save_figure(fig, args.figures / "pbt_result.png")
     write_json(summary, args.figures / "pbt.json")
     return summary
 

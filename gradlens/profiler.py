@@ -70,7 +70,8 @@ class Profiler:
             (see :mod:`gradlens.schedules`).
         store: a run directory path (a :class:`gradlens.store.RunWriter` is created there) or a
             writer; snapshots are written to it and it is closed with the profiler.
-        sinks: more receivers of snapshots (e.g. :class:`gradlens.sinks.TensorBoardSink`).
+        sinks: more receivers of snapshots (e.g. :class:`gradlens.sinks.TensorBoardSink`); a
+            sink with an ``update_meta(**meta)`` method is first given the run's meta.
         memory_budget: bytes an engine may use for one block of per-task quantities (the batched
             engine's task chunks, the rules' output-row blocks).
         meta: extra fields for the run store's ``meta.json`` (model, seed, config...).
@@ -103,8 +104,12 @@ class Profiler:
         self._w_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
         self._engine.attach()
         self._engine.set_recording(self._schedule(0))
-        self.store = _open_store(store, self._meta(meta, engine, every))
+        run_meta = self._meta(meta, engine, every)
+        self.store = _open_store(store, run_meta)
         self._sinks: list[Sink] = list(sinks)
+        for sink in self._sinks:  # dashboards log the run meta as config/params
+            if callable(getattr(sink, "update_meta", None)):
+                sink.update_meta(**run_meta)
         if self.store is not None:
             self._sinks.insert(0, self.store)
         self._finalizer = weakref.finalize(self, _finalize, self._engine, list(self._sinks))

@@ -50,9 +50,10 @@ from gradlens import _plots_render as _r
 from gradlens import _report_claims as _claims
 from gradlens import _stats_gain as _gain
 from gradlens._errors import GradlensError
+from gradlens._report_run import build_run_page
 from gradlens._snapshot import TOTAL_LAYER
 
-__all__ = ["ReportPaths", "build_report"]
+__all__ = ["ReportPaths", "build_report", "build_run_page"]
 
 _SYMBOL = {"spearman": "rho", "pearson": "r", "kendall": "tau"}
 _KIND = {"spearman": "monotone", "pearson": "linear", "kendall": "monotone"}

@@ -133,6 +133,8 @@ def test_load_dataset_errors_list_valid_values():
         "digit_attributes",
         "domain_digits",
         "synthetic",
+        "multimnist",
+        "digit_sources",
         "celeba",
         "domainnet",
     )

@@ -1,4 +1,5 @@
-"""``gradlens report DIR``: report.md, a self-contained report.html and stats.json of a sweep."""
+"""``gradlens report DIR``: report.md, a self-contained report.html and stats.json of a sweep;
+for a single run directory, its page ``run.html`` (heatmaps and timelines of that run)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 NAME = "report"
 HELP = (
     "Analyse every run under DIR: statistics with intervals and adjusted p-values, figures, "
-    "a plain-language summary; writes report.md, report.html and stats.json."
+    "a plain-language summary; writes report.md, report.html and stats.json. DIR may also be "
+    "one run directory: then its page run.html, with the heatmaps and timelines of that run."
 )
 
 
@@ -50,12 +52,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-figures", action="store_true", help="text, tables and stats.json only")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--open", action="store_true", help="open the HTML page in a web browser")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the report and print where it was written."""
-    from gradlens.report import build_report
+    """Build the report (or the page of one run) and print where it was written."""
+    from gradlens.report import build_report, build_run_page
 
+    if (args.dir / "meta.json").is_file():  # one run, not a sweep
+        page = build_run_page(args.dir, args.out, eval_metric=args.metric)
+        sys.stdout.write(f"wrote {page}\n")
+        _open(page, args.open)
+        return 0
     paths = build_report(
         args.dir,
         args.out,
@@ -74,4 +82,13 @@ def run(args: argparse.Namespace) -> int:
         figures=not args.no_figures,
     )
     sys.stdout.write(f"wrote {paths.html}\nwrote {paths.markdown}\nwrote {paths.json}\n")
+    _open(paths.html, args.open)
     return 0
+
+
+def _open(page: Path, wanted: bool) -> None:
+    if wanted:
+        import webbrowser
+
+        if not webbrowser.open(page.resolve().as_uri()):
+            sys.stderr.write(f"no web browser could be started; open {page} yourself\n")

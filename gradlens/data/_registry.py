@@ -10,6 +10,7 @@ from gradlens._errors import GradlensError
 from gradlens.data._base import MultiTaskDataset, _check_split
 from gradlens.data._digits import _digit_attributes, _domain_digits, _multidigits
 from gradlens.data._folders import _celeba, _domainnet
+from gradlens.data._mnist import _digit_sources, _multimnist
 from gradlens.data._synthetic import _synthetic
 
 __all__ = ["DATASETS", "dataset_options", "load_dataset"]
@@ -21,6 +22,8 @@ _REGISTRY: dict[str, tuple[_Builder, bool]] = {
     "digit_attributes": (_digit_attributes, False),
     "domain_digits": (_domain_digits, False),
     "synthetic": (_synthetic, False),
+    "multimnist": (_multimnist, False),
+    "digit_sources": (_digit_sources, False),
     "celeba": (_celeba, True),
     "domainnet": (_domainnet, True),
 }

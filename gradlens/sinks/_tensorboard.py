@@ -1,9 +1,4 @@
-"""Sinks: receivers of the profiler's snapshots other than the run store.
-
-A sink is any object with ``add_snapshot(snap)`` and ``close()``; pass it as
-``gl.Profiler(..., sinks=[sink])`` and the profiler feeds it every probed step and closes it with
-itself.
-"""
+"""The TensorBoard sink (``tensorboard`` extra)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,177 @@
+"""A Hugging Face ``Trainer`` callback that profiles a multi-task model (observe-only).
+
+Convention: the model's ``forward`` returns a dict (or a ``ModelOutput``) holding the total loss
+under ``"loss"`` (what ``Trainer`` backpropagates, as usual) and the per-task losses under
+``"task_losses"``; optionally the loss weights under ``"task_weights"`` (stored with each
+snapshot; default 1 per task) and, for ``engine="features"``, the shared representation under
+``"features"``::
+
+    def forward(self, input_ids, attention_mask, label_a, label_b):
+        z = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        task_losses = {"a": F.cross_entropy(self.head_a(z), label_a),
+                       "b": F.mse_loss(self.head_b(z).squeeze(1), label_b)}
+        return {"loss": sum(task_losses.values()), "task_losses": task_losses}
+
+In ``on_train_begin`` the callback creates a :class:`gradlens.Profiler` on the shared module
+(``shared_attr``) and wraps the model's ``forward``; after each training forward (the model in
+train mode, gradients enabled) it calls :meth:`gradlens.Profiler.observe` on the task losses, so
+``Trainer``'s own backward, optimizer, gradient accumulation, mixed precision and strategy are
+untouched and the parameters are the same, bit for bit, as without the callback. Evaluation
+forwards are not profiled. ``on_train_end`` removes the wrapper and closes the profiler (and its
+store and sinks). The profiler's step counts training forwards, i.e. micro-batches under
+``gradient_accumulation_steps``. In a multi-process run every rank measures its own batch
+(``meta["grams"] == "local"``) and only the main process writes the store and feeds the sinks.
+
+Example:
+    >>> import pytest
+    >>> _ = pytest.importorskip("transformers")
+    >>> from gradlens.integrations.transformers import GradlensTrainerCallback
+    >>> cb = GradlensTrainerCallback(tasks=["a", "b"], shared_attr="bert", every=10)
+    >>> cb.tasks, cb.profiler is None
+    (('a', 'b'), True)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from operator import attrgetter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradlens._errors import GradlensError, require
+from gradlens._snapshot import Snapshot
+from gradlens.profiler import Profiler, Sink, _check_tasks
+from gradlens.schedules import Schedule
+
+require("transformers", "transformers", "gradlens.integrations.transformers")
+
+from transformers import TrainerCallback  # noqa: E402
+
+__all__ = ["GradlensTrainerCallback"]
+
+
+class GradlensTrainerCallback(TrainerCallback):
+    """Profile the shared part of a multi-task model trained by ``Trainer`` (module docstring).
+
+    Args:
+        tasks: task names, the keys of the model output's ``"task_losses"``.
+        shared_attr: attribute path of the shared module on the model (dots allowed, e.g.
+            ``"bert"`` or ``"model.encoder"``).
+        engine, every, memory_budget, meta: as in :class:`gradlens.Profiler`.
+        store: run directory written by the main process (None: no store).
+        sinks: more receivers on the main process (e.g. :class:`gradlens.sinks.WandbSink`).
+        keep: how many recent snapshots ``self.snapshots`` holds (0 keeps none).
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        shared_attr: str,
+        engine: str = "gramian",
+        every: int | Schedule = 1,
+        store: str | Path | None = None,
+        *,
+        sinks: Sequence[Sink] = (),
+        keep: int = 100,
+        memory_budget: int = 256 * 2**20,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.tasks = _check_tasks(tasks)
+        if not isinstance(shared_attr, str) or not shared_attr:
+            raise GradlensError(
+                f"`shared_attr` should be an attribute path such as 'bert'; found {shared_attr!r}."
+            )
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise GradlensError(f"`keep` should be an int >= 0; found {keep!r}.")
+        self.shared_attr = shared_attr
+        self._engine = engine
+        self._every = every
+        self._store = store
+        self._sinks = list(sinks)
+        self._budget = memory_budget
+        self._meta = dict(meta or {})
+        self.profiler: Profiler | None = None
+        #: The most recent snapshots (at most ``keep``), oldest first.
+        self.snapshots: deque[Snapshot] = deque(maxlen=keep)
+        self._model: Any = None
+        self._had_forward = False
+
+    # -- Trainer events --------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        if model is None or self.profiler is not None:
+            return
+        try:
+            shared = attrgetter(self.shared_attr)(model)
+        except AttributeError:
+            raise GradlensError(
+                f"`shared_attr` should name the shared module of {type(model).__name__}; found "
+                f"no attribute {self.shared_attr!r}."
+            ) from None
+        main = bool(state.is_world_process_zero)
+        world = int(getattr(args, "world_size", 1))
+        meta = {"grams": "local", "world_size": world, "framework": "transformers"}
+        self.profiler = Profiler(
+            shared,
+            self.tasks,
+            engine=self._engine,
+            every=self._every,
+            store=self._store if main else None,
+            sinks=self._sinks if main else (),
+            memory_budget=self._budget,
+            meta={**meta, **self._meta},
+        )
+        self._model = model
+        self._had_forward = "forward" in vars(model)
+        model.forward = self._observe_after(model.forward, model)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._detach()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _detach(self) -> None:
+        model, self._model = self._model, None
+        if model is not None:
+            wrapped = vars(model).get("forward")
+            inner = getattr(wrapped, "__wrapped__", None)
+            if self._had_forward and inner is not None:
+                model.forward = inner  # a forward set on the instance before us (accelerate)
+            elif "forward" in vars(model):
+                del model.forward  # the class's method shows through again
+        if self.profiler is not None:
+            self.profiler.close()
+            self.profiler = None
+
+    def _observe_after(self, forward: Callable[..., Any], model: Any) -> Callable[..., Any]:
+        @functools.wraps(forward)
+        def observed(*args: Any, **kwargs: Any) -> Any:
+            out = forward(*args, **kwargs)
+            prof = self.profiler
+            if prof is None or not model.training or not torch.is_grad_enabled():
+                return out
+            task_losses = out.get("task_losses") if isinstance(out, Mapping) else None
+            if not isinstance(task_losses, Mapping):
+                raise GradlensError(
+                    "The model's forward should return a dict (or ModelOutput) with 'loss' and "
+                    "'task_losses' (task -> scalar loss) for GradlensTrainerCallback; found "
+                    + (
+                        f"keys {sorted(out)}"
+                        if isinstance(out, Mapping)
+                        else f"{type(out).__name__}"
+                    )
+                    + "."
+                )
+            snap = prof.observe(
+                task_losses,
+                out.get("task_weights"),
+                features=out.get("features") if prof.engine == "features" else None,
+            )
+            if snap is not None:
+                self.snapshots.append(snap)
+            return out
+
+        return observed

@@ -1,0 +1,187 @@
+"""GradlensTrainerCallback in a tiny Hugging Face Trainer run: a 1-layer BERT built from a config
+(no download), two task heads, CPU, no logging, no checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradlens as gl
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from transformers import BertConfig, BertModel, Trainer, TrainingArguments
+
+from gradlens.integrations.transformers import GradlensTrainerCallback
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TASKS = ["topic", "score"]
+WEIGHTS = {"topic": 0.7, "score": 0.3}
+
+
+class TwoTaskBert(nn.Module):
+    """A BERT trunk, a classification head and a regression head on the [CLS] vector."""
+
+    def __init__(self, returns: str = "dict") -> None:
+        super().__init__()
+        cfg = BertConfig(
+            vocab_size=40,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+        )
+        self.bert = BertModel(cfg, add_pooling_layer=False)
+        self.topic = nn.Linear(16, 3)
+        self.score = nn.Linear(16, 1)
+        self.returns = returns
+
+    def forward(self, input_ids, attention_mask, topic, score):
+        z = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        losses = {
+            "topic": F.cross_entropy(self.topic(z), topic),
+            "score": F.mse_loss(self.score(z).squeeze(1), score),
+        }
+        total = sum(WEIGHTS[t] * v for t, v in losses.items())
+        if self.returns == "tuple":
+            return (total,)
+        return {"loss": total, "task_losses": losses, "task_weights": WEIGHTS}
+
+
+def _data(n: int = 24) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, 40, (n, 10), generator=g)
+    return [
+        {
+            "input_ids": ids[i],
+            "attention_mask": torch.ones(10, dtype=torch.long),
+            "topic": int(ids[i, 0] % 3),
+            "score": float(ids[i, 1]) / 40.0,
+        }
+        for i in range(n)
+    ]
+
+
+def _fit(tmp_path, callbacks=(), returns="dict", **kw):
+    torch.manual_seed(0)
+    model = TwoTaskBert(returns)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=4,
+        per_device_train_batch_size=6,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_data(), callbacks=list(callbacks))
+    trainer.train()
+    return model
+
+
+def test_callback_profiles_a_trainer_run_without_changing_it(tmp_path):
+    plain = _fit(tmp_path / "plain")
+    run_dir = tmp_path / "run"
+    cb = GradlensTrainerCallback(TASKS, shared_attr="bert", every=1, store=run_dir)
+    observed = _fit(tmp_path / "observed", [cb])
+    # observe-only: the same parameters, bit for bit, as without the callback
+    for (name, p), q in zip(plain.named_parameters(), observed.parameters()):
+        assert torch.equal(p, q), name
+    # the same run profiled by the loop reference engine measures the same Grams
+    cb_loop = GradlensTrainerCallback(TASKS, shared_attr="bert", engine="loop", every=1)
+    _fit(tmp_path / "loop", [cb_loop])
+    assert [s.step for s in cb.snapshots] == [s.step for s in cb_loop.snapshots] == [0, 1, 2, 3]
+    for a, b in zip(cb.snapshots, cb_loop.snapshots):
+        torch.testing.assert_close(a.gram, b.gram, rtol=1e-4, atol=1e-9)
+        assert a.weights.tolist() == pytest.approx([0.7, 0.3])
+    # the store, and the wrapper gone after train()
+    run = gl.load_run(run_dir)
+    assert run.tasks == tuple(TASKS)
+    assert list(run.probed_steps) == [0, 1, 2, 3]
+    assert run.meta["framework"] == "transformers"
+    assert run.meta["grams"] == "local"
+    assert any(layer.startswith("encoder.layer.0.attention") for layer in run.layers)
+    assert "forward" not in vars(observed)
+    assert cb.profiler is None
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.meta: dict = {}
+        self.closed = False
+
+    def add_snapshot(self, snap) -> None:
+        self.steps.append(snap.step)
+
+    def update_meta(self, **meta) -> None:
+        self.meta.update(meta)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_micro_batches_are_profiled_and_evaluation_is_not(tmp_path):
+    sink = _Sink()
+    cb = GradlensTrainerCallback(TASKS, shared_attr="bert", every=1, keep=100, sinks=[sink])
+    model = _fit(tmp_path, [cb], gradient_accumulation_steps=2)
+    assert [s.step for s in cb.snapshots] == list(range(8))  # 4 optimizer steps x 2
+    assert sink.steps == list(range(8))
+    assert sink.closed
+    assert sink.meta["framework"] == "transformers"
+    model.eval()
+    batch = _data(2)
+    with torch.no_grad():
+        model(**{k: torch.stack([torch.as_tensor(b[k]) for b in batch]) for k in batch[0]})
+    assert len(cb.snapshots) == 8
+
+
+def test_errors(tmp_path):
+    cb = GradlensTrainerCallback(TASKS, shared_attr="trunk")
+    with pytest.raises(gl.GradlensError, match="`shared_attr` should name the shared module"):
+        _fit(tmp_path, [cb])
+    cb = GradlensTrainerCallback(TASKS, shared_attr="bert")
+    with pytest.raises(gl.GradlensError, match=r"should return a dict .* found tuple"):
+        _fit(tmp_path, [cb], returns="tuple")
+    with pytest.raises(gl.GradlensError, match="`keep` should be an int >= 0; found -1"):
+        GradlensTrainerCallback(TASKS, shared_attr="bert", keep=-1)
+    with pytest.raises(gl.GradlensError, match="`shared_attr` should be an attribute path"):
+        GradlensTrainerCallback(TASKS, shared_attr="")
+
+
+def test_a_forward_set_on_the_instance_is_put_back(tmp_path):
+    """accelerate's mixed precision sets ``model.forward`` on the instance; the callback wraps it
+    and puts it back after training."""
+    torch.manual_seed(0)
+    model = TwoTaskBert()
+    calls = []
+
+    def instance_forward(*args, **kwargs):
+        calls.append(1)
+        return TwoTaskBert.forward(model, *args, **kwargs)
+
+    model.forward = instance_forward
+    cb = GradlensTrainerCallback(TASKS, shared_attr="bert", every=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=2,
+        per_device_train_batch_size=6,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,  # the instance forward's signature is (*args, **kwargs)
+    )
+    Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb]).train()
+    assert vars(model)["forward"] is instance_forward
+    assert len(calls) == 2
+    assert [s.step for s in cb.snapshots] == [0]
