@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradlens._bench_weightings import WEIGHTED_METHODS, weighted_step
 from gradlens._errors import GradlensError
 from gradlens.profiler import Profiler
 
@@ -48,6 +49,7 @@ __all__ = [
     "AMORTISED",
     "METHODS",
     "MODELS",
+    "WEIGHTED_METHODS",
     "format_table",
     "hardware_info",
     "measure_peak_memory",
@@ -231,6 +233,7 @@ class _Setup:
         self.n_params = sum(p.numel() for p in self.trunk.parameters())
         self._profilers: dict[tuple[str, int], Profiler] = {}
         self._torchjd: Any = None
+        self._weightings: dict[str, Any] = {}
 
     def losses(
         self, trunk: nn.Module | None = None
@@ -254,14 +257,15 @@ class _Setup:
         set-up is neither timed nor counted in its peak memory. Returns whether a profiler was
         created.
         """
-        key = (method, every) if method not in ("plain", "loop-libmtl", "torchjd") else None
+        path = method.partition("+")[0]  # "gramian+upgrad": a weighting on the gramian engine
+        key = (method, every) if path not in ("plain", "loop-libmtl", "torchjd") else None
         created = False
         if key is None or fresh or key not in self._profilers:
             self.close()
             if key is not None:
-                self._profilers[key] = Profiler(self.trunk, self.tasks, engine=method, every=every)
+                self._profilers[key] = Profiler(self.trunk, self.tasks, engine=path, every=every)
                 created = True
-        if method == "torchjd" and self._torchjd is None:
+        if path == "torchjd" and self._torchjd is None:
             # its hooks stay on the modules it is given: use a copy so other methods don't pay
             from torchjd.autogram import Engine
 
@@ -272,6 +276,9 @@ class _Setup:
     def step(self, method: str, every: int = 1) -> None:
         """One training step of ``method`` (call :meth:`prepare` first)."""
         self.zero()
+        if "+" in method:  # a multi-task optimization method (gradlens._bench_weightings)
+            weighted_step(self, method, every)
+            return
         if method == "torchjd":
             self._torchjd_step()
             return
@@ -320,9 +327,11 @@ class _Setup:
 def _available(methods: Sequence[str]) -> list[str]:
     out = []
     for m in methods:
-        if m not in METHODS:
-            raise GradlensError(f"`methods` should be among {list(METHODS)}; found {m!r}.")
-        if m == "torchjd" and importlib.util.find_spec("torchjd") is None:
+        if m not in METHODS and m not in WEIGHTED_METHODS:
+            raise GradlensError(
+                f"`methods` should be among {[*METHODS, *WEIGHTED_METHODS]}; found {m!r}."
+            )
+        if (m == "torchjd" or "+" in m) and importlib.util.find_spec("torchjd") is None:
             continue
         out.append(m)
     return out

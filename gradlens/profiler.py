@@ -29,7 +29,7 @@ import math
 import sys
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,16 +38,21 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens._snapshot import Snapshot
+from gradlens._snapshot import Snapshot, _symmetric
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
 from gradlens.schedules import Schedule, as_schedule
+from gradlens.weightings import _apply as _weighting
 
 __all__ = ["Profiler", "Sink"]
 
 _FREED = "Trying to backward through the graph a second time"
 #: Engines that backpropagate T cotangents at once with vmap (unsupported by torch.compile).
 _VMAP_ENGINES = ("gramian", "batched")
+
+
+#: A Gram weighting: T x T float64 Gram -> T non-negative weights (see gradlens.weightings).
+Weighting = Callable[[torch.Tensor], Any]
 
 
 class Sink(Protocol):
@@ -102,6 +107,8 @@ class Profiler:
         self._closed = False
         self._warned_zero: set[str] = set()
         self._w_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
+        #: A Gram weighting's last weights (total, per layer), held between probes.
+        self._held: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._engine.attach()
         self._engine.set_recording(self._schedule(0))
         run_meta = self._meta(meta, engine, every)
@@ -132,7 +139,7 @@ class Profiler:
     def backward(
         self,
         losses: Mapping[str, torch.Tensor],
-        weights: Mapping[str, float | torch.Tensor] | None = None,
+        weights: Mapping[str, float | torch.Tensor] | Weighting | None = None,
         *,
         features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         retain_graph: bool = False,
@@ -144,7 +151,14 @@ class Profiler:
             losses: one scalar loss per task, keyed by task name (all tasks, no others); checked
                 finite on probed steps (reading them on the host every step would stall a GPU).
             weights: one non-negative finite weight per task; None means 1 for every task, the
-                plain sum ``sum_t L_t``.
+                plain sum ``sum_t L_t``. Or a Gram weighting: a callable from the T x T float64
+                total Gram to T non-negative weights (any ``torchjd.aggregation.*Weighting``,
+                see :mod:`gradlens.weightings`); ``.grad`` is then ``J^T w(G)`` on the shared
+                parameters and the same weighted gradient on the others, written after the
+                weights are checked, and the Snapshot records them. ``gl.per_layer(w)`` weights
+                each layer by its own Gram instead. A step with no weights yet is always probed;
+                between probes (``every=k``) the last weights are held: an approximation of the
+                method, which would recompute them every step.
             features: the shared representation ``z`` (required by the ``features`` engine).
             retain_graph: as in ``Tensor.backward``.
             grad_scale: mixed precision: the ``torch.amp.GradScaler`` (or its scale, a number),
@@ -162,7 +176,7 @@ class Profiler:
     def observe(
         self,
         losses: Mapping[str, torch.Tensor],
-        weights: Mapping[str, float | torch.Tensor] | None = None,
+        weights: Mapping[str, float | torch.Tensor] | Weighting | None = None,
         *,
         features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         grad_scale: torch.amp.GradScaler | float | torch.Tensor | None = None,
@@ -221,7 +235,7 @@ class Profiler:
     def _run(
         self,
         losses: Mapping[str, torch.Tensor],
-        weights: Mapping[str, float | torch.Tensor] | None,
+        weights: Mapping[str, float | torch.Tensor] | Weighting | None,
         features: torch.Tensor | Sequence[torch.Tensor] | None,
         retain_graph: bool,
         grad_scale: torch.amp.GradScaler | float | torch.Tensor | None,
@@ -231,17 +245,34 @@ class Profiler:
         if self._closed:
             raise GradlensError(f"`{what}` was called on a closed Profiler; create a new one.")
         step = self.step
-        probe = bool(self._schedule(step))
+        gw = weights if _weighting.is_weighting(weights) else None
+        per_layer = isinstance(gw, _weighting.PerLayer)
+        if per_layer and self._engine.level != "parameters":
+            raise GradlensError(
+                f"`weights=gl.per_layer(...)` needs per-layer parameter Grams; found engine="
+                f"{self.engine!r}, whose Gram is {self._engine.level}-level. Use another engine "
+                "or a whole-model weighting."
+            )
+        held = self._held if gw is not None else None
+        if held is not None and per_layer and not held[1]:
+            held = None  # whole-model weights are held; per-layer ones are needed
+        probe = bool(self._schedule(step)) or (gw is not None and held is None)
         # finiteness is checked on probed steps only: the check reads the losses on the host,
         # which on a GPU would stall every step (an unprobed step then behaves as plain training)
         L, parts = _stack_losses(losses, self.tasks, check_finite=probe)
-        w = self._weights_on(weights, L)
+        if gw is None:
+            w = self._weights_on(weights, L)  # type: ignore[arg-type]  # not a callable here
+        else:
+            w = (held[0] if held is not None else torch.ones(len(self.tasks))).to(L.device, L.dtype)
         scale = _check_scale(grad_scale, L)
         feats = self._check_features(features)
         snap = None
         try:
             if probe:
-                snap = self._probe(step, L, parts, w, feats, retain_graph, scale, write)
+                snap = self._probe(step, L, parts, w, feats, retain_graph, scale, write, gw)
+            elif write and per_layer and held is not None:
+                Ls = L if scale is None else L * scale
+                self._write_weighted(Ls, w, held[1], retain_graph)
             elif write:
                 Ls = L if scale is None else L * scale
                 torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
@@ -309,10 +340,13 @@ class Profiler:
         retain_graph: bool,
         scale: torch.Tensor | None,
         write: bool,
+        weighting: Weighting | None = None,
     ) -> Snapshot | None:
         leaves, uses, nodes = _traverse(L)
         reached = [p for p in self._shared.params if id(p) in leaves]
         Ls = L if scale is None else L * scale
+        # a Gram weighting: the engine measures only (as for observe), the writes come after
+        measure_only = not write or weighting is not None
         ctx = BackwardContext(
             losses=Ls,
             task_losses=parts if scale is None else [v * scale for v in parts],
@@ -323,18 +357,19 @@ class Profiler:
             features=feats,
             memory_budget=self._budget,
             leaves=leaves,
-            write=write,
-            retain_graph=retain_graph,
+            write=not measure_only,
+            retain_graph=retain_graph or weighting is not None,
+            keep_blocks=weighting is not None and write,
         )
         # engines compute in the dtypes of the recorded tensors, never under an autocast region
         with torch.autocast(L.device.type, enabled=False):
-            if write:
+            if not measure_only:
                 result = self._engine.compute(ctx)
             else:
                 with _grads_kept(reached):
                     result = self._engine.compute(ctx)
         rest = [v for i, v in leaves.items() if i not in result.written]
-        if rest and write:
+        if rest and not measure_only:
             torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
         T = len(self.tasks)
         layer_names = list(result.layer_grams)
@@ -348,9 +383,16 @@ class Profiler:
         if scale is not None:
             inv2 = 1.0 / float(scale) ** 2  # GradScaler scales are powers of two: exact
             if not bool(torch.isfinite(gram).all()):
+                if weighting is not None and write:  # inf gradients: the scaler skips the step
+                    torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
                 return None  # overflowed scaled gradients: the scaler skips this step too
             gram = gram * inv2
             layer_grams = {n: g * inv2 for n, g in layer_grams.items()}
+        extra: dict[str, Any] = {}
+        if weighting is not None:
+            w, extra = self._apply_weighting(
+                weighting, gram, layer_grams, Ls, write, retain_graph, result.writer, leaves
+            )
         snap = Snapshot(
             step=step,
             tasks=self.tasks,
@@ -361,9 +403,91 @@ class Profiler:
             level=self._engine.level,
             rules=result.rules,
             losses=dict(zip(self.tasks, L.detach().to("cpu", torch.float64).tolist())),
+            **extra,
         )
         self._flag_zero(snap)
         return snap
+
+    def _apply_weighting(
+        self,
+        weighting: Weighting,
+        gram: torch.Tensor,
+        layer_grams: dict[str, torch.Tensor],
+        Ls: torch.Tensor,
+        write: bool,
+        retain_graph: bool,
+        writer: Callable[[Mapping[str, torch.Tensor]], None] | None,
+        leaves: Mapping[int, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Call a Gram weighting on this probe's Grams, hold and write its update.
+
+        Everything is checked before anything is written. Where the engine kept the per-task
+        blocks of its pass (``writer``: they fit ``memory_budget``), ``J_l^T w_l`` is written
+        from them, then the other leaves (the heads) by a backward restricted to them:
+        ``"kept_blocks"``. Otherwise the whole model gets one more backward of
+        ``sum_t w_t L_t`` (``"second_backward"``) and per-layer weights batched backwards over
+        task chunks (``"per_layer_batched"``, see
+        :func:`gradlens.weightings._apply.write_per_layer`).
+        """
+        per_layer = isinstance(weighting, _weighting.PerLayer)
+        # the Snapshot's exactly symmetric Grams: the weights are those of what it records
+        gram = _symmetric(gram)
+        w64 = _weighting.call_weighting(weighting, gram)
+        layer_w = {
+            n: _weighting.call_weighting(weighting, _symmetric(g), n)
+            for n, g in (layer_grams.items() if per_layer else ())
+        }
+        self._held = (w64, layer_w)
+        w = w64.to(Ls.device, Ls.dtype)
+        if writer is not None:
+            path = "kept_blocks"
+        else:
+            path = "per_layer_batched" if per_layer else "second_backward"
+        if write:
+            if writer is not None:
+                writer(layer_w if per_layer else dict.fromkeys(layer_grams, w64))
+                self._write_rest(Ls, w, retain_graph, leaves)
+            elif per_layer:
+                self._write_weighted(Ls, w, layer_w, retain_graph)
+            else:
+                torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
+        extra = {
+            "weighting": _weighting.weighting_name(weighting),
+            "weighting_path": path,
+            "layer_weights": layer_w,
+        }
+        return w, extra
+
+    def _write_rest(
+        self,
+        Ls: torch.Tensor,
+        w: torch.Tensor,
+        retain_graph: bool,
+        leaves: Mapping[int, torch.Tensor] | None = None,
+    ) -> None:
+        """``sum_t w_t`` of the gradients of every leaf outside the shared parameters."""
+        if leaves is None:
+            leaves = _traverse(Ls)[0]
+        ids = {id(p) for p in self._shared.params}
+        rest = [v for i, v in leaves.items() if i not in ids]
+        if rest:
+            torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
+
+    def _write_weighted(
+        self,
+        Ls: torch.Tensor,
+        w: torch.Tensor,
+        layer_w: Mapping[str, torch.Tensor],
+        retain_graph: bool,
+    ) -> None:
+        """``J_l^T w_l`` on each shared layer, ``sum_t w_t`` of the gradients on other leaves."""
+        leaves, _, _ = _traverse(Ls)
+        shared = [p for p in self._shared.params if id(p) in leaves]
+        # a layer the held probe did not reach (conditional computation) takes the total weights
+        missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
+        lw = {**layer_w, **dict.fromkeys(missing, w.detach().cpu())}
+        _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget)
+        self._write_rest(Ls, w, retain_graph, leaves)
 
     def _flag_zero(self, snap: Snapshot) -> None:
         new = [t for t in snap.zero_tasks if t not in self._warned_zero]

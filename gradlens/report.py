@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens import _plots_render as _r
+from gradlens import _report_arms as _arms
 from gradlens import _report_claims as _claims
 from gradlens import _stats_gain as _gain
 from gradlens._errors import GradlensError
@@ -1361,6 +1362,8 @@ def build_report(
 
     table, by_id, index = _load(sweep, opts)
     table["_select"] = _selection_scores(table, index, opts).to_numpy()
+    # runs trained with a multi-task optimization method are arms, not weight points
+    table, with_methods = _arms.split_methods(table, index)
     joint_all = table[table["n_tasks"] >= 2]
     single = table[table["n_tasks"] == 1]
     found = _Findings()
@@ -1379,6 +1382,15 @@ def build_report(
         sec, res = _task_set_section(number, ts.split("|"), joint, single, by_id, opts, found)
         sections.append(sec)
         results.append(res)
+    arms = _arms.method_arms(
+        with_methods,
+        size_col="model.n_params" if _present(with_methods, "model.n_params") else None,
+        score_col=f"{eval_metric}.mean",
+        n_boot=n_boot,
+        seed=seed,
+    )
+    if len(arms):
+        sections.append(_arms.arms_section(arms, eval_metric, split))
 
     decision = found.resolve(float(alpha))
     import gradlens
@@ -1424,7 +1436,7 @@ def build_report(
         ),
         encoding="utf-8",
     )
-    runs_cols = [c for c in table.columns if not c.startswith(("versions.", "_"))]
+    runs_cols = [c for c in with_methods.columns if not c.startswith(("versions.", "_"))]
     stats.to_json(
         {
             "gradlens_version": gradlens.__version__,
@@ -1451,7 +1463,8 @@ def build_report(
                 "decision": decision,
             },
             "task_sets": results,
-            "runs": table[runs_cols],
+            "arms": arms,
+            "runs": with_methods[runs_cols],
         },
         json_path,
     )

@@ -20,7 +20,7 @@ def _strs(s: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from gradlens.bench import METHODS
+    from gradlens.bench import METHODS, WEIGHTED_METHODS
 
     p.add_argument(
         "--models",
@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--methods",
         type=_strs,
         default=list(METHODS),
-        help=f"comma-separated among {', '.join(METHODS)}",
+        help=f"comma-separated among {', '.join(METHODS)}; multi-task optimization methods "
+        f"(not run by default): {', '.join(WEIGHTED_METHODS)}",
     )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=7)
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         mem = []
         for model in args.models:
             for T in args.tasks:
-                for m in [m for m in args.methods if m != "torchjd" or _has_torchjd()]:
+                have = _has_torchjd()
+                for m in [m for m in args.methods if (m != "torchjd" and "+" not in m) or have]:
                     mem.append(measure_peak_memory(model, T, m, args.batch, device=args.device))
                     say(f"memory {model} T={T} {m}: {mem[-1]['peak_mib']:.0f} MiB")
         print()

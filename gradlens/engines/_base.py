@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -121,6 +121,10 @@ class BackwardContext:
     write: bool = True
     #: The caller's ``retain_graph`` (for an engine that runs the last backward itself).
     retain_graph: bool = False
+    #: A Gram weighting's step (weights known only once the Grams are): keep the per-task blocks
+    #: that writing ``J_l^T w_l`` needs, if they fit ``memory_budget``, and return a writer in
+    #: ``EngineResult.writer`` (the ``.grad`` writes of ``compute`` are then discarded).
+    keep_blocks: bool = False
 
     def per_task(self) -> list[torch.Tensor]:
         """The per-task scalar losses (``task_losses``, or ``losses`` unbound as a fallback)."""
@@ -137,6 +141,9 @@ class EngineResult:
     rules: dict[str, str] = field(default_factory=dict)
     #: Parameters whose ``.grad`` the engine wrote (by id).
     written: set[int] = field(default_factory=set)
+    #: With ``ctx.keep_blocks``: adds ``sum_t w_{l,t} g_{l,t}`` to ``.grad`` of every reached
+    #: shared parameter, given ``{layer: (T,) weights}``; None when the engine kept no blocks.
+    writer: Callable[[Mapping[str, torch.Tensor]], None] | None = None
 
 
 class Engine(ABC):

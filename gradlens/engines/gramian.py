@@ -19,7 +19,7 @@ graph (counted on the autograd graph); a parameter also used outside the module'
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +165,12 @@ class GramianEngine(Engine):
         ]
         inputs += generic
         T = ctx.losses.shape[0]
+        # a Gram weighting's step: keep every layer's T x output blocks (and the generic
+        # layers' T x P_l gradients) when they fit the budget, to write J_l^T w_l afterwards
+        blocks = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
+        blocks += sum(p.numel() for p in generic)
+        keep = ctx.keep_blocks and T * ctx.losses.element_size() * blocks <= ctx.memory_budget
+        kept: dict[str, list[torch.Tensor | None]] = {}
         u, v, heads, stream = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
         # rows carry u_t (see engines._capture): weight v in the sums, divide Grams by u_s u_t
         unscale = torch.outer(u, u).to(torch.float64).reciprocal()
@@ -193,18 +199,21 @@ class GramianEngine(Engine):
             if left[layer] == 0:
                 recs = rule_layers[layer]
                 mod, rule = self._modules[layer]
+                raw = outs.pop(layer)
+                if keep:
+                    kept[layer] = raw
                 got = [
                     # a recorded output no task reached: zero; bf16/fp16 (autocast) -> float32
                     r.input.new_zeros((T, *r.out_shape))
                     if g is None
                     else g.to(compute_dtype(g.dtype))
-                    for r, g in zip(recs, outs.pop(layer))
+                    for r, g in zip(recs, raw)
                 ]
                 grams[layer] = unscale * rule.fn(
                     mod,
                     [r.input.to(compute_dtype(r.input.dtype)) for r in recs],
                     got,
-                    v,
+                    None if keep else v,  # kept blocks: the writer writes, once weights are known
                     by_layer[layer],
                     ctx.memory_budget,
                 )
@@ -213,10 +222,16 @@ class GramianEngine(Engine):
         for layer, ps in group_by_layer(self.shared, generic).items():
             grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
             rules[layer] = "generic"
-            for p in ps:
+            for p in ps if not keep else ():
                 accumulate_grad(p, torch.tensordot(v, gen_grads[id(p)], dims=1))
         ordered = {layer: grams[layer] for layer in by_layer}
         written = {id(p) for p in params} | {id(p) for p in heads}
+        if keep:
+            write = _blocks_writer(
+                self.shared, self._modules, rule_layers, kept, by_layer, generic, gen_grads, u,
+                ctx.memory_budget,
+            )  # fmt: skip
+            return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, set(), write)
         return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, written)
 
     def _output_grads(
@@ -287,6 +302,67 @@ class GramianEngine(Engine):
         # on small layers one backward call costs less than the memory it would save
         limit = ctx.memory_budget // 8
         return u, v, heads, _segmented(edges, cot, inputs, sizes, limit, backward, keep)
+
+
+def _blocks_writer(
+    shared: SharedParams,
+    modules: Mapping[str, tuple[nn.Module, Rule]],
+    rule_layers: dict[str, list[_Record]],
+    kept: dict[str, list[torch.Tensor | None]],
+    by_layer: Mapping[str, list[torch.Tensor]],
+    generic: list[torch.Tensor],
+    gen_grads: dict[int, torch.Tensor],
+    u: torch.Tensor,
+    budget: int,
+) -> Callable[[Mapping[str, torch.Tensor]], None]:
+    """The writer of ``sum_t w_{l,t} g_{l,t}`` from the kept blocks (rows carry ``u_t``).
+
+    A rule layer called once: its parameter gradient for the weighted output gradient
+    ``sum_t w_t D_t`` comes from autograd on the layer's own output node (the weight-gradient
+    products only: the gradient with respect to its input is not needed, so autograd skips it).
+    A rule layer called several times: autograd from a later call's output would also reach the
+    parameters through the earlier calls, so the rule itself writes the weighted gradient from
+    the kept inputs and output gradients (recomputing its Gram, which is discarded). A generic
+    layer: the weighted sum of its kept per-task gradients.
+    """
+
+    def scaled(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        w64, u64 = w.to(like.device, torch.float64), u.to(like.device, torch.float64)
+        return (w64 / u64).to(like.dtype)
+
+    def write(weights: Mapping[str, torch.Tensor]) -> None:
+        for layer, recs in rule_layers.items():
+            if len(recs) > 1:
+                mod, rule = modules[layer]
+                T = u.shape[0]
+                got = [
+                    r.input.new_zeros((T, *r.out_shape))
+                    if g is None
+                    else g.to(compute_dtype(g.dtype))
+                    for r, g in zip(recs, kept[layer])
+                ]
+                ins = [r.input.to(compute_dtype(r.input.dtype)) for r in recs]
+                rule.fn(mod, ins, got, scaled(weights[layer], got[0]), by_layer[layer], budget)
+                continue
+            edges, grads = [], []
+            for r, g in zip(recs, kept[layer]):
+                if g is not None:
+                    edges.append(r.edge)
+                    grads.append(torch.tensordot(scaled(weights[layer], g), g, dims=1))
+            if not edges:
+                continue
+            ps = by_layer[layer]
+            gs = torch.autograd.grad(
+                edges, ps, grad_outputs=grads, retain_graph=True, allow_unused=True
+            )
+            for p, g in zip(ps, gs):
+                if g is not None:
+                    accumulate_grad(p, g)
+        for p in generic:
+            g = gen_grads[id(p)]
+            accumulate_grad(p, torch.tensordot(scaled(weights[shared.layer_of[id(p)]], g), g, 1))
+
+    return write
 
 
 def _segmented(

@@ -7,7 +7,7 @@ computation for users' own checks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -59,7 +59,14 @@ class LoopEngine(Engine):
             return EngineResult({})
         grads = loop_task_grads(list(ctx.losses.unbind(0)), params)
         grams = layer_grams_from_grads(self.shared, params, grads)
-        w = ctx.weights.tolist()
-        for k, p in enumerate(params):
-            accumulate_grad(p, sum(wt * g[k] for wt, g in zip(w, grads)))
+        layer_of = self.shared.layer_of
+
+        def write(weights: Mapping[str, torch.Tensor]) -> None:
+            for k, p in enumerate(params):
+                w = weights[layer_of[id(p)]].tolist()
+                accumulate_grad(p, sum(wt * g[k] for wt, g in zip(w, grads)))
+
+        if ctx.keep_blocks:  # the per-task gradients are at hand: write once weights are known
+            return EngineResult(grams, {layer: "loop" for layer in grams}, set(), write)
+        write(dict.fromkeys(grams, ctx.weights))
         return EngineResult(grams, {layer: "loop" for layer in grams}, {id(p) for p in params})

@@ -25,7 +25,8 @@ __all__ = ["Rule", "RuleFn", "register_rule", "rule_for"]
 
 #: ``fn(module, inputs, out_grads, weights, params, budget) -> float64 Gram``; ``inputs[k]`` is the
 #: module's input at call k, ``out_grads[k]`` the (T, *output.shape) task gradients of its output,
-#: ``params`` the module's trainable parameters the losses reach (the rule writes their ``.grad``).
+#: ``params`` the module's trainable parameters the losses reach (the rule writes their ``.grad``
+#: weighted by ``weights``; ``weights=None``: the Gram only, nothing written).
 RuleFn = Callable[
     [nn.Module, list[torch.Tensor], list[torch.Tensor], torch.Tensor, list[torch.Tensor], int],
     torch.Tensor,

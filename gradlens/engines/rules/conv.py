@@ -32,7 +32,7 @@ def conv_rule(
     module: nn.Module,
     inputs: list[torch.Tensor],
     out_grads: list[torch.Tensor],
-    weights: torch.Tensor,
+    weights: torch.Tensor | None,
     params: list[torch.Tensor],
     budget: int,
 ) -> torch.Tensor:
@@ -44,12 +44,13 @@ def conv_rule(
     g = module.groups
     wgrad = _WEIGHT_GRAD[type(module)]
     G = torch.zeros(T, T, dtype=torch.float64, device=W.device)
-    w = weights.to(W.dtype)
+    w = None if weights is None else weights.to(W.dtype)  # None: the Gram only
     if has_b:
         nsp = out_grads[0].dim() - 3  # spatial dims after (T, B, O)
         gb = sum(d.sum(dim=(1, *range(3, 3 + nsp))) for d in out_grads)  # T x O
         G += (gb @ gb.T).to(torch.float64)
-        accumulate_grad(b, w @ gb)
+        if w is not None:
+            accumulate_grad(b, w @ gb)
     if not has_w:
         return G
     per_channel = T * W[0].numel() * W.element_size()
@@ -82,6 +83,8 @@ def conv_rule(
             continue
         g2 = gW.reshape(T, -1)
         G += (g2 @ g2.T).to(torch.float64)
-        weighted.append(torch.tensordot(w, gW, dims=1))
-    accumulate_grad(W, torch.cat(weighted) if len(weighted) > 1 else weighted[0])
+        if w is not None:
+            weighted.append(torch.tensordot(w, gW, dims=1))
+    if weighted:
+        accumulate_grad(W, torch.cat(weighted) if len(weighted) > 1 else weighted[0])
     return G

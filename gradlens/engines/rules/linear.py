@@ -27,9 +27,12 @@ __all__ = ["kernel_chunk", "kernel_core"]
 
 
 def _weighted_grads(
-    A: torch.Tensor, D: torch.Tensor, w: torch.Tensor, has_weight: bool, has_bias: bool
+    A: torch.Tensor, D: torch.Tensor, w: torch.Tensor | None, has_weight: bool, has_bias: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(sum_t w_t D_t)^T A`` and ``(sum_t w_t D_t)^T 1``, None where the parameter is absent."""
+    """``(sum_t w_t D_t)^T A`` and ``(sum_t w_t D_t)^T 1``, None where the parameter is absent
+    (both None for ``w=None``: a Gram weighting writes later, from the kept blocks)."""
+    if w is None:
+        return None, None
     Dw = torch.tensordot(w, D, dims=1)  # N x out
     return (Dw.T @ A if has_weight else None), (Dw.sum(0) if has_bias else None)
 
@@ -48,7 +51,7 @@ def kernel_chunk(T: int, N: int, out_f: int, itemsize: int, budget: int) -> int:
 def kernel_core(
     A: torch.Tensor,
     D: torch.Tensor,
-    w: torch.Tensor,
+    w: torch.Tensor | None,
     chunk: int,
     *,
     has_weight: bool,
@@ -59,7 +62,7 @@ def kernel_core(
     Args:
         A: N x in inputs (same dtype as ``D``; ignored without a weight).
         D: T x N x out task gradients with respect to the layer's output.
-        w: T task weights (dtype of ``D``).
+        w: T task weights (dtype of ``D``); None: no weighted gradients (returned as None).
         chunk: tasks per ``K D_c`` block (see :func:`kernel_chunk`).
         has_weight: whether the losses reach the weight (its gradient is formed, and ``A A^T``).
         has_bias: whether the losses reach the bias (its gradient is formed, and ``+ 1 1^T``).
@@ -97,11 +100,12 @@ def linear_rule(
     module: nn.Module,
     inputs: list[torch.Tensor],
     out_grads: list[torch.Tensor],
-    weights: torch.Tensor,
+    weights: torch.Tensor | None,
     params: list[torch.Tensor],
     budget: int,
 ) -> torch.Tensor:
-    """The layer's float64 Gram; writes its parameters' weighted gradients (see the module doc)."""
+    """The layer's float64 Gram; writes its parameters' weighted gradients (see the module doc;
+    none for ``weights=None``)."""
     W, b = module.weight, module.bias
     has_w = any(p is W for p in params)
     has_b = b is not None and any(p is b for p in params)
@@ -119,7 +123,7 @@ def linear_rule(
     )
     N = A.shape[0]
     A = A.to(D.dtype)
-    w = weights.to(D.dtype)
+    w = None if weights is None else weights.to(D.dtype)
 
     itemsize = D.element_size()
     kernel_flops = N * N * in_f + T * N * N * out_f + T * T * N * out_f
