@@ -30,7 +30,7 @@ import pandas as pd
 
 from gradlens import _plots_render as _r
 from gradlens import _stats_core as _core
-from gradlens.stats import _gain_boot, _rescaled
+from gradlens.stats import _gain_boot, _gain_pairs, _rescaled
 
 __all__ = ["arms_section", "method_arms", "split_methods"]
 
@@ -104,7 +104,17 @@ def method_arms(
             d = dlo = dhi = math.nan
             paired = False
             if best is not None:
-                d, boots, paired = _gain_boot(g, best, score_col, seed_col, n_boot, rng)
+                va, vb, pairs = _gain_pairs(g, best, score_col, seed_col)
+                paired = pairs is not None
+                if pairs is not None:
+                    d = float(pairs.mean()) if pairs.size else math.nan
+                elif va.size and vb.size:
+                    d = float(va.mean() - vb.mean())
+                boots = (
+                    _gain_boot(va, vb, pairs, n_boot, rng)
+                    if n_boot and va.size and vb.size
+                    else np.empty(0)
+                )
                 if boots.size:
                     dlo, dhi = _core.percentile_interval(boots, ci)
             rows.append(
