@@ -13,6 +13,7 @@ import importlib.util
 # module path (relative to this file) -> the import name of the library it needs
 _NEEDS = {
     "gradlens/integrations/lightning.py": "lightning",
+    "gradlens/weightings/_cagrad.py": "scipy",  # its doctest solves with SLSQP
     "gradlens/integrations/transformers.py": "transformers",
 }
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from gradlens import metrics, schedules, testing
+from gradlens import metrics, schedules, testing, weightings
 from gradlens._errors import GradlensError, GradlensWarning, MissingExtraError, StoreError
 from gradlens._snapshot import TOTAL_LAYER, Snapshot
 from gradlens.profiler import Profiler
 from gradlens.store import Run, RunWriter, load_run, load_runs
+from gradlens.weightings import per_layer
 
 __all__ = [
     "TOTAL_LAYER",
@@ -36,8 +37,10 @@ __all__ = [
     "load_run",
     "load_runs",
     "metrics",
+    "per_layer",
     "schedules",
     "testing",
+    "weightings",
 ]
 __version__ = "0.1.0"
 

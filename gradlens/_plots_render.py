@@ -146,12 +146,19 @@ def _md_table(t: Table) -> str:
     return "\n".join(lines)
 
 
+#: The three headings of a report's summary (set by the statistics of gradlens.report).
+SUPPORTED = "Supported by the data (tests adjusted for multiplicity)"
+UNSUPPORTED = "Not supported: inconclusive, equivalent within a stated margin, or not testable"
+DESCRIPTIVE = "Descriptive (estimates, not tested claims)"
+
+
 def render_html(
     title: str,
     meta_lines: Sequence[str],
     supported: Sequence[str],
     unsupported: Sequence[str],
     sections: Sequence[Section],
+    descriptive: Sequence[str] = (),
 ) -> str:
     """A self-contained HTML page: inline CSS, figures as base64 PNG data URIs, no script."""
     out = [
@@ -163,10 +170,12 @@ def render_html(
     ]
     out += [f'<p class="meta">{html_text(line)}</p>' for line in meta_lines]
     out.append("<h2>Summary</h2>")
-    out.append("<h3>Supported by the data</h3>")
+    out.append(f"<h3>{SUPPORTED}</h3>")
     out.append(_html_list(supported, "supported"))
-    out.append("<h3>Not supported by the data, or not testable here</h3>")
+    out.append(f"<h3>{UNSUPPORTED}</h3>")
     out.append(_html_list(unsupported, "unsupported"))
+    out.append(f"<h3>{DESCRIPTIVE}</h3>")
+    out.append(_html_list(descriptive, "descriptive"))
     for sec in sections:
         out.append(f"<h2>{html_text(sec.title)}</h2>")
         out += [f"<p>{html_text(p)}</p>" for p in sec.paragraphs]
@@ -194,14 +203,17 @@ def render_markdown(
     unsupported: Sequence[str],
     sections: Sequence[Section],
     figure_dir: str,
+    descriptive: Sequence[str] = (),
 ) -> str:
     """The same report in Markdown; figures linked from ``figure_dir``."""
     out = [f"# {md_text(title)}", ""]
     out += [f"{md_text(line)}  " for line in meta_lines]
-    out += ["", "## Summary", "", "### Supported by the data", ""]
+    out += ["", "## Summary", "", f"### {SUPPORTED}", ""]
     out += [f"- {md_text(s)}" for s in supported] or ["- (nothing)"]
-    out += ["", "### Not supported by the data, or not testable here", ""]
+    out += ["", f"### {UNSUPPORTED}", ""]
     out += [f"- {md_text(s)}" for s in unsupported] or ["- (nothing)"]
+    out += ["", f"### {DESCRIPTIVE}", ""]
+    out += [f"- {md_text(s)}" for s in descriptive] or ["- (nothing)"]
     for sec in sections:
         out += ["", f"## {md_text(sec.title)}", ""]
         for p in sec.paragraphs:

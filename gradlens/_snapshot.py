@@ -62,6 +62,25 @@ class Snapshot:
     rules: Mapping[str, str] = field(default_factory=dict)
     #: The task losses at this step, as floats.
     losses: Mapping[str, float] = field(default_factory=dict)
+    #: Name of the Gram weighting that chose ``weights`` (``prof.backward(weights=callable)``),
+    #: else None.
+    weighting: str | None = None
+    #: How a Gram weighting's update was written: ``"kept_blocks"`` (from the per-task blocks the
+    #: engine kept from its pass, under ``memory_budget``), else ``"second_backward"`` (whole
+    #: model: one backward of ``sum_t w_t L_t`` after the Grams) or ``"per_layer_batched"`` (per
+    #: layer: batched backwards over task chunks); None for fixed weights.
+    weighting_path: str | None = None
+    #: ``gl.per_layer(w)``: each layer's own weights ``w(G_l)`` (float64, CPU); else empty.
+    layer_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    #: ``engine="auto"``: seconds of the fastest timed probe of each candidate engine on this
+    #: graph shape so far (``engine`` names the candidate that computed this snapshot).
+    timings: Mapping[str, float] = field(default_factory=dict)
+    #: Shared layers that no loss reached at this step: their Gram is zero (listed, not absent).
+    unreached: tuple[str, ...] = ()
+    #: Facts about this probe: ``"forward-not-recorded"`` (the forward ran before the profiler
+    #: existed, or bypassed the shared module's hooks: every layer took the generic path),
+    #: ``"auto-chose:<engine>"`` (the probe that settled ``auto``'s choice).
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # The one place that makes every Gram a Snapshot holds exactly symmetric, whatever engine

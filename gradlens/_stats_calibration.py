@@ -31,8 +31,12 @@ from gradlens import stats
 
 __all__ = [
     "associations_fwer",
+    "clustered_fpr",
+    "gain_coverage",
     "null_pvalues",
     "planted_pvalues",
+    "pooled_coverage",
+    "selection_optimism",
     "trend_pvalues",
     "within_run_calibration",
 ]
@@ -252,11 +256,163 @@ def associations_fwer(
     return {k: v / n_sweeps for k, v in hits.items()}
 
 
+def _gain_table(d_joint: np.ndarray, d_single: np.ndarray) -> pd.DataFrame:
+    """One size, one configuration of tasks a|b, and the single-task runs on a, per seed."""
+    seeds = np.arange(d_joint.size)
+    joint = pd.DataFrame({"tasks": "a|b", "seed": seeds, "size": 1, "weights.a": 0.5,
+                          "accuracy.a": d_joint, "accuracy.b": 0.5})  # fmt: skip
+    single = pd.DataFrame({"tasks": "a", "seed": seeds, "size": 1, "weights.a": 1.0,
+                           "accuracy.a": d_single, "accuracy.b": np.nan})  # fmt: skip
+    return pd.concat([joint, single], ignore_index=True)
+
+
+def gain_coverage(
+    n_sims: int,
+    *,
+    seeds: int,
+    gain: float = 0.01,
+    interval: str = "t",
+    noise: str = "normal",
+    n_boot: int = 999,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Coverage of :func:`gradlens.stats.joint_gain`'s 95 % interval of the gain, and the
+    rejection rate of its p-value when the true gain is 0, over ``n_sims`` simulated cells.
+
+    Each seed has a shared effect (cancels in the pairing) and independent run noise on the joint
+    and the single-task run (``"normal"`` or Student ``"t3"``, heavy tailed).
+    """
+    covered = 0
+    rejected = 0
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        shared = rng.normal(0, 0.01, size=seeds)
+        if noise == "t3":
+            e = rng.standard_t(3, size=(2, seeds)) * 0.003
+        else:
+            e = rng.normal(0, 0.003, size=(2, seeds))
+        t_planted = _gain_table(0.8 + gain + shared + e[0], 0.8 + shared + e[1])
+        t_null = _gain_table(0.8 + shared + e[0], 0.8 + shared + e[1])
+        kw = {"size_cols": ["size"], "interval": interval, "n_boot": n_boot, "seed": rng}
+        g = stats.joint_gain(t_planted, **kw).iloc[0]  # type: ignore[arg-type]
+        covered += g["ci_low"] <= gain <= g["ci_high"]
+        g0 = stats.joint_gain(t_null, **kw).iloc[0]  # type: ignore[arg-type]
+        rejected += (g0["ci_low"] > 0) or (g0["ci_high"] < 0)
+    return {"coverage": covered / n_sims, "null_excludes_0": rejected / n_sims}
+
+
+def selection_optimism(
+    n_sims: int, *, seeds: int = 3, weights: int = 5, seed: int = 0
+) -> dict[str, float]:
+    """A null weight sweep (every weight has true gain 0; validation and test of a run share its
+    noise): the mean reported gain and the rate of "beats" (``ci_low > 0``) when the weight is
+    chosen on validation over all seeds and reported on test (``naive_*``, what the report
+    did), and with the held-out choice of :func:`gradlens.stats.selected_gain` (``held_out_*``).
+    """
+    naive_gain, naive_beats, held_gain, held_beats = 0.0, 0, 0.0, 0
+    grid = np.linspace(0.1, 0.9, weights)
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        shared = rng.normal(0, 0.01, size=seeds)
+        rows = []
+        for w in grid:
+            run = rng.normal(0, 0.005, size=seeds)
+            test = 0.8 + shared + run
+            val = test + rng.normal(0, 0.002, size=seeds)
+            for s in range(seeds):
+                rows.append({"tasks": "a|b", "size": 1, "seed": s, "weights.a": w,
+                             "sel": val[s], "accuracy.a": test[s], "accuracy.b": 0.5})  # fmt: skip
+        base = 0.8 + shared + rng.normal(0, 0.005, size=seeds)
+        for s in range(seeds):
+            rows.append({"tasks": "a", "size": 1, "seed": s, "accuracy.a": base[s]})
+        table = pd.DataFrame(rows)
+        joint = table[table.tasks == "a|b"]
+        best = joint.groupby("weights.a")["sel"].mean().idxmax()
+        g = stats.joint_gain(table, size_cols=["size"])
+        naive = g[(g.task == "a") & (g["weights.a"] == best)].iloc[0]
+        naive_gain += naive["gain"]
+        naive_beats += naive["ci_low"] > 0
+        h = stats.selected_gain(table, select_col="sel", size_cols=["size"])
+        held = h[h.task == "a"].iloc[0]
+        held_gain += held["gain"]
+        held_beats += held["ci_low"] > 0
+    return {
+        "naive_mean_gain": naive_gain / n_sims,
+        "naive_beats": naive_beats / n_sims,
+        "held_out_mean_gain": held_gain / n_sims,
+        "held_out_beats": held_beats / n_sims,
+    }
+
+
+def clustered_fpr(
+    n_sims: int,
+    *,
+    configs: int = 10,
+    seeds: int = 3,
+    icc: float = 0.5,
+    method: str = "spearman",
+    n_perm: int = 999,
+    n_boot: int = 0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Weight vs an outcome with a random effect per configuration (share ``icc`` of the noise),
+    independent of the weight: rejection rates at 0.05 of :func:`gradlens.stats.correlate`
+    with the configurations as groups (whole configurations permuted; ``groups_*``) and without
+    (runs permuted; ``runs_*``), and how often the cluster-bootstrap interval excludes 0."""
+    grid = np.linspace(0.1, 0.9, configs)
+    codes = np.repeat(np.arange(configs), seeds)
+    x = grid[codes]
+    hits = {"groups_fpr": 0, "runs_fpr": 0, "groups_ci_excludes_0": 0}
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        y = math.sqrt(icc) * rng.normal(size=configs)[codes] + math.sqrt(1 - icc) * rng.normal(
+            size=codes.size
+        )
+        g = stats.correlate(x, y, method=method, n_boot=n_boot, n_perm=n_perm, groups=codes,
+                            seed=rng)  # type: ignore[arg-type]  # fmt: skip
+        r = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)  # type: ignore[arg-type]
+        hits["groups_fpr"] += g["p_value"] < 0.05
+        hits["runs_fpr"] += r["p_value"] < 0.05
+        if n_boot:
+            hits["groups_ci_excludes_0"] += not g["ci_low"] <= 0 <= g["ci_high"]
+    return {k: v / n_sims for k, v in hits.items()}
+
+
+def pooled_coverage(
+    n_sims: int, *, k: int, n: int = 30, rho: float = 0.2, tau: float = 0.0, seed: int = 0
+) -> dict[str, float]:
+    """Coverage of ``tanh(z0)`` (``z0 = atanh(rho)``) by :func:`gradlens.stats.pool_correlations`
+    over ``k`` runs of ``n`` iid points whose true correlations are ``tanh(z0 + tau N(0, 1))``:
+    the Hartung-Knapp interval (``hk``), the DerSimonian-Laird normal one (``dl``), and the
+    rejection rate of the pooled test when ``rho = 0``."""
+    z0 = math.atanh(rho)
+    hits = {"hk": 0, "dl": 0, "min_max": 0}
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        rs = np.empty(k)
+        for j in range(k):
+            rj = math.tanh(z0 + tau * rng.normal())
+            x = rng.normal(size=n)
+            y = rj * x + math.sqrt(1 - rj * rj) * rng.normal(size=n)
+            rs[j] = np.corrcoef(x, y)[0, 1]
+        res = stats.pool_correlations(rs, np.full(k, float(n)))
+        truth = math.tanh(z0)
+        hits["hk"] += res["ci_low"] <= truth <= res["ci_high"]
+        hits["dl"] += res["ci_low_dl"] <= truth <= res["ci_high_dl"]
+        hits["min_max"] += rs.min() <= truth <= rs.max()
+    return {k_: v / n_sims for k_, v in hits.items()}
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the simulations")
     parser.add_argument(
-        "--only", choices=["null", "power", "coverage", "within", "trend", "fwer"], default=None
+        "--only",
+        choices=[
+            *("null", "power", "coverage", "within", "trend", "fwer"),
+            *("gain", "selection", "clustered", "pooled", "design_power"),
+        ],
+        default=None,
     )
     args = parser.parse_args(argv)
     k = 0.25 if args.quick else 1.0
@@ -321,6 +477,58 @@ def _main(argv: Sequence[str] | None = None) -> int:
             f"P(any p < 0.05): Holm {rates['holm']:.3f}, BH {rates['bh']:.3f}, "
             f"uncorrected {rates['none']:.3f}"
         )
+    if wanted("gain"):
+        n_g = int(2000 * k)
+        print(f"\n## Gain interval (joint_gain), 95 %, {n_g} cells each")
+        print("| seeds | noise | interval | coverage | null cells excluding 0 |")
+        for seeds in (3, 5, 10):
+            for noise in ("normal", "t3"):
+                for interval in ("t", "bootstrap"):
+                    r = gain_coverage(n_g, seeds=seeds, interval=interval, noise=noise)
+                    print(f"| {seeds} | {noise} | {interval} | {r['coverage']:.3f} "
+                          f"| {r['null_excludes_0']:.3f} |")  # fmt: skip
+
+    if wanted("selection"):
+        n_s = int(1000 * k)
+        print(f"\n## Selection optimism, null sweep of 5 weights, {n_s} sweeps")
+        print("| seeds | naive mean gain | naive 'beats' | held-out mean gain | held-out 'beats' |")
+        for seeds in (3, 5, 10):
+            r = selection_optimism(n_s, seeds=seeds)
+            print(f"| {seeds} | {r['naive_mean_gain']:+.4f} | {r['naive_beats']:.3f} "
+                  f"| {r['held_out_mean_gain']:+.4f} | {r['held_out_beats']:.3f} |")  # fmt: skip
+
+    if wanted("clustered"):
+        n_c = int(2000 * k)
+        print(f"\n## Clustered null: 10 configurations x 3 seeds, {n_c} sweeps")
+        print("| ICC | FPR, configurations permuted | FPR, runs permuted | cluster CI excl. 0 |")
+        for icc in (0.0, 0.5, 0.8):
+            r = clustered_fpr(n_c, icc=icc, n_boot=499)
+            print(f"| {icc} | {r['groups_fpr']:.3f} | {r['runs_fpr']:.3f} "
+                  f"| {r['groups_ci_excludes_0']:.3f} |")  # fmt: skip
+
+    if wanted("pooled"):
+        n_p = int(2000 * k)
+        print(f"\n## Pooled within-run correlation (Fisher z, DL), n = 30 per run, {n_p} sets")
+        print("| runs | tau | coverage HK | coverage DL | range of runs covers |")
+        for kk in (3, 5, 10):
+            for tau in (0.0, 0.2):
+                r = pooled_coverage(n_p, k=kk, tau=tau)
+                print(f"| {kk} | {tau} | {r['hk']:.3f} | {r['dl']:.3f} | {r['min_max']:.3f} |")
+
+    if wanted("design_power"):
+        n_d = int(1000 * k)
+        print(f"\n## stats.power, {n_d} simulated studies each")
+        print("| design | sizes x weights x seeds | ICC | tests | effect | power |")
+        for icc in (0.0, 0.5):
+            for effect in (0.0, 0.3, 0.5):
+                r = stats.power("association", effect=effect, sizes=2, weights=5, seeds=3,
+                                icc=icc, n_sim=n_d)  # fmt: skip
+                print(f"| association | 2 x 5 x 3 | {icc} | 1 | {effect} | {r['power']:.3f} |")
+        for seeds in (3, 5, 10):
+            for effect in (1.0, 2.0):
+                r = stats.power("gain", effect=effect, seeds=seeds, n_sim=n_d * 4)
+                print(f"| gain | {seeds} seeds | - | 1 | {effect} SD | {r['power']:.3f} |")
+
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
     return 0
 

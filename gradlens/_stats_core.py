@@ -272,6 +272,58 @@ def permutations(rng: np.random.Generator, n: int, n_perm: int) -> tuple[np.ndar
     return rng.permuted(base, axis=1), False
 
 
+def group_permutations(
+    rng: np.random.Generator, codes: np.ndarray, n_perm: int
+) -> tuple[np.ndarray, bool, int]:
+    """Index rows that permute whole groups, among the groups with the same number of members.
+
+    Row ``b`` maps member ``j`` of group ``g`` to member ``j`` of group ``pi_b(g)``, so
+    ``y[rows[b]]`` moves every group's values together onto another group's ``x`` (the
+    permutation unit is the group, e.g. the seeds of one configuration). Groups of different
+    sizes are not exchanged. Returns the rows, whether they are all ``prod_c k_c!`` distinct
+    permutations (``k_c`` groups of size class ``c``; enumerated when that is at most
+    ``n_perm``) and that number of distinct permutations (capped at ``10**18``).
+    """
+    n = codes.shape[0]
+    G = int(codes.max()) + 1 if n else 0
+    members = [np.flatnonzero(codes == g) for g in range(G)]
+    classes: dict[int, list[int]] = {}
+    for g, m in enumerate(members):
+        classes.setdefault(m.size, []).append(g)
+    n_distinct = 1
+    for gs in classes.values():
+        n_distinct = min(n_distinct * math.factorial(min(len(gs), 20)), 10**18)
+    exact = n_distinct <= n_perm
+    R = n_distinct if exact else n_perm
+    rows = np.tile(np.arange(n, dtype=np.intp), (R, 1))
+    blocks = []
+    for gs in classes.values():
+        M = np.stack([members[g] for g in gs])  # (k, m)
+        k = len(gs)
+        if exact:
+            perms = np.array(list(itertools.permutations(range(k))), dtype=np.intp)
+        else:
+            perms = rng.permuted(np.tile(np.arange(k), (R, 1)), axis=1)
+        blocks.append((M, perms))
+    if exact:
+        # Cartesian product of the per-class permutations.
+        sizes = [p.shape[0] for _, p in blocks]
+        grid = np.indices(sizes).reshape(len(sizes), -1) if sizes else np.zeros((0, 1), int)
+        for c, (M, perms) in enumerate(blocks):
+            pick = perms[grid[c]]
+            rows[:, M.ravel()] = M[pick].reshape(R, -1)
+    else:
+        for M, perms in blocks:
+            rows[:, M.ravel()] = M[perms].reshape(R, -1)
+    return rows, exact, int(n_distinct)
+
+
+def pvalue_floor(exact: bool, n_rows: int) -> float:
+    """Smallest p-value a permutation test can return: ``1 / N`` over ``N`` enumerated
+    permutations (the identity always counts), ``1 / (n_perm + 1)`` over random ones."""
+    return 1.0 / n_rows if exact else 1.0 / (n_rows + 1)
+
+
 def _standardise(v: np.ndarray) -> np.ndarray:
     c = v - v.mean()
     return c / np.sqrt(c @ c)

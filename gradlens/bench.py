@@ -41,13 +41,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradlens._bench_weightings import WEIGHTED_METHODS, weighted_step
 from gradlens._errors import GradlensError
+from gradlens.engines._base import _quiet_vmap
 from gradlens.profiler import Profiler
 
 __all__ = [
     "AMORTISED",
     "METHODS",
     "MODELS",
+    "WEIGHTED_METHODS",
+    "ZOO_MODELS",
     "format_table",
     "hardware_info",
     "measure_peak_memory",
@@ -115,7 +119,12 @@ MODELS.update(
     }
 )
 
-METHODS = ("plain", "loop-libmtl", "torchjd", "loop", "batched", "gramian", "features")
+METHODS = ("plain", "loop-libmtl", "torchjd", "loop", "batched", "gramian", "auto", "features")
+
+#: ``gradlens bench --zoo``: Hugging Face trunks (see :mod:`gradlens._bench_zoo`) and two of ours
+ZOO_MODELS = (
+    "bert", "gpt2", "t5-encoder", "vit", "resnet", "convnext", "mobilenetv2", "mlp-1m", "cnn-1m"
+)
 
 #: methods that get amortised rows (``method@every=k``) when ``amortise`` is not empty
 AMORTISED = ("gramian", "features")
@@ -216,14 +225,25 @@ class _Setup:
         seed: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        if model not in MODELS:
-            raise GradlensError(f"`model` should be one of {sorted(MODELS)}; found {model!r}.")
+        from gradlens._bench_zoo import ZOO, build_zoo
+
+        if model not in MODELS and model not in ZOO:
+            raise GradlensError(
+                f"`model` should be one of {sorted(MODELS) + sorted(ZOO)}; found {model!r}."
+            )
         self.device = torch.device(device)
         torch.manual_seed(seed)  # built on CPU, then moved: the same model and batch everywhere
-        make, shape, d = MODELS[model]
-        self.trunk = make().to(self.device)
+        if model in ZOO:
+            trunk, make_x = build_zoo(model)
+            x = make_x(batch)
+            with torch.no_grad():
+                d = trunk(x).shape[1]
+        else:
+            make, shape, d = MODELS[model]
+            trunk, x = make(), torch.randn(batch, *shape)
+        self.trunk = trunk.to(self.device)
         self.heads = nn.ModuleList([nn.Linear(d, 10) for _ in range(n_tasks)]).to(self.device)
-        self.x = torch.randn(batch, *shape).to(self.device)
+        self.x = x.to(self.device)
         self.y = torch.randint(0, 10, (n_tasks, batch)).to(self.device)
         self.tasks = [f"t{i}" for i in range(n_tasks)]
         self.w = {t: 1.0 / n_tasks for t in self.tasks}
@@ -231,6 +251,7 @@ class _Setup:
         self.n_params = sum(p.numel() for p in self.trunk.parameters())
         self._profilers: dict[tuple[str, int], Profiler] = {}
         self._torchjd: Any = None
+        self._weightings: dict[str, Any] = {}
 
     def losses(
         self, trunk: nn.Module | None = None
@@ -254,14 +275,15 @@ class _Setup:
         set-up is neither timed nor counted in its peak memory. Returns whether a profiler was
         created.
         """
-        key = (method, every) if method not in ("plain", "loop-libmtl", "torchjd") else None
+        path = method.partition("+")[0]  # "gramian+upgrad": a weighting on the gramian engine
+        key = (method, every) if path not in ("plain", "loop-libmtl", "torchjd") else None
         created = False
         if key is None or fresh or key not in self._profilers:
             self.close()
             if key is not None:
-                self._profilers[key] = Profiler(self.trunk, self.tasks, engine=method, every=every)
+                self._profilers[key] = Profiler(self.trunk, self.tasks, engine=path, every=every)
                 created = True
-        if method == "torchjd" and self._torchjd is None:
+        if path == "torchjd" and self._torchjd is None:
             # its hooks stay on the modules it is given: use a copy so other methods don't pay
             from torchjd.autogram import Engine
 
@@ -272,6 +294,9 @@ class _Setup:
     def step(self, method: str, every: int = 1) -> None:
         """One training step of ``method`` (call :meth:`prepare` first)."""
         self.zero()
+        if "+" in method:  # a multi-task optimization method (gradlens._bench_weightings)
+            weighted_step(self, method, every)
+            return
         if method == "torchjd":
             self._torchjd_step()
             return
@@ -285,6 +310,15 @@ class _Setup:
         else:
             prof = self._profilers[(method, every)]
             prof.backward(losses, self.w, features=z if method == "features" else None)
+
+    def deciding(self) -> bool:
+        """Whether the ``auto`` profiler is still timing candidates for this graph."""
+        engine = self._profilers[("auto", 1)]._engine
+        return not any(d.winner for d in engine.decisions.values())  # type: ignore[attr-defined]
+
+    def chosen(self) -> str:
+        """The engine the ``auto`` profiler chose."""
+        return self._profilers[("auto", 1)]._engine.describe()  # type: ignore[attr-defined]
 
     def _libmtl(self, losses: dict[str, torch.Tensor]) -> None:
         # LibMTL's pattern: T autograd.grad calls on the shared parameters, flatten, stack
@@ -308,7 +342,8 @@ class _Setup:
             p.grad = None
         losses, _ = self.losses(self._jd_trunk)
         L = torch.stack(list(losses.values()))
-        _ = self._torchjd.compute_gramian(L)
+        with _quiet_vmap():  # its vmap's slow-path notices (e.g. SDPA backward on CPU)
+            _ = self._torchjd.compute_gramian(L)
         L.backward(self.wt)
 
     def close(self) -> None:
@@ -320,9 +355,11 @@ class _Setup:
 def _available(methods: Sequence[str]) -> list[str]:
     out = []
     for m in methods:
-        if m not in METHODS:
-            raise GradlensError(f"`methods` should be among {list(METHODS)}; found {m!r}.")
-        if m == "torchjd" and importlib.util.find_spec("torchjd") is None:
+        if m not in METHODS and m not in WEIGHTED_METHODS:
+            raise GradlensError(
+                f"`methods` should be among {[*METHODS, *WEIGHTED_METHODS]}; found {m!r}."
+            )
+        if (m == "torchjd" or "+" in m) and importlib.util.find_spec("torchjd") is None:
             continue
         out.append(m)
     return out
@@ -430,6 +467,7 @@ def _run(
         for T in tasks:
             setup = _Setup(model, T, batch, device=device)
             times: dict[str, list[float]] = {m: [] for m in order}
+            chosen: dict[str, int] = {}
             for r in range(warmup + repeats):
                 rot = order[r % len(order) :] + order[: r % len(order)]
                 for name in rot:
@@ -443,8 +481,13 @@ def _run(
                     else:
                         if setup.prepare(name):
                             # a profiler's first probe allocates its buffers: time the second
-                            # (with every=1 a probe too), the steady state of a training run
+                            # (with every=1 a probe too), the steady state of a training run;
+                            # auto: the first probe after its choice is made
                             setup.step(name)
+                            while name == "auto" and setup.deciding():
+                                setup.step(name)
+                        if name == "auto":
+                            chosen[setup.chosen()] = chosen.get(setup.chosen(), 0) + 1
                         t0 = now()
                         setup.step(name)
                     dt = now() - t0
@@ -463,6 +506,8 @@ def _run(
             }
             for m in methods:
                 rows.append(_row(common, m, med[m], base, loop))
+                if m == "auto":  # what auto chose, over the repeats (a fresh choice each)
+                    rows[-1]["chose"] = dict(sorted(chosen.items()))
             for m in AMORTISED:
                 if f"{m}-unprobed" not in med:
                     continue

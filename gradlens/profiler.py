@@ -29,7 +29,7 @@ import math
 import sys
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,16 +38,25 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens._snapshot import Snapshot
+from gradlens._snapshot import Snapshot, _symmetric
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
+from gradlens.engines.auto import AutoEngine
+from gradlens.engines.gramian import UNRECORDED
 from gradlens.schedules import Schedule, as_schedule
+from gradlens.weightings import _apply as _weighting
 
 __all__ = ["Profiler", "Sink"]
 
 _FREED = "Trying to backward through the graph a second time"
+#: The autograd node of ``checkpoint(..., use_reentrant=True)``.
+_REENTRANT = "CheckpointFunctionBackward"
 #: Engines that backpropagate T cotangents at once with vmap (unsupported by torch.compile).
 _VMAP_ENGINES = ("gramian", "batched")
+
+
+#: A Gram weighting: T x T float64 Gram -> T non-negative weights (see gradlens.weightings).
+Weighting = Callable[[torch.Tensor], Any]
 
 
 class Sink(Protocol):
@@ -65,7 +74,9 @@ class Profiler:
         shared: the shared module (its trainable parameters are the shared ones), or an iterable
             of ``(name, parameter)`` pairs.
         tasks: task names, in the order of the Gram's rows.
-        engine: ``"gramian"`` (default), ``"batched"``, ``"loop"`` or ``"features"``.
+        engine: ``"auto"`` (default: the fastest of the exact engines ``"loop"``,
+            ``"batched"`` and ``"gramian"``, timed on the first probes; see
+            :mod:`gradlens.engines.auto`), one of those three, or ``"features"``.
         every: probe every k-th step (an int), or any callable ``step -> bool``
             (see :mod:`gradlens.schedules`).
         store: a run directory path (a :class:`gradlens.store.RunWriter` is created there) or a
@@ -81,7 +92,7 @@ class Profiler:
         self,
         shared: nn.Module | Iterable[Any],
         tasks: Sequence[str],
-        engine: str = "gramian",
+        engine: str = "auto",
         every: int | Schedule = 1,
         store: str | Path | Any | None = None,
         *,
@@ -90,7 +101,8 @@ class Profiler:
         meta: Mapping[str, Any] | None = None,
     ) -> None:
         self.tasks: tuple[str, ...] = _check_tasks(tasks)
-        self._shared = resolve_shared(_uncompiled(shared, engine))
+        module, self._compiled = _uncompiled(shared, engine)
+        self._shared = resolve_shared(module)
         self._engine: Engine = self._make_engine(engine)
         self._schedule = as_schedule(every)
         if not isinstance(memory_budget, int) or memory_budget <= 0:
@@ -103,9 +115,19 @@ class Profiler:
         self._warned_zero: set[str] = set()
         self._warned_nonfinite: set[str] = set()
         self._device_ok: torch.device | None = None
+        self._warned_unrecorded = False
+        self._seen_forward = False
+        self._auto_logged: set[tuple[object, ...]] = set()
         self._w_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
+        #: A Gram weighting's last weights (total, per layer), held between probes.
+        self._held: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._engine.attach()
         self._engine.set_recording(self._schedule(0))
+        self._forward_hook = (
+            None
+            if self._shared.module is None or not self._engine.uses_hooks
+            else self._shared.module.register_forward_hook(_forward_seen(weakref.ref(self)))
+        )
         run_meta = self._meta(meta, engine, every)
         self.store = _open_store(store, run_meta)
         self._sinks: list[Sink] = list(sinks)
@@ -114,7 +136,9 @@ class Profiler:
                 sink.update_meta(**run_meta)
         if self.store is not None:
             self._sinks.insert(0, self.store)
-        self._finalizer = weakref.finalize(self, _finalize, self._engine, list(self._sinks))
+        self._finalizer = weakref.finalize(
+            self, _finalize, self._engine, list(self._sinks), self._forward_hook
+        )
 
     # -- public --------------------------------------------------------------------------------
     @property
@@ -124,7 +148,9 @@ class Profiler:
 
     @property
     def layers(self) -> tuple[str, ...]:
-        """Layer names (modules owning shared parameters), in parameter order."""
+        """Layer names (modules owning shared parameters that require grad now), in parameter
+        order: the layers of every Snapshot from now on (a layer no loss reaches has a zero
+        Gram there, listed in ``Snapshot.unreached``)."""
         return tuple(self._shared.layers)
 
     def will_probe(self, step: int | None = None) -> bool:
@@ -134,7 +160,7 @@ class Profiler:
     def backward(
         self,
         losses: Mapping[str, torch.Tensor],
-        weights: Mapping[str, float | torch.Tensor] | None = None,
+        weights: Mapping[str, float | torch.Tensor] | Weighting | None = None,
         *,
         features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         retain_graph: bool = False,
@@ -146,7 +172,14 @@ class Profiler:
             losses: one scalar loss per task, keyed by task name (all tasks, no others); checked
                 finite on probed steps (reading them on the host every step would stall a GPU).
             weights: one non-negative finite weight per task; None means 1 for every task, the
-                plain sum ``sum_t L_t``.
+                plain sum ``sum_t L_t``. Or a Gram weighting: a callable from the T x T float64
+                total Gram to T non-negative weights (any ``torchjd.aggregation.*Weighting``,
+                see :mod:`gradlens.weightings`); ``.grad`` is then ``J^T w(G)`` on the shared
+                parameters and the same weighted gradient on the others, written after the
+                weights are checked, and the Snapshot records them. ``gl.per_layer(w)`` weights
+                each layer by its own Gram instead. A step with no weights yet is always probed;
+                between probes (``every=k``) the last weights are held: an approximation of the
+                method, which would recompute them every step.
             features: the shared representation ``z`` (required by the ``features`` engine).
             retain_graph: as in ``Tensor.backward``.
             grad_scale: mixed precision: the ``torch.amp.GradScaler`` (or its scale, a number),
@@ -164,7 +197,7 @@ class Profiler:
     def observe(
         self,
         losses: Mapping[str, torch.Tensor],
-        weights: Mapping[str, float | torch.Tensor] | None = None,
+        weights: Mapping[str, float | torch.Tensor] | Weighting | None = None,
         *,
         features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         grad_scale: torch.amp.GradScaler | float | torch.Tensor | None = None,
@@ -206,15 +239,22 @@ class Profiler:
         self.close()
 
     def __repr__(self) -> str:
+        chose = ""
+        if isinstance(self._engine, AutoEngine):
+            chose = f", chose={self._engine.describe()!r}"
         return (
-            f"Profiler(tasks={list(self.tasks)}, engine={self.engine!r}, "
+            f"Profiler(tasks={list(self.tasks)}, engine={self.engine!r}{chose}, "
             f"layers={len(self.layers)}, step={self.step})"
         )
 
     # -- internals -----------------------------------------------------------------------------
     def _make_engine(self, engine: str) -> Engine:
         """The engine instance (subclasses may substitute one, e.g. a communicating engine)."""
-        return engine_class(engine)(self._shared, len(self.tasks))
+        cls = engine_class(engine)
+        if cls is AutoEngine and self._compiled:
+            # the vmap engines cannot run through a torch.compile'd trunk: time loop only
+            return AutoEngine(self._shared, len(self.tasks), only=("loop",))
+        return cls(self._shared, len(self.tasks))
 
     def _after(self, snap: Snapshot | None, wrote: bool) -> Snapshot | None:
         """Hook run after the gradients are written and before sinks see the snapshot."""
@@ -223,7 +263,7 @@ class Profiler:
     def _run(
         self,
         losses: Mapping[str, torch.Tensor],
-        weights: Mapping[str, float | torch.Tensor] | None,
+        weights: Mapping[str, float | torch.Tensor] | Weighting | None,
         features: torch.Tensor | Sequence[torch.Tensor] | None,
         retain_graph: bool,
         grad_scale: torch.amp.GradScaler | float | torch.Tensor | None,
@@ -233,26 +273,42 @@ class Profiler:
         if self._closed:
             raise GradlensError(f"`{what}` was called on a closed Profiler; create a new one.")
         step = self.step
-        probe = bool(self._schedule(step))
+        gw = weights if _weighting.is_weighting(weights) else None
+        per_layer = isinstance(gw, _weighting.PerLayer)
+        if per_layer and self._engine.level != "parameters":
+            raise GradlensError(
+                f"`weights=gl.per_layer(...)` needs per-layer parameter Grams; found engine="
+                f"{self.engine!r}, whose Gram is {self._engine.level}-level. Use another engine "
+                "or a whole-model weighting."
+            )
+        held = self._held if gw is not None else None
+        if held is not None and per_layer and not held[1]:
+            held = None  # whole-model weights are held; per-layer ones are needed
+        probe = bool(self._schedule(step)) or (gw is not None and held is None)
         # finiteness is checked on probed steps only: the check reads the losses on the host,
         # which on a GPU would stall every step (an unprobed step then behaves as plain training)
         L, parts = _stack_losses(losses, self.tasks, check_finite=False)
         self._check_device(L)
         if probe:
             _check_finite(L, self.tasks)
-        w = self._weights_on(weights, L)
+        if gw is None:
+            w = self._weights_on(weights, L)  # type: ignore[arg-type]  # not a callable here
+        else:
+            w = (held[0] if held is not None else torch.ones(len(self.tasks))).to(L.device, L.dtype)
         scale = _check_scale(grad_scale, L)
         feats = self._check_features(features)
         snap = None
         try:
             if probe:
-                snap = self._probe(step, L, parts, w, feats, retain_graph, scale, write)
+                snap = self._probe(step, L, parts, w, feats, retain_graph, scale, write, gw)
+            elif write and per_layer and held is not None:
+                Ls = L if scale is None else L * scale
+                self._write_weighted(Ls, w, held[1], retain_graph)
             elif write:
                 Ls = L if scale is None else L * scale
                 torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
         except RuntimeError as exc:
-            # a failed call does not count as a step (as a call rejected by validation)
-            self._engine.set_recording(probe)
+            self._engine.discard()
             if _FREED in str(exc):
                 raise GradlensError(
                     "`losses` should come from a graph that has not been backpropagated yet; "
@@ -260,6 +316,10 @@ class Profiler:
                     "anew at each step (or keep the graph with retain_graph=True)."
                 ) from exc
             raise
+        except BaseException:
+            self._engine.discard()
+            raise
+        # the step advances only when the call succeeded: a failed call can be retried
         self.step = step + 1
         self._engine.set_recording(bool(self._schedule(self.step)))
         snap = self._after(snap, write)
@@ -327,10 +387,17 @@ class Profiler:
         retain_graph: bool,
         scale: torch.Tensor | None,
         write: bool,
+        weighting: Weighting | None = None,
     ) -> Snapshot | None:
-        leaves, uses, nodes = _traverse(L)
+        leaves, uses, nodes = _traverse(L)  # raises before any side effect (reentrant checkpoint)
         reached = [p for p in self._shared.params if id(p) in leaves]
+        notes: list[str] = []
+        if self._engine.uses_hooks and self._forward_hook is not None and not self._seen_forward:
+            notes.append(UNRECORDED)
+        self._seen_forward = False
         Ls = L if scale is None else L * scale
+        # a Gram weighting: the engine measures only (as for observe), the writes come after
+        measure_only = not write or weighting is not None
         ctx = BackwardContext(
             losses=Ls,
             task_losses=parts if scale is None else [v * scale for v in parts],
@@ -341,23 +408,32 @@ class Profiler:
             features=feats,
             memory_budget=self._budget,
             leaves=leaves,
-            write=write,
-            retain_graph=retain_graph,
+            write=not measure_only,
+            retain_graph=retain_graph or weighting is not None,
+            keep_blocks=weighting is not None and write,
         )
         # engines compute in the dtypes of the recorded tensors, never under an autocast region
         with torch.autocast(L.device.type, enabled=False):
-            if write:
+            if not measure_only:
                 result = self._engine.compute(ctx)
             else:
                 with _grads_kept(reached):
                     result = self._engine.compute(ctx)
         rest = [v for i, v in leaves.items() if i not in result.written]
-        if rest and write:
+        if rest and not measure_only:
             torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
         T = len(self.tasks)
-        layer_names = list(result.layer_grams)
+        # every trainable shared layer is listed: one that no loss reached has a zero Gram
+        computed = result.layer_grams
+        unreached: tuple[str, ...] = ()
+        if self._engine.level == "parameters":
+            unreached = tuple(n for n in self._shared.layers if n not in computed)
+        if unreached:
+            zero = torch.zeros(T, T, dtype=torch.float64, device=L.device)
+            computed = {n: computed.get(n, zero) for n in self._shared.layers}
+        layer_names = list(computed)
         if layer_names:
-            stacked = torch.stack([result.layer_grams[n] for n in layer_names]).cpu()
+            stacked = torch.stack([computed[n] for n in layer_names]).cpu()
             layer_grams = dict(zip(layer_names, stacked.unbind(0)))
             gram = stacked.sum(0)
         else:
@@ -366,22 +442,142 @@ class Profiler:
         if scale is not None:
             inv2 = 1.0 / float(scale) ** 2  # GradScaler scales are powers of two: exact
             if not bool(torch.isfinite(gram).all()):
+                if weighting is not None and write:  # inf gradients: the scaler skips the step
+                    torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
                 return None  # overflowed scaled gradients: the scaler skips this step too
             gram = gram * inv2
             layer_grams = {n: g * inv2 for n, g in layer_grams.items()}
+        extra: dict[str, Any] = {}
+        if weighting is not None:
+            reached_grams = {n: g for n, g in layer_grams.items() if n not in unreached}
+            w, extra = self._apply_weighting(
+                weighting, gram, reached_grams, Ls, write, retain_graph, result.writer, leaves
+            )
         snap = Snapshot(
             step=step,
             tasks=self.tasks,
             gram=gram,
             layer_grams=layer_grams,
             weights=w.detach().to("cpu", torch.float64),
-            engine=self.engine,
+            engine=result.engine or self.engine,
             level=self._engine.level,
             rules=result.rules,
             losses=dict(zip(self.tasks, L.detach().to("cpu", torch.float64).tolist())),
+            timings=dict(result.timings),
+            unreached=unreached,
+            notes=tuple(dict.fromkeys([*notes, *result.notes])),
+            **extra,
         )
         self._flag_zero(snap)
+        self._flag_unrecorded(snap)
+        self._log_auto()
         return snap
+
+    def _apply_weighting(
+        self,
+        weighting: Weighting,
+        gram: torch.Tensor,
+        layer_grams: dict[str, torch.Tensor],
+        Ls: torch.Tensor,
+        write: bool,
+        retain_graph: bool,
+        writer: Callable[[Mapping[str, torch.Tensor]], None] | None,
+        leaves: Mapping[int, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Call a Gram weighting on this probe's Grams, hold and write its update.
+
+        Everything is checked before anything is written. Where the engine kept the per-task
+        blocks of its pass (``writer``: they fit ``memory_budget``), ``J_l^T w_l`` is written
+        from them, then the other leaves (the heads) by a backward restricted to them:
+        ``"kept_blocks"``. Otherwise the whole model gets one more backward of
+        ``sum_t w_t L_t`` (``"second_backward"``) and per-layer weights batched backwards over
+        task chunks (``"per_layer_batched"``, see
+        :func:`gradlens.weightings._apply.write_per_layer`).
+        """
+        per_layer = isinstance(weighting, _weighting.PerLayer)
+        # the Snapshot's exactly symmetric Grams: the weights are those of what it records
+        gram = _symmetric(gram)
+        w64 = _weighting.call_weighting(weighting, gram)
+        layer_w = {
+            n: _weighting.call_weighting(weighting, _symmetric(g), n)
+            for n, g in (layer_grams.items() if per_layer else ())
+        }
+        self._held = (w64, layer_w)
+        w = w64.to(Ls.device, Ls.dtype)
+        if writer is not None:
+            path = "kept_blocks"
+        else:
+            path = "per_layer_batched" if per_layer else "second_backward"
+        if write:
+            if writer is not None:
+                writer(layer_w if per_layer else dict.fromkeys(layer_grams, w64))
+                self._write_rest(Ls, w, retain_graph, leaves)
+            elif per_layer:
+                self._write_weighted(Ls, w, layer_w, retain_graph)
+            else:
+                torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
+        extra = {
+            "weighting": _weighting.weighting_name(weighting),
+            "weighting_path": path,
+            "layer_weights": layer_w,
+        }
+        return w, extra
+
+    def _write_rest(
+        self,
+        Ls: torch.Tensor,
+        w: torch.Tensor,
+        retain_graph: bool,
+        leaves: Mapping[int, torch.Tensor] | None = None,
+    ) -> None:
+        """``sum_t w_t`` of the gradients of every leaf outside the shared parameters."""
+        if leaves is None:
+            leaves = _traverse(Ls)[0]
+        ids = {id(p) for p in self._shared.params}
+        rest = [v for i, v in leaves.items() if i not in ids]
+        if rest:
+            torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
+
+    def _write_weighted(
+        self,
+        Ls: torch.Tensor,
+        w: torch.Tensor,
+        layer_w: Mapping[str, torch.Tensor],
+        retain_graph: bool,
+    ) -> None:
+        """``J_l^T w_l`` on each shared layer, ``sum_t w_t`` of the gradients on other leaves."""
+        leaves, _, _ = _traverse(Ls)
+        shared = [p for p in self._shared.params if id(p) in leaves]
+        # a layer the held probe did not reach (conditional computation) takes the total weights
+        missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
+        lw = {**layer_w, **dict.fromkeys(missing, w.detach().cpu())}
+        _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget)
+        self._write_rest(Ls, w, retain_graph, leaves)
+
+    def _flag_unrecorded(self, snap: Snapshot) -> None:
+        if UNRECORDED in snap.notes and not self._warned_unrecorded:
+            self._warned_unrecorded = True
+            warnings.warn(
+                f"the forward of the probe at step {snap.step} was not seen by the profiler's "
+                "hooks on the shared module (was the Profiler created after the forward, or "
+                "the trunk called through .forward()?): the gramian engine served every layer "
+                "by its exact but slower generic path (Snapshot.notes records it). Create the "
+                "Profiler before the first forward.",
+                GradlensWarning,
+                stacklevel=4,
+            )
+
+    def _log_auto(self) -> None:
+        """Write ``auto``'s decisions, as they are made, into the run store's meta
+        (``meta["auto"]``; not to dashboards, some of which refuse a parameter that changes)."""
+        if not isinstance(self._engine, AutoEngine) or self.store is None:
+            return
+        done = {k for k, d in self._engine.decisions.items() if d.winner is not None}
+        if done <= self._auto_logged:
+            return
+        self._auto_logged |= done
+        if callable(getattr(self.store, "update_meta", None)):
+            self.store.update_meta(auto=self._engine.summary())  # type: ignore[attr-defined]
 
     def _flag_zero(self, snap: Snapshot) -> None:
         bad = [t for t in snap.nonfinite_tasks if t not in self._warned_nonfinite]
@@ -463,11 +659,16 @@ def _check_scale(grad_scale: float | torch.Tensor | Any, L: torch.Tensor) -> tor
     return s
 
 
-def _uncompiled(shared: nn.Module | Iterable[Any], engine: str) -> nn.Module | Iterable[Any]:
-    """Unwrap a ``torch.compile``'d module; refuse engines that vmap through compiled graphs."""
+def _uncompiled(
+    shared: nn.Module | Iterable[Any], engine: str
+) -> tuple[nn.Module | Iterable[Any], bool]:
+    """Unwrap a ``torch.compile``'d module; refuse engines that vmap through compiled graphs.
+
+    Returns the module and whether any part of it is compiled.
+    """
     dynamo = sys.modules.get("torch._dynamo")  # nothing is compiled before dynamo is imported
     if not isinstance(shared, nn.Module) or dynamo is None:
-        return shared
+        return shared, False
     optimized = dynamo.eval_frame.OptimizedModule
     compiled = [
         name or "(root)"
@@ -483,7 +684,7 @@ def _uncompiled(shared: nn.Module | Iterable[Any], engine: str) -> nn.Module | I
         )
     while isinstance(shared, optimized):
         shared = shared._orig_mod  # parameter and layer names without the `_orig_mod.` prefix
-    return shared
+    return shared, bool(compiled)
 
 
 def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
@@ -608,6 +809,15 @@ def _traverse(
     nodes.add(root)
     while stack:
         fn = stack.pop()
+        if fn.name() == _REENTRANT:
+            raise GradlensError(
+                "`losses` come from a model that uses reentrant activation checkpointing "
+                "(torch.utils.checkpoint.checkpoint(..., use_reentrant=True), or Hugging Face's "
+                "gradient_checkpointing_enable() with use_reentrant=True), which supports no "
+                "per-task gradient (autograd.grad): pass use_reentrant=False (HF: "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                "False})). Nothing was written: .grad and the profiler's step are unchanged."
+            )
         for nxt, _ in fn.next_functions:
             if nxt is None:
                 continue
@@ -637,7 +847,22 @@ def _open_store(store: str | Path | Any | None, meta: dict[str, Any]) -> Sink | 
     )
 
 
-def _finalize(engine: Engine, sinks: list[Sink]) -> None:
+def _forward_seen(ref: weakref.ref[Profiler]) -> Any:
+    """A forward hook noting that the shared module ran a forward the engine's hooks saw."""
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        prof = ref()
+        if prof is not None and torch.is_grad_enabled():
+            prof._seen_forward = True
+
+    return hook
+
+
+def _finalize(
+    engine: Engine, sinks: list[Sink], hook: torch.utils.hooks.RemovableHandle | None
+) -> None:
+    if hook is not None:
+        hook.remove()
     engine.detach()
     for sink in sinks:
         sink.close()

@@ -38,7 +38,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,9 @@ import numpy as np
 import pandas as pd
 
 from gradlens import _plots_render as _r
+from gradlens import _report_arms as _arms
+from gradlens import _report_claims as _claims
+from gradlens import _stats_gain as _gain
 from gradlens._errors import GradlensError
 from gradlens._report_run import build_run_page
 from gradlens._snapshot import TOTAL_LAYER
@@ -73,10 +76,46 @@ class ReportPaths:
     figures: tuple[Path, ...] = ()
 
 
+_Verdict = tuple[list[str], list[str]]
+
+
 @dataclass
 class _Findings:
+    """The summary: adjusted tested claims; inconclusive, equivalent or untestable; estimates."""
+
     supported: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
+    descriptive: list[str] = field(default_factory=list)
+    pending: list[tuple[str, float, Callable[[float], _Verdict], int]] = field(
+        default_factory=list
+    )
+
+    def defer(self, family: str, p: float, verdict: Callable[[float], _Verdict]) -> None:
+        """Hold the claims of one test family until every family of the report is known.
+
+        ``p`` is the family's smallest adjusted p-value (NaN: nothing was tested);
+        ``verdict(level)`` returns the (supported, not supported) sentences at that level.
+        """
+        self.pending.append((family, p, verdict, len(self.unsupported)))
+
+    def resolve(self, alpha: float) -> dict[str, Any]:
+        """Sort the held claims with Bonferroni over the report's test families: each family
+        (already adjusted within, e.g. Holm) is read at ``alpha / F``, so the chance of any
+        false "supported" line in the whole report is at most ``alpha``."""
+        families = sorted({f for f, p, _, _ in self.pending if math.isfinite(p)})
+        level = alpha / max(1, len(families))
+        shift = 0
+        for family, _p, verdict, pos in self.pending:
+            yes, no = verdict(level)
+            tag = (
+                f" [family '{family}': significant at alpha / {len(families)} = {level:.3g}, "
+                f"Bonferroni over the {len(families)} test families of this report]"
+            )
+            self.supported += [line + tag for line in yes]
+            self.unsupported[pos + shift : pos + shift] = no
+            shift += len(no)
+        self.pending = []
+        return {"alpha": alpha, "families": families, "level_per_family": level}
 
 
 @dataclass
@@ -92,6 +131,11 @@ class _Options:
     seed: int
     progress: bool
     dpi: int
+    margin_r: float = 0.1
+    margin_gain: float = 0.01
+    power_sims: int = 200
+    figures: bool = True
+    n_families: int = 5
 
 
 # --------------------------------------------------------------------------- descriptions
@@ -187,7 +231,17 @@ def _png(fig: Any, dpi: int) -> bytes:
     return buf.getvalue()
 
 
+class _NoFigures:
+    """Stands in for :mod:`gradlens.plots` when a report is built without figures (e.g. the
+    calibration of its statistics over hundreds of sweeps): every drawing returns ``None``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 def _figure(figs: list[_r.Figure], name: str, fig: Any, caption: str, dpi: int) -> None:
+    if fig is None:
+        return
     figs.append(_r.Figure(name, _png(fig, dpi), caption))
 
 
@@ -235,6 +289,103 @@ def _assoc_table(assoc: pd.DataFrame, caption: str) -> _r.Table:
     )
 
 
+def _family_n_perm(
+    joint: pd.DataFrame,
+    common: dict[str, Any],
+    methods: list[str],
+    stratify: bool,
+    opts: _Options,
+    level: float,
+) -> int:
+    """Permutations for a family: enough for its Holm floor to sit at ``level / 2`` at most."""
+    from gradlens import stats
+
+    probe = stats.associations(
+        joint, methods=methods, stratify=stratify, **{**common, "n_boot": 0, "n_perm": 0}
+    )
+    m = int(np.isfinite(probe["estimate"].to_numpy(np.float64)).sum())
+    return _claims.n_perm_for(m, level, opts.n_perm)
+
+
+def _floor_warning(family: str, table: pd.DataFrame, opts: _Options, level: float) -> _Verdict:
+    """The warnings of a family whose tests cannot reach ``level`` whatever the data."""
+    if not len(table) or not opts.n_perm:
+        return [], []
+    floor, stuck = _claims.family_floor(table, opts.correction, level)
+    n = int(np.isfinite(table["p_value"].to_numpy(np.float64)).sum())
+    if not math.isfinite(floor):
+        return [], []
+    if floor >= level:
+        return [], [
+            f"The {family} ({n} tests) cannot reject anything whatever the data: its "
+            f"smallest attainable adjusted p-value is {floor:.2g} >= its level {level:.3g} "
+            f"(too few permutations, or too few configurations to permute)."
+        ]
+    if stuck:
+        return [], [
+            f"{stuck} of the {n} tests of the {family} cannot reach its level {level:.3g} "
+            "after the correction whatever the data: they permute whole configurations and "
+            "have too few of them (e.g. within one model size); their smallest attainable p "
+            "is in the p_floor column of stats.json."
+        ]
+    return [], []
+
+
+def _association_mde(
+    joint: pd.DataFrame,
+    wcols: list[str],
+    size_col: str | None,
+    inter: str,
+    n_tests: int,
+    level: float,
+    opts: _Options,
+    out: dict[str, Any],
+) -> str:
+    """The smallest weight -> outcome correlation the primary family detects with 80 % power
+    at the report's level for the family, ``level`` (before the family's own Holm)."""
+    from gradlens import stats
+
+    if not opts.power_sims or not wcols or not opts.n_perm:
+        return ""
+    keys = [c for c in [size_col, *wcols] if c]
+    configs = joint.groupby(keys, dropna=False).size()
+    n_sizes = int(joint[size_col].nunique()) if size_col else 1
+    n_weights = max(3, round(len(configs) / max(n_sizes, 1)))
+    seeds = max(2, int(configs.min()))
+    codes = joint.groupby(keys, dropna=False).ngroup().to_numpy()
+    rho_icc = _claims.icc(pd.to_numeric(joint[inter], errors="coerce").to_numpy(), codes)
+    mde = stats.min_detectable_effect(
+        "association",
+        sizes=n_sizes,
+        weights=n_weights,
+        seeds=seeds,
+        icc=rho_icc,
+        alpha=level,
+        n_tests=max(1, n_tests),
+        method=opts.methods[0],  # type: ignore[arg-type]
+        n_sim=opts.power_sims,
+        tol=0.02,
+        seed=opts.seed,
+    )
+    out["association_mde"] = mde
+    design = (
+        f"{n_sizes} size(s) x {n_weights} weights x {seeds} seeds, seeds sharing "
+        f"{rho_icc:.2f} of the noise of {inter} (ICC)"
+    )
+    if not mde["reachable"]:
+        return (
+            f" Power: with this design ({design}), {n_tests} tests and the family's level "
+            f"{level:.3g}, no correlation reaches 80 % power (simulated, {opts.power_sims} "
+            "studies)."
+        )
+    return (
+        f" Power: with this design ({design}), {n_tests} tests and the family's level "
+        f"{level:.3g}, a correlation of the weight with an outcome is detected with 80 % power "
+        f"from |r| = {mde['effect']:.2f} (simulated, {opts.power_sims} studies; "
+        "gradlens.stats.min_detectable_effect)."
+    )
+
+
 def _associations_part(
     joint: pd.DataFrame,
     wcols: list[str],
@@ -258,24 +409,43 @@ def _associations_part(
             f"Associations on {'|'.join(tasks)} could not be tested: the runs have no {missing}."
         )
         return
+    group_cols = [c for c in [size_col, *wcols] if c] or None
     common = {
         "weight_cols": wcols,
         "interference_cols": icols,
         "accuracy_cols": acols,
         "size_col": size_col,
         "correction": opts.correction,
-        "group_cols": [c for c in [size_col, *wcols] if c] or None,
+        "group_cols": group_cols,
         "n_boot": opts.n_boot,
-        "n_perm": opts.n_perm,
         "seed": opts.seed,
         "progress": opts.progress,
     }
     primary = opts.methods[0]
-    # The family the summary rests on: one method, pooled and partial; kept small so that a
+    # The family the summary rests on: the relations it quotes (first weight, first
+    # interference summary, mean score), one method, pooled and partial; kept small so that a
     # correction over it leaves power. Everything else is a second, separately corrected family.
-    main = stats.associations(joint, methods=[primary], stratify=False, **common)
-    more = stats.associations(joint, methods=list(opts.methods), stratify=True, **common)
-    more = more[~((more["method"] == primary) & more["scope"].isin(["pooled", "partial"]))]
+    # Each family gets enough permutations for its correction to be able to reject. The
+    # primary family is read at alpha over the report's families (see _Findings.resolve);
+    # opts.n_families bounds their number, so its n_perm is sized for that level.
+    main_common = {
+        **common,
+        "weight_cols": wcols[:1],
+        "interference_cols": icols[:1],
+        "accuracy_cols": [c for c in acols if c == f"{opts.metric}.mean"] or acols[-1:],
+    }
+    level_main = opts.alpha / opts.n_families
+    n_perm_main = _family_n_perm(joint, main_common, [primary], False, opts, level_main)
+    n_perm_more = _family_n_perm(joint, common, list(opts.methods), True, opts, opts.alpha)
+    main = stats.associations(
+        joint, methods=[primary], stratify=False, n_perm=n_perm_main, **main_common
+    )
+    more = stats.associations(
+        joint, methods=list(opts.methods), stratify=True, n_perm=n_perm_more, **common
+    )
+    keys = ["relation", "x", "y", "method", "scope"]
+    in_main = more[keys].merge(main[keys], how="left", on=keys, indicator=True)["_merge"]
+    more = more[(in_main == "left_only").to_numpy()]
     if len(more):
         more = more.assign(
             p_adjusted=stats.adjust(more["p_value"].to_numpy(np.float64), opts.correction),  # type: ignore[arg-type]
@@ -283,30 +453,46 @@ def _associations_part(
         )
     out["associations"] = main
     out["associations_secondary"] = more
+    out["n_perm"] = {"primary": n_perm_main, "secondary": n_perm_more}
     n_tests = int(main["n_tests"].iloc[0]) if len(main) else 0
     n_more = int(more["n_tests"].iloc[0]) if len(more) else 0
     corr = _CORRECTION_NAME[opts.correction]
     level = round(100 * float(main["ci_level"].iloc[0])) if len(main) else 95
+    unit = (
+        f"configurations ({', '.join(group_cols)}), the seeds of one configuration kept "
+        "together" if group_cols else "runs"
+    )
+    cache: dict[float, str] = {}
+
+    def mde_at(level: float) -> str:
+        if level not in cache:
+            cache[level] = _association_mde(
+                joint, wcols, size_col, icols[0], n_tests, level, opts, out
+            )
+        return cache[level]
+
     sec.paragraphs.append(
-        f"Associations across runs: {primary} correlations pooled over runs and partial on "
-        f"model size (primary family, {n_tests} tests), then {', '.join(opts.methods)} "
-        f"pooled, partial and within each model size (secondary family, {n_more} "
-        f"tests). {level}% bootstrap intervals (configurations resampled), permutation "
-        f"p-values, each family adjusted with {corr}."
+        f"Associations across runs: {primary} correlations of the relations the summary quotes, "
+        f"pooled over runs and partial on model size (primary family, {n_tests} tests), then "
+        f"{', '.join(opts.methods)} for every summary, pooled, partial and within each model "
+        f"size (secondary family, {n_more} tests). Resampling unit of both the {level}% "
+        f"bootstrap intervals and the permutation p-values: {unit} ({n_perm_main} and "
+        f"{n_perm_more} permutations); each family adjusted with {corr}."
     )
     sec.tables.append(_assoc_table(main, f"Primary associations ({corr} over {n_tests} tests)"))
     if len(more):
         sec.tables.append(
             _assoc_table(more, f"Secondary associations ({corr} over {n_more} tests)")
         )
-    floor = n_tests / (opts.n_perm + 1) if opts.correction == "holm" else 1 / (opts.n_perm + 1)
-    if opts.n_perm and floor >= opts.alpha:
-        found.unsupported.append(
-            f"With {opts.n_perm} permutations and {n_tests} tests, the smallest adjusted "
-            f"p-value attainable is {floor:.2g} >= alpha = {opts.alpha}: no association can be "
-            f"declared here whatever the data; raise n_perm above "
-            f"{math.ceil(n_tests / opts.alpha)}."
-        )
+    label = "|".join(tasks)
+    found.defer(
+        f"primary associations of {label}",
+        math.nan,  # counted by the claims below
+        lambda level: _floor_warning(f"primary association family of {label}", main, opts, level),
+    )
+    found.unsupported += _floor_warning(
+        f"secondary association family of {label}", more, opts, opts.alpha
+    )[1]
     inter = icols[0]
     relations = []
     if wcols:
@@ -328,7 +514,14 @@ def _associations_part(
             continue
         strata = pick(more) if len(more) else more
         strata = strata[strata["scope"] == "stratum"] if len(strata) else strata
-        _association_sentence(row.iloc[0], strata, primary, opts, n_tests, found)
+        r0 = row.iloc[0]
+        found.defer(
+            f"primary associations of {'|'.join(tasks)}",
+            float(r0["p_adjusted"]),
+            lambda level, r0=r0, strata=strata: _association_sentence(
+                r0, strata, primary, opts, n_tests, level, mde_at
+            ),
+        )
 
 
 def _association_sentence(
@@ -337,16 +530,14 @@ def _association_sentence(
     method: str,
     opts: _Options,
     n_tests: int,
-    found: _Findings,
-) -> None:
+    level: float,
+    mde_at: Callable[[float], str],
+) -> _Verdict:
     sym = _SYMBOL[method]
     bare, y = _describe(row["x"], opts.metric), _describe(row["y"], opts.metric)
     x = f"the {bare}" if bare.startswith("weight of") else bare
     if not math.isfinite(float(row["estimate"])):
-        found.unsupported.append(
-            f"The association of {x} with {y} could not be estimated ({row['note']})."
-        )
-        return
+        return [], [f"The association of {x} with {y} could not be estimated ({row['note']})."]
     stat = _stat(row, sym)
     where = f"{_scope(row)}, n = {_r.num(row['n'])} runs, {opts.correction} over {n_tests} tests"
     strata = rows
@@ -361,24 +552,30 @@ def _association_sentence(
             f"of {len(strata)}."
         )
     p_adj = float(row["p_adjusted"])
-    if math.isfinite(p_adj) and p_adj < opts.alpha:
+    if math.isfinite(p_adj) and p_adj < level:
         direction = "higher" if row["estimate"] > 0 else "lower"
-        found.supported.append(
+        return [
             f"{x[0].upper() + x[1:]} and {y} have a {_KIND[method]} association: higher {bare} "
             f"goes with {direction} {y} ({stat}; {where}).{strata_txt}"
+        ], []
+    lo, hi = float(row["ci_low"]), float(row["ci_high"])
+    m = opts.margin_r
+    if _claims.interval_verdict(lo, hi, m) == "equivalent":
+        return [], [
+            f"Equivalent to no {_KIND[method]} association within |{sym}| < {m:g}: the "
+            f"interval of {x} with {y} lies inside (-{m:g}, {m:g}) ({stat}; {where})."
+        ]
+    bound = ""
+    if math.isfinite(lo) and math.isfinite(hi):
+        bound = (
+            f" The interval leaves room for |{sym}| up to {max(abs(lo), abs(hi)):.2f}, so an "
+            f"association is not ruled out (equivalence margin |{sym}| < {m:g})."
         )
-    else:
-        lo, hi = float(row["ci_low"]), float(row["ci_high"])
-        bound = ""
-        if math.isfinite(lo) and math.isfinite(hi):
-            bound = (
-                f" The interval leaves room for |{sym}| up to {max(abs(lo), abs(hi)):.2f}, so "
-                f"a weaker association is not ruled out."
-            )
-        found.unsupported.append(
-            f"No evidence of a {_KIND[method]} association between {x} and {y} ({stat}; "
-            f"{where}).{bound}{strata_txt}"
-        )
+    return [], [
+        f"Inconclusive: no evidence of a {_KIND[method]} association between {x} and {y} "
+        f"({stat}; {where}, not significant at the report's level {level:.3g}).{bound}"
+        f"{strata_txt}{mde_at(level)}"
+    ]
 
 
 def _optimum_part(
@@ -448,21 +645,28 @@ def _optimum_part(
             f"The intervals of the optimal {wdesc} do not reflect seed noise: some weights have "
             "a single seed."
         )
+    best = f"The best {wdesc} in this sweep (grid optimum of the mean over seeds) is {stars}."
     if size_col is None or len(opt) < 2:
-        found.supported.append(f"The best {wdesc} in this sweep is {stars}.")
+        found.descriptive.append(best)
         return opt
+    # The test of a moving optimum fits a parabola per size when every size has 3 weights or
+    # more: the grid optimum's bootstrap test has atoms at slope 0 and rejects 0.00-0.01 of null
+    # sweeps (docs/stats.md); the table above stays the grid optimum, a description.
+    quadratic = int(opt["n_weights"].min()) >= 3
     trend = stats.optimal_weight_trend(
         joint,
         weight_col=wcol,
         score_col=score,
         size_col=size_col,
+        estimator="quadratic" if quadratic else "grid",
         n_boot=opts.n_boot,
         seed=opts.seed,
     )
     out["optimal_weight_trend"] = trend
     sec.tables.append(
         _r.Table(
-            caption=f"Does the optimal weight move with model size? Slope of p* on {trend['x']}",
+            caption=f"Does the optimal weight move with model size? Slope of p* "
+            f"({trend['estimator']} optimum) on {trend['x']}",
             header=["slope", f"{level}% interval", "p", "spearman (sizes, p*)", "sizes"],
             rows=[
                 [
@@ -478,18 +682,21 @@ def _optimum_part(
     stat = (
         f"slope = {_r.num(trend['slope'], 2, signed=True)} per unit of {trend['x']} "
         f"{_r.interval(trend['ci_low'], trend['ci_high'], 3)}, p = {_r.pval(trend['p_value'])}, "
-        f"{trend['n_sizes']} sizes"
+        f"{trend['n_sizes']} sizes, {trend['estimator']} optimum per size"
     )
-    base = f"The optimal {wdesc} per model size is {stars}."
+    found.descriptive.append(best)
     p = float(trend["p_value"])
-    if math.isfinite(p) and p < opts.alpha:
-        found.supported.append(f"{base} It moves with model size ({stat}).")
-    else:
-        found.supported.append(base)
-        found.unsupported.append(
-            f"No evidence that the optimal {wdesc} moves with model size ({stat}); the data "
-            f"are consistent with one weight for all sizes within that interval."
-        )
+
+    def verdict(level: float) -> _Verdict:
+        if math.isfinite(p) and p < level:
+            return [f"The optimal {wdesc} moves with model size ({stat}; one test)."], []
+        return [], [
+            f"Inconclusive: no evidence that the optimal {wdesc} moves with model size "
+            f"({stat}); slopes inside that interval are not ruled out, so this is not evidence "
+            "of one weight for all sizes."
+        ]
+
+    found.defer(f"optimal-weight trend of {wcol}", p, verdict)
     return opt
 
 
@@ -524,55 +731,79 @@ def _gain_part(
         joint = joint.assign(_size="all")
         base = base.assign(_size="all")
         gcols = ["_size"]
-    gain = stats.joint_gain(
-        pd.concat([joint, base], ignore_index=True),
-        size_cols=gcols,
-        metric=opts.metric,
-        n_boot=opts.n_boot,
-        seed=opts.seed,
-    )
+    both = pd.concat([joint, base], ignore_index=True)
+    gain = stats.joint_gain(both, size_cols=gcols, metric=opts.metric)
     out["joint_gain"] = gain
-    # one configuration per size, chosen on the selection split, not on the reported scores
-    sel_col = "_select" if joint["_select"].notna().all() else f"{opts.metric}.mean"
-    chosen_on = opts.select_split if sel_col == "_select" else f"{opts.split} (optimistic)"
-    keys = [*gcols, *wcols] if wcols else gcols
-    means = joint.groupby(keys, dropna=False)[sel_col].mean().reset_index()
-    best = means.loc[means.groupby(gcols, dropna=False)[sel_col].idxmax()]
-    picked = gain.merge(best[keys], on=keys, how="inner") if wcols else gain
+    # Selection on the selection split when every joint run has it, else on the reported split:
+    # either way on the other seeds only, so the evaluated seed never takes part in the choice.
+    on_select = bool(joint["_select"].notna().all())
+    sel_col = "_select" if on_select else f"{opts.metric}.mean"
+    chosen_on = opts.select_split if on_select else f"{opts.split} (no {opts.select_split} scores)"
+    # One configuration per size and seed, chosen on the selection scores of the other seeds:
+    # the evaluated seed takes no part in the choice (see stats.selected_gain).
+    picked = stats.selected_gain(
+        both.assign(_sel=both[sel_col]), select_col="_sel", size_cols=gcols, metric=opts.metric
+    )
+    finite = np.isfinite(picked["p_value"].to_numpy(np.float64)) if len(picked) else []
+    picked["p_adjusted"] = np.nan
+    if len(picked):
+        picked.loc[finite, "p_adjusted"] = stats.adjust(
+            picked.loc[finite, "p_value"].to_numpy(np.float64),
+            opts.correction,  # type: ignore[arg-type]
+        )
+    n_cells = int(np.count_nonzero(finite))
+    tost = [
+        _gain.equivalence_p(r["gain"], r["se"], r["df"], opts.margin_gain)
+        for _, r in picked.iterrows()
+    ]
+    picked["p_equivalence"] = tost
+    if len(picked):
+        eq = np.asarray(tost, dtype=np.float64)
+        ok_eq = np.isfinite(eq)
+        picked["p_equivalence_adjusted"] = np.nan
+        if ok_eq.any():
+            picked.loc[ok_eq, "p_equivalence_adjusted"] = stats.adjust(
+                eq[ok_eq],
+                opts.correction,  # type: ignore[arg-type]
+            )
     out["joint_gain_selected"] = picked
     out["joint_gain_selected_on"] = chosen_on
     level = round(100 * float(gain["ci_level"].iloc[0])) if len(gain) else 95
+    corr = _CORRECTION_NAME[opts.correction]
     sec.paragraphs.append(
-        f"Gain of joint over single-task training: mean {opts.metric} on {opts.split} of the "
-        f"joint runs minus that of the single-task runs of the same size, per task, at the "
-        f"weight with the best mean {opts.metric} on {chosen_on} for each size; {level}% "
-        "bootstrap intervals (paired by seed when the seeds match), not adjusted for the "
-        "number of cells."
+        f"Gain of joint over single-task training: per model size, task and seed, {opts.metric} "
+        f"on {opts.split} of the joint run minus that of the single-task run of the same size "
+        f"and seed, at the weight with the best mean {opts.metric} on {chosen_on} over the "
+        f"other seeds (held-out selection, so the evaluated seed took no part in the choice); "
+        f"the mean over seeds with a {level}% paired t interval and t-test, {corr} over the "
+        f"{n_cells} cells; equivalence: two one-sided t-tests against +-{opts.margin_gain:g}."
     )
     sec.tables.append(
         _r.Table(
-            caption=f"Joint minus single-task {opts.metric} at the selected weight",
+            caption=f"Joint minus single-task {opts.metric}, held-out selected weight",
             header=[
                 *gcols,
                 *wcols,
                 "task",
-                "joint",
-                "single",
                 "gain",
                 f"{level}% interval",
-                "paired",
+                "p",
+                "p_adj",
+                "p_adj equivalence",
+                "seeds",
                 "note",
             ],
             rows=[
                 [
                     *[_r.num(r[c], 4) for c in gcols],
-                    *[_r.num(r[c]) for c in wcols],
+                    *[_r.num(r.get(c)) for c in wcols],
                     r["task"],
-                    _r.num(r["joint_mean"], 4),
-                    _r.num(r["single_mean"], 4),
                     _r.num(r["gain"], 3, signed=True),
                     _r.interval(r["ci_low"], r["ci_high"], 3),
-                    str(bool(r["paired"])),
+                    _r.pval(r["p_value"]),
+                    _r.pval(r["p_adjusted"]),
+                    _r.pval(r.get("p_equivalence_adjusted")),
+                    _r.num(r["n_seeds"]),
                     r["note"],
                 ]
                 for _, r in picked.iterrows()
@@ -580,29 +811,47 @@ def _gain_part(
             text_columns=frozenset({len(gcols) + len(wcols), len(gcols) + len(wcols) + 7}),
         )
     )
-    ok = picked[np.isfinite(picked["gain"].to_numpy(np.float64))]
+    ok = picked[np.isfinite(picked["gain"].to_numpy(np.float64))] if len(picked) else picked
     if ok.empty:
-        found.unsupported.append(f"No gain of joint training on {label} could be computed.")
-        return picked
-    above = ok[ok["ci_low"] > 0]
-    below = ok[ok["ci_high"] < 0]
-    unclear = len(ok) - len(above) - len(below)
-    cells = f"(model size, task) cells of {label}"
-    if len(above):
-        found.supported.append(
-            f"Joint training beats single-task training in {len(above)} of {len(ok)} {cells} "
-            f"(interval above 0; largest gain {_r.num(above['gain'].max(), 3, signed=True)})."
-        )
-    if len(below):
-        found.supported.append(
-            f"Joint training is worse than single-task training in {len(below)} of {len(ok)} "
-            f"{cells} (interval below 0; largest loss {_r.num(below['gain'].min(), 3)})."
-        )
-    if unclear:
         found.unsupported.append(
-            f"In {unclear} of {len(ok)} {cells} the interval of the gain includes 0: no evidence "
-            "either way."
+            f"No gain of joint training on {label} could be computed (it needs at least 2 "
+            "seeds shared by the joint runs and the single-task baselines of a size)."
         )
+        return picked
+    cells = f"(model size, task) cells of {label}"
+
+    def verdict(level: float) -> _Verdict:
+        sig = ok["p_adjusted"] < level
+        above, below = ok[sig & (ok["gain"] > 0)], ok[sig & (ok["gain"] < 0)]
+        equiv = ok[~sig & (ok["p_equivalence_adjusted"] < opts.alpha)]
+        unclear = len(ok) - len(above) - len(below) - len(equiv)
+        how = f"paired t on held-out gains, {opts.correction} over {n_cells} cells"
+        yes, no = [], []
+        if len(above):
+            yes.append(
+                f"Joint training beats single-task training in {len(above)} of {len(ok)} "
+                f"{cells} (largest gain {_r.num(above['gain'].max(), 3, signed=True)}; {how})."
+            )
+        if len(below):
+            yes.append(
+                f"Joint training is worse than single-task training in {len(below)} of "
+                f"{len(ok)} {cells} (largest loss {_r.num(below['gain'].min(), 3)}; {how})."
+            )
+        if len(equiv):
+            no.append(
+                f"Joint and single-task training are equivalent within +-{opts.margin_gain:g} "
+                f"in {len(equiv)} of {len(ok)} {cells} (two one-sided t-tests, "
+                f"{opts.correction} at {opts.alpha})."
+            )
+        if unclear:
+            no.append(
+                f"Inconclusive in {unclear} of {len(ok)} {cells}: neither a gain, a loss nor "
+                f"equivalence within +-{opts.margin_gain:g} is shown ({how}, at the report's "
+                f"level {level:.3g}).{_gain_mde(ok, n_cells, level, opts, out)}"
+            )
+        return yes, no
+
+    found.defer(f"gain cells of {label}", float(ok["p_adjusted"].min()), verdict)
     size_for_trend = size_col if size_col and size_col in joint.columns else None
     if size_for_trend and gcols != ["_size"]:
         per_size = ok.groupby(gcols)["gain"].mean().reset_index()
@@ -621,18 +870,51 @@ def _gain_part(
             stat = (
                 f"spearman rho = {_r.num(res['estimate'], 2, signed=True)} between "
                 f"{size_for_trend} and the mean gain over tasks, p = {_r.pval(res['p_value'])} "
-                f"({res['p_method']}, {len(per_size)} sizes)"
+                f"({res['p_method']}, {len(per_size)} sizes, smallest attainable p "
+                f"{_r.pval(res['p_floor'])})"
             )
-            if math.isfinite(res["p_value"]) and res["p_value"] < opts.alpha:
-                word = "grows" if res["estimate"] > 0 else "shrinks"
-                found.supported.append(
-                    f"The gain of joint training {word} with model size ({stat})."
-                )
-            else:
-                found.unsupported.append(
-                    f"No evidence that the gain of joint training changes with model size ({stat})."
-                )
+
+            def trend_verdict(level: float) -> _Verdict:
+                if math.isfinite(res["p_value"]) and res["p_value"] < level:
+                    word = "grows" if res["estimate"] > 0 else "shrinks"
+                    return [f"The gain of joint training {word} with model size ({stat})."], []
+                return [], [
+                    f"Inconclusive: no evidence that the gain of joint training changes with "
+                    f"model size ({stat})."
+                ]
+
+            found.defer(f"gain-size trend of {label}", float(res["p_value"]), trend_verdict)
     return picked
+
+
+def _gain_mde(
+    ok: pd.DataFrame, n_cells: int, level: float, opts: _Options, out: dict[str, Any]
+) -> str:
+    """The smallest gain a cell detects with 80 % power, in metric units (observed seed SD)."""
+    from gradlens import stats
+
+    if not opts.power_sims:
+        return ""
+    seeds = int(ok["n_seeds"].min())
+    sd = float(np.sqrt(np.nanmean((ok["se"] ** 2 * ok["n_seeds"]).to_numpy(np.float64))))
+    if seeds < 2 or not math.isfinite(sd):
+        return ""
+    mde = stats.min_detectable_effect(
+        "gain",
+        seeds=seeds,
+        alpha=level,
+        n_tests=max(1, n_cells),
+        n_sim=max(opts.power_sims, 1000),
+        seed=opts.seed,
+    )
+    out["gain_mde"] = {**mde, "sd_of_differences": sd, "in_metric_units": mde["effect"] * sd}
+    if not mde["reachable"]:
+        return f" With {seeds} seeds and {n_cells} cells no gain reaches 80 % power."
+    return (
+        f" With {seeds} seeds, {n_cells} cells and the observed SD of per-seed differences "
+        f"({sd:.3g}), a gain of {mde['effect'] * sd:.3g} ({mde['effect']:.2f} SD) is detected "
+        "with 80 % power (simulated; gradlens.stats.min_detectable_effect)."
+    )
 
 
 def _within_part(
@@ -680,51 +962,93 @@ def _within_part(
     tested = table.loc[tested.index]
     level = round(100 * float(tested["ci_level"].iloc[0]))
     corr = _CORRECTION_NAME[opts.correction]
+    pooled = stats.pool_correlations(
+        tested["estimate"].to_numpy(np.float64), tested["n_eff"].to_numpy(np.float64), ci=0.95
+    )
+    out["within_run_pooled"] = pooled
     sec.paragraphs.append(
         f"Within each run, per-epoch conflict frequency against validation {opts.metric} "
-        f"(Pearson r; {level}% circular block bootstrap interval; p from a t-test on the "
-        f"effective number of epochs of two autocorrelated series; {corr} over the "
-        f"{len(tested)} runs)."
+        f"(Pearson r). Epochs are autocorrelated, so the interval and p-value use the "
+        f"effective number of epochs of two AR(1) series (n_eff): a {level}% Fisher-z "
+        f"interval on n_eff and a t-test on n_eff - 2 df, {corr} over the {len(tested)} runs. "
+        f"The circular block-bootstrap interval is shown for reference only: at a few dozen "
+        f"epochs it covers well under {level}% (docs/stats.md). Across runs, the per-run "
+        f"correlations are pooled by Fisher z with DerSimonian-Laird random effects and a "
+        f"Hartung-Knapp interval (runs with n_eff <= 3 carry no information and are left out)."
     )
     sec.tables.append(
         _r.Table(
             caption=f"Within-run correlation of conflict with validation {opts.metric}",
-            header=["run", "epochs", "n_eff", "r", f"{level}% interval", "p", "p_adj", "note"],
+            header=[
+                "run",
+                "epochs",
+                "n_eff",
+                "r",
+                f"{level}% interval (effective n)",
+                "p (effective n)",
+                "p_adj",
+                "block bootstrap interval (undercovers)",
+                "note",
+            ],
             rows=[
                 [
                     r["run_id"],
                     _r.num(r.get("n")),
                     _r.num(r.get("n_eff"), 3),
                     _r.num(r.get("estimate"), 3, signed=True),
-                    _r.interval(r.get("ci_low"), r.get("ci_high")),
+                    _r.interval(r.get("ci_low_neff"), r.get("ci_high_neff")),
                     _r.pval(r.get("p_value")),
                     _r.pval(r.get("p_adjusted")),
+                    _r.interval(r.get("ci_low"), r.get("ci_high")),
                     r.get("note", ""),
                 ]
                 for _, r in table.iterrows()
             ],
-            text_columns=frozenset({0, 7}),
+            text_columns=frozenset({0, 8}),
         )
     )
     r = tested["estimate"].to_numpy(np.float64)
     sig = tested[tested["p_adjusted"] < opts.alpha]
     stat = (
-        f"median r = {_r.num(np.nanmedian(r), 2, signed=True)}, range "
-        f"{_r.num(np.nanmin(r), 2, signed=True)} to {_r.num(np.nanmax(r), 2, signed=True)}; "
+        f"median r = {_r.num(np.nanmedian(r), 2, signed=True)} over {len(tested)} runs; "
         f"{len(sig)} of {len(tested)} runs significant after {opts.correction}"
     )
     skipped = len(table) - len(tested)
     if skipped:
         stat += f"; {skipped} runs not testable (see the table notes)"
-    if len(sig):
-        found.supported.append(
-            f"Per-epoch conflict tracks validation {opts.metric} within some runs ({stat})."
-        )
-    else:
+    if pooled["k"] < 2:
         found.unsupported.append(
-            f"No evidence within runs that per-epoch conflict tracks validation {opts.metric} "
-            f"({stat})."
+            f"Within-run correlation of per-epoch conflict with validation {opts.metric}: "
+            f"fewer than 2 runs with n_eff > 3 to pool ({stat}); inconclusive."
         )
+        return
+    pstat = (
+        f"pooled r = {_r.num(pooled['estimate'], 2, signed=True)} "
+        f"{_r.interval(pooled['ci_low'], pooled['ci_high'])}, p = {_r.pval(pooled['p_value'])}, "
+        f"{pooled['k']} runs, tau^2 = {pooled['tau2']:.3g}; {stat}"
+    )
+
+    def verdict(level: float) -> _Verdict:
+        if math.isfinite(pooled["p_value"]) and pooled["p_value"] < level:
+            direction = "rises" if pooled["estimate"] > 0 else "falls"
+            return [
+                f"Within runs, validation {opts.metric} {direction} with per-epoch conflict "
+                f"({pstat}; random-effects pooling, one test). Curves that both trend over "
+                "training correlate without one driving the other."
+            ], []
+        lo, hi = pooled["ci_low"], pooled["ci_high"]
+        if _claims.interval_verdict(lo, hi, opts.margin_r) == "equivalent":
+            return [], [
+                f"Within runs, per-epoch conflict and validation {opts.metric} are equivalent "
+                f"to uncorrelated within |r| < {opts.margin_r:g} ({pstat})."
+            ]
+        return [], [
+            f"Inconclusive: no evidence within runs that per-epoch conflict tracks validation "
+            f"{opts.metric} ({pstat}); the interval does not rule out |r| up to "
+            f"{max(abs(lo), abs(hi)):.2f}."
+        ]
+
+    found.defer("within-run pooled correlation", float(pooled["p_value"]), verdict)
 
 
 def _representative(
@@ -779,7 +1103,9 @@ def _task_set_section(
     opts: _Options,
     found: _Findings,
 ) -> tuple[_r.Section, dict[str, Any]]:
-    from gradlens import plots
+    from gradlens import plots as _plots
+
+    plots: Any = _plots if opts.figures else _NoFigures()
 
     label = "|".join(tasks)
     sec = _r.Section(title=f"Tasks: {', '.join(tasks)}")
@@ -944,6 +1270,10 @@ def build_report(
     seed: int = 0,
     progress: bool = True,
     dpi: int = 100,
+    margin_r: float = 0.1,
+    margin_gain: float = 0.01,
+    power_sims: int = 200,
+    figures: bool = True,
 ) -> ReportPaths:
     """Write ``report.md``, ``report.html``, ``stats.json`` and ``figures/`` for a sweep.
 
@@ -970,6 +1300,14 @@ def build_report(
         seed: Seed of every resampling.
         progress: Show progress bars.
         dpi: Resolution of the figures.
+        margin_r: Smallest correlation of interest: a non-significant association whose
+            interval lies inside ``(-margin_r, margin_r)`` is reported as equivalent to none,
+            any other as inconclusive.
+        margin_gain: Smallest gain of interest (metric units) of the equivalence tests of the
+            joint-vs-single gain.
+        power_sims: Simulated studies per power computation (the smallest effect each test
+            detects with 80 % power); 0 leaves it out.
+        figures: Draw the figures (``False``: text, tables and ``stats.json`` only).
 
     Returns:
         The paths written.
@@ -993,8 +1331,13 @@ def build_report(
     _check(alpha, "alpha", float)
     if not 0 < alpha < 1:
         raise GradlensError(f"`alpha` should lie in (0, 1); found {alpha!r}.")
-    for name, val in (("n_boot", n_boot), ("n_perm", n_perm), ("dpi", dpi)):
+    counts = (("n_boot", n_boot), ("n_perm", n_perm), ("dpi", dpi), ("power_sims", power_sims))
+    for name, val in counts:
         _check(val, name, int, 1 if name == "dpi" else 0)
+    for name, val in (("margin_r", margin_r), ("margin_gain", margin_gain)):
+        _check(val, name, float, 0.0)
+    if not margin_r < 1:
+        raise GradlensError(f"`margin_r` should be a correlation below 1; found {margin_r!r}.")
     sweep = Path(sweep_dir)
     if not sweep.is_dir():
         raise GradlensError(f"`sweep_dir` should be a directory of runs; found {sweep}.")
@@ -1010,17 +1353,26 @@ def build_report(
         seed,
         progress,
         dpi,
+        float(margin_r),
+        float(margin_gain),
+        power_sims,
+        bool(figures),
     )
     out = Path(out_dir) if out_dir is not None else sweep / "report"
 
     table, by_id, index = _load(sweep, opts)
     table["_select"] = _selection_scores(table, index, opts).to_numpy()
+    # runs trained with a multi-task optimization method are arms, not weight points
+    table, with_methods = _arms.split_methods(table, index)
     joint_all = table[table["n_tasks"] >= 2]
     single = table[table["n_tasks"] == 1]
     found = _Findings()
     sections: list[_r.Section] = []
     results: list[dict[str, Any]] = []
     task_sets = sorted(joint_all["tasks"].astype(str).unique())
+    # At most 5 test families per task set reach the summary (associations, optimal-weight
+    # trend, gain cells, gain-size trend, within-run pooling): sizes the permutations.
+    opts.n_families = 5 * max(1, len(task_sets))
     if not task_sets:
         found.unsupported.append(
             "Nothing about interference is testable: the sweep has no run with two or more tasks."
@@ -1030,17 +1382,30 @@ def build_report(
         sec, res = _task_set_section(number, ts.split("|"), joint, single, by_id, opts, found)
         sections.append(sec)
         results.append(res)
+    arms = _arms.method_arms(
+        with_methods,
+        size_col="model.n_params" if _present(with_methods, "model.n_params") else None,
+        score_col=f"{eval_metric}.mean",
+        n_boot=n_boot,
+        seed=seed,
+    )
+    if len(arms):
+        sections.append(_arms.arms_section(arms, eval_metric, split))
 
+    decision = found.resolve(float(alpha))
     import gradlens
 
-    sizes = table["model.n_params"].nunique() if "model.n_params" in table else 0
+    # Sizes of the joint runs: a single-task baseline has its own parameter count (one head).
+    sizes = joint_all["model.n_params"].nunique() if "model.n_params" in joint_all else 0
     title = f"gradlens report: {sweep.name}"
     meta_lines = [
         f"Sweep: {sweep} ({len(table)} runs: {len(joint_all)} joint, {len(single)} single-task; "
-        f"{sizes} model sizes).",
+        f"{sizes} model sizes among the joint runs).",
         f"Scores: final {eval_metric} on {split}; weights for the gain chosen on "
         f"{select_split}. Correction: {_CORRECTION_NAME[correction]}; alpha = {alpha}. "
-        f"Bootstrap resamples: {n_boot}; permutations: {n_perm}; seed {seed}. "
+        f"Bootstrap resamples: {n_boot}; permutations: at least {n_perm}, more where a "
+        f"family needs them to be able to reject; equivalence margins: |r| < {margin_r:g}, "
+        f"|gain| < {margin_gain:g}; seed {seed}. "
         f"gradlens {gradlens.__version__}.",
     ]
     out.mkdir(parents=True, exist_ok=True)
@@ -1054,16 +1419,24 @@ def build_report(
             written.append(path)
     html_path, md_path, json_path = out / "report.html", out / "report.md", out / "stats.json"
     html_path.write_text(
-        _r.render_html(title, meta_lines, found.supported, found.unsupported, sections),
+        _r.render_html(
+            title, meta_lines, found.supported, found.unsupported, sections, found.descriptive
+        ),
         encoding="utf-8",
     )
     md_path.write_text(
         _r.render_markdown(
-            title, meta_lines, found.supported, found.unsupported, sections, "figures"
+            title,
+            meta_lines,
+            found.supported,
+            found.unsupported,
+            sections,
+            "figures",
+            found.descriptive,
         ),
         encoding="utf-8",
     )
-    runs_cols = [c for c in table.columns if not c.startswith(("versions.", "_"))]
+    runs_cols = [c for c in with_methods.columns if not c.startswith(("versions.", "_"))]
     stats.to_json(
         {
             "gradlens_version": gradlens.__version__,
@@ -1078,10 +1451,20 @@ def build_report(
                 "n_boot": n_boot,
                 "n_perm": n_perm,
                 "seed": seed,
+                "margin_r": margin_r,
+                "margin_gain": margin_gain,
+                "power_sims": power_sims,
+                "figures": figures,
             },
-            "summary": {"supported": found.supported, "not_supported": found.unsupported},
+            "summary": {
+                "supported": found.supported,
+                "not_supported": found.unsupported,
+                "descriptive": found.descriptive,
+                "decision": decision,
+            },
             "task_sets": results,
-            "runs": table[runs_cols],
+            "arms": arms,
+            "runs": with_methods[runs_cols],
         },
         json_path,
     )

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens import _stats_core as _core
+from gradlens import _stats_gain as _gain
 from gradlens._errors import GradlensError, require
 from gradlens._snapshot import TOTAL_LAYER
 
@@ -54,11 +55,15 @@ __all__ = [
     "correlate",
     "epoch_table",
     "joint_gain",
+    "min_detectable_effect",
     "optimal_weight",
     "optimal_weight_trend",
     "partial_correlation",
+    "pool_correlations",
+    "power",
     "run_summary",
     "runs_table",
+    "selected_gain",
     "to_json",
     "within_run",
 ]
@@ -154,6 +159,7 @@ def _result(
     n_boot: int,
     p_method: str,
     note: str,
+    p_floor: float = math.nan,
 ) -> dict[str, Any]:
     return {
         "method": method,
@@ -167,6 +173,7 @@ def _result(
         "bootstrap": bootstrap,
         "n_boot": n_boot,
         "p_method": p_method,
+        "p_floor": p_floor,
         "note": note,
     }
 
@@ -311,13 +318,15 @@ def correlate(
         boots = _core.correlation_counts(xv, yv, C, method)
         boots = boots[np.isfinite(boots)]
     interval = _core.percentile_interval(boots, level) if boots.size else nan2
+    floor = math.nan
     if block is not None:
         p = _core.centered_bootstrap_pvalue(estimate, boots) if boots.size else math.nan
         p_method = "centred block bootstrap" if boots.size else "none"
     elif n_perm:
-        perms, exact = _core.permutations(rng, n, n_perm)
+        perms, exact, unit = _permutation_rows(rng, n, n_perm, codes)
         p = _core.permutation_pvalue(estimate, _core.permutation_null(xv, yv, perms, method), exact)
-        p_method = "exact permutation" if exact else "permutation"
+        p_method = f"{'exact ' if exact else ''}permutation{unit}"
+        floor = _core.pvalue_floor(exact, perms.shape[0])
     else:
         p, p_method = math.nan, "none"
     return _result(
@@ -332,7 +341,19 @@ def correlate(
         n_boot=int(boots.size),
         p_method=p_method,
         note="",
+        p_floor=floor,
     )
+
+
+def _permutation_rows(
+    rng: np.random.Generator, n: int, n_perm: int, codes: np.ndarray | None
+) -> tuple[np.ndarray, bool, str]:
+    """Permutations of runs, or of whole groups when ``codes`` are given (the bootstrap's unit)."""
+    if codes is None or int(codes.max()) + 1 == n:
+        perms, exact = _core.permutations(rng, n, n_perm)
+        return perms, exact, ""
+    perms, exact, _ = _core.group_permutations(rng, codes, n_perm)
+    return perms, exact, " of groups"
 
 
 def partial_correlation(
@@ -430,13 +451,14 @@ def partial_correlation(
         boots = _core.partial_counts(xv, yv, Z, C, method)
         boots = boots[np.isfinite(boots)]
     interval = _core.percentile_interval(boots, level) if boots.size else nan2
-    p, p_method = math.nan, "none"
+    p, p_method, floor = math.nan, "none", math.nan
     if n_perm:
         rx, ry = _core.residuals_for_partial(xv, yv, Z, method)
-        perms, exact = _core.permutations(rng, n, n_perm)
+        perms, exact, unit = _permutation_rows(rng, n, n_perm, codes)
         null = _core.permutation_null(rx, ry, perms, "pearson")
         p = _core.permutation_pvalue(est, null, exact)
-        p_method = "exact permutation of residuals" if exact else "permutation of residuals"
+        p_method = f"{'exact ' if exact else ''}permutation{unit} of residuals"
+        floor = _core.pvalue_floor(exact, perms.shape[0])
     res = _result(
         method,
         est,
@@ -449,6 +471,7 @@ def partial_correlation(
         n_boot=int(boots.size),
         p_method=p_method,
         note="",
+        p_floor=floor,
     )
     return {**res, "covariates": out_cov}
 
@@ -968,6 +991,7 @@ def associations(
         "ci_level",
         "p_value",
         "p_method",
+        "p_floor",
         "p_adjusted",
         "correction",
         "n_tests",
@@ -1462,39 +1486,57 @@ def optimal_weight_trend(
     }
 
 
-def _gain_boot(
-    joint: pd.DataFrame,
-    single: pd.DataFrame,
-    col: str,
-    seed_col: str,
-    n_boot: int,
-    rng: np.random.Generator,
-) -> tuple[float, np.ndarray, bool]:
+def _gain_pairs(
+    joint: pd.DataFrame, single: pd.DataFrame, col: str, seed_col: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Joint and single values of ``col``; the per-seed differences when the seeds pair up."""
     js = joint[[seed_col, col]].dropna()
     ss = single[[seed_col, col]].dropna()
+    a = js[col].to_numpy(np.float64)
+    b = ss[col].to_numpy(np.float64)
     paired = (
         js[seed_col].is_unique
         and ss[seed_col].is_unique
         and set(js[seed_col]) == set(ss[seed_col])
         and len(js) > 0
     )
-    if paired:
-        d = (js.set_index(seed_col)[col] - ss.set_index(seed_col)[col]).to_numpy(np.float64)
-        gain = float(d.mean())
-        if n_boot == 0:
-            return gain, np.empty(0), True
+    if not paired:
+        return a, b, None
+    d = (js.set_index(seed_col)[col] - ss.set_index(seed_col)[col]).to_numpy(np.float64)
+    return a, b, d
+
+
+def _gain_boot(
+    a: np.ndarray, b: np.ndarray, d: np.ndarray | None, n_boot: int, rng: np.random.Generator
+) -> np.ndarray:
+    if d is not None:
         C = rng.multinomial(d.size, np.full(d.size, 1.0 / d.size), size=n_boot)
-        return gain, C @ _rescaled(d) / d.size, True
-    a = js[col].to_numpy(np.float64)
-    b = ss[col].to_numpy(np.float64)
-    if a.size == 0 or b.size == 0:
-        return math.nan, np.empty(0), False
-    gain = float(a.mean() - b.mean())
-    if n_boot == 0:
-        return gain, np.empty(0), False
+        return C @ _rescaled(d) / d.size
     ca = rng.multinomial(a.size, np.full(a.size, 1.0 / a.size), size=n_boot)
     cb = rng.multinomial(b.size, np.full(b.size, 1.0 / b.size), size=n_boot)
-    return gain, ca @ _rescaled(a) / a.size - cb @ _rescaled(b) / b.size, False
+    return ca @ _rescaled(a) / a.size - cb @ _rescaled(b) / b.size
+
+
+def _gain_stats(
+    a: np.ndarray,
+    b: np.ndarray,
+    d: np.ndarray | None,
+    interval: str,
+    n_boot: int,
+    level: float,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """Gain, interval and p-value: t (paired or Welch) or percentile bootstrap."""
+    if a.size == 0 or b.size == 0:
+        nan = math.nan
+        return {"gain": nan, "se": nan, "df": nan, "ci_low": nan, "ci_high": nan,
+                "p_value": nan, "interval": "none"}
+    res = _gain.paired_t(d, level) if d is not None else _gain.welch_t(a, b, level)
+    if interval == "bootstrap":
+        boots = _gain_boot(a, b, d, n_boot, rng) if n_boot else np.empty(0)
+        lo, hi = _core.percentile_interval(boots, level) if boots.size else (math.nan, math.nan)
+        res.update({"ci_low": lo, "ci_high": hi, "interval": "percentile bootstrap"})
+    return res
 
 
 def joint_gain(
@@ -1504,6 +1546,7 @@ def joint_gain(
     seed_col: str = "seed",
     tasks_col: str = "tasks",
     metric: str = "accuracy",
+    interval: Literal["t", "bootstrap"] = "t",
     n_boot: int = 2000,
     ci: float = 0.95,
     seed: SeedLike = 0,
@@ -1516,10 +1559,12 @@ def joint_gain(
     baseline is every single-task run on ``t`` with the same size (matched by model size and task
     name; ``config.baseline_of`` is not needed). ``gain = mean(joint <metric>.t) - mean(single
     <metric>.t)`` over seeds. When the joint and single runs have the same seeds (matched on
-    ``seed_col``), the gain is the mean of per-seed differences and the bootstrap resamples seeds
-    jointly (``paired``); otherwise both sides are resampled independently (seed values rescaled
-    as in :func:`optimal_weight`). Picking the best
-    weight on the same test scores you report is optimistic: select it on validation scores.
+    ``seed_col``), the gain is the mean of per-seed differences (``paired``) and the interval
+    and p-value are the paired t interval and test (``scipy.stats.ttest_rel``); otherwise
+    Welch's (``ttest_ind(equal_var=False)``). ``interval="bootstrap"`` replaces the interval by
+    a percentile bootstrap of seeds (seed values rescaled as in :func:`optimal_weight`); it
+    undercovers at 3-5 seeds (``docs/stats.md``), the t interval does not. Picking the best
+    weight on the scores you report is optimistic: see :func:`selected_gain`.
 
     Args:
         table: One row per run, joint and single-task (e.g. :func:`runs_table`).
@@ -1527,13 +1572,14 @@ def joint_gain(
         seed_col: Seed column.
         tasks_col: Column naming the run's tasks, ``"|"``-joined.
         metric: Score prefix: columns ``<metric>.<task>``.
-        n_boot: Bootstrap resamples.
+        interval: ``"t"`` or ``"bootstrap"``.
+        n_boot: Bootstrap resamples (``interval="bootstrap"`` only).
         ci: Confidence level.
-        seed: Seed or Generator.
+        seed: Seed or Generator of the bootstrap.
 
     Returns:
-        ``*size_cols, tasks, weights.*, task, weight, joint_mean, single_mean, gain, ci_low,
-        ci_high, ci_level, n_joint, n_single, paired, note``.
+        ``*size_cols, tasks, weights.*, task, weight, joint_mean, single_mean, gain, se, df,
+        ci_low, ci_high, ci_level, p_value, interval, n_joint, n_single, paired, note``.
 
     Example:
         >>> import pandas as pd
@@ -1541,13 +1587,14 @@ def joint_gain(
         ...                   "size": 1, "weights.a": [0.5, 0.5, 1.0, 1.0],
         ...                   "weights.b": [0.5, 0.5, None, None],
         ...                   "accuracy.a": [0.82, 0.84, 0.80, 0.81], "accuracy.b": 0.5})
-        >>> g = joint_gain(t, size_cols=["size"], n_boot=200)
+        >>> g = joint_gain(t, size_cols=["size"])
         >>> g[["task", "gain", "paired", "note"]].round(3).values.tolist()
         [['a', 0.025, True, ''], ['b', nan, False, 'no single-task run on b at this size']]
     """
     table = _frame(table)
     scols = _columns(table, size_cols, "size_cols")
     _columns(table, [seed_col, tasks_col], "seed_col/tasks_col")
+    interval = _choice(interval, ("t", "bootstrap"), "interval")  # type: ignore[assignment]
     n_boot = _count(n_boot, "n_boot")
     level = _level(ci)
     rng = _rng(seed)
@@ -1572,19 +1619,23 @@ def joint_gain(
                 )
             ref = single[size_mask & (single[tasks_col].astype(str) == task).to_numpy()]
             note = "" if len(ref) else f"no single-task run on {task} at this size"
-            gain, boots, paired = _gain_boot(sub, ref, col, seed_col, n_boot, rng)
-            lo, hi = _core.percentile_interval(boots, level) if boots.size else (math.nan, math.nan)
+            a, b, d = _gain_pairs(sub, ref, col, seed_col)
+            res = _gain_stats(a, b, d, interval, n_boot, level, rng)
             row.update(
                 {
                     "joint_mean": float(sub[col].mean()),
                     "single_mean": float(ref[col].mean()) if len(ref) else math.nan,
-                    "gain": gain,
-                    "ci_low": lo,
-                    "ci_high": hi,
+                    "gain": res["gain"],
+                    "se": res["se"],
+                    "df": res["df"],
+                    "ci_low": res["ci_low"],
+                    "ci_high": res["ci_high"],
                     "ci_level": level,
+                    "p_value": res["p_value"],
+                    "interval": res["interval"],
                     "n_joint": int(sub[col].notna().sum()),
                     "n_single": int(ref[col].notna().sum()),
-                    "paired": paired,
+                    "paired": d is not None,
                     "note": note,
                 }
             )
@@ -1645,3 +1696,9 @@ def to_json(obj: Any, path: str | os.PathLike[str] | None = None, *, indent: int
     if path is not None:
         Path(path).write_text(text + "\n", encoding="utf-8")
     return text
+
+
+# The focused modules below use the validation helpers above, so they are imported last.
+from gradlens._stats_meta import pool_correlations  # noqa: E402
+from gradlens._stats_power import min_detectable_effect, power  # noqa: E402
+from gradlens._stats_select import selected_gain  # noqa: E402

@@ -35,6 +35,7 @@ import copy
 import json
 import math
 import re
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -68,6 +69,7 @@ from gradlens.models import DEFAULT_DEPTH, FAMILIES, build_model
 from gradlens.profiler import Profiler
 from gradlens.schedules import LogSpaced, Schedule
 from gradlens.store import RunWriter
+from gradlens.weightings import GRAM_METHODS, METHODS, LossWeighting, make_weighting, per_layer
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "TrainResult", "Trainer", "score", "train"]
 
@@ -119,6 +121,13 @@ class TrainConfig:
             ``"log:N"`` for log-spaced steps with N per decade (default 10).
         early_stopping: patience in epochs on the mean validation score (:func:`score`); None
             disables it. The model of the best epoch is restored before the final evaluation.
+        weighting: a multi-task optimization method from
+            :data:`gradlens.weightings.METHODS` instead of static ``weights`` (multi-task only):
+            a Gram method (``"upgrad"``, ``"mgda"``, ``"cagrad"``, ``"nash_mtl"``...) recomputes
+            the weights from the Gram at every probed step and holds them in between (``every=1``
+            for the exact method); a loss-based one (``"uncertainty"``, ``"rlw"``, ``"dwa"``)
+            sets them from the losses every step. Its state is in :meth:`Trainer.state_dict`.
+        per_layer: apply a Gram ``weighting`` to each layer's own Gram (``gl.per_layer``).
         device: a torch device string.
         threads: torch CPU threads while this run trains and evaluates (restored after); None
             leaves torch's setting. Part of the run's recorded configuration because the
@@ -154,6 +163,8 @@ class TrainConfig:
     engine: str = "gramian"
     every: int | str = 10
     early_stopping: int | None = None
+    weighting: str | None = None
+    per_layer: bool = False
     device: str = "cpu"
     threads: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
@@ -204,6 +215,7 @@ class TrainConfig:
             )
         if self.threads is not None:
             self.threads = _check_int("threads", self.threads, low=1, none_ok=False)
+        _check_weighting(self)
         if not isinstance(self.device, str):
             raise GradlensError(f"`device` should be a torch device string; found {self.device!r}.")
         try:
@@ -321,6 +333,9 @@ class Trainer:
             seed=cfg.seed,
         ).to(self.device)
         self.optimizer = _make_optimizer(cfg, self.model)
+        self.weighting = _make_trainer_weighting(cfg, self.data.tasks, self.data.kind)
+        if isinstance(self.weighting, LossWeighting) and self.weighting.parameters():
+            self.optimizer.add_param_group({"params": self.weighting.parameters()})
         self._gen = torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_BATCHES))
         if self.multidomain:
             dom = self.data.splits["train"].Y["domain"].cpu()
@@ -336,6 +351,8 @@ class Trainer:
         self.step = 0
         self._total_epochs: int | None = None
         self._finished = False
+        self._train_seconds = 0.0
+        self._train_steps = 0
         self._log: list[dict[str, Any]] = [{"epoch": 0, "step": 0, "weights": dict(self._weights)}]
         n_params = self.model.n_params()
         meta = {
@@ -352,6 +369,10 @@ class Trainer:
                 "n_shared_params": n_params["trunk"],
             },
             "seed": cfg.seed,
+            # the method as an arm label: "upgrad", "upgrad/per_layer"; None for static weights
+            "weighting": (
+                None if cfg.weighting is None else cfg.weighting + "/per_layer" * cfg.per_layer
+            ),
             "config": cfg.to_dict(),
             "dataset": self.data.describe(),
             "device": str(self.device),
@@ -478,7 +499,12 @@ class Trainer:
                 self.store.add_eval(
                     values, split=split, point="final", epoch=self.epoch, step=self.step
                 )
-            self.store.update_meta(epochs_run=self.epoch, steps_run=self.step)
+            self.store.update_meta(
+                epochs_run=self.epoch,
+                steps_run=self.step,
+                # wall time of this trainer's training steps (not evaluation), per step
+                seconds_per_step=self._train_seconds / max(1, self._train_steps),
+            )
         self.close()
         return final
 
@@ -499,6 +525,7 @@ class Trainer:
                 "step": self.step,
                 "rng": self._gen.get_state(),
                 "tasks": list(self.tasks),
+                "weighting": self._weighting_state(),
             }
         )
 
@@ -536,6 +563,7 @@ class Trainer:
                 self.store.update_meta(weight_schedule=self._log)
         if w != self._weights:
             self._set_weights(w)
+        self._load_weighting_state(state.get("weighting"))
 
     def close(self) -> None:
         """Close the profiler (removes its hooks) and the run store; idempotent."""
@@ -562,6 +590,34 @@ class Trainer:
                 f"Cannot {what}: this Trainer is finished or closed; create a new one (or load "
                 "its state_dict into a new one)."
             )
+
+    def _weighting_state(self) -> dict[str, Any] | None:
+        """A weighting's state: a loss-based one's own, a Gram one's held weights."""
+        if self.weighting is None:
+            return None
+        out: dict[str, Any] = {"method": self.config.weighting}
+        if isinstance(self.weighting, LossWeighting):
+            out["state"] = self.weighting.state_dict()
+        held = self.profiler._held
+        if held is not None:
+            out["held"] = {"total": held[0], "layers": dict(held[1])}
+        return out
+
+    def _load_weighting_state(self, state: Mapping[str, Any] | None) -> None:
+        if self.weighting is None:
+            return
+        if state is None or state.get("method") != self.config.weighting:
+            found = None if state is None else state.get("method")
+            raise GradlensError(
+                f"`state` should hold the state of weighting {self.config.weighting!r}; found "
+                f"{found!r}."
+            )
+        if isinstance(self.weighting, LossWeighting):
+            self.weighting.load_state_dict(state["state"])
+        held = state.get("held")
+        self.profiler._held = (
+            None if held is None else (held["total"].clone(), dict(held["layers"]))
+        )
 
     def _apply_schedule(self) -> None:
         for entry in self.config.weight_schedule or ():
@@ -591,6 +647,7 @@ class Trainer:
         )
         sums = np.zeros(len(self.tasks))
         counts = np.zeros(len(self.tasks))
+        t0 = time.perf_counter()
         for k in range(n_steps):
             if batches is None:
                 losses = self._step_multidomain(split)
@@ -603,7 +660,11 @@ class Trainer:
             if not bar.disable:
                 bar.update(1)
                 bar.set_postfix_str(_loss_text(self.tasks, sums, counts), refresh=False)
+        self._train_seconds += time.perf_counter() - t0  # includes the progress bar's updates
+        self._train_steps += n_steps
         self.epoch += 1
+        if isinstance(self.weighting, LossWeighting):
+            self.weighting.end_epoch()
         with np.errstate(invalid="ignore", divide="ignore"):
             means = sums / counts
         return (None if bar.disable else bar), dict(zip(self.tasks, means.tolist()))
@@ -615,7 +676,14 @@ class Trainer:
             self.model, split.X[idx], {t: split.Y[t][idx] for t in self.tasks}, self.data
         )
         feats = z if self.config.engine == "features" else None
-        self.profiler.backward(losses, weights=self._weights, features=feats)
+        lw = self.weighting
+        if lw is None:
+            self.profiler.backward(losses, weights=self._weights, features=feats)
+        elif isinstance(lw, LossWeighting):
+            self.profiler.backward(losses, weights=lw.weights(losses), features=feats)
+            lw.backward(losses)
+        else:
+            self.profiler.backward(losses, weights=lw, features=feats)
         self.optimizer.step()
         self.step += 1
         return [float(losses[t].detach()) for t in self.tasks]
@@ -765,6 +833,41 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _check_weighting(cfg: TrainConfig) -> None:
+    if cfg.weighting is not None:
+        _check_choice("weighting", cfg.weighting, METHODS)
+        if cfg.weights is not None or cfg.weight_schedule is not None:
+            raise GradlensError(
+                f"`weighting` ({cfg.weighting!r}) chooses the weights; found `weights` or "
+                "`weight_schedule` set as well. Set one of them."
+            )
+    if not isinstance(cfg.per_layer, bool):
+        raise GradlensError(f"`per_layer` should be a bool; found {cfg.per_layer!r}.")
+    if cfg.per_layer and cfg.weighting not in GRAM_METHODS:
+        raise GradlensError(
+            f"`per_layer` applies a Gram weighting per layer: `weighting` should be one of "
+            f"{sorted(GRAM_METHODS)}; found {cfg.weighting!r}."
+        )
+    if cfg.per_layer and cfg.engine == "features":
+        raise GradlensError(
+            "`per_layer` needs per-layer parameter Grams; found engine='features', whose Gram is "
+            "representation-level. Use another engine or per_layer=False."
+        )
+
+
+def _make_trainer_weighting(cfg: TrainConfig, tasks: Sequence[str], kind: str) -> Any:
+    """The config's weighting for these tasks (None for static weights)."""
+    if cfg.weighting is None:
+        return None
+    if kind == "multidomain":
+        raise GradlensError(
+            f"`weighting` ({cfg.weighting!r}) weights task losses; found a multi-domain dataset, "
+            "whose weights are sampling probabilities. Drop `weighting` or use a multi-task one."
+        )
+    w = make_weighting(cfg.weighting, tasks, seed=cfg.seed)
+    return per_layer(w) if cfg.per_layer else w
 
 
 def _probe_schedule(every: object) -> int | Schedule:

@@ -90,6 +90,10 @@ def make_sweep(
     p_star: float = 0.3,
     baselines: bool = True,
     rng_seed: int = 0,
+    acc_effect: float = 1.0,
+    gain_effect: float = 1.0,
+    drift: float = 0.1,
+    config_sd: float = 0.0,
 ) -> Path:
     """Write a two-task weight sweep under ``root`` and return ``root``.
 
@@ -97,6 +101,16 @@ def make_sweep(
     and ``root/d<depth>-w<width>/single-<i>-s<seed>`` (single-task runs on ``tasks[i]``, meta
     ``config.baseline_of`` naming the joint task set). Final evals on ``test`` and ``val``, and
     per-epoch ``val`` evals at points ``epoch:<k>`` with their step.
+
+    Null and clustered designs for calibration: ``effect=0`` (cosine independent of the weight),
+    ``acc_effect=0`` (accuracy independent of the weight: no parabola, no tilt),
+    ``gain_effect=0`` (joint and single-task runs of a size share their expected accuracy),
+    ``drift=0`` (no trend of the cosine over training, so per-epoch conflict and validation
+    accuracy are unrelated within a run). ``config_sd > 0`` adds a random effect per
+    configuration (size x weight), independent draws for the cosine and for each task's
+    accuracy, shared by the seeds of the configuration: seeds are then clustered. The final
+    ``val`` score is the ``test`` score plus a little noise, so the two share the run's noise
+    (choosing a weight on ``val`` and reporting ``test`` is optimistic unless held out).
     """
     with _no_fsync():
         _make_sweep(
@@ -112,6 +126,10 @@ def make_sweep(
             p_star,
             baselines,
             rng_seed,
+            acc_effect,
+            gain_effect,
+            drift,
+            config_sd,
         )
     return Path(root)
 
@@ -129,8 +147,17 @@ def _make_sweep(
     p_star: float,
     baselines: bool,
     rng_seed: int,
+    acc_effect: float,
+    gain_effect: float,
+    drift: float,
+    config_sd: float,
 ) -> None:
     rng = np.random.default_rng(rng_seed)
+    # A separate stream, so the default sweep (config_sd = 0) draws exactly what it always did.
+    config_rng = np.random.default_rng([rng_seed, 1])
+    config_effect = {
+        (size, p): config_sd * config_rng.normal(size=3) for size in sizes for p in weights
+    }
     t0, t1 = tasks
     layers = [f"trunk.{i}" for i in range(n_layers)]
     layer_shift = np.linspace(0.25, -0.25, n_layers)
@@ -139,7 +166,7 @@ def _make_sweep(
         size_dir = root / f"d{depth}-w{width}"
         scale = math.log2(width / 32) / 2 + (depth - 2) / 2  # 0, 1, 1, 2 for SIZES
         base = {t0: 0.72 + 0.03 * scale, t1: 0.66 + 0.03 * scale}
-        gain = -0.02 + 0.02 * scale
+        gain = gain_effect * (-0.02 + 0.02 * scale)
         model = {
             "family": "mlp",
             "depth": depth,
@@ -149,10 +176,13 @@ def _make_sweep(
         for seed in seeds:
             seed_noise = {t: rng.normal(0, 0.003) for t in tasks}
             for p in weights:
-                cos = 0.05 + effect * 0.6 * (0.5 - p)
+                u = config_effect[(depth, width), p]
+                cos = 0.05 + effect * 0.6 * (0.5 - p) + u[0]
+                curve = acc_effect * (-0.3 * (p - p_star) ** 2)
+                tilt = acc_effect * 0.02 * (p - 0.5)
                 acc = {
-                    t0: base[t0] + gain - 0.3 * (p - p_star) ** 2 + 0.02 * (p - 0.5),
-                    t1: base[t1] + gain - 0.3 * (p - p_star) ** 2 - 0.02 * (p - 0.5),
+                    t0: base[t0] + gain + curve + tilt + u[1],
+                    t1: base[t1] + gain + curve - tilt + u[2],
                 }
                 acc = {t: a + seed_noise[t] + rng.normal(0, 0.002) for t, a in acc.items()}
                 meta = {
@@ -176,6 +206,7 @@ def _make_sweep(
                     probes_per_epoch,
                     steps_per_epoch,
                     rng,
+                    drift,
                 )
             if baselines:
                 for i, t in enumerate(tasks):
@@ -201,6 +232,7 @@ def _make_sweep(
                         probes_per_epoch,
                         steps_per_epoch,
                         rng,
+                        drift,
                     )
 
 
@@ -217,6 +249,7 @@ def _write_run(
     probes_per_epoch: int,
     steps_per_epoch: int,
     rng: np.random.Generator,
+    drift_size: float = 0.1,
 ) -> None:
     stride = max(1, steps_per_epoch // probes_per_epoch)
     with RunWriter(path, meta=meta, flush_every=1000) as w:
@@ -224,7 +257,7 @@ def _write_run(
         for epoch in range(1, epochs + 1):
             for k in range(probes_per_epoch):
                 step = (epoch - 1) * steps_per_epoch + k * stride
-                drift = 0.1 * (1.0 - step / (epochs * steps_per_epoch))
+                drift = drift_size * (1.0 - step / (epochs * steps_per_epoch))
                 grams = {}
                 for name, shift in zip(layers, layer_shift):
                     n1, n2 = rng.uniform(0.5, 2.0, size=2)

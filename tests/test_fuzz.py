@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import gradlens.store
 from gradlens import GradlensError, GradlensWarning, Snapshot, StoreError
-from gradlens.search import PBTSpec, SweepSpec
+from gradlens.search import PBTSpec, SearchConfig, SweepSpec, plan_sweep
 from gradlens.search._config import ExecutorSpec
 from gradlens.store import RunWriter, load_run
 from gradlens.train import TrainConfig
@@ -213,9 +213,15 @@ def test_any_configuration_is_valid_or_a_clear_error(sweep, pbt, train, executor
             assert "\n" not in message
             continue
         if isinstance(spec, SweepSpec):
-            n = spec.n_runs(3)
+            n = spec.n_runs(2)
             assert isinstance(n, int)
             assert n >= 1
+            if n <= 200:  # the count stated up front is the number of runs planned
+                try:
+                    planned = plan_sweep(SearchConfig.from_dict({"train": {}, "sweep": d}), "ab")
+                except GradlensError:
+                    continue
+                assert len(planned) == n
 
 
 # ---- kill -9 at random points of a writer, resumed in append mode --------------------------------

@@ -34,12 +34,13 @@ def test_observe_leaves_grad_alone_and_matches_the_reference(model, engine):
             p.grad = torch.randn_like(p)
             old[id(p)] = (p.grad, p.grad.clone())
     state = torch.random.get_rng_state()
+    prof = gl.Profiler(trunk, list(W), engine=engine)  # before the forward: hooks see it
     losses, z = task_losses(trunk, heads, x, ys, features=True)
     ref = reference_grams(losses, trunk)
     J = torch.stack(
         [torch.autograd.grad(v, z, retain_graph=True)[0].flatten() for v in losses.values()]
     )
-    with gl.Profiler(trunk, list(W), engine=engine) as prof:
+    with prof:
         snap = prof.observe(losses, W, features=z if engine == "features" else None)
     for p in params:
         if id(p) in old:
@@ -97,9 +98,10 @@ def test_observed_training_follows_the_plain_trajectory(engine, tmp_path):
 
 def test_observe_with_grad_scale_unscales_the_grams():
     trunk, heads, x, ys = build("mlp", 3, torch.float64)
+    prof = gl.Profiler(trunk, list(W), engine="gramian")
     losses = task_losses(trunk, heads, x, ys)
     ref = reference_grams(losses, trunk)
-    with gl.Profiler(trunk, list(W), engine="gramian") as prof:
+    with prof:
         snap = prof.observe(losses, W, grad_scale=256.0)
     assert _gram_err(snap.gram, ref.gram) <= 1e-10
     assert all(p.grad is None for p in trunk.parameters())

@@ -108,7 +108,7 @@ def test_unprobed_steps_record_nothing():
     with gl.Profiler(trunk, ["t0", "t1"], every=2) as prof:
         prof.backward(task_losses(trunk, heads, x, ys))
         task_losses(trunk, heads, x, ys)  # forward of unprobed step 1
-        assert prof._engine._records == {}
+        assert prof._engine.candidates["gramian"]._records == {}
 
 
 # -- bad input -------------------------------------------------------------------------------
@@ -247,10 +247,11 @@ def test_second_backward_through_freed_graph(engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_task_that_does_not_reach_the_shared_part_is_flagged(engine):
     trunk, heads, x, ys = build("mlp", 2)
+    prof = gl.Profiler(trunk, ["t0", "t1"], engine=engine)
     z = trunk(x)
     extra = nn.Parameter(torch.ones((), dtype=torch.float64))
     losses = {"t0": heads[0](z).pow(2).mean(), "t1": extra * 2.0}
-    with gl.Profiler(trunk, ["t0", "t1"], engine=engine) as prof:
+    with prof:
         with pytest.warns(gl.GradlensWarning, match=r"tasks \['t1'\] have a zero gradient"):
             snap = prof.backward(losses, features=z if engine == "features" else None)
     assert snap.zero_tasks == ("t1",)
@@ -266,11 +267,11 @@ def test_task_that_does_not_reach_the_shared_part_is_flagged(engine):
 def _gram_of(engine: str, order: list[int], scales: list[float]):
     torch.manual_seed(3)
     trunk, heads, x, ys = build("cnn_bn", 4, batch=5)
-    losses = task_losses(trunk, heads, x, ys)
-    vals = list(losses.values())
     names = [f"t{i}" for i in range(4)]
-    permuted = {names[k]: vals[i] * scales[i] for k, i in enumerate(order)}
     with gl.Profiler(trunk, names, engine=engine) as prof:
+        losses = task_losses(trunk, heads, x, ys)
+        vals = list(losses.values())
+        permuted = {names[k]: vals[i] * scales[i] for k, i in enumerate(order)}
         return prof.backward(permuted).gram
 
 

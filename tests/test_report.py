@@ -107,6 +107,66 @@ def test_stats_json_numbers_are_the_stats_numbers(planted):
     assert within
     assert all(w["p_method"] == "AR(1) effective-n t-test" for w in within)
     assert len(data["runs"]) == len(table)
+    # The gains are the held-out ones of stats.selected_gain, on the validation scores.
+    val = stats.runs_table(root, split="val").set_index("run_id")["accuracy.mean"]
+    both = table.assign(_sel=table["run_id"].map(val))
+    ref = stats.selected_gain(
+        both, select_col="_sel", size_cols=["model.depth", "model.width"]
+    ).sort_values(["model.depth", "model.width", "task"])
+    got = sorted(ts["joint_gain_selected"], key=lambda g: (g["model.depth"], g["model.width"],
+                                                           g["task"]))  # fmt: skip
+    np.testing.assert_allclose([g["gain"] for g in got], ref["gain"], rtol=1e-12)
+    np.testing.assert_allclose([g["p_value"] for g in got], ref["p_value"], rtol=1e-12)
+    np.testing.assert_allclose(
+        [g["p_adjusted"] for g in got], stats.adjust(ref["p_value"].to_numpy(), "holm")
+    )
+    # Within-run correlations pooled by Fisher z with random effects.
+    pooled_within = stats.pool_correlations(
+        [w["estimate"] for w in within], [w["n_eff"] for w in within]
+    )
+    assert ts["within_run_pooled"]["estimate"] == pytest.approx(pooled_within["estimate"])
+    # Every family got enough permutations for its correction to be able to reject.
+    assert ts["n_perm"]["secondary"] >= 2 * len(ts["associations_secondary"]) / 0.05
+    assert all(r["p_floor"] * len(rows) < 0.05 / 5 for r in rows)
+
+
+def test_header_counts_the_model_sizes_of_the_joint_runs(planted):
+    # Single-task baselines have their own parameter count (one head): 2 sizes, not 4.
+    _, paths = planted
+    md = paths.markdown.read_text(encoding="utf-8")
+    assert "2 model sizes among the joint runs" in md
+    assert "4 model sizes" not in md
+
+
+def test_summary_sections_separate_tests_from_descriptions(planted):
+    _, paths = planted
+    data = _json(paths.json)
+    summary = data["summary"]
+    # The best weight is an estimate, not a test: it is described, never "supported".
+    assert any("The best weight of" in s for s in summary["descriptive"])
+    assert not any("The best weight of" in s for s in summary["supported"])
+    # Every supported line names the family and the level it passed.
+    families = summary["decision"]["families"]
+    level = summary["decision"]["level_per_family"]
+    assert level == pytest.approx(0.05 / len(families))
+    assert summary["supported"]
+    for line in summary["supported"]:
+        assert f"significant at alpha / {len(families)}" in line
+    # Non-significance is never written as absence.
+    for line in summary["not_supported"]:
+        assert not line.startswith("No evidence")
+        assert "no association" not in line.lower()
+    md = paths.markdown.read_text(encoding="utf-8")
+    assert "### Descriptive (estimates, not tested claims)" in md
+    # The within-run table labels the interval it shows as the effective-n one.
+    assert "95% interval (effective n)" in md
+    assert "block bootstrap interval (undercovers)" in md
+    # Power: inconclusive associations say what correlation the design could have detected.
+    ts = data["task_sets"][0]
+    inconclusive = [s for s in summary["not_supported"] if s.startswith("Inconclusive: no ev")]
+    if any("association" in s for s in inconclusive):
+        assert "detected with 80 % power from |r| =" in " ".join(inconclusive)
+        assert ts["association_mde"]["reachable"]
 
 
 def test_summary_follows_the_planted_effect(planted):
@@ -151,17 +211,31 @@ def test_null_sweep_via_the_cli_reports_no_evidence_and_the_permutation_floor(tm
             "--n-perm",
             "99",
             "--no-progress",
+            "--margin-r",
+            "0.2",
+            "--margin-gain",
+            "0.02",
+            "--power-sims",
+            "0",
+            "--no-figures",
         ]
     )
     assert rc == 0
     assert "report.html" in capsys.readouterr().out
     data = _json(out / "stats.json")
+    assert data["options"]["margin_r"] == 0.2
+    assert data["options"]["margin_gain"] == 0.02
+    assert data["options"]["power_sims"] == 0
+    assert list((out / "figures").iterdir()) == []
+    assert "equivalence margin |rho| < 0.2" in " ".join(data["summary"]["not_supported"])
     text = " ".join(data["summary"]["not_supported"])
     assert (
-        "No evidence of a monotone association between the weight of left and conflict "
-        "frequency" in text
+        "Inconclusive: no evidence of a monotone association between the weight of left and "
+        "conflict frequency" in text
     )
-    assert "smallest adjusted p-value attainable is" in text  # 99 permutations, several tests
+    # 3 configurations are permuted whole: 3! = 6 permutations, a floor of 1/6 whatever n_perm.
+    assert "cannot reject anything whatever the data" in text
+    assert data["summary"]["supported"] == []
     assert "no single-task runs" in text  # the gain is not testable without baselines
     row = next(
         r
@@ -214,6 +288,12 @@ def test_bad_arguments(tmp_path):
         build_report(tmp_path, alpha=1.5)
     with pytest.raises(GradlensError, match="`n_boot` should be an int"):
         build_report(tmp_path, n_boot=-1)
+    with pytest.raises(GradlensError, match="`power_sims` should be an int"):
+        build_report(tmp_path, power_sims=-1)
+    with pytest.raises(GradlensError, match="`margin_r` should be a correlation below 1"):
+        build_report(tmp_path, margin_r=1.0)
+    with pytest.raises(GradlensError, match="`margin_gain` should be a number >= 0"):
+        build_report(tmp_path, margin_gain=-0.1)
     with pytest.raises(GradlensError, match="`sweep_dir` should be a directory"):
         build_report(tmp_path / "missing")
     with pytest.raises(StoreError, match="at least one run"):
@@ -269,3 +349,20 @@ def test_report_renders_in_headless_chromium(planted, tmp_path):
     coloured = (np.ptp(img, axis=2) > 0.2).mean()  # red/green summary text, heatmap colours
     assert coloured > 0.01
     assert not math.isnan(float(img.mean()))
+
+
+def test_report_helpers_against_closed_forms():
+    from gradlens import _report_claims as claims
+
+    # One-way ANOVA ICC of a balanced design from scipy's F: (F - 1) / (F + m - 1).
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(8), 3)
+    values = rng.normal(size=8)[groups] + rng.normal(size=24)
+    f = ss.f_oneway(*[values[groups == g] for g in range(8)]).statistic
+    assert claims.icc(values, groups) == pytest.approx((f - 1) / (f + 2))
+    assert claims.icc(rng.normal(size=24) * 0 + 1.0, groups) == 0.0  # no variance at all
+    # n_perm grows until m / (n_perm + 1) <= level / 2.
+    n = claims.n_perm_for(6, 0.01, 499)
+    assert n == 1200
+    assert 6 / (n + 1) <= 0.01 / 2
+    assert claims.n_perm_for(6, 0.01, 0) == 0

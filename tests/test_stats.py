@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from gradlens import _stats_calibration as calib
 from gradlens import _stats_core as core
+from gradlens import _stats_gain as gain
 from gradlens import stats
 from gradlens._errors import GradlensError
 
@@ -438,7 +440,7 @@ def test_associations_rows_columns_and_correction():
     )
     assert list(res.columns) == [
         "relation", "x", "y", "method", "scope", "stratum", "covariates", "n", "n_groups",
-        "estimate", "ci_low", "ci_high", "ci_level", "p_value", "p_method", "p_adjusted",
+        "estimate", "ci_low", "ci_high", "ci_level", "p_value", "p_method", "p_floor", "p_adjusted",
         "correction", "n_tests", "bootstrap", "note",
     ]  # fmt: skip
     # 3 relations x (3 pooled + 2 partial + 3 methods x 3 strata) = 42 tests.
@@ -452,10 +454,21 @@ def test_associations_rows_columns_and_correction():
     np.testing.assert_allclose(res.p_adjusted, stats.adjust(res.p_value.to_numpy(), "holm"))
     assert (res.bootstrap == "groups").all()
     assert (res[res.scope == "pooled"].n_groups == 15).all()
-    # The planted weight -> interference association is found in every scope.
+    # Whole configurations are permuted (the bootstrap's unit). Pooled and partial: 15
+    # configurations, 15! permutations, random ones; the default n_perm leaves room for 42 tests.
     wi = res[res.relation == "weight->interference"]
-    assert (wi.p_adjusted < 0.05).all()  # the default n_perm leaves room for 42 tests
+    whole = wi[wi.scope != "stratum"]
+    assert (whole.p_method.str.contains("permutation of groups")).all()
+    assert (whole.p_adjusted < 0.05).all()
     assert (wi.estimate > 0.5).all()
+    # Within one size only 5 configurations: all 5! = 120 permutations, exact, and the smallest
+    # attainable p is 1/120, which a Holm correction over 42 tests can never bring below 0.05.
+    strata = wi[wi.scope == "stratum"]
+    assert (strata.p_method == "exact permutation of groups").all()
+    np.testing.assert_allclose(strata.p_floor, 1 / 120)
+    # The planted order is the most extreme; its reversal has the same |rho|: p = 2/120.
+    np.testing.assert_allclose(strata.p_value, 2 / 120)
+    assert (strata.p_adjusted > 0.05).all()
     # The pooled estimate equals scipy's.
     row = res[(res.relation == "weight->interference") & (res.scope == "pooled")
               & (res.method == "kendall")].iloc[0]  # fmt: skip
@@ -668,3 +681,234 @@ def test_to_json_is_strict_and_round_trips(tmp_path):
     assert back["arr"] == [None, 2.0]
     with pytest.raises(GradlensError, match="`obj` should hold"):
         stats.to_json({"x": object()})
+
+
+# --------------------------------------------------------------------------- issue 16: small n
+
+
+def test_joint_gain_t_interval_equals_scipy():
+    t = pd.DataFrame(
+        {
+            "tasks": ["a|b"] * 3 + ["a"] * 3 + ["b"] * 2,
+            "seed": [0, 1, 2, 0, 1, 2, 5, 6],
+            "model.n_params": 10,
+            "weights.a": [0.5] * 3 + [1.0] * 3 + [np.nan] * 2,
+            "weights.b": [0.5] * 3 + [np.nan] * 3 + [1.0] * 2,
+            "accuracy.a": [0.9, 0.8, 0.85, 0.8, 0.8, 0.7, np.nan, np.nan],
+            "accuracy.b": [0.6, 0.7, 0.8, np.nan, np.nan, np.nan, 0.5, 0.7],
+        }
+    )
+    g = stats.joint_gain(t).set_index("task")
+    d = np.array([0.1, 0.0, 0.15])
+    ref = ss.ttest_rel([0.9, 0.8, 0.85], [0.8, 0.8, 0.7])
+    lo, hi = ref.confidence_interval(0.95)
+    assert g.loc["a", "interval"] == "paired t"
+    assert g.loc["a", "p_value"] == pytest.approx(ref.pvalue, rel=1e-12)
+    assert (g.loc["a", "ci_low"], g.loc["a", "ci_high"]) == pytest.approx((lo, hi), rel=1e-12)
+    assert g.loc["a", "se"] == pytest.approx(d.std(ddof=1) / math.sqrt(3))
+    welch = ss.ttest_ind([0.6, 0.7, 0.8], [0.5, 0.7], equal_var=False)
+    assert g.loc["b", "interval"] == "Welch t"
+    assert g.loc["b", "p_value"] == pytest.approx(welch.pvalue, rel=1e-12)
+    assert g.loc["b", "df"] == pytest.approx(welch.df, rel=1e-12)
+    wl, wh = welch.confidence_interval(0.95)
+    assert (g.loc["b", "ci_low"], g.loc["b", "ci_high"]) == pytest.approx((wl, wh), rel=1e-12)
+    boot = stats.joint_gain(t, interval="bootstrap", n_boot=300).set_index("task")
+    assert boot.loc["a", "interval"] == "percentile bootstrap"
+    assert boot.loc["a", "p_value"] == pytest.approx(ref.pvalue, rel=1e-12)  # the test stays t
+    with pytest.raises(GradlensError, match="`interval` should be one of"):
+        stats.joint_gain(t, interval="wald")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seeds", [3, 5, 10])
+def test_paired_t_interval_covers_where_the_bootstrap_does_not(seeds):
+    rng = np.random.default_rng(seeds)
+    d = 0.01 + rng.normal(0, 0.004, size=(4000, seeds))
+    covered = np.mean([(lambda r: r["ci_low"] <= 0.01 <= r["ci_high"])(gain.paired_t(row))
+                       for row in d])  # fmt: skip
+    assert 0.93 <= covered <= 0.97
+    if seeds == 3:  # the percentile bootstrap of 3 seeds (as joint_gain did) covers ~0.8
+        res = calib.gain_coverage(80, seeds=3, interval="bootstrap", n_boot=499)
+        assert res["coverage"] < 0.9
+
+
+def test_equivalence_p_is_two_one_sided_t_tests():
+    gain_, se, df, margin = 0.002, 0.003, 4.0, 0.01
+    p = gain.equivalence_p(gain_, se, df, margin)
+    lower = ss.t.sf((gain_ + margin) / se, df)
+    upper = ss.t.cdf((gain_ - margin) / se, df)
+    assert p == pytest.approx(max(lower, upper))
+    # TOST at alpha rejects exactly when the 1 - 2 alpha interval lies inside the margins.
+    for margin_ in (0.005, 0.008, 0.0095, 0.02):
+        q = ss.t.ppf(0.95, df)
+        inside = -margin_ < gain_ - q * se and gain_ + q * se < margin_
+        assert (gain.equivalence_p(gain_, se, df, margin_) < 0.05) == inside
+    assert math.isnan(gain.equivalence_p(0.0, float("nan"), 3.0, 0.01))
+
+
+def _select_table(val_bump: float) -> pd.DataFrame:
+    rows = []
+    for w in (0.2, 0.5, 0.8):
+        for s in range(3):
+            val = 0.5 + (val_bump if (w == 0.8 and s == 0) else 0.0) + 0.01 * (w == 0.5)
+            rows.append({"tasks": "a|b", "model.n_params": 1, "seed": s, "weights.a": w,
+                         "weights.b": round(1 - w, 3), "sel": val,
+                         "accuracy.a": 0.8 + 0.1 * w + 0.01 * s, "accuracy.b": 0.6})  # fmt: skip
+    for s in range(3):
+        rows.append({"tasks": "a", "model.n_params": 1, "seed": s, "accuracy.a": 0.8 + 0.01 * s})
+        rows.append({"tasks": "b", "model.n_params": 1, "seed": s, "accuracy.b": 0.55})
+    return pd.DataFrame(rows)
+
+
+def test_selected_gain_never_lets_the_evaluated_seed_choose():
+    # Seed 0 has a huge validation score at w = 0.8; every other seed prefers w = 0.5.
+    g = stats.selected_gain(_select_table(1.0), select_col="sel").set_index("task")
+    picked = [p["weights.a"] for p in json.loads(g.loc["a", "picked"])]
+    # Seed 0's gain is measured at the choice of seeds 1 and 2 (0.5); seeds 1 and 2 each see
+    # seed 0's bump among the other seeds and choose 0.8.
+    assert picked == [0.5, 0.8, 0.8]
+    d = np.array([0.8 + 0.05 - 0.8, 0.8 + 0.08 + 0.01 - 0.81, 0.8 + 0.08 + 0.02 - 0.82])
+    ref = ss.ttest_1samp(d, 0.0)
+    assert g.loc["a", "gain"] == pytest.approx(d.mean())
+    assert g.loc["a", "p_value"] == pytest.approx(ref.pvalue)
+    assert g.loc["a", "n_seeds"] == 3
+    assert g.loc["b", "gain"] == pytest.approx(0.05)
+    # Shown configuration: the choice on all seeds (seed 0's bump wins there).
+    assert g.loc["a", "weights.a"] == 0.8
+    no_base = stats.selected_gain(_select_table(0.0)[lambda t: t.tasks != "b"], select_col="sel")
+    assert "no single-task run on b" in no_base.set_index("task").loc["b", "note"]
+    with pytest.raises(GradlensError, match="select_col"):
+        stats.selected_gain(_select_table(0.0), select_col="nope")
+
+
+def test_group_permutations_move_whole_groups_and_enumerate_exactly():
+    codes = np.array([0, 0, 1, 1, 2, 2, 3, 4, 4, 3])  # groups 0-2 and 4 have 2 members, 3 too
+    rows, exact, n_distinct = core.group_permutations(np.random.default_rng(0), codes, 10**6)
+    assert exact
+    assert n_distinct == math.factorial(5)  # five groups of two members
+    assert rows.shape == (120, 10)
+    assert len({tuple(r) for r in rows}) == 120
+    for r in rows:
+        for g in range(5):
+            members = np.flatnonzero(codes == g)
+            # the members of a group land together in one group, in the same order
+            assert len(set(codes[r[members]])) == 1
+    random_rows, exact2, _ = core.group_permutations(np.random.default_rng(0), codes, 50)
+    assert not exact2
+    assert random_rows.shape == (50, 10)
+    assert core.pvalue_floor(True, 120) == 1 / 120
+    assert core.pvalue_floor(False, 50) == 1 / 51
+
+
+def test_group_permutation_pvalue_equals_brute_force():
+    rng = np.random.default_rng(3)
+    codes = np.repeat(np.arange(5), 3)
+    x = np.linspace(0, 1, 5)[codes]
+    y = rng.normal(size=5)[codes] + rng.normal(size=15)
+    res = stats.correlate(x, y, method="pearson", n_boot=0, n_perm=10**4, groups=codes)
+    assert res["p_method"] == "exact permutation of groups"
+    r0 = abs(ss.pearsonr(x, y)[0])
+    hits = 0
+    blocks = y.reshape(5, 3)
+    for perm in itertools.permutations(range(5)):
+        hits += abs(ss.pearsonr(x, blocks[list(perm)].ravel())[0]) >= r0 * (1 - 1e-12)
+    assert res["p_value"] == pytest.approx(hits / 120)
+    assert res["p_floor"] == pytest.approx(1 / 120)
+
+
+def test_permuting_configurations_holds_the_level_where_permuting_runs_does_not():
+    res = calib.clustered_fpr(400, configs=10, seeds=3, icc=0.5, n_perm=199, seed=5)
+    assert 0.02 <= res["groups_fpr"] <= 0.08
+    assert res["runs_fpr"] > 0.12
+
+
+def _dl_by_hand(r: list[float], n: list[float]) -> tuple[float, float, float, float]:
+    z = [math.atanh(v) for v in r]
+    w = [n_i - 3 for n_i in n]
+    fe = sum(wi * zi for wi, zi in zip(w, z)) / sum(w)
+    q = sum(wi * (zi - fe) ** 2 for wi, zi in zip(w, z))
+    c = sum(w) - sum(wi * wi for wi in w) / sum(w)
+    tau2 = max(0.0, (q - (len(z) - 1)) / c)
+    ws = [1 / (1 / wi + tau2) for wi in w]
+    mu = sum(wi * zi for wi, zi in zip(ws, z)) / sum(ws)
+    hk = sum(wi * (zi - mu) ** 2 for wi, zi in zip(ws, z)) / ((len(z) - 1) * sum(ws))
+    return mu, tau2, 1 / sum(ws), hk
+
+
+def test_pool_correlations_equals_dersimonian_laird_by_hand():
+    r, n = [0.1, 0.6, 0.35, -0.05], [20.0, 45.0, 30.0, 12.0]
+    res = stats.pool_correlations(r, n)
+    mu, tau2, var_dl, var_hk = _dl_by_hand(r, n)
+    assert res["tau2"] == pytest.approx(tau2) and tau2 > 0  # noqa: PT018
+    assert res["estimate"] == pytest.approx(math.tanh(mu))
+    q = ss.t.ppf(0.975, 3)
+    assert res["ci_low"] == pytest.approx(math.tanh(mu - q * math.sqrt(var_hk)))
+    assert res["ci_high_dl"] == pytest.approx(math.tanh(mu + 1.959963984540054 * math.sqrt(var_dl)))
+    assert res["p_value"] == pytest.approx(2 * ss.t.sf(abs(mu) / math.sqrt(var_hk), 3))
+    # Homogeneous runs: tau^2 = 0 and the estimate is the fixed-effect mean of z.
+    same = stats.pool_correlations([0.3, 0.3, 0.3], [30, 40, 50])
+    assert same["tau2"] == 0.0
+    assert same["estimate"] == pytest.approx(0.3)
+    # Runs with n <= 3 carry no information.
+    few = stats.pool_correlations([0.3, 0.9], [30, 3])
+    assert few["k"] == 1 and few["n_dropped"] == 1 and math.isnan(few["estimate"])  # noqa: PT018
+    with pytest.raises(GradlensError, match="same length"):
+        stats.pool_correlations([0.1, 0.2], [10])
+    with pytest.raises(GradlensError, match=r"`r` should lie in \[-1, 1\]"):
+        stats.pool_correlations([1.5, 0.2], [10, 10])
+
+
+@pytest.mark.parametrize("k", [3, 5, 10])
+def test_pooled_interval_covers_at_few_runs(k):
+    res = calib.pooled_coverage(600, k=k, tau=0.2, seed=k)
+    assert 0.92 <= res["hk"] <= 0.98
+    assert res["dl"] < res["hk"]  # the plain normal interval is short with heterogeneous runs
+
+
+def test_power_gain_equals_the_noncentral_t():
+    n, d = 5, 1.5
+    tc = ss.t.ppf(0.975, n - 1)
+    exact = ss.nct.sf(tc, n - 1, d * math.sqrt(n)) + ss.nct.cdf(-tc, n - 1, d * math.sqrt(n))
+    res = stats.power("gain", effect=d, seeds=n, n_sim=8000, seed=1)
+    assert abs(res["power"] - exact) < 4 * res["se"]
+    mde = stats.min_detectable_effect("gain", seeds=n, n_sim=4000, seed=1)
+    tc = ss.t.ppf(0.975, n - 1)
+    at_mde = ss.nct.sf(tc, n - 1, mde["effect"] * math.sqrt(n))
+    assert 0.77 <= at_mde <= 0.83
+    more = stats.min_detectable_effect("gain", seeds=10, n_sim=4000, seed=1)
+    assert more["effect"] < mde["effect"]
+
+
+def test_power_association_holds_level_at_zero_and_grows():
+    null = stats.power("association", effect=0.0, sizes=2, weights=5, seeds=3, icc=0.5,
+                       n_sim=800, seed=2)  # fmt: skip
+    assert 0.02 <= null["power"] <= 0.08
+    strong = stats.power("association", effect=0.6, sizes=2, weights=5, seeds=3, n_sim=300)
+    assert strong["power"] > 0.8
+    # Five configurations give 5! = 120 permutations: nothing passes 0.05 / 10 = 0.005.
+    stuck = stats.min_detectable_effect("association", weights=5, seeds=3, n_tests=10, n_sim=50)
+    assert not stuck["reachable"]
+    assert math.isnan(stuck["effect"])
+    with pytest.raises(GradlensError, match="`design` should be one of"):
+        stats.power("trend", effect=0.1)  # type: ignore[arg-type]
+    with pytest.raises(GradlensError, match="`effect` should be a correlation"):
+        stats.power("association", effect=1.5)
+    with pytest.raises(GradlensError, match="`seeds` should be an integer >= 2"):
+        stats.power("gain", effect=1.0, seeds=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seeds", [3, 5, 10])
+def test_joint_gain_interval_coverage_through_joint_gain(seeds):
+    res = calib.gain_coverage(1000, seeds=seeds, seed=seeds)
+    assert 0.92 <= res["coverage"] <= 0.98
+    assert 0.02 <= res["null_excludes_0"] <= 0.08
+    heavy = calib.gain_coverage(1000, seeds=seeds, noise="t3", seed=seeds)
+    assert 0.92 <= heavy["coverage"] <= 0.99  # heavy tails make the t interval conservative
+
+
+@pytest.mark.slow
+def test_held_out_selection_removes_the_optimism():
+    res = calib.selection_optimism(600, seeds=3, seed=4)
+    assert res["naive_mean_gain"] > 0.001  # choosing on val and reporting test is optimistic
+    assert abs(res["held_out_mean_gain"]) < 0.0005
+    assert 0.02 <= res["held_out_beats"] <= 0.08

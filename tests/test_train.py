@@ -98,7 +98,8 @@ def test_config_defaults_and_round_trip():
         ({"dataset": "mnist"}, r"`dataset` should be one of .*'multidigits'.*found 'mnist'"),
         ({"model": "cnn"}, r"`model` should be one of \['mlp', 'resnet', 'vit'\]"),
         ({"optimizer": "rmsprop"}, r"`optimizer` should be one of \['sgd', 'adam'\]"),
-        ({"engine": "fast"}, r"`engine` should be one of \['batched', 'features', 'gramian'"),
+        ({"engine": "fast"}, r"`engine` should be one of \['auto', 'batched', 'features', "
+         r"'gramian'"),
         ({"lr": 0.0}, r"`lr` should be a finite number > 0.0; found 0.0"),
         ({"lr": math.inf}, r"`lr` should be a finite number"),
         ({"momentum": 1.0}, r"`momentum` should be a finite number >= 0.0 and < 1.0"),

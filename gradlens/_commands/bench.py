@@ -18,24 +18,33 @@ def _strs(s: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from gradlens.bench import METHODS
+    from gradlens.bench import METHODS, WEIGHTED_METHODS
 
     p.add_argument(
         "--models",
         type=_strs,
-        default=["mlp-1m", "cnn-1m"],
-        help="comma-separated: mlp-tiny, mlp-1m, mlp-10m, cnn-1m, cnn-10m, transformer",
+        default=None,
+        help="comma-separated: mlp-tiny, mlp-1m, mlp-10m, cnn-1m, cnn-10m, transformer, or the "
+        "Hugging Face trunks bert, gpt2, t5-encoder, vit, resnet, convnext, mobilenetv2 (the "
+        "zoo extra); default mlp-1m,cnn-1m",
     )
     p.add_argument(
-        "--tasks", type=positive_ints, default=[2, 8, 40], help="comma-separated T values"
+        "--tasks", type=positive_ints, default=None, help="comma-separated T values; default 2,8,40"
+    )
+    p.add_argument(
+        "--zoo",
+        action="store_true",
+        help="real-model benchmark: the Hugging Face trunks (tiny configs, random init; needs "
+        "the zoo extra) plus mlp-1m and cnn-1m, T = 3,8, batch 4 (each unless given)",
     )
     p.add_argument(
         "--methods",
         type=_strs,
         default=list(METHODS),
-        help=f"comma-separated among {', '.join(METHODS)}",
+        help=f"comma-separated among {', '.join(METHODS)}; multi-task optimization methods "
+        f"(not run by default): {', '.join(WEIGHTED_METHODS)}",
     )
-    p.add_argument("--batch", type=positive_int, default=128)
+    p.add_argument("--batch", type=positive_int, default=None, help="default 128 (4 with --zoo)")
     p.add_argument("--repeats", type=positive_int, default=7)
     p.add_argument(
         "--clock",
@@ -59,10 +68,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradlens.bench import format_table, hardware_info, measure_peak_memory, run_benchmark
+    from gradlens.bench import (
+        ZOO_MODELS,
+        format_table,
+        hardware_info,
+        measure_peak_memory,
+        run_benchmark,
+    )
 
     def say(msg: str) -> None:
         sys.stderr.write(msg + "\n")
+
+    if args.models is None:
+        args.models = list(ZOO_MODELS) if args.zoo else ["mlp-1m", "cnn-1m"]
+    if args.tasks is None:
+        args.tasks = [3, 8] if args.zoo else [2, 8, 40]
+    if args.batch is None:
+        args.batch = 4 if args.zoo else 128
 
     rows = run_benchmark(
         args.models,
@@ -73,14 +95,22 @@ def run(args: argparse.Namespace) -> int:
         clock=args.clock,
         device=args.device,
         progress=say,
+        # the zoo table is the probed step of each method; its amortised rows would double the run
+        amortise=() if args.zoo else (10, 100),
     )
     print(format_table(rows))
+    picks = [r for r in rows if r["method"] == "auto" and r.get("chose")]
+    if picks:
+        print("\nauto chose (one fresh choice per repeat):")
+        for r in picks:
+            print(f"  {r['model']:<12} T={r['tasks']:<3} {r['chose']}")
     out: dict[str, object] = {"hardware": hardware_info(args.device, args.clock), "time": rows}
     if args.memory:
         mem = []
         for model in args.models:
             for T in args.tasks:
-                for m in [m for m in args.methods if m != "torchjd" or _has_torchjd()]:
+                have = _has_torchjd()
+                for m in [m for m in args.methods if (m != "torchjd" and "+" not in m) or have]:
                     mem.append(measure_peak_memory(model, T, m, args.batch, device=args.device))
                     say(f"memory {model} T={T} {m}: {mem[-1]['peak_mib']:.0f} MiB")
         print()

@@ -32,6 +32,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (2000)")
     p.add_argument("--n-perm", type=int, default=2000, help="permutations (2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling (0)")
+    p.add_argument(
+        "--margin-r",
+        type=float,
+        default=0.1,
+        help="smallest correlation of interest: equivalence margin of the associations (0.1)",
+    )
+    p.add_argument(
+        "--margin-gain",
+        type=float,
+        default=0.01,
+        help="smallest gain of interest, metric units: equivalence margin of the gains (0.01)",
+    )
+    p.add_argument(
+        "--power-sims",
+        type=int,
+        default=200,
+        help="simulated studies per power computation, 0 to skip it (200)",
+    )
+    p.add_argument("--no-figures", action="store_true", help="text, tables and stats.json only")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--open", action="store_true", help="open the HTML page in a web browser")
 
@@ -59,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
         n_perm=args.n_perm,
         seed=args.seed,
         progress=not args.no_progress,
+        margin_r=args.margin_r,
+        margin_gain=args.margin_gain,
+        power_sims=args.power_sims,
+        figures=not args.no_figures,
     )
     sys.stdout.write(f"wrote {paths.html}\nwrote {paths.markdown}\nwrote {paths.json}\n")
     _open(paths.html, args.open)

@@ -39,6 +39,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="A=W,B=W",
         help="loss weights (multi-domain: sampling probabilities), normalised; default uniform",
     )
+    p.add_argument(
+        "--weighting",
+        default=None,
+        help="a multi-task optimization method instead of --weights (gradlens.weightings."
+        "METHODS: upgrad, mgda, pcgrad, imtl_g, aligned_mtl, dualproj, cagrad, nash_mtl, "
+        "uncertainty, rlw, dwa)",
+    )
+    p.add_argument(
+        "--per-layer",
+        action="store_true",
+        default=None,
+        help="apply a Gram --weighting to each layer's own Gram",
+    )
     p.add_argument("--optimizer", default=None, help="adam or sgd")
     p.add_argument("--lr", type=float, default=None, help="learning rate")
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
@@ -100,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         "engine": args.engine,
         "early_stopping": args.early_stopping,
         "device": args.device,
+        "weighting": args.weighting,
+        "per_layer": args.per_layer,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
     if args.tasks is not None:

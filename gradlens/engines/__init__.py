@@ -1,6 +1,8 @@
 """Engines: the ways gradlens computes per-task Gram matrices, behind one contract.
 
 =============  ==============================================================================
+``auto``       the default: times the exact engines below on the first probes of each graph
+               shape and keeps the fastest (see :mod:`gradlens.engines.auto`)
 ``loop``       one ``autograd.grad`` per task; the float64 reference (``gradlens.testing``)
 ``batched``    one batched backward over the T cotangents, chunked over tasks under a budget
 ``gramian``    per layer, Grams from activations and per-task output gradients; generic
@@ -11,7 +13,7 @@
 Example:
     >>> from gradlens.engines import ENGINES, engine_class
     >>> sorted(ENGINES)
-    ['batched', 'features', 'gramian', 'loop']
+    ['auto', 'batched', 'features', 'gramian', 'loop']
     >>> engine_class("gramian").level
     'parameters'
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from gradlens._errors import GradlensError
 from gradlens.engines._base import Engine
+from gradlens.engines.auto import AutoEngine
 from gradlens.engines.batched import BatchedEngine
 from gradlens.engines.features import FeaturesEngine
 from gradlens.engines.gramian import GramianEngine
@@ -28,7 +31,7 @@ from gradlens.engines.loop import LoopEngine
 __all__ = ["ENGINES", "Engine", "engine_class"]
 
 ENGINES: dict[str, type[Engine]] = {
-    e.name: e for e in (LoopEngine, BatchedEngine, GramianEngine, FeaturesEngine)
+    e.name: e for e in (AutoEngine, LoopEngine, BatchedEngine, GramianEngine, FeaturesEngine)
 }
 
 

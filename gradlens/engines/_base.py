@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -32,22 +32,48 @@ ROOT_LAYER = "(root)"
 
 @dataclass
 class SharedParams:
-    """The trainable shared parameters, grouped by layer (the module that owns each one)."""
+    """The shared parameters, grouped by layer (the module that owns each one).
 
-    named: list[tuple[str, nn.Parameter]]
+    Every parameter is kept, frozen ones too: ``named``, ``params`` and ``layers`` follow
+    ``requires_grad`` at the time they are read, so a parameter frozen when the profiler was
+    created and unfrozen later joins the Grams from the next probe on (and leaves them when
+    frozen again).
+    """
+
+    all_named: list[tuple[str, nn.Parameter]]
     module: nn.Module | None
     layer_of: dict[int, str]
-    layers: list[str]
+    all_layers: list[str]
+
+    @property
+    def named(self) -> list[tuple[str, nn.Parameter]]:
+        """The ``(name, parameter)`` pairs that require grad now."""
+        return [(n, p) for n, p in self.all_named if p.requires_grad]
 
     @property
     def params(self) -> list[nn.Parameter]:
-        return [p for _, p in self.named]
+        """The parameters that require grad now."""
+        return [p for _, p in self.all_named if p.requires_grad]
+
+    @property
+    def all_params(self) -> list[nn.Parameter]:
+        """Every shared parameter, frozen or not."""
+        return [p for _, p in self.all_named]
+
+    @property
+    def layers(self) -> list[str]:
+        """Layers owning at least one parameter that requires grad now, in parameter order."""
+        live = {self.layer_of[id(p)] for _, p in self.all_named if p.requires_grad}
+        return [layer for layer in self.all_layers if layer in live]
 
 
 def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
-    """Resolve ``Profiler(shared=...)``: a module, or an iterable of (name, parameter) pairs."""
+    """Resolve ``Profiler(shared=...)``: a module, or an iterable of (name, parameter) pairs.
+
+    Frozen parameters are kept (see :class:`SharedParams`); at least one must require grad.
+    """
     if isinstance(shared, nn.Module):
-        named = [(n, p) for n, p in shared.named_parameters() if p.requires_grad]
+        named = list(shared.named_parameters())
         module: nn.Module | None = shared
     else:
         try:
@@ -73,9 +99,8 @@ def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
                     "`shared` should be an nn.Module or an iterable of (name, parameter) pairs; "
                     f"found an item of type {type(item).__name__} at position {i}."
                 )
-        named = [(n, p) for n, p in named if p.requires_grad]
         module = None
-    if not named:
+    if not any(p.requires_grad for _, p in named):
         raise GradlensError(
             "`shared` should hold at least one parameter with requires_grad=True; found none."
         )
@@ -121,6 +146,10 @@ class BackwardContext:
     write: bool = True
     #: The caller's ``retain_graph`` (for an engine that runs the last backward itself).
     retain_graph: bool = False
+    #: A Gram weighting's step (weights known only once the Grams are): keep the per-task blocks
+    #: that writing ``J_l^T w_l`` needs, if they fit ``memory_budget``, and return a writer in
+    #: ``EngineResult.writer`` (the ``.grad`` writes of ``compute`` are then discarded).
+    keep_blocks: bool = False
 
     def per_task(self) -> list[torch.Tensor]:
         """The per-task scalar losses (``task_losses``, or ``losses`` unbound as a fallback)."""
@@ -137,6 +166,15 @@ class EngineResult:
     rules: dict[str, str] = field(default_factory=dict)
     #: Parameters whose ``.grad`` the engine wrote (by id).
     written: set[int] = field(default_factory=set)
+    #: With ``ctx.keep_blocks``: adds ``sum_t w_{l,t} g_{l,t}`` to ``.grad`` of every reached
+    #: shared parameter, given ``{layer: (T,) weights}``; None when the engine kept no blocks.
+    writer: Callable[[Mapping[str, torch.Tensor]], None] | None = None
+    #: The engine that computed this result (``auto`` names the candidate it ran).
+    engine: str | None = None
+    #: Seconds each candidate engine took on a probe of this graph shape (``auto`` only).
+    timings: dict[str, float] = field(default_factory=dict)
+    #: Facts about this probe worth recording in the Snapshot (see ``Snapshot.notes``).
+    notes: list[str] = field(default_factory=list)
 
 
 class Engine(ABC):
@@ -145,6 +183,8 @@ class Engine(ABC):
     name: ClassVar[str]
     level: ClassVar[Level] = "parameters"
     needs_features: ClassVar[bool] = False
+    #: Whether the engine relies on forward hooks (a forward they did not see costs it speed).
+    uses_hooks: ClassVar[bool] = False
 
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         self.shared = shared
@@ -158,6 +198,9 @@ class Engine(ABC):
 
     def set_recording(self, on: bool) -> None:
         """Tell the engine whether the coming forward pass belongs to a probed step."""
+
+    def discard(self) -> None:
+        """Drop what the hooks recorded for the current step (another engine served it)."""
 
     @abstractmethod
     def compute(self, ctx: BackwardContext) -> EngineResult:

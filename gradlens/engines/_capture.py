@@ -48,8 +48,9 @@ def split_heads(
 ) -> HeadSplit | None:
     """Walk each task's graph down to ``edges``; None when no per-task split exists.
 
-    Also None when a shared output is in half precision (autocast): a row scaled by a small
-    ``w_t`` could underflow there, where the unscaled per-task gradient does not.
+    Also None when a shared output or any node of the heads is in half precision (autocast):
+    a row scaled by ``w_t`` would round (or underflow) differently for each weight there, where
+    the unscaled per-task gradient does not depend on the weights.
     """
     if any(torch.finfo(d).bits < 32 for d in dtypes):
         return None
@@ -68,6 +69,11 @@ def split_heads(
         todo = [root]
         while todo:
             fn = todo.pop()
+            if _reduced(fn):
+                # a head computing in half precision (autocast): a row captured as w_t g_t
+                # there would round differently for each weight; one unweighted backward per
+                # task instead, so that the Grams do not depend on the weights
+                return None
             first = fn not in visited
             visited.add(fn)
             if owner.setdefault(fn, t) != t and fn in consumers:
@@ -97,6 +103,12 @@ def split_heads(
                 consumers[fn] = (t, slots)
     leaves = [v for i, v in leaf.items() if above[i] == uses.get(i, 0)]
     return HeadSplit(consumers, leaves)
+
+
+def _reduced(fn: Node) -> bool:
+    """Whether a node receives its gradient in a floating type narrower than float32."""
+    meta = getattr(fn, "_input_metadata", ())
+    return any(m.dtype.is_floating_point and torch.finfo(m.dtype).bits < 32 for m in meta)
 
 
 def task_scales(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -9,6 +9,8 @@ more than two chunks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from gradlens.engines._base import (
@@ -52,6 +54,17 @@ class BatchedEngine(Engine):
                 for g, p in zip(gs, params)
             ]
 
+        if ctx.keep_blocks and len(bounds) == 1:  # one chunk: keep it until the weights are known
+            J = grads_of(0, T)
+            for layer, ps in layers.items():
+                grams[layer] = gram_of_rows([J[index[id(p)]] for p in ps])
+
+            def write(weights: Mapping[str, torch.Tensor]) -> None:
+                for p, g in zip(params, J):
+                    w = weights[self.shared.layer_of[id(p)]].to(g.device, g.dtype)
+                    accumulate_grad(p, torch.tensordot(w, g, dims=1))
+
+            return EngineResult(grams, {layer: "batched" for layer in grams}, set(), write)
         for i, (lo, hi) in enumerate(bounds):
             Ji = grads_of(lo, hi)
             w = ctx.weights[lo:hi]

@@ -19,7 +19,7 @@ graph (counted on the autograd graph); a parameter also used outside the module'
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +44,10 @@ from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines._segments import plan_segments
 from gradlens.engines.rules import Rule, rule_for
 
-__all__ = ["GramianEngine"]
+__all__ = ["UNRECORDED", "GramianEngine"]
+
+#: Note recorded when a probe finds no forward recorded by the hooks (see ``Snapshot.notes``).
+UNRECORDED = "forward-not-recorded"
 
 
 @dataclass
@@ -52,12 +55,14 @@ class _Record:
     input: torch.Tensor
     edge: GradientEdge
     out_shape: torch.Size
+    out_dtype: torch.dtype
 
 
 class GramianEngine(Engine):
     """Per-layer Grams from activations and output gradients; generic fallback per module."""
 
     name = "gramian"
+    uses_hooks = True
 
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         super().__init__(shared, n_tasks)
@@ -67,21 +72,29 @@ class GramianEngine(Engine):
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize | None = None
+        #: how the second stage backpropagates the T cotangents through the shared part:
+        #: ``"looped"`` (one backward per task), ``"vmap"`` (one batched backward), or None for
+        #: the default (looped on CPU unless the shared part is Linear layers only; ``auto``
+        #: times both on CPU)
+        self.stage: str | None = None
+        #: whether the last probe's second stage ran one backward per task
+        self.last_looped: bool | None = None
 
     # -- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
         root = self.shared.module
         if root is None:
             return
-        shared_ids = {id(p) for p in self.shared.params}
+        # frozen parameters too: one unfrozen later is served by its rule from then on
+        shared_ids = {id(p) for p in self.shared.all_params}
         owners: dict[int, int] = {}
         for _, mod in root.named_modules():
             for p in mod.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
         for _name, mod in root.named_modules():
-            rule = rule_for(type(mod))
             own = [p for p in mod.parameters(recurse=False) if id(p) in shared_ids]
-            if rule is None or not own or not rule.applies(mod):
+            rule = rule_for(mod) if own else None
+            if rule is None:
                 continue
             if any(owners[id(p)] > 1 for p in own):  # tied to another module: generic path
                 continue
@@ -101,8 +114,11 @@ class GramianEngine(Engine):
     def set_recording(self, on: bool) -> None:
         self._recording = on
         if not on:
-            self._records.clear()
-            self._boundary.clear()
+            self.discard()
+
+    def discard(self) -> None:
+        self._records.clear()
+        self._boundary.clear()
 
     def _boundary_hook(self) -> Callable[..., None]:
         """Record the output edges of the shared root module: the boundary to the task heads."""
@@ -116,7 +132,7 @@ class GramianEngine(Engine):
             for out in leaves:
                 if isinstance(out, torch.Tensor) and out.requires_grad:
                     engine._boundary.append(
-                        _Record(out.detach(), get_gradient_edge(out), out.shape)
+                        _Record(out.detach(), get_gradient_edge(out), out.shape, out.dtype)
                     )
 
         return hook
@@ -134,7 +150,7 @@ class GramianEngine(Engine):
             if not isinstance(x, torch.Tensor):
                 return
             engine._records.setdefault(layer, []).append(
-                _Record(x.detach(), get_gradient_edge(output), output.shape)
+                _Record(x.detach(), get_gradient_edge(output), output.shape, output.dtype)
             )
 
         return hook
@@ -149,12 +165,19 @@ class GramianEngine(Engine):
         by_layer = group_by_layer(self.shared, params)
         rule_layers: dict[str, list[_Record]] = {}
         generic: list[torch.Tensor] = []
+        notes = []
+        if self._modules and not records and not boundary:
+            # hooks installed but nothing recorded: the forward ran before the profiler existed
+            # (or outside a probed step); every layer is served by the exact generic path
+            notes.append(UNRECORDED)
         for layer, ps in by_layer.items():
             live = [r for r in records.get(layer, ()) if r.edge.node in ctx.nodes]
             if (
                 layer in self._modules
                 and live
                 and all(ctx.uses.get(id(p), 0) == len(live) for p in ps)
+                # the rule computes every trainable parameter of its module: all must be here
+                and {id(p) for p in ps} == _trainable(self._modules[layer][0])
             ):
                 rule_layers[layer] = live
             else:
@@ -165,6 +188,12 @@ class GramianEngine(Engine):
         ]
         inputs += generic
         T = ctx.losses.shape[0]
+        # a Gram weighting's step: keep every layer's T x output blocks (and the generic
+        # layers' T x P_l gradients) when they fit the budget, to write J_l^T w_l afterwards
+        blocks = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
+        blocks += sum(p.numel() for p in generic)
+        keep = ctx.keep_blocks and T * ctx.losses.element_size() * blocks <= ctx.memory_budget
+        kept: dict[str, list[torch.Tensor | None]] = {}
         u, v, heads, stream = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
         # rows carry u_t (see engines._capture): weight v in the sums, divide Grams by u_s u_t
         unscale = torch.outer(u, u).to(torch.float64).reciprocal()
@@ -193,31 +222,40 @@ class GramianEngine(Engine):
             if left[layer] == 0:
                 recs = rule_layers[layer]
                 mod, rule = self._modules[layer]
-                got = [
-                    # a recorded output no task reached: zero; bf16/fp16 (autocast) -> float32
-                    r.input.new_zeros((T, *r.out_shape))
-                    if g is None
-                    else g.to(compute_dtype(g.dtype))
-                    for r, g in zip(recs, outs.pop(layer))
-                ]
-                grams[layer] = unscale * rule.fn(
+                raw = outs.pop(layer)
+                if keep:
+                    kept[layer] = raw
+                ins, got = _rule_args(recs, raw, T)
+                G, weighted = rule.fn(
                     mod,
-                    [r.input.to(compute_dtype(r.input.dtype)) for r in recs],
+                    ins,
                     got,
-                    v,
-                    by_layer[layer],
+                    None if keep else v,  # kept blocks: the writer writes, once weights are known
                     ctx.memory_budget,
                 )
+                grams[layer] = unscale * G
+                _accumulate_own(mod, weighted)
                 rules[layer] = rule.name
                 del got
         for layer, ps in group_by_layer(self.shared, generic).items():
             grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
             rules[layer] = "generic"
-            for p in ps:
+            for p in ps if not keep else ():
                 accumulate_grad(p, torch.tensordot(v, gen_grads[id(p)], dims=1))
         ordered = {layer: grams[layer] for layer in by_layer}
         written = {id(p) for p in params} | {id(p) for p in heads}
-        return EngineResult(ordered, {l_: rules[l_] for l_ in ordered}, written)
+        if keep:
+            write = _blocks_writer(
+                self.shared, self._modules, rule_layers, kept, by_layer, generic, gen_grads, u,
+                ctx.memory_budget,
+            )  # fmt: skip
+            return EngineResult(
+                ordered, {l_: rules[l_] for l_ in ordered}, set(), writer=write,
+                engine=self.name, notes=notes,
+            )  # fmt: skip
+        return EngineResult(
+            ordered, {l_: rules[l_] for l_ in ordered}, written, engine=self.name, notes=notes
+        )
 
     def _output_grads(
         self,
@@ -272,6 +310,9 @@ class GramianEngine(Engine):
         looped = ctx.losses.device.type == "cpu" and (
             bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
         )
+        if self.stage is not None:
+            looped = self.stage == "looped"
+        self.last_looped = looped
         # the backward frees the graph, as a plain backward would, unless the profiler still
         # has leaves to reach (those neither shared nor in the heads) or the caller keeps it
         done = {id(p) for p in ctx.reached} | {id(p) for p in heads}
@@ -287,6 +328,82 @@ class GramianEngine(Engine):
         # on small layers one backward call costs less than the memory it would save
         limit = ctx.memory_budget // 8
         return u, v, heads, _segmented(edges, cot, inputs, sizes, limit, backward, keep)
+
+
+def _accumulate_own(module: nn.Module, weighted: Mapping[str, torch.Tensor]) -> None:
+    """Add a pure rule's weighted gradients (by attribute name) to the module's own ``.grad``."""
+    own = dict(module.named_parameters(recurse=False))
+    for name, g in weighted.items():
+        accumulate_grad(own[name], g)
+
+
+def _rule_args(
+    recs: list[_Record], raw: list[torch.Tensor | None], T: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A rule's inputs and per-task output gradients for a layer's recorded calls: a recorded
+    output no task reached gets zeros; bf16/fp16 (autocast) is widened to float32."""
+    got = [
+        torch.zeros((T, *r.out_shape), dtype=compute_dtype(r.out_dtype), device=r.input.device)
+        if g is None
+        else g.to(compute_dtype(g.dtype))
+        for r, g in zip(recs, raw)
+    ]
+    return [_widen(r.input) for r in recs], got
+
+
+def _blocks_writer(
+    shared: SharedParams,
+    modules: Mapping[str, tuple[nn.Module, Rule]],
+    rule_layers: dict[str, list[_Record]],
+    kept: dict[str, list[torch.Tensor | None]],
+    by_layer: Mapping[str, list[torch.Tensor]],
+    generic: list[torch.Tensor],
+    gen_grads: dict[int, torch.Tensor],
+    u: torch.Tensor,
+    budget: int,
+) -> Callable[[Mapping[str, torch.Tensor]], None]:
+    """The writer of ``sum_t w_{l,t} g_{l,t}`` from the kept blocks (rows carry ``u_t``).
+
+    A rule layer called once: its parameter gradient for the weighted output gradient
+    ``sum_t w_t D_t`` comes from autograd on the layer's own output node (the weight-gradient
+    products only: the gradient with respect to its input is not needed, so autograd skips it).
+    A rule layer called several times: autograd from a later call's output would also reach the
+    parameters through the earlier calls, so the rule itself writes the weighted gradient from
+    the kept inputs and output gradients (recomputing its Gram, which is discarded). A generic
+    layer: the weighted sum of its kept per-task gradients.
+    """
+
+    def scaled(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        w64, u64 = w.to(like.device, torch.float64), u.to(like.device, torch.float64)
+        return (w64 / u64).to(like.dtype)
+
+    def write(weights: Mapping[str, torch.Tensor]) -> None:
+        for layer, recs in rule_layers.items():
+            if len(recs) > 1:
+                mod, rule = modules[layer]
+                ins, got = _rule_args(recs, kept[layer], u.shape[0])
+                _, weighted = rule.fn(mod, ins, got, scaled(weights[layer], got[0]), budget)
+                _accumulate_own(mod, weighted)
+                continue
+            edges, grads = [], []
+            for r, g in zip(recs, kept[layer]):
+                if g is not None:
+                    edges.append(r.edge)
+                    grads.append(torch.tensordot(scaled(weights[layer], g), g, dims=1))
+            if not edges:
+                continue
+            ps = by_layer[layer]
+            gs = torch.autograd.grad(
+                edges, ps, grad_outputs=grads, retain_graph=True, allow_unused=True
+            )
+            for p, g in zip(ps, gs):
+                if g is not None:
+                    accumulate_grad(p, g)
+        for p in generic:
+            g = gen_grads[id(p)]
+            accumulate_grad(p, torch.tensordot(scaled(weights[shared.layer_of[id(p)]], g), g, 1))
+
+    return write
 
 
 def _segmented(
@@ -361,6 +478,15 @@ def _reaches_past(
                 return True
             todo.append(nxt)
     return False
+
+
+def _trainable(module: nn.Module) -> set[int]:
+    return {id(p) for p in module.parameters(recurse=False) if p.requires_grad}
+
+
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    """A recorded floating input in the dtype rules compute in (indices stay as they are)."""
+    return x.to(compute_dtype(x.dtype)) if x.is_floating_point() else x
 
 
 def _remove(handles: list[torch.utils.hooks.RemovableHandle]) -> None:

@@ -7,7 +7,7 @@ computation for users' own checks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from gradlens.engines._base import (
     group_by_layer,
 )
 
-__all__ = ["LoopEngine", "loop_task_grads"]
+__all__ = ["LoopEngine", "flat_grads", "layer_grams_from_grads", "loop_task_grads"]
 
 
 def loop_task_grads(
@@ -34,17 +34,37 @@ def loop_task_grads(
     return out
 
 
+def flat_grads(grads: list[list[torch.Tensor]]) -> torch.Tensor:
+    """``J`` (T x P): each task's gradients flattened and concatenated, in parameter order."""
+    return torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in grads])
+
+
 def layer_grams_from_grads(
-    shared: SharedParams, params: Sequence[torch.Tensor], grads: list[list[torch.Tensor]]
+    shared: SharedParams,
+    params: Sequence[torch.Tensor],
+    grads: list[list[torch.Tensor]],
+    J: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-layer float64 Grams from per-task gradients ``grads[t][k]`` of ``params[k]``."""
-    index = {id(p): k for k, p in enumerate(params)}
+    """Per-layer float64 Grams from per-task gradients ``grads[t][k]`` of ``params[k]``.
+
+    ``J`` is :func:`flat_grads` of ``grads`` when the caller has it already. It is converted to
+    float64 once; each layer's Gram is the product of its columns (a view where the layer's
+    parameters are adjacent, as they are in module order).
+    """
+    Jd = (flat_grads(grads) if J is None else J).to(torch.float64)
+    start: dict[int, int] = {}
+    k = 0
+    for p in params:
+        start[id(p)] = k
+        k += p.numel()
     out = {}
     for layer, ps in group_by_layer(shared, params).items():
-        J = torch.stack(
-            [torch.cat([g[index[id(p)]].reshape(-1).to(torch.float64) for p in ps]) for g in grads]
-        )
-        out[layer] = J @ J.T
+        spans = [(start[id(p)], start[id(p)] + p.numel()) for p in ps]
+        if all(a == spans[i - 1][1] for i, (a, _) in enumerate(spans) if i):
+            Jl = Jd[:, spans[0][0] : spans[-1][1]]
+        else:
+            Jl = torch.cat([Jd[:, a:b] for a, b in spans], dim=1)
+        out[layer] = Jl @ Jl.T
     return out
 
 
@@ -57,9 +77,28 @@ class LoopEngine(Engine):
         params = ctx.reached
         if not params:
             return EngineResult({})
-        grads = loop_task_grads(list(ctx.losses.unbind(0)), params)
-        grams = layer_grams_from_grads(self.shared, params, grads)
-        w = ctx.weights.tolist()
-        for k, p in enumerate(params):
-            accumulate_grad(p, sum(wt * g[k] for wt, g in zip(w, grads)))
+        # from each task's own scalar loss: a backward from ``losses[t]`` would run through the
+        # stack into every task's head (with zero cotangents)
+        grads = loop_task_grads(ctx.per_task(), params)
+        J = flat_grads(grads)
+        del grads
+        grams = layer_grams_from_grads(self.shared, params, [], J)
+        layer_of = self.shared.layer_of
+
+        def write(weights: Mapping[str, torch.Tensor]) -> None:
+            """``sum_t w_{l,t} g_{l,t}`` for every parameter, ``w_l`` its layer's weights."""
+            k = 0
+            for p in params:
+                w = weights[layer_of[id(p)]].to(J.device, J.dtype)
+                accumulate_grad(p, w @ J[:, k : k + p.numel()])
+                k += p.numel()
+
+        if ctx.keep_blocks:  # the per-task gradients are at hand: write once weights are known
+            return EngineResult(grams, {layer: "loop" for layer in grams}, set(), writer=write)
+        # the weighted sum as one product over the flattened per-task gradients
+        flat = ctx.weights.to(J.dtype) @ J
+        k = 0
+        for p in params:
+            accumulate_grad(p, flat[k : k + p.numel()])
+            k += p.numel()
         return EngineResult(grams, {layer: "loop" for layer in grams}, {id(p) for p in params})

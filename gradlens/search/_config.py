@@ -127,6 +127,10 @@ class SweepSpec:
         baselines: Add one single-task run per task per size and seed: ``tasks = [task]``
             (one head; multi-domain: that domain's samples only), flagged ``baseline_of`` in the
             run's config.
+        methods: Multi-task optimization methods as more arms, one run per method per size and
+            seed (``TrainConfig.weighting``): names from :data:`gradlens.weightings.METHODS`,
+            ``"name/per_layer"`` for a Gram method per layer. With ``methods``, the weights
+            (``p``, ``grid``, ``random``) may be left out.
     """
 
     p: tuple[float, ...] | None = None
@@ -137,6 +141,7 @@ class SweepSpec:
     sizes: tuple[dict[str, Any], ...] | None = None
     seeds: tuple[int, ...] | None = None
     baselines: bool = False
+    methods: tuple[str, ...] | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SweepSpec:
@@ -147,13 +152,16 @@ class SweepSpec:
             (0, 1)
         """
         d = _table("sweep", d)
-        known = ("p", "grid", "random", "random_seed", "alpha", "sizes", "seeds", "baselines")
+        known = (
+            "p", "grid", "random", "random_seed", "alpha", "sizes", "seeds", "baselines", "methods"
+        )  # fmt: skip
         _check_keys("sweep", d, known)
+        methods = _methods(d["methods"]) if "methods" in d else None
         chosen = [k for k in ("p", "grid", "random") if k in d]
-        if len(chosen) != 1:
+        if len(chosen) > 1 or (not chosen and methods is None):
             raise GradlensError(
                 f"`sweep` should set exactly one of `sweep.p`, `sweep.grid` or `sweep.random` to "
-                f"choose the weights; found {chosen or 'none'}."
+                f"choose the weights (or none beside `sweep.methods`); found {chosen or 'none'}."
             )
         p = None
         if "p" in d:
@@ -196,7 +204,7 @@ class SweepSpec:
         baselines = d.get("baselines", False)
         if not isinstance(baselines, bool):
             raise _bad("sweep.baselines", "true or false", baselines)
-        return cls(p, grid, random, random_seed, alpha, sizes, seeds, baselines)
+        return cls(p, grid, random, random_seed, alpha, sizes, seeds, baselines, methods)
 
     def n_runs(self, n_tasks: int) -> int:
         """How many runs this sweep plans over ``n_tasks`` tasks, counted without enumerating.
@@ -211,10 +219,27 @@ class SweepSpec:
             points = len(self.p)
         elif self.grid is not None:
             points = grid_size(n_tasks, self.grid)
-        else:
+        else:  # random draws, or none (methods only)
             points = int(self.random or 0)
         points += n_tasks if self.baselines else 0
+        points += len(self.methods or ())
         return points * len(self.sizes or [{}]) * len(self.seeds or [0])
+
+
+def _methods(raw: object) -> tuple[str, ...]:
+    """Validate ``sweep.methods``: method names, ``"name/per_layer"`` for a Gram method."""
+    from gradlens.weightings import GRAM_METHODS, METHODS
+
+    expected = f"a non-empty list of distinct methods from {list(METHODS)} (Gram ones may end in "
+    expected += "'/per_layer')"
+    if not isinstance(raw, list) or not raw or len(set(map(str, raw))) != len(raw):
+        raise _bad("sweep.methods", expected, raw)
+    for i, m in enumerate(raw):
+        name, sep, suffix = m.partition("/") if isinstance(m, str) else ("", "", "")
+        ok = name in METHODS and (not sep or (suffix == "per_layer" and name in GRAM_METHODS))
+        if not ok:
+            raise _bad(f"sweep.methods[{i}]", expected, m)
+    return tuple(raw)
 
 
 @dataclass(frozen=True)

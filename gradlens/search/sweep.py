@@ -88,6 +88,8 @@ class PlannedRun:
         seed: The training seed.
         baseline_of: The task of a single-task baseline (trained with ``tasks = [task]``: one
             head, or one domain's samples), else None.
+        method: A multi-task optimization method (``"upgrad"``, ``"mgda/per_layer"``...) that
+            chooses the weights of this run (``TrainConfig.weighting``), else None.
     """
 
     id: str
@@ -96,6 +98,7 @@ class PlannedRun:
     depth: int | None
     seed: int
     baseline_of: str | None = None
+    method: str | None = None
 
     def train_dict(
         self, base: Mapping[str, Any], sweep: str, joint_steps: int | None = None
@@ -123,6 +126,10 @@ class PlannedRun:
         """
         d = pin_threads(pin_data_seed(base))
         d["weights"] = dict(self.weights)
+        if self.method is not None:
+            name, _, suffix = self.method.partition("/")
+            del d["weights"]
+            d["weighting"], d["per_layer"] = name, suffix == "per_layer"
         if self.baseline_of is not None:
             d["tasks"] = [self.baseline_of]
             if joint_steps is not None and d.get("steps_per_epoch") is None:
@@ -168,7 +175,9 @@ def _weight_vectors(spec: SweepSpec, tasks: Sequence[str]) -> list[tuple[str, np
         rows = [np.array([p, 1.0 - p]) for p in spec.p]
     elif spec.grid is not None:
         rows = list(simplex_grid(T, spec.grid))
-    else:  # SweepSpec.from_dict guarantees exactly one of p, grid, random
+    elif spec.random is None:  # methods only (SweepSpec.from_dict: at most one of the three)
+        return []
+    else:
         draws = dirichlet_weights(T, int(spec.random or 0), spec.random_seed, alpha=spec.alpha)
         return [(f"r{k:03d}", w) for k, w in enumerate(draws)]
     return [("w" + "-".join(f"{v:.4g}" for v in w), w) for w in rows]
@@ -218,14 +227,16 @@ def plan_sweep(
     train = config.train
     sizes = list(spec.sizes) if spec.sizes is not None else [{}]
     seeds = list(spec.seeds) if spec.seeds is not None else [int(train.get("seed", 0))]
-    points: list[tuple[str, dict[str, float], str | None]] = [
-        (name, {t: float(v) for t, v in zip(tasks, w)}, None)
+    points: list[tuple[str, dict[str, float], str | None, str | None]] = [
+        (name, {t: float(v) for t, v in zip(tasks, w)}, None, None)
         for name, w in _weight_vectors(spec, tasks)
     ]
     if spec.baselines:  # the harness's single-task run: tasks = [t]
-        points += [(f"single-{t}", {t: 1.0}, t) for t in tasks]
+        points += [(f"single-{t}", {t: 1.0}, t, None) for t in tasks]
+    uniform = {t: 1.0 / len(tasks) for t in tasks}  # a method's starting weights
+    points += [(f"m-{m.replace('/', '-')}", uniform, None, m) for m in spec.methods or ()]
     runs = []
-    for name, w, baseline in points:
+    for name, w, baseline, method in points:
         for size in sizes:
             for seed in seeds:
                 parts = [name]
@@ -242,6 +253,7 @@ def plan_sweep(
                         depth=size.get("depth"),
                         seed=seed,
                         baseline_of=baseline,
+                        method=method,
                     )
                 )
     ids = [check_name(r.id, "run id") for r in runs]
@@ -424,7 +436,9 @@ def _summary(plan: Sequence[PlannedRun], records: Mapping[str, Mapping[str, Any]
         rows.append(
             {
                 "id": run.id,
-                "weights": format_weights(run.weights),
+                "weights": (
+                    f"method {run.method}" if run.method else format_weights(run.weights)
+                ),
                 "width": run.width,
                 "depth": run.depth,
                 "seed": run.seed,

@@ -2,33 +2,64 @@
 
 A rule turns what the forward hook recorded for one module (its input at each call) and what the
 batched backward produced (each task's gradient with respect to the module's output at each call)
-into the module's ``T x T`` Gram matrix, and writes the weighted gradient of its parameters. It is
-registered for exact module types with :func:`register_rule`; modules without a rule fall back to
-the exact generic path (per-task parameter gradients from the batched backward).
+into the module's ``T x T`` Gram matrix and the weighted gradients ``sum_t w_t g_t`` of its
+parameters. A rule is a pure function: it returns both and writes nothing (the engine accumulates
+``.grad``). Modules without a rule fall back to the exact generic path (per-task parameter
+gradients from the batched backward).
 
-Example:
+Rules are matched by ``isinstance``: the rule registered for the nearest class in the module's
+MRO serves it when (1) the module's class does not override that class's ``forward`` (the hook
+records the input of ``forward``; a subclass that pads or transforms it first, like timm's
+``Conv2dSame``, would be served wrongly) and (2) the rule's ``applies(module)`` accepts it.
+Otherwise the module takes the generic path; :func:`decline_reason` says why.
+
+Built in: ``nn.Linear`` (and subclasses such as ``NonDynamicallyQuantizableLinear``), Hugging
+Face's ``Conv1D`` (transposed weight; registered when ``transformers`` is imported),
+``nn.Conv1d/2d/3d``, ``nn.Embedding``, and the affine parameters of ``nn.LayerNorm``,
+``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d``.
+
+A custom rule, from one file (the Gram of a layer ``y = x * scale`` with a per-feature scale):
+
+    >>> import torch
     >>> from torch import nn
-    >>> from gradlens.engines.rules import rule_for
-    >>> rule_for(nn.Linear).name, rule_for(nn.LayerNorm) is None
-    ('linear', True)
+    >>> from gradlens.engines.rules import register_rule, rule_for
+    >>> class Scale(nn.Module):
+    ...     def __init__(self, n):
+    ...         super().__init__()
+    ...         self.scale = nn.Parameter(torch.ones(n))
+    ...     def forward(self, x):
+    ...         return x * self.scale
+    >>> @register_rule(Scale, name="scale")
+    ... def scale_rule(module, inputs, out_grads, weights, budget):
+    ...     # task t's gradient: sum over calls and rows of x * d_t
+    ...     g = sum((d * x).reshape(d.shape[0], -1, x.shape[-1]).sum(1)
+    ...             for x, d in zip(inputs, out_grads))
+    ...     return (g @ g.T).double(), {"scale": weights @ g}
+    >>> rule_for(Scale(3)).name, rule_for(nn.Linear(2, 2)).name, rule_for(nn.GRU(2, 2)) is None
+    ('scale', 'linear', True)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["Rule", "RuleFn", "register_rule", "rule_for"]
+__all__ = ["Rule", "RuleFn", "decline_reason", "register_rule", "rule_for"]
 
-#: ``fn(module, inputs, out_grads, weights, params, budget) -> float64 Gram``; ``inputs[k]`` is the
-#: module's input at call k, ``out_grads[k]`` the (T, *output.shape) task gradients of its output,
-#: ``params`` the module's trainable parameters the losses reach (the rule writes their ``.grad``).
+#: ``fn(module, inputs, out_grads, weights, budget) -> (Gram, {param name: weighted grad})``:
+#: ``inputs[k]`` is the module's input at call k, ``out_grads[k]`` the (T, *output.shape) task
+#: gradients of its output, ``weights`` the T weights of the weighted sum, ``budget`` the bytes
+#: a block of per-task quantities may take. The Gram is float64 ``T x T``; the mapping gives, for
+#: each of the module's own parameters (by attribute name) that requires grad, ``sum_t w_t g_t``.
+#: ``weights=None`` asks for the Gram only (an empty mapping): a Gram weighting's step, whose
+#: weights are known only once every Gram is (see :mod:`gradlens.weightings`).
 RuleFn = Callable[
-    [nn.Module, list[torch.Tensor], list[torch.Tensor], torch.Tensor, list[torch.Tensor], int],
-    torch.Tensor,
+    [nn.Module, list[torch.Tensor], list[torch.Tensor], torch.Tensor | None, int],
+    tuple[torch.Tensor, Mapping[str, torch.Tensor]],
 ]
 
 
@@ -39,29 +70,89 @@ class Rule:
     name: str
     fn: RuleFn
     applies: Callable[[nn.Module], bool]
+    #: The class the rule was registered for (subclasses must keep its ``forward``).
+    cls: type[nn.Module] = nn.Module
 
 
 _RULES: dict[type[nn.Module], Rule] = {}
 
 
+def _always(module: nn.Module) -> bool:
+    return True
+
+
 def register_rule(
     *types: type[nn.Module], name: str, applies: Callable[[nn.Module], bool] | None = None
 ) -> Callable[[RuleFn], RuleFn]:
-    """Register ``fn`` as the Gram rule for modules of exactly these types."""
+    """Register ``fn`` as the Gram rule for modules of these types (and subclasses that keep
+    their ``forward``), for the instances ``applies`` accepts (all by default).
+
+    A later registration for the same type replaces the earlier one.
+    """
 
     def deco(fn: RuleFn) -> RuleFn:
         for t in types:
-            _RULES[t] = Rule(name, fn, applies or (lambda m: True))
+            _RULES[t] = Rule(name, fn, applies or _always, t)
         return fn
 
     return deco
 
 
-def rule_for(module_type: type[nn.Module]) -> Rule | None:
-    """The rule registered for this exact module type, or None."""
+def _nearest(module: nn.Module | type[nn.Module]) -> Rule | None:
     _load()
-    return _RULES.get(module_type)
+    cls = module if isinstance(module, type) else type(module)
+    for klass in cls.__mro__:
+        rule = _RULES.get(klass)
+        if rule is not None:
+            return rule
+    return None
+
+
+def decline_reason(module: nn.Module) -> str | None:
+    """Why no rule serves ``module`` (None when one does).
+
+    >>> decline_reason(nn.Linear(2, 2)) is None, decline_reason(nn.GRU(2, 2))
+    (True, 'no rule registered for GRU or its base classes')
+    """
+    rule = _nearest(module)
+    if rule is None:
+        return f"no rule registered for {type(module).__name__} or its base classes"
+    if type(module).forward is not rule.cls.forward:
+        return (
+            f"{type(module).__name__} overrides {rule.cls.__name__}.forward (the recorded input "
+            f"may not be what the {rule.name!r} rule assumes)"
+        )
+    if not rule.applies(module):
+        return f"the {rule.name!r} rule declines this {type(module).__name__} (its `applies`)"
+    return None
+
+
+def rule_for(module: nn.Module | type[nn.Module]) -> Rule | None:
+    """The rule serving this module instance (or, given a class, registered for it), or None."""
+    rule = _nearest(module)
+    if rule is None or isinstance(module, type):
+        return rule
+    return rule if decline_reason(module) is None else None
+
+
+_loaded = False
 
 
 def _load() -> None:
-    from gradlens.engines.rules import conv, linear  # noqa: F401  (registration side effect)
+    global _loaded
+    if not _loaded:
+        from gradlens.engines.rules import (  # noqa: F401  (registration side effect)
+            conv,
+            embedding,
+            linear,
+            norm,
+        )
+
+        _loaded = True
+    # Hugging Face's Conv1D, once transformers is imported (never imported from here)
+    hf = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(hf, "Conv1D", None)
+    if isinstance(conv1d, type) and conv1d not in _RULES:
+        from gradlens.engines.rules.linear import conv1d_rule
+
+        register_rule(conv1d, name="conv1d")(conv1d_rule)

@@ -1,9 +1,11 @@
 """Gram rule for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` (zero padding, numeric padding).
 
-One call of the convolution weight-gradient kernel (``torch.nn.grad.convNd_weight``) per task
-yields the T weight gradients (``T x P_layer``, small for convolutions); blocks of output channels
-bound the memory when ``groups == 1``. The Gram is their product, the weighted gradient their
-weighted sum.
+The weight gradients of all T tasks come from one call of the convolution weight-gradient kernel
+(``torch.nn.grad.convNd_weight``): the tasks' output gradients are stacked along the output
+channels (``B x T*O x ...``, grouped so that each convolution group keeps its input channels),
+which computes exactly the T per-task kernels at once, without copying the activations T-fold.
+Blocks of output channels bound the memory when ``groups == 1``. The Gram is the product of the
+``T x P_layer`` gradients (small for convolutions), the weighted gradient their weighted sum.
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradlens.engines._base import accumulate_grad
 from gradlens.engines.rules import register_rule
 
-__all__: list[str] = []
+__all__ = ["conv_weight_grads"]
 
 _WEIGHT_GRAD = {
-    nn.Conv1d: torch.nn.grad.conv1d_weight,
-    nn.Conv2d: torch.nn.grad.conv2d_weight,
-    nn.Conv3d: torch.nn.grad.conv3d_weight,
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
 }
 
 
@@ -27,61 +28,85 @@ def _applies(m: nn.Module) -> bool:
     return getattr(m, "padding_mode", "zeros") == "zeros" and not isinstance(m.padding, str)
 
 
+def conv_weight_grads(
+    module: nn.Module, x: torch.Tensor, d: torch.Tensor, lo: int, hi: int
+) -> torch.Tensor:
+    """Every task's weight gradient for output channels ``lo:hi``: (T, hi - lo, in/groups, *k).
+
+    ``d`` is (T, B, O, *spatial), the task gradients of the module's output at one call.
+
+    >>> conv = nn.Conv2d(4, 6, 3, groups=2, bias=False).double()
+    >>> x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    >>> d = torch.randn(3, 2, 6, 3, 3, dtype=torch.float64)
+    >>> got = conv_weight_grads(conv, x, d, 0, 6)
+    >>> want = torch.stack([torch.autograd.grad(conv(x), conv.weight, d[t])[0] for t in range(3)])
+    >>> torch.testing.assert_close(got, want)
+    """
+    W = module.weight
+    T, B = d.shape[:2]
+    sp = d.shape[3:]
+    g = module.groups
+    oc = hi - lo
+    per = oc // g  # output channels per group in this block (the whole layer when groups > 1)
+    stacked = (
+        d[:, :, lo:hi]
+        .reshape(T, B, g, per, *sp)
+        .permute(1, 2, 0, 3, *range(4, 4 + len(sp)))
+        .reshape(B, T * oc, *sp)
+    )
+    gw = _WEIGHT_GRAD[len(sp)](
+        x.to(d.dtype),
+        (T * oc, *W.shape[1:]),
+        stacked,
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+        groups=g,
+    )  # (g * T * per, in/g, *k), ordered (group, task, channel)
+    k = gw.shape[1:]
+    return gw.reshape(g, T, per, *k).transpose(0, 1).reshape(T, oc, *k)
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, name="conv", applies=_applies)
 def conv_rule(
     module: nn.Module,
     inputs: list[torch.Tensor],
     out_grads: list[torch.Tensor],
-    weights: torch.Tensor,
-    params: list[torch.Tensor],
+    weights: torch.Tensor | None,
     budget: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     W, b = module.weight, module.bias
-    has_w = any(p is W for p in params)
-    has_b = b is not None and any(p is b for p in params)
+    has_w = W.requires_grad
+    has_b = b is not None and b.requires_grad
     T = out_grads[0].shape[0]
     O = W.shape[0]
-    g = module.groups
-    wgrad = _WEIGHT_GRAD[type(module)]
     G = torch.zeros(T, T, dtype=torch.float64, device=W.device)
-    w = weights.to(W.dtype)
+    w = None if weights is None else weights.to(out_grads[0].dtype)  # None: the Gram only
+    out: dict[str, torch.Tensor] = {}
     if has_b:
         nsp = out_grads[0].dim() - 3  # spatial dims after (T, B, O)
         gb = sum(d.sum(dim=(1, *range(3, 3 + nsp))) for d in out_grads)  # T x O
         G += (gb @ gb.T).to(torch.float64)
-        accumulate_grad(b, w @ gb)
+        if w is not None:
+            out["bias"] = w @ gb
     if not has_w:
-        return G
-    per_channel = T * W[0].numel() * W.element_size()
-    block = O if g > 1 else max(1, min(O, budget // max(1, per_channel)))
+        return G, out
+    # one block holds the T weight gradients and the stacked output gradients of its channels
+    spatial = max(d[0, :, 0].numel() for d in out_grads)
+    per_channel = T * (W[0].numel() + spatial) * out_grads[0].element_size()
+    block = O if module.groups > 1 else max(1, min(O, budget // max(1, per_channel)))
     weighted = []
     for lo in range(0, O, block):
         hi = min(O, lo + block)
         gW = None
         for x, d in zip(inputs, out_grads):
-            oc = hi - lo
-            xd = x.to(d.dtype)
-            # one weight-gradient kernel call per task on its (B, oc, *sp) slice: the same work
-            # as one call on tasks stacked as channels, without copying T-fold activations
-            part = torch.stack(
-                [
-                    wgrad(
-                        xd,
-                        (oc, *W.shape[1:]),
-                        d[t, :, lo:hi],
-                        stride=module.stride,
-                        padding=module.padding,
-                        dilation=module.dilation,
-                        groups=g,
-                    )
-                    for t in range(T)
-                ]
-            )
+            part = conv_weight_grads(module, x, d, lo, hi)
             gW = part if gW is None else gW + part
-        if gW is None:  # no recorded call: nothing to add
-            continue
+        assert gW is not None  # a served layer has at least one recorded call
         g2 = gW.reshape(T, -1)
         G += (g2 @ g2.T).to(torch.float64)
-        weighted.append(torch.tensordot(w, gW, dims=1))
-    accumulate_grad(W, torch.cat(weighted) if len(weighted) > 1 else weighted[0])
-    return G
+        if w is not None:
+            weighted.append(torch.tensordot(w, gW, dims=1))
+    if weighted:
+        out["weight"] = torch.cat(weighted) if len(weighted) > 1 else weighted[0]
+    return G, out

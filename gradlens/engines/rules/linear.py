@@ -11,8 +11,9 @@ gradient ``D_t^T 1``. Two exact ways to the Gram, the cheaper chosen by counting
 A layer with a bias but no trainable weight needs neither: ``G = S S^T`` with ``S_t = D_t^T 1``.
 The weighted gradient ``(sum_t w_t D_t)^T A`` costs what a plain backward's weight gradient costs.
 
-The kernel path is one pure function, :func:`kernel_core`; on CUDA it runs compiled through
-``torch.compile`` (see :mod:`gradlens.engines.rules._fused`), elsewhere eagerly.
+HF's ``Conv1D`` (GPT-2), ``y = x W + b`` with ``W`` stored transposed, shares the math
+(:func:`conv1d_rule`). The kernel path is one pure function, :func:`kernel_core`; on CUDA it runs
+compiled through ``torch.compile`` (see :mod:`gradlens.engines.rules._fused`), elsewhere eagerly.
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradlens.engines._base import accumulate_grad
 from gradlens.engines.rules import _fused, register_rule
 
-__all__ = ["kernel_chunk", "kernel_core"]
+__all__ = ["conv1d_rule", "kernel_chunk", "kernel_core", "linear_grads"]
 
 
 def _weighted_grads(
-    A: torch.Tensor, D: torch.Tensor, w: torch.Tensor, has_weight: bool, has_bias: bool
+    A: torch.Tensor, D: torch.Tensor, w: torch.Tensor | None, has_weight: bool, has_bias: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(sum_t w_t D_t)^T A`` and ``(sum_t w_t D_t)^T 1``, None where the parameter is absent."""
+    """``(sum_t w_t D_t)^T A`` and ``(sum_t w_t D_t)^T 1``, None where the parameter is absent
+    (both None for ``w=None``: a Gram weighting writes later, from the kept blocks)."""
+    if w is None:
+        return None, None
     Dw = torch.tensordot(w, D, dims=1)  # N x out
     return (Dw.T @ A if has_weight else None), (Dw.sum(0) if has_bias else None)
 
@@ -48,7 +51,7 @@ def kernel_chunk(T: int, N: int, out_f: int, itemsize: int, budget: int) -> int:
 def kernel_core(
     A: torch.Tensor,
     D: torch.Tensor,
-    w: torch.Tensor,
+    w: torch.Tensor | None,
     chunk: int,
     *,
     has_weight: bool,
@@ -59,7 +62,7 @@ def kernel_core(
     Args:
         A: N x in inputs (same dtype as ``D``; ignored without a weight).
         D: T x N x out task gradients with respect to the layer's output.
-        w: T task weights (dtype of ``D``).
+        w: T task weights (dtype of ``D``); None: no weighted gradients (returned as None).
         chunk: tasks per ``K D_c`` block (see :func:`kernel_chunk`).
         has_weight: whether the losses reach the weight (its gradient is formed, and ``A A^T``).
         has_bias: whether the losses reach the bias (its gradient is formed, and ``+ 1 1^T``).
@@ -92,20 +95,53 @@ def kernel_core(
     return G.to(torch.float64), gW, gb
 
 
-@register_rule(nn.Linear, name="linear")
-def linear_rule(
-    module: nn.Module,
-    inputs: list[torch.Tensor],
-    out_grads: list[torch.Tensor],
-    weights: torch.Tensor,
-    params: list[torch.Tensor],
+def linear_grads(
+    A: torch.Tensor,
+    D: torch.Tensor,
+    weights: torch.Tensor | None,
+    has_w: bool,
+    has_b: bool,
     budget: int,
-) -> torch.Tensor:
-    """The layer's float64 Gram; writes its parameters' weighted gradients (see the module doc)."""
-    W, b = module.weight, module.bias
-    has_w = any(p is W for p in params)
-    has_b = b is not None and any(p is b for p in params)
-    out_f, in_f = W.shape
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gram and weighted gradients of ``y = A W^T + b`` from ``A`` (N x in), ``D`` (T x N x out);
+    ``weights=None``: the Gram only (both gradients None).
+
+    >>> A, D = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    >>> G, gW, gb = linear_grads(A, D, torch.ones(2, dtype=torch.float64), True, True, 1 << 20)
+    >>> g = torch.stack([torch.cat([(D[t].T @ A).reshape(-1), D[t].sum(0)]) for t in range(2)])
+    >>> torch.allclose(G, g @ g.T), torch.allclose(gb, D.sum((0, 1)))
+    (True, True)
+    """
+    T, N, out_f = D.shape
+    in_f = A.shape[1]
+    A = A.to(D.dtype)
+    w = None if weights is None else weights.to(D.dtype)
+    itemsize = D.element_size()
+    kernel_flops = N * N * in_f + T * N * N * out_f + T * T * N * out_f
+    grad_flops = T * N * out_f * in_f + T * T * out_f * in_f
+    kernel_fits = N * N * itemsize <= budget
+    if not has_w or (kernel_fits and kernel_flops <= grad_flops):
+        chunk = kernel_chunk(T, N, out_f, itemsize, budget)
+        return _fused.run(kernel_core, A, D, w, chunk, has_weight=has_w, has_bias=has_b)
+
+    gW, gb = _weighted_grads(A, D, w, has_w, has_b)
+    G = torch.zeros(T, T, dtype=torch.float64, device=D.device)
+    if has_b:
+        S = D.sum(1)  # T x out
+        G += (S @ S.T).to(torch.float64)
+    rows = max(1, min(out_f, budget // max(1, T * in_f * itemsize)))
+    Dt = D.transpose(1, 2)  # T x out x N
+    for lo in range(0, out_f, rows):
+        gWt = torch.matmul(Dt[:, lo : lo + rows], A)  # T x rows x in
+        g2 = gWt.reshape(T, -1)
+        G += (g2 @ g2.T).to(torch.float64)
+    return G, gW, gb
+
+
+def _flatten(
+    inputs: list[torch.Tensor], out_grads: list[torch.Tensor], in_f: int, out_f: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` (N x in) and ``D`` (T x N x out) over every call and position."""
     T = out_grads[0].shape[0]
     A = (
         torch.cat([x.reshape(-1, in_f) for x in inputs])
@@ -117,36 +153,47 @@ def linear_rule(
         if len(out_grads) > 1
         else out_grads[0].reshape(T, -1, out_f)
     )
-    N = A.shape[0]
-    A = A.to(D.dtype)
-    w = weights.to(D.dtype)
+    return A, D
 
-    itemsize = D.element_size()
-    kernel_flops = N * N * in_f + T * N * N * out_f + T * T * N * out_f
-    grad_flops = T * N * out_f * in_f + T * T * out_f * in_f
-    kernel_fits = N * N * itemsize <= budget
-    if not has_w or (kernel_fits and kernel_flops <= grad_flops):
-        chunk = kernel_chunk(T, N, out_f, itemsize, budget)
-        G, gW, gb = _fused.run(kernel_core, A, D, w, chunk, has_weight=has_w, has_bias=has_b)
-        if gW is not None:
-            accumulate_grad(W, gW)
-        if gb is not None:
-            accumulate_grad(b, gb)
-        return G
 
-    gW, gb = _weighted_grads(A, D, w, has_w, has_b)
+def _pack(gW: torch.Tensor | None, gb: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    out = {}
     if gW is not None:
-        accumulate_grad(W, gW)
+        out["weight"] = gW
     if gb is not None:
-        accumulate_grad(b, gb)
-    G = torch.zeros(T, T, dtype=torch.float64, device=D.device)
-    if has_b:
-        S = D.sum(1)  # T x out
-        G += (S @ S.T).to(torch.float64)
-    rows = max(1, min(out_f, budget // max(1, T * in_f * itemsize)))
-    Dt = D.transpose(1, 2)  # T x out x N
-    for lo in range(0, out_f, rows):
-        gWt = torch.matmul(Dt[:, lo : lo + rows], A)  # T x rows x in
-        g2 = gWt.reshape(T, -1)
-        G += (g2 @ g2.T).to(torch.float64)
-    return G
+        out["bias"] = gb
+    return out
+
+
+@register_rule(nn.Linear, name="linear")
+def linear_rule(
+    module: nn.Module,
+    inputs: list[torch.Tensor],
+    out_grads: list[torch.Tensor],
+    weights: torch.Tensor | None,
+    budget: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The layer's float64 Gram and its parameters' weighted gradients (see the module doc)."""
+    W, b = module.weight, module.bias
+    out_f, in_f = W.shape
+    A, D = _flatten(inputs, out_grads, in_f, out_f)
+    has_b = b is not None and b.requires_grad
+    G, gW, gb = linear_grads(A, D, weights, W.requires_grad, has_b, budget)
+    return G, _pack(gW, gb)
+
+
+def conv1d_rule(
+    module: nn.Module,
+    inputs: list[torch.Tensor],
+    out_grads: list[torch.Tensor],
+    weights: torch.Tensor | None,
+    budget: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Hugging Face's ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` of shape (in, out), the
+    transpose of a Linear's; the same Gram, the weight gradient transposed."""
+    W, b = module.weight, module.bias
+    in_f, out_f = W.shape
+    A, D = _flatten(inputs, out_grads, in_f, out_f)
+    has_b = b is not None and b.requires_grad
+    G, gW, gb = linear_grads(A, D, weights, W.requires_grad, has_b, budget)
+    return G, _pack(None if gW is None else gW.T, gb)

@@ -1,0 +1,233 @@
+"""The ``auto`` engine (the default): the fastest exact engine for this model, timed on its probes.
+
+Every candidate (``loop``, ``batched``, ``gramian``) is exact, so which one serves a probe never
+changes a number; only the time differs, by model, device, dtype and task count. ``auto`` times
+whole probes (the engine plus the backward to the leaves it left, e.g. the task heads; CPU time
+of the process on CPU, synchronized wall time on CUDA), one candidate per probe, and keeps the
+fastest for the rest of the run:
+
+- on CPU the ``gramian`` engine is timed twice over, as ``gramian`` (its second stage one
+  backward per task, its CPU default where the shared part is not Linear-only) and
+  ``gramian-vmap`` (one batched backward): which is faster depends on the layers and the batch
+  (measured at batch 4, T = 8: vmap faster on BERT, ViT, ConvNeXt, ResNet; looped as fast on
+  GPT-2; looped faster on the larger trunks of ``gradlens bench``);
+- round 1 times each candidate once (``loop`` first: the first probe of a process also pays
+  one-time costs, and ``loop`` pays the least of them);
+- round 2 times again each candidate within :data:`CLOSE` of the best (first probes are noisy);
+- the winner, the candidate with the lowest time over both rounds, then serves every probe.
+
+The decision is kept per graph shape: the shapes of the shared module's outputs (the batch size,
+the sequence length), the number of autograd nodes, the device, the dtype and T. A new shape
+(e.g. the last, smaller batch of an epoch) is timed anew; a shape seen before reuses its winner.
+Each probe's engine and the timings of its shape are in the Snapshot (``engine``, ``timings``).
+
+Example:
+    >>> import torch, gradlens as gl
+    >>> trunk, head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    >>> prof = gl.Profiler(trunk, tasks=["a", "b"])  # engine="auto"
+    >>> for step in range(6):
+    ...     out = head(trunk(torch.randn(5, 3)))
+    ...     snap = prof.backward({"a": out[:, 0].mean(), "b": out[:, 1].mean()})
+    >>> snap.engine in ("loop", "batched", "gramian"), sorted(snap.timings)[:1]
+    (True, ['batched'])
+    >>> prof.close()
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gradlens.engines._base import BackwardContext, Engine, EngineResult, SharedParams
+from gradlens.engines.batched import BatchedEngine
+from gradlens.engines.gramian import GramianEngine
+from gradlens.engines.loop import LoopEngine
+
+__all__ = ["CANDIDATES", "CLOSE", "AutoEngine", "Decision"]
+
+#: The exact candidates, in the order of the first round.
+CANDIDATES: tuple[type[Engine], ...] = (LoopEngine, BatchedEngine, GramianEngine)
+#: A candidate is timed a second time when its first time is within this factor of the best.
+CLOSE = 1.5
+
+
+@dataclass
+class Decision:
+    """The timings of one graph shape, and its winner once every round is done."""
+
+    #: candidate -> seconds of each of its timed probes
+    times: dict[str, list[float]] = field(default_factory=dict)
+    winner: str | None = None
+
+    def best(self) -> dict[str, float]:
+        """Each timed candidate's fastest probe, in seconds."""
+        return {name: min(ts) for name, ts in self.times.items()}
+
+    def next_candidate(self, order: list[str]) -> str | None:
+        """The candidate to time on the next probe, or None when every round is done."""
+        for name in order:  # round 1
+            if name not in self.times:
+                return name
+        best = min(self.best().values())
+        for name in order:  # round 2, for the candidates close to the best
+            if len(self.times[name]) < 2 and self.times[name][0] <= CLOSE * best:
+                return name
+        return None
+
+
+class AutoEngine(Engine):
+    """Times the exact engines on the first probes of each graph shape and keeps the fastest."""
+
+    name = "auto"
+    uses_hooks = True
+
+    def __init__(
+        self, shared: SharedParams, n_tasks: int, only: Sequence[str] | None = None
+    ) -> None:
+        super().__init__(shared, n_tasks)
+        #: candidate name -> engine (``only`` restricts them, e.g. to ``loop`` for a
+        #: torch.compile'd trunk, through which the vmap engines cannot run)
+        self.candidates: dict[str, Engine] = {
+            c.name: c(shared, n_tasks) for c in CANDIDATES if only is None or c.name in only
+        }
+        #: what is timed: name -> (engine, gramian second stage)
+        self.variants: dict[str, tuple[Engine, str | None]] = {
+            name: (e, None) for name, e in self.candidates.items()
+        }
+        if "gramian" in self.candidates:
+            self.variants["gramian-vmap"] = (self.candidates["gramian"], "vmap")
+        self.decisions: dict[tuple[object, ...], Decision] = {}
+        self._shapes: tuple[object, ...] = ()
+        self._recording = True
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def attach(self) -> None:
+        for e in self.candidates.values():
+            e.attach()
+        if self.shared.module is not None:
+            self._handle = self.shared.module.register_forward_hook(self._shape_hook())
+
+    def detach(self) -> None:
+        for e in self.candidates.values():
+            e.detach()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def set_recording(self, on: bool) -> None:
+        self._recording = on
+        for e in self.candidates.values():
+            e.set_recording(on)
+
+    def discard(self) -> None:
+        for e in self.candidates.values():
+            e.discard()
+
+    def _shape_hook(self) -> Callable[..., None]:
+        ref = weakref.ref(self)
+
+        def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+            engine = ref()
+            if engine is None or not engine._recording:
+                return
+            leaves, _ = torch.utils._pytree.tree_flatten((args, output))
+            engine._shapes = tuple(
+                tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor)
+            )
+
+        return hook
+
+    def key(self, ctx: BackwardContext) -> tuple[object, ...]:
+        """The graph shape a decision is kept for (see the module docstring)."""
+        L = ctx.losses
+        return (self._shapes, len(ctx.nodes), L.device.type, L.dtype, L.shape[0])
+
+    def compute(self, ctx: BackwardContext) -> EngineResult:
+        key = self.key(ctx)
+        self._shapes = ()
+        decision = self.decisions.setdefault(key, Decision())
+        order = [
+            n
+            for n in self.variants
+            # off CPU the gramian engine vmaps already: nothing more to time
+            if n != "gramian-vmap" or ctx.losses.device.type == "cpu"
+        ]
+        name = decision.winner or decision.next_candidate(order)
+        assert name is not None
+        engine, stage = self.variants[name]
+        timing = decision.winner is None
+        clock = _clock_for(ctx.losses.device)
+        if timing:
+            t0 = clock()
+        if isinstance(engine, GramianEngine):
+            engine.stage = stage
+        result = engine.compute(ctx)
+        if ctx.write:
+            # the backward to every other leaf (the task heads) is part of the probe's cost
+            rest = [v for i, v in ctx.leaves.items() if i not in result.written]
+            if rest:
+                torch.autograd.backward(
+                    ctx.weights @ ctx.losses, inputs=rest, retain_graph=ctx.retain_graph
+                )
+            result.written |= set(ctx.leaves)
+        if timing:
+            decision.times.setdefault(name, []).append(clock() - t0)
+            if name == "gramian" and isinstance(engine, GramianEngine) and not engine.last_looped:
+                # its default already vmapped (a Linear-only shared part): the same engine
+                decision.times.setdefault("gramian-vmap", decision.times[name])
+            if decision.next_candidate(order) is None:
+                best = decision.best()
+                decision.winner = min(best, key=best.__getitem__)
+        for e in self.candidates.values():
+            if e is not engine:
+                e.discard()
+        result.engine = engine.name
+        result.timings = decision.best()
+        if decision.winner is not None and timing:
+            result.notes.append(f"auto-chose:{decision.winner}")
+        return result
+
+    def summary(self) -> list[dict[str, object]]:
+        """The decisions made so far, JSON-ready (the run's ``meta["auto"]``)."""
+        out: list[dict[str, object]] = []
+        for (shapes, nodes, device, dtype, T), d in self.decisions.items():
+            if d.winner is None:
+                continue
+            out.append(
+                {
+                    "shapes": [list(s) for s in shapes],  # type: ignore[attr-defined]
+                    "graph_nodes": nodes,
+                    "device": device,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "tasks": T,
+                    "winner": d.winner,
+                    "seconds": d.best(),
+                }
+            )
+        return out
+
+    def describe(self) -> str:
+        """The winners so far, e.g. ``gramian`` or ``gramian-vmap/batched`` (by graph shape)."""
+        winners = [d.winner for d in self.decisions.values() if d.winner is not None]
+        if not winners:
+            return "timing"
+        return "/".join(dict.fromkeys(winners))
+
+
+def _clock_for(device: torch.device) -> Callable[[], float]:
+    """CPU time of the process on CPU (robust to other processes taking the cores while a
+    candidate runs: one descheduling would otherwise decide the choice); wall time read after
+    ``torch.cuda.synchronize()`` on CUDA."""
+    if device.type == "cuda":
+
+        def now() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return now
+    return time.process_time
