@@ -40,19 +40,20 @@ def html_text(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-#: Markdown punctuation that can open a link, an image, emphasis, a heading or a code span.
-_MD_SPECIAL = re.compile(r"([\\\[\]()!*_#~{}])")
+#: Markdown punctuation that a link or an image needs (``[text](url)``, ``![alt](src)``,
+#: ``[ref]: url``), and the backslash that could undo an escape.
+_MD_SPECIAL = re.compile(r"([\\\[\]])")
 
 
 def md_text(value: Any) -> str:
     r"""Escape any value for a Markdown table cell or line: HTML-escaped (no raw HTML, no
-    ``<...>`` autolink), Markdown punctuation backslash-escaped (no ``[text](url)`` link or
-    ``![alt](url)`` image, no emphasis), ``://`` broken so no bare URL is autolinked, pipes
-    escaped and newlines joined.
+    ``<...>`` autolink), brackets backslash-escaped (no ``[text](url)`` link, ``![alt](url)``
+    image or ``[ref]: url`` definition), ``://`` and ``www.`` broken so no bare URL is
+    autolinked, pipes escaped and newlines joined.
 
     Example:
         >>> print(md_text("![p](http://evil.example/t.png) a|b"))
-        \!\[p\]\(http&#58;//evil.example/t.png\) a\|b
+        !\[p\](http&#58;//evil.example/t.png) a\|b
     """
     text = html.escape(str(value), quote=False)
     text = _MD_SPECIAL.sub(r"\\\1", text).replace("://", "&#58;//").replace("www.", "www&#46;")

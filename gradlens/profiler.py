@@ -782,7 +782,9 @@ def _weight_values(
     for t in tasks:
         v = weights[t]
         if isinstance(v, (str, bytes, bool)):  # float() would accept "0.5" and True
-            raise GradlensError(f"`weights[{t!r}]` should be a real number; found {v!r}.")
+            raise GradlensError(
+                f"`weights[{t!r}]` should be a real number; found {type(v).__name__} ({v!r})."
+            )
         try:
             f = float(v)
         except (TypeError, ValueError):
