@@ -281,26 +281,61 @@ def _domain_digits(
     chosen = _select("domains", domains, tuple(_DOMAINS), tuple(_DOMAINS))
     per_domain = _domain_sizes(sizes, chosen, split)
     images, labels, pool = _split_pool(split, seed)
+
+    def sample(d: str, rng: np.random.Generator, size: int) -> _Drawn:
+        idx = draw_indices(rng, len(labels), size)
+        return _DOMAINS[d][1](images[idx], rng), labels[idx], pool[idx]
+
+    def stream(i: int) -> np.random.Generator:
+        return _rng(seed, _TAG_DOMAINS, _TAG_SAMPLE[split], i)
+
+    return mixed_domains(
+        "domain_digits", split, chosen, tuple(_DOMAINS), per_domain, stream, sample
+    )
+
+
+#: One domain's draw: images (n, 8, 8), labels (n,), indices into the split's pool (n,).
+_Drawn = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def draw_indices(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """``size`` indices into a pool of ``n``, over as many fresh permutations as it takes.
+
+    >>> sorted(draw_indices(np.random.default_rng(0), 3, 6).tolist())  # two passes over 3
+    [0, 0, 1, 1, 2, 2]
+    """
+    reps = -(-size // n)
+    return np.concatenate([rng.permutation(n) for _ in range(reps)])[:size]
+
+
+def mixed_domains(
+    name: str,
+    split: str,
+    chosen: Sequence[str],
+    every: Sequence[str],
+    per_domain: Mapping[str, int],
+    stream: Callable[[int], np.random.Generator],
+    sample: Callable[[str, np.random.Generator, int], _Drawn],
+) -> MultiDomainDataset:
+    """A multi-domain dataset of the ``chosen`` domains, ``per_domain[d]`` samples each, drawn by
+    ``sample(d, rng, size)`` from ``stream(i)``, ``i`` the domain's position in ``every`` (so a
+    subset of the domains keeps its samples), then shuffled together by ``stream(99)``."""
     xs, ys, ds, base = [], [], [], []
     for k, d in enumerate(chosen):
-        # The stream depends on the domain's global position, so a subset keeps its samples.
-        rng = _rng(seed, _TAG_DOMAINS, _TAG_SAMPLE[split], list(_DOMAINS).index(d))
-        size = per_domain[d]
-        reps = -(-size // len(labels))
-        idx = np.concatenate([rng.permutation(len(labels)) for _ in range(reps)])[:size]
-        xs.append(_DOMAINS[d][1](images[idx], rng))
-        ys.append(labels[idx])
-        base.append(pool[idx])
-        ds.append(np.full(size, k, dtype=np.int64))
-    order = _rng(seed, _TAG_DOMAINS, _TAG_SAMPLE[split], 99).permutation(sum(per_domain.values()))
+        x, y, b = sample(d, stream(list(every).index(d)), per_domain[d])
+        xs.append(x)
+        ys.append(y)
+        base.append(b)
+        ds.append(np.full(len(y), k, dtype=np.int64))
+    order = stream(99).permutation(sum(per_domain.values()))
     x = np.concatenate(xs)[order][:, None]
     return MultiDomainDataset(
         torch.from_numpy(np.ascontiguousarray(x)),
         torch.from_numpy(np.concatenate(ds)[order]),
         torch.from_numpy(np.concatenate(ys)[order]),
-        domains=chosen,
+        domains=tuple(chosen),
         n_classes=10,
-        name="domain_digits",
+        name=name,
         split=split,
-        meta={"sizes": per_domain, "index": np.concatenate(base)[order]},
+        meta={"sizes": dict(per_domain), "index": np.concatenate(base)[order]},
     )

@@ -26,7 +26,14 @@ from gradlens.data._base import (
     _rng,
     _split_indices,
 )
-from gradlens.data._digits import _domain_sizes, _positive_int, _select, _split_pool
+from gradlens.data._digits import (
+    _domain_sizes,
+    _positive_int,
+    _select,
+    _split_pool,
+    draw_indices,
+    mixed_domains,
+)
 
 __all__ = ["DIGIT_SOURCES", "MULTIMNIST_TASKS"]
 
@@ -234,29 +241,17 @@ def _digit_sources(
         per_domain = {d: _SOURCE_SIZES[split][d] for d in chosen}
     else:
         per_domain = _domain_sizes(sizes, chosen, split)
-    xs, ys, ds, base = [], [], [], []
-    for k, d in enumerate(chosen):
-        if d == "sklearn":
-            images, labels, pool = _split_pool(split, seed)
-        else:
-            images, labels, pool = _mnist_split(split, seed)
-        rng = _rng(seed, _TAG_SOURCES, _TAG_SAMPLE[split], list(DIGIT_SOURCES).index(d))
-        size = per_domain[d]
-        reps = -(-size // len(labels))
-        idx = np.concatenate([rng.permutation(len(labels)) for _ in range(reps)])[:size]
-        xs.append(images[idx] if d == "sklearn" else _mnist8(images[idx]))
-        ys.append(labels[idx])
-        base.append(pool[idx])
-        ds.append(np.full(size, k, dtype=np.int64))
-    order = _rng(seed, _TAG_SOURCES, _TAG_SAMPLE[split], 99).permutation(sum(per_domain.values()))
-    x = np.concatenate(xs)[order][:, None]
-    return MultiDomainDataset(
-        torch.from_numpy(np.ascontiguousarray(x)),
-        torch.from_numpy(np.concatenate(ds)[order]),
-        torch.from_numpy(np.concatenate(ys)[order]),
-        domains=chosen,
-        n_classes=10,
-        name="digit_sources",
-        split=split,
-        meta={"sizes": per_domain, "index": np.concatenate(base)[order]},
+
+    def sample(d: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, ...]:
+        images, labels, pool = _split_pool(split, seed) if d == "sklearn" else _mnist_split(
+            split, seed
+        )
+        idx = draw_indices(rng, len(labels), size)
+        return (images[idx] if d == "sklearn" else _mnist8(images[idx])), labels[idx], pool[idx]
+
+    def stream(i: int) -> np.random.Generator:
+        return _rng(seed, _TAG_SOURCES, _TAG_SAMPLE[split], i)
+
+    return mixed_domains(
+        "digit_sources", split, chosen, tuple(DIGIT_SOURCES), per_domain, stream, sample
     )
