@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,9 +40,23 @@ def html_text(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+#: Markdown punctuation that a link or an image needs (``[text](url)``, ``![alt](src)``,
+#: ``[ref]: url``), and the backslash that could undo an escape.
+_MD_SPECIAL = re.compile(r"([\\\[\]])")
+
+
 def md_text(value: Any) -> str:
-    """Escape any value for a Markdown table cell or line: HTML-escaped, pipes and newlines."""
+    r"""Escape any value for a Markdown table cell or line: HTML-escaped (no raw HTML, no
+    ``<...>`` autolink), brackets backslash-escaped (no ``[text](url)`` link, ``![alt](url)``
+    image or ``[ref]: url`` definition), ``://`` and ``www.`` broken so no bare URL is
+    autolinked, pipes escaped and newlines joined.
+
+    Example:
+        >>> print(md_text("![p](http://evil.example/t.png) a|b"))
+        !\[p\](http&#58;//evil.example/t.png) a\|b
+    """
     text = html.escape(str(value), quote=False)
+    text = _MD_SPECIAL.sub(r"\\\1", text).replace("://", "&#58;//").replace("www.", "www&#46;")
     return text.replace("|", "\\|").replace("\n", " ").replace("`", "&#96;")
 
 

@@ -93,9 +93,26 @@ class Snapshot:
 
     @property
     def zero_tasks(self) -> tuple[str, ...]:
-        """Tasks whose gradient on the shared parameters is exactly zero (their cosines are NaN)."""
-        flags = _metrics.zero_tasks(self.gram)
+        """Tasks whose gradient on the shared parameters is exactly zero (their cosines are NaN).
+
+        A task whose gradient is not finite is not zero: see :attr:`nonfinite_tasks`.
+
+        Example:
+            >>> g = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, float("nan")]])
+            >>> s = Snapshot(0, ("a", "b", "c"), g.double(), {}, torch.ones(3))
+            >>> s.zero_tasks, s.nonfinite_tasks
+            (('b',), ('c',))
+        """
+        d = torch.diagonal(self.gram, dim1=-2, dim2=-1)
+        flags = torch.isfinite(d) & ~(d > 0)
         return tuple(t for t, zero in zip(self.tasks, flags.tolist()) if zero)
+
+    @property
+    def nonfinite_tasks(self) -> tuple[str, ...]:
+        """Tasks whose gradient holds NaN or infinity (``G[t, t]`` not finite), e.g. the
+        gradient of ``sqrt`` at 0 from a finite loss."""
+        d = torch.diagonal(self.gram, dim1=-2, dim2=-1)
+        return tuple(t for t, ok in zip(self.tasks, torch.isfinite(d).tolist()) if not ok)
 
     def norms(self, layer: str | None = None) -> torch.Tensor:
         """Gradient norm of each task, ``sqrt(diag G)``, in total or for one layer.

@@ -9,23 +9,52 @@ checksums, so a chunk damaged afterwards fails to read instead of being misread.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import uuid
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gradlens._errors import GradlensWarning
+from gradlens._errors import StoreError
 
 __all__: list[str] = []
 
 _CHUNK_RE = re.compile(r"^chunk-(\d{6,})\.parquet$")
 TMP_PREFIX = ".tmp-"
+#: Key of the header every chunk carries in its Parquet schema metadata (JSON: chunk index,
+#: tasks, first and last step), checked by the reader against the file name and meta.json.
+HEADER_KEY = b"gradlens"
+
+_DICT = pa.dictionary(pa.int32(), pa.string())
+STEPS_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("layer", _DICT),
+        ("task_i", _DICT),
+        ("task_j", _DICT),
+        ("gram", pa.float64()),
+    ]
+)
+SCALARS_SCHEMA = pa.schema(
+    [("step", pa.int64()), ("task", _DICT), ("weight", pa.float64()), ("loss", pa.float64())]
+)
+EVALS_SCHEMA = pa.schema(
+    [
+        ("point", pa.string()),
+        ("epoch", pa.int64()),
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("task", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
 
 
 def chunk_name(index: int) -> str:
@@ -89,24 +118,88 @@ def list_chunks(directory: Path) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
-def read_chunk(path: Path, schema: pa.Schema) -> pa.Table | None:
-    """Read one chunk and check its columns; on any failure warn naming the file and return None."""
+class ChunkError(StoreError):
+    """A chunk file cannot be read as a chunk of the expected kind (the message names it)."""
+
+
+def read_chunk(path: Path, schema: pa.Schema) -> pa.Table:
+    """Read one chunk and check its columns; raise :class:`ChunkError` naming the file if not."""
     try:
         table = pq.read_table(path, page_checksum_verification=True)
         missing = [f.name for f in schema if f.name not in table.column_names]
         if missing:
             raise ValueError(f"missing columns {missing}")
+        header = chunk_header(table)
         table = table.select(schema.names)
         for field in schema:
             found = table.schema.field(field.name).type
             if not found.equals(field.type):
                 raise ValueError(f"column {field.name!r} is {found}, expected {field.type}")
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        warnings.warn(
-            f"Skipping the unreadable chunk {path} ({type(exc).__name__}: {exc}). The rest of the "
-            f"run is read; the steps of this chunk are missing.",
-            GradlensWarning,
-            stacklevel=4,
-        )
-        return None
+        # a damaged page the checksums let through (a dictionary index out of range...) is
+        # caught here, not later as a crash in pandas
+        table.validate(full=True)
+        if header is not None:
+            _check_header(table, header)
+    except (OSError, ValueError, IndexError, pa.ArrowException) as exc:
+        raise ChunkError(f"the unreadable chunk {path} ({type(exc).__name__}: {exc})") from None
+    if header is not None:
+        table = with_header(table, header)
     return table
+
+
+def step_range(table: pa.Table) -> list[int] | None:
+    """``[first, last]`` step of a table (None without a step column or non-null steps)."""
+    if "step" not in table.column_names:
+        return None
+    mm = pc.min_max(table["step"]).as_py()
+    return None if mm["min"] is None else [int(mm["min"]), int(mm["max"])]
+
+
+def _labels(table: pa.Table, column: str) -> set[str]:
+    """The labels a dictionary column's rows use."""
+    col = table.column(column).combine_chunks()
+    return {str(v) for v in pc.unique(col.dictionary.take(col.indices)).to_pylist()}
+
+
+def _check_header(table: pa.Table, header: dict[str, object]) -> None:
+    """The table agrees with its header: a damaged file footer (no checksum covers it) can
+    make Parquet return fewer rows, and a damaged dictionary other labels; both are caught here.
+
+    Raises:
+        ValueError: Naming the first disagreement.
+    """
+    rows = header.get("rows")
+    if rows is not None and rows != table.num_rows:
+        raise ValueError(f"{table.num_rows} rows read, its header says {rows}")
+    steps = header.get("steps")
+    if steps is not None and step_range(table) != steps:
+        raise ValueError(f"steps {step_range(table)} read, its header says {steps}")
+    for key, columns in (("tasks", ("task_i", "task_j", "task")), ("layers", ("layer",))):
+        allowed = header.get(key)
+        if not isinstance(allowed, list):
+            continue
+        for column in columns:
+            if column in table.column_names:
+                extra = _labels(table, column) - {str(a) for a in allowed}
+                if extra:
+                    raise ValueError(f"labels {sorted(extra)} in {column!r} are not in its header")
+
+
+def chunk_header(table: pa.Table) -> dict[str, object] | None:
+    """The gradlens header of a chunk (None for chunks written before headers existed).
+
+    Raises:
+        ValueError: If a header is there but is not a JSON object.
+    """
+    raw = (table.schema.metadata or {}).get(HEADER_KEY)
+    if raw is None:
+        return None
+    header = json.loads(raw.decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError(f"its header should be a JSON object; found {header!r:.60}")
+    return header
+
+
+def with_header(table: pa.Table, header: dict[str, object]) -> pa.Table:
+    """``table`` carrying ``header`` as its gradlens schema metadata."""
+    return table.replace_schema_metadata({HEADER_KEY: json.dumps(header).encode("utf-8")})

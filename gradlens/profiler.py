@@ -113,6 +113,8 @@ class Profiler:
         self.step = 0
         self._closed = False
         self._warned_zero: set[str] = set()
+        self._warned_nonfinite: set[str] = set()
+        self._device_ok: torch.device | None = None
         self._warned_unrecorded = False
         self._seen_forward = False
         self._auto_logged: set[tuple[object, ...]] = set()
@@ -285,7 +287,10 @@ class Profiler:
         probe = bool(self._schedule(step)) or (gw is not None and held is None)
         # finiteness is checked on probed steps only: the check reads the losses on the host,
         # which on a GPU would stall every step (an unprobed step then behaves as plain training)
-        L, parts = _stack_losses(losses, self.tasks, check_finite=probe)
+        L, parts = _stack_losses(losses, self.tasks, check_finite=False)
+        self._check_device(L)
+        if probe:
+            _check_finite(L, self.tasks)
         if gw is None:
             w = self._weights_on(weights, L)  # type: ignore[arg-type]  # not a callable here
         else:
@@ -322,6 +327,18 @@ class Profiler:
             for sink in self._sinks:
                 sink.add_snapshot(snap)
         return snap
+
+    def _check_device(self, L: torch.Tensor) -> None:
+        if L.device == self._device_ok:
+            return  # checked once per device, not every step
+        devices = {p.device for p in self._shared.params}
+        if devices and L.device not in devices:
+            raise GradlensError(
+                f"`losses` should be on the device of the shared parameters "
+                f"({', '.join(sorted(map(str, devices)))}); found {L.device}. Compute the "
+                "losses where the model is (move the targets, not the outputs)."
+            )
+        self._device_ok = L.device
 
     def _weights_on(
         self, weights: Mapping[str, float | torch.Tensor] | None, L: torch.Tensor
@@ -563,6 +580,17 @@ class Profiler:
             self.store.update_meta(auto=self._engine.summary())  # type: ignore[attr-defined]
 
     def _flag_zero(self, snap: Snapshot) -> None:
+        bad = [t for t in snap.nonfinite_tasks if t not in self._warned_nonfinite]
+        if bad:
+            self._warned_nonfinite.update(bad)
+            warnings.warn(
+                f"tasks {bad} have a non-finite (NaN or infinite) gradient on the shared "
+                f"{'representation' if snap.level == 'features' else 'parameters'} at step "
+                f"{snap.step}, from finite losses (Snapshot.nonfinite_tasks flags them; e.g. "
+                "sqrt or log at 0 in the loss).",
+                GradlensWarning,
+                stacklevel=3,
+            )
         new = [t for t in snap.zero_tasks if t not in self._warned_zero]
         if new:
             self._warned_zero.update(new)
@@ -705,24 +733,35 @@ def _stack_losses(
                 f"`losses[{t!r}]` should be a scalar (one element); found shape "
                 f"{tuple(v.shape)}. Reduce it (e.g. .mean()) first."
             )
+        if not v.dtype.is_floating_point:
+            raise GradlensError(
+                f"`losses[{t!r}]` should be a real floating-point scalar; found dtype {v.dtype}."
+                + (" Take .abs() or .real of a complex loss first." if v.is_complex() else "")
+            )
         if not v.requires_grad:
             raise GradlensError(
                 f"`losses[{t!r}]` should require grad (depend on the model's parameters); "
                 "found a tensor with requires_grad=False."
             )
         vals.append(v if v.dim() == 0 else v.reshape(()))  # no extra view node for a scalar
+    if len({v.device for v in vals}) > 1:
+        found = {t: str(v.device) for t, v in zip(tasks, vals)}
+        raise GradlensError(f"`losses` should all be on one device; found {found}.")
     dtypes = {v.dtype for v in vals}
     if len(dtypes) > 1:
         dt = torch.promote_types(*dtypes) if len(dtypes) == 2 else torch.float64
         vals = [v.to(dt) for v in vals]
     L = torch.stack(vals)
-    if not check_finite:
-        return L, vals
+    if check_finite:
+        _check_finite(L, tasks)
+    return L, vals
+
+
+def _check_finite(L: torch.Tensor, tasks: tuple[str, ...]) -> None:
     finite = torch.isfinite(L.detach())
     if not bool(finite.all()):
         bad = {t: v for t, v, ok in zip(tasks, L.detach().tolist(), finite.tolist()) if not ok}
         raise GradlensError(f"`losses` should be finite; found {bad}.")
-    return L, vals
 
 
 def _weight_values(
@@ -742,6 +781,10 @@ def _weight_values(
     vals = []
     for t in tasks:
         v = weights[t]
+        if isinstance(v, (str, bytes, bool)):  # float() would accept "0.5" and True
+            raise GradlensError(
+                f"`weights[{t!r}]` should be a real number; found {type(v).__name__} ({v!r})."
+            )
         try:
             f = float(v)
         except (TypeError, ValueError):

@@ -7,13 +7,17 @@ Layout of a run directory (format version :data:`FORMAT_VERSION`)::
                                    every layer's Gram, layer ``"__all__"`` for the total
     scalars/chunk-000000.parquet   [step, task, weight, loss]: the same steps' weights and losses
     evals/chunk-000000.parquet     [point, epoch, step, split, task, metric, value]
+    commits.json                   how many steps and evals chunks are committed
     .lock                          the live writer's pid, host and start time
 
 :class:`RunWriter` buffers the current chunk of probed steps in memory and writes it every
 ``flush_every`` steps or ``flush_seconds`` seconds; each file is written under a temporary name and
 renamed into place, and a ``scalars`` chunk is always renamed before its ``steps`` chunk, which is
 the commit point. A run killed at any instant therefore reads back every step of its last committed
-chunk and nothing torn. Evals are written as soon as they are added.
+chunk and nothing torn. Evals are written as soon as they are added. Each chunk carries a header
+(index, tasks, steps) that the reader checks against its file name, ``meta.json`` and the commit
+record (see :mod:`gradlens._store_check`); ``RunWriter(..., append=True)`` continues a run whose
+writer died and :meth:`RunWriter.rewind` cuts one back to a step (:mod:`gradlens._store_append`).
 
 :func:`load_run` reads one run (also while it is being written), :func:`load_runs` tabulates many
 runs (meta flattened + final evals) for cross-run analysis; ``gradlens.stats`` builds its tables
@@ -48,7 +52,6 @@ import os
 import platform
 import shutil
 import time
-import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from functools import cached_property
@@ -60,15 +63,27 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from gradlens._errors import GradlensError, GradlensWarning, StoreError
+from gradlens._errors import GradlensError, StoreError
 from gradlens._snapshot import TOTAL_LAYER, Snapshot
+from gradlens._store_append import committed_state, truncate_after
+from gradlens._store_check import (
+    COMMITS_NAME,
+    Problems,
+    header_for,
+    read_commits,
+    read_eval_chunks,
+    read_step_chunks,
+    write_commits,
+)
+from gradlens._store_io import EVALS_SCHEMA as _EVALS_SCHEMA
+from gradlens._store_io import SCALARS_SCHEMA as _SCALARS_SCHEMA
+from gradlens._store_io import STEPS_SCHEMA as _STEPS_SCHEMA
 from gradlens._store_io import (
     TMP_PREFIX,
     atomic_write_bytes,
     atomic_write_table,
     chunk_name,
-    list_chunks,
-    read_chunk,
+    with_header,
 )
 from gradlens._store_lock import RunLock
 
@@ -80,32 +95,6 @@ FORMAT_VERSION = 1
 META_NAME = "meta.json"
 _STEPS, _SCALARS, _EVALS = "steps", "scalars", "evals"
 _RESERVED_META = ("format_version", "created", "versions")
-
-_DICT = pa.dictionary(pa.int32(), pa.string())
-_STEPS_SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("layer", _DICT),
-        ("task_i", _DICT),
-        ("task_j", _DICT),
-        ("gram", pa.float64()),
-    ]
-)
-_SCALARS_SCHEMA = pa.schema(
-    [("step", pa.int64()), ("task", _DICT), ("weight", pa.float64()), ("loss", pa.float64())]
-)
-_EVALS_SCHEMA = pa.schema(
-    [
-        ("point", pa.string()),
-        ("epoch", pa.int64()),
-        ("step", pa.int64()),
-        ("split", pa.string()),
-        ("task", pa.string()),
-        ("metric", pa.string()),
-        ("value", pa.float64()),
-    ]
-)
-
 
 # --------------------------------------------------------------------------------------------
 # meta.json
@@ -155,20 +144,28 @@ def _read_meta(run_dir: Path) -> dict[str, Any]:
         raise StoreError(
             f"`path` should be a gradlens run directory holding {META_NAME}; found no {path}."
         ) from None
+    except OSError as exc:
+        raise StoreError(f"Cannot read the run metadata {path} ({exc}).") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StoreError(f"The run metadata {path} is not valid JSON ({exc}).") from None
     if not isinstance(meta, dict):
         raise StoreError(f"The run metadata {path} should hold a JSON object; found {meta!r:.80}.")
     version = meta.get("format_version")
-    if not isinstance(version, int):
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise StoreError(
-            f"The run metadata {path} should hold an integer `format_version`; found {version!r}."
+            f"The run metadata {path} should hold a positive integer `format_version`; found "
+            f"{version!r}."
         )
     if version > FORMAT_VERSION:
         raise StoreError(
             f"The run {run_dir} has store format version {version}; this gradlens reads versions "
             f"up to {FORMAT_VERSION}. Upgrade gradlens (`pip install -U gradlens`) to read it."
         )
+    if "tasks" in meta:
+        try:
+            _check_tasks(meta["tasks"])
+        except StoreError as exc:
+            raise StoreError(f"The run metadata {path} is invalid: {exc}") from None
     return meta
 
 
@@ -220,7 +217,12 @@ class _WriterState:
 
     def write_meta(self) -> None:
         text = json.dumps(self.meta, indent=2, allow_nan=True)
-        atomic_write_bytes(self.path / META_NAME, text.encode("utf-8"))
+        try:
+            atomic_write_bytes(self.path / META_NAME, text.encode("utf-8"))
+        except OSError as exc:
+            raise StoreError(
+                f"Could not write the metadata of the run {self.path} ({exc})."
+            ) from exc
 
     def set_tasks(self, tasks: tuple[str, ...]) -> None:
         self.tasks = tasks
@@ -262,10 +264,17 @@ class _WriterState:
             schema=_SCALARS_SCHEMA,
         )
         name = chunk_name(self.chunk_index)
+        i, labels = self.chunk_index, {"tasks": list(tasks)}
+        step_header = header_for(i, step_table, layers=list(self.layer_codes), **labels)
         try:
             # scalars first: the steps chunk is the commit point read by load_run
-            atomic_write_table(self.path / _SCALARS / name, scalar_table)
-            atomic_write_table(self.path / _STEPS / name, step_table)
+            atomic_write_table(
+                self.path / _SCALARS / name,
+                with_header(scalar_table, header_for(i, scalar_table, **labels)),
+            )
+            atomic_write_table(self.path / _STEPS / name, with_header(step_table, step_header))
+            # then the record: a kill before it leaves one chunk more than recorded, which is read
+            write_commits(self.path, self.chunk_index + 1, self.eval_index)
         except OSError as exc:
             raise StoreError(
                 f"Could not write chunk {name} of the run {self.path} ({exc}); the "
@@ -302,10 +311,17 @@ class RunWriter:
         flush_seconds: ... or when this many seconds have passed since the last chunk (checked at
             each ``add_snapshot``; no timer thread).
         overwrite: Replace a run already in ``path``; otherwise that is an error.
+        append: Reopen the run already in ``path`` (one whose writer died, or was closed) and
+            continue it after its last committed step: its chunks, evals and ``meta.json`` are
+            kept (``meta`` updates the stored fields, its ``tasks`` must be the run's), what the
+            dead writer left uncommitted is removed, and ``meta["resumes"]`` records the reopening.
+            Without a run in ``path`` it starts a new one. See also :meth:`rewind`.
 
     Raises:
         StoreError: If another live process writes ``path`` (the error names its pid), if ``path``
-            already holds a run and ``overwrite`` is False, or on a bad argument.
+            already holds a run and neither ``overwrite`` nor ``append`` is set, if a run to
+            append to is damaged (an unreadable, missing or duplicated chunk) or has other
+            tasks, on a file system error, or on a bad argument.
 
     A stale lock left by a dead writer on this host is taken over with a ``GradlensWarning``. Only
     the current chunk is kept in memory and nothing touches the disk between chunk boundaries.
@@ -334,7 +350,10 @@ class RunWriter:
         flush_every: int = 100,
         flush_seconds: float = 30.0,
         overwrite: bool = False,
+        append: bool = False,
     ) -> None:
+        if overwrite and append:
+            raise StoreError("`overwrite` and `append` should not both be True; found both.")
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise StoreError(f"`flush_every` should be a positive int; found {flush_every!r}.")
         if (
@@ -355,22 +374,35 @@ class RunWriter:
         tasks = _check_tasks(user_meta["tasks"]) if "tasks" in user_meta else None
 
         run_dir = Path(path)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise StoreError(f"`path` should be a run directory; found a file at {run_dir}.")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        state = _WriterState(run_dir, flush_every, float(flush_seconds))
-        state.lock.acquire()
         try:
-            self._prepare_dir(run_dir, overwrite)
-            state.meta = {
-                "format_version": FORMAT_VERSION,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "versions": _versions(),
-                **user_meta,
-            }
-            if tasks is not None:
-                state.set_tasks(tasks)
-            state.write_meta()
+            if run_dir.exists() and not run_dir.is_dir():
+                raise StoreError(f"`path` should be a run directory; found a file at {run_dir}.")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            state = _WriterState(run_dir, flush_every, float(flush_seconds))
+            state.lock.acquire()
+        except OSError as exc:
+            raise StoreError(
+                f"Cannot open the run directory {run_dir} for writing ({exc})."
+            ) from exc
+        try:
+            if append and (run_dir / META_NAME).exists():
+                self._reopen(state, user_meta, tasks)
+            else:
+                self._prepare_dir(run_dir, overwrite or append)
+                state.meta = {
+                    "format_version": FORMAT_VERSION,
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "versions": _versions(),
+                    **user_meta,
+                }
+                if tasks is not None:
+                    state.set_tasks(tasks)
+                state.write_meta()
+                write_commits(run_dir, 0, 0)
+        except OSError as exc:
+            state.closed = True
+            state.lock.release()
+            raise StoreError(f"Cannot prepare the run directory {run_dir} ({exc}).") from exc
         except BaseException:
             state.closed = True
             state.lock.release()
@@ -379,12 +411,36 @@ class RunWriter:
         self._finalizer = weakref.finalize(self, _finalize, state)
 
     @staticmethod
+    def _reopen(state: _WriterState, user_meta: dict[str, Any], tasks: Any) -> None:
+        run_dir = state.path
+        meta = _read_meta(run_dir)
+        stored = tuple(meta["tasks"]) if "tasks" in meta else None
+        if tasks is not None and stored is not None and tasks != stored:
+            raise StoreError(
+                f"`meta['tasks']` should be the tasks of the run to append to, {list(stored)}; "
+                f"found {list(tasks)}."
+            )
+        n_chunks, last, n_evals = committed_state(run_dir, stored)
+        state.meta = {**meta, **user_meta}
+        if "tasks" in state.meta:
+            state.set_tasks(tuple(state.meta["tasks"]))
+        state.chunk_index, state.last_step, state.eval_index = n_chunks, last, n_evals
+        resumes = list(state.meta.get("resumes") or [])
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        resumes.append({"at": now, "after_step": last})
+        state.meta["resumes"] = resumes
+        state.write_meta()
+        write_commits(run_dir, n_chunks, n_evals)
+
+    @staticmethod
     def _prepare_dir(run_dir: Path, overwrite: bool) -> None:
-        ours = [run_dir / n for n in (META_NAME, _STEPS, _SCALARS, _EVALS)]
+        ours = [run_dir / n for n in (META_NAME, _STEPS, _SCALARS, _EVALS, COMMITS_NAME)]
         if not overwrite and any(p.exists() for p in ours):
             raise StoreError(
-                f"`path` {run_dir} already holds a run; pass overwrite=True to replace it, or "
-                f"choose a new directory."
+                f"`path` {run_dir} already holds a run: replace it with "
+                f"RunWriter(path, overwrite=True) (for a Profiler: "
+                f"store=RunWriter(path, overwrite=True); `gradlens train`: --overwrite), continue "
+                f"it with append=True, or choose a new directory."
             )
         for p in ours:
             if p.is_dir():
@@ -541,7 +597,9 @@ class RunWriter:
             schema=_EVALS_SCHEMA,
         )
         try:
+            table = with_header(table, header_for(st.eval_index, table))
             atomic_write_table(st.path / _EVALS / chunk_name(st.eval_index), table)
+            write_commits(st.path, st.chunk_index, st.eval_index + 1)
         except OSError as exc:
             raise StoreError(f"Could not write an eval of the run {st.path} ({exc}).") from exc
         st.eval_index += 1
@@ -568,14 +626,56 @@ class RunWriter:
                     f"`tasks` cannot change during a run: it is {list(st.tasks)}; found "
                     f"{list(tasks)}."
                 )
-            if st.tasks is None:
-                st.set_tasks(tasks)
-        st.meta.update(new)
-        st.write_meta()
+        old = st.meta
+        st.meta = {**old, **new}
+        try:
+            st.write_meta()
+        except StoreError:
+            st.meta = old  # a failed call changes nothing
+            raise
+        if "tasks" in new and st.tasks is None:
+            st.set_tasks(tuple(new["tasks"]))
 
     def flush(self) -> None:
         """Write the buffered steps as one chunk now (no-op if none are buffered)."""
         self._check_open("flush").flush()
+
+    def rewind(self, step: int) -> int:
+        """Continue the run at training step ``step`` (training restored from a checkpoint taken
+        after ``step`` steps): every stored or buffered probed step ``>= step`` is dropped, and
+        every eval from the first one recorded with a step ``> step`` on (an eval recorded at
+        ``step`` was taken at the checkpoint). Returns the number of probed steps dropped.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from gradlens import Snapshot
+            >>> w = RunWriter(tempfile.mkdtemp() + "/r", meta={"tasks": ["a"]}, flush_every=2)
+            >>> for s in range(5):
+            ...     w.add_snapshot(Snapshot(s, ("a",), torch.ones(1, 1), {}, torch.ones(1)))
+            >>> w.rewind(3)
+            2
+            >>> w.add_snapshot(Snapshot(3, ("a",), torch.ones(1, 1), {}, torch.ones(1)))
+            >>> w.close()
+            >>> load_run(w.path).probed_steps.tolist()
+            [0, 1, 2, 3]
+        """
+        st = self._check_open("rewind")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise StoreError(f"`step` should be an int; found {step!r}.")
+        step = int(step)
+        kept = [k for k, s in enumerate(st.buf_steps) if s < step]
+        dropped = len(st.buf_steps) - len(kept)
+        for name in ("buf_steps", "buf_codes", "buf_values", "buf_weights", "buf_losses"):
+            setattr(st, name, [getattr(st, name)[k] for k in kept])
+        try:
+            n_chunks, last, n_evals, gone = truncate_after(
+                st.path, step - 1, st.chunk_index, st.eval_index, eval_step=step
+            )
+        except OSError as exc:
+            raise StoreError(f"Could not rewind the run {st.path} to step {step} ({exc}).") from exc
+        st.chunk_index, st.eval_index = n_chunks, n_evals
+        st.last_step = st.buf_steps[-1] if st.buf_steps else last
+        return dropped + gone
 
     def close(self) -> None:
         """Flush and release the lock; idempotent."""
@@ -599,12 +699,10 @@ class RunWriter:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_evals(run_dir: Path) -> pd.DataFrame:
-    tables = [
-        t
-        for p in list_chunks(run_dir / _EVALS).values()
-        if (t := read_chunk(p, _EVALS_SCHEMA)) is not None
-    ]
+def _read_evals(
+    run_dir: Path, problems: Problems | None = None, commits: dict[str, int] | None = None
+) -> pd.DataFrame:
+    tables = read_eval_chunks(run_dir, problems or Problems(False), commits)
     table = pa.concat_tables(tables) if tables else _EVALS_SCHEMA.empty_table()
     df = table.to_pandas()
     for col in ("epoch", "step"):
@@ -612,29 +710,20 @@ def _read_evals(run_dir: Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _read_steps(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    step_chunks = list_chunks(run_dir / _STEPS)
-    scalar_chunks = list_chunks(run_dir / _SCALARS)
-    steps: list[pa.Table] = []
-    scalars: list[pa.Table] = []
-    for index, path in step_chunks.items():
-        if index not in scalar_chunks:
-            warnings.warn(
-                f"Skipping the chunk {path}: its scalars chunk {run_dir / _SCALARS / path.name} "
-                f"is missing.",
-                GradlensWarning,
-                stacklevel=3,
-            )
-            continue
-        st = read_chunk(path, _STEPS_SCHEMA)
-        sc = read_chunk(scalar_chunks[index], _SCALARS_SCHEMA)
-        if st is not None and sc is not None:
-            steps.append(st)
-            scalars.append(sc)
+def _read_steps(
+    run_dir: Path, tasks: tuple[str, ...] | None, problems: Problems, commits: dict[str, int]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    steps, scalars = read_step_chunks(run_dir, tasks, problems, commits)
     # A scalars chunk without its steps chunk is a flush cut short: not committed, not read.
-    st_df = (pa.concat_tables(steps) if steps else _STEPS_SCHEMA.empty_table()).to_pandas()
-    sc_df = (pa.concat_tables(scalars) if scalars else _SCALARS_SCHEMA.empty_table()).to_pandas()
+    st_df = _concat(steps, _STEPS_SCHEMA).to_pandas()
+    sc_df = _concat(scalars, _SCALARS_SCHEMA).to_pandas()
     return _by_step(st_df), _by_step(sc_df)
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
 
 
 def _by_step(df: pd.DataFrame) -> pd.DataFrame:
@@ -709,6 +798,11 @@ class Run:
         g = self.steps["gram"].to_numpy()
         if mask is not None:
             i, j, g, lead = i[mask], j[mask], g[mask], [x[mask] for x in lead]
+        ok = (i >= 0) & (j >= 0)  # a label not in `tasks` never wraps to the last task
+        for x in lead:
+            ok &= x >= 0
+        if not ok.all():
+            i, j, g, lead = i[ok], j[ok], g[ok], [x[ok] for x in lead]
         out[(*lead, i, j)] = g
         out[(*lead, j, i)] = g
         return out
@@ -789,14 +883,19 @@ class Run:
         )
 
 
-def load_run(path: str | os.PathLike[str]) -> Run:
+def load_run(path: str | os.PathLike[str], *, strict: bool = False) -> Run:
     """Read a run directory (also one still being written: its committed chunks are returned).
 
-    A chunk that cannot be read (truncated, corrupted) is skipped with a ``GradlensWarning`` naming
-    the file; it is never misread.
+    A chunk that cannot be read (truncated, corrupted), a committed chunk that is missing (the
+    commit record ``commits.json`` counts them), a chunk whose header names another index (a
+    file copied over another) or whose steps overlap the previous chunk's is skipped with a
+    ``GradlensWarning`` naming the file; it is never misread. With ``strict=True`` each of these
+    is a :class:`StoreError` instead.
 
     Raises:
-        StoreError: If ``path`` holds no ``meta.json`` or was written by a newer format version.
+        StoreError: If ``path`` holds no readable ``meta.json``, was written by a newer format
+            version, or a chunk's tasks differ from ``meta.json``'s (the Grams could not be
+            labelled); in strict mode, on any problem listed above.
 
     Example:
         >>> import tempfile
@@ -807,9 +906,15 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         (('a', 'b'), 0, ['step', 'layer', 'task_i', 'task_j', 'gram'])
     """
     run_dir = Path(path)
-    meta = _read_meta(run_dir)
-    steps, scalars = _read_steps(run_dir)
-    evals = _read_evals(run_dir)
+    problems = Problems(strict)
+    try:
+        meta = _read_meta(run_dir)
+        commits = read_commits(run_dir, problems)
+        tasks = tuple(meta["tasks"]) if "tasks" in meta else None
+        steps, scalars = _read_steps(run_dir, tasks, problems, commits)
+        evals = _read_evals(run_dir, problems, commits)
+    except OSError as exc:
+        raise StoreError(f"Cannot read the run {run_dir}: {exc}.") from None
     return Run(run_dir, meta, steps, scalars, evals)
 
 

@@ -47,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 from gradlens._errors import GradlensError, GradlensWarning
+from gradlens._paths import check_name
 from gradlens._train_data import (
     TrainData,
     epoch_batches,
@@ -56,6 +57,11 @@ from gradlens._train_data import (
     multitask_losses,
     resample_batch,
     steps_per_epoch,
+)
+from gradlens._train_limits import (
+    check_device_available,
+    check_model_size,
+    torch_threads,
 )
 from gradlens.data import DATASETS
 from gradlens.engines import ENGINES
@@ -123,6 +129,9 @@ class TrainConfig:
             sets them from the losses every step. Its state is in :meth:`Trainer.state_dict`.
         per_layer: apply a Gram ``weighting`` to each layer's own Gram (``gl.per_layer``).
         device: a torch device string.
+        threads: torch CPU threads while this run trains and evaluates (restored after); None
+            leaves torch's setting. Part of the run's recorded configuration because the
+            numbers depend on it; sweeps and PBT set 1 when it is None, whatever ``workers``.
         config: free-form user fields, stored with the run (``meta["config"]["config"]``).
 
     Example:
@@ -157,6 +166,7 @@ class TrainConfig:
     weighting: str | None = None
     per_layer: bool = False
     device: str = "cpu"
+    threads: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -176,6 +186,8 @@ class TrainConfig:
                 raise GradlensError(
                     f"`tasks` should be a non-empty list of distinct task names; found {tasks!r}."
                 )
+            for t in tasks:  # task names become file names (a sweep's baseline run ids)
+                check_name(t, "tasks[]")
             self.tasks = tasks
         _check_choice("model", self.model, FAMILIES)
         self.width = _check_number("width", self.width, low=0.0, strict=True)
@@ -201,6 +213,8 @@ class TrainConfig:
             self.early_stopping = _check_int(
                 "early_stopping", self.early_stopping, low=1, none_ok=False
             )
+        if self.threads is not None:
+            self.threads = _check_int("threads", self.threads, low=1, none_ok=False)
         _check_weighting(self)
         if not isinstance(self.device, str):
             raise GradlensError(f"`device` should be a torch device string; found {self.device!r}.")
@@ -260,6 +274,11 @@ class Trainer:
         run_dir: the run directory to write (meta, probed Grams, evals); None keeps nothing.
         progress: show a tqdm bar per epoch with the running losses (only on a terminal).
         overwrite: replace a run already stored in ``run_dir``.
+        yes: confirm a model beyond the size bound (:data:`MAX_DEPTH` blocks or
+            :data:`PARAMS_WITHOUT_YES` parameters), which is otherwise refused before it is built.
+        append: continue the run stored in ``run_dir`` (see ``RunWriter(append=True)``): load
+            the checkpoint it was resumed from with :meth:`load_state_dict`, which drops the
+            steps and evals the run stored after that checkpoint and keeps every one before.
 
     The run's ``meta.json`` holds ``tasks``, ``kind``, ``scalarization``, ``weights`` (the initial
     normalised weights), ``weight_schedule`` (the weights in use from each ``{"epoch", "step"}``
@@ -291,17 +310,20 @@ class Trainer:
         *,
         progress: bool = True,
         overwrite: bool = False,
+        append: bool = False,
+        yes: bool = False,
     ) -> None:
         cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
         self.config = cfg
         self.progress = bool(progress)
-        self.device = torch.device(cfg.device)
+        self.device = check_device_available(cfg.device)
         self.data: TrainData = load_train_data(
             cfg.dataset, cfg.dataset_options, cfg.tasks, cfg.seed, self.device
         )
         self.tasks: tuple[str, ...] = self.data.tasks
         self.multidomain = self.data.kind == "multidomain"
         depth = DEFAULT_DEPTH[cfg.model] if cfg.depth is None else cfg.depth
+        check_model_size(cfg, self.data.heads, self.data.input_shape, depth, yes)
         self.model = build_model(
             cfg.model,
             self.data.heads,
@@ -356,8 +378,14 @@ class Trainer:
             "device": str(self.device),
         }
         writer = None
+        self._stored_log: list[dict[str, Any]] | None = None
         if run_dir is not None:
-            writer = RunWriter(run_dir, meta=meta, overwrite=overwrite)
+            if append and (Path(run_dir) / "meta.json").is_file():
+                from gradlens.store import _read_meta
+
+                stored = _read_meta(Path(run_dir)).get("weight_schedule")
+                self._stored_log = list(stored) if isinstance(stored, list) else None
+            writer = RunWriter(run_dir, meta=meta, overwrite=overwrite, append=append)
         self.run_dir: Path | None = None if writer is None else writer.path
         try:
             self.profiler = Profiler(
@@ -431,7 +459,8 @@ class Trainer:
         n = _check_int("n", n, low=1, none_ok=False)
         val: dict[str, dict[str, float]] = {}
         for _ in range(n):
-            bar, train_losses = self._train_epoch()
+            with torch_threads(self.config.threads):
+                bar, train_losses = self._train_epoch()
             val = self.evaluate("val")
             if bar is not None:
                 bar.set_postfix_str(_postfix(train_losses, val), refresh=True)
@@ -454,7 +483,8 @@ class Trainer:
         """
         if split not in _SPLITS:
             raise GradlensError(f"`split` should be one of {_SPLITS}; found {split!r}.")
-        return evaluate(self.model, self.data, split)
+        with torch_threads(self.config.threads):
+            return evaluate(self.model, self.data, split)
 
     def finish(self) -> dict[str, dict[str, dict[str, float]]]:
         """Evaluate ``val`` and ``test``, record them as point ``"final"``, close the run.
@@ -524,6 +554,13 @@ class Trainer:
         self.step = int(state["step"])
         self.profiler.step = self.step
         w = _normalise(state["weights"], self.tasks, "state['weights']")
+        if self.store is not None:  # the run continues at the loaded step
+            self.store.rewind(self.step)
+        if self._stored_log is not None:  # a reopened run: its schedule up to the loaded step
+            kept = [e for e in self._stored_log if int(e.get("step", 0)) <= self.step]
+            self._log, self._stored_log = kept or self._log, None
+            if self.store is not None:
+                self.store.update_meta(weight_schedule=self._log)
         if w != self._weights:
             self._set_weights(w)
         self._load_weighting_state(state.get("weighting"))
@@ -702,8 +739,11 @@ def train(
     *,
     progress: bool = True,
     overwrite: bool = False,
+    yes: bool = False,
 ) -> TrainResult:
     """Train ``config.epochs`` epochs (with early stopping if configured), then :meth:`finish`.
+
+    ``yes`` confirms a model beyond the size bound (see :class:`Trainer`).
 
     With ``early_stopping = k``, training stops after ``k`` epochs without a new best mean
     validation :func:`score`, and the model of the best epoch is restored before the final
@@ -715,7 +755,7 @@ def train(
         >>> res.run_dir is None, res.epochs_run, res.stopped_early
         (True, 2, False)
     """
-    trainer = Trainer(config, run_dir, progress=progress, overwrite=overwrite)
+    trainer = Trainer(config, run_dir, progress=progress, overwrite=overwrite, yes=yes)
     try:
         cfg = trainer.config
         trainer._total_epochs = cfg.epochs

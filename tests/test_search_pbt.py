@@ -275,9 +275,13 @@ def test_sigkill_then_resume_makes_the_same_choices_as_an_uninterrupted_run(tmp_
         assert a["lineage"] == b["lineage"]
         assert a["scores"] == b["scores"]
         assert a["final"] == b["final"]
-        run = load_run(out / a["run_dir"])
+        run = load_run(out / a["run_dir"], strict=True)
         assert run.meta["pbt"]["resumed_at"] == [killed_at["epoch"]]
         assert run.meta["epochs_run"] == 6
+        # append mode: the history flushed before the kill is kept, none is duplicated
+        ref_run = load_run(straight / a["run_dir"], strict=True)
+        np.testing.assert_array_equal(run.probed_steps, ref_run.probed_steps)
+        assert len(run.meta["resumes"]) == 1
 
 
 @pytest.mark.slow

@@ -240,10 +240,10 @@ def test_broken_runs_are_redone_and_only_they(tmp_path):
 def test_a_failing_run_is_recorded_and_retried(tmp_path, monkeypatch):
     real = sweep_mod._train_trial
 
-    def flaky(train: dict, run_dir: str) -> dict:
+    def flaky(train: dict, run_dir: str, yes: bool = False) -> dict:
         if train["weights"]["left"] == 0.5:
             raise RuntimeError("boom")
-        return real(train, run_dir)
+        return real(train, run_dir, yes)
 
     monkeypatch.setattr(sweep_mod, "_train_trial", flaky)
     out = tmp_path / "s"

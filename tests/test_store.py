@@ -405,7 +405,7 @@ def test_not_a_run(tmp_path):
 def test_existing_run_needs_overwrite(tmp_path):
     _write(tmp_path / "r", _snapshots(4))
     (tmp_path / "r" / "notes.txt").write_text("mine")
-    with pytest.raises(StoreError, match=r"already holds a run; pass overwrite=True"):
+    with pytest.raises(StoreError, match=r"already holds a run: .*overwrite=True.*append=True"):
         RunWriter(tmp_path / "r")
     assert not (tmp_path / "r" / ".lock").exists()
     _write(tmp_path / "r", _snapshots(1, start=50), overwrite=True)

@@ -7,12 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from gradlens._commands._args import positive_int, positive_ints
+
 NAME = "bench"
 HELP = "Time each engine against a plain scalarized step and the per-task loop (one process)."
-
-
-def _ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v]
 
 
 def _strs(s: str) -> list[str]:
@@ -31,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "zoo extra); default mlp-1m,cnn-1m",
     )
     p.add_argument(
-        "--tasks", type=_ints, default=None, help="comma-separated T values; default 2,8,40"
+        "--tasks", type=positive_ints, default=None, help="comma-separated T values; default 2,8,40"
     )
     p.add_argument(
         "--zoo",
@@ -46,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated among {', '.join(METHODS)}; multi-task optimization methods "
         f"(not run by default): {', '.join(WEIGHTED_METHODS)}",
     )
-    p.add_argument("--batch", type=int, default=None, help="default 128 (4 with --zoo)")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--batch", type=positive_int, default=None, help="default 128 (4 with --zoo)")
+    p.add_argument("--repeats", type=positive_int, default=7)
     p.add_argument(
         "--clock",
         choices=("wall", "cpu"),

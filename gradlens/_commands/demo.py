@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradlens._commands._args import positive_int
+
 NAME = "demo"
 HELP = (
     "Train a two-task MultiDigits model with the profiler attached (about a minute on 2 CPU "
@@ -49,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", type=Path, default=Path("gradlens-demo"), help="output folder (gradlens-demo)"
     )
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 8; --quick: 1)")
+    p.add_argument(
+        "--epochs", type=positive_int, default=None, help="epochs (default 8; --quick: 1)"
+    )
     p.add_argument(
         "--quick", action="store_true", help="a tiny model on 384 samples: seconds, for smoke tests"
     )

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from gradlens._commands._args import positive_int
+
 NAME = "heatmap"
 HELP = "Draw one run's task x task mean cosine and conflict frequency heatmap."
 
@@ -17,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--layer", default="__all__", help="layer to draw (default: all shared parameters)"
     )
-    p.add_argument("--dpi", type=int, default=110, help="resolution (110)")
+    p.add_argument("--dpi", type=positive_int, default=110, help="resolution (110)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,7 +28,22 @@ def run(args: argparse.Namespace) -> int:
     from gradlens.store import load_run
 
     out = args.out if args.out is not None else args.run / "heatmap.png"
+    _check_image_path(out)
     fig = plots.conflict_heatmap(load_run(args.run), layer=args.layer)
     path = plots.save(fig, out, dpi=args.dpi)
     sys.stdout.write(f"wrote {path}\n")
     return 0
+
+
+def _check_image_path(out: Path) -> None:
+    """Refuse an output name matplotlib cannot write, before anything is drawn."""
+    from matplotlib.figure import Figure
+
+    from gradlens._errors import GradlensError
+
+    kinds = sorted(Figure().canvas.get_supported_filetypes())
+    if out.suffix.lower().lstrip(".") not in kinds:
+        raise GradlensError(
+            f"`--out` should end with an image format ({', '.join('.' + k for k in kinds)}); "
+            f"found {str(out)!r}."
+        )

@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(f"wrote {page}\n")
         _open(page, args.open)
         return 0
+    _check_evals(args.dir, {"--split": args.split, "--select-split": args.select_split},
+                 args.metric)  # fmt: skip
     paths = build_report(
         args.dir,
         args.out,
@@ -84,6 +86,27 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(f"wrote {paths.html}\nwrote {paths.markdown}\nwrote {paths.json}\n")
     _open(paths.html, args.open)
     return 0
+
+
+def _check_evals(root: Path, splits: dict[str, str], metric: str) -> None:
+    """Refuse a split or metric that no run under ``root`` recorded as a final eval."""
+    from gradlens._errors import GradlensError
+    from gradlens.store import load_runs
+
+    found = [c.split(".") for c in load_runs(root).columns if c.startswith("final.")]
+    have_splits = sorted({parts[1] for parts in found if len(parts) >= 4})
+    for flag, split in splits.items():
+        if split not in have_splits:
+            raise GradlensError(
+                f"`{flag}` should be a split the runs under {root} were evaluated on, one of "
+                f"{have_splits}; found {split!r}."
+            )
+    have_metrics = sorted({parts[-1] for parts in found if len(parts) >= 4})
+    if metric not in have_metrics:
+        raise GradlensError(
+            f"`--metric` should be a metric the runs under {root} recorded, one of "
+            f"{have_metrics}; found {metric!r}."
+        )
 
 
 def _open(page: Path, wanted: bool) -> None:

@@ -27,6 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="confirm a sweep beyond the size bounds (over 1000 runs, or models over 10^8 "
+        "parameters or 64 blocks)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config).with_executor(
         kind=args.executor, workers=args.workers, address=args.address
     )
-    summary = run_sweep(cfg, args.out, progress=not args.no_progress)
+    summary = run_sweep(cfg, args.out, progress=not args.no_progress, yes=args.yes)
     sys.stdout.write(format_sweep(summary) + "\n")
     failed = summary[summary["status"] != "done"]
     for rec in failed.to_dict("records"):

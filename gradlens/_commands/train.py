@@ -74,6 +74,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run directory (default runs/train-<date>-<time>)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="confirm a model beyond the size bound (over 10^8 parameters or 64 blocks)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
@@ -120,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         fields["every"] = int(args.every) if args.every.strip().isdigit() else args.every.strip()
     if args.threads is not None and args.threads < 1:
         raise GradlensError(f"`--threads` should be a positive int; found {args.threads}.")
+    if args.threads is not None:
+        fields["threads"] = args.threads  # recorded with the run: its numbers depend on it
     out = args.out
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -128,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        result = train(fields, out, progress=not args.no_progress, overwrite=args.overwrite)
+        result = train(
+            fields, out, progress=not args.no_progress, overwrite=args.overwrite, yes=args.yes
+        )
     finally:
         torch.set_num_threads(threads)
     stopped = " (stopped early)" if result.stopped_early else ""

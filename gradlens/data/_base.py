@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gradlens._errors import GradlensError
+from gradlens._paths import check_name
 
 __all__ = [
     "SPLITS",
@@ -135,6 +136,8 @@ class MultiTaskDataset(Dataset):
         self.split = split
         self.meta: dict[str, object] = dict(meta or {})
         self.tasks: tuple[str, ...] = self._task_names()
+        for t in self.tasks:  # task names from data (headers, folders) may become file names
+            check_name(t, f"task name of the dataset {name!r}")
         if task_info is None:
             task_info = {t: _infer_info(y) for t, y in self._y.items()}
         missing = [t for t in self.tasks if t not in task_info]

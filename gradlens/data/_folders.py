@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gradlens._errors import GradlensError, require
+from gradlens._paths import check_name
 from gradlens.data._base import (
     MultiDomainDataset,
     MultiTaskDataset,
@@ -107,6 +108,8 @@ def _read_celeba_attributes(path: Path) -> tuple[list[str], list[str], np.ndarra
         )
     count = int(lines[0])
     names = lines[1].split()
+    for n in names:  # attribute names become task names, then file names
+        check_name(n, f"attribute name in {path}, line 2")
     files, rows = [], []
     for k, line in enumerate(lines[2:], start=3):
         fields = line.split()

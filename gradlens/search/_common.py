@@ -30,6 +30,17 @@ def check_train(train: Mapping[str, Any]) -> dict[str, Any]:
     return TrainConfig.from_dict(dict(train)).to_dict()
 
 
+def refuse_train_weights(train: Mapping[str, Any], table: str) -> None:
+    """A sweep or PBT sets every run's weights itself: ``[train]`` weights would be ignored."""
+    set_here = [k for k in ("weights", "weight_schedule") if train.get(k) is not None]
+    if set_here:
+        raise GradlensError(
+            f"`train.{set_here[0]}` should not be set in a {table} configuration: the [{table}] "
+            f"table gives every run its weights, so it would be ignored; found "
+            f"{train[set_here[0]]!r:.80}. Remove it from [train]."
+        )
+
+
 def resolve_tasks(train: Mapping[str, Any]) -> tuple[str, ...]:
     """The tasks (or domains) a ``[train]`` table trains on: its ``tasks`` or the dataset's."""
     tasks = train.get("tasks")
@@ -69,6 +80,21 @@ def pin_data_seed(train: Mapping[str, Any]) -> dict[str, Any]:
     opts = dict(d.get("dataset_options") or {})
     opts.setdefault("seed", int(d.get("seed", 0)))
     d["dataset_options"] = opts
+    return d
+
+
+def pin_threads(train: Mapping[str, Any]) -> dict[str, Any]:
+    """``train`` with ``threads`` set (1 when unset): a run's numbers depend on its torch thread
+    count, so every run of a sweep or PBT trains with the same one, recorded in its config,
+    whatever the executor's ``workers`` (a resumed sweep reproduces its numbers).
+
+    Example:
+        >>> pin_threads({"epochs": 1})["threads"], pin_threads({"threads": 4})["threads"]
+        (1, 4)
+    """
+    d = dict(train)
+    if d.get("threads") is None:
+        d["threads"] = 1
     return d
 
 
@@ -155,13 +181,15 @@ def executor_for(spec: ExecutorSpec) -> Executor:
 
 
 def has_final(run_dir: Path) -> bool:
-    """Whether a run directory holds a readable ``"final"`` eval (the harness's completion mark)."""
+    """Whether a run directory holds a readable ``"final"`` eval (the harness's completion mark)
+    and no damaged or missing evals chunk (a damaged run is redone, silently)."""
+    from gradlens._store_check import Problems
     from gradlens.store import _read_evals
 
     if not (run_dir / "meta.json").is_file():
         return False
     try:
-        evals = _read_evals(run_dir)
+        evals = _read_evals(run_dir, Problems(strict=True))
     except (StoreError, OSError):
         return False
     return bool((evals["point"] == "final").any())

@@ -206,6 +206,25 @@ class SweepSpec:
             raise _bad("sweep.baselines", "true or false", baselines)
         return cls(p, grid, random, random_seed, alpha, sizes, seeds, baselines, methods)
 
+    def n_runs(self, n_tasks: int) -> int:
+        """How many runs this sweep plans over ``n_tasks`` tasks, counted without enumerating.
+
+        Example:
+            >>> SweepSpec.from_dict({"grid": 5, "seeds": [0, 1], "baselines": True}).n_runs(3)
+            36
+        """
+        from gradlens.search.simplex import grid_size
+
+        if self.p is not None:
+            points = len(self.p)
+        elif self.grid is not None:
+            points = grid_size(n_tasks, self.grid)
+        else:  # random draws, or none (methods only)
+            points = int(self.random or 0)
+        points += n_tasks if self.baselines else 0
+        points += len(self.methods or ())
+        return points * len(self.sizes or [{}]) * len(self.seeds or [0])
+
 
 def _methods(raw: object) -> tuple[str, ...]:
     """Validate ``sweep.methods``: method names, ``"name/per_layer"`` for a Gram method."""

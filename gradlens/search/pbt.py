@@ -28,8 +28,9 @@ Layout of a PBT directory::
 
 A PBT killed at any point resumes from the last completed round: members restart from the
 checkpoints named in ``pbt.json`` and the random state is restored, so the continuation makes
-the same choices. A resumed member's run directory is started afresh at the resume epoch (its
-Gram history before it is lost; ``meta["pbt"]`` still holds the whole schedule and lineage).
+the same choices. A resumed member's run directory is reopened in append mode and cut back to
+its checkpoint's step: every step it flushed before the checkpoint is kept, the ones after it
+are trained again (a member that had no checkpoint yet starts its run afresh).
 
 Example:
     >>> _select_exploits([0.9, 0.1, 0.5, 0.7], 1, "max", np.random.default_rng(0))
@@ -41,8 +42,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradlens._errors import GradlensError
+from gradlens._errors import GradlensError, GradlensWarning
+from gradlens._paths import check_name, inside, remove_tree
 from gradlens.search._common import (
     STATE_FORMAT,
     check_train,
@@ -62,8 +64,10 @@ from gradlens.search._common import (
     mean_metric,
     out_dir_for,
     pin_data_seed,
+    pin_threads,
     plain_final,
     read_json,
+    refuse_train_weights,
     resolve_tasks,
     summary_metric,
     write_json,
@@ -159,7 +163,14 @@ class _Members:
 
         from gradlens.train import Trainer
 
-        tr = Trainer(train, run_dir, progress=False)
+        # with a checkpoint, the member's run continues (append) from the checkpoint's step; the
+        # writer a killed PBT left is dead, and taking over its lock is what resuming means
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Taking over the stale writer lock", GradlensWarning)
+            tr = Trainer(
+                train, run_dir, progress=False, overwrite=checkpoint is None,
+                append=checkpoint is not None,
+            )  # fmt: skip
         try:
             if checkpoint is not None:
                 tr.load_state_dict(torch.load(checkpoint, weights_only=True))
@@ -180,6 +191,8 @@ class _Members:
             c0 = time.process_time()
             tr = self._trainers[k]
             val = tr.fit_epochs(epochs)
+            if tr.store is not None:  # every step before the checkpoint is on disk with it
+                tr.store.flush()
             path = Path(ckpt_dir) / f"member-{k:03d}.pt"
             tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
             torch.save(tr.state_dict(), tmp)
@@ -308,6 +321,7 @@ def run_pbt(
     if spec is None:
         raise GradlensError("`config` should hold a [pbt] table; found none.")
     train = check_train(config.train)
+    refuse_train_weights(config.train, "pbt")
     total = spec.epochs if spec.epochs is not None else int(train["epochs"])
     if total < 1:
         raise GradlensError(f"`pbt.epochs` (or `train.epochs`) should be >= 1; found {total}.")
@@ -360,10 +374,8 @@ def run_pbt(
             all_metas = metas()
             for m in members:
                 k = m["member"]
-                run_dir = out_dir / m["run_dir"]
-                if run_dir.exists():  # restarted from its checkpoint: a fresh run directory
-                    shutil.rmtree(run_dir)
-                tdict = pin_data_seed(config.train)
+                run_dir = inside(out_dir, out_dir / check_name(m["run_dir"], "run_dir"))
+                tdict = pin_threads(pin_data_seed(config.train))
                 tdict.update(
                     seed=int(train["seed"]) + k,
                     epochs=total,
@@ -371,7 +383,9 @@ def run_pbt(
                     config={**dict(config.train.get("config") or {}), "pbt": name,
                             "pbt_member": k},
                 )  # fmt: skip
-                ckpt = None if m["checkpoint"] is None else str(out_dir / m["checkpoint"])
+                ckpt = None if m["checkpoint"] is None else str(
+                    inside(out_dir, out_dir / m["checkpoint"])
+                )
                 starts.append(
                     hosts[k % n_hosts].call(
                         "start", k, tdict, str(run_dir), ckpt, m["weights"], all_metas[k]
@@ -456,7 +470,7 @@ def run_pbt(
                 seconds=seconds0 + time.perf_counter() - t_start,
             )
             write_json(state_path, state)
-            shutil.rmtree(out_dir / _CKPT, ignore_errors=True)
+            remove_tree(out_dir, out_dir / _CKPT)
         finally:
             bar.close()
             if own:
@@ -477,7 +491,7 @@ def _prune_checkpoints(root: Path, keep: str) -> None:
         return
     for p in root.iterdir():
         if p.name != keep:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(root, p)
 
 
 def _summary(state: Mapping[str, Any], tasks: Sequence[str], spec: PBTSpec) -> pd.DataFrame:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens._errors import GradlensError
+from gradlens._paths import check_name, inside, remove_tree
 from gradlens.search._common import (
     STATE_FORMAT,
     check_train,
@@ -52,8 +52,10 @@ from gradlens.search._common import (
     out_dir_for,
     pin_data_seed,
     pin_task_option,
+    pin_threads,
     plain_final,
     read_json,
+    refuse_train_weights,
     resolve_tasks,
     summary_metric,
     write_json,
@@ -63,6 +65,11 @@ from gradlens.search.executors import Executor
 from gradlens.search.simplex import dirichlet_weights, simplex_grid
 
 __all__ = ["INDEX_NAME", "PlannedRun", "format_sweep", "plan_sweep", "run_sweep"]
+
+#: A sweep planning more runs than this needs ``yes=True`` (``--yes``): it is stated up front.
+RUNS_WITHOUT_YES = 1000
+#: No sweep plans more runs than this (their list alone would hold gigabytes).
+MAX_RUNS = 1_000_000
 
 #: The sweep's index file, inside the sweep directory.
 INDEX_NAME = "index.json"
@@ -117,7 +124,7 @@ class PlannedRun:
             >>> d["tasks"], d["weights"], d["config"]["baseline_of"]
             (['x'], {'x': 1.0}, 'x')
         """
-        d = pin_data_seed(base)
+        d = pin_threads(pin_data_seed(base))
         d["weights"] = dict(self.weights)
         if self.method is not None:
             name, _, suffix = self.method.partition("/")
@@ -176,15 +183,20 @@ def _weight_vectors(spec: SweepSpec, tasks: Sequence[str]) -> list[tuple[str, np
     return [("w" + "-".join(f"{v:.4g}" for v in w), w) for w in rows]
 
 
-def plan_sweep(config: SearchConfig, tasks: Sequence[str]) -> list[PlannedRun]:
+def plan_sweep(
+    config: SearchConfig, tasks: Sequence[str], *, yes: bool = False
+) -> list[PlannedRun]:
     """Every run of the sweep ``config.sweep``, in order (weights, then sizes, then seeds).
 
     Args:
         config: A configuration with a ``[sweep]`` table.
         tasks: The tasks the weights are over, in order (``p`` is the first one's weight).
+        yes: Confirm a sweep of more than :data:`RUNS_WITHOUT_YES` runs.
 
     Raises:
-        GradlensError: If there is no ``[sweep]`` table or ``sweep.p`` is used with T != 2.
+        GradlensError: If there is no ``[sweep]`` table, ``sweep.p`` is used with T != 2, or the
+            sweep plans more than :data:`RUNS_WITHOUT_YES` runs without ``yes`` (more than
+            :data:`MAX_RUNS` in any case); the count is computed before anything is enumerated.
 
     Example:
         >>> cfg = SearchConfig.from_dict({"train": {}, "sweep": {
@@ -199,6 +211,19 @@ def plan_sweep(config: SearchConfig, tasks: Sequence[str]) -> list[PlannedRun]:
     tasks = tuple(tasks)
     if not tasks or len(set(tasks)) != len(tasks):
         raise GradlensError(f"`tasks` should be distinct task names; found {list(tasks)}.")
+    for t in tasks:
+        check_name(t, "tasks[]")
+    n_runs = spec.n_runs(len(tasks))
+    if n_runs > MAX_RUNS or (n_runs > RUNS_WITHOUT_YES and not yes):
+        fix = (
+            "reduce sweep.grid / sweep.random, sizes or seeds"
+            if n_runs > MAX_RUNS
+            else "pass --yes (yes=True) to run them all, or reduce sweep.grid / sweep.random"
+        )
+        bound = MAX_RUNS if n_runs > MAX_RUNS else RUNS_WITHOUT_YES
+        raise GradlensError(
+            f"`sweep` plans {n_runs:,} runs over {len(tasks)} tasks, more than {bound:,}: {fix}."
+        )
     train = config.train
     sizes = list(spec.sizes) if spec.sizes is not None else [{}]
     seeds = list(spec.seeds) if spec.seeds is not None else [int(train.get("seed", 0))]
@@ -231,7 +256,7 @@ def plan_sweep(config: SearchConfig, tasks: Sequence[str]) -> list[PlannedRun]:
                         method=method,
                     )
                 )
-    ids = [r.id for r in runs]
+    ids = [check_name(r.id, "run id") for r in runs]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise GradlensError(
@@ -241,13 +266,13 @@ def plan_sweep(config: SearchConfig, tasks: Sequence[str]) -> list[PlannedRun]:
     return runs
 
 
-def _train_trial(train: dict[str, Any], run_dir: str) -> dict[str, Any]:
+def _train_trial(train: dict[str, Any], run_dir: str, yes: bool = False) -> dict[str, Any]:
     """One sweep run, in a worker: train to the end and return what the index records."""
     from gradlens.train import TrainConfig
     from gradlens.train import train as train_fn
 
     t0, c0 = time.perf_counter(), time.process_time()
-    result = train_fn(TrainConfig.from_dict(train), run_dir, progress=False)
+    result = train_fn(TrainConfig.from_dict(train), run_dir, progress=False, yes=yes)
     return {
         "final": plain_final(result.metrics),
         "epochs_run": int(result.epochs_run),
@@ -284,6 +309,7 @@ def run_sweep(
     *,
     executor: Executor | None = None,
     progress: bool = True,
+    yes: bool = False,
 ) -> pd.DataFrame:
     """Run (or resume) a sweep; one run directory per planned run under ``out``.
 
@@ -293,6 +319,8 @@ def run_sweep(
             ``runs/<config file stem>``.
         executor: Where to run; ``None``: the one ``[executor]`` describes (closed at the end).
         progress: Show a progress bar over runs (on stderr).
+        yes: Confirm a sweep of more than :data:`RUNS_WITHOUT_YES` runs, and runs whose model
+            exceeds the harness's size bound (see :class:`gradlens.train.Trainer`).
 
     Returns:
         One row per planned run, in plan order: ``id``, ``weights`` (text), ``width``, ``depth``,
@@ -318,9 +346,10 @@ def run_sweep(
     if config.sweep is None:
         raise GradlensError("`config` should hold a [sweep] table; found none.")
     check_train(config.train)
+    refuse_train_weights(config.train, "sweep")
     out_dir = out_dir_for(config, out)
     tasks = resolve_tasks(config.train)
-    plan = plan_sweep(config, tasks)
+    plan = plan_sweep(config, tasks, yes=yes)
     identity = _plan_identity(config.sweep, config.train, tasks)
     with directory_lock(out_dir, "sweep"):
         index_path = out_dir / INDEX_NAME
@@ -357,10 +386,11 @@ def run_sweep(
                  "runs": [records[r.id] for r in plan]},
             )  # fmt: skip
 
+        for run in todo:  # proven inside out_dir before anything is written or deleted
+            inside(out_dir, out_dir / run.id, follow=False)
         save()
         for run in todo:  # redo from scratch: a broken run leaves a partial directory
-            if (out_dir / run.id).exists():
-                shutil.rmtree(out_dir / run.id)
+            remove_tree(out_dir, out_dir / run.id)
 
         def on_submit(i: int) -> None:
             rec = records[todo[i].id]
@@ -377,7 +407,7 @@ def run_sweep(
         try:
             base = pin_task_option(config.train, tasks)
             joint_steps = _joint_steps(base) if any(r.baseline_of for r in todo) else None
-            items = [(run.train_dict(base, out_dir.name, joint_steps), str(out_dir / run.id))
+            items = [(run.train_dict(base, out_dir.name, joint_steps), str(out_dir / run.id), yes)
                      for run in todo]  # fmt: skip
             for i, fut in ex.map_unordered(_train_trial, items, on_submit=on_submit):
                 rec = records[todo[i].id]

@@ -1,0 +1,129 @@
+"""Sweeps and PBT resumed after an interruption keep every step their runs flushed before it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradlens.search.pbt as pbt_module
+from gradlens import load_run
+from gradlens.search import SearchConfig, run_pbt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SYNTH = {
+    "dataset": "synthetic",
+    "dataset_options": {"n": 200, "angle": 120.0, "noise": 0.1},
+    "model": "mlp",
+    "width": 0.05,
+    "depth": 1,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.0,
+    "batch_size": 50,
+    "every": 1,
+}
+
+
+def _pbt_cfg() -> SearchConfig:
+    return SearchConfig.from_dict(
+        {
+            "train": SYNTH,
+            "pbt": {"population": 2, "epochs": 4, "interval_epochs": 1, "seed": 1},
+            "executor": {"workers": 1},
+        }
+    )
+
+
+def test_pbt_resume_keeps_the_history_flushed_before_the_interruption(tmp_path, monkeypatch):
+    """Interrupt PBT in round 3 after the members flushed half a round past their checkpoints;
+    the resumed members' runs hold exactly the uninterrupted run's steps, Grams and evals."""
+    cfg = _pbt_cfg()
+    run_pbt(cfg, tmp_path / "straight", progress=False)
+    real = pbt_module._Members.train
+    calls: list[int] = []
+    on_disk: list[list[int]] = []
+
+    def interrupted(self, ks, epochs, ckpt_dir):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:  # round 3: train past the checkpoint, flush, train on, then "die"
+            for k in ks:
+                tr = self._trainers[k]
+                # the checkpoint of round 2 was taken with every step before it on disk
+                on_disk.append(load_run(tr.run_dir).probed_steps.tolist())
+                tr.fit_epochs(1)
+                tr.store.flush()  # on disk beyond the checkpoint: the resume must drop it
+                tr.fit_epochs(1)
+                tr.store._state._clear()  # what a SIGKILL loses: the unflushed buffer
+            raise KeyboardInterrupt
+        return real(self, ks, epochs, ckpt_dir)
+
+    monkeypatch.setattr(pbt_module._Members, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pbt(cfg, tmp_path / "resumed", progress=False)
+    assert on_disk == [list(range(8))] * 2
+    flushed = load_run(tmp_path / "resumed" / "member-000").probed_steps
+    assert flushed.max() == 11  # steps past the epoch-2 checkpoint (step 7) were flushed
+    monkeypatch.setattr(pbt_module._Members, "train", real)
+    run_pbt(cfg, tmp_path / "resumed", progress=False)
+    for m in ("member-000", "member-001"):
+        a = load_run(tmp_path / "resumed" / m, strict=True)
+        b = load_run(tmp_path / "straight" / m, strict=True)
+        np.testing.assert_array_equal(a.probed_steps, b.probed_steps)
+        np.testing.assert_array_equal(a.probed_steps, np.arange(16))
+        torch.testing.assert_close(a.all_grams(), b.all_grams(), rtol=1e-12, atol=0.0)
+        assert a.evals[["point", "split", "task", "metric"]].equals(
+            b.evals[["point", "split", "task", "metric"]]
+        )
+        assert a.meta["weight_schedule"] == b.meta["weight_schedule"]
+        assert [r["after_step"] for r in a.meta["resumes"]] == [11]  # what was flushed
+
+
+def test_a_sweep_run_trains_with_its_recorded_thread_count(tmp_path, monkeypatch):
+    """Whatever the driver's (or a worker's) torch thread count, a run trains with the count its
+    config records (1 by default), so in-process, process-pool and resumed runs agree."""
+    from gradlens.search import run_sweep
+    from gradlens.train import Trainer
+
+    seen: list[int] = []
+    real = Trainer._train_epoch
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", spy)
+    cfg = SearchConfig.from_dict(
+        {"train": SYNTH, "sweep": {"p": [0.3]}, "executor": {"workers": 1}}
+    )
+    grams = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # the module fixture restores the count afterwards
+        out = tmp_path / f"t{threads}"
+        run_sweep(cfg, out, progress=False)
+        run = load_run(out / "w0.3-0.7_seed0")
+        assert run.meta["config"]["threads"] == 1
+        grams.append(run.all_grams())
+        assert torch.get_num_threads() == threads  # restored after the run
+    assert set(seen) == {1}
+    torch.testing.assert_close(grams[0], grams[1], rtol=1e-13, atol=0.0)
+
+
+@pytest.mark.parametrize("field", ["weights", "weight_schedule"])
+def test_train_weights_in_a_search_config_are_refused_not_ignored(tmp_path, field):
+    from gradlens import GradlensError
+    from gradlens.search import run_sweep
+
+    value = {"task0": 0.9, "nosuch": 0.1}
+    if field == "weight_schedule":
+        value = [{"epoch": 0, "weights": value}]
+    train = {**SYNTH, field: value}
+    sweep = SearchConfig.from_dict({"train": train, "sweep": {"p": [0.5]}})
+    with pytest.raises(GradlensError, match=rf"`train.{field}` should not be set in a sweep"):
+        run_sweep(sweep, tmp_path / "s", progress=False)
+    pbt = SearchConfig.from_dict({"train": train, "pbt": {"population": 2}})
+    with pytest.raises(GradlensError, match=rf"`train.{field}` should not be set in a pbt"):
+        run_pbt(pbt, tmp_path / "p", progress=False)
+    assert not (tmp_path / "s").exists()
+    assert not (tmp_path / "p").exists()
