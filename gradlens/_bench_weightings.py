@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from gradlens._errors import require
+from gradlens.engines._base import _quiet_vmap
 from gradlens.weightings import per_layer
 
 __all__ = ["WEIGHTED_METHODS", "weighted_step", "weighting_for"]
@@ -60,7 +61,8 @@ def weighted_step(setup: Any, method: str, every: int = 1) -> None:
             p.grad = None
         losses, _ = setup.losses(setup._jd_trunk)
         L = torch.stack(list(losses.values()))
-        gramian = setup._torchjd.compute_gramian(L)
+        with _quiet_vmap():  # its vmap's slow-path notices (e.g. SDPA backward on CPU)
+            gramian = setup._torchjd.compute_gramian(L)
         L.backward(w(gramian))
     else:
         losses, _ = setup.losses()
