@@ -125,3 +125,27 @@ def test_profiler_on_an_existing_run_names_the_real_keywords(tmp_path):
     gl.Profiler(trunk, tasks=["a", "b"], store=tmp_path / "r").close()
     with pytest.raises(GradlensError, match=r"store=RunWriter\(path, overwrite=True\)"):
         gl.Profiler(trunk, tasks=["a", "b"], store=tmp_path / "r")
+
+
+@pytest.mark.parametrize("engine", [*ENGINES, "auto"])
+def test_losses_of_mixed_dtypes_give_the_plain_backward(engine):
+    # a float32 trunk with one float32 head and one float64 head (issue 15, item 8: the batched
+    # engine raised torch's "both inputs should have same dtype")
+    trunk, head = _model()
+    other = torch.nn.Linear(4, 1).double()
+    x = torch.randn(5, 3)
+
+    def losses() -> dict[str, torch.Tensor]:
+        z = trunk(x)
+        return {"a": head(z)[:, 0].pow(2).mean(), "b": other(z.double()).pow(2).mean()}
+
+    params = [*trunk.parameters(), *head.parameters(), *other.parameters()]
+    w = {"a": 0.3, "b": 0.7}
+    ls = losses()
+    plain = torch.autograd.grad(w["a"] * ls["a"] + w["b"] * ls["b"], params)
+    ref = gl.testing.reference_grams(losses(), trunk)
+    with gl.Profiler(trunk, tasks=["a", "b"], engine=engine) as prof:
+        snap = prof.backward(losses(), weights=w)
+    torch.testing.assert_close(snap.gram, ref.gram, rtol=1e-5, atol=1e-7)
+    for p, g in zip(params, plain, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)

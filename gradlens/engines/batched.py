@@ -69,7 +69,9 @@ class BatchedEngine(Engine):
             Ji = grads_of(lo, hi)
             w = ctx.weights[lo:hi]
             for k, g in enumerate(Ji):
-                part = torch.tensordot(w, g, dims=1)
+                # the weights are in the losses' dtype (promoted across tasks), g in the
+                # parameter's: float32 parameters under a float64 loss are summed in float32
+                part = torch.tensordot(w.to(g.dtype), g, dims=1)
                 weighted[k] = part if weighted[k] is None else weighted[k] + part
             for layer, ps in layers.items():
                 rows = [Ji[index[id(p)]] for p in ps]
