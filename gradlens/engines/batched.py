@@ -49,10 +49,11 @@ class BatchedEngine(Engine):
 
         def grads_of(lo: int, hi: int) -> list[torch.Tensor]:
             gs = batched_grad(ctx.losses, params, slice(lo, hi))
-            return [
+            J = [
                 torch.zeros((hi - lo, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
                 for g, p in zip(gs, params)
             ]
+            return _redo_nonfinite(J, ctx.per_task()[lo:hi], params)
 
         if ctx.keep_blocks and len(bounds) == 1:  # one chunk: keep it until the weights are known
             J = grads_of(0, T)
@@ -90,3 +91,25 @@ class BatchedEngine(Engine):
             if g is not None:
                 accumulate_grad(p, g)
         return EngineResult(grams, {layer: "batched" for layer in grams}, {id(p) for p in params})
+
+
+def _redo_nonfinite(
+    J: list[torch.Tensor], losses: list[torch.Tensor], params: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Recompute, by its own backward, each task whose rows of ``J`` are not finite.
+
+    The batched backward pushes every task's zero cotangent through every other task's graph:
+    where one task's graph holds an inf, ``0 * inf = NaN`` reaches every task's rows. A task
+    whose own gradient is finite gets it back; one whose own gradient is not stays so (and is
+    flagged in ``Snapshot.nonfinite_tasks``), as with the loop engine.
+    """
+    n = J[0].shape[0]
+    finite = torch.ones(n, dtype=torch.bool, device=J[0].device)
+    for g in J:
+        finite &= torch.isfinite(g.reshape(n, -1)).all(1)
+    for i in (~finite).nonzero().flatten().tolist():
+        own = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        for g, o in zip(J, own):
+            g[i] = 0.0 if o is None else o
+    return J
+
