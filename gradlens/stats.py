@@ -632,7 +632,9 @@ def _summary_wide(summary: pd.DataFrame, phase: str) -> dict[str, float]:
     pair_means: dict[str, list[float]] = {}
     for metric, ti, tj, value in zip(sel["metric"], sel["task_i"], sel["task_j"], sel["value"]):
         if ti and tj:
-            out[f"{metric}.{ti}|{tj}"] = float(value)
+            # every pair metric is symmetric: one name per pair whatever the run's task order
+            a, b = sorted((str(ti), str(tj)))
+            out[f"{metric}.{a}|{b}"] = float(value)
             pair_means.setdefault(metric, []).append(float(value))
         elif ti:
             out[f"{metric}.{ti}"] = float(value)
@@ -760,7 +762,10 @@ def runs_table(
     for rid, run in tqdm(items, desc="runs", disable=not progress):
         meta = _meta_of(run)
         tasks = [str(t) for t in meta.get("tasks", [])]
-        row: dict[str, Any] = {"run_id": rid, "tasks": "|".join(tasks), "n_tasks": len(tasks)}
+        # the task set, not the run's order of it: runs on [b, a] and [a, b] are analysed together
+        row: dict[str, Any] = {
+            "run_id": rid, "tasks": "|".join(sorted(tasks)), "n_tasks": len(tasks)
+        }  # fmt: skip
         row.update(_flatten({k: v for k, v in meta.items() if k not in ("tasks", "run_id")}))
         row.update(_summary_wide(run_summary(run, phases=n_phases, layer=layer), phase))
         row.update(_final_scores(run, tasks, split, eval_metric))

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from gradlens import _stats_calibration as calib
 from gradlens import _stats_core as core
 from gradlens import _stats_gain as gain
-from gradlens import stats
+from gradlens import load_run, stats
 from gradlens._errors import GradlensError
+from tests._sweepgen import make_run
 
 SCIPY = {"pearson": ss.pearsonr, "spearman": ss.spearmanr, "kendall": ss.kendalltau}
 METHODS = ["spearman", "pearson", "kendall"]
@@ -912,3 +913,15 @@ def test_held_out_selection_removes_the_optimism():
     assert res["naive_mean_gain"] > 0.001  # choosing on val and reporting test is optimistic
     assert abs(res["held_out_mean_gain"]) < 0.0005
     assert 0.02 <= res["held_out_beats"] <= 0.08
+
+
+def test_runs_on_the_same_tasks_in_another_order_form_one_task_set(tmp_path):
+    # issue 15, item 9: runs with tasks [b, a] and [a, b] are one task set with aligned pairs
+    runs = []
+    for k, order in enumerate((["a", "b", "c"], ["c", "b", "a"])):
+        runs.append(make_run(tmp_path / f"r{k}", tasks=order, n_steps=10, epochs=2, seed=k))
+    t = stats.runs_table([load_run(p) for p in runs])
+    assert t["tasks"].tolist() == ["a|b|c", "a|b|c"]
+    pair_cols = sorted(c for c in t.columns if c.startswith("cosine.") and "|" in c)
+    assert pair_cols == ["cosine.a|b", "cosine.a|c", "cosine.b|c"]
+    assert t[pair_cols].notna().all().all()  # both runs fill the same three columns
