@@ -7,8 +7,6 @@ import base64
 import json
 import math
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -20,6 +18,7 @@ from gradlens import stats
 from gradlens._errors import GradlensError, StoreError
 from gradlens.cli import main
 from gradlens.report import ReportPaths, build_report
+from tests._browser import needs_chromium, screenshot
 from tests._sweepgen import make_run, make_sweep
 
 EVIL = "<script>alert(1)</script>"
@@ -313,36 +312,10 @@ def test_heatmap_command(planted, tmp_path, capsys):
     assert "`layer` should be one of" in capsys.readouterr().err
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-@pytest.mark.skipif(
-    _chromium() is None,
-    reason="no chromium on PATH (CI installs Debian's with .ci/install-chromium.sh; without apt "
-    "it cannot, and the report's HTML is then only checked structurally)",
-)
+@needs_chromium
 def test_report_renders_in_headless_chromium(planted, tmp_path):
     _, paths = planted
-    shot = tmp_path / "shot.png"
-    cmd = [
-        _chromium(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--hide-scrollbars",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}",
-        "--window-size=1200,2000",
-        paths.html.resolve().as_uri(),
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=180)
-    img = mpimg.imread(shot)[..., :3]
-    assert img.shape[:2] == (2000, 1200)
+    img = screenshot(paths.html, tmp_path, 1200, 2000)
     assert img.std() > 0.1
     dark = (img.max(axis=2) < 0.5).mean()  # text and figure ink
     assert dark > 0.005

@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import shutil
-import subprocess
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 import gradlens as gl
 from gradlens.cli import main
 from gradlens.report import build_run_page
+from tests._browser import needs_chromium, screenshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,36 +98,10 @@ def test_errors(tmp_path, capsys):
         build_run_page(tmp_path / "empty", dpi=0)
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-@pytest.mark.skipif(
-    _chromium() is None,
-    reason="no chromium on PATH (CI installs Debian's with .ci/install-chromium.sh; without apt "
-    "it cannot, and the page is then only checked structurally)",
-)
+@needs_chromium
 def test_run_page_renders_in_headless_chromium(run_dir, tmp_path):
     page = build_run_page(run_dir, tmp_path / "out", dpi=60)
-    shot = tmp_path / "shot.png"
-    cmd = [
-        _chromium(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--hide-scrollbars",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}",
-        "--window-size=1200,1600",
-        page.resolve().as_uri(),
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=180)
-    img = mpimg.imread(shot)[..., :3]
-    assert img.shape[:2] == (1600, 1200)
+    img = screenshot(page, tmp_path, 1200, 1600)
     dark = (img.max(axis=2) < 0.5).mean()  # text and figure ink
     assert dark > 0.005
     coloured = (np.ptp(img, axis=2) > 0.2).mean()  # heatmap colours
