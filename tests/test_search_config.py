@@ -74,6 +74,7 @@ def test_with_executor_overrides_only_given_keys():
         ({"sweep": {"grid": 3, "baselines": "yes"}}, r"`sweep.baselines` should be true or false"),
         ({"sweep": {"grid": 3, "seed": 1}}, r"`sweep.seed` is not a known key"),
         ({"pbt": {"population": 1}}, r"`pbt.population` should be an integer >= 2; found 1"),
+        ({"pbt": {"population": 10**9}}, r"`pbt.population` should be at most 1,000 .*1000000000"),
         ({"pbt": {"interval_epochs": 0}}, r"`pbt.interval_epochs`"),
         ({"pbt": {"epochs": 0}}, r"`pbt.epochs` should be an integer >= 1"),
         ({"pbt": {"quantile": 0.6}}, r"`pbt.quantile` should be a number in \(0.0, 0.5\]"),

@@ -25,6 +25,10 @@ PBT_MODES: tuple[str, ...] = ("max", "min")
 _TABLES = ("train", "sweep", "pbt", "executor")
 
 
+#: The largest PBT population accepted: stated up front, as the sweeps' run counts are.
+MAX_POPULATION = 1000
+
+
 def _bad(key: str, expected: str, found: object) -> GradlensError:
     return GradlensError(f"`{key}` should be {expected}; found {found!r}.")
 
@@ -299,6 +303,13 @@ class PBTSpec:
         )  # fmt: skip
         _check_keys("pbt", d, known)
         population = _int("pbt.population", d.get("population", 8), 2)
+        if population > MAX_POPULATION:
+            raise _bad(
+                "pbt.population",
+                f"at most {MAX_POPULATION:,} (every member trains every round and is kept in "
+                "pbt.json; populations in the PBT literature are tens of members)",
+                population,
+            )
         interval = _int("pbt.interval_epochs", d.get("interval_epochs", 1), 1)
         epochs = d.get("epochs")
         if epochs is not None:
