@@ -112,3 +112,18 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     assert proc.stderr.startswith("gradlens report: error: ")
     assert proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_pbt_of_deep_members_needs_yes_and_huge_populations_are_refused(capsys, tmp_path):
+    cfg = tmp_path / "deep.toml"
+    train = (
+        '[train]\ndataset = "synthetic"\ndataset_options = {n = 64}\nwidth = 0.05\ndepth = 65\n'
+        "epochs = 1\n"
+    )
+    cfg.write_text(train + "[pbt]\npopulation = 2\n")
+    out = tmp_path / "o"
+    _fails(capsys, ["pbt", str(cfg), "--out", str(out), "--no-progress"], "pass --yes")
+    assert main(["pbt", str(cfg), "--out", str(out), "--no-progress", "--yes"]) == 0
+    assert "member" in capsys.readouterr().out
+    cfg.write_text(train + "[pbt]\npopulation = 1000000000\n")
+    _fails(capsys, ["pbt", str(cfg), "--out", str(tmp_path / "p")], "at most 1,000")

@@ -311,3 +311,14 @@ def test_pbt_on_ray_local_matches_the_local_run(tmp_path, capsys):
     for x, y in zip(a["members"], b["members"]):
         assert (x["schedule"], x["lineage"], x["final"]) == (y["schedule"], y["lineage"],
                                                               y["final"])  # fmt: skip
+
+
+def test_members_beyond_the_size_bounds_need_yes(tmp_path):
+    # 65 blocks: over the depth bound of gradlens.train; PBT refuses it unless confirmed
+    deep = {**TINY, "dataset": "synthetic", "dataset_options": {"n": 64}, "depth": 65,
+            "width": 0.05, "epochs": 1}  # fmt: skip
+    cfg = _cfg({"population": 2, "epochs": 1}, train=deep)
+    with pytest.raises(GradlensError, match="pass --yes"):
+        run_pbt(cfg, tmp_path / "refused", progress=False)
+    df = run_pbt(cfg, tmp_path / "confirmed", progress=False, yes=True)
+    assert df["member"].tolist() == [0, 1]

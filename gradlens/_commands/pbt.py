@@ -29,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="confirm members beyond the model size bounds (over 10^8 parameters or 64 blocks)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config).with_executor(
         kind=args.executor, workers=args.workers, address=args.address
     )
-    summary = run_pbt(cfg, args.out, progress=not args.no_progress)
+    summary = run_pbt(cfg, args.out, progress=not args.no_progress, yes=args.yes)
     metric = cfg.pbt.metric if cfg.pbt is not None else "score"
     sys.stdout.write(format_pbt(summary, metric) + "\n")
     return 0

@@ -158,6 +158,7 @@ class _Members:
         checkpoint: str | None,
         weights: dict[str, float],
         pbt_meta: dict[str, Any],
+        yes: bool = False,
     ) -> None:
         import torch
 
@@ -169,7 +170,7 @@ class _Members:
             warnings.filterwarnings("ignore", "Taking over the stale writer lock", GradlensWarning)
             tr = Trainer(
                 train, run_dir, progress=False, overwrite=checkpoint is None,
-                append=checkpoint is not None,
+                append=checkpoint is not None, yes=yes,
             )  # fmt: skip
         try:
             if checkpoint is not None:
@@ -285,6 +286,7 @@ def run_pbt(
     *,
     executor: Executor | None = None,
     progress: bool = True,
+    yes: bool = False,
 ) -> pd.DataFrame:
     """Run (or resume) population-based training of the task weights (see the module docstring).
 
@@ -296,6 +298,8 @@ def run_pbt(
             Members are spread over ``min(workers, population)`` hosts (processes or Ray
             actors), each training its members one after the other.
         progress: Show a progress bar over rounds (on stderr).
+        yes: Confirm members whose model is beyond the size bounds of
+            :func:`gradlens.train.train` (over 10^8 parameters or 64 blocks).
 
     Returns:
         One row per member: ``member``, ``weights`` (final, as text), ``w.<task>``, ``score``
@@ -388,7 +392,7 @@ def run_pbt(
                 )
                 starts.append(
                     hosts[k % n_hosts].call(
-                        "start", k, tdict, str(run_dir), ckpt, m["weights"], all_metas[k]
+                        "start", k, tdict, str(run_dir), ckpt, m["weights"], all_metas[k], yes
                     )
                 )
             for f in starts:
