@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install Debian's chromium for the headless screenshot test of the HTML report
-# (tests/test_report.py::test_report_renders_in_headless_chromium).
+# (tests/report/test_report.py::test_report_renders_in_headless_chromium).
 # Never fails CI: without apt (or without network) the test skips and says why.
 set -u
 if [ -x /usr/bin/chromium ]; then

@@ -26,7 +26,7 @@ stage() {  # name, seconds, command...
 }
 
 # 1. CUDA correctness: every engine against the float64 loop reference on CUDA, fused path taken
-stage tests 150 $py -m pytest tests/test_cuda.py tests/test_bench.py -q --maxfail=5 -p no:cacheprovider \
+stage tests 150 $py -m pytest tests/test_cuda.py tests/bench/test_bench.py -q --maxfail=5 -p no:cacheprovider \
   -o filterwarnings=default -o addopts="" -m "not slow"
 # 2. the benchmark (eager Linear rule, the default)
 stage bench 150 $py -m gradlens.cli bench --device cuda \

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from gradlens._bench_weightings import weighting_for
+from gradlens.bench._weightings import weighting_for
 from gradlens.bench import ZOO_MODELS, _Setup
 
 

@@ -59,7 +59,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradlens._errors import GradlensError
-from gradlens._snapshot import Snapshot
+from gradlens.snapshot import Snapshot
 from gradlens.engines._base import (
     BackwardContext,
     Engine,

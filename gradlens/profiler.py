@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens._snapshot import Snapshot, _symmetric
+from gradlens.snapshot import Snapshot, _symmetric
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
 from gradlens.engines.auto import AutoEngine

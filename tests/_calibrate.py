@@ -16,7 +16,7 @@ Kinds of sweep (2 model sizes x 4 weights x ``seeds`` seeds, single-task baselin
 
 Run ``python -m tests._calibrate --sweeps 60`` (60 null and 60 clustered reports, 30 planted at
 3 and at 5 seeds, 15 at 10 seeds; about 10 s a report on one core) to print the rows quoted in
-``docs/stats.md``; ``tests/test_calibration.py`` runs small versions.
+``docs/stats.md``; ``tests/stats/test_calibration.py`` runs small versions.
 """
 
 from __future__ import annotations

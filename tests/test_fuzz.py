@@ -248,7 +248,7 @@ while True:
 def _kill_at_random(path: Path, rng: np.random.Generator) -> None:
     script = path.with_name("child.py")
     script.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": str(Path(gradlens.store.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(gradlens.store.__file__).parents[2])}
     with subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env) as proc:  # fmt: skip
         try:

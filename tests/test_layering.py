@@ -40,7 +40,7 @@ def _loaded_after_importing(modules: list[str]) -> set[str]:
 
 
 def _is_harness(module: str) -> bool:
-    """``gradlens.train``, ``gradlens._train_data``, ``gradlens._stats_core``, ... (any depth)."""
+    """``gradlens.train``, ``gradlens.train._data``, ``gradlens.stats._core``, ... (any depth)."""
     parts = module.split(".")
     if parts[0] != "gradlens" or len(parts) < 2:
         return False
@@ -49,9 +49,9 @@ def _is_harness(module: str) -> bool:
 
 
 def test_harness_names_are_recognised():
-    assert _is_harness("gradlens._stats_core")
+    assert _is_harness("gradlens.stats._core")
     assert _is_harness("gradlens.search.sweep")
-    assert not _is_harness("gradlens._store_io")
+    assert not _is_harness("gradlens.store._io")
     assert not _is_harness("gradlens.distributed")
 
 

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gradlens._errors import GradlensError
-    from gradlens._train_format import format_metrics
+    from gradlens.train._format import format_metrics
     from gradlens.train import train
 
     fields: dict[str, Any] = _read_config(args.config) if args.config is not None else {}

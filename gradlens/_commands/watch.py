@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def writer_status(run_dir: Path) -> str:
     """``"closed"``, ``"live (pid N)"`` or why the lock is stale, from the run's ``.lock``."""
-    from gradlens._store_lock import LOCK_NAME, _pid_alive
+    from gradlens.store._lock import LOCK_NAME, _pid_alive
 
     try:
         rec = json.loads((run_dir / LOCK_NAME).read_text(encoding="utf-8"))
@@ -106,7 +106,7 @@ def _cos_cell(x: float, color: bool) -> str:
 
 
 def _layer_name(layer: str) -> str:
-    from gradlens._snapshot import TOTAL_LAYER
+    from gradlens.snapshot import TOTAL_LAYER
 
     return "all shared" if layer == TOTAL_LAYER else layer
 
@@ -201,7 +201,7 @@ def render(
 
 def _signature(run_dir: Path) -> tuple[object, ...]:
     """What changes when a chunk is committed, meta rewritten or the writer closes."""
-    from gradlens._store_io import list_chunks
+    from gradlens.store._io import list_chunks
 
     meta = run_dir / "meta.json"
     return (

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError
-from gradlens._snapshot import Level
+from gradlens.snapshot import Level
 
 __all__ = ["BackwardContext", "Engine", "EngineResult", "SharedParams", "resolve_shared"]
 

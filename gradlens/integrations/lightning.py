@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from gradlens._errors import GradlensError, require
-from gradlens._snapshot import Snapshot
+from gradlens.snapshot import Snapshot
 from gradlens.profiler import Profiler, _check_tasks
 from gradlens.schedules import Schedule
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from gradlens._errors import GradlensError, require
-from gradlens._snapshot import Snapshot
+from gradlens.snapshot import Snapshot
 from gradlens.profiler import Profiler, Sink, _check_tasks
 from gradlens.schedules import Schedule
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from gradlens._errors import GradlensError, GradlensWarning, StoreError
-from gradlens._store_io import TMP_PREFIX, atomic_write_bytes
-from gradlens._store_lock import RunLock
+from gradlens.store._io import TMP_PREFIX, atomic_write_bytes
+from gradlens.store._lock import RunLock
 from gradlens.search._config import ExecutorSpec, SearchConfig
 from gradlens.search.executors import Executor, make_executor
 
@@ -115,7 +115,7 @@ def pin_task_option(train: Mapping[str, Any], tasks: Sequence[str]) -> dict[str,
         >>> pin_task_option({"dataset": "multidigits"}, ["left", "right"])["dataset_options"]
         {}
     """
-    from gradlens._train_data import _TASK_OPTIONS
+    from gradlens.train._data import _TASK_OPTIONS
     from gradlens.data import dataset_options
 
     d = dict(train)
@@ -183,7 +183,7 @@ def executor_for(spec: ExecutorSpec) -> Executor:
 def has_final(run_dir: Path) -> bool:
     """Whether a run directory holds a readable ``"final"`` eval (the harness's completion mark)
     and no damaged or missing evals chunk (a damaged run is redone, silently)."""
-    from gradlens._store_check import Problems
+    from gradlens.store._check import Problems
     from gradlens.store import _read_evals
 
     if not (run_dir / "meta.json").is_file():

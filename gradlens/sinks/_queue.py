@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens._snapshot import Snapshot
+from gradlens.snapshot import Snapshot
 from gradlens.sinks._scalars import heatmap_rgb, snapshot_scalars
 
 __all__ = ["QueuedSink"]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from gradlens import metrics
-from gradlens._snapshot import Snapshot
+from gradlens.snapshot import Snapshot
 
 __all__ = ["LAYER_GROUPS", "TOTAL_NAMES", "heatmap_rgb", "snapshot_scalars"]
 
@@ -103,7 +103,7 @@ def heatmap_rgb(snap: Snapshot, dpi: int = 100) -> Any:
     """
     from matplotlib import colormaps
 
-    from gradlens._plots_util import ANNOTATE_MAX, CONFLICT_CMAP, new_figure, text
+    from gradlens.plots._util import ANNOTATE_MAX, CONFLICT_CMAP, new_figure, text
 
     cos = metrics.cosine(snap.gram.detach().cpu().double().numpy())
     n = len(snap.tasks)

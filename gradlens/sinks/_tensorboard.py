@@ -9,7 +9,7 @@ import numpy as np
 
 from gradlens import metrics
 from gradlens._errors import GradlensError, require
-from gradlens._snapshot import Snapshot
+from gradlens.snapshot import Snapshot
 
 __all__ = ["TensorBoardSink"]
 

@@ -1,0 +1,537 @@
+"""Simulations that calibrate :mod:`gradlens.stats`: false-positive rates, power and coverage.
+
+Run ``python -m gradlens.stats.calibration`` (optionally ``--quick``) to print the tables quoted
+in ``docs/stats.md``; ``tests/stats/test_stats.py`` runs smaller versions of the same simulations.
+
+Designs:
+
+- *Null sweep*: 30 runs, a weight grid of 6 values x 5 seeds (ties, as in a real sweep), and an
+  interference or accuracy value drawn independently of the weight (no association).
+- *Planted association*: 30 runs of a bivariate normal with correlation ``rho`` (Pearson scale;
+  Spearman's rho is ``6/pi asin(rho/2)``, Kendall's tau ``2/pi asin(rho)``).
+- *Within a run*: two independent AR(1) series of ``n`` epochs with coefficient ``phi``; the true
+  correlation is 0.
+- *Optimal weight*: 4 model sizes (1e5 .. 1e8 parameters), a 9-point weight grid, 3 seeds; the
+  score is ``-a (w - p*_size)^2 + noise``; under the null ``p*`` is 0.5 at every size, under the
+  alternative it moves by ``shift`` per decade of size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from gradlens import stats
+
+__all__ = [
+    "associations_fwer",
+    "clustered_fpr",
+    "gain_coverage",
+    "null_pvalues",
+    "planted_pvalues",
+    "pooled_coverage",
+    "selection_optimism",
+    "trend_pvalues",
+    "within_run_calibration",
+]
+
+_GRID = np.linspace(0.1, 0.9, 6)
+
+
+def _null_xy(rng: np.random.Generator, n_runs: int) -> tuple[np.ndarray, np.ndarray]:
+    seeds = math.ceil(n_runs / _GRID.size)
+    x = np.repeat(_GRID, seeds)[:n_runs]
+    return x, rng.normal(size=n_runs)
+
+
+def null_pvalues(
+    n_sweeps: int, *, method: str, n_runs: int = 30, n_perm: int = 999, seed: int = 0
+) -> np.ndarray:
+    """Permutation p-values of :func:`gradlens.stats.correlate` over null sweeps."""
+    out = np.empty(n_sweeps)
+    for i in range(n_sweeps):
+        rng = np.random.default_rng([seed, i])
+        x, y = _null_xy(rng, n_runs)
+        res = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)  # type: ignore[arg-type]
+        out[i] = res["p_value"]
+    return out
+
+
+def planted_pvalues(
+    n_sweeps: int,
+    *,
+    rho: float,
+    method: str,
+    n_runs: int = 30,
+    n_perm: int = 999,
+    n_boot: int = 0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """P-values and interval-covers-truth flags over sweeps with a planted correlation ``rho``.
+
+    The truth for the coverage flag is the population value of ``method`` under the bivariate
+    normal (Pearson ``rho``, Spearman ``6/pi asin(rho/2)``, Kendall ``2/pi asin(rho)``); the flag
+    is NaN when ``n_boot`` is 0.
+    """
+    truth = {
+        "pearson": rho,
+        "spearman": 6.0 / math.pi * math.asin(rho / 2.0),
+        "kendall": 2.0 / math.pi * math.asin(rho),
+    }[method]
+    cov = np.array([[1.0, rho], [rho, 1.0]])
+    p = np.empty(n_sweeps)
+    covered = np.full(n_sweeps, np.nan)
+    for i in range(n_sweeps):
+        rng = np.random.default_rng([seed, i])
+        xy = rng.multivariate_normal([0.0, 0.0], cov, size=n_runs)
+        res = stats.correlate(
+            xy[:, 0],
+            xy[:, 1],
+            method=method,
+            n_boot=n_boot,
+            n_perm=n_perm,
+            seed=rng,  # type: ignore[arg-type]
+        )
+        p[i] = res["p_value"]
+        if n_boot:
+            covered[i] = float(res["ci_low"] <= truth <= res["ci_high"])
+    return p, covered
+
+
+def _ar1(rng: np.random.Generator, n: int, phi: float) -> np.ndarray:
+    e = rng.normal(size=n + 50)
+    x = np.empty_like(e)
+    x[0] = e[0] / math.sqrt(1.0 - phi**2)
+    for t in range(1, e.size):
+        x[t] = phi * x[t - 1] + e[t]
+    return x[50:]
+
+
+def _series_run(x: np.ndarray, y: np.ndarray) -> SimpleNamespace:
+    """A minimal run whose per-epoch cosine is ``x`` and validation accuracy ``y``."""
+    k = np.arange(1, x.size + 1)
+    metrics = pd.DataFrame(
+        {
+            "step": k * 10,
+            "layer": "__all__",
+            "metric": "cosine",
+            "task_i": "a",
+            "task_j": "b",
+            "value": x,
+        }
+    )
+    evals = pd.DataFrame(
+        {
+            "point": [f"epoch:{i}" for i in k],
+            "epoch": pd.array(k, "Int64"),
+            "step": pd.array(k * 10, "Int64"),
+            "split": "val",
+            "task": "a",
+            "metric": "accuracy",
+            "value": y,
+        }
+    )
+    return SimpleNamespace(meta={"tasks": ["a", "b"]}, metrics=metrics, evals=evals)
+
+
+def within_run_calibration(
+    n_series: int,
+    *,
+    n: int = 50,
+    phi: float = 0.8,
+    block: int | str = "auto",
+    n_boot: int = 999,
+    seed: int = 0,
+) -> dict[str, float]:
+    """:func:`gradlens.stats.within_run` on independent AR(1) pairs (true correlation 0).
+
+    Returns the coverage of 0 by the block-bootstrap interval (``coverage_block``) and by the
+    effective-n interval (``coverage_neff``), and the rejection rates at 0.05 of the effective-n
+    t-test (``fpr_neff``) and of the centred block-bootstrap p-value (``fpr_block``).
+    """
+    hits = {"coverage_block": 0, "coverage_neff": 0, "fpr_neff": 0, "fpr_block": 0}
+    for i in range(n_series):
+        rng = np.random.default_rng([seed, i])
+        x, y = _ar1(rng, n, phi), _ar1(rng, n, phi)
+        res = stats.within_run(
+            _series_run(x, y),
+            metric="cosine",
+            block=block,
+            n_boot=n_boot,
+            seed=rng,  # type: ignore[arg-type]
+        )
+        hits["coverage_block"] += res["ci_low"] <= 0.0 <= res["ci_high"]
+        hits["coverage_neff"] += res["ci_low_neff"] <= 0.0 <= res["ci_high_neff"]
+        hits["fpr_neff"] += res["p_value"] < 0.05
+        hits["fpr_block"] += res["p_block"] < 0.05
+    return {k: v / n_series for k, v in hits.items()}
+
+
+def _sweep_table(
+    rng: np.random.Generator, shift: float, noise: float, seeds: int = 3
+) -> pd.DataFrame:
+    grid = np.linspace(0.1, 0.9, 9)
+    rows = []
+    for decade, size in enumerate([1e5, 1e6, 1e7, 1e8]):
+        best = 0.5 + shift * (decade - 1.5)
+        level = 0.6 + 0.05 * decade
+        for s in range(seeds):
+            for w in grid:
+                score = level - 0.5 * (w - best) ** 2 + rng.normal(0.0, noise)
+                rows.append({"model.n_params": size, "seed": s, "w": w, "acc": score})
+    return pd.DataFrame(rows)
+
+
+def trend_pvalues(
+    n_sweeps: int,
+    *,
+    shift: float,
+    noise: float = 0.01,
+    estimator: str = "grid",
+    n_boot: int = 999,
+    seed: int = 0,
+) -> np.ndarray:
+    """P-values of :func:`gradlens.stats.optimal_weight_trend` over simulated weight sweeps."""
+    out = np.empty(n_sweeps)
+    for i in range(n_sweeps):
+        rng = np.random.default_rng([seed, i])
+        table = _sweep_table(rng, shift, noise)
+        res = stats.optimal_weight_trend(
+            table,
+            weight_col="w",
+            score_col="acc",
+            estimator=estimator,
+            n_boot=n_boot,
+            seed=rng,  # type: ignore[arg-type]
+        )
+        out[i] = res["p_value"]
+    return out
+
+
+def associations_fwer(
+    n_sweeps: int,
+    *,
+    methods: Sequence[str] = ("spearman",),
+    n_perm: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Family-wise error rate of :func:`gradlens.stats.associations` on null tables (3 sizes x
+    6 weights x 3 seeds; 2 interference and 2 accuracy columns, all independent of everything):
+    the fraction of tables with any p-value below 0.05 after Holm (``"holm"``), after
+    Benjamini-Hochberg (``"bh"``) and uncorrected (``"none"``), from the same p-values."""
+    hits = {"holm": 0, "bh": 0, "none": 0}
+    for i in range(n_sweeps):
+        rng = np.random.default_rng([seed, i])
+        n = 3 * 6 * 3
+        table = pd.DataFrame(
+            {
+                "model.n_params": np.repeat([1e5, 1e6, 1e7], 18),
+                "weights.a": np.tile(np.repeat(_GRID, 3), 3),
+                "cosine.a|b": rng.normal(size=n),
+                "gms.a|b": rng.normal(size=n),
+                "accuracy.a": rng.normal(size=n),
+                "accuracy.mean": rng.normal(size=n),
+            }
+        )
+        res = stats.associations(
+            table,
+            weight_cols=["weights.a"],
+            interference_cols=["cosine.a|b", "gms.a|b"],
+            accuracy_cols=["accuracy.a", "accuracy.mean"],
+            methods=list(methods),  # type: ignore[arg-type]
+            correction="none",
+            n_boot=0,
+            n_perm=n_perm,
+            seed=int(rng.integers(2**31)),
+        )
+        p = res["p_value"].to_numpy()
+        for correction in hits:
+            hits[correction] += bool((stats.adjust(p, correction) < 0.05).any())  # type: ignore[arg-type]
+    return {k: v / n_sweeps for k, v in hits.items()}
+
+
+def _gain_table(d_joint: np.ndarray, d_single: np.ndarray) -> pd.DataFrame:
+    """One size, one configuration of tasks a|b, and the single-task runs on a, per seed."""
+    seeds = np.arange(d_joint.size)
+    joint = pd.DataFrame({"tasks": "a|b", "seed": seeds, "size": 1, "weights.a": 0.5,
+                          "accuracy.a": d_joint, "accuracy.b": 0.5})  # fmt: skip
+    single = pd.DataFrame({"tasks": "a", "seed": seeds, "size": 1, "weights.a": 1.0,
+                           "accuracy.a": d_single, "accuracy.b": np.nan})  # fmt: skip
+    return pd.concat([joint, single], ignore_index=True)
+
+
+def gain_coverage(
+    n_sims: int,
+    *,
+    seeds: int,
+    gain: float = 0.01,
+    interval: str = "t",
+    noise: str = "normal",
+    n_boot: int = 999,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Coverage of :func:`gradlens.stats.joint_gain`'s 95 % interval of the gain, and the
+    rejection rate of its p-value when the true gain is 0, over ``n_sims`` simulated cells.
+
+    Each seed has a shared effect (cancels in the pairing) and independent run noise on the joint
+    and the single-task run (``"normal"`` or Student ``"t3"``, heavy tailed).
+    """
+    covered = 0
+    rejected = 0
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        shared = rng.normal(0, 0.01, size=seeds)
+        if noise == "t3":
+            e = rng.standard_t(3, size=(2, seeds)) * 0.003
+        else:
+            e = rng.normal(0, 0.003, size=(2, seeds))
+        t_planted = _gain_table(0.8 + gain + shared + e[0], 0.8 + shared + e[1])
+        t_null = _gain_table(0.8 + shared + e[0], 0.8 + shared + e[1])
+        kw = {"size_cols": ["size"], "interval": interval, "n_boot": n_boot, "seed": rng}
+        g = stats.joint_gain(t_planted, **kw).iloc[0]  # type: ignore[arg-type]
+        covered += g["ci_low"] <= gain <= g["ci_high"]
+        g0 = stats.joint_gain(t_null, **kw).iloc[0]  # type: ignore[arg-type]
+        rejected += (g0["ci_low"] > 0) or (g0["ci_high"] < 0)
+    return {"coverage": covered / n_sims, "null_excludes_0": rejected / n_sims}
+
+
+def selection_optimism(
+    n_sims: int, *, seeds: int = 3, weights: int = 5, seed: int = 0
+) -> dict[str, float]:
+    """A null weight sweep (every weight has true gain 0; validation and test of a run share its
+    noise): the mean reported gain and the rate of "beats" (``ci_low > 0``) when the weight is
+    chosen on validation over all seeds and reported on test (``naive_*``, what the report
+    did), and with the held-out choice of :func:`gradlens.stats.selected_gain` (``held_out_*``).
+    """
+    naive_gain, naive_beats, held_gain, held_beats = 0.0, 0, 0.0, 0
+    grid = np.linspace(0.1, 0.9, weights)
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        shared = rng.normal(0, 0.01, size=seeds)
+        rows = []
+        for w in grid:
+            run = rng.normal(0, 0.005, size=seeds)
+            test = 0.8 + shared + run
+            val = test + rng.normal(0, 0.002, size=seeds)
+            for s in range(seeds):
+                rows.append({"tasks": "a|b", "size": 1, "seed": s, "weights.a": w,
+                             "sel": val[s], "accuracy.a": test[s], "accuracy.b": 0.5})  # fmt: skip
+        base = 0.8 + shared + rng.normal(0, 0.005, size=seeds)
+        for s in range(seeds):
+            rows.append({"tasks": "a", "size": 1, "seed": s, "accuracy.a": base[s]})
+        table = pd.DataFrame(rows)
+        joint = table[table.tasks == "a|b"]
+        best = joint.groupby("weights.a")["sel"].mean().idxmax()
+        g = stats.joint_gain(table, size_cols=["size"])
+        naive = g[(g.task == "a") & (g["weights.a"] == best)].iloc[0]
+        naive_gain += naive["gain"]
+        naive_beats += naive["ci_low"] > 0
+        h = stats.selected_gain(table, select_col="sel", size_cols=["size"])
+        held = h[h.task == "a"].iloc[0]
+        held_gain += held["gain"]
+        held_beats += held["ci_low"] > 0
+    return {
+        "naive_mean_gain": naive_gain / n_sims,
+        "naive_beats": naive_beats / n_sims,
+        "held_out_mean_gain": held_gain / n_sims,
+        "held_out_beats": held_beats / n_sims,
+    }
+
+
+def clustered_fpr(
+    n_sims: int,
+    *,
+    configs: int = 10,
+    seeds: int = 3,
+    icc: float = 0.5,
+    method: str = "spearman",
+    n_perm: int = 999,
+    n_boot: int = 0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Weight vs an outcome with a random effect per configuration (share ``icc`` of the noise),
+    independent of the weight: rejection rates at 0.05 of :func:`gradlens.stats.correlate`
+    with the configurations as groups (whole configurations permuted; ``groups_*``) and without
+    (runs permuted; ``runs_*``), and how often the cluster-bootstrap interval excludes 0."""
+    grid = np.linspace(0.1, 0.9, configs)
+    codes = np.repeat(np.arange(configs), seeds)
+    x = grid[codes]
+    hits = {"groups_fpr": 0, "runs_fpr": 0, "groups_ci_excludes_0": 0}
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        y = math.sqrt(icc) * rng.normal(size=configs)[codes] + math.sqrt(1 - icc) * rng.normal(
+            size=codes.size
+        )
+        g = stats.correlate(x, y, method=method, n_boot=n_boot, n_perm=n_perm, groups=codes,
+                            seed=rng)  # type: ignore[arg-type]  # fmt: skip
+        r = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)  # type: ignore[arg-type]
+        hits["groups_fpr"] += g["p_value"] < 0.05
+        hits["runs_fpr"] += r["p_value"] < 0.05
+        if n_boot:
+            hits["groups_ci_excludes_0"] += not g["ci_low"] <= 0 <= g["ci_high"]
+    return {k: v / n_sims for k, v in hits.items()}
+
+
+def pooled_coverage(
+    n_sims: int, *, k: int, n: int = 30, rho: float = 0.2, tau: float = 0.0, seed: int = 0
+) -> dict[str, float]:
+    """Coverage of ``tanh(z0)`` (``z0 = atanh(rho)``) by :func:`gradlens.stats.pool_correlations`
+    over ``k`` runs of ``n`` iid points whose true correlations are ``tanh(z0 + tau N(0, 1))``:
+    the Hartung-Knapp interval (``hk``), the DerSimonian-Laird normal one (``dl``), and the
+    rejection rate of the pooled test when ``rho = 0``."""
+    z0 = math.atanh(rho)
+    hits = {"hk": 0, "dl": 0, "min_max": 0}
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        rs = np.empty(k)
+        for j in range(k):
+            rj = math.tanh(z0 + tau * rng.normal())
+            x = rng.normal(size=n)
+            y = rj * x + math.sqrt(1 - rj * rj) * rng.normal(size=n)
+            rs[j] = np.corrcoef(x, y)[0, 1]
+        res = stats.pool_correlations(rs, np.full(k, float(n)))
+        truth = math.tanh(z0)
+        hits["hk"] += res["ci_low"] <= truth <= res["ci_high"]
+        hits["dl"] += res["ci_low_dl"] <= truth <= res["ci_high_dl"]
+        hits["min_max"] += rs.min() <= truth <= rs.max()
+    return {k_: v / n_sims for k_, v in hits.items()}
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a quarter of the simulations")
+    parser.add_argument(
+        "--only",
+        choices=[
+            *("null", "power", "coverage", "within", "trend", "fwer"),
+            *("gain", "selection", "clustered", "pooled", "design_power"),
+        ],
+        default=None,
+    )
+    args = parser.parse_args(argv)
+    k = 0.25 if args.quick else 1.0
+    start = time.perf_counter()
+
+    def wanted(part: str) -> bool:
+        return args.only in (None, part)
+
+    if wanted("null"):
+        n_null = int(2000 * k)
+        print(f"## False-positive rate at alpha = 0.05, {n_null} null sweeps of 30 runs")
+        for method in ("spearman", "pearson", "kendall"):
+            p = null_pvalues(n_null, method=method)
+            print(f"{method:9s} FPR = {np.mean(p < 0.05):.4f}")
+
+    if wanted("power"):
+        n_pow = int(1000 * k)
+        print(f"\n## Power at alpha = 0.05 (permutation test), {n_pow} sweeps each")
+        print("| n | rho | spearman | pearson | kendall |")
+        for n_runs in (30, 60):
+            for rho in (0.3, 0.5):
+                cells = []
+                for method in ("spearman", "pearson", "kendall"):
+                    p, _ = planted_pvalues(n_pow, rho=rho, method=method, n_runs=n_runs)
+                    cells.append(f"{np.mean(p < 0.05):.3f}")
+                print(f"| {n_runs} | {rho} | " + " | ".join(cells) + " |")
+
+    if wanted("coverage"):
+        n_cov = int(400 * k)
+        print(f"\n## Bootstrap 95 % interval coverage, n = 30, rho = 0.5, {n_cov} sweeps")
+        for method in ("spearman", "pearson", "kendall"):
+            _, covered = planted_pvalues(n_cov, rho=0.5, method=method, n_boot=999, n_perm=0)
+            print(f"{method:9s} coverage = {np.nanmean(covered):.3f}")
+
+    if wanted("within"):
+        n_ser = int(400 * k)
+        print(f"\n## Within a run: independent AR(1) pairs (true r = 0), {n_ser} pairs")
+        print("| n | phi | block | cover, block CI | cover, n_eff CI | FPR n_eff t | FPR block p |")
+        for n, phi in ((30, 0.5), (50, 0.8), (100, 0.8), (50, 0.95)):
+            for block in ("auto", 1):
+                r = within_run_calibration(n_ser, n=n, phi=phi, block=block)
+                print(
+                    f"| {n} | {phi} | {block} | {r['coverage_block']:.3f} "
+                    f"| {r['coverage_neff']:.3f} | {r['fpr_neff']:.3f} | {r['fpr_block']:.3f} |"
+                )
+
+    if wanted("trend"):
+        n_tr = int(400 * k)
+        print(f"\n## Optimal-weight trend test, {n_tr} sweeps (4 sizes x 9 weights x 3 seeds)")
+        print("| estimator | noise | shift per decade | rejection rate |")
+        for estimator in ("grid", "quadratic"):
+            for noise in (0.01, 0.03):
+                for shift in (0.0, 0.05, 0.1):
+                    p = trend_pvalues(n_tr, shift=shift, noise=noise, estimator=estimator)
+                    print(f"| {estimator} | {noise} | {shift} | {np.mean(p < 0.05):.3f} |")
+
+    if wanted("fwer"):
+        n_fw = int(400 * k)
+        print(f"\n## associations(): family-wise error on null tables, {n_fw} tables")
+        rates = associations_fwer(n_fw)
+        print(
+            f"P(any p < 0.05): Holm {rates['holm']:.3f}, BH {rates['bh']:.3f}, "
+            f"uncorrected {rates['none']:.3f}"
+        )
+    if wanted("gain"):
+        n_g = int(2000 * k)
+        print(f"\n## Gain interval (joint_gain), 95 %, {n_g} cells each")
+        print("| seeds | noise | interval | coverage | null cells excluding 0 |")
+        for seeds in (3, 5, 10):
+            for noise in ("normal", "t3"):
+                for interval in ("t", "bootstrap"):
+                    r = gain_coverage(n_g, seeds=seeds, interval=interval, noise=noise)
+                    print(f"| {seeds} | {noise} | {interval} | {r['coverage']:.3f} "
+                          f"| {r['null_excludes_0']:.3f} |")  # fmt: skip
+
+    if wanted("selection"):
+        n_s = int(1000 * k)
+        print(f"\n## Selection optimism, null sweep of 5 weights, {n_s} sweeps")
+        print("| seeds | naive mean gain | naive 'beats' | held-out mean gain | held-out 'beats' |")
+        for seeds in (3, 5, 10):
+            r = selection_optimism(n_s, seeds=seeds)
+            print(f"| {seeds} | {r['naive_mean_gain']:+.4f} | {r['naive_beats']:.3f} "
+                  f"| {r['held_out_mean_gain']:+.4f} | {r['held_out_beats']:.3f} |")  # fmt: skip
+
+    if wanted("clustered"):
+        n_c = int(2000 * k)
+        print(f"\n## Clustered null: 10 configurations x 3 seeds, {n_c} sweeps")
+        print("| ICC | FPR, configurations permuted | FPR, runs permuted | cluster CI excl. 0 |")
+        for icc in (0.0, 0.5, 0.8):
+            r = clustered_fpr(n_c, icc=icc, n_boot=499)
+            print(f"| {icc} | {r['groups_fpr']:.3f} | {r['runs_fpr']:.3f} "
+                  f"| {r['groups_ci_excludes_0']:.3f} |")  # fmt: skip
+
+    if wanted("pooled"):
+        n_p = int(2000 * k)
+        print(f"\n## Pooled within-run correlation (Fisher z, DL), n = 30 per run, {n_p} sets")
+        print("| runs | tau | coverage HK | coverage DL | range of runs covers |")
+        for kk in (3, 5, 10):
+            for tau in (0.0, 0.2):
+                r = pooled_coverage(n_p, k=kk, tau=tau)
+                print(f"| {kk} | {tau} | {r['hk']:.3f} | {r['dl']:.3f} | {r['min_max']:.3f} |")
+
+    if wanted("design_power"):
+        n_d = int(1000 * k)
+        print(f"\n## stats.power, {n_d} simulated studies each")
+        print("| design | sizes x weights x seeds | ICC | tests | effect | power |")
+        for icc in (0.0, 0.5):
+            for effect in (0.0, 0.3, 0.5):
+                r = stats.power("association", effect=effect, sizes=2, weights=5, seeds=3,
+                                icc=icc, n_sim=n_d)  # fmt: skip
+                print(f"| association | 2 x 5 x 3 | {icc} | 1 | {effect} | {r['power']:.3f} |")
+        for seeds in (3, 5, 10):
+            for effect in (1.0, 2.0):
+                r = stats.power("gain", effect=effect, seeds=seeds, n_sim=n_d * 4)
+                print(f"| gain | {seeds} seeds | - | 1 | {effect} SD | {r['power']:.3f} |")
+
+    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())

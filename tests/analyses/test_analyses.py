@@ -1,0 +1,585 @@
+"""The analyses' shared logic (fast) and every script end to end in ``--quick`` mode.
+
+The end-to-end tests train tiny models (5-45 s each on a loaded 2-core machine) and are marked
+``slow``: ``pytest tests/analyses/test_analyses.py -m slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyses import (
+    _common,
+    _design,
+    _figures,
+    capacity,
+    conflict,
+    layers,
+    optimal_weight,
+    pbt,
+    power,
+    reanalyse,
+    timing,
+)
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def quick_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("analyses")
+    return root / "runs", root / "figures"
+
+
+def _argv(dirs: tuple[Path, Path]) -> list[str]:
+    return ["--quick", "--runs", str(dirs[0]), "--figures", str(dirs[1])]
+
+
+def _png_ok(path: Path) -> None:
+    from matplotlib.image import imread
+
+    img = imread(path)
+    assert img.shape[0] > 100
+    assert img.shape[1] > 100
+    assert float(np.std(img[..., :3])) > 0.01  # not blank
+
+
+def test_presets_and_flags() -> None:
+    small = _common.preset("small")
+    assert len(small.widths) >= 3
+    assert len(small.depths) >= 3
+    assert len(small.p) >= 7
+    assert len(small.seeds) == 3
+    args = _common.parse_args("x", ["--quick"])
+    assert args.preset.name == "quick"
+    assert args.workers == 1
+    assert args.figures != _common.FIGURES  # quick never overwrites the committed figures
+    assert _common.parse_args("x", []).figures == _common.FIGURES
+    with pytest.raises(SystemExit):
+        _common.parse_args("x", ["--quick", "--full"])
+
+
+def test_select_weights_picks_best_mean_over_seeds() -> None:
+    t = pd.DataFrame(
+        {
+            "model.width": [1, 1, 1, 1, 2, 2],
+            "model.depth": 1,
+            "n_tasks": 2,
+            "weights.a": [0.2, 0.2, 0.8, 0.8, 0.2, 0.8],
+            "accuracy.mean": [0.9, 0.5, 0.6, 0.7, 0.1, 0.2],
+        }
+    )
+    got = capacity.select_weights(t, ["a", "b"])
+    # width 1: means 0.70 (w 0.2) and 0.65 (w 0.8); width 2: 0.1 and 0.2
+    assert got["weights.a"].tolist() == [0.2, 0.8]
+    assert got["val_accuracy"].tolist() == pytest.approx([0.7, 0.2])
+
+
+def _synthetic_sweep() -> dict[str, pd.DataFrame]:
+    """Two sizes x weights {0.2, 0.5, 0.8} x 2 seeds, plus single-task runs; accuracies planted."""
+    rows = []
+    for width in (1.0, 2.0):
+        for seed in (0, 1):
+            for w in (0.2, 0.5, 0.8):
+                acc_a = 0.7 + 0.1 * w + 0.01 * seed + 0.05 * width
+                rows.append(
+                    {
+                        "model.width": width,
+                        "model.depth": 1,
+                        "model.n_params": 100 * width,
+                        "seed": seed,
+                        "tasks": "a|b",
+                        "n_tasks": 2,
+                        "weights.a": w,
+                        "weights.b": 1 - w,
+                        "accuracy.a": acc_a,
+                        "accuracy.b": 0.6,
+                        "accuracy.mean": (acc_a + 0.6) / 2 - abs(w - 0.5) * width / 10,
+                    }
+                )
+            for t in ("a", "b"):
+                rows.append(
+                    {
+                        "model.width": width,
+                        "model.depth": 1,
+                        "model.n_params": 100 * width,
+                        "seed": seed,
+                        "tasks": t,
+                        "n_tasks": 1,
+                        "weights.a": float(t == "a"),
+                        "weights.b": float(t == "b"),
+                        "accuracy.a": 0.75,
+                        "accuracy.b": 0.65,
+                        "accuracy.mean": 0.7,
+                    }
+                )
+    t = pd.DataFrame(rows)
+    return {"val": t, "test": t}
+
+
+def test_gains_at_selected_and_uniform_weight() -> None:
+    g = capacity.gains(_synthetic_sweep(), ["a", "b"], n_boot=50)
+    sel = g[g["setting"] == "p selected on val"].sort_values(["model.width", "task"])
+    # accuracy.mean peaks at w = 0.5 for both sizes, so the selected weight is 0.5
+    assert sel["weights.a"].tolist() == [0.5] * 4
+    uni = g[g["setting"] == "p = 0.5"].sort_values(["model.width", "task"])
+    assert np.allclose(sel["gain"], uni["gain"])
+    # gain on a: 0.7 + 0.05 + 0.005 (mean seed) + 0.05 width - 0.75; on b: 0.6 - 0.65
+    want = [
+        0.7 + 0.05 + 0.005 + 0.05 * wd - 0.75 if t == "a" else -0.05
+        for wd, t in zip(sel["model.width"], sel["task"])
+    ]
+    assert np.allclose(sel["gain"], want)
+    assert (sel["paired"]).all()
+
+
+def test_schedule_table_and_json_tidy(tmp_path: Path) -> None:
+    state = {
+        "members": [
+            {
+                "schedule": [
+                    {"epoch": 0, "weights": {"a": 0.5, "b": 0.5}},
+                    {"epoch": 2, "weights": {"a": 0.8, "b": 0.2}},
+                ]
+            },
+            {"schedule": [{"epoch": 0, "weights": {"a": 0.1, "b": 0.9}}]},
+        ]
+    }
+    s = pbt.schedule_table(state)
+    assert len(s) == 6
+    assert s.groupby(["member", "epoch"])["weight"].sum().tolist() == pytest.approx([1, 1, 1])
+    path = _common.write_json(
+        {"x": np.float64("nan"), "t": s, "n": np.int64(3)}, tmp_path / "a.json"
+    )
+    back = json.loads(path.read_text())
+    assert back["x"] is None
+    assert back["n"] == 3
+    assert back["t"][3] == {"member": 0, "epoch": 2, "task": "b", "weight": 0.2}
+
+
+@pytest.mark.slow
+def test_load_tables_marks_baselines_single_task(quick_dirs: tuple[Path, Path]) -> None:
+    pre = _common.preset("quick")
+    d = _common.pair_sweep(_common.PAIRS[0], pre, quick_dirs[0], 1)
+    t = _common.load_tables(d)["test"]
+    single = t[t["n_tasks"] == 1]
+    assert sorted(single["tasks"]) == ["left", "right"]
+    assert (t["n_tasks"] == 2).sum() == len(pre.p) * len(pre.seeds)
+
+
+@pytest.mark.slow
+def test_capacity_quick(quick_dirs: tuple[Path, Path]) -> None:
+    s = capacity.main(_argv(quick_dirs))
+    for name in ("multidigits", "domain_digits"):
+        g = pd.DataFrame(s["pairs"][name]["gains"])
+        assert set(g["setting"]) == {"p selected on val", "p = 0.5"}
+        assert np.allclose(g["gain"], g["joint_mean"] - g["single_mean"])
+        _png_ok(quick_dirs[1] / f"capacity_{name}.png")
+        _png_ok(quick_dirs[1] / f"capacity_{name}_uniform.png")
+    data = json.loads((quick_dirs[1] / "capacity.json").read_text())
+    assert data["preset"]["name"] == "quick"
+    assert data["pairs"]["multidigits"]["ols (p selected on val)"] is None  # one size in quick
+    lo, hi = data["figure_ylim_points"]
+    assert lo < 0 < hi
+
+
+@pytest.mark.slow
+def test_optimal_weight_quick(quick_dirs: tuple[Path, Path]) -> None:
+    s = optimal_weight.main(_argv(quick_dirs))
+    pre = _common.preset("quick")
+    for name in ("multidigits", "domain_digits"):
+        row = s["pairs"][name]["val"]["grid"]["per_size"].iloc[0]
+        # the grid estimate is a grid weight, or the mean of weights tied at the top
+        assert min(pre.p) <= row["p_star"] <= max(pre.p)
+        assert row["n_runs"] == len(pre.p) * len(pre.seeds)
+        _png_ok(quick_dirs[1] / f"optimal_weight_{name}.png")
+        cost = s["pairs"][name]["transfer_cost"]
+        assert cost["cost"].tolist() == [0.0]  # one size: its own weight is the smallest's
+    assert (quick_dirs[1] / "optimal_weight.json").exists()
+
+
+@pytest.mark.slow
+def test_conflict_quick(quick_dirs: tuple[Path, Path]) -> None:
+    s = conflict.main(_argv(quick_dirs))
+    for name in ("multidigits", "domain_digits"):
+        w = s["pairs"][name]["within"]
+        assert len(w["per_run"]) == 2
+        r = w["pooled"]["estimate"]
+        assert math.isnan(r) or -1 <= r <= 1
+        assoc = s["pairs"][name]["across"]
+        assert {"p_value", "p_adjusted", "estimate"} <= set(assoc.columns)
+        assert {"estimate", "p_value"} <= set(w["per_run"][0]["cosine"])
+        assert len(s["pairs"][name]["weight_controlled"]) == 2
+        _png_ok(quick_dirs[1] / f"conflict_timeline_{name}.png")
+        for stem in ("conflict", "cosine", "test_accuracy"):
+            _png_ok(quick_dirs[1] / f"weight_vs_{stem}_{name}.png")
+    _png_ok(quick_dirs[1] / "conflict_vs_accuracy_epochs.png")
+
+
+@pytest.mark.slow
+def test_pbt_quick(quick_dirs: tuple[Path, Path]) -> None:
+    s = pbt.main(_argv(quick_dirs))
+    assert len(s["tasks"]) >= 6
+    rep = s["pbt"]["per_replicate"][0]
+    assert len(rep["members"]) == s["population"]
+    assert len(s["random_static"]["per_replicate"][0]["runs"]) == s["population"]
+    assert rep["test"] == s["pbt"]["test_mean"]  # one replicate in quick mode
+    for arm in ("uniform", "pbt", "random_static"):
+        assert 0 <= s[arm]["test_mean"] <= 1
+    d = s["differences"]["pbt - uniform"]
+    assert d["difference"] == pytest.approx(s["pbt"]["test_mean"] - s["uniform"]["test_mean"])
+    best = s["uniform_best_of_n"]["per_replicate"][0]
+    assert len(best["runs"]) == s["population"]  # N uniform seeds: PBT's compute
+    assert best["val"] == pytest.approx(best["runs"]["val"].max())
+    paired = s["differences"]["pbt - uniform_best_of_n"]
+    assert paired["test"] == "paired t"
+    _png_ok(quick_dirs[1] / "pbt_schedules.png")
+    _png_ok(quick_dirs[1] / "pbt_result.png")
+
+
+# --------------------------------------------------------------------------------------------
+# The study design, the power simulation and the figures (fast)
+# --------------------------------------------------------------------------------------------
+
+
+def test_design_grid_spans_decades_and_budget_adds_up() -> None:
+    from gradlens.models import build_model
+
+    for family, sizes in _design.FAMILY_SIZES.items():
+        n = [
+            build_model(family, {"a": 10, "b": 10}, (1, 16, 16), width=w, depth=d).n_params()[
+                "total"
+            ]
+            for w, d in sizes
+        ]
+        assert n == sorted(n)
+        assert math.log10(n[-1] / n[0]) > 1.7  # the small run spanned 1.7 decades
+    study = _design.Study(seeds=(0, 1), p=(0.2, 0.5, 0.8))
+    b = _design.budget({("mlp", 1.0, 2): 0.5}, {("mlp", 1.0, 2): 1.0}, study, pairs=3)
+    runs = (3 + 2) * 2 * 3
+    assert b["runs_per_family"] == {"mlp": runs}
+    assert b["total"] == pytest.approx(runs * (1.0 + study.expected_epochs * 0.5))
+    assert {p.priority for p in _design.STUDY_PAIRS} == {1, 2, 3}
+
+
+def test_power_paired_matches_noncentral_t() -> None:
+    from scipy import stats as st
+
+    n, sd, eff = 8, 0.6, 0.5
+    sim = power.power_paired(effect=eff, replicates=n, sd_diff=sd, margin=0.5, n_sim=20000)
+    crit = st.t.ppf(0.975, n - 1)
+    nc = eff / (sd / math.sqrt(n))
+    exact = st.nct.sf(crit, n - 1, nc) + st.nct.cdf(-crit, n - 1, nc)
+    assert sim["superiority"] == pytest.approx(exact, abs=0.015)
+
+
+def test_power_tests_hold_their_size() -> None:
+    """At the null (or at the margin, for equivalence) each test rejects about 5 % of the time."""
+    tr = power.power_trend(
+        slope=0.0, decades=2.6, sizes=6, families=3, seeds=5, sd_seed=1.5, sd_size=2.0, n_sim=4000
+    )
+    assert 0.03 < tr["ols"] < 0.07
+    assert 0.03 < tr["spearman"] < 0.08
+    w = power.power_within(true_r=0.0, runs=12, epochs=20, phi=0.6, margin=0.2, tau=0.1, n_sim=2000)
+    assert 0.03 < w["reject_zero"] < 0.08
+    at_margin = power.power_pstar_slope(
+        slope=0.05, decades=2.6, sizes=6, families=3, sd_pstar=0.03, margin=0.05, n_sim=4000
+    )
+    assert at_margin["equivalent"] < 0.07
+    eq = power.power_paired(effect=0.5, replicates=10, sd_diff=0.5, margin=0.5, n_sim=4000)
+    assert eq["equivalence"] > 0.5  # a true 0 is declared equivalent most of the time
+    # more replicates, more power
+    small = power.power_trend(
+        slope=3.0, decades=1.7, sizes=9, families=1, seeds=3, sd_seed=1.5, sd_size=2.3, n_sim=2000
+    )
+    big = power.power_trend(
+        slope=3.0, decades=2.6, sizes=6, families=3, seeds=5, sd_seed=1.5, sd_size=2.3, n_sim=2000
+    )
+    assert big["ols"] > small["ols"] + 0.3
+
+
+def test_noise_levels_read_the_committed_results() -> None:
+    noise = power.noise_levels(_common.FIGURES)
+    assert set(noise["per_pair"]) == {"multidigits", "domain_digits"}
+    for key in ("sd_seed_gain", "sd_size_gain", "sd_replicate"):
+        assert 0.05 < noise[key] < 10  # accuracy points
+    assert 0 < noise["sd_pstar"] < 0.2
+
+
+def test_ols_fit_and_paired_test_against_scipy() -> None:
+    from scipy import stats as st
+
+    g = pd.DataFrame(
+        {
+            "model.n_params": [1e3, 1e4, 1e5, 1e6] * 2,
+            "gain": [0.01, 0.015, 0.03, 0.02, 0.0, 0.02, 0.02, 0.04],
+        }
+    )
+    fit = capacity.ols_fit(g)
+    ref = st.linregress([3, 4, 5, 6], 100 * np.array([0.005, 0.0175, 0.025, 0.03]))
+    assert fit["slope"] == pytest.approx(ref.slope)
+    assert fit["p_value"] == pytest.approx(ref.pvalue)
+    half = st.t.ppf(0.975, 2) * ref.stderr
+    assert fit["ci_high"] - fit["ci_low"] == pytest.approx(2 * half)
+    assert capacity.ols_fit(g.iloc[:2]) is None
+    a, b = np.array([0.90, 0.92, 0.91, 0.95]), np.array([0.89, 0.90, 0.92, 0.93])
+    d = pbt._paired(a, b)
+    assert d["p_value"] == pytest.approx(st.ttest_rel(a, b).pvalue)
+    assert d["ci90_low"] > d["ci_low"]
+    assert d["equivalent_within_margin"] == (
+        d["ci90_low"] > -pbt.EQUIVALENCE_MARGIN and d["ci90_high"] < pbt.EQUIVALENCE_MARGIN
+    )
+
+
+def test_weight_controlled_removes_a_confound_through_the_weight() -> None:
+    """Cosine and accuracy both follow a hump in p and nothing else: partialled on p and p^2,
+    their correlation vanishes, while the raw correlation is strong."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (1e3, 1e4, 1e5):
+        for p in (0.1, 0.3, 0.5, 0.7, 0.9):
+            for seed in range(4):
+                hump = -((p - 0.5) ** 2)
+                rows.append(
+                    {"model.n_params": n, "weights.a": p, "seed": seed,
+                     "cosine.mean": hump + 0.01 * rng.normal(),
+                     "conflict_freq.mean": 0.5 + 0.05 * rng.normal(),
+                     "accuracy.mean": 0.9 + hump + 0.01 * rng.normal()}
+                )  # fmt: skip
+    joint = pd.DataFrame(rows)
+    raw = np.corrcoef(joint["cosine.mean"], joint["accuracy.mean"])[0, 1]
+    assert raw > 0.8
+    res = {r["x"]: r for r in conflict.weight_controlled(joint, "weights.a", n_boot=200)}
+    cos = res["cosine.mean"]
+    assert abs(cos["estimate"]) < 0.3
+    assert cos["ci_low"] < 0 < cos["ci_high"]
+    assert res["cosine.mean"]["controls"] == ["log10_params", "p", "p2"]
+    few = conflict.weight_controlled(joint.iloc[:5], "weights.a", n_boot=50)
+    assert few[0]["estimate"] is None
+
+
+def _size_cells() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Gains, accuracy-vs-weight cells and optima of a planted 2 x 2 grid, for the figures."""
+    gains, cells, opt = [], [], []
+    for d in (1, 2):
+        for w in (0.5, 1.0):
+            n = int(1e4 * w * d)
+            for task in ("a", "b"):
+                g = 0.01 * math.log10(n) - 0.05 + (0.01 if task == "a" else 0.0)
+                gains.append(
+                    {"model.n_params": n, "model.depth": d, "model.width": w, "task": task,
+                     "gain": g, "ci_low": g - 0.01, "ci_high": g + 0.01, "weights.a": 0.5}
+                )  # fmt: skip
+            for p in (0.2, 0.5, 0.8):
+                cells.append(
+                    {"model.depth": d, "model.width": w, "model.n_params": n, "weights.a": p,
+                     "mean": 0.9 - (p - 0.45) ** 2, "se": 0.005, "n": 3}
+                )  # fmt: skip
+            opt.append(
+                {"model.n_params": n, "p_star": 0.45, "ci_low": 0.4, "ci_high": 0.5, "best_p": 0.5}
+            )
+    return pd.DataFrame(gains), pd.DataFrame(cells), pd.DataFrame(opt)
+
+
+def test_figures_render(tmp_path: Path) -> None:
+    gains, cells, opt = _size_cells()
+    fit = capacity.ols_fit(gains)
+    figs = {
+        "gain": _figures.gain_vs_params(
+            gains, weight_col="weights.a", fit=fit, ylim=(-6, 3), title="planted"
+        ),
+        "weight": _figures.accuracy_vs_weight(
+            cells, opt, weight_col="weights.a", xlabel="loss weight of 'a' (p)", title="planted"
+        ),
+        "metric": _figures.weight_vs_metric(
+            cells, weight_col="weights.a", xlabel="p", ylabel="acc", scale=100, title="planted"
+        ),
+        "pbt_result": _figures.pbt_result(
+            {"uniform": [0.9, 0.91, 0.92], "pbt": [0.91, 0.92, 0.93]},
+            {"pbt - uniform": {"difference": 0.01, "ci_low": -0.005, "ci_high": 0.025}},
+            margin=0.005,
+            title="planted",
+        ),
+    }
+    state = {
+        "best": 1,
+        "members": [
+            {"schedule": [{"epoch": 0, "weights": {"a": 0.5, "b": 0.5}}], "lineage": []},
+            {
+                "schedule": [
+                    {"epoch": 0, "weights": {"a": 0.2, "b": 0.8}},
+                    {"epoch": 2, "weights": {"a": 0.6, "b": 0.4}},
+                ],
+                "lineage": [{"epoch": 2, "from": 0}],
+            },
+        ],
+    }
+    figs["schedules"] = _figures.pbt_schedules([state, {**state, "best": 0}], end=4, title="x")
+    layers = pd.DataFrame(
+        {"layer": ["layer 0", "layer 2", "all shared"] * 4, "order": [0, 1, 2] * 4,
+         "epoch": np.repeat([1, 2, 3, 4], 3), "cosine": np.linspace(-0.2, 0.3, 12),
+         "run": "r0"}
+    )  # fmt: skip
+    figs["layers"] = _figures.layer_conflict(layers, title="planted")
+    by_depth = pd.DataFrame(
+        {"model.depth": [1, 2, 2], "position": [0, 0, 1], "mean": [0.1, 0.05, -0.1],
+         "std": [0.02, 0.03, 0.04], "count": [3, 3, 3]}
+    )  # fmt: skip
+    figs["layer_depth"] = _figures.layer_depth(by_depth, title="planted")
+    for name, fig in figs.items():
+        _png_ok(_common.save_figure(fig, tmp_path / f"{name}.png"))
+    assert _figures.params_label(1_234_567) == "1.23M"
+    assert _figures.weight_label("weights.rotated", "two domains (resampling)") == (
+        "sampling probability of 'rotated' (p)"
+    )
+
+
+def test_fisher_pool_and_reanalysis(tmp_path: Path) -> None:
+    from scipy import stats as st
+
+    r, n = [0.1, 0.4, -0.2], [30, 30, 30]
+    p = reanalyse.fisher_pool(r, n)
+    z = np.arctanh(r)
+    assert p["estimate"] == pytest.approx(math.tanh(z.mean()))  # equal n: the mean z
+    se = 1 / math.sqrt(3 * 27)
+    assert p["ci_high"] == pytest.approx(math.tanh(z.mean() + st.norm.ppf(0.975) * se))
+    lo, hi = st.t.interval(0.95, 2, loc=z.mean(), scale=st.sem(z))
+    assert p["random_effects_low"] == pytest.approx(math.tanh(lo))
+    assert p["random_effects_high"] == pytest.approx(math.tanh(hi))
+    s = reanalyse.main(["--out", str(tmp_path)])
+    pooled = s["finding2_within_pooled"]["domain_digits"]["pooled_fisher_z_n_eff"]
+    assert -1 < pooled["ci_low"] < pooled["estimate"] < pooled["ci_high"] < 1
+    d = s["pbt_differences"]["pbt - uniform (Welch)"]
+    lo90, hi90 = d["ci90_points"]
+    assert d["ci95_points"][0] < lo90 < d["difference_points"] < hi90 < d["ci95_points"][1]
+    assert d["equivalence_margin_supported_points"] == pytest.approx(max(-lo90, hi90))
+    assert json.loads((tmp_path / "reanalysis.json").read_text()) == json.loads(
+        json.dumps(s, default=float)
+    )
+
+
+@pytest.mark.slow
+def test_power_quick(tmp_path: Path) -> None:
+    res = power.main(["--quick", "--figures", str(tmp_path)])
+    data = json.loads((tmp_path / "power.json").read_text())
+    assert data["quick"] is True
+    assert data["effects"] == power.EFFECTS
+    assert set(res["finding1"]) == set(data["finding1"])
+    for v in data["finding1"].values():
+        assert 0 <= v["power"]["ols"] <= 1
+    _png_ok(tmp_path / "power.png")
+
+
+@pytest.mark.slow
+def test_timing_quick(tmp_path: Path) -> None:
+    s = timing.main(["--quick", "--out", str(tmp_path)])
+    assert [r["family"] for r in s["sizes"]] == ["mlp", "resnet"]
+    for r in s["sizes"]:
+        assert r["cpu_per_epoch"] >= 0
+        assert r["cpu_fixed"] >= 0
+    assert set(s["budget_one_pair"]["per_family"]) == {"mlp", "resnet"}
+    assert json.loads((tmp_path / "timing.json").read_text())["quick"] is True
+    # replanning reads the measurements back and recomputes the same budget
+    one = str(tmp_path / "timing.json")
+    again = timing.main(["--replan", one, one, "--out", str(tmp_path / "b")])
+    assert again["budget_one_pair"]["total"] == pytest.approx(s["budget_one_pair"]["total"])
+    assert len(again["sizes"]) == len(s["sizes"])  # a size measured twice counts once
+    assert len(again["repeats"]) == len(s["sizes"])
+    assert len(again["sources"]) == 2
+
+
+@pytest.mark.slow
+def test_layers_quick(quick_dirs: tuple[Path, Path]) -> None:
+    s = layers.main(_argv(quick_dirs))
+    for name in ("multidigits", "domain_digits"):
+        ep = s["pairs"][name]["epochs"]
+        assert set(ep["layer"]) >= {"all shared"}
+        c = ep["cosine"].dropna()
+        assert ((c >= -1) & (c <= 1)).all()
+        _png_ok(quick_dirs[1] / f"layer_conflict_{name}.png")
+        _png_ok(quick_dirs[1] / f"layer_depth_{name}.png")
+    assert (quick_dirs[1] / "layers.json").exists()
+
+
+@pytest.mark.parametrize(
+    "module", [_common, _design, _figures, capacity, optimal_weight, pbt, power, reanalyse]
+)
+def test_doc_examples(module: ModuleType) -> None:
+    import doctest
+
+    res = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert res.failed == 0
+
+
+def test_study_presets_and_flags(tmp_path: Path) -> None:
+    args = _common.parse_args("x", ["--study", "--priority", "2"])
+    assert args.preset.study
+    assert args.preset.max_priority == 2
+    assert args.figures == _common.FIGURES / "study"  # beside, not over, the small run
+    assert [p.name for p in _common.study_pairs(args.preset)] == [
+        "multimnist",
+        "multimnist_agree",
+        "multimnist_apart",
+        "digit_sources",
+    ]
+    assert args.preset.seeds == _design.STUDY.seeds
+    assert args.preset.early_stopping == _design.STUDY.patience
+    q = _common.parse_args("x", ["--study-quick", "--runs", str(tmp_path)])
+    assert q.preset.name == "study-quick"
+    assert q.figures == tmp_path / "figures"
+    assert q.workers == 1
+    mm = _common.study_pairs(q.preset)[0]
+    assert mm.options(q.preset) == {"n": 64, "image_size": 16}
+    assert _common.study_pairs(args.preset)[0].options(args.preset)["n"] == 2000
+    with pytest.raises(SystemExit):
+        _common.parse_args("x", ["--study", "--quick"])
+    # the budget's sizes on the CPU; every size, labelled by device, on a GPU
+    cpu = _common.sweep_config(mm, args.preset, "vit")
+    assert len(cpu["sweep"]["sizes"]) == _design.CPU_SIZES["vit"]
+    assert "device" not in cpu["train"]
+    gpu = _common.parse_args("x", ["--study", "--device", "cuda"])
+    assert gpu.figures == _common.FIGURES / "study-cuda"
+    assert gpu.runs.name == "analyses-study-cuda"
+    cfg = _common.sweep_config(mm, gpu.preset, "vit")
+    assert cfg["train"]["device"] == "cuda"
+    assert len(cfg["sweep"]["sizes"]) == len(_design.FAMILY_SIZES["vit"])
+    with pytest.raises(SystemExit):
+        _common.parse_args("x", ["--device", "cuda"])
+
+
+def test_cpu_sizes_follow_the_committed_budget_plan() -> None:
+    plan = json.loads((_common.FIGURES / "timing.json").read_text())["plan"]
+    kept = {k["part"] for k in plan["kept"]}
+    assert "MLP sweeps, priority-1 pairs" in kept
+    for family, k in _design.CPU_SIZES.items():
+        if family == "mlp":
+            continue
+        names = [f"{family} width {w:g} depth {d}" for w, d in _design.FAMILY_SIZES[family]]
+        assert [n in kept for n in names] == [True] * k + [False] * (len(names) - k)
+
+
+@pytest.mark.slow
+def test_study_quick_capacity_and_optimal_weight(tmp_path: Path) -> None:
+    """The study's path: MultiMNIST and DigitSources, MLP and ResNet, early stopping."""
+    argv = ["--study-quick", "--runs", str(tmp_path / "runs")]
+    s = capacity.main(argv)
+    assert set(s["pairs"]) == {
+        "multimnist",
+        "multimnist-resnet",
+        "digit_sources",
+        "digit_sources-resnet",
+    }
+    assert s["pairs"]["multimnist-resnet"]["family"] == "resnet"
+    for name in s["pairs"]:
+        _png_ok(tmp_path / "runs" / "figures" / f"capacity_{name}.png")
+    o = optimal_weight.main(argv)
+    assert set(o["pairs"]) == set(s["pairs"])
+    t = _common.load_tables(tmp_path / "runs" / "sweep-multimnist-resnet")["test"]
+    assert set(t["model.family"]) == {"resnet"}

@@ -1,0 +1,126 @@
+"""The ``auto`` engine: every probe exact whichever candidate serves it; the choice is kept per
+graph shape, recorded in the Snapshot, the run's meta and ``repr(prof)``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradlens as gl
+from gradlens.engines.auto import CANDIDATES, Decision
+from gradlens.store import load_run
+from gradlens.testing import reference_grams
+from tests.zoo import ZOO, assert_gram_close, build, task_losses
+
+
+@pytest.mark.parametrize(
+    "model", ["mlp", "cnn_bn", pytest.param("transformer", marks=pytest.mark.slow)]
+)  # transformers in the fast suite: tests/engines/test_zoo_hf.py (auto's candidates on BERT, GPT-2...)
+def test_auto_is_exact_on_every_probe_and_settles(model, tmp_path):
+    trunk, heads, x, ys = build(model, 3)
+    w = {"t0": 0.2, "t1": 0.5, "t2": 0.3}
+    params = list(trunk.parameters()) + list(heads.parameters())
+    used = []
+    with gl.Profiler(trunk, list(w), store=tmp_path / "run") as prof:
+        assert prof.engine == "auto"
+        for _ in range(9):
+            losses = task_losses(trunk, heads, x, ys)
+            ref = reference_grams(losses, trunk)
+            plain = torch.autograd.grad(
+                sum(w[t] * v for t, v in losses.items()), params, retain_graph=True
+            )
+            snap = prof.backward(losses, w)
+            assert_gram_close(snap.gram, ref.gram, 1e-10)
+            assert list(snap.layer_grams) == list(ref.layer_grams) == list(prof.layers)
+            for layer, g in ref.layer_grams.items():
+                assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+            for p, g in zip(params, plain):
+                torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+                p.grad = None
+            used.append(snap.engine)
+            assert set(snap.timings) <= {*(c.name for c in CANDIDATES), "gramian-vmap"}
+        chosen = prof._engine.describe()
+        assert f"chose={chosen!r}" in repr(prof)
+    # round 1 times every candidate, loop first (on CPU the gramian engine with each of its
+    # second stages, unless its default vmaps already: a Linear-only trunk); then the winner
+    # serves every probe
+    assert used[:3] == ["loop", "batched", "gramian"]
+    if model == "mlp":
+        assert snap.timings["gramian-vmap"] == snap.timings["gramian"]
+    else:
+        assert used[3] == "gramian"
+    assert used[-1] == chosen.removesuffix("-vmap")
+    assert snap.timings[chosen] == min(snap.timings.values())
+    meta = load_run(tmp_path / "run").meta
+    assert meta["engine"] == "auto"
+    (decision,) = meta["auto"]
+    assert decision["winner"] == chosen
+    assert decision["tasks"] == 3
+    assert decision["seconds"] == pytest.approx(snap.timings)
+
+
+def test_auto_decides_anew_for_a_new_batch_shape():
+    trunk, heads, x, ys = build("mlp", 2, batch=6)
+    with gl.Profiler(trunk, ["t0", "t1"]) as prof:
+        while prof._engine.describe() == "timing":
+            prof.backward(task_losses(trunk, heads, x, ys))
+        assert len(prof._engine.decisions) == 1
+        small_x, small_y = x[:3], ys[:, :3]
+        losses = task_losses(trunk, heads, small_x, small_y)
+        ref = reference_grams(losses, trunk)
+        snap = prof.backward(losses)
+        assert len(prof._engine.decisions) == 2
+        assert snap.engine == "loop"  # a new shape starts round 1 again
+        assert_gram_close(snap.gram, ref.gram, 1e-10)
+        # the first shape's decision is kept
+        snap = prof.backward(task_losses(trunk, heads, x, ys))
+        first = next(iter(prof._engine.decisions.values()))
+        assert snap.engine == first.winner.removesuffix("-vmap")
+
+
+def test_second_round_times_only_close_candidates():
+    d = Decision()
+    order = ["loop", "batched", "gramian"]
+    for name, t in [("loop", 10.0), ("batched", 1.0), ("gramian", 1.2)]:
+        assert d.next_candidate(order) == name
+        d.times[name] = [t]
+    assert d.next_candidate(order) == "batched"
+    d.times["batched"].append(1.1)
+    assert d.next_candidate(order) == "gramian"
+    d.times["gramian"].append(0.9)
+    assert d.next_candidate(order) is None
+    assert d.best() == {"loop": 10.0, "batched": 1.0, "gramian": 0.9}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_auto_with_a_compiled_trunk_times_loop_only():
+    trunk, _, _, _ = build("mlp", 2)
+    trunk.compile()  # the vmap engines cannot run through it
+    with gl.Profiler(trunk, ["t0", "t1"]) as prof:
+        assert list(prof._engine.candidates) == ["loop"]
+    with gl.Profiler(build("mlp", 2)[0], ["t0", "t1"]) as prof:
+        assert list(prof._engine.candidates) == ["loop", "batched", "gramian"]
+
+
+@pytest.mark.parametrize("stage", ["vmap", "looped"])
+@pytest.mark.parametrize("model", sorted(ZOO))
+def test_gramian_second_stage_either_way_is_exact(model, stage):
+    trunk, heads, x, ys = build(model, 3)
+    w = {"t0": 0.2, "t1": 0.5, "t2": 0.3}
+    params = [p for p in [*trunk.parameters(), *heads.parameters()] if p.requires_grad]
+    torch.manual_seed(1)
+    losses = task_losses(trunk, heads, x, ys)  # dropout masks of this seed
+    plain = torch.autograd.grad(sum(w[t] * v for t, v in losses.items()), params,
+                                allow_unused=True)
+    with gl.Profiler(trunk, list(w), engine="gramian") as prof:
+        prof._engine.stage = stage
+        torch.manual_seed(1)
+        losses = task_losses(trunk, heads, x, ys)
+        ref = reference_grams(losses, trunk)
+        snap = prof.backward(losses, w)
+    assert_gram_close(snap.gram, ref.gram, 1e-10)
+    for layer, g in ref.layer_grams.items():
+        assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+    for p, g in zip(params, plain):
+        if g is not None:
+            torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
