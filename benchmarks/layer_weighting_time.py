@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from gradlens.bench._weightings import weighting_for
 from gradlens.bench import ZOO_MODELS, _Setup
+from gradlens.bench._weightings import weighting_for
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from typing import Any
 
 from gradlens import metrics, schedules, testing, weightings
 from gradlens._errors import GradlensError, GradlensWarning, MissingExtraError, StoreError
-from gradlens.snapshot import TOTAL_LAYER, Snapshot
 from gradlens.profiler import Profiler
+from gradlens.snapshot import TOTAL_LAYER, Snapshot
 from gradlens.store import Run, RunWriter, load_run, load_runs
 from gradlens.weightings import per_layer
 

@@ -59,7 +59,6 @@ import torch.distributed as dist
 from torch import nn
 
 from gradlens._errors import GradlensError
-from gradlens.snapshot import Snapshot
 from gradlens.engines._base import (
     BackwardContext,
     Engine,
@@ -75,6 +74,7 @@ from gradlens.engines.features import FeaturesEngine
 from gradlens.engines.loop import loop_task_grads
 from gradlens.profiler import Profiler, Sink
 from gradlens.schedules import Schedule
+from gradlens.snapshot import Snapshot
 
 __all__ = ["DistributedProfiler", "GramScope"]
 

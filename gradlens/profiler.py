@@ -38,12 +38,12 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens.snapshot import Snapshot, _symmetric
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
 from gradlens.engines.auto import AutoEngine
 from gradlens.engines.gramian import UNRECORDED
 from gradlens.schedules import Schedule, as_schedule
+from gradlens.snapshot import Snapshot, _symmetric
 from gradlens.weightings import _apply as _weighting
 
 __all__ = ["Profiler", "Sink"]

@@ -21,8 +21,8 @@ def test_the_page_has_its_examples():
 
 def _params() -> list:
     """The scripts needing an extra start a W&B run, an MLflow store or a Trainer (seconds
-    each): slow, since tests/sinks/test_dashboards.py and tests/integrations/test_transformers.py cover the
-    same code in the fast suite."""
+    each): slow, since tests/sinks/test_dashboards.py and
+    tests/integrations/test_transformers.py cover the same code in the fast suite."""
     out = []
     for i, code in enumerate(BLOCKS):
         heavy = any(word in code for word in NEEDS)

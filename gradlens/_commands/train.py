@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gradlens._errors import GradlensError
-    from gradlens.train._format import format_metrics
     from gradlens.train import train
+    from gradlens.train._format import format_metrics
 
     fields: dict[str, Any] = _read_config(args.config) if args.config is not None else {}
     if args.data_option:

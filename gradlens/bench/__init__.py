@@ -41,8 +41,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gradlens.bench._weightings import WEIGHTED_METHODS, weighted_step
 from gradlens._errors import GradlensError
+from gradlens.bench._weightings import WEIGHTED_METHODS, weighted_step
 from gradlens.engines._base import _quiet_vmap
 from gradlens.profiler import Profiler
 

@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from gradlens._errors import GradlensError, require
-from gradlens.snapshot import Snapshot
 from gradlens.profiler import Profiler, _check_tasks
 from gradlens.schedules import Schedule
+from gradlens.snapshot import Snapshot
 
 require("lightning", "lightning", "gradlens.integrations.lightning")
 

@@ -43,9 +43,9 @@ from typing import Any
 import torch
 
 from gradlens._errors import GradlensError, require
-from gradlens.snapshot import Snapshot
 from gradlens.profiler import Profiler, Sink, _check_tasks
 from gradlens.schedules import Schedule
+from gradlens.snapshot import Snapshot
 
 require("transformers", "transformers", "gradlens.integrations.transformers")
 

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from gradlens.plots import _util as _u
 from gradlens._errors import GradlensError
+from gradlens.plots import _util as _u
 from gradlens.snapshot import TOTAL_LAYER
 
 if TYPE_CHECKING:

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from gradlens._errors import GradlensError, GradlensWarning, StoreError
-from gradlens.store._io import TMP_PREFIX, atomic_write_bytes
-from gradlens.store._lock import RunLock
 from gradlens.search._config import ExecutorSpec, SearchConfig
 from gradlens.search.executors import Executor, make_executor
+from gradlens.store._io import TMP_PREFIX, atomic_write_bytes
+from gradlens.store._lock import RunLock
 
 __all__: list[str] = []
 
@@ -115,8 +115,8 @@ def pin_task_option(train: Mapping[str, Any], tasks: Sequence[str]) -> dict[str,
         >>> pin_task_option({"dataset": "multidigits"}, ["left", "right"])["dataset_options"]
         {}
     """
-    from gradlens.train._data import _TASK_OPTIONS
     from gradlens.data import dataset_options
+    from gradlens.train._data import _TASK_OPTIONS
 
     d = dict(train)
     opts = dict(d.get("dataset_options") or {})
@@ -183,8 +183,8 @@ def executor_for(spec: ExecutorSpec) -> Executor:
 def has_final(run_dir: Path) -> bool:
     """Whether a run directory holds a readable ``"final"`` eval (the harness's completion mark)
     and no damaged or missing evals chunk (a damaged run is redone, silently)."""
-    from gradlens.store._check import Problems
     from gradlens.store import _read_evals
+    from gradlens.store._check import Problems
 
     if not (run_dir / "meta.json").is_file():
         return False

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens.snapshot import Snapshot
 from gradlens.sinks._scalars import heatmap_rgb, snapshot_scalars
+from gradlens.snapshot import Snapshot
 
 __all__ = ["QueuedSink"]
 

@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from gradlens.stats import _core as _core
-from gradlens.stats import _gain as _gain
 from gradlens._errors import GradlensError, require
 from gradlens.snapshot import TOTAL_LAYER
+from gradlens.stats import _core as _core
+from gradlens.stats import _gain as _gain
 
 if TYPE_CHECKING:
     from gradlens.store import Run

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradlens.stats import _gain as _gain
 from gradlens._errors import GradlensError
+from gradlens.stats import _gain as _gain
 
 __all__ = ["selected_gain"]
 

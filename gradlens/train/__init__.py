@@ -48,6 +48,12 @@ from tqdm import tqdm
 
 from gradlens._errors import GradlensError, GradlensWarning
 from gradlens._paths import check_name
+from gradlens.data import DATASETS
+from gradlens.engines import ENGINES
+from gradlens.models import DEFAULT_DEPTH, FAMILIES, build_model
+from gradlens.profiler import Profiler
+from gradlens.schedules import LogSpaced, Schedule
+from gradlens.store import RunWriter
 from gradlens.train._data import (
     TrainData,
     epoch_batches,
@@ -63,12 +69,6 @@ from gradlens.train._limits import (
     check_model_size,
     torch_threads,
 )
-from gradlens.data import DATASETS
-from gradlens.engines import ENGINES
-from gradlens.models import DEFAULT_DEPTH, FAMILIES, build_model
-from gradlens.profiler import Profiler
-from gradlens.schedules import LogSpaced, Schedule
-from gradlens.store import RunWriter
 from gradlens.weightings import GRAM_METHODS, METHODS, LossWeighting, make_weighting, per_layer
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "TrainResult", "Trainer", "score", "train"]

@@ -15,7 +15,7 @@ from tests.zoo import ZOO, assert_gram_close, build, task_losses
 
 @pytest.mark.parametrize(
     "model", ["mlp", "cnn_bn", pytest.param("transformer", marks=pytest.mark.slow)]
-)  # transformers in the fast suite: tests/engines/test_zoo_hf.py (auto's candidates on BERT, GPT-2...)
+)  # transformers in the fast suite: tests/engines/test_zoo_hf.py (BERT, GPT-2...)
 def test_auto_is_exact_on_every_probe_and_settles(model, tmp_path):
     trunk, heads, x, ys = build(model, 3)
     w = {"t0": 0.2, "t1": 0.5, "t2": 0.3}

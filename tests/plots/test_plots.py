@@ -13,8 +13,8 @@ import pytest
 
 from gradlens import load_run, plots, stats
 from gradlens._errors import GradlensError
-from gradlens.plots._util import MIN_FONT, overlapping
 from gradlens.metrics import metrics_frame
+from gradlens.plots._util import MIN_FONT, overlapping
 from tests._sweepgen import make_run, make_sweep
 
 SIZES = ((2, 32), (4, 128))

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from gradlens import GradlensError, GradlensWarning, load_run, load_runs, stats
-from gradlens.train._data import load_train_data
 from gradlens.cli import main
 from gradlens.search import SearchConfig, load_config, plan_sweep, run_sweep, simplex_grid
 from gradlens.search import sweep as sweep_mod
+from gradlens.train._data import load_train_data
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "sweep.toml"

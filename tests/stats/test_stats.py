@@ -14,11 +14,11 @@ import scipy.stats as ss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradlens.stats import calibration as calib
-from gradlens.stats import _core as core
-from gradlens.stats import _gain as gain
 from gradlens import load_run, stats
 from gradlens._errors import GradlensError
+from gradlens.stats import _core as core
+from gradlens.stats import _gain as gain
+from gradlens.stats import calibration as calib
 from tests._sweepgen import make_run
 
 SCIPY = {"pearson": ss.pearsonr, "spearman": ss.spearmanr, "kendall": ss.kendalltau}

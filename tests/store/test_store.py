@@ -21,8 +21,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gradlens.store._lock
 import gradlens.store
+import gradlens.store._lock
 from gradlens import TOTAL_LAYER, GradlensError, GradlensWarning, Snapshot, StoreError
 from gradlens.metrics import metrics_frame
 from gradlens.store import FORMAT_VERSION, RunWriter, load_run, load_runs

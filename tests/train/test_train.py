@@ -14,9 +14,9 @@ import torch.nn.functional as F
 import gradlens.train as gtrain
 from gradlens import load_run
 from gradlens._errors import GradlensError
-from gradlens.train._data import multidomain_losses
 from gradlens.data import expected_gradient_cosine, expected_gradient_gram
 from gradlens.train import TrainConfig, Trainer, TrainResult, score, train
+from gradlens.train._data import multidomain_losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
