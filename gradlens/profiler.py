@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
+from gradlens._validate import check_tasks
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
 from gradlens.engines.auto import AutoEngine
@@ -100,7 +101,7 @@ class Profiler:
         memory_budget: int = 256 * 2**20,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
-        self.tasks: tuple[str, ...] = _check_tasks(tasks)
+        self.tasks: tuple[str, ...] = check_tasks(tasks)
         module, self._compiled = _uncompiled(shared, engine)
         self._shared = resolve_shared(module)
         self._engine: Engine = self._make_engine(engine)
@@ -685,20 +686,6 @@ def _uncompiled(
     while isinstance(shared, optimized):
         shared = shared._orig_mod  # parameter and layer names without the `_orig_mod.` prefix
     return shared, bool(compiled)
-
-
-def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(tasks, str) or not isinstance(tasks, Iterable):
-        raise GradlensError(
-            f"`tasks` should be a sequence of task names; found {type(tasks).__name__}."
-        )
-    out = tuple(tasks)
-    if not out or not all(isinstance(t, str) and t for t in out):
-        raise GradlensError(f"`tasks` should be non-empty strings, at least one; found {out!r}.")
-    if len(set(out)) != len(out):
-        dup = sorted({t for t in out if out.count(t) > 1})
-        raise GradlensError(f"`tasks` should be unique; found duplicates {dup}.")
-    return out
 
 
 def _stack_losses(

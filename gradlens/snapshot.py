@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from gradlens import metrics as _metrics
+from gradlens._types import TOTAL_LAYER, Level
 
 __all__ = ["TOTAL_LAYER", "Level", "Snapshot"]
-
-#: Name under which the Gram of all shared parameters is stored next to the per-layer Grams.
-TOTAL_LAYER = "__all__"
-
-Level = Literal["parameters", "features"]
 
 
 def _symmetric(G: torch.Tensor) -> torch.Tensor:

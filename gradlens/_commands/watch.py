@@ -106,7 +106,7 @@ def _cos_cell(x: float, color: bool) -> str:
 
 
 def _layer_name(layer: str) -> str:
-    from gradlens.snapshot import TOTAL_LAYER
+    from gradlens._types import TOTAL_LAYER
 
     return "all shared" if layer == TOTAL_LAYER else layer
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError
-from gradlens.snapshot import Level
+from gradlens._types import Level
 
 __all__ = ["BackwardContext", "Engine", "EngineResult", "SharedParams", "resolve_shared"]
 

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from gradlens._errors import GradlensError, require
-from gradlens.profiler import Profiler, _check_tasks
+from gradlens._validate import check_tasks
+from gradlens.profiler import Profiler
 from gradlens.schedules import Schedule
 from gradlens.snapshot import Snapshot
 
@@ -74,7 +75,7 @@ class GradlensCallback(Callback):
         memory_budget: int = 256 * 2**20,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
-        self.tasks = _check_tasks(tasks)
+        self.tasks = check_tasks(tasks)
         if not isinstance(shared_attr, str) or not shared_attr:
             raise GradlensError(
                 f"`shared_attr` should be an attribute path such as 'trunk'; found {shared_attr!r}."

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from gradlens._errors import GradlensError, require
-from gradlens.profiler import Profiler, Sink, _check_tasks
+from gradlens._validate import check_tasks
+from gradlens.profiler import Profiler, Sink
 from gradlens.schedules import Schedule
 from gradlens.snapshot import Snapshot
 
@@ -80,7 +81,7 @@ class GradlensTrainerCallback(TrainerCallback):
         memory_budget: int = 256 * 2**20,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
-        self.tasks = _check_tasks(tasks)
+        self.tasks = check_tasks(tasks)
         if not isinstance(shared_attr, str) or not shared_attr:
             raise GradlensError(
                 f"`shared_attr` should be an attribute path such as 'bert'; found {shared_attr!r}."

@@ -629,7 +629,7 @@ class StreamingSummary:
                 f"`tasks` should be a non-empty sequence of distinct names; found {list(tasks)}."
             )
         if layers is None:
-            from gradlens.snapshot import TOTAL_LAYER
+            from gradlens._types import TOTAL_LAYER
 
             layer_names: tuple[str, ...] = (TOTAL_LAYER,)
             self._layered = False

@@ -44,8 +44,8 @@ import numpy as np
 import pandas as pd
 
 from gradlens._errors import GradlensError
+from gradlens._types import TOTAL_LAYER
 from gradlens.plots import _util as _u
-from gradlens.snapshot import TOTAL_LAYER
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -47,11 +47,11 @@ import numpy as np
 import pandas as pd
 
 from gradlens._errors import GradlensError
+from gradlens._types import TOTAL_LAYER
 from gradlens.report import _arms as _arms
 from gradlens.report import _claims as _claims
 from gradlens.report import _render as _r
 from gradlens.report._run import build_run_page
-from gradlens.snapshot import TOTAL_LAYER
 from gradlens.stats import _gain as _gain
 
 __all__ = ["ReportPaths", "build_report", "build_run_page"]

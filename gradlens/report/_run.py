@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 
 from gradlens._errors import GradlensError
+from gradlens._types import TOTAL_LAYER
 from gradlens.report._render import CSS, html_text, num
-from gradlens.snapshot import TOTAL_LAYER
 
 __all__ = ["build_run_page"]
 

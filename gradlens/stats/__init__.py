@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens._errors import GradlensError, require
-from gradlens.snapshot import TOTAL_LAYER
+from gradlens._types import TOTAL_LAYER
 from gradlens.stats import _core as _core
 from gradlens.stats import _gain as _gain
 

@@ -1,0 +1,17 @@
+"""Constants and type aliases shared by every layer of gradlens; this module imports nothing.
+
+Example:
+    >>> from gradlens._types import TOTAL_LAYER
+    >>> TOTAL_LAYER
+    '__all__'
+"""
+
+from typing import Literal
+
+__all__ = ["TOTAL_LAYER", "Level"]
+
+#: Name under which the Gram of all shared parameters is stored next to the per-layer Grams.
+TOTAL_LAYER = "__all__"
+
+#: What a Gram is taken over: the shared parameters, or a shared representation (``features=``).
+Level = Literal["parameters", "features"]
