@@ -83,6 +83,7 @@ class Preset:
     max_priority: int = 1  # study pairs of this priority or lower (1: run first)
     sizes_per_family: int | None = None  # the first k sizes of each family (None: see sizes())
     device: str = "cpu"  # the capacity sweeps' torch device
+    size_cap: int | None = None  # --sizes K: at most the first K sizes of each family
 
 
 _P7 = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
@@ -250,6 +251,8 @@ def sizes(pre: Preset, family: str) -> list[dict[str, Any]]:
     k = pre.sizes_per_family
     if k is None and pre.device == "cpu":
         k = CPU_SIZES[family]
+    if pre.size_cap is not None:
+        k = pre.size_cap if k is None else min(k, pre.size_cap)
     return [{"width": w, "depth": d} for w, d in FAMILY_SIZES[family][:k]]
 
 
@@ -397,6 +400,31 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
         help="with --study: the capacity sweeps' torch device (e.g. cuda: every size, results "
         "under figures/study-<device>)",
     )
+    ap.add_argument(
+        "--families",
+        default=None,
+        help="with --study: comma-separated model families to run (default: all of the preset; "
+        "e.g. 'mlp' runs the priority-1 MLP sweeps first, before the slower ResNet/ViT sizes)",
+    )
+    ap.add_argument(
+        "--replicates",
+        type=int,
+        default=None,
+        help="pbt.py: replicates per arm (default: the preset's; a rerun with more adds to them)",
+    )
+    ap.add_argument(
+        "--sizes",
+        type=int,
+        default=None,
+        help="with --study: only the first K sizes of each family (of those the CPU budget "
+        "keeps): a cut when the machine is slower than the budget assumed",
+    )
+    ap.add_argument(
+        "--train-only",
+        action="store_true",
+        help="capacity.py, conflict.py: run (or resume) the trainings and stop before the "
+        "analysis (a later call without it analyses the finished runs)",
+    )
     ap.add_argument("--runs", type=Path, default=None, help="where the sweeps are written")
     ap.add_argument("--figures", type=Path, default=None, help="where figures and JSON go")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (1 torch thread)")
@@ -410,6 +438,23 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
         args.preset = replace(preset("study"), max_priority=args.priority, device=args.device)
     elif args.device != "cpu":
         ap.error("--device is for --study runs")
+    if args.families is not None:
+        fams = tuple(f.strip() for f in args.families.split(",") if f.strip())
+        unknown = [f for f in fams if f not in args.preset.families]
+        if not fams or unknown:
+            ap.error(
+                f"`--families` should be a comma-separated subset of "
+                f"{', '.join(args.preset.families)}; found {args.families!r}."
+            )
+        args.preset = replace(args.preset, families=fams)
+    if args.sizes is not None:
+        if args.sizes < 1:
+            ap.error(f"`--sizes` should be a positive integer; found {args.sizes}.")
+        args.preset = replace(args.preset, size_cap=args.sizes)
+    if args.replicates is not None:
+        if args.replicates < 1:
+            ap.error(f"`--replicates` should be a positive integer; found {args.replicates}.")
+        args.preset = replace(args.preset, pbt_replicates=args.replicates)
     tag = args.preset.name + ("" if args.preset.device == "cpu" else f"-{args.preset.device}")
     if args.runs is None:
         args.runs = ROOT / "runs" / f"analyses-{tag}"

@@ -123,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {"preset": pre.__dict__, "pairs": {}}
     all_gains = {}
     units = sweep_units(pre)
+    if args.train_only:
+        for _, pair, family in units:
+            pair_sweep(pair, pre, args.runs, args.workers, family)
+        return summary
     for name, pair, family in units:
         with Timer() as tm:
             sweep = pair_sweep(pair, pre, args.runs, args.workers, family)

@@ -175,6 +175,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     n_boot = 200 if pre.name in QUICK else 2000
     summary: dict[str, Any] = {"preset": pre.__dict__, "pairs": {}}
     epochs = {}
+    if args.train_only:
+        for pair in study_pairs(pre):
+            _long_runs(pair, pre, args.runs, args.workers)
+        for _, pair, family in sweep_units(pre):
+            pair_sweep(pair, pre, args.runs, args.workers, family)
+        return summary
     for pair in study_pairs(pre):
         long_dir = _long_runs(pair, pre, args.runs, args.workers)
         w = within_runs([d for d in long_dir.iterdir() if d.is_dir()], n_boot)

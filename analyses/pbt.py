@@ -1,9 +1,10 @@
-"""Many tasks: uniform weights vs population-based training vs the best of random static weights.
+"""Many tasks: uniform weights vs PBT vs random static weights vs the MTO methods.
 
 DigitAttributes with six tasks (digit, parity, greater_than_4, prime, closed_loop, heavy_ink), an
-MLP (width 0.5, depth 2). Three ways to choose the six loss weights, two of them at equal compute:
+MLP (width 0.5, depth 2). Ways to choose the six loss weights, run once per replicate with the
+replicate's training seed and data (so every difference is paired by replicate):
 
-- uniform: ``w_t = 1/6`` (3 seeds);
+- uniform: ``w_t = 1/6`` (one training a replicate);
 - PBT: ``N`` members (``gradlens.search.run_pbt``), a round every 2 epochs, the worst quarter
   copies one of the best quarter and perturbs its weights; the member with the best final
   validation accuracy is reported on the test split;
@@ -11,11 +12,16 @@ MLP (width 0.5, depth 2). Three ways to choose the six loss weights, two of them
   reported on the test split. ``N`` trainings of the same length: PBT's compute;
 - uniform, best of ``N`` seeds: ``N`` uniform trainings with other seeds, the best on validation
   reported on the test split: PBT's compute spent on seeds instead of weights (the control that
-  separates "searching weights" from "picking the luckiest of N runs").
+  separates "searching weights" from "picking the luckiest of N runs");
+- the MTO methods of the paper's table (:data:`analyses._design.MTO_ARMS`: UPGrad, MGDA, PCGrad,
+  IMTL-G, Aligned-MTL, CAGrad, uncertainty weighting; ``TrainConfig(weighting=...)``): one
+  training a replicate each, the same budget (epochs, data, seed) as the uniform training. The
+  Gram methods recompute their weights at every probe (every 10 steps, as the other arms probe)
+  and hold them in between (docs/weightings.md).
 
-Differences: Welch t against the independent uniform seeds; paired t (by replicate, same training
-seed and data) between the arms run per replicate; the 90 % interval against an equivalence
-margin of 0.5 points stated in advance. Figures: ``pbt_schedules.png`` (every replicate, the
+Differences: paired t by replicate (all arms of a replicate share its training seed and data),
+the 95 % interval, and the 90 % interval against an equivalence margin of 0.5 points stated in
+advance. Figures: ``pbt_schedules.png`` (every replicate, the
 reported member, copy events) and ``pbt_result.png`` (arms and differences).
 
 The score is the mean test accuracy over the six tasks (``gradlens.train.score``).
@@ -44,6 +50,7 @@ from analyses._common import (
     save_figure,
     write_json,
 )
+from analyses._design import MTO_ARMS
 from gradlens.data import DIGIT_ATTRIBUTES
 from gradlens.search import SearchConfig, make_executor, run_pbt
 from gradlens.train import train
@@ -67,29 +74,60 @@ def _train(pre: Preset) -> dict[str, Any]:
 
 
 def _train_one(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """One uniform-weight training in a worker; its final mean val and test accuracy."""
+    """One training in a worker; its final mean val and test accuracy and its CPU seconds.
+
+    The result is also written to ``<run_dir>/result.json``, so a rerun skips the training.
+    """
+    import time
+
+    done = Path(run_dir) / "result.json"
+    if done.exists():
+        return dict(json.loads(done.read_text()))
+    c0 = time.process_time()
     res = train(cfg, run_dir, progress=False, overwrite=True)
-    return {
+    out = {
         s: float(np.mean([m["accuracy"] for m in res.metrics[s].values()])) for s in ("val", "test")
     }
+    out["cpu_seconds"] = time.process_time() - c0
+    done.write_text(json.dumps(out))
+    return out
+
+
+def _train_many(jobs: dict[str, tuple[dict[str, Any], Path]], workers: int) -> dict[str, Any]:
+    """Run ``{key: (config, run_dir)}`` with ``workers`` processes (finished ones are read back)."""
+    ex = make_executor("local", workers=workers)
+    try:
+        futs = {k: ex.submit(_train_one, cfg, str(d)) for k, (cfg, d) in jobs.items()}
+        return {k: f.result() for k, f in futs.items()}
+    finally:
+        ex.close()
 
 
 def _uniform(base: dict[str, Any], seeds: Sequence[int], out: Path, workers: int) -> pd.DataFrame:
-    done = out / "uniform.json"
-    if done.exists():
-        return pd.DataFrame(json.loads(done.read_text()))
-    ex = make_executor("local", workers=workers)
-    try:
-        futs = {
-            s: ex.submit(_train_one, {**base, "seed": s}, str(out / f"uniform-seed{s}"))
-            for s in seeds
-        }
-        rows = [{"seed": s, **f.result()} for s, f in futs.items()]
-    finally:
-        ex.close()
-    out.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(rows))
-    return pd.DataFrame(rows)
+    """Uniform-weight trainings with ``seeds`` (resumable run by run)."""
+    res = _train_many(
+        {str(s): ({**base, "seed": s}, out / f"uniform-seed{s}") for s in seeds}, workers
+    )
+    return pd.DataFrame([{"seed": s, **res[str(s)]} for s in seeds])
+
+
+def _replicate_train(base: dict[str, Any], r: int) -> dict[str, Any]:
+    """Replicate ``r``'s training table: its own training seed, the same data split."""
+    if r == 0:
+        return base
+    return {**base, "seed": 100 * r, "dataset_options": {**base["dataset_options"], "seed": 0}}
+
+
+def _single_arms(
+    base: dict[str, Any], r: int, root: Path, workers: int
+) -> dict[str, dict[str, Any]]:
+    """The one-training arms of replicate ``r``: uniform and each MTO method, run together."""
+    train_r = _replicate_train(base, r)
+    sfx = "" if r == 0 else f"-r{r}"
+    jobs = {"uniform": (train_r, root / f"uniform{sfx}")}
+    for m in MTO_ARMS:
+        jobs[m] = ({**train_r, "weighting": m}, root / f"mto-{m}{sfx}")
+    return _train_many(jobs, workers)
 
 
 def schedule_table(state: dict[str, Any]) -> pd.DataFrame:
@@ -122,29 +160,6 @@ def _describe(x: np.ndarray) -> dict[str, Any]:
             ci_high=out["test_mean"] + half,
         )
     return out
-
-
-def _welch(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
-    """Difference of means with Welch's t-test (None with fewer than 2 values per arm)."""
-    from scipy import stats as st
-
-    diff = float(a.mean() - b.mean())
-    if min(len(a), len(b)) < 2:
-        return {"difference": diff, "p_value": None}
-    res = st.ttest_ind(a, b, equal_var=False)
-    ci, ci90 = res.confidence_interval(0.95), res.confidence_interval(0.90)
-    return {
-        "difference": diff,
-        "ci_low": float(ci.low),
-        "ci_high": float(ci.high),
-        "ci90_low": float(ci90.low),
-        "ci90_high": float(ci90.high),
-        "p_value": float(res.pvalue),
-        "equivalent_within_margin": bool(
-            ci90.low > -EQUIVALENCE_MARGIN and ci90.high < EQUIVALENCE_MARGIN
-        ),
-        "test": "Welch t",
-    }
 
 
 def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
@@ -183,24 +198,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = _train(pre)
     root = args.runs / "pbt"
     n = pre.pbt_population
-    seeds = list(range(pre.uniform_seeds))
-    with Timer() as t_uni:
-        uniform = _uniform(base, seeds, root, args.workers)
     reps = pre.pbt_replicates
     pbt_rows, rand_rows, best_rows, states = [], [], [], []
-    t_pbt = t_rand = t_best = 0.0
+    single: dict[str, list[dict[str, Any]]] = {k: [] for k in ("uniform", *MTO_ARMS)}
+    t_pbt = t_rand = t_best = t_single = 0.0
     for r in range(reps):
         # replicate r: other training seeds and PBT/random choices, the same data split
-        train_r = (
-            base
-            if r == 0
-            else {
-                **base,
-                "seed": 100 * r,
-                "dataset_options": {**base["dataset_options"], "seed": 0},
-            }
-        )
+        train_r = _replicate_train(base, r)
         sfx = "" if r == 0 else f"-r{r}"
+        with Timer() as tm:
+            for k, res in _single_arms(base, r, root, args.workers).items():
+                single[k].append({"replicate": r, "seed": train_r["seed"], **res})
+        t_single += tm.wall
         with Timer() as tm:
             pbt_cfg = {
                 "train": train_r,
@@ -259,34 +268,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             }
         )
     arms = {
-        "uniform": uniform["test"].to_numpy(float),
+        "uniform": np.array([x["test"] for x in single["uniform"]]),
         "pbt": np.array([x["test"] for x in pbt_rows]),
         "random_static": np.array([x["test"] for x in rand_rows]),
         "uniform_best_of_n": np.array([x["test"] for x in best_rows]),
+        **{m: np.array([x["test"] for x in single[m]]) for m in MTO_ARMS},
     }
+    # every arm of a replicate shares its training seed and data: all differences are paired
+    pairs = [
+        ("pbt", "uniform"),
+        ("random_static", "uniform"),
+        ("uniform_best_of_n", "uniform"),
+        ("pbt", "random_static"),
+        ("pbt", "uniform_best_of_n"),
+        *((m, "uniform") for m in MTO_ARMS),
+        *(("pbt", m) for m in MTO_ARMS),
+    ]
     summary = {
         "preset": pre.__dict__,
         "tasks": list(base["dataset_options"]["tasks"]),
         "population": n,
         "replicates": reps,
-        "uniform": {"per_seed": uniform, **_describe(arms["uniform"])},
+        "uniform": {"per_replicate": single["uniform"], **_describe(arms["uniform"])},
+        "mto": {
+            m: {"per_replicate": single[m], **_describe(arms[m])} for m in MTO_ARMS
+        },
         "pbt": {"per_replicate": pbt_rows, **_describe(arms["pbt"])},
         "random_static": {"per_replicate": rand_rows, **_describe(arms["random_static"])},
         "uniform_best_of_n": {"per_replicate": best_rows, **_describe(arms["uniform_best_of_n"])},
-        "differences": {
-            **{
-                f"{a} - {b}": _welch(arms[a], arms[b])
-                for a, b in (("pbt", "uniform"), ("random_static", "uniform"))
-            },
-            # arms run per replicate with the same training seed and data: paired by replicate
-            **{
-                f"{a} - {b}": _paired(arms[a], arms[b])
-                for a, b in (("pbt", "random_static"), ("pbt", "uniform_best_of_n"))
-            },
-        },
+        "differences": {f"{a} - {b}": _paired(arms[a], arms[b]) for a, b in pairs},
         "equivalence_margin_points": EQUIVALENCE_MARGIN * 100,
         "wall_seconds": {
-            "uniform": t_uni.wall, "pbt": t_pbt, "random": t_rand, "uniform_best_of_n": t_best
+            "uniform_and_mto": t_single, "pbt": t_pbt, "random": t_rand,
+            "uniform_best_of_n": t_best,
+        },
+        "cpu_seconds": {
+            "uniform_and_mto": float(
+                sum(x.get("cpu_seconds") or 0.0 for v in single.values() for x in v)
+            ),
         },
     }  # fmt: skip
     fig = _figures.pbt_schedules(

@@ -240,6 +240,20 @@ def test_pbt_quick(quick_dirs: tuple[Path, Path]) -> None:
     assert best["val"] == pytest.approx(best["runs"]["val"].max())
     paired = s["differences"]["pbt - uniform_best_of_n"]
     assert paired["test"] == "paired t"
+    # the MTO arms: one training a replicate, with the replicate's seed, paired with uniform
+    assert set(s["mto"]) == set(_design.MTO_ARMS)
+    seed = s["uniform"]["per_replicate"][0]["seed"]
+    for m in _design.MTO_ARMS:
+        row = s["mto"][m]["per_replicate"][0]
+        assert row["seed"] == seed
+        assert 0 <= row["test"] <= 1
+        d = s["differences"][f"{m} - uniform"]
+        assert d["test"] == "paired t"
+        assert d["difference"] == pytest.approx(row["test"] - s["uniform"]["test_mean"])
+    # resumable: a rerun reads every finished training back instead of training it again
+    again = pbt.main(_argv(quick_dirs))
+    assert again["mto"]["upgrad"]["test_mean"] == s["mto"]["upgrad"]["test_mean"]
+    assert again["cpu_seconds"] == s["cpu_seconds"]
     _png_ok(quick_dirs[1] / "pbt_schedules.png")
     _png_ok(quick_dirs[1] / "pbt_result.png")
 
@@ -552,6 +566,16 @@ def test_study_presets_and_flags(tmp_path: Path) -> None:
     assert len(cfg["sweep"]["sizes"]) == len(_design.FAMILY_SIZES["vit"])
     with pytest.raises(SystemExit):
         _common.parse_args("x", ["--device", "cuda"])
+    # --families: the MLP sweeps of every pair before the slower ResNet/ViT sizes
+    mlp = _common.parse_args("x", ["--study", "--families", "mlp"])
+    assert [u[0] for u in _common.sweep_units(mlp.preset)] == ["multimnist", "digit_sources"]
+    assert mlp.runs == args.runs  # the same run folders: the later full pass resumes them
+    with pytest.raises(SystemExit):
+        _common.parse_args("x", ["--study", "--families", "mlp,cnn"])
+    reps = _common.parse_args("x", ["--study", "--replicates", "10"])
+    assert reps.preset.pbt_replicates == 10
+    with pytest.raises(SystemExit):
+        _common.parse_args("x", ["--study", "--replicates", "0"])
 
 
 def test_cpu_sizes_follow_the_committed_budget_plan() -> None:
