@@ -130,8 +130,10 @@ def replan(paths: Sequence[Path], out: Path) -> dict[str, Any]:
     """Recompute ``budget_one_pair`` and ``plan`` from ``timing.json`` files (no training).
 
     The files' size rows are joined (e.g. one run per family, run side by side); a size measured
-    twice keeps its first row (the others go to ``repeats``). ``sources`` records the files and
-    their load averages.
+    twice keeps its first row (the others go to ``repeats``). ``sources`` records, per file, the
+    sizes it measured and its load average, and its path only when it lies inside the repository
+    (relative to the root): measurements written to a temporary folder leave no path that a
+    reader could open.
     """
     parts = [json.loads(Path(p).read_text()) for p in paths]
     summary = dict(parts[0])
@@ -147,9 +149,7 @@ def replan(paths: Sequence[Path], out: Path) -> dict[str, Any]:
                 repeats.append(r)
     summary["sizes"] = rows
     summary["repeats"] = repeats  # sizes measured again: how repeatable the CPU times are
-    summary["sources"] = [
-        {"file": str(p), "load_average": part.get("load_average")} for p, part in zip(paths, parts)
-    ]
+    summary["sources"] = [_source(Path(p), part) for p, part in zip(paths, parts)]
     keys = [(r["family"], r["width"], r["depth"]) for r in summary["sizes"]]
     per_epoch = {k: r["cpu_per_epoch"] for k, r in zip(keys, summary["sizes"])}
     fixed = {k: r["cpu_fixed"] for k, r in zip(keys, summary["sizes"])}
@@ -157,6 +157,25 @@ def replan(paths: Sequence[Path], out: Path) -> dict[str, Any]:
     summary["plan"] = plan(per_epoch, fixed) if ("mlp", 0.5, 2) in per_epoch else None
     write_json(summary, out / "timing.json")
     return summary
+
+
+def _source(path: Path, part: dict[str, Any]) -> dict[str, Any]:
+    """What one joined ``timing.json`` measured (its path only if inside the repository).
+
+    Example:
+        >>> _source(Path("/tmp/x/timing.json"), {"sizes": [{"family": "vit"}], "load_average": [1]})
+        {'file': None, 'families': ['vit'], 'n_sizes': 1, 'load_average': [1]}
+    """
+    from analyses._common import ROOT
+
+    resolved = path.resolve()
+    inside = resolved.is_relative_to(ROOT)
+    return {
+        "file": str(resolved.relative_to(ROOT)) if inside else None,
+        "families": sorted({r["family"] for r in part["sizes"]}),
+        "n_sizes": len(part["sizes"]),
+        "load_average": part.get("load_average"),
+    }
 
 
 def _n_params(family: str, width: float, depth: int, options: dict[str, Any]) -> int:

@@ -28,6 +28,7 @@ from analyses import (
     reanalyse,
     timing,
 )
+from gradlens import stats
 
 pytest.importorskip("matplotlib")
 
@@ -455,21 +456,14 @@ def test_figures_render(tmp_path: Path) -> None:
     )
 
 
-def test_fisher_pool_and_reanalysis(tmp_path: Path) -> None:
-    from scipy import stats as st
-
-    r, n = [0.1, 0.4, -0.2], [30, 30, 30]
-    p = reanalyse.fisher_pool(r, n)
-    z = np.arctanh(r)
-    assert p["estimate"] == pytest.approx(math.tanh(z.mean()))  # equal n: the mean z
-    se = 1 / math.sqrt(3 * 27)
-    assert p["ci_high"] == pytest.approx(math.tanh(z.mean() + st.norm.ppf(0.975) * se))
-    lo, hi = st.t.interval(0.95, 2, loc=z.mean(), scale=st.sem(z))
-    assert p["random_effects_low"] == pytest.approx(math.tanh(lo))
-    assert p["random_effects_high"] == pytest.approx(math.tanh(hi))
+def test_reanalysis_pools_with_the_library(tmp_path: Path) -> None:
     s = reanalyse.main(["--out", str(tmp_path)])
-    pooled = s["finding2_within_pooled"]["domain_digits"]["pooled_fisher_z_n_eff"]
+    dd = s["finding2_within_pooled"]["domain_digits"]
+    pooled = dd["pooled_fisher_z_n_eff"]
     assert -1 < pooled["ci_low"] < pooled["estimate"] < pooled["ci_high"] < 1
+    # the library's Fisher-z pooling (no second implementation here), on the committed runs
+    assert pooled == stats.pool_correlations(dd["per_run_r"], dd["per_run_n_eff"])
+    assert pooled["k"] == len(dd["per_run_r"]) == 3
     d = s["pbt_differences"]["pbt - uniform (Welch)"]
     lo90, hi90 = d["ci90_points"]
     assert d["ci95_points"][0] < lo90 < d["difference_points"] < hi90 < d["ci95_points"][1]
@@ -507,6 +501,20 @@ def test_timing_quick(tmp_path: Path) -> None:
     assert len(again["sizes"]) == len(s["sizes"])  # a size measured twice counts once
     assert len(again["repeats"]) == len(s["sizes"])
     assert len(again["sources"]) == 2
+    # a temporary folder is not a source a reader can open: what it measured is recorded instead
+    assert again["sources"][0] == {
+        "file": None,
+        "families": ["mlp", "resnet"],
+        "n_sizes": len(s["sizes"]),
+        "load_average": s["load_average"],
+    }
+
+
+def test_committed_results_name_no_temporary_paths() -> None:
+    for path in _common.FIGURES.rglob("*.json"):
+        text = path.read_text()
+        assert "/tmp/" not in text, path
+        assert str(_common.ROOT) not in text, path
 
 
 @pytest.mark.slow
