@@ -21,6 +21,7 @@ import pandas as pd
 
 __all__ = [
     "accuracy_vs_weight",
+    "forest",
     "gain_vs_params",
     "layer_conflict",
     "layer_depth",
@@ -291,7 +292,7 @@ def pbt_result(
     Right: the differences between arms with their 95 % intervals and the equivalence band."""
     from scipy import stats as st
 
-    fig = _figure(11, 3.8)
+    fig = _figure(12, max(3.8, 1.6 + 0.32 * max(len(differences), len(arms) / 2)))
     a1, a2 = fig.subplots(1, 2, width_ratios=[1.1, 1])
     for k, vals in enumerate(arms.values()):
         v = 100 * np.asarray(vals, float)
@@ -299,7 +300,13 @@ def pbt_result(
         if len(v) > 1:
             half = st.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
             a1.errorbar(k + 0.25, v.mean(), yerr=half, fmt="D", color="C0", capsize=4)
-    a1.set_xticks(range(len(arms)), [f"{n}\n(n={len(v)})" for n, v in arms.items()], fontsize=8)
+    a1.set_xticks(
+        range(len(arms)),
+        [f"{n}\n(n={len(v)})" for n, v in arms.items()],
+        fontsize=8,
+        rotation=45 if len(arms) > 5 else 0,
+        ha="right" if len(arms) > 5 else "center",
+    )
     a1.set_ylabel("test accuracy, mean over tasks (points)")
     a1.set_title("per replicate (grey), mean and 95 % t-interval (blue)", fontsize=9)
     a1.grid(alpha=0.3, axis="y")
@@ -405,4 +412,38 @@ def layer_depth(by_depth: pd.DataFrame, *, title: str) -> Any:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(_wrap(title, 80), fontsize=10)
+    return fig
+
+
+def forest(
+    groups: Mapping[str, Mapping[str, Any]],
+    *,
+    margin: float,
+    xlabel: str,
+    title: str,
+) -> Any:
+    """Per group (a panel each): every run's estimate, the pooled estimate with its 95 % (thin)
+    and 90 % (thick) intervals, 0 and the equivalence band ``+-margin``.
+
+    ``groups[name]``: ``per_run`` (estimates), ``estimate``, ``ci_low``, ``ci_high``,
+    ``ci90_low``, ``ci90_high`` and optionally ``verdict`` (written under the panel title).
+    """
+    fig = _figure(5.0 * len(groups), 3.6)
+    axes = np.atleast_1d(fig.subplots(1, len(groups), sharex=True))
+    for ax, (name, g) in zip(axes, groups.items()):
+        runs = np.asarray(g["per_run"], float)
+        ax.plot(runs, np.arange(len(runs)) + 1, "o", color="0.55", ms=4, label="one run")
+        if g.get("estimate") is not None and np.isfinite(g["estimate"]):
+            ax.plot([g["ci_low"], g["ci_high"]], [0, 0], color="C0", lw=1.2)
+            ax.plot([g["ci90_low"], g["ci90_high"]], [0, 0], color="C0", lw=4, alpha=0.6)
+            ax.plot(g["estimate"], 0, "D", color="C0", label="pooled: 95 % (thin), 90 % (thick)")
+        ax.axvspan(-margin, margin, color="C2", alpha=0.15, label=f"|r| < {margin:g}")
+        ax.axvline(0, color="0.4", lw=0.8)
+        ax.set_yticks([0], ["pooled"], fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_xlim(-1, 1)
+        ax.set_title(_wrap(f"{name}: {g.get('verdict', '')}", 60), fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
     return fig

@@ -43,7 +43,90 @@ from analyses._common import (
 from analyses.optimal_weight import weight_cells
 from gradlens import load_run, plots, stats
 
-__all__ = ["across_runs", "long_size", "main", "weight_controlled", "within_runs"]
+__all__ = [
+    "EQUIVALENCE_R",
+    "across_runs",
+    "long_size",
+    "main",
+    "pool_within",
+    "verdict_r",
+    "weight_controlled",
+    "within_runs",
+]
+
+#: Equivalence margin of finding 2, stated before the study run: |r| < 0.2.
+EQUIVALENCE_R = 0.2
+
+
+def verdict_r(ci95: tuple[float, float], ci90: tuple[float, float]) -> str:
+    """The verdict of "conflict and accuracy are not correlated" from a correlation's intervals.
+
+    ``"equivalent within |r| < 0.2"`` when the 90 % interval lies inside the margin (TOST at 5 %),
+    ``"correlated (r > 0)"`` / ``"correlated (r < 0)"`` when the 95 % interval excludes 0 (the
+    two can hold together: a small but non-zero r), else ``"inconclusive"``.
+
+    Example:
+        >>> verdict_r((-0.1, 0.12), (-0.08, 0.1))
+        'equivalent within |r| < 0.2'
+        >>> verdict_r((0.05, 0.5), (0.1, 0.45))
+        'correlated (r > 0)'
+        >>> verdict_r((-0.3, 0.4), (-0.25, 0.35))
+        'inconclusive'
+    """
+    out = []
+    if ci90[0] > -EQUIVALENCE_R and ci90[1] < EQUIVALENCE_R:
+        out.append(f"equivalent within |r| < {EQUIVALENCE_R:g}")
+    if ci95[0] > 0:
+        out.append("correlated (r > 0)")
+    elif ci95[1] < 0:
+        out.append("correlated (r < 0)")
+    return "; ".join(out) or "inconclusive"
+
+
+def pool_within(per_run: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Fisher-z pooling of per-run ``within_run`` results (``estimate``, ``n_eff``).
+
+    ``stats.pool_correlations`` (DerSimonian-Laird random effects, Hartung-Knapp t-interval) at
+    95 % and at 90 % (the TOST interval against :data:`EQUIVALENCE_R`), the simulated design's
+    test beside it (the t-interval of the runs' unweighted mean z, ``analyses.power``'s
+    ``power_within``), and :func:`verdict_r`.
+
+    Example:
+        >>> rows = [{"estimate": r, "n_eff": 20.0} for r in (0.05, -0.1, 0.0, 0.08, -0.02)]
+        >>> p = pool_within(rows)
+        >>> p["k"], p["ci90_low"] > -0.2, p["verdict"]
+        (5, True, 'equivalent within |r| < 0.2')
+    """
+    from scipy import stats as st
+
+    ok = [x for x in per_run if x.get("estimate") is not None and x.get("n_eff")]
+    r = np.array([x["estimate"] for x in ok], float)
+    n = np.array([x["n_eff"] for x in ok], float)
+    p95 = stats.pool_correlations(r, n, ci=0.95)
+    p90 = stats.pool_correlations(r, n, ci=0.90)
+    out: dict[str, Any] = {
+        **p95,
+        "ci90_low": p90["ci_low"],
+        "ci90_high": p90["ci_high"],
+        "per_run_r": r.tolist(),
+        "per_run_n_eff": n.tolist(),
+        "margin_r": EQUIVALENCE_R,
+    }
+    if len(r) >= 2 and np.isfinite(p95["estimate"]):
+        z = np.arctanh(np.clip(r, -0.999999, 0.999999))
+        m, se = float(z.mean()), float(z.std(ddof=1) / np.sqrt(len(z)))
+        t95, t90 = st.t.ppf(0.975, len(z) - 1), st.t.ppf(0.95, len(z) - 1)
+        out["mean_z_t"] = {
+            "estimate": float(np.tanh(m)),
+            "ci_low": float(np.tanh(m - t95 * se)),
+            "ci_high": float(np.tanh(m + t95 * se)),
+            "ci90_low": float(np.tanh(m - t90 * se)),
+            "ci90_high": float(np.tanh(m + t90 * se)),
+        }
+        out["verdict"] = verdict_r((p95["ci_low"], p95["ci_high"]), (p90["ci_low"], p90["ci_high"]))
+    else:
+        out["verdict"] = "not estimable (fewer than 2 runs)"
+    return out
 
 
 def long_size(pre: Preset) -> tuple[float, int]:
@@ -93,7 +176,15 @@ def within_runs(run_dirs: Sequence[Path], n_boot: int) -> dict[str, Any]:
         n_boot=n_boot,
         seed=0,
     )
-    return {"per_run": per_run, "pooled": pooled, "pooled_run_centred": within, "epochs": ep}
+    return {
+        "per_run": per_run,
+        "pooled": pooled,
+        "pooled_run_centred": within,
+        # the design's test: per-run r pooled by Fisher z, TOST against |r| < 0.2
+        "fisher_cosine": pool_within([x["cosine"] for x in per_run]),
+        "fisher_conflict": pool_within(per_run),
+        "epochs": ep,
+    }
 
 
 def across_runs(table: pd.DataFrame, weight_col: str, n_boot: int) -> pd.DataFrame:
@@ -138,6 +229,13 @@ def weight_controlled(joint: pd.DataFrame, weight_col: str, n_boot: int) -> list
             t, x, "accuracy.mean", covariates, method="pearson", n_boot=n_boot,
             n_perm=n_boot, groups=["model.n_params", weight_col], seed=0,
         )  # fmt: skip
+        r90 = stats.partial_correlation(
+            t, x, "accuracy.mean", covariates, method="pearson", n_boot=n_boot,
+            n_perm=0, groups=["model.n_params", weight_col], ci=0.90, seed=0,
+        )  # fmt: skip
+        res.update(ci90_low=r90["ci_low"], ci90_high=r90["ci_high"], n_runs=len(t))
+        res["n_configurations"] = int(t.groupby(["model.n_params", weight_col]).ngroups)
+        res["verdict"] = verdict_r((res["ci_low"], res["ci_high"]), (r90["ci_low"], r90["ci_high"]))
         out.append({**row, **res})
     return out
 
@@ -217,6 +315,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             save_figure(fig, args.figures / f"weight_vs_{stem}_{name}.png")
     save_figure(_scatter(epochs), args.figures / "conflict_vs_accuracy_epochs.png")
+    fig = _figures.forest(
+        {
+            name: {
+                **p["within"]["fisher_cosine"],
+                "per_run": p["within"]["fisher_cosine"]["per_run_r"],
+            }
+            for name, p in summary["pairs"].items()
+        },
+        margin=EQUIVALENCE_R,
+        xlabel="Pearson r of per-epoch mean cosine and validation accuracy",
+        title="Finding 2 within runs: per-run r (grey) and their Fisher-z pool (random effects), "
+        "against the margin stated in advance",
+    )
+    save_figure(fig, args.figures / "conflict_within_pooled.png")
     write_json(summary, args.figures / "conflict.json")
     return summary
 

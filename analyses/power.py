@@ -284,29 +284,36 @@ def power_paired(
     return out
 
 
-def noise_levels(figures: Path) -> dict[str, Any]:
+def noise_levels(figures: Path, *, pbt_optional: bool = False) -> dict[str, Any]:
     """Noise SDs (accuracy points or weight units) from the committed small-run JSON.
 
     - ``sd_seed_gain``: one seed's paired gain, from each cell's 95 % seed-bootstrap interval
-      (``half / 1.96 * sqrt(3) / sqrt(2/3)``: a bootstrap over 3 seeds is too narrow by about
-      ``sqrt(2/3)``), median over cells;
+      (``half / 1.96 * sqrt(n) / sqrt((n - 1) / n)`` for ``n`` seeds, the preset's: a bootstrap
+      over ``n`` seeds is too narrow by about ``sqrt((n - 1) / n)``), median over cells;
     - ``sd_size_gain``: SD of the cell gains around their OLS line on ``log10(parameters)``;
     - ``sd_pstar``: the larger of the median half-width / 1.96 of the per-size quadratic ``p*``
       intervals and the SD of the per-size ``p*`` around their OLS line on ``log10(parameters)``
       (which holds the depth effect seen on DomainDigits);
-    - ``sd_replicate``: SD of the PBT arms' replicate accuracies (pooled over arms).
+    - ``sd_replicate``: SD of the PBT arms' replicate accuracies (pooled over arms); with arms
+      paired by replicate (the study), ``sd_diff_paired``: the SD of the PBT - uniform difference.
 
-    Each is the larger of the two pairs' values (the conservative choice for a new dataset).
+    Each is the larger of the pairs' values (the conservative choice for a new dataset); a pair
+    is every capacity sweep in the JSON (a study pair's ResNet and ViT sweeps count apart).
+    ``pbt_optional``: without ``pbt.json`` the replicate SDs are None instead of an error.
     """
     cap = json.loads((figures / "capacity.json").read_text())
     opt = json.loads((figures / "optimal_weight.json").read_text())
-    pbt = json.loads((figures / "pbt.json").read_text())
+    pbt_path = figures / "pbt.json"
+    pbt = json.loads(pbt_path.read_text()) if pbt_path.exists() or not pbt_optional else None
+    n_seeds = len(cap.get("preset", {}).get("seeds") or (0, 1, 2))
     out: dict[str, Any] = {"per_pair": {}}
     seed_sd, size_sd, pstar_sd = [], [], []
     for name, pair in cap["pairs"].items():
         g = [r for r in pair["gains"] if r["setting"] == "p selected on val"]
         half = np.array([(r["ci_high"] - r["ci_low"]) / 2 for r in g]) * 100
-        s_seed = float(np.median(half / 1.96 * math.sqrt(3) / math.sqrt(2 / 3)))
+        s_seed = float(
+            np.median(half / 1.96 * math.sqrt(n_seeds) / math.sqrt((n_seeds - 1) / n_seeds))
+        )
         x = np.log10([r["model.n_params"] for r in g])
         y = np.array([r["gain"] for r in g]) * 100
         coef = np.polyfit(x, y, 1)
@@ -321,18 +328,26 @@ def noise_levels(figures: Path) -> dict[str, Any]:
         seed_sd.append(s_seed)
         size_sd.append(s_size)
         pstar_sd.append(s_p)
-    reps = [np.array(pbt[a]["test"]) * 100 for a in ("uniform", "pbt", "random_static")]
-    pooled = math.sqrt(
-        sum(((r - r.mean()) ** 2).sum() for r in reps) / sum(len(r) - 1 for r in reps)
-    )
     out.update(
+        n_seeds=n_seeds,
         sd_seed_gain=float(np.max(seed_sd)),
         sd_size_gain=float(np.max(size_sd)),
         sd_pstar=float(np.max(pstar_sd)),
-        sd_replicate=pooled,
-        # a paired difference of two arms that share nothing but the data: sqrt(2) x the SD
-        sd_diff_unpaired=pooled * math.sqrt(2),
+        sd_replicate=None,
+        sd_diff_unpaired=None,
     )
+    if pbt is None:
+        return out
+    reps = [np.array(pbt[a]["test"]) * 100 for a in ("uniform", "pbt", "random_static")]
+    if min(len(r) for r in reps) < 2:
+        return out
+    pooled = math.sqrt(
+        sum(((r - r.mean()) ** 2).sum() for r in reps) / sum(len(r) - 1 for r in reps)
+    )
+    # a paired difference of two arms that share nothing but the data: sqrt(2) x the SD
+    out.update(sd_replicate=pooled, sd_diff_unpaired=pooled * math.sqrt(2))
+    if len(reps[0]) == len(reps[1]) and pbt.get("mto") is not None:  # the study: paired arms
+        out["sd_diff_paired"] = float(np.std(reps[1] - reps[0], ddof=1))
     return out
 
 
@@ -459,15 +474,20 @@ def run(noise: dict[str, Any], n_sim: int, timing: dict[str, Any] | None = None)
         for label, kw in designs3.items()
     }
     pe, pm = EFFECTS["pbt_effect_points"], EFFECTS["pbt_equivalence_margin_points"]
+    if noise.get("sd_diff_unpaired") is None:
+        return res
+    sds = [
+        ("unpaired SD", noise["sd_diff_unpaired"]),
+        ("paired, half the SD", noise["sd_diff_unpaired"] / 2),
+    ]
+    if noise.get("sd_diff_paired") is not None:
+        sds.append(("measured paired SD (PBT - uniform)", noise["sd_diff_paired"]))
     res["pbt"] = {
         f"{n} replicates, {kind}": power_paired(
             effect=pe, replicates=n, sd_diff=sd, margin=pm, n_sim=n_sim
         )
         for n in (3, 10, 20)
-        for kind, sd in (
-            ("unpaired SD", noise["sd_diff_unpaired"]),
-            ("paired, half the SD", noise["sd_diff_unpaired"] / 2),
-        )
+        for kind, sd in sds
     }
     return res
 
@@ -534,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.figures or (ROOT / "runs" / "analyses-quick" / "figures" if args.quick else FIGURES)
     tpath = FIGURES / "timing.json"
     timing = json.loads(tpath.read_text()) if tpath.exists() else None
-    res = run(noise_levels(args.noise_from), 200 if args.quick else 4000, timing)
+    res = run(noise_levels(args.noise_from, pbt_optional=True), 200 if args.quick else 4000, timing)
     src = Path(args.noise_from).resolve()
     res["noise_from"] = str(src.relative_to(ROOT) if src.is_relative_to(ROOT) else src)
     res["quick"] = args.quick

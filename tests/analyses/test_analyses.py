@@ -615,3 +615,70 @@ def test_study_quick_capacity_and_optimal_weight(tmp_path: Path) -> None:
     assert set(o["pairs"]) == set(s["pairs"])
     t = _common.load_tables(tmp_path / "runs" / "sweep-multimnist-resnet")["test"]
     assert set(t["model.family"]) == {"resnet"}
+
+
+# --------------------------------------------------------------------------------------------
+# The README's study numbers come from the committed study JSON (fast)
+# --------------------------------------------------------------------------------------------
+
+_STUDY_SECTION = "## Results of the study run"
+
+
+def _json_numbers(obj: object) -> list[float]:
+    """Every number of a JSON document: its numeric leaves and the numbers written in strings."""
+    import re
+
+    if isinstance(obj, bool) or obj is None:
+        return []
+    if isinstance(obj, (int, float)):
+        return [float(obj)]
+    if isinstance(obj, str):
+        return [float(m) for m in re.findall(r"[-+]?\d+(?:\.\d+)?", obj)]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _json_numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _json_numbers(v)]
+    return []
+
+
+def _quoted(text: str) -> list[str]:
+    """Decimal numbers of a README section (integers are counts, not measurements)."""
+    import re
+
+    text = re.sub(r"`[^`]*`", "", text)  # code: commands, file names, option values
+    return re.findall(r"(?<![\w.])[-+]?\d+\.\d+(?![\w.])", text)
+
+
+def _matches(token: str, values: np.ndarray) -> bool:
+    d = len(token.split(".")[1])
+    x = float(token)
+    tol = 0.5 * 10**-d + 1e-9
+    for scale in (1.0, 100.0):  # fractions in the JSON, points in the README
+        v = values * scale
+        if np.any(np.abs(v - x) <= tol) or np.any(np.abs(np.abs(v) - abs(x)) <= tol):
+            return True
+    return False
+
+
+def test_quoted_matches_rounding() -> None:
+    vals = np.array(_json_numbers({"a": 0.01234, "b": "r = 0.06", "c": [-2.345]}))
+    assert _quoted("gain -1.23 points [`x 9.99`], r 0.06, 5 seeds") == ["-1.23", "0.06"]
+    assert _matches("1.23", vals)  # 0.01234 in points
+    assert _matches("-2.35", vals)
+    assert _matches("0.06", vals)
+    assert not _matches("0.07", vals)
+
+
+def test_readme_study_numbers_are_in_the_study_json() -> None:
+    readme = (_common.ROOT / "analyses" / "README.md").read_text()
+    study = _common.FIGURES / "study"
+    if _STUDY_SECTION not in readme:
+        assert not (study / "verdicts.json").exists(), "study results without a README section"
+        return
+    section = readme.split(_STUDY_SECTION, 1)[1].split("\n## ", 1)[0]
+    values = np.array(
+        [x for p in sorted(study.glob("*.json")) for x in _json_numbers(json.loads(p.read_text()))]
+        + _json_numbers(json.loads((_common.FIGURES / "timing.json").read_text()))
+    )
+    missing = [t for t in _quoted(section) if not _matches(t, values)]
+    assert not missing, f"README numbers not in figures/study/*.json: {missing}"

@@ -1,0 +1,356 @@
+"""The study's verdicts: each finding's test as stated before the run, its power as run, verdict.
+
+Reads the study's results (``capacity.json``, ``optimal_weight.json``, ``conflict.json``,
+``pbt.json`` in ``--figures``, default ``figures/study``; a missing file leaves its finding out) and
+writes ``verdicts.json`` beside them: per finding the design actually run, its power for the
+stated effect (``analyses.power``'s simulations at the noise measured in these results), the
+estimate with its interval, the paper's number, and a verdict worded to what the test supports:
+
+- finding 1: OLS slope of the per-size gain (points) on ``log10(parameters)``, one intercept per
+  pair and family; supported (95 % interval above 0), contradicted (below 0), no trend within
+  +-1 point per decade (90 % interval inside), else inconclusive;
+- finding 3: the same regression of the per-size quadratic ``p*``; equivalent within +-0.05 per
+  decade (TOST, 90 % interval) or inconclusive (or a trend, if the 95 % interval excludes 0);
+- finding 2: the within-run Fisher-z pool and the weight-controlled across-run partial r
+  (``analyses.conflict``), against |r| < 0.2;
+- many tasks: every paired arm difference against +-0.5 points.
+
+A test whose power for its stated effect is under 0.8 gets the verdict ``"underpowered"`` (its
+estimate is still reported, and whether its interval excludes 0), never supported / contradicted
+/ equivalent.
+
+    python -m analyses.verdicts [--figures figures/study] [--n-sim 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analyses import power
+from analyses._common import FIGURES, write_json
+
+__all__ = ["PAPER", "POWER_NEEDED", "group_ols", "main", "verdict_interval"]
+
+#: The paper's numbers beside ours (Royer et al. 2023; /work/shared/paper.md).
+PAPER = {
+    "finding1": "gain grows with capacity: about -3.5 to +9 points over the ResNet grid "
+    "(about 1.5 decades: about +8 points per decade)",
+    "finding2": "per-epoch conflict vs validation metric: r = 0.06",
+    "finding3": "p* roughly constant across sizes within a family",
+    "many_tasks": "PBT - uniform: +0.44 points (DomainNet ResNet26), -0.02 (CelebA ViT-S/4)",
+}
+#: A test is given a verdict only with at least this power for its stated effect.
+POWER_NEEDED = 0.8
+
+
+def group_ols(x: Sequence[float], y: Sequence[float], group: Sequence[Any]) -> dict[str, Any]:
+    """OLS slope of ``y`` on ``x`` with one intercept per ``group``; 95 % and 90 % t-intervals.
+
+    Example:
+        >>> r = group_ols([0, 1, 2, 0, 1, 2], [0.0, 1.1, 1.9, 5.0, 6.0, 7.1], list("aaabbb"))
+        >>> round(r["slope"], 3), r["df"], r["ci_low"] < 1 < r["ci_high"]
+        (1.0, 3, True)
+    """
+    from scipy import stats as st
+
+    d = pd.DataFrame({"x": np.asarray(x, float), "y": np.asarray(y, float), "g": list(group)})
+    xc = d["x"] - d.groupby("g")["x"].transform("mean")
+    yc = d["y"] - d.groupby("g")["y"].transform("mean")
+    groups = d["g"].nunique()
+    dof = len(d) - groups - 1
+    out: dict[str, Any] = {"n": len(d), "groups": groups, "df": dof}
+    if dof < 1 or float(xc @ xc) == 0:
+        return {**out, "slope": math.nan}
+    b = float(xc @ yc) / float(xc @ xc)
+    se = math.sqrt(float(((yc - b * xc) ** 2).sum()) / dof / float(xc @ xc))
+    t95, t90 = float(st.t.ppf(0.975, dof)), float(st.t.ppf(0.95, dof))
+    return {
+        **out,
+        "slope": b,
+        "se": se,
+        "ci_low": b - t95 * se,
+        "ci_high": b + t95 * se,
+        "ci90_low": b - t90 * se,
+        "ci90_high": b + t90 * se,
+        "p_value": float(2 * st.t.sf(abs(b) / se, dof)) if se > 0 else 0.0,
+        "residual_sd": math.sqrt(float(((yc - b * xc) ** 2).sum()) / dof),
+    }
+
+
+def verdict_interval(
+    est: Mapping[str, Any], margin: float, power_: float | None, *, above: str, below: str
+) -> str:
+    """The verdict of an estimate with ``ci_*`` (95 %) and ``ci90_*`` (90 %) against ``+-margin``.
+
+    ``above`` when the 95 % interval lies above 0, ``below`` when below, "equivalent within
+    +-margin" when the 90 % interval lies inside the margin (TOST at 5 %), else "inconclusive".
+    With ``power_`` under :data:`POWER_NEEDED`: "underpowered", with where the intervals lie.
+
+    Example:
+        >>> e = {"ci_low": 0.2, "ci_high": 0.9, "ci90_low": 0.3, "ci90_high": 0.8}
+        >>> verdict_interval(e, 1.0, 0.9, above="supported", below="contradicted")
+        'supported'
+        >>> verdict_interval(e, 1.0, 0.3, above="supported", below="contradicted")
+        'underpowered (power 0.30 < 0.8): no verdict (95 % interval above 0)'
+    """
+    lo, hi = est.get("ci_low"), est.get("ci_high")
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "not estimable"
+    if lo > 0:
+        read = above
+    elif hi < 0:
+        read = below
+    elif est["ci90_low"] > -margin and est["ci90_high"] < margin:
+        read = f"equivalent within +-{margin:g}"
+    else:
+        read = "inconclusive"
+    if power_ is not None and power_ < POWER_NEEDED:
+        where = (
+            "95 % interval above 0" if lo > 0
+            else "95 % interval below 0" if hi < 0
+            else f"90 % interval inside +-{margin:g}" if read.startswith("equivalent")
+            else "95 % interval includes 0, 90 % interval beyond the margin"
+        )  # fmt: skip
+        return f"underpowered (power {power_:.2f} < {POWER_NEEDED:g}): no verdict ({where})"
+    return read
+
+
+def _load(figures: Path, name: str) -> dict[str, Any] | None:
+    path = figures / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _seeds(summary: Mapping[str, Any]) -> int:
+    return len(summary.get("preset", {}).get("seeds") or (0, 1, 2))
+
+
+def _size_table(cap: Mapping[str, Any]) -> pd.DataFrame:
+    """Per pair, family and size: the gain (points) at the val-selected weight, mean over tasks."""
+    rows = []
+    for unit, p in cap["pairs"].items():
+        g = pd.DataFrame(p["gains"])
+        g = g[g["setting"] == "p selected on val"]
+        for n, sub in g.groupby("model.n_params"):
+            rows.append(
+                {"unit": unit, "pair": p.get("pair", unit), "family": p.get("family", "mlp"),
+                 "n_params": int(n), "log10_params": math.log10(n),
+                 "gain_points": 100 * float(sub["gain"].mean())}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def finding1(cap: Mapping[str, Any], noise: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
+    """Gain vs capacity: per pair (families pooled) and pooled over pairs."""
+    t = _size_table(cap)
+    slope = power.EFFECTS["finding1_slope_points_per_decade"]
+    out: dict[str, Any] = {"paper": PAPER["finding1"], "stated_effect_points_per_decade": slope,
+                           "margin_points_per_decade": 1.0, "sizes": t, "tests": {}}  # fmt: skip
+    scopes = {f"pair {p}": sub for p, sub in t.groupby("pair")}
+    if t["pair"].nunique() > 1:
+        scopes["pooled over pairs"] = t
+    for label, sub in scopes.items():
+        fit = group_ols(sub["log10_params"], sub["gain_points"], sub["unit"])
+        logs = [sorted(g["log10_params"]) for _, g in sub.groupby("unit")]
+        pw = power.power_trend(
+            slope=slope, seeds=_seeds(cap), sd_seed=noise["sd_seed_gain"],
+            sd_size=noise["sd_size_gain"], n_sim=n_sim, log_params=logs,
+        )["ols"]  # fmt: skip
+        decades = float(sub["log10_params"].max() - sub["log10_params"].min())
+        out["tests"][label] = {
+            **fit,
+            "design": f"{len(sub)} sizes ({', '.join(sorted(sub['family'].unique()))}) over "
+            f"{decades:.1f} decades, {_seeds(cap)} seeds",
+            "decades": decades,
+            "power_at_stated_effect": pw,
+            "verdict": verdict_interval(fit, 1.0, pw, above="supported", below="contradicted"),
+        }
+    return out
+
+
+def finding3(opt: Mapping[str, Any], noise: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
+    """``p*`` vs size: the slope of the per-size quadratic ``p*`` (validation), TOST +-0.05."""
+    rows = []
+    for unit, p in opt["pairs"].items():
+        for r in p["val"]["quadratic"]["per_size"]:
+            rows.append(
+                {
+                    "unit": unit,
+                    "pair": p.get("pair", unit),
+                    "family": p.get("family"),
+                    "n_params": int(r["model.n_params"]),
+                    "log10_params": math.log10(r["model.n_params"]),
+                    "p_star": r["p_star"],
+                    "ci_low": r["ci_low"],
+                    "ci_high": r["ci_high"],
+                }
+            )
+    t = pd.DataFrame(rows).dropna(subset=["p_star"])
+    margin = power.EFFECTS["finding3_equivalence_margin_slope_per_decade"]
+    out: dict[str, Any] = {"paper": PAPER["finding3"], "margin_slope_per_decade": margin,
+                           "per_size": t, "tests": {}}  # fmt: skip
+    scopes = {f"pair {p}": sub for p, sub in t.groupby("pair")}
+    if t["pair"].nunique() > 1:
+        scopes["pooled over pairs"] = t
+    for label, sub in scopes.items():
+        fit = group_ols(sub["log10_params"], sub["p_star"], sub["unit"])
+        logs = [sorted(g["log10_params"]) for _, g in sub.groupby("unit")]
+        pw = power.power_pstar_slope(
+            slope=0.0, sd_pstar=noise["sd_pstar"], margin=margin, n_sim=n_sim, log_params=logs
+        )["equivalent"]
+        out["tests"][label] = {
+            **fit,
+            "design": f"{len(sub)} sizes over "
+            f"{float(sub['log10_params'].max() - sub['log10_params'].min()):.1f} decades",
+            "p_star_range": float(sub["p_star"].max() - sub["p_star"].min()),
+            "power_equivalence_at_slope_0": pw,
+            "verdict": verdict_interval(
+                fit, margin, pw, above="p* grows with size", below="p* falls with size"
+            ),
+        }
+    for unit, p in opt["pairs"].items():
+        cost = pd.DataFrame(p.get("transfer_cost") or [])
+        if len(cost):
+            worst = cost.loc[cost["cost"].idxmin()]
+            out.setdefault("transfer_cost", {})[unit] = {
+                "worst_cost_points": 100 * float(worst["cost"]),
+                "worst_ci_points": [
+                    None if worst["ci_low"] is None else 100 * float(worst["ci_low"]),
+                    None if worst["ci_high"] is None else 100 * float(worst["ci_high"]),
+                ],
+                "at_n_params": int(worst["model.n_params"]),
+                "mean_cost_points": 100 * float(cost["cost"].mean()),
+            }
+    return out
+
+
+def finding2(con: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
+    """Conflict and accuracy: within runs (Fisher-z pool, TOST) and across runs (partial r)."""
+    margin = power.EFFECTS["finding2_equivalence_margin_r"]
+    out: dict[str, Any] = {"paper": PAPER["finding2"], "margin_r": margin, "within": {},
+                           "across": {}}  # fmt: skip
+    epochs = int(con.get("preset", {}).get("conflict_epochs") or 20)
+    for name, p in con["pairs"].items():
+        w = p["within"]
+        for metric in ("cosine", "conflict"):
+            pool = w.get(f"fisher_{metric}")
+            if not pool or pool.get("k", 0) < 2:
+                continue
+            tau = math.sqrt(pool["tau2"]) if pool.get("tau2") is not None else 0.15
+            pw = power.power_within(
+                true_r=0.0, runs=int(pool["k"]), epochs=epochs, phi=0.6, margin=margin,
+                tau=max(tau, 1e-9), n_sim=n_sim,
+            )["equivalent"]  # fmt: skip
+            est = {**pool}
+            out["within"][f"{name} ({metric})"] = {
+                "estimate": pool["estimate"], "ci_low": pool["ci_low"],
+                "ci_high": pool["ci_high"], "ci90_low": pool["ci90_low"],
+                "ci90_high": pool["ci90_high"], "k": pool["k"], "tau2": pool["tau2"],
+                "design": f"{pool['k']} runs x {epochs} epochs",
+                "power_equivalence_at_r_0": pw,
+                "verdict": verdict_interval(est, margin, pw, above="correlated (r > 0)",
+                                            below="correlated (r < 0)"),
+            }  # fmt: skip
+        for key, rows in p.items():
+            if not key.startswith("weight_controlled"):
+                continue
+            for r in rows:
+                if r.get("estimate") is None:
+                    continue
+                configs = int(r.get("n_configurations") or 0)
+                seeds = max(1, round((r.get("n_runs") or 0) / max(configs, 1)))
+                pw = power.power_across(
+                    true_r=0.0, configs=configs, seeds=seeds, icc=0.5, margin=margin, n_sim=n_sim
+                )["equivalent"] if configs > 3 else None  # fmt: skip
+                fam = key[len("weight_controlled") :].strip()
+                label = f"{name} {fam} {r['x']}" if fam else f"{name} {r['x']}"
+                out["across"][label] = {
+                    "estimate": r["estimate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                    "ci90_low": r.get("ci90_low"), "ci90_high": r.get("ci90_high"),
+                    "controls": r["controls"], "n_runs": r.get("n_runs"),
+                    "design": f"{r.get('n_runs')} joint runs, {configs} configurations",
+                    "power_equivalence_at_r_0": pw,
+                    "verdict": verdict_interval(r, margin, pw, above="correlated (r > 0)",
+                                                below="correlated (r < 0)"),
+                }  # fmt: skip
+    return out
+
+
+def many_tasks(pbt: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
+    """Every paired arm difference (points) against the +-0.5-point margin."""
+    effect = power.EFFECTS["pbt_effect_points"]
+    margin = power.EFFECTS["pbt_equivalence_margin_points"]
+    arms = {k: pbt[k] for k in ("uniform", "pbt", "random_static", "uniform_best_of_n")}
+    arms.update(pbt.get("mto") or {})
+    out: dict[str, Any] = {
+        "paper": PAPER["many_tasks"], "effect_points": effect, "margin_points": margin,
+        "replicates": pbt["replicates"],
+        "arms": {k: {"mean_points": 100 * v["test_mean"],
+                     "ci_points": [100 * v["ci_low"], 100 * v["ci_high"]]
+                     if "ci_low" in v else None}
+                 for k, v in arms.items()},
+        "differences": {},
+    }  # fmt: skip
+    for name, d in pbt["differences"].items():
+        a, b = name.split(" - ")
+        diff = np.array(arms[a]["test"]) - np.array(arms[b]["test"])
+        est = {k: 100 * d[k] for k in ("difference", "ci_low", "ci_high", "ci90_low", "ci90_high")
+               if d.get(k) is not None}  # fmt: skip
+        sd = float(100 * diff.std(ddof=1)) if len(diff) > 1 else math.nan
+        pw = (
+            power.power_paired(effect=effect, replicates=len(diff), sd_diff=sd, margin=margin,
+                               n_sim=n_sim)
+            if len(diff) > 1 and sd > 0 else {"superiority": math.nan, "equivalence": math.nan}
+        )  # fmt: skip
+        out["differences"][name] = {
+            **{f"{k}_points": v for k, v in est.items()},
+            "p_value": d.get("p_value"),
+            "sd_difference_points": sd,
+            "power_at_0.5_points": pw["superiority"],
+            "power_equivalence_at_0": pw["equivalence"],
+            "verdict": verdict_interval(
+                {"ci_low": est.get("ci_low"), "ci_high": est.get("ci_high"),
+                 "ci90_low": est.get("ci90_low"), "ci90_high": est.get("ci90_high")},
+                margin, min(pw["superiority"], pw["equivalence"]),
+                above=f"{a} better", below=f"{b} better",
+            ),
+        }  # fmt: skip
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Read the study's JSON in ``--figures``; write ``verdicts.json`` there (or in ``--out``)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--figures", type=Path, default=FIGURES / "study")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--n-sim", type=int, default=4000, help="simulations per power figure")
+    args = ap.parse_args(argv)
+    res: dict[str, Any] = {"power_needed": POWER_NEEDED, "n_sim": args.n_sim}
+    cap, opt = _load(args.figures, "capacity"), _load(args.figures, "optimal_weight")
+    con, pbt = _load(args.figures, "conflict"), _load(args.figures, "pbt")
+    if cap is not None and opt is not None:
+        noise = power.noise_levels(args.figures, pbt_optional=True)
+        res["noise"] = noise
+        res["finding1"] = finding1(cap, noise, args.n_sim)
+        res["finding3"] = finding3(opt, noise, args.n_sim)
+    if con is not None:
+        res["finding2"] = finding2(con, args.n_sim)
+    if pbt is not None:
+        res["many_tasks"] = many_tasks(pbt, args.n_sim)
+    write_json(res, (args.out or args.figures) / "verdicts.json")
+    return res
+
+
+if __name__ == "__main__":
+    r = main()
+    for f in ("finding1", "finding3", "finding2", "many_tasks"):
+        for part in ("tests", "within", "across", "differences"):
+            for k, v in (r.get(f) or {}).get(part, {}).items():
+                print(f"{f} {k}: {v['verdict']}")
