@@ -83,7 +83,8 @@ class Preset:
     max_priority: int = 1  # study pairs of this priority or lower (1: run first)
     sizes_per_family: int | None = None  # the first k sizes of each family (None: see sizes())
     device: str = "cpu"  # the capacity sweeps' torch device
-    size_cap: int | None = None  # --sizes K: at most the first K sizes of each family
+    # --sizes: at most the first K sizes of a family (("*", K) for every family)
+    size_cap: tuple[tuple[str, int], ...] | None = None
 
 
 _P7 = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
@@ -251,8 +252,10 @@ def sizes(pre: Preset, family: str) -> list[dict[str, Any]]:
     k = pre.sizes_per_family
     if k is None and pre.device == "cpu":
         k = CPU_SIZES[family]
-    if pre.size_cap is not None:
-        k = pre.size_cap if k is None else min(k, pre.size_cap)
+    caps = dict(pre.size_cap or ())
+    cap = caps.get(family, caps.get("*"))
+    if cap is not None:
+        k = cap if k is None else min(k, cap)
     return [{"width": w, "depth": d} for w, d in FAMILY_SIZES[family][:k]]
 
 
@@ -372,6 +375,20 @@ def _cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _size_caps(text: str, ap: argparse.ArgumentParser) -> tuple[tuple[str, int], ...]:
+    """``"5"`` -> ``(("*", 5),)``; ``"mlp=5,vit=2"`` -> ``(("mlp", 5), ("vit", 2))``."""
+    out = []
+    for part in text.split(","):
+        fam, _, k = part.rpartition("=")
+        if not k.strip().isdigit() or int(k) < 1 or (fam and fam.strip() not in FAMILY_SIZES):
+            ap.error(
+                f"`--sizes` should be a positive integer or 'family=K,...' with families among "
+                f"{', '.join(FAMILY_SIZES)}; found {text!r}."
+            )
+        out.append((fam.strip() or "*", int(k)))
+    return tuple(out)
+
+
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The common flags: ``--quick`` / ``--full`` / ``--study`` (``--priority``) /
     ``--study-quick``, ``--runs``, ``--figures``, ``--workers``.
@@ -414,10 +431,10 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     )
     ap.add_argument(
         "--sizes",
-        type=int,
         default=None,
         help="with --study: only the first K sizes of each family (of those the CPU budget "
-        "keeps): a cut when the machine is slower than the budget assumed",
+        "keeps), K or per family 'mlp=5,vit=2': a cut when the machine is slower than the "
+        "budget assumed",
     )
     ap.add_argument(
         "--train-only",
@@ -448,9 +465,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
             )
         args.preset = replace(args.preset, families=fams)
     if args.sizes is not None:
-        if args.sizes < 1:
-            ap.error(f"`--sizes` should be a positive integer; found {args.sizes}.")
-        args.preset = replace(args.preset, size_cap=args.sizes)
+        args.preset = replace(args.preset, size_cap=_size_caps(args.sizes, ap))
     if args.replicates is not None:
         if args.replicates < 1:
             ap.error(f"`--replicates` should be a positive integer; found {args.replicates}.")

@@ -580,6 +580,16 @@ def test_study_presets_and_flags(tmp_path: Path) -> None:
     assert mlp.runs == args.runs  # the same run folders: the later full pass resumes them
     with pytest.raises(SystemExit):
         _common.parse_args("x", ["--study", "--families", "mlp,cnn"])
+    cut = _common.parse_args("x", ["--study", "--sizes", "mlp=5,vit=2"])
+    assert len(_common.sizes(cut.preset, "mlp")) == 5
+    assert len(_common.sizes(cut.preset, "vit")) == 2
+    assert len(_common.sizes(cut.preset, "resnet")) == _design.CPU_SIZES["resnet"]
+    assert (
+        len(_common.sizes(_common.parse_args("x", ["--study", "--sizes", "1"]).preset, "mlp")) == 1
+    )
+    for bad in ("0", "cnn=2", "mlp=x"):
+        with pytest.raises(SystemExit):
+            _common.parse_args("x", ["--study", "--sizes", bad])
     reps = _common.parse_args("x", ["--study", "--replicates", "10"])
     assert reps.preset.pbt_replicates == 10
     with pytest.raises(SystemExit):
