@@ -692,3 +692,73 @@ def test_readme_study_numbers_are_in_the_study_json() -> None:
     )
     missing = [t for t in _quoted(section) if not _matches(t, values)]
     assert not missing, f"README numbers not in figures/study/*.json: {missing}"
+
+
+def test_group_ols_matches_least_squares_with_dummies() -> None:
+    from analyses import verdicts
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(3, 6, 12)
+    g = np.repeat(["a", "b", "c"], 4)
+    y = 2.0 * x + np.repeat([0.0, 5.0, -3.0], 4) + rng.normal(0, 0.5, 12)
+    fit = verdicts.group_ols(x, y, g)
+    design = np.column_stack([x, *(g == k for k in "abc")]).astype(float)
+    coef, res, *_ = np.linalg.lstsq(design, y, rcond=None)
+    assert fit["slope"] == pytest.approx(coef[0])
+    assert fit["df"] == 12 - 3 - 1
+    assert fit["residual_sd"] == pytest.approx(math.sqrt(res[0] / fit["df"]))
+    assert fit["ci_low"] < fit["ci90_low"] < fit["slope"] < fit["ci90_high"] < fit["ci_high"]
+
+
+def test_verdicts_from_planted_results(tmp_path: Path) -> None:
+    """Finding 1 on planted gains: a steep slope is supported, a flat one is not called either
+    way unless the test has the power; an underpowered test gets no verdict."""
+    from analyses import verdicts
+
+    rng = np.random.default_rng(1)
+
+    def cap(slope: float) -> dict[str, object]:
+        pairs = {}
+        for unit, fam in (("a", "mlp"), ("a-vit", "vit"), ("b", "mlp"), ("b-vit", "vit")):
+            rows = []
+            for n in np.logspace(3.5, 6, 6):
+                gain = (slope * (np.log10(n) - 3.5) + rng.normal(0, 0.2)) / 100
+                for task in ("x", "y"):
+                    rows.append({"setting": "p selected on val", "model.n_params": n,
+                                 "gain": gain, "task": task})  # fmt: skip
+            pairs[unit] = {"pair": unit.split("-")[0], "family": fam, "gains": rows}
+        return {"preset": {"seeds": [0, 1, 2, 3, 4]}, "pairs": pairs}
+
+    noise = {"sd_seed_gain": 0.5, "sd_size_gain": 0.3, "sd_pstar": 0.02}
+    steep = verdicts.finding1(cap(3.0), noise, n_sim=400)["tests"]
+    assert steep["pooled over pairs"]["slope"] == pytest.approx(3.0, abs=0.3)
+    assert steep["pooled over pairs"]["verdict"] == "supported"
+    flat = verdicts.finding1(cap(0.0), noise, n_sim=400)["tests"]["pooled over pairs"]
+    assert flat["verdict"] == "equivalent within +-1"
+    weak = verdicts.finding1(cap(0.0), {**noise, "sd_size_gain": 8.0}, n_sim=400)["tests"]
+    assert weak["pair a"]["verdict"].startswith("underpowered")
+    # many tasks: a paired difference well inside the margin with enough replicates
+    base = rng.normal(0.9, 0.01, 12)
+    arm = {"test_mean": float(base.mean()), "ci_low": 0.0, "ci_high": 1.0}
+    pbt_json = {
+        "replicates": 12,
+        **{
+            k: {**arm, "test": base.tolist()}
+            for k in ("uniform", "random_static", "uniform_best_of_n")
+        },
+        "pbt": {**arm, "test": (base + rng.normal(0, 0.0005, 12)).tolist()},
+        "mto": {},
+    }
+    d = np.array(pbt_json["pbt"]["test"]) - base
+    from scipy import stats as st
+
+    res = st.ttest_rel(pbt_json["pbt"]["test"], base)
+    ci, ci90 = res.confidence_interval(0.95), res.confidence_interval(0.90)
+    pbt_json["differences"] = {
+        "pbt - uniform": {"difference": float(d.mean()), "ci_low": ci.low, "ci_high": ci.high,
+                          "ci90_low": ci90.low, "ci90_high": ci90.high,
+                          "p_value": float(res.pvalue)}
+    }  # fmt: skip
+    out = verdicts.many_tasks(pbt_json, n_sim=400)["differences"]["pbt - uniform"]
+    assert out["verdict"] == "equivalent within +-0.5"
+    assert out["difference_points"] == pytest.approx(100 * d.mean())
