@@ -310,29 +310,35 @@ def noise_levels(figures: Path, *, pbt_optional: bool = False) -> dict[str, Any]
     seed_sd, size_sd, pstar_sd = [], [], []
     for name, pair in cap["pairs"].items():
         g = [r for r in pair["gains"] if r["setting"] == "p selected on val"]
-        half = np.array([(r["ci_high"] - r["ci_low"]) / 2 for r in g]) * 100
-        s_seed = float(
-            np.median(half / 1.96 * math.sqrt(n_seeds) / math.sqrt((n_seeds - 1) / n_seeds))
+        half = np.array(
+            [(r["ci_high"] - r["ci_low"]) / 2 for r in g if r.get("ci_low") is not None]
+        )
+        s_seed = (
+            float(np.median(100 * half / 1.96 * math.sqrt(n_seeds / ((n_seeds - 1) / n_seeds))))
+            if len(half) and n_seeds > 1
+            else math.nan
         )
         x = np.log10([r["model.n_params"] for r in g])
         y = np.array([r["gain"] for r in g]) * 100
-        coef = np.polyfit(x, y, 1)
-        s_size = float(np.std(y - np.polyval(coef, x), ddof=2))
-        ps = opt["pairs"][name]["val"]["quadratic"]["per_size"]
-        s_ci = float(np.median([(r["ci_high"] - r["ci_low"]) / 2 / 1.96 for r in ps]))
+        s_size = _line_sd(x, y)
+        ps = [
+            r for r in opt["pairs"][name]["val"]["quadratic"]["per_size"]
+            if r.get("p_star") is not None
+        ]  # fmt: skip
+        cis = [(r["ci_high"] - r["ci_low"]) / 2 / 1.96 for r in ps if r.get("ci_low") is not None]
+        s_ci = float(np.median(cis)) if cis else math.nan
         xp = np.log10([r["model.n_params"] for r in ps])
-        yp = np.array([r["p_star"] for r in ps])
-        s_line = float(np.std(yp - np.polyval(np.polyfit(xp, yp, 1), xp), ddof=2))
-        s_p = max(s_ci, s_line)
+        s_line = _line_sd(xp, np.array([r["p_star"] for r in ps]))
+        s_p = float(np.nanmax([s_ci, s_line])) if np.isfinite([s_ci, s_line]).any() else math.nan
         out["per_pair"][name] = {"sd_seed_gain": s_seed, "sd_size_gain": s_size, "sd_pstar": s_p}
         seed_sd.append(s_seed)
         size_sd.append(s_size)
         pstar_sd.append(s_p)
     out.update(
         n_seeds=n_seeds,
-        sd_seed_gain=float(np.max(seed_sd)),
-        sd_size_gain=float(np.max(size_sd)),
-        sd_pstar=float(np.max(pstar_sd)),
+        sd_seed_gain=_nanmax(seed_sd),
+        sd_size_gain=_nanmax(size_sd),
+        sd_pstar=_nanmax(pstar_sd),
         sd_replicate=None,
         sd_diff_unpaired=None,
     )
@@ -349,6 +355,18 @@ def noise_levels(figures: Path, *, pbt_optional: bool = False) -> dict[str, Any]
     if len(reps[0]) == len(reps[1]) and pbt.get("mto") is not None:  # the study: paired arms
         out["sd_diff_paired"] = float(np.std(reps[1] - reps[0], ddof=1))
     return out
+
+
+def _line_sd(x: np.ndarray, y: np.ndarray) -> float:
+    """SD of ``y`` around its OLS line on ``x`` (NaN with fewer than 3 distinct points)."""
+    if len(x) < 3 or len(set(np.round(x, 9))) < 2:
+        return math.nan
+    return float(np.std(y - np.polyval(np.polyfit(x, y, 1), x), ddof=2))
+
+
+def _nanmax(v: Sequence[float]) -> float:
+    a = np.asarray(v, float)
+    return float(np.nanmax(a)) if np.isfinite(a).any() else math.nan
 
 
 def planned_sizes(timing: dict[str, Any] | None) -> list[list[float]] | None:

@@ -92,7 +92,8 @@ def verdict_interval(
 
     ``above`` when the 95 % interval lies above 0, ``below`` when below, "equivalent within
     +-margin" when the 90 % interval lies inside the margin (TOST at 5 %), else "inconclusive".
-    With ``power_`` under :data:`POWER_NEEDED`: "underpowered", with where the intervals lie.
+    With ``power_`` under :data:`POWER_NEEDED` (or None / NaN: not estimable): "underpowered",
+    with where the intervals lie.
 
     Example:
         >>> e = {"ci_low": 0.2, "ci_high": 0.9, "ci90_low": 0.3, "ci90_high": 0.8}
@@ -112,14 +113,15 @@ def verdict_interval(
         read = f"equivalent within +-{margin:g}"
     else:
         read = "inconclusive"
-    if power_ is not None and power_ < POWER_NEEDED:
+    if power_ is None or not power_ >= POWER_NEEDED:  # NaN: power not estimable
         where = (
             "95 % interval above 0" if lo > 0
             else "95 % interval below 0" if hi < 0
             else f"90 % interval inside +-{margin:g}" if read.startswith("equivalent")
             else "95 % interval includes 0, 90 % interval beyond the margin"
         )  # fmt: skip
-        return f"underpowered (power {power_:.2f} < {POWER_NEEDED:g}): no verdict ({where})"
+        pw = "not estimable" if power_ is None or not math.isfinite(power_) else f"{power_:.2f}"
+        return f"underpowered (power {pw} < {POWER_NEEDED:g}): no verdict ({where})"
     return read
 
 
@@ -130,6 +132,11 @@ def _load(figures: Path, name: str) -> dict[str, Any] | None:
 
 def _seeds(summary: Mapping[str, Any]) -> int:
     return len(summary.get("preset", {}).get("seeds") or (0, 1, 2))
+
+
+def _estimable(fit: Mapping[str, Any], *sds: float) -> bool:
+    """A fit with a slope and finite noise levels: its power can be simulated."""
+    return bool(math.isfinite(fit.get("slope", math.nan)) and all(math.isfinite(s) for s in sds))
 
 
 def _size_table(cap: Mapping[str, Any]) -> pd.DataFrame:
@@ -159,10 +166,11 @@ def finding1(cap: Mapping[str, Any], noise: Mapping[str, Any], n_sim: int) -> di
     for label, sub in scopes.items():
         fit = group_ols(sub["log10_params"], sub["gain_points"], sub["unit"])
         logs = [sorted(g["log10_params"]) for _, g in sub.groupby("unit")]
+        ok = _estimable(fit, noise["sd_seed_gain"], noise["sd_size_gain"])
         pw = power.power_trend(
             slope=slope, seeds=_seeds(cap), sd_seed=noise["sd_seed_gain"],
             sd_size=noise["sd_size_gain"], n_sim=n_sim, log_params=logs,
-        )["ols"]  # fmt: skip
+        )["ols"] if ok else math.nan  # fmt: skip
         decades = float(sub["log10_params"].max() - sub["log10_params"].min())
         out["tests"][label] = {
             **fit,
@@ -202,9 +210,14 @@ def finding3(opt: Mapping[str, Any], noise: Mapping[str, Any], n_sim: int) -> di
     for label, sub in scopes.items():
         fit = group_ols(sub["log10_params"], sub["p_star"], sub["unit"])
         logs = [sorted(g["log10_params"]) for _, g in sub.groupby("unit")]
-        pw = power.power_pstar_slope(
-            slope=0.0, sd_pstar=noise["sd_pstar"], margin=margin, n_sim=n_sim, log_params=logs
-        )["equivalent"]
+        pw = (
+            power.power_pstar_slope(
+                slope=0.0, sd_pstar=noise["sd_pstar"], margin=margin, n_sim=n_sim,
+                log_params=logs,
+            )["equivalent"]
+            if _estimable(fit, noise["sd_pstar"])
+            else math.nan
+        )  # fmt: skip
         out["tests"][label] = {
             **fit,
             "design": f"{len(sub)} sizes over "

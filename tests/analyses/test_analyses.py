@@ -27,6 +27,7 @@ from analyses import (
     power,
     reanalyse,
     timing,
+    verdicts,
 )
 from gradlens import stats
 
@@ -531,7 +532,19 @@ def test_layers_quick(quick_dirs: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", [_common, _design, _figures, capacity, optimal_weight, pbt, power, reanalyse]
+    "module",
+    [
+        _common,
+        _design,
+        _figures,
+        capacity,
+        conflict,
+        optimal_weight,
+        pbt,
+        power,
+        reanalyse,
+        verdicts,
+    ],
 )
 def test_doc_examples(module: ModuleType) -> None:
     import doctest
@@ -625,6 +638,12 @@ def test_study_quick_capacity_and_optimal_weight(tmp_path: Path) -> None:
     assert set(o["pairs"]) == set(s["pairs"])
     t = _common.load_tables(tmp_path / "runs" / "sweep-multimnist-resnet")["test"]
     assert set(t["model.family"]) == {"resnet"}
+    # the verdicts' code path on the quick results: one size a family, so nothing is estimable
+    v = verdicts.main(["--figures", str(tmp_path / "runs" / "figures"), "--n-sim", "100"])
+    assert set(v["finding1"]["tests"]) == {"pair multimnist", "pair digit_sources",
+                                           "pooled over pairs"}  # fmt: skip
+    assert all(t["verdict"] == "not estimable" for t in v["finding1"]["tests"].values())
+    assert (tmp_path / "runs" / "figures" / "verdicts.json").exists()
 
 
 # --------------------------------------------------------------------------------------------
