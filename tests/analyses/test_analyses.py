@@ -507,7 +507,7 @@ def test_timing_quick(tmp_path: Path) -> None:
         "file": None,
         "families": ["mlp", "resnet"],
         "n_sizes": len(s["sizes"]),
-        "load_average": s["load_average"],
+        "load_average": list(s["load_average"]),
     }
 
 
