@@ -64,8 +64,13 @@ def gain_vs_params(
     fit: Mapping[str, float] | None,
     ylim: tuple[float, float] | None,
     title: str,
+    series: str = "depth",
 ) -> Any:
     """Gain (points) against parameters (log axis), one panel per task, with 95 % intervals.
+
+    ``series="depth"``: one line per depth (a width x depth grid); ``"family"``: one line through
+    every size (the study's sizes grow in width and depth together; each point is labelled with
+    its width and depth).
 
     ``gains``: rows of ``stats.joint_gain`` at the chosen weight, with ``model.n_params``,
     ``model.depth``, ``task``, ``gain``, ``ci_low``, ``ci_high`` and ``weight_col`` (the chosen
@@ -75,11 +80,11 @@ def gain_vs_params(
     tasks = list(dict.fromkeys(gains["task"]))
     fig = _figure(5.2 * len(tasks) + 1.5, 4.2)
     axes = fig.subplots(1, len(tasks), sharey=True, squeeze=False)[0]
-    depths = sorted(gains["model.depth"].unique())
+    depths = sorted(gains["model.depth"].unique()) if series == "depth" else [None]
     for ax, task in zip(axes, tasks):
         sub = gains[gains["task"] == task]
         for k, d in enumerate(depths):
-            s = sub[sub["model.depth"] == d].sort_values("model.n_params")
+            s = (sub if d is None else sub[sub["model.depth"] == d]).sort_values("model.n_params")
             y = 100 * s["gain"].to_numpy(float)
             # no interval (one seed): no bar
             err = np.nan_to_num(np.abs(100 * s[["ci_low", "ci_high"]].to_numpy(float).T - y))
@@ -91,11 +96,13 @@ def gain_vs_params(
                 ls="-",
                 lw=1,
                 capsize=3,
-                label=f"depth {d}",
+                label=f"depth {d}" if d is not None else "seed mean, 95 % interval",
             )
-            for n, yy, p in zip(s["model.n_params"], y, s[weight_col]):
+            for n, yy, p, w, dd in zip(
+                s["model.n_params"], y, s[weight_col], s["model.width"], s["model.depth"]
+            ):
                 ax.annotate(
-                    f"p={p:g}",
+                    f"p={p:g}" if d is not None else f"w{w:g} d{dd}\np={p:g}",
                     (n, yy),
                     xytext=(4, 4),
                     textcoords="offset points",

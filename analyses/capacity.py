@@ -171,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 weight_col=f"weights.{pair.tasks[0]}",
                 fit=summary["pairs"][name][f"ols ({setting})"],
                 ylim=ylim,
+                series="family" if pre.study else "depth",
                 title=f"{pair.name} ({pair.kind}), {family.upper()}: joint - single-task test "
                 f"accuracy at {setting} (p of '{pair.tasks[0]}' written by each point); "
                 "95 % seed intervals",

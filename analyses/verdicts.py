@@ -359,8 +359,61 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         res["finding2"] = finding2(con, args.n_sim)
     if pbt is not None:
         res["many_tasks"] = many_tasks(pbt, args.n_sim)
-    write_json(res, (args.out or args.figures) / "verdicts.json")
+    out = args.out or args.figures
+    write_json(res, out / "verdicts.json")
+    if "finding1" in res:
+        from analyses._common import save_figure
+
+        save_figure(_figure(res), out / "findings_1_3.png")
     return res
+
+
+def _figure(res: Mapping[str, Any]) -> Any:
+    """Findings 1 and 3 per size, every pair and family, with the pooled fit and its verdict."""
+    from matplotlib.figure import Figure
+
+    from analyses._figures import _wrap, params_label
+
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    a1, a3 = fig.subplots(1, 2)
+    panels = (
+        (a1, res["finding1"]["sizes"], "gain_points", "finding1",
+         "gain, joint - single task (points; task and seed mean)",
+         "pts/decade"),
+        (a3, res["finding3"]["per_size"], "p_star", "finding3",
+         "p* of the first task (quadratic, validation)", "per decade"),
+    )  # fmt: skip
+    for ax, table, col, key, ylabel, unit in panels:
+        t = pd.DataFrame(table)
+        for k, (name, sub) in enumerate(t.groupby("unit")):
+            sub = sub.sort_values("n_params")
+            ax.plot(sub["n_params"], sub[col], marker="osD^v<>"[k % 7], label=name, lw=1)
+        test = res[key]["tests"].get("pooled over pairs") or next(iter(res[key]["tests"].values()))
+        if math.isfinite(test.get("slope", math.nan)):
+            verdict = test["verdict"]
+            ax.set_title(
+                _wrap(
+                    f"slope {test['slope']:+.3g} {unit} [{test['ci_low']:+.3g}, "
+                    f"{test['ci_high']:+.3g}] (pooled, one intercept per pair and family): "
+                    f"{verdict}",
+                    75,
+                ),
+                fontsize=9,
+            )
+        if col == "gain_points":
+            ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_xscale("log")
+        ticks = sorted(t["n_params"].unique())
+        ax.set_xticks(ticks, [params_label(n) for n in ticks], fontsize=7, rotation=45)
+        ax.minorticks_off()
+        ax.set_xlabel("parameters (joint model, log scale)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="pair (family)")
+    fig.suptitle(
+        "The study's findings 1 and 3 per model size (figures/study/verdicts.json)", fontsize=10
+    )
+    return fig
 
 
 if __name__ == "__main__":
