@@ -83,6 +83,7 @@ class Preset:
     max_priority: int = 1  # study pairs of this priority or lower (1: run first)
     sizes_per_family: int | None = None  # the first k sizes of each family (None: see sizes())
     device: str = "cpu"  # the capacity sweeps' torch device
+    only_pairs: tuple[str, ...] | None = None  # --pairs: a subset of the study's pairs
     # --sizes: at most the first K sizes of a family (("*", K) for every family)
     size_cap: tuple[tuple[str, int], ...] | None = None
 
@@ -219,7 +220,7 @@ def study_pairs(pre: Preset) -> tuple[Pair, ...]:
             fixed=sp.options,
         )
         for sp in STUDY_PAIRS
-        if sp.priority <= pre.max_priority
+        if sp.priority <= pre.max_priority and (pre.only_pairs is None or sp.name in pre.only_pairs)
     )
 
 
@@ -430,6 +431,12 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
         help="pbt.py: replicates per arm (default: the preset's; a rerun with more adds to them)",
     )
     ap.add_argument(
+        "--pairs",
+        default=None,
+        help="with --study: comma-separated pairs to run or analyse (default: every pair up to "
+        "--priority)",
+    )
+    ap.add_argument(
         "--sizes",
         default=None,
         help="with --study: only the first K sizes of each family (of those the CPU budget "
@@ -466,6 +473,15 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
         args.preset = replace(args.preset, families=fams)
     if args.sizes is not None:
         args.preset = replace(args.preset, size_cap=_size_caps(args.sizes, ap))
+    if args.pairs is not None:
+        names = tuple(x.strip() for x in args.pairs.split(",") if x.strip())
+        known = [p.name for p in study_pairs(args.preset)]
+        if not names or any(n not in known for n in names):
+            ap.error(
+                f"`--pairs` should be a comma-separated subset of {', '.join(known)}; "
+                f"found {args.pairs!r}."
+            )
+        args.preset = replace(args.preset, only_pairs=names)
     if args.replicates is not None:
         if args.replicates < 1:
             ap.error(f"`--replicates` should be a positive integer; found {args.replicates}.")

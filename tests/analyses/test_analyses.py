@@ -603,6 +603,10 @@ def test_study_presets_and_flags(tmp_path: Path) -> None:
     for bad in ("0", "cnn=2", "mlp=x"):
         with pytest.raises(SystemExit):
             _common.parse_args("x", ["--study", "--sizes", bad])
+    one = _common.parse_args("x", ["--study", "--pairs", "digit_sources"])
+    assert [p.name for p in _common.study_pairs(one.preset)] == ["digit_sources"]
+    with pytest.raises(SystemExit):
+        _common.parse_args("x", ["--study", "--pairs", "multidigits"])
     reps = _common.parse_args("x", ["--study", "--replicates", "10"])
     assert reps.preset.pbt_replicates == 10
     with pytest.raises(SystemExit):
