@@ -330,6 +330,15 @@ def pbt_result(
                 color="C0",
                 capsize=4,
             )
+            if d.get("ci90_low") is not None:
+                a2.plot(
+                    [100 * d["ci90_low"], 100 * d["ci90_high"]],
+                    [k, k],
+                    color="C0",
+                    lw=4,
+                    alpha=0.5,
+                    label="90 % interval (TOST)" if k == 0 else None,
+                )
         else:
             a2.plot(x, k, "o", color="C0")
     a2.axvspan(
@@ -341,7 +350,7 @@ def pbt_result(
     )
     a2.axvline(0, color="0.4", lw=0.8)
     a2.set_yticks(range(len(names)), names, fontsize=8)
-    a2.set_xlabel("difference (points), 95 % interval")
+    a2.set_xlabel("paired difference (points): 95 % interval (bars), 90 % (thick)")
     a2.legend(fontsize=8, loc="lower right")
     a2.grid(alpha=0.3, axis="x")
     fig.suptitle(title, fontsize=10)
