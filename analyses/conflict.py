@@ -37,6 +37,7 @@ from analyses._common import (
     run_study,
     save_figure,
     study_pairs,
+    sweep_cost,
     sweep_units,
     write_json,
 )
@@ -283,7 +284,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         long_dir = _long_runs(pair, pre, args.runs, args.workers)
         w = within_runs([d for d in long_dir.iterdir() if d.is_dir()], n_boot)
         epochs[pair.name] = w.pop("epochs")
-        summary["pairs"][pair.name] = {"kind": pair.kind, "within": w}
+        summary["pairs"][pair.name] = {
+            "kind": pair.kind,
+            "within": w,
+            "long_runs_cost": sweep_cost(long_dir),
+        }
         first = sorted(d for d in long_dir.iterdir() if d.is_dir())[0]
         fig = plots.conflict_timeline(load_run(first), title=f"{pair.name}: {first.name}")
         save_figure(fig, args.figures / f"conflict_timeline_{pair.name}.png")

@@ -130,6 +130,27 @@ def _single_arms(
     return _train_many(jobs, workers)
 
 
+def _cpu_cost(root: Path, reps: int, single: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Training CPU seconds per arm, summed over replicates (each worker's process time).
+
+    PBT: its members' ``cpu_seconds`` in ``pbt.json``; random static: the sweep's ``index.json``;
+    best-of-N uniform and the one-training arms: each training's ``result.json``.
+    """
+    out = {"pbt": 0.0, "random_static": 0.0, "uniform_best_of_n": 0.0}
+    for r in range(reps):
+        sfx = "" if r == 0 else f"-r{r}"
+        state = json.loads((root / f"pbt{sfx}" / "pbt.json").read_text())
+        out["pbt"] += float(sum(m.get("cpu_seconds") or 0.0 for m in state["members"]))
+        index = json.loads((root / f"random{sfx}" / "index.json").read_text())
+        out["random_static"] += float(sum(x.get("cpu_seconds") or 0.0 for x in index["runs"]))
+        for f in (root / f"uniform-best{sfx}").glob("*/result.json"):
+            out["uniform_best_of_n"] += float(json.loads(f.read_text()).get("cpu_seconds") or 0.0)
+    for k, rows in single.items():
+        out[k] = float(sum(x.get("cpu_seconds") or 0.0 for x in rows))
+    out["total"] = float(sum(out.values()))
+    return out
+
+
 def schedule_table(state: dict[str, Any]) -> pd.DataFrame:
     """``pbt.json`` -> tidy ``[member, epoch, task, weight]`` for ``plots.pbt_schedules``.
 
@@ -302,11 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "uniform_and_mto": t_single, "pbt": t_pbt, "random": t_rand,
             "uniform_best_of_n": t_best,
         },
-        "cpu_seconds": {
-            "uniform_and_mto": float(
-                sum(x.get("cpu_seconds") or 0.0 for v in single.values() for x in v)
-            ),
-        },
+        "cpu_seconds": _cpu_cost(root, reps, single),
     }  # fmt: skip
     fig = _figures.pbt_schedules(
         states,
