@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 fit=summary["pairs"][name][f"ols ({setting})"],
                 ylim=ylim,
                 series="family" if pre.study else "depth",
-                title=f"{pair.name} ({pair.kind}), {family.upper()}: joint - single-task test "
+                title=f"{pair.name}, {pair.kind}, {family.upper()}: joint - single-task test "
                 f"accuracy at {setting} (p of '{pair.tasks[0]}' written by each point); "
                 "95 % seed intervals",
             )

@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 xlabel=_figures.weight_label(wcol, pair.kind),
                 ylabel=ylabel,
                 scale=scale,
-                title=f"{pair.name} ({pair.kind}), {family.upper()}, joint runs: {ylabel} against "
+                title=f"{pair.name}, {pair.kind}, {family.upper()}, joint runs: {ylabel} against "
                 "the weight",
             )
             save_figure(fig, args.figures / f"weight_vs_{stem}_{name}.png")

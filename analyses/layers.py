@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         fig = _figures.layer_conflict(
             ep.dropna(subset=["cosine"]),
-            title=f"{pair.name} ({pair.kind}), MLP width {width:g} depth {depth}, p = 0.5: "
+            title=f"{pair.name}, {pair.kind}, MLP width {width:g} depth {depth}, p = 0.5: "
             f"per-layer gradient cosine over training ({ep['run'].nunique()} runs)",
         )
         save_figure(fig, args.figures / f"layer_conflict_{pair.name}.png")

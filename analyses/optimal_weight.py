@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             opt,
             weight_col=wcol,
             xlabel=_figures.weight_label(wcol, pair.kind),
-            title=f"{pair.name} ({pair.kind}), {family.upper()}: validation accuracy against the "
+            title=f"{pair.name}, {pair.kind}, {family.upper()}: validation accuracy against the "
             "weight",
         )
         save_figure(fig, args.figures / f"optimal_weight_{name}.png")
