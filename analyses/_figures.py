@@ -116,7 +116,7 @@ def gain_vs_params(
                 fit["intercept"] + fit["slope"] * np.log10(xs),
                 "k--",
                 lw=1,
-                label=f"OLS, all cells: {fit['slope']:+.1f} pts/decade "
+                label=f"OLS of the per-size mean over tasks: {fit['slope']:+.1f} pts/decade "
                 f"[{fit['ci_low']:+.1f}, {fit['ci_high']:+.1f}]",
             )
         ax.axhline(0, color="0.5", lw=0.8)
