@@ -101,7 +101,9 @@ def transfer_cost(tables: dict[str, pd.DataFrame], tasks: Sequence[str]) -> pd.D
 
     w = f"weights.{tasks[0]}"
     own = select_weights(tables["val"], tasks)
-    sizes = tables["val"][[*SIZE, "model.n_params"]].drop_duplicates(SIZE)
+    joint_val = tables["val"][tables["val"]["n_tasks"] == len(tasks)]
+    # the joint model's parameter count (a baseline has one head fewer)
+    sizes = joint_val[[*SIZE, "model.n_params"]].drop_duplicates(SIZE)
     own = own.merge(sizes, on=SIZE)
     p_small = float(own.loc[own["model.n_params"].idxmin(), w])
     test = tables["test"][tables["test"]["n_tasks"] == len(tasks)]
