@@ -785,3 +785,16 @@ def test_verdicts_from_planted_results(tmp_path: Path) -> None:
     out = verdicts.many_tasks(pbt_json, n_sim=400)["differences"]["pbt - uniform"]
     assert out["verdict"] == "equivalent within +-0.5"
     assert out["difference_points"] == pytest.approx(100 * d.mean())
+
+
+def test_transfer_cost_names_sizes_by_the_joint_model() -> None:
+    joint = pd.DataFrame(
+        {"model.width": [1, 1, 2, 2], "model.depth": 1, "model.n_params": [110, 110, 220, 220],
+         "n_tasks": 2, "seed": 0, "weights.a": [0.2, 0.8, 0.2, 0.8],
+         "accuracy.mean": [0.9, 0.5, 0.6, 0.8]}
+    )  # fmt: skip
+    single = joint.assign(n_tasks=1, **{"model.n_params": [100, 100, 200, 200]})
+    t = pd.concat([single, joint], ignore_index=True)  # a baseline row first
+    cost = optimal_weight.transfer_cost({"val": t, "test": t}, ["a", "b"])
+    assert cost["model.n_params"].tolist() == [110, 220]
+    assert cost["cost"].round(6).tolist() == [0.0, -0.2]
