@@ -711,7 +711,9 @@ def test_readme_study_numbers_are_in_the_study_json() -> None:
     section = readme.split(_STUDY_SECTION, 1)[1].split("\n## ", 1)[0]
     values = np.array(
         [x for p in sorted(study.glob("*.json")) for x in _json_numbers(json.loads(p.read_text()))]
+        # the design's numbers it quotes beside the study's (budget, planned power)
         + _json_numbers(json.loads((_common.FIGURES / "timing.json").read_text()))
+        + _json_numbers(json.loads((_common.FIGURES / "power.json").read_text()))
     )
     missing = [t for t in _quoted(section) if not _matches(t, values)]
     assert not missing, f"README numbers not in figures/study/*.json: {missing}"
