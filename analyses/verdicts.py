@@ -93,33 +93,38 @@ def verdict_interval(
     """The verdict of an estimate with ``ci_*`` (95 %) and ``ci90_*`` (90 %) against ``+-margin``.
 
     ``above`` when the 95 % interval lies above 0, ``below`` when below, "equivalent within
-    +-margin" when the 90 % interval lies inside the margin (TOST at 5 %), else "inconclusive".
+    +-margin" when the 90 % interval lies inside the margin (TOST at 5 %; both can hold: a
+    non-zero effect smaller than the margin), else "inconclusive".
     With ``power_`` under :data:`POWER_NEEDED` (or None / NaN: not estimable): "underpowered",
     with where the intervals lie.
 
     Example:
         >>> e = {"ci_low": 0.2, "ci_high": 0.9, "ci90_low": 0.3, "ci90_high": 0.8}
-        >>> verdict_interval(e, 1.0, 0.9, above="supported", below="contradicted")
+        >>> verdict_interval(e, 0.5, 0.9, above="supported", below="contradicted")
         'supported'
+        >>> verdict_interval(e, 0.5, 0.9, above="r > 0", below="r < 0")
+        'r > 0'
+        >>> verdict_interval({**e, "ci90_high": 0.4}, 0.5, 0.9, above="r > 0", below="r < 0")
+        'r > 0, and equivalent within +-0.5'
         >>> verdict_interval(e, 1.0, 0.3, above="supported", below="contradicted")
         'underpowered (power 0.30 < 0.8): no verdict (95 % interval above 0)'
     """
     lo, hi = est.get("ci_low"), est.get("ci_high")
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return "not estimable"
-    if lo > 0:
-        read = above
-    elif hi < 0:
-        read = below
-    elif est["ci90_low"] > -margin and est["ci90_high"] < margin:
-        read = f"equivalent within +-{margin:g}"
+    inside = est["ci90_low"] > -margin and est["ci90_high"] < margin
+    equivalent = f"equivalent within +-{margin:g}"
+    if lo > 0 or hi < 0:  # a non-zero effect, perhaps also smaller than the margin
+        read = (above if lo > 0 else below) + (f", and {equivalent}" if inside else "")
+    elif inside:
+        read = equivalent
     else:
         read = "inconclusive"
     if power_ is None or not power_ >= POWER_NEEDED:  # NaN: power not estimable
         where = (
             "95 % interval above 0" if lo > 0
             else "95 % interval below 0" if hi < 0
-            else f"90 % interval inside +-{margin:g}" if read.startswith("equivalent")
+            else f"90 % interval inside +-{margin:g}" if read == equivalent
             else "95 % interval includes 0, 90 % interval beyond the margin"
         )  # fmt: skip
         pw = "not estimable" if power_ is None or not math.isfinite(power_) else f"{power_:.2f}"
