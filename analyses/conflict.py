@@ -246,23 +246,26 @@ def _scatter(epochs: dict[str, pd.DataFrame]) -> Any:
 
     fig = Figure(figsize=(5.2 * len(epochs), 4.2), layout="constrained")
     for ax, (name, ep) in zip(fig.subplots(1, len(epochs), squeeze=False)[0], epochs.items()):
+        many = ep["run"].nunique() > 5  # a legend of 20 runs would hide the data
         for k, (run, sub) in enumerate(ep.groupby("run")):
             sc = ax.scatter(
                 sub["interference"],
                 sub["score"],
                 c=sub["epoch"],
                 cmap="viridis",
-                marker="osD^v"[k % 5],
-                s=28,
+                marker="o" if many else "osD^v"[k % 5],
+                s=14 if many else 28,
+                alpha=0.6 if many else 1.0,
                 label=run.split("_")[-1],
             )
         r = np.corrcoef(ep["interference"], ep["score"])[0, 1]
         ax.set(
             xlabel="per-epoch conflict frequency (cos < 0)",
             ylabel="val accuracy (mean)",
-            title=f"{name}: pooled Pearson r = {r:.2f}",
+            title=f"{name}: all epochs of {ep['run'].nunique()} runs, pooled Pearson r = {r:.2f}",
         )
-        ax.legend(title="run", fontsize=8)
+        if not many:
+            ax.legend(title="run", fontsize=8)
         fig.colorbar(sc, ax=ax, label="epoch")
     return fig
 
