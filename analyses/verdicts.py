@@ -345,6 +345,63 @@ def many_tasks(pbt: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
     return out
 
 
+def cost(
+    cap: Mapping[str, Any],
+    con: Mapping[str, Any] | None,
+    pbt: Mapping[str, Any] | None,
+    timing: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The CPU the study's trainings took against the budget's plan for the same runs.
+
+    Measured: the summed process time (and wall time) of the runs, from each script's JSON.
+    Planned: ``timing.json``'s per-size ``fixed + expected_epochs x per-epoch`` CPU seconds for
+    the sizes that ran, ``(weights + 2 baselines) x seeds`` runs a size and pair (the plan's
+    formula, :func:`analyses._design.plan`).
+    """
+    from analyses._design import CPU_SIZES, FAMILY_SIZES, STUDY
+
+    per = {(r["family"], r["width"], r["depth"]): r for r in timing["sizes"]}
+    out: dict[str, Any] = {"sweeps": {}}
+    measured = planned = wall = 0.0
+    for unit, p in cap["pairs"].items():
+        sizes = {(p.get("family", "mlp"), float(g["model.width"]), int(g["model.depth"]))
+                 for g in p["gains"]}  # fmt: skip
+        runs_per_size = (len(STUDY.p) + 2) * len(STUDY.seeds)
+        plan_u = sum(
+            runs_per_size * (per[k]["cpu_fixed"] + STUDY.expected_epochs * per[k]["cpu_per_epoch"])
+            for k in sizes
+            if k in per
+        )
+        fam = p.get("family", "mlp")
+        kept = {(fam, float(w), int(d)) for w, d in FAMILY_SIZES[fam][: CPU_SIZES[fam]]}
+        plan_cut = sum(
+            runs_per_size * (per[k]["cpu_fixed"] + STUDY.expected_epochs * per[k]["cpu_per_epoch"])
+            for k in kept - sizes
+            if k in per
+        )
+        c = p["sweep_cost"]
+        out["sweeps"][unit] = {
+            **c,
+            "planned_cpu_seconds": plan_u,
+            "sizes_cut": sorted(f"width {w:g} depth {d}" for _, w, d in kept - sizes),
+            "planned_cpu_seconds_of_sizes_cut": plan_cut,
+        }
+        measured += c["run_cpu_seconds"]
+        wall += c["run_wall_seconds"]
+        planned += plan_u
+    out["sweeps_cpu_seconds"] = measured
+    out["sweeps_run_wall_seconds"] = wall
+    out["sweeps_planned_cpu_seconds"] = planned
+    out["sweeps_cpu_over_plan"] = measured / planned if planned else math.nan
+    out["sweeps_wall_over_cpu"] = wall / measured if measured else math.nan
+    if con is not None:
+        out["conflict_runs"] = {n: p.get("long_runs_cost") for n, p in con["pairs"].items()}
+    if pbt is not None:
+        out["many_tasks_cpu_seconds"] = pbt.get("cpu_seconds")
+        out["many_tasks_wall_seconds"] = pbt.get("wall_seconds")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Read the study's JSON in ``--figures``; write ``verdicts.json`` there (or in ``--out``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -364,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         res["finding2"] = finding2(con, args.n_sim)
     if pbt is not None:
         res["many_tasks"] = many_tasks(pbt, args.n_sim)
+    timing = FIGURES / "timing.json"
+    if cap is not None and timing.exists():
+        res["cost"] = cost(cap, con, pbt, json.loads(timing.read_text()))
     out = args.out or args.figures
     write_json(res, out / "verdicts.json")
     if "finding1" in res:
