@@ -95,12 +95,18 @@ def _train_one(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 def _train_many(jobs: dict[str, tuple[dict[str, Any], Path]], workers: int) -> dict[str, Any]:
     """Run ``{key: (config, run_dir)}`` with ``workers`` processes (finished ones are read back)."""
+    done = {k: d / "result.json" for k, (_, d) in jobs.items()}
+    out = {k: dict(json.loads(p.read_text())) for k, p in done.items() if p.exists()}
+    todo = {k: v for k, v in jobs.items() if k not in out}
+    if not todo:  # every training finished: no worker processes to start
+        return out
     ex = make_executor("local", workers=workers)
     try:
-        futs = {k: ex.submit(_train_one, cfg, str(d)) for k, (cfg, d) in jobs.items()}
-        return {k: f.result() for k, f in futs.items()}
+        futs = {k: ex.submit(_train_one, cfg, str(d)) for k, (cfg, d) in todo.items()}
+        out.update({k: f.result() for k, f in futs.items()})
     finally:
         ex.close()
+    return {k: out[k] for k in jobs}
 
 
 def _uniform(base: dict[str, Any], seeds: Sequence[int], out: Path, workers: int) -> pd.DataFrame:
