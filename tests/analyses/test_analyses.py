@@ -657,8 +657,13 @@ def test_study_quick_capacity_and_optimal_weight(tmp_path: Path) -> None:
 _STUDY_SECTION = "## Results of the study run"
 
 
+#: Per-run and per-epoch tables: thousands of numbers that would match almost any quote.
+_BULK_KEYS = {"epochs", "per_run", "members", "runs", "figure_cells", "schedule", "lineage"}
+
+
 def _json_numbers(obj: object) -> list[float]:
-    """Every number of a JSON document: its numeric leaves and the numbers written in strings."""
+    """The numbers of a JSON document a README may quote: numeric leaves and numbers written in
+    strings, outside the per-run and per-epoch tables (:data:`_BULK_KEYS`)."""
     import re
 
     if isinstance(obj, bool) or obj is None:
@@ -668,7 +673,7 @@ def _json_numbers(obj: object) -> list[float]:
     if isinstance(obj, str):
         return [float(m) for m in re.findall(r"[-+]?\d+(?:\.\d+)?", obj)]
     if isinstance(obj, dict):
-        return [x for v in obj.values() for x in _json_numbers(v)]
+        return [x for k, v in obj.items() if k not in _BULK_KEYS for x in _json_numbers(v)]
     if isinstance(obj, list):
         return [x for v in obj for x in _json_numbers(v)]
     return []
@@ -683,12 +688,17 @@ def _quoted(text: str) -> list[str]:
 
 
 def _matches(token: str, values: np.ndarray) -> bool:
+    """A signed quote matches a value of its sign; an unsigned one (a size, "a loss of 0.6")
+    either sign. Fractions in the JSON may be quoted as points (x 100)."""
     d = len(token.split(".")[1])
     x = float(token)
     tol = 0.5 * 10**-d + 1e-9
-    for scale in (1.0, 100.0):  # fractions in the JSON, points in the README
+    signed = token[0] in "+-"
+    for scale in (1.0, 100.0):
         v = values * scale
-        if np.any(np.abs(v - x) <= tol) or np.any(np.abs(np.abs(v) - abs(x)) <= tol):
+        if np.any(np.abs(v - x) <= tol):
+            return True
+        if not signed and np.any(np.abs(np.abs(v) - x) <= tol):
             return True
     return False
 
@@ -698,8 +708,11 @@ def test_quoted_matches_rounding() -> None:
     assert _quoted("gain -1.23 points [`x 9.99`], r 0.06, 5 seeds") == ["-1.23", "0.06"]
     assert _matches("1.23", vals)  # 0.01234 in points
     assert _matches("-2.35", vals)
+    assert _matches("2.35", vals)  # unsigned: either sign
+    assert not _matches("+2.35", vals)  # signed: its own sign only
     assert _matches("0.06", vals)
     assert not _matches("0.07", vals)
+    assert _json_numbers({"per_run": [0.5], "estimate": 0.25}) == [0.25]
 
 
 def test_readme_study_numbers_are_in_the_study_json() -> None:
