@@ -165,6 +165,14 @@ def _pack(gW: torch.Tensor | None, gb: torch.Tensor | None) -> dict[str, torch.T
     return out
 
 
+def _weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The module's ``weight`` and ``bias`` (None when absent) as tensors."""
+    W, b = module.weight, getattr(module, "bias", None)
+    if not isinstance(W, torch.Tensor) or not (b is None or isinstance(b, torch.Tensor)):
+        raise TypeError(f"internal: {type(module).__name__} has no tensor weight and bias")
+    return W, b
+
+
 @register_rule(nn.Linear, name="linear")
 def linear_rule(
     module: nn.Module,
@@ -174,7 +182,7 @@ def linear_rule(
     budget: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The layer's float64 Gram and its parameters' weighted gradients (see the module doc)."""
-    W, b = module.weight, module.bias
+    W, b = _weight_bias(module)
     out_f, in_f = W.shape
     A, D = _flatten(inputs, out_grads, in_f, out_f)
     has_b = b is not None and b.requires_grad
@@ -191,7 +199,7 @@ def conv1d_rule(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Hugging Face's ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` of shape (in, out), the
     transpose of a Linear's; the same Gram, the weight gradient transposed."""
-    W, b = module.weight, module.bias
+    W, b = _weight_bias(module)
     in_f, out_f = W.shape
     A, D = _flatten(inputs, out_grads, in_f, out_f)
     has_b = b is not None and b.requires_grad
