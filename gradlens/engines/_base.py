@@ -16,13 +16,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
 
 from gradlens._errors import GradlensError
 from gradlens._types import Level
+from gradlens.engines._graph import GraphIndex
 
 __all__ = ["BackwardContext", "Engine", "EngineResult", "SharedParams", "resolve_shared"]
 
@@ -40,23 +41,23 @@ class SharedParams:
     frozen again).
     """
 
-    all_named: list[tuple[str, nn.Parameter]]
+    all_named: list[tuple[str, torch.Tensor]]
     module: nn.Module | None
     layer_of: dict[int, str]
     all_layers: list[str]
 
     @property
-    def named(self) -> list[tuple[str, nn.Parameter]]:
+    def named(self) -> list[tuple[str, torch.Tensor]]:
         """The ``(name, parameter)`` pairs that require grad now."""
         return [(n, p) for n, p in self.all_named if p.requires_grad]
 
     @property
-    def params(self) -> list[nn.Parameter]:
+    def params(self) -> list[torch.Tensor]:
         """The parameters that require grad now."""
         return [p for _, p in self.all_named if p.requires_grad]
 
     @property
-    def all_params(self) -> list[nn.Parameter]:
+    def all_params(self) -> list[torch.Tensor]:
         """Every shared parameter, frozen or not."""
         return [p for _, p in self.all_named]
 
@@ -73,11 +74,11 @@ def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
     Frozen parameters are kept (see :class:`SharedParams`); at least one must require grad.
     """
     if isinstance(shared, nn.Module):
-        named = list(shared.named_parameters())
+        named: list[tuple[str, torch.Tensor]] = list(shared.named_parameters())
         module: nn.Module | None = shared
     else:
         try:
-            items = list(shared)  # type: ignore[arg-type]
+            items = list(shared)
         except TypeError:
             raise GradlensError(
                 "`shared` should be an nn.Module or an iterable of (name, parameter) pairs; "
@@ -128,7 +129,7 @@ class BackwardContext:
     losses: torch.Tensor  # (T,)
     weights: torch.Tensor  # (T,), dtype and device of the losses
     #: Shared parameters that the losses reach, in the order of ``SharedParams.named``.
-    reached: list[nn.Parameter]
+    reached: list[torch.Tensor]
     #: How many graph edges lead to each reached leaf (by id): uses in this forward.
     uses: dict[int, int]
     #: Autograd nodes of the losses' graph (for engines that recorded graph edges).
@@ -150,6 +151,9 @@ class BackwardContext:
     #: that writing ``J_l^T w_l`` needs, if they fit ``memory_budget``, and return a writer in
     #: ``EngineResult.writer`` (the ``.grad`` writes of ``compute`` are then discarded).
     keep_blocks: bool = False
+    #: The index of the losses' graph (one walk, see :mod:`gradlens.engines._graph`); None when
+    #: the caller built none (engines then walk what they need themselves).
+    graph: GraphIndex | None = None
 
     def per_task(self) -> list[torch.Tensor]:
         """The per-task scalar losses (``task_losses``, or ``losses`` unbound as a fallback)."""
@@ -269,7 +273,7 @@ def batched_grad(
     with _quiet_vmap():
         return torch.autograd.grad(
             losses,
-            list(inputs),
+            grad_inputs(inputs),
             grad_outputs=eye,
             is_grads_batched=True,
             retain_graph=True,
@@ -292,7 +296,9 @@ def per_task_grad(
     ref = losses[0]
     got: list[list[torch.Tensor | None]] = [[] for _ in inputs]
     for t in range(T):
-        gs = torch.autograd.grad(losses[t], list(inputs), retain_graph=True, allow_unused=True)
+        gs = torch.autograd.grad(
+            losses[t], grad_inputs(inputs), retain_graph=True, allow_unused=True
+        )
         for k, g in enumerate(gs):
             got[k].append(g)
     out = []
@@ -316,7 +322,7 @@ def batched_grad_from(
     with _quiet_vmap():
         return torch.autograd.grad(
             list(outputs),
-            list(inputs),
+            grad_inputs(inputs),
             grad_outputs=list(cotangents),
             is_grads_batched=True,
             retain_graph=retain_graph,
@@ -342,7 +348,7 @@ def looped_grad_from(
     for t in range(T):
         gs = torch.autograd.grad(
             list(outputs),
-            list(inputs),
+            grad_inputs(inputs),
             grad_outputs=[c[t] for c in cotangents],
             retain_graph=retain_graph or t < T - 1,
             allow_unused=True,
@@ -357,6 +363,14 @@ def looped_grad_from(
         else:
             out.append(torch.stack([torch.zeros_like(like) if g is None else g for g in row]))
     return out
+
+
+def grad_inputs(
+    inputs: Sequence[torch.Tensor | torch.autograd.graph.GradientEdge],
+) -> Sequence[torch.Tensor]:
+    """``inputs`` for ``torch.autograd.grad``: autograd accepts tensors and gradient edges mixed
+    in one sequence, which torch's annotations (a sequence of one kind) do not express."""
+    return cast("Sequence[torch.Tensor]", list(inputs))
 
 
 @contextmanager

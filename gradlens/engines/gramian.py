@@ -41,6 +41,7 @@ from gradlens.engines._base import (
     per_task_grad,
 )
 from gradlens.engines._capture import capture_rows, split_heads
+from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import plan_segments
 from gradlens.engines.rules import Rule, rule_for
 
@@ -71,7 +72,7 @@ class GramianEngine(Engine):
         self._boundary: list[_Record] = []
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[..., GramianEngine] | None = None
         #: how the second stage backpropagates the T cotangents through the shared part:
         #: ``"looped"`` (one backward per task), ``"vmap"`` (one batched backward), or None for
         #: the default (looped on CPU unless the shared part is Linear layers only; ``auto``
@@ -163,13 +164,58 @@ class GramianEngine(Engine):
         if not params:
             return EngineResult({})
         by_layer = group_by_layer(self.shared, params)
-        rule_layers: dict[str, list[_Record]] = {}
-        generic: list[torch.Tensor] = []
         notes = []
         if self._modules and not records and not boundary:
             # hooks installed but nothing recorded: the forward ran before the profiler existed
             # (or outside a probed step); every layer is served by the exact generic path
             notes.append(UNRECORDED)
+        rule_layers, generic = self._serve(ctx, records, by_layer)
+        inputs: list[torch.Tensor | GradientEdge] = [
+            r.edge for recs in rule_layers.values() for r in recs
+        ]
+        inputs += generic
+        T = ctx.losses.shape[0]
+        # a Gram weighting's step: keep every layer's T x output blocks (and the generic
+        # layers' T x P_l gradients) when they fit the budget, to write J_l^T w_l afterwards
+        blocks = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
+        blocks += sum(p.numel() for p in generic)
+        keep = ctx.keep_blocks and T * ctx.losses.element_size() * blocks <= ctx.memory_budget
+        u, v, heads, stream = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
+        # rows carry u_t (see engines._capture): weight v in the sums, divide Grams by u_s u_t
+        unscale = torch.outer(u, u).to(torch.float64).reciprocal()
+        grams, rules, gen_grads, kept = self._rule_grams(
+            stream, inputs, rule_layers, T, None if keep else v, unscale, ctx.memory_budget
+        )
+        for layer, ps in group_by_layer(self.shared, generic).items():
+            grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
+            rules[layer] = "generic"
+            for p in ps if not keep else ():
+                accumulate_grad(p, torch.tensordot(v, gen_grads[id(p)], dims=1))
+        ordered = {layer: grams[layer] for layer in by_layer}
+        written = {id(p) for p in params} | {id(p) for p in heads}
+        if keep:
+            write = _blocks_writer(
+                self.shared, self._modules, rule_layers, kept, by_layer, generic, gen_grads, u,
+                ctx.memory_budget,
+            )  # fmt: skip
+            return EngineResult(
+                ordered, {l_: rules[l_] for l_ in ordered}, set(), writer=write,
+                engine=self.name, notes=notes,
+            )  # fmt: skip
+        return EngineResult(
+            ordered, {l_: rules[l_] for l_ in ordered}, written, engine=self.name, notes=notes
+        )
+
+    def _serve(
+        self,
+        ctx: BackwardContext,
+        records: Mapping[str, list[_Record]],
+        by_layer: Mapping[str, list[torch.Tensor]],
+    ) -> tuple[dict[str, list[_Record]], list[torch.Tensor]]:
+        """The layers a rule serves (with their recorded calls in this graph) and the
+        parameters of the others (the generic path)."""
+        rule_layers: dict[str, list[_Record]] = {}
+        generic: list[torch.Tensor] = []
         for layer, ps in by_layer.items():
             live = [r for r in records.get(layer, ()) if r.edge.node in ctx.nodes]
             if (
@@ -182,22 +228,28 @@ class GramianEngine(Engine):
                 rule_layers[layer] = live
             else:
                 generic.extend(ps)
+        return rule_layers, generic
 
-        inputs: list[torch.Tensor | GradientEdge] = [
-            r.edge for recs in rule_layers.values() for r in recs
-        ]
-        inputs += generic
-        T = ctx.losses.shape[0]
-        # a Gram weighting's step: keep every layer's T x output blocks (and the generic
-        # layers' T x P_l gradients) when they fit the budget, to write J_l^T w_l afterwards
-        blocks = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
-        blocks += sum(p.numel() for p in generic)
-        keep = ctx.keep_blocks and T * ctx.losses.element_size() * blocks <= ctx.memory_budget
+    def _rule_grams(
+        self,
+        stream: Iterator[tuple[int, torch.Tensor | None]],
+        inputs: list[torch.Tensor | GradientEdge],
+        rule_layers: dict[str, list[_Record]],
+        T: int,
+        v: torch.Tensor | None,
+        unscale: torch.Tensor,
+        budget: int,
+    ) -> tuple[
+        dict[str, torch.Tensor],
+        dict[str, str],
+        dict[int, torch.Tensor],
+        dict[str, list[torch.Tensor | None]],
+    ]:
+        """Consume the output gradients: each rule layer's Gram (and its weighted gradient
+        written, unless ``v`` is None: the blocks are then kept for a writer), the generic
+        parameters' per-task gradients. Returns Grams, rule names, generic gradients (by id),
+        kept blocks."""
         kept: dict[str, list[torch.Tensor | None]] = {}
-        u, v, heads, stream = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
-        # rows carry u_t (see engines._capture): weight v in the sums, divide Grams by u_s u_t
-        unscale = torch.outer(u, u).to(torch.float64).reciprocal()
-
         # each layer's Gram is computed as soon as all its outputs' gradients are in, and its
         # T x N x out blocks are dropped then (the backward is cut between layers where it can)
         slot = [(layer, j) for layer, recs in rule_layers.items() for j in range(len(recs))]
@@ -223,39 +275,16 @@ class GramianEngine(Engine):
                 recs = rule_layers[layer]
                 mod, rule = self._modules[layer]
                 raw = outs.pop(layer)
-                if keep:
+                if v is None:
                     kept[layer] = raw
                 ins, got = _rule_args(recs, raw, T)
-                G, weighted = rule.fn(
-                    mod,
-                    ins,
-                    got,
-                    None if keep else v,  # kept blocks: the writer writes, once weights are known
-                    ctx.memory_budget,
-                )
+                # v None (kept blocks): the writer writes, once the weights are known
+                G, weighted = rule.fn(mod, ins, got, v, budget)
                 grams[layer] = unscale * G
                 _accumulate_own(mod, weighted)
                 rules[layer] = rule.name
                 del got
-        for layer, ps in group_by_layer(self.shared, generic).items():
-            grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
-            rules[layer] = "generic"
-            for p in ps if not keep else ():
-                accumulate_grad(p, torch.tensordot(v, gen_grads[id(p)], dims=1))
-        ordered = {layer: grams[layer] for layer in by_layer}
-        written = {id(p) for p in params} | {id(p) for p in heads}
-        if keep:
-            write = _blocks_writer(
-                self.shared, self._modules, rule_layers, kept, by_layer, generic, gen_grads, u,
-                ctx.memory_budget,
-            )  # fmt: skip
-            return EngineResult(
-                ordered, {l_: rules[l_] for l_ in ordered}, set(), writer=write,
-                engine=self.name, notes=notes,
-            )  # fmt: skip
-        return EngineResult(
-            ordered, {l_: rules[l_] for l_ in ordered}, written, engine=self.name, notes=notes
-        )
+        return grams, rules, gen_grads, kept
 
     def _output_grads(
         self,
@@ -285,16 +314,27 @@ class GramianEngine(Engine):
         """
         live = [b for b in boundary if b.edge.node in ctx.nodes]
         T = ctx.losses.shape[0]
-        plain = (torch.ones_like(ctx.weights), ctx.weights, [])
+        plain: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] = (
+            torch.ones_like(ctx.weights),
+            ctx.weights,
+            [],
+        )
         if not live:
             return *plain, enumerate(batched_grad(ctx.losses, inputs))
         stop = {b.edge.node for b in live}
         inside = {r.edge.node for recs in rule_layers.values() for r in recs}
-        if _reaches_past(ctx.losses, stop, inside, {id(p) for p in self.shared.params}):
+        shared_ids = {id(p) for p in self.shared.params}
+        past = (
+            _reaches_past(ctx.losses, stop, inside, shared_ids)
+            if ctx.graph is None
+            else ctx.graph.reaches_past(stop, inside, shared_ids)
+        )
+        if past:
             return *plain, enumerate(batched_grad(ctx.losses, inputs))
         edges = [b.edge for b in live]
         shapes = [b.out_shape for b in live]
-        split = split_heads(ctx.per_task(), edges, ctx.uses, [b.input.dtype for b in live])
+        dtypes = [b.input.dtype for b in live]
+        split = split_heads(ctx.per_task(), edges, ctx.uses, dtypes, ctx.graph)
         if split is None:
             cot = per_task_grad(ctx.per_task(), edges, shapes)
             u, v, heads = plain
@@ -327,7 +367,9 @@ class GramianEngine(Engine):
         # segments are merged while their blocks together stay under an eighth of the budget:
         # on small layers one backward call costs less than the memory it would save
         limit = ctx.memory_budget // 8
-        return u, v, heads, _segmented(edges, cot, inputs, sizes, limit, backward, keep)
+        return u, v, heads, _segmented(
+            edges, cot, inputs, sizes, limit, backward, keep, ctx.graph
+        )
 
 
 def _accumulate_own(module: nn.Module, weighted: Mapping[str, torch.Tensor]) -> None:
@@ -414,6 +456,7 @@ def _segmented(
     limit: int,
     backward: Callable[..., Sequence[torch.Tensor | None]],
     keep: bool,
+    graph: GraphIndex | None = None,
 ) -> Iterator[tuple[int, torch.Tensor | None]]:
     """Gradients of ``inputs`` from cotangents ``cot`` at ``edges``, one backward per segment
     (consecutive segments merged while the bytes of their ``inputs``' blocks stay <= ``limit``)."""
@@ -430,7 +473,7 @@ def _segmented(
     cots = cot
     del cot
     merged: list[tuple[list[int], int | None, int]] = []
-    for members, cut in plan_segments(edges, [inputs[i] for i in rest]):
+    for members, cut in plan_segments(edges, [inputs[i] for i in rest], graph):
         size = sum(sizes[rest[m]] for m in members)
         if merged and merged[-1][2] + size <= limit:  # the cut above becomes an inner target
             merged[-1] = (merged[-1][0] + members, cut, merged[-1][2] + size)
@@ -443,11 +486,14 @@ def _segmented(
             yield from ((rest[m], None) for m in members)
             continue
         got = dict(zip(members, backward(tops, cots, [inputs[rest[m]] for m in members], keep)))
-        tops = cots = None  # type: ignore[assignment]
-        if cut is not None and got[cut] is not None:
+        tops = None
+        cots = []
+        below = got[cut] if cut is not None else None
+        if cut is not None and below is not None:
             edge = inputs[rest[cut]]
             assert isinstance(edge, GradientEdge)
-            tops, cots = [edge], [got[cut]]  # type: ignore[list-item]
+            tops, cots = [edge], [below]
+        del below
         for m in members:
             yield rest[m], got.pop(m)
 

@@ -67,7 +67,7 @@ class GradlensCallback(Callback):
         self,
         tasks: Sequence[str],
         shared_attr: str = "trunk",
-        engine: str = "gramian",
+        engine: str = "auto",
         every: int | Schedule = 1,
         store: str | Path | None = None,
         *,

@@ -72,7 +72,7 @@ class GradlensTrainerCallback(TrainerCallback):
         self,
         tasks: Sequence[str],
         shared_attr: str,
-        engine: str = "gramian",
+        engine: str = "auto",
         every: int | Schedule = 1,
         store: str | Path | None = None,
         *,
