@@ -216,14 +216,19 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
 
     ``g`` is cast to the parameter's dtype (rules may compute in a wider one under autocast).
     """
-    g = g.detach().reshape(p.shape).to(p.dtype)
-    if p.grad is None:
+    g = g.detach()
+    if g.shape != p.shape:  # each call below costs a dispatch even when it changes nothing
+        g = g.reshape(p.shape)
+    if g.dtype != p.dtype:
+        g = g.to(p.dtype)
+    grad = p.grad
+    if grad is None:
         # alias a tensor that owns exactly its storage (as autograd steals a fresh gradient);
         # copy a slice of a larger buffer or a strided view
         own = g.is_contiguous() and g.untyped_storage().nbytes() == g.numel() * g.element_size()
         p.grad = g if own else g.clone(memory_format=torch.contiguous_format)
     else:
-        p.grad.add_(g)
+        grad.add_(g)
 
 
 class Workspace:

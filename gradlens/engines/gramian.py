@@ -6,10 +6,15 @@ weighted backward through the task heads captures each task's gradient at the sh
 :mod:`gradlens.engines._capture`; it also writes the heads' gradients), then batched backwards of
 those T cotangents yield each task's gradient with respect to the recorded outputs (and, for
 modules without a rule, directly with respect to their parameters: the exact generic fallback),
-one segment between cut layers at a time (see :mod:`gradlens.engines._segments`). Each rule turns
+one segment between cut layers at a time (see :mod:`gradlens.engines._segments`; the profiler's
+one index of the graph, :mod:`gradlens.engines._graph`, serves the heads' split, the check that
+the losses reach the shared part only through its outputs, and the cut plan). Each rule turns
 inputs and output gradients into the layer's Gram as soon as they arrive, without ever forming a
 ``T x P`` tensor for the whole model, and writes ``sum_t w_t g_t`` from the same quantities: there
-is no second backward through the shared part.
+is no second backward through the shared part. Linear layers of one shape whose gradients arrive
+from the same backward call are computed together (one batched product for all of them, see
+:func:`gradlens.engines.rules.linear.linear_group`): on small layers a probe is bound by the
+per-call overhead, not the arithmetic.
 
 A rule serves a module only when its parameters are used exactly once per recorded call in this
 graph (counted on the autograd graph); a parameter also used outside the module's ``forward``
@@ -44,6 +49,7 @@ from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import plan_segments
 from gradlens.engines.rules import Rule, rule_for
+from gradlens.engines.rules.linear import linear_group, linear_rule
 
 __all__ = ["UNRECORDED", "GramianEngine"]
 
@@ -232,7 +238,7 @@ class GramianEngine(Engine):
 
     def _rule_grams(
         self,
-        stream: Iterator[tuple[int, torch.Tensor | None]],
+        stream: Iterator[list[tuple[int, torch.Tensor | None]]],
         inputs: list[torch.Tensor | GradientEdge],
         rule_layers: dict[str, list[_Record]],
         T: int,
@@ -245,10 +251,12 @@ class GramianEngine(Engine):
         dict[int, torch.Tensor],
         dict[str, list[torch.Tensor | None]],
     ]:
-        """Consume the output gradients: each rule layer's Gram (and its weighted gradient
-        written, unless ``v`` is None: the blocks are then kept for a writer), the generic
-        parameters' per-task gradients. Returns Grams, rule names, generic gradients (by id),
-        kept blocks."""
+        """Consume the output gradients, one backward call's batch at a time: each rule layer's
+        Gram (and its weighted gradient written, unless ``v`` is None: the blocks are then kept
+        for a writer), the generic parameters' per-task gradients. Layers of the built-in Linear
+        rule completed in the same batch with the same shapes are computed together (see
+        :func:`gradlens.engines.rules.linear.linear_group`). Returns Grams, rule names, generic
+        gradients (by id), kept blocks."""
         kept: dict[str, list[torch.Tensor | None]] = {}
         # each layer's Gram is computed as soon as all its outputs' gradients are in, and its
         # T x N x out blocks are dropped then (the backward is cut between layers where it can)
@@ -260,31 +268,72 @@ class GramianEngine(Engine):
         grams: dict[str, torch.Tensor] = {}
         rules: dict[str, str] = {}
         gen_grads: dict[int, torch.Tensor] = {}
-        for i, d in stream:
-            if i >= len(slot):
-                p = inputs[i]
-                assert isinstance(p, torch.Tensor)
-                gen_grads[id(p)] = (
-                    torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device) if d is None else d
-                )
-                continue
-            layer, j = slot[i]
-            outs[layer][j] = d
-            left[layer] -= 1
-            if left[layer] == 0:
-                recs = rule_layers[layer]
-                mod, rule = self._modules[layer]
-                raw = outs.pop(layer)
-                if v is None:
-                    kept[layer] = raw
-                ins, got = _rule_args(recs, raw, T)
-                # v None (kept blocks): the writer writes, once the weights are known
-                G, weighted = rule.fn(mod, ins, got, v, budget)
+        for batch in stream:
+            ready: list[tuple[str, list[torch.Tensor | None]]] = []
+            batch.reverse()
+            while batch:
+                i, d = batch.pop()
+                if i >= len(slot):
+                    p = inputs[i]
+                    assert isinstance(p, torch.Tensor)
+                    gen_grads[id(p)] = (
+                        torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device)
+                        if d is None
+                        else d
+                    )
+                    continue
+                layer, j = slot[i]
+                outs[layer][j] = d
+                left[layer] -= 1
+                if left[layer] == 0:
+                    raw = outs.pop(layer)
+                    if v is None:
+                        kept[layer] = raw
+                    ready.append((layer, raw))
+            for layer, G in self._serve_ready(ready, rule_layers, T, v, budget):
                 grams[layer] = unscale * G
-                _accumulate_own(mod, weighted)
-                rules[layer] = rule.name
-                del got
+                rules[layer] = self._modules[layer][1].name
         return grams, rules, gen_grads, kept
+
+    def _serve_ready(
+        self,
+        ready: list[tuple[str, list[torch.Tensor | None]]],
+        rule_layers: dict[str, list[_Record]],
+        T: int,
+        v: torch.Tensor | None,
+        budget: int,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Run the rules of the layers completed in one batch; yield each layer's Gram (its
+        weighted gradient written unless ``v`` is None: the writer writes once the weights are
+        known). Single-call Linear layers of one shape and dtype (at least float32: half
+        precision is widened per layer, as before) go through one grouped computation."""
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for k, (layer, raw) in enumerate(ready):
+            recs = rule_layers[layer]
+            d = raw[0]
+            if self._modules[layer][1].fn is linear_rule and len(recs) == 1 and d is not None:
+                x = recs[0].input
+                if d.dtype == x.dtype and torch.finfo(d.dtype).bits >= 32:
+                    groups.setdefault((x.shape, d.shape, d.dtype, d.device), []).append(k)
+        done: set[int] = set()
+        for members in groups.values():
+            mods = [self._modules[ready[k][0]][0] for k in members]
+            xs = [rule_layers[ready[k][0]][0].input for k in members]
+            ds = [ready[k][1][0] for k in members]
+            out = linear_group(mods, xs, ds, v, budget) if len(members) > 1 else None
+            del xs, ds
+            for k, mod, (G, grads) in zip(members, mods, out or ()):
+                _accumulate_own(mod, grads)
+                done.add(k)
+                yield ready[k][0], G
+        for k, (layer, raw) in enumerate(ready):
+            if k not in done:
+                mod, rule = self._modules[layer]
+                ins, got = _rule_args(rule_layers[layer], raw, T)
+                G, weighted = rule.fn(mod, ins, got, v, budget)
+                del ins, got
+                _accumulate_own(mod, weighted)
+                yield layer, G
 
     def _output_grads(
         self,
@@ -294,7 +343,10 @@ class GramianEngine(Engine):
         rule_layers: dict[str, list[_Record]],
         generic: list[torch.Tensor],
     ) -> tuple[
-        torch.Tensor, torch.Tensor, list[torch.Tensor], Iterator[tuple[int, torch.Tensor | None]]
+        torch.Tensor,
+        torch.Tensor,
+        list[torch.Tensor],
+        Iterator[list[tuple[int, torch.Tensor | None]]],
     ]:
         """Every task's gradient w.r.t. each input (layer output edges, generic parameters).
 
@@ -320,7 +372,7 @@ class GramianEngine(Engine):
             [],
         )
         if not live:
-            return *plain, enumerate(batched_grad(ctx.losses, inputs))
+            return *plain, iter([list(enumerate(batched_grad(ctx.losses, inputs)))])
         stop = {b.edge.node for b in live}
         inside = {r.edge.node for recs in rule_layers.values() for r in recs}
         shared_ids = {id(p) for p in self.shared.params}
@@ -330,7 +382,7 @@ class GramianEngine(Engine):
             else ctx.graph.reaches_past(stop, inside, shared_ids)
         )
         if past:
-            return *plain, enumerate(batched_grad(ctx.losses, inputs))
+            return *plain, iter([list(enumerate(batched_grad(ctx.losses, inputs)))])
         edges = [b.edge for b in live]
         shapes = [b.out_shape for b in live]
         dtypes = [b.input.dtype for b in live]
@@ -342,17 +394,7 @@ class GramianEngine(Engine):
             heads = split.leaves if ctx.write else []
             # no workspace: the rows are the first segment's cotangents, freed once it is done
             cot, u, v = capture_rows(ctx, edges, shapes, split, heads)
-        # On CPU, vmap is efficient where the shared part is Linear layers and elementwise ops
-        # (one large matrix product for all tasks); for convolutions, norm layers and attention
-        # it loops internally and concatenates T-fold activations, so one backward per task is
-        # faster there (measured: ResNet-style CNN 8.4x -> 7.5x, transformer 9.4x -> 6.9x of a
-        # plain step at T = 8; MLP stays vmapped).
-        looped = ctx.losses.device.type == "cpu" and (
-            bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
-        )
-        if self.stage is not None:
-            looped = self.stage == "looped"
-        self.last_looped = looped
+        looped = self.last_looped = self._looped(ctx, rule_layers, generic)
         # the backward frees the graph, as a plain backward would, unless the profiler still
         # has leaves to reach (those neither shared nor in the heads) or the caller keeps it
         done = {id(p) for p in ctx.reached} | {id(p) for p in heads}
@@ -372,11 +414,31 @@ class GramianEngine(Engine):
         )
 
 
+    def _looped(
+        self,
+        ctx: BackwardContext,
+        rule_layers: dict[str, list[_Record]],
+        generic: list[torch.Tensor],
+    ) -> bool:
+        """Whether the second stage runs one backward per task (else one batched backward).
+
+        On CPU, vmap is efficient where the shared part is Linear layers and elementwise ops
+        (one large matrix product for all tasks); for convolutions, norm layers and attention
+        it loops internally and concatenates T-fold activations, so one backward per task is
+        faster there (measured: ResNet-style CNN 8.4x -> 7.5x, transformer 9.4x -> 6.9x of a
+        plain step at T = 8; MLP stays vmapped). ``self.stage`` overrides the default.
+        """
+        if self.stage is not None:
+            return self.stage == "looped"
+        return ctx.losses.device.type == "cpu" and (
+            bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
+        )
+
+
 def _accumulate_own(module: nn.Module, weighted: Mapping[str, torch.Tensor]) -> None:
     """Add a pure rule's weighted gradients (by attribute name) to the module's own ``.grad``."""
-    own = dict(module.named_parameters(recurse=False))
     for name, g in weighted.items():
-        accumulate_grad(own[name], g)
+        accumulate_grad(getattr(module, name), g)
 
 
 def _rule_args(
@@ -457,18 +519,23 @@ def _segmented(
     backward: Callable[..., Sequence[torch.Tensor | None]],
     keep: bool,
     graph: GraphIndex | None = None,
-) -> Iterator[tuple[int, torch.Tensor | None]]:
+) -> Iterator[list[tuple[int, torch.Tensor | None]]]:
     """Gradients of ``inputs`` from cotangents ``cot`` at ``edges``, one backward per segment
-    (consecutive segments merged while the bytes of their ``inputs``' blocks stay <= ``limit``)."""
+    (consecutive segments merged while the bytes of their ``inputs``' blocks stay <= ``limit``),
+    yielded as one batch ``[(index in inputs, gradient)]`` per backward call."""
     at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot)}
     rest: list[int] = []
+    first: list[tuple[int, torch.Tensor | None]] = []
     for i, x in enumerate(inputs):
         k = (x.node, x.output_nr) if isinstance(x, GradientEdge) else None
         if k in at_boundary:
-            yield i, at_boundary[k]
+            first.append((i, at_boundary[k]))
         else:
             rest.append(i)
     del at_boundary
+    if first:
+        yield first
+    del first
     tops: list[GradientEdge] | None = edges
     cots = cot
     del cot
@@ -483,7 +550,7 @@ def _segmented(
         if not members:
             continue
         if tops is None:  # the cut above was reached by no task: nothing below is
-            yield from ((rest[m], None) for m in members)
+            yield [(rest[m], None) for m in members]
             continue
         got = dict(zip(members, backward(tops, cots, [inputs[rest[m]] for m in members], keep)))
         tops = None
@@ -494,8 +561,7 @@ def _segmented(
             assert isinstance(edge, GradientEdge)
             tops, cots = [edge], [below]
         del below
-        for m in members:
-            yield rest[m], got.pop(m)
+        yield [(rest[m], got.pop(m)) for m in members]
 
 
 def _reaches_past(
