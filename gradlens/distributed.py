@@ -59,6 +59,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradlens._errors import GradlensError
+from gradlens._validate import check_choice, check_int
 from gradlens.engines._base import (
     BackwardContext,
     Engine,
@@ -127,8 +128,7 @@ class DistributedProfiler(Profiler):
                 "(dist.init_process_group) before it is created; found it uninitialized. "
                 "In a single process use gradlens.Profiler."
             )
-        if grams not in get_args(GramScope):
-            raise GradlensError(f"`grams` should be one of {get_args(GramScope)}; found {grams!r}.")
+        check_choice("grams", grams, get_args(GramScope))
         if grams == "global" and engine not in _GLOBAL_ENGINES:
             raise GradlensError(
                 f"`engine` should be one of {list(_GLOBAL_ENGINES)} with grams='global'; found "
@@ -141,8 +141,7 @@ class DistributedProfiler(Profiler):
                 "`model` should be the nn.Module whose gradients are averaged (a "
                 f"DistributedDataParallel or a plain module); found {type(model).__name__}."
             )
-        if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
-            raise GradlensError(f"`bucket_bytes` should be a positive int; found {bucket_bytes!r}.")
+        bucket_bytes = check_int("bucket_bytes", bucket_bytes, minimum=1)
         self._group = process_group
         self.world_size: int = dist.get_world_size(process_group)
         self.rank: int = dist.get_rank(process_group)

@@ -275,7 +275,7 @@ def batched_grad(
     eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
     if tasks is not None:
         eye = eye[tasks]
-    with _quiet_vmap():
+    with quiet_vmap():
         return torch.autograd.grad(
             losses,
             grad_inputs(inputs),
@@ -324,7 +324,7 @@ def batched_grad_from(
     """Batched backward from intermediate ``outputs`` with (T, ...) ``cotangents``."""
     if not inputs:
         return ()
-    with _quiet_vmap():
+    with quiet_vmap():
         return torch.autograd.grad(
             list(outputs),
             grad_inputs(inputs),
@@ -379,9 +379,12 @@ def grad_inputs(
 
 
 @contextmanager
-def _quiet_vmap() -> Iterator[None]:
-    # vmap's slow-path notice ("There is a performance drop because we have not yet implemented
-    # the batching rule for ...") is not the user's concern: the result is exact either way.
+def quiet_vmap() -> Iterator[None]:
+    """Silence vmap's slow-path notice inside the block (also used by ``gradlens bench``).
+
+    The notice ("There is a performance drop because we have not yet implemented the batching
+    rule for ...") is not the user's concern: the result is exact either way.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop")
         yield
