@@ -383,7 +383,7 @@ class Profiler:
             weights=w,
             reached=reached,
             uses=graph.uses,
-            nodes=graph.node_set,
+            nodes=graph.pos.keys(),
             features=feats,
             memory_budget=self._budget,
             leaves=leaves,

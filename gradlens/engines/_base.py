@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar, cast
@@ -133,7 +134,7 @@ class BackwardContext:
     #: How many graph edges lead to each reached leaf (by id): uses in this forward.
     uses: dict[int, int]
     #: Autograd nodes of the losses' graph (for engines that recorded graph edges).
-    nodes: set[torch.autograd.graph.Node]
+    nodes: AbstractSet[torch.autograd.graph.Node]
     features: Sequence[torch.Tensor] | None = None
     memory_budget: int = 1 << 30
     #: The scalar losses that ``losses`` stacks (a backward from one of them runs through its own

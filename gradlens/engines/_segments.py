@@ -72,8 +72,8 @@ def plan_from_index(
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(g, start, where)
-        if len(_PLANS) >= _MAX_PLANS:
-            del _PLANS[next(iter(_PLANS))]
+        for old in list(_PLANS)[: max(0, len(_PLANS) - _MAX_PLANS + 1)]:  # evict the oldest
+            _PLANS.pop(old, None)  # (tolerant of another thread's eviction)
         _PLANS[key] = plan
     return [(list(members), cut) for members, cut in plan]
 

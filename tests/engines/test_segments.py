@@ -259,3 +259,17 @@ def test_the_graph_index_counts_leaves_and_uses_as_autograd_sees_them():
     # past the stop node h, the bias is reached directly (the product), the weight only through h
     assert g.reaches_past({h.grad_fn}, set(), {id(lin.bias)})
     assert not g.reaches_past({h.grad_fn}, set(), {id(lin.weight)})
+
+
+def test_the_plan_cache_is_bounded_and_evicts_the_oldest(monkeypatch):
+    from gradlens.engines import _segments
+
+    monkeypatch.setattr(_segments, "_PLANS", {})
+    monkeypatch.setattr(_segments, "_MAX_PLANS", 2)
+    keys = []
+    for depth in (1, 2, 3):  # three graph shapes
+        mlp = nn.Sequential(*[nn.Linear(3, 3) for _ in range(depth)])
+        out, e = _edges(mlp, torch.randn(2, 3))
+        plan_segments([get_gradient_edge(out)], [e[str(i)] for i in range(depth)])
+        keys.append(next(reversed(_segments._PLANS)))
+    assert list(_segments._PLANS) == keys[1:]
