@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from gradlens._errors import GradlensWarning, StoreError
 from gradlens.store._io import (
     EVALS_SCHEMA,
+    PROBES_SCHEMA,
     SCALARS_SCHEMA,
     STEPS_SCHEMA,
     ChunkError,
@@ -122,16 +123,52 @@ def _check_tasks(path: Path, table: pa.Table, column: str, tasks: tuple[str, ...
         )
 
 
+def _read_probes(
+    path: Path | None, index: int, expected: bool, problems: Problems
+) -> pa.Table | None:
+    """The probes chunk of steps chunk ``index``, or None (reported if ``expected``): a missing
+    or damaged probes chunk loses the probes' notes and timings, never the Grams."""
+    if path is None:
+        if expected:
+            problems.report(
+                f"The probes chunk {index} of the run is missing: the notes, timings, rules and "
+                f"per-layer weights of its steps are not in this run."
+            )
+        return None
+    try:
+        table = read_chunk(path, PROBES_SCHEMA)
+        header = chunk_header(table) or {}
+    except (ChunkError, ValueError) as exc:
+        problems.report(f"Skipping {exc}. The Grams of its steps are read without their probes.")
+        return None
+    if "chunk" in header and header["chunk"] != index:
+        problems.report(
+            f"Skipping the probes chunk {path}: its header says it is chunk {header['chunk']}."
+        )
+        return None
+    return table
+
+
 def read_step_chunks(
-    run_dir: Path, tasks: tuple[str, ...] | None, problems: Problems, commits: dict[str, int]
-) -> tuple[list[pa.Table], list[pa.Table]]:
-    """The committed (steps, scalars) chunk pairs of ``run_dir`` that pass every check."""
+    run_dir: Path,
+    tasks: tuple[str, ...] | None,
+    problems: Problems,
+    commits: dict[str, int],
+    probes_expected: bool = False,
+) -> tuple[list[pa.Table], list[pa.Table], list[pa.Table]]:
+    """The committed (steps, scalars, probes) chunks of ``run_dir`` that pass every check.
+
+    A probes chunk missing (where ``probes_expected``: format 2 runs) or damaged is reported
+    and its steps are read without it.
+    """
     steps_dir, scalars_dir = run_dir / "steps", run_dir / "scalars"
     step_chunks = list_chunks(steps_dir)
     scalar_chunks = list_chunks(scalars_dir)
+    probe_chunks = list_chunks(run_dir / "probes")
     report_missing(steps_dir, step_chunks, commits.get("steps"), "steps", problems)
     steps: list[pa.Table] = []
     scalars: list[pa.Table] = []
+    probes: list[pa.Table] = []
     last: int | None = None
     for index, path in step_chunks.items():
         if index not in scalar_chunks:
@@ -170,10 +207,13 @@ def read_step_chunks(
             continue
         last = top
         # a rewind cut short may leave scalars of steps its steps chunk no longer holds
-        keep = pc.is_in(sc.column("step"), value_set=pa.array(np.unique(col.to_numpy())))
+        held = pa.array(np.unique(col.to_numpy()))
         steps.append(st)
-        scalars.append(sc.filter(keep))
-    return steps, scalars
+        scalars.append(sc.filter(pc.is_in(sc.column("step"), value_set=held)))
+        pr = _read_probes(probe_chunks.get(index), index, probes_expected, problems)
+        if pr is not None:
+            probes.append(pr.filter(pc.is_in(pr.column("step"), value_set=held)))
+    return steps, scalars, probes
 
 
 def read_eval_chunks(
