@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-import gradlens.store.writer
 import gradlens.store._append
 import gradlens.store._io
+import gradlens.store.writer
 from gradlens import GradlensWarning, Snapshot, StoreError
 from gradlens.store import RunWriter, load_run
 
