@@ -334,7 +334,10 @@ def test_tasks_come_from_the_first_snapshot_when_meta_has_none(tmp_path):
     [
         ({"meta": {"format_version": 3}}, r"`meta` should not set \['format_version'\]"),
         ({"meta": {"f": object()}}, r"JSON-serialisable .*found object at 'meta.f'"),
-        ({"meta": {"tasks": ["a", "a"]}}, r"should be unique; found duplicates \['a'\]"),
+        (
+            {"meta": {"tasks": ["a", "a"]}},
+            r"`meta\['tasks'\]` should be unique; found duplicates \['a'\]",
+        ),
         ({"meta": [1]}, r"`meta` should be a mapping or None; found list"),
         ({"flush_every": 0}, r"`flush_every` should be an int >= 1; found 0"),
         ({"flush_seconds": -1.0}, r"`flush_seconds` should be a positive number .*found -1.0"),
