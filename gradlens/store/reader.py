@@ -437,7 +437,7 @@ def flatten_meta(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, Mapping) and value:
             out.update(flatten_meta(value, name + "."))
         elif isinstance(value, (list, tuple, Mapping)):
-            out[name] = json.dumps(value)
+            out[name] = json.dumps(value, default=str)
         else:
             out[name] = value
     return out
