@@ -311,6 +311,7 @@ class RunWriter:
         meta = read_meta(run_dir)
         if meta["format_version"] < 2:  # keep the run's own name for the total
             state.total_name = LEGACY_TOTAL
+        (run_dir / PROBES).mkdir(exist_ok=True)  # a format 1 run has none yet
         stored = tuple(meta["tasks"]) if "tasks" in meta else None
         if tasks is not None and stored is not None and tasks != stored:
             raise StoreError(
