@@ -97,6 +97,12 @@ def as_lr(lr: Any, g: np.ndarray) -> np.ndarray:
     return arr
 
 
+def as_step(G: Any, w: Any, lr: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(G, w, lr)`` of a first-order step, checked and converted (see :func:`as_weights`)."""
+    g = as_gram(G)
+    return g, as_weights(w, g), as_lr(lr, g)
+
+
 # --------------------------------------------------------------------------- NumPy kernels
 
 

@@ -210,9 +210,7 @@ def loss_change(G: ArrayT, w: Any, lr: Any) -> ArrayT:
         >>> loss_change(np.array([[1.0, -1.0], [-1.0, 4.0]]), np.array([1.0, 1.0]), 0.5).tolist()
         [-0.0, -1.5]
     """
-    g = _k.as_gram(G)
-    w_arr = _k.as_weights(w, g)
-    lr_arr = _k.as_lr(lr, g)
+    g, w_arr, lr_arr = _k.as_step(G, w, lr)
     return _k.like(G, -lr_arr[..., None] * _k.g_times_w(g, w_arr))
 
 
@@ -234,7 +232,5 @@ def loss_change_matrix(G: ArrayT, w: Any, lr: Any) -> ArrayT:
         array([[-1.,  2.],
                [ 1., -8.]])
     """
-    g = _k.as_gram(G)
-    w_arr = _k.as_weights(w, g)
-    lr_arr = _k.as_lr(lr, g)
+    g, w_arr, lr_arr = _k.as_step(G, w, lr)
     return _k.like(G, -lr_arr[..., None, None] * g * w_arr[..., None, :])

@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ import numpy as np
 
 from gradlens._errors import GradlensError
 from gradlens._types import TOTAL_LAYER
+from gradlens._validate import check_int, check_number
 from gradlens.metrics import _kernels as _k
 
 if TYPE_CHECKING:
@@ -103,16 +103,10 @@ class StreamingSummary:
                     f"found {list(layers)}."
                 )
             self._layered = True
-        if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 2:
-            raise GradlensError(f"`bins` should be an integer >= 2; found {bins!r}.")
-        if not (isinstance(halflife, (int, float)) and math.isfinite(halflife) and halflife > 0):
-            raise GradlensError(
-                f"`halflife` should be a positive finite number; found {halflife!r}."
-            )
         self.tasks = task_names
         self.layers = layer_names
-        self.bins = int(bins)
-        self.halflife = float(halflife)
+        self.bins = int(check_int("bins", bins, minimum=2))
+        self.halflife = check_number("halflife", halflife, low=0, strict_low=True)
         T, L = len(task_names), len(layer_names)
         self._iu, self._ju = np.triu_indices(T, k=1)
         P = len(self._iu)

@@ -111,7 +111,7 @@ def _dictionary(table: pa.Table, column: str) -> list[str]:
     return found
 
 
-def _check_tasks(path: Path, table: pa.Table, column: str, tasks: tuple[str, ...]) -> None:
+def _check_chunk_tasks(path: Path, table: pa.Table, column: str, tasks: tuple[str, ...]) -> None:
     header = chunk_header(table) or {}
     found = header.get("tasks")
     if not isinstance(found, list):
@@ -193,8 +193,8 @@ def read_step_chunks(
             )
             continue
         if tasks is not None:
-            _check_tasks(path, st, "task_i", tasks)
-            _check_tasks(scalar_chunks[index], sc, "task", tasks)
+            _check_chunk_tasks(path, st, "task_i", tasks)
+            _check_chunk_tasks(scalar_chunks[index], sc, "task", tasks)
         col = st.column("step")
         if len(col) == 0:
             continue

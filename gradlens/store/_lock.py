@@ -33,7 +33,7 @@ from gradlens._errors import GradlensWarning, StoreError
 try:  # POSIX only; elsewhere the pid check alone decides.
     import fcntl as _fcntl
 except ImportError:  # pragma: no cover - Windows
-    _fcntl = None  # type: ignore[assignment]
+    _fcntl = None  # type: ignore[assignment]  # the module is absent here; None marks it
 
 __all__: list[str] = []
 
