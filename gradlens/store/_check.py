@@ -149,26 +149,37 @@ def _read_probes(
     return table
 
 
-def read_step_chunks(
-    run_dir: Path,
-    tasks: tuple[str, ...] | None,
-    problems: Problems,
-    commits: dict[str, int],
-    probes_expected: bool = False,
-) -> tuple[list[pa.Table], list[pa.Table], list[pa.Table]]:
-    """The committed (steps, scalars, probes) chunks of ``run_dir`` that pass every check.
+#: The chunks read by :func:`read_step_chunks`: their index and the steps each holds.
+Held = list[tuple[int, pa.Array]]
 
-    A probes chunk missing (where ``probes_expected``: format 2 runs) or damaged is reported
-    and its steps are read without it.
-    """
+
+def read_probe_chunks(
+    run_dir: Path, held: Held, expected: bool, problems: Problems
+) -> list[pa.Table]:
+    """The probes chunks of the steps chunks ``held`` (as :func:`read_step_chunks` returned
+    them), each cut to the steps its steps chunk holds. A probes chunk missing (where
+    ``expected``: format 2 runs) or damaged is reported and its steps have no probes."""
+    chunks = list_chunks(run_dir / "probes")
+    out: list[pa.Table] = []
+    for index, steps in held:
+        pr = _read_probes(chunks.get(index), index, expected, problems)
+        if pr is not None:
+            out.append(pr.filter(pc.is_in(pr.column("step"), value_set=steps)))
+    return out
+
+
+def read_step_chunks(
+    run_dir: Path, tasks: tuple[str, ...] | None, problems: Problems, commits: dict[str, int]
+) -> tuple[list[pa.Table], list[pa.Table], Held]:
+    """The committed (steps, scalars) chunk pairs of ``run_dir`` that pass every check, and the
+    index and steps of each (for :func:`read_probe_chunks`)."""
     steps_dir, scalars_dir = run_dir / "steps", run_dir / "scalars"
     step_chunks = list_chunks(steps_dir)
     scalar_chunks = list_chunks(scalars_dir)
-    probe_chunks = list_chunks(run_dir / "probes")
     report_missing(steps_dir, step_chunks, commits.get("steps"), "steps", problems)
     steps: list[pa.Table] = []
     scalars: list[pa.Table] = []
-    probes: list[pa.Table] = []
+    held_steps: Held = []
     last: int | None = None
     for index, path in step_chunks.items():
         if index not in scalar_chunks:
@@ -210,10 +221,8 @@ def read_step_chunks(
         held = pa.array(np.unique(col.to_numpy()))
         steps.append(st)
         scalars.append(sc.filter(pc.is_in(sc.column("step"), value_set=held)))
-        pr = _read_probes(probe_chunks.get(index), index, probes_expected, problems)
-        if pr is not None:
-            probes.append(pr.filter(pc.is_in(pr.column("step"), value_set=held)))
-    return steps, scalars, probes
+        held_steps.append((index, held))
+    return steps, scalars, held_steps
 
 
 def read_eval_chunks(

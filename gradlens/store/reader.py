@@ -22,7 +22,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,13 @@ from gradlens._errors import GradlensError, GradlensWarning, StoreError
 from gradlens._types import TOTAL_LAYER
 from gradlens._validate import check_tasks
 from gradlens.snapshot import Snapshot
-from gradlens.store._check import Problems, read_commits, read_eval_chunks, read_step_chunks
+from gradlens.store._check import (
+    Problems,
+    read_commits,
+    read_eval_chunks,
+    read_probe_chunks,
+    read_step_chunks,
+)
 from gradlens.store._io import (
     EVALS_SCHEMA,
     FORMAT_VERSION,
@@ -112,19 +118,22 @@ def read_evals(
 
 def _read_steps(
     run_dir: Path, meta: dict[str, Any], problems: Problems, commits: dict[str, int]
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+) -> tuple[pd.DataFrame, pd.DataFrame, Callable[[], pd.DataFrame]]:
+    """Steps and scalars, and a function reading the probes (on first use of ``Run.probes``)."""
     tasks = tuple(meta["tasks"]) if "tasks" in meta else None
     version = meta["format_version"]
-    steps, scalars, probes = read_step_chunks(
-        run_dir, tasks, problems, commits, probes_expected=version >= 2
-    )
+    steps, scalars, held = read_step_chunks(run_dir, tasks, problems, commits)
     # A scalars chunk without its steps chunk is a flush cut short: not committed, not read.
     st_df = _by_step(_concat(steps, STEPS_SCHEMA).to_pandas())
     sc_df = _by_step(_concat(scalars, SCALARS_SCHEMA).to_pandas())
-    pr_df = _by_step(_concat(probes, PROBES_SCHEMA).to_pandas())
     if version < 2:
         st_df["layer"] = st_df["layer"].cat.rename_categories(_legacy_layer_names(st_df, run_dir))
-    return st_df, sc_df, pr_df
+
+    def probes() -> pd.DataFrame:
+        tables = read_probe_chunks(run_dir, held, version >= 2, problems)
+        return _by_step(_concat(tables, PROBES_SCHEMA).to_pandas())
+
+    return st_df, sc_df, probes
 
 
 #: What a user layer named like today's total is read as, in a run of format 1. Module paths
@@ -202,7 +211,7 @@ class Run:
         evals: ``[point, epoch, step, split, task, metric, value]``, ``epoch``/``step`` nullable.
         probes: one row per probed step: ``[step, engine, level, weighting, weighting_path,
             rules, timings, unreached, notes, layer_weights]`` (the Snapshot's other fields;
-            empty for runs of store format 1, which did not keep them).
+            empty for runs of store format 1, which did not keep them); read on first access.
 
     :meth:`snapshot` rebuilds the :class:`~gradlens.Snapshot` of one probed step.
     ``metrics`` (derived from the Grams and weights by ``gradlens.metrics.metrics_frame``) is
@@ -216,14 +225,23 @@ class Run:
         steps: pd.DataFrame,
         scalars: pd.DataFrame,
         evals: pd.DataFrame,
-        probes: pd.DataFrame | None = None,
+        probes: pd.DataFrame | Callable[[], pd.DataFrame] | None = None,
     ) -> None:
         self.path = path
         self.meta = meta
         self.steps = steps
         self.scalars = scalars
         self.evals = evals
-        self.probes = PROBES_SCHEMA.empty_table().to_pandas() if probes is None else probes
+        self._probes = probes
+
+    @cached_property
+    def probes(self) -> pd.DataFrame:
+        """One row per probed step, the Snapshot's other fields (read on first access: a
+        missing or damaged probes chunk is reported then, as :func:`load_run` reports)."""
+        probes = self._probes
+        if callable(probes):
+            probes = probes()
+        return PROBES_SCHEMA.empty_table().to_pandas() if probes is None else probes
 
     @cached_property
     def tasks(self) -> tuple[str, ...]:
