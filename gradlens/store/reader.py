@@ -170,6 +170,12 @@ def _by_step(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def _rows_of(df: pd.DataFrame, step: int) -> pd.DataFrame:
+    """The rows of a table sorted by ``step`` at one step (a binary search, not a scan)."""
+    lo, hi = np.searchsorted(df["step"].to_numpy(), [step, step + 1])
+    return df.iloc[lo:hi]
+
+
 def _probe_fields(row: pd.DataFrame, meta: Mapping[str, Any]) -> dict[str, Any]:
     """Snapshot fields from a step's row of :attr:`Run.probes` (none: format 1 defaults)."""
     if row.empty:
@@ -366,22 +372,53 @@ class Run:
             >>> snap.layer_grams["fc"].tolist(), snap.timings
             ([[1.0, 0.0], [0.0, 1.0]], {'loop': 0.25})
         """
-        total = torch.from_numpy(self.gram(step))  # raises for a step that was not probed
-        rows = self.steps[self.steps["step"] == step]
-        present = {str(x) for x in rows["layer"].unique()}
-        layer_grams = {
-            name: torch.from_numpy(self.gram(step, name))
-            for name in self.layers[1:]
-            if name in present
-        }
-        index = int(np.searchsorted(self.probed_steps, step))
-        weights = torch.from_numpy(np.ascontiguousarray(self.weights()[index]))
-        sc = self.scalars[self.scalars["step"] == step]
-        losses = {
-            str(t): float(v) for t, v in zip(sc["task"], sc["loss"]) if not math.isnan(float(v))
-        }
-        fields = _probe_fields(self.probes[self.probes["step"] == step], self.meta)
-        return Snapshot(step, self.tasks, total, layer_grams, weights, losses=losses, **fields)
+        grams, present = self._step_grams(step)
+        layer_grams = {self.layers[k]: torch.from_numpy(grams[k]) for k in present if k > 0}
+        sc = _rows_of(self.scalars, step)
+        lookup = {t: i for i, t in enumerate(self.tasks)}
+        weights = np.full(len(self.tasks), np.nan)
+        losses: dict[str, float] = {}
+        for task, weight, loss in zip(sc["task"], sc["weight"], sc["loss"]):
+            if str(task) in lookup:
+                weights[lookup[str(task)]] = weight
+                if not math.isnan(loss):
+                    losses[str(task)] = float(loss)
+        fields = _probe_fields(_rows_of(self.probes, step), self.meta)
+        return Snapshot(
+            step,
+            self.tasks,
+            torch.from_numpy(grams[0]),
+            layer_grams,
+            torch.from_numpy(weights),
+            losses=losses,
+            **fields,
+        )
+
+    @cached_property
+    def _row_codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Layer, task_i and task_j of every row of :attr:`steps` as indices (-1: unknown)."""
+        return (
+            self._codes("layer", self.layers),
+            self._codes("task_i", self.tasks),
+            self._codes("task_j", self.tasks),
+        )
+
+    def _step_grams(self, step: int) -> tuple[np.ndarray, list[int]]:
+        """Every layer's Gram at probed step ``step``, ``(L, T, T)`` (NaN for a layer not stored
+        there), from its rows only, and the indices of the layers stored there."""
+        steps = self.steps["step"].to_numpy()
+        lo, hi = np.searchsorted(steps, [step, step + 1])
+        if lo == hi:
+            self.gram(step)  # raises the error naming the probed steps
+        layer, i, j = (c[lo:hi] for c in self._row_codes)
+        g = self.steps["gram"].to_numpy()[lo:hi]
+        ok = (layer >= 0) & (i >= 0) & (j >= 0)
+        layer, i, j, g = layer[ok], i[ok], j[ok], g[ok]
+        n = len(self.tasks)
+        out = np.full((len(self.layers), n, n), np.nan)
+        out[layer, i, j] = g
+        out[layer, j, i] = g
+        return out, sorted(set(layer.tolist()))
 
     def snapshots(self) -> Iterator[Snapshot]:
         """The :class:`~gradlens.Snapshot` of every probed step, in step order."""

@@ -195,3 +195,17 @@ def test_rewind_and_append_keep_probes_in_step(tmp_path):
     assert [s.notes[1] for s in run.snapshots()] == [
         f"auto-chose:gramian-{k}" for k in (0, 1, 2, 7)
     ]
+
+
+def test_snapshot_lists_the_layers_stored_at_its_step(tmp_path):
+    """A layer absent at a step is absent from that Snapshot; one stored with a NaN Gram is not."""
+    g = torch.eye(2, dtype=torch.float64)
+    nan = torch.full((2, 2), float("nan"), dtype=torch.float64)
+    with RunWriter(tmp_path / "r") as w:
+        w.add_snapshot(Snapshot(0, ("a", "b"), g, {"x": g, "y": g}, torch.ones(2)))
+        w.add_snapshot(Snapshot(1, ("a", "b"), g, {"y": nan}, torch.ones(2)))
+    run = _load_quietly(tmp_path / "r")
+    assert list(run.snapshot(0).layer_grams) == ["x", "y"]
+    one = run.snapshot(1)
+    assert list(one.layer_grams) == ["y"]
+    assert torch.isnan(one.layer_grams["y"]).all()
