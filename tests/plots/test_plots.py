@@ -94,7 +94,7 @@ def test_forty_tasks_tick_labels_do_not_overlap(tmp_path, names):
         tasks = [f"Wearing_Necktie_attribute_{i:02d}" for i in range(T)]
     V = rng.normal(size=(3, 1, T, 8))
     G = V @ V.transpose(0, 1, 3, 2)
-    fig = plots.conflict_heatmap(metrics_frame(G, tasks, layers=["__all__"]))
+    fig = plots.conflict_heatmap(metrics_frame(G, tasks, layers=["total"]))
     fig.canvas.draw()
     for ax in fig.axes[:2]:
         for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
@@ -129,7 +129,7 @@ def test_layer_step_heatmap_is_the_mean_pairwise_cosine(run6, tmp_path):
 
 def test_layer_step_heatmap_many_layers_readable(tmp_path):
     rng = np.random.default_rng(1)
-    layers = ["__all__", *[f"encoder.layers.{i}.self_attn.out_proj" for i in range(60)]]
+    layers = ["total", *[f"encoder.layers.{i}.self_attn.out_proj" for i in range(60)]]
     V = rng.normal(size=(5, len(layers), 3, 4))
     fig = plots.layer_step_heatmap(
         metrics_frame(V @ V.transpose(0, 1, 3, 2), ["a", "b", "c"], layers=layers)
@@ -274,7 +274,7 @@ def test_no_global_matplotlib_state(run6):
 
 def test_user_strings_are_not_mathtext(tmp_path):
     G = np.tile(np.array([[1.0, -0.4], [-0.4, 1.0]]), (2, 1, 1, 1))
-    fig = plots.conflict_heatmap(metrics_frame(G, ["$x^2$", "cost $"], layers=["__all__"]))
+    fig = plots.conflict_heatmap(metrics_frame(G, ["$x^2$", "cost $"], layers=["total"]))
     _png_ok(plots.save(fig, tmp_path / "dollars.png"), min_bytes=2_000)
     assert fig.axes[0].get_xticklabels()[0].get_text() == r"\$x^2\$"
 
@@ -284,7 +284,7 @@ def test_bad_inputs_raise_clear_errors(run6):
         plots.conflict_heatmap([1, 2])
     with pytest.raises(GradlensError, match="`layer` should be one of"):
         plots.conflict_heatmap(run6, layer="nope")
-    one = metrics_frame(np.ones((2, 1, 1, 1)), ["a"], layers=["__all__"])
+    one = metrics_frame(np.ones((2, 1, 1, 1)), ["a"], layers=["total"])
     with pytest.raises(GradlensError, match="at least 2 tasks"):
         plots.conflict_heatmap(one)
     with pytest.raises(GradlensError, match="`metric` should be one of"):
