@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from gradlens._validate import check_type
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
 __all__: list[str] = []
@@ -173,8 +174,13 @@ def annotate_cells(ax: Axes, image: Any, labels: np.ndarray, fontsize: float) ->
             ax.text(j, i, labels[i, j], ha="center", va="center", fontsize=fontsize, color=colour)
 
 
+def _agg(fig: Figure) -> FigureCanvasAgg:
+    """The Agg canvas :func:`new_figure` attached (the base canvas type has no renderer)."""
+    return cast("FigureCanvasAgg", fig.canvas)
+
+
 def _extents(fig: Figure, labels: list[Any]) -> list[Any]:
-    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    renderer = _agg(fig).get_renderer()
     return [lab.get_window_extent(renderer) for lab in labels]
 
 
@@ -214,7 +220,7 @@ def fit_tick_labels(
     """
     from matplotlib.font_manager import FontProperties
 
-    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    renderer = _agg(fig).get_renderer()
     todo: list[tuple[list[Any], str, float, float]] = []
     for ax in axes:
         for k, axis in enumerate(("x", "y")):

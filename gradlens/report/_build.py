@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,13 @@ from gradlens._validate import check_choice, check_int, check_number, fail
 from gradlens.report import _arms as _arms
 from gradlens.report import _render as _r
 from gradlens.report.sections import Findings, Options, task_set_section
-from gradlens.report.sections._common import CORRECTION_NAME, SYMBOL, present
+from gradlens.report.sections._common import (
+    CORRECTION_NAME,
+    SYMBOL,
+    Correction,
+    Method,
+    present,
+)
 
 __all__ = ["ReportPaths", "build_report"]
 
@@ -184,8 +190,8 @@ def _options(
         split=split,
         select_split=select_split,
         metric=eval_metric,
-        methods=tuple(methods),
-        correction=correction,
+        methods=cast("tuple[Method, ...]", tuple(methods)),  # checked above
+        correction=cast("Correction", correction),  # checked above
         alpha=alpha,
         n_boot=n_boot,
         n_perm=n_perm,

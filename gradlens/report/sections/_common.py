@@ -8,7 +8,7 @@ import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 
@@ -18,7 +18,9 @@ __all__ = [
     "CORRECTION_NAME",
     "KIND",
     "SYMBOL",
+    "Correction",
     "Findings",
+    "Method",
     "NoFigures",
     "Options",
     "Verdict",
@@ -31,13 +33,14 @@ __all__ = [
     "weight_cols",
 ]
 
-SYMBOL = {"spearman": "rho", "pearson": "r", "kendall": "tau"}
+#: The correlation methods of :func:`gradlens.stats.associations` and the corrections of
+#: :func:`gradlens.stats.adjust` (the same sets; the report checks its options against these).
+Method = Literal["spearman", "pearson", "kendall"]
+Correction = Literal["holm", "bh", "none"]
 
-
-KIND = {"spearman": "monotone", "pearson": "linear", "kendall": "monotone"}
-
-
-CORRECTION_NAME = {
+SYMBOL: dict[str, str] = {"spearman": "rho", "pearson": "r", "kendall": "tau"}
+KIND: dict[str, str] = {"spearman": "monotone", "pearson": "linear", "kendall": "monotone"}
+CORRECTION_NAME: dict[str, str] = {
     "holm": "Holm (family-wise error rate)",
     "bh": "Benjamini-Hochberg (false discovery rate)",
     "none": "no correction",
@@ -89,8 +92,8 @@ class Options:
     split: str
     select_split: str
     metric: str
-    methods: tuple[str, ...]
-    correction: str
+    methods: tuple[Method, ...]
+    correction: Correction
     alpha: float
     n_boot: int
     n_perm: int

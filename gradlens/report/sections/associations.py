@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from gradlens.report.sections._common import (
     KIND,
     SYMBOL,
     Findings,
+    Method,
     Options,
     Verdict,
     describe,
@@ -73,7 +75,7 @@ def assoc_table(assoc: pd.DataFrame, caption: str) -> _r.Table:
 def family_n_perm(
     joint: pd.DataFrame,
     common: dict[str, Any],
-    methods: list[str],
+    methods: list[Method],
     stratify: bool,
     opts: Options,
     level: float,
@@ -143,7 +145,7 @@ def association_mde(
         icc=rho_icc,
         alpha=level,
         n_tests=max(1, n_tests),
-        method=opts.methods[0],  # type: ignore[arg-type]
+        method=opts.methods[0],
         n_sim=opts.power_sims,
         tol=0.02,
         seed=opts.seed,
@@ -167,6 +169,18 @@ def association_mde(
     )
 
 
+@dataclass
+class _Families:
+    """The two test families of a task set's associations and how they were computed."""
+
+    main: pd.DataFrame  # primary: the relations the summary quotes, one method
+    more: pd.DataFrame  # secondary: every other relation, method and stratum
+    n_perm_main: int
+    n_perm_more: int
+    group_cols: list[str] | None  # the resampling unit: configurations, or runs (None)
+    inter: str  # the first interference summary, the one the summary quotes
+
+
 def associations_part(
     joint: pd.DataFrame,
     wcols: list[str],
@@ -177,8 +191,32 @@ def associations_part(
     found: Findings,
     out: dict[str, Any],
 ) -> None:
-    from gradlens import stats
+    """Test the associations of one task set, describe them in ``sec`` and defer the claims."""
+    cols = _columns(joint, tasks, opts, found)
+    if cols is None:
+        return
+    fam = _families(joint, wcols, cols[0], cols[1], size_col, opts)
+    out["associations"] = fam.main
+    out["associations_secondary"] = fam.more
+    out["n_perm"] = {"primary": fam.n_perm_main, "secondary": fam.n_perm_more}
+    _describe_families(fam, opts, sec)
+    n_tests = int(fam.main["n_tests"].iloc[0]) if len(fam.main) else 0
+    cache: dict[float, str] = {}
 
+    def mde_at(level: float) -> str:
+        if level not in cache:
+            cache[level] = association_mde(
+                joint, wcols, size_col, fam.inter, n_tests, level, opts, out
+            )
+        return cache[level]
+
+    _defer_claims(fam, wcols, tasks, opts, found, mde_at)
+
+
+def _columns(
+    joint: pd.DataFrame, tasks: Sequence[str], opts: Options, found: Findings
+) -> tuple[list[str], list[str]] | None:
+    """The interference and score columns to correlate (None, said so, if either is missing)."""
     icols = [c for c in ("conflict_freq.mean", "cosine.mean") if present(joint, c)]
     acols = [f"{opts.metric}.mean"]
     if len(tasks) <= 4:
@@ -189,9 +227,23 @@ def associations_part(
         found.unsupported.append(
             f"Associations on {'|'.join(tasks)} could not be tested: the runs have no {missing}."
         )
-        return
+        return None
+    return icols, acols
+
+
+def _families(
+    joint: pd.DataFrame,
+    wcols: list[str],
+    icols: list[str],
+    acols: list[str],
+    size_col: str | None,
+    opts: Options,
+) -> _Families:
+    """The primary and the secondary family, each adjusted within itself."""
+    from gradlens import stats
+
     group_cols = [c for c in [size_col, *wcols] if c] or None
-    common = {
+    common: dict[str, Any] = {
         "weight_cols": wcols,
         "interference_cols": icols,
         "accuracy_cols": acols,
@@ -229,41 +281,50 @@ def associations_part(
     more = more[(in_main == "left_only").to_numpy()]
     if len(more):
         more = more.assign(
-            p_adjusted=stats.adjust(more["p_value"].to_numpy(np.float64), opts.correction),  # type: ignore[arg-type]
+            p_adjusted=stats.adjust(more["p_value"].to_numpy(np.float64), opts.correction),
             n_tests=int(np.isfinite(more["p_value"].to_numpy(np.float64)).sum()),
         )
-    out["associations"] = main
-    out["associations_secondary"] = more
-    out["n_perm"] = {"primary": n_perm_main, "secondary": n_perm_more}
+    return _Families(main, more, n_perm_main, n_perm_more, group_cols, icols[0])
+
+
+def _describe_families(fam: _Families, opts: Options, sec: _r.Section) -> None:
+    """The paragraph saying how the families were tested, and their tables."""
+    main, more = fam.main, fam.more
     n_tests = int(main["n_tests"].iloc[0]) if len(main) else 0
     n_more = int(more["n_tests"].iloc[0]) if len(more) else 0
     corr = CORRECTION_NAME[opts.correction]
     level = round(100 * float(main["ci_level"].iloc[0])) if len(main) else 95
     unit = (
-        f"configurations ({', '.join(group_cols)}), the seeds of one configuration kept together"
-        if group_cols
+        f"configurations ({', '.join(fam.group_cols)}), the seeds of one configuration kept "
+        "together"
+        if fam.group_cols
         else "runs"
     )
-    cache: dict[float, str] = {}
-
-    def mde_at(level: float) -> str:
-        if level not in cache:
-            cache[level] = association_mde(
-                joint, wcols, size_col, icols[0], n_tests, level, opts, out
-            )
-        return cache[level]
-
     sec.paragraphs.append(
-        f"Associations across runs: {primary} correlations of the relations the summary quotes, "
-        f"pooled over runs and partial on model size (primary family, {n_tests} tests), then "
-        f"{', '.join(opts.methods)} for every summary, pooled, partial and within each model "
-        f"size (secondary family, {n_more} tests). Resampling unit of both the {level}% "
-        f"bootstrap intervals and the permutation p-values: {unit} ({n_perm_main} and "
-        f"{n_perm_more} permutations); each family adjusted with {corr}."
+        f"Associations across runs: {opts.methods[0]} correlations of the relations the summary "
+        f"quotes, pooled over runs and partial on model size (primary family, {n_tests} tests), "
+        f"then {', '.join(opts.methods)} for every summary, pooled, partial and within each "
+        f"model size (secondary family, {n_more} tests). Resampling unit of both the {level}% "
+        f"bootstrap intervals and the permutation p-values: {unit} ({fam.n_perm_main} and "
+        f"{fam.n_perm_more} permutations); each family adjusted with {corr}."
     )
     sec.tables.append(assoc_table(main, f"Primary associations ({corr} over {n_tests} tests)"))
     if len(more):
         sec.tables.append(assoc_table(more, f"Secondary associations ({corr} over {n_more} tests)"))
+
+
+def _defer_claims(
+    fam: _Families,
+    wcols: list[str],
+    tasks: Sequence[str],
+    opts: Options,
+    found: Findings,
+    mde_at: Callable[[float], str],
+) -> None:
+    """The families' floor warnings, and one deferred claim per quoted relation."""
+    main, more = fam.main, fam.more
+    primary = opts.methods[0]
+    n_tests = int(main["n_tests"].iloc[0]) if len(main) else 0
     label = "|".join(tasks)
     found.defer(
         f"primary associations of {label}",
@@ -273,13 +334,11 @@ def associations_part(
     found.unsupported += floor_warning(
         f"secondary association family of {label}", more, opts, opts.alpha
     )[1]
-    inter = icols[0]
-    relations = []
+    score = f"{opts.metric}.mean"
+    relations = [("weight->interference", wcols[0], fam.inter)] if wcols else []
+    relations.append(("interference->accuracy", fam.inter, score))
     if wcols:
-        relations.append(("weight->interference", wcols[0], inter))
-    relations.append(("interference->accuracy", inter, f"{opts.metric}.mean"))
-    if wcols:
-        relations.append(("weight->accuracy", wcols[0], f"{opts.metric}.mean"))
+        relations.append(("weight->accuracy", wcols[0], score))
     for relation, x, y in relations:
 
         def pick(t: pd.DataFrame, rel: str = relation, a: str = x, b: str = y) -> pd.DataFrame:
@@ -295,13 +354,11 @@ def associations_part(
         strata = pick(more) if len(more) else more
         strata = strata[strata["scope"] == "stratum"] if len(strata) else strata
         r0 = row.iloc[0]
-        found.defer(
-            f"primary associations of {'|'.join(tasks)}",
-            float(r0["p_adjusted"]),
-            lambda level, r0=r0, strata=strata: association_sentence(
-                r0, strata, primary, opts, n_tests, level, mde_at
-            ),
-        )
+
+        def verdict(level: float, r0: pd.Series = r0, strata: pd.DataFrame = strata) -> Verdict:
+            return association_sentence(r0, strata, primary, opts, n_tests, level, mde_at)
+
+        found.defer(f"primary associations of {label}", float(r0["p_adjusted"]), verdict)
 
 
 def association_sentence(

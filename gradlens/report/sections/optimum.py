@@ -30,6 +30,7 @@ def optimum_part(
     found: Findings,
     out: dict[str, Any],
 ) -> pd.DataFrame | None:
+    """The optimal ``wcol`` per model size (a description) and its trend with size (a test)."""
     from gradlens import stats
 
     score = f"{opts.metric}.mean"
@@ -50,33 +51,7 @@ def optimum_part(
     )
     out["optimal_weight"] = opt
     level = round(100 * float(opt["ci_level"].iloc[0])) if len(opt) else 95
-    sec.tables.append(
-        _r.Table(
-            caption=f"Optimal {wcol} per model size (grid optimum of the mean {score} over "
-            f"seeds; {level}% bootstrap interval, seeds resampled within each weight)",
-            header=[
-                scol,
-                "p*",
-                f"{level}% interval",
-                f"{score} at p*",
-                "weights",
-                "runs",
-                "min seeds",
-            ],
-            rows=[
-                [
-                    _r.num(r[scol], 4),
-                    _r.num(r["p_star"]),
-                    _r.interval(r["ci_low"], r["ci_high"]),
-                    _r.num(r["score_at_p_star"], 4),
-                    _r.num(r["n_weights"]),
-                    _r.num(r["n_runs"]),
-                    _r.num(r["min_seeds"]),
-                ]
-                for _, r in opt.iterrows()
-            ],
-        )
-    )
+    sec.tables.append(_optimum_table(opt, wcol, scol, score, level))
     wdesc = describe(wcol, opts.metric)
     stars = "; ".join(
         f"{_r.num(r['p_star'])} {_r.interval(r['ci_low'], r['ci_high'])}"
@@ -88,10 +63,48 @@ def optimum_part(
             f"The intervals of the optimal {wdesc} do not reflect seed noise: some weights have "
             "a single seed."
         )
-    best = f"The best {wdesc} in this sweep (grid optimum of the mean over seeds) is {stars}."
-    if size_col is None or len(opt) < 2:
-        found.descriptive.append(best)
-        return opt
+    found.descriptive.append(
+        f"The best {wdesc} in this sweep (grid optimum of the mean over seeds) is {stars}."
+    )
+    if size_col is not None and len(opt) >= 2:
+        _trend_part(joint, opt, wcol, size_col, level, opts, sec, found, out)
+    return opt
+
+
+def _optimum_table(opt: pd.DataFrame, wcol: str, scol: str, score: str, level: int) -> _r.Table:
+    return _r.Table(
+        caption=f"Optimal {wcol} per model size (grid optimum of the mean {score} over "
+        f"seeds; {level}% bootstrap interval, seeds resampled within each weight)",
+        header=[scol, "p*", f"{level}% interval", f"{score} at p*", "weights", "runs", "min seeds"],
+        rows=[
+            [
+                _r.num(r[scol], 4),
+                _r.num(r["p_star"]),
+                _r.interval(r["ci_low"], r["ci_high"]),
+                _r.num(r["score_at_p_star"], 4),
+                _r.num(r["n_weights"]),
+                _r.num(r["n_runs"]),
+                _r.num(r["min_seeds"]),
+            ]
+            for _, r in opt.iterrows()
+        ],
+    )
+
+
+def _trend_part(
+    joint: pd.DataFrame,
+    opt: pd.DataFrame,
+    wcol: str,
+    size_col: str,
+    level: int,
+    opts: Options,
+    sec: _r.Section,
+    found: Findings,
+    out: dict[str, Any],
+) -> None:
+    """Does the optimal weight move with model size? Its table, and the deferred claim."""
+    from gradlens import stats
+
     # The test of a moving optimum fits a parabola per size when every size has 3 weights or
     # more: the grid optimum's bootstrap test has atoms at slope 0 and rejects 0.00-0.01 of null
     # sweeps (docs/stats.md); the table above stays the grid optimum, a description.
@@ -99,7 +112,7 @@ def optimum_part(
     trend = stats.optimal_weight_trend(
         joint,
         weight_col=wcol,
-        score_col=score,
+        score_col=f"{opts.metric}.mean",
         size_col=size_col,
         estimator="quadratic" if quadratic else "grid",
         n_boot=opts.n_boot,
@@ -127,7 +140,7 @@ def optimum_part(
         f"{_r.interval(trend['ci_low'], trend['ci_high'], 3)}, p = {_r.pval(trend['p_value'])}, "
         f"{trend['n_sizes']} sizes, {trend['estimator']} optimum per size"
     )
-    found.descriptive.append(best)
+    wdesc = describe(wcol, opts.metric)
     p = float(trend["p_value"])
 
     def verdict(level: float) -> Verdict:
@@ -140,4 +153,3 @@ def optimum_part(
         ]
 
     found.defer(f"optimal-weight trend of {wcol}", p, verdict)
-    return opt

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -28,6 +29,8 @@ __all__ = ["task_set_section"]
 def representative(
     joint: pd.DataFrame, wcols: list[str], size_col: str | None, opt: pd.DataFrame | None
 ) -> str:
+    """The run drawn alone: of the largest size, at the weight nearest its optimum (else the
+    median weight); ties broken by run id."""
     work = joint
     if size_col is not None:
         sizes = pd.to_numeric(work[size_col], errors="coerce")
@@ -68,6 +71,24 @@ def pbt_schedule(
     return pd.DataFrame(rows), end
 
 
+@dataclass
+class _Set:
+    """One task set being reported: its runs, swept weights, size column and output."""
+
+    number: int
+    tasks: list[str]
+    joint: pd.DataFrame
+    wcols: list[str]
+    size_col: str | None
+    plots: Any  # gradlens.plots, or NoFigures when the report draws none
+    opts: Options
+    sec: _r.Section
+    out: dict[str, Any]
+
+    def figure(self, kind: str, fig: Any, caption: str) -> None:
+        add_figure(self.sec.figures, f"set{self.number}-{kind}.png", fig, caption, self.opts.dpi)
+
+
 def task_set_section(
     number: int,
     tasks: list[str],
@@ -77,139 +98,154 @@ def task_set_section(
     opts: Options,
     found: Findings,
 ) -> tuple[_r.Section, dict[str, Any]]:
-    from gradlens import plots as _plots
+    """The section of one task set (its figures and parts) and its results for ``stats.json``."""
+    from gradlens import plots
 
-    plots: Any = _plots if opts.figures else NoFigures()
-
-    label = "|".join(tasks)
-    sec = _r.Section(title=f"Tasks: {', '.join(tasks)}")
-    out: dict[str, Any] = {"tasks": tasks, "n_joint_runs": len(joint)}
     wcols = weight_cols(joint, tasks)
     size_col = "model.n_params" if present(joint, "model.n_params") else None
-    out["weight_cols"], out["size_col"] = wcols, size_col
+    ts = _Set(
+        number,
+        tasks,
+        joint,
+        wcols,
+        size_col,
+        plots if opts.figures else NoFigures(),
+        opts,
+        _r.Section(title=f"Tasks: {', '.join(tasks)}"),
+        {"tasks": tasks, "n_joint_runs": len(joint), "weight_cols": wcols, "size_col": size_col},
+    )
+    ts.sec.paragraphs.append(_header(ts))
+    _overview_figures(ts, by_id)
+    associations_part(joint, wcols, size_col, tasks, opts, ts.sec, found, ts.out)
+    opt = None
+    if len(wcols) == 1:
+        opt = _optimum(ts, found)
+    elif len(wcols) > 1:
+        found.unsupported.append(
+            f"The optimal weight of {'|'.join(tasks)} is not estimated: it needs a sweep of one "
+            f"weight; found {len(wcols)} varying weights."
+        )
+    picked = gain_part(joint, single, tasks, wcols, size_col, opts, ts.sec, found, ts.out)
+    if picked is not None and len(picked) and {"model.depth", "model.width"} <= set(picked):
+        _gain_figure(ts, picked)
+    _pbt_figure(ts, by_id)
+    _run_figures(ts, by_id, representative(joint, wcols, size_col, opt))
+    within_part(joint, by_id, opts, ts.sec, found, ts.out)
+    return ts.sec, ts.out
+
+
+def _header(ts: _Set) -> str:
+    joint, size_col, wcols = ts.joint, ts.size_col, ts.wcols
     n_sizes = joint[size_col].nunique() if size_col else 1
     configs = (
         joint.groupby([c for c in [size_col, *wcols] if c], dropna=False).size()
         if (size_col or wcols)
         else pd.Series([len(joint)])
     )
-    sec.paragraphs.append(
+    return (
         f"{len(joint)} joint runs, {n_sizes} model size(s), swept weights: "
         f"{', '.join(wcols) if wcols else 'none'}; seeds per configuration: "
         f"{int(configs.min())} to {int(configs.max())}."
     )
-    figs = sec.figures
-    slug = f"set{number}"
 
+
+def _overview_figures(ts: _Set, by_id: dict[str, Any]) -> None:
+    """The pooled task x task heatmap, and conflict against the weight."""
+    joint = ts.joint
     pooled = pd.concat(
         [by_id[r].metrics[by_id[r].metrics["layer"] == TOTAL_LAYER] for r in joint["run_id"]],
         ignore_index=True,
     )
     if not pooled.empty and (pooled["metric"] == "cosine").any():
-        fig = plots.conflict_heatmap(
-            pooled, tasks=tasks, title=f"Pooled over the {len(joint)} joint runs"
+        fig = ts.plots.conflict_heatmap(
+            pooled, tasks=ts.tasks, title=f"Pooled over the {len(joint)} joint runs"
         )
-        add_figure(
-            figs,
-            f"{slug}-heatmap.png",
+        ts.figure(
+            "heatmap",
             fig,
             "Mean cosine between task gradients (all shared parameters), and how often "
             "it is negative, pooled over every probed step of every joint run.",
-            opts.dpi,
         )
-    if wcols and present(joint, "conflict_freq.mean"):
-        fig = plots.weight_vs_interference(
-            joint, weight_col=wcols[0], interference_col="conflict_freq.mean", size_col=size_col
+    if ts.wcols and present(joint, "conflict_freq.mean"):
+        fig = ts.plots.weight_vs_interference(
+            joint,
+            weight_col=ts.wcols[0],
+            interference_col="conflict_freq.mean",
+            size_col=ts.size_col,
         )
-        add_figure(
-            figs,
-            f"{slug}-weight-interference.png",
+        ts.figure(
+            "weight-interference",
             fig,
-            f"Conflict frequency of each run against {wcols[0]}, with a least-squares line "
+            f"Conflict frequency of each run against {ts.wcols[0]}, with a least-squares line "
             "and 95% band per model size.",
-            opts.dpi,
         )
 
-    associations_part(joint, wcols, size_col, tasks, opts, sec, found, out)
-    opt = None
-    if len(wcols) == 1:
-        opt = optimum_part(joint, wcols[0], size_col, opts, sec, found, out)
-        if opt is not None:
-            scol = size_col or "model size"
-            work = joint if size_col else joint.assign(**{"model size": "all runs"})
-            fig = plots.accuracy_vs_weight(
-                work,
-                weight_col=wcols[0],
-                score_col=f"{opts.metric}.mean",
-                size_col=scol,
-                optimum=opt,
-            )
-            add_figure(
-                figs,
-                f"{slug}-score-weight.png",
-                fig,
-                f"Mean {opts.metric} on {opts.split} against {wcols[0]} per model size "
-                "(dots: seeds; stars: optimal weight with its interval).",
-                opts.dpi,
-            )
-    elif len(wcols) > 1:
-        found.unsupported.append(
-            f"The optimal weight of {label} is not estimated: it needs a sweep of one weight; "
-            f"found {len(wcols)} varying weights."
+
+def _optimum(ts: _Set, found: Findings) -> pd.DataFrame | None:
+    """The optimum part, and the score against the weight with the optimum marked."""
+    opts, wcol = ts.opts, ts.wcols[0]
+    opt = optimum_part(ts.joint, wcol, ts.size_col, opts, ts.sec, found, ts.out)
+    if opt is not None:
+        scol = ts.size_col or "model size"
+        work = ts.joint if ts.size_col else ts.joint.assign(**{"model size": "all runs"})
+        fig = ts.plots.accuracy_vs_weight(
+            work, weight_col=wcol, score_col=f"{opts.metric}.mean", size_col=scol, optimum=opt
         )
-    picked = gain_part(joint, single, tasks, wcols, size_col, opts, sec, found, out)
-    if picked is not None and len(picked) and {"model.depth", "model.width"} <= set(picked):
-        if len(tasks) <= 6:
-            grid = picked
-            panel: str | None = "task"
-            ci: tuple[str, str] | None = ("ci_low", "ci_high")
-        else:
-            grid = picked.groupby(["model.depth", "model.width"])["gain"].mean().reset_index()
-            panel, ci = None, None
-        if grid["gain"].notna().any():
-            scale, unit, digits = (
-                (100.0, "points", 1) if opts.metric == "accuracy" else (1.0, "", 3)
-            )
-            fig = plots.gain_grid(grid, panel=panel, ci=ci, scale=scale, digits=digits, unit=unit)
-            add_figure(
-                figs,
-                f"{slug}-gain-grid.png",
-                fig,
-                f"Joint minus single-task {opts.metric} per depth and width at the selected "
-                "weight" + (", per task, with intervals." if panel else ", mean over tasks."),
-                opts.dpi,
-            )
-    schedule, end = pbt_schedule(joint, by_id)
-    if schedule is not None:
-        out["pbt_schedule"] = schedule
-        fig = plots.pbt_schedules(schedule, end=end)
-        add_figure(
-            figs,
-            f"{slug}-pbt.png",
+        ts.figure(
+            "score-weight",
             fig,
-            f"Loss-weight schedules of the {schedule['member'].nunique()} PBT members "
-            "(weights stacked; each change is an exploit/explore step).",
-            opts.dpi,
+            f"Mean {opts.metric} on {opts.split} against {wcol} per model size "
+            "(dots: seeds; stars: optimal weight with its interval).",
         )
-    rep = representative(joint, wcols, size_col, opt)
-    run = by_id[rep]
-    if len(run.layers) > 2:
-        fig = plots.layer_step_heatmap(run, title=f"Run {rep}: mean pairwise cosine per layer")
-        add_figure(
-            figs,
-            f"{slug}-layers.png",
-            fig,
-            f"Layer x step mean pairwise cosine of the run {rep}.",
-            opts.dpi,
-        )
-    fig = plots.conflict_timeline(run, eval_metric=opts.metric, title=f"Run {rep}")
-    add_figure(
-        figs,
-        f"{slug}-timeline.png",
+    return opt
+
+
+def _gain_figure(ts: _Set, picked: pd.DataFrame) -> None:
+    """The selected gains on the depth x width grid: per task (up to 6), else their mean."""
+    if len(ts.tasks) <= 6:
+        grid = picked
+        panel: str | None = "task"
+        ci: tuple[str, str] | None = ("ci_low", "ci_high")
+    else:
+        grid = picked.groupby(["model.depth", "model.width"])["gain"].mean().reset_index()
+        panel, ci = None, None
+    if not grid["gain"].notna().any():
+        return
+    metric = ts.opts.metric
+    scale, unit, digits = (100.0, "points", 1) if metric == "accuracy" else (1.0, "", 3)
+    fig = ts.plots.gain_grid(grid, panel=panel, ci=ci, scale=scale, digits=digits, unit=unit)
+    ts.figure(
+        "gain-grid",
         fig,
-        f"Conflict over training and validation {opts.metric} of the run {rep}.",
-        opts.dpi,
+        f"Joint minus single-task {metric} per depth and width at the selected weight"
+        + (", per task, with intervals." if panel else ", mean over tasks."),
     )
-    out["representative_run"] = rep
-    within_part(joint, by_id, opts, sec, found, out)
-    return sec, out
+
+
+def _pbt_figure(ts: _Set, by_id: dict[str, Any]) -> None:
+    schedule, end = pbt_schedule(ts.joint, by_id)
+    if schedule is None:
+        return
+    ts.out["pbt_schedule"] = schedule
+    ts.figure(
+        "pbt",
+        ts.plots.pbt_schedules(schedule, end=end),
+        f"Loss-weight schedules of the {schedule['member'].nunique()} PBT members "
+        "(weights stacked; each change is an exploit/explore step).",
+    )
+
+
+def _run_figures(ts: _Set, by_id: dict[str, Any], rep: str) -> None:
+    """The layer x step heatmap and the conflict timeline of the representative run."""
+    run = by_id[rep]
+    metric = ts.opts.metric
+    if len(run.layers) > 2:
+        fig = ts.plots.layer_step_heatmap(run, title=f"Run {rep}: mean pairwise cosine per layer")
+        ts.figure("layers", fig, f"Layer x step mean pairwise cosine of the run {rep}.")
+    timeline = ts.plots.timeline_data(run, eval_metric=metric)  # computed here, drawn below
+    ts.figure(
+        "timeline",
+        ts.plots.conflict_timeline(timeline, title=f"Run {rep}"),
+        f"Conflict over training and validation {metric} of the run {rep}.",
+    )
+    ts.out["representative_run"] = rep

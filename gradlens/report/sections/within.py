@@ -4,6 +4,7 @@ metric inside each run (effective-n intervals), pooled across runs with random e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,57 @@ def within_part(
     found: Findings,
     out: dict[str, Any],
 ) -> None:
+    """Within-run correlations of one task set: per run, adjusted, pooled; claims deferred."""
+    from gradlens import stats
+
+    table = _per_run(joint, by_id, opts)
+    tested = table[table["p_value"].notna()]
+    if tested.empty:
+        found.unsupported.append(
+            f"Within-run correlation of per-epoch conflict with validation {opts.metric} is not "
+            "testable: the runs have no per-epoch validation evals (points 'epoch:<k>')."
+        )
+        out["within_run"] = table
+        return
+    table["p_adjusted"] = np.nan
+    table.loc[tested.index, "p_adjusted"] = stats.adjust(
+        tested["p_value"].to_numpy(np.float64), method=opts.correction
+    )
+    out["within_run"] = table
+    tested = table.loc[tested.index]
+    level = round(100 * float(tested["ci_level"].iloc[0]))
+    pooled = stats.pool_correlations(
+        tested["estimate"].to_numpy(np.float64), tested["n_eff"].to_numpy(np.float64), ci=0.95
+    )
+    out["within_run_pooled"] = pooled
+    _describe(table, len(tested), level, opts, sec)
+    r = tested["estimate"].to_numpy(np.float64)
+    sig = tested[tested["p_adjusted"] < opts.alpha]
+    stat = (
+        f"median r = {_r.num(np.nanmedian(r), 2, signed=True)} over {len(tested)} runs; "
+        f"{len(sig)} of {len(tested)} runs significant after {opts.correction}"
+    )
+    skipped = len(table) - len(tested)
+    if skipped:
+        stat += f"; {skipped} runs not testable (see the table notes)"
+    if pooled["k"] < 2:
+        found.unsupported.append(
+            f"Within-run correlation of per-epoch conflict with validation {opts.metric}: "
+            f"fewer than 2 runs with n_eff > 3 to pool ({stat}); inconclusive."
+        )
+        return
+    pstat = (
+        f"pooled r = {_r.num(pooled['estimate'], 2, signed=True)} "
+        f"{_r.interval(pooled['ci_low'], pooled['ci_high'])}, p = {_r.pval(pooled['p_value'])}, "
+        f"{pooled['k']} runs, tau^2 = {pooled['tau2']:.3g}; {stat}"
+    )
+    found.defer(
+        "within-run pooled correlation", float(pooled["p_value"]), _verdict(pooled, pstat, opts)
+    )
+
+
+def _per_run(joint: pd.DataFrame, by_id: dict[str, Any], opts: Options) -> pd.DataFrame:
+    """:func:`gradlens.stats.within_run` of each run (a note where it cannot be computed)."""
     from gradlens import stats
 
     rows = []
@@ -45,32 +97,19 @@ def within_part(
     table = pd.DataFrame(rows)
     if "p_value" not in table:
         table["p_value"] = np.nan
-    tested = table[table["p_value"].notna()]
-    if tested.empty:
-        found.unsupported.append(
-            f"Within-run correlation of per-epoch conflict with validation {opts.metric} is not "
-            "testable: the runs have no per-epoch validation evals (points 'epoch:<k>')."
-        )
-        out["within_run"] = table
-        return
-    table["p_adjusted"] = np.nan
-    table.loc[tested.index, "p_adjusted"] = stats.adjust(
-        tested["p_value"].to_numpy(np.float64),
-        method=opts.correction,  # type: ignore[arg-type]
-    )
-    out["within_run"] = table
-    tested = table.loc[tested.index]
-    level = round(100 * float(tested["ci_level"].iloc[0]))
+    return table
+
+
+def _describe(
+    table: pd.DataFrame, n_tested: int, level: int, opts: Options, sec: _r.Section
+) -> None:
+    """The paragraph on how the within-run correlations are tested, and their table."""
     corr = CORRECTION_NAME[opts.correction]
-    pooled = stats.pool_correlations(
-        tested["estimate"].to_numpy(np.float64), tested["n_eff"].to_numpy(np.float64), ci=0.95
-    )
-    out["within_run_pooled"] = pooled
     sec.paragraphs.append(
         f"Within each run, per-epoch conflict frequency against validation {opts.metric} "
         f"(Pearson r). Epochs are autocorrelated, so the interval and p-value use the "
         f"effective number of epochs of two AR(1) series (n_eff): a {level}% Fisher-z "
-        f"interval on n_eff and a t-test on n_eff - 2 df, {corr} over the {len(tested)} runs. "
+        f"interval on n_eff and a t-test on n_eff - 2 df, {corr} over the {n_tested} runs. "
         f"The circular block-bootstrap interval is shown for reference only: at a few dozen "
         f"epochs it covers well under {level}% (docs/stats.md). Across runs, the per-run "
         f"correlations are pooled by Fisher z with DerSimonian-Laird random effects and a "
@@ -107,26 +146,10 @@ def within_part(
             text_columns=frozenset({0, 8}),
         )
     )
-    r = tested["estimate"].to_numpy(np.float64)
-    sig = tested[tested["p_adjusted"] < opts.alpha]
-    stat = (
-        f"median r = {_r.num(np.nanmedian(r), 2, signed=True)} over {len(tested)} runs; "
-        f"{len(sig)} of {len(tested)} runs significant after {opts.correction}"
-    )
-    skipped = len(table) - len(tested)
-    if skipped:
-        stat += f"; {skipped} runs not testable (see the table notes)"
-    if pooled["k"] < 2:
-        found.unsupported.append(
-            f"Within-run correlation of per-epoch conflict with validation {opts.metric}: "
-            f"fewer than 2 runs with n_eff > 3 to pool ({stat}); inconclusive."
-        )
-        return
-    pstat = (
-        f"pooled r = {_r.num(pooled['estimate'], 2, signed=True)} "
-        f"{_r.interval(pooled['ci_low'], pooled['ci_high'])}, p = {_r.pval(pooled['p_value'])}, "
-        f"{pooled['k']} runs, tau^2 = {pooled['tau2']:.3g}; {stat}"
-    )
+
+
+def _verdict(pooled: dict[str, Any], pstat: str, opts: Options) -> Callable[[float], Verdict]:
+    """The claim on the pooled within-run correlation at a given level."""
 
     def verdict(level: float) -> Verdict:
         if math.isfinite(pooled["p_value"]) and pooled["p_value"] < level:
@@ -148,4 +171,4 @@ def within_part(
             f"{max(abs(lo), abs(hi)):.2f}."
         ]
 
-    found.defer("within-run pooled correlation", float(pooled["p_value"]), verdict)
+    return verdict
