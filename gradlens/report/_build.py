@@ -128,22 +128,25 @@ def build_report(
     Raises:
         GradlensError: On a bad argument; StoreError if ``sweep_dir`` holds no run.
     """
-    opts = _options(
+    _check_options(
+        methods, correction, alpha, n_boot, n_perm, power_sims, dpi, margin_r, margin_gain
+    )
+    opts = Options(
         split=split,
         select_split=select_split,
-        eval_metric=eval_metric,
-        methods=methods,
-        correction=correction,
-        alpha=alpha,
+        metric=eval_metric,
+        methods=cast("tuple[Method, ...]", tuple(methods)),  # checked above
+        correction=cast("Correction", correction),  # checked above
+        alpha=float(alpha),
         n_boot=n_boot,
         n_perm=n_perm,
         seed=seed,
         progress=progress,
         dpi=dpi,
-        margin_r=margin_r,
-        margin_gain=margin_gain,
+        margin_r=float(margin_r),
+        margin_gain=float(margin_gain),
         power_sims=power_sims,
-        figures=figures,
+        figures=bool(figures),
     )
     sweep = Path(sweep_dir)
     if not sweep.is_dir():
@@ -155,54 +158,30 @@ def build_report(
     return _write(sweep, out, opts, analysis)
 
 
-def _options(
-    *,
-    split: str,
-    select_split: str,
-    eval_metric: str,
+def _check_options(
     methods: Sequence[str],
     correction: str,
     alpha: float,
     n_boot: int,
     n_perm: int,
-    seed: int,
-    progress: bool,
+    power_sims: int,
     dpi: int,
     margin_r: float,
     margin_gain: float,
-    power_sims: int,
-    figures: bool,
-) -> Options:
-    """The checked options (a GradlensError naming the first bad one)."""
+) -> None:
+    """A GradlensError naming the first bad option."""
     check_choice("correction", correction, CORRECTION_NAME)
     bad = [m for m in methods if m not in SYMBOL] if not isinstance(methods, str) else [methods]
     if bad or not methods:
         fail("methods", f"a non-empty list of {list(SYMBOL)}", methods)
-    alpha = check_number("alpha", alpha, low=0.0, high=1.0, strict_low=True, strict_high=True)
+    check_number("alpha", alpha, low=0.0, high=1.0, strict_low=True, strict_high=True)
     for name, val in (("n_boot", n_boot), ("n_perm", n_perm), ("power_sims", power_sims)):
         check_int(name, val, minimum=0)
     check_int("dpi", dpi, minimum=1)
-    margin_r = check_number("margin_r", margin_r, low=0.0)
-    margin_gain = check_number("margin_gain", margin_gain, low=0.0)
+    check_number("margin_r", margin_r, low=0.0)
+    check_number("margin_gain", margin_gain, low=0.0)
     if not margin_r < 1:
         fail("margin_r", "a correlation below 1", margin_r)
-    return Options(
-        split=split,
-        select_split=select_split,
-        metric=eval_metric,
-        methods=cast("tuple[Method, ...]", tuple(methods)),  # checked above
-        correction=cast("Correction", correction),  # checked above
-        alpha=alpha,
-        n_boot=n_boot,
-        n_perm=n_perm,
-        seed=seed,
-        progress=progress,
-        dpi=dpi,
-        margin_r=margin_r,
-        margin_gain=margin_gain,
-        power_sims=power_sims,
-        figures=bool(figures),
-    )
 
 
 @dataclass
