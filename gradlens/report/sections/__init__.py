@@ -9,6 +9,21 @@
 
 The methods-as-arms section is :mod:`gradlens.report._arms`; the HTML and Markdown renderer is
 :mod:`gradlens.report._render`; :func:`gradlens.report.build_report` assembles them.
+
+Each part defers its claims to :class:`Findings`, which sorts them once every test family of the
+report is known, each family at ``alpha`` over the number of families (Bonferroni):
+
+Example:
+    >>> from gradlens.report.sections import Findings
+    >>> found = Findings()
+    >>> def claim(name, p):
+    ...     return lambda level: ([f"{name} holds"], []) if p < level else ([], [f"{name}: no"])
+    >>> found.defer("a", 0.01, claim("A", 0.01))
+    >>> found.defer("b", 0.04, claim("B", 0.04))
+    >>> found.resolve(alpha=0.05)["level_per_family"]
+    0.025
+    >>> [line.split(" [")[0] for line in found.supported], found.unsupported
+    (['A holds'], ['B: no'])
 """
 
 from __future__ import annotations
