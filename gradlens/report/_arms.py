@@ -30,7 +30,7 @@ import pandas as pd
 
 from gradlens.report import _render as _r
 from gradlens.stats import _core as _core
-from gradlens.stats import _gain_boot, _gain_pairs, _rescaled
+from gradlens.stats._gain import gain_boot, gain_pairs, rescaled
 
 __all__ = ["arms_section", "method_arms", "split_methods"]
 
@@ -99,19 +99,19 @@ def method_arms(
             lo = hi = math.nan
             if vals.size and n_boot:
                 C = rng.multinomial(vals.size, np.full(vals.size, 1.0 / vals.size), size=n_boot)
-                boots = C @ _rescaled(vals) / vals.size
+                boots = C @ rescaled(vals) / vals.size
                 lo, hi = _core.percentile_interval(boots, ci)
             d = dlo = dhi = math.nan
             paired = False
             if best is not None:
-                va, vb, pairs = _gain_pairs(g, best, score_col, seed_col)
+                va, vb, pairs = gain_pairs(g, best, score_col, seed_col)
                 paired = pairs is not None
                 if pairs is not None:
                     d = float(pairs.mean()) if pairs.size else math.nan
                 elif va.size and vb.size:
                     d = float(va.mean() - vb.mean())
                 boots = (
-                    _gain_boot(va, vb, pairs, n_boot, rng)
+                    gain_boot(va, vb, pairs, n_boot, rng)
                     if n_boot and va.size and vb.size
                     else np.empty(0)
                 )

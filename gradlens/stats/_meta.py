@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from gradlens._errors import GradlensError, require
+from gradlens.stats import _args
 
 __all__ = ["pool_correlations"]
 
@@ -48,10 +49,8 @@ def pool_correlations(r: Any, n: Any, *, ci: float = 0.95) -> dict[str, Any]:
         >>> round(res["estimate"], 3), res["k"], res["tau2"]
         (0.414, 3, 0.0)
     """
-    from gradlens.stats import _level, _vector
-
-    level = _level(ci)
-    rv, nv = _vector(r, "r"), _vector(n, "n")
+    level = _args.level(ci)
+    rv, nv = _args.vector(r, "r"), _args.vector(n, "n")
     if rv.shape != nv.shape:
         raise GradlensError(
             f"`r` and `n` should have the same length; found {rv.size} and {nv.size}."
@@ -78,7 +77,7 @@ def pool_correlations(r: Any, n: Any, *, ci: float = 0.95) -> dict[str, Any]:
     }
     if k < 2:
         return out
-    sp = require("scipy.stats", "stats", "gradlens.stats.pool_correlations")
+    sp: Any = require("scipy.stats", "stats", "gradlens.stats.pool_correlations")
     z = np.arctanh(np.clip(rv[keep], -1 + 1e-12, 1 - 1e-12))
     v = 1.0 / (nv[keep] - 3.0)
     w = 1.0 / v
@@ -92,18 +91,18 @@ def pool_correlations(r: Any, n: Any, *, ci: float = 0.95) -> dict[str, Any]:
     q_hk = float(ws @ (z - mu) ** 2) / (k - 1)
     # Runs that agree exactly leave the Hartung-Knapp variance at 0: use DerSimonian-Laird's.
     var_hk = q_hk * var_dl if q_hk > 0 else var_dl
-    tq = float(sp.t.ppf((1 + level) / 2, k - 1))  # type: ignore[attr-defined]
-    nq = float(sp.norm.ppf((1 + level) / 2))  # type: ignore[attr-defined]
+    tq = float(sp.t.ppf((1 + level) / 2, k - 1))
+    nq = float(sp.norm.ppf((1 + level) / 2))
     se_hk, se_dl = math.sqrt(var_hk), math.sqrt(var_dl)
     out.update(
         {
             "estimate": math.tanh(mu),
             "ci_low": math.tanh(mu - tq * se_hk),
             "ci_high": math.tanh(mu + tq * se_hk),
-            "p_value": float(2 * sp.t.sf(abs(mu) / se_hk, k - 1)),  # type: ignore[attr-defined]
+            "p_value": float(2 * sp.t.sf(abs(mu) / se_hk, k - 1)),
             "ci_low_dl": math.tanh(mu - nq * se_dl),
             "ci_high_dl": math.tanh(mu + nq * se_dl),
-            "p_value_dl": float(2 * sp.norm.sf(abs(mu) / se_dl)),  # type: ignore[attr-defined]
+            "p_value_dl": float(2 * sp.norm.sf(abs(mu) / se_dl)),
             "tau2": tau2,
             "q": q,
             "i2": max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0,

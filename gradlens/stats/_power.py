@@ -29,6 +29,8 @@ from typing import Any, Literal
 import numpy as np
 
 from gradlens._errors import GradlensError
+from gradlens.stats import _args
+from gradlens.stats import _core as _core
 
 __all__ = ["min_detectable_effect", "power"]
 
@@ -39,14 +41,13 @@ _DESIGNS: tuple[str, ...] = ("association", "gain")
 def _design_args(
     design: str, sizes: int, weights: int, seeds: int, alpha: float, n_tests: int, n_sim: int
 ) -> None:
-    from gradlens.stats import _choice, _count
 
-    _choice(design, _DESIGNS, "design")
-    _count(sizes, "sizes", 1)
-    _count(weights, "weights", 1)
-    _count(seeds, "seeds", 2)
-    _count(n_tests, "n_tests", 1)
-    _count(n_sim, "n_sim", 1)
+    _args.choice(design, _DESIGNS, "design")
+    _args.count(sizes, "sizes", 1)
+    _args.count(weights, "weights", 1)
+    _args.count(seeds, "seeds", 2)
+    _args.count(n_tests, "n_tests", 1)
+    _args.count(n_sim, "n_sim", 1)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise GradlensError(f"`alpha` should lie in (0, 1); found {alpha!r}.")
     if design == "association" and weights < 3:
@@ -67,17 +68,16 @@ def _association_pvalues(
     """P-values of the report's association test (:func:`gradlens.stats.correlate` with the
     configurations as groups: whole configurations permuted) on each simulated study. One set
     of configuration permutations serves every study (each p-value stays valid)."""
-    from gradlens.stats import _core as core
 
     xs = (x - x.mean()) / x.std()
-    perms, exact, _ = core.group_permutations(np.random.default_rng([seed, 1]), codes, n_perm)
+    perms, exact, _ = _core.group_permutations(np.random.default_rng([seed, 1]), codes, n_perm)
     ones = np.ones((1, x.size))
     out = np.empty(noise.shape[0])
     for i in range(noise.shape[0]):
         y = effect * xs + math.sqrt(max(0.0, 1.0 - effect * effect)) * noise[i]
-        observed = float(core.correlation_counts(x, y, ones, method)[0])
-        null = core.permutation_null(x, y, perms, method)
-        out[i] = core.permutation_pvalue(observed, null, exact)
+        observed = float(_core.correlation_counts(x, y, ones, method)[0])
+        null = _core.permutation_null(x, y, perms, method)
+        out[i] = _core.permutation_pvalue(observed, null, exact)
     return out
 
 

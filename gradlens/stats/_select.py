@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens._errors import GradlensError
+from gradlens.stats import _args
 from gradlens.stats import _gain as _gain
 
 __all__ = ["selected_gain"]
@@ -69,12 +70,11 @@ def selected_gain(
         >>> g[["task", "weights.a", "gain", "n_seeds"]].round(3).values.tolist()[0]
         ['a', 0.8, 0.08, 3]
     """
-    from gradlens.stats import _columns, _frame, _level
 
-    table = _frame(table)
-    scols = _columns(table, size_cols, "size_cols")
-    _columns(table, [select_col, seed_col, tasks_col], "select_col/seed_col/tasks_col")
-    level = _level(ci)
+    table = _args.frame(table)
+    scols = _args.columns(table, size_cols, "size_cols")
+    _args.columns(table, [select_col, seed_col, tasks_col], "select_col/seed_col/tasks_col")
+    level = _args.level(ci)
     wcols = [c for c in table.columns if str(c).startswith("weights.")]
     n_tasks = table[tasks_col].astype(str).str.split("|").str.len()
     single, joint = table[n_tasks == 1], table[n_tasks > 1]

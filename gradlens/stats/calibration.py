@@ -23,11 +23,17 @@ import math
 import time
 from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from gradlens import stats
+from gradlens._types import TOTAL_LAYER
+from gradlens.stats.correlation import Correction, Method
+from gradlens.stats.weights import Estimator
+
+_METHODS: tuple[Method, ...] = ("spearman", "pearson", "kendall")
 
 __all__ = [
     "associations_fwer",
@@ -51,14 +57,14 @@ def _null_xy(rng: np.random.Generator, n_runs: int) -> tuple[np.ndarray, np.ndar
 
 
 def null_pvalues(
-    n_sweeps: int, *, method: str, n_runs: int = 30, n_perm: int = 999, seed: int = 0
+    n_sweeps: int, *, method: Method, n_runs: int = 30, n_perm: int = 999, seed: int = 0
 ) -> np.ndarray:
     """Permutation p-values of :func:`gradlens.stats.correlate` over null sweeps."""
     out = np.empty(n_sweeps)
     for i in range(n_sweeps):
         rng = np.random.default_rng([seed, i])
         x, y = _null_xy(rng, n_runs)
-        res = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)  # type: ignore[arg-type]
+        res = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)
         out[i] = res["p_value"]
     return out
 
@@ -67,7 +73,7 @@ def planted_pvalues(
     n_sweeps: int,
     *,
     rho: float,
-    method: str,
+    method: Method,
     n_runs: int = 30,
     n_perm: int = 999,
     n_boot: int = 0,
@@ -96,7 +102,7 @@ def planted_pvalues(
             method=method,
             n_boot=n_boot,
             n_perm=n_perm,
-            seed=rng,  # type: ignore[arg-type]
+            seed=rng,
         )
         p[i] = res["p_value"]
         if n_boot:
@@ -119,7 +125,7 @@ def _series_run(x: np.ndarray, y: np.ndarray) -> SimpleNamespace:
     metrics = pd.DataFrame(
         {
             "step": k * 10,
-            "layer": "__all__",
+            "layer": TOTAL_LAYER,
             "metric": "cosine",
             "task_i": "a",
             "task_j": "b",
@@ -145,7 +151,7 @@ def within_run_calibration(
     *,
     n: int = 50,
     phi: float = 0.8,
-    block: int | str = "auto",
+    block: int | Literal["auto"] = "auto",
     n_boot: int = 999,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -164,7 +170,7 @@ def within_run_calibration(
             metric="cosine",
             block=block,
             n_boot=n_boot,
-            seed=rng,  # type: ignore[arg-type]
+            seed=rng,
         )
         hits["coverage_block"] += res["ci_low"] <= 0.0 <= res["ci_high"]
         hits["coverage_neff"] += res["ci_low_neff"] <= 0.0 <= res["ci_high_neff"]
@@ -193,7 +199,7 @@ def trend_pvalues(
     *,
     shift: float,
     noise: float = 0.01,
-    estimator: str = "grid",
+    estimator: Estimator = "grid",
     n_boot: int = 999,
     seed: int = 0,
 ) -> np.ndarray:
@@ -208,7 +214,7 @@ def trend_pvalues(
             score_col="acc",
             estimator=estimator,
             n_boot=n_boot,
-            seed=rng,  # type: ignore[arg-type]
+            seed=rng,
         )
         out[i] = res["p_value"]
     return out
@@ -217,7 +223,7 @@ def trend_pvalues(
 def associations_fwer(
     n_sweeps: int,
     *,
-    methods: Sequence[str] = ("spearman",),
+    methods: Sequence[Method] = ("spearman",),
     n_perm: int | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -244,15 +250,16 @@ def associations_fwer(
             weight_cols=["weights.a"],
             interference_cols=["cosine.a|b", "gms.a|b"],
             accuracy_cols=["accuracy.a", "accuracy.mean"],
-            methods=list(methods),  # type: ignore[arg-type]
+            methods=list(methods),
             correction="none",
             n_boot=0,
             n_perm=n_perm,
             seed=int(rng.integers(2**31)),
         )
         p = res["p_value"].to_numpy()
-        for correction in hits:
-            hits[correction] += bool((stats.adjust(p, correction) < 0.05).any())  # type: ignore[arg-type]
+        corrections: tuple[Correction, ...] = ("holm", "bh", "none")
+        for correction in corrections:
+            hits[correction] += bool((stats.adjust(p, correction) < 0.05).any())
     return {k: v / n_sweeps for k, v in hits.items()}
 
 
@@ -271,7 +278,7 @@ def gain_coverage(
     *,
     seeds: int,
     gain: float = 0.01,
-    interval: str = "t",
+    interval: Literal["t", "bootstrap"] = "t",
     noise: str = "normal",
     n_boot: int = 999,
     seed: int = 0,
@@ -293,10 +300,13 @@ def gain_coverage(
             e = rng.normal(0, 0.003, size=(2, seeds))
         t_planted = _gain_table(0.8 + gain + shared + e[0], 0.8 + shared + e[1])
         t_null = _gain_table(0.8 + shared + e[0], 0.8 + shared + e[1])
-        kw = {"size_cols": ["size"], "interval": interval, "n_boot": n_boot, "seed": rng}
-        g = stats.joint_gain(t_planted, **kw).iloc[0]  # type: ignore[arg-type]
+        g = stats.joint_gain(
+            t_planted, size_cols=["size"], interval=interval, n_boot=n_boot, seed=rng
+        ).iloc[0]
         covered += g["ci_low"] <= gain <= g["ci_high"]
-        g0 = stats.joint_gain(t_null, **kw).iloc[0]  # type: ignore[arg-type]
+        g0 = stats.joint_gain(
+            t_null, size_cols=["size"], interval=interval, n_boot=n_boot, seed=rng
+        ).iloc[0]
         rejected += (g0["ci_low"] > 0) or (g0["ci_high"] < 0)
     return {"coverage": covered / n_sims, "null_excludes_0": rejected / n_sims}
 
@@ -350,7 +360,7 @@ def clustered_fpr(
     configs: int = 10,
     seeds: int = 3,
     icc: float = 0.5,
-    method: str = "spearman",
+    method: Method = "spearman",
     n_perm: int = 999,
     n_boot: int = 0,
     seed: int = 0,
@@ -369,8 +379,8 @@ def clustered_fpr(
             size=codes.size
         )
         g = stats.correlate(x, y, method=method, n_boot=n_boot, n_perm=n_perm, groups=codes,
-                            seed=rng)  # type: ignore[arg-type]  # fmt: skip
-        r = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)  # type: ignore[arg-type]
+                            seed=rng)  # fmt: skip
+        r = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)
         hits["groups_fpr"] += g["p_value"] < 0.05
         hits["runs_fpr"] += r["p_value"] < 0.05
         if n_boot:
@@ -435,7 +445,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         for n_runs in (30, 60):
             for rho in (0.3, 0.5):
                 cells = []
-                for method in ("spearman", "pearson", "kendall"):
+                for method in _METHODS:
                     p, _ = planted_pvalues(n_pow, rho=rho, method=method, n_runs=n_runs)
                     cells.append(f"{np.mean(p < 0.05):.3f}")
                 print(f"| {n_runs} | {rho} | " + " | ".join(cells) + " |")
@@ -443,7 +453,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if wanted("coverage"):
         n_cov = int(400 * k)
         print(f"\n## Bootstrap 95 % interval coverage, n = 30, rho = 0.5, {n_cov} sweeps")
-        for method in ("spearman", "pearson", "kendall"):
+        for method in _METHODS:
             _, covered = planted_pvalues(n_cov, rho=0.5, method=method, n_boot=999, n_perm=0)
             print(f"{method:9s} coverage = {np.nanmean(covered):.3f}")
 
@@ -482,10 +492,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"\n## Gain interval (joint_gain), 95 %, {n_g} cells each")
         print("| seeds | noise | interval | coverage | null cells excluding 0 |")
         for seeds in (3, 5, 10):
-            for noise in ("normal", "t3"):
+            for kind in ("normal", "t3"):
                 for interval in ("t", "bootstrap"):
-                    r = gain_coverage(n_g, seeds=seeds, interval=interval, noise=noise)
-                    print(f"| {seeds} | {noise} | {interval} | {r['coverage']:.3f} "
+                    r = gain_coverage(n_g, seeds=seeds, interval=interval, noise=kind)
+                    print(f"| {seeds} | {kind} | {interval} | {r['coverage']:.3f} "
                           f"| {r['null_excludes_0']:.3f} |")  # fmt: skip
 
     if wanted("selection"):
