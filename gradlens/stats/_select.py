@@ -104,18 +104,7 @@ def selected_gain(
             elif len(seeds) < 2:
                 note = f"fewer than 2 seeds shared with the baseline ({len(seeds)})"
             K, S = len(conf_keys), len(seeds)
-            sel = np.full((K, S), np.nan)
-            rep = np.full((K, S), np.nan)
-            seed_index = {s: j for j, s in enumerate(seeds)}
-            for k, ck in enumerate(conf_keys):
-                mask = np.ones(len(sub), dtype=bool)
-                for c, v in zip(varying, ck):
-                    mask &= (sub[c] == v).to_numpy() | (sub[c].isna() & pd.isna(v)).to_numpy()
-                for _, r in sub[mask].iterrows():
-                    j = seed_index.get(r[seed_col])
-                    if j is not None:
-                        sel[k, j] = float(r[select_col])
-                        rep[k, j] = float(r[col])
+            sel, rep = _seed_matrices(sub, conf_keys, varying, seeds, seed_col, select_col, col)
             base_vals = ref.set_index(seed_col)[col].reindex(seeds).to_numpy(np.float64)
             if note:
                 res: dict[str, Any] = {
@@ -149,3 +138,28 @@ def selected_gain(
             )
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _seed_matrices(
+    sub: pd.DataFrame,
+    conf_keys: list[tuple[Any, ...]],
+    varying: list[str],
+    seeds: list[Any],
+    seed_col: str,
+    select_col: str,
+    col: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Selection and reported scores, ``(configurations, seeds)``; NaN where a run is missing."""
+    sel = np.full((len(conf_keys), len(seeds)), np.nan)
+    rep = np.full((len(conf_keys), len(seeds)), np.nan)
+    seed_index = {s: j for j, s in enumerate(seeds)}
+    for k, ck in enumerate(conf_keys):
+        mask = np.ones(len(sub), dtype=bool)
+        for c, v in zip(varying, ck):
+            mask &= (sub[c] == v).to_numpy() | (sub[c].isna() & pd.isna(v)).to_numpy()
+        for _, r in sub[mask].iterrows():
+            j = seed_index.get(r[seed_col])
+            if j is not None:
+                sel[k, j] = float(r[select_col])
+                rep[k, j] = float(r[col])
+    return sel, rep

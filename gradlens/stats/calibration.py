@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Literal
 
@@ -413,132 +413,151 @@ def pooled_coverage(
     return {k_: v / n_sims for k_, v in hits.items()}
 
 
+def _print_null(k: float) -> None:
+    n_null = int(2000 * k)
+    print(f"## False-positive rate at alpha = 0.05, {n_null} null sweeps of 30 runs")
+    for method in _METHODS:
+        p = null_pvalues(n_null, method=method)
+        print(f"{method:9s} FPR = {np.mean(p < 0.05):.4f}")
+
+
+def _print_power(k: float) -> None:
+    n_pow = int(1000 * k)
+    print(f"\n## Power at alpha = 0.05 (permutation test), {n_pow} sweeps each")
+    print("| n | rho | spearman | pearson | kendall |")
+    for n_runs in (30, 60):
+        for rho in (0.3, 0.5):
+            cells = []
+            for method in _METHODS:
+                p, _ = planted_pvalues(n_pow, rho=rho, method=method, n_runs=n_runs)
+                cells.append(f"{np.mean(p < 0.05):.3f}")
+            print(f"| {n_runs} | {rho} | " + " | ".join(cells) + " |")
+
+
+def _print_coverage(k: float) -> None:
+    n_cov = int(400 * k)
+    print(f"\n## Bootstrap 95 % interval coverage, n = 30, rho = 0.5, {n_cov} sweeps")
+    for method in _METHODS:
+        _, covered = planted_pvalues(n_cov, rho=0.5, method=method, n_boot=999, n_perm=0)
+        print(f"{method:9s} coverage = {np.nanmean(covered):.3f}")
+
+
+def _print_within(k: float) -> None:
+    n_ser = int(400 * k)
+    print(f"\n## Within a run: independent AR(1) pairs (true r = 0), {n_ser} pairs")
+    print("| n | phi | block | cover, block CI | cover, n_eff CI | FPR n_eff t | FPR block p |")
+    for n, phi in ((30, 0.5), (50, 0.8), (100, 0.8), (50, 0.95)):
+        for block in ("auto", 1):
+            r = within_run_calibration(n_ser, n=n, phi=phi, block=block)
+            print(
+                f"| {n} | {phi} | {block} | {r['coverage_block']:.3f} "
+                f"| {r['coverage_neff']:.3f} | {r['fpr_neff']:.3f} | {r['fpr_block']:.3f} |"
+            )
+
+
+def _print_trend(k: float) -> None:
+    n_tr = int(400 * k)
+    print(f"\n## Optimal-weight trend test, {n_tr} sweeps (4 sizes x 9 weights x 3 seeds)")
+    print("| estimator | noise | shift per decade | rejection rate |")
+    for estimator in ("grid", "quadratic"):
+        for noise in (0.01, 0.03):
+            for shift in (0.0, 0.05, 0.1):
+                p = trend_pvalues(n_tr, shift=shift, noise=noise, estimator=estimator)
+                print(f"| {estimator} | {noise} | {shift} | {np.mean(p < 0.05):.3f} |")
+
+
+def _print_fwer(k: float) -> None:
+    n_fw = int(400 * k)
+    print(f"\n## associations(): family-wise error on null tables, {n_fw} tables")
+    rates = associations_fwer(n_fw)
+    print(
+        f"P(any p < 0.05): Holm {rates['holm']:.3f}, BH {rates['bh']:.3f}, "
+        f"uncorrected {rates['none']:.3f}"
+    )
+
+
+def _print_gain(k: float) -> None:
+    n_g = int(2000 * k)
+    print(f"\n## Gain interval (joint_gain), 95 %, {n_g} cells each")
+    print("| seeds | noise | interval | coverage | null cells excluding 0 |")
+    for seeds in (3, 5, 10):
+        for kind in ("normal", "t3"):
+            for interval in ("t", "bootstrap"):
+                r = gain_coverage(n_g, seeds=seeds, interval=interval, noise=kind)
+                print(f"| {seeds} | {kind} | {interval} | {r['coverage']:.3f} "
+                      f"| {r['null_excludes_0']:.3f} |")  # fmt: skip
+
+
+def _print_selection(k: float) -> None:
+    n_s = int(1000 * k)
+    print(f"\n## Selection optimism, null sweep of 5 weights, {n_s} sweeps")
+    print("| seeds | naive mean gain | naive 'beats' | held-out mean gain | held-out 'beats' |")
+    for seeds in (3, 5, 10):
+        r = selection_optimism(n_s, seeds=seeds)
+        print(f"| {seeds} | {r['naive_mean_gain']:+.4f} | {r['naive_beats']:.3f} "
+              f"| {r['held_out_mean_gain']:+.4f} | {r['held_out_beats']:.3f} |")  # fmt: skip
+
+
+def _print_clustered(k: float) -> None:
+    n_c = int(2000 * k)
+    print(f"\n## Clustered null: 10 configurations x 3 seeds, {n_c} sweeps")
+    print("| ICC | FPR, configurations permuted | FPR, runs permuted | cluster CI excl. 0 |")
+    for icc in (0.0, 0.5, 0.8):
+        r = clustered_fpr(n_c, icc=icc, n_boot=499)
+        print(f"| {icc} | {r['groups_fpr']:.3f} | {r['runs_fpr']:.3f} "
+              f"| {r['groups_ci_excludes_0']:.3f} |")  # fmt: skip
+
+
+def _print_pooled(k: float) -> None:
+    n_p = int(2000 * k)
+    print(f"\n## Pooled within-run correlation (Fisher z, DL), n = 30 per run, {n_p} sets")
+    print("| runs | tau | coverage HK | coverage DL | range of runs covers |")
+    for kk in (3, 5, 10):
+        for tau in (0.0, 0.2):
+            r = pooled_coverage(n_p, k=kk, tau=tau)
+            print(f"| {kk} | {tau} | {r['hk']:.3f} | {r['dl']:.3f} | {r['min_max']:.3f} |")
+
+
+def _print_design_power(k: float) -> None:
+    n_d = int(1000 * k)
+    print(f"\n## stats.power, {n_d} simulated studies each")
+    print("| design | sizes x weights x seeds | ICC | tests | effect | power |")
+    for icc in (0.0, 0.5):
+        for effect in (0.0, 0.3, 0.5):
+            r = stats.power("association", effect=effect, sizes=2, weights=5, seeds=3,
+                            icc=icc, n_sim=n_d)  # fmt: skip
+            print(f"| association | 2 x 5 x 3 | {icc} | 1 | {effect} | {r['power']:.3f} |")
+    for seeds in (3, 5, 10):
+        for effect in (1.0, 2.0):
+            r = stats.power("gain", effect=effect, seeds=seeds, n_sim=n_d * 4)
+            print(f"| gain | {seeds} seeds | - | 1 | {effect} SD | {r['power']:.3f} |")
+
+
+_SECTIONS: dict[str, Callable[[float], None]] = {
+    "null": _print_null,
+    "power": _print_power,
+    "coverage": _print_coverage,
+    "within": _print_within,
+    "trend": _print_trend,
+    "fwer": _print_fwer,
+    "gain": _print_gain,
+    "selection": _print_selection,
+    "clustered": _print_clustered,
+    "pooled": _print_pooled,
+    "design_power": _print_design_power,
+}
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the simulations")
-    parser.add_argument(
-        "--only",
-        choices=[
-            *("null", "power", "coverage", "within", "trend", "fwer"),
-            *("gain", "selection", "clustered", "pooled", "design_power"),
-        ],
-        default=None,
-    )
+    parser.add_argument("--only", choices=list(_SECTIONS), default=None)
     args = parser.parse_args(argv)
     k = 0.25 if args.quick else 1.0
     start = time.perf_counter()
-
-    def wanted(part: str) -> bool:
-        return args.only in (None, part)
-
-    if wanted("null"):
-        n_null = int(2000 * k)
-        print(f"## False-positive rate at alpha = 0.05, {n_null} null sweeps of 30 runs")
-        for method in ("spearman", "pearson", "kendall"):
-            p = null_pvalues(n_null, method=method)
-            print(f"{method:9s} FPR = {np.mean(p < 0.05):.4f}")
-
-    if wanted("power"):
-        n_pow = int(1000 * k)
-        print(f"\n## Power at alpha = 0.05 (permutation test), {n_pow} sweeps each")
-        print("| n | rho | spearman | pearson | kendall |")
-        for n_runs in (30, 60):
-            for rho in (0.3, 0.5):
-                cells = []
-                for method in _METHODS:
-                    p, _ = planted_pvalues(n_pow, rho=rho, method=method, n_runs=n_runs)
-                    cells.append(f"{np.mean(p < 0.05):.3f}")
-                print(f"| {n_runs} | {rho} | " + " | ".join(cells) + " |")
-
-    if wanted("coverage"):
-        n_cov = int(400 * k)
-        print(f"\n## Bootstrap 95 % interval coverage, n = 30, rho = 0.5, {n_cov} sweeps")
-        for method in _METHODS:
-            _, covered = planted_pvalues(n_cov, rho=0.5, method=method, n_boot=999, n_perm=0)
-            print(f"{method:9s} coverage = {np.nanmean(covered):.3f}")
-
-    if wanted("within"):
-        n_ser = int(400 * k)
-        print(f"\n## Within a run: independent AR(1) pairs (true r = 0), {n_ser} pairs")
-        print("| n | phi | block | cover, block CI | cover, n_eff CI | FPR n_eff t | FPR block p |")
-        for n, phi in ((30, 0.5), (50, 0.8), (100, 0.8), (50, 0.95)):
-            for block in ("auto", 1):
-                r = within_run_calibration(n_ser, n=n, phi=phi, block=block)
-                print(
-                    f"| {n} | {phi} | {block} | {r['coverage_block']:.3f} "
-                    f"| {r['coverage_neff']:.3f} | {r['fpr_neff']:.3f} | {r['fpr_block']:.3f} |"
-                )
-
-    if wanted("trend"):
-        n_tr = int(400 * k)
-        print(f"\n## Optimal-weight trend test, {n_tr} sweeps (4 sizes x 9 weights x 3 seeds)")
-        print("| estimator | noise | shift per decade | rejection rate |")
-        for estimator in ("grid", "quadratic"):
-            for noise in (0.01, 0.03):
-                for shift in (0.0, 0.05, 0.1):
-                    p = trend_pvalues(n_tr, shift=shift, noise=noise, estimator=estimator)
-                    print(f"| {estimator} | {noise} | {shift} | {np.mean(p < 0.05):.3f} |")
-
-    if wanted("fwer"):
-        n_fw = int(400 * k)
-        print(f"\n## associations(): family-wise error on null tables, {n_fw} tables")
-        rates = associations_fwer(n_fw)
-        print(
-            f"P(any p < 0.05): Holm {rates['holm']:.3f}, BH {rates['bh']:.3f}, "
-            f"uncorrected {rates['none']:.3f}"
-        )
-    if wanted("gain"):
-        n_g = int(2000 * k)
-        print(f"\n## Gain interval (joint_gain), 95 %, {n_g} cells each")
-        print("| seeds | noise | interval | coverage | null cells excluding 0 |")
-        for seeds in (3, 5, 10):
-            for kind in ("normal", "t3"):
-                for interval in ("t", "bootstrap"):
-                    r = gain_coverage(n_g, seeds=seeds, interval=interval, noise=kind)
-                    print(f"| {seeds} | {kind} | {interval} | {r['coverage']:.3f} "
-                          f"| {r['null_excludes_0']:.3f} |")  # fmt: skip
-
-    if wanted("selection"):
-        n_s = int(1000 * k)
-        print(f"\n## Selection optimism, null sweep of 5 weights, {n_s} sweeps")
-        print("| seeds | naive mean gain | naive 'beats' | held-out mean gain | held-out 'beats' |")
-        for seeds in (3, 5, 10):
-            r = selection_optimism(n_s, seeds=seeds)
-            print(f"| {seeds} | {r['naive_mean_gain']:+.4f} | {r['naive_beats']:.3f} "
-                  f"| {r['held_out_mean_gain']:+.4f} | {r['held_out_beats']:.3f} |")  # fmt: skip
-
-    if wanted("clustered"):
-        n_c = int(2000 * k)
-        print(f"\n## Clustered null: 10 configurations x 3 seeds, {n_c} sweeps")
-        print("| ICC | FPR, configurations permuted | FPR, runs permuted | cluster CI excl. 0 |")
-        for icc in (0.0, 0.5, 0.8):
-            r = clustered_fpr(n_c, icc=icc, n_boot=499)
-            print(f"| {icc} | {r['groups_fpr']:.3f} | {r['runs_fpr']:.3f} "
-                  f"| {r['groups_ci_excludes_0']:.3f} |")  # fmt: skip
-
-    if wanted("pooled"):
-        n_p = int(2000 * k)
-        print(f"\n## Pooled within-run correlation (Fisher z, DL), n = 30 per run, {n_p} sets")
-        print("| runs | tau | coverage HK | coverage DL | range of runs covers |")
-        for kk in (3, 5, 10):
-            for tau in (0.0, 0.2):
-                r = pooled_coverage(n_p, k=kk, tau=tau)
-                print(f"| {kk} | {tau} | {r['hk']:.3f} | {r['dl']:.3f} | {r['min_max']:.3f} |")
-
-    if wanted("design_power"):
-        n_d = int(1000 * k)
-        print(f"\n## stats.power, {n_d} simulated studies each")
-        print("| design | sizes x weights x seeds | ICC | tests | effect | power |")
-        for icc in (0.0, 0.5):
-            for effect in (0.0, 0.3, 0.5):
-                r = stats.power("association", effect=effect, sizes=2, weights=5, seeds=3,
-                                icc=icc, n_sim=n_d)  # fmt: skip
-                print(f"| association | 2 x 5 x 3 | {icc} | 1 | {effect} | {r['power']:.3f} |")
-        for seeds in (3, 5, 10):
-            for effect in (1.0, 2.0):
-                r = stats.power("gain", effect=effect, seeds=seeds, n_sim=n_d * 4)
-                print(f"| gain | {seeds} seeds | - | 1 | {effect} SD | {r['power']:.3f} |")
-
+    for name, section in _SECTIONS.items():
+        if args.only in (None, name):
+            section(k)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
     return 0
 
