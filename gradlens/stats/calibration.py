@@ -37,11 +37,13 @@ _METHODS: tuple[Method, ...] = ("spearman", "pearson", "kendall")
 
 __all__ = [
     "associations_fwer",
+    "cluster_coverage",
     "clustered_fpr",
     "gain_coverage",
     "null_pvalues",
     "planted_pvalues",
     "pooled_coverage",
+    "pooled_fpr",
     "selection_optimism",
     "trend_pvalues",
     "within_run_calibration",
@@ -180,10 +182,30 @@ def within_run_calibration(
 
 
 def _sweep_table(
-    rng: np.random.Generator, shift: float, noise: float, seeds: int = 3
+    rng: np.random.Generator,
+    shift: float,
+    noise: float,
+    seeds: int = 3,
+    design: Literal["4x9", "report"] = "4x9",
 ) -> pd.DataFrame:
-    grid = np.linspace(0.1, 0.9, 9)
+    """``"4x9"``: 4 sizes x 9 weights, score ``level(size) - 0.5 (w - p*)^2 + noise``, ``p*``
+    0.5 moving by ``shift`` per decade. ``"report"``: the end-to-end null of ``tests/_calibrate``
+    (2 sizes x 4 weights, a score flat in the weight, a seed offset of SD 0.003 shared by a
+    seed's runs of one size, run noise ``noise``); ``shift`` then plants a parabola of curvature
+    0.3 whose optimum moves by ``shift`` between the two sizes."""
     rows = []
+    if design == "report":
+        for j, size in enumerate([1e5, 1e6]):
+            best = 0.5 + shift * (j - 0.5)
+            curve = 0.3 if shift else 0.0
+            for s in range(seeds):
+                offset = rng.normal(0.0, 0.003)
+                for w in (0.2, 0.4, 0.6, 0.8):
+                    score = 0.7 + 0.03 * j - curve * (w - best) ** 2 + offset
+                    score += rng.normal(0.0, noise)
+                    rows.append({"model.n_params": size, "seed": s, "w": w, "acc": score})
+        return pd.DataFrame(rows)
+    grid = np.linspace(0.1, 0.9, 9)
     for decade, size in enumerate([1e5, 1e6, 1e7, 1e8]):
         best = 0.5 + shift * (decade - 1.5)
         level = 0.6 + 0.05 * decade
@@ -200,23 +222,28 @@ def trend_pvalues(
     shift: float,
     noise: float = 0.01,
     estimator: Estimator = "grid",
+    design: Literal["4x9", "report"] = "4x9",
     n_boot: int = 999,
+    n_perm: int = 999,
     seed: int = 0,
 ) -> np.ndarray:
-    """P-values of :func:`gradlens.stats.optimal_weight_trend` over simulated weight sweeps."""
-    out = np.empty(n_sweeps)
+    """P-values of :func:`gradlens.stats.optimal_weight_trend` over simulated weight sweeps
+    (``design`` as in ``_sweep_table``): ``(n_sweeps, 2)``, the permutation p-value and the
+    bootstrap-inversion one (``p_value_boot``, NaN without ``n_boot``)."""
+    out = np.empty((n_sweeps, 2))
     for i in range(n_sweeps):
         rng = np.random.default_rng([seed, i])
-        table = _sweep_table(rng, shift, noise)
+        table = _sweep_table(rng, shift, noise, design=design)
         res = stats.optimal_weight_trend(
             table,
             weight_col="w",
             score_col="acc",
             estimator=estimator,
             n_boot=n_boot,
+            n_perm=n_perm,
             seed=rng,
         )
-        out[i] = res["p_value"]
+        out[i] = res["p_value"], res["p_value_boot"]
     return out
 
 
@@ -388,6 +415,43 @@ def clustered_fpr(
     return {k: v / n_sims for k, v in hits.items()}
 
 
+def cluster_coverage(
+    n_sims: int,
+    *,
+    rho: float = 0.5,
+    configs: int = 10,
+    seeds: int = 3,
+    icc: float = 0.5,
+    n_boot: int = 999,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Coverage of a non-zero correlation by the cluster-bootstrap interval of
+    :func:`gradlens.stats.correlate` (Pearson, configurations resampled). ``configs`` weights
+    in [0.1, 0.9], ``seeds`` runs each; outcome ``b w~ + sqrt(icc) u_config + sqrt(1 - icc) e``
+    with ``w~`` the weight standardised over the design and ``b = rho / sqrt(1 - rho^2)``, so
+    that ``rho`` is the correlation of weight and outcome over the design's runs. Returns the
+    coverage of ``rho`` (``coverage``), how often the interval lies below / above it, and the
+    mean estimate."""
+    grid = np.linspace(0.1, 0.9, configs)
+    codes = np.repeat(np.arange(configs), seeds)
+    x = grid[codes]
+    xs = (x - x.mean()) / x.std()
+    b = rho / math.sqrt(1.0 - rho * rho)
+    hits = {"coverage": 0, "below": 0, "above": 0}
+    total = 0.0
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        u = rng.normal(size=configs)[codes]
+        y = b * xs + math.sqrt(icc) * u + math.sqrt(1 - icc) * rng.normal(size=codes.size)
+        r = stats.correlate(x, y, method="pearson", n_boot=n_boot, n_perm=0, groups=codes, seed=rng)
+        hits["coverage"] += r["ci_low"] <= rho <= r["ci_high"]
+        hits["below"] += r["ci_high"] < rho
+        hits["above"] += r["ci_low"] > rho
+        total += r["estimate"]
+    out = {key: v / n_sims for key, v in hits.items()}
+    return {**out, "mean_estimate": total / n_sims}
+
+
 def pooled_coverage(
     n_sims: int, *, k: int, n: int = 30, rho: float = 0.2, tau: float = 0.0, seed: int = 0
 ) -> dict[str, float]:
@@ -411,6 +475,38 @@ def pooled_coverage(
         hits["dl"] += res["ci_low_dl"] <= truth <= res["ci_high_dl"]
         hits["min_max"] += rs.min() <= truth <= rs.max()
     return {k_: v / n_sims for k_, v in hits.items()}
+
+
+def pooled_fpr(
+    n_sims: int,
+    *,
+    k: int,
+    epochs: int = 6,
+    phi: float = 0.5,
+    weights: Literal["n_eff", "noise"] = "n_eff",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Rejection rates at 0.05 of :func:`gradlens.stats.pool_correlations` when no run has a
+    correlation: ``k`` runs of two independent AR(1) series of ``epochs`` points. ``weights``:
+    ``"n_eff"`` pools with each run's estimated effective n (what the report does);
+    ``"noise"`` with an n drawn from 4..30 unrelated to the run (weights that are pure noise, the
+    case the Hartung-Knapp t-test is not built for). ``p`` is the p-value the function reports,
+    ``hk`` the Hartung-Knapp t-test, ``cover_hk`` the coverage of 0 by the interval."""
+    from gradlens.stats import _core
+
+    hits = {"p": 0, "hk": 0, "cover_hk": 0}
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        rs, ns = np.empty(k), np.empty(k)
+        for j in range(k):
+            x, y = _ar1(rng, epochs, phi), _ar1(rng, epochs, phi)
+            rs[j] = np.corrcoef(x, y)[0, 1]
+            ns[j] = _core.effective_n(x, y)[0] if weights == "n_eff" else rng.integers(4, 31)
+        res = stats.pool_correlations(rs, ns, n_flip=999, seed=rng)
+        hits["p"] += res["p_value"] < 0.05
+        hits["hk"] += res["p_value_hk"] < 0.05
+        hits["cover_hk"] += res["ci_low"] <= 0.0 <= res["ci_high"]
+    return {key: v / n_sims for key, v in hits.items()}
 
 
 def _print_null(k: float) -> None:

@@ -127,7 +127,9 @@ def correlate(
 
     - default: resample observations (runs) with replacement;
     - ``groups`` (one label per observation, e.g. a configuration id) with ``resample="groups"``:
-      a cluster bootstrap that resamples whole groups; with ``resample="within"``: a stratified
+      a cluster bootstrap that resamples whole groups (its resamples spread by
+      ``sqrt(G / (G - 1))`` around the estimate on Fisher's z scale, G the number of groups,
+      the small-sample correction of a resampled mean); with ``resample="within"``: a stratified
       bootstrap that resamples members (seeds) within each group, keeping the design fixed;
     - ``block`` (``"auto"`` or a length): ``x`` and ``y`` are time series and a circular block
       bootstrap resamples blocks of consecutive points (``"auto"``: see ``docs/stats.md``).
@@ -189,6 +191,8 @@ def correlate(
         else:
             C = _core.bootstrap_counts(rng, n_boot, n, codes, resample)
         boots = _finite(_core.correlation_counts(xv, yv, C, method))
+        if codes is not None and resample == "groups":
+            boots = _cluster_expanded(boots, estimate, n_groups)
     p, p_method, floor = math.nan, "none", math.nan
     if block is not None and boots.size:
         p = _core.centered_bootstrap_pvalue(estimate, boots)
@@ -230,6 +234,19 @@ def _complete_pairs(
     if codes is not None:
         codes = np.asarray(pd.factorize(codes[keep])[0], dtype=np.intp)
     return xv[keep], yv[keep], codes
+
+
+def _cluster_expanded(boots: np.ndarray, estimate: float, n_groups: int) -> np.ndarray:
+    """Cluster-bootstrap correlations spread by ``sqrt(G / (G - 1))`` around the estimate on
+    Fisher's z scale. Resampling ``G`` clusters gives a mean-like statistic ``(G - 1) / G`` of
+    its variance; with 8-10 configurations the plain percentile interval of a correlation
+    covered 0.924-0.926 at rho = 0.3, the expanded one 0.935-0.940 (``docs/stats.md``)."""
+    if n_groups < 2:
+        return boots
+    lim = 1.0 - 1e-12
+    z = math.atanh(min(max(estimate, -lim), lim))
+    zb = np.arctanh(np.clip(boots, -lim, lim))
+    return np.tanh(z + math.sqrt(n_groups / (n_groups - 1.0)) * (zb - z))
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
@@ -349,6 +366,8 @@ def partial_correlation(
     if n_boot:
         C = _core.bootstrap_counts(rng, n_boot, n, codes, resample)
         boots = _finite(_core.partial_counts(xv, yv, Z, C, method))
+        if codes is not None and resample == "groups":
+            boots = _cluster_expanded(boots, est, n_groups)
     p, p_method, floor = math.nan, "none", math.nan
     if n_perm:
         rx, ry = _core.residuals_for_partial(xv, yv, Z, method)

@@ -183,7 +183,9 @@ def optimal_weight_trend(
     score_col: str = "accuracy.mean",
     size_col: str = "model.n_params",
     estimator: Estimator = "grid",
+    seed_col: str | None = "seed",
     n_boot: int = 2000,
+    n_perm: int = 2000,
     ci: float = 0.95,
     seed: SeedLike = 0,
 ) -> dict[str, Any]:
@@ -192,10 +194,19 @@ def optimal_weight_trend(
     ``p*`` per size is :func:`optimal_weight`'s; the slope is the least-squares slope of ``p*``
     on ``log10(size)`` (the raw size if one is not positive). Its interval is the percentile
     interval of the slopes of the bootstrapped ``p*`` (seeds resampled within each size and
-    weight), and the two-sided p-value of "slope = 0" inverts that bootstrap distribution,
-    ``min(1, 2 min(1 + #{b* <= 0}, 1 + #{b* >= 0}) / (B + 1))``. With a grid ``p*`` the bootstrap
-    has ties at 0, which makes the test conservative; its measured calibration is in
-    ``docs/stats.md``. ``spearman`` (of size and ``p*``, descriptive, no test) is reported too.
+    weight). The two-sided p-value of "slope = 0" is a permutation test: each size's scores are
+    centred on that size's level (the mean of its cell means, moved toward each seed's own mean
+    by the share of the seed-to-seed spread that is a real seed offset, when every seed ran
+    every weight: an offset does not move ``p*`` but would follow a run to another size), then,
+    within each weight, the runs are reassigned to sizes at random (each size keeps its number
+    of runs there), ``p*`` and the slope are recomputed, and ``p = (1 + #{|b_perm| >= |b|}) /
+    (n_perm + 1)``. Under the null "the score curves of the sizes have the same shape" (a size
+    may change the level, not where the optimum is) the centred runs of one weight are
+    exchangeable across sizes. The bootstrap inversion used before (``p_value_boot``, kept for
+    comparison) rejected 0.000-0.003 of null sweeps: when the score curve is flat relative to
+    seed noise the bootstrap ``p*`` hardly depends on the observed one, so its slopes straddle 0
+    whatever the data (``docs/stats.md``).
+    ``spearman`` (of size and ``p*``, descriptive, no test) is reported too.
 
     Args:
         table: One row per run.
@@ -203,13 +214,16 @@ def optimal_weight_trend(
         score_col: Score to maximise.
         size_col: Numeric model size (e.g. ``"model.n_params"``).
         estimator: ``"grid"`` or ``"quadratic"`` (see :func:`optimal_weight`).
-        n_boot: Bootstrap resamples.
+        seed_col: Seed column for the centring of the permutation test (``None``, or a column not
+            in the table: centre on the size's level only).
+        n_boot: Bootstrap resamples (the interval).
+        n_perm: Permutations (the p-value; 0: none).
         ci: Confidence level.
         seed: Seed or Generator.
 
     Returns:
-        ``slope, ci_low, ci_high, ci_level, p_value, spearman, n_sizes, sizes, p_star, x,
-        estimator``.
+        ``slope, ci_low, ci_high, ci_level, p_value, p_method, p_floor, p_value_boot, spearman,
+        n_sizes, sizes, p_star, x, estimator``.
 
     Example:
         >>> import numpy as np, pandas as pd
@@ -219,11 +233,12 @@ def optimal_weight_trend(
         ...         rows += [{"size": size, "seed": s, "w": w,
         ...                   "acc": -(w - best) ** 2 + 0.002 * s} for w in grid]
         >>> r = optimal_weight_trend(pd.DataFrame(rows), weight_col="w", score_col="acc",
-        ...                          size_col="size", n_boot=200)
+        ...                          size_col="size", n_boot=200, n_perm=200)
         >>> round(r["slope"], 2), r["p_value"] < 0.05
         (0.2, True)
     """
     table, _, level = _sweep_args(table, weight_col, score_col, [size_col], estimator, n_boot, ci)
+    n_perm = _args.count(n_perm, "n_perm")
     rng = _args.rng(seed)
     sizes = np.sort(pd.to_numeric(table[size_col], errors="coerce").dropna().unique())
     if sizes.size < 2:
@@ -237,14 +252,21 @@ def optimal_weight_trend(
     )
     xc = xs - xs.mean()
     slope = float(xc @ (p_star - p_star.mean()) / (xc @ xc))
+    lo = hi = p_boot = math.nan
     if n_boot:
         bs = (boots - boots.mean(axis=1, keepdims=True)) @ xc / (xc @ xc)
         lo, hi = _core.percentile_interval(bs, level)
         le = int(np.count_nonzero(bs <= 0))
         ge = int(np.count_nonzero(bs >= 0))
-        p = min(1.0, 2.0 * min(le + 1, ge + 1) / (n_boot + 1))
-    else:
-        lo = hi = p = math.nan
+        p_boot = min(1.0, 2.0 * min(le + 1, ge + 1) / (n_boot + 1))
+    p, floor = math.nan, math.nan
+    if n_perm:
+        cols = (size_col, weight_col, score_col, seed_col if seed_col in table.columns else None)
+        perm_p = _permuted_p_star(table, sizes, cols, n_perm, rng)
+        null = np.stack([_p_star(m, w, n_k, estimator)[0] for m, w, n_k in perm_p], axis=1)
+        null_slopes = (null - null.mean(axis=1, keepdims=True)) @ xc / (xc @ xc)
+        p = _core.permutation_pvalue(slope, null_slopes, exact=False)
+        floor = _core.pvalue_floor(False, n_perm)
     rho = math.nan
     if sizes.size >= 3 and np.ptp(p_star) > 0:
         rho = float(_core.correlation_counts(xs, p_star, np.ones((1, xs.size)), "spearman")[0])
@@ -254,6 +276,9 @@ def optimal_weight_trend(
         "ci_high": hi,
         "ci_level": level,
         "p_value": p,
+        "p_method": "permutation of runs across sizes within each weight" if n_perm else "none",
+        "p_floor": floor,
+        "p_value_boot": p_boot,
         "spearman": rho,
         "n_sizes": int(sizes.size),
         "sizes": sizes.tolist(),
@@ -261,6 +286,86 @@ def optimal_weight_trend(
         "x": f"log10({size_col})" if positive else size_col,
         "estimator": estimator,
     }
+
+
+def _permuted_p_star(
+    table: pd.DataFrame,
+    sizes: np.ndarray,
+    cols: tuple[str, str, str, str | None],
+    n_perm: int,
+    rng: np.random.Generator,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per size, the cell means ``(n_perm, K_size)`` after the runs of each weight are
+    reassigned to sizes at random (scores centred first, see :func:`optimal_weight_trend`), with
+    the size's weights and seeds per weight: the null distribution of the trend test.
+    ``cols``: the size, weight, score and seed (or None) columns."""
+    size_col, weight_col, score_col, seed_col = cols
+    data = pd.DataFrame(
+        {
+            "size": pd.to_numeric(table[size_col], errors="coerce"),
+            "w": pd.to_numeric(table[weight_col], errors="coerce"),
+            "v": pd.to_numeric(table[score_col], errors="coerce"),
+            "seed": table[seed_col].astype(str) if seed_col else "",
+        }
+    ).dropna()
+    data = data[data["size"].isin(sizes)]
+    s_idx = np.searchsorted(sizes, data["size"].to_numpy())
+    centred = data["v"].to_numpy(np.float64) - _levels(data)
+    grid = np.sort(data["w"].unique())
+    w_idx = np.searchsorted(grid, data["w"].to_numpy())
+    sums = np.zeros((n_perm, sizes.size, grid.size))
+    counts = np.zeros((sizes.size, grid.size))
+    np.add.at(counts, (s_idx, w_idx), 1.0)
+    for k in range(grid.size):
+        rows = np.flatnonzero(w_idx == k)
+        labels = s_idx[rows][rng.permuted(np.tile(np.arange(rows.size), (n_perm, 1)), axis=1)]
+        for j in range(sizes.size):
+            sums[:, j, k] = (labels == j).astype(np.float64) @ centred[rows]
+    out = []
+    for j in range(sizes.size):
+        have = counts[j] > 0
+        out.append((sums[:, j, have] / counts[j, have], grid[have], counts[j, have]))
+    return out
+
+
+def _levels(data: pd.DataFrame) -> np.ndarray:
+    """Per run of ``data`` [size, w, v, seed], the level its score is centred on before the
+    runs of a weight are permuted across sizes: its size's mean of cell means ``L``, plus, where
+    every seed of the size ran every weight once, ``lambda (seed mean - L)``. ``lambda`` is the
+    share of the spread of seed means that is a real seed offset, ``tau^2 / (tau^2 + s^2 / K)``
+    (one-way random effects over the seeds, pooled over sizes; ``s^2`` the residual variance of
+    the seed + weight fit, ``K`` the weights): 0 without seed offsets, where centring on seed means
+    would make the test liberal (it takes a seed's own noise out of the observed shape only),
+    near 1 with large ones, which would otherwise follow a run to another size (conservative)."""
+    cells = data.groupby(["size", "w"])["v"]
+    n_w = data.groupby("size")["w"].transform("nunique").to_numpy(np.float64)
+    size_level = (cells.transform("mean") / cells.transform("size")).groupby(
+        data["size"]
+    ).transform("sum").to_numpy(np.float64) / n_w
+    per_seed = data.groupby(["size", "seed"])["w"]
+    balanced = (per_seed.transform("nunique") == n_w) & (per_seed.transform("size") == n_w)
+    balanced = balanced.groupby(data["size"]).transform("all").to_numpy(bool)
+    if not balanced.any():
+        return size_level
+    seed_mean = data.groupby(["size", "seed"])["v"].transform("mean").to_numpy(np.float64)
+    resid = (
+        data["v"].to_numpy(np.float64) - seed_mean - cells.transform("mean").to_numpy() + size_level
+    )
+    sub = pd.DataFrame({"size": data["size"], "seed": data["seed"], "a": seed_mean, "r": resid})[
+        balanced
+    ]
+    n_seeds = sub.groupby("size")["seed"].nunique()
+    k_w = sub.groupby("size").size() / n_seeds
+    df = ((n_seeds - 1) * (k_w - 1)).sum()
+    if df <= 0 or (n_seeds < 2).any():
+        return size_level
+    s2 = float((sub["r"] ** 2).sum() / df)
+    seed_means = sub.drop_duplicates(["size", "seed"])
+    spread = float(seed_means.groupby("size")["a"].var(ddof=1).mean())
+    k_mean = float(k_w.mean())
+    tau2 = max(0.0, spread - s2 / k_mean)
+    lam = tau2 / (tau2 + s2 / k_mean) if tau2 + s2 > 0 else 0.0
+    return np.where(balanced, size_level + lam * (seed_mean - size_level), size_level)
 
 
 def _p_star_by_size(
