@@ -891,7 +891,7 @@ def test_power_association_holds_level_at_zero_and_grows():
     assert not stuck["reachable"]
     assert math.isnan(stuck["effect"])
     with pytest.raises(GradlensError, match="`design` should be one of"):
-        stats.power("trend", effect=0.1)  # type: ignore[arg-type]
+        stats.power("slope", effect=0.1)  # type: ignore[arg-type]
     with pytest.raises(GradlensError, match="`effect` should be a correlation"):
         stats.power("association", effect=1.5)
     with pytest.raises(GradlensError, match="`seeds` should be an int >= 2"):
