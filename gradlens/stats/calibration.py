@@ -489,9 +489,10 @@ def pooled_fpr(
     """Rejection rates at 0.05 of :func:`gradlens.stats.pool_correlations` when no run has a
     correlation: ``k`` runs of two independent AR(1) series of ``epochs`` points. ``weights``:
     ``"n_eff"`` pools with each run's estimated effective n (what the report does);
-    ``"noise"`` with an n drawn from 4..30 unrelated to the run (weights that are pure noise, the
-    case the Hartung-Knapp t-test is not built for). ``p`` is the p-value the function reports,
-    ``hk`` the Hartung-Knapp t-test, ``cover_hk`` the coverage of 0 by the interval."""
+    ``"noise"`` with an n of ``3 + 10^U(0, 2.5)`` unrelated to the run (weights that are pure
+    noise, spread over two decades: the case the Hartung-Knapp t-test is not built for). ``p``
+    is the p-value the function reports, ``hk`` the Hartung-Knapp t-test, ``cover_hk`` the
+    coverage of 0 by the interval."""
     from gradlens.stats import _core
 
     hits = {"p": 0, "hk": 0, "cover_hk": 0}
@@ -501,7 +502,8 @@ def pooled_fpr(
         for j in range(k):
             x, y = _ar1(rng, epochs, phi), _ar1(rng, epochs, phi)
             rs[j] = np.corrcoef(x, y)[0, 1]
-            ns[j] = _core.effective_n(x, y)[0] if weights == "n_eff" else rng.integers(4, 31)
+            noise_n = 3.0 + 10.0 ** rng.uniform(0.0, 2.5)
+            ns[j] = _core.effective_n(x, y)[0] if weights == "n_eff" else noise_n
         res = stats.pool_correlations(rs, ns, n_flip=999, seed=rng)
         hits["p"] += res["p_value"] < 0.05
         hits["hk"] += res["p_value_hk"] < 0.05
@@ -553,13 +555,49 @@ def _print_within(k: float) -> None:
 
 def _print_trend(k: float) -> None:
     n_tr = int(400 * k)
-    print(f"\n## Optimal-weight trend test, {n_tr} sweeps (4 sizes x 9 weights x 3 seeds)")
-    print("| estimator | noise | shift per decade | rejection rate |")
-    for estimator in ("grid", "quadratic"):
-        for noise in (0.01, 0.03):
-            for shift in (0.0, 0.05, 0.1):
-                p = trend_pvalues(n_tr, shift=shift, noise=noise, estimator=estimator)
-                print(f"| {estimator} | {noise} | {shift} | {np.mean(p < 0.05):.3f} |")
+    print(f"\n## Optimal-weight trend test, {n_tr} sweeps each")
+    print("| design | estimator | noise | shift | p (permutation) | p_value_boot (before) |")
+    rows: list[tuple[Literal["4x9", "report"], float, tuple[float, float]]] = [
+        ("report", 0.002, (0.0, 0.3)),
+        ("4x9", 0.01, (0.0, 0.05)),
+        ("4x9", 0.03, (0.0, 0.1)),
+    ]
+    estimators: tuple[Estimator, ...] = ("quadratic", "grid")
+    for design, noise, shifts in rows:
+        for estimator in estimators:
+            for shift in shifts:
+                p = trend_pvalues(
+                    n_tr, shift=shift, noise=noise, estimator=estimator, design=design,
+                    n_boot=199, n_perm=199, seed=7,
+                )  # fmt: skip
+                rate = np.mean(p < 0.05, axis=0)
+                print(f"| {design} | {estimator} | {noise} | {shift} | {rate[0]:.3f} "
+                      f"| {rate[1]:.3f} |")  # fmt: skip
+
+
+def _print_pooled_fpr(k: float) -> None:
+    n_p = int(1200 * k)
+    print(f"\n## Pooled within-run test under the null, 24 runs, {n_p} sets each")
+    print("| epochs | weights | FPR reported p | FPR Hartung-Knapp t | coverage of 0, HK |")
+    cases: tuple[tuple[int, Literal["n_eff", "noise"]], ...] = (
+        (6, "n_eff"),
+        (30, "n_eff"),
+        (6, "noise"),
+        (30, "noise"),
+    )
+    for epochs, weights in cases:
+        r = pooled_fpr(n_p, k=24, epochs=epochs, weights=weights, seed=1)
+        print(f"| {epochs} | {weights} | {r['p']:.3f} | {r['hk']:.3f} | {r['cover_hk']:.3f} |")
+
+
+def _print_cluster_coverage(k: float) -> None:
+    n_c = int(2000 * k)
+    print(f"\n## Cluster-bootstrap interval (Pearson), 10 configurations x 3 seeds, {n_c} sweeps")
+    print("| ICC | rho | coverage | interval below rho | above rho |")
+    for icc in (0.0, 0.5):
+        for rho in (0.3, 0.6):
+            r = cluster_coverage(n_c, rho=rho, icc=icc, n_boot=499, seed=11)
+            print(f"| {icc} | {rho} | {r['coverage']:.3f} | {r['below']:.3f} | {r['above']:.3f} |")
 
 
 def _print_fwer(k: float) -> None:
@@ -640,6 +678,8 @@ _SECTIONS: dict[str, Callable[[float], None]] = {
     "selection": _print_selection,
     "clustered": _print_clustered,
     "pooled": _print_pooled,
+    "pooled_fpr": _print_pooled_fpr,
+    "cluster_coverage": _print_cluster_coverage,
     "design_power": _print_design_power,
 }
 

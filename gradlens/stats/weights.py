@@ -310,9 +310,12 @@ def _permuted_p_star(
     ).dropna()
     data = data[data["size"].isin(sizes)]
     s_idx = np.searchsorted(sizes, data["size"].to_numpy())
-    centred = data["v"].to_numpy(np.float64) - _levels(data)
+    level, f = _levels(data)
+    centred = data["v"].to_numpy(np.float64) - level
     grid = np.sort(data["w"].unique())
     w_idx = np.searchsorted(grid, data["w"].to_numpy())
+    shape = np.bincount(w_idx, weights=centred) / np.bincount(w_idx)
+    centred = shape[w_idx] + f * (centred - shape[w_idx])
     sums = np.zeros((n_perm, sizes.size, grid.size))
     counts = np.zeros((sizes.size, grid.size))
     np.add.at(counts, (s_idx, w_idx), 1.0)
@@ -328,7 +331,7 @@ def _permuted_p_star(
     return out
 
 
-def _levels(data: pd.DataFrame) -> np.ndarray:
+def _levels(data: pd.DataFrame) -> tuple[np.ndarray, float]:
     """Per run of ``data`` [size, w, v, seed], the level its score is centred on before the
     runs of a weight are permuted across sizes: its size's mean of cell means ``L``, plus, where
     every seed of the size ran every weight once, ``lambda (seed mean - L)``. ``lambda`` is the
@@ -336,7 +339,12 @@ def _levels(data: pd.DataFrame) -> np.ndarray:
     (one-way random effects over the seeds, pooled over sizes; ``s^2`` the residual variance of
     the seed + weight fit, ``K`` the weights): 0 without seed offsets, where centring on seed means
     would make the test liberal (it takes a seed's own noise out of the observed shape only),
-    near 1 with large ones, which would otherwise follow a run to another size (conservative)."""
+    near 1 with large ones, which would otherwise follow a run to another size (conservative).
+
+    Also returns ``f``, the factor on the runs' deviations from the weight's mean shape that
+    gives a permuted cell-mean contrast the variance of an observed one, ``2 s^2 / m``:
+    ``f^2 = s^2 / (s^2 (1 - lambda (2 - lambda) (1 - 1/S) / K) + (1 - lambda)^2 tau^2 (1 - 1/S))``
+    over ``S`` sizes (centring leaves a seed's runs correlated, and permuting splits them)."""
     cells = data.groupby(["size", "w"])["v"]
     n_w = data.groupby("size")["w"].transform("nunique").to_numpy(np.float64)
     size_level = (cells.transform("mean") / cells.transform("size")).groupby(
@@ -346,7 +354,7 @@ def _levels(data: pd.DataFrame) -> np.ndarray:
     balanced = (per_seed.transform("nunique") == n_w) & (per_seed.transform("size") == n_w)
     balanced = balanced.groupby(data["size"]).transform("all").to_numpy(bool)
     if not balanced.any():
-        return size_level
+        return size_level, 1.0
     seed_mean = data.groupby(["size", "seed"])["v"].transform("mean").to_numpy(np.float64)
     resid = (
         data["v"].to_numpy(np.float64) - seed_mean - cells.transform("mean").to_numpy() + size_level
@@ -358,14 +366,17 @@ def _levels(data: pd.DataFrame) -> np.ndarray:
     k_w = sub.groupby("size").size() / n_seeds
     df = ((n_seeds - 1) * (k_w - 1)).sum()
     if df <= 0 or (n_seeds < 2).any():
-        return size_level
+        return size_level, 1.0
     s2 = float((sub["r"] ** 2).sum() / df)
     seed_means = sub.drop_duplicates(["size", "seed"])
     spread = float(seed_means.groupby("size")["a"].var(ddof=1).mean())
     k_mean = float(k_w.mean())
     tau2 = max(0.0, spread - s2 / k_mean)
     lam = tau2 / (tau2 + s2 / k_mean) if tau2 + s2 > 0 else 0.0
-    return np.where(balanced, size_level + lam * (seed_mean - size_level), size_level)
+    share = 1.0 - 1.0 / float(data["size"].nunique())
+    spread_perm = s2 * (1.0 - lam * (2.0 - lam) * share / k_mean) + (1.0 - lam) ** 2 * tau2 * share
+    f = math.sqrt(s2 / spread_perm) if spread_perm > 0 and bool(balanced.all()) else 1.0
+    return np.where(balanced, size_level + lam * (seed_mean - size_level), size_level), f
 
 
 def _p_star_by_size(

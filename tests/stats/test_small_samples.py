@@ -54,7 +54,8 @@ def test_trend_result_names_its_test():
 @pytest.mark.slow
 def test_pooled_test_holds_its_level_when_the_weights_are_noise():
     # 24 runs of 30 points, no correlation anywhere, pooled with an n unrelated to the run's
-    # precision: the Hartung-Knapp t-test rejects about 0.10; the sign-flip test is exact.
+    # precision (spread over two decades): the Hartung-Knapp t-test rejects far more than 0.05,
+    # the sign-flip test is exact.
     res = calib.pooled_fpr(300, k=24, epochs=30, weights="noise", seed=1)
     assert 0.02 <= res["p"] <= 0.08, res
     assert res["hk"] > 0.08, res  # what the fix is for (p_value was the HK test before)
@@ -93,7 +94,7 @@ def test_min_detectable_effect_of_the_pooled_test_matches_fisher():
 def test_min_detectable_effect_of_the_trend_test():
     kw = {"sizes": 2, "weights": 4, "seeds": 3, "noise": 0.002, "n_sim": 40, "n_perm": 99}
     r = stats.min_detectable_effect("trend", tol=0.02, **kw)
-    assert r["reachable"] and 0.0 < r["effect"] < 0.4, r  # noqa: PT018
+    assert r["reachable"] and 0.05 < r["effect"] < 0.6, r  # noqa: PT018
     assert stats.power("trend", effect=r["effect"], **kw)["power"] >= 0.8
     with pytest.raises(GradlensError, match="`sizes` should be at least 2"):
         stats.power("trend", effect=0.1, sizes=1)
