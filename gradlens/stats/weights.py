@@ -223,7 +223,9 @@ def optimal_weight_trend(
 
     Returns:
         ``slope, ci_low, ci_high, ci_level, p_value, p_method, p_floor, p_value_boot, spearman,
-        n_sizes, sizes, p_star, x, estimator``.
+        n_sizes, sizes, p_star, x, estimator, score_sd, curvature`` (the last two: the seed
+        noise of a score and the curvature of the score in the weight, for
+        ``min_detectable_effect("trend", noise=score_sd, curvature=curvature, ...)``).
 
     Example:
         >>> import numpy as np, pandas as pd
@@ -285,6 +287,27 @@ def optimal_weight_trend(
         "p_star": p_star.tolist(),
         "x": f"log10({size_col})" if positive else size_col,
         "estimator": estimator,
+        **_curve_scale(table, sizes, size_col, weight_col, score_col),
+    }
+
+
+def _curve_scale(
+    table: pd.DataFrame, sizes: np.ndarray, size_col: str, weight_col: str, score_col: str
+) -> dict[str, float]:
+    """``score_sd`` (pooled SD of a run's score within its size and weight) and ``curvature``
+    (mean over sizes of ``-c`` of a parabola ``a + b w + c w^2`` fitted to the cell means; NaN
+    with fewer than 3 weights): the inputs of ``min_detectable_effect("trend", ...)``."""
+    numeric_size = pd.to_numeric(table[size_col], errors="coerce")
+    ss, df, curv = 0.0, 0, []
+    for size in sizes:
+        w, cells = _sweep_cells(table[numeric_size == size], weight_col, score_col)
+        ss += float(sum(((c - c.mean()) ** 2).sum() for c in cells))
+        df += int(sum(c.size - 1 for c in cells))
+        if w.size >= 3:
+            curv.append(-float(np.polyfit(w, [c.mean() for c in cells], 2)[0]))
+    return {
+        "score_sd": math.sqrt(ss / df) if df > 0 else math.nan,
+        "curvature": float(np.mean(curv)) if curv else math.nan,
     }
 
 

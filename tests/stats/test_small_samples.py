@@ -47,6 +47,9 @@ def test_trend_result_names_its_test():
     assert res["p_method"] == "permutation of runs across sizes within each weight"
     assert res["p_floor"] == pytest.approx(1 / 100)
     assert 0 < res["p_value"] <= 1 and 0 < res["p_value_boot"] <= 1  # noqa: PT018
+    # The inputs of min_detectable_effect("trend"): the simulation's noise SD and curvature.
+    assert res["score_sd"] == pytest.approx(0.01, abs=0.0015)
+    assert res["curvature"] == pytest.approx(0.5, abs=0.05)
     none = stats.optimal_weight_trend(table, weight_col="w", score_col="acc", n_boot=0, n_perm=0)
     assert math.isnan(none["p_value"]) and none["p_method"] == "none"  # noqa: PT018
 
