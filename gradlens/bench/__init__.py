@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from gradlens._errors import GradlensError
 from gradlens.bench._weightings import WEIGHTED_METHODS, weighted_step
-from gradlens.engines._base import _quiet_vmap
+from gradlens.engines._base import quiet_vmap as _quiet_vmap
 from gradlens.profiler import Profiler
 
 __all__ = [

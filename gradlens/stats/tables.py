@@ -272,7 +272,7 @@ def runs_table(
     """
     from tqdm.auto import tqdm
 
-    from gradlens.store import _flatten  # the store's flattening of meta, as load_runs does it
+    from gradlens.store.reader import flatten_meta  # as load_runs flattens it
 
     phase, n_phases = _parse_phase(phase)
     items = _iter_runs(runs)
@@ -284,7 +284,7 @@ def runs_table(
         row: dict[str, Any] = {
             "run_id": rid, "tasks": "|".join(sorted(tasks)), "n_tasks": len(tasks)
         }  # fmt: skip
-        row.update(_flatten({k: v for k, v in meta.items() if k not in ("tasks", "run_id")}))
+        row.update(flatten_meta({k: v for k, v in meta.items() if k not in ("tasks", "run_id")}))
         row.update(_summary_wide(run_summary(run, phases=n_phases, layer=layer), phase))
         row.update(_final_scores(run, tasks, split, eval_metric))
         rows.append(row)
