@@ -387,8 +387,10 @@ def run_pbt(
                     config={**dict(config.train.get("config") or {}), "pbt": name,
                             "pbt_member": k},
                 )  # fmt: skip
-                ckpt = None if m["checkpoint"] is None else str(
-                    inside(out_dir, out_dir / m["checkpoint"])
+                ckpt = (
+                    None
+                    if m["checkpoint"] is None
+                    else str(inside(out_dir, out_dir / m["checkpoint"]))
                 )
                 starts.append(
                     hosts[k % n_hosts].call(

@@ -67,7 +67,11 @@ class TrainConfig:
             single-domain baseline's own split is smaller than the joint training set).
         epochs: number of training epochs (:func:`train`).
         seed: seeds the model initialisation and the batch order (and the data by default).
-        engine: the profiler engine, one of :data:`gradlens.engines.ENGINES`.
+        engine: the profiler engine, one of :data:`gradlens.engines.ENGINES`. The default is
+            ``"gramian"``, not the Profiler's ``"auto"``: auto picks an engine by timing, which
+            is not recorded in the config nor checkpointed, so a resumed run (sweep, PBT) could
+            record its Grams with another engine than an uninterrupted one (equal up to float
+            rounding, ~1e-7 relative in float32) and would not reproduce its numbers.
         every: the probe schedule: probe every k-th step (an int), or ``"log"`` /
             ``"log:N"`` for log-spaced steps with N per decade (default 10).
         early_stopping: patience in epochs on the mean validation score (:func:`score`); None

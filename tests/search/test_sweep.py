@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -240,10 +241,10 @@ def test_broken_runs_are_redone_and_only_they(tmp_path):
 def test_a_failing_run_is_recorded_and_retried(tmp_path, monkeypatch):
     real = sweep_mod._train_trial
 
-    def flaky(train: dict, run_dir: str, yes: bool = False) -> dict:
+    def flaky(train: dict, run_dir: str, yes: bool = False, checkpoint: str | None = None) -> dict:
         if train["weights"]["left"] == 0.5:
             raise RuntimeError("boom")
-        return real(train, run_dir, yes)
+        return real(train, run_dir, yes, checkpoint)
 
     monkeypatch.setattr(sweep_mod, "_train_trial", flaky)
     out = tmp_path / "s"
@@ -351,3 +352,61 @@ def test_domain_baselines_get_the_joint_runs_steps_per_epoch(tmp_path):
     assert d["steps_per_epoch"] == steps
     joint = sweep_mod.PlannedRun("p0.5", {"original": 0.5, "rotated": 0.5}, None, None, 0)
     assert "steps_per_epoch" not in joint.train_dict(base, "s", steps)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_continues_the_run_from_its_checkpoint(tmp_path):
+    """kill -9 of a sweep while its run trains, after its first checkpoint: the rerun keeps
+    every step flushed before the kill, continues the run (append mode) and ends with the
+    results of an uninterrupted sweep."""
+    cfg_path = tmp_path / "kill.toml"
+    cfg_path.write_text(
+        "[train]\n"
+        'dataset = "synthetic"\n'
+        "dataset_options = { n = 2000, angle = 120.0 }\n"
+        'model = "mlp"\nwidth = 0.05\ndepth = 1\noptimizer = "sgd"\nlr = 0.05\n'
+        "batch_size = 50\nepochs = 40\nevery = 1\n"
+        "[sweep]\np = [0.3]\n"
+        '[executor]\nkind = "local"\nworkers = 1\n'
+    )
+    out = tmp_path / "out"
+    rid = "w0.3-0.7_seed0"
+    ckpt = out / "checkpoints" / f"{rid}.pt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradlens.cli", "sweep", str(cfg_path), "--out", str(out),
+         "--no-progress"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not ckpt.is_file() and time.monotonic() < deadline:
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.01)
+        time.sleep(0.3)  # into the next epochs, past the first checkpoint
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _index(out)["runs"][0]["status"] == "running"
+    assert ckpt.is_file()
+    with warnings.catch_warnings():  # the run's writer died: reading it may warn
+        warnings.simplefilter("ignore", GradlensWarning)
+        flushed = load_run(out / rid).probed_steps.tolist()
+    assert flushed, "nothing was flushed before the kill"
+    with pytest.warns(GradlensWarning, match="Resuming the sweep"):
+        df = run_sweep(load_config(cfg_path), out, progress=False)
+    assert df["status"].tolist() == ["done"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([rid, "index.json"])
+    straight = run_sweep(load_config(cfg_path), tmp_path / "straight", progress=False)
+    np.testing.assert_allclose(df[["val", "test"]], straight[["val", "test"]], rtol=1e-10)
+    run = load_run(out / rid, strict=True)
+    ref = load_run(tmp_path / "straight" / rid, strict=True)
+    assert set(flushed) <= set(run.probed_steps.tolist())  # nothing flushed was lost
+    assert len(run.meta["resumes"]) == 1
+    assert run.meta["resumes"][0]["after_step"] >= flushed[-1]
+    assert 0 < run.meta["resumes"][0]["after_step"] < ref.probed_steps[-1]  # mid-training
+    np.testing.assert_array_equal(run.probed_steps, ref.probed_steps)
+    torch.testing.assert_close(run.all_grams(), ref.all_grams(), rtol=1e-10, atol=1e-14)
+    assert run.meta["epochs_run"] == ref.meta["epochs_run"] == 40
