@@ -8,9 +8,11 @@ inside the functions that need them.
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 CORE = [
     "gradlens",
@@ -62,3 +64,70 @@ def test_the_measuring_core_imports_no_harness_and_no_extra():
     assert harness == [], f"the measuring core loaded {harness}"
     extras = sorted(m for m in EXTRAS if m in loaded)
     assert extras == [], f"the measuring core loaded optional extras {extras}"
+
+
+def _module_imports(root: Path) -> dict[str, set[str]]:
+    """gradlens module -> the gradlens modules it imports when it is loaded (statements at module
+    level; ``if TYPE_CHECKING:`` blocks and imports inside functions are not followed)."""
+    paths = {}
+    for p in (root / "gradlens").rglob("*.py"):
+        parts = list(p.relative_to(root).with_suffix("").parts)
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        out = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    out.add(sub if sub in paths else node.module)
+        graph[name] = {m for m in out if m in paths and m != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_among_gradlens_modules():
+    """Loading any module never re-enters one that is still loading (e.g. snapshot <-> metrics:
+    shared constants live in gradlens._types, which imports nothing)."""
+    graph = _module_imports(Path(__file__).resolve().parents[1])
+    assert "gradlens.snapshot" in graph  # the scan ran
+    assert graph["gradlens._types"] == set()
+    assert _cycles(graph) == []
