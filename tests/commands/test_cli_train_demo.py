@@ -92,7 +92,7 @@ def test_train_command_reads_a_toml_config_and_flags_override_it(tmp_path, capsy
         (["--data-option", "n"], "`--data-option` should look like KEY=VALUE"),
         (["--optimizer", "lbfgs"], "`optimizer` should be one of ['sgd', 'adam']"),
         (["--tasks", "left,up"], "['up']"),
-        (["--threads", "0"], "`--threads` should be a positive int"),
+        (["--threads", "0"], "`--threads` should be an int >= 1; found 0"),
         (["--config", "missing.toml"], "`--config` should be a TOML file; found no file"),
     ],
 )
