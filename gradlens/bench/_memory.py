@@ -59,7 +59,7 @@ def measure_peak_memory(
     )
     if out.returncode != 0:
         raise GradlensError(f"memory measurement of {method!r} failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _rss_bytes() -> int:

@@ -29,6 +29,7 @@ from gradlens.data._base import (
 )
 from gradlens.data._digits import (
     _domain_sizes,
+    _Drawn,
     _select,
     _split_pool,
     draw_indices,
@@ -155,9 +156,9 @@ def _multimnist(
     by_class = [np.flatnonzero(labels == c) for c in range(10)]
     agree = rng.random(n) < agreement
     back = rng.integers(0, len(labels), size=n)
-    for i in np.flatnonzero(agree):
-        same = by_class[labels[front[i]]]
-        back[i] = same[rng.integers(0, len(same))]
+    for j in np.flatnonzero(agree):
+        same = by_class[labels[front[j]]]
+        back[j] = same[rng.integers(0, len(same))]
     shift = rng.integers(0, jitter + 1, size=(n, 2, 2))  # (sample, digit, axis)
     canvas = np.zeros((n, side, side), dtype=np.float32)
     for i in range(n):
@@ -225,7 +226,7 @@ def _digit_sources(
     else:
         per_domain = _domain_sizes(sizes, chosen, split)
 
-    def sample(d: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, ...]:
+    def sample(d: str, rng: np.random.Generator, size: int) -> _Drawn:
         images, labels, pool = _split_pool(split, seed) if d == "sklearn" else _mnist_split(
             split, seed
         )

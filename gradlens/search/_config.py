@@ -433,7 +433,7 @@ def load_config(path: str | os.PathLike[str]) -> SearchConfig:
     except ModuleNotFoundError:  # pragma: no cover - Python 3.10
         from gradlens._errors import require
 
-        tomllib = require("tomli", "dev", "Reading TOML configs on Python 3.10")  # type: ignore[assignment]
+        tomllib = require("tomli", "dev", "Reading TOML configs on Python 3.10")
     p = Path(path)
     try:
         text = p.read_bytes().decode("utf-8")
@@ -442,7 +442,7 @@ def load_config(path: str | os.PathLike[str]) -> SearchConfig:
     except (IsADirectoryError, UnicodeDecodeError) as exc:
         raise GradlensError(f"`config` should be a UTF-8 TOML file; {p}: {exc}.") from None
     try:
-        doc = tomllib.loads(text)  # type: ignore[attr-defined]
+        doc = tomllib.loads(text)
     except Exception as exc:  # tomllib.TOMLDecodeError (tomli's on 3.10)
         raise GradlensError(f"`config` should be valid TOML; {p}: {exc}.") from None
     return SearchConfig.from_dict(doc, source=p)

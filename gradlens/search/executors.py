@@ -363,7 +363,8 @@ class RayExecutor(Executor):
     """
 
     def __init__(self, address: str | None = None, workers: int | None = None) -> None:
-        self._ray: Any = require("ray", "ray", "RayExecutor")
+        ray: Any = require("ray", "ray", "RayExecutor")  # the module, untyped
+        self._ray = ray
         check_int("workers", workers, minimum=1, none_ok=True)
         self._owns = False
         if not self._ray.is_initialized():

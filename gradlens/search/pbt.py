@@ -177,7 +177,8 @@ class _Members:
                 tr.load_state_dict(torch.load(checkpoint, weights_only=True))
             if tr.weights != weights:
                 tr.weights = weights
-            tr.store.update_meta(pbt=pbt_meta)
+            if tr.store is not None:  # always: a member has a run directory
+                tr.store.update_meta(pbt=pbt_meta)
         except BaseException:
             tr.close()
             raise

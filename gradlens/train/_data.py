@@ -20,6 +20,7 @@ from torch import nn
 
 from gradlens._errors import GradlensError
 from gradlens.data import TaskInfo, dataset_options, load_dataset
+from gradlens.models import MultiTaskModel
 
 __all__: list[str] = []
 
@@ -212,7 +213,7 @@ def task_loss(out: torch.Tensor, y: torch.Tensor, info: TaskInfo) -> torch.Tenso
 
 
 def multitask_losses(
-    model: nn.Module, x: torch.Tensor, ys: Mapping[str, torch.Tensor], data: TrainData
+    model: MultiTaskModel, x: torch.Tensor, ys: Mapping[str, torch.Tensor], data: TrainData
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-task losses on one batch, and the shared features ``z``."""
     z = model.trunk(x)
@@ -221,7 +222,11 @@ def multitask_losses(
 
 
 def multidomain_losses(
-    model: nn.Module, x: torch.Tensor, label: torch.Tensor, dom: torch.Tensor, n_domains: int
+    model: MultiTaskModel,
+    x: torch.Tensor,
+    label: torch.Tensor,
+    dom: torch.Tensor,
+    n_domains: int,
 ) -> tuple[list[torch.Tensor | None], torch.Tensor, torch.Tensor]:
     """Per-domain mean losses (None for a domain absent from the batch), shares and ``z``.
 
