@@ -12,6 +12,7 @@ import pytest
 from gradlens import load_run
 from gradlens.cli import main
 from gradlens.train import TrainConfig
+from tests._tiny import tiny_train_args
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,21 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
-TINY = [
-    "--data-option",
-    "n=128",
-    "--width",
-    "0.125",
-    "--depth",
-    "1",
-    "--batch-size",
-    "32",
-    "--epochs",
-    "1",
-    "--every",
-    "2",
-    "--no-progress",
-]
+TINY = tiny_train_args()
 
 
 def test_train_command_stores_the_run_and_prints_the_metrics(tmp_path, capsys):

@@ -21,32 +21,12 @@ from gradlens import GradlensError, GradlensWarning, load_run
 from gradlens.cli import main
 from gradlens.search import SearchConfig, load_config, pbt_score, run_pbt
 from gradlens.search.pbt import _Members, _select_exploits
+from tests._tiny import TINY_SEARCH, synth
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "pbt.toml"
-TINY = {
-    "dataset": "multidigits",
-    "dataset_options": {"n": 128},
-    "width": 0.125,
-    "depth": 1,
-    "lr": 0.01,
-    "batch_size": 64,
-    "every": 1,
-}
-# Synthetic regression with conflicting tasks (120 degrees) and a tiny trunk, trained with plain
-# SGD: ranked by task0's validation loss, the best weights put everything on task0.
-SYNTH = {
-    "dataset": "synthetic",
-    "dataset_options": {"n": 200, "angle": 120.0, "noise": 0.1},
-    "model": "mlp",
-    "width": 0.05,
-    "depth": 1,
-    "optimizer": "sgd",
-    "lr": 0.05,
-    "momentum": 0.0,
-    "batch_size": 50,
-    "every": 1000,
-}
+TINY = TINY_SEARCH
+SYNTH = synth(every=1000)  # probes nothing: PBT's choices are what is tested
 
 
 def _cfg(pbt: dict, train: dict | None = None, workers: int = 1) -> SearchConfig:

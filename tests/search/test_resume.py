@@ -11,21 +11,10 @@ import torch
 import gradlens.search.pbt as pbt_module
 from gradlens import load_run
 from gradlens.search import SearchConfig, run_pbt
+from tests._tiny import SYNTH
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SYNTH = {
-    "dataset": "synthetic",
-    "dataset_options": {"n": 200, "angle": 120.0, "noise": 0.1},
-    "model": "mlp",
-    "width": 0.05,
-    "depth": 1,
-    "optimizer": "sgd",
-    "lr": 0.05,
-    "momentum": 0.0,
-    "batch_size": 50,
-    "every": 1,
-}
 
 
 def _pbt_cfg() -> SearchConfig:

@@ -20,19 +20,11 @@ from gradlens.cli import main
 from gradlens.search import SearchConfig, load_config, plan_sweep, run_sweep, simplex_grid
 from gradlens.search import sweep as sweep_mod
 from gradlens.train._data import load_train_data
+from tests._tiny import TINY_SEARCH
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "sweep.toml"
-TINY = {
-    "dataset": "multidigits",
-    "dataset_options": {"n": 128},
-    "width": 0.125,
-    "depth": 1,
-    "lr": 0.01,
-    "batch_size": 64,
-    "epochs": 1,
-    "every": 1,
-}
+TINY = {**TINY_SEARCH, "epochs": 1}
 
 
 def _cfg(sweep: dict, workers: int = 1, **train: object) -> SearchConfig:

@@ -17,24 +17,9 @@ from gradlens._errors import GradlensError
 from gradlens.data import expected_gradient_cosine, expected_gradient_gram
 from gradlens.train import TrainConfig, Trainer, TrainResult, score, train
 from gradlens.train._data import multidomain_losses
+from tests._tiny import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
-
-
-def tiny(**kw):
-    """A two-task MultiDigits run of a few steps."""
-    cfg = {
-        "dataset": "multidigits",
-        "dataset_options": {"n": 160},
-        "model": "mlp",
-        "width": 0.125,
-        "depth": 1,
-        "batch_size": 32,
-        "epochs": 1,
-        "every": 2,
-    }
-    cfg.update(kw)
-    return cfg
 
 
 def domains(**kw):
