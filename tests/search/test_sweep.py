@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -21,6 +18,7 @@ from gradlens.search import SearchConfig, load_config, plan_sweep, run_sweep, si
 from gradlens.search import sweep as sweep_mod
 from gradlens.train._data import load_train_data
 from tests._tiny import TINY_SEARCH
+from tests.search._kill import kill_when
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "sweep.toml"
@@ -254,29 +252,16 @@ def test_sigkill_mid_sweep_then_rerun_gives_every_run_exactly_once(tmp_path):
     cfg = tmp_path / "kill.toml"
     cfg.write_text(EXAMPLE.read_text().replace("p = [0.25, 0.75]", "p = [0.1, 0.3, 0.5, 0.7, 0.9]"))
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradlens.cli", "sweep", str(cfg), "--out", str(out),
-         "--workers", "1", "--no-progress"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                runs = _index(out)["runs"]
-            except (FileNotFoundError, json.JSONDecodeError):
-                runs = []
-            done = sum(r["status"] == "done" for r in runs)
-            if done >= 2 and any(r["status"] == "running" for r in runs):
-                break
-            assert proc.poll() is None, "the sweep ended before it could be killed"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    def ready() -> bool:
+        try:
+            runs = _index(out)["runs"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        done = sum(r["status"] == "done" for r in runs)
+        return done >= 2 and any(r["status"] == "running" for r in runs)
+
+    kill_when(["sweep", str(cfg), "--out", str(out), "--workers", "1", "--no-progress"], ready)
     runs = _index(out)["runs"]
     statuses = [r["status"] for r in runs]
     assert 2 <= statuses.count("done") < len(runs)
@@ -364,23 +349,14 @@ def test_sigkill_mid_run_then_rerun_continues_the_run_from_its_checkpoint(tmp_pa
     out = tmp_path / "out"
     rid = "w0.3-0.7_seed0"
     ckpt = out / "checkpoints" / f"{rid}.pt"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradlens.cli", "sweep", str(cfg_path), "--out", str(out),
-         "--no-progress"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while not ckpt.is_file() and time.monotonic() < deadline:
-            assert proc.poll() is None, "the sweep ended before it could be killed"
-            time.sleep(0.01)
-        time.sleep(0.3)  # into the next epochs, past the first checkpoint
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    first_seen: list[float] = []
+
+    def ready() -> bool:  # 0.3 s after the first checkpoint: into the following epochs
+        if not first_seen and ckpt.is_file():
+            first_seen.append(time.monotonic())
+        return bool(first_seen) and time.monotonic() - first_seen[0] > 0.3
+
+    kill_when(["sweep", str(cfg_path), "--out", str(out), "--no-progress"], ready)
     assert _index(out)["runs"][0]["status"] == "running"
     assert ckpt.is_file()
     with warnings.catch_warnings():  # the run's writer died: reading it may warn
