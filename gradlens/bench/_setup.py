@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from gradlens._errors import GradlensError
 from gradlens.bench._models import MODELS
-from gradlens.bench._weightings import weighted_step
+from gradlens.bench._weightings import libmtl_jacobian, libmtl_write, weighted_step
 from gradlens.engines._base import _quiet_vmap
 from gradlens.profiler import Profiler
 
@@ -130,19 +130,9 @@ class _Setup:
     def _libmtl(self, losses: dict[str, torch.Tensor]) -> None:
         # LibMTL's pattern: T autograd.grad calls on the shared parameters, flatten, stack
         params = list(self.trunk.parameters())
-        rows = []
-        for v in losses.values():
-            gs = torch.autograd.grad(v, params, retain_graph=True)
-            rows.append(torch.cat([g.reshape(-1) for g in gs]))
-        J = torch.stack(rows)
+        J = libmtl_jacobian(losses, params)
         _ = (J @ J.T).double()
-        flat = self.wt @ J
-        k = 0
-        for p in params:
-            p.grad = flat[k : k + p.numel()].view_as(p).clone()
-            k += p.numel()
-        L = torch.stack(list(losses.values()))
-        torch.autograd.backward(self.wt @ L, inputs=list(self.heads.parameters()))
+        libmtl_write(self.wt, J, params, losses, list(self.heads.parameters()))
 
     def _torchjd_step(self) -> None:
         for p in self._jd_trunk.parameters():
