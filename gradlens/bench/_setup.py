@@ -11,8 +11,12 @@ from torch.nn import functional as F
 
 from gradlens._errors import GradlensError
 from gradlens.bench._models import MODELS
-from gradlens.bench._weightings import libmtl_jacobian, libmtl_write, weighted_step
-from gradlens.engines._base import _quiet_vmap
+from gradlens.bench._weightings import (
+    libmtl_jacobian,
+    libmtl_write,
+    torchjd_gramian,
+    weighted_step,
+)
 from gradlens.profiler import Profiler
 
 __all__: list[str] = []
@@ -135,12 +139,7 @@ class _Setup:
         libmtl_write(self.wt, J, params, losses, list(self.heads.parameters()))
 
     def _torchjd_step(self) -> None:
-        for p in self._jd_trunk.parameters():
-            p.grad = None
-        losses, _ = self.losses(self._jd_trunk)
-        L = torch.stack(list(losses.values()))
-        with _quiet_vmap():  # its vmap's slow-path notices (e.g. SDPA backward on CPU)
-            _ = self._torchjd.compute_gramian(L)
+        L, _ = torchjd_gramian(self)
         L.backward(self.wt)
 
     def close(self) -> None:

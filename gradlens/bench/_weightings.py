@@ -58,12 +58,7 @@ def weighted_step(setup: Any, method: str, every: int = 1) -> None:
         losses, _ = setup.losses()
         setup._profilers[(method, every)].backward(losses, weights=w)
     elif path == "torchjd":
-        for p in setup._jd_trunk.parameters():
-            p.grad = None
-        losses, _ = setup.losses(setup._jd_trunk)
-        L = torch.stack(list(losses.values()))
-        with _quiet_vmap():  # its vmap's slow-path notices (e.g. SDPA backward on CPU)
-            gramian = setup._torchjd.compute_gramian(L)
+        L, gramian = torchjd_gramian(setup)
         L.backward(w(gramian))
     else:
         losses, _ = setup.losses()
@@ -101,3 +96,15 @@ def libmtl_write(
         k += p.numel()
     L = torch.stack(list(losses.values()))
     torch.autograd.backward(wt @ L, inputs=heads)
+
+
+def torchjd_gramian(setup: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """TorchJD's autogram path on the set-up's own copy of the trunk: the stacked losses and
+    ``engine.compute_gramian(losses)``."""
+    for p in setup._jd_trunk.parameters():
+        p.grad = None
+    losses, _ = setup.losses(setup._jd_trunk)
+    L = torch.stack(list(losses.values()))
+    with _quiet_vmap():  # its vmap's slow-path notices (e.g. SDPA backward on CPU)
+        gramian = setup._torchjd.compute_gramian(L)
+    return L, gramian
