@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def writer_status(run_dir: Path) -> str:
     """``"closed"``, ``"live (pid N)"`` or why the lock is stale, from the run's ``.lock``."""
-    from gradlens.store._lock import LOCK_NAME, _pid_alive
+    from gradlens.store._lock import LOCK_NAME, pid_alive
 
     try:
         rec = json.loads((run_dir / LOCK_NAME).read_text(encoding="utf-8"))
@@ -68,7 +68,7 @@ def writer_status(run_dir: Path) -> str:
     pid, host = rec.get("pid"), rec.get("host")
     if host != socket.gethostname():
         return f"live on {host} (pid {pid}), as far as its lock says"
-    if isinstance(pid, int) and _pid_alive(pid):
+    if isinstance(pid, int) and pid_alive(pid):
         return f"live (pid {pid})"
     return f"writer gone: pid {pid} is not running (stale lock)"
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from gradlens._errors import require
-from gradlens.engines._base import _quiet_vmap
+from gradlens.engines._base import quiet_vmap as _quiet_vmap
 from gradlens.weightings import per_layer
 
 __all__ = ["WEIGHTED_METHODS", "weighted_step", "weighting_for"]

@@ -209,9 +209,9 @@ class Trainer:
         if run_dir is None:
             return None
         if append and (Path(run_dir) / "meta.json").is_file():
-            from gradlens.store import _read_meta
+            from gradlens.store.reader import read_meta
 
-            stored = _read_meta(Path(run_dir)).get("weight_schedule")
+            stored = read_meta(Path(run_dir)).get("weight_schedule")
             self._stored_log = list(stored) if isinstance(stored, list) else None
         return RunWriter(run_dir, meta=meta, overwrite=overwrite, append=append)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gradlens import load_run
+from gradlens import TOTAL_LAYER, load_run
 from gradlens.cli import main
 from gradlens.train import TrainConfig
 from tests._tiny import tiny_train_args
@@ -128,7 +128,7 @@ def _check_demo_output(out: Path, text: str) -> None:
     for label in ("mean cosine", "conflict frequency", "norm ratio", "most conflicted layer"):
         assert label in text
     m = run.metrics
-    cos = m[(m.layer == "__all__") & (m.metric == "cosine")]["value"].mean()
+    cos = m[(m.layer == TOTAL_LAYER) & (m.metric == "cosine")]["value"].mean()
     assert f"mean cosine          {cos:+.3f}" in text
     assert str(out / "heatmap.png") in text
 

@@ -44,7 +44,7 @@ def _evals(rows: list[tuple]) -> pd.DataFrame:
     return df
 
 
-def _metrics(steps: list[int], cos: list[float], layer: str = "__all__") -> pd.DataFrame:
+def _metrics(steps: list[int], cos: list[float], layer: str = "total") -> pd.DataFrame:
     rows = []
     for s, c in zip(steps, cos):
         rows.append((s, layer, "cosine", "left", "right", c))
@@ -514,7 +514,7 @@ def test_associations_family_wise_error_under_the_null():
 def _epoch_run() -> FakeRun:
     steps = [5, 10, 12, 20, 25, 30, 40]
     conflict = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]  # the last probe is after the last eval
-    m = pd.DataFrame({"step": steps, "layer": "__all__", "metric": "conflict", "task_i": "a",
+    m = pd.DataFrame({"step": steps, "layer": "total", "metric": "conflict", "task_i": "a",
                       "task_j": "b", "value": conflict})  # fmt: skip
     ev = _evals(
         [(f"epoch:{k}", k, 10 * k, "val", t, "accuracy", v)

@@ -527,7 +527,7 @@ def test_full_batch_cosines_equal_the_planted_angle(tmp_path):
     G = run.gram(0)
     want = expected_gradient_gram(3, 75.0, scales).numpy()
     np.testing.assert_allclose(G / G[0, 0], want / want[0, 0], rtol=1e-5, atol=1e-5)
-    cos = run.metrics.query("layer == '__all__' and metric == 'cosine' and step == 0")
+    cos = run.metrics.query("layer == 'total' and metric == 'cosine' and step == 0")
     np.testing.assert_allclose(cos["value"], math.cos(math.radians(75.0)), atol=1e-5)
 
 
@@ -545,7 +545,7 @@ def test_minibatch_mean_cosine_matches_the_closed_form(tmp_path):
     t.fit_epochs(10)
     t.finish()
     run = load_run(tmp_path / "run")
-    cos = run.metrics.query("layer == '__all__' and metric == 'cosine'")["value"].to_numpy()
+    cos = run.metrics.query("layer == 'total' and metric == 'cosine'")["value"].to_numpy()
     assert len(cos) == 100
     want = float(expected_gradient_cosine(2, 60.0, noise=0.1, dim=16, batch_size=b)[0, 1])
     se = cos.std(ddof=1) / math.sqrt(len(cos))
