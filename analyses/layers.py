@@ -29,11 +29,11 @@ from analyses._common import (
     write_json,
 )
 from analyses.conflict import _long_runs, long_size
-from gradlens import load_run, stats
+from gradlens import TOTAL_LAYER, load_run, stats
 
 __all__ = ["layer_epochs", "layer_profile", "main"]
 
-TOTAL = "__all__"
+TOTAL = TOTAL_LAYER
 
 
 def _layers(metrics: pd.DataFrame) -> list[str]:

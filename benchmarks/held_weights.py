@@ -46,7 +46,7 @@ def main() -> None:
                     acc.append(np.mean([m["accuracy"] for m in test.values()]))
                     run = gl.load_run(out)
                     m = run.metrics
-                    c = m[(m.layer == "__all__") & (m.metric == "conflict")]["value"]
+                    c = m[(m.layer == gl.TOTAL_LAYER) & (m.metric == "conflict")]["value"]
                     conflict.append(float(c.mean()))
                     sec.append(run.meta["seconds_per_step"])
                     probes.append(len(run.probed_steps))

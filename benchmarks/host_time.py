@@ -3,7 +3,9 @@
 16 Linear layers of width 64 (ReLU between), batch 16, T linear heads, CPU, one torch thread,
 CPU time of this thread. Prints the plain step, each engine's probe (its second, steady-state),
 their ratio, the probe's time per layer, and where a gramian probe's time goes by function
-(cProfile, cumulative, the gradlens functions and autograd's entry points).
+(cProfile on this thread's CPU time, cumulative, the gradlens functions and autograd's entry
+points; the graph index's walks are ``_graph.py:from_roots``, ``_capture.py:split_heads``,
+``_graph.py:reaches_past`` and ``_segments.py:plan_from_index``).
 
     python benchmarks/host_time.py            # T = 8
     python benchmarks/host_time.py --tasks 3
@@ -16,6 +18,9 @@ import cProfile
 import pstats
 import statistics
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,9 +81,10 @@ def main() -> None:
         print(f"  {k:<8} {v * 1e3:7.3f} ms  {v / med['plain']:5.2f}x plain  "
               f"{v / LAYERS * 1e6:7.1f} us per layer")
 
+    breakdown(lambda: gl.Profiler(trunk, tasks, engine="gramian"), losses, args.repeats)
     prof = gl.Profiler(trunk, tasks, engine="gramian")
     prof.backward(losses())
-    pr = cProfile.Profile()
+    pr = cProfile.Profile(time.thread_time)  # CPU time: robust to other jobs on the machine
     n = 20
     for _ in range(n):
         ls = losses()
@@ -92,8 +98,51 @@ def main() -> None:
         if "gradlens" in file or func in ("run_backward", "grad", "backward"):
             rows.append((cum / n, f"{file.rsplit('/', 1)[-1]}:{func}"))
     print("gramian probe, cumulative time per probe by function (cProfile, adds overhead):")
-    for cum, name in sorted(rows, reverse=True)[:14]:
+    for cum, name in sorted(rows, reverse=True)[:24]:
         print(f"  {cum * 1e3:7.3f} ms  {name}")
+
+
+def breakdown(make: Callable[[], gl.Profiler], losses: Callable[[], dict], n: int) -> None:
+    """Where a gramian probe's CPU time goes: steps timed by wrapping them (thread CPU time,
+    no profiler overhead; nested steps are included in their callers)."""
+    from gradlens import profiler
+    from gradlens.engines import _graph, gramian
+
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(owner: Any, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.thread_time() - t0
+
+        setattr(owner, name, wrapper)
+
+    timed(_graph.GraphIndex, "from_roots", "graph index: one walk (GraphIndex.build)")
+    timed(gramian, "split_heads", "graph index: heads' split (split_heads)")
+    timed(_graph.GraphIndex, "reaches_past", "graph index: reaches_past")
+    timed(gramian, "plan_segments", "graph index: cut plan (plan_segments, cached)")
+    timed(gramian, "capture_rows", "first stage: weighted backward through the heads")
+    timed(gramian, "batched_grad_from", "second stage: vmapped backward through the trunk")
+    timed(gramian, "linear_group", "Linear rule, grouped layers (Grams, weighted grads)")
+    timed(gramian, "_accumulate_own", "writing .grad of the shared layers")
+    timed(profiler, "Snapshot", "Snapshot")
+    prof = make()
+    prof.backward(losses())
+    total = 0.0
+    for _ in range(n):
+        ls = losses()
+        t0 = time.thread_time()
+        prof.backward(ls)
+        total += time.thread_time() - t0
+    prof.close()
+    print(f"gramian probe, {total / n * 1e3:.3f} ms (back-to-back probes), by step:")
+    for label, sec in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"  {sec / n * 1e3:7.3f} ms  {label}")
 
 
 if __name__ == "__main__":

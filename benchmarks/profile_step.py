@@ -15,7 +15,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from gradlens.bench import _device, _Setup
+from gradlens.bench._hardware import _device
+from gradlens.bench._setup import _Setup
 
 
 def _sync(dev: torch.device) -> None:

@@ -3,15 +3,16 @@
 Example:
     >>> from gradlens._types import TOTAL_LAYER
     >>> TOTAL_LAYER
-    '__all__'
+    'total'
 """
 
 from typing import Literal
 
 __all__ = ["TOTAL_LAYER", "Level"]
 
-#: Name under which the Gram of all shared parameters is stored next to the per-layer Grams.
-TOTAL_LAYER = "__all__"
+#: Name under which the Gram of all shared parameters is stored next to the per-layer Grams
+#: (``"__all__"`` in runs of store format 1, read as this name).
+TOTAL_LAYER = "total"
 
 #: What a Gram is taken over: the shared parameters, or a shared representation (``features=``).
 Level = Literal["parameters", "features"]

@@ -59,6 +59,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradlens._errors import GradlensError
+from gradlens._validate import check_choice, check_int
 from gradlens.engines._base import (
     BackwardContext,
     Engine,
@@ -92,6 +93,12 @@ class DistributedProfiler(Profiler):
         shared: the shared part (a submodule of ``model``) or ``(name, parameter)`` pairs.
         tasks, engine, every, store, sinks, memory_budget, meta: as in
             :class:`~gradlens.Profiler`; ``store`` and ``sinks`` are used on rank 0 only.
+            ``engine`` defaults to ``"gramian"``, not ``"auto"``: ``auto`` decides from each
+            rank's own timings, so ranks may choose differently (exact either way, but rank 0's
+            recorded choice would not describe the others), and agreeing on one choice would
+            need a collective per timed probe whose count follows each rank's graph shapes
+            (uneven batches or conditional computation would leave ranks waiting on each other).
+            ``engine="auto"`` may still be passed with ``grams="local"``.
         grams: ``"local"`` (default; each rank's Grams, no communication) or ``"global"``
             (Grams of the averaged per-task gradients; ``engine`` "batched", "loop" or
             "features").
@@ -121,8 +128,7 @@ class DistributedProfiler(Profiler):
                 "(dist.init_process_group) before it is created; found it uninitialized. "
                 "In a single process use gradlens.Profiler."
             )
-        if grams not in get_args(GramScope):
-            raise GradlensError(f"`grams` should be one of {get_args(GramScope)}; found {grams!r}.")
+        check_choice("grams", grams, get_args(GramScope))
         if grams == "global" and engine not in _GLOBAL_ENGINES:
             raise GradlensError(
                 f"`engine` should be one of {list(_GLOBAL_ENGINES)} with grams='global'; found "
@@ -135,8 +141,7 @@ class DistributedProfiler(Profiler):
                 "`model` should be the nn.Module whose gradients are averaged (a "
                 f"DistributedDataParallel or a plain module); found {type(model).__name__}."
             )
-        if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
-            raise GradlensError(f"`bucket_bytes` should be a positive int; found {bucket_bytes!r}.")
+        bucket_bytes = check_int("bucket_bytes", bucket_bytes, minimum=1)
         self._group = process_group
         self.world_size: int = dist.get_world_size(process_group)
         self.rank: int = dist.get_rank(process_group)
@@ -259,7 +264,7 @@ class DistributedProfiler(Profiler):
                     p.grad.copy_(part)
 
 
-def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
+def _unique(params: list[torch.Tensor]) -> list[torch.Tensor]:
     seen: set[int] = set()
     out = []
     for p in params:
@@ -270,11 +275,11 @@ def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
 
 
 def _pack(
-    groups: list[list[nn.Parameter]], nbytes: Callable[[list[nn.Parameter]], int], limit: int
-) -> list[list[nn.Parameter]]:
+    groups: list[list[torch.Tensor]], nbytes: Callable[[list[torch.Tensor]], int], limit: int
+) -> list[list[torch.Tensor]]:
     """Consecutive groups joined while their bytes stay within ``limit`` (a group that alone
     exceeds it stands alone); groups of different dtype or device are never joined."""
-    out: list[list[nn.Parameter]] = []
+    out: list[list[torch.Tensor]] = []
     size = 0
     for g in groups:
         n = nbytes(g)
@@ -293,7 +298,7 @@ def _pack(
     return out
 
 
-def _buckets(params: list[nn.Parameter], limit: int) -> list[list[nn.Parameter]]:
+def _buckets(params: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
     """Consecutive parameters of one dtype and device, at most ``limit`` bytes a bucket."""
     return _pack([[p] for p in params], lambda g: g[0].numel() * g[0].element_size(), limit)
 
@@ -371,8 +376,8 @@ class _GlobalLoop(_GlobalParams):
 
 
 def _layer_chunks(
-    shared: SharedParams, params: list[nn.Parameter], T: int, budget: int
-) -> list[list[nn.Parameter]]:
+    shared: SharedParams, params: list[torch.Tensor], T: int, budget: int
+) -> list[list[torch.Tensor]]:
     """Whole layers grouped so that a chunk's ``T x P_chunk`` gradients fit in ``budget``."""
     layers = [list(ps) for ps in group_by_layer(shared, params).values()]
     return _pack(layers, lambda ps: T * sum(p.numel() * p.element_size() for p in ps), budget)

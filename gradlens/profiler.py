@@ -25,22 +25,31 @@ Example:
 
 from __future__ import annotations
 
-import math
-import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens._validate import check_tasks
+from gradlens._profiler_checks import (
+    check_features,
+    check_finite,
+    check_scale,
+    grads_kept,
+    open_store,
+    stack_grams,
+    stack_losses,
+    uncompiled,
+    weight_values,
+)
+from gradlens._validate import check_int, check_tasks
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
+from gradlens.engines._graph import GraphIndex
 from gradlens.engines.auto import AutoEngine
 from gradlens.engines.gramian import UNRECORDED
 from gradlens.schedules import Schedule, as_schedule
@@ -50,10 +59,6 @@ from gradlens.weightings import _apply as _weighting
 __all__ = ["Profiler", "Sink"]
 
 _FREED = "Trying to backward through the graph a second time"
-#: The autograd node of ``checkpoint(..., use_reentrant=True)``.
-_REENTRANT = "CheckpointFunctionBackward"
-#: Engines that backpropagate T cotangents at once with vmap (unsupported by torch.compile).
-_VMAP_ENGINES = ("gramian", "batched")
 
 
 #: A Gram weighting: T x T float64 Gram -> T non-negative weights (see gradlens.weightings).
@@ -102,15 +107,11 @@ class Profiler:
         meta: Mapping[str, Any] | None = None,
     ) -> None:
         self.tasks: tuple[str, ...] = check_tasks(tasks)
-        module, self._compiled = _uncompiled(shared, engine)
+        module, self._compiled = uncompiled(shared, engine)
         self._shared = resolve_shared(module)
         self._engine: Engine = self._make_engine(engine)
         self._schedule = as_schedule(every)
-        if not isinstance(memory_budget, int) or memory_budget <= 0:
-            raise GradlensError(
-                f"`memory_budget` should be a positive int (bytes); found {memory_budget!r}."
-            )
-        self._budget = memory_budget
+        self._budget: int = check_int("memory_budget", memory_budget, minimum=1)
         self.step = 0
         self._closed = False
         self._warned_zero: set[str] = set()
@@ -130,11 +131,12 @@ class Profiler:
             else self._shared.module.register_forward_hook(_forward_seen(weakref.ref(self)))
         )
         run_meta = self._meta(meta, engine, every)
-        self.store = _open_store(store, run_meta)
+        self.store = open_store(store, run_meta)
         self._sinks: list[Sink] = list(sinks)
         for sink in self._sinks:  # dashboards log the run meta as config/params
-            if callable(getattr(sink, "update_meta", None)):
-                sink.update_meta(**run_meta)
+            update = getattr(sink, "update_meta", None)
+            if callable(update):
+                update(**run_meta)
         if self.store is not None:
             self._sinks.insert(0, self.store)
         self._finalizer = weakref.finalize(
@@ -274,7 +276,8 @@ class Profiler:
         if self._closed:
             raise GradlensError(f"`{what}` was called on a closed Profiler; create a new one.")
         step = self.step
-        gw = weights if _weighting.is_weighting(weights) else None
+        # is_weighting tells a Gram weighting (a callable) from a mapping of weights
+        gw = cast("Weighting", weights) if _weighting.is_weighting(weights) else None
         per_layer = isinstance(gw, _weighting.PerLayer)
         if per_layer and self._engine.level != "parameters":
             raise GradlensError(
@@ -288,16 +291,16 @@ class Profiler:
         probe = bool(self._schedule(step)) or (gw is not None and held is None)
         # finiteness is checked on probed steps only: the check reads the losses on the host,
         # which on a GPU would stall every step (an unprobed step then behaves as plain training)
-        L, parts = _stack_losses(losses, self.tasks, check_finite=False)
+        L, parts = stack_losses(losses, self.tasks)
         self._check_device(L)
         if probe:
-            _check_finite(L, self.tasks)
+            check_finite(L, self.tasks)
         if gw is None:
-            w = self._weights_on(weights, L)  # type: ignore[arg-type]  # not a callable here
+            w = self._weights_on(cast("Mapping[str, float | torch.Tensor] | None", weights), L)
         else:
             w = (held[0] if held is not None else torch.ones(len(self.tasks))).to(L.device, L.dtype)
-        scale = _check_scale(grad_scale, L)
-        feats = self._check_features(features)
+        scale = check_scale(grad_scale, L)
+        feats = check_features(features, self._engine)
         snap = None
         try:
             if probe:
@@ -346,37 +349,11 @@ class Profiler:
     ) -> torch.Tensor:
         """The weights as a tensor like ``L``; the last one is reused when the values repeat
         (no host-to-device copy per step on a GPU)."""
-        vals = _weight_values(weights, self.tasks)
+        vals = weight_values(weights, self.tasks)
         key = (vals, L.dtype, L.device)
         if self._w_cache is None or self._w_cache[0] != key:
             self._w_cache = (key, torch.tensor(vals, dtype=L.dtype, device=L.device))
         return self._w_cache[1]
-
-    def _check_features(
-        self, features: torch.Tensor | Sequence[torch.Tensor] | None
-    ) -> list[torch.Tensor] | None:
-        if not self._engine.needs_features:
-            if features is not None:
-                raise GradlensError(
-                    f"`features` is used only by engine='features'; found it passed to "
-                    f"engine={self.engine!r}. Drop it or switch engines."
-                )
-            return None
-        if features is None:
-            raise GradlensError(
-                "`features` should be the shared representation z (a tensor that requires grad) "
-                "when engine='features'; found None. Call prof.backward(losses, features=z)."
-            )
-        feats = [features] if isinstance(features, torch.Tensor) else list(features)
-        for z in feats:
-            if not isinstance(z, torch.Tensor) or not z.requires_grad:
-                raise GradlensError(
-                    "`features` should be tensors that require grad (the output of the shared "
-                    f"part); found {type(z).__name__}"
-                    + (" with requires_grad=False" if isinstance(z, torch.Tensor) else "")
-                    + "."
-                )
-        return feats
 
     def _probe(
         self,
@@ -390,7 +367,8 @@ class Profiler:
         write: bool,
         weighting: Weighting | None = None,
     ) -> Snapshot | None:
-        leaves, uses, nodes = _traverse(L)  # raises before any side effect (reentrant checkpoint)
+        graph = GraphIndex.build(L)  # raises before any side effect (reentrant checkpoint)
+        leaves = graph.leaves
         reached = [p for p in self._shared.params if id(p) in leaves]
         notes: list[str] = []
         if self._engine.uses_hooks and self._forward_hook is not None and not self._seen_forward:
@@ -404,42 +382,28 @@ class Profiler:
             task_losses=parts if scale is None else [v * scale for v in parts],
             weights=w,
             reached=reached,
-            uses=uses,
-            nodes=nodes,
+            uses=graph.uses,
+            nodes=graph.pos.keys(),
             features=feats,
             memory_budget=self._budget,
             leaves=leaves,
             write=not measure_only,
             retain_graph=retain_graph or weighting is not None,
             keep_blocks=weighting is not None and write,
+            graph=graph,
         )
         # engines compute in the dtypes of the recorded tensors, never under an autocast region
         with torch.autocast(L.device.type, enabled=False):
             if not measure_only:
                 result = self._engine.compute(ctx)
             else:
-                with _grads_kept(reached):
+                with grads_kept(reached):
                     result = self._engine.compute(ctx)
         rest = [v for i, v in leaves.items() if i not in result.written]
         if rest and not measure_only:
             torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
-        T = len(self.tasks)
-        # every trainable shared layer is listed: one that no loss reached has a zero Gram
-        computed = result.layer_grams
-        unreached: tuple[str, ...] = ()
-        if self._engine.level == "parameters":
-            unreached = tuple(n for n in self._shared.layers if n not in computed)
-        if unreached:
-            zero = torch.zeros(T, T, dtype=torch.float64, device=L.device)
-            computed = {n: computed.get(n, zero) for n in self._shared.layers}
-        layer_names = list(computed)
-        if layer_names:
-            stacked = torch.stack([computed[n] for n in layer_names]).cpu()
-            layer_grams = dict(zip(layer_names, stacked.unbind(0)))
-            gram = stacked.sum(0)
-        else:
-            layer_grams = {}
-            gram = torch.zeros(T, T, dtype=torch.float64)
+        layers = self._shared.layers if self._engine.level == "parameters" else None
+        gram, layer_grams, unreached = stack_grams(result.layer_grams, layers, len(self.tasks))
         if scale is not None:
             inv2 = 1.0 / float(scale) ** 2  # GradScaler scales are powers of two: exact
             if not bool(torch.isfinite(gram).all()):
@@ -533,7 +497,7 @@ class Profiler:
     ) -> None:
         """``sum_t w_t`` of the gradients of every leaf outside the shared parameters."""
         if leaves is None:
-            leaves = _traverse(Ls)[0]
+            leaves = GraphIndex.build(Ls).leaves
         ids = {id(p) for p in self._shared.params}
         rest = [v for i, v in leaves.items() if i not in ids]
         if rest:
@@ -547,7 +511,7 @@ class Profiler:
         retain_graph: bool,
     ) -> None:
         """``J_l^T w_l`` on each shared layer, ``sum_t w_t`` of the gradients on other leaves."""
-        leaves, _, _ = _traverse(Ls)
+        leaves = GraphIndex.build(Ls).leaves
         shared = [p for p in self._shared.params if id(p) in leaves]
         # a layer the held probe did not reach (conditional computation) takes the total weights
         missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
@@ -577,8 +541,9 @@ class Profiler:
         if done <= self._auto_logged:
             return
         self._auto_logged |= done
-        if callable(getattr(self.store, "update_meta", None)):
-            self.store.update_meta(auto=self._engine.summary())  # type: ignore[attr-defined]
+        update = getattr(self.store, "update_meta", None)
+        if callable(update):
+            update(auto=self._engine.summary())
 
     def _flag_zero(self, snap: Snapshot) -> None:
         bad = [t for t in snap.nonfinite_tasks if t not in self._warned_nonfinite]
@@ -615,225 +580,6 @@ class Profiler:
         }
         out.update(meta or {})
         return out
-
-
-@contextmanager
-def _grads_kept(params: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Let an engine write ``.grad`` of ``params`` into fresh tensors, then put the old back."""
-    saved = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    try:
-        yield
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-
-
-def _check_scale(grad_scale: float | torch.Tensor | Any, L: torch.Tensor) -> torch.Tensor | None:
-    if grad_scale is None:
-        return None
-    if isinstance(grad_scale, torch.amp.GradScaler):
-        if not grad_scale.is_enabled():
-            return None
-        # scale() initialises the scaler's state (scaler.step needs it) and reads the scale
-        # without a host sync
-        one = torch.ones((), dtype=torch.float32, device=L.device)
-        return grad_scale.scale(one).reshape(()).to(L.dtype)
-    if isinstance(grad_scale, torch.Tensor):
-        if grad_scale.numel() != 1:
-            raise GradlensError(
-                "`grad_scale` should be a torch.amp.GradScaler, a positive finite number or a "
-                f"one-element tensor; found a tensor of shape {tuple(grad_scale.shape)}."
-            )
-        s = grad_scale.detach().reshape(()).to(L.device, L.dtype)
-    elif isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool):
-        s = torch.tensor(float(grad_scale), dtype=L.dtype, device=L.device)
-    else:
-        raise GradlensError(
-            "`grad_scale` should be a torch.amp.GradScaler, a positive finite number or a "
-            f"one-element tensor; found {type(grad_scale).__name__}."
-        )
-    f = float(s)
-    if not math.isfinite(f) or f <= 0:
-        raise GradlensError(f"`grad_scale` should be positive and finite; found {f}.")
-    return s
-
-
-def _uncompiled(
-    shared: nn.Module | Iterable[Any], engine: str
-) -> tuple[nn.Module | Iterable[Any], bool]:
-    """Unwrap a ``torch.compile``'d module; refuse engines that vmap through compiled graphs.
-
-    Returns the module and whether any part of it is compiled.
-    """
-    dynamo = sys.modules.get("torch._dynamo")  # nothing is compiled before dynamo is imported
-    if not isinstance(shared, nn.Module) or dynamo is None:
-        return shared, False
-    optimized = dynamo.eval_frame.OptimizedModule
-    compiled = [
-        name or "(root)"
-        for name, m in shared.named_modules()
-        if isinstance(m, optimized) or getattr(m, "_compiled_call_impl", None) is not None
-    ]
-    if compiled and engine in _VMAP_ENGINES:
-        raise GradlensError(
-            f"`engine={engine!r}` cannot profile a torch.compile'd `shared` module (compiled: "
-            f"{compiled}): it needs a batched (vmap) backward through the compiled graph, which "
-            "torch.compile does not support. Use engine='loop' (exact, one backward per task), "
-            "or engine='features' with only the trunk compiled, or compile only the task heads."
-        )
-    while isinstance(shared, optimized):
-        shared = shared._orig_mod  # parameter and layer names without the `_orig_mod.` prefix
-    return shared, bool(compiled)
-
-
-def _stack_losses(
-    losses: Mapping[str, torch.Tensor], tasks: tuple[str, ...], check_finite: bool = True
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Validate the losses; return them stacked (T,) and as the per-task scalars stacked.
-
-    The scalars are kept because a backward from ``L[t]`` would run through every task's graph
-    (through the stack), where one from the scalar runs through task t's graph only.
-    """
-    if not isinstance(losses, Mapping):
-        raise GradlensError(
-            f"`losses` should be a mapping task -> scalar loss; found {type(losses).__name__}."
-        )
-    unknown = [k for k in losses if k not in tasks]
-    if unknown:
-        raise GradlensError(
-            f"`losses` has undeclared tasks {unknown}; the profiler's tasks are {list(tasks)}."
-        )
-    missing = [t for t in tasks if t not in losses]
-    if missing:
-        raise GradlensError(f"`losses` is missing tasks {missing}; expected all of {list(tasks)}.")
-    vals = []
-    for t in tasks:
-        v = losses[t]
-        if not isinstance(v, torch.Tensor):
-            raise GradlensError(
-                f"`losses[{t!r}]` should be a scalar tensor; found {type(v).__name__}."
-            )
-        if v.numel() != 1:
-            raise GradlensError(
-                f"`losses[{t!r}]` should be a scalar (one element); found shape "
-                f"{tuple(v.shape)}. Reduce it (e.g. .mean()) first."
-            )
-        if not v.dtype.is_floating_point:
-            raise GradlensError(
-                f"`losses[{t!r}]` should be a real floating-point scalar; found dtype {v.dtype}."
-                + (" Take .abs() or .real of a complex loss first." if v.is_complex() else "")
-            )
-        if not v.requires_grad:
-            raise GradlensError(
-                f"`losses[{t!r}]` should require grad (depend on the model's parameters); "
-                "found a tensor with requires_grad=False."
-            )
-        vals.append(v if v.dim() == 0 else v.reshape(()))  # no extra view node for a scalar
-    if len({v.device for v in vals}) > 1:
-        found = {t: str(v.device) for t, v in zip(tasks, vals)}
-        raise GradlensError(f"`losses` should all be on one device; found {found}.")
-    dtypes = {v.dtype for v in vals}
-    if len(dtypes) > 1:
-        dt = torch.promote_types(*dtypes) if len(dtypes) == 2 else torch.float64
-        vals = [v.to(dt) for v in vals]
-    L = torch.stack(vals)
-    if check_finite:
-        _check_finite(L, tasks)
-    return L, vals
-
-
-def _check_finite(L: torch.Tensor, tasks: tuple[str, ...]) -> None:
-    finite = torch.isfinite(L.detach())
-    if not bool(finite.all()):
-        bad = {t: v for t, v, ok in zip(tasks, L.detach().tolist(), finite.tolist()) if not ok}
-        raise GradlensError(f"`losses` should be finite; found {bad}.")
-
-
-def _weight_values(
-    weights: Mapping[str, float | torch.Tensor] | None, tasks: tuple[str, ...]
-) -> tuple[float, ...]:
-    """The validated weights as floats, in task order (all 1 for None)."""
-    if weights is None:
-        return (1.0,) * len(tasks)
-    if not isinstance(weights, Mapping):
-        raise GradlensError(
-            f"`weights` should be a mapping task -> weight or None; found {type(weights).__name__}."
-        )
-    if set(weights) != set(tasks):
-        raise GradlensError(
-            f"`weights` should have exactly the tasks {list(tasks)} as keys; found {list(weights)}."
-        )
-    vals = []
-    for t in tasks:
-        v = weights[t]
-        if isinstance(v, (str, bytes, bool)):  # float() would accept "0.5" and True
-            raise GradlensError(
-                f"`weights[{t!r}]` should be a real number; found {type(v).__name__} ({v!r})."
-            )
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise GradlensError(
-                f"`weights[{t!r}]` should be a real number; found {type(v).__name__}."
-            ) from None
-        if not math.isfinite(f) or f < 0:
-            raise GradlensError(f"`weights[{t!r}]` should be finite and >= 0; found {f}.")
-        vals.append(f)
-    return tuple(vals)
-
-
-def _traverse(
-    L: torch.Tensor,
-) -> tuple[dict[int, torch.Tensor], dict[int, int], set[torch.autograd.graph.Node]]:
-    """Leaves reached from L's graph (by id), uses per leaf (edges into it), all nodes."""
-    leaves: dict[int, torch.Tensor] = {}
-    uses: dict[int, int] = {}
-    root = L.grad_fn
-    nodes: set[torch.autograd.graph.Node] = set()
-    if root is None:
-        return leaves, uses, nodes
-    stack = [root]
-    nodes.add(root)
-    while stack:
-        fn = stack.pop()
-        if fn.name() == _REENTRANT:
-            raise GradlensError(
-                "`losses` come from a model that uses reentrant activation checkpointing "
-                "(torch.utils.checkpoint.checkpoint(..., use_reentrant=True), or Hugging Face's "
-                "gradient_checkpointing_enable() with use_reentrant=True), which supports no "
-                "per-task gradient (autograd.grad): pass use_reentrant=False (HF: "
-                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
-                "False})). Nothing was written: .grad and the profiler's step are unchanged."
-            )
-        for nxt, _ in fn.next_functions:
-            if nxt is None:
-                continue
-            var = getattr(nxt, "variable", None)
-            if var is not None:
-                uses[id(var)] = uses.get(id(var), 0) + 1
-                leaves[id(var)] = var
-            if nxt not in nodes:
-                nodes.add(nxt)
-                stack.append(nxt)
-    return leaves, uses, nodes
-
-
-def _open_store(store: str | Path | Any | None, meta: dict[str, Any]) -> Sink | None:
-    if store is None:
-        return None
-    if isinstance(store, (str, Path)):
-        from gradlens.store import RunWriter
-
-        return RunWriter(store, meta=meta)  # type: ignore[no-any-return]
-    if hasattr(store, "add_snapshot") and hasattr(store, "close"):
-        if hasattr(store, "update_meta"):
-            store.update_meta(**meta)
-        return store  # type: ignore[no-any-return]
-    raise GradlensError(
-        f"`store` should be a run directory path or a RunWriter; found {type(store).__name__}."
-    )
 
 
 def _forward_seen(ref: weakref.ref[Profiler]) -> Any:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradlens import metrics as _metrics
 from gradlens._types import TOTAL_LAYER, Level
+from gradlens.metrics import functional as _metrics
 
 __all__ = ["TOTAL_LAYER", "Level", "Snapshot"]
 

@@ -26,8 +26,7 @@ from hypothesis import strategies as st
 
 import gradlens.store
 from gradlens import GradlensError, GradlensWarning, Snapshot, StoreError
-from gradlens.search import PBTSpec, SearchConfig, SweepSpec, plan_sweep
-from gradlens.search._config import ExecutorSpec
+from gradlens.search import ExecutorSpec, PBTSpec, SearchConfig, SweepSpec, plan_sweep
 from gradlens.store import RunWriter, load_run
 from gradlens.train import TrainConfig
 

@@ -214,7 +214,7 @@ def test_bad_constructor_arguments():
         gl.Profiler(nn.ReLU(), ["a"])
     with pytest.raises(gl.GradlensError, match=r"`shared` should be an nn\.Module or an iterable"):
         gl.Profiler(3, ["a"])
-    with pytest.raises(gl.GradlensError, match="`memory_budget` should be a positive int"):
+    with pytest.raises(gl.GradlensError, match="`memory_budget` should be an int >= 1"):
         gl.Profiler(trunk, ["a"], memory_budget=0)
     with pytest.raises(gl.GradlensError, match="`store` should be a run directory path"):
         gl.Profiler(trunk, ["a"], store=42)

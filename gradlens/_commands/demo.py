@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gradlens._commands._args import positive_int
+from gradlens._validate import check_int
 
 NAME = "demo"
 HELP = (
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     """Train, write OUT/run, OUT/heatmap.png and OUT/layers.png, print the summary."""
     import torch
 
-    from gradlens._errors import GradlensError, require
+    from gradlens._errors import require
 
     # Fail before training if an extra is missing.
     require("sklearn", "data", "gradlens demo (the bundled digits)")
@@ -80,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
     config = dict(QUICK_CONFIG if args.quick else DEMO_CONFIG)
     if args.epochs is not None:
         config["epochs"] = args.epochs
-    if args.threads < 1:
-        raise GradlensError(f"`--threads` should be a positive int; found {args.threads}.")
+    check_int("--threads", args.threads, minimum=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

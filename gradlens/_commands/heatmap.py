@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from gradlens._commands._args import positive_int
+from gradlens._types import TOTAL_LAYER
 
 NAME = "heatmap"
 HELP = "Draw one run's task x task mean cosine and conflict frequency heatmap."
@@ -17,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, metavar="RUN", help="a run directory")
     p.add_argument("--out", type=Path, default=None, help="output image (default RUN/heatmap.png)")
     p.add_argument(
-        "--layer", default="__all__", help="layer to draw (default: all shared parameters)"
+        "--layer", default=TOTAL_LAYER, help="layer to draw (default: all shared parameters)"
     )
     p.add_argument("--dpi", type=positive_int, default=110, help="resolution (110)")
 

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     """Train, store the run and print the final metrics."""
     import torch
 
-    from gradlens._errors import GradlensError
+    from gradlens._validate import check_int
     from gradlens.train import train
     from gradlens.train._format import format_metrics
 
@@ -123,9 +123,8 @@ def run(args: argparse.Namespace) -> int:
         fields["weights"] = _parse_weights(args.weights)
     if args.every is not None:
         fields["every"] = int(args.every) if args.every.strip().isdigit() else args.every.strip()
-    if args.threads is not None and args.threads < 1:
-        raise GradlensError(f"`--threads` should be a positive int; found {args.threads}.")
     if args.threads is not None:
+        check_int("--threads", args.threads, minimum=1)
         fields["threads"] = args.threads  # recorded with the run: its numbers depend on it
     out = args.out
     if out is None:
@@ -156,7 +155,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     try:
         import tomllib
     except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+        import tomli as tomllib
 
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

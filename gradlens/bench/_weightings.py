@@ -16,12 +16,13 @@ weighted gradient, three ways:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from gradlens._errors import require
-from gradlens.engines._base import _quiet_vmap
+from gradlens.engines._base import quiet_vmap as _quiet_vmap
 from gradlens.weightings import per_layer
 
 __all__ = ["WEIGHTED_METHODS", "weighted_step", "weighting_for"]
@@ -57,26 +58,53 @@ def weighted_step(setup: Any, method: str, every: int = 1) -> None:
         losses, _ = setup.losses()
         setup._profilers[(method, every)].backward(losses, weights=w)
     elif path == "torchjd":
-        for p in setup._jd_trunk.parameters():
-            p.grad = None
-        losses, _ = setup.losses(setup._jd_trunk)
-        L = torch.stack(list(losses.values()))
-        with _quiet_vmap():  # its vmap's slow-path notices (e.g. SDPA backward on CPU)
-            gramian = setup._torchjd.compute_gramian(L)
+        L, gramian = torchjd_gramian(setup)
         L.backward(w(gramian))
     else:
         losses, _ = setup.losses()
         params = list(setup.trunk.parameters())
-        rows = []
-        for v in losses.values():
-            gs = torch.autograd.grad(v, params, retain_graph=True)
-            rows.append(torch.cat([g.reshape(-1) for g in gs]))
-        J = torch.stack(rows)
+        J = libmtl_jacobian(losses, params)
         wt = w(J @ J.T).to(J.dtype)
-        flat = wt @ J
-        k = 0
-        for p in params:
-            p.grad = flat[k : k + p.numel()].view_as(p).clone()
-            k += p.numel()
-        L = torch.stack(list(losses.values()))
-        torch.autograd.backward(wt @ L, inputs=list(setup.heads.parameters()))
+        libmtl_write(wt, J, params, losses, list(setup.heads.parameters()))
+
+
+def libmtl_jacobian(
+    losses: dict[str, torch.Tensor], params: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """LibMTL's pattern: one ``autograd.grad`` per task on the shared parameters, flattened and
+    stacked into ``J`` (T x P)."""
+    rows = []
+    for v in losses.values():
+        gs = torch.autograd.grad(v, params, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in gs]))
+    return torch.stack(rows)
+
+
+def libmtl_write(
+    wt: torch.Tensor,
+    J: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    losses: dict[str, torch.Tensor],
+    heads: Sequence[torch.Tensor],
+) -> None:
+    """Write ``J^T wt`` back to the shared parameters' ``.grad``, the heads' by a weighted
+    backward (LibMTL's pattern)."""
+    flat = wt @ J
+    k = 0
+    for p in params:
+        p.grad = flat[k : k + p.numel()].view_as(p).clone()
+        k += p.numel()
+    L = torch.stack(list(losses.values()))
+    torch.autograd.backward(wt @ L, inputs=heads)
+
+
+def torchjd_gramian(setup: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """TorchJD's autogram path on the set-up's own copy of the trunk: the stacked losses and
+    ``engine.compute_gramian(losses)``."""
+    for p in setup._jd_trunk.parameters():
+        p.grad = None
+    losses, _ = setup.losses(setup._jd_trunk)
+    L = torch.stack(list(losses.values()))
+    with _quiet_vmap():  # its vmap's slow-path notices (e.g. SDPA backward on CPU)
+        gramian = setup._torchjd.compute_gramian(L)
+    return L, gramian

@@ -45,12 +45,12 @@ class HFTrunk(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
         if self.pick == "first":
-            return out.last_hidden_state[:, 0]  # type: ignore[no-any-return]
+            return out.last_hidden_state[:, 0]
         if self.pick == "last":
-            return out.last_hidden_state[:, -1]  # type: ignore[no-any-return]
+            return out.last_hidden_state[:, -1]
         if self.pick == "mean":
-            return out.last_hidden_state.mean(1)  # type: ignore[no-any-return]
-        return out.pooler_output.flatten(1)  # type: ignore[no-any-return]
+            return out.last_hidden_state.mean(1)
+        return out.pooler_output.flatten(1)
 
 
 def _bert() -> nn.Module:

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from gradlens._errors import GradlensError
 from gradlens._paths import check_name
+from gradlens._validate import check_choice, check_int
 
 __all__ = [
     "SPLITS",
@@ -49,10 +50,8 @@ class TaskInfo:
     n_outputs: int
 
     def __post_init__(self) -> None:
-        if self.kind not in get_args(TaskKind):
-            raise GradlensError(f"`kind` must be one of {get_args(TaskKind)}; found {self.kind!r}.")
-        if not isinstance(self.n_outputs, int) or self.n_outputs < 1:
-            raise GradlensError(f"`n_outputs` must be a positive int; found {self.n_outputs!r}.")
+        check_choice("kind", self.kind, get_args(TaskKind))
+        check_int("n_outputs", self.n_outputs, minimum=1)
 
 
 class _ImageSource:
@@ -120,14 +119,16 @@ class MultiTaskDataset(Dataset):
             n = len(inputs)
             self.input_shape = inputs.shape
         else:
-            raise GradlensError(f"`inputs` must be a torch.Tensor; found {type(inputs).__name__}.")
+            raise GradlensError(
+                f"`inputs` should be a torch.Tensor; found {type(inputs).__name__}."
+            )
         if not targets:
-            raise GradlensError("`targets` must hold at least one task; found none.")
+            raise GradlensError("`targets` should hold at least one task; found none.")
         for t, y in targets.items():
             if not isinstance(y, torch.Tensor) or y.ndim < 1 or y.shape[0] != n:
                 found = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise GradlensError(
-                    f"`targets[{t!r}]` must be a tensor with {n} rows (one per input); "
+                    f"`targets[{t!r}]` should be a tensor with {n} rows (one per input); "
                     f"found {found}."
                 )
         self._y = {t: y for t, y in targets.items()}
@@ -227,7 +228,7 @@ class MultiDomainDataset(MultiTaskDataset):
     ) -> None:
         self._domains = tuple(domains)
         if len(set(self._domains)) != len(self._domains) or not self._domains:
-            raise GradlensError(f"`domains` must be distinct names; found {self._domains}.")
+            raise GradlensError(f"`domains` should be distinct names; found {self._domains}.")
         domain = torch.as_tensor(domain, dtype=torch.long)
         labels = torch.as_tensor(labels, dtype=torch.long)
         if domain.numel() and (domain.min() < 0 or domain.max() >= len(self._domains)):
@@ -302,6 +303,4 @@ def _split_indices(n: int, seed: int, tag: int = 0) -> dict[str, np.ndarray]:
 
 
 def _check_split(split: object) -> str:
-    if split not in SPLITS:
-        raise GradlensError(f"`split` must be one of {SPLITS}; found {split!r}.")
-    return str(split)
+    return str(check_choice("split", split, SPLITS))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gradlens._errors import GradlensError, require
+from gradlens._validate import check_int
 from gradlens.data._base import (
     _TAG_SAMPLE,
     MultiDomainDataset,
@@ -48,12 +49,6 @@ def _split_pool(split: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return images[idx], labels[idx], idx
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise GradlensError(f"`{name}` must be a positive int; found {value!r}.")
-    return int(value)
-
-
 # --------------------------------------------------------------------------------------------
 # MultiDigits
 # --------------------------------------------------------------------------------------------
@@ -65,7 +60,7 @@ def _multidigits(
     split: str, seed: int, root: Path | None, *, n: int | None = None
 ) -> MultiTaskDataset:
     """Two digits of the same split side by side: input (1, 8, 16), tasks "left" and "right"."""
-    n = _MULTIDIGITS_N[split] if n is None else _positive_int("n", n)
+    n = _MULTIDIGITS_N[split] if n is None else check_int("n", n, minimum=1)
     images, labels, pool = _split_pool(split, seed)
     rng = _rng(seed, _TAG_PAIRS, _TAG_SAMPLE[split])
     left = rng.integers(0, len(labels), size=n)
@@ -156,7 +151,7 @@ def _select(
         raise GradlensError(f"`{option}` has unknown names {unknown}; valid: {tuple(valid)}.")
     if not chosen or len(set(chosen)) != len(chosen):
         raise GradlensError(
-            f"`{option}` must be a non-empty list of distinct names; found {chosen}."
+            f"`{option}` should be a non-empty list of distinct names; found {chosen}."
         )
     return chosen
 
@@ -249,23 +244,26 @@ def _domain_sizes(sizes: object, domains: tuple[str, ...], split: str) -> dict[s
     if sizes is None:
         return {d: _DOMAIN_SIZES[split][d] for d in domains}
     if isinstance(sizes, (int, np.integer)) and not isinstance(sizes, bool):
-        return {d: _positive_int("sizes", sizes) for d in domains}
+        return {d: check_int("sizes", sizes, minimum=1) for d in domains}
     if isinstance(sizes, Mapping):
         if set(sizes) != set(domains):
             raise GradlensError(
                 f"`sizes` must give a size for exactly the domains {domains}; found keys "
                 f"{tuple(sizes)}."
             )
-        return {d: _positive_int(f"sizes[{d!r}]", sizes[d]) for d in domains}
+        return {d: check_int(f"sizes[{d!r}]", sizes[d], minimum=1) for d in domains}
     if isinstance(sizes, Sequence) and not isinstance(sizes, str):
         if len(sizes) != len(domains):
             raise GradlensError(
                 f"`sizes` must hold one size per domain ({len(domains)}: {domains}); found "
                 f"{len(sizes)} values."
             )
-        return {d: _positive_int(f"sizes[{i}]", s) for i, (d, s) in enumerate(zip(domains, sizes))}
+        return {
+            d: check_int(f"sizes[{i}]", s, minimum=1)
+            for i, (d, s) in enumerate(zip(domains, sizes))
+        }
     raise GradlensError(
-        f"`sizes` must be an int, a sequence of ints or a mapping domain -> int; found {sizes!r}."
+        f"`sizes` should be an int, a sequence of ints or a mapping domain -> int; found {sizes!r}."
     )
 
 

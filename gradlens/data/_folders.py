@@ -52,7 +52,8 @@ def _image_size(image_size: object) -> tuple[int, int]:
         size = (0, 0)
     if min(size) < 1:
         raise GradlensError(
-            f"`image_size` must be a positive int or a (height, width) pair; found {image_size!r}."
+            f"`image_size` should be a positive int or a (height, width) pair; found "
+            f"{image_size!r}."
         )
     return size
 
@@ -78,7 +79,7 @@ def _root(root: Path | None, name: str) -> Path:
     if root is None:
         raise GradlensError(f"`root` is required for {name!r}: the folder holding the data.")
     if not root.is_dir():
-        raise GradlensError(f"`root` must be an existing folder for {name!r}; found {root}.")
+        raise GradlensError(f"`root` should be an existing folder for {name!r}; found {root}.")
     return root
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gradlens._errors import GradlensError, require
+from gradlens._validate import check_int, check_number
 from gradlens.data._base import (
     _TAG_SAMPLE,
     MultiDomainDataset,
@@ -28,7 +29,7 @@ from gradlens.data._base import (
 )
 from gradlens.data._digits import (
     _domain_sizes,
-    _positive_int,
+    _Drawn,
     _select,
     _split_pool,
     draw_indices,
@@ -123,23 +124,6 @@ def _mm_target(task: str, front: np.ndarray, back: np.ndarray) -> np.ndarray:
     return (front + back) % 10
 
 
-def _fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-        raise GradlensError(f"`{name}` must be a number in [0, 1]; found {value!r}.")
-    v = float(value)
-    if not 0.0 <= v <= 1.0:
-        raise GradlensError(f"`{name}` must be a number in [0, 1]; found {value!r}.")
-    return v
-
-
-def _nonneg_int(name: str, value: object, upper: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise GradlensError(f"`{name}` must be an int in [0, {upper}]; found {value!r}.")
-    if not 0 <= value <= upper:
-        raise GradlensError(f"`{name}` must be an int in [0, {upper}]; found {value!r}.")
-    return int(value)
-
-
 def _multimnist(
     split: str,
     seed: int,
@@ -154,15 +138,15 @@ def _multimnist(
 ) -> MultiTaskDataset:
     """Two MNIST digits of the same split on one canvas; the front one hides the back one."""
     chosen = _select("tasks", tasks, tuple(_MM_TASKS), ("front", "back"))
-    n = _MM_N[split] if n is None else _positive_int("n", n)
-    offset = _nonneg_int("offset", offset, 28)
-    jitter = _nonneg_int("jitter", jitter, 8)
-    agreement = _fraction("agreement", agreement)
+    n = _MM_N[split] if n is None else check_int("n", n, minimum=1)
+    offset = check_int("offset", offset, minimum=0, maximum=28)
+    jitter = check_int("jitter", jitter, minimum=0, maximum=8)
+    agreement = check_number("agreement", agreement, low=0.0, high=1.0)
     side = 28 + offset + jitter
-    size = side if image_size is None else _positive_int("image_size", image_size)
+    size = side if image_size is None else check_int("image_size", image_size, minimum=1)
     if size > side:
         raise GradlensError(
-            f"`image_size` must be at most the canvas side {side} (28 + offset + jitter); "
+            f"`image_size` should be at most the canvas side {side} (28 + offset + jitter); "
             f"found {size}."
         )
     images, labels, pool = _mnist_split(split, seed)
@@ -172,9 +156,9 @@ def _multimnist(
     by_class = [np.flatnonzero(labels == c) for c in range(10)]
     agree = rng.random(n) < agreement
     back = rng.integers(0, len(labels), size=n)
-    for i in np.flatnonzero(agree):
-        same = by_class[labels[front[i]]]
-        back[i] = same[rng.integers(0, len(same))]
+    for j in np.flatnonzero(agree):
+        same = by_class[labels[front[j]]]
+        back[j] = same[rng.integers(0, len(same))]
     shift = rng.integers(0, jitter + 1, size=(n, 2, 2))  # (sample, digit, axis)
     canvas = np.zeros((n, side, side), dtype=np.float32)
     for i in range(n):
@@ -242,7 +226,7 @@ def _digit_sources(
     else:
         per_domain = _domain_sizes(sizes, chosen, split)
 
-    def sample(d: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, ...]:
+    def sample(d: str, rng: np.random.Generator, size: int) -> _Drawn:
         images, labels, pool = _split_pool(split, seed) if d == "sklearn" else _mnist_split(
             split, seed
         )

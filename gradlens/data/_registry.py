@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gradlens._errors import GradlensError
+from gradlens._validate import check_choice, check_int
 from gradlens.data._base import MultiTaskDataset, _check_split
 from gradlens.data._digits import _digit_attributes, _domain_digits, _multidigits
 from gradlens.data._folders import _celeba, _domainnet
@@ -47,8 +48,7 @@ def dataset_options(name: str) -> dict[str, object]:
 
 
 def _lookup(name: str) -> tuple[_Builder, bool]:
-    if name not in _REGISTRY:
-        raise GradlensError(f"`name` must be one of {DATASETS}; found {name!r}.")
+    check_choice("name", name, DATASETS)
     return _REGISTRY[name]
 
 
@@ -76,8 +76,7 @@ def load_dataset(
     """
     builder, needs_root = _lookup(name)
     split = _check_split(split)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise GradlensError(f"`seed` must be a non-negative int; found {seed!r}.")
+    check_int("seed", seed, minimum=0)
     valid = dataset_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gradlens._errors import GradlensError
+from gradlens._validate import check_int, check_number
 from gradlens.data._base import _TAG_SAMPLE, MultiTaskDataset, TaskInfo, _rng
 
 __all__ = ["expected_gradient_cosine", "expected_gradient_gram"]
@@ -21,10 +22,8 @@ _SYNTHETIC_N = {"train": 2000, "val": 500, "test": 500}
 
 def _check_angle(n_tasks: int, angle: float) -> float:
     """Validate the planted angle and return its cosine."""
-    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
-        raise GradlensError(f"`n_tasks` must be a positive int; found {n_tasks!r}.")
-    if not isinstance(angle, (int, float)) or not 0.0 <= float(angle) <= 180.0:
-        raise GradlensError(f"`angle` must be a number of degrees in [0, 180]; found {angle!r}.")
+    check_int("n_tasks", n_tasks, minimum=1)
+    check_number("angle", angle, low=0.0, high=180.0)  # degrees
     c = math.cos(math.radians(float(angle)))
     if abs(c) < 1e-15:
         c = 0.0
@@ -43,7 +42,7 @@ def _check_scales(n_tasks: int, scales: Sequence[float] | None) -> np.ndarray:
     s = np.asarray(scales, dtype=np.float64).reshape(-1)
     if s.shape != (n_tasks,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise GradlensError(
-            f"`scales` must hold {n_tasks} positive finite numbers (one per task); "
+            f"`scales` should hold {n_tasks} positive finite numbers (one per task); "
             f"found {scales!r}."
         )
     return s
@@ -82,13 +81,10 @@ def _synthetic(
     """y_t = scale_t <u_t, x> + noise, with equiangular unit vectors u_t."""
     c = _check_angle(n_tasks, angle)
     s = _check_scales(n_tasks, scales)
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < n_tasks:
-        raise GradlensError(f"`dim` must be an int >= n_tasks = {n_tasks}; found {dim!r}.")
+    check_int("dim", dim, minimum=n_tasks)  # at least one direction per task
     n = _SYNTHETIC_N[split] if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n <= dim:
-        raise GradlensError(f"`n` must be an int > dim = {dim}; found {n!r}.")
-    if not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
-        raise GradlensError(f"`noise` must be a finite number >= 0; found {noise!r}.")
+    check_int("n", n, minimum=dim + 1)  # more samples than dimensions
+    check_number("noise", noise, low=0.0)
     U = _equiangular(n_tasks, c, dim, _rng(seed, _TAG_DIRECTIONS))
     rng = _rng(seed, _TAG_INPUTS, _TAG_SAMPLE[split])
     X = _whitened_inputs(n, dim, rng)
@@ -160,12 +156,8 @@ def expected_gradient_gram(
     C = (1.0 - c) * np.eye(n_tasks) + c * np.ones((n_tasks, n_tasks))
     G = np.outer(s, s) * C
     if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise GradlensError(
-                f"`batch_size` must be a positive int or None; found {batch_size!r}."
-            )
-        if not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
-            raise GradlensError(f"`noise` must be a finite number >= 0; found {noise!r}.")
+        check_int("batch_size", batch_size, minimum=1)
+        check_number("noise", noise, low=0.0)
         b = batch_size
         G = G * (b + dim + 1) / b + np.eye(n_tasks) * noise**2 * dim / b
     return torch.from_numpy(G)

@@ -14,15 +14,17 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
 
 from gradlens._errors import GradlensError
 from gradlens._types import Level
+from gradlens.engines._graph import GraphIndex
 
 __all__ = ["BackwardContext", "Engine", "EngineResult", "SharedParams", "resolve_shared"]
 
@@ -40,23 +42,23 @@ class SharedParams:
     frozen again).
     """
 
-    all_named: list[tuple[str, nn.Parameter]]
+    all_named: list[tuple[str, torch.Tensor]]
     module: nn.Module | None
     layer_of: dict[int, str]
     all_layers: list[str]
 
     @property
-    def named(self) -> list[tuple[str, nn.Parameter]]:
+    def named(self) -> list[tuple[str, torch.Tensor]]:
         """The ``(name, parameter)`` pairs that require grad now."""
         return [(n, p) for n, p in self.all_named if p.requires_grad]
 
     @property
-    def params(self) -> list[nn.Parameter]:
+    def params(self) -> list[torch.Tensor]:
         """The parameters that require grad now."""
         return [p for _, p in self.all_named if p.requires_grad]
 
     @property
-    def all_params(self) -> list[nn.Parameter]:
+    def all_params(self) -> list[torch.Tensor]:
         """Every shared parameter, frozen or not."""
         return [p for _, p in self.all_named]
 
@@ -73,11 +75,11 @@ def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
     Frozen parameters are kept (see :class:`SharedParams`); at least one must require grad.
     """
     if isinstance(shared, nn.Module):
-        named = list(shared.named_parameters())
+        named: list[tuple[str, torch.Tensor]] = list(shared.named_parameters())
         module: nn.Module | None = shared
     else:
         try:
-            items = list(shared)  # type: ignore[arg-type]
+            items = list(shared)
         except TypeError:
             raise GradlensError(
                 "`shared` should be an nn.Module or an iterable of (name, parameter) pairs; "
@@ -128,11 +130,11 @@ class BackwardContext:
     losses: torch.Tensor  # (T,)
     weights: torch.Tensor  # (T,), dtype and device of the losses
     #: Shared parameters that the losses reach, in the order of ``SharedParams.named``.
-    reached: list[nn.Parameter]
+    reached: list[torch.Tensor]
     #: How many graph edges lead to each reached leaf (by id): uses in this forward.
     uses: dict[int, int]
     #: Autograd nodes of the losses' graph (for engines that recorded graph edges).
-    nodes: set[torch.autograd.graph.Node]
+    nodes: AbstractSet[torch.autograd.graph.Node]
     features: Sequence[torch.Tensor] | None = None
     memory_budget: int = 1 << 30
     #: The scalar losses that ``losses`` stacks (a backward from one of them runs through its own
@@ -150,6 +152,9 @@ class BackwardContext:
     #: that writing ``J_l^T w_l`` needs, if they fit ``memory_budget``, and return a writer in
     #: ``EngineResult.writer`` (the ``.grad`` writes of ``compute`` are then discarded).
     keep_blocks: bool = False
+    #: The index of the losses' graph (one walk, see :mod:`gradlens.engines._graph`); None when
+    #: the caller built none (engines then walk what they need themselves).
+    graph: GraphIndex | None = None
 
     def per_task(self) -> list[torch.Tensor]:
         """The per-task scalar losses (``task_losses``, or ``losses`` unbound as a fallback)."""
@@ -212,14 +217,19 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
 
     ``g`` is cast to the parameter's dtype (rules may compute in a wider one under autocast).
     """
-    g = g.detach().reshape(p.shape).to(p.dtype)
-    if p.grad is None:
+    g = g.detach()
+    if g.shape != p.shape:  # each call below costs a dispatch even when it changes nothing
+        g = g.reshape(p.shape)
+    if g.dtype != p.dtype:
+        g = g.to(p.dtype)
+    grad = p.grad
+    if grad is None:
         # alias a tensor that owns exactly its storage (as autograd steals a fresh gradient);
         # copy a slice of a larger buffer or a strided view
         own = g.is_contiguous() and g.untyped_storage().nbytes() == g.numel() * g.element_size()
         p.grad = g if own else g.clone(memory_format=torch.contiguous_format)
     else:
-        p.grad.add_(g)
+        grad.add_(g)
 
 
 class Workspace:
@@ -266,10 +276,10 @@ def batched_grad(
     eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
     if tasks is not None:
         eye = eye[tasks]
-    with _quiet_vmap():
+    with quiet_vmap():
         return torch.autograd.grad(
             losses,
-            list(inputs),
+            grad_inputs(inputs),
             grad_outputs=eye,
             is_grads_batched=True,
             retain_graph=True,
@@ -292,7 +302,9 @@ def per_task_grad(
     ref = losses[0]
     got: list[list[torch.Tensor | None]] = [[] for _ in inputs]
     for t in range(T):
-        gs = torch.autograd.grad(losses[t], list(inputs), retain_graph=True, allow_unused=True)
+        gs = torch.autograd.grad(
+            losses[t], grad_inputs(inputs), retain_graph=True, allow_unused=True
+        )
         for k, g in enumerate(gs):
             got[k].append(g)
     out = []
@@ -313,10 +325,10 @@ def batched_grad_from(
     """Batched backward from intermediate ``outputs`` with (T, ...) ``cotangents``."""
     if not inputs:
         return ()
-    with _quiet_vmap():
+    with quiet_vmap():
         return torch.autograd.grad(
             list(outputs),
-            list(inputs),
+            grad_inputs(inputs),
             grad_outputs=list(cotangents),
             is_grads_batched=True,
             retain_graph=retain_graph,
@@ -342,7 +354,7 @@ def looped_grad_from(
     for t in range(T):
         gs = torch.autograd.grad(
             list(outputs),
-            list(inputs),
+            grad_inputs(inputs),
             grad_outputs=[c[t] for c in cotangents],
             retain_graph=retain_graph or t < T - 1,
             allow_unused=True,
@@ -359,10 +371,21 @@ def looped_grad_from(
     return out
 
 
+def grad_inputs(
+    inputs: Sequence[torch.Tensor | torch.autograd.graph.GradientEdge],
+) -> Sequence[torch.Tensor]:
+    """``inputs`` for ``torch.autograd.grad``: autograd accepts tensors and gradient edges mixed
+    in one sequence, which torch's annotations (a sequence of one kind) do not express."""
+    return cast("Sequence[torch.Tensor]", list(inputs))
+
+
 @contextmanager
-def _quiet_vmap() -> Iterator[None]:
-    # vmap's slow-path notice ("There is a performance drop because we have not yet implemented
-    # the batching rule for ...") is not the user's concern: the result is exact either way.
+def quiet_vmap() -> Iterator[None]:
+    """Silence vmap's slow-path notice inside the block (also used by ``gradlens bench``).
+
+    The notice ("There is a performance drop because we have not yet implemented the batching
+    rule for ...") is not the user's concern: the result is exact either way.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop")
         yield

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.graph import GradientEdge, Node
 
-from gradlens.engines._base import BackwardContext, Workspace, accumulate_grad, per_task_grad
+from gradlens.engines._base import (
+    BackwardContext,
+    Workspace,
+    accumulate_grad,
+    grad_inputs,
+    per_task_grad,
+)
+from gradlens.engines._graph import GraphIndex
 
 __all__ = ["HeadSplit", "capture_rows", "split_heads"]
 
@@ -45,6 +52,7 @@ def split_heads(
     edges: Sequence[GradientEdge],
     uses: dict[int, int],
     dtypes: Sequence[torch.dtype],
+    graph: GraphIndex | None = None,
 ) -> HeadSplit | None:
     """Walk each task's graph down to ``edges``; None when no per-task split exists.
 
@@ -55,6 +63,10 @@ def split_heads(
     if any(torch.finfo(d).bits < 32 for d in dtypes):
         return None
     keys = {(e.node, e.output_nr): k for k, e in enumerate(edges)}
+
+    def nexts(fn: Node) -> tuple[tuple[Node | None, int], ...]:
+        return fn.next_functions if graph is None else graph.next_functions(fn)
+
     stop = {e.node for e in edges}
     owner: dict[Node, int] = {}
     consumers: dict[Node, tuple[int, list[tuple[int, int]]]] = {}
@@ -79,7 +91,7 @@ def split_heads(
             if owner.setdefault(fn, t) != t and fn in consumers:
                 return None  # a node passing gradient to z is shared by two tasks
             slots: list[tuple[int, int]] = []
-            for i, (nxt, nr) in enumerate(fn.next_functions):
+            for i, (nxt, nr) in enumerate(nexts(fn)):
                 if nxt is None:
                     continue
                 k = keys.get((nxt, nr))
@@ -176,7 +188,7 @@ def capture_rows(
     try:
         out = ctx.weights @ ctx.losses
         grads = torch.autograd.grad(
-            out, [*edges, *leaves], retain_graph=retain_graph, allow_unused=True
+            out, grad_inputs([*edges, *leaves]), retain_graph=retain_graph, allow_unused=True
         )
     finally:
         for h in handles:

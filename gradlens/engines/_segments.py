@@ -25,84 +25,182 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
-__all__ = ["plan_segments"]
+from gradlens.engines._graph import GraphIndex
 
-#: Graph size x candidate count above which the cut search is skipped (one segment).
+__all__ = ["plan_from_index", "plan_segments"]
+
+#: Steps of the dominator-tree walks above which the cut search is skipped (one segment).
 _MAX_WORK = 400_000
+#: Plans kept for reuse, by graph shape (bounded: a new shape evicts the oldest).
+_PLANS: dict[tuple[object, ...], list[tuple[list[int], int | None]]] = {}
+_MAX_PLANS = 32
+#: The virtual root above the ``tops`` in the dominator tree.
+_ROOT = -1
+
+Plan = list[tuple[list[int], int | None]]
 
 
 def plan_segments(
-    tops: Sequence[GradientEdge], targets: Sequence[GradientEdge | torch.Tensor]
-) -> list[tuple[list[int], int | None]]:
+    tops: Sequence[GradientEdge],
+    targets: Sequence[GradientEdge | torch.Tensor],
+    graph: GraphIndex | None = None,
+) -> Plan:
     """Segments of the backward from ``tops``: ``(indices of targets, index of the cut)``.
 
     Segment k asks for its targets (and its cut, the last target it lists), starting from the
     previous segment's cut (from ``tops`` for the first); the last segment has no cut. Targets
     are layer-output edges or leaf tensors. One segment holding every target when no cut exists.
+    ``graph``: an index of a graph holding ``tops`` (the probe's; else one is built from them).
     """
-    one = [(list(range(len(targets))), None)]
+    if graph is None or any(e.node not in graph.pos for e in tops):
+        graph = GraphIndex.from_roots([e.node for e in tops])
+    return plan_from_index(graph, tops, targets)
+
+
+def plan_from_index(
+    g: GraphIndex, tops: Sequence[GradientEdge], targets: Sequence[GradientEdge | torch.Tensor]
+) -> Plan:
+    """:func:`plan_segments` on an index holding ``tops``; a plan is reused for a graph of the
+    same shape (``g.signature``) with its tops and targets at the same positions."""
     nodes = [t.node if isinstance(t, GradientEdge) else _leaf_node(t) for t in targets]
-    start = {e.node for e in tops}
-    parents: dict[Node, list[tuple[Node, int]]] = {}
-    seen = set(start)
-    todo = list(start)
-    while todo:
-        fn = todo.pop()
-        for nxt, nr in fn.next_functions:
-            if nxt is None:
-                continue
-            parents.setdefault(nxt, []).append((fn, nr))
-            if nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
+    where = [
+        (g.pos.get(n, -1), t.output_nr if isinstance(t, GradientEdge) else -1)
+        for n, t in zip(nodes, targets)
+    ]
+    start = [g.pos[e.node] for e in tops]
+    key = (g.signature, tuple(start), tuple(where))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(g, start, where)
+        for old in list(_PLANS)[: max(0, len(_PLANS) - _MAX_PLANS + 1)]:  # evict the oldest
+            _PLANS.pop(old, None)  # (tolerant of another thread's eviction)
+        _PLANS[key] = plan
+    return [(list(members), cut) for members, cut in plan]
+
+
+def _plan(g: GraphIndex, start: list[int], where: list[tuple[int, int]]) -> Plan:
+    """The plan from the dominator tree of the part of ``g`` below ``start``.
+
+    A target node ``n`` is a cut when every path from ``start`` to anything below ``n`` passes
+    through ``n``: when ``n`` dominates all its descendants, i.e. when no edge leaves the
+    subtree of ``n`` in the dominator tree. An edge ``u -> v`` leaves the subtree of every node
+    on the tree path from ``u`` up to ``idom(v)`` (exclusive): those are marked as no cut.
+    """
+    one: Plan = [(list(range(len(where))), None)]
+    order, parents = _below(g, start)
+    if order is None:
+        return one
+    starts = set(start)
+    idom, depth = _dominators(order, parents, starts)
     candidates = [
         i
-        for i, t in enumerate(targets)
-        if isinstance(t, GradientEdge) and t.node not in start and t.node in parents
-    ]
-    if not candidates or len(candidates) * len(seen) > _MAX_WORK:
+        for i, (j, nr) in enumerate(where)
+        if nr >= 0 and j in idom and j not in starts
+        and all(r == nr for _, r in parents[j])  # no other output of the node carries gradient
+    ]  # fmt: skip
+    if not candidates:
         return one
-    cuts: list[tuple[int, set[Node]]] = []
-    for i in candidates:
-        n = nodes[i]
-        edge = targets[i]
-        assert isinstance(edge, GradientEdge)
-        if any(nr != edge.output_nr for _, nr in parents[n]):
-            continue  # another output of the same node also carries gradient
-        below = _descendants(n)
-        if all(p is n or p in below for v in below for p, _ in parents.get(v, ())):
-            cuts.append((i, below))
-    cuts.sort(key=lambda c: -len(c[1]))
-    chain: list[tuple[int, set[Node]]] = []
-    for i, below in cuts:
-        if not chain or nodes[i] in chain[-1][1]:
-            chain.append((i, below))
+    bad: set[int] = set()
+    work = 0
+    for v in order:
+        stop = idom[v]
+        for u, _ in parents[v]:
+            x = u
+            while x != stop:
+                bad.add(x)
+                x = idom[x]
+                work += 1
+        if work > _MAX_WORK:
+            return one
+    size = dict.fromkeys(order, 1)  # dominator subtree sizes (a cut's descendants, plus one)
+    for v in reversed(order):
+        if idom[v] != _ROOT:
+            size[idom[v]] += size[v]
+    cuts = [i for i in candidates if where[i][0] not in bad]
+    cuts.sort(key=lambda i: -size[where[i][0]])
+    chain: list[int] = []
+    for i in cuts:
+        if not chain or _strictly_dominates(where[chain[-1]][0], where[i][0], idom, depth):
+            chain.append(i)
     if not chain:
         return one
+    in_chain = {where[i][0] for i in chain}
+    above = {_ROOT: 0}  # chain cuts strictly dominating each node
+    for v in order:
+        d = idom[v]
+        above[v] = above[d] + (d in in_chain)
     segments: list[list[int]] = [[] for _ in range(len(chain) + 1)]
-    for j, n in enumerate(nodes):
-        segments[sum(n in below for _, below in chain)].append(j)
+    for k, (j, _) in enumerate(where):
+        segments[above.get(j, 0)].append(k)
     # a cut is requested in the segment above it; list it last there
-    out: list[tuple[list[int], int | None]] = []
+    out: Plan = []
     for s, members in enumerate(segments):
-        cut = chain[s][0] if s < len(chain) else None
+        cut = chain[s] if s < len(chain) else None
         if cut is not None:
             members = [m for m in members if m != cut] + [cut]
         out.append((members, cut))
     return out
 
 
+def _below(
+    g: GraphIndex, start: list[int]
+) -> tuple[list[int] | None, dict[int, list[tuple[int, int]]]]:
+    """The positions reachable from ``start`` in topological order (parents first) and each
+    one's ``(parent, output_nr)`` edges from within that part."""
+    reach = set(start)
+    todo = list(reach)
+    edges = g.edges
+    while todo:
+        for j, _ in edges[todo.pop()]:
+            if j not in reach:
+                reach.add(j)
+                todo.append(j)
+    parents: dict[int, list[tuple[int, int]]] = {j: [] for j in reach}
+    for u in reach:
+        for j, nr in edges[u]:
+            parents[j].append((u, nr))
+    indeg = {j: len(ps) for j, ps in parents.items()}
+    order = [j for j in sorted(reach) if indeg[j] == 0]
+    k = 0
+    while k < len(order):
+        for j, _ in edges[order[k]]:
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                order.append(j)
+        k += 1
+    if len(order) != len(reach):  # not a DAG (cannot happen in autograd): no cuts
+        return None, parents
+    return order, parents
+
+
+def _dominators(
+    order: list[int], parents: dict[int, list[tuple[int, int]]], starts: set[int]
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Immediate dominators (and tree depths) of a DAG in topological ``order`` whose entries
+    are ``starts``, under a virtual root: one pass, each node after all its parents."""
+    idom: dict[int, int] = {}
+    depth = {_ROOT: 0}
+    for v in order:
+        preds = [u for u, _ in parents[v]]
+        d = _ROOT if v in starts or not preds else preds[0]
+        for u in preds:
+            while d != u:  # the nearest common ancestor of d and u
+                if depth[d] >= depth[u]:
+                    d = idom[d]
+                else:
+                    u = idom[u]
+        idom[v] = d
+        depth[v] = depth[d] + 1
+    return idom, depth
+
+
+def _strictly_dominates(a: int, b: int, idom: dict[int, int], depth: dict[int, int]) -> bool:
+    if a == b:
+        return False
+    while depth[b] > depth[a]:
+        b = idom[b]
+    return a == b
+
+
 def _leaf_node(t: torch.Tensor) -> Node:
     return get_gradient_edge(t).node
-
-
-def _descendants(n: Node) -> set[Node]:
-    out: set[Node] = set()
-    todo = [n]
-    while todo:
-        fn = todo.pop()
-        for nxt, _ in fn.next_functions:
-            if nxt is not None and nxt not in out:
-                out.add(nxt)
-                todo.append(nxt)
-    return out

@@ -9,7 +9,7 @@ more than two chunks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -73,7 +73,8 @@ class BatchedEngine(Engine):
                 # the weights are in the losses' dtype (promoted across tasks), g in the
                 # parameter's: float32 parameters under a float64 loss are summed in float32
                 part = torch.tensordot(w.to(g.dtype), g, dims=1)
-                weighted[k] = part if weighted[k] is None else weighted[k] + part
+                prev = weighted[k]
+                weighted[k] = part if prev is None else prev + part
             for layer, ps in layers.items():
                 rows = [Ji[index[id(p)]] for p in ps]
                 grams[layer][lo:hi, lo:hi] = gram_of_rows(rows)
@@ -87,14 +88,14 @@ class BatchedEngine(Engine):
                     grams[layer][lo2:hi2, lo:hi] = block.T
                 del Jj
             del Ji
-        for p, g in zip(params, weighted):
-            if g is not None:
-                accumulate_grad(p, g)
+        for p, total in zip(params, weighted):
+            if total is not None:
+                accumulate_grad(p, total)
         return EngineResult(grams, {layer: "batched" for layer in grams}, {id(p) for p in params})
 
 
 def _redo_nonfinite(
-    J: list[torch.Tensor], losses: list[torch.Tensor], params: list[torch.Tensor]
+    J: list[torch.Tensor], losses: list[torch.Tensor], params: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
     """Recompute, by its own backward, each task whose rows of ``J`` are not finite.
 

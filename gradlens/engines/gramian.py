@@ -6,10 +6,15 @@ weighted backward through the task heads captures each task's gradient at the sh
 :mod:`gradlens.engines._capture`; it also writes the heads' gradients), then batched backwards of
 those T cotangents yield each task's gradient with respect to the recorded outputs (and, for
 modules without a rule, directly with respect to their parameters: the exact generic fallback),
-one segment between cut layers at a time (see :mod:`gradlens.engines._segments`). Each rule turns
+one segment between cut layers at a time (see :mod:`gradlens.engines._segments`; the profiler's
+one index of the graph, :mod:`gradlens.engines._graph`, serves the heads' split, the check that
+the losses reach the shared part only through its outputs, and the cut plan). Each rule turns
 inputs and output gradients into the layer's Gram as soon as they arrive, without ever forming a
 ``T x P`` tensor for the whole model, and writes ``sum_t w_t g_t`` from the same quantities: there
-is no second backward through the shared part.
+is no second backward through the shared part. Linear layers of one shape whose gradients arrive
+from the same backward call are computed together (one batched product for all of them, see
+:func:`gradlens.engines.rules.linear.linear_group`): on small layers a probe is bound by the
+per-call overhead, not the arithmetic.
 
 A rule serves a module only when its parameters are used exactly once per recorded call in this
 graph (counted on the autograd graph); a parameter also used outside the module's ``forward``
@@ -41,8 +46,10 @@ from gradlens.engines._base import (
     per_task_grad,
 )
 from gradlens.engines._capture import capture_rows, split_heads
+from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import plan_segments
 from gradlens.engines.rules import Rule, rule_for
+from gradlens.engines.rules.linear import linear_group, linear_rule
 
 __all__ = ["UNRECORDED", "GramianEngine"]
 
@@ -71,7 +78,7 @@ class GramianEngine(Engine):
         self._boundary: list[_Record] = []
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[..., GramianEngine] | None = None
         #: how the second stage backpropagates the T cotangents through the shared part:
         #: ``"looped"`` (one backward per task), ``"vmap"`` (one batched backward), or None for
         #: the default (looped on CPU unless the shared part is Linear layers only; ``auto``
@@ -163,26 +170,12 @@ class GramianEngine(Engine):
         if not params:
             return EngineResult({})
         by_layer = group_by_layer(self.shared, params)
-        rule_layers: dict[str, list[_Record]] = {}
-        generic: list[torch.Tensor] = []
         notes = []
         if self._modules and not records and not boundary:
             # hooks installed but nothing recorded: the forward ran before the profiler existed
             # (or outside a probed step); every layer is served by the exact generic path
             notes.append(UNRECORDED)
-        for layer, ps in by_layer.items():
-            live = [r for r in records.get(layer, ()) if r.edge.node in ctx.nodes]
-            if (
-                layer in self._modules
-                and live
-                and all(ctx.uses.get(id(p), 0) == len(live) for p in ps)
-                # the rule computes every trainable parameter of its module: all must be here
-                and {id(p) for p in ps} == _trainable(self._modules[layer][0])
-            ):
-                rule_layers[layer] = live
-            else:
-                generic.extend(ps)
-
+        rule_layers, generic = self._serve(ctx, records, by_layer)
         inputs: list[torch.Tensor | GradientEdge] = [
             r.edge for recs in rule_layers.values() for r in recs
         ]
@@ -193,50 +186,12 @@ class GramianEngine(Engine):
         blocks = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
         blocks += sum(p.numel() for p in generic)
         keep = ctx.keep_blocks and T * ctx.losses.element_size() * blocks <= ctx.memory_budget
-        kept: dict[str, list[torch.Tensor | None]] = {}
         u, v, heads, stream = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
         # rows carry u_t (see engines._capture): weight v in the sums, divide Grams by u_s u_t
         unscale = torch.outer(u, u).to(torch.float64).reciprocal()
-
-        # each layer's Gram is computed as soon as all its outputs' gradients are in, and its
-        # T x N x out blocks are dropped then (the backward is cut between layers where it can)
-        slot = [(layer, j) for layer, recs in rule_layers.items() for j in range(len(recs))]
-        outs: dict[str, list[torch.Tensor | None]] = {
-            layer: [None] * len(recs) for layer, recs in rule_layers.items()
-        }
-        left = {layer: len(recs) for layer, recs in rule_layers.items()}
-        grams: dict[str, torch.Tensor] = {}
-        rules: dict[str, str] = {}
-        gen_grads: dict[int, torch.Tensor] = {}
-        for i, d in stream:
-            if i >= len(slot):
-                p = inputs[i]
-                assert isinstance(p, torch.Tensor)
-                gen_grads[id(p)] = (
-                    torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device) if d is None else d
-                )
-                continue
-            layer, j = slot[i]
-            outs[layer][j] = d
-            left[layer] -= 1
-            if left[layer] == 0:
-                recs = rule_layers[layer]
-                mod, rule = self._modules[layer]
-                raw = outs.pop(layer)
-                if keep:
-                    kept[layer] = raw
-                ins, got = _rule_args(recs, raw, T)
-                G, weighted = rule.fn(
-                    mod,
-                    ins,
-                    got,
-                    None if keep else v,  # kept blocks: the writer writes, once weights are known
-                    ctx.memory_budget,
-                )
-                grams[layer] = unscale * G
-                _accumulate_own(mod, weighted)
-                rules[layer] = rule.name
-                del got
+        grams, rules, gen_grads, kept = self._rule_grams(
+            stream, inputs, rule_layers, T, None if keep else v, unscale, ctx.memory_budget
+        )
         for layer, ps in group_by_layer(self.shared, generic).items():
             grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
             rules[layer] = "generic"
@@ -257,6 +212,129 @@ class GramianEngine(Engine):
             ordered, {l_: rules[l_] for l_ in ordered}, written, engine=self.name, notes=notes
         )
 
+    def _serve(
+        self,
+        ctx: BackwardContext,
+        records: Mapping[str, list[_Record]],
+        by_layer: Mapping[str, list[torch.Tensor]],
+    ) -> tuple[dict[str, list[_Record]], list[torch.Tensor]]:
+        """The layers a rule serves (with their recorded calls in this graph) and the
+        parameters of the others (the generic path)."""
+        rule_layers: dict[str, list[_Record]] = {}
+        generic: list[torch.Tensor] = []
+        for layer, ps in by_layer.items():
+            live = [r for r in records.get(layer, ()) if r.edge.node in ctx.nodes]
+            if (
+                layer in self._modules
+                and live
+                and all(ctx.uses.get(id(p), 0) == len(live) for p in ps)
+                # the rule computes every trainable parameter of its module: all must be here
+                and {id(p) for p in ps} == _trainable(self._modules[layer][0])
+            ):
+                rule_layers[layer] = live
+            else:
+                generic.extend(ps)
+        return rule_layers, generic
+
+    def _rule_grams(
+        self,
+        stream: Iterator[list[tuple[int, torch.Tensor | None]]],
+        inputs: list[torch.Tensor | GradientEdge],
+        rule_layers: dict[str, list[_Record]],
+        T: int,
+        v: torch.Tensor | None,
+        unscale: torch.Tensor,
+        budget: int,
+    ) -> tuple[
+        dict[str, torch.Tensor],
+        dict[str, str],
+        dict[int, torch.Tensor],
+        dict[str, list[torch.Tensor | None]],
+    ]:
+        """Consume the output gradients, one backward call's batch at a time: each rule layer's
+        Gram (and its weighted gradient written, unless ``v`` is None: the blocks are then kept
+        for a writer), the generic parameters' per-task gradients. Layers of the built-in Linear
+        rule completed in the same batch with the same shapes are computed together (see
+        :func:`gradlens.engines.rules.linear.linear_group`). Returns Grams, rule names, generic
+        gradients (by id), kept blocks."""
+        kept: dict[str, list[torch.Tensor | None]] = {}
+        # each layer's Gram is computed as soon as all its outputs' gradients are in, and its
+        # T x N x out blocks are dropped then (the backward is cut between layers where it can)
+        slot = [(layer, j) for layer, recs in rule_layers.items() for j in range(len(recs))]
+        outs: dict[str, list[torch.Tensor | None]] = {
+            layer: [None] * len(recs) for layer, recs in rule_layers.items()
+        }
+        left = {layer: len(recs) for layer, recs in rule_layers.items()}
+        grams: dict[str, torch.Tensor] = {}
+        rules: dict[str, str] = {}
+        gen_grads: dict[int, torch.Tensor] = {}
+        for batch in stream:
+            ready: list[tuple[str, list[torch.Tensor | None]]] = []
+            batch.reverse()
+            while batch:
+                i, d = batch.pop()
+                if i >= len(slot):
+                    p = inputs[i]
+                    assert isinstance(p, torch.Tensor)
+                    gen_grads[id(p)] = (
+                        torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device)
+                        if d is None
+                        else d
+                    )
+                    continue
+                layer, j = slot[i]
+                outs[layer][j] = d
+                left[layer] -= 1
+                if left[layer] == 0:
+                    raw = outs.pop(layer)
+                    if v is None:
+                        kept[layer] = raw
+                    ready.append((layer, raw))
+            for layer, G in self._serve_ready(ready, rule_layers, T, v, budget):
+                grams[layer] = unscale * G
+                rules[layer] = self._modules[layer][1].name
+        return grams, rules, gen_grads, kept
+
+    def _serve_ready(
+        self,
+        ready: list[tuple[str, list[torch.Tensor | None]]],
+        rule_layers: dict[str, list[_Record]],
+        T: int,
+        v: torch.Tensor | None,
+        budget: int,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Run the rules of the layers completed in one batch; yield each layer's Gram (its
+        weighted gradient written unless ``v`` is None: the writer writes once the weights are
+        known). Single-call Linear layers of one shape and dtype (at least float32: half
+        precision is widened per layer, as before) go through one grouped computation."""
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for k, (layer, raw) in enumerate(ready):
+            recs = rule_layers[layer]
+            d = raw[0]
+            if self._modules[layer][1].fn is linear_rule and len(recs) == 1 and d is not None:
+                x = recs[0].input
+                if d.dtype == x.dtype and torch.finfo(d.dtype).bits >= 32:
+                    groups.setdefault((x.shape, d.shape, d.dtype, d.device), []).append(k)
+        done: set[int] = set()
+        for members in groups.values():
+            mods = [self._modules[ready[k][0]][0] for k in members]
+            xs = [rule_layers[ready[k][0]][0].input for k in members]
+            ds = [ready[k][1][0] for k in members]
+            out = linear_group(mods, xs, ds, v, budget) if len(members) > 1 else None
+            del xs, ds
+            for k, mod, (G, grads) in zip(members, mods, out or ()):
+                _accumulate_own(mod, grads)
+                done.add(k)
+                yield ready[k][0], G
+        for k, (layer, raw) in enumerate(ready):
+            if k not in done:
+                mod, rule = self._modules[layer]
+                ins, got = _rule_args(rule_layers[layer], raw, T)
+                G, weighted = rule.fn(mod, ins, got, v, budget)
+                del ins, got
+                _accumulate_own(mod, weighted)
+                yield layer, G
+
     def _output_grads(
         self,
         ctx: BackwardContext,
@@ -265,7 +343,10 @@ class GramianEngine(Engine):
         rule_layers: dict[str, list[_Record]],
         generic: list[torch.Tensor],
     ) -> tuple[
-        torch.Tensor, torch.Tensor, list[torch.Tensor], Iterator[tuple[int, torch.Tensor | None]]
+        torch.Tensor,
+        torch.Tensor,
+        list[torch.Tensor],
+        Iterator[list[tuple[int, torch.Tensor | None]]],
     ]:
         """Every task's gradient w.r.t. each input (layer output edges, generic parameters).
 
@@ -285,16 +366,27 @@ class GramianEngine(Engine):
         """
         live = [b for b in boundary if b.edge.node in ctx.nodes]
         T = ctx.losses.shape[0]
-        plain = (torch.ones_like(ctx.weights), ctx.weights, [])
+        plain: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] = (
+            torch.ones_like(ctx.weights),
+            ctx.weights,
+            [],
+        )
         if not live:
-            return *plain, enumerate(batched_grad(ctx.losses, inputs))
+            return *plain, iter([list(enumerate(batched_grad(ctx.losses, inputs)))])
         stop = {b.edge.node for b in live}
         inside = {r.edge.node for recs in rule_layers.values() for r in recs}
-        if _reaches_past(ctx.losses, stop, inside, {id(p) for p in self.shared.params}):
-            return *plain, enumerate(batched_grad(ctx.losses, inputs))
+        shared_ids = {id(p) for p in self.shared.params}
+        past = (
+            _reaches_past(ctx.losses, stop, inside, shared_ids)
+            if ctx.graph is None
+            else ctx.graph.reaches_past(stop, inside, shared_ids)
+        )
+        if past:
+            return *plain, iter([list(enumerate(batched_grad(ctx.losses, inputs)))])
         edges = [b.edge for b in live]
         shapes = [b.out_shape for b in live]
-        split = split_heads(ctx.per_task(), edges, ctx.uses, [b.input.dtype for b in live])
+        dtypes = [b.input.dtype for b in live]
+        split = split_heads(ctx.per_task(), edges, ctx.uses, dtypes, ctx.graph)
         if split is None:
             cot = per_task_grad(ctx.per_task(), edges, shapes)
             u, v, heads = plain
@@ -302,17 +394,7 @@ class GramianEngine(Engine):
             heads = split.leaves if ctx.write else []
             # no workspace: the rows are the first segment's cotangents, freed once it is done
             cot, u, v = capture_rows(ctx, edges, shapes, split, heads)
-        # On CPU, vmap is efficient where the shared part is Linear layers and elementwise ops
-        # (one large matrix product for all tasks); for convolutions, norm layers and attention
-        # it loops internally and concatenates T-fold activations, so one backward per task is
-        # faster there (measured: ResNet-style CNN 8.4x -> 7.5x, transformer 9.4x -> 6.9x of a
-        # plain step at T = 8; MLP stays vmapped).
-        looped = ctx.losses.device.type == "cpu" and (
-            bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
-        )
-        if self.stage is not None:
-            looped = self.stage == "looped"
-        self.last_looped = looped
+        looped = self.last_looped = self._looped(ctx, rule_layers, generic)
         # the backward frees the graph, as a plain backward would, unless the profiler still
         # has leaves to reach (those neither shared nor in the heads) or the caller keeps it
         done = {id(p) for p in ctx.reached} | {id(p) for p in heads}
@@ -327,14 +409,36 @@ class GramianEngine(Engine):
         # segments are merged while their blocks together stay under an eighth of the budget:
         # on small layers one backward call costs less than the memory it would save
         limit = ctx.memory_budget // 8
-        return u, v, heads, _segmented(edges, cot, inputs, sizes, limit, backward, keep)
+        return u, v, heads, _segmented(
+            edges, cot, inputs, sizes, limit, backward, keep, ctx.graph
+        )
+
+
+    def _looped(
+        self,
+        ctx: BackwardContext,
+        rule_layers: dict[str, list[_Record]],
+        generic: list[torch.Tensor],
+    ) -> bool:
+        """Whether the second stage runs one backward per task (else one batched backward).
+
+        On CPU, vmap is efficient where the shared part is Linear layers and elementwise ops
+        (one large matrix product for all tasks); for convolutions, norm layers and attention
+        it loops internally and concatenates T-fold activations, so one backward per task is
+        faster there (measured: ResNet-style CNN 8.4x -> 7.5x, transformer 9.4x -> 6.9x of a
+        plain step at T = 8; MLP stays vmapped). ``self.stage`` overrides the default.
+        """
+        if self.stage is not None:
+            return self.stage == "looped"
+        return ctx.losses.device.type == "cpu" and (
+            bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
+        )
 
 
 def _accumulate_own(module: nn.Module, weighted: Mapping[str, torch.Tensor]) -> None:
     """Add a pure rule's weighted gradients (by attribute name) to the module's own ``.grad``."""
-    own = dict(module.named_parameters(recurse=False))
     for name, g in weighted.items():
-        accumulate_grad(own[name], g)
+        accumulate_grad(getattr(module, name), g)
 
 
 def _rule_args(
@@ -414,23 +518,29 @@ def _segmented(
     limit: int,
     backward: Callable[..., Sequence[torch.Tensor | None]],
     keep: bool,
-) -> Iterator[tuple[int, torch.Tensor | None]]:
+    graph: GraphIndex | None = None,
+) -> Iterator[list[tuple[int, torch.Tensor | None]]]:
     """Gradients of ``inputs`` from cotangents ``cot`` at ``edges``, one backward per segment
-    (consecutive segments merged while the bytes of their ``inputs``' blocks stay <= ``limit``)."""
+    (consecutive segments merged while the bytes of their ``inputs``' blocks stay <= ``limit``),
+    yielded as one batch ``[(index in inputs, gradient)]`` per backward call."""
     at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot)}
     rest: list[int] = []
+    first: list[tuple[int, torch.Tensor | None]] = []
     for i, x in enumerate(inputs):
         k = (x.node, x.output_nr) if isinstance(x, GradientEdge) else None
         if k in at_boundary:
-            yield i, at_boundary[k]
+            first.append((i, at_boundary[k]))
         else:
             rest.append(i)
     del at_boundary
+    if first:
+        yield first
+    del first
     tops: list[GradientEdge] | None = edges
     cots = cot
     del cot
     merged: list[tuple[list[int], int | None, int]] = []
-    for members, cut in plan_segments(edges, [inputs[i] for i in rest]):
+    for members, cut in plan_segments(edges, [inputs[i] for i in rest], graph):
         size = sum(sizes[rest[m]] for m in members)
         if merged and merged[-1][2] + size <= limit:  # the cut above becomes an inner target
             merged[-1] = (merged[-1][0] + members, cut, merged[-1][2] + size)
@@ -440,16 +550,18 @@ def _segmented(
         if not members:
             continue
         if tops is None:  # the cut above was reached by no task: nothing below is
-            yield from ((rest[m], None) for m in members)
+            yield [(rest[m], None) for m in members]
             continue
         got = dict(zip(members, backward(tops, cots, [inputs[rest[m]] for m in members], keep)))
-        tops = cots = None  # type: ignore[assignment]
-        if cut is not None and got[cut] is not None:
+        tops = None
+        cots = []
+        below = got[cut] if cut is not None else None
+        if cut is not None and below is not None:
             edge = inputs[rest[cut]]
             assert isinstance(edge, GradientEdge)
-            tops, cots = [edge], [got[cut]]  # type: ignore[list-item]
-        for m in members:
-            yield rest[m], got.pop(m)
+            tops, cots = [edge], [below]
+        del below
+        yield [(rest[m], got.pop(m)) for m in members]
 
 
 def _reaches_past(

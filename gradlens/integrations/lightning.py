@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from gradlens._errors import GradlensError, require
-from gradlens._validate import check_tasks
+from gradlens._validate import check_int, check_tasks
 from gradlens.profiler import Profiler
 from gradlens.schedules import Schedule
 from gradlens.snapshot import Snapshot
@@ -67,7 +67,7 @@ class GradlensCallback(Callback):
         self,
         tasks: Sequence[str],
         shared_attr: str = "trunk",
-        engine: str = "gramian",
+        engine: str = "auto",
         every: int | Schedule = 1,
         store: str | Path | None = None,
         *,
@@ -80,8 +80,7 @@ class GradlensCallback(Callback):
             raise GradlensError(
                 f"`shared_attr` should be an attribute path such as 'trunk'; found {shared_attr!r}."
             )
-        if not isinstance(keep, int) or keep < 0:
-            raise GradlensError(f"`keep` should be an int >= 0; found {keep!r}.")
+        keep = check_int("keep", keep, minimum=0)
         self.shared_attr = shared_attr
         self._engine = engine
         self._every = every

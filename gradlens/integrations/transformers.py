@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from gradlens._errors import GradlensError, require
-from gradlens._validate import check_tasks
+from gradlens._validate import check_int, check_tasks
 from gradlens.profiler import Profiler, Sink
 from gradlens.schedules import Schedule
 from gradlens.snapshot import Snapshot
@@ -72,7 +72,7 @@ class GradlensTrainerCallback(TrainerCallback):
         self,
         tasks: Sequence[str],
         shared_attr: str,
-        engine: str = "gramian",
+        engine: str = "auto",
         every: int | Schedule = 1,
         store: str | Path | None = None,
         *,
@@ -86,8 +86,7 @@ class GradlensTrainerCallback(TrainerCallback):
             raise GradlensError(
                 f"`shared_attr` should be an attribute path such as 'bert'; found {shared_attr!r}."
             )
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-            raise GradlensError(f"`keep` should be an int >= 0; found {keep!r}.")
+        keep = check_int("keep", keep, minimum=0)
         self.shared_attr = shared_attr
         self._engine = engine
         self._every = every

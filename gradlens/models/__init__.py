@@ -20,13 +20,13 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from gradlens._errors import GradlensError
+from gradlens._validate import check_choice, check_int, check_number
 from gradlens.models._base import MultiTaskModel
 from gradlens.models._families import _mlp_trunk, _resnet_trunk, _vit_trunk
 
@@ -54,17 +54,16 @@ GRID: dict[str, dict[str, tuple[float, ...] | tuple[int, ...]]] = {
 def _check_heads(heads: Mapping[str, int]) -> dict[str, int]:
     if not isinstance(heads, Mapping) or not heads:
         raise GradlensError(
-            f"`heads` must be a non-empty mapping task name -> number of outputs; found {heads!r}."
+            f"`heads` should be a non-empty mapping task name -> number of outputs; found "
+            f"{heads!r}."
         )
     out = {}
     for name, n in heads.items():
         if not isinstance(name, str) or not name or "." in name:
             raise GradlensError(
-                f"`heads` keys must be non-empty task names without '.'; found {name!r}."
+                f"`heads` keys should be non-empty task names without '.'; found {name!r}."
             )
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise GradlensError(f"`heads[{name!r}]` must be a positive int; found {n!r}.")
-        out[name] = int(n)
+        out[name] = check_int(f"heads[{name!r}]", n, minimum=1)
     return out
 
 
@@ -94,8 +93,7 @@ def build_model(
         >>> m.config["family"], m.n_params()
         ('mlp', {'trunk': 8320, 'heads': 387, 'total': 8707})
     """
-    if family not in _FAMILIES:
-        raise GradlensError(f"`family` must be one of {FAMILIES}; found {family!r}.")
+    check_choice("family", family, FAMILIES)
     trunk_fn, needs_ndim = _FAMILIES[family]
     heads = _check_heads(heads)
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else ()
@@ -103,23 +101,16 @@ def build_model(
         isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
     ):
         raise GradlensError(
-            f"`input_shape` must be a tuple of positive ints; found {input_shape!r}."
+            f"`input_shape` should be a tuple of positive ints; found {input_shape!r}."
         )
     if needs_ndim and len(shape) != needs_ndim:
         raise GradlensError(
-            f"`input_shape` for {family!r} must be (channels, height, width); found {shape}."
+            f"`input_shape` for {family!r} should be (channels, height, width); found {shape}."
         )
-    if (
-        isinstance(width, bool)
-        or not isinstance(width, (int, float))
-        or not (math.isfinite(width) and width > 0)
-    ):
-        raise GradlensError(f"`width` must be a positive finite number; found {width!r}.")
+    check_number("width", width, low=0.0, strict_low=True)
     depth = DEFAULT_DEPTH[family] if depth is None else depth
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise GradlensError(f"`depth` must be a positive int; found {depth!r}.")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise GradlensError(f"`seed` must be an int or None; found {seed!r}.")
+    check_int("depth", depth, minimum=1)
+    check_int("seed", seed, none_ok=True)
 
     def make() -> MultiTaskModel:
         trunk, d = trunk_fn(shape, float(width), depth)

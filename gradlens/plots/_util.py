@@ -1,22 +1,32 @@
-"""Helpers of :mod:`gradlens.plots`: figures without pyplot, readable tick labels, input checks.
+"""Helpers of :mod:`gradlens.plots`: figures without pyplot, readable tick labels, input checks,
+labels and colours shared by the figure modules, and :func:`save`.
 
 Figures are built as ``matplotlib.figure.Figure`` objects with an Agg canvas attached, never
 through ``pyplot``: no global figure registry, no backend switch, nothing changed at import.
+
+Internal API at a stable path: :mod:`gradlens.sinks` (the heatmap images it logs) imports
+``ANNOTATE_MAX``, ``CONFLICT_CMAP``, ``new_figure`` and ``text`` from here, and
+:mod:`gradlens.report` imports ``size_label``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 
 from gradlens._errors import GradlensError, require
+from gradlens._types import TOTAL_LAYER
+from gradlens._validate import check_type
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
 __all__: list[str] = []
@@ -168,8 +178,13 @@ def annotate_cells(ax: Axes, image: Any, labels: np.ndarray, fontsize: float) ->
             ax.text(j, i, labels[i, j], ha="center", va="center", fontsize=fontsize, color=colour)
 
 
+def _agg(fig: Figure) -> FigureCanvasAgg:
+    """The Agg canvas :func:`new_figure` attached (the base canvas type has no renderer)."""
+    return cast("FigureCanvasAgg", fig.canvas)
+
+
 def _extents(fig: Figure, labels: list[Any]) -> list[Any]:
-    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    renderer = _agg(fig).get_renderer()
     return [lab.get_window_extent(renderer) for lab in labels]
 
 
@@ -209,7 +224,7 @@ def fit_tick_labels(
     """
     from matplotlib.font_manager import FontProperties
 
-    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    renderer = _agg(fig).get_renderer()
     todo: list[tuple[list[Any], str, float, float]] = []
     for ax in axes:
         for k, axis in enumerate(("x", "y")):
@@ -261,3 +276,78 @@ def symmetric_limit(values: np.ndarray, floor: float = 0.1, cap: float = 1.0) ->
     if finite.size == 0:
         return cap
     return float(min(cap, max(floor, math.ceil(finite.max() * 10 - 1e-9) / 10)))
+
+
+# --------------------------------------------------------------------------- shared by the figures
+
+_DESCRIBE = {
+    "cosine": "mean cosine",
+    "conflict_freq": "conflict frequency (cos < 0)",
+    "conflict": "fraction of pairs in conflict",
+    "gms": "gradient magnitude similarity",
+    "accuracy": "accuracy",
+}
+
+
+def describe(col: str) -> str:
+    """Axis label of a table column: ``conflict_freq.mean`` -> ``conflict frequency ... (mean)``."""
+    head, _, tail = col.partition(".")
+    if head not in _DESCRIBE:
+        return text(col)
+    if tail == "mean":
+        tail = (
+            "mean over pairs" if head in ("cosine", "conflict_freq", "gms") else "mean over tasks"
+        )
+    return text(f"{_DESCRIBE[head]}{f', {tail}' if tail else ''}")
+
+
+def layer_name(layer: str) -> str:
+    """Words for a layer: the total over shared parameters, or the layer's own (escaped) name."""
+    return "all shared parameters" if layer == TOTAL_LAYER else text(layer)
+
+
+def colormap(name: str) -> Any:
+    """A matplotlib colormap with NaN cells grey."""
+    from matplotlib import colormaps
+
+    return colormaps[name].with_extremes(bad="#d9d9d9")
+
+
+def numeric(table: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+    """``cols`` of ``table`` as numbers (anything else NaN)."""
+    return table[list(cols)].apply(pd.to_numeric, errors="coerce")
+
+
+def palette(n: int) -> list[Any]:
+    """``n`` distinct colours (tab10 up to 10, husl beyond)."""
+    sns = seaborn()
+    return list(sns.color_palette("tab10" if n <= 10 else "husl", n))
+
+
+def fmt_tick(v: Any) -> str:
+    """A tick label: integral floats without their ``.0``."""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def save(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` (format from the suffix: .png, .svg, .pdf); returns the path.
+
+    Parent directories are created.
+
+    Example:
+        >>> import tempfile, pandas as pd
+        >>> from gradlens.plots import gain_grid, save
+        >>> g = pd.DataFrame({"model.depth": [2], "model.width": [8], "gain": [0.01],
+        ...                   "ci_low": [0.0], "ci_high": [0.02]})
+        >>> save(gain_grid(g), tempfile.mkdtemp() + "/a/gain.png").name
+        'gain.png'
+    """
+    from matplotlib.figure import Figure
+
+    check_type("fig", fig, Figure, "a matplotlib Figure")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out

@@ -4,10 +4,14 @@ Runs trained with ``TrainConfig(weighting=...)`` (``meta["weighting"]``: ``"upgr
 ``"mgda/per_layer"``...) are not points of the weight analysis: their weights change every step.
 They are compared here, per task set and model size, with the static-weight runs: each method,
 the best static weights (chosen on the selection split, as the gain table does) and uniform
-weights. Per arm: the mean final score over seeds with a bootstrap interval (seeds resampled, as
-in the weight analysis), its difference from the best static weights (paired by seed when the
-seeds match; :func:`gradlens.stats.joint_gain`'s resampling), the training wall time per step
+weights. Per arm: the mean final score over seeds with its t interval, its difference from the
+best static weights with the paired t interval when the seeds match (Welch's otherwise), the
+interval :func:`gradlens.stats.joint_gain` gives a gain, the training wall time per step
 (``meta["seconds_per_step"]``) and the mean conflict frequency over probed steps.
+
+A study has 3 to 10 seeds: a percentile bootstrap over 3 seeds covers about 0.81 at a nominal
+0.95 (it can take only 10 values); the t interval is exact under normal seed noise
+(``tests/report/test_arms.py`` measures both).
 
 Example:
     >>> import pandas as pd
@@ -15,9 +19,11 @@ Example:
     ...     "weighting": [None, None, "mgda", "mgda"], "weights.a": 0.5, "weights.b": 0.5,
     ...     "accuracy.mean": [0.80, 0.82, 0.83, 0.86], "_select": [0.8, 0.8, 0.8, 0.8],
     ...     "seconds_per_step": [0.01, 0.01, 0.03, 0.03], "conflict_freq.mean": 0.3})
-    >>> arms = method_arms(t, size_col="size", n_boot=200)
+    >>> arms = method_arms(t, size_col="size")
     >>> arms[["arm", "score", "diff", "paired"]].round(3).values.tolist()
     [['static a=0.5 b=0.5', 0.81, 0.0, True], ['mgda', 0.845, 0.035, True]]
+    >>> arms[["diff_low", "diff_high"]].round(3).values.tolist()[1]  # paired t, 1 df
+    [-0.029, 0.099]
 """
 
 from __future__ import annotations
@@ -29,8 +35,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens.report import _render as _r
-from gradlens.stats import _core as _core
-from gradlens.stats import _gain_boot, _gain_pairs, _rescaled
+from gradlens.stats import _gain as _gain
 
 __all__ = ["arms_section", "method_arms", "split_methods"]
 
@@ -59,14 +64,11 @@ def method_arms(
     size_col: str | None,
     score_col: str = "accuracy.mean",
     seed_col: str = "seed",
-    n_boot: int = 2000,
     ci: float = 0.95,
-    seed: int = 0,
 ) -> pd.DataFrame:
     """One row per arm, task set and size: ``tasks, size, arm, kind, n, score, ci_low,
     ci_high, diff, diff_low, diff_high, paired, seconds_per_step, conflict`` (see the module
     docstring); empty when no run has a method."""
-    rng = np.random.default_rng(seed)
     t = table[table["tasks"].astype(str).str.contains("|", regex=False)]
     if METHOD_COL not in t.columns or not t[METHOD_COL].notna().any():
         return pd.DataFrame()
@@ -74,69 +76,97 @@ def method_arms(
     keys = ["tasks"] + ([size_col] if size_col else [])
     for key, sub in t.groupby(keys, sort=True, dropna=False):
         key_t = key if isinstance(key, tuple) else (key,)
-        static = sub[sub[METHOD_COL].isna()]
-        wcols = [c for c in sub.columns if str(c).startswith("weights.")]
-        wcols = [c for c in wcols if static[c].notna().any()] if len(static) else []
-        arms: list[tuple[str, str, pd.DataFrame]] = []
-        best = None
-        if len(static) and wcols:
-            groups = [g for _, g in static.groupby(wcols, sort=True, dropna=False)]
-            sel = "_select" if "_select" in static.columns else score_col
-            means = np.array([float(g[sel].mean()) for g in groups])
-            if np.isfinite(means).any():
-                k = int(np.nanargmax(means))
-                best = groups[k]
-                arms.append((_arm_name(best.iloc[0], wcols), "best static", best))
-            for i, g in enumerate(groups):
-                w = g.iloc[0][wcols].to_numpy(np.float64)
-                if np.allclose(w, w[0]) and (best is None or i != k):
-                    arms.append((_arm_name(g.iloc[0], wcols), "uniform", g))
-        for m, g in sub[sub[METHOD_COL].notna()].groupby(METHOD_COL, sort=True):
-            arms.append((str(m), "method", g))
+        where = {"tasks": key_t[0], "size": key_t[1] if size_col else None}
+        arms, best = _arms_of(sub, score_col)
         for name, kind, g in arms:
-            s = g[[seed_col, score_col]].dropna()
-            vals = s[score_col].to_numpy(np.float64)
-            lo = hi = math.nan
-            if vals.size and n_boot:
-                C = rng.multinomial(vals.size, np.full(vals.size, 1.0 / vals.size), size=n_boot)
-                boots = C @ _rescaled(vals) / vals.size
-                lo, hi = _core.percentile_interval(boots, ci)
-            d = dlo = dhi = math.nan
-            paired = False
-            if best is not None:
-                va, vb, pairs = _gain_pairs(g, best, score_col, seed_col)
-                paired = pairs is not None
-                if pairs is not None:
-                    d = float(pairs.mean()) if pairs.size else math.nan
-                elif va.size and vb.size:
-                    d = float(va.mean() - vb.mean())
-                boots = (
-                    _gain_boot(va, vb, pairs, n_boot, rng)
-                    if n_boot and va.size and vb.size
-                    else np.empty(0)
-                )
-                if boots.size:
-                    dlo, dhi = _core.percentile_interval(boots, ci)
             rows.append(
                 {
-                    "tasks": key_t[0],
-                    "size": key_t[1] if size_col else None,
+                    **where,
                     "arm": name,
                     "kind": kind,
-                    "n": int(vals.size),
-                    "score": float(vals.mean()) if vals.size else math.nan,
-                    "ci_low": lo,
-                    "ci_high": hi,
-                    "diff": d,
-                    "diff_low": dlo,
-                    "diff_high": dhi,
-                    "paired": paired,
+                    **_arm_stats(g, best, score_col, seed_col, ci),
                     "seconds_per_step": _mean(g, "seconds_per_step"),
                     "conflict": _mean(g, "conflict_freq.mean"),
                     "ci_level": ci,
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _arms_of(
+    sub: pd.DataFrame, score_col: str
+) -> tuple[list[tuple[str, str, pd.DataFrame]], pd.DataFrame | None]:
+    """The arms of one task set and size (best static, uniform, each method) and the best."""
+    static = sub[sub[METHOD_COL].isna()]
+    wcols = [c for c in sub.columns if str(c).startswith("weights.")]
+    wcols = [c for c in wcols if static[c].notna().any()] if len(static) else []
+    arms: list[tuple[str, str, pd.DataFrame]] = []
+    best = None
+    if len(static) and wcols:
+        groups = [g for _, g in static.groupby(wcols, sort=True, dropna=False)]
+        sel = "_select" if "_select" in static.columns else score_col
+        means = np.array([float(g[sel].mean()) for g in groups])
+        k = int(np.nanargmax(means)) if np.isfinite(means).any() else -1
+        if k >= 0:
+            best = groups[k]
+            arms.append((_arm_name(best.iloc[0], wcols), "best static", best))
+        for i, g in enumerate(groups):
+            w = g.iloc[0][wcols].to_numpy(np.float64)
+            if np.allclose(w, w[0]) and i != k:
+                arms.append((_arm_name(g.iloc[0], wcols), "uniform", g))
+    for m, g in sub[sub[METHOD_COL].notna()].groupby(METHOD_COL, sort=True):
+        arms.append((str(m), "method", g))
+    return arms, best
+
+
+def _arm_stats(
+    g: pd.DataFrame, best: pd.DataFrame | None, score_col: str, seed_col: str, ci: float
+) -> dict[str, Any]:
+    """Mean score with its t interval; difference from ``best``: paired t, else Welch t."""
+    vals = g[[seed_col, score_col]].dropna()[score_col].to_numpy(np.float64)
+    score = _gain.paired_t(vals, ci)  # the t interval of a mean (of the values, not differences)
+    out = {
+        "n": int(vals.size),
+        "score": score["gain"],
+        "ci_low": score["ci_low"],
+        "ci_high": score["ci_high"],
+        "diff": math.nan,
+        "diff_low": math.nan,
+        "diff_high": math.nan,
+        "paired": False,
+    }
+    if best is None:
+        return out
+    va, vb, pairs = _pairs(g, best, score_col, seed_col)
+    out["paired"] = pairs is not None
+    if pairs is not None:
+        diff = _gain.paired_t(pairs, ci)
+    elif va.size and vb.size:
+        diff = _gain.welch_t(va, vb, ci)
+    else:
+        return out
+    out.update(diff=diff["gain"], diff_low=diff["ci_low"], diff_high=diff["ci_high"])
+    return out
+
+
+def _pairs(
+    arm: pd.DataFrame, best: pd.DataFrame, col: str, seed_col: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The arm's and the best's values of ``col``; their per-seed differences when every seed
+    appears once on each side (else ``None``)."""
+    a = arm[[seed_col, col]].dropna()
+    b = best[[seed_col, col]].dropna()
+    va, vb = a[col].to_numpy(np.float64), b[col].to_numpy(np.float64)
+    paired = (
+        len(a) > 0
+        and a[seed_col].is_unique
+        and b[seed_col].is_unique
+        and set(a[seed_col]) == set(b[seed_col])
+    )
+    if not paired:
+        return va, vb, None
+    d = a.set_index(seed_col)[col] - b.set_index(seed_col)[col]
+    return va, vb, d.to_numpy(np.float64)
 
 
 def _mean(g: pd.DataFrame, col: str) -> float:
@@ -154,8 +184,9 @@ def arms_section(arms: pd.DataFrame, metric: str, split: str) -> _r.Section:
     sec.paragraphs.append(
         f"Multi-task optimization methods (weights recomputed from the Gram or the losses during "
         f"training) against static weights: mean final {metric} on {split} over seeds with its "
-        f"{level}% bootstrap interval (seeds resampled), the difference from the best static "
-        "weights (chosen on the selection split; paired by seed where the seeds match), the "
+        f"{level}% t interval over seeds, the difference from the best static weights (chosen "
+        "on the selection split) with its paired t interval where the seeds match (Welch's "
+        "otherwise), the "
         "training wall time per step, and the mean conflict frequency over probed steps. "
         "Intervals are not adjusted for the number of arms."
     )

@@ -31,14 +31,18 @@ import base64
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from gradlens._errors import GradlensError
 from gradlens._types import TOTAL_LAYER
+from gradlens._validate import check_int
 from gradlens.report._render import CSS, html_text, num
+
+if TYPE_CHECKING:
+    from gradlens.store import Run
 
 __all__ = ["build_run_page"]
 
@@ -121,11 +125,9 @@ def build_run_page(
         GradlensError: If ``dpi`` is not a positive int or the run has no probed step; a
             StoreError if ``run_dir`` is not a run.
     """
-    from gradlens import plots
     from gradlens.store import load_run
 
-    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
-        raise GradlensError(f"`dpi` should be an int >= 1; found {dpi!r}.")
+    check_int("dpi", dpi, minimum=1)
     run = load_run(run_dir)
     if not len(run.probed_steps):
         raise GradlensError(
@@ -133,9 +135,33 @@ def build_run_page(
             f"{run.path}."
         )
     out = Path(out_dir) if out_dir is not None else run.path / "report"
-    steps = run.probed_steps
     title = f"gradlens run: {run.path.name}"
-    meta_lines = [
+    if len(run.tasks) >= 2:
+        body = _body(run, eval_metric, split, dpi)
+    else:
+        body = ["<p>A single task: there is no pair whose interference could be drawn.</p>"]
+    html = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{html_text(title)}</title>",
+            f"<style>{CSS}</style></head><body>",
+            f"<h1>{html_text(title)}</h1>",
+            *[f'<p class="meta">{html_text(line)}</p>' for line in _meta_lines(run)],
+            *body,
+            "</body></html>",
+        ]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    page = out / "run.html"
+    page.write_text(html + "\n", encoding="utf-8")
+    return page
+
+
+def _meta_lines(run: Run) -> list[str]:
+    """The run's path, tasks, engine, layers, probes and final evals."""
+    steps = run.probed_steps
+    lines = [
         f"Run: {run.path}",
         f"Tasks: {', '.join(run.tasks)}. Engine: {run.meta.get('engine', 'n/a')} "
         f"({run.meta.get('level', 'parameters')} level). Layers: {len(run.layers) - 1}.",
@@ -147,56 +173,46 @@ def build_run_page(
             f"{t} {m} ({s}) {num(v, 3)}"
             for s, t, m, v in zip(final["split"], final["task"], final["metric"], final["value"])
         )
-        meta_lines.append(f"Final evals: {scores}.")
-    body: list[str] = []
-    if len(run.tasks) >= 2:
-        body.append("<h2>Interference between tasks</h2>")
-        body.append(
-            _figure(
-                plots.conflict_heatmap(run),
-                "Mean cosine of each task pair over all probes (red: conflict) and the fraction "
-                "of probes in which the pair conflicts (cos < 0), over all shared parameters.",
-                dpi,
-            )
+        lines.append(f"Final evals: {scores}.")
+    return lines
+
+
+def _body(run: Run, eval_metric: str, split: str, dpi: int) -> list[str]:
+    """The figures and the per-layer table of a run with two tasks or more."""
+    from gradlens import plots
+
+    steps = run.probed_steps
+    body = ["<h2>Interference between tasks</h2>"]
+    body.append(
+        _figure(
+            plots.conflict_heatmap(run),
+            "Mean cosine of each task pair over all probes (red: conflict) and the fraction "
+            "of probes in which the pair conflicts (cos < 0), over all shared parameters.",
+            dpi,
         )
-        body.append("<h2>Per layer over training</h2>")
-        for metric, caption in (
-            ("cosine", "Mean pairwise cosine per layer (rows) at each probe (columns)."),
-            ("conflict", "Fraction of task pairs in conflict per layer at each probe."),
-        ):
-            body.append(_figure(plots.layer_step_heatmap(run, metric=metric), caption, dpi))
-        body.append("<h2>Conflict over training</h2>")
-        body.append(
-            _figure(
-                plots.conflict_timeline(run, eval_metric=eval_metric, split=split),
-                f"Fraction of pairs in conflict at each probe (dots), its rolling mean (line) and "
-                f"per epoch; below, {eval_metric} on {split} per epoch where stored.",
-                dpi,
-            )
-        )
-        header, rows = _layer_table(run.metrics, run.layers)
-        body.append(
-            _table(
-                f"Per layer: cosine over {len(steps)} probes and at the latest (step {steps[-1]}).",
-                header,
-                rows,
-            )
-        )
-    else:
-        body.append("<p>A single task: there is no pair whose interference could be drawn.</p>")
-    html = "\n".join(
-        [
-            "<!DOCTYPE html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>{html_text(title)}</title>",
-            f"<style>{CSS}</style></head><body>",
-            f"<h1>{html_text(title)}</h1>",
-            *[f'<p class="meta">{html_text(line)}</p>' for line in meta_lines],
-            *body,
-            "</body></html>",
-        ]
     )
-    out.mkdir(parents=True, exist_ok=True)
-    page = out / "run.html"
-    page.write_text(html + "\n", encoding="utf-8")
-    return page
+    body.append("<h2>Per layer over training</h2>")
+    for metric, caption in (
+        ("cosine", "Mean pairwise cosine per layer (rows) at each probe (columns)."),
+        ("conflict", "Fraction of task pairs in conflict per layer at each probe."),
+    ):
+        body.append(_figure(plots.layer_step_heatmap(run, metric=metric), caption, dpi))
+    body.append("<h2>Conflict over training</h2>")
+    timeline = plots.timeline_data(run, eval_metric=eval_metric, split=split)
+    body.append(
+        _figure(
+            plots.conflict_timeline(timeline),
+            f"Fraction of pairs in conflict at each probe (dots), its rolling mean (line) and "
+            f"per epoch; below, {eval_metric} on {split} per epoch where stored.",
+            dpi,
+        )
+    )
+    header, rows = _layer_table(run.metrics, run.layers)
+    body.append(
+        _table(
+            f"Per layer: cosine over {len(steps)} probes and at the latest (step {steps[-1]}).",
+            header,
+            rows,
+        )
+    )
+    return body

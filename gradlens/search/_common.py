@@ -183,13 +183,13 @@ def executor_for(spec: ExecutorSpec) -> Executor:
 def has_final(run_dir: Path) -> bool:
     """Whether a run directory holds a readable ``"final"`` eval (the harness's completion mark)
     and no damaged or missing evals chunk (a damaged run is redone, silently)."""
-    from gradlens.store import _read_evals
     from gradlens.store._check import Problems
+    from gradlens.store.reader import read_evals
 
     if not (run_dir / "meta.json").is_file():
         return False
     try:
-        evals = _read_evals(run_dir, Problems(strict=True))
+        evals = read_evals(run_dir, Problems(strict=True))
     except (StoreError, OSError):
         return False
     return bool((evals["point"] == "final").any())

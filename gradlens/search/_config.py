@@ -12,9 +12,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from gradlens._errors import GradlensError
+from gradlens._validate import check_int, check_number, fail
 
 __all__ = ["ExecutorSpec", "PBTSpec", "SearchConfig", "SweepSpec", "load_config"]
 
@@ -29,23 +30,15 @@ _TABLES = ("train", "sweep", "pbt", "executor")
 MAX_POPULATION = 1000
 
 
-def _bad(key: str, expected: str, found: object) -> GradlensError:
-    return GradlensError(f"`{key}` should be {expected}; found {found!r}.")
-
-
-def _int(key: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _bad(key, f"an integer >= {minimum}", value)
-    return value
+def _bad(key: str, expected: str, found: object) -> NoReturn:
+    fail(key, expected, repr(found))
 
 
 def _float(key: str, value: object, low: float, high: float, *, open_low: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(key, f"a number in {'(' if open_low else '['}{low}, {high}]", value)
-    v = float(value)
-    if not math.isfinite(v) or v > high or v < low or (open_low and v == low):
-        raise _bad(key, f"a number in {'(' if open_low else '['}{low}, {high}]", value)
-    return v
+    """A finite number in ``[low, high]`` (``(low, high]`` with ``open_low``; no upper bound
+    when ``high`` is infinite)."""
+    top = None if math.isinf(high) else high
+    return check_number(key, value, low=low, high=top, strict_low=open_low)
 
 
 def _check_keys(table: str, d: Mapping[str, Any], known: tuple[str, ...]) -> None:
@@ -61,7 +54,7 @@ def _table(name: str, value: object) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise _bad(name, "a TOML table", value)
+        _bad(name, "a TOML table", value)
     return dict(value)
 
 
@@ -96,18 +89,18 @@ class ExecutorSpec:
         _check_keys("executor", d, ("kind", "workers", "address", "storage"))
         kind = d.get("kind", "local")
         if kind not in EXECUTOR_KINDS:
-            raise _bad("executor.kind", f"one of {EXECUTOR_KINDS}", kind)
+            _bad("executor.kind", f"one of {EXECUTOR_KINDS}", kind)
         workers = d.get("workers")
         if workers is not None:
-            workers = _int("executor.workers", workers, 1)
+            workers = check_int("executor.workers", workers, minimum=1)
         address = d.get("address")
         if address is not None and (not isinstance(address, str) or not address):
-            raise _bad("executor.address", "a Ray address string", address)
+            _bad("executor.address", "a Ray address string", address)
         if address is not None and kind != "ray":
-            raise _bad("executor.address", 'unset unless executor.kind = "ray"', address)
+            _bad("executor.address", 'unset unless executor.kind = "ray"', address)
         storage = d.get("storage")
         if storage is not None and (not isinstance(storage, str) or not storage):
-            raise _bad("executor.storage", "a directory path string", storage)
+            _bad("executor.storage", "a directory path string", storage)
         return cls(kind, workers, address, storage)
 
 
@@ -171,43 +164,43 @@ class SweepSpec:
         if "p" in d:
             raw = d["p"]
             if not isinstance(raw, list) or not raw:
-                raise _bad("sweep.p", "a non-empty list of numbers in [0, 1]", raw)
+                _bad("sweep.p", "a non-empty list of numbers in [0, 1]", raw)
             p = tuple(_float(f"sweep.p[{i}]", v, 0.0, 1.0) for i, v in enumerate(raw))
             if len(set(p)) != len(p):
-                raise _bad("sweep.p", "distinct values", raw)
-        grid = _int("sweep.grid", d["grid"], 2) if "grid" in d else None
-        random = _int("sweep.random", d["random"], 1) if "random" in d else None
-        random_seed = _int("sweep.random_seed", d.get("random_seed", 0), 0)
+                _bad("sweep.p", "distinct values", raw)
+        grid = check_int("sweep.grid", d["grid"], minimum=2) if "grid" in d else None
+        random = check_int("sweep.random", d["random"], minimum=1) if "random" in d else None
+        random_seed = check_int("sweep.random_seed", d.get("random_seed", 0), minimum=0)
         alpha = _float("sweep.alpha", d.get("alpha", 1.0), 0.0, math.inf, open_low=True)
         sizes = None
         if "sizes" in d:
             raw = d["sizes"]
             if not isinstance(raw, list) or not raw:
-                raise _bad("sweep.sizes", "a non-empty list of tables {width, depth}", raw)
+                _bad("sweep.sizes", "a non-empty list of tables {width, depth}", raw)
             out = []
             for i, s in enumerate(raw):
                 if not isinstance(s, Mapping) or not s or set(s) - {"width", "depth"}:
-                    raise _bad(f"sweep.sizes[{i}]", "a table with keys width and/or depth", s)
+                    _bad(f"sweep.sizes[{i}]", "a table with keys width and/or depth", s)
                 size: dict[str, Any] = {}
                 if "width" in s:
                     size["width"] = _float(
                         f"sweep.sizes[{i}].width", s["width"], 0.0, math.inf, open_low=True
                     )
                 if "depth" in s:
-                    size["depth"] = _int(f"sweep.sizes[{i}].depth", s["depth"], 1)
+                    size["depth"] = check_int(f"sweep.sizes[{i}].depth", s["depth"], minimum=1)
                 out.append(size)
             sizes = tuple(out)
         seeds = None
         if "seeds" in d:
             raw = d["seeds"]
             if not isinstance(raw, list) or not raw:
-                raise _bad("sweep.seeds", "a non-empty list of integers >= 0", raw)
-            seeds = tuple(_int(f"sweep.seeds[{i}]", v, 0) for i, v in enumerate(raw))
+                _bad("sweep.seeds", "a non-empty list of integers >= 0", raw)
+            seeds = tuple(check_int(f"sweep.seeds[{i}]", v, minimum=0) for i, v in enumerate(raw))
             if len(set(seeds)) != len(seeds):
-                raise _bad("sweep.seeds", "distinct seeds", raw)
+                _bad("sweep.seeds", "distinct seeds", raw)
         baselines = d.get("baselines", False)
         if not isinstance(baselines, bool):
-            raise _bad("sweep.baselines", "true or false", baselines)
+            _bad("sweep.baselines", "true or false", baselines)
         return cls(p, grid, random, random_seed, alpha, sizes, seeds, baselines, methods)
 
     def n_runs(self, n_tasks: int) -> int:
@@ -237,12 +230,12 @@ def _methods(raw: object) -> tuple[str, ...]:
     expected = f"a non-empty list of distinct methods from {list(METHODS)} (Gram ones may end in "
     expected += "'/per_layer')"
     if not isinstance(raw, list) or not raw or len(set(map(str, raw))) != len(raw):
-        raise _bad("sweep.methods", expected, raw)
+        _bad("sweep.methods", expected, raw)
     for i, m in enumerate(raw):
         name, sep, suffix = m.partition("/") if isinstance(m, str) else ("", "", "")
         ok = name in METHODS and (not sep or (suffix == "per_layer" and name in GRAM_METHODS))
         if not ok:
-            raise _bad(f"sweep.methods[{i}]", expected, m)
+            _bad(f"sweep.methods[{i}]", expected, m)
     return tuple(raw)
 
 
@@ -302,34 +295,34 @@ class PBTSpec:
             "perturb_factors", "resample_probability", "alpha", "init", "seed",
         )  # fmt: skip
         _check_keys("pbt", d, known)
-        population = _int("pbt.population", d.get("population", 8), 2)
+        population = check_int("pbt.population", d.get("population", 8), minimum=2)
         if population > MAX_POPULATION:
-            raise _bad(
+            _bad(
                 "pbt.population",
                 f"at most {MAX_POPULATION:,} (every member trains every round and is kept in "
                 "pbt.json; populations in the PBT literature are tens of members)",
                 population,
             )
-        interval = _int("pbt.interval_epochs", d.get("interval_epochs", 1), 1)
+        interval = check_int("pbt.interval_epochs", d.get("interval_epochs", 1), minimum=1)
         epochs = d.get("epochs")
         if epochs is not None:
-            epochs = _int("pbt.epochs", epochs, 1)
+            epochs = check_int("pbt.epochs", epochs, minimum=1)
         quantile = _float("pbt.quantile", d.get("quantile", 0.25), 0.0, 0.5, open_low=True)
         replace = d.get("replace")
         if replace is not None:
-            replace = _int("pbt.replace", replace, 1)
+            replace = check_int("pbt.replace", replace, minimum=1)
             if replace > population // 2:
-                raise _bad("pbt.replace", f"at most population // 2 = {population // 2}", replace)
+                _bad("pbt.replace", f"at most population // 2 = {population // 2}", replace)
         metric = d.get("metric", "score")
         if not isinstance(metric, str) or metric.count(".") > 1 or not all(metric.split(".")):
-            raise _bad("pbt.metric", 'a metric name ("score", "accuracy") or "<task>.<metric>"',
+            _bad("pbt.metric", 'a metric name ("score", "accuracy") or "<task>.<metric>"',
                        metric)  # fmt: skip
         mode = d.get("mode")
         if mode is not None and mode not in PBT_MODES:
-            raise _bad("pbt.mode", f"one of {PBT_MODES}", mode)
+            _bad("pbt.mode", f"one of {PBT_MODES}", mode)
         raw = d.get("perturb_factors", [0.8, 1.25])
         if not isinstance(raw, list) or not raw:
-            raise _bad("pbt.perturb_factors", "a non-empty list of positive numbers", raw)
+            _bad("pbt.perturb_factors", "a non-empty list of positive numbers", raw)
         factors = tuple(
             _float(f"pbt.perturb_factors[{i}]", v, 0.0, math.inf, open_low=True)
             for i, v in enumerate(raw)
@@ -338,8 +331,8 @@ class PBTSpec:
         alpha = _float("pbt.alpha", d.get("alpha", 1.0), 0.0, math.inf, open_low=True)
         init = d.get("init", "random")
         if init not in PBT_INITS:
-            raise _bad("pbt.init", f"one of {PBT_INITS}", init)
-        seed = _int("pbt.seed", d.get("seed", 0), 0)
+            _bad("pbt.init", f"one of {PBT_INITS}", init)
+        seed = check_int("pbt.seed", d.get("seed", 0), minimum=0)
         return cls(
             population, interval, epochs, quantile, replace, metric, mode, factors, resample,
             alpha, init, seed,
@@ -388,7 +381,7 @@ class SearchConfig:
             ((0.5,), 'local')
         """
         if not isinstance(d, Mapping):
-            raise _bad("config", "a mapping of TOML tables", d)
+            _bad("config", "a mapping of TOML tables", d)
         unknown = sorted(set(d) - set(_TABLES))
         if unknown:
             raise GradlensError(
@@ -440,7 +433,7 @@ def load_config(path: str | os.PathLike[str]) -> SearchConfig:
     except ModuleNotFoundError:  # pragma: no cover - Python 3.10
         from gradlens._errors import require
 
-        tomllib = require("tomli", "dev", "Reading TOML configs on Python 3.10")  # type: ignore[assignment]
+        tomllib = require("tomli", "dev", "Reading TOML configs on Python 3.10")
     p = Path(path)
     try:
         text = p.read_bytes().decode("utf-8")
@@ -449,7 +442,7 @@ def load_config(path: str | os.PathLike[str]) -> SearchConfig:
     except (IsADirectoryError, UnicodeDecodeError) as exc:
         raise GradlensError(f"`config` should be a UTF-8 TOML file; {p}: {exc}.") from None
     try:
-        doc = tomllib.loads(text)  # type: ignore[attr-defined]
+        doc = tomllib.loads(text)
     except Exception as exc:  # tomllib.TOMLDecodeError (tomli's on 3.10)
         raise GradlensError(f"`config` should be valid TOML; {p}: {exc}.") from None
     return SearchConfig.from_dict(doc, source=p)

@@ -41,20 +41,13 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from gradlens._errors import GradlensError, require
+from gradlens._validate import check_int
 
 __all__ = ["Executor", "Host", "LocalExecutor", "RayExecutor", "make_executor"]
 
 
 def _default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 2))
-
-
-def _check_workers(workers: object) -> int | None:
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-    ):
-        raise GradlensError(f"`workers` should be a positive int or None; found {workers!r}.")
-    return workers
 
 
 def _die_with_parent() -> None:
@@ -282,7 +275,7 @@ class LocalExecutor(Executor):
     """
 
     def __init__(self, workers: int | None = None) -> None:
-        self.workers = _check_workers(workers) or _default_workers()
+        self.workers = check_int("workers", workers, minimum=1, none_ok=True) or _default_workers()
         self._threads = max(1, (os.cpu_count() or 1) // self.workers)
         self._pool: cf.ProcessPoolExecutor | None = None
         self._hosts: list[Host] = []
@@ -370,8 +363,9 @@ class RayExecutor(Executor):
     """
 
     def __init__(self, address: str | None = None, workers: int | None = None) -> None:
-        self._ray: Any = require("ray", "ray", "RayExecutor")
-        _check_workers(workers)
+        ray: Any = require("ray", "ray", "RayExecutor")  # the module, untyped
+        self._ray = ray
+        check_int("workers", workers, minimum=1, none_ok=True)
         self._owns = False
         if not self._ray.is_initialized():
             kwargs: dict[str, Any] = {

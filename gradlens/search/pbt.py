@@ -177,7 +177,8 @@ class _Members:
                 tr.load_state_dict(torch.load(checkpoint, weights_only=True))
             if tr.weights != weights:
                 tr.weights = weights
-            tr.store.update_meta(pbt=pbt_meta)
+            if tr.store is not None:  # always: a member has a run directory
+                tr.store.update_meta(pbt=pbt_meta)
         except BaseException:
             tr.close()
             raise
@@ -319,8 +320,6 @@ def run_pbt(
         >>> df["member"].tolist(), int(df["best"].sum())
         ([0, 1], 1)
     """
-    from tqdm.auto import tqdm
-
     spec = config.pbt
     if spec is None:
         raise GradlensError("`config` should hold a [pbt] table; found none.")
@@ -334,152 +333,212 @@ def run_pbt(
     identity = json_roundtrip(
         {"train": config.train, "pbt": dataclasses.asdict(spec), "tasks": list(tasks)}
     )
-    mode = spec.resolved_mode
     with directory_lock(out_dir, "PBT"):
-        state_path = out_dir / STATE_NAME
-        if state_path.exists():
-            state = read_json(state_path, "PBT state")
-            if state.get("plan") != identity:
-                changed = sorted(k for k in identity if state.get("plan", {}).get(k) != identity[k])
-                raise GradlensError(
-                    f"`out` {out_dir} holds a different PBT: its [{', '.join(changed)}] differ "
-                    f"from this configuration's. Resume with the same configuration, or choose "
-                    f"a new --out."
-                )
-            if state["status"] == "done":
-                return _summary(state, tasks, spec)
-            state["resumed_at"].append(state["epoch"])
-        else:
-            state = _fresh_state(spec, tasks, identity)
-            write_json(state_path, state)
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]
-        members = state["members"]
-        name = out_dir.name
+        state = _open_state(out_dir, spec, tasks, identity)
+        if state["status"] != "done":
+            own = executor is None
+            ex = executor_for(config.executor) if executor is None else executor
+            try:
+                pop = _Population(config, spec, int(train["seed"]), out_dir, state, tasks)
+                pop.run(ex, total, progress, yes)
+            finally:
+                if own:
+                    ex.close()
+    return _summary(state, tasks, spec)
 
-        def metas() -> dict[int, dict[str, Any]]:
-            return {m["member"]: _member_meta(name, m, state["resumed_at"]) for m in members}
 
-        own = executor is None
-        ex = executor_for(config.executor) if executor is None else executor
-        n_rounds = math.ceil(total / spec.interval_epochs)
+def _open_state(
+    out_dir: Path, spec: PBTSpec, tasks: Sequence[str], identity: dict[str, Any]
+) -> dict[str, Any]:
+    """The PBT state to continue (``pbt.json``, checked to be this configuration's), or a fresh
+    one, written at once."""
+    state_path = out_dir / STATE_NAME
+    if not state_path.exists():
+        state = _fresh_state(spec, tasks, identity)
+        write_json(state_path, state)
+        return state
+    state = read_json(state_path, "PBT state")
+    if state.get("plan") != identity:
+        changed = sorted(k for k in identity if state.get("plan", {}).get(k) != identity[k])
+        raise GradlensError(
+            f"`out` {out_dir} holds a different PBT: its [{', '.join(changed)}] differ "
+            f"from this configuration's. Resume with the same configuration, or choose "
+            f"a new --out."
+        )
+    if state["status"] != "done":
+        state["resumed_at"].append(state["epoch"])
+    return state
+
+
+class _Population:
+    """The driver's side of one PBT: the state, the hosts and their members, round by round."""
+
+    def __init__(
+        self,
+        config: SearchConfig,
+        spec: PBTSpec,
+        seed: int,
+        out_dir: Path,
+        state: dict[str, Any],
+        tasks: Sequence[str],
+    ) -> None:
+        self.config, self.spec, self.seed, self.out_dir = config, spec, seed, out_dir
+        self.state, self.tasks = state, tasks
+        self.members: list[dict[str, Any]] = state["members"]
+        self.name = out_dir.name
+        self.mode = self.spec.resolved_mode
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = state["rng"]
+        self.t_start = time.perf_counter()
+        self.seconds0 = float(state["seconds"])
+
+    def metas(self) -> dict[int, dict[str, Any]]:
+        return {
+            m["member"]: _member_meta(self.name, m, self.state["resumed_at"]) for m in self.members
+        }
+
+    def run(self, ex: Executor, total: int, progress: bool, yes: bool) -> None:
+        """Train ``total`` epochs on ``ex`` in rounds, then finish every member."""
+        from tqdm.auto import tqdm
+
+        self.ex, self.total, self.yes = ex, total, yes
+
+        n_rounds = math.ceil(self.total / self.spec.interval_epochs)
         bar = tqdm(
-            total=n_rounds, initial=min(state["round"], n_rounds), desc=f"pbt {name}",
+            total=n_rounds, initial=min(self.state["round"], n_rounds), desc=f"pbt {self.name}",
             unit="round", disable=not progress, dynamic_ncols=True,
         )  # fmt: skip
-        t_start = time.perf_counter()
-        seconds0 = float(state["seconds"])
         try:
-            n_hosts = min(ex.workers, spec.population)
-            hosts = [ex.host(_Members) for _ in range(n_hosts)]
-            assign: list[list[int]] = [list(range(h, spec.population, n_hosts)) for h in
-                                       range(n_hosts)]  # fmt: skip
-            starts = []
-            all_metas = metas()
-            for m in members:
-                k = m["member"]
-                run_dir = inside(out_dir, out_dir / check_name(m["run_dir"], "run_dir"))
-                tdict = pin_threads(pin_data_seed(config.train))
-                tdict.update(
-                    seed=int(train["seed"]) + k,
-                    epochs=total,
-                    weights=members[k]["schedule"][0]["weights"],
-                    config={**dict(config.train.get("config") or {}), "pbt": name,
-                            "pbt_member": k},
-                )  # fmt: skip
-                ckpt = None if m["checkpoint"] is None else str(
-                    inside(out_dir, out_dir / m["checkpoint"])
+            self.start()
+            while self.state["epoch"] < self.total:
+                epoch, scores = self.round()
+                best = _select_order(scores, self.mode)[0]
+                bar.set_postfix_str(
+                    f"epoch {epoch}: best {self.spec.metric} {scores[best]:.4f}", refresh=False
                 )
-                starts.append(
-                    hosts[k % n_hosts].call(
-                        "start", k, tdict, str(run_dir), ckpt, m["weights"], all_metas[k], yes
-                    )
-                )
-            for f in starts:
-                f.result()
-            while state["epoch"] < total:
-                n = min(spec.interval_epochs, total - state["epoch"])
-                epoch = state["epoch"] + n
-                ckpt_rel = f"{_CKPT}/epoch-{epoch:04d}"
-                futs = [h.call("train", assign[i], n, str(out_dir / ckpt_rel))
-                        for i, h in enumerate(hosts)]  # fmt: skip
-                results: dict[int, dict[str, Any]] = {}
-                for f in futs:
-                    results.update(f.result())
-                scores = [pbt_score(results[k]["val"], spec.metric) for k in range(len(members))]
-                for m, s in zip(members, scores):
-                    m["scores"].append({"epoch": epoch, "score": s})
-                    m["cpu_seconds"] = (
-                        m.get("cpu_seconds", 0.0) + results[m["member"]]["cpu_seconds"]
-                    )
-                    m["checkpoint"] = f"{ckpt_rel}/member-{m['member']:03d}.pt"
-                if epoch < total:
-                    moves: dict[int, tuple[str, dict[str, float]]] = {}
-                    for loser, donor in _select_exploits(scores, spec.n_replace, mode, rng):
-                        src = members[donor]
-                        new = perturb_weights(
-                            [src["weights"][t] for t in tasks],
-                            rng,
-                            factors=spec.perturb_factors,
-                            resample_probability=spec.resample_probability,
-                            alpha=spec.alpha,
-                        )
-                        w = {t: float(v) for t, v in zip(tasks, new)}
-                        moves[loser] = (str(out_dir / src["checkpoint"]), w)
-                        dst = members[loser]
-                        dst["lineage"].append(
-                            {"epoch": epoch, "from": donor, "score": scores[loser],
-                             "donor_score": scores[donor]}
-                        )  # fmt: skip
-                        dst["schedule"].append({"epoch": epoch, "weights": w})
-                        dst["weights"] = w
-                        dst["checkpoint"] = src["checkpoint"]
-                    all_metas = metas()
-                    futs = [
-                        h.call(
-                            "exploit",
-                            {k: moves[k] for k in assign[i] if k in moves},
-                            {k: all_metas[k] for k in assign[i]},
-                        )
-                        for i, h in enumerate(hosts)
-                    ]
-                    for f in futs:
-                        f.result()
-                state.update(
-                    epoch=epoch,
-                    round=state["round"] + 1,
-                    rng=rng.bit_generator.state,
-                    seconds=seconds0 + time.perf_counter() - t_start,
-                )
-                write_json(state_path, state)  # the commit point of the round
-                _prune_checkpoints(out_dir / _CKPT, keep=f"epoch-{epoch:04d}")
-                best = _select_order(scores, mode)[0]
-                bar.set_postfix_str(f"epoch {epoch}: best {spec.metric} {scores[best]:.4f}",
-                                    refresh=False)  # fmt: skip
                 bar.update()
-            all_metas = metas()
-            futs = [h.call("finish", assign[i], {k: all_metas[k] for k in assign[i]})
-                    for i, h in enumerate(hosts)]  # fmt: skip
-            finals: dict[int, dict[str, Any]] = {}
-            for f in futs:
-                finals.update(f.result())
-            final_scores = []
-            for m in members:
-                m["final"] = finals[m["member"]]
-                final_scores.append(pbt_score(m["final"]["val"], spec.metric))
-            order = _select_order(final_scores, mode)
-            state.update(
-                status="done",
-                best=order[0],
-                seconds=seconds0 + time.perf_counter() - t_start,
-            )
-            write_json(state_path, state)
-            remove_tree(out_dir, out_dir / _CKPT)
+            self.finish()
         finally:
             bar.close()
-            if own:
-                ex.close()
-    return _summary(state, tasks, spec)
+
+    def start(self) -> None:
+        """Spread the members over ``min(workers, population)`` hosts and start each one, from
+        its checkpoint when it has one."""
+        n_hosts = min(self.ex.workers, self.spec.population)
+        self.hosts = [self.ex.host(_Members) for _ in range(n_hosts)]
+        self.assign = [list(range(h, self.spec.population, n_hosts)) for h in range(n_hosts)]
+        train, out_dir = self.config.train, self.out_dir
+        all_metas = self.metas()
+        starts = []
+        for m in self.members:
+            k = m["member"]
+            run_dir = inside(out_dir, out_dir / check_name(m["run_dir"], "run_dir"))
+            tdict = pin_threads(pin_data_seed(train))
+            tdict.update(
+                seed=self.seed + k,
+                epochs=self.total,
+                weights=m["schedule"][0]["weights"],
+                config={**dict(train.get("config") or {}), "pbt": self.name, "pbt_member": k},
+            )
+            ckpt = None
+            if m["checkpoint"] is not None:
+                ckpt = str(inside(out_dir, out_dir / m["checkpoint"]))
+            starts.append(
+                self.hosts[k % n_hosts].call(
+                    "start", k, tdict, str(run_dir), ckpt, m["weights"], all_metas[k], self.yes
+                )
+            )
+        for f in starts:
+            f.result()
+
+    def round(self) -> tuple[int, list[float]]:
+        """Train every member to the next checkpoint, rank them, exploit and explore, and commit
+        the round to ``pbt.json``. Returns the round's epoch and scores."""
+        state, spec = self.state, self.spec
+        n = min(spec.interval_epochs, self.total - state["epoch"])
+        epoch = state["epoch"] + n
+        ckpt_rel = f"{_CKPT}/epoch-{epoch:04d}"
+        futs = [
+            h.call("train", self.assign[i], n, str(self.out_dir / ckpt_rel))
+            for i, h in enumerate(self.hosts)
+        ]
+        results: dict[int, dict[str, Any]] = {}
+        for f in futs:
+            results.update(f.result())
+        scores = [pbt_score(results[k]["val"], spec.metric) for k in range(len(self.members))]
+        for m, s in zip(self.members, scores):
+            m["scores"].append({"epoch": epoch, "score": s})
+            m["cpu_seconds"] = m.get("cpu_seconds", 0.0) + results[m["member"]]["cpu_seconds"]
+            m["checkpoint"] = f"{ckpt_rel}/member-{m['member']:03d}.pt"
+        if epoch < self.total:
+            self.exploit(epoch, scores)
+        state.update(
+            epoch=epoch,
+            round=state["round"] + 1,
+            rng=self.rng.bit_generator.state,
+            seconds=self.seconds0 + time.perf_counter() - self.t_start,
+        )
+        write_json(self.out_dir / STATE_NAME, state)  # the commit point of the round
+        _prune_checkpoints(self.out_dir / _CKPT, keep=f"epoch-{epoch:04d}")
+        return epoch, scores
+
+    def exploit(self, epoch: int, scores: Sequence[float]) -> None:
+        """Each of the worst copies a donor's checkpoint and perturbs its weights (explore)."""
+        spec, members = self.spec, self.members
+        moves: dict[int, tuple[str, dict[str, float]]] = {}
+        for loser, donor in _select_exploits(scores, spec.n_replace, self.mode, self.rng):
+            src = members[donor]
+            new = perturb_weights(
+                [src["weights"][t] for t in self.tasks],
+                self.rng,
+                factors=spec.perturb_factors,
+                resample_probability=spec.resample_probability,
+                alpha=spec.alpha,
+            )
+            w = {t: float(v) for t, v in zip(self.tasks, new)}
+            moves[loser] = (str(self.out_dir / src["checkpoint"]), w)
+            dst = members[loser]
+            dst["lineage"].append(
+                {"epoch": epoch, "from": donor, "score": scores[loser],
+                 "donor_score": scores[donor]}
+            )  # fmt: skip
+            dst["schedule"].append({"epoch": epoch, "weights": w})
+            dst["weights"] = w
+            dst["checkpoint"] = src["checkpoint"]
+        all_metas = self.metas()
+        futs = [
+            h.call(
+                "exploit",
+                {k: moves[k] for k in self.assign[i] if k in moves},
+                {k: all_metas[k] for k in self.assign[i]},
+            )
+            for i, h in enumerate(self.hosts)
+        ]
+        for f in futs:
+            f.result()
+
+    def finish(self) -> None:
+        """Every member's final evals; the best member; the state marked done."""
+        all_metas = self.metas()
+        futs = [
+            h.call("finish", self.assign[i], {k: all_metas[k] for k in self.assign[i]})
+            for i, h in enumerate(self.hosts)
+        ]
+        finals: dict[int, dict[str, Any]] = {}
+        for f in futs:
+            finals.update(f.result())
+        final_scores = []
+        for m in self.members:
+            m["final"] = finals[m["member"]]
+            final_scores.append(pbt_score(m["final"]["val"], self.spec.metric))
+        order = _select_order(final_scores, self.mode)
+        self.state.update(
+            status="done",
+            best=order[0],
+            seconds=self.seconds0 + time.perf_counter() - self.t_start,
+        )
+        write_json(self.out_dir / STATE_NAME, self.state)
+        remove_tree(self.out_dir, self.out_dir / _CKPT)
 
 
 def _select_order(scores: Sequence[float], mode: str) -> list[int]:

@@ -21,14 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from gradlens._errors import GradlensError
+from gradlens._validate import check_int
 
 __all__ = ["dirichlet_weights", "grid_size", "perturb_weights", "simplex_grid"]
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise GradlensError(f"`{name}` should be an int >= {minimum}; found {value!r}.")
-    return int(value)
 
 
 def grid_size(n_tasks: int, points: int) -> int:
@@ -38,8 +33,8 @@ def grid_size(n_tasks: int, points: int) -> int:
         >>> grid_size(2, 11), grid_size(6, 3), grid_size(6, 4)
         (11, 21, 56)
     """
-    T = _check_int("n_tasks", n_tasks, 1)
-    k = _check_int("points", points, 2)
+    T = check_int("n_tasks", n_tasks, minimum=1)
+    k = check_int("points", points, minimum=2)
     return math.comb(k - 1 + T - 1, T - 1)
 
 
@@ -61,8 +56,8 @@ def simplex_grid(n_tasks: int, points: int) -> np.ndarray:
         >>> simplex_grid(2, 5).tolist()
         [[0.0, 1.0], [0.25, 0.75], [0.5, 0.5], [0.75, 0.25], [1.0, 0.0]]
     """
-    T = _check_int("n_tasks", n_tasks, 1)
-    m = _check_int("points", points, 2) - 1
+    T = check_int("n_tasks", n_tasks, minimum=1)
+    m = check_int("points", points, minimum=2) - 1
     rows: list[list[int]] = []
 
     def _fill(prefix: list[int], left: int, slots: int) -> None:
@@ -95,8 +90,8 @@ def dirichlet_weights(
         >>> w.shape, bool(np.allclose(w.sum(axis=1), 1.0))
         ((3, 4), True)
     """
-    T = _check_int("n_tasks", n_tasks, 1)
-    n = _check_int("n", n, 0)
+    T = check_int("n_tasks", n_tasks, minimum=1)
+    n = check_int("n", n, minimum=0)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
         raise GradlensError(f"`alpha` should be a positive number; found {alpha!r}.")
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)

@@ -6,15 +6,22 @@ Layout of a sweep directory::
                       ("planned", "running", "done", "failed"), attempts, error, final, and
                       its cost: seconds (wall) and cpu_seconds (CPU time of its process)
     <run id>/         one gradlens run directory per run (written by gradlens.train)
+    checkpoints/      the training state of each unfinished run (removed once all are done)
     .lock             the live driver's pid
 
 The driver is the only writer of ``index.json`` and rewrites it atomically after every status
-change. A rerun of the same configuration skips every run whose status is ``"done"``, whose
+change. A run checkpoints its training state after every epoch under
+``checkpoints/<run id>.pt``, with its run store flushed first (the file is removed when the run
+is done). A rerun of the same configuration skips every run whose status is ``"done"``, whose
 record matches its planned run (weights, size, seed, baseline_of) and whose directory holds the
-``"final"`` eval, and redoes every other run from scratch (its directory is removed first), so a
-sweep killed at any instant resumes to exactly one complete run per planned run. (Baselines of
-sweeps written before they trained with ``tasks = [task]`` were weight-1/0 runs over every task:
-their records differ from the plan, so a rerun redoes them.)
+``"final"`` eval; a run killed mid-training (status ``"planned"`` or ``"running"``, a matching
+record, its directory and a checkpoint) is reopened in append mode, cut back to the checkpoint's
+step and continued from it (every step flushed before the checkpoint is kept, the ones flushed
+after it are trained again); every other run is redone from scratch (its directory and
+checkpoint are removed first). So a sweep killed at any instant resumes to exactly one complete
+run per planned run, with the numbers of an uninterrupted sweep. (Baselines of sweeps written
+before they trained with ``tasks = [task]`` were weight-1/0 runs over every task: their records
+differ from the plan, so a rerun redoes them.)
 
 Example:
     >>> from gradlens.search import SearchConfig, plan_sweep
@@ -29,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +81,10 @@ MAX_RUNS = 1_000_000
 #: The sweep's index file, inside the sweep directory.
 INDEX_NAME = "index.json"
 _STATUSES = ("planned", "running", "done", "failed")
+#: The folder of the unfinished runs' checkpoints, inside the sweep directory.
+CHECKPOINTS = "checkpoints"
+#: Epochs between two checkpoints of a sweep run.
+CHECKPOINT_EVERY = 1
 
 
 @dataclass(frozen=True)
@@ -235,27 +246,20 @@ def plan_sweep(
         points += [(f"single-{t}", {t: 1.0}, t, None) for t in tasks]
     uniform = {t: 1.0 / len(tasks) for t in tasks}  # a method's starting weights
     points += [(f"m-{m.replace('/', '-')}", uniform, None, m) for m in spec.methods or ()]
-    runs = []
-    for name, w, baseline, method in points:
-        for size in sizes:
-            for seed in seeds:
-                parts = [name]
-                if "width" in size:
-                    parts.append(f"width{size['width']:g}")
-                if "depth" in size:
-                    parts.append(f"depth{size['depth']}")
-                parts.append(f"seed{seed}")
-                runs.append(
-                    PlannedRun(
-                        id="_".join(parts),
-                        weights=dict(w),
-                        width=size.get("width"),
-                        depth=size.get("depth"),
-                        seed=seed,
-                        baseline_of=baseline,
-                        method=method,
-                    )
-                )
+    runs = [
+        PlannedRun(
+            id=_run_id(name, size, seed),
+            weights=dict(w),
+            width=size.get("width"),
+            depth=size.get("depth"),
+            seed=seed,
+            baseline_of=baseline,
+            method=method,
+        )
+        for name, w, baseline, method in points
+        for size in sizes
+        for seed in seeds
+    ]
     ids = [check_name(r.id, "run id") for r in runs]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -266,13 +270,30 @@ def plan_sweep(
     return runs
 
 
-def _train_trial(train: dict[str, Any], run_dir: str, yes: bool = False) -> dict[str, Any]:
-    """One sweep run, in a worker: train to the end and return what the index records."""
+def _run_id(name: str, size: Mapping[str, Any], seed: int) -> str:
+    """``<weights>[_width<w>][_depth<d>]_seed<s>``."""
+    parts = [name]
+    if "width" in size:
+        parts.append(f"width{size['width']:g}")
+    if "depth" in size:
+        parts.append(f"depth{size['depth']}")
+    parts.append(f"seed{seed}")
+    return "_".join(parts)
+
+
+def _train_trial(
+    train: dict[str, Any], run_dir: str, yes: bool = False, checkpoint: str | None = None
+) -> dict[str, Any]:
+    """One sweep run, in a worker: train to the end (continuing from ``checkpoint`` if that file
+    exists, saving it every :data:`CHECKPOINT_EVERY` epochs) and return what the index records."""
     from gradlens.train import TrainConfig
     from gradlens.train import train as train_fn
 
     t0, c0 = time.perf_counter(), time.process_time()
-    result = train_fn(TrainConfig.from_dict(train), run_dir, progress=False, yes=yes)
+    result = train_fn(
+        TrainConfig.from_dict(train), run_dir, progress=False, yes=yes, checkpoint=checkpoint,
+        checkpoint_every=CHECKPOINT_EVERY,
+    )  # fmt: skip
     return {
         "final": plain_final(result.metrics),
         "epochs_run": int(result.epochs_run),
@@ -341,8 +362,6 @@ def run_sweep(
         >>> df[["id", "status"]].values.tolist()
         [['w0.2-0.8_seed0', 'done'], ['w0.8-0.2_seed0', 'done']]
     """
-    from tqdm.auto import tqdm
-
     if config.sweep is None:
         raise GradlensError("`config` should hold a [sweep] table; found none.")
     check_train(config.train)
@@ -354,30 +373,7 @@ def run_sweep(
     with directory_lock(out_dir, "sweep"):
         index_path = out_dir / INDEX_NAME
         old = _load_index(index_path, identity) if index_path.exists() else {}
-        records: dict[str, dict[str, Any]] = {}
-        todo: list[PlannedRun] = []
-        for run in plan:
-            rec = old.get(run.id)
-            run_dir = out_dir / run.id
-            planned = json_roundtrip(dataclasses.asdict(run))
-            if (
-                rec is not None
-                and rec.get("status") == "done"
-                and all(rec.get(k) == v for k, v in planned.items())
-                and has_final(run_dir)
-            ):
-                records[run.id] = rec
-                continue
-            attempts = int(rec.get("attempts", 0)) if rec else 0
-            records[run.id] = {
-                **planned,
-                "status": "planned",
-                "attempts": attempts,
-                "error": None,
-                "seconds": None,
-                "final": None,
-            }
-            todo.append(run)
+        records, todo = _records(plan, old, out_dir)
 
         def save() -> None:
             write_json(
@@ -386,44 +382,129 @@ def run_sweep(
                  "runs": [records[r.id] for r in plan]},
             )  # fmt: skip
 
-        for run in todo:  # proven inside out_dir before anything is written or deleted
-            inside(out_dir, out_dir / run.id, follow=False)
-        save()
-        for run in todo:  # redo from scratch: a broken run leaves a partial directory
-            remove_tree(out_dir, out_dir / run.id)
-
-        def on_submit(i: int) -> None:
-            rec = records[todo[i].id]
-            rec["status"] = "running"
-            rec["attempts"] += 1
-            save()
-
+        _prepare(out_dir, todo, old, save)
         own = executor is None
         ex = executor_for(config.executor) if executor is None else executor
-        bar = tqdm(
-            total=len(plan), initial=len(plan) - len(todo), desc=f"sweep {out_dir.name}",
-            unit="run", disable=not progress, dynamic_ncols=True,
-        )  # fmt: skip
         try:
-            base = pin_task_option(config.train, tasks)
-            joint_steps = _joint_steps(base) if any(r.baseline_of for r in todo) else None
-            items = [(run.train_dict(base, out_dir.name, joint_steps), str(out_dir / run.id), yes)
-                     for run in todo]  # fmt: skip
-            for i, fut in ex.map_unordered(_train_trial, items, on_submit=on_submit):
-                rec = records[todo[i].id]
-                exc = fut.exception()
-                if exc is None:
-                    rec.update(fut.result(), status="done", error=None)
-                else:
-                    rec.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-                save()
-                bar.set_postfix_str(f"{todo[i].id}: {rec['status']}", refresh=False)
-                bar.update()
+            _execute(config, tasks, out_dir, plan, todo, records, ex, save, progress, yes)
         finally:
-            bar.close()
             if own:
                 ex.close()
+        ckpts = out_dir / CHECKPOINTS
+        if ckpts.is_dir() and not any(ckpts.iterdir()):
+            ckpts.rmdir()
     return _summary(plan, records)
+
+
+def _records(
+    plan: Sequence[PlannedRun], old: Mapping[str, dict[str, Any]], out_dir: Path
+) -> tuple[dict[str, dict[str, Any]], list[PlannedRun]]:
+    """The index records of a (re)started sweep, and the runs still to train: a done run that
+    matches its plan and holds its final eval keeps its record, every other one is reset."""
+    records: dict[str, dict[str, Any]] = {}
+    todo: list[PlannedRun] = []
+    for run in plan:
+        rec = old.get(run.id)
+        planned = json_roundtrip(dataclasses.asdict(run))
+        matches = rec is not None and all(rec.get(k) == v for k, v in planned.items())
+        if (
+            matches
+            and rec is not None
+            and rec.get("status") == "done"
+            and has_final(out_dir / run.id)
+        ):
+            records[run.id] = rec
+            continue
+        records[run.id] = {
+            **planned,
+            "status": "planned",
+            "attempts": int(rec.get("attempts", 0)) if rec else 0,
+            "error": None,
+            "seconds": None,
+            "final": None,
+        }
+        todo.append(run)
+    return records, todo
+
+
+def _resumable(run: PlannedRun, rec: Mapping[str, Any] | None, out_dir: Path) -> bool:
+    """Whether ``run`` was killed mid-training and continues from its checkpoint: its record
+    matches the plan and was not a failure, and both its directory and checkpoint exist."""
+    if rec is None or rec.get("status") not in ("planned", "running"):
+        return False
+    planned = json_roundtrip(dataclasses.asdict(run))
+    if any(rec.get(k) != v for k, v in planned.items()):
+        return False
+    return (out_dir / CHECKPOINTS / f"{run.id}.pt").is_file() and (
+        out_dir / run.id / "meta.json"
+    ).is_file()
+
+
+def _prepare(
+    out_dir: Path,
+    todo: Sequence[PlannedRun],
+    old: Mapping[str, dict[str, Any]],
+    save: Callable[[], None],
+) -> None:
+    """Prove every path inside ``out_dir``, write the index, and clear what will be redone from
+    scratch (a broken run leaves a partial directory): a resumable run keeps both."""
+    for run in todo:
+        inside(out_dir, out_dir / run.id, follow=False)
+        inside(out_dir, out_dir / CHECKPOINTS / f"{run.id}.pt", follow=False)
+    save()
+    for run in todo:
+        if not _resumable(run, old.get(run.id), out_dir):
+            remove_tree(out_dir, out_dir / run.id)
+            remove_tree(out_dir, out_dir / CHECKPOINTS / f"{run.id}.pt")
+
+
+def _execute(
+    config: SearchConfig,
+    tasks: Sequence[str],
+    out_dir: Path,
+    plan: Sequence[PlannedRun],
+    todo: Sequence[PlannedRun],
+    records: dict[str, dict[str, Any]],
+    ex: Executor,
+    save: Callable[[], None],
+    progress: bool,
+    yes: bool,
+) -> None:
+    """Train ``todo`` on ``ex``, recording each run's status in the index as it changes."""
+    from tqdm.auto import tqdm
+
+    def on_submit(i: int) -> None:
+        rec = records[todo[i].id]
+        rec["status"] = "running"
+        rec["attempts"] += 1
+        save()
+
+    bar = tqdm(
+        total=len(plan), initial=len(plan) - len(todo), desc=f"sweep {out_dir.name}",
+        unit="run", disable=not progress, dynamic_ncols=True,
+    )  # fmt: skip
+    try:
+        base = pin_task_option(config.train, tasks)
+        joint_steps = _joint_steps(base) if any(r.baseline_of for r in todo) else None
+        items = [
+            (run.train_dict(base, out_dir.name, joint_steps), str(out_dir / run.id), yes,
+             str(out_dir / CHECKPOINTS / f"{run.id}.pt"))
+            for run in todo
+        ]  # fmt: skip
+        for i, fut in ex.map_unordered(_train_trial, items, on_submit=on_submit):
+            rec = records[todo[i].id]
+            exc = fut.exception()
+            if exc is None:
+                rec.update(fut.result(), status="done", error=None)
+            else:
+                rec.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                # a failed run is redone from scratch: its checkpoint goes
+                remove_tree(out_dir, out_dir / CHECKPOINTS / f"{todo[i].id}.pt")
+            save()
+            bar.set_postfix_str(f"{todo[i].id}: {rec['status']}", refresh=False)
+            bar.update()
+    finally:
+        bar.close()
 
 
 def _summary(plan: Sequence[PlannedRun], records: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
@@ -436,9 +517,7 @@ def _summary(plan: Sequence[PlannedRun], records: Mapping[str, Mapping[str, Any]
         rows.append(
             {
                 "id": run.id,
-                "weights": (
-                    f"method {run.method}" if run.method else format_weights(run.weights)
-                ),
+                "weights": (f"method {run.method}" if run.method else format_weights(run.weights)),
                 "width": run.width,
                 "depth": run.depth,
                 "seed": run.seed,

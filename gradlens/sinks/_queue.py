@@ -24,16 +24,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from gradlens._errors import GradlensError, GradlensWarning
+from gradlens._validate import check_int
 from gradlens.sinks._scalars import heatmap_rgb, snapshot_scalars
 from gradlens.snapshot import Snapshot
 
 __all__ = ["QueuedSink"]
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise GradlensError(f"`{name}` should be an int >= {minimum}; found {value!r}.")
-    return value
 
 
 class QueuedSink(ABC):
@@ -57,11 +52,13 @@ class QueuedSink(ABC):
         max_pending: int = 1000,
         max_pending_images: int = 2,
     ) -> None:
-        self.image_every = _check_int(image_every, "image_every", 0)
-        self.pair_limit = _check_int(pair_limit, "pair_limit", 0)
-        self.layer_limit = _check_int(layer_limit, "layer_limit", 0)
-        self.max_pending = _check_int(max_pending, "max_pending", 1)
-        self.max_pending_images = _check_int(max_pending_images, "max_pending_images", 0)
+        self.image_every: int = check_int("image_every", image_every, minimum=0)
+        self.pair_limit: int = check_int("pair_limit", pair_limit, minimum=0)
+        self.layer_limit: int = check_int("layer_limit", layer_limit, minimum=0)
+        self.max_pending: int = check_int("max_pending", max_pending, minimum=1)
+        self.max_pending_images: int = check_int(
+            "max_pending_images", max_pending_images, minimum=0
+        )
         if image_every:
             from gradlens._errors import require
 

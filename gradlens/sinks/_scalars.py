@@ -102,6 +102,7 @@ def heatmap_rgb(snap: Snapshot, dpi: int = 100) -> Any:
         ('uint8', 3, True)
     """
     from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from gradlens.plots._util import ANNOTATE_MAX, CONFLICT_CMAP, new_figure, text
 
@@ -139,6 +140,9 @@ def heatmap_rgb(snap: Snapshot, dpi: int = 100) -> Any:
     ax.set_title(f"cosine, step {snap.step}", fontsize=9)
     cax = fig.add_axes(((side + 1.2) / w, 0.9 / h, 0.12 / w, side / h))
     fig.colorbar(image, cax=cax).ax.tick_params(labelsize=7)
-    fig.canvas.draw()
-    rgba = np.asarray(fig.canvas.buffer_rgba())
+    canvas = fig.canvas
+    if not isinstance(canvas, FigureCanvasAgg):  # pragma: no cover - new_figure draws with Agg
+        canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
     return rgba[..., :3].copy()

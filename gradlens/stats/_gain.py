@@ -10,6 +10,10 @@ noise with the scores then reported (validation and test of the same run) makes 
 optimistic. Here each seed's gain is measured at the weight chosen on the *other* seeds only
 (leave-one-seed-out), so the seed that is evaluated took no part in choosing.
 
+The resampling of seeds shared by :func:`gradlens.stats.joint_gain`, the optimal weight and the
+report's arm comparison (:func:`gain_pairs`, :func:`gain_boot`, :func:`rescaled`,
+:func:`gain_stats`) lives here too: this module is their stable internal path.
+
 Example:
     >>> import numpy as np
     >>> r = paired_t(np.array([0.01, 0.03, 0.02]))
@@ -23,14 +27,26 @@ import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from gradlens._errors import require
+from gradlens.stats import _core as _core
 
-__all__ = ["cross_fit_gain", "equivalence_p", "paired_t", "welch_t"]
+__all__ = [
+    "cross_fit_gain",
+    "equivalence_p",
+    "gain_boot",
+    "gain_pairs",
+    "gain_stats",
+    "paired_t",
+    "rescaled",
+    "welch_t",
+]
 
 
 def _t() -> Any:
-    return require("scipy.stats", "stats", "the t interval of a gain").t  # type: ignore[attr-defined]
+    sp: Any = require("scipy.stats", "stats", "the t interval of a gain")
+    return sp.t
 
 
 def _summary(gain: float, se: float, df: float, level: float, method: str) -> dict[str, Any]:
@@ -159,3 +175,71 @@ def cross_fit_gain(
         d[s] = joint[k, s] - single[s]
     d = d[np.isfinite(d)]
     return {**paired_t(d, level), "picked": picked, "n_seeds": int(d.size)}
+
+
+def rescaled(c: np.ndarray) -> np.ndarray:
+    """Seed values spread by ``sqrt(m / (m - 1))`` around their mean, so that the bootstrap
+    variance of their mean is the unbiased ``s^2 / m`` instead of ``(m - 1) / m`` of it (a third
+    too small with 3 seeds)."""
+    m = c.size
+    return c if m < 2 else c.mean() + math.sqrt(m / (m - 1.0)) * (c - c.mean())
+
+
+def gain_pairs(
+    joint: pd.DataFrame, single: pd.DataFrame, col: str, seed_col: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Joint and single values of ``col``; the per-seed differences when the seeds pair up."""
+    js = joint[[seed_col, col]].dropna()
+    ss = single[[seed_col, col]].dropna()
+    a = js[col].to_numpy(np.float64)
+    b = ss[col].to_numpy(np.float64)
+    paired = (
+        js[seed_col].is_unique
+        and ss[seed_col].is_unique
+        and set(js[seed_col]) == set(ss[seed_col])
+        and len(js) > 0
+    )
+    if not paired:
+        return a, b, None
+    d = (js.set_index(seed_col)[col] - ss.set_index(seed_col)[col]).to_numpy(np.float64)
+    return a, b, d
+
+
+def gain_boot(
+    a: np.ndarray, b: np.ndarray, d: np.ndarray | None, n_boot: int, rng: np.random.Generator
+) -> np.ndarray:
+    if d is not None:
+        C = rng.multinomial(d.size, np.full(d.size, 1.0 / d.size), size=n_boot)
+        return C @ rescaled(d) / d.size
+    ca = rng.multinomial(a.size, np.full(a.size, 1.0 / a.size), size=n_boot)
+    cb = rng.multinomial(b.size, np.full(b.size, 1.0 / b.size), size=n_boot)
+    return ca @ rescaled(a) / a.size - cb @ rescaled(b) / b.size
+
+
+def gain_stats(
+    a: np.ndarray,
+    b: np.ndarray,
+    d: np.ndarray | None,
+    interval: str,
+    n_boot: int,
+    level: float,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """Gain, interval and p-value: t (paired or Welch) or percentile bootstrap."""
+    if a.size == 0 or b.size == 0:
+        nan = math.nan
+        return {
+            "gain": nan,
+            "se": nan,
+            "df": nan,
+            "ci_low": nan,
+            "ci_high": nan,
+            "p_value": nan,
+            "interval": "none",
+        }
+    res = paired_t(d, level) if d is not None else welch_t(a, b, level)
+    if interval == "bootstrap":
+        boots = gain_boot(a, b, d, n_boot, rng) if n_boot else np.empty(0)
+        lo, hi = _core.percentile_interval(boots, level) if boots.size else (math.nan, math.nan)
+        res.update({"ci_low": lo, "ci_high": hi, "interval": "percentile bootstrap"})
+    return res

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens._errors import GradlensError
+from gradlens.stats import _args
 from gradlens.stats import _gain as _gain
 
 __all__ = ["selected_gain"]
@@ -69,12 +70,11 @@ def selected_gain(
         >>> g[["task", "weights.a", "gain", "n_seeds"]].round(3).values.tolist()[0]
         ['a', 0.8, 0.08, 3]
     """
-    from gradlens.stats import _columns, _frame, _level
 
-    table = _frame(table)
-    scols = _columns(table, size_cols, "size_cols")
-    _columns(table, [select_col, seed_col, tasks_col], "select_col/seed_col/tasks_col")
-    level = _level(ci)
+    table = _args.frame(table)
+    scols = _args.columns(table, size_cols, "size_cols")
+    _args.columns(table, [select_col, seed_col, tasks_col], "select_col/seed_col/tasks_col")
+    level = _args.level(ci)
     wcols = [c for c in table.columns if str(c).startswith("weights.")]
     n_tasks = table[tasks_col].astype(str).str.split("|").str.len()
     single, joint = table[n_tasks == 1], table[n_tasks > 1]
@@ -104,18 +104,7 @@ def selected_gain(
             elif len(seeds) < 2:
                 note = f"fewer than 2 seeds shared with the baseline ({len(seeds)})"
             K, S = len(conf_keys), len(seeds)
-            sel = np.full((K, S), np.nan)
-            rep = np.full((K, S), np.nan)
-            seed_index = {s: j for j, s in enumerate(seeds)}
-            for k, ck in enumerate(conf_keys):
-                mask = np.ones(len(sub), dtype=bool)
-                for c, v in zip(varying, ck):
-                    mask &= (sub[c] == v).to_numpy() | (sub[c].isna() & pd.isna(v)).to_numpy()
-                for _, r in sub[mask].iterrows():
-                    j = seed_index.get(r[seed_col])
-                    if j is not None:
-                        sel[k, j] = float(r[select_col])
-                        rep[k, j] = float(r[col])
+            sel, rep = _seed_matrices(sub, conf_keys, varying, seeds, seed_col, select_col, col)
             base_vals = ref.set_index(seed_col)[col].reindex(seeds).to_numpy(np.float64)
             if note:
                 res: dict[str, Any] = {
@@ -149,3 +138,28 @@ def selected_gain(
             )
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _seed_matrices(
+    sub: pd.DataFrame,
+    conf_keys: list[tuple[Any, ...]],
+    varying: list[str],
+    seeds: list[Any],
+    seed_col: str,
+    select_col: str,
+    col: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Selection and reported scores, ``(configurations, seeds)``; NaN where a run is missing."""
+    sel = np.full((len(conf_keys), len(seeds)), np.nan)
+    rep = np.full((len(conf_keys), len(seeds)), np.nan)
+    seed_index = {s: j for j, s in enumerate(seeds)}
+    for k, ck in enumerate(conf_keys):
+        mask = np.ones(len(sub), dtype=bool)
+        for c, v in zip(varying, ck):
+            mask &= (sub[c] == v).to_numpy() | (sub[c].isna() & pd.isna(v)).to_numpy()
+        for _, r in sub[mask].iterrows():
+            j = seed_index.get(r[seed_col])
+            if j is not None:
+                sel[k, j] = float(r[select_col])
+                rep[k, j] = float(r[col])
+    return sel, rep

@@ -21,21 +21,29 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from gradlens import stats
+from gradlens._types import TOTAL_LAYER
+from gradlens.stats.correlation import Correction, Method
+from gradlens.stats.weights import Estimator
+
+_METHODS: tuple[Method, ...] = ("spearman", "pearson", "kendall")
 
 __all__ = [
     "associations_fwer",
+    "cluster_coverage",
     "clustered_fpr",
     "gain_coverage",
     "null_pvalues",
     "planted_pvalues",
     "pooled_coverage",
+    "pooled_fpr",
     "selection_optimism",
     "trend_pvalues",
     "within_run_calibration",
@@ -51,14 +59,14 @@ def _null_xy(rng: np.random.Generator, n_runs: int) -> tuple[np.ndarray, np.ndar
 
 
 def null_pvalues(
-    n_sweeps: int, *, method: str, n_runs: int = 30, n_perm: int = 999, seed: int = 0
+    n_sweeps: int, *, method: Method, n_runs: int = 30, n_perm: int = 999, seed: int = 0
 ) -> np.ndarray:
     """Permutation p-values of :func:`gradlens.stats.correlate` over null sweeps."""
     out = np.empty(n_sweeps)
     for i in range(n_sweeps):
         rng = np.random.default_rng([seed, i])
         x, y = _null_xy(rng, n_runs)
-        res = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)  # type: ignore[arg-type]
+        res = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)
         out[i] = res["p_value"]
     return out
 
@@ -67,7 +75,7 @@ def planted_pvalues(
     n_sweeps: int,
     *,
     rho: float,
-    method: str,
+    method: Method,
     n_runs: int = 30,
     n_perm: int = 999,
     n_boot: int = 0,
@@ -96,7 +104,7 @@ def planted_pvalues(
             method=method,
             n_boot=n_boot,
             n_perm=n_perm,
-            seed=rng,  # type: ignore[arg-type]
+            seed=rng,
         )
         p[i] = res["p_value"]
         if n_boot:
@@ -119,7 +127,7 @@ def _series_run(x: np.ndarray, y: np.ndarray) -> SimpleNamespace:
     metrics = pd.DataFrame(
         {
             "step": k * 10,
-            "layer": "__all__",
+            "layer": TOTAL_LAYER,
             "metric": "cosine",
             "task_i": "a",
             "task_j": "b",
@@ -145,7 +153,7 @@ def within_run_calibration(
     *,
     n: int = 50,
     phi: float = 0.8,
-    block: int | str = "auto",
+    block: int | Literal["auto"] = "auto",
     n_boot: int = 999,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -164,7 +172,7 @@ def within_run_calibration(
             metric="cosine",
             block=block,
             n_boot=n_boot,
-            seed=rng,  # type: ignore[arg-type]
+            seed=rng,
         )
         hits["coverage_block"] += res["ci_low"] <= 0.0 <= res["ci_high"]
         hits["coverage_neff"] += res["ci_low_neff"] <= 0.0 <= res["ci_high_neff"]
@@ -174,10 +182,30 @@ def within_run_calibration(
 
 
 def _sweep_table(
-    rng: np.random.Generator, shift: float, noise: float, seeds: int = 3
+    rng: np.random.Generator,
+    shift: float,
+    noise: float,
+    seeds: int = 3,
+    design: Literal["4x9", "report"] = "4x9",
 ) -> pd.DataFrame:
-    grid = np.linspace(0.1, 0.9, 9)
+    """``"4x9"``: 4 sizes x 9 weights, score ``level(size) - 0.5 (w - p*)^2 + noise``, ``p*``
+    0.5 moving by ``shift`` per decade. ``"report"``: the end-to-end null of ``tests/_calibrate``
+    (2 sizes x 4 weights, a score flat in the weight, a seed offset of SD 0.003 shared by a
+    seed's runs of one size, run noise ``noise``); ``shift`` then plants a parabola of curvature
+    0.3 whose optimum moves by ``shift`` between the two sizes."""
     rows = []
+    if design == "report":
+        for j, size in enumerate([1e5, 1e6]):
+            best = 0.5 + shift * (j - 0.5)
+            curve = 0.3 if shift else 0.0
+            for s in range(seeds):
+                offset = rng.normal(0.0, 0.003)
+                for w in (0.2, 0.4, 0.6, 0.8):
+                    score = 0.7 + 0.03 * j - curve * (w - best) ** 2 + offset
+                    score += rng.normal(0.0, noise)
+                    rows.append({"model.n_params": size, "seed": s, "w": w, "acc": score})
+        return pd.DataFrame(rows)
+    grid = np.linspace(0.1, 0.9, 9)
     for decade, size in enumerate([1e5, 1e6, 1e7, 1e8]):
         best = 0.5 + shift * (decade - 1.5)
         level = 0.6 + 0.05 * decade
@@ -193,31 +221,36 @@ def trend_pvalues(
     *,
     shift: float,
     noise: float = 0.01,
-    estimator: str = "grid",
+    estimator: Estimator = "grid",
+    design: Literal["4x9", "report"] = "4x9",
     n_boot: int = 999,
+    n_perm: int = 999,
     seed: int = 0,
 ) -> np.ndarray:
-    """P-values of :func:`gradlens.stats.optimal_weight_trend` over simulated weight sweeps."""
-    out = np.empty(n_sweeps)
+    """P-values of :func:`gradlens.stats.optimal_weight_trend` over simulated weight sweeps
+    (``design`` as in ``_sweep_table``): ``(n_sweeps, 2)``, the permutation p-value and the
+    bootstrap-inversion one (``p_value_boot``, NaN without ``n_boot``)."""
+    out = np.empty((n_sweeps, 2))
     for i in range(n_sweeps):
         rng = np.random.default_rng([seed, i])
-        table = _sweep_table(rng, shift, noise)
+        table = _sweep_table(rng, shift, noise, design=design)
         res = stats.optimal_weight_trend(
             table,
             weight_col="w",
             score_col="acc",
             estimator=estimator,
             n_boot=n_boot,
-            seed=rng,  # type: ignore[arg-type]
+            n_perm=n_perm,
+            seed=rng,
         )
-        out[i] = res["p_value"]
+        out[i] = res["p_value"], res["p_value_boot"]
     return out
 
 
 def associations_fwer(
     n_sweeps: int,
     *,
-    methods: Sequence[str] = ("spearman",),
+    methods: Sequence[Method] = ("spearman",),
     n_perm: int | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -244,15 +277,16 @@ def associations_fwer(
             weight_cols=["weights.a"],
             interference_cols=["cosine.a|b", "gms.a|b"],
             accuracy_cols=["accuracy.a", "accuracy.mean"],
-            methods=list(methods),  # type: ignore[arg-type]
+            methods=list(methods),
             correction="none",
             n_boot=0,
             n_perm=n_perm,
             seed=int(rng.integers(2**31)),
         )
         p = res["p_value"].to_numpy()
-        for correction in hits:
-            hits[correction] += bool((stats.adjust(p, correction) < 0.05).any())  # type: ignore[arg-type]
+        corrections: tuple[Correction, ...] = ("holm", "bh", "none")
+        for correction in corrections:
+            hits[correction] += bool((stats.adjust(p, correction) < 0.05).any())
     return {k: v / n_sweeps for k, v in hits.items()}
 
 
@@ -271,7 +305,7 @@ def gain_coverage(
     *,
     seeds: int,
     gain: float = 0.01,
-    interval: str = "t",
+    interval: Literal["t", "bootstrap"] = "t",
     noise: str = "normal",
     n_boot: int = 999,
     seed: int = 0,
@@ -293,10 +327,13 @@ def gain_coverage(
             e = rng.normal(0, 0.003, size=(2, seeds))
         t_planted = _gain_table(0.8 + gain + shared + e[0], 0.8 + shared + e[1])
         t_null = _gain_table(0.8 + shared + e[0], 0.8 + shared + e[1])
-        kw = {"size_cols": ["size"], "interval": interval, "n_boot": n_boot, "seed": rng}
-        g = stats.joint_gain(t_planted, **kw).iloc[0]  # type: ignore[arg-type]
+        g = stats.joint_gain(
+            t_planted, size_cols=["size"], interval=interval, n_boot=n_boot, seed=rng
+        ).iloc[0]
         covered += g["ci_low"] <= gain <= g["ci_high"]
-        g0 = stats.joint_gain(t_null, **kw).iloc[0]  # type: ignore[arg-type]
+        g0 = stats.joint_gain(
+            t_null, size_cols=["size"], interval=interval, n_boot=n_boot, seed=rng
+        ).iloc[0]
         rejected += (g0["ci_low"] > 0) or (g0["ci_high"] < 0)
     return {"coverage": covered / n_sims, "null_excludes_0": rejected / n_sims}
 
@@ -350,7 +387,7 @@ def clustered_fpr(
     configs: int = 10,
     seeds: int = 3,
     icc: float = 0.5,
-    method: str = "spearman",
+    method: Method = "spearman",
     n_perm: int = 999,
     n_boot: int = 0,
     seed: int = 0,
@@ -369,13 +406,50 @@ def clustered_fpr(
             size=codes.size
         )
         g = stats.correlate(x, y, method=method, n_boot=n_boot, n_perm=n_perm, groups=codes,
-                            seed=rng)  # type: ignore[arg-type]  # fmt: skip
-        r = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)  # type: ignore[arg-type]
+                            seed=rng)  # fmt: skip
+        r = stats.correlate(x, y, method=method, n_boot=0, n_perm=n_perm, seed=rng)
         hits["groups_fpr"] += g["p_value"] < 0.05
         hits["runs_fpr"] += r["p_value"] < 0.05
         if n_boot:
             hits["groups_ci_excludes_0"] += not g["ci_low"] <= 0 <= g["ci_high"]
     return {k: v / n_sims for k, v in hits.items()}
+
+
+def cluster_coverage(
+    n_sims: int,
+    *,
+    rho: float = 0.5,
+    configs: int = 10,
+    seeds: int = 3,
+    icc: float = 0.5,
+    n_boot: int = 999,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Coverage of a non-zero correlation by the cluster-bootstrap interval of
+    :func:`gradlens.stats.correlate` (Pearson, configurations resampled). ``configs`` weights
+    in [0.1, 0.9], ``seeds`` runs each; outcome ``b w~ + sqrt(icc) u_config + sqrt(1 - icc) e``
+    with ``w~`` the weight standardised over the design and ``b = rho / sqrt(1 - rho^2)``, so
+    that ``rho`` is the correlation of weight and outcome over the design's runs. Returns the
+    coverage of ``rho`` (``coverage``), how often the interval lies below / above it, and the
+    mean estimate."""
+    grid = np.linspace(0.1, 0.9, configs)
+    codes = np.repeat(np.arange(configs), seeds)
+    x = grid[codes]
+    xs = (x - x.mean()) / x.std()
+    b = rho / math.sqrt(1.0 - rho * rho)
+    hits = {"coverage": 0, "below": 0, "above": 0}
+    total = 0.0
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        u = rng.normal(size=configs)[codes]
+        y = b * xs + math.sqrt(icc) * u + math.sqrt(1 - icc) * rng.normal(size=codes.size)
+        r = stats.correlate(x, y, method="pearson", n_boot=n_boot, n_perm=0, groups=codes, seed=rng)
+        hits["coverage"] += r["ci_low"] <= rho <= r["ci_high"]
+        hits["below"] += r["ci_high"] < rho
+        hits["above"] += r["ci_low"] > rho
+        total += r["estimate"]
+    out = {key: v / n_sims for key, v in hits.items()}
+    return {**out, "mean_estimate": total / n_sims}
 
 
 def pooled_coverage(
@@ -403,132 +477,223 @@ def pooled_coverage(
     return {k_: v / n_sims for k_, v in hits.items()}
 
 
+def pooled_fpr(
+    n_sims: int,
+    *,
+    k: int,
+    epochs: int = 6,
+    phi: float = 0.5,
+    weights: Literal["n_eff", "noise"] = "n_eff",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Rejection rates at 0.05 of :func:`gradlens.stats.pool_correlations` when no run has a
+    correlation: ``k`` runs of two independent AR(1) series of ``epochs`` points. ``weights``:
+    ``"n_eff"`` pools with each run's estimated effective n (what the report does);
+    ``"noise"`` with an n of ``3 + 10^U(0, 2.5)`` unrelated to the run (weights that are pure
+    noise, spread over two decades: the case the Hartung-Knapp t-test is not built for). ``p``
+    is the p-value the function reports, ``hk`` the Hartung-Knapp t-test, ``cover_hk`` the
+    coverage of 0 by the interval."""
+    from gradlens.stats import _core
+
+    hits = {"p": 0, "hk": 0, "cover_hk": 0}
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        rs, ns = np.empty(k), np.empty(k)
+        for j in range(k):
+            x, y = _ar1(rng, epochs, phi), _ar1(rng, epochs, phi)
+            rs[j] = np.corrcoef(x, y)[0, 1]
+            noise_n = 3.0 + 10.0 ** rng.uniform(0.0, 2.5)
+            ns[j] = _core.effective_n(x, y)[0] if weights == "n_eff" else noise_n
+        res = stats.pool_correlations(rs, ns, n_flip=999, seed=rng)
+        hits["p"] += res["p_value"] < 0.05
+        hits["hk"] += res["p_value_hk"] < 0.05
+        hits["cover_hk"] += res["ci_low"] <= 0.0 <= res["ci_high"]
+    return {key: v / n_sims for key, v in hits.items()}
+
+
+def _print_null(k: float) -> None:
+    n_null = int(2000 * k)
+    print(f"## False-positive rate at alpha = 0.05, {n_null} null sweeps of 30 runs")
+    for method in _METHODS:
+        p = null_pvalues(n_null, method=method)
+        print(f"{method:9s} FPR = {np.mean(p < 0.05):.4f}")
+
+
+def _print_power(k: float) -> None:
+    n_pow = int(1000 * k)
+    print(f"\n## Power at alpha = 0.05 (permutation test), {n_pow} sweeps each")
+    print("| n | rho | spearman | pearson | kendall |")
+    for n_runs in (30, 60):
+        for rho in (0.3, 0.5):
+            cells = []
+            for method in _METHODS:
+                p, _ = planted_pvalues(n_pow, rho=rho, method=method, n_runs=n_runs)
+                cells.append(f"{np.mean(p < 0.05):.3f}")
+            print(f"| {n_runs} | {rho} | " + " | ".join(cells) + " |")
+
+
+def _print_coverage(k: float) -> None:
+    n_cov = int(400 * k)
+    print(f"\n## Bootstrap 95 % interval coverage, n = 30, rho = 0.5, {n_cov} sweeps")
+    for method in _METHODS:
+        _, covered = planted_pvalues(n_cov, rho=0.5, method=method, n_boot=999, n_perm=0)
+        print(f"{method:9s} coverage = {np.nanmean(covered):.3f}")
+
+
+def _print_within(k: float) -> None:
+    n_ser = int(400 * k)
+    print(f"\n## Within a run: independent AR(1) pairs (true r = 0), {n_ser} pairs")
+    print("| n | phi | block | cover, block CI | cover, n_eff CI | FPR n_eff t | FPR block p |")
+    for n, phi in ((30, 0.5), (50, 0.8), (100, 0.8), (50, 0.95)):
+        for block in ("auto", 1):
+            r = within_run_calibration(n_ser, n=n, phi=phi, block=block)
+            print(
+                f"| {n} | {phi} | {block} | {r['coverage_block']:.3f} "
+                f"| {r['coverage_neff']:.3f} | {r['fpr_neff']:.3f} | {r['fpr_block']:.3f} |"
+            )
+
+
+def _print_trend(k: float) -> None:
+    n_tr = int(400 * k)
+    print(f"\n## Optimal-weight trend test, {n_tr} sweeps each")
+    print("| design | estimator | noise | shift | p (permutation) | p_value_boot (before) |")
+    cells: list[tuple[Literal["4x9", "report"], Estimator, float, float]] = [
+        ("report", "quadratic", 0.002, 0.0),
+        ("report", "grid", 0.002, 0.0),
+        ("report", "quadratic", 0.002, 0.3),
+        ("4x9", "quadratic", 0.01, 0.0),
+        ("4x9", "quadratic", 0.03, 0.0),
+        ("4x9", "grid", 0.03, 0.0),
+        ("4x9", "quadratic", 0.03, 0.05),
+    ]
+    for design, estimator, noise, shift in cells:
+        p = trend_pvalues(
+            n_tr, shift=shift, noise=noise, estimator=estimator, design=design,
+            n_boot=199, n_perm=199, seed=7,
+        )  # fmt: skip
+        rate = np.mean(p < 0.05, axis=0)
+        print(f"| {design} | {estimator} | {noise} | {shift} | {rate[0]:.3f} | {rate[1]:.3f} |")
+
+
+def _print_pooled_fpr(k: float) -> None:
+    n_p = int(1200 * k)
+    print(f"\n## Pooled within-run test under the null, 24 runs, {n_p} sets each")
+    print("| epochs | weights | FPR reported p | FPR Hartung-Knapp t | coverage of 0, HK |")
+    cases: tuple[tuple[int, Literal["n_eff", "noise"]], ...] = (
+        (6, "n_eff"),
+        (30, "n_eff"),
+        (6, "noise"),
+        (30, "noise"),
+    )
+    for epochs, weights in cases:
+        r = pooled_fpr(n_p, k=24, epochs=epochs, weights=weights, seed=1)
+        print(f"| {epochs} | {weights} | {r['p']:.3f} | {r['hk']:.3f} | {r['cover_hk']:.3f} |")
+
+
+def _print_cluster_coverage(k: float) -> None:
+    n_c = int(2000 * k)
+    print(f"\n## Cluster-bootstrap interval (Pearson), 10 configurations x 3 seeds, {n_c} sweeps")
+    print("| ICC | rho | coverage | interval below rho | above rho |")
+    for icc in (0.0, 0.5):
+        for rho in (0.3, 0.6):
+            r = cluster_coverage(n_c, rho=rho, icc=icc, n_boot=499, seed=11)
+            print(f"| {icc} | {rho} | {r['coverage']:.3f} | {r['below']:.3f} | {r['above']:.3f} |")
+
+
+def _print_fwer(k: float) -> None:
+    n_fw = int(400 * k)
+    print(f"\n## associations(): family-wise error on null tables, {n_fw} tables")
+    rates = associations_fwer(n_fw)
+    print(
+        f"P(any p < 0.05): Holm {rates['holm']:.3f}, BH {rates['bh']:.3f}, "
+        f"uncorrected {rates['none']:.3f}"
+    )
+
+
+def _print_gain(k: float) -> None:
+    n_g = int(2000 * k)
+    print(f"\n## Gain interval (joint_gain), 95 %, {n_g} cells each")
+    print("| seeds | noise | interval | coverage | null cells excluding 0 |")
+    for seeds in (3, 5, 10):
+        for kind in ("normal", "t3"):
+            for interval in ("t", "bootstrap"):
+                r = gain_coverage(n_g, seeds=seeds, interval=interval, noise=kind)
+                print(f"| {seeds} | {kind} | {interval} | {r['coverage']:.3f} "
+                      f"| {r['null_excludes_0']:.3f} |")  # fmt: skip
+
+
+def _print_selection(k: float) -> None:
+    n_s = int(1000 * k)
+    print(f"\n## Selection optimism, null sweep of 5 weights, {n_s} sweeps")
+    print("| seeds | naive mean gain | naive 'beats' | held-out mean gain | held-out 'beats' |")
+    for seeds in (3, 5, 10):
+        r = selection_optimism(n_s, seeds=seeds)
+        print(f"| {seeds} | {r['naive_mean_gain']:+.4f} | {r['naive_beats']:.3f} "
+              f"| {r['held_out_mean_gain']:+.4f} | {r['held_out_beats']:.3f} |")  # fmt: skip
+
+
+def _print_clustered(k: float) -> None:
+    n_c = int(2000 * k)
+    print(f"\n## Clustered null: 10 configurations x 3 seeds, {n_c} sweeps")
+    print("| ICC | FPR, configurations permuted | FPR, runs permuted | cluster CI excl. 0 |")
+    for icc in (0.0, 0.5, 0.8):
+        r = clustered_fpr(n_c, icc=icc, n_boot=499)
+        print(f"| {icc} | {r['groups_fpr']:.3f} | {r['runs_fpr']:.3f} "
+              f"| {r['groups_ci_excludes_0']:.3f} |")  # fmt: skip
+
+
+def _print_pooled(k: float) -> None:
+    n_p = int(2000 * k)
+    print(f"\n## Pooled within-run correlation (Fisher z, DL), n = 30 per run, {n_p} sets")
+    print("| runs | tau | coverage HK | coverage DL | range of runs covers |")
+    for kk in (3, 5, 10):
+        for tau in (0.0, 0.2):
+            r = pooled_coverage(n_p, k=kk, tau=tau)
+            print(f"| {kk} | {tau} | {r['hk']:.3f} | {r['dl']:.3f} | {r['min_max']:.3f} |")
+
+
+def _print_design_power(k: float) -> None:
+    n_d = int(1000 * k)
+    print(f"\n## stats.power, {n_d} simulated studies each")
+    print("| design | sizes x weights x seeds | ICC | tests | effect | power |")
+    for icc in (0.0, 0.5):
+        for effect in (0.0, 0.3, 0.5):
+            r = stats.power("association", effect=effect, sizes=2, weights=5, seeds=3,
+                            icc=icc, n_sim=n_d)  # fmt: skip
+            print(f"| association | 2 x 5 x 3 | {icc} | 1 | {effect} | {r['power']:.3f} |")
+    for seeds in (3, 5, 10):
+        for effect in (1.0, 2.0):
+            r = stats.power("gain", effect=effect, seeds=seeds, n_sim=n_d * 4)
+            print(f"| gain | {seeds} seeds | - | 1 | {effect} SD | {r['power']:.3f} |")
+
+
+_SECTIONS: dict[str, Callable[[float], None]] = {
+    "null": _print_null,
+    "power": _print_power,
+    "coverage": _print_coverage,
+    "within": _print_within,
+    "trend": _print_trend,
+    "fwer": _print_fwer,
+    "gain": _print_gain,
+    "selection": _print_selection,
+    "clustered": _print_clustered,
+    "pooled": _print_pooled,
+    "pooled_fpr": _print_pooled_fpr,
+    "cluster_coverage": _print_cluster_coverage,
+    "design_power": _print_design_power,
+}
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the simulations")
-    parser.add_argument(
-        "--only",
-        choices=[
-            *("null", "power", "coverage", "within", "trend", "fwer"),
-            *("gain", "selection", "clustered", "pooled", "design_power"),
-        ],
-        default=None,
-    )
+    parser.add_argument("--only", choices=list(_SECTIONS), default=None)
     args = parser.parse_args(argv)
     k = 0.25 if args.quick else 1.0
     start = time.perf_counter()
-
-    def wanted(part: str) -> bool:
-        return args.only in (None, part)
-
-    if wanted("null"):
-        n_null = int(2000 * k)
-        print(f"## False-positive rate at alpha = 0.05, {n_null} null sweeps of 30 runs")
-        for method in ("spearman", "pearson", "kendall"):
-            p = null_pvalues(n_null, method=method)
-            print(f"{method:9s} FPR = {np.mean(p < 0.05):.4f}")
-
-    if wanted("power"):
-        n_pow = int(1000 * k)
-        print(f"\n## Power at alpha = 0.05 (permutation test), {n_pow} sweeps each")
-        print("| n | rho | spearman | pearson | kendall |")
-        for n_runs in (30, 60):
-            for rho in (0.3, 0.5):
-                cells = []
-                for method in ("spearman", "pearson", "kendall"):
-                    p, _ = planted_pvalues(n_pow, rho=rho, method=method, n_runs=n_runs)
-                    cells.append(f"{np.mean(p < 0.05):.3f}")
-                print(f"| {n_runs} | {rho} | " + " | ".join(cells) + " |")
-
-    if wanted("coverage"):
-        n_cov = int(400 * k)
-        print(f"\n## Bootstrap 95 % interval coverage, n = 30, rho = 0.5, {n_cov} sweeps")
-        for method in ("spearman", "pearson", "kendall"):
-            _, covered = planted_pvalues(n_cov, rho=0.5, method=method, n_boot=999, n_perm=0)
-            print(f"{method:9s} coverage = {np.nanmean(covered):.3f}")
-
-    if wanted("within"):
-        n_ser = int(400 * k)
-        print(f"\n## Within a run: independent AR(1) pairs (true r = 0), {n_ser} pairs")
-        print("| n | phi | block | cover, block CI | cover, n_eff CI | FPR n_eff t | FPR block p |")
-        for n, phi in ((30, 0.5), (50, 0.8), (100, 0.8), (50, 0.95)):
-            for block in ("auto", 1):
-                r = within_run_calibration(n_ser, n=n, phi=phi, block=block)
-                print(
-                    f"| {n} | {phi} | {block} | {r['coverage_block']:.3f} "
-                    f"| {r['coverage_neff']:.3f} | {r['fpr_neff']:.3f} | {r['fpr_block']:.3f} |"
-                )
-
-    if wanted("trend"):
-        n_tr = int(400 * k)
-        print(f"\n## Optimal-weight trend test, {n_tr} sweeps (4 sizes x 9 weights x 3 seeds)")
-        print("| estimator | noise | shift per decade | rejection rate |")
-        for estimator in ("grid", "quadratic"):
-            for noise in (0.01, 0.03):
-                for shift in (0.0, 0.05, 0.1):
-                    p = trend_pvalues(n_tr, shift=shift, noise=noise, estimator=estimator)
-                    print(f"| {estimator} | {noise} | {shift} | {np.mean(p < 0.05):.3f} |")
-
-    if wanted("fwer"):
-        n_fw = int(400 * k)
-        print(f"\n## associations(): family-wise error on null tables, {n_fw} tables")
-        rates = associations_fwer(n_fw)
-        print(
-            f"P(any p < 0.05): Holm {rates['holm']:.3f}, BH {rates['bh']:.3f}, "
-            f"uncorrected {rates['none']:.3f}"
-        )
-    if wanted("gain"):
-        n_g = int(2000 * k)
-        print(f"\n## Gain interval (joint_gain), 95 %, {n_g} cells each")
-        print("| seeds | noise | interval | coverage | null cells excluding 0 |")
-        for seeds in (3, 5, 10):
-            for noise in ("normal", "t3"):
-                for interval in ("t", "bootstrap"):
-                    r = gain_coverage(n_g, seeds=seeds, interval=interval, noise=noise)
-                    print(f"| {seeds} | {noise} | {interval} | {r['coverage']:.3f} "
-                          f"| {r['null_excludes_0']:.3f} |")  # fmt: skip
-
-    if wanted("selection"):
-        n_s = int(1000 * k)
-        print(f"\n## Selection optimism, null sweep of 5 weights, {n_s} sweeps")
-        print("| seeds | naive mean gain | naive 'beats' | held-out mean gain | held-out 'beats' |")
-        for seeds in (3, 5, 10):
-            r = selection_optimism(n_s, seeds=seeds)
-            print(f"| {seeds} | {r['naive_mean_gain']:+.4f} | {r['naive_beats']:.3f} "
-                  f"| {r['held_out_mean_gain']:+.4f} | {r['held_out_beats']:.3f} |")  # fmt: skip
-
-    if wanted("clustered"):
-        n_c = int(2000 * k)
-        print(f"\n## Clustered null: 10 configurations x 3 seeds, {n_c} sweeps")
-        print("| ICC | FPR, configurations permuted | FPR, runs permuted | cluster CI excl. 0 |")
-        for icc in (0.0, 0.5, 0.8):
-            r = clustered_fpr(n_c, icc=icc, n_boot=499)
-            print(f"| {icc} | {r['groups_fpr']:.3f} | {r['runs_fpr']:.3f} "
-                  f"| {r['groups_ci_excludes_0']:.3f} |")  # fmt: skip
-
-    if wanted("pooled"):
-        n_p = int(2000 * k)
-        print(f"\n## Pooled within-run correlation (Fisher z, DL), n = 30 per run, {n_p} sets")
-        print("| runs | tau | coverage HK | coverage DL | range of runs covers |")
-        for kk in (3, 5, 10):
-            for tau in (0.0, 0.2):
-                r = pooled_coverage(n_p, k=kk, tau=tau)
-                print(f"| {kk} | {tau} | {r['hk']:.3f} | {r['dl']:.3f} | {r['min_max']:.3f} |")
-
-    if wanted("design_power"):
-        n_d = int(1000 * k)
-        print(f"\n## stats.power, {n_d} simulated studies each")
-        print("| design | sizes x weights x seeds | ICC | tests | effect | power |")
-        for icc in (0.0, 0.5):
-            for effect in (0.0, 0.3, 0.5):
-                r = stats.power("association", effect=effect, sizes=2, weights=5, seeds=3,
-                                icc=icc, n_sim=n_d)  # fmt: skip
-                print(f"| association | 2 x 5 x 3 | {icc} | 1 | {effect} | {r['power']:.3f} |")
-        for seeds in (3, 5, 10):
-            for effect in (1.0, 2.0):
-                r = stats.power("gain", effect=effect, seeds=seeds, n_sim=n_d * 4)
-                print(f"| gain | {seeds} seeds | - | 1 | {effect} SD | {r['power']:.3f} |")
-
+    for name, section in _SECTIONS.items():
+        if args.only in (None, name):
+            section(k)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
     return 0
 

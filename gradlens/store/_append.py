@@ -1,13 +1,13 @@
 """Reopening a run whose writer died, and cutting a run back to a step: the writer's append mode.
 
 :func:`committed_state` reads what a run directory holds (strictly: a damaged or missing chunk is
-an error, since appending after it would hide it) and removes what the dead writer left
-uncommitted (temporary files, a scalars chunk without its steps chunk). :func:`truncate_after`
-drops every stored step and eval after a given step, in an order that keeps the directory
-readable at every instant: the commit record is lowered first, then chunks are removed from the
-last one backwards (a steps chunk before its scalars chunk), and a chunk holding steps on both
-sides is rewritten (steps chunk first; the reader ignores scalars rows whose step its steps chunk
-does not hold).
+an error, since appending after it would hide it) and removes what the dead writer left uncommitted
+(temporary files, a scalars or probes chunk without its steps chunk). :func:`truncate_after` drops
+every stored step and eval after a given step, in an order that keeps the directory readable at
+every instant: the commit record is lowered first, then chunks are removed from the last one
+backwards (a steps chunk before its scalars chunk), and a chunk holding steps on both sides is
+rewritten (steps chunk first; the reader ignores scalars rows whose step its steps chunk does not
+hold).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from gradlens.store._check import Problems, read_commits, read_step_chunks, write_commits
 from gradlens.store._io import (
     EVALS_SCHEMA,
+    PROBES_SCHEMA,
     SCALARS_SCHEMA,
     STEPS_SCHEMA,
     TMP_PREFIX,
@@ -52,9 +53,10 @@ def committed_state(run_dir: Path, tasks: tuple[str, ...] | None) -> tuple[int, 
     if steps:
         col = read_chunk(steps[max(steps)], STEPS_SCHEMA).column("step")
         last = int(pc.max(col).as_py()) if len(col) else None
-    for index, path in list_chunks(run_dir / "scalars").items():
-        if index >= n_chunks:  # written by a flush that was cut before its commit point
-            path.unlink()
+    for sub in ("scalars", "probes"):
+        for index, path in list_chunks(run_dir / sub).items():
+            if index >= n_chunks:  # written by a flush that was cut before its commit point
+                path.unlink()
     evals = list_chunks(run_dir / "evals")
     for path in evals.values():
         read_chunk(path, EVALS_SCHEMA)  # raises ChunkError (a StoreError) naming a broken one
@@ -75,6 +77,7 @@ def truncate_after(
         ``(steps chunks, last step kept, evals chunks, steps dropped)``.
     """
     steps_dir, scalars_dir, evals_dir = run_dir / "steps", run_dir / "scalars", run_dir / "evals"
+    probes_dir = run_dir / "probes"
     eval_step = step if eval_step is None else eval_step
     tables = {i: read_chunk(steps_dir / p.name, STEPS_SCHEMA)
               for i, p in list_chunks(steps_dir).items() if i < n_chunks}  # fmt: skip
@@ -98,7 +101,7 @@ def truncate_after(
             break
     write_commits(run_dir, keep_chunks, keep_evals)
     for i in range(n_chunks - 1, keep_chunks - 1, -1):
-        for d in (steps_dir, scalars_dir):  # the steps chunk (the commit point) first
+        for d in (steps_dir, scalars_dir, probes_dir):  # the steps chunk (the commit point) first
             with contextlib.suppress(FileNotFoundError):
                 (d / f"chunk-{i:06d}.parquet").unlink()
     for i in range(n_evals - 1, keep_evals - 1, -1):
@@ -106,7 +109,13 @@ def truncate_after(
             (evals_dir / f"chunk-{i:06d}.parquet").unlink()
     if straddle is not None:
         name = f"chunk-{straddle:06d}.parquet"
-        for d, schema in ((steps_dir, STEPS_SCHEMA), (scalars_dir, SCALARS_SCHEMA)):
+        for d, schema in (
+            (steps_dir, STEPS_SCHEMA),
+            (scalars_dir, SCALARS_SCHEMA),
+            (probes_dir, PROBES_SCHEMA),
+        ):
+            if not (d / name).exists():  # a run of format 1 has no probes
+                continue
             table = read_chunk(d / name, schema)
             header = chunk_header(table) or {"chunk": straddle}
             kept = table.filter(pc.less_equal(table.column("step"), pa.scalar(step, pa.int64())))

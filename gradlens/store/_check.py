@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from gradlens._errors import GradlensWarning, StoreError
 from gradlens.store._io import (
     EVALS_SCHEMA,
+    PROBES_SCHEMA,
     SCALARS_SCHEMA,
     STEPS_SCHEMA,
     ChunkError,
@@ -110,7 +111,7 @@ def _dictionary(table: pa.Table, column: str) -> list[str]:
     return found
 
 
-def _check_tasks(path: Path, table: pa.Table, column: str, tasks: tuple[str, ...]) -> None:
+def _check_chunk_tasks(path: Path, table: pa.Table, column: str, tasks: tuple[str, ...]) -> None:
     header = chunk_header(table) or {}
     found = header.get("tasks")
     if not isinstance(found, list):
@@ -122,16 +123,63 @@ def _check_tasks(path: Path, table: pa.Table, column: str, tasks: tuple[str, ...
         )
 
 
+def _read_probes(
+    path: Path | None, index: int, expected: bool, problems: Problems
+) -> pa.Table | None:
+    """The probes chunk of steps chunk ``index``, or None (reported if ``expected``): a missing
+    or damaged probes chunk loses the probes' notes and timings, never the Grams."""
+    if path is None:
+        if expected:
+            problems.report(
+                f"The probes chunk {index} of the run is missing: the notes, timings, rules and "
+                f"per-layer weights of its steps are not in this run."
+            )
+        return None
+    try:
+        table = read_chunk(path, PROBES_SCHEMA)
+        header = chunk_header(table) or {}
+    except (ChunkError, ValueError) as exc:
+        problems.report(f"Skipping {exc}. The Grams of its steps are read without their probes.")
+        return None
+    if "chunk" in header and header["chunk"] != index:
+        problems.report(
+            f"Skipping the probes chunk {path}: its header says it is chunk {header['chunk']}."
+        )
+        return None
+    return table
+
+
+#: The chunks read by :func:`read_step_chunks`: their index and the steps each holds.
+Held = list[tuple[int, pa.Array]]
+
+
+def read_probe_chunks(
+    run_dir: Path, held: Held, expected: bool, problems: Problems
+) -> list[pa.Table]:
+    """The probes chunks of the steps chunks ``held`` (as :func:`read_step_chunks` returned
+    them), each cut to the steps its steps chunk holds. A probes chunk missing (where
+    ``expected``: format 2 runs) or damaged is reported and its steps have no probes."""
+    chunks = list_chunks(run_dir / "probes")
+    out: list[pa.Table] = []
+    for index, steps in held:
+        pr = _read_probes(chunks.get(index), index, expected, problems)
+        if pr is not None:
+            out.append(pr.filter(pc.is_in(pr.column("step"), value_set=steps)))
+    return out
+
+
 def read_step_chunks(
     run_dir: Path, tasks: tuple[str, ...] | None, problems: Problems, commits: dict[str, int]
-) -> tuple[list[pa.Table], list[pa.Table]]:
-    """The committed (steps, scalars) chunk pairs of ``run_dir`` that pass every check."""
+) -> tuple[list[pa.Table], list[pa.Table], Held]:
+    """The committed (steps, scalars) chunk pairs of ``run_dir`` that pass every check, and the
+    index and steps of each (for :func:`read_probe_chunks`)."""
     steps_dir, scalars_dir = run_dir / "steps", run_dir / "scalars"
     step_chunks = list_chunks(steps_dir)
     scalar_chunks = list_chunks(scalars_dir)
     report_missing(steps_dir, step_chunks, commits.get("steps"), "steps", problems)
     steps: list[pa.Table] = []
     scalars: list[pa.Table] = []
+    held_steps: Held = []
     last: int | None = None
     for index, path in step_chunks.items():
         if index not in scalar_chunks:
@@ -156,8 +204,8 @@ def read_step_chunks(
             )
             continue
         if tasks is not None:
-            _check_tasks(path, st, "task_i", tasks)
-            _check_tasks(scalar_chunks[index], sc, "task", tasks)
+            _check_chunk_tasks(path, st, "task_i", tasks)
+            _check_chunk_tasks(scalar_chunks[index], sc, "task", tasks)
         col = st.column("step")
         if len(col) == 0:
             continue
@@ -170,10 +218,11 @@ def read_step_chunks(
             continue
         last = top
         # a rewind cut short may leave scalars of steps its steps chunk no longer holds
-        keep = pc.is_in(sc.column("step"), value_set=pa.array(np.unique(col.to_numpy())))
+        held = pa.array(np.unique(col.to_numpy()))
         steps.append(st)
-        scalars.append(sc.filter(keep))
-    return steps, scalars
+        scalars.append(sc.filter(pc.is_in(sc.column("step"), value_set=held)))
+        held_steps.append((index, held))
+    return steps, scalars, held_steps
 
 
 def read_eval_chunks(

@@ -25,6 +25,16 @@ from gradlens._errors import StoreError
 
 __all__: list[str] = []
 
+#: Version of the run directory format written by this gradlens; readers refuse newer ones.
+#: 1: the total layer is named ``"__all__"``; no ``probes`` chunks. 2: the total layer is
+#: ``gradlens.TOTAL_LAYER`` (``"total"``), and each steps chunk has a ``probes`` chunk.
+FORMAT_VERSION = 2
+#: The name of the total layer in runs of format version 1 (read as ``TOTAL_LAYER``).
+LEGACY_TOTAL = "__all__"
+
+META_NAME = "meta.json"
+STEPS, SCALARS, PROBES, EVALS = "steps", "scalars", "probes", "evals"
+
 _CHUNK_RE = re.compile(r"^chunk-(\d{6,})\.parquet$")
 TMP_PREFIX = ".tmp-"
 #: Key of the header every chunk carries in its Parquet schema metadata (JSON: chunk index,
@@ -43,6 +53,21 @@ STEPS_SCHEMA = pa.schema(
 )
 SCALARS_SCHEMA = pa.schema(
     [("step", pa.int64()), ("task", _DICT), ("weight", pa.float64()), ("loss", pa.float64())]
+)
+#: One row per probed step: what the Snapshot says besides its Grams, weights and losses.
+PROBES_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("engine", pa.string()),
+        ("level", pa.string()),
+        ("weighting", pa.string()),
+        ("weighting_path", pa.string()),
+        ("rules", pa.map_(pa.string(), pa.string())),
+        ("timings", pa.map_(pa.string(), pa.float64())),
+        ("unreached", pa.list_(pa.string())),
+        ("notes", pa.list_(pa.string())),
+        ("layer_weights", pa.map_(pa.string(), pa.list_(pa.float64()))),
+    ]
 )
 EVALS_SCHEMA = pa.schema(
     [

@@ -33,7 +33,7 @@ from gradlens._errors import GradlensWarning, StoreError
 try:  # POSIX only; elsewhere the pid check alone decides.
     import fcntl as _fcntl
 except ImportError:  # pragma: no cover - Windows
-    _fcntl = None  # type: ignore[assignment]
+    _fcntl = None  # type: ignore[assignment]  # the module is absent here; None marks it
 
 __all__: list[str] = []
 
@@ -41,7 +41,7 @@ LOCK_NAME = ".lock"
 _MAX_TRIES = 20
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether ``pid`` runs on this host and is not a zombie (True when unsure)."""
     if pid <= 0:
         return False
@@ -206,7 +206,7 @@ class RunLock:
             host = socket.gethostname()
             if rec.get("host") != host:
                 self._refuse(rec, f"it was written on another host, unverifiable from {host}")
-            if _pid_alive(int(rec["pid"])):
+            if pid_alive(int(rec["pid"])):
                 self._refuse(rec, "that process is alive")
             warnings.warn(
                 f"Taking over the stale writer lock {self.path}: its owner, pid {rec['pid']} on "

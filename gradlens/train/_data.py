@@ -13,12 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gradlens._errors import GradlensError
 from gradlens.data import TaskInfo, dataset_options, load_dataset
+from gradlens.models import MultiTaskModel
 
 __all__: list[str] = []
 
@@ -211,7 +213,7 @@ def task_loss(out: torch.Tensor, y: torch.Tensor, info: TaskInfo) -> torch.Tenso
 
 
 def multitask_losses(
-    model: nn.Module, x: torch.Tensor, ys: Mapping[str, torch.Tensor], data: TrainData
+    model: MultiTaskModel, x: torch.Tensor, ys: Mapping[str, torch.Tensor], data: TrainData
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-task losses on one batch, and the shared features ``z``."""
     z = model.trunk(x)
@@ -220,7 +222,11 @@ def multitask_losses(
 
 
 def multidomain_losses(
-    model: nn.Module, x: torch.Tensor, label: torch.Tensor, dom: torch.Tensor, n_domains: int
+    model: MultiTaskModel,
+    x: torch.Tensor,
+    label: torch.Tensor,
+    dom: torch.Tensor,
+    n_domains: int,
 ) -> tuple[list[torch.Tensor | None], torch.Tensor, torch.Tensor]:
     """Per-domain mean losses (None for a domain absent from the batch), shares and ``z``.
 
@@ -289,3 +295,28 @@ def evaluate(model: nn.Module, data: TrainData, split: str) -> dict[str, dict[st
             mse = sse / yd.numel()
             res[t] = {"loss": mse, "mse": mse, "r2": 1.0 - sse / sst if sst > 0 else math.nan}
     return res
+
+
+def score(metrics: Mapping[str, Mapping[str, float]]) -> float:
+    """The mean over tasks of ``accuracy`` (classification) or ``r2`` (regression).
+
+    Higher is better; used for early stopping, and by sweeps and PBT to rank models.
+
+    Example:
+        >>> score({"a": {"accuracy": 0.9, "loss": 0.3}, "b": {"accuracy": 0.7, "loss": 0.8}})
+        0.8
+    """
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise GradlensError(
+            f"`metrics` should be a non-empty mapping {{task: {{metric: value}}}}; found "
+            f"{metrics!r:.80}."
+        )
+    vals = []
+    for task, m in metrics.items():
+        key = "accuracy" if "accuracy" in m else "r2" if "r2" in m else None
+        if key is None:
+            raise GradlensError(
+                f"`metrics[{task!r}]` should hold 'accuracy' or 'r2'; found {sorted(m)}."
+            )
+        vals.append(float(m[key]))
+    return float(np.mean(vals))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from gradlens.train._data import score
 
 __all__: list[str] = []
 
@@ -56,3 +60,16 @@ def _cell(value: float | None) -> str:
         return "-"
     v = float(value)
     return "nan" if math.isnan(v) else f"{v:.4f}"
+
+
+def loss_text(tasks: Sequence[str], sums: np.ndarray, counts: np.ndarray) -> str:
+    """The progress bar's running mean loss per task (the first six)."""
+    parts = [f"{t}={s / c:.3f}" for t, s, c in zip(tasks, sums, counts) if c > 0]
+    return " ".join(parts[:6]) + (" ..." if len(parts) > 6 else "")
+
+
+def postfix(train_losses: Mapping[str, float], val: Mapping[str, Mapping[str, float]]) -> str:
+    """The progress bar's end-of-epoch text: mean training loss and validation score."""
+    finite = [v for v in train_losses.values() if math.isfinite(v)]
+    loss = math.fsum(finite) / len(finite) if finite else math.nan
+    return f"train loss {loss:.3f}, val score {score(val):.3f}"

@@ -63,7 +63,7 @@ class CAGrad:
         cc = self.c * g0_norm + 1e-8
 
         def obj(x: object) -> float:
-            return float(x @ A @ b + cc * np.sqrt(max(float(x @ A @ x), 0.0) + 1e-8))  # type: ignore[attr-defined,operator]
+            return float(x @ A @ b + cc * np.sqrt(max(float(x @ A @ x), 0.0) + 1e-8))  # type: ignore[attr-defined]  # x: the ndarray scipy passes
 
         res = optimize.minimize(  # type: ignore[attr-defined]
             obj,

@@ -81,7 +81,7 @@ def test_amortised_rows_only_for_the_methods_asked():
 def test_unprobed_timings_come_after_one_or_two_untimed_steps(monkeypatch):
     # the after-probe step follows the probe of a fresh every=10**9 profiler, the steady one
     # follows the probe and one unprobed step: record which profiler step each timing sees
-    from gradlens import bench
+    from gradlens.bench import _setup as bench
 
     seen: list[tuple[int, bool]] = []
     step = bench._Setup.step
@@ -160,7 +160,7 @@ def test_cuda_without_cuda_is_refused():
 
 def test_cuda_index_is_checked_against_the_devices(monkeypatch):
     # the checks of a CUDA request, run here by pretending one device is present
-    from gradlens.bench import _device
+    from gradlens.bench._hardware import _device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -180,7 +180,7 @@ def test_cpu_clock_with_a_cuda_device_is_refused():
 
 
 def test_cuda_clock_synchronizes_at_each_read(monkeypatch):
-    from gradlens.bench import _clock
+    from gradlens.bench._hardware import _clock
 
     calls: list[torch.device] = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
@@ -252,7 +252,7 @@ def test_unknown_model_or_method_is_refused():
 
 def test_gramian_in_the_benchmark_is_served_by_its_rules():
     # the profiler must be attached before the forward, or the gramian engine sees no layer
-    from gradlens.bench import _Setup
+    from gradlens.bench._setup import _Setup
 
     setup = _Setup("mlp-tiny", 2, 8)
     setup.prepare("gramian")
@@ -265,7 +265,7 @@ def test_gramian_in_the_benchmark_is_served_by_its_rules():
 def test_profiled_methods_are_timed_on_their_second_probe(monkeypatch):
     from collections import Counter
 
-    from gradlens import bench
+    from gradlens.bench import _setup as bench
 
     used: Counter[int] = Counter()
     inner = bench._Setup.step

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from gradlens.bench import WEIGHTED_METHODS, _Setup, run_benchmark
+from gradlens.bench import WEIGHTED_METHODS, run_benchmark
+from gradlens.bench._setup import _Setup
 from gradlens.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gradlens import load_run
+from gradlens import TOTAL_LAYER, load_run
 from gradlens.cli import main
 from gradlens.train import TrainConfig
+from tests._tiny import tiny_train_args
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,21 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
-TINY = [
-    "--data-option",
-    "n=128",
-    "--width",
-    "0.125",
-    "--depth",
-    "1",
-    "--batch-size",
-    "32",
-    "--epochs",
-    "1",
-    "--every",
-    "2",
-    "--no-progress",
-]
+TINY = tiny_train_args()
 
 
 def test_train_command_stores_the_run_and_prints_the_metrics(tmp_path, capsys):
@@ -92,7 +79,7 @@ def test_train_command_reads_a_toml_config_and_flags_override_it(tmp_path, capsy
         (["--data-option", "n"], "`--data-option` should look like KEY=VALUE"),
         (["--optimizer", "lbfgs"], "`optimizer` should be one of ['sgd', 'adam']"),
         (["--tasks", "left,up"], "['up']"),
-        (["--threads", "0"], "`--threads` should be a positive int"),
+        (["--threads", "0"], "`--threads` should be an int >= 1; found 0"),
         (["--config", "missing.toml"], "`--config` should be a TOML file; found no file"),
     ],
 )
@@ -141,7 +128,7 @@ def _check_demo_output(out: Path, text: str) -> None:
     for label in ("mean cosine", "conflict frequency", "norm ratio", "most conflicted layer"):
         assert label in text
     m = run.metrics
-    cos = m[(m.layer == "__all__") & (m.metric == "cosine")]["value"].mean()
+    cos = m[(m.layer == TOTAL_LAYER) & (m.metric == "cosine")]["value"].mean()
     assert f"mean cosine          {cos:+.3f}" in text
     assert str(out / "heatmap.png") in text
 

@@ -114,9 +114,11 @@ def test_dataloader_collates_target_dicts():
 
 
 def test_load_dataset_errors_list_valid_values():
-    with pytest.raises(GradlensError, match=r"`name` must be one of .*'multidigits'.*'domainnet'"):
+    with pytest.raises(
+        GradlensError, match=r"`name` should be one of .*'multidigits'.*'domainnet'"
+    ):
         load_dataset("mnist")
-    with pytest.raises(GradlensError, match=r"`split` must be one of \('train', 'val', 'test'\)"):
+    with pytest.raises(GradlensError, match=r"`split` should be one of \['train', 'val', 'test'\]"):
         load_dataset("multidigits", "validation")
     with pytest.raises(
         GradlensError, match=r"Unknown option\(s\) \['m'\].*valid options: \('n',\)"
@@ -124,7 +126,7 @@ def test_load_dataset_errors_list_valid_values():
         load_dataset("multidigits", m=3)
     with pytest.raises(GradlensError, match="`root` is not used"):
         load_dataset("synthetic", root="/tmp")
-    with pytest.raises(GradlensError, match="`seed` must be a non-negative int"):
+    with pytest.raises(GradlensError, match="`seed` should be an int >= 0"):
         load_dataset("synthetic", seed=-1)
     with pytest.raises(GradlensError, match="`root` is required for 'celeba'"):
         load_dataset("celeba")
@@ -142,7 +144,7 @@ def test_load_dataset_errors_list_valid_values():
 
 
 def test_multitask_dataset_validates_inputs():
-    with pytest.raises(GradlensError, match=r"`targets\['a'\]` must be a tensor with 3 rows"):
+    with pytest.raises(GradlensError, match=r"`targets\['a'\]` should be a tensor with 3 rows"):
         MultiTaskDataset(torch.zeros(3, 2), {"a": torch.zeros(2)})
     with pytest.raises(GradlensError, match="at least one task"):
         MultiTaskDataset(torch.zeros(3, 2), {})
@@ -154,7 +156,7 @@ def test_multitask_dataset_validates_inputs():
             domains=("a", "b"),
             n_classes=3,
         )
-    with pytest.raises(GradlensError, match="`kind` must be one of"):
+    with pytest.raises(GradlensError, match="`kind` should be one of"):
         TaskInfo("ranking", 2)  # type: ignore[arg-type]
     ds = MultiTaskDataset(torch.zeros(3, 2), {"r": torch.zeros(3, 4)})
     assert ds.task_info["r"] == TaskInfo("regression", 4)
@@ -201,7 +203,7 @@ def test_multidigits_images_are_the_two_digits(digits):
     assert torch.equal(Y["left"], torch.from_numpy(labels[li]))
     assert torch.equal(Y["right"], torch.from_numpy(labels[ri]))
     assert set(Y["left"].tolist()) == set(range(10)) == set(Y["right"].tolist())
-    with pytest.raises(GradlensError, match="`n` must be a positive int"):
+    with pytest.raises(GradlensError, match="`n` should be an int >= 1"):
         load_dataset("multidigits", n=0)
 
 
@@ -352,13 +354,13 @@ def test_synthetic_infeasible_angle_and_bad_options():
     load_dataset("synthetic", n_tasks=3, angle=120)
     with pytest.raises(GradlensError, match=r"infeasible for 3 equiangular tasks.*-0\.5000"):
         load_dataset("synthetic", n_tasks=3, angle=121)
-    with pytest.raises(GradlensError, match="`scales` must hold 2 positive"):
+    with pytest.raises(GradlensError, match="`scales` should hold 2 positive"):
         load_dataset("synthetic", scales=(1.0, -1.0))
-    with pytest.raises(GradlensError, match="`dim` must be an int >= n_tasks"):
+    with pytest.raises(GradlensError, match="`dim` should be an int >= 5; found 4"):
         load_dataset("synthetic", n_tasks=5, dim=4)
-    with pytest.raises(GradlensError, match="`n` must be an int > dim"):
+    with pytest.raises(GradlensError, match="`n` should be an int >= 17; found 16"):
         load_dataset("synthetic", dim=16, n=16)
-    with pytest.raises(GradlensError, match=r"`angle` must be a number of degrees in \[0, 180\]"):
+    with pytest.raises(GradlensError, match=r"`angle` should be a finite number >= 0 and <= 180"):
         expected_gradient_cosine(2, 200.0)
 
 
@@ -523,7 +525,7 @@ def test_celeba_options_jpeg_and_seeded_split(tmp_path):
     assert len(set.union(*splits)) == 20
     with pytest.raises(GradlensError, match=r"`attributes` has unknown names \['Grumpy'\]"):
         load_dataset("celeba", root=tmp_path, attributes=["Grumpy"])
-    with pytest.raises(GradlensError, match="`image_size` must be a positive int"):
+    with pytest.raises(GradlensError, match="`image_size` should be a positive int"):
         load_dataset("celeba", root=tmp_path, image_size=0)
 
 
@@ -553,7 +555,7 @@ def test_celeba_malformed_trees(tmp_path):
     (tmp_path / "list_eval_partition.txt").write_text(f"{files[0]} 7\n")
     with pytest.raises(GradlensError, match=r"list_eval_partition.txt, line 1: expected"):
         load_dataset("celeba", root=tmp_path)
-    with pytest.raises(GradlensError, match="`root` must be an existing folder"):
+    with pytest.raises(GradlensError, match="`root` should be an existing folder"):
         load_dataset("celeba", root=tmp_path / "nowhere")
 
 

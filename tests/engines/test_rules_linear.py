@@ -11,6 +11,7 @@ from torch import nn
 
 import gradlens as gl
 from gradlens._errors import GradlensWarning
+from gradlens.engines import gramian as gramian_mod
 from gradlens.engines.rules import _fused
 from gradlens.engines.rules import linear as linear_mod
 from gradlens.engines.rules.linear import kernel_chunk, kernel_core
@@ -59,7 +60,8 @@ def _profile(trunk: nn.Module, n_tasks: int, budget: int, seed: int = 1):
 
 @pytest.fixture
 def chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The ``chunk`` each kernel-path call of the Linear rule used."""
+    """The ``chunk`` each kernel-path call of the Linear rule used (layers one by one: the
+    grouped path for same-shaped layers is switched off, see test_grouped_layers_...)."""
     seen: list[int] = []
 
     def spy(A, D, w, chunk, **flags):
@@ -67,6 +69,7 @@ def chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return kernel_core(A, D, w, chunk, **flags)
 
     monkeypatch.setattr(linear_mod, "kernel_core", spy)
+    monkeypatch.setattr(gramian_mod, "linear_group", lambda *args: None)
     return seen
 
 
@@ -257,3 +260,59 @@ def test_compiled_core_on_cpu_matches_eager(fresh_fused, monkeypatch):
             assert_gram_close(snap.layer_grams[layer], g, 1e-10)
         for p, h in zip(grads, plain):
             torch.testing.assert_close(p, h, rtol=1e-10, atol=1e-12)
+
+
+# -- same-shaped Linear layers computed together (gradlens.engines.rules.linear.linear_group) --
+@pytest.mark.parametrize(("has_weight", "has_bias"), [(True, True), (True, False)])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weights", "gram-only"])
+def test_linear_group_equals_the_rule_layer_by_layer(has_weight, has_bias, weighted):
+    torch.manual_seed(3)
+    T, N = 3, 4
+    lins = [nn.Linear(WIDTH, WIDTH, bias=has_bias).double() for _ in range(4)]
+    xs = [torch.randn(N, WIDTH, dtype=torch.float64) for _ in lins]
+    ds = [torch.randn(T, N, WIDTH, dtype=torch.float64) for _ in lins]
+    w = torch.tensor([0.2, 0.0, 1.5], dtype=torch.float64) if weighted else None
+    got = linear_mod.linear_group(lins, xs, ds, w, 1 << 30)
+    assert got is not None
+    for m, x, d, (G, weighted_grads) in zip(lins, xs, ds, got):
+        G_ref, ref = linear_mod.linear_rule(m, [x], [d], w, 1 << 30)
+        torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-12 * float(G_ref.max()))
+        assert torch.equal(G, G.T)  # mirrored, exactly symmetric
+        assert set(weighted_grads) == set(ref)
+        for name, g in ref.items():
+            torch.testing.assert_close(weighted_grads[name], g, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_group_declines_what_it_does_not_serve():
+    lins = [nn.Linear(WIDTH, WIDTH).double() for _ in range(2)]
+    xs = [torch.randn(4, WIDTH, dtype=torch.float64) for _ in lins]
+    ds = [torch.randn(2, 4, WIDTH, dtype=torch.float64) for _ in lins]
+    w = torch.ones(2, dtype=torch.float64)
+    assert linear_mod.linear_group(lins, xs, ds, w, 1 << 30) is not None
+    assert linear_mod.linear_group(lins, xs, ds, w, 1024) is None  # over the budget
+    lins[1].bias.requires_grad_(False)  # the layers' trainable parameters differ
+    assert linear_mod.linear_group(lins, xs, ds, w, 1 << 30) is None
+    wide = [torch.randn(64, WIDTH, dtype=torch.float64) for _ in lins]  # N x N costs more
+    ds64 = [torch.randn(2, 64, WIDTH, dtype=torch.float64) for _ in lins]
+    lins[1].bias.requires_grad_(True)
+    assert linear_mod.linear_group(lins, wide, ds64, w, 1 << 30) is None
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_grouped_layers_in_a_probe_equal_the_reference_and_the_plain_grad(monkeypatch, bias):
+    calls: list[int] = []
+    group = linear_mod.linear_group
+
+    def spy(mods, *args):
+        out = group(mods, *args)
+        calls.append(0 if out is None else len(mods))
+        return out
+
+    monkeypatch.setattr(gramian_mod, "linear_group", spy)
+    snap, ref, grads, plain = _profile(_trunk(bias), 3, 1 << 30)
+    assert calls == [2]  # the two 16 x 16 layers together, the 16 x 8 one by its rule
+    assert set(snap.rules.values()) == {"linear"}
+    for layer, g in ref.layer_grams.items():
+        assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+    for p, h in zip(grads, plain):
+        torch.testing.assert_close(p, h, rtol=1e-10, atol=1e-12)

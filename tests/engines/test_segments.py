@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 import gradlens as gl
 from gradlens.engines import gramian as gramian_mod
@@ -125,3 +125,151 @@ def test_small_blocks_share_one_backward(monkeypatch):
         snap = prof.backward(losses)
     assert_gram_close(snap.gram, ref.gram, 1e-10)
     assert asked == [3]
+
+
+# -- the graph index's dominator plan against the descendants-per-candidate reference ----------
+def _reference_plan(tops, targets):
+    """The cut plan as computed before the graph index: a descendants pass per candidate."""
+    nodes = [t.node if isinstance(t, GradientEdge) else get_gradient_edge(t).node for t in targets]
+    start = {e.node for e in tops}
+    parents: dict = {}
+    seen, todo = set(start), list(start)
+    while todo:
+        fn = todo.pop()
+        for nxt, nr in fn.next_functions:
+            if nxt is None:
+                continue
+            parents.setdefault(nxt, []).append((fn, nr))
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+
+    def below_of(n):
+        out, todo = set(), [n]
+        while todo:
+            for nxt, _ in todo.pop().next_functions:
+                if nxt is not None and nxt not in out:
+                    out.add(nxt)
+                    todo.append(nxt)
+        return out
+
+    cuts = []
+    for i, t in enumerate(targets):
+        n = nodes[i]
+        if not isinstance(t, GradientEdge) or n in start or n not in parents:
+            continue
+        if any(nr != t.output_nr for _, nr in parents[n]):
+            continue
+        below = below_of(n)
+        if all(p is n or p in below for v in below for p, _ in parents.get(v, ())):
+            cuts.append((i, below))
+    cuts.sort(key=lambda c: -len(c[1]))
+    chain = []
+    for i, below in cuts:
+        if not chain or nodes[i] in chain[-1][1]:
+            chain.append((i, below))
+    if not chain:
+        return [(list(range(len(targets))), None)]
+    segments = [[] for _ in range(len(chain) + 1)]
+    for j, n in enumerate(nodes):
+        segments[sum(n in below for _, below in chain)].append(j)
+    out = []
+    for s, members in enumerate(segments):
+        cut = chain[s][0] if s < len(chain) else None
+        if cut is not None:
+            members = [m for m in members if m != cut] + [cut]
+        out.append((members, cut))
+    return out
+
+
+class _RandomNet(nn.Module):
+    """Linear layers wired by a seed: chains, skips from earlier layers, a reused parameter."""
+
+    def __init__(self, seed: int, n: int = 7, d: int = 3) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleList([nn.Linear(d, d) for _ in range(n)])
+        self.skip = [int(torch.randint(-1, i, (), generator=g)) if i else -1 for i in range(n)]
+        self.reuse = int(torch.randint(0, 2 * n, (), generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [x]
+        for i, lin in enumerate(self.layers):
+            h = torch.tanh(lin(outs[-1]))
+            if self.skip[i] >= 0:
+                h = h + outs[self.skip[i] + 1]
+            if i == self.reuse:  # a parameter used again outside its layer
+                h = h + self.layers[0].bias
+            outs.append(h)
+        return outs[-1]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_dominator_plan_equals_the_descendants_reference(seed):
+    from gradlens.engines._graph import GraphIndex
+
+    net = _RandomNet(seed)
+    out, e = _edges(net, torch.randn(2, 3))
+    loss = out.sum()
+    targets = [e[f"layers.{i}"] for i in reversed(range(7))] + [net.layers[3].weight]
+    tops = [get_gradient_edge(out)]
+    want = _reference_plan(tops, targets)
+    assert plan_segments(tops, targets) == want  # an index built from the tops
+    index = GraphIndex.build(torch.stack([loss, 2 * loss]))  # the probe's index, from the losses
+    assert plan_segments(tops, targets, index) == want
+
+
+def test_a_plan_is_reused_for_a_graph_of_the_same_shape_only():
+    from gradlens.engines import _segments
+    from gradlens.engines._graph import GraphIndex
+
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    def plan(batch: int, extra: bool):
+        out, e = _edges(mlp, torch.randn(batch, 3))
+        tops = [get_gradient_edge(out)]
+        index = GraphIndex.build((out * 2 if extra else out).sum().reshape(1))
+        return index, plan_segments(tops, [e["4"], e["2"], e["0"]], index)
+
+    _segments._PLANS.clear()
+    i1, p1 = plan(5, False)
+    assert len(_segments._PLANS) == 1
+    i2, p2 = plan(7, False)  # another batch size: the same graph shape, the plan is reused
+    assert i1.signature == i2.signature
+    assert p1 == p2
+    assert len(_segments._PLANS) == 1
+    i3, p3 = plan(5, True)  # one more node: a new shape, planned anew
+    assert i3.signature != i1.signature
+    assert len(_segments._PLANS) == 2
+    assert p3 == p1
+
+
+def test_the_graph_index_counts_leaves_and_uses_as_autograd_sees_them():
+    from gradlens.engines._graph import GraphIndex
+
+    lin = nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    h = lin(lin(x))  # the weight and the bias used twice
+    loss = (h * lin.bias).sum()  # the bias a third time
+    g = GraphIndex.build(loss.reshape(1))
+    assert g.uses[id(lin.weight)] == 2
+    assert g.uses[id(lin.bias)] == 3
+    assert set(g.leaves) == {id(lin.weight), id(lin.bias)}
+    assert len(g.nodes) == len(g.node_set) == len(g.edges)
+    # past the stop node h, the bias is reached directly (the product), the weight only through h
+    assert g.reaches_past({h.grad_fn}, set(), {id(lin.bias)})
+    assert not g.reaches_past({h.grad_fn}, set(), {id(lin.weight)})
+
+
+def test_the_plan_cache_is_bounded_and_evicts_the_oldest(monkeypatch):
+    from gradlens.engines import _segments
+
+    monkeypatch.setattr(_segments, "_PLANS", {})
+    monkeypatch.setattr(_segments, "_MAX_PLANS", 2)
+    keys = []
+    for depth in (1, 2, 3):  # three graph shapes
+        mlp = nn.Sequential(*[nn.Linear(3, 3) for _ in range(depth)])
+        out, e = _edges(mlp, torch.randn(2, 3))
+        plan_segments([get_gradient_edge(out)], [e[str(i)] for i in range(depth)])
+        keys.append(next(reversed(_segments._PLANS)))
+    assert list(_segments._PLANS) == keys[1:]

@@ -77,15 +77,15 @@ def test_callback_stores_snapshots_that_match_the_reference(tmp_path):
     module = MultiTask()
     start = copy.deepcopy(module)
     plain = copy.deepcopy(module)
-    cb = GradlensCallback(
-        TASKS, shared_attr="trunk", engine="gramian", every=2, store=tmp_path / "run"
-    )
+    cb = GradlensCallback(TASKS, shared_attr="trunk", every=2, store=tmp_path / "run")
     _fit(module, [cb])
     _fit(plain, [])
 
     run = gl.load_run(tmp_path / "run")
     assert list(run.probed_steps) == [0, 2, 4]
     assert run.meta["grams"] == "local"
+    assert run.meta["engine"] == "auto"  # the default, as for gl.Profiler
+    assert {s.engine for s in cb.snapshots} <= {"loop", "batched", "gramian"}
     assert [s.step for s in cb.snapshots] == [0, 2, 4]
     # step 0: the initial weights on the first batch
     batch = next(iter(_loader()))

@@ -108,6 +108,8 @@ def test_callback_profiles_a_trainer_run_without_changing_it(tmp_path):
     assert list(run.probed_steps) == [0, 1, 2, 3]
     assert run.meta["framework"] == "transformers"
     assert run.meta["grams"] == "local"
+    assert run.meta["engine"] == "auto"  # the default, as for gl.Profiler
+    assert {s.engine for s in cb.snapshots} <= {"loop", "batched", "gramian"}
     assert any(layer.startswith("encoder.layer.0.attention") for layer in run.layers)
     assert "forward" not in vars(observed)
     assert cb.profiler is None

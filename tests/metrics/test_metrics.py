@@ -694,8 +694,11 @@ def test_summary_zero_task_counts_as_undefined():
         (lambda: M.StreamingSummary([]), r"`tasks` should be a non-empty sequence of distinct"),
         (lambda: M.StreamingSummary(["a", "a"]), r"`tasks` should be .*found \['a', 'a'\]"),
         (lambda: M.StreamingSummary(["a"], layers=[]), r"`layers` should be a non-empty"),
-        (lambda: M.StreamingSummary(["a"], bins=1), r"`bins` should be an integer >= 2; found 1"),
-        (lambda: M.StreamingSummary(["a"], halflife=0.0), r"`halflife` should be a positive"),
+        (lambda: M.StreamingSummary(["a"], bins=1), r"`bins` should be an int >= 2; found 1"),
+        (
+            lambda: M.StreamingSummary(["a"], halflife=0.0),
+            r"`halflife` should be a finite number > 0; found 0.0",
+        ),
         (
             lambda: M.StreamingSummary(["a", "b"]).update(np.eye(3)),
             r"`G` should have shape \(2, 2\).*found shape \(3, 3\)",

@@ -169,19 +169,21 @@ def test_multitask_model_wraps_any_trunk():
 
 
 def test_build_model_errors():
-    with pytest.raises(GradlensError, match=r"`family` must be one of \('mlp', 'resnet', 'vit'\)"):
+    with pytest.raises(
+        GradlensError, match=r"`family` should be one of \['mlp', 'resnet', 'vit'\]"
+    ):
         build_model("transformer", HEADS, (1, 8, 8))
-    with pytest.raises(GradlensError, match=r"`input_shape` for 'resnet' must be \(channels"):
+    with pytest.raises(GradlensError, match=r"`input_shape` for 'resnet' should be \(channels"):
         build_model("resnet", HEADS, (64,))
-    with pytest.raises(GradlensError, match="`input_shape` must be a tuple of positive ints"):
+    with pytest.raises(GradlensError, match="`input_shape` should be a tuple of positive ints"):
         build_model("mlp", HEADS, (1, 0, 8))
-    with pytest.raises(GradlensError, match="`width` must be a positive finite number"):
+    with pytest.raises(GradlensError, match="`width` should be a finite number > 0"):
         build_model("mlp", HEADS, (4,), width=0.0)
-    with pytest.raises(GradlensError, match="`depth` must be a positive int; found 0"):
+    with pytest.raises(GradlensError, match="`depth` should be an int >= 1; found 0"):
         build_model("vit", HEADS, (1, 8, 8), depth=0)
-    with pytest.raises(GradlensError, match=r"`heads\['a'\]` must be a positive int"):
+    with pytest.raises(GradlensError, match=r"`heads\['a'\]` should be an int >= 1"):
         build_model("mlp", {"a": 0}, (4,))
     with pytest.raises(GradlensError, match=r"without '\.'"):
         build_model("mlp", {"a.b": 2}, (4,))
-    with pytest.raises(GradlensError, match="`seed` must be an int or None"):
+    with pytest.raises(GradlensError, match="`seed` should be an int or None"):
         build_model("mlp", HEADS, (4,), seed=1.5)

@@ -3,6 +3,7 @@ non-blank, tick labels that do not overlap at 40 tasks, no global matplotlib sta
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import matplotlib
@@ -13,6 +14,7 @@ import pytest
 
 from gradlens import load_run, plots, stats
 from gradlens._errors import GradlensError
+from gradlens._types import TOTAL_LAYER
 from gradlens.metrics import metrics_frame
 from gradlens.plots._util import MIN_FONT, overlapping
 from tests._sweepgen import make_run, make_sweep
@@ -94,7 +96,7 @@ def test_forty_tasks_tick_labels_do_not_overlap(tmp_path, names):
         tasks = [f"Wearing_Necktie_attribute_{i:02d}" for i in range(T)]
     V = rng.normal(size=(3, 1, T, 8))
     G = V @ V.transpose(0, 1, 3, 2)
-    fig = plots.conflict_heatmap(metrics_frame(G, tasks, layers=["__all__"]))
+    fig = plots.conflict_heatmap(metrics_frame(G, tasks, layers=[TOTAL_LAYER]))
     fig.canvas.draw()
     for ax in fig.axes[:2]:
         for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
@@ -129,7 +131,7 @@ def test_layer_step_heatmap_is_the_mean_pairwise_cosine(run6, tmp_path):
 
 def test_layer_step_heatmap_many_layers_readable(tmp_path):
     rng = np.random.default_rng(1)
-    layers = ["__all__", *[f"encoder.layers.{i}.self_attn.out_proj" for i in range(60)]]
+    layers = [TOTAL_LAYER, *[f"encoder.layers.{i}.self_attn.out_proj" for i in range(60)]]
     V = rng.normal(size=(5, len(layers), 3, 4))
     fig = plots.layer_step_heatmap(
         metrics_frame(V @ V.transpose(0, 1, 3, 2), ["a", "b", "c"], layers=layers)
@@ -161,6 +163,40 @@ def test_conflict_timeline_without_epoch_evals_says_so(tmp_path):
     run = load_run(make_run(tmp_path / "r", n_tasks=3, epochs=1, n_steps=3))
     fig = plots.conflict_timeline(run, split="train")
     assert "no per-epoch evals" in fig.axes[1].texts[0].get_text()
+
+
+def test_timeline_draws_the_data_it_is_given(sweep, tmp_path):
+    # compute apart from draw: timeline_data holds what the figure shows, and a changed table
+    # is drawn as given (the figure computes nothing of its own from a TimelineData)
+    run = load_run(sweep / "d4-w128" / "p0.70-s0")
+    data = plots.timeline_data(run)
+    pd.testing.assert_frame_equal(data.epochs, stats.epoch_table(run))
+    conflict = run.metrics[(run.metrics.metric == "conflict") & (run.metrics.layer == TOTAL_LAYER)]
+    want = conflict.assign(c=conflict.value > 0).groupby("step")["c"].mean()
+    np.testing.assert_allclose(data.per_probe.to_numpy(), want.to_numpy(), rtol=0, atol=1e-15)
+    half = dataclasses.replace(data, per_probe=data.per_probe / 2)
+    fig = plots.conflict_timeline(half, title="half the conflict")
+    dots = next(c for c in fig.axes[0].collections if c.get_label() == "per probe")
+    np.testing.assert_allclose(dots.get_offsets()[:, 1], want.to_numpy() / 2)
+    assert fig.axes[1].get_ylabel() == "accuracy (val)"
+    _png_ok(plots.save(fig, tmp_path / "timeline-half.png"))
+
+
+def test_only_the_tables_module_calls_stats():
+    # the figure modules draw; the statistics they show are computed in plots/tables.py
+    import ast
+    from pathlib import Path
+
+    callers = []
+    for path in sorted(Path(plots.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and "stats" in (node.module + " " + " ".join(a.name for a in node.names))
+            ):
+                callers.append(path.name)
+    assert set(callers) == {"tables.py"}
 
 
 # --------------------------------------------------------------------------- across runs
@@ -274,7 +310,7 @@ def test_no_global_matplotlib_state(run6):
 
 def test_user_strings_are_not_mathtext(tmp_path):
     G = np.tile(np.array([[1.0, -0.4], [-0.4, 1.0]]), (2, 1, 1, 1))
-    fig = plots.conflict_heatmap(metrics_frame(G, ["$x^2$", "cost $"], layers=["__all__"]))
+    fig = plots.conflict_heatmap(metrics_frame(G, ["$x^2$", "cost $"], layers=[TOTAL_LAYER]))
     _png_ok(plots.save(fig, tmp_path / "dollars.png"), min_bytes=2_000)
     assert fig.axes[0].get_xticklabels()[0].get_text() == r"\$x^2\$"
 
@@ -284,7 +320,7 @@ def test_bad_inputs_raise_clear_errors(run6):
         plots.conflict_heatmap([1, 2])
     with pytest.raises(GradlensError, match="`layer` should be one of"):
         plots.conflict_heatmap(run6, layer="nope")
-    one = metrics_frame(np.ones((2, 1, 1, 1)), ["a"], layers=["__all__"])
+    one = metrics_frame(np.ones((2, 1, 1, 1)), ["a"], layers=[TOTAL_LAYER])
     with pytest.raises(GradlensError, match="at least 2 tasks"):
         plots.conflict_heatmap(one)
     with pytest.raises(GradlensError, match="`metric` should be one of"):

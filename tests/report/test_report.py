@@ -283,15 +283,17 @@ def test_bad_arguments(tmp_path):
         build_report(tmp_path, correction="bonferroni")
     with pytest.raises(GradlensError, match="`methods` should be"):
         build_report(tmp_path, methods=["spearman", "distance"])
-    with pytest.raises(GradlensError, match="`alpha` should lie in"):
+    with pytest.raises(GradlensError, match="`alpha` should be a finite number > 0 and < 1"):
         build_report(tmp_path, alpha=1.5)
-    with pytest.raises(GradlensError, match="`n_boot` should be an int"):
+    with pytest.raises(GradlensError, match="`dpi` should be an int >= 1; found 0"):
+        build_report(tmp_path, dpi=0)
+    with pytest.raises(GradlensError, match="`n_boot` should be an int >= 0; found -1"):
         build_report(tmp_path, n_boot=-1)
     with pytest.raises(GradlensError, match="`power_sims` should be an int"):
         build_report(tmp_path, power_sims=-1)
     with pytest.raises(GradlensError, match="`margin_r` should be a correlation below 1"):
         build_report(tmp_path, margin_r=1.0)
-    with pytest.raises(GradlensError, match="`margin_gain` should be a number >= 0"):
+    with pytest.raises(GradlensError, match="`margin_gain` should be a finite number >= 0"):
         build_report(tmp_path, margin_gain=-0.1)
     with pytest.raises(GradlensError, match="`sweep_dir` should be a directory"):
         build_report(tmp_path / "missing")

@@ -48,7 +48,7 @@ def test_make_executor_errors():
         make_executor("dask")
     with pytest.raises(GradlensError, match=r"`address` is only for the Ray executor"):
         make_executor("local", address="auto")
-    with pytest.raises(GradlensError, match=r"`workers` should be a positive int"):
+    with pytest.raises(GradlensError, match=r"`workers` should be an int >= 1 or None; found 0"):
         LocalExecutor(workers=0)
 
 

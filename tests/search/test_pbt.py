@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,32 +17,13 @@ from gradlens import GradlensError, GradlensWarning, load_run
 from gradlens.cli import main
 from gradlens.search import SearchConfig, load_config, pbt_score, run_pbt
 from gradlens.search.pbt import _Members, _select_exploits
+from tests._tiny import TINY_SEARCH, synth
+from tests.search._kill import kill_when
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "pbt.toml"
-TINY = {
-    "dataset": "multidigits",
-    "dataset_options": {"n": 128},
-    "width": 0.125,
-    "depth": 1,
-    "lr": 0.01,
-    "batch_size": 64,
-    "every": 1,
-}
-# Synthetic regression with conflicting tasks (120 degrees) and a tiny trunk, trained with plain
-# SGD: ranked by task0's validation loss, the best weights put everything on task0.
-SYNTH = {
-    "dataset": "synthetic",
-    "dataset_options": {"n": 200, "angle": 120.0, "noise": 0.1},
-    "model": "mlp",
-    "width": 0.05,
-    "depth": 1,
-    "optimizer": "sgd",
-    "lr": 0.05,
-    "momentum": 0.0,
-    "batch_size": 50,
-    "every": 1000,
-}
+TINY = TINY_SEARCH
+SYNTH = synth(every=1000)  # probes nothing: PBT's choices are what is tested
 
 
 def _cfg(pbt: dict, train: dict | None = None, workers: int = 1) -> SearchConfig:
@@ -237,28 +214,14 @@ def test_sigkill_then_resume_makes_the_same_choices_as_an_uninterrupted_run(tmp_
     cfg_path = tmp_path / "pbt.toml"
     cfg_path.write_text(EXAMPLE.read_text().replace("epochs = 3", "epochs = 6"))
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradlens.cli", "pbt", str(cfg_path), "--out", str(out),
-         "--no-progress"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                rounds = _state(out)["round"]
-            except (FileNotFoundError, json.JSONDecodeError):
-                rounds = 0
-            if rounds >= 2:
-                break
-            assert proc.poll() is None, "PBT ended before it could be killed"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    def ready() -> bool:
+        try:
+            return _state(out)["round"] >= 2
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    kill_when(["pbt", str(cfg_path), "--out", str(out), "--no-progress"], ready)
     killed_at = _state(out)
     assert killed_at["status"] == "running"
     assert 2 <= killed_at["epoch"] < 6

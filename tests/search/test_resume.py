@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,21 +11,10 @@ import torch
 import gradlens.search.pbt as pbt_module
 from gradlens import load_run
 from gradlens.search import SearchConfig, run_pbt
+from tests._tiny import SYNTH
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SYNTH = {
-    "dataset": "synthetic",
-    "dataset_options": {"n": 200, "angle": 120.0, "noise": 0.1},
-    "model": "mlp",
-    "width": 0.05,
-    "depth": 1,
-    "optimizer": "sgd",
-    "lr": 0.05,
-    "momentum": 0.0,
-    "batch_size": 50,
-    "every": 1,
-}
 
 
 def _pbt_cfg() -> SearchConfig:
@@ -127,3 +118,139 @@ def test_train_weights_in_a_search_config_are_refused_not_ignored(tmp_path, fiel
         run_pbt(pbt, tmp_path / "p", progress=False)
     assert not (tmp_path / "s").exists()
     assert not (tmp_path / "p").exists()
+
+
+def _sweep_cfg(epochs: int, **train: object) -> SearchConfig:
+    return SearchConfig.from_dict(
+        {
+            "train": {**SYNTH, "epochs": epochs, **train},
+            "sweep": {"p": [0.3]},
+            "executor": {"workers": 1},
+        }
+    )
+
+
+def _same_run(a_dir: Path, b_dir: Path) -> None:
+    """Two runs hold the same probed steps, Grams (to float rounding) and evals."""
+    a, b = load_run(a_dir, strict=True), load_run(b_dir, strict=True)
+    np.testing.assert_array_equal(a.probed_steps, b.probed_steps)
+    torch.testing.assert_close(a.all_grams(), b.all_grams(), rtol=1e-10, atol=1e-14)
+    keys = ["point", "split", "task", "metric"]
+    assert a.evals[keys].equals(b.evals[keys])
+    np.testing.assert_allclose(a.evals["value"], b.evals["value"], rtol=1e-10, atol=1e-14)
+
+
+def test_sweep_resume_continues_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypatch):
+    """A sweep run interrupted in epoch 4, after it flushed steps past its epoch-2 checkpoint:
+    the rerun reopens it in append mode at the checkpoint's step, keeps every step flushed
+    before it, and ends with the uninterrupted sweep's steps, Grams, evals and final results."""
+    from gradlens.search import run_sweep
+    from gradlens.train import Trainer
+
+    cfg = _sweep_cfg(5, every=1)
+    run_id = "w0.3-0.7_seed0"
+    straight = run_sweep(cfg, tmp_path / "straight", progress=False)
+    per_epoch = load_run(tmp_path / "straight" / run_id).meta["steps_run"] // 5
+    real = Trainer.fit_epochs
+    seen: dict[str, object] = {}
+
+    def interrupted(self, n):  # type: ignore[no-untyped-def]
+        if self.epoch < 2:
+            return real(self, n)
+        # the epoch-2 checkpoint was taken with every step before it on disk
+        seen["at_checkpoint"] = load_run(self.run_dir).probed_steps.tolist()
+        seen["checkpoint"] = (tmp_path / "resumed" / "checkpoints" / f"{run_id}.pt").is_file()
+        real(self, 1)
+        self.store.flush()  # on disk beyond the checkpoint: the resume must redo it
+        real(self, 1)
+        self.store._state._clear()  # what a SIGKILL loses: the unflushed buffer
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit_epochs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(Trainer, "fit_epochs", real)
+    assert seen == {"at_checkpoint": list(range(2 * per_epoch)), "checkpoint": True}
+    flushed = load_run(tmp_path / "resumed" / run_id).probed_steps.tolist()
+    assert flushed == list(range(3 * per_epoch))
+    resumed = run_sweep(cfg, tmp_path / "resumed", progress=False)
+    assert resumed["status"].tolist() == ["done"]
+    np.testing.assert_allclose(resumed[["val", "test"]], straight[["val", "test"]], rtol=1e-10)
+    run = load_run(tmp_path / "resumed" / run_id, strict=True)
+    assert [r["after_step"] for r in run.meta["resumes"]] == [flushed[-1]]
+    assert set(flushed) <= set(run.probed_steps.tolist())
+    assert run.meta["epochs_run"] == 5
+    _same_run(tmp_path / "resumed" / run_id, tmp_path / "straight" / run_id)
+    assert not (tmp_path / "resumed" / "checkpoints").exists()  # removed once all runs are done
+
+
+def test_a_failed_sweep_run_is_redone_from_scratch_not_from_its_checkpoint(tmp_path, monkeypatch):
+    from gradlens.search import run_sweep
+    from gradlens.train import Trainer
+
+    cfg = _sweep_cfg(3)
+    real = Trainer.fit_epochs
+
+    def failing(self, n):  # type: ignore[no-untyped-def]
+        if self.epoch == 2:
+            raise RuntimeError("boom")
+        return real(self, n)
+
+    monkeypatch.setattr(Trainer, "fit_epochs", failing)
+    df = run_sweep(cfg, tmp_path / "s", progress=False)
+    assert df["status"].tolist() == ["failed"]
+    assert not (tmp_path / "s" / "checkpoints" / "w0.3-0.7_seed0.pt").exists()
+    monkeypatch.setattr(Trainer, "fit_epochs", real)
+    df = run_sweep(cfg, tmp_path / "s", progress=False)
+    assert df["status"].tolist() == ["done"]
+    assert "resumes" not in load_run(tmp_path / "s" / "w0.3-0.7_seed0").meta
+
+
+def test_train_resumes_from_its_checkpoint_with_early_stopping_state(tmp_path, monkeypatch):
+    """``train(checkpoint=...)`` killed after epoch 3 and called again gives the uninterrupted
+    run's final metrics, epochs and early-stopping record."""
+    import gradlens.train.run as run_module
+    from gradlens.train import train
+
+    cfg = {**SYNTH, "epochs": 6, "early_stopping": 2, "every": 3}
+    ref = train(cfg, tmp_path / "straight", progress=False)
+    real = run_module._save_checkpoint
+    calls: list[int] = []
+
+    def dying(trainer, stopper, path):  # type: ignore[no-untyped-def]
+        real(trainer, stopper, path)
+        calls.append(trainer.epoch)
+        if trainer.epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "_save_checkpoint", dying)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", progress=False, checkpoint=ckpt)
+    assert ckpt.is_file()
+    monkeypatch.setattr(run_module, "_save_checkpoint", real)
+    res = train(cfg, tmp_path / "resumed", progress=False, checkpoint=ckpt)
+    assert not ckpt.exists()
+    assert (res.epochs_run, res.stopped_early) == (ref.epochs_run, ref.stopped_early)
+    for split in ("val", "test"):
+        for task, m in ref.metrics[split].items():
+            for k, v in m.items():
+                assert res.metrics[split][task][k] == pytest.approx(v, rel=1e-10, abs=1e-14)
+    a, b = load_run(tmp_path / "resumed"), load_run(tmp_path / "straight")
+    assert a.meta["early_stopping"]["best_epoch"] == b.meta["early_stopping"]["best_epoch"]
+    assert a.meta["early_stopping"]["best_score"] == pytest.approx(
+        b.meta["early_stopping"]["best_score"], rel=1e-10
+    )
+    _same_run(tmp_path / "resumed", tmp_path / "straight")
+
+
+def test_train_refuses_a_damaged_checkpoint(tmp_path):
+    from gradlens import GradlensError
+    from gradlens.train import train
+
+    ckpt = tmp_path / "run.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(GradlensError, match=r"`checkpoint` .*run.pt should be a checkpoint"):
+        train({**SYNTH, "epochs": 1}, progress=False, checkpoint=ckpt)
+    with pytest.raises(GradlensError, match=r"`checkpoint_every` should be an int >= 1; found 0"):
+        train({**SYNTH, "epochs": 1}, progress=False, checkpoint=ckpt, checkpoint_every=0)

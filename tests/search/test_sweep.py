@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +17,12 @@ from gradlens.cli import main
 from gradlens.search import SearchConfig, load_config, plan_sweep, run_sweep, simplex_grid
 from gradlens.search import sweep as sweep_mod
 from gradlens.train._data import load_train_data
+from tests._tiny import TINY_SEARCH
+from tests.search._kill import kill_when
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "sweep.toml"
-TINY = {
-    "dataset": "multidigits",
-    "dataset_options": {"n": 128},
-    "width": 0.125,
-    "depth": 1,
-    "lr": 0.01,
-    "batch_size": 64,
-    "epochs": 1,
-    "every": 1,
-}
+TINY = {**TINY_SEARCH, "epochs": 1}
 
 
 def _cfg(sweep: dict, workers: int = 1, **train: object) -> SearchConfig:
@@ -240,10 +231,10 @@ def test_broken_runs_are_redone_and_only_they(tmp_path):
 def test_a_failing_run_is_recorded_and_retried(tmp_path, monkeypatch):
     real = sweep_mod._train_trial
 
-    def flaky(train: dict, run_dir: str, yes: bool = False) -> dict:
+    def flaky(train: dict, run_dir: str, yes: bool = False, checkpoint: str | None = None) -> dict:
         if train["weights"]["left"] == 0.5:
             raise RuntimeError("boom")
-        return real(train, run_dir, yes)
+        return real(train, run_dir, yes, checkpoint)
 
     monkeypatch.setattr(sweep_mod, "_train_trial", flaky)
     out = tmp_path / "s"
@@ -261,29 +252,16 @@ def test_sigkill_mid_sweep_then_rerun_gives_every_run_exactly_once(tmp_path):
     cfg = tmp_path / "kill.toml"
     cfg.write_text(EXAMPLE.read_text().replace("p = [0.25, 0.75]", "p = [0.1, 0.3, 0.5, 0.7, 0.9]"))
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradlens.cli", "sweep", str(cfg), "--out", str(out),
-         "--workers", "1", "--no-progress"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                runs = _index(out)["runs"]
-            except (FileNotFoundError, json.JSONDecodeError):
-                runs = []
-            done = sum(r["status"] == "done" for r in runs)
-            if done >= 2 and any(r["status"] == "running" for r in runs):
-                break
-            assert proc.poll() is None, "the sweep ended before it could be killed"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    def ready() -> bool:
+        try:
+            runs = _index(out)["runs"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        done = sum(r["status"] == "done" for r in runs)
+        return done >= 2 and any(r["status"] == "running" for r in runs)
+
+    kill_when(["sweep", str(cfg), "--out", str(out), "--workers", "1", "--no-progress"], ready)
     runs = _index(out)["runs"]
     statuses = [r["status"] for r in runs]
     assert 2 <= statuses.count("done") < len(runs)
@@ -351,3 +329,52 @@ def test_domain_baselines_get_the_joint_runs_steps_per_epoch(tmp_path):
     assert d["steps_per_epoch"] == steps
     joint = sweep_mod.PlannedRun("p0.5", {"original": 0.5, "rotated": 0.5}, None, None, 0)
     assert "steps_per_epoch" not in joint.train_dict(base, "s", steps)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_continues_the_run_from_its_checkpoint(tmp_path):
+    """kill -9 of a sweep while its run trains, after its first checkpoint: the rerun keeps
+    every step flushed before the kill, continues the run (append mode) and ends with the
+    results of an uninterrupted sweep."""
+    cfg_path = tmp_path / "kill.toml"
+    cfg_path.write_text(
+        "[train]\n"
+        'dataset = "synthetic"\n'
+        "dataset_options = { n = 2000, angle = 120.0 }\n"
+        'model = "mlp"\nwidth = 0.05\ndepth = 1\noptimizer = "sgd"\nlr = 0.05\n'
+        "batch_size = 50\nepochs = 40\nevery = 1\n"
+        "[sweep]\np = [0.3]\n"
+        '[executor]\nkind = "local"\nworkers = 1\n'
+    )
+    out = tmp_path / "out"
+    rid = "w0.3-0.7_seed0"
+    ckpt = out / "checkpoints" / f"{rid}.pt"
+    first_seen: list[float] = []
+
+    def ready() -> bool:  # 0.3 s after the first checkpoint: into the following epochs
+        if not first_seen and ckpt.is_file():
+            first_seen.append(time.monotonic())
+        return bool(first_seen) and time.monotonic() - first_seen[0] > 0.3
+
+    kill_when(["sweep", str(cfg_path), "--out", str(out), "--no-progress"], ready)
+    assert _index(out)["runs"][0]["status"] == "running"
+    assert ckpt.is_file()
+    with warnings.catch_warnings():  # the run's writer died: reading it may warn
+        warnings.simplefilter("ignore", GradlensWarning)
+        flushed = load_run(out / rid).probed_steps.tolist()
+    assert flushed, "nothing was flushed before the kill"
+    with pytest.warns(GradlensWarning, match="Resuming the sweep"):
+        df = run_sweep(load_config(cfg_path), out, progress=False)
+    assert df["status"].tolist() == ["done"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([rid, "index.json"])
+    straight = run_sweep(load_config(cfg_path), tmp_path / "straight", progress=False)
+    np.testing.assert_allclose(df[["val", "test"]], straight[["val", "test"]], rtol=1e-10)
+    run = load_run(out / rid, strict=True)
+    ref = load_run(tmp_path / "straight" / rid, strict=True)
+    assert set(flushed) <= set(run.probed_steps.tolist())  # nothing flushed was lost
+    assert len(run.meta["resumes"]) == 1
+    assert run.meta["resumes"][0]["after_step"] >= flushed[-1]
+    assert 0 < run.meta["resumes"][0]["after_step"] < ref.probed_steps[-1]  # mid-training
+    np.testing.assert_array_equal(run.probed_steps, ref.probed_steps)
+    torch.testing.assert_close(run.all_grams(), ref.all_grams(), rtol=1e-10, atol=1e-14)
+    assert run.meta["epochs_run"] == ref.meta["epochs_run"] == 40

@@ -10,20 +10,12 @@ import pytest
 from gradlens import GradlensError, load_runs
 from gradlens.report import build_report
 from gradlens.search import SearchConfig, plan_sweep, run_sweep
+from tests._tiny import TINY_SEARCH
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("torchjd")
 
-TINY = {
-    "dataset": "multidigits",
-    "dataset_options": {"n": 128},
-    "width": 0.125,
-    "depth": 1,
-    "lr": 0.01,
-    "batch_size": 64,
-    "epochs": 1,
-    "every": 1,
-}
+TINY = {**TINY_SEARCH, "epochs": 1}
 
 
 def _cfg(sweep: dict) -> SearchConfig:

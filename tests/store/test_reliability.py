@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-import gradlens.store
 import gradlens.store._append
 import gradlens.store._io
+import gradlens.store.writer
 from gradlens import GradlensWarning, Snapshot, StoreError
 from gradlens.store import RunWriter, load_run
 
@@ -226,9 +226,9 @@ def test_meta_tasks_in_another_order_label_by_name(tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("tasks", "ab", "non-empty list of distinct strings; found 'ab'"),
-        ("tasks", ["a", "a"], "distinct"),
-        ("tasks", [1, 2], "distinct strings"),
+        ("tasks", "ab", r"`meta\['tasks'\]` should be a sequence of task names; found str"),
+        ("tasks", ["a", "a"], r"`meta\['tasks'\]` should be unique; found duplicates \['a'\]"),
+        ("tasks", [1, 2], r"`meta\['tasks'\]` should be non-empty strings"),
         ("format_version", True, "positive integer `format_version`; found True"),
         ("format_version", 0, "found 0"),
         ("format_version", -5, "found -5"),
@@ -330,7 +330,7 @@ def test_os_errors_are_store_errors(tmp_path, monkeypatch):
     def disk_full(final: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(gradlens.store, "atomic_write_bytes", disk_full)
+    monkeypatch.setattr(gradlens.store.writer, "atomic_write_bytes", disk_full)
     with pytest.raises(StoreError, match=r"Could not write the metadata .*No space left"):
         w.update_meta(seed=1)
     assert "seed" not in w.meta  # a failed call changes nothing

@@ -21,8 +21,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gradlens.store
 import gradlens.store._lock
+import gradlens.store.writer
 from gradlens import TOTAL_LAYER, GradlensError, GradlensWarning, Snapshot, StoreError
 from gradlens.metrics import metrics_frame
 from gradlens.store import FORMAT_VERSION, RunWriter, load_run, load_runs
@@ -233,7 +233,7 @@ def test_no_io_between_chunk_boundaries(tmp_path):
 
 def test_flush_seconds(tmp_path, monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(gradlens.store.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(gradlens.store.writer.time, "monotonic", lambda: clock[0])
     w = RunWriter(tmp_path / "r", flush_every=1000, flush_seconds=5.0)
     snaps = _snapshots(3)
     w.add_snapshot(snaps[0])
@@ -334,9 +334,12 @@ def test_tasks_come_from_the_first_snapshot_when_meta_has_none(tmp_path):
     [
         ({"meta": {"format_version": 3}}, r"`meta` should not set \['format_version'\]"),
         ({"meta": {"f": object()}}, r"JSON-serialisable .*found object at 'meta.f'"),
-        ({"meta": {"tasks": ["a", "a"]}}, r"distinct strings; found \['a', 'a'\]"),
+        (
+            {"meta": {"tasks": ["a", "a"]}},
+            r"`meta\['tasks'\]` should be unique; found duplicates \['a'\]",
+        ),
         ({"meta": [1]}, r"`meta` should be a mapping or None; found list"),
-        ({"flush_every": 0}, r"`flush_every` should be a positive int; found 0"),
+        ({"flush_every": 0}, r"`flush_every` should be an int >= 1; found 0"),
         ({"flush_seconds": -1.0}, r"`flush_seconds` should be a positive number .*found -1.0"),
     ],
 )
@@ -369,7 +372,7 @@ def test_snapshot_errors(tmp_path):
         with pytest.raises(StoreError, match=r"`snap.tasks` should be the run's tasks"):
             w.add_snapshot(other)
         bad = Snapshot(9, ("a", "b", "c"), torch.eye(2, dtype=torch.float64), {}, torch.ones(3))
-        with pytest.raises(StoreError, match=r"layer '__all__' at step 9 should be 3 x 3"):
+        with pytest.raises(StoreError, match=r"layer 'total' at step 9 should be 3 x 3"):
             w.add_snapshot(bad)
         with pytest.raises(StoreError, match=r"`snap` should be a gradlens Snapshot; found dict"):
             w.add_snapshot({})  # type: ignore[arg-type]
@@ -523,7 +526,7 @@ def test_flush_cut_short_leaves_nothing_visible(tmp_path, monkeypatch):
     snaps = _snapshots(4)
     w.add_snapshot(snaps[0])
     w.add_snapshot(snaps[1])
-    real = gradlens.store.atomic_write_table
+    real = gradlens.store.writer.atomic_write_table
 
     def dies_on_steps(final: Path, table: object) -> None:
         if final.parent.name == "steps":
@@ -531,7 +534,7 @@ def test_flush_cut_short_leaves_nothing_visible(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # stands for the kill: the rename never happens
         real(final, table)
 
-    monkeypatch.setattr(gradlens.store, "atomic_write_table", dies_on_steps)
+    monkeypatch.setattr(gradlens.store.writer, "atomic_write_table", dies_on_steps)
     w.add_snapshot(snaps[2])
     with pytest.raises(KeyboardInterrupt):
         w.add_snapshot(snaps[3])
@@ -541,7 +544,7 @@ def test_flush_cut_short_leaves_nothing_visible(tmp_path, monkeypatch):
         run = load_run(path)  # no warning: an uncommitted chunk is not damage
     np.testing.assert_array_equal(run.probed_steps, [0, 1])
     np.testing.assert_array_equal(run.scalars.step.unique(), [0, 1])
-    monkeypatch.setattr(gradlens.store, "atomic_write_table", real)
+    monkeypatch.setattr(gradlens.store.writer, "atomic_write_table", real)
     w.close()  # the buffered steps were kept and are written now
     np.testing.assert_array_equal(load_run(path).probed_steps, [0, 1, 2, 3])
 

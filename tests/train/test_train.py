@@ -17,24 +17,9 @@ from gradlens._errors import GradlensError
 from gradlens.data import expected_gradient_cosine, expected_gradient_gram
 from gradlens.train import TrainConfig, Trainer, TrainResult, score, train
 from gradlens.train._data import multidomain_losses
+from tests._tiny import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
-
-
-def tiny(**kw):
-    """A two-task MultiDigits run of a few steps."""
-    cfg = {
-        "dataset": "multidigits",
-        "dataset_options": {"n": 160},
-        "model": "mlp",
-        "width": 0.125,
-        "depth": 1,
-        "batch_size": 32,
-        "epochs": 1,
-        "every": 2,
-    }
-    cfg.update(kw)
-    return cfg
 
 
 def domains(**kw):
@@ -100,10 +85,10 @@ def test_config_defaults_and_round_trip():
         ({"optimizer": "rmsprop"}, r"`optimizer` should be one of \['sgd', 'adam'\]"),
         ({"engine": "fast"}, r"`engine` should be one of \['auto', 'batched', 'features', "
          r"'gramian'"),
-        ({"lr": 0.0}, r"`lr` should be a finite number > 0.0; found 0.0"),
+        ({"lr": 0.0}, r"`lr` should be a finite number > 0; found 0.0"),
         ({"lr": math.inf}, r"`lr` should be a finite number"),
-        ({"momentum": 1.0}, r"`momentum` should be a finite number >= 0.0 and < 1.0"),
-        ({"width": -1}, r"`width` should be a finite number > 0.0"),
+        ({"momentum": 1.0}, r"`momentum` should be a finite number >= 0 and < 1; found 1.0"),
+        ({"width": -1}, r"`width` should be a finite number > 0; found -1"),
         ({"depth": 0}, r"`depth` should be an int >= 1; found 0"),
         ({"batch_size": 2.5}, r"`batch_size` should be an int >= 1"),
         ({"epochs": -1}, r"`epochs` should be an int >= 0"),
@@ -111,8 +96,8 @@ def test_config_defaults_and_round_trip():
         ({"every": 0}, r"`every` should be a positive int .*'log' or 'log:N'.*found 0"),
         ({"every": "log:0"}, r"`every` should be a positive int"),
         ({"early_stopping": 0}, r"`early_stopping` should be an int >= 1"),
-        ({"tasks": "left"}, r"`tasks` should be a list of task names"),
-        ({"tasks": ["a", "a"]}, r"`tasks` should be a non-empty list of distinct task names"),
+        ({"tasks": "left"}, r"`tasks` should be a sequence of task names; found str"),
+        ({"tasks": ["a", "a"]}, r"`tasks` should be unique; found duplicates \['a'\]"),
         ({"weights": {"a": -1.0}}, r"`weights\['a'\]` should be a finite number >= 0"),
         ({"weights": {"a": 0.0, "b": 0}}, r"`weights` should have a positive sum"),
         ({"weights": [0.5, 0.5]}, r"`weights` should be a non-empty mapping"),
@@ -459,7 +444,7 @@ def test_state_dict_is_a_snapshot_and_load_checks_it():
 
 def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path, monkeypatch):
     scripted = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])
-    monkeypatch.setattr(gtrain, "score", lambda metrics: next(scripted))
+    monkeypatch.setattr(gtrain.run, "score", lambda metrics: next(scripted))
     res = train(tiny(epochs=6, early_stopping=2), tmp_path / "run", progress=False)
     assert (res.epochs_run, res.stopped_early) == (4, True)
     run = load_run(tmp_path / "run")
@@ -479,7 +464,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path, monkeypatch)
 
 def test_early_stopping_runs_all_epochs_while_improving(monkeypatch):
     scripted = iter([0.1, 0.2, 0.3])
-    monkeypatch.setattr(gtrain, "score", lambda metrics: next(scripted))
+    monkeypatch.setattr(gtrain.run, "score", lambda metrics: next(scripted))
     res = train(tiny(epochs=3, early_stopping=1), None, progress=False)
     assert (res.epochs_run, res.stopped_early) == (3, False)
 
@@ -542,7 +527,7 @@ def test_full_batch_cosines_equal_the_planted_angle(tmp_path):
     G = run.gram(0)
     want = expected_gradient_gram(3, 75.0, scales).numpy()
     np.testing.assert_allclose(G / G[0, 0], want / want[0, 0], rtol=1e-5, atol=1e-5)
-    cos = run.metrics.query("layer == '__all__' and metric == 'cosine' and step == 0")
+    cos = run.metrics.query("layer == 'total' and metric == 'cosine' and step == 0")
     np.testing.assert_allclose(cos["value"], math.cos(math.radians(75.0)), atol=1e-5)
 
 
@@ -560,7 +545,7 @@ def test_minibatch_mean_cosine_matches_the_closed_form(tmp_path):
     t.fit_epochs(10)
     t.finish()
     run = load_run(tmp_path / "run")
-    cos = run.metrics.query("layer == '__all__' and metric == 'cosine'")["value"].to_numpy()
+    cos = run.metrics.query("layer == 'total' and metric == 'cosine'")["value"].to_numpy()
     assert len(cos) == 100
     want = float(expected_gradient_cosine(2, 60.0, noise=0.1, dim=16, batch_size=b)[0, 1])
     se = cos.std(ddof=1) / math.sqrt(len(cos))

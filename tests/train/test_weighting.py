@@ -9,24 +9,15 @@ import torch
 from gradlens import GradlensError, load_run
 from gradlens.cli import main
 from gradlens.train import TrainConfig, Trainer, train
+from tests import _tiny
+from tests._tiny import tiny_train_args
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("error")]
 pytest.importorskip("torchjd")
 
 
 def tiny(**kw):
-    cfg = {
-        "dataset": "multidigits",
-        "dataset_options": {"n": 256, "seed": 0},
-        "model": "mlp",
-        "width": 0.125,
-        "depth": 1,
-        "batch_size": 32,
-        "epochs": 1,
-        "every": 2,
-    }
-    cfg.update(kw)
-    return cfg
+    return _tiny.tiny(**{"dataset_options": {"n": 256, "seed": 0}, **kw})
 
 
 @pytest.mark.parametrize(
@@ -109,19 +100,7 @@ def test_train_command_with_a_weighting_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     args = [
         "train",
-        "--data-option",
-        "n=128",
-        "--width",
-        "0.125",
-        "--depth",
-        "1",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "1",
-        "--every",
-        "1",
-        "--no-progress",
+        *tiny_train_args(every=1),
         "--weighting",
         "upgrad",
         "--per-layer",

@@ -39,7 +39,7 @@ import os
 import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -105,7 +105,8 @@ def run(core: Callable[..., _R], *args: Any, **static: Hashable) -> _R:
             if fn is None:
                 fn = torch.compile(core, dynamic=True)
                 _compiled[key] = fn
-            out = fn(*args, **static)
+            # the compiled callable computes what ``core`` does: its result has core's type
+            out = cast("_R", fn(*args, **static))
     except Exception as exc:  # any compiler/runtime failure: exact eager path from now on
         _disable(core, exc)
         return core(*args, **static)
@@ -119,7 +120,8 @@ def _recompile_room() -> contextlib.AbstractContextManager[object]:
     import torch._dynamo.config as cfg
 
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    return cfg.patch(name, max(int(getattr(cfg, name)), _RECOMPILE_LIMIT))
+    room = cfg.patch(name, max(int(getattr(cfg, name)), _RECOMPILE_LIMIT))
+    return cast("contextlib.AbstractContextManager[object]", room)
 
 
 def _disable(core: Callable[..., Any], exc: Exception) -> None:

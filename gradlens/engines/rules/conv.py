@@ -10,17 +10,21 @@ Blocks of output channels bound the memory when ``groups == 1``. The Gram is the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
 from gradlens.engines.rules import register_rule
 
 __all__ = ["conv_weight_grads"]
 
-_WEIGHT_GRAD = {
-    1: torch.nn.grad.conv1d_weight,
-    2: torch.nn.grad.conv2d_weight,
-    3: torch.nn.grad.conv3d_weight,
+#: torch's weight-gradient kernels by spatial rank (torch leaves them unannotated)
+_WEIGHT_GRAD: dict[int, Callable[..., torch.Tensor]] = {
+    1: conv1d_weight,
+    2: conv2d_weight,
+    3: conv3d_weight,
 }
 
 
@@ -42,6 +46,7 @@ def conv_weight_grads(
     >>> want = torch.stack([torch.autograd.grad(conv(x), conv.weight, d[t])[0] for t in range(3)])
     >>> torch.testing.assert_close(got, want)
     """
+    assert isinstance(module, nn.modules.conv._ConvNd)  # registered for Conv1d/2d/3d only
     W = module.weight
     T, B = d.shape[:2]
     sp = d.shape[3:]
@@ -75,6 +80,8 @@ def conv_rule(
     weights: torch.Tensor | None,
     budget: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The layer's float64 Gram and its parameters' weighted gradients (see the module doc)."""
+    assert isinstance(module, nn.modules.conv._ConvNd)  # registered for Conv1d/2d/3d only
     W, b = module.weight, module.bias
     has_w = W.requires_grad
     has_b = b is not None and b.requires_grad
@@ -85,7 +92,10 @@ def conv_rule(
     out: dict[str, torch.Tensor] = {}
     if has_b:
         nsp = out_grads[0].dim() - 3  # spatial dims after (T, B, O)
-        gb = sum(d.sum(dim=(1, *range(3, 3 + nsp))) for d in out_grads)  # T x O
+        axes = (1, *range(3, 3 + nsp))
+        gb = out_grads[0].sum(dim=axes)  # T x O
+        for d in out_grads[1:]:
+            gb = gb + d.sum(dim=axes)
         G += (gb @ gb.T).to(torch.float64)
         if w is not None:
             out["bias"] = w @ gb

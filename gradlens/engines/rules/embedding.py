@@ -51,6 +51,7 @@ def embedding_rule(
     budget: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The embedding table's Gram and weighted gradient (see the module docstring)."""
+    assert isinstance(module, nn.Embedding)  # registered for nn.Embedding only
     W = module.weight
     T, dim = out_grads[0].shape[0], W.shape[1]
     idx = torch.cat([x.reshape(-1) for x in inputs])

@@ -14,16 +14,20 @@ The weighted gradient ``(sum_t w_t D_t)^T A`` costs what a plain backward's weig
 HF's ``Conv1D`` (GPT-2), ``y = x W + b`` with ``W`` stored transposed, shares the math
 (:func:`conv1d_rule`). The kernel path is one pure function, :func:`kernel_core`; on CUDA it runs
 compiled through ``torch.compile`` (see :mod:`gradlens.engines.rules._fused`), elsewhere eagerly.
+Several layers of one shape go through the kernel path together in :func:`linear_group` (the
+``gramian`` engine uses it for layers whose gradients arrive from the same backward call).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from gradlens.engines.rules import _fused, register_rule
 
-__all__ = ["conv1d_rule", "kernel_chunk", "kernel_core", "linear_grads"]
+__all__ = ["conv1d_rule", "kernel_chunk", "kernel_core", "linear_grads", "linear_group"]
 
 
 def _weighted_grads(
@@ -165,6 +169,14 @@ def _pack(gW: torch.Tensor | None, gb: torch.Tensor | None) -> dict[str, torch.T
     return out
 
 
+def _weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The module's ``weight`` and ``bias`` (None when absent) as tensors."""
+    W, b = module.weight, getattr(module, "bias", None)
+    if not isinstance(W, torch.Tensor) or not (b is None or isinstance(b, torch.Tensor)):
+        raise TypeError(f"internal: {type(module).__name__} has no tensor weight and bias")
+    return W, b
+
+
 @register_rule(nn.Linear, name="linear")
 def linear_rule(
     module: nn.Module,
@@ -174,7 +186,7 @@ def linear_rule(
     budget: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The layer's float64 Gram and its parameters' weighted gradients (see the module doc)."""
-    W, b = module.weight, module.bias
+    W, b = _weight_bias(module)
     out_f, in_f = W.shape
     A, D = _flatten(inputs, out_grads, in_f, out_f)
     has_b = b is not None and b.requires_grad
@@ -191,9 +203,75 @@ def conv1d_rule(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Hugging Face's ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` of shape (in, out), the
     transpose of a Linear's; the same Gram, the weight gradient transposed."""
-    W, b = module.weight, module.bias
+    W, b = _weight_bias(module)
     in_f, out_f = W.shape
     A, D = _flatten(inputs, out_grads, in_f, out_f)
     has_b = b is not None and b.requires_grad
     G, gW, gb = linear_grads(A, D, weights, W.requires_grad, has_b, budget)
     return G, _pack(None if gW is None else gW.T, gb)
+
+
+def linear_group(
+    modules: Sequence[nn.Module],
+    inputs: Sequence[torch.Tensor],
+    out_grads: Sequence[torch.Tensor | None],
+    weights: torch.Tensor | None,
+    budget: int,
+) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]] | None:
+    """:func:`linear_rule` for several ``nn.Linear`` layers of one shape at once (one recorded
+    call each): the kernel path as batched products over the layers, a handful of calls for
+    the group instead of a dozen per layer (on small layers the per-call overhead dominates).
+
+    ``inputs[l]`` is layer l's input, ``out_grads[l]`` its (T, *output) task gradients, all of
+    one shape and dtype. Returns each layer's ``(Gram, weighted gradients)`` as the rule would,
+    or None when the group is not served this way: the layers' trainable parameters differ, a
+    layer has no trainable weight, the kernel path is not the cheaper one, or the group's
+    blocks exceed ``budget``, or the fused (compiled) path is enabled for their device.
+
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> lins = [nn.Linear(16, 16).double() for _ in range(3)]
+    >>> xs = [torch.randn(4, 16, dtype=torch.float64) for _ in lins]
+    >>> ds = [torch.randn(2, 4, 16, dtype=torch.float64) for _ in lins]
+    >>> w = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    >>> got = linear_group(lins, xs, ds, w, 1 << 20)
+    >>> want = [linear_rule(m, [x], [d], w, 1 << 20) for m, x, d in zip(lins, xs, ds)]
+    >>> all(torch.allclose(g[0], r[0]) and torch.allclose(g[1]["weight"], r[1]["weight"])
+    ...     and torch.allclose(g[1]["bias"], r[1]["bias"]) for g, r in zip(got, want))
+    True
+    """
+    params = [_weight_bias(m) for m in modules]
+    flags = {(W.requires_grad, b is not None and b.requires_grad) for W, b in params}
+    shapes = {W.shape for W, _ in params}
+    if len(flags) != 1 or len(shapes) != 1 or any(d is None for d in out_grads):
+        return None
+    has_w, has_b = flags.pop()
+    out_f, in_f = shapes.pop()
+    d0 = out_grads[0]
+    assert d0 is not None
+    T, n_layers, N = d0.shape[0], len(modules), inputs[0].numel() // in_f
+    kernel_flops = N * N * in_f + T * N * N * out_f + T * T * N * out_f
+    grad_flops = T * N * out_f * in_f + T * T * out_f * in_f
+    block = n_layers * (2 * T * N * out_f + N * N + N * in_f) * d0.element_size()
+    if not has_w or kernel_flops > grad_flops or block > budget:
+        return None
+    if _fused.enabled_for(d0.device):  # the compiled per-layer kernel path was asked for
+        return None
+    A = torch.stack([x.reshape(N, in_f) for x in inputs])  # L x N x in
+    D = torch.stack([d.reshape(T, N, out_f) for d in out_grads if d is not None])  # L x T x N x out
+    K = A @ A.transpose(1, 2)  # L x N x N
+    if has_b:
+        K = K + 1.0
+    Df = D.reshape(n_layers, T, N * out_f)
+    KD = torch.matmul(K.unsqueeze(1), D).reshape(n_layers, T, N * out_f)
+    G = Df @ KD.transpose(1, 2)  # L x T x T
+    del KD
+    G = (G.tril() + G.tril(-1).transpose(1, 2)).to(torch.float64)  # exactly symmetric
+    if weights is None:  # the Grams only
+        return [(G[k], {}) for k in range(n_layers)]
+    Dw = torch.matmul(weights.to(D.dtype), Df).reshape(n_layers, N, out_f)
+    gW = Dw.transpose(1, 2) @ A  # L x out x in
+    gb = Dw.sum(1) if has_b else None
+    return [
+        (G[k], _pack(gW[k], None if gb is None else gb[k])) for k in range(n_layers)
+    ]

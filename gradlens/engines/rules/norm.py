@@ -31,11 +31,12 @@ def normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, eps=module.eps)
     assert isinstance(module, nn.modules.batchnorm._BatchNorm)
-    batch_stats = module.training or module.running_mean is None
+    mean, var = module.running_mean, module.running_var
+    batch_stats = module.training or mean is None or var is None
     return F.batch_norm(
         x,
-        None if batch_stats else module.running_mean.to(x.dtype),
-        None if batch_stats else module.running_var.to(x.dtype),  # type: ignore[union-attr]
+        None if batch_stats or mean is None else mean.to(x.dtype),
+        None if batch_stats or var is None else var.to(x.dtype),
         training=batch_stats,
         eps=module.eps,
     )

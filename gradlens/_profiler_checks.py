@@ -1,0 +1,268 @@
+"""The profiler's argument checks and the small steps around a probe (private).
+
+Each check raises a :class:`~gradlens.GradlensError` naming the argument, what it should be and
+what was found; the general ones come from :mod:`gradlens._validate`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch import nn
+
+from gradlens._errors import GradlensError
+from gradlens.engines._base import Engine
+
+if TYPE_CHECKING:
+    from gradlens.profiler import Sink
+
+__all__ = [
+    "VMAP_ENGINES",
+    "check_features",
+    "check_finite",
+    "check_scale",
+    "grads_kept",
+    "open_store",
+    "stack_grams",
+    "stack_losses",
+    "uncompiled",
+    "weight_values",
+]
+
+#: Engines that backpropagate T cotangents at once with vmap (unsupported by torch.compile).
+VMAP_ENGINES = ("gramian", "batched")
+
+
+@contextmanager
+def grads_kept(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Let an engine write ``.grad`` of ``params`` into fresh tensors, then put the old back."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+def check_scale(grad_scale: float | torch.Tensor | Any, L: torch.Tensor) -> torch.Tensor | None:
+    if grad_scale is None:
+        return None
+    if isinstance(grad_scale, torch.amp.GradScaler):
+        if not grad_scale.is_enabled():
+            return None
+        # scale() initialises the scaler's state (scaler.step needs it) and reads the scale
+        # without a host sync
+        one = torch.ones((), dtype=torch.float32, device=L.device)
+        return grad_scale.scale(one).reshape(()).to(L.dtype)
+    if isinstance(grad_scale, torch.Tensor):
+        if grad_scale.numel() != 1:
+            raise GradlensError(
+                "`grad_scale` should be a torch.amp.GradScaler, a positive finite number or a "
+                f"one-element tensor; found a tensor of shape {tuple(grad_scale.shape)}."
+            )
+        s = grad_scale.detach().reshape(()).to(L.device, L.dtype)
+    elif isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool):
+        s = torch.tensor(float(grad_scale), dtype=L.dtype, device=L.device)
+    else:
+        raise GradlensError(
+            "`grad_scale` should be a torch.amp.GradScaler, a positive finite number or a "
+            f"one-element tensor; found {type(grad_scale).__name__}."
+        )
+    f = float(s)
+    if not math.isfinite(f) or f <= 0:
+        raise GradlensError(f"`grad_scale` should be positive and finite; found {f}.")
+    return s
+
+
+def uncompiled(
+    shared: nn.Module | Iterable[Any], engine: str
+) -> tuple[nn.Module | Iterable[Any], bool]:
+    """Unwrap a ``torch.compile``'d module; refuse engines that vmap through compiled graphs.
+
+    Returns the module and whether any part of it is compiled.
+    """
+    dynamo = sys.modules.get("torch._dynamo")  # nothing is compiled before dynamo is imported
+    if not isinstance(shared, nn.Module) or dynamo is None:
+        return shared, False
+    optimized = dynamo.eval_frame.OptimizedModule
+    compiled = [
+        name or "(root)"
+        for name, m in shared.named_modules()
+        if isinstance(m, optimized) or getattr(m, "_compiled_call_impl", None) is not None
+    ]
+    if compiled and engine in VMAP_ENGINES:
+        raise GradlensError(
+            f"`engine={engine!r}` cannot profile a torch.compile'd `shared` module (compiled: "
+            f"{compiled}): it needs a batched (vmap) backward through the compiled graph, which "
+            "torch.compile does not support. Use engine='loop' (exact, one backward per task), "
+            "or engine='features' with only the trunk compiled, or compile only the task heads."
+        )
+    while isinstance(shared, optimized):
+        shared = shared._orig_mod  # parameter and layer names without the `_orig_mod.` prefix
+    return shared, bool(compiled)
+
+
+def stack_losses(
+    losses: Mapping[str, torch.Tensor], tasks: tuple[str, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Validate the losses; return them stacked (T,) and as the per-task scalars stacked.
+
+    The scalars are kept because a backward from ``L[t]`` would run through every task's graph
+    (through the stack), where one from the scalar runs through task t's graph only.
+    """
+    if not isinstance(losses, Mapping):
+        raise GradlensError(
+            f"`losses` should be a mapping task -> scalar loss; found {type(losses).__name__}."
+        )
+    unknown = [k for k in losses if k not in tasks]
+    if unknown:
+        raise GradlensError(
+            f"`losses` has undeclared tasks {unknown}; the profiler's tasks are {list(tasks)}."
+        )
+    missing = [t for t in tasks if t not in losses]
+    if missing:
+        raise GradlensError(f"`losses` is missing tasks {missing}; expected all of {list(tasks)}.")
+    vals = []
+    for t in tasks:
+        v = losses[t]
+        if not isinstance(v, torch.Tensor):
+            raise GradlensError(
+                f"`losses[{t!r}]` should be a scalar tensor; found {type(v).__name__}."
+            )
+        if v.numel() != 1:
+            raise GradlensError(
+                f"`losses[{t!r}]` should be a scalar (one element); found shape "
+                f"{tuple(v.shape)}. Reduce it (e.g. .mean()) first."
+            )
+        if not v.dtype.is_floating_point:
+            raise GradlensError(
+                f"`losses[{t!r}]` should be a real floating-point scalar; found dtype {v.dtype}."
+                + (" Take .abs() or .real of a complex loss first." if v.is_complex() else "")
+            )
+        if not v.requires_grad:
+            raise GradlensError(
+                f"`losses[{t!r}]` should require grad (depend on the model's parameters); "
+                "found a tensor with requires_grad=False."
+            )
+        vals.append(v if v.dim() == 0 else v.reshape(()))  # no extra view node for a scalar
+    if len({v.device for v in vals}) > 1:
+        found = {t: str(v.device) for t, v in zip(tasks, vals)}
+        raise GradlensError(f"`losses` should all be on one device; found {found}.")
+    dtypes = {v.dtype for v in vals}
+    if len(dtypes) > 1:
+        dt = torch.promote_types(*dtypes) if len(dtypes) == 2 else torch.float64
+        vals = [v.to(dt) for v in vals]
+    # finiteness is checked by the caller on probed steps only (see check_finite)
+    return torch.stack(vals), vals
+
+
+def check_finite(L: torch.Tensor, tasks: tuple[str, ...]) -> None:
+    finite = torch.isfinite(L.detach())
+    if not bool(finite.all()):
+        bad = {t: v for t, v, ok in zip(tasks, L.detach().tolist(), finite.tolist()) if not ok}
+        raise GradlensError(f"`losses` should be finite; found {bad}.")
+
+
+def weight_values(
+    weights: Mapping[str, float | torch.Tensor] | None, tasks: tuple[str, ...]
+) -> tuple[float, ...]:
+    """The validated weights as floats, in task order (all 1 for None)."""
+    if weights is None:
+        return (1.0,) * len(tasks)
+    if not isinstance(weights, Mapping):
+        raise GradlensError(
+            f"`weights` should be a mapping task -> weight or None; found {type(weights).__name__}."
+        )
+    if set(weights) != set(tasks):
+        raise GradlensError(
+            f"`weights` should have exactly the tasks {list(tasks)} as keys; found {list(weights)}."
+        )
+    vals = []
+    for t in tasks:
+        v = weights[t]
+        if isinstance(v, (str, bytes, bool)):  # float() would accept "0.5" and True
+            raise GradlensError(
+                f"`weights[{t!r}]` should be a real number; found {type(v).__name__} ({v!r})."
+            )
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise GradlensError(
+                f"`weights[{t!r}]` should be a real number; found {type(v).__name__}."
+            ) from None
+        if not math.isfinite(f) or f < 0:
+            raise GradlensError(f"`weights[{t!r}]` should be finite and >= 0; found {f}.")
+        vals.append(f)
+    return tuple(vals)
+
+
+def open_store(store: str | Path | Any | None, meta: dict[str, Any]) -> Sink | None:
+    if store is None:
+        return None
+    if isinstance(store, (str, Path)):
+        from gradlens.store import RunWriter
+
+        return RunWriter(store, meta=meta)
+    if hasattr(store, "add_snapshot") and hasattr(store, "close"):
+        if hasattr(store, "update_meta"):
+            store.update_meta(**meta)
+        return cast("Sink", store)  # duck-typed: it has the Sink methods
+    raise GradlensError(
+        f"`store` should be a run directory path or a RunWriter; found {type(store).__name__}."
+    )
+
+
+def check_features(
+    features: torch.Tensor | Sequence[torch.Tensor] | None, engine: Engine
+) -> list[torch.Tensor] | None:
+    """``features`` as a list of tensors for an engine that needs them (None for the others)."""
+    if not engine.needs_features:
+        if features is not None:
+            raise GradlensError(
+                f"`features` is used only by engine='features'; found it passed to "
+                f"engine={engine.name!r}. Drop it or switch engines."
+            )
+        return None
+    if features is None:
+        raise GradlensError(
+            "`features` should be the shared representation z (a tensor that requires grad) "
+            "when engine='features'; found None. Call prof.backward(losses, features=z)."
+        )
+    feats = [features] if isinstance(features, torch.Tensor) else list(features)
+    for z in feats:
+        if not isinstance(z, torch.Tensor) or not z.requires_grad:
+            raise GradlensError(
+                "`features` should be tensors that require grad (the output of the shared "
+                f"part); found {type(z).__name__}"
+                + (" with requires_grad=False" if isinstance(z, torch.Tensor) else "")
+                + "."
+            )
+    return feats
+
+
+def stack_grams(
+    computed: Mapping[str, torch.Tensor], layers: Sequence[str] | None, T: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[str, ...]]:
+    """The total Gram, the per-layer Grams on CPU and the layers no loss reached.
+
+    With ``layers`` (parameter-level engines), every trainable shared layer is listed: one that
+    no loss reached gets a zero Gram and is named in the third item.
+    """
+    unreached = tuple(n for n in layers if n not in computed) if layers is not None else ()
+    if unreached and layers is not None:
+        device = next(iter(computed.values())).device if computed else torch.device("cpu")
+        zero = torch.zeros(T, T, dtype=torch.float64, device=device)
+        computed = {n: computed.get(n, zero) for n in layers}
+    names = list(computed)
+    if not names:
+        return torch.zeros(T, T, dtype=torch.float64), {}, unreached
+    stacked = torch.stack([computed[n] for n in names]).cpu()
+    return stacked.sum(0), dict(zip(names, stacked.unbind(0))), unreached

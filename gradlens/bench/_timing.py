@@ -1,0 +1,267 @@
+"""The interleaved timing of the methods (:func:`run_benchmark`) and its table."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from gradlens._errors import GradlensError
+from gradlens.bench._hardware import _check_device, _clock, _parse_device
+from gradlens.bench._setup import _ONCE, _Setup
+from gradlens.bench._weightings import WEIGHTED_METHODS
+
+__all__ = ["AMORTISED", "METHODS", "ZOO_MODELS", "format_table", "run_benchmark"]
+
+METHODS = ("plain", "loop-libmtl", "torchjd", "loop", "batched", "gramian", "auto", "features")
+
+#: ``gradlens bench --zoo``: Hugging Face trunks (see :mod:`gradlens.bench._zoo`) and two of ours
+ZOO_MODELS = (
+    "bert",
+    "gpt2",
+    "t5-encoder",
+    "vit",
+    "resnet",
+    "convnext",
+    "mobilenetv2",
+    "mlp-1m",
+    "cnn-1m",
+)
+
+#: methods that get amortised rows (``method@every=k``) when ``amortise`` is not empty
+AMORTISED = ("gramian", "features")
+
+
+def _available(methods: Sequence[str]) -> list[str]:
+    out = []
+    for m in methods:
+        if m not in METHODS and m not in WEIGHTED_METHODS:
+            raise GradlensError(
+                f"`methods` should be among {[*METHODS, *WEIGHTED_METHODS]}; found {m!r}."
+            )
+        if (m == "torchjd" or "+" in m) and importlib.util.find_spec("torchjd") is None:
+            continue
+        out.append(m)
+    return out
+
+
+def run_benchmark(
+    models: Sequence[str] = ("mlp-1m", "cnn-1m"),
+    tasks: Sequence[int] = (2, 8, 40),
+    methods: Sequence[str] = METHODS,
+    *,
+    batch: int = 128,
+    repeats: int = 7,
+    warmup: int = 2,
+    amortise: Sequence[int] = (10, 100),
+    clock: str = "wall",
+    device: str | torch.device = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Time one training step per method, interleaved, as ratios to the plain step.
+
+    Returns one row per (model, T, method): median seconds per step, ratio to plain, ratio to the
+    LibMTL-style loop, and the device. For ``gramian`` and ``features`` (see :data:`AMORTISED`),
+    when ``amortise`` is not empty, three more kinds of rows, all from the same interleaved run:
+
+    - ``<method>-after-probe``: an unprobed step right after a probed one. It costs more than a
+      steady unprobed step (on CPU ~10 % for ``gramian``: the allocator and page-fault aftermath
+      of the probe's large buffers; a plain step right after a probe is equally slower).
+    - ``<method>-unprobed``: a steady unprobed step, one preceded by an unprobed step.
+    - ``<method>@every=k`` for each ``k`` in ``amortise`` (integers >= 2): the mean step time
+      when probing every k-th step, ``(t_probe + t_after + (k - 2) t_steady) / k``, where
+      ``t_probe`` is the ``<method>`` row, ``t_after`` the after-probe row and ``t_steady`` the
+      unprobed row.
+
+    The unprobed steps are timed on a profiler made fresh for each timing with
+    ``every=10**9``, so it probes its step 0 only: step 1 is the after-probe step, step 2 a
+    steady one.
+
+    ``clock="cpu"`` times the CPU time of the calling thread (``time.thread_time``) with torch
+    on one thread: robust to other processes sharing the machine, and the work each method does;
+    ``clock="wall"`` (default) is elapsed time with torch's own threading. ``device`` is "cpu",
+    "cuda" or "cuda:N"; on CUDA only the wall clock is meaningful (the CPU time of the launching
+    thread misses the kernels), and each timed step starts and ends with
+    ``torch.cuda.synchronize()``.
+    """
+    if clock not in ("wall", "cpu"):
+        raise GradlensError(f"`clock` should be 'wall' or 'cpu'; found {clock!r}.")
+    dev = _parse_device(device)
+    if clock == "cpu" and dev.type == "cuda":
+        raise GradlensError(
+            f"`clock` should be 'wall' when `device` is a CUDA device (the CPU time of the "
+            f"launching thread does not include the GPU's work); found clock='cpu' with "
+            f"device={device!r}."
+        )
+    dev = _check_device(dev, device)
+    bad = [k for k in amortise if isinstance(k, bool) or not isinstance(k, int) or k < 2]
+    if bad:
+        raise GradlensError(
+            f"`amortise` should hold integers k >= 2 (probe every k-th step; k=1 is the probed "
+            f"row itself); found {list(amortise)!r}."
+        )
+    now = _clock(clock, dev)
+    if clock == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _run(
+                models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress
+            )
+        finally:
+            torch.set_num_threads(threads)
+    return _run(models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress)
+
+
+def _amortised(t_probe: float, t_after: float, t_steady: float, k: int) -> float:
+    """Mean step time when probing every ``k``-th step (k >= 2): one probed step, one step right
+    after it, ``k - 2`` steady unprobed steps."""
+    return (t_probe + t_after + (k - 2) * t_steady) / k
+
+
+def _run(
+    models: Sequence[str],
+    tasks: Sequence[int],
+    methods: Sequence[str],
+    batch: int,
+    repeats: int,
+    warmup: int,
+    amortise: Sequence[int],
+    now: Callable[[], float],
+    device: torch.device,
+    progress: Callable[[str], None] | None,
+) -> list[dict[str, Any]]:
+    methods = _available(methods)
+    # timed unprobed steps: name -> (method, untimed steps of a fresh every=_ONCE profiler before
+    # the timed one): 1 = the probe (so the timed step comes right after it), 2 = probe + one
+    # unprobed step (so the timed step is a steady one)
+    unprobed: dict[str, tuple[str, int]] = {}
+    if amortise:
+        for m in AMORTISED:
+            if m in methods:
+                unprobed[f"{m}-after-probe"] = (m, 1)
+                unprobed[f"{m}-unprobed"] = (m, 2)
+    rows: list[dict[str, Any]] = []
+    for model in models:
+        for T in tasks:
+            setup = _Setup(model, T, batch, device=device)
+            times, chosen = _time_methods(setup, methods, unprobed, warmup, repeats, now)
+            setup.close()
+            med = {m: statistics.median(v) for m, v in times.items()}
+            common = {
+                "model": model,
+                "params": setup.n_params,
+                "tasks": T,
+                "batch": batch,
+                "device": str(device),
+            }
+            rows += _rows(common, methods, med, chosen, amortise)
+            if progress is not None:
+                base = med.get("plain", float("nan"))
+                progress(
+                    f"{model} T={T}: " + ", ".join(f"{m} {med[m] / base:.2f}x" for m in methods)
+                )
+    return rows
+
+
+def _time_methods(
+    setup: _Setup,
+    methods: Sequence[str],
+    unprobed: dict[str, tuple[str, int]],
+    warmup: int,
+    repeats: int,
+    now: Callable[[], float],
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Each repeat times every method once, in a rotating order; the first ``warmup`` repeats
+    are dropped. Returns the times per method and what ``auto`` chose (a fresh choice each)."""
+    order = [*methods, *unprobed]
+    times: dict[str, list[float]] = {m: [] for m in order}
+    chosen: dict[str, int] = {}
+    for r in range(warmup + repeats):
+        rot = order[r % len(order) :] + order[: r % len(order)]
+        for name in rot:
+            if name in unprobed:
+                m, before = unprobed[name]
+                setup.prepare(m, every=_ONCE, fresh=True)
+                for _ in range(before):
+                    setup.step(m, every=_ONCE)
+                t0 = now()
+                setup.step(m, every=_ONCE)
+            else:
+                if setup.prepare(name):
+                    # a profiler's first probe allocates its buffers: time the second (with
+                    # every=1 a probe too), the steady state of a training run; auto: the first
+                    # probe after its choice is made
+                    setup.step(name)
+                    while name == "auto" and setup.deciding():
+                        setup.step(name)
+                if name == "auto":
+                    chosen[setup.chosen()] = chosen.get(setup.chosen(), 0) + 1
+                t0 = now()
+                setup.step(name)
+            dt = now() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    return times, chosen
+
+
+def _rows(
+    common: dict[str, Any],
+    methods: Sequence[str],
+    med: dict[str, float],
+    chosen: dict[str, int],
+    amortise: Sequence[int],
+) -> list[dict[str, Any]]:
+    """The rows of one (model, T): each method's, then the amortised ones."""
+    base = med.get("plain", float("nan"))
+    loop = med.get("loop-libmtl", float("nan"))
+    rows = []
+    for m in methods:
+        rows.append(_row(common, m, med[m], base, loop))
+        if m == "auto":  # what auto chose, over the repeats (a fresh choice each)
+            rows[-1]["chose"] = dict(sorted(chosen.items()))
+    for m in AMORTISED:
+        if f"{m}-unprobed" not in med:
+            continue
+        t_after, t_steady = med[f"{m}-after-probe"], med[f"{m}-unprobed"]
+        rows.append(_row(common, f"{m}-after-probe", t_after, base, loop))
+        rows.append(_row(common, f"{m}-unprobed", t_steady, base, loop))
+        for k in amortise:
+            t = _amortised(med[m], t_after, t_steady, k)
+            rows.append(_row(common, f"{m}@every={k}", t, base, loop))
+    return rows
+
+
+def _row(common: dict[str, Any], method: str, t: float, base: float, loop: float) -> dict[str, Any]:
+    return {**common, "method": method, "seconds": t, "vs_plain": t / base, "vs_loop": t / loop}
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table: one line per (model, T), one column per method (ratio to plain)."""
+    methods: list[str] = []
+    for r in rows:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    keys: list[tuple[str, int]] = []
+    for r in rows:
+        if (r["model"], r["tasks"]) not in keys:
+            keys.append((r["model"], r["tasks"]))
+    head = f"{'model':<12}{'params':>10}{'T':>4}{'plain ms':>10}" + "".join(
+        f"{m:>{max(10, len(m) + 2)}}" for m in methods if m != "plain"
+    )
+    lines = [head, "-" * len(head)]
+    for model, T in keys:
+        sel = {r["method"]: r for r in rows if r["model"] == model and r["tasks"] == T}
+        plain = sel.get("plain")
+        line = f"{model:<12}{next(iter(sel.values()))['params']:>10,}{T:>4}"
+        line += f"{plain['seconds'] * 1e3:>10.1f}" if plain else f"{'-':>10}"
+        for m in methods:
+            if m == "plain":
+                continue
+            width = max(10, len(m) + 2)
+            line += f"{sel[m]['vs_plain']:>{width - 1}.2f}x" if m in sel else f"{'-':>{width}}"
+        lines.append(line)
+    return "\n".join(lines)
