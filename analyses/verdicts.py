@@ -128,6 +128,8 @@ def verdict_interval(
             else "95 % interval includes 0, 90 % interval beyond the margin"
         )  # fmt: skip
         pw = "not estimable" if power_ is None or not math.isfinite(power_) else f"{power_:.2f}"
+        if pw == f"{POWER_NEEDED:.2f}":  # just under the threshold: show that it is under
+            pw = f"{power_:.3f}"
         return f"underpowered (power {pw} < {POWER_NEEDED:g}): no verdict ({where})"
     return read
 
