@@ -341,6 +341,30 @@ def pbt_result(
                 )
         else:
             a2.plot(x, k, "o", color="C0")
+    # a far-off arm (e.g. an unstable method) would squash the rest: such rows are written, not
+    # drawn to scale
+    spans = [
+        (100 * d["ci_low"], 100 * d["ci_high"])
+        for d in differences.values()
+        if d.get("ci_low") is not None
+    ]
+    if spans:
+        lo = min(min(a for a, _ in spans), -100 * margin)
+        hi = max(max(b for _, b in spans), 100 * margin)
+        core = [(a, b) for a, b in spans if b - a < 4 * 100 * margin * 2]
+        if core and (hi - lo) > 3 * (max(b for _, b in core) - min(a for a, _ in core)):
+            lo = min(min(a for a, _ in core), -100 * margin) - 0.3
+            hi = max(max(b for _, b in core), 100 * margin) + 0.3
+            a2.set_xlim(lo, hi)
+            for k, n in enumerate(names):
+                d = differences[n]
+                x = 100 * d["difference"]
+                if not lo <= x <= hi:
+                    a2.annotate(
+                        f"{x:+.2f} [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] off scale",
+                        (hi if x > hi else lo, k), ha="right" if x > hi else "left",
+                        va="center", fontsize=7, color="C3",
+                    )  # fmt: skip
     a2.axvspan(
         -100 * margin,
         100 * margin,
@@ -351,7 +375,7 @@ def pbt_result(
     a2.axvline(0, color="0.4", lw=0.8)
     a2.set_yticks(range(len(names)), names, fontsize=8)
     a2.set_xlabel("paired difference (points): 95 % interval (bars), 90 % (thick)")
-    a2.legend(fontsize=8, loc="lower right")
+    a2.legend(fontsize=8, loc="lower left")
     a2.grid(alpha=0.3, axis="x")
     fig.suptitle(title, fontsize=10)
     return fig
