@@ -109,7 +109,7 @@ def _damaged_copy(template: Path, where: Path) -> Path:
     return run_dir
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[_FIXTURE])
+@settings(max_examples=60, suppress_health_check=[_FIXTURE])
 @given(name=st.sampled_from(FILES), offset=st.integers(0, 10**6), bit=st.integers(0, 7))
 def test_a_bit_flip_in_any_file_is_an_error_or_exact_data(template, name, offset, bit):
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +118,7 @@ def test_a_bit_flip_in_any_file_is_an_error_or_exact_data(template, name, offset
         _check_outcome(run_dir)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[_FIXTURE])
+@settings(max_examples=60, suppress_health_check=[_FIXTURE])
 @given(name=st.sampled_from(FILES), fraction=st.floats(0.0, 1.0, exclude_max=True))
 def test_a_truncation_of_any_file_is_an_error_or_exact_data(template, name, fraction):
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +159,7 @@ def test_every_single_bit_flip_exhaustively(template, tmp_path, name):
 # ---- hypothesis: task names and configurations ---------------------------------------------------
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[_FIXTURE])
+@settings(max_examples=80, suppress_health_check=[_FIXTURE])
 @given(name=st.text(max_size=30))
 def test_any_task_name_round_trips_or_is_refused(tmp_path, name):
     with tempfile.TemporaryDirectory(dir=tmp_path) as tmp:
@@ -199,7 +199,7 @@ _TRAIN_KEYS = ["dataset", "tasks", "model", "width", "depth", "weights", "lr", "
                "batch_size", "every", "device", "threads", "engine", "early_stopping"]  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(
     sweep=_table(_SWEEP_KEYS),
     pbt=_table(_PBT_KEYS),
