@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,12 @@ def test_long_code_finder_finds_a_planted_long_function(tmp_path):
 def test_no_long_module_and_no_long_function():
     """Issue 19: no file in gradlens/ above about 600 lines, no function above about 80."""
     assert _long_code(Path(__file__).resolve().parents[1]) == []
+
+
+def test_every_type_ignore_names_its_error_code_and_a_reason():
+    bare = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "gradlens").rglob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if "type: ignore" in line and not re.search(r"type: ignore\[[a-z, -]+\] +# \S", line):
+                bare.append(f"{path.name}:{n}")
+    assert bare == []
