@@ -5,6 +5,8 @@ Every user-facing error names the argument at fault, what was expected and what 
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["GradlensError", "GradlensWarning", "MissingExtraError", "StoreError"]
 
 
@@ -32,8 +34,11 @@ class GradlensWarning(UserWarning):
     """Something gradlens measured or was asked to do deserves attention but is not an error."""
 
 
-def require(package: str, extra: str, feature: str) -> object:
-    """Import an optional dependency or raise :class:`MissingExtraError` naming the extra."""
+def require(package: str, extra: str, feature: str) -> Any:
+    """Import an optional dependency or raise :class:`MissingExtraError` naming the extra.
+
+    Typed ``Any``: the module's attributes are the optional package's, unknown to the checker.
+    """
     import importlib
 
     try:

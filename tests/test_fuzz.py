@@ -38,6 +38,7 @@ FILES = [
     "commits.json",
     "steps/chunk-000001.parquet",
     "scalars/chunk-000001.parquet",
+    "probes/chunk-000001.parquet",
     "evals/chunk-000000.parquet",
 ]
 
@@ -51,7 +52,8 @@ def _write_template(path: Path) -> None:
         for s in STEPS:
             g = _gram(s)
             w.add_snapshot(Snapshot(s, TASKS, g, {"fc": g}, torch.tensor([0.25, 0.75]),
-                                    losses={"a": s / 10, "b": 1.0}))  # fmt: skip
+                                    losses={"a": s / 10, "b": 1.0}, notes=(f"n{s}",),
+                                    timings={"loop": s / 8}))  # fmt: skip
             if s in (1, 4):
                 w.add_eval({"a": {"acc": s / 10}}, split="val", point=f"e{s}", step=s)
 
@@ -69,6 +71,7 @@ def _check_outcome(run_dir: Path) -> str:
         warnings.simplefilter("always")
         try:
             run = load_run(run_dir)
+            probes = run.probes  # read on first access: its problems are reported here
         except StoreError:
             return "error"
     assert all(issubclass(w.category, GradlensWarning) for w in caught), [
@@ -84,7 +87,10 @@ def _check_outcome(run_dir: Path) -> str:
     assert set(run.scalars.step) == set(steps)
     evals = sorted(run.evals.step.dropna().astype(int).tolist())
     assert set(evals) <= {1, 4}
-    lost = len(steps) < len(STEPS) or len(evals) < 2
+    assert set(probes.step) <= set(steps)
+    for step, notes, timings in zip(probes.step, probes.notes, probes.timings):
+        assert (list(notes), list(timings)) == ([f"n{step}"], [("loop", step / 8)])
+    lost = len(steps) < len(STEPS) or len(evals) < 2 or len(probes) < len(steps)
     if lost:  # never silent loss
         assert caught, "steps or evals are missing without a warning"
         return "warned"
@@ -103,7 +109,7 @@ def _damaged_copy(template: Path, where: Path) -> Path:
     return run_dir
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[_FIXTURE])
+@settings(max_examples=60, suppress_health_check=[_FIXTURE])
 @given(name=st.sampled_from(FILES), offset=st.integers(0, 10**6), bit=st.integers(0, 7))
 def test_a_bit_flip_in_any_file_is_an_error_or_exact_data(template, name, offset, bit):
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +118,7 @@ def test_a_bit_flip_in_any_file_is_an_error_or_exact_data(template, name, offset
         _check_outcome(run_dir)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[_FIXTURE])
+@settings(max_examples=60, suppress_health_check=[_FIXTURE])
 @given(name=st.sampled_from(FILES), fraction=st.floats(0.0, 1.0, exclude_max=True))
 def test_a_truncation_of_any_file_is_an_error_or_exact_data(template, name, fraction):
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +159,7 @@ def test_every_single_bit_flip_exhaustively(template, tmp_path, name):
 # ---- hypothesis: task names and configurations ---------------------------------------------------
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[_FIXTURE])
+@settings(max_examples=80, suppress_health_check=[_FIXTURE])
 @given(name=st.text(max_size=30))
 def test_any_task_name_round_trips_or_is_refused(tmp_path, name):
     with tempfile.TemporaryDirectory(dir=tmp_path) as tmp:
@@ -193,7 +199,7 @@ _TRAIN_KEYS = ["dataset", "tasks", "model", "width", "depth", "weights", "lr", "
                "batch_size", "every", "device", "threads", "engine", "early_stopping"]  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(
     sweep=_table(_SWEEP_KEYS),
     pbt=_table(_PBT_KEYS),

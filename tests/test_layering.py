@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,48 @@ def test_no_import_cycle_among_gradlens_modules():
     assert "gradlens.snapshot" in graph  # the scan ran
     assert graph["gradlens._types"] == set()
     assert _cycles(graph) == []
+
+
+MAX_FILE_LINES = 620  # "about 600"
+MAX_BODY_LINES = 80  # a function's statements, its docstring not counted
+
+
+def _long_code(root: Path) -> list[str]:
+    """Files of gradlens/ over MAX_FILE_LINES lines and functions whose body (docstring excluded)
+    is over MAX_BODY_LINES lines."""
+    found = []
+    for path in sorted((root / "gradlens").rglob("*.py")):
+        src = path.read_text()
+        rel = path.relative_to(root)
+        if src.count("\n") > MAX_FILE_LINES:
+            found.append(f"{rel}: {src.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(src)):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = node.body
+            if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                body = body[1:]
+            if body and (n := (body[-1].end_lineno or 0) - body[0].lineno + 1) > MAX_BODY_LINES:
+                found.append(f"{rel}:{node.lineno} {node.name}: {n} lines")
+    return found
+
+
+def test_long_code_finder_finds_a_planted_long_function(tmp_path):
+    (tmp_path / "gradlens").mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_BODY_LINES + 1))
+    (tmp_path / "gradlens" / "m.py").write_text(f'def f():\n    """Doc."""\n{body}')
+    assert _long_code(tmp_path) == [f"gradlens/m.py:1 f: {MAX_BODY_LINES + 1} lines"]
+
+
+def test_no_long_module_and_no_long_function():
+    """Issue 19: no file in gradlens/ above about 600 lines, no function above about 80."""
+    assert _long_code(Path(__file__).resolve().parents[1]) == []
+
+
+def test_every_type_ignore_names_its_error_code_and_a_reason():
+    bare = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "gradlens").rglob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if "type: ignore" in line and not re.search(r"type: ignore\[[a-z, -]+\] +# \S", line):
+                bare.append(f"{path.name}:{n}")
+    assert bare == []

@@ -51,7 +51,7 @@ def _victim(tmp_path: Path) -> Path:
     return victim
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.text(max_size=120))
 def test_every_accepted_name_stays_inside_its_root(tmp_path_factory, name):
     root = tmp_path_factory.getbasetemp() / "root"

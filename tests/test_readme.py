@@ -48,3 +48,47 @@ def test_ci_runs_the_readme_test_command_verbatim():
         f".ci/run should run the README's test command verbatim: {command!r}"
     )
 
+
+
+def _layout_rows() -> list[tuple[str, str]]:
+    text = README.read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    rows = []
+    for line in block.strip().splitlines():
+        path, _, desc = line.partition(" ")
+        if path.startswith("gradlens/"):
+            rows.append((path, desc.strip()))
+    return rows
+
+
+def _listed_modules(desc: str) -> set[str]:
+    """``"a, b (words); _c; sub/"`` -> ``{"a", "b", "_c", "sub/"}``: the names before any
+    parenthesis, separated by commas and semicolons."""
+    plain = re.sub(r"\([^)]*\)", "", desc)
+    return {tok.strip() for tok in re.split(r"[,;]", plain) if tok.strip()}
+
+
+def test_layout_section_matches_the_package_tree():
+    root = README.parent
+    rows = _layout_rows()
+    files = {p for p, _ in rows if p.endswith(".py")}
+    top = {f"gradlens/{p.name}" for p in (root / "gradlens").glob("*.py")}
+    assert files == top, "README's layout should list exactly the top-level modules"
+    pkgs = {p for p, _ in rows if p.endswith("/")}
+    on_disk = {
+        f"{d.relative_to(root).as_posix()}/"
+        for d in (root / "gradlens").rglob("*")
+        if d.is_dir() and (d / "__init__.py").exists()
+    }
+    assert pkgs == on_disk, "README's layout should list every subpackage"
+    for path, desc in rows:
+        if not path.endswith("/"):
+            continue
+        d = root / path
+        mods = {p.stem for p in d.glob("*.py") if p.stem != "__init__"}
+        subs = {f"{s.name}/" for s in d.iterdir() if (s / "__init__.py").exists()}
+        assert _listed_modules(desc) == mods | subs, f"README's layout row for {path}"
+
+
+def test_layout_parser_reads_a_row():
+    assert _listed_modules("a, b (x, y); _c; sub/") == {"a", "b", "_c", "sub/"}

@@ -125,11 +125,11 @@ class _Setup:
     def deciding(self) -> bool:
         """Whether the ``auto`` profiler is still timing candidates for this graph."""
         engine = self._profilers[("auto", 1)]._engine
-        return not any(d.winner for d in engine.decisions.values())  # type: ignore[attr-defined]
+        return not any(d.winner for d in engine.decisions.values())  # type: ignore[attr-defined]  # the auto engine
 
     def chosen(self) -> str:
         """The engine the ``auto`` profiler chose."""
-        return self._profilers[("auto", 1)]._engine.describe()  # type: ignore[attr-defined]
+        return self._profilers[("auto", 1)]._engine.describe()  # type: ignore[attr-defined]  # the auto engine
 
     def _libmtl(self, losses: dict[str, torch.Tensor]) -> None:
         # LibMTL's pattern: T autograd.grad calls on the shared parameters, flatten, stack

@@ -44,7 +44,7 @@ def weighting_for(method: str) -> Any:
     """The Gram weighting of a :data:`WEIGHTED_METHODS` name (``gl.per_layer`` wrapped)."""
     agg = require("torchjd.aggregation", "weightings", f"the benchmark method {method}")
     name, _, suffix = method.partition("+")[2].partition("/")
-    w = {"upgrad": agg.UPGradWeighting, "mgda": agg.MGDAWeighting}[name]()  # type: ignore[attr-defined]
+    w = {"upgrad": agg.UPGradWeighting, "mgda": agg.MGDAWeighting}[name]()
     return per_layer(w) if suffix == "per_layer" else w
 
 

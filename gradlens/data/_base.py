@@ -156,7 +156,7 @@ class MultiTaskDataset(Dataset):
         if not -self._n <= i < self._n:
             raise IndexError(f"index {i} is out of range for a dataset of {self._n} samples")
         i = i % self._n
-        x = self._x[i] if self._x is not None else self._source.load(i)  # type: ignore[union-attr]
+        x = self._x[i] if self._x is not None else self._source.load(i)  # type: ignore[union-attr]  # one of the two is set (__init__)
         return x, {t: y[i] for t, y in self._y.items()}
 
     def tensors(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -177,7 +177,7 @@ class MultiTaskDataset(Dataset):
                 if self._n
                 else torch.zeros((0, *self.input_shape))
             )
-        return self._x, dict(self._y)  # type: ignore[return-value]
+        return self._x, dict(self._y)  # type: ignore[return-value]  # set above when it was lazy
 
     def __repr__(self) -> str:
         return (

@@ -65,8 +65,8 @@ def _reader(paths: list[Path], size: tuple[int, int]) -> _ImageSource:
     def load(i: int) -> torch.Tensor:
         path = paths[i]
         try:
-            with Image.open(path) as im:  # type: ignore[attr-defined]
-                rgb = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)  # type: ignore[attr-defined]
+            with Image.open(path) as im:
+                rgb = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
                 arr = np.asarray(rgb, dtype=np.float32) / 255.0
         except (OSError, ValueError) as exc:
             raise GradlensError(f"Cannot read image {path}: {exc}") from exc

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError
-from gradlens._types import Level
+from gradlens._types import RENAMED_TOTAL, TOTAL_LAYER, Level
 from gradlens.engines._graph import GraphIndex
 
 __all__ = ["BackwardContext", "Engine", "EngineResult", "SharedParams", "resolve_shared"]
@@ -117,6 +117,8 @@ def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
     for n, p in unique:
         layer = n.rpartition(".")[0] if module is not None else (n.rpartition(".")[0] or n)
         layer = layer or ROOT_LAYER
+        if layer == TOTAL_LAYER:  # a module called like the total is never merged with it
+            layer = RENAMED_TOTAL
         layer_of[id(p)] = layer
         if layer not in layers:
             layers.append(layer)

@@ -39,6 +39,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -198,9 +199,11 @@ class AutoEngine(Engine):
         for (shapes, nodes, device, dtype, T), d in self.decisions.items():
             if d.winner is None:
                 continue
+            # the key's first item is the tuple of output shapes (see ``key``)
+            shapes = cast("tuple[tuple[int, ...], ...]", shapes)
             out.append(
                 {
-                    "shapes": [list(s) for s in shapes],  # type: ignore[attr-defined]
+                    "shapes": [list(s) for s in shapes],
                     "graph_nodes": nodes,
                     "device": device,
                     "dtype": str(dtype).removeprefix("torch."),

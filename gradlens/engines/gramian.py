@@ -375,18 +375,13 @@ class GramianEngine(Engine):
             return *plain, iter([list(enumerate(batched_grad(ctx.losses, inputs)))])
         stop = {b.edge.node for b in live}
         inside = {r.edge.node for recs in rule_layers.values() for r in recs}
-        shared_ids = {id(p) for p in self.shared.params}
-        past = (
-            _reaches_past(ctx.losses, stop, inside, shared_ids)
-            if ctx.graph is None
-            else ctx.graph.reaches_past(stop, inside, shared_ids)
-        )
-        if past:
+        graph = ctx.graph if ctx.graph is not None else GraphIndex.build(ctx.losses)
+        if graph.reaches_past(stop, inside, {id(p) for p in self.shared.params}):
             return *plain, iter([list(enumerate(batched_grad(ctx.losses, inputs)))])
         edges = [b.edge for b in live]
         shapes = [b.out_shape for b in live]
         dtypes = [b.input.dtype for b in live]
-        split = split_heads(ctx.per_task(), edges, ctx.uses, dtypes, ctx.graph)
+        split = split_heads(ctx.per_task(), edges, ctx.uses, dtypes, graph)
         if split is None:
             cot = per_task_grad(ctx.per_task(), edges, shapes)
             u, v, heads = plain
@@ -410,7 +405,7 @@ class GramianEngine(Engine):
         # on small layers one backward call costs less than the memory it would save
         limit = ctx.memory_budget // 8
         return u, v, heads, _segmented(
-            edges, cot, inputs, sizes, limit, backward, keep, ctx.graph
+            edges, cot, inputs, sizes, limit, backward, keep, graph
         )
 
 
@@ -562,34 +557,6 @@ def _segmented(
             tops, cots = [edge], [below]
         del below
         yield [(rest[m], got.pop(m)) for m in members]
-
-
-def _reaches_past(
-    losses: torch.Tensor,
-    stop: set[torch.autograd.graph.Node],
-    inside: set[torch.autograd.graph.Node],
-    shared_ids: set[int],
-) -> bool:
-    """Whether the losses' graph reaches recorded layers or shared leaves without crossing
-    ``stop`` (the shared part's output nodes)."""
-    root = losses.grad_fn
-    if root is None:
-        return False
-    seen = {root}
-    todo = [root]
-    while todo:
-        fn = todo.pop()
-        for nxt, _ in fn.next_functions:
-            if nxt is None or nxt in seen:
-                continue
-            seen.add(nxt)
-            if nxt in stop:
-                continue
-            var = getattr(nxt, "variable", None)
-            if nxt in inside or (var is not None and id(var) in shared_ids):
-                return True
-            todo.append(nxt)
-    return False
 
 
 def _trainable(module: nn.Module) -> set[int]:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import torch
 
 from gradlens._errors import GradlensError, GradlensWarning, StoreError
-from gradlens._types import TOTAL_LAYER
+from gradlens._types import RENAMED_TOTAL, TOTAL_LAYER
 from gradlens._validate import check_tasks
 from gradlens.snapshot import Snapshot
 from gradlens.store._check import (
@@ -135,10 +135,6 @@ def _read_steps(
 
     return st_df, sc_df, probes
 
-
-#: What a user layer named like today's total is read as, in a run of format 1. Module paths
-#: hold no spaces, so this name can be no other layer's.
-RENAMED_TOTAL = f"{TOTAL_LAYER} (layer)"
 
 
 def _legacy_layer_names(steps: pd.DataFrame, run_dir: Path) -> dict[str, str]:

@@ -262,7 +262,7 @@ class Trainer:
     @property
     def store(self) -> RunWriter | None:
         """The run writer (None without ``run_dir``)."""
-        return self.profiler.store  # type: ignore[return-value]
+        return self.profiler.store  # type: ignore[return-value]  # the trainer opens a RunWriter
 
     def fit_epochs(self, n: int) -> dict[str, dict[str, float]]:
         """Train ``n`` epochs; after each, evaluate on ``val`` and record it as ``epoch:k``.

@@ -58,14 +58,14 @@ class CAGrad:
         optimize = require("scipy.optimize", "weightings", "CAGrad")
         A = check_gram(gram, "CAGrad").numpy()
         T = A.shape[0]
-        b = np.ones(T) / T  # type: ignore[attr-defined]
-        g0_norm = float(np.sqrt(max(float(b @ A @ b), 0.0) + 1e-8))  # type: ignore[attr-defined]
+        b = np.ones(T) / T
+        g0_norm = float(np.sqrt(max(float(b @ A @ b), 0.0) + 1e-8))
         cc = self.c * g0_norm + 1e-8
 
         def obj(x: object) -> float:
-            return float(x @ A @ b + cc * np.sqrt(max(float(x @ A @ x), 0.0) + 1e-8))  # type: ignore[attr-defined]  # x: the ndarray scipy passes
+            return float(x @ A @ b + cc * np.sqrt(max(float(x @ A @ x), 0.0) + 1e-8))
 
-        res = optimize.minimize(  # type: ignore[attr-defined]
+        res = optimize.minimize(
             obj,
             b,
             bounds=[(0.0, 1.0)] * T,

@@ -64,7 +64,7 @@ def test_payloads_render_as_text_everywhere(name):
     assert found[1] == "figures/set1-heatmap.png"
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.text(alphabet=st.sampled_from(list("[]()!<>:/*_`|#\\ ahjstvw.e\n")), max_size=40))
 def test_no_generated_string_opens_a_link(text):
     html = _render(f"| {md_text(text)} |\n|---|\n| {md_text(text)} |\n\n{md_text(text)}\n")

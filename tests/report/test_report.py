@@ -124,6 +124,21 @@ def test_stats_json_numbers_are_the_stats_numbers(planted):
         [w["estimate"] for w in within], [w["n_eff"] for w in within]
     )
     assert ts["within_run_pooled"]["estimate"] == pytest.approx(pooled_within["estimate"])
+    # Its minimal detectable |r| is the simulated one at this number of runs and median n_eff.
+    mde = stats.min_detectable_effect(
+        "pooled", sizes=1, weights=1, seeds=pooled_within["k"],
+        n_eff=float(np.nanmedian([w["n_eff"] for w in within])),
+        alpha=data["options"]["alpha"], n_sim=data["options"]["power_sims"],
+        seed=data["options"]["seed"],
+    )  # fmt: skip
+    got = ts["within_run_pooled"]["min_detectable_r"]
+    assert got == pytest.approx(mde["effect"]) if mde["reachable"] else np.isnan(got)
+    # The trend's minimal detectable slope: (z_(1-a/2) + z_0.8) standard errors of the slope.
+    tr = ts["optimal_weight_trend"]
+    se = (tr["ci_high"] - tr["ci_low"]) / (2 * ss.norm.ppf(0.5 + tr["ci_level"] / 2))
+    alpha = data["options"]["alpha"]
+    want = (ss.norm.ppf(1 - alpha / 2) + ss.norm.ppf(0.8)) * se
+    assert tr["min_detectable_slope_approx"] == pytest.approx(want, rel=1e-9)
     # Every family got enough permutations for its correction to be able to reject.
     assert ts["n_perm"]["secondary"] >= 2 * len(ts["associations_secondary"]) / 0.05
     assert all(r["p_floor"] * len(rows) < 0.05 / 5 for r in rows)

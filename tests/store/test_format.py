@@ -209,3 +209,27 @@ def test_snapshot_lists_the_layers_stored_at_its_step(tmp_path):
     one = run.snapshot(1)
     assert list(one.layer_grams) == ["y"]
     assert torch.isnan(one.layer_grams["y"]).all()
+
+
+def test_a_module_called_total_is_profiled_and_stored_apart_from_the_total(tmp_path):
+    """A model whose submodule is named ``total`` gets the layer ``"total (layer)"`` from the
+    profiler, so its Gram is stored and read back beside the total, never merged with it."""
+    import gradlens as gl
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential()
+    trunk.add_module("total", torch.nn.Linear(3, 4))
+    trunk.add_module("out", torch.nn.Linear(4, 4))
+    x = torch.randn(6, 3)
+    prof = gl.Profiler(trunk, tasks=["a", "b"], engine="loop")
+    z = trunk(x)
+    snap = prof.backward({"a": z[:, 0].pow(2).mean(), "b": z[:, 1].mean()})
+    prof.close()
+    assert set(snap.layer_grams) == {RENAMED_TOTAL, "out"}
+    with RunWriter(tmp_path / "r", meta={"tasks": ["a", "b"]}) as w:
+        w.add_snapshot(snap)
+    run = _load_quietly(tmp_path / "r")
+    assert run.layers == (TOTAL_LAYER, RENAMED_TOTAL, "out")
+    back = run.snapshot(snap.step)
+    torch.testing.assert_close(back.layer_grams[RENAMED_TOTAL], snap.layer_grams[RENAMED_TOTAL])
+    torch.testing.assert_close(back.gram, snap.gram)

@@ -70,9 +70,34 @@ def within_part(
         f"{_r.interval(pooled['ci_low'], pooled['ci_high'])}, p = {_r.pval(pooled['p_value'])}, "
         f"{pooled['k']} runs, tau^2 = {pooled['tau2']:.3g}; {stat}"
     )
+    mde = _pooled_mde(pooled, tested, opts)
+    out["within_run_pooled"]["min_detectable_r"] = mde
     found.defer(
-        "within-run pooled correlation", float(pooled["p_value"]), _verdict(pooled, pstat, opts)
+        "within-run pooled correlation",
+        float(pooled["p_value"]),
+        _verdict(pooled, pstat, opts, mde),
     )
+
+
+def _pooled_mde(pooled: dict[str, Any], tested: pd.DataFrame, opts: Options) -> float:
+    """The pooled test's minimal detectable |r| (80 % power at this number of runs and median
+    effective n; simulated by :func:`gradlens.stats.min_detectable_effect`), NaN when not asked
+    (``power_sims=0``) or not reachable."""
+    from gradlens import stats
+
+    if not opts.power_sims:
+        return math.nan
+    res = stats.min_detectable_effect(
+        "pooled",
+        sizes=1,
+        weights=1,
+        seeds=int(pooled["k"]),
+        n_eff=float(np.nanmedian(tested["n_eff"].to_numpy(np.float64))),
+        alpha=opts.alpha,
+        n_sim=opts.power_sims,
+        seed=opts.seed,
+    )
+    return float(res["effect"]) if res.get("reachable") else math.nan
 
 
 def _per_run(joint: pd.DataFrame, by_id: dict[str, Any], opts: Options) -> pd.DataFrame:
@@ -148,7 +173,9 @@ def _describe(
     )
 
 
-def _verdict(pooled: dict[str, Any], pstat: str, opts: Options) -> Callable[[float], Verdict]:
+def _verdict(
+    pooled: dict[str, Any], pstat: str, opts: Options, mde: float = math.nan
+) -> Callable[[float], Verdict]:
     """The claim on the pooled within-run correlation at a given level."""
 
     def verdict(level: float) -> Verdict:
@@ -168,7 +195,13 @@ def _verdict(pooled: dict[str, Any], pstat: str, opts: Options) -> Callable[[flo
         return [], [
             f"Inconclusive: no evidence within runs that per-epoch conflict tracks validation "
             f"{opts.metric} ({pstat}); the interval does not rule out |r| up to "
-            f"{max(abs(lo), abs(hi)):.2f}."
+            f"{max(abs(lo), abs(hi)):.2f}"
+            + (
+                f"; with {pooled['k']} runs the pooled test has 80 % power only from "
+                f"|r| = {mde:.2f} (simulated, gradlens.stats.min_detectable_effect)."
+                if math.isfinite(mde)
+                else "."
+            )
         ]
 
     return verdict
