@@ -15,9 +15,11 @@ estimate with its interval, the paper's number, and a verdict worded to what the
   (``analyses.conflict``), against |r| < 0.2;
 - many tasks: every paired arm difference against +-0.5 points.
 
-A test whose power for its stated effect is under 0.8 gets the verdict ``"underpowered"`` (its
-estimate is still reported, and whether its interval excludes 0), never supported / contradicted
-/ equivalent.
+Power gates only what a non-rejection would be read as: an effect whose 95 % interval excludes 0
+(Holm-adjusted p under 0.05 within the many-task family) or an equivalence shown by TOST stands
+whatever the power; otherwise the verdict is "inconclusive", with the power for the stated effect
+beside it. The one exception is the rule stated in the design before the run: finding 1 on MLP
+sizes alone (power under 0.8) is reported as ``"underpowered"``, never as a verdict.
 
     python -m analyses.verdicts [--figures figures/study] [--n-sim 4000]
 """
@@ -88,50 +90,66 @@ def group_ols(x: Sequence[float], y: Sequence[float], group: Sequence[Any]) -> d
 
 
 def verdict_interval(
-    est: Mapping[str, Any], margin: float, power_: float | None, *, above: str, below: str
+    est: Mapping[str, Any],
+    margin: float,
+    power_: float | None,
+    *,
+    above: str,
+    below: str,
+    gate: bool = False,
+    p_adjusted: float | None = None,
 ) -> str:
     """The verdict of an estimate with ``ci_*`` (95 %) and ``ci90_*`` (90 %) against ``+-margin``.
 
-    ``above`` when the 95 % interval lies above 0, ``below`` when below, "equivalent within
-    +-margin" when the 90 % interval lies inside the margin (TOST at 5 %; both can hold: a
-    non-zero effect smaller than the margin), else "inconclusive".
-    With ``power_`` under :data:`POWER_NEEDED` (or None / NaN: not estimable): "underpowered",
-    with where the intervals lie.
+    ``above`` when the 95 % interval lies above 0 (and ``p_adjusted``, if given, is under 0.05),
+    ``below`` when below, "equivalent within +-margin" when the 90 % interval lies inside the
+    margin (TOST at 5 %; both can hold: a non-zero effect smaller than the margin), else
+    "inconclusive", with the power for the stated effect. With ``gate`` (a rule stated before the
+    run) and ``power_`` under :data:`POWER_NEEDED` (or not estimable): "underpowered", with where
+    the intervals lie.
 
     Example:
         >>> e = {"ci_low": 0.2, "ci_high": 0.9, "ci90_low": 0.3, "ci90_high": 0.8}
-        >>> verdict_interval(e, 0.5, 0.9, above="supported", below="contradicted")
+        >>> verdict_interval(e, 0.5, 0.3, above="supported", below="contradicted")
         'supported'
-        >>> verdict_interval(e, 0.5, 0.9, above="r > 0", below="r < 0")
-        'r > 0'
         >>> verdict_interval({**e, "ci90_high": 0.4}, 0.5, 0.9, above="r > 0", below="r < 0")
         'r > 0, and equivalent within +-0.5'
-        >>> verdict_interval(e, 1.0, 0.3, above="supported", below="contradicted")
+        >>> verdict_interval(e, 0.5, 0.3, above="r > 0", below="r < 0", p_adjusted=0.2)
+        'inconclusive (95 % interval above 0 but Holm-adjusted p = 0.2; power 0.30)'
+        >>> verdict_interval({**e, "ci_low": -0.1}, 0.5, 0.3, above="r > 0", below="r < 0")
+        'inconclusive (power 0.30 for the stated effect)'
+        >>> verdict_interval(e, 1.0, 0.3, above="supported", below="contradicted", gate=True)
         'underpowered (power 0.30 < 0.8): no verdict (95 % interval above 0)'
     """
     lo, hi = est.get("ci_low"), est.get("ci_high")
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return "not estimable"
-    inside = est["ci90_low"] > -margin and est["ci90_high"] < margin
+    pw = "not estimable" if power_ is None or not math.isfinite(power_) else f"{power_:.2f}"
+    if pw == f"{POWER_NEEDED:.2f}" and power_ is not None and power_ < POWER_NEEDED:
+        pw = f"{power_:.3f}"  # just under the threshold: show that it is under
+    c90 = (est.get("ci90_low"), est.get("ci90_high"))
+    inside = None not in c90 and c90[0] > -margin and c90[1] < margin  # type: ignore[operator]
     equivalent = f"equivalent within +-{margin:g}"
-    if lo > 0 or hi < 0:  # a non-zero effect, perhaps also smaller than the margin
-        read = (above if lo > 0 else below) + (f", and {equivalent}" if inside else "")
-    elif inside:
-        read = equivalent
-    else:
-        read = "inconclusive"
-    if power_ is None or not power_ >= POWER_NEEDED:  # NaN: power not estimable
+    excludes = lo > 0 or hi < 0
+    if gate and (power_ is None or not power_ >= POWER_NEEDED):
         where = (
             "95 % interval above 0" if lo > 0
             else "95 % interval below 0" if hi < 0
-            else f"90 % interval inside +-{margin:g}" if read == equivalent
+            else f"90 % interval inside +-{margin:g}" if inside
             else "95 % interval includes 0, 90 % interval beyond the margin"
         )  # fmt: skip
-        pw = "not estimable" if power_ is None or not math.isfinite(power_) else f"{power_:.2f}"
-        if pw == f"{POWER_NEEDED:.2f}":  # just under the threshold: show that it is under
-            pw = f"{power_:.3f}"
         return f"underpowered (power {pw} < {POWER_NEEDED:g}): no verdict ({where})"
-    return read
+    if excludes and (p_adjusted is None or p_adjusted < 0.05):
+        return (above if lo > 0 else below) + (f", and {equivalent}" if inside else "")
+    if inside:
+        return equivalent
+    if excludes:
+        side = "above" if lo > 0 else "below"
+        return (
+            f"inconclusive (95 % interval {side} 0 but Holm-adjusted p = {p_adjusted:.2g}; "
+            f"power {pw})"
+        )
+    return f"inconclusive (power {pw} for the stated effect)"
 
 
 def _load(figures: Path, name: str) -> dict[str, Any] | None:
@@ -187,7 +205,9 @@ def finding1(cap: Mapping[str, Any], noise: Mapping[str, Any], n_sim: int) -> di
             f"{decades:.1f} decades, {_seeds(cap)} seeds",
             "decades": decades,
             "power_at_stated_effect": pw,
-            "verdict": verdict_interval(fit, 1.0, pw, above="supported", below="contradicted"),
+            "verdict": verdict_interval(
+                fit, 1.0, pw, above="supported", below="contradicted", gate=True
+            ),
         }
     return out
 
@@ -320,7 +340,17 @@ def many_tasks(pbt: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
                  for k, v in arms.items()},
         "differences": {},
     }  # fmt: skip
-    for name, d in pbt["differences"].items():
+    names = list(pbt["differences"])
+    raw = np.array([pbt["differences"][n].get("p_value", math.nan) for n in names], dtype=float)
+    ok = np.isfinite(raw)
+    holm = np.full(len(names), math.nan)
+    if ok.any():
+        from gradlens import stats
+
+        holm[ok] = stats.adjust(raw[ok], method="holm")  # one family: every arm difference
+    out["p_adjustment"] = f"Holm over the {int(ok.sum())} arm differences"
+    for name, p_adj in zip(names, holm, strict=True):
+        d = pbt["differences"][name]
         a, b = name.split(" - ")
         diff = np.array(arms[a]["test"]) - np.array(arms[b]["test"])
         est = {k: 100 * d[k] for k in ("difference", "ci_low", "ci_high", "ci90_low", "ci90_high")
@@ -334,6 +364,7 @@ def many_tasks(pbt: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
         out["differences"][name] = {
             **{f"{k}_points": v for k, v in est.items()},
             "p_value": d.get("p_value"),
+            "p_adjusted": None if math.isnan(p_adj) else float(p_adj),
             "sd_difference_points": sd,
             "power_at_0.5_points": pw["superiority"],
             "power_equivalence_at_0": pw["equivalence"],
@@ -342,6 +373,7 @@ def many_tasks(pbt: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
                  "ci90_low": est.get("ci90_low"), "ci90_high": est.get("ci90_high")},
                 margin, pw["superiority"],  # the design's power: a +0.5-point difference
                 above=f"{a} better", below=f"{b} better",
+                p_adjusted=None if math.isnan(p_adj) else float(p_adj),
             ),
         }  # fmt: skip
     return out
