@@ -34,12 +34,11 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 from gradlens._errors import GradlensError, require
-from gradlens._validate import check_int, check_tasks
+from gradlens.integrations._common import check_callback_args, shared_module
 from gradlens.profiler import Profiler
 from gradlens.schedules import Schedule
 from gradlens.snapshot import Snapshot
@@ -75,12 +74,7 @@ class GradlensCallback(Callback):
         memory_budget: int = 256 * 2**20,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
-        self.tasks = check_tasks(tasks)
-        if not isinstance(shared_attr, str) or not shared_attr:
-            raise GradlensError(
-                f"`shared_attr` should be an attribute path such as 'trunk'; found {shared_attr!r}."
-            )
-        keep = check_int("keep", keep, minimum=0)
+        self.tasks, keep = check_callback_args(tasks, shared_attr, keep, example="trunk")
         self.shared_attr = shared_attr
         self._engine = engine
         self._every = every
@@ -103,13 +97,7 @@ class GradlensCallback(Callback):
                 "automatic_optimization=False. With manual optimization call "
                 "gradlens.Profiler.backward(losses, weights) in training_step instead."
             )
-        try:
-            shared = attrgetter(self.shared_attr)(pl_module)
-        except AttributeError:
-            raise GradlensError(
-                f"`shared_attr` should name the shared module of {type(pl_module).__name__}; "
-                f"found no attribute {self.shared_attr!r}."
-            ) from None
+        shared = shared_module(pl_module, self.shared_attr)
         meta = {"grams": "local", "world_size": int(trainer.world_size), **self._meta}
         self.profiler = Profiler(
             shared,

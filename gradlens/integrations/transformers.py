@@ -36,14 +36,13 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gradlens._errors import GradlensError, require
-from gradlens._validate import check_int, check_tasks
+from gradlens.integrations._common import check_callback_args, shared_module
 from gradlens.profiler import Profiler, Sink
 from gradlens.schedules import Schedule
 from gradlens.snapshot import Snapshot
@@ -81,12 +80,7 @@ class GradlensTrainerCallback(TrainerCallback):
         memory_budget: int = 256 * 2**20,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
-        self.tasks = check_tasks(tasks)
-        if not isinstance(shared_attr, str) or not shared_attr:
-            raise GradlensError(
-                f"`shared_attr` should be an attribute path such as 'bert'; found {shared_attr!r}."
-            )
-        keep = check_int("keep", keep, minimum=0)
+        self.tasks, keep = check_callback_args(tasks, shared_attr, keep, example="bert")
         self.shared_attr = shared_attr
         self._engine = engine
         self._every = every
@@ -105,13 +99,7 @@ class GradlensTrainerCallback(TrainerCallback):
         model = kwargs.get("model")
         if model is None or self.profiler is not None:
             return
-        try:
-            shared = attrgetter(self.shared_attr)(model)
-        except AttributeError:
-            raise GradlensError(
-                f"`shared_attr` should name the shared module of {type(model).__name__}; found "
-                f"no attribute {self.shared_attr!r}."
-            ) from None
+        shared = shared_module(model, self.shared_attr)
         main = bool(state.is_world_process_zero)
         world = int(getattr(args, "world_size", 1))
         meta = {"grams": "local", "world_size": world, "framework": "transformers"}
