@@ -127,7 +127,7 @@ def breakdown(make: Callable[[], gl.Profiler], losses: Callable[[], dict], n: in
     timed(_graph.GraphIndex, "reaches_past", "graph index: reaches_past")
     timed(gramian, "plan_segments", "graph index: cut plan (plan_segments, cached)")
     timed(gramian, "capture_rows", "first stage: weighted backward through the heads")
-    timed(gramian, "batched_grad_from", "second stage: vmapped backward through the trunk")
+    timed(gramian, "vmapped_grad_from", "second stage: vmapped backward through the trunk")
     timed(gramian, "linear_group", "Linear rule, grouped layers (Grams, weighted grads)")
     timed(gramian, "_accumulate_own", "writing .grad of the shared layers")
     timed(profiler, "Snapshot", "Snapshot")

@@ -45,6 +45,7 @@ from gradlens.engines._base import (
     looped_grad_from,
     per_task_grad,
 )
+from gradlens.engines._batching import vmapped_grad_from
 from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import plan_segments
@@ -80,9 +81,8 @@ class GramianEngine(Engine):
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize[..., GramianEngine] | None = None
         #: how the second stage backpropagates the T cotangents through the shared part:
-        #: ``"looped"`` (one backward per task), ``"vmap"`` (one batched backward), or None for
-        #: the default (looped on CPU unless the shared part is Linear layers only; ``auto``
-        #: times both on CPU)
+        #: ``"looped"`` (one backward per task), ``"vmap"`` (one batched backward per segment,
+        #: chunked over tasks under the memory budget), or None for the default (``"vmap"``)
         self.stage: str | None = None
         #: whether the last probe's second stage ran one backward per task
         self.last_looped: bool | None = None
@@ -359,10 +359,11 @@ class GramianEngine(Engine):
         (which also writes the heads' gradients; see :mod:`gradlens.engines._capture`), or from
         one small backward per task where heads share a node; then batched backwards of the T
         cotangents from there through the shared part, one per segment between cut layers (see
-        :mod:`gradlens.engines._segments`). On CPU, unless the shared part is Linear layers only,
-        one backward per task instead of a batched one: vmap has no efficient rule for
-        convolution, norm or attention backward there. Otherwise (a loss reaches shared parameters
-        another way, e.g. a head tied to a shared weight) one batched backward from the losses.
+        :mod:`gradlens.engines._segments`); on CPU under ``torch.func.vmap``, chunked over tasks
+        under the memory budget (see :func:`_vmapped` and :mod:`gradlens.engines._batching`);
+        one backward per task instead with ``stage="looped"``. Otherwise (a loss reaches shared
+        parameters another way, e.g. a head tied to a shared weight) one batched backward from
+        the losses.
         """
         live = [b for b in boundary if b.edge.node in ctx.nodes]
         T = ctx.losses.shape[0]
@@ -394,13 +395,21 @@ class GramianEngine(Engine):
         # has leaves to reach (those neither shared nor in the heads) or the caller keeps it
         done = {id(p) for p in ctx.reached} | {id(p) for p in heads}
         keep = ctx.retain_graph or not ctx.write or not set(ctx.leaves) <= done
-        backward = looped_grad_from if looped else batched_grad_from
         itemsize = cot[0].element_size()
         shape_of = {r.edge: r.out_shape for recs in rule_layers.values() for r in recs}
         sizes = [
             T * itemsize * (x.numel() if isinstance(x, torch.Tensor) else shape_of[x].numel())
             for x in inputs
         ]
+        backward: Callable[..., Sequence[torch.Tensor | None]] = (
+            looped_grad_from
+            if looped
+            else _vmapped(
+                shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", self._note_looped
+            )
+            if ctx.losses.device.type == "cpu"
+            else batched_grad_from
+        )
         # segments are merged while their blocks together stay under an eighth of the budget:
         # on small layers one backward call costs less than the memory it would save
         limit = ctx.memory_budget // 8
@@ -408,26 +417,20 @@ class GramianEngine(Engine):
             edges, cot, inputs, sizes, limit, backward, keep, graph
         )
 
-
     def _looped(
         self,
         ctx: BackwardContext,
         rule_layers: dict[str, list[_Record]],
         generic: list[torch.Tensor],
     ) -> bool:
-        """Whether the second stage runs one backward per task (else one batched backward).
+        """Whether the second stage runs one backward per task throughout (``self.stage ==
+        "looped"``); else one vmapped backward per segment (on CPU: :func:`_vmapped`, under
+        ``torch.func.vmap``, where the legacy vmap looped over the tasks inside norm, GELU and
+        attention backward; see :mod:`gradlens.engines._batching`)."""
+        return self.stage == "looped"
 
-        On CPU, vmap is efficient where the shared part is Linear layers and elementwise ops
-        (one large matrix product for all tasks); for convolutions, norm layers and attention
-        it loops internally and concatenates T-fold activations, so one backward per task is
-        faster there (measured: ResNet-style CNN 8.4x -> 7.5x, transformer 9.4x -> 6.9x of a
-        plain step at T = 8; MLP stays vmapped). ``self.stage`` overrides the default.
-        """
-        if self.stage is not None:
-            return self.stage == "looped"
-        return ctx.losses.device.type == "cpu" and (
-            bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
-        )
+    def _note_looped(self) -> None:
+        self.last_looped = True
 
 
 def _accumulate_own(module: nn.Module, weighted: Mapping[str, torch.Tensor]) -> None:
@@ -503,6 +506,46 @@ def _blocks_writer(
             accumulate_grad(p, torch.tensordot(scaled(weights[shared.layer_of[id(p)]], g), g, 1))
 
     return write
+
+
+#: Per-task bytes of a segment's largest target block above which its second-stage backward on
+#: CPU runs one backward per task rather than vmapped (measured, CPU, T = 8: our CNN with
+#: BatchNorm at batch 4, 0.5 MiB blocks, vmapped 1.02x the looped time; at batch 128, 16 MiB
+#: blocks, 1.48x; the zoo trunks at batch 4, 16-512 KiB blocks, vmapped 0.6x-0.95x).
+LOOP_ABOVE = 2**20
+
+
+def _vmapped(
+    shape_of: Mapping[GradientEdge, torch.Size],
+    itemsize: int,
+    budget: int,
+    forced: bool,
+    looped: Callable[[], None],
+) -> Callable[..., Sequence[torch.Tensor | None]]:
+    """The CPU second stage's backward of one segment: vmapped over as many tasks at a time as
+    keep the segment's per-task blocks (its targets' and its top cotangents') within half the
+    budget (T-fold intermediates of the vmapped backward are of the same order); one backward
+    per task instead where a target's per-task block exceeds :data:`LOOP_ABOVE`, unless
+    ``forced`` (then ``looped()`` is called first)."""
+
+    def backward(
+        tops: Sequence[GradientEdge],
+        cots: Sequence[torch.Tensor],
+        targets: Sequence[torch.Tensor | GradientEdge],
+        keep: bool,
+    ) -> Sequence[torch.Tensor | None]:
+        blocks = [
+            (t.numel() if isinstance(t, torch.Tensor) else shape_of[t].numel()) * itemsize
+            for t in targets
+        ]
+        if not forced and max(blocks, default=0) > LOOP_ABOVE:
+            looped()
+            return looped_grad_from(tops, cots, targets, keep)
+        per_task = sum(blocks) + sum(c[0].numel() * c.element_size() for c in cots)
+        chunk = max(1, budget // max(1, 2 * per_task))
+        return vmapped_grad_from(tops, cots, targets, keep, chunk)
+
+    return backward
 
 
 def _segmented(
