@@ -507,9 +507,9 @@ def _blocks_writer(
 
 
 #: Per-task bytes of a segment's largest target block above which its second-stage backward on
-#: CPU runs one backward per task rather than vmapped (measured, CPU, T = 8: our CNN with
-#: BatchNorm at batch 4, 0.5 MiB blocks, vmapped 1.02x the looped time; at batch 128, 16 MiB
-#: blocks, 1.48x; the zoo trunks at batch 4, 16-512 KiB blocks, vmapped 0.6x-0.95x).
+#: CPU runs one backward per task rather than vmapped (measured, CPU, one thread, T = 8: our CNN
+#: with BatchNorm at batch 128 vmapped 1.48x the looped time, at batch 4 1.02x; the zoo trunks of
+#: ``gradlens bench --zoo`` at batch 4, whose blocks are all smaller, 0.73x-0.94x).
 LOOP_ABOVE = 2**20
 
 
