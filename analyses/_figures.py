@@ -74,8 +74,10 @@ def gain_vs_params(
 
     ``gains``: rows of ``stats.joint_gain`` at the chosen weight, with ``model.n_params``,
     ``model.depth``, ``task``, ``gain``, ``ci_low``, ``ci_high`` and ``weight_col`` (the chosen
-    weight is written beside each point). ``fit``: the OLS line over all cells
-    (``intercept``, ``slope`` per decade, in points, and ``ci_low``/``ci_high`` of the slope).
+    weight is written beside each point); with ``ci_low_seed``/``ci_high_seed`` (the seed-only
+    part, ``analyses.capacity.with_test_noise``) that interval is drawn thick over the thin one.
+    ``fit``: the OLS line over all cells (``intercept``, ``slope`` per decade, in points, and
+    ``ci_low``/``ci_high`` of the slope).
     """
     tasks = list(dict.fromkeys(gains["task"]))
     fig = _figure(5.2 * len(tasks) + 1.5, 4.2)
@@ -88,7 +90,7 @@ def gain_vs_params(
             y = 100 * s["gain"].to_numpy(float)
             # no interval (one seed): no bar
             err = np.nan_to_num(np.abs(100 * s[["ci_low", "ci_high"]].to_numpy(float).T - y))
-            ax.errorbar(
+            line = ax.errorbar(
                 s["model.n_params"],
                 y,
                 yerr=err,
@@ -98,6 +100,10 @@ def gain_vs_params(
                 capsize=3,
                 label=f"depth {d}" if d is not None else "seed mean, 95 % interval",
             )
+            if "ci_low_seed" in s.columns:  # the seed-only part of the interval, thick
+                seed_err = np.abs(100 * s[["ci_low_seed", "ci_high_seed"]].to_numpy(float).T - y)
+                ax.errorbar(s["model.n_params"], y, yerr=np.nan_to_num(seed_err), ls="none",
+                            elinewidth=3.5, alpha=0.45, color=line[0].get_color())  # fmt: skip
             for n, yy, p, w, dd in zip(
                 s["model.n_params"], y, s[weight_col], s["model.width"], s["model.depth"]
             ):

@@ -167,17 +167,24 @@ def _estimable(fit: Mapping[str, Any], *sds: float) -> bool:
 
 
 def _size_table(cap: Mapping[str, Any]) -> pd.DataFrame:
-    """Per pair, family and size: the gain (points) at the val-selected weight, mean over tasks."""
+    """Per pair, family and size: the gain (points) at the val-selected weight, mean over tasks;
+    with ``capacity.json``'s ``size_gains`` (seeds as clusters, test-set variance added) its
+    95 % interval (``ci_*_points``), the seed-only one (``ci_*_seed_points``) and the two
+    standard errors (``se_seed_points``, ``se_test_points``)."""
     rows = []
     for unit, p in cap["pairs"].items():
         g = pd.DataFrame(p["gains"])
         g = g[g["setting"] == "p selected on val"]
+        sg = pd.DataFrame(p.get("size_gains") or [])
         for n, sub in g.groupby("model.n_params"):
-            rows.append(
-                {"unit": unit, "pair": p.get("pair", unit), "family": p.get("family", "mlp"),
-                 "n_params": int(n), "log10_params": math.log10(n),
-                 "gain_points": 100 * float(sub["gain"].mean())}
-            )  # fmt: skip
+            row = {"unit": unit, "pair": p.get("pair", unit), "family": p.get("family", "mlp"),
+                   "n_params": int(n), "log10_params": math.log10(n),
+                   "gain_points": 100 * float(sub["gain"].mean())}  # fmt: skip
+            at = sg[sg["model.n_params"] == n] if len(sg) else sg
+            if len(at):
+                for k in ("ci_low", "ci_high", "ci_low_seed", "ci_high_seed", "se_seed", "se_test"):
+                    row[f"{k}_points"] = 100 * float(at[k].iloc[0])
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -477,7 +484,8 @@ def _figure(res: Mapping[str, Any]) -> Any:
     a1, a3 = fig.subplots(1, 2)
     panels = (
         (a1, res["finding1"]["sizes"], "gain_points", "finding1",
-         "gain, joint - single task (points; task and seed mean)",
+         "gain, joint - single task (points; task and seed mean; 95 %: thick seeds, "
+         "thin seeds + test set)",
          "pts/decade"),
         (a3, res["finding3"]["per_size"], "p_star", "finding3",
          "p* of the first task (quadratic, validation)", "per decade"),
@@ -486,7 +494,18 @@ def _figure(res: Mapping[str, Any]) -> Any:
         t = pd.DataFrame(table)
         for k, (name, sub) in enumerate(t.groupby("unit")):
             sub = sub.sort_values("n_params")
-            ax.plot(sub["n_params"], sub[col], marker="osD^v<>"[k % 7], label=name, lw=1)
+            line = ax.plot(sub["n_params"], sub[col], marker="osD^v<>"[k % 7], label=name, lw=1)
+            if col == "gain_points" and "ci_low_points" in sub.columns:
+                # 95 % intervals: thin, seeds + test-set sampling (bound); thick, seeds only
+                for lo, hi, lw in (
+                    ("ci_low", "ci_high", 1.0),
+                    ("ci_low_seed", "ci_high_seed", 3.5),
+                ):
+                    y = sub[col].to_numpy(float)
+                    err = np.abs(sub[[f"{lo}_points", f"{hi}_points"]].to_numpy(float).T - y)
+                    ax.errorbar(sub["n_params"], y, yerr=np.nan_to_num(err), ls="none",
+                                elinewidth=lw, capsize=2 if lw < 2 else 0, alpha=0.5,
+                                color=line[0].get_color())  # fmt: skip
         test = res[key]["tests"].get("pooled over pairs") or next(iter(res[key]["tests"].values()))
         if math.isfinite(test.get("slope", math.nan)):
             verdict = test["verdict"]

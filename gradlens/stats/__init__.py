@@ -39,7 +39,7 @@ Example:
 
 from __future__ import annotations
 
-from gradlens.stats._gain import binomial_sd, paired_gain, gain_test_var
+from gradlens.stats._gain import binomial_sd, gain_test_var, paired_gain
 from gradlens.stats._meta import pool_correlations
 from gradlens.stats._power import min_detectable_effect, power
 from gradlens.stats._select import selected_gain

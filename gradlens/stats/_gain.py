@@ -39,11 +39,12 @@ __all__ = [
     "gain_boot",
     "gain_pairs",
     "gain_stats",
+    "gain_test_var",
     "paired_gain",
     "paired_t",
     "rescaled",
-    "gain_test_var",
     "welch_t",
+    "with_test_var",
 ]
 
 
@@ -137,15 +138,7 @@ def gain_test_var(p_joint: float, p_single: float, n: float) -> float:
 
 def paired_gain(d: np.ndarray, test_var: float = 0.0, level: float = 0.95) -> dict[str, Any]:
     """Mean of per-seed paired differences ``d`` with an interval that covers seed variation
-    *and* test-set sampling.
-
-    All runs are scored on one fixed test set, so the spread of ``d`` over seeds measures the
-    seed variance only; the test-set part, ``test_var`` (e.g. :func:`gain_test_var`), does
-    not shrink with more seeds and is added: ``se^2 = sd(d)^2 / n + test_var``, on the
-    Welch-Satterthwaite degrees of freedom ``se^4 / ((sd(d)^2 / n)^2 / (n - 1))`` (``test_var``
-    counts as known). ``test_var = 0`` gives :func:`paired_t`. The seed-only and test-set
-    standard errors are returned as ``se_seed`` and ``se_test``. Coverage measured by
-    :func:`gradlens.stats.calibration.gain_test_coverage`.
+    *and* test-set sampling (:func:`with_test_var` on the paired t of ``d``).
 
     Example:
         >>> r = paired_gain(np.array([0.01, 0.03, 0.02, 0.02, 0.03]), test_var=0.01 ** 2)
@@ -154,18 +147,44 @@ def paired_gain(d: np.ndarray, test_var: float = 0.0, level: float = 0.95) -> di
     """
     d = np.asarray(d, dtype=np.float64)
     n = d.size
-    gain = float(d.mean()) if n else math.nan
-    v_seed = float(d.var(ddof=1) / n) if n >= 2 else math.nan
-    tv = float(test_var) if math.isfinite(test_var) else math.nan
-    total = v_seed + tv
-    if v_seed > 0:
-        df = total * total / (v_seed * v_seed / (n - 1))
-    else:
-        df = math.inf if total > 0 else float(n - 1)
-    method = "paired t over seeds" + (" + test-set variance" if tv > 0 else "")
-    out = _summary(gain, math.sqrt(total) if total >= 0 else math.nan, df, level, method)
-    out["se_seed"] = math.sqrt(v_seed) if math.isfinite(v_seed) else math.nan
-    out["se_test"] = math.sqrt(tv) if math.isfinite(tv) else math.nan
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n >= 2 else math.nan
+    return with_test_var(float(d.mean()) if n else math.nan, se, float(n - 1), test_var, level)
+
+
+def with_test_var(
+    gain: float, se_seed: float, df_seed: float, test_var: float, level: float = 0.95
+) -> dict[str, Any]:
+    """A seed-paired gain's t interval widened by the test-set sampling variance.
+
+    All runs are scored on one fixed test set, so the spread of the paired differences over
+    seeds (``se_seed`` on ``df_seed`` degrees of freedom) measures the seed variance only; the
+    test-set part, ``test_var`` (e.g. :func:`gain_test_var`), does not shrink with more seeds
+    and is added: ``se^2 = se_seed^2 + test_var`` on the Welch-Satterthwaite degrees of freedom
+    ``se^4 / (se_seed^4 / df_seed)`` (``test_var`` counts as known). Because those degrees of
+    freedom exceed ``df_seed``, a small ``test_var`` could make the interval *narrower* than
+    the seed-only one; the wider of the two is returned (and its p-value). ``test_var = 0`` (or
+    NaN: unknown) gives the seed-only t interval. ``se_seed`` and ``se_test`` are returned
+    beside ``se``. Coverage: :func:`gradlens.stats.calibration.gain_test_coverage`.
+
+    Example:
+        >>> r = with_test_var(0.02, 0.004, 4.0, 0.0)
+        >>> r["df"], round(r["ci_low"], 4), r["interval"]
+        (4.0, 0.0089, 'paired t over seeds')
+        >>> w = with_test_var(0.02, 0.004, 4.0, 0.003 ** 2)  # seed-only t still the wider
+        >>> round(w["ci_low"], 4), round(w["se"], 4)
+        (0.0089, 0.005)
+    """
+    tv = float(test_var) if math.isfinite(test_var) and test_var > 0 else 0.0
+    seed = _summary(gain, se_seed, df_seed, level, "paired t over seeds")
+    out = dict(seed)
+    if tv > 0 and math.isfinite(se_seed):
+        total = se_seed * se_seed + tv
+        df = total * total / (se_seed**4 / df_seed) if se_seed > 0 else math.inf
+        out = _summary(gain, math.sqrt(total), df, level, "paired t over seeds + test-set variance")
+        if seed["ci_high"] - seed["ci_low"] > out["ci_high"] - out["ci_low"]:
+            out.update({k: seed[k] for k in ("ci_low", "ci_high", "p_value")})
+    out["se_seed"] = se_seed
+    out["se_test"] = math.sqrt(tv) if math.isfinite(test_var) else math.nan
     return out
 
 

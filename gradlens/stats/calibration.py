@@ -553,7 +553,8 @@ def gain_test_coverage(
         acc = (lat > 0).mean(axis=2)  # (model, seed)
         d = acc[0] - acc[1]
         p_j, p_s = acc.mean(axis=1)
-        for key, tv in (("seed_only", 0.0), ("seed_and_test", stats.gain_test_var(p_j, p_s, n_test))):
+        bound = stats.gain_test_var(p_j, p_s, n_test)
+        for key, tv in (("seed_only", 0.0), ("seed_and_test", bound)):
             r = stats.paired_gain(d, test_var=tv)
             hits[key] += r["ci_low"] <= gain <= r["ci_high"]
             hits[f"{key}_above"] += r["ci_low"] > gain

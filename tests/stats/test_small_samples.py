@@ -113,7 +113,8 @@ def test_cluster_bootstrap_covers_a_nonzero_correlation(icc):
 def test_binomial_sd_and_the_test_variance_of_a_gain():
     assert stats.binomial_sd(0.9, 250) == pytest.approx(math.sqrt(0.09 / 250))
     sd = stats.binomial_sd(np.array([0.5, 0.9]), np.array([100, 0]))
-    assert sd[0] == pytest.approx(0.05) and math.isnan(sd[1])
+    assert sd[0] == pytest.approx(0.05)
+    assert math.isnan(sd[1])
     assert stats.gain_test_var(0.9, 0.8, 100) == pytest.approx((0.09 + 0.16) / 100)
     assert math.isnan(stats.gain_test_var(0.9, 0.8, 0))
 
@@ -125,8 +126,10 @@ def test_paired_gain_without_test_variance_is_the_paired_t():
         assert a[key] == pytest.approx(b[key])
     wide = stats.paired_gain(d, test_var=0.02**2)
     assert wide["se"] == pytest.approx(math.hypot(a["se"], 0.02))
-    assert wide["df"] > a["df"] and wide["ci_high"] - wide["ci_low"] > a["ci_high"] - a["ci_low"]
-    assert wide["se_test"] == pytest.approx(0.02) and wide["se_seed"] == pytest.approx(a["se"])
+    assert wide["df"] > a["df"]
+    assert wide["ci_high"] - wide["ci_low"] > a["ci_high"] - a["ci_low"]
+    assert wide["se_test"] == pytest.approx(0.02)
+    assert wide["se_seed"] == pytest.approx(a["se"])
 
 
 def test_seed_only_gain_interval_undercovers_on_one_test_set_and_the_bound_covers():
