@@ -467,15 +467,21 @@ def forest(
     margin: float,
     xlabel: str,
     title: str,
+    ncols: int | None = None,
 ) -> Any:
-    """Per group (a panel each): every run's estimate, the pooled estimate with its 95 % (thin)
-    and 90 % (thick) intervals, 0 and the equivalence band ``+-margin``.
+    """Per group (a panel each, ``ncols`` to a row; default all in one row): every run's
+    estimate, the pooled estimate with its 95 % (thin) and 90 % (thick) intervals, 0 and the
+    equivalence band ``+-margin``.
 
     ``groups[name]``: ``per_run`` (estimates), ``estimate``, ``ci_low``, ``ci_high``,
     ``ci90_low``, ``ci90_high`` and optionally ``verdict`` (written under the panel title).
     """
-    fig = _figure(5.0 * len(groups), 3.6)
-    axes = np.atleast_1d(fig.subplots(1, len(groups), sharex=True))
+    cols = ncols or len(groups)
+    rows = -(-len(groups) // cols)
+    fig = _figure(5.0 * cols, 3.6 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, squeeze=False)).ravel()
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
     for ax, (name, g) in zip(axes, groups.items()):
         runs = np.asarray(g["per_run"], float)
         ax.plot(runs, np.arange(len(runs)) + 1, "o", color="0.55", ms=4, label="one run")

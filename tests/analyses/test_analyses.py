@@ -569,7 +569,36 @@ def test_layers_quick(quick_dirs: tuple[Path, Path]) -> None:
         assert ((c >= -1) & (c <= 1)).all()
         _png_ok(quick_dirs[1] / f"layer_conflict_{name}.png")
         _png_ok(quick_dirs[1] / f"layer_depth_{name}.png")
-    assert (quick_dirs[1] / "layers.json").exists()
+        per = s["pairs"][name]["within_per_layer"]
+        assert "all shared" in set(per["layer"])
+        assert {"p_tost", "p_tost_holm", "p_holm", "verdict"} <= set(per.columns)
+    _png_ok(quick_dirs[1] / "layer_within_pooled.png")
+    data = json.loads((quick_dirs[1] / "layers.json").read_text())
+    assert data["pairs"]["multidigits"]["within_per_layer"]
+
+
+def test_pooled_tost_matches_the_90_interval_and_holm_over_layers() -> None:
+    rng = np.random.default_rng(4)
+    seen = set()
+    for k in range(40):
+        r = np.tanh(rng.normal(rng.uniform(-0.3, 0.3), 0.15, size=int(rng.integers(3, 21))))
+        pool = conflict.pool_within([{"estimate": x, "n_eff": 25.0} for x in r])
+        inside = pool["ci90_low"] > -0.2 and pool["ci90_high"] < 0.2
+        p = layers.pooled_tost_p(pool)
+        assert (p < 0.05) == inside, (k, p, pool["ci90_low"], pool["ci90_high"])
+        seen.add(inside)
+    assert seen == {True, False}
+    t = pd.DataFrame(
+        {"layer": ["layer 1", "layer 2", "all shared"], "p_tost": [0.03, 0.02, 0.03],
+         "p_tost_holm": [0.04, 0.06, np.nan], "p_value": [0.01, 0.5, 0.01],
+         "p_holm": [0.02, 0.5, np.nan], "ci_low": [0.05, -0.1, 0.01], "ci_high": [0.15, 0.1, 0.1]}
+    )  # fmt: skip
+    got = [layers._layer_verdict(r) for r in t.itertuples(index=False)]
+    assert got == [
+        "equivalent within |r| < 0.2; correlated (r > 0)",
+        "inconclusive",  # TOST p 0.02 alone, 0.06 after Holm over the layers
+        "equivalent within |r| < 0.2; correlated (r > 0)",  # the total: outside the family
+    ]
 
 
 @pytest.mark.parametrize(
