@@ -12,7 +12,8 @@ estimate with its interval, the paper's number, and a verdict worded to what the
 - finding 3: the same regression of the per-size quadratic ``p*``; equivalent within +-0.05 per
   decade (TOST, 90 % interval) or inconclusive (or a trend, if the 95 % interval excludes 0);
 - finding 2: the within-run Fisher-z pool and the weight-controlled across-run partial r
-  (``analyses.conflict``), against |r| < 0.2;
+  (``analyses.conflict``), against |r| < 0.2; per layer (``layers.json``, when present) the
+  pooled r with TOST and the test of r = 0 Holm-adjusted over layers (``analyses.layers``);
 - many tasks: every paired arm difference against +-0.5 points.
 
 Power gates only what a non-rejection would be read as: an effect whose 95 % interval excludes 0
@@ -39,7 +40,7 @@ import pandas as pd
 from analyses import power
 from analyses._common import FIGURES, write_json
 
-__all__ = ["PAPER", "POWER_NEEDED", "group_ols", "main", "verdict_interval"]
+__all__ = ["PAPER", "POWER_NEEDED", "group_ols", "main", "per_layer", "verdict_interval"]
 
 #: The paper's numbers beside ours (Royer et al. 2023; /work/shared/paper.md).
 PAPER = {
@@ -332,6 +333,25 @@ def finding2(con: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
     return out
 
 
+def per_layer(lay: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Finding 2 per layer (``layers.json``, ``analyses.layers.layer_within``): per pair and
+    layer the pooled within-run r with its intervals, the Holm-adjusted (over the layers) TOST
+    p-value of ``|r| < 0.2`` and p-value of ``r = 0``, and the verdict.
+
+    Example:
+        >>> lay = {"pairs": {"a": {"within_per_layer": [{"layer": "layer 1", "estimate": 0.1,
+        ...        "per_run": [0.1, 0.1], "verdict": "inconclusive"}]}}}
+        >>> per_layer(lay)["a"][0]["verdict"], "per_run" in per_layer(lay)["a"][0]
+        ('inconclusive', False)
+    """
+    keys = ("layer", "estimate", "ci_low", "ci_high", "ci90_low", "ci90_high", "k", "i2",
+            "p_value", "p_holm", "p_tost", "p_tost_holm", "verdict")  # fmt: skip
+    return {
+        name: [{k: r.get(k) for k in keys if k in r} for r in p.get("within_per_layer") or []]
+        for name, p in lay.get("pairs", {}).items()
+    }
+
+
 def many_tasks(pbt: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
     """Every paired arm difference (points) against the +-0.5-point margin."""
     effect = power.EFFECTS["pbt_effect_points"]
@@ -343,8 +363,10 @@ def many_tasks(pbt: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
         "replicates": pbt["replicates"],
         "arms": {k: {"mean_points": 100 * v["test_mean"],
                      "ci_points": [100 * v["ci_low"], 100 * v["ci_high"]]
-                     if "ci_low" in v else None}
+                     if "ci_low" in v else None,
+                     "sd_test_points": 100 * v["sd_test"] if v.get("sd_test") else None}
                  for k, v in arms.items()},
+        "n_test": pbt.get("n_test"),
         "differences": {},
     }  # fmt: skip
     names = list(pbt["differences"])
@@ -373,6 +395,10 @@ def many_tasks(pbt: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
             "p_value": d.get("p_value"),
             "p_adjusted": None if math.isnan(p_adj) else float(p_adj),
             "sd_difference_points": sd,
+            # test-set sampling, beside the replicate interval the verdict reads (a bound)
+            "se_test_bound_points": 100 * d["se_test_bound"] if d.get("se_test_bound") else None,
+            "ci_with_test_points": [100 * d["ci_low_with_test"], 100 * d["ci_high_with_test"]]
+            if d.get("ci_low_with_test") is not None else None,
             "power_at_0.5_points": pw["superiority"],
             "power_equivalence_at_0": pw["equivalence"],
             "verdict": verdict_interval(
@@ -460,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         res["finding3"] = finding3(opt, noise, args.n_sim)
     if con is not None:
         res["finding2"] = finding2(con, args.n_sim)
+        lay = _load(args.figures, "layers")
+        if lay is not None:
+            res["finding2"]["per_layer"] = per_layer(lay)
     if pbt is not None:
         res["many_tasks"] = many_tasks(pbt, args.n_sim)
     timing = FIGURES / "timing.json"
