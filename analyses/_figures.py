@@ -98,7 +98,11 @@ def gain_vs_params(
                 ls="-",
                 lw=1,
                 capsize=3,
-                label=f"depth {d}" if d is not None else "seed mean, 95 % interval",
+                label=f"depth {d}"
+                if d is not None
+                else "seed mean; 95 %: thin seeds + test set, thick seeds only"
+                if "ci_low_seed" in s.columns
+                else "seed mean, 95 % interval",
             )
             if "ci_low_seed" in s.columns:  # the seed-only part of the interval, thick
                 seed_err = np.abs(100 * s[["ci_low_seed", "ci_high_seed"]].to_numpy(float).T - y)

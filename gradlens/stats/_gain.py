@@ -128,8 +128,8 @@ def gain_test_var(p_joint: float, p_single: float, n: float) -> float:
     tightest bound the accuracies allow.
 
     Example:
-        >>> round(gain_test_var(0.9, 0.88, 250) ** 0.5, 4)
-        0.0278
+        >>> round(gain_test_var(0.9, 0.88, 250) ** 0.5, 3)
+        0.028
     """
     if not n > 0:
         return math.nan
@@ -170,9 +170,11 @@ def with_test_var(
         >>> r = with_test_var(0.02, 0.004, 4.0, 0.0)
         >>> r["df"], round(r["ci_low"], 4), r["interval"]
         (4.0, 0.0089, 'paired t over seeds')
-        >>> w = with_test_var(0.02, 0.004, 4.0, 0.003 ** 2)  # seed-only t still the wider
-        >>> round(w["ci_low"], 4), round(w["se"], 4)
-        (0.0089, 0.005)
+        >>> w = with_test_var(0.02, 0.004, 4.0, 0.002 ** 2)  # seed-only t still the wider
+        >>> round(w["ci_low"], 5), round(w["se"], 5), round(w["df"], 2)
+        (0.00889, 0.00447, 6.25)
+        >>> round(with_test_var(0.02, 0.004, 4.0, 0.003 ** 2)["ci_low"], 5)  # now the total
+        0.00882
     """
     tv = float(test_var) if math.isfinite(test_var) and test_var > 0 else 0.0
     seed = _summary(gain, se_seed, df_seed, level, "paired t over seeds")
