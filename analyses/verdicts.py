@@ -184,7 +184,8 @@ def _size_table(cap: Mapping[str, Any]) -> pd.DataFrame:
             at = sg[sg["model.n_params"] == n] if len(sg) else sg
             if len(at):
                 for k in ("ci_low", "ci_high", "ci_low_seed", "ci_high_seed", "se_seed", "se_test"):
-                    row[f"{k}_points"] = 100 * float(at[k].iloc[0])
+                    v = at[k].iloc[0]  # None (JSON null) with one seed
+                    row[f"{k}_points"] = math.nan if v is None else 100 * float(v)
             rows.append(row)
     return pd.DataFrame(rows)
 
