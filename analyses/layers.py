@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         margin=EQUIVALENCE_R,
         ncols=max(len(p["within_per_layer"]) for p in summary["pairs"].values()),
-        xlabel="Pearson r of the layer's per-epoch mean cosine and validation accuracy",
+        xlabel="r, layer's epoch cosine vs val. accuracy",
         title="Finding 2 per layer: per-run r (grey) and their Fisher-z pool (random effects; "
         "95 % and 90 % intervals) against the margin stated in advance; verdicts (Holm over "
         "layers) in layers.json",
