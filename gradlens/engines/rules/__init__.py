@@ -16,7 +16,9 @@ Otherwise the module takes the generic path; :func:`decline_reason` says why.
 Built in: ``nn.Linear`` (and subclasses such as ``NonDynamicallyQuantizableLinear``), Hugging
 Face's ``Conv1D`` (transposed weight; registered when ``transformers`` is imported),
 ``nn.Conv1d/2d/3d``, ``nn.Embedding``, and the affine parameters of ``nn.LayerNorm``,
-``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d``.
+``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d``. ``nn.MultiheadAttention`` has none (its projections
+run inside ``F.multi_head_attention_forward``; :func:`decline_reason` says so): it and its
+``out_proj`` take the generic path.
 
 A custom rule, from one file (the Gram of a layer ``y = x * scale`` with a per-feature scale):
 
@@ -76,6 +78,16 @@ class Rule:
 
 _RULES: dict[type[nn.Module], Rule] = {}
 
+#: Why a common layer has no rule (:func:`decline_reason`); it takes the exact generic path.
+_NO_RULE: dict[type[nn.Module], str] = {
+    nn.MultiheadAttention: (
+        "MultiheadAttention applies its in_proj (packed, or q/k/v weights) and its out_proj "
+        "inside F.multi_head_attention_forward, so their inputs and output gradients are "
+        "intermediate tensors that no module hook records, and add_bias_kv's bias_k/bias_v "
+        "join after the projection: served exactly by the generic path"
+    ),
+}
+
 
 def _always(module: nn.Module) -> bool:
     return True
@@ -116,7 +128,8 @@ def decline_reason(module: nn.Module) -> str | None:
     """
     rule = _nearest(module)
     if rule is None:
-        return f"no rule registered for {type(module).__name__} or its base classes"
+        known = next((_NO_RULE[k] for k in type(module).__mro__ if k in _NO_RULE), None)
+        return known or f"no rule registered for {type(module).__name__} or its base classes"
     if type(module).forward is not rule.cls.forward:
         return (
             f"{type(module).__name__} overrides {rule.cls.__name__}.forward (the recorded input "
