@@ -83,9 +83,9 @@ def test_gramian_uses_rules_and_falls_back_per_module():
     assert snap.rules["block.linear1"] == "linear"
     assert snap.rules["norm"] == "norm"
     assert snap.rules["block.norm1"] == "norm"
-    # attention's raw parameters have no rule; its out_proj (a Linear subclass) is called
-    # functionally, so its hook records nothing: exact generic path for both
-    assert snap.rules["block.self_attn"] == "generic"
+    # self-attention's packed in_proj: its rule (recorded from the autograd graph); its out_proj
+    # (a Linear subclass) is called functionally, so its hook records nothing: generic path
+    assert snap.rules["block.self_attn"] == "mha_in_proj"
     assert snap.rules["block.self_attn.out_proj"] == "generic"
 
 

@@ -1,7 +1,8 @@
-"""``nn.MultiheadAttention`` under the gramian engine: no rule serves it (its packed in_proj and
-its out_proj are applied inside ``F.multi_head_attention_forward``, out of reach of the module
-hooks a rule is fed by; see README "Engines"), so both of its layers take the exact generic
-path, whatever its options. Pinned here against the loop reference in float64."""
+"""``nn.MultiheadAttention`` under the gramian engine, against the loop reference in float64: its
+packed in-projection in self-attention is served by the ``mha_in_proj`` rule (recorded from the
+autograd graph, see :mod:`gradlens.engines.rules.attention`); separate q/k/v weights (kdim/vdim),
+add_bias_kv and cross-attention take the exact generic path, and so does ``out_proj`` (its
+forward is never called as a module)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,15 @@ class _Attention(nn.Module):
     projected from the same input), mean-pooled over positions."""
 
     def __init__(
-        self, batch_first: bool, kdim: int | None = None, vdim: int | None = None, **kw: Any
+        self,
+        batch_first: bool,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        cross: bool = False,
+        **kw: Any,
     ) -> None:
         super().__init__()
-        self.batch_first = batch_first
+        self.batch_first, self.cross = batch_first, cross
         self.separate = kdim is not None
         self.attn = nn.MultiheadAttention(
             6, 2, batch_first=batch_first, kdim=kdim, vdim=vdim, **kw
@@ -34,33 +40,33 @@ class _Attention(nn.Module):
         self.to_v = nn.Linear(6, vdim) if vdim is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = v = x  # the same tensor: the packed self-attention path
+        k = v = x  # the same tensor: self-attention
         if self.separate:
             k, v = self.to_k(x), self.to_v(x)
+        elif self.cross:
+            k = v = x.flip(0)  # another tensor with the same features
         y, _ = self.attn(x, k, v, need_weights=False)
         return y.mean(1 if self.batch_first else 0)
 
 
-OPTIONS = {
-    "packed": {},
-    "no_bias": {"bias": False},
-    "bias_kv": {"add_bias_kv": True},
-    "kdim_vdim": {"kdim": 3, "vdim": 5},  # separate q/k/v weights
-    "kdim_vdim_no_bias": {"kdim": 3, "vdim": 5, "bias": False},
+#: option -> (MultiheadAttention options, the attention layer's rule)
+OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "packed": ({}, "mha_in_proj"),
+    "no_bias": ({"bias": False}, "mha_in_proj"),
+    "bias_kv": ({"add_bias_kv": True}, "generic"),
+    "cross": ({"cross": True}, "generic"),  # the packed weight split into q and kv chunks
+    "kdim_vdim": ({"kdim": 3, "vdim": 5}, "generic"),  # separate q/k/v weights
+    "kdim_vdim_no_bias": ({"kdim": 3, "vdim": 5, "bias": False}, "generic"),
 }
 
 
-@pytest.mark.parametrize("n_tasks", [1, 3])
-@pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("option", sorted(OPTIONS))
-def test_multihead_attention_is_exact_through_the_generic_path(option, batch_first, n_tasks):
-    torch.manual_seed(0)
-    trunk = _Attention(batch_first, **OPTIONS[option]).double()
-    x = torch.randn(4, 3, 6, dtype=torch.float64)  # (batch, seq) or (seq, batch)
-    heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(n_tasks)]).double()
+def _check(trunk: nn.Module, x: torch.Tensor, n_tasks: int) -> gl.Snapshot:
+    """One gramian probe against the loop reference (Grams per layer, ``.grad``)."""
+    out = trunk(x).shape[-1]
+    heads = nn.ModuleList([nn.Linear(out, 1) for _ in range(n_tasks)]).double()
     names = [f"t{t}" for t in range(n_tasks)]
     w = {n: 0.3 + 0.4 * t for t, n in enumerate(names)}
-    params = [*trunk.parameters(), *heads.parameters()]
+    params = [p for p in (*trunk.parameters(), *heads.parameters()) if p.requires_grad]
     with gl.Profiler(trunk, names, engine="gramian") as prof:
         z = trunk(x)
         losses = {n: (h(z) ** 2).mean() * (1 + t) for t, (n, h) in enumerate(zip(names, heads))}
@@ -69,25 +75,72 @@ def test_multihead_attention_is_exact_through_the_generic_path(option, batch_fir
             sum(w[n] * v for n, v in losses.items()), params, retain_graph=True
         )
         snap = prof.backward(losses, w)
-    # the attention's own parameters (in_proj or q/k/v weights, biases, bias_k/bias_v) and its
-    # out_proj, whose forward is never called as a module: both generic
-    assert snap.rules["attn"] == snap.rules["attn.out_proj"] == "generic"
-    if "kdim" in OPTIONS[option]:
-        assert snap.rules["to_k"] == snap.rules["to_v"] == "linear"
     assert list(snap.layer_grams) == list(ref.layer_grams) == list(prof.layers)
     assert_gram_close(snap.gram, ref.gram, 1e-10)
     for layer, g in ref.layer_grams.items():
         assert_gram_close(snap.layer_grams[layer], g, 1e-10)
     for p, g in zip(params, plain):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+    return snap
 
 
-def test_multihead_attention_says_why_no_rule_serves_it():
-    mha = nn.MultiheadAttention(4, 2)
-    assert rule_for(mha) is None
-    reason = decline_reason(mha)
-    assert reason is not None
-    assert "F.multi_head_attention_forward" in reason
+@pytest.mark.parametrize("n_tasks", [1, 3])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_multihead_attention_matches_the_loop_reference(option, batch_first, n_tasks):
+    torch.manual_seed(0)
+    kw, rule = OPTIONS[option]
+    trunk = _Attention(batch_first, **kw).double()
+    x = torch.randn(4, 3, 6, dtype=torch.float64)  # (batch, seq) or (seq, batch)
+    snap = _check(trunk, x, n_tasks)
+    assert snap.rules["attn"] == rule
+    assert snap.rules["attn.out_proj"] == "generic"  # F.linear on its weight, no module call
+    if "kdim" in kw:
+        assert snap.rules["to_k"] == snap.rules["to_v"] == "linear"
+
+
+class _Twice(nn.Module):
+    """One attention called twice (the rule writes the weighted gradient itself), with masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 3, batch_first=True, dropout=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = torch.zeros(x.shape[:2], dtype=torch.bool)
+        pad[0, -1] = True
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        h, _ = self.attn(x, x, x, key_padding_mask=pad, attn_mask=causal)
+        h = torch.tanh(h) + x
+        y, _ = self.attn(h, h, h)
+        return y.mean(1)
+
+
+def test_the_rule_on_repeated_calls_unbatched_inputs_frozen_bias_and_an_encoder_layer():
+    torch.manual_seed(0)
+    snap = _check(_Twice().double(), torch.randn(3, 4, 6, dtype=torch.float64), 3)
+    assert snap.rules["attn"] == "mha_in_proj"
+    unbatched = _Attention(False).double()  # a (seq, features) query: unbatched
+    snap = _check(unbatched, torch.randn(5, 6, dtype=torch.float64), 2)
+    # torch unsqueezes the query, key and value apart: three tensors, the weight split in three
+    assert snap.rules["attn"] == "generic"
+    frozen = _Attention(True).double()
+    frozen.attn.in_proj_bias.requires_grad_(False)
+    snap = _check(frozen, torch.randn(4, 3, 6, dtype=torch.float64), 3)
+    assert snap.rules["attn"] == "mha_in_proj"
+    layer = nn.TransformerEncoderLayer(6, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
+    snap = _check(layer.double(), torch.randn(3, 4, 6, dtype=torch.float64), 3)
+    assert snap.rules["self_attn"] == "mha_in_proj"
+
+
+def test_which_multihead_attention_the_rule_serves():
+    assert rule_for(nn.MultiheadAttention(4, 2)).name == "mha_in_proj"
+    assert rule_for(nn.MultiheadAttention(4, 2, bias=False)).name == "mha_in_proj"
+    for declined in (
+        nn.MultiheadAttention(4, 2, kdim=3, vdim=5),
+        nn.MultiheadAttention(4, 2, add_bias_kv=True),
+    ):
+        assert rule_for(declined) is None
+        assert "declines" in decline_reason(declined)
     # out_proj alone is a Linear the rule would serve, were its forward called
-    assert rule_for(mha.out_proj) is not None
-    assert decline_reason(mha.out_proj) is None
+    assert rule_for(nn.MultiheadAttention(4, 2).out_proj).name == "linear"

@@ -16,9 +16,14 @@ Otherwise the module takes the generic path; :func:`decline_reason` says why.
 Built in: ``nn.Linear`` (and subclasses such as ``NonDynamicallyQuantizableLinear``), Hugging
 Face's ``Conv1D`` (transposed weight; registered when ``transformers`` is imported),
 ``nn.Conv1d/2d/3d``, ``nn.Embedding``, and the affine parameters of ``nn.LayerNorm``,
-``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d``. ``nn.MultiheadAttention`` has none (its projections
-run inside ``F.multi_head_attention_forward``; :func:`decline_reason` says so): it and its
-``out_proj`` take the generic path.
+``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d``, and ``nn.MultiheadAttention``'s packed in-projection
+in self-attention (:mod:`gradlens.engines.rules.attention`).
+
+A rule whose layer's input and output are not the module's own (a projection applied inside the
+module's forward) also gives a ``record(module, args, output)`` function: it returns, for one call,
+the input, the :class:`~torch.autograd.graph.GradientEdge` whose gradient is the rule's output
+gradient, that output's shape and dtype, or None to leave the call (and so the layer, that probe)
+to the generic path. Without it the engine records ``args[0]`` and the module's output.
 
 A custom rule, from one file (the Gram of a layer ``y = x * scale`` with a per-feature scale):
 
@@ -49,8 +54,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge
 
-__all__ = ["Rule", "RuleFn", "decline_reason", "register_rule", "rule_for"]
+__all__ = ["RecordFn", "Rule", "RuleFn", "decline_reason", "register_rule", "rule_for"]
 
 #: ``fn(module, inputs, out_grads, weights, budget) -> (Gram, {param name: weighted grad})``:
 #: ``inputs[k]`` is the module's input at call k, ``out_grads[k]`` the (T, *output.shape) task
@@ -65,6 +71,13 @@ RuleFn = Callable[
 ]
 
 
+#: ``record(module, args, output) -> (input, output edge, output shape, output dtype) | None``.
+RecordFn = Callable[
+    [nn.Module, tuple[object, ...], object],
+    tuple[torch.Tensor, GradientEdge, torch.Size, torch.dtype] | None,
+]
+
+
 @dataclass(frozen=True)
 class Rule:
     """A named per-layer rule, plus a predicate saying whether it applies to a module instance."""
@@ -74,19 +87,12 @@ class Rule:
     applies: Callable[[nn.Module], bool]
     #: The class the rule was registered for (subclasses must keep its ``forward``).
     cls: type[nn.Module] = nn.Module
+    #: What the forward hook records for one call (see the module doc); None: the module's
+    #: first argument and its output.
+    record: RecordFn | None = None
 
 
 _RULES: dict[type[nn.Module], Rule] = {}
-
-#: Why a common layer has no rule (:func:`decline_reason`); it takes the exact generic path.
-_NO_RULE: dict[type[nn.Module], str] = {
-    nn.MultiheadAttention: (
-        "MultiheadAttention applies its in_proj (packed, or q/k/v weights) and its out_proj "
-        "inside F.multi_head_attention_forward, so their inputs and output gradients are "
-        "intermediate tensors that no module hook records, and add_bias_kv's bias_k/bias_v "
-        "join after the projection: served exactly by the generic path"
-    ),
-}
 
 
 def _always(module: nn.Module) -> bool:
@@ -94,17 +100,21 @@ def _always(module: nn.Module) -> bool:
 
 
 def register_rule(
-    *types: type[nn.Module], name: str, applies: Callable[[nn.Module], bool] | None = None
+    *types: type[nn.Module],
+    name: str,
+    applies: Callable[[nn.Module], bool] | None = None,
+    record: RecordFn | None = None,
 ) -> Callable[[RuleFn], RuleFn]:
     """Register ``fn`` as the Gram rule for modules of these types (and subclasses that keep
-    their ``forward``), for the instances ``applies`` accepts (all by default).
+    their ``forward``), for the instances ``applies`` accepts (all by default); ``record``
+    says what to record of a call when it is not the module's input and output (see above).
 
     A later registration for the same type replaces the earlier one.
     """
 
     def deco(fn: RuleFn) -> RuleFn:
         for t in types:
-            _RULES[t] = Rule(name, fn, applies or _always, t)
+            _RULES[t] = Rule(name, fn, applies or _always, t, record)
         return fn
 
     return deco
@@ -128,8 +138,7 @@ def decline_reason(module: nn.Module) -> str | None:
     """
     rule = _nearest(module)
     if rule is None:
-        known = next((_NO_RULE[k] for k in type(module).__mro__ if k in _NO_RULE), None)
-        return known or f"no rule registered for {type(module).__name__} or its base classes"
+        return f"no rule registered for {type(module).__name__} or its base classes"
     if type(module).forward is not rule.cls.forward:
         return (
             f"{type(module).__name__} overrides {rule.cls.__name__}.forward (the recorded input "
@@ -155,6 +164,7 @@ def _load() -> None:
     global _loaded
     if not _loaded:
         from gradlens.engines.rules import (  # noqa: F401  (registration side effect)
+            attention,
             conv,
             embedding,
             linear,
