@@ -1,6 +1,7 @@
-"""``nn.MultiheadAttention`` under the gramian engine, against the loop reference in float64: its
-packed in-projection in self-attention is served by the ``mha_in_proj`` rule (recorded from the
-autograd graph, see :mod:`gradlens.engines.rules.attention`); separate q/k/v weights (kdim/vdim),
+"""``nn.MultiheadAttention`` under the gramian engine, against the loop reference in float64: by
+default through the exact generic path; with the opt-in ``mha_in_proj`` rule
+(:func:`gradlens.engines.rules.attention.enable`), its packed in-projection in self-attention is
+served by the rule (recorded from the autograd graph); separate q/k/v weights (kdim/vdim),
 add_bias_kv and cross-attention take the exact generic path, and so does ``out_proj`` (its
 forward is never called as a module)."""
 
@@ -13,9 +14,17 @@ import torch
 from torch import nn
 
 import gradlens as gl
-from gradlens.engines.rules import decline_reason, rule_for
+from gradlens.engines.rules import attention, decline_reason, rule_for
 from gradlens.testing import reference_grams
 from tests.zoo import assert_gram_close
+
+
+@pytest.fixture
+def mha_rule():
+    """The opt-in rule, for one test."""
+    attention.enable()
+    yield
+    attention.disable()
 
 
 class _Attention(nn.Module):
@@ -84,15 +93,23 @@ def _check(trunk: nn.Module, x: torch.Tensor, n_tasks: int) -> gl.Snapshot:
     return snap
 
 
+@pytest.mark.parametrize("enabled", [False, True])
 @pytest.mark.parametrize("n_tasks", [1, 3])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("option", sorted(OPTIONS))
-def test_multihead_attention_matches_the_loop_reference(option, batch_first, n_tasks):
+def test_multihead_attention_matches_the_loop_reference(option, batch_first, n_tasks, enabled):
     torch.manual_seed(0)
     kw, rule = OPTIONS[option]
+    if not enabled:
+        rule = "generic"
     trunk = _Attention(batch_first, **kw).double()
     x = torch.randn(4, 3, 6, dtype=torch.float64)  # (batch, seq) or (seq, batch)
-    snap = _check(trunk, x, n_tasks)
+    try:
+        if enabled:
+            attention.enable()
+        snap = _check(trunk, x, n_tasks)
+    finally:
+        attention.disable()
     assert snap.rules["attn"] == rule
     assert snap.rules["attn.out_proj"] == "generic"  # F.linear on its weight, no module call
     if "kdim" in kw:
@@ -116,7 +133,7 @@ class _Twice(nn.Module):
         return y.mean(1)
 
 
-def test_the_rule_on_repeated_calls_unbatched_inputs_frozen_bias_and_an_encoder_layer():
+def test_the_rule_on_repeated_calls_unbatched_inputs_frozen_bias_and_an_encoder_layer(mha_rule):
     torch.manual_seed(0)
     snap = _check(_Twice().double(), torch.randn(3, 4, 6, dtype=torch.float64), 3)
     assert snap.rules["attn"] == "mha_in_proj"
@@ -133,7 +150,12 @@ def test_the_rule_on_repeated_calls_unbatched_inputs_frozen_bias_and_an_encoder_
     assert snap.rules["self_attn"] == "mha_in_proj"
 
 
-def test_which_multihead_attention_the_rule_serves():
+def test_the_rule_is_opt_in():
+    assert rule_for(nn.MultiheadAttention(4, 2)) is None
+    assert "no rule registered" in decline_reason(nn.MultiheadAttention(4, 2))
+
+
+def test_which_multihead_attention_the_rule_serves(mha_rule):
     assert rule_for(nn.MultiheadAttention(4, 2)).name == "mha_in_proj"
     assert rule_for(nn.MultiheadAttention(4, 2, bias=False)).name == "mha_in_proj"
     for declined in (

@@ -16,8 +16,9 @@ Otherwise the module takes the generic path; :func:`decline_reason` says why.
 Built in: ``nn.Linear`` (and subclasses such as ``NonDynamicallyQuantizableLinear``), Hugging
 Face's ``Conv1D`` (transposed weight; registered when ``transformers`` is imported),
 ``nn.Conv1d/2d/3d``, ``nn.Embedding``, and the affine parameters of ``nn.LayerNorm``,
-``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d``, and ``nn.MultiheadAttention``'s packed in-projection
-in self-attention (:mod:`gradlens.engines.rules.attention`).
+``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d``. Opt-in: ``nn.MultiheadAttention``'s packed
+in-projection in self-attention (:func:`gradlens.engines.rules.attention.enable`; exact, but
+slower on CPU than the generic path it replaces).
 
 A rule whose layer's input and output are not the module's own (a projection applied inside the
 module's forward) also gives a ``record(module, args, output)`` function: it returns, for one call,
@@ -164,7 +165,6 @@ def _load() -> None:
     global _loaded
     if not _loaded:
         from gradlens.engines.rules import (  # noqa: F401  (registration side effect)
-            attention,
             conv,
             embedding,
             linear,
