@@ -18,7 +18,7 @@ Face's ``Conv1D`` (transposed weight; registered when ``transformers`` is import
 ``nn.Conv1d/2d/3d``, ``nn.Embedding``, and the affine parameters of ``nn.LayerNorm``,
 ``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d``. Opt-in: ``nn.MultiheadAttention``'s packed
 in-projection in self-attention (:func:`gradlens.engines.rules.attention.enable`; exact, but
-slower on CPU than the generic path it replaces).
+no faster on CPU than the generic path it replaces).
 
 A rule whose layer's input and output are not the module's own (a projection applied inside the
 module's forward) also gives a ``record(module, args, output)`` function: it returns, for one call,

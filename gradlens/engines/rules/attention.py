@@ -11,9 +11,9 @@ projection's (``D``: the same rows, 3E wide). Task t's weight gradient is then `
 its bias gradient ``D_t^T 1``: the Linear rule's math (:func:`~gradlens.engines.rules.linear.
 linear_grads`).
 
-Opt-in (:func:`enable`, before the Profiler is created): exact, but on CPU it measured slower
-than the generic path it replaces (README "Engines": 1.06x to 1.22x the generic probe's CPU time on
-TransformerEncoder trunks), so ``gramian`` does not use it by default.
+Opt-in (:func:`enable`, before the Profiler is created): exact, but on CPU no faster than the
+generic path it replaces (README "Engines", ``benchmarks/mha_rule.py``: 0.94x to 1.22x the
+generic probe's CPU time on TransformerEncoder trunks), so ``gramian`` does not use it by default.
 
 Served: ``_qkv_same_embed_dim`` (one packed weight, no kdim/vdim) without ``add_bias_kv``, and
 only for calls whose query, key and value are the same tensor (``mha(x, x, x)``, as in
