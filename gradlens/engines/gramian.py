@@ -406,14 +406,11 @@ class GramianEngine(Engine):
             T * itemsize * (x.numel() if isinstance(x, torch.Tensor) else shape_of[x].numel())
             for x in inputs
         ]
+        note = lambda: setattr(self, "last_looped", True)  # noqa: E731  # a segment looped
+        vmapped = _vmapped(shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", note)
+        fast = ctx.losses.device.type == "cpu" and not _reduced(ctx, rule_layers)
         backward: Callable[..., Sequence[torch.Tensor | None]] = (
-            looped_grad_from
-            if looped
-            else _vmapped(
-                shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", self._note_looped
-            )
-            if ctx.losses.device.type == "cpu"
-            else batched_grad_from
+            looped_grad_from if looped else vmapped if fast else batched_grad_from
         )
         # segments are merged while their blocks together stay under an eighth of the budget:
         # on small layers one backward call costs less than the memory it would save
@@ -426,14 +423,21 @@ class GramianEngine(Engine):
         rule_layers: dict[str, list[_Record]],
         generic: list[torch.Tensor],
     ) -> bool:
-        """Whether the second stage runs one backward per task throughout (``self.stage ==
-        "looped"``); else one vmapped backward per segment (on CPU: :func:`_vmapped`, under
-        ``torch.func.vmap``, where the legacy vmap looped over the tasks inside norm, GELU and
-        attention backward; see :mod:`gradlens.engines._batching`)."""
-        return self.stage == "looped"
+        """Whether every segment runs one backward per task (``stage="looped"``); by default
+        vmapped (:func:`_vmapped`), except under autocast on CPU, where functorch's convolution
+        rule mixes bf16 and float32: per task there unless Linear-only (legacy vmap then)."""
+        if self.stage is not None:
+            return self.stage == "looped"
+        return _reduced(ctx, rule_layers) and (
+            bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
+        )
 
-    def _note_looped(self) -> None:
-        self.last_looped = True
+
+def _reduced(ctx: BackwardContext, rule_layers: Mapping[str, list[_Record]]) -> bool:
+    """On CPU, whether a recorded layer output is narrower than float32 (autocast)."""
+    dts = {r.out_dtype for recs in rule_layers.values() for r in recs} | {ctx.losses.dtype}
+    narrow = any(d.is_floating_point and torch.finfo(d).bits < 32 for d in dts)
+    return narrow and ctx.losses.device.type == "cpu"
 
 
 def _accumulate_own(module: nn.Module, weighted: Mapping[str, torch.Tensor]) -> None:
@@ -511,10 +515,9 @@ def _blocks_writer(
     return write
 
 
-#: Per-task bytes of a segment's largest target block above which its second-stage backward on
-#: CPU runs one backward per task rather than vmapped (measured, CPU, one thread, T = 8: our CNN
-#: with BatchNorm at batch 128 vmapped 1.48x the looped time, at batch 4 1.02x; the zoo trunks of
-#: ``gradlens bench --zoo`` at batch 4, whose blocks are all smaller, 0.73x-0.94x).
+#: Per-task bytes of a segment's largest block above which the CPU second stage loops over tasks
+#: (one thread, T = 8, vmapped against looped: our BatchNorm CNN at batch 128 1.48x, at batch 4
+#: 1.02x; the ``gradlens bench --zoo`` trunks at batch 4, all below, 0.73x-0.94x).
 LOOP_ABOVE = 2**20
 
 
@@ -525,11 +528,9 @@ def _vmapped(
     forced: bool,
     looped: Callable[[], None],
 ) -> Callable[..., Sequence[torch.Tensor | None]]:
-    """The CPU second stage's backward of one segment: vmapped over as many tasks at a time as
-    keep the segment's per-task blocks (its targets' and its top cotangents') within half the
-    budget (T-fold intermediates of the vmapped backward are of the same order); one backward
-    per task instead where a target's per-task block exceeds :data:`LOOP_ABOVE`, unless
-    ``forced`` (then ``looped()`` is called first)."""
+    """The CPU second stage's backward of a segment: vmapped over as many tasks at a time as keep
+    its per-task blocks (targets', top cotangents') within half the budget; per task where a
+    target's per-task block exceeds :data:`LOOP_ABOVE`, unless ``forced`` (noted by ``looped``)."""
 
     def backward(
         tops: Sequence[GradientEdge],
