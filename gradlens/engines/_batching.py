@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -132,10 +133,20 @@ def _per_slice(
 
 
 def _register() -> Any:
-    """A dispatcher library holding the rule (torch leaves ``torch.library`` unannotated)."""
-    make: Any = torch.library.Library
-    lib = make("aten", "IMPL")
-    lib.impl(_SDPA_CPU_BACKWARD, _sdpa_cpu_backward, "FuncTorchBatched", with_keyset=True)
+    """A dispatcher library holding the rule (torch leaves ``torch.library`` unannotated), or
+    None where it cannot or need not be registered: a torch that batches the op itself (a newer
+    one: overriding its kernel would warn), or one whose private API differs (an older one). Then
+    vmap runs torch's own kernel or its exact per-task fallback (slower, never different)."""
+    try:
+        if torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"aten::{_SDPA_CPU_BACKWARD}", "FuncTorchBatched"
+        ):
+            return None
+        make: Any = torch.library.Library
+        lib = make("aten", "IMPL")
+        lib.impl(_SDPA_CPU_BACKWARD, _sdpa_cpu_backward, "FuncTorchBatched", with_keyset=True)
+    except (AttributeError, RuntimeError, TypeError, ImportError):
+        return None
     return lib
 
 
@@ -152,7 +163,8 @@ def batching_rules() -> Iterator[None]:
         with _LOCK:
             _STATE["count"] -= 1
             if _STATE["count"] == 0:
-                _STATE["lib"]._destroy()
+                if _STATE["lib"] is not None:
+                    _STATE["lib"]._destroy()
                 _STATE["lib"] = None
 
 
@@ -183,7 +195,9 @@ def vmapped_grad_from(
             unused[:] = [g is None for g in gs]
             return tuple(torch.zeros(()) if g is None else g for g in gs)
 
-        with batching_rules():
+        with batching_rules(), warnings.catch_warnings():
+            # without the rule (see _register) vmap loops over the tasks there, exactly
+            warnings.filterwarnings("ignore", message="There is a performance drop")
             parts.append(torch.func.vmap(one)(*[c[lo : lo + step] for c in cotangents]))
     got = parts[0] if len(parts) == 1 else tuple(torch.cat(gs) for gs in zip(*parts))
     # a vmapped dimension comes back where the batching rules left it (often not in front):
