@@ -40,6 +40,7 @@ from gradlens._profiler_checks import (
     check_finite,
     check_scale,
     grads_kept,
+    no_autocast,
     open_store,
     stack_grams,
     stack_losses,
@@ -393,7 +394,7 @@ class Profiler:
             graph=graph,
         )
         # engines compute in the dtypes of the recorded tensors, never under an autocast region
-        with torch.autocast(L.device.type, enabled=False):
+        with no_autocast(L.device.type):
             if not measure_only:
                 result = self._engine.compute(ctx)
             else:
