@@ -5,7 +5,8 @@ CPU time of this thread. Prints the plain step, each engine's probe (its second,
 their ratio, the probe's time per layer, and where a gramian probe's time goes by function
 (cProfile on this thread's CPU time, cumulative, the gradlens functions and autograd's entry
 points; the graph index's walks are ``_graph.py:from_roots``, ``_capture.py:split_heads``,
-``_graph.py:reaches_past`` and ``_segments.py:plan_from_index``).
+``_graph.py:reaches_past`` and ``_segments.py:plan_from_index``; the heads' split, the
+reaches-past answer and the cut plan are computed once per graph signature and reused).
 
     python benchmarks/host_time.py            # T = 8
     python benchmarks/host_time.py --tasks 3
@@ -126,10 +127,12 @@ def breakdown(make: Callable[[], gl.Profiler], losses: Callable[[], dict], n: in
     timed(gramian, "split_heads", "graph index: heads' split (split_heads)")
     timed(_graph.GraphIndex, "reaches_past", "graph index: reaches_past")
     timed(gramian, "plan_segments", "graph index: cut plan (plan_segments, cached)")
+    timed(profiler, "check_finite", "profiler: the losses read on the host (check_finite)")
+    timed(profiler, "stack_grams", "profiler: per-layer Grams stacked (stack_grams)")
     timed(gramian, "capture_rows", "first stage: weighted backward through the heads")
     timed(gramian, "batched_grad_from", "second stage: vmapped backward through the trunk")
-    timed(gramian, "linear_group", "Linear rule, grouped layers (Grams, weighted grads)")
-    timed(gramian, "_accumulate_own", "writing .grad of the shared layers")
+    timed(gramian, "linear_group_stacked", "Linear rule, grouped layers (Grams, weighted grads)")
+    timed(gramian, "accumulate_grads", "writing .grad of the shared layers")
     timed(profiler, "Snapshot", "Snapshot")
     prof = make()
     prof.backward(losses())

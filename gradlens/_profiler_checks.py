@@ -179,11 +179,13 @@ def stack_losses(
     return torch.stack(vals), vals
 
 
-def check_finite(L: torch.Tensor, tasks: tuple[str, ...]) -> None:
-    finite = torch.isfinite(L.detach())
-    if not bool(finite.all()):
-        bad = {t: v for t, v, ok in zip(tasks, L.detach().tolist(), finite.tolist()) if not ok}
+def check_finite(L: torch.Tensor, tasks: tuple[str, ...]) -> list[float]:
+    """The losses' values (one read on the host, reused for the Snapshot), all finite."""
+    vals: list[float] = L.detach().tolist()
+    if not all(map(math.isfinite, vals)):
+        bad = {t: v for t, v in zip(tasks, vals) if not math.isfinite(v)}
         raise GradlensError(f"`losses` should be finite; found {bad}.")
+    return vals
 
 
 def weight_values(

@@ -294,8 +294,7 @@ class Profiler:
         # which on a GPU would stall every step (an unprobed step then behaves as plain training)
         L, parts = stack_losses(losses, self.tasks)
         self._check_device(L)
-        if probe:
-            check_finite(L, self.tasks)
+        values = check_finite(L, self.tasks) if probe else None
         if gw is None:
             w = self._weights_on(cast("Mapping[str, float | torch.Tensor] | None", weights), L)
         else:
@@ -305,7 +304,9 @@ class Profiler:
         snap = None
         try:
             if probe:
-                snap = self._probe(step, L, parts, w, feats, retain_graph, scale, write, gw)
+                snap = self._probe(
+                    step, L, parts, w, feats, retain_graph, scale, write, gw, values
+                )
             elif write and per_layer and held is not None:
                 Ls = L if scale is None else L * scale
                 self._write_weighted(Ls, w, held[1], retain_graph)
@@ -367,6 +368,7 @@ class Profiler:
         scale: torch.Tensor | None,
         write: bool,
         weighting: Weighting | None = None,
+        values: list[float] | None = None,
     ) -> Snapshot | None:
         graph = GraphIndex.build(L)  # raises before any side effect (reentrant checkpoint)
         leaves = graph.leaves
@@ -428,7 +430,7 @@ class Profiler:
             engine=result.engine or self.engine,
             level=self._engine.level,
             rules=result.rules,
-            losses=dict(zip(self.tasks, L.detach().to("cpu", torch.float64).tolist())),
+            losses=dict(zip(self.tasks, L.detach().tolist() if values is None else values)),
             timings=dict(result.timings),
             unreached=unreached,
             notes=tuple(dict.fromkeys([*notes, *result.notes])),

@@ -157,8 +157,10 @@ class GramianEngine(Engine):
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
+            fn = output.grad_fn  # (GradientEdge directly: get_gradient_edge costs a call more)
+            edge = get_gradient_edge(output) if fn is None else GradientEdge(fn, output.output_nr)
             engine._records.setdefault(layer, []).append(
-                _Record(x.detach(), get_gradient_edge(output), output.shape, output.dtype)
+                _Record(x.detach(), edge, output.shape, output.dtype)
             )
 
         return hook
@@ -184,16 +186,17 @@ class GramianEngine(Engine):
         T = ctx.losses.shape[0]
         # a Gram weighting's step: keep every layer's T x output blocks (and the generic
         # layers' T x P_l gradients) when they fit the budget, to write J_l^T w_l afterwards
-        blocks = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
-        blocks += sum(p.numel() for p in generic)
-        keep = ctx.keep_blocks and T * ctx.losses.element_size() * blocks <= ctx.memory_budget
+        keep = ctx.keep_blocks and (
+            T * ctx.losses.element_size() * _block_numel(rule_layers, generic)
+            <= ctx.memory_budget
+        )
         u, v, heads, stream = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
         # rows carry u_t (see engines._capture): weight v in the sums, divide Grams by u_s u_t
         unscale = torch.outer(u, u).to(torch.float64).reciprocal()
         grams, rules, gen_grads, kept = self._rule_grams(
             stream, inputs, rule_layers, T, None if keep else v, unscale, ctx.memory_budget
         )
-        for layer, ps in group_by_layer(self.shared, generic).items():
+        for layer, ps in group_by_layer(self.shared, generic).items() if generic else ():
             grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
             rules[layer] = "generic"
             for p in ps if not keep else ():
@@ -570,6 +573,12 @@ def _segmented(
             tops, cots = [edge], [below]
         del below
         yield [(rest[m], got.pop(m)) for m in members]
+
+
+def _block_numel(rule_layers: Mapping[str, list[_Record]], generic: list[torch.Tensor]) -> int:
+    """Elements of one task's blocks: every recorded output, every generic parameter."""
+    n = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
+    return n + sum(p.numel() for p in generic)
 
 
 def _param(module: nn.Module, name: str) -> torch.Tensor:
