@@ -182,7 +182,8 @@ def test_a_split_is_reused_for_the_same_signature_and_rebound_to_the_new_nodes()
     g2, s2, _ = _graph_and_split(make, 7)  # another batch: the same shape
     assert g1.signature == g2.signature
     assert len(_graph._DERIVED) == n  # served from the memo
-    assert s1 is not None and s2 is not None
+    assert s1 is not None
+    assert s2 is not None
     assert set(s2.consumers) <= g2.node_set  # the new graph's nodes, none of the old one's
     assert not set(s2.consumers) & g1.node_set
     assert _as_positions(g2, s2) == _as_positions(g1, s1)
@@ -208,10 +209,12 @@ def test_a_graph_of_another_structure_is_split_anew():
     shared_head[0] = True
     g2, s2, _ = _graph_and_split(make, 5)
     assert g1.signature != g2.signature
-    assert s1 is not None and s2 is None
+    assert s1 is not None
+    assert s2 is None
     shared_head[0] = False
     g3, s3, _ = _graph_and_split(make, 6)
-    assert s3 is not None and set(s3.consumers) <= g3.node_set
+    assert s3 is not None
+    assert set(s3.consumers) <= g3.node_set
 
 
 def test_none_entries_of_next_functions_are_part_of_the_signature():
@@ -228,10 +231,12 @@ def test_none_entries_of_next_functions_are_part_of_the_signature():
     g1, s1, _ = _graph_and_split(make, 5)
     left[0] = False
     g2, s2, (z, losses) = _graph_and_split(make, 5)
-    assert g1.types == g2.types and g1.edges == g2.edges
+    assert g1.types == g2.types
+    assert g1.edges == g2.edges
     assert g1.signature != g2.signature
     _, fresh, _ = _graph_and_split(make, 5, use_index=False)
-    assert s2 is not None and fresh is not None
+    assert s2 is not None
+    assert fresh is not None
     assert sorted(s for _, s in s2.consumers.values()) == sorted(
         s for _, s in fresh.consumers.values()
     )
@@ -254,4 +259,5 @@ def test_the_heads_dtypes_are_checked_at_every_probe_of_a_known_signature():
     dtype[0] = torch.bfloat16
     g2, s2, _ = _graph_and_split(make, 5)
     assert g1.signature == g2.signature
-    assert s1 is not None and s2 is None
+    assert s1 is not None
+    assert s2 is None
