@@ -268,7 +268,8 @@ def check_features(
 def stack_grams(
     computed: Mapping[str, torch.Tensor], layers: Sequence[str] | None, T: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[str, ...]]:
-    """The total Gram, the per-layer Grams on CPU and the layers no loss reached.
+    """The total Gram, the per-layer Grams on CPU (each exactly symmetric, as
+    :class:`~gradlens.Snapshot` makes them) and the layers no loss reached.
 
     With ``layers`` (parameter-level engines), every trainable shared layer is listed: one that
     no loss reached gets a zero Gram and is named in the third item.
@@ -282,4 +283,10 @@ def stack_grams(
     if not names:
         return torch.zeros(T, T, dtype=torch.float64), {}, unreached
     stacked = torch.stack([computed[n] for n in names]).cpu()
-    return stacked.sum(0), dict(zip(names, stacked.unbind(0))), unreached
+    total = stacked.sum(0)
+    if stacked.shape[-1] == stacked.shape[-2]:
+        # symmetric as a Snapshot makes them (the same numbers, see snapshot._symmetric): the
+        # profiler then builds its Snapshot without a second pass (snapshot._symmetric_given)
+        total = (total + total.T) / 2
+        stacked = (stacked + stacked.transpose(1, 2)) / 2
+    return total, dict(zip(names, stacked.unbind(0))), unreached

@@ -54,7 +54,7 @@ from gradlens.engines._graph import GraphIndex
 from gradlens.engines.auto import AutoEngine
 from gradlens.engines.gramian import UNRECORDED
 from gradlens.schedules import Schedule, as_schedule
-from gradlens.snapshot import Snapshot, _symmetric
+from gradlens.snapshot import Snapshot, _symmetric, _symmetric_given
 from gradlens.weightings import _apply as _weighting
 
 __all__ = ["Profiler", "Sink"]
@@ -421,21 +421,22 @@ class Profiler:
             w, extra = self._apply_weighting(
                 weighting, gram, reached_grams, Ls, write, retain_graph, result.writer, leaves
             )
-        snap = Snapshot(
-            step=step,
-            tasks=self.tasks,
-            gram=gram,
-            layer_grams=layer_grams,
-            weights=w.detach().to("cpu", torch.float64),
-            engine=result.engine or self.engine,
-            level=self._engine.level,
-            rules=result.rules,
-            losses=dict(zip(self.tasks, L.detach().tolist() if values is None else values)),
-            timings=dict(result.timings),
-            unreached=unreached,
-            notes=tuple(dict.fromkeys([*notes, *result.notes])),
-            **extra,
-        )
+        with _symmetric_given():  # stack_grams made every Gram exactly symmetric
+            snap = Snapshot(
+                step=step,
+                tasks=self.tasks,
+                gram=gram,
+                layer_grams=layer_grams,
+                weights=w.detach().to("cpu", torch.float64),
+                engine=result.engine or self.engine,
+                level=self._engine.level,
+                rules=result.rules,
+                losses=dict(zip(self.tasks, L.detach().tolist() if values is None else values)),
+                timings=dict(result.timings),
+                unreached=unreached,
+                notes=tuple(dict.fromkeys([*notes, *result.notes])),
+                **extra,
+            )
         self._flag_zero(snap)
         self._flag_unrecorded(snap)
         self._log_auto()

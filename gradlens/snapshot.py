@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +28,23 @@ def _symmetric(G: torch.Tensor) -> torch.Tensor:
     if G.ndim != 2 or G.shape[0] != G.shape[1]:
         return G
     return (G + G.T) / 2
+
+
+#: True while the profiler builds a Snapshot from Grams it made exactly symmetric itself, with
+#: the numbers :meth:`Snapshot.__post_init__` would give (see ``_profiler_checks.stack_grams``).
+_GIVEN_SYMMETRIC: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "gradlens_snapshot_symmetric", default=False
+)
+
+
+@contextmanager
+def _symmetric_given() -> Iterator[None]:
+    """Snapshots built inside this block take their Grams as they are (already symmetric)."""
+    token = _GIVEN_SYMMETRIC.set(True)
+    try:
+        yield
+    finally:
+        _GIVEN_SYMMETRIC.reset(token)
 
 
 def _symmetric_all(grams: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -101,6 +120,8 @@ class Snapshot:
         # The one place that makes every Gram a Snapshot holds exactly symmetric, whatever engine
         # or BLAS produced it: a product such as ``S @ S.T`` is symmetric only up to rounding on
         # some machines. Averaging with the transpose is exact for an already symmetric matrix.
+        if _GIVEN_SYMMETRIC.get():
+            return
         object.__setattr__(self, "gram", _symmetric(self.gram))
         object.__setattr__(self, "layer_grams", _symmetric_all(self.layer_grams))
 

@@ -297,8 +297,12 @@ def linear_group_stacked(
         return None
     if _fused.enabled_for(d0.device):  # the compiled per-layer kernel path was asked for
         return None
-    A = torch.stack([x.reshape(N, in_f) for x in inputs])  # L x N x in
-    D = torch.stack([d.reshape(T, N, out_f) for d in out_grads if d is not None])  # L x T x N x out
+    # (a reshape costs a dispatch even when it changes nothing: only where the shape differs)
+    a_shape, d_shape = (N, in_f), (T, N, out_f)
+    A = torch.stack([x if x.shape == a_shape else x.reshape(a_shape) for x in inputs])  # L x N x in
+    D = torch.stack(  # L x T x N x out
+        [d if d.shape == d_shape else d.reshape(d_shape) for d in out_grads if d is not None]
+    )
     K = A @ A.transpose(1, 2)  # L x N x N
     if has_b:
         K += 1.0
@@ -309,6 +313,7 @@ def linear_group_stacked(
     G = (G.tril() + G.tril(-1).transpose(1, 2)).to(torch.float64)  # exactly symmetric
     if weights is None:  # the Grams only
         return G, None, None
-    Dw = torch.matmul(weights.to(D.dtype), Df).reshape(n_layers, N, out_f)
+    w = weights if weights.dtype == D.dtype else weights.to(D.dtype)
+    Dw = torch.matmul(w, Df).reshape(n_layers, N, out_f)
     gW = Dw.transpose(1, 2) @ A  # L x out x in
     return G, gW, Dw.sum(1) if has_b else None
