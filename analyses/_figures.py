@@ -28,6 +28,7 @@ __all__ = [
     "params_label",
     "pbt_result",
     "pbt_schedules",
+    "size_ticks",
     "weight_label",
 ]
 
@@ -130,7 +131,7 @@ def gain_vs_params(
                 f"[{fit['ci_low']:+.1f}, {fit['ci_high']:+.1f}]",
             )
         ax.axhline(0, color="0.5", lw=0.8)
-        ax.set_xscale("log")
+        size_ticks(ax, gains["model.n_params"])
         ax.set_xlabel("parameters (joint model, log scale)")
         ax.set_title(f"task '{task}'", fontsize=10)
         ax.grid(alpha=0.3)
@@ -140,6 +141,18 @@ def gain_vs_params(
     axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
     fig.suptitle(_wrap(title, 110), fontsize=10)
     return fig
+
+
+def size_ticks(ax: Any, n_params: Any) -> None:
+    """A log x axis ticked at the model sizes, labelled as parameter counts ("8.9k"), one tick for
+    sizes within 2 % of each other, no minor labels (they overprint on a short range)."""
+    ticks: list[float] = []
+    for n in sorted(float(x) for x in set(n_params)):
+        if not ticks or n > 1.02 * ticks[-1]:
+            ticks.append(n)
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [params_label(n) for n in ticks], fontsize=7, rotation=45)
+    ax.minorticks_off()
 
 
 def _wrap(text: str, width: int) -> str:

@@ -508,7 +508,7 @@ def _figure(res: Mapping[str, Any]) -> Any:
     """Findings 1 and 3 per size, every pair and family, with the pooled fit and its verdict."""
     from matplotlib.figure import Figure
 
-    from analyses._figures import _wrap, params_label
+    from analyses._figures import _wrap, size_ticks
 
     fig = Figure(figsize=(13, 4.8), layout="constrained")
     a1, a3 = fig.subplots(1, 2)
@@ -549,13 +549,7 @@ def _figure(res: Mapping[str, Any]) -> Any:
             )
         if col == "gain_points":
             ax.axhline(0, color="0.5", lw=0.8)
-        ax.set_xscale("log")
-        ticks: list[float] = []
-        for n in sorted(t["n_params"].unique()):  # one tick for sizes within 2 % of each other
-            if not ticks or n > 1.02 * ticks[-1]:
-                ticks.append(n)
-        ax.set_xticks(ticks, [params_label(n) for n in ticks], fontsize=7, rotation=45)
-        ax.minorticks_off()
+        size_ticks(ax, t["n_params"])
         ax.set_xlabel("parameters (joint model, log scale)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
