@@ -1,8 +1,16 @@
-"""The ``loop`` engine: one ``torch.autograd.grad`` per task. The reference every engine matches.
+"""The ``loop`` engine: one ``torch.autograd.grad`` per task, the pattern every engine matches.
 
-Per-task gradients are kept in float64 until the Gram is formed, so this engine is the most exact
-and the most memory hungry (``T x P`` float64). ``gradlens.testing.reference_grams`` is the same
-computation for users' own checks.
+Each task's gradients are copied into one ``T x P`` buffer in the parameters' dtype (kept from
+one probe to the next on CPU up to :data:`KEEP` bytes: a fresh large buffer pays a page fault per
+4 KiB page), and each
+layer's Gram is the product of its columns, accumulated in float64 over column chunks of at most
+:data:`CHUNK` (float32 sums over no more than 2^16 terms, then float64: the documented float32
+tolerance, 1e-4 relative, holds however large a layer is; float64 parameters stay float64).
+The weighted gradient is one product over the same buffer.
+
+``gradlens.testing.reference_grams`` is not this engine: it keeps the straightforward
+computation (:func:`loop_task_grads`, then :func:`layer_grams_from_grads` with every gradient in
+float64), the reference every engine, this one included, is tested against.
 """
 
 from __future__ import annotations
@@ -16,11 +24,28 @@ from gradlens.engines._base import (
     Engine,
     EngineResult,
     SharedParams,
+    Workspace,
     accumulate_grad,
+    compute_dtype,
     group_by_layer,
 )
 
-__all__ = ["LoopEngine", "flat_grads", "layer_grams_from_grads", "loop_task_grads"]
+__all__ = [
+    "CHUNK",
+    "LoopEngine",
+    "flat_grads",
+    "flat_layer_grams",
+    "layer_columns",
+    "layer_grams_from_grads",
+    "loop_task_grads",
+    "write_flat",
+]
+
+#: Largest ``T x P`` buffer (bytes) kept from one probe to the next on CPU.
+KEEP = 64 << 20
+
+#: Columns of one Gram product: float32 products sum at most this many terms before float64.
+CHUNK = 1 << 16
 
 
 def loop_task_grads(
@@ -47,42 +72,116 @@ def layer_grams_from_grads(
 ) -> dict[str, torch.Tensor]:
     """Per-layer float64 Grams from per-task gradients ``grads[t][k]`` of ``params[k]``.
 
-    ``J`` is :func:`flat_grads` of ``grads`` when the caller has it already. It is converted to
-    float64 once; each layer's Gram is the product of its columns (a view where the layer's
-    parameters are adjacent, as they are in module order).
+    The reference computation (``gradlens.testing.reference_grams``): ``J`` (:func:`flat_grads`
+    of ``grads`` unless given) is converted to float64 once and each layer's Gram is the product
+    of its columns (a view where the layer's parameters are adjacent, as in module order).
     """
     Jd = (flat_grads(grads) if J is None else J).to(torch.float64)
+    out = {}
+    for layer, cols in layer_columns(shared, params).items():
+        Jl = _columns(Jd, cols)
+        out[layer] = Jl @ Jl.T
+    return out
+
+
+def layer_columns(
+    shared: SharedParams, params: Sequence[torch.Tensor]
+) -> dict[str, list[tuple[int, int]]]:
+    """Each layer's column spans in the flattened parameters, merged where adjacent."""
     start: dict[int, int] = {}
     k = 0
     for p in params:
         start[id(p)] = k
         k += p.numel()
-    out = {}
+    out: dict[str, list[tuple[int, int]]] = {}
     for layer, ps in group_by_layer(shared, params).items():
-        spans = [(start[id(p)], start[id(p)] + p.numel()) for p in ps]
-        if all(a == spans[i - 1][1] for i, (a, _) in enumerate(spans) if i):
-            Jl = Jd[:, spans[0][0] : spans[-1][1]]
-        else:
-            Jl = torch.cat([Jd[:, a:b] for a, b in spans], dim=1)
-        out[layer] = Jl @ Jl.T
+        spans: list[tuple[int, int]] = []
+        for p in ps:
+            a, b = start[id(p)], start[id(p)] + p.numel()
+            if spans and spans[-1][1] == a:
+                spans[-1] = (spans[-1][0], b)
+            else:
+                spans.append((a, b))
+        out[layer] = spans
     return out
 
 
+def _columns(J: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The columns ``spans`` of ``J``: a view when they are one span."""
+    if len(spans) == 1:
+        return J[:, spans[0][0] : spans[0][1]]
+    return torch.cat([J[:, a:b] for a, b in spans], dim=1)
+
+
+def flat_layer_grams(
+    J: torch.Tensor, columns: Mapping[str, Sequence[tuple[int, int]]]
+) -> dict[str, torch.Tensor]:
+    """Each layer's float64 Gram ``J_l J_l^T`` over its column spans of ``J`` (T x P).
+
+    Products run in ``J``'s dtype (float32 at least) over at most :data:`CHUNK` columns each:
+    a layer within one chunk is one product into a shared buffer, converted to float64 with all
+    the others at once; a larger one sums its chunks' products in float64.
+    """
+    T = J.shape[0]
+    small = [n for n, sp in columns.items() if len(sp) == 1 and sp[0][1] - sp[0][0] <= CHUNK]
+    out: dict[str, torch.Tensor] = {}
+    if small:
+        buf = torch.empty((len(small), T, T), dtype=J.dtype, device=J.device)
+        for i, layer in enumerate(small):
+            ((a, b),) = columns[layer]
+            block = J[:, a:b]
+            torch.mm(block, block.T, out=buf[i])
+        grams = buf.to(torch.float64)
+        out = {layer: grams[i] for i, layer in enumerate(small)}
+    for layer, spans in columns.items():
+        if layer in out:
+            continue
+        total = torch.zeros((T, T), dtype=torch.float64, device=J.device)
+        for a, b in spans:
+            for lo in range(a, b, CHUNK):
+                block = J[:, lo : min(b, lo + CHUNK)]
+                total += (block @ block.T).to(torch.float64)
+        out[layer] = total
+    return {layer: out[layer] for layer in columns}
+
+
+def write_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Add the slices of ``flat`` (P,), in parameter order, to the parameters' ``.grad``, as
+    autograd's accumulation does (a fresh tensor of the parameter's dtype when ``.grad`` is
+    None)."""
+    k = 0
+    for p in params:
+        n = p.numel()
+        g = flat[k : k + n].view(p.shape)
+        k += n
+        grad = p.grad
+        if grad is None:
+            p.grad = g.clone() if g.dtype == p.dtype else g.to(p.dtype)
+        else:
+            grad.add_(g)
+
+
 class LoopEngine(Engine):
-    """One backward per task (``torch.autograd.grad``); exact, slow, float64 Grams."""
+    """One backward per task (``torch.autograd.grad``); exact, ``T x P`` in the parameters'
+    dtype, float64 Grams."""
 
     name = "loop"
+
+    def __init__(self, shared: SharedParams, n_tasks: int) -> None:
+        super().__init__(shared, n_tasks)
+        self._workspace = Workspace()
+        self._cols: tuple[tuple[int, ...], dict[str, list[tuple[int, int]]]] | None = None
+
+    def detach(self) -> None:
+        self._workspace.clear()
 
     def compute(self, ctx: BackwardContext) -> EngineResult:
         params = ctx.reached
         if not params:
             return EngineResult({})
-        # from each task's own scalar loss: a backward from ``losses[t]`` would run through the
-        # stack into every task's head (with zero cotangents)
-        grads = loop_task_grads(ctx.per_task(), params)
-        J = flat_grads(grads)
-        del grads
-        grams = layer_grams_from_grads(self.shared, params, [], J)
+        J = self._task_grads(ctx, params)
+        grams = flat_layer_grams(J, self._columns(params))
+        rules = {layer: "loop" for layer in grams}
         layer_of = self.shared.layer_of
 
         def write(weights: Mapping[str, torch.Tensor]) -> None:
@@ -94,11 +193,40 @@ class LoopEngine(Engine):
                 k += p.numel()
 
         if ctx.keep_blocks:  # the per-task gradients are at hand: write once weights are known
-            return EngineResult(grams, {layer: "loop" for layer in grams}, set(), writer=write)
+            return EngineResult(grams, rules, set(), writer=write)
         # the weighted sum as one product over the flattened per-task gradients
-        flat = ctx.weights.to(J.dtype) @ J
-        k = 0
-        for p in params:
-            accumulate_grad(p, flat[k : k + p.numel()])
-            k += p.numel()
-        return EngineResult(grams, {layer: "loop" for layer in grams}, {id(p) for p in params})
+        write_flat(params, ctx.weights.to(J.dtype) @ J)
+        return EngineResult(grams, rules, {id(p) for p in params})
+
+    def _columns(self, params: list[torch.Tensor]) -> dict[str, list[tuple[int, int]]]:
+        """:func:`layer_columns` of ``params``, kept for the parameter set of the last probe."""
+        key = tuple(map(id, params))
+        if self._cols is None or self._cols[0] != key:
+            self._cols = (key, layer_columns(self.shared, params))
+        return self._cols[1]
+
+    def _task_grads(self, ctx: BackwardContext, params: list[torch.Tensor]) -> torch.Tensor:
+        """``J`` (T x P): each task's gradient, from its own scalar loss (a backward from
+        ``losses[t]`` would run through the stack into every task's head, with zero cotangents),
+        copied into the workspace row by row (zeros where a task does not reach a parameter)."""
+        losses = ctx.per_task()
+        dtype = compute_dtype(params[0].dtype)
+        for p in params[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        P = sum(p.numel() for p in params)
+        shape, dev = (len(losses), P), ctx.losses.device
+        if len(losses) * P * dtype.itemsize <= KEEP:
+            J = self._workspace.get("J", shape, dtype, dev)
+        else:  # not held between probes: training would carry it at every step
+            J = torch.empty(shape, dtype=dtype, device=dev)
+        for t, loss in enumerate(losses):
+            gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            # one concatenation into the row (not a copy per parameter: T x P launches)
+            torch.cat(
+                [
+                    (p.new_zeros(p.numel()) if g is None else g.reshape(-1))
+                    for p, g in zip(params, gs)
+                ],
+                out=J[t],
+            )
+        return J
