@@ -137,9 +137,7 @@ class AutoEngine(Engine):
             if engine is None or not engine._recording:
                 return
             leaves, _ = torch.utils._pytree.tree_flatten((args, output))
-            engine._shapes = tuple(
-                tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor)
-            )
+            engine._shapes = tuple(tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor))
 
         return hook
 

@@ -404,10 +404,7 @@ class GramianEngine(Engine):
         # segments are merged while their blocks together stay under an eighth of the budget:
         # on small layers one backward call costs less than the memory it would save
         limit = ctx.memory_budget // 8
-        return u, v, heads, _segmented(
-            edges, cot, inputs, sizes, limit, backward, keep, graph
-        )
-
+        return u, v, heads, _segmented(edges, cot, inputs, sizes, limit, backward, keep, graph)
 
     def _looped(
         self,

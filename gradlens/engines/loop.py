@@ -32,7 +32,9 @@ from gradlens.engines._base import (
 
 __all__ = [
     "CHUNK",
+    "FlatEngine",
     "LoopEngine",
+    "fill_row",
     "flat_grads",
     "flat_layer_grams",
     "layer_columns",
@@ -161,11 +163,10 @@ def write_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
             grad.add_(g)
 
 
-class LoopEngine(Engine):
-    """One backward per task (``torch.autograd.grad``); exact, ``T x P`` in the parameters'
-    dtype, float64 Grams."""
-
-    name = "loop"
+class FlatEngine(Engine):
+    """An engine that holds all tasks' gradients as one ``T x P`` buffer (parameter order):
+    Grams by :func:`flat_layer_grams`, the weighted gradient by one product (``loop``, and
+    ``batched`` when its tasks fit one chunk)."""
 
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         super().__init__(shared, n_tasks)
@@ -175,13 +176,25 @@ class LoopEngine(Engine):
     def detach(self) -> None:
         self._workspace.clear()
 
-    def compute(self, ctx: BackwardContext) -> EngineResult:
-        params = ctx.reached
-        if not params:
-            return EngineResult({})
-        J = self._task_grads(ctx, params)
+    def flat_buffer(self, rows: int, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """An uninitialised ``rows x P`` buffer in the parameters' (promoted) dtype, float32 at
+        least; reused from one probe to the next on CPU up to :data:`KEEP` bytes."""
+        dtype = compute_dtype(params[0].dtype)
+        for p in params[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        shape = (rows, sum(p.numel() for p in params))
+        if shape[0] * shape[1] * dtype.itemsize <= KEEP:
+            return self._workspace.get("J", shape, dtype, params[0].device)
+        # not held between probes: training would carry it at every step
+        return torch.empty(shape, dtype=dtype, device=params[0].device)
+
+    def flat_result(
+        self, ctx: BackwardContext, params: list[torch.Tensor], J: torch.Tensor
+    ) -> EngineResult:
+        """Grams of ``J`` (all tasks' gradients of ``params``) and the weighted gradient written
+        (or, with ``ctx.keep_blocks``, a writer that writes it once the weights are known)."""
         grams = flat_layer_grams(J, self._columns(params))
-        rules = {layer: "loop" for layer in grams}
+        rules = dict.fromkeys(grams, self.name)
         layer_of = self.shared.layer_of
 
         def write(weights: Mapping[str, torch.Tensor]) -> None:
@@ -205,28 +218,32 @@ class LoopEngine(Engine):
             self._cols = (key, layer_columns(self.shared, params))
         return self._cols[1]
 
-    def _task_grads(self, ctx: BackwardContext, params: list[torch.Tensor]) -> torch.Tensor:
-        """``J`` (T x P): each task's gradient, from its own scalar loss (a backward from
-        ``losses[t]`` would run through the stack into every task's head, with zero cotangents),
-        copied into the workspace row by row (zeros where a task does not reach a parameter)."""
+
+class LoopEngine(FlatEngine):
+    """One backward per task (``torch.autograd.grad``); exact, ``T x P`` in the parameters'
+    dtype, float64 Grams."""
+
+    name = "loop"
+
+    def compute(self, ctx: BackwardContext) -> EngineResult:
+        params = ctx.reached
+        if not params:
+            return EngineResult({})
         losses = ctx.per_task()
-        dtype = compute_dtype(params[0].dtype)
-        for p in params[1:]:
-            dtype = torch.promote_types(dtype, p.dtype)
-        P = sum(p.numel() for p in params)
-        shape, dev = (len(losses), P), ctx.losses.device
-        if len(losses) * P * dtype.itemsize <= KEEP:
-            J = self._workspace.get("J", shape, dtype, dev)
-        else:  # not held between probes: training would carry it at every step
-            J = torch.empty(shape, dtype=dtype, device=dev)
+        J = self.flat_buffer(len(losses), params)
+        # from each task's own scalar loss: a backward from ``losses[t]`` would run through the
+        # stack into every task's head (with zero cotangents)
         for t, loss in enumerate(losses):
             gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            # one concatenation into the row (not a copy per parameter: T x P launches)
-            torch.cat(
-                [
-                    (p.new_zeros(p.numel()) if g is None else g.reshape(-1))
-                    for p, g in zip(params, gs)
-                ],
-                out=J[t],
-            )
-        return J
+            fill_row(J[t], params, gs)
+        return self.flat_result(ctx, params, J)
+
+
+def fill_row(
+    row: torch.Tensor, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+) -> None:
+    """One task's gradients concatenated into ``row`` (P,) by one call (zeros for None)."""
+    torch.cat(
+        [(p.new_zeros(p.numel()) if g is None else g.reshape(-1)) for p, g in zip(params, grads)],
+        out=row,
+    )

@@ -272,6 +272,4 @@ def linear_group(
     Dw = torch.matmul(weights.to(D.dtype), Df).reshape(n_layers, N, out_f)
     gW = Dw.transpose(1, 2) @ A  # L x out x in
     gb = Dw.sum(1) if has_b else None
-    return [
-        (G[k], _pack(gW[k], None if gb is None else gb[k])) for k in range(n_layers)
-    ]
+    return [(G[k], _pack(gW[k], None if gb is None else gb[k])) for k in range(n_layers)]
