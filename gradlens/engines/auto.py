@@ -196,6 +196,7 @@ class AutoEngine(Engine):
             if decision.next_candidate(order) is None:
                 best = decision.best()
                 decision.winner = min(best, key=best.__getitem__)
+                self._release_losers()
         for e in self.candidates.values():
             if e is not engine:
                 e.discard()
@@ -204,6 +205,14 @@ class AutoEngine(Engine):
         if decision.winner is not None and timing:
             result.notes.append(f"auto-chose:{decision.winner}")
         return result
+
+    def _release_losers(self) -> None:
+        """Free the kept buffers of every candidate that no decision chose (the loop engine
+        holds ``T x P`` between probes); one timed again for a new shape allocates anew."""
+        winners = {self.variants[d.winner][0] for d in self.decisions.values() if d.winner}
+        for e in self.candidates.values():
+            if e not in winners:
+                e.release()
 
     def summary(self) -> list[dict[str, object]]:
         """The decisions made so far, JSON-ready (the run's ``meta["auto"]``)."""

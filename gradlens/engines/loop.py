@@ -174,6 +174,9 @@ class FlatEngine(Engine):
         self._cols: tuple[tuple[int, ...], dict[str, list[tuple[int, int]]]] | None = None
 
     def detach(self) -> None:
+        self.release()
+
+    def release(self) -> None:
         self._workspace.clear()
 
     def flat_buffer(self, rows: int, params: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -110,8 +110,7 @@ def test_gramian_second_stage_either_way_is_exact(model, stage):
     params = [p for p in [*trunk.parameters(), *heads.parameters()] if p.requires_grad]
     torch.manual_seed(1)
     losses = task_losses(trunk, heads, x, ys)  # dropout masks of this seed
-    plain = torch.autograd.grad(sum(w[t] * v for t, v in losses.items()), params,
-                                allow_unused=True)
+    plain = torch.autograd.grad(sum(w[t] * v for t, v in losses.items()), params, allow_unused=True)
     with gl.Profiler(trunk, list(w), engine="gramian") as prof:
         prof._engine.stage = stage
         torch.manual_seed(1)
@@ -154,3 +153,17 @@ def test_recording_hooks_run_only_when_their_engine_may_serve(winner):
             assert snap.engine == expect
             assert "forward-not-recorded" not in snap.notes
             assert_gram_close(snap.gram, ref.gram, 1e-10)
+
+
+def test_candidates_that_lost_free_their_buffers():
+    trunk, heads, x, ys = build("mlp", 3)
+    with gl.Profiler(trunk, ["t0", "t1", "t2"]) as prof:
+        auto = prof._engine
+        loop = auto.candidates["loop"]
+        prof.backward(task_losses(trunk, heads, x, ys))
+        assert loop._workspace._bufs  # its T x P buffer, kept for its next probe
+        while auto.describe() == "timing":
+            prof.backward(task_losses(trunk, heads, x, ys))
+        (decision,) = auto.decisions.values()
+        assert bool(loop._workspace._bufs) == (decision.winner == "loop")
+        assert not auto.candidates["batched"]._workspace._bufs or decision.winner == "batched"
