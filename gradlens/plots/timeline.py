@@ -86,7 +86,7 @@ def _draw_conflict(ax: Any, data: TimelineData, win: int) -> None:
     per_probe = data.per_probe
     smooth = per_probe.rolling(win, min_periods=1, center=True).mean()
     ax.scatter(
-        per_probe.index, per_probe.to_numpy(), s=8, color=_RED, alpha=0.3, lw=0, label="per probe"
+        per_probe.index, per_probe.to_numpy(), s=14, color=_RED, alpha=0.55, lw=0, label="per probe"
     )
     ax.plot(
         smooth.index, smooth.to_numpy(), color=_RED, lw=1.8, label=f"rolling mean ({win} probes)"

@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 
 Method = Literal["spearman", "pearson", "kendall"]
+Correction = Literal["holm", "bh", "none"]
 METHODS: tuple[str, ...] = ("spearman", "pearson", "kendall")
 Resample = Literal["groups", "within"]
 RESAMPLES: tuple[str, ...] = ("groups", "within")

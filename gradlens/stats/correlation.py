@@ -29,8 +29,8 @@ from gradlens.stats._args import SeedLike
 
 __all__ = ["Correction", "Method", "adjust", "correlate", "partial_correlation"]
 
-Method = Literal["spearman", "pearson", "kendall"]
-Correction = Literal["holm", "bh", "none"]
+Method = _core.Method
+Correction = _core.Correction
 CORRECTIONS: tuple[str, ...] = ("holm", "bh", "none")
 _NAN2 = (math.nan, math.nan)
 
@@ -114,7 +114,7 @@ def correlate(
     n_boot: int = 2000,
     n_perm: int = 2000,
     groups: Any = None,
-    resample: Literal["groups", "within"] = "groups",
+    resample: _core.Resample = "groups",
     block: int | Literal["auto"] | None = None,
     ci: float = 0.95,
     seed: SeedLike = 0,
@@ -292,7 +292,7 @@ def partial_correlation(
     n_boot: int = 2000,
     n_perm: int = 2000,
     groups: str | Sequence[str] | None = None,
-    resample: Literal["groups", "within"] = "groups",
+    resample: _core.Resample = "groups",
     ci: float = 0.95,
     seed: SeedLike = 0,
 ) -> dict[str, Any]:

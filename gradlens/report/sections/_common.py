@@ -8,11 +8,12 @@ import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 
 from gradlens.report import _render as _r
+from gradlens.stats.correlation import Correction, Method
 
 __all__ = [
     "CORRECTION_NAME",
@@ -32,11 +33,6 @@ __all__ = [
     "stat_text",
     "weight_cols",
 ]
-
-#: The correlation methods of :func:`gradlens.stats.associations` and the corrections of
-#: :func:`gradlens.stats.adjust` (the same sets; the report checks its options against these).
-Method = Literal["spearman", "pearson", "kendall"]
-Correction = Literal["holm", "bh", "none"]
 
 SYMBOL: dict[str, str] = {"spearman": "rho", "pearson": "r", "kendall": "tau"}
 KIND: dict[str, str] = {"spearman": "monotone", "pearson": "linear", "kendall": "monotone"}
