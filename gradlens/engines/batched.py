@@ -42,7 +42,7 @@ class BatchedEngine(FlatEngine):
         chunk = max(1, min(T, ctx.memory_budget // max(1, 2 * per_task)))
         bounds = [(s, min(T, s + chunk)) for s in range(0, T, chunk)]
         if len(bounds) == 1:  # one chunk: the loop engine's Grams and write, from one buffer
-            return self.flat_result(ctx, params, self._one_chunk(ctx, params))
+            return self._one_chunk(ctx, params)
         layers = group_by_layer(self.shared, params)
         index = {id(p): k for k, p in enumerate(params)}
         dev = ctx.losses.device
@@ -84,9 +84,11 @@ class BatchedEngine(FlatEngine):
                 accumulate_grad(p, total)
         return EngineResult(grams, {layer: "batched" for layer in grams}, {id(p) for p in params})
 
-    def _one_chunk(self, ctx: BackwardContext, params: list[torch.Tensor]) -> torch.Tensor:
+    def _one_chunk(self, ctx: BackwardContext, params: list[torch.Tensor]) -> EngineResult:
         """All tasks' gradients by one batched backward, as one ``T x P`` buffer; a task whose
-        row is not finite is recomputed by its own backward (see :func:`_redo_nonfinite`)."""
+        row is not finite is recomputed by its own backward (see :func:`_redo_nonfinite`). The
+        other leaves (the heads) are left to the weighted backward (see
+        :meth:`FlatEngine.other_leaves`)."""
         T = ctx.losses.shape[0]
         gs = batched_grad(ctx.losses, params)
         J = self.flat_buffer(T, params)
@@ -106,7 +108,7 @@ class BatchedEngine(FlatEngine):
         for t in bad:
             own = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
             fill_row(J[t], params, own)
-        return J
+        return self.flat_result(ctx, params, J)
 
 
 def _redo_nonfinite(

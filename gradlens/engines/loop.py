@@ -191,11 +191,33 @@ class FlatEngine(Engine):
         # not held between probes: training would carry it at every step
         return torch.empty(shape, dtype=dtype, device=params[0].device)
 
+    @staticmethod
+    def other_leaves(ctx: BackwardContext, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The leaves outside ``params`` that the losses reach (the task heads, ...), when the
+        engine is to write them: their per-task gradients then come from the same backward
+        passes as the parameters', and no backward through the heads follows. None for
+        ``observe`` (``ctx.write`` False) and a Gram weighting's step (``ctx.keep_blocks``).
+
+        ``sum_t w_t g_t`` from per-task gradients is the weighted backward's sum, non-finite
+        values included (``w_t * inf``, ``0 * inf``: the same products); a batched backward
+        would also push zero cotangents through every other task's head (``0 * inf = NaN``
+        where the plain backward has none), so only the loop engine writes them."""
+        if not ctx.write or ctx.keep_blocks:
+            return []
+        ids = {id(p) for p in params}
+        return [v for i, v in ctx.leaves.items() if i not in ids]
+
     def flat_result(
-        self, ctx: BackwardContext, params: list[torch.Tensor], J: torch.Tensor
+        self,
+        ctx: BackwardContext,
+        params: list[torch.Tensor],
+        J: torch.Tensor,
+        others: Sequence[tuple[torch.Tensor, torch.Tensor | None]] = (),
     ) -> EngineResult:
         """Grams of ``J`` (all tasks' gradients of ``params``) and the weighted gradient written
-        (or, with ``ctx.keep_blocks``, a writer that writes it once the weights are known)."""
+        (or, with ``ctx.keep_blocks``, a writer that writes it once the weights are known);
+        ``others``: ``(leaf, sum_t w_t g_t)`` of the :meth:`other_leaves`, written too (None:
+        no task reaches it)."""
         grams = flat_layer_grams(J, self._columns(params))
         rules = dict.fromkeys(grams, self.name)
         layer_of = self.shared.layer_of
@@ -212,7 +234,10 @@ class FlatEngine(Engine):
             return EngineResult(grams, rules, set(), writer=write)
         # the weighted sum as one product over the flattened per-task gradients
         write_flat(params, ctx.weights.to(J.dtype) @ J)
-        return EngineResult(grams, rules, {id(p) for p in params})
+        for leaf, g in others:
+            if g is not None:
+                accumulate_grad(leaf, g)
+        return EngineResult(grams, rules, {id(p) for p in [*params, *(v for v, _ in others)]})
 
     def _columns(self, params: list[torch.Tensor]) -> dict[str, list[tuple[int, int]]]:
         """:func:`layer_columns` of ``params``, kept for the parameter set of the last probe."""
@@ -234,12 +259,23 @@ class LoopEngine(FlatEngine):
             return EngineResult({})
         losses = ctx.per_task()
         J = self.flat_buffer(len(losses), params)
+        rest = self.other_leaves(ctx, params)
+        n, w = len(params), ctx.weights
+        rest_sum: list[torch.Tensor | None] = [None] * len(rest)
         # from each task's own scalar loss: a backward from ``losses[t]`` would run through the
         # stack into every task's head (with zero cotangents)
+        T = len(losses)
         for t, loss in enumerate(losses):
-            gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            fill_row(J[t], params, gs)
-        return self.flat_result(ctx, params, J)
+            # the last backward frees the graph, as the weighted backward it replaces would
+            keep = ctx.retain_graph or t < T - 1 or not rest
+            gs = torch.autograd.grad(loss, [*params, *rest], retain_graph=keep, allow_unused=True)
+            fill_row(J[t], params, gs[:n])
+            for j, g in enumerate(gs[n:]):  # a head: reached by its own task only, as a rule
+                if g is not None:
+                    part = w[t].to(g.dtype) * g
+                    prev = rest_sum[j]
+                    rest_sum[j] = part if prev is None else prev + part
+        return self.flat_result(ctx, params, J, list(zip(rest, rest_sum)))
 
 
 def fill_row(

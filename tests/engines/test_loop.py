@@ -102,3 +102,52 @@ def test_a_buffer_over_keep_is_not_held(monkeypatch):
         (buf,) = prof._engine._workspace._bufs.values()
         assert buf.shape == (3, sum(p.numel() for p in trunk.parameters()))
     assert prof._engine._workspace._bufs == {}  # released when the profiler closes
+
+
+def _with_extra_leaf(dtype: torch.dtype = torch.float64):
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh()).to(dtype)
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(3)]).to(dtype)
+    temp = nn.Parameter(torch.tensor(0.7, dtype=dtype))  # a leaf every task uses
+    x = torch.randn(6, 5, dtype=dtype)
+
+    def losses(bad: bool = False):
+        z = trunk(x)
+        out = {f"t{i}": (h(z) ** 2).mean() * temp for i, h in enumerate(heads)}
+        if bad:  # t2's head gets an infinite gradient: d sqrt(u)/du at u = 0
+            out["t2"] = (heads[2](z) * 0).abs().sum().sqrt() + out["t2"]
+        return out
+
+    return trunk, [*heads.parameters(), temp], losses
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["finite", "inf-head"])
+def test_loop_writes_the_heads_from_its_own_backward_passes(bad):
+    trunk, others, losses = _with_extra_leaf()
+    w = {"t0": 0.2, "t1": 0.5, "t2": 0.3}
+    params = [*trunk.parameters(), *others]
+    plain = torch.autograd.grad(sum(w[t] * v for t, v in losses(bad).items()), params)
+    with gl.Profiler(trunk, list(w), engine="loop") as prof:
+        L = losses(bad)
+        if bad:
+            with pytest.warns(gl.GradlensWarning, match=r"\['t2'\] have a non-finite"):
+                prof.backward(L, w)
+        else:
+            prof.backward(L, w)
+        # the last per-task backward freed the graph, as the weighted backward would have
+        with pytest.raises(gl.GradlensError, match="graph already freed"):
+            prof.backward(L, w)
+    for p, g in zip(params, plain):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14, equal_nan=True)
+    assert any(not torch.isfinite(p.grad).all() for p in others) == bad
+
+
+def test_loop_keeps_the_graph_when_asked():
+    trunk, others, losses = _with_extra_leaf()
+    with gl.Profiler(trunk, ["t0", "t1", "t2"], engine="loop") as prof:
+        L = losses()
+        prof.backward(L, retain_graph=True)
+        first = [p.grad.clone() for p in others]
+        prof.backward(L)  # the graph is still there
+    for p, g in zip(others, first):
+        torch.testing.assert_close(p.grad, 2 * g)
