@@ -74,8 +74,10 @@ def gain_vs_params(
 
     ``gains``: rows of ``stats.joint_gain`` at the chosen weight, with ``model.n_params``,
     ``model.depth``, ``task``, ``gain``, ``ci_low``, ``ci_high`` and ``weight_col`` (the chosen
-    weight is written beside each point). ``fit``: the OLS line over all cells
-    (``intercept``, ``slope`` per decade, in points, and ``ci_low``/``ci_high`` of the slope).
+    weight is written beside each point); with ``ci_low_seed``/``ci_high_seed`` (the seed-only
+    part, ``analyses.capacity.with_test_noise``) that interval is drawn thick over the thin one.
+    ``fit``: the OLS line over all cells (``intercept``, ``slope`` per decade, in points, and
+    ``ci_low``/``ci_high`` of the slope).
     """
     tasks = list(dict.fromkeys(gains["task"]))
     fig = _figure(5.2 * len(tasks) + 1.5, 4.2)
@@ -88,7 +90,7 @@ def gain_vs_params(
             y = 100 * s["gain"].to_numpy(float)
             # no interval (one seed): no bar
             err = np.nan_to_num(np.abs(100 * s[["ci_low", "ci_high"]].to_numpy(float).T - y))
-            ax.errorbar(
+            line = ax.errorbar(
                 s["model.n_params"],
                 y,
                 yerr=err,
@@ -96,8 +98,16 @@ def gain_vs_params(
                 ls="-",
                 lw=1,
                 capsize=3,
-                label=f"depth {d}" if d is not None else "seed mean, 95 % interval",
+                label=f"depth {d}"
+                if d is not None
+                else "seed mean; 95 %: thin seeds + test set, thick seeds only"
+                if "ci_low_seed" in s.columns
+                else "seed mean, 95 % interval",
             )
+            if "ci_low_seed" in s.columns:  # the seed-only part of the interval, thick
+                seed_err = np.abs(100 * s[["ci_low_seed", "ci_high_seed"]].to_numpy(float).T - y)
+                ax.errorbar(s["model.n_params"], y, yerr=np.nan_to_num(seed_err), ls="none",
+                            elinewidth=3.5, alpha=0.45, color=line[0].get_color())  # fmt: skip
             for n, yy, p, w, dd in zip(
                 s["model.n_params"], y, s[weight_col], s["model.width"], s["model.depth"]
             ):
@@ -461,15 +471,21 @@ def forest(
     margin: float,
     xlabel: str,
     title: str,
+    ncols: int | None = None,
 ) -> Any:
-    """Per group (a panel each): every run's estimate, the pooled estimate with its 95 % (thin)
-    and 90 % (thick) intervals, 0 and the equivalence band ``+-margin``.
+    """Per group (a panel each, ``ncols`` to a row; default all in one row): every run's
+    estimate, the pooled estimate with its 95 % (thin) and 90 % (thick) intervals, 0 and the
+    equivalence band ``+-margin``.
 
     ``groups[name]``: ``per_run`` (estimates), ``estimate``, ``ci_low``, ``ci_high``,
     ``ci90_low``, ``ci90_high`` and optionally ``verdict`` (written under the panel title).
     """
-    fig = _figure(5.0 * len(groups), 3.6)
-    axes = np.atleast_1d(fig.subplots(1, len(groups), sharex=True))
+    cols = ncols or len(groups)
+    rows = -(-len(groups) // cols)
+    fig = _figure(5.0 * cols, 3.6 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, squeeze=False)).ravel()
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
     for ax, (name, g) in zip(axes, groups.items()):
         runs = np.asarray(g["per_run"], float)
         ax.plot(runs, np.arange(len(runs)) + 1, "o", color="0.55", ms=4, label="one run")

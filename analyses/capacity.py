@@ -36,7 +36,7 @@ from analyses._common import (
 )
 from gradlens import stats
 
-__all__ = ["gains", "main", "ols_fit", "select_weights"]
+__all__ = ["gains", "main", "n_test", "ols_fit", "select_weights", "size_gains", "with_test_noise"]
 
 SIZE = ["model.width", "model.depth"]
 
@@ -57,9 +57,129 @@ def select_weights(val: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
     return best.rename(columns={"accuracy.mean": "val_accuracy"}).reset_index(drop=True)
 
 
+_SIZE_GAIN_KEYS = ("gain", "se_seed", "se_test", "se", "df", "ci_low", "ci_high", "p_value",
+                   "interval")  # fmt: skip
+
+
+def n_test(table: pd.DataFrame, task: str, split: str = "test") -> tuple[int, bool]:
+    """Test items a task is scored on, from the runs' dataset metadata, and whether they are
+    the task's own (a domain's share of the split) rather than the items every task shares.
+    ``(0, False)`` when the table does not say (no test-set variance can then be added).
+
+    Example:
+        >>> t = pd.DataFrame({"dataset.n.test": [500], "dataset.domain_counts.test.a": [250]})
+        >>> n_test(t, "a"), n_test(t, "b"), n_test(t.iloc[:, :0], "a")
+        ((250, True), (500, False), (0, False))
+    """
+    for col, own in (
+        (f"dataset.domain_counts.{split}.{task}", True),
+        (f"dataset.n.{split}", False),
+    ):
+        if col in table.columns and table[col].notna().any():
+            return int(table[col].dropna().iloc[0]), own
+    return 0, False
+
+
+def with_test_noise(g: pd.DataFrame, table: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """``stats.joint_gain`` rows with the test-set noise added beside every accuracy.
+
+    Adds ``n_test``, ``joint_sd_test`` and ``single_sd_test`` (``stats.binomial_sd`` of each
+    seed-mean accuracy), ``se_test`` (``stats.gain_test_var``: the bound of the test-set
+    variance of the gain, both accuracies being on the same items) and ``se_seed`` (the paired
+    t's ``se``), keeps the seed-only interval as ``ci_low_seed``/``ci_high_seed`` and replaces
+    ``se``, ``df``, ``ci_low``, ``ci_high`` and ``p_value`` by those of ``stats.paired_gain``
+    (seed and test-set variance, Welch-Satterthwaite df, never narrower than the seed-only
+    interval: ``stats._gain.with_test_var``).
+    """
+    from gradlens.stats._gain import with_test_var
+
+    g = g.copy()
+    ns = {t: n_test(table, t)[0] for t in g["task"].unique()}
+    g["n_test"] = g["task"].map(ns)
+    g["joint_sd_test"] = stats.binomial_sd(g["joint_mean"].to_numpy(float), g["n_test"])
+    g["single_sd_test"] = stats.binomial_sd(g["single_mean"].to_numpy(float), g["n_test"])
+    g["ci_low_seed"], g["ci_high_seed"] = g["ci_low"], g["ci_high"]
+    res = [
+        with_test_var(
+            r.gain, r.se, r.df, stats.gain_test_var(r.joint_mean, r.single_mean, r.n_test), level
+        )
+        for r in g.itertuples(index=False)
+    ]
+    for key in ("se", "df", "ci_low", "ci_high", "p_value", "interval", "se_seed", "se_test"):
+        g[key] = [r[key] for r in res]
+    g.loc[~np.isfinite(g["se_test"].to_numpy(float)), "interval"] = (
+        "paired t over seeds (test-set size unknown)"
+    )
+    return g
+
+
+def size_gains(
+    tables: dict[str, pd.DataFrame], tasks: Sequence[str], level: float = 0.95
+) -> pd.DataFrame:
+    """Per size, the gain at the val-selected weight, mean over the tasks, seeds as clusters.
+
+    A seed's joint run scores every task and its single-task runs share the seed's
+    initialisation and batch order, so the unit of resampling is the seed: per seed ``s``,
+    ``d_s = mean_t(joint_t,s - single_t,s)`` (the cluster mean), and ``stats.paired_gain``
+    gives the paired t over those ``d_s`` with the test-set variance added: per task the bound
+    ``stats.gain_test_var`` at the seed-mean accuracies, combined over tasks as independent
+    when each task has its own test items (a domain pair) and as perfectly correlated when the
+    tasks label the same items (a multi-task pair: ``(sum_t sqrt(v_t) / T)^2``, an upper
+    bound). Columns: the size, ``model.n_params``, the weight, ``joint_mean``, ``single_mean``,
+    ``joint_sd_test``, ``single_sd_test``, ``gain``, ``se_seed``, ``se_test``, ``se``, ``df``,
+    ``ci_low``, ``ci_high``, ``ci_low_seed``, ``ci_high_seed``, ``p_value``, ``n_seeds``,
+    ``n_test``, ``interval``.
+    """
+    test = tables["test"]
+    w = f"weights.{tasks[0]}"
+    chosen = select_weights(tables["val"], tasks)
+    ns = {t: n_test(test, t) for t in tasks}
+    rows = []
+    for _, c in chosen.iterrows():
+        at = test[(test[SIZE[0]] == c[SIZE[0]]) & (test[SIZE[1]] == c[SIZE[1]])]
+        joint = at[(at["n_tasks"] == len(tasks)) & np.isclose(at[w], c[w])].set_index("seed")
+        diffs, tv, jm, sm = [], [], [], []
+        for t in tasks:
+            single = at[(at["n_tasks"] == 1) & (at["tasks"].astype(str) == t)].set_index("seed")
+            d = (joint[f"accuracy.{t}"] - single[f"accuracy.{t}"]).dropna()
+            diffs.append(d)
+            jm.append(float(joint[f"accuracy.{t}"].mean()))
+            sm.append(float(single[f"accuracy.{t}"].mean()))
+            tv.append(stats.gain_test_var(jm[-1], sm[-1], ns[t][0]))
+        d = pd.concat(diffs, axis=1).dropna().mean(axis=1).to_numpy(float)
+        own = all(ns[t][1] for t in tasks)
+        test_var = sum(tv) / len(tasks) ** 2 if own else (sum(np.sqrt(tv)) / len(tasks)) ** 2
+        seed_only = stats.paired_gain(d, level=level)
+        res = stats.paired_gain(
+            d, test_var=test_var if math.isfinite(test_var) else 0.0, level=level
+        )
+        n_items = float(np.mean([ns[t][0] for t in tasks]))
+        rows.append(
+            {
+                "model.width": c["model.width"],
+                "model.depth": c["model.depth"],
+                "model.n_params": int(joint["model.n_params"].iloc[0]),
+                w: c[w],
+                "joint_mean": float(np.mean(jm)),
+                "single_mean": float(np.mean(sm)),
+                "joint_sd_test": float(stats.binomial_sd(np.mean(jm), n_items)),
+                "single_sd_test": float(stats.binomial_sd(np.mean(sm), n_items)),
+                **{k: res[k] for k in _SIZE_GAIN_KEYS},
+                "ci_low_seed": seed_only["ci_low"],
+                "ci_high_seed": seed_only["ci_high"],
+                "n_seeds": int(d.size),
+                "n_test": {t: ns[t][0] for t in tasks},
+                "test_items": "own per task" if own else "shared by the tasks",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def gains(tables: dict[str, pd.DataFrame], tasks: Sequence[str], n_boot: int) -> pd.DataFrame:
-    """Test-split gains per size and task at the val-selected weight and at ``p = 0.5``."""
+    """Test-split gains per size and task at the val-selected weight and at ``p = 0.5``, with
+    the test-set noise (:func:`with_test_noise`)."""
     g = stats.joint_gain(tables["test"], size_cols=SIZE, n_boot=n_boot, seed=0)
+    g = with_test_noise(g, tables["test"])
     w = f"weights.{tasks[0]}"
     joint = tables["test"][tables["test"]["n_tasks"] == len(tasks)]  # sizes of the joint models
     g = g.merge(joint[[*SIZE, "model.n_params"]].drop_duplicates(SIZE), on=SIZE, how="left")
@@ -143,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "sweep_cost": sweep_cost(sweep),
             "n_runs": len(tables["test"]),
             "gains": g,
+            # per size at the selected weight, mean over tasks: seeds as clusters, test noise in
+            "size_gains": size_gains(tables, pair.tasks),
             "mean_gain_selected": float(sel["gain"].mean()),
             "share_positive_selected": float((sel["gain"] > 0).mean()),
             "share_ci_above_0_selected": float((sel["ci_low"] > 0).mean()),
@@ -174,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 series="family" if pre.study else "depth",
                 title=f"{pair.name}, {pair.kind}, {family.upper()}: joint - single-task test "
                 f"accuracy at {setting} (p of '{pair.tasks[0]}' written by each point); "
-                "95 % seed intervals",
+                "95 % intervals: thick, seeds only; thin, seeds + test-set sampling (bound)",
             )
             save_figure(fig, args.figures / f"capacity_{name}{stem}.png")
     write_json(summary, args.figures / "capacity.json")

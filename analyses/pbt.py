@@ -51,6 +51,7 @@ from analyses._common import (
     write_json,
 )
 from analyses._design import MTO_ARMS
+from gradlens import stats
 from gradlens.data import DIGIT_ATTRIBUTES
 from gradlens.search import SearchConfig, make_executor, run_pbt
 from gradlens.train import train
@@ -174,8 +175,11 @@ def schedule_table(state: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _describe(x: np.ndarray) -> dict[str, Any]:
-    """Mean test accuracy of an arm and its 95 % t-interval over seeds / replicates."""
+def _describe(x: np.ndarray, n_test: int | None = None) -> dict[str, Any]:
+    """Mean test accuracy of an arm and its 95 % t-interval over seeds / replicates; with
+    ``n_test``, ``sd_test``: the test-set sampling SD of the mean accuracy
+    (``stats.binomial_sd``; the score is a mean over tasks scored on the same items, whose
+    variance over test sets is at most that of one task at the same accuracy: a bound)."""
     from scipy import stats as st
 
     out: dict[str, Any] = {"test": x.tolist(), "test_mean": float(x.mean())}
@@ -186,17 +190,26 @@ def _describe(x: np.ndarray) -> dict[str, Any]:
             ci_low=out["test_mean"] - half,
             ci_high=out["test_mean"] + half,
         )
+    if n_test:
+        out.update(n_test=n_test, sd_test=float(stats.binomial_sd(out["test_mean"], n_test)))
     return out
 
 
-def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+def _paired(a: np.ndarray, b: np.ndarray, n_test: int | None = None) -> dict[str, Any]:
     """Mean paired difference (replicate by replicate) with a paired t-test and its 95 % interval.
+
+    The interval is over replicates scored on one test set. With ``n_test``, beside it:
+    ``se_test_bound`` (``stats.gain_test_var``: the bound of the test-set variance of the
+    difference, both arms scored on the same items) and ``ci_low_with_test`` /
+    ``ci_high_with_test`` (``stats._gain.with_test_var``: replicates and test-set sampling).
 
     Example:
         >>> round(_paired(np.array([0.9, 0.8, 0.7]), np.array([0.8, 0.8, 0.6]))["difference"], 6)
         0.066667
     """
     from scipy import stats as st
+
+    from gradlens.stats._gain import with_test_var
 
     d = a - b
     out: dict[str, Any] = {"difference": float(d.mean()), "p_value": None, "test": "paired t"}
@@ -215,7 +228,21 @@ def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
             ci90.low > -EQUIVALENCE_MARGIN and ci90.high < EQUIVALENCE_MARGIN
         ),
     )
+    if n_test:
+        tv = stats.gain_test_var(float(a.mean()), float(b.mean()), n_test)
+        wt = with_test_var(out["difference"], float(d.std(ddof=1) / np.sqrt(len(d))),
+                           float(len(d) - 1), tv)  # fmt: skip
+        out.update(se_test_bound=wt["se_test"], ci_low_with_test=wt["ci_low"],
+                   ci_high_with_test=wt["ci_high"])  # fmt: skip
     return out
+
+
+def _n_test(root: Path) -> int | None:
+    """Test items of the many-task data, from the first uniform run's store."""
+    meta = root / "uniform" / "meta.json"
+    if not meta.exists():
+        return None
+    return int(json.loads(meta.read_text())["dataset"]["n"]["test"])
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -311,19 +338,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         *((m, "uniform") for m in MTO_ARMS),
         *(("pbt", m) for m in MTO_ARMS),
     ]
+    nt = _n_test(root)
     summary = {
         "preset": pre.__dict__,
         "tasks": list(base["dataset_options"]["tasks"]),
+        "n_test": nt,
         "population": n,
         "replicates": reps,
-        "uniform": {"per_replicate": single["uniform"], **_describe(arms["uniform"])},
+        "uniform": {"per_replicate": single["uniform"], **_describe(arms["uniform"], nt)},
         "mto": {
-            m: {"per_replicate": single[m], **_describe(arms[m])} for m in MTO_ARMS
+            m: {"per_replicate": single[m], **_describe(arms[m], nt)} for m in MTO_ARMS
         },
-        "pbt": {"per_replicate": pbt_rows, **_describe(arms["pbt"])},
-        "random_static": {"per_replicate": rand_rows, **_describe(arms["random_static"])},
-        "uniform_best_of_n": {"per_replicate": best_rows, **_describe(arms["uniform_best_of_n"])},
-        "differences": {f"{a} - {b}": _paired(arms[a], arms[b]) for a, b in pairs},
+        "pbt": {"per_replicate": pbt_rows, **_describe(arms["pbt"], nt)},
+        "random_static": {"per_replicate": rand_rows, **_describe(arms["random_static"], nt)},
+        "uniform_best_of_n": {"per_replicate": best_rows,
+                              **_describe(arms["uniform_best_of_n"], nt)},
+        "differences": {f"{a} - {b}": _paired(arms[a], arms[b], nt) for a, b in pairs},
         "equivalence_margin_points": EQUIVALENCE_MARGIN * 100,
         "wall_seconds": {
             "uniform_and_mto": t_single, "pbt": t_pbt, "random": t_rand,

@@ -284,12 +284,31 @@ def power_paired(
     return out
 
 
+def _seed_sd(gains: list[dict[str, Any]], n_seeds: int) -> float:
+    """Median SD (points) of one seed's paired gain over the cells ``gains`` (see
+    :func:`noise_levels`)."""
+    if n_seeds < 2:
+        return math.nan
+    se = [r.get("se_seed", r.get("se")) for r in gains]
+    if gains and all(v is not None for v in se) and "se" in gains[0]:
+        n = [r.get("n_joint") or n_seeds for r in gains]
+        return float(np.median([100 * v * math.sqrt(k) for v, k in zip(se, n)]))
+    half = np.array(
+        [(r["ci_high"] - r["ci_low"]) / 2 for r in gains if r.get("ci_low") is not None]
+    )
+    if not len(half):
+        return math.nan
+    return float(np.median(100 * half / 1.96 * math.sqrt(n_seeds / ((n_seeds - 1) / n_seeds))))
+
+
 def noise_levels(figures: Path, *, pbt_optional: bool = False) -> dict[str, Any]:
     """Noise SDs (accuracy points or weight units) from the committed small-run JSON.
 
-    - ``sd_seed_gain``: one seed's paired gain, from each cell's 95 % seed-bootstrap interval
-      (``half / 1.96 * sqrt(n) / sqrt((n - 1) / n)`` for ``n`` seeds, the preset's: a bootstrap
-      over ``n`` seeds is too narrow by about ``sqrt((n - 1) / n)``), median over cells;
+    - ``sd_seed_gain``: one seed's paired gain, median over cells: ``se * sqrt(n)`` of each
+      cell's paired t over ``n`` seeds (the seed-only ``se_seed`` where the test-set variance
+      was added, ``analyses.capacity.with_test_noise``); for results without ``se`` (the small
+      run's seed-bootstrap intervals) ``half / 1.96 * sqrt(n) / sqrt((n - 1) / n)`` of the 95 %
+      interval (a bootstrap over ``n`` seeds is too narrow by about ``sqrt((n - 1) / n)``);
     - ``sd_size_gain``: SD of the cell gains around their OLS line on ``log10(parameters)``;
     - ``sd_pstar``: the larger of the median half-width / 1.96 of the per-size quadratic ``p*``
       intervals and the SD of the per-size ``p*`` around their OLS line on ``log10(parameters)``
@@ -310,14 +329,7 @@ def noise_levels(figures: Path, *, pbt_optional: bool = False) -> dict[str, Any]
     seed_sd, size_sd, pstar_sd = [], [], []
     for name, pair in cap["pairs"].items():
         g = [r for r in pair["gains"] if r["setting"] == "p selected on val"]
-        half = np.array(
-            [(r["ci_high"] - r["ci_low"]) / 2 for r in g if r.get("ci_low") is not None]
-        )
-        s_seed = (
-            float(np.median(100 * half / 1.96 * math.sqrt(n_seeds / ((n_seeds - 1) / n_seeds))))
-            if len(half) and n_seeds > 1
-            else math.nan
-        )
+        s_seed = _seed_sd(g, n_seeds)
         x = np.log10([r["model.n_params"] for r in g])
         y = np.array([r["gain"] for r in g]) * 100
         s_size = _line_sd(x, y)

@@ -12,7 +12,8 @@ estimate with its interval, the paper's number, and a verdict worded to what the
 - finding 3: the same regression of the per-size quadratic ``p*``; equivalent within +-0.05 per
   decade (TOST, 90 % interval) or inconclusive (or a trend, if the 95 % interval excludes 0);
 - finding 2: the within-run Fisher-z pool and the weight-controlled across-run partial r
-  (``analyses.conflict``), against |r| < 0.2;
+  (``analyses.conflict``), against |r| < 0.2; per layer (``layers.json``, when present) the
+  pooled r with TOST and the test of r = 0 Holm-adjusted over layers (``analyses.layers``);
 - many tasks: every paired arm difference against +-0.5 points.
 
 Power gates only what a non-rejection would be read as: an effect whose 95 % interval excludes 0
@@ -39,7 +40,7 @@ import pandas as pd
 from analyses import power
 from analyses._common import FIGURES, write_json
 
-__all__ = ["PAPER", "POWER_NEEDED", "group_ols", "main", "verdict_interval"]
+__all__ = ["PAPER", "POWER_NEEDED", "group_ols", "main", "per_layer", "verdict_interval"]
 
 #: The paper's numbers beside ours (Royer et al. 2023; /work/shared/paper.md).
 PAPER = {
@@ -167,17 +168,25 @@ def _estimable(fit: Mapping[str, Any], *sds: float) -> bool:
 
 
 def _size_table(cap: Mapping[str, Any]) -> pd.DataFrame:
-    """Per pair, family and size: the gain (points) at the val-selected weight, mean over tasks."""
+    """Per pair, family and size: the gain (points) at the val-selected weight, mean over tasks;
+    with ``capacity.json``'s ``size_gains`` (seeds as clusters, test-set variance added) its
+    95 % interval (``ci_*_points``), the seed-only one (``ci_*_seed_points``) and the two
+    standard errors (``se_seed_points``, ``se_test_points``)."""
     rows = []
     for unit, p in cap["pairs"].items():
         g = pd.DataFrame(p["gains"])
         g = g[g["setting"] == "p selected on val"]
+        sg = pd.DataFrame(p.get("size_gains") or [])
         for n, sub in g.groupby("model.n_params"):
-            rows.append(
-                {"unit": unit, "pair": p.get("pair", unit), "family": p.get("family", "mlp"),
-                 "n_params": int(n), "log10_params": math.log10(n),
-                 "gain_points": 100 * float(sub["gain"].mean())}
-            )  # fmt: skip
+            row = {"unit": unit, "pair": p.get("pair", unit), "family": p.get("family", "mlp"),
+                   "n_params": int(n), "log10_params": math.log10(n),
+                   "gain_points": 100 * float(sub["gain"].mean())}  # fmt: skip
+            at = sg[sg["model.n_params"] == n] if len(sg) else sg
+            if len(at):
+                for k in ("ci_low", "ci_high", "ci_low_seed", "ci_high_seed", "se_seed", "se_test"):
+                    v = at[k].iloc[0]  # None (JSON null) with one seed
+                    row[f"{k}_points"] = math.nan if v is None else 100 * float(v)
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -325,6 +334,25 @@ def finding2(con: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
     return out
 
 
+def per_layer(lay: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Finding 2 per layer (``layers.json``, ``analyses.layers.layer_within``): per pair and
+    layer the pooled within-run r with its intervals, the Holm-adjusted (over the layers) TOST
+    p-value of ``|r| < 0.2`` and p-value of ``r = 0``, and the verdict.
+
+    Example:
+        >>> lay = {"pairs": {"a": {"within_per_layer": [{"layer": "layer 1", "estimate": 0.1,
+        ...        "per_run": [0.1, 0.1], "verdict": "inconclusive"}]}}}
+        >>> per_layer(lay)["a"][0]["verdict"], "per_run" in per_layer(lay)["a"][0]
+        ('inconclusive', False)
+    """
+    keys = ("layer", "estimate", "ci_low", "ci_high", "ci90_low", "ci90_high", "k", "i2",
+            "p_value", "p_holm", "p_tost", "p_tost_holm", "verdict")  # fmt: skip
+    return {
+        name: [{k: r.get(k) for k in keys if k in r} for r in p.get("within_per_layer") or []]
+        for name, p in lay.get("pairs", {}).items()
+    }
+
+
 def many_tasks(pbt: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
     """Every paired arm difference (points) against the +-0.5-point margin."""
     effect = power.EFFECTS["pbt_effect_points"]
@@ -336,8 +364,10 @@ def many_tasks(pbt: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
         "replicates": pbt["replicates"],
         "arms": {k: {"mean_points": 100 * v["test_mean"],
                      "ci_points": [100 * v["ci_low"], 100 * v["ci_high"]]
-                     if "ci_low" in v else None}
+                     if "ci_low" in v else None,
+                     "sd_test_points": 100 * v["sd_test"] if v.get("sd_test") else None}
                  for k, v in arms.items()},
+        "n_test": pbt.get("n_test"),
         "differences": {},
     }  # fmt: skip
     names = list(pbt["differences"])
@@ -366,6 +396,10 @@ def many_tasks(pbt: Mapping[str, Any], n_sim: int) -> dict[str, Any]:
             "p_value": d.get("p_value"),
             "p_adjusted": None if math.isnan(p_adj) else float(p_adj),
             "sd_difference_points": sd,
+            # test-set sampling, beside the replicate interval the verdict reads (a bound)
+            "se_test_bound_points": 100 * d["se_test_bound"] if d.get("se_test_bound") else None,
+            "ci_with_test_points": [100 * d["ci_low_with_test"], 100 * d["ci_high_with_test"]]
+            if d.get("ci_low_with_test") is not None else None,
             "power_at_0.5_points": pw["superiority"],
             "power_equivalence_at_0": pw["equivalence"],
             "verdict": verdict_interval(
@@ -453,6 +487,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         res["finding3"] = finding3(opt, noise, args.n_sim)
     if con is not None:
         res["finding2"] = finding2(con, args.n_sim)
+        lay = _load(args.figures, "layers")
+        if lay is not None:
+            res["finding2"]["per_layer"] = per_layer(lay)
     if pbt is not None:
         res["many_tasks"] = many_tasks(pbt, args.n_sim)
     timing = FIGURES / "timing.json"
@@ -477,7 +514,7 @@ def _figure(res: Mapping[str, Any]) -> Any:
     a1, a3 = fig.subplots(1, 2)
     panels = (
         (a1, res["finding1"]["sizes"], "gain_points", "finding1",
-         "gain, joint - single task (points; task and seed mean)",
+         "gain, joint - single task (points)",
          "pts/decade"),
         (a3, res["finding3"]["per_size"], "p_star", "finding3",
          "p* of the first task (quadratic, validation)", "per decade"),
@@ -486,7 +523,18 @@ def _figure(res: Mapping[str, Any]) -> Any:
         t = pd.DataFrame(table)
         for k, (name, sub) in enumerate(t.groupby("unit")):
             sub = sub.sort_values("n_params")
-            ax.plot(sub["n_params"], sub[col], marker="osD^v<>"[k % 7], label=name, lw=1)
+            line = ax.plot(sub["n_params"], sub[col], marker="osD^v<>"[k % 7], label=name, lw=1)
+            if col == "gain_points" and "ci_low_points" in sub.columns:
+                # 95 % intervals: thin, seeds + test-set sampling (bound); thick, seeds only
+                for lo, hi, lw in (
+                    ("ci_low", "ci_high", 1.0),
+                    ("ci_low_seed", "ci_high_seed", 3.5),
+                ):
+                    y = sub[col].to_numpy(float)
+                    err = np.abs(sub[[f"{lo}_points", f"{hi}_points"]].to_numpy(float).T - y)
+                    ax.errorbar(sub["n_params"], y, yerr=np.nan_to_num(err), ls="none",
+                                elinewidth=lw, capsize=2 if lw < 2 else 0, alpha=0.5,
+                                color=line[0].get_color())  # fmt: skip
         test = res[key]["tests"].get("pooled over pairs") or next(iter(res[key]["tests"].values()))
         if math.isfinite(test.get("slope", math.nan)):
             verdict = test["verdict"]
@@ -513,7 +561,9 @@ def _figure(res: Mapping[str, Any]) -> Any:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="pair (family)")
     fig.suptitle(
-        "The study's findings 1 and 3 per model size (figures/study/verdicts.json)", fontsize=10
+        "The study's findings 1 and 3 per model size (figures/study/verdicts.json); gain: mean "
+        "over tasks and seeds, 95 % intervals thick over seeds, thin over seeds + test set (bound)",
+        fontsize=10,
     )
     return fig
 

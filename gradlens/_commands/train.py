@@ -60,7 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs")
     p.add_argument("--seed", type=int, default=None, help="seed")
     p.add_argument(
-        "--engine", default=None, help="profiler engine (gramian, batched, loop, features)"
+        "--engine",
+        default=None,
+        help="profiler engine (auto: the default, the fastest exact one, timed; gramian, "
+        "batched, loop, features)",
     )
     p.add_argument("--every", default=None, help="probe every k-th step, or log / log:N")
     p.add_argument(

@@ -21,6 +21,14 @@ the sequence length), the number of autograd nodes, the device, the dtype and T.
 (e.g. the last, smaller batch of an epoch) is timed anew; a shape seen before reuses its winner.
 Each probe's engine and the timings of its shape are in the Snapshot (``engine``, ``timings``).
 
+The decisions are state: :meth:`AutoEngine.state_dict` holds them (per graph shape, the times
+of every timed probe and the winner) and :meth:`AutoEngine.load_state_dict` restores them, so a
+training run resumed from a checkpoint (:meth:`gradlens.train.Trainer.state_dict` keeps them)
+serves each shape with the engine the interrupted run chose instead of timing anew: the
+candidates are exact but not bit-identical (float rounding), and a fresh timing could pick
+another one. Two separate runs still time separately: for bit-identical numbers across runs,
+name the engine.
+
 Example:
     >>> import torch, gradlens as gl
     >>> trunk, head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
@@ -37,24 +45,27 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from gradlens._errors import GradlensError
 from gradlens.engines._base import BackwardContext, Engine, EngineResult, SharedParams
 from gradlens.engines.batched import BatchedEngine
 from gradlens.engines.gramian import GramianEngine
 from gradlens.engines.loop import LoopEngine
 
-__all__ = ["CANDIDATES", "CLOSE", "AutoEngine", "Decision"]
+__all__ = ["CANDIDATES", "CLOSE", "STATE_FORMAT", "AutoEngine", "Decision"]
 
 #: The exact candidates, in the order of the first round.
 CANDIDATES: tuple[type[Engine], ...] = (LoopEngine, BatchedEngine, GramianEngine)
 #: A candidate is timed a second time when its first time is within this factor of the best.
 CLOSE = 1.5
+#: Version of :meth:`AutoEngine.state_dict`.
+STATE_FORMAT = 1
 
 
 @dataclass
@@ -235,6 +246,56 @@ class AutoEngine(Engine):
             )
         return out
 
+    def state_dict(self) -> dict[str, object]:
+        """The decisions, finished or still timing: only lists, dicts, numbers and strings (so
+        ``torch.load(..., weights_only=True)`` reads a saved one back).
+
+        Example:
+            >>> import torch, gradlens as gl
+            >>> trunk = torch.nn.Linear(3, 2)
+            >>> prof = gl.Profiler(trunk, tasks=["a", "b"])
+            >>> for _ in range(4):
+            ...     out = trunk(torch.randn(5, 3))
+            ...     _ = prof.backward({"a": out[:, 0].mean(), "b": out[:, 1].mean()})
+            >>> state = prof._engine.state_dict()
+            >>> state["format"], sorted(state["decisions"][0])
+            (1, ['device', 'dtype', 'graph_nodes', 'shapes', 'tasks', 'times', 'winner'])
+            >>> prof.close()
+        """
+        decisions: list[dict[str, object]] = []
+        for (shapes, nodes, device, dtype, T), d in self.decisions.items():
+            shapes = cast("tuple[tuple[int, ...], ...]", shapes)
+            decisions.append(
+                {
+                    "shapes": [list(s) for s in shapes],
+                    "graph_nodes": nodes,
+                    "device": device,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "tasks": T,
+                    "times": {name: list(ts) for name, ts in d.times.items()},
+                    "winner": d.winner,
+                }
+            )
+        return {"format": STATE_FORMAT, "decisions": decisions}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Replace the decisions with those of a :meth:`state_dict`: a graph shape seen there is
+        served by its recorded winner (or goes on with its timing rounds) without timing anew.
+
+        A decision naming a candidate this engine does not time (e.g. saved by an ``auto``
+        restricted to ``loop`` for a compiled trunk, or the reverse) is left out: that shape is
+        timed anew. Raises :class:`~gradlens.GradlensError` for anything that is not a
+        :meth:`state_dict`, changing nothing.
+        """
+        decisions = _parse_state(state)
+        self.decisions = {
+            key: d
+            for key, d in decisions.items()
+            if set(d.times) <= set(self.variants) and d.winner in (None, *self.variants)
+        }
+        # the candidates' recording hooks follow the restored decisions from the next forward
+        self.set_recording(self._recording)
+
     def describe(self) -> str:
         """The winners so far, e.g. ``gramian`` or ``gramian-vmap/batched`` (by graph shape)."""
         winners = [d.winner for d in self.decisions.values() if d.winner is not None]
@@ -255,3 +316,31 @@ def _clock_for(device: torch.device) -> Callable[[], float]:
 
         return now
     return time.process_time
+
+
+def _parse_state(state: object) -> dict[tuple[object, ...], Decision]:
+    """The decisions of an :meth:`AutoEngine.state_dict`, keyed as :meth:`AutoEngine.key`."""
+    found = type(state).__name__
+    if isinstance(state, Mapping):
+        found = f"format {state.get('format')!r}"
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+        raise GradlensError(
+            f"`state` should be an AutoEngine.state_dict() of format {STATE_FORMAT}; found {found}."
+        )
+    out: dict[tuple[object, ...], Decision] = {}
+    try:
+        for d in cast("list[dict[str, Any]]", state["decisions"]):
+            dtype = getattr(torch, str(d["dtype"]))
+            if not isinstance(dtype, torch.dtype):
+                raise TypeError(f"dtype {d['dtype']!r}")
+            shapes = tuple(tuple(int(n) for n in s) for s in d["shapes"])
+            key = (shapes, int(d["graph_nodes"]), str(d["device"]), dtype, int(d["tasks"]))
+            times = {str(k): [float(t) for t in ts] for k, ts in d["times"].items()}
+            winner = None if d["winner"] is None else str(d["winner"])
+            out[key] = Decision(times=times, winner=winner)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise GradlensError(
+            "`state` should be an AutoEngine.state_dict() (per graph shape: shapes, graph_nodes, "
+            f"device, dtype, tasks, times, winner); found an entry it cannot read ({exc!r})."
+        ) from None
+    return out

@@ -107,7 +107,7 @@ class GramianEngine(Engine):
                 continue
             layer = self.shared.layer_of[id(own[0])]
             self._modules[layer] = (mod, rule)
-            self._handles.append(mod.register_forward_hook(self._hook(layer)))
+            self._handles.append(mod.register_forward_hook(self._hook(layer, rule)))
         self._handles.append(root.register_forward_hook(self._boundary_hook()))
         self._finalizer = weakref.finalize(self, _remove, list(self._handles))
 
@@ -144,12 +144,17 @@ class GramianEngine(Engine):
 
         return hook
 
-    def _hook(self, layer: str) -> Callable[..., None]:
+    def _hook(self, layer: str, rule: Rule) -> Callable[..., None]:
         ref = weakref.ref(self)
 
         def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
             engine = ref()
             if engine is None or not engine._recording or not torch.is_grad_enabled():
+                return
+            if rule.record is not None:  # a projection inside the module's forward
+                got = rule.record(module, args, output)
+                if got is not None:
+                    engine._records.setdefault(layer, []).append(_Record(*got))
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return

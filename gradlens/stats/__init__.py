@@ -7,7 +7,9 @@ weight -> accuracy with Spearman, Pearson and Kendall correlations, bootstrap in
 permutation p-values, partial correlations controlling for model size, strata by model size, and a
 Holm or Benjamini-Hochberg correction named in its output. :func:`within_run` correlates per-epoch
 interference with the validation metric with a block bootstrap; :func:`optimal_weight`,
-:func:`optimal_weight_trend` and :func:`joint_gain` answer the weight-sweep questions.
+:func:`optimal_weight_trend` and :func:`joint_gain` answer the weight-sweep questions;
+:func:`paired_gain` adds the test-set sampling variance (:func:`binomial_sd`,
+:func:`gain_test_var`) to a seed-paired gain.
 Everything is a tidy :class:`pandas.DataFrame` or a flat dict, and :func:`to_json` writes any of
 them as strict JSON (NaN -> null). Methods, their assumptions and the measured calibration are in
 ``docs/stats.md``.
@@ -37,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+from gradlens.stats._gain import binomial_sd, gain_test_var, paired_gain
 from gradlens.stats._meta import pool_correlations
 from gradlens.stats._power import min_detectable_effect, power
 from gradlens.stats._select import selected_gain
@@ -49,12 +52,15 @@ from gradlens.stats.within import within_run
 __all__ = [
     "adjust",
     "associations",
+    "binomial_sd",
     "correlate",
     "epoch_table",
+    "gain_test_var",
     "joint_gain",
     "min_detectable_effect",
     "optimal_weight",
     "optimal_weight_trend",
+    "paired_gain",
     "partial_correlation",
     "pool_correlations",
     "power",

@@ -24,6 +24,7 @@ from gradlens.stats.calibration import (
     cluster_coverage,
     clustered_fpr,
     gain_coverage,
+    gain_test_coverage,
     null_pvalues,
     planted_pvalues,
     pooled_coverage,
@@ -148,6 +149,18 @@ def _print_gain(k: float) -> None:
                       f"| {r['null_excludes_0']:.3f} |")  # fmt: skip
 
 
+def _print_gain_test(k: float) -> None:
+    n_g = int(2000 * k)
+    print(f"\n## Gain on one finite test set (paired_gain), 95 %, 5 seeds, {n_g} sets each")
+    print("| test items | SD of item x model effect | coverage, seed-only | coverage, seed + "
+          "test bound | SE ratio |")  # fmt: skip
+    for sd_im in (0.5, 1.5):
+        for n_test in (250, 2000):
+            r = gain_test_coverage(n_g, n_test=n_test, sd_item_model=sd_im)
+            print(f"| {n_test} | {sd_im} | {r['seed_only']:.3f} | {r['seed_and_test']:.3f} "
+                  f"| {r['se_ratio']:.2f} |")  # fmt: skip
+
+
 def _print_selection(k: float) -> None:
     n_s = int(1000 * k)
     print(f"\n## Selection optimism, null sweep of 5 weights, {n_s} sweeps")
@@ -201,6 +214,7 @@ SECTIONS: dict[str, Callable[[float], None]] = {
     "trend": _print_trend,
     "fwer": _print_fwer,
     "gain": _print_gain,
+    "gain_test": _print_gain_test,
     "selection": _print_selection,
     "clustered": _print_clustered,
     "pooled": _print_pooled,

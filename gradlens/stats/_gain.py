@@ -33,14 +33,18 @@ from gradlens._errors import require
 from gradlens.stats import _core as _core
 
 __all__ = [
+    "binomial_sd",
     "cross_fit_gain",
     "equivalence_p",
     "gain_boot",
     "gain_pairs",
     "gain_stats",
+    "gain_test_var",
+    "paired_gain",
     "paired_t",
     "rescaled",
     "welch_t",
+    "with_test_var",
 ]
 
 
@@ -93,6 +97,97 @@ def paired_t(d: np.ndarray, level: float = 0.95) -> dict[str, Any]:
     gain = float(d.mean()) if n else math.nan
     se = float(d.std(ddof=1) / math.sqrt(n)) if n >= 2 else math.nan
     return _summary(gain, se, float(n - 1), level, "paired t")
+
+
+def binomial_sd(p: Any, n: Any) -> Any:
+    """Test-set sampling SD of an accuracy ``p`` measured on ``n`` independent test items:
+    ``sqrt(p (1 - p) / n)`` (elementwise on arrays; NaN where ``n`` is not positive).
+
+    Example:
+        >>> round(float(binomial_sd(0.9, 250)), 4)
+        0.019
+    """
+    p = np.asarray(p, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        out = np.where(n > 0, np.sqrt(np.clip(p * (1.0 - p), 0.0, None) / n), np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+def gain_test_var(p_joint: float, p_single: float, n: float) -> float:
+    """Upper bound of the test-set variance of a gain ``p_joint - p_single`` (both measured on
+    the same ``n`` test items, each the mean over seeds of one model's accuracy).
+
+    ``(p_j (1 - p_j) + p_s (1 - p_s)) / n``: the variance over test sets of the seed-averaged
+    per-item difference ``D(x) = a(x) - b(x)`` (``a``, ``b`` the share of seeds that get item
+    ``x`` right) is ``Var(a) + Var(b) - 2 Cov(a, b)``; ``Var(a) <= p_j (1 - p_j)`` because ``a``
+    lies in ``[0, 1]``, and ``Cov(a, b) >= 0`` when items that are hard for one model are not
+    easier for the other. The bound is reached when each model's correctness on an item is
+    the same for every seed and the two models' errors are unrelated; shared errors (easy and
+    hard items) make the true variance smaller. Without per-item predictions it is the
+    tightest bound the accuracies allow.
+
+    Example:
+        >>> round(gain_test_var(0.9, 0.88, 250) ** 0.5, 3)
+        0.028
+    """
+    if not n > 0:
+        return math.nan
+    return float((p_joint * (1.0 - p_joint) + p_single * (1.0 - p_single)) / n)
+
+
+def paired_gain(d: np.ndarray, test_var: float = 0.0, level: float = 0.95) -> dict[str, Any]:
+    """Mean of per-seed paired differences ``d`` with an interval that covers seed variation
+    *and* test-set sampling (:func:`with_test_var` on the paired t of ``d``).
+
+    Example:
+        >>> r = paired_gain(np.array([0.01, 0.03, 0.02, 0.02, 0.03]), test_var=0.01 ** 2)
+        >>> round(r["se_seed"], 4), r["se_test"], round(r["se"], 4), round(r["df"], 1)
+        (0.0037, 0.01, 0.0107, 265.2)
+    """
+    d = np.asarray(d, dtype=np.float64)
+    n = d.size
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n >= 2 else math.nan
+    return with_test_var(float(d.mean()) if n else math.nan, se, float(n - 1), test_var, level)
+
+
+def with_test_var(
+    gain: float, se_seed: float, df_seed: float, test_var: float, level: float = 0.95
+) -> dict[str, Any]:
+    """A seed-paired gain's t interval widened by the test-set sampling variance.
+
+    All runs are scored on one fixed test set, so the spread of the paired differences over
+    seeds (``se_seed`` on ``df_seed`` degrees of freedom) measures the seed variance only; the
+    test-set part, ``test_var`` (e.g. :func:`gain_test_var`), does not shrink with more seeds
+    and is added: ``se^2 = se_seed^2 + test_var`` on the Welch-Satterthwaite degrees of freedom
+    ``se^4 / (se_seed^4 / df_seed)`` (``test_var`` counts as known). Because those degrees of
+    freedom exceed ``df_seed``, a small ``test_var`` could make the interval *narrower* than
+    the seed-only one; the wider of the two is returned (and its p-value). ``test_var = 0`` (or
+    NaN: unknown) gives the seed-only t interval. ``se_seed`` and ``se_test`` are returned
+    beside ``se``. Coverage: :func:`gradlens.stats.calibration.gain_test_coverage`.
+
+    Example:
+        >>> r = with_test_var(0.02, 0.004, 4.0, 0.0)
+        >>> r["df"], round(r["ci_low"], 4), r["interval"]
+        (4.0, 0.0089, 'paired t over seeds')
+        >>> w = with_test_var(0.02, 0.004, 4.0, 0.002 ** 2)  # seed-only t still the wider
+        >>> round(w["ci_low"], 5), round(w["se"], 5), round(w["df"], 2)
+        (0.00889, 0.00447, 6.25)
+        >>> round(with_test_var(0.02, 0.004, 4.0, 0.003 ** 2)["ci_low"], 5)  # now the total
+        0.00882
+    """
+    tv = float(test_var) if math.isfinite(test_var) and test_var > 0 else 0.0
+    seed = _summary(gain, se_seed, df_seed, level, "paired t over seeds")
+    out = dict(seed)
+    if tv > 0 and math.isfinite(se_seed):
+        total = se_seed * se_seed + tv
+        df = total * total / (se_seed**4 / df_seed) if se_seed > 0 else math.inf
+        out = _summary(gain, math.sqrt(total), df, level, "paired t over seeds + test-set variance")
+        if seed["ci_high"] - seed["ci_low"] > out["ci_high"] - out["ci_low"]:
+            out.update({k: seed[k] for k in ("ci_low", "ci_high", "p_value")})
+    out["se_seed"] = se_seed
+    out["se_test"] = math.sqrt(tv) if math.isfinite(test_var) else math.nan
+    return out
 
 
 def welch_t(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict[str, Any]:

@@ -509,6 +509,61 @@ def pooled_fpr(
     return {key: v / n_sims for key, v in hits.items()}
 
 
+def gain_test_coverage(
+    n_sims: int,
+    *,
+    seeds: int = 5,
+    n_test: int = 250,
+    accuracy: float = 0.75,
+    gain: float = 0.02,
+    sd_item: float = 1.5,
+    sd_item_model: float = 0.5,
+    sd_seed: float = 0.1,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Coverage of the population gain by :func:`gradlens.stats.paired_gain` when every run is
+    scored on one finite test set: the seed-only paired t interval (``seed_only``) against the
+    interval with :func:`gradlens.stats.gain_test_var` added (``seed_and_test``).
+
+    Each simulation draws a test set of ``n_test`` items from a population and ``seeds`` pairs
+    of runs (joint, single). Run ``m`` of seed ``s`` gets item ``x`` right when
+    ``mu_m + b_s + c_ms + a_x + f_mx + e > 0`` (probit): ``a_x ~ N(0, sd_item)`` item difficulty
+    shared by both models, ``f_mx ~ N(0, sd_item_model)`` the item's difficulty for that model
+    only (fixed over seeds), ``b_s`` (shared by the seed's two runs) and ``c_ms`` run quality
+    ``~ N(0, sd_seed)``, ``e ~ N(0, 1)`` fresh per run and item. ``mu_m`` are set so that the
+    population accuracy of the single model is ``accuracy`` and the population gain is ``gain``
+    (closed form: ``Phi(mu / sqrt(1 + total variance))``). Returns both coverages, how often
+    each interval lies above the truth, and the mean ratio of the two standard errors.
+    """
+    from scipy import stats as st
+
+    total = math.sqrt(1.0 + sd_item**2 + sd_item_model**2 + 2 * sd_seed**2)
+    mu_s = float(st.norm.ppf(accuracy)) * total
+    mu_j = float(st.norm.ppf(accuracy + gain)) * total
+    hits = {"seed_only": 0, "seed_and_test": 0, "seed_only_above": 0, "seed_and_test_above": 0}
+    ratio = 0.0
+    for i in range(n_sims):
+        rng = np.random.default_rng([seed, i])
+        a = rng.normal(0.0, sd_item, size=n_test)
+        f = rng.normal(0.0, sd_item_model, size=(2, n_test))
+        b = rng.normal(0.0, sd_seed, size=(seeds, 1))
+        c = rng.normal(0.0, sd_seed, size=(2, seeds, 1))
+        e = rng.normal(size=(2, seeds, n_test))
+        lat = np.array([mu_j, mu_s])[:, None, None] + b[None] + c + a + f[:, None, :] + e
+        acc = (lat > 0).mean(axis=2)  # (model, seed)
+        d = acc[0] - acc[1]
+        p_j, p_s = acc.mean(axis=1)
+        bound = stats.gain_test_var(p_j, p_s, n_test)
+        for key, tv in (("seed_only", 0.0), ("seed_and_test", bound)):
+            r = stats.paired_gain(d, test_var=tv)
+            hits[key] += r["ci_low"] <= gain <= r["ci_high"]
+            hits[f"{key}_above"] += r["ci_low"] > gain
+            if key == "seed_and_test":
+                ratio += r["se"] / r["se_seed"] if r["se_seed"] > 0 else math.nan
+    out = {k: v / n_sims for k, v in hits.items()}
+    return {**out, "se_ratio": ratio / n_sims}
+
+
 if __name__ == "__main__":  # pragma: no cover
     from gradlens.stats._calibration_cli import main
 

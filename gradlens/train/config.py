@@ -67,11 +67,16 @@ class TrainConfig:
             single-domain baseline's own split is smaller than the joint training set).
         epochs: number of training epochs (:func:`train`).
         seed: seeds the model initialisation and the batch order (and the data by default).
-        engine: the profiler engine, one of :data:`gradlens.engines.ENGINES`. The default is
-            ``"gramian"``, not the Profiler's ``"auto"``: auto picks an engine by timing, which
-            is not recorded in the config nor checkpointed, so a resumed run (sweep, PBT) could
-            record its Grams with another engine than an uninterrupted one (equal up to float
-            rounding, ~1e-7 relative in float32) and would not reproduce its numbers.
+        engine: the profiler engine, one of :data:`gradlens.engines.ENGINES`; default
+            ``"auto"``, the fastest exact engine for this model, picked by timing the first
+            probes of each graph shape (:mod:`gradlens.engines.auto`; its choice and timings are
+            in ``meta["auto"]`` and each Snapshot's ``engine``). Its decisions are in
+            :meth:`Trainer.state_dict`, so a run resumed from a checkpoint (sweep, PBT,
+            ``train(checkpoint=...)``) keeps the engines of the interrupted run and reproduces
+            an uninterrupted run's numbers. Two separate runs of one config time separately and
+            may pick different exact engines, whose Grams and ``.grad`` agree up to float
+            rounding (~1e-7 relative in float32), not bit for bit: name an engine
+            (``"gramian"``...) for bit-identical numbers across runs.
         every: the probe schedule: probe every k-th step (an int), or ``"log"`` /
             ``"log:N"`` for log-spaced steps with N per decade (default 10).
         early_stopping: patience in epochs on the mean validation score (:func:`score`); None
@@ -115,7 +120,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     epochs: int = 10
     seed: int = 0
-    engine: str = "gramian"
+    engine: str = "auto"
     every: int | str = 10
     early_stopping: int | None = None
     weighting: str | None = None
@@ -197,7 +202,7 @@ class TrainConfig:
 
         Example:
             >>> TrainConfig().to_dict()["engine"]
-            'gramian'
+            'auto'
         """
         return json.loads(json.dumps(asdict(self)))
 

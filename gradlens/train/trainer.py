@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from gradlens._errors import GradlensError, GradlensWarning
 from gradlens._validate import check_choice, check_int
+from gradlens.engines.auto import AutoEngine
 from gradlens.models import DEFAULT_DEPTH, build_model
 from gradlens.profiler import Profiler
 from gradlens.store import RunWriter
@@ -80,9 +81,10 @@ class Trainer:
     entry replaces it), ``model`` (``family``, ``width``,
     ``depth``, ``n_params``, ``n_shared_params``), ``seed``, ``config`` (``TrainConfig.to_dict()``,
     user fields under ``config``), ``dataset`` (name, kind, options, sizes) and, from the
-    profiler, ``engine``, ``layers``, ``every``. Evals: ``point="epoch:k"`` after each epoch
-    (``val`` metrics, and the epoch's mean training loss per task as ``train``), ``"final"`` from
-    :meth:`finish` (``val`` and ``test``).
+    profiler, ``engine``, ``layers``, ``every`` and, with the ``auto`` engine, ``auto`` (its
+    decisions: which engine serves each graph shape, and the timings). Evals:
+    ``point="epoch:k"`` after each epoch (``val`` metrics, and the epoch's mean training loss per
+    task as ``train``), ``"final"`` from :meth:`finish` (``val`` and ``test``).
 
     Example:
         >>> t = Trainer({"dataset": "synthetic", "dataset_options": {"n": 200}, "width": 0.25,
@@ -326,9 +328,13 @@ class Trainer:
         """A snapshot of the training state (copied, so later training does not change it).
 
         Holds ``model``, ``optimizer``, ``weights``, ``weight_schedule``, ``epoch``, ``step``,
-        ``rng`` (the batch-order generator) and ``tasks``: only tensors, dicts, lists, numbers
-        and strings, so ``torch.load(..., weights_only=True)`` reads a saved one back.
+        ``rng`` (the batch-order generator), ``tasks``, ``weighting`` and ``profiler``
+        (``{"auto": ...}``: the ``auto`` engine's decisions, see
+        :meth:`gradlens.engines.auto.AutoEngine.state_dict`; None for a named engine): only
+        tensors, dicts, lists, numbers and strings, so ``torch.load(..., weights_only=True)``
+        reads a saved one back.
         """
+        auto = self._auto()
         return copy.deepcopy(
             {
                 "model": self.model.state_dict(),
@@ -340,6 +346,7 @@ class Trainer:
                 "rng": self._gen.get_state(),
                 "tasks": list(self.tasks),
                 "weighting": self._weighting_state(),
+                "profiler": {"auto": None if auto is None else auto.state_dict()},
             }
         )
 
@@ -347,7 +354,11 @@ class Trainer:
         """Restore a :meth:`state_dict` (of this trainer or another with the same tasks and model).
 
         Training then continues exactly as the saved trainer would have. A change of weights is
-        recorded in this run's ``weight_schedule``; the profiler continues from the loaded step.
+        recorded in this run's ``weight_schedule``; the profiler continues from the loaded step,
+        its ``auto`` engine with the saved decisions (a state saved without them, by an older
+        gradlens or a trainer with a named engine: ``auto`` times its candidates anew, with a
+        :class:`~gradlens.GradlensWarning`, since it may pick another exact engine than the
+        saved run did and so differ from it at float rounding).
         """
         self._check_open("load a state")
         need = ("model", "optimizer", "weights", "epoch", "step", "rng", "tasks")
@@ -378,6 +389,7 @@ class Trainer:
         if w != self._weights:
             self._set_weights(w)
         self._load_weighting_state(state.get("weighting"))
+        self._load_auto_state(state.get("profiler"))
 
     def close(self) -> None:
         """Close the profiler (removes its hooks) and the run store; idempotent."""
@@ -432,6 +444,36 @@ class Trainer:
         self.profiler._held = (
             None if held is None else (held["total"].clone(), dict(held["layers"]))
         )
+
+    def _auto(self) -> AutoEngine | None:
+        """The profiler's ``auto`` engine, or None for a named engine."""
+        engine = self.profiler._engine
+        return engine if isinstance(engine, AutoEngine) else None
+
+    def _load_auto_state(self, state: Mapping[str, Any] | None) -> None:
+        """Restore ``auto``'s decisions (see :meth:`load_state_dict`) and record them in the
+        run's ``meta["auto"]``, which held the interrupted run's, the cut-back steps' included."""
+        auto = self._auto()
+        if auto is None:
+            return
+        saved = None if state is None else state.get("auto")
+        if saved is None:
+            warnings.warn(
+                f"The state loaded at step {self.step} holds no decisions of the `auto` engine "
+                "(saved by an older gradlens or with a named engine): auto times its candidates "
+                "again and may serve the probes with another exact engine than the saved run, "
+                "so the Grams can differ from an uninterrupted run's at float rounding. Name "
+                "the engine (TrainConfig.engine) for bit-identical numbers.",
+                GradlensWarning,
+                stacklevel=3,
+            )
+            auto.decisions = {}
+        else:
+            auto.load_state_dict(saved)
+        done = {k for k, d in auto.decisions.items() if d.winner is not None}
+        self.profiler._auto_logged = done
+        if self.store is not None:
+            self.store.update_meta(auto=auto.summary())
 
     def _apply_schedule(self) -> None:
         for entry in self.config.weight_schedule or ():

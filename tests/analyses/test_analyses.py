@@ -142,6 +142,47 @@ def test_gains_at_selected_and_uniform_weight() -> None:
     assert (sel["paired"]).all()
 
 
+def test_gains_carry_test_noise_and_size_gains_cluster_by_seed() -> None:
+    tables = _synthetic_sweep()
+    for t in tables.values():
+        t["dataset.n.test"] = 400
+    g = capacity.gains(tables, ["a", "b"], n_boot=50)
+    sel = g[g["setting"] == "p selected on val"].sort_values(["model.width", "task"])
+    assert (sel["n_test"] == 400).all()
+    p = sel["joint_mean"].to_numpy(float)
+    assert np.allclose(sel["joint_sd_test"], np.sqrt(p * (1 - p) / 400))
+    q = sel["single_mean"].to_numpy(float)
+    assert np.allclose(sel["se_test"] ** 2, (p * (1 - p) + q * (1 - q)) / 400)
+    assert np.allclose(sel["se"] ** 2, sel["se_seed"] ** 2 + sel["se_test"] ** 2)
+    # never narrower than the seed-only interval (2 seeds: its t quantile is 12.7, and on
+    # task a it stays the wider); wider where the seeds agree (task b: no seed spread)
+    assert (sel["ci_low"] <= sel["ci_low_seed"]).all()
+    assert (sel["ci_high"] >= sel["ci_high_seed"]).all()
+    b = sel[sel["task"] == "b"]
+    assert (b["ci_high"] - b["ci_low"] > 0).all()
+    assert np.allclose(b["ci_high_seed"] - b["ci_low_seed"], 0)
+    sg = capacity.size_gains(tables, ["a", "b"]).sort_values("model.width")
+    # the per-size gain is the mean over tasks of the per-task gains (same seeds)
+    per_size = sel.groupby("model.width")["gain"].mean().to_numpy()
+    assert np.allclose(sg["gain"], per_size)
+    assert (sg["n_seeds"] == 2).all()
+    # one test set shared by the tasks: the bound of perfectly correlated task errors
+    shared = sel.groupby("model.width")["se_test"].mean().to_numpy()
+    assert np.allclose(sg["se_test"], shared)
+    assert (sg["test_items"] == "shared by the tasks").all()
+    # each task (domain) on its own items: independent
+    for t in tables.values():
+        t["dataset.domain_counts.test.a"] = 400
+        t["dataset.domain_counts.test.b"] = 400
+    own = capacity.size_gains(tables, ["a", "b"]).sort_values("model.width")
+    indep = sel.groupby("model.width")["se_test"].apply(lambda v: np.sqrt((v**2).sum()) / 2)
+    assert np.allclose(own["se_test"], indep.to_numpy())
+    # without the test-set size: the seed-only interval, said so
+    bare = capacity.gains(_synthetic_sweep(), ["a", "b"], n_boot=50)
+    assert np.allclose(bare["ci_low"], bare["ci_low_seed"], equal_nan=True)
+    assert bare["interval"].str.contains("unknown").all()
+
+
 def test_schedule_table_and_json_tidy(tmp_path: Path) -> None:
     state = {
         "members": [
@@ -528,7 +569,36 @@ def test_layers_quick(quick_dirs: tuple[Path, Path]) -> None:
         assert ((c >= -1) & (c <= 1)).all()
         _png_ok(quick_dirs[1] / f"layer_conflict_{name}.png")
         _png_ok(quick_dirs[1] / f"layer_depth_{name}.png")
-    assert (quick_dirs[1] / "layers.json").exists()
+        per = s["pairs"][name]["within_per_layer"]
+        assert "all shared" in set(per["layer"])
+        assert {"p_tost", "p_tost_holm", "p_holm", "verdict"} <= set(per.columns)
+    _png_ok(quick_dirs[1] / "layer_within_pooled.png")
+    data = json.loads((quick_dirs[1] / "layers.json").read_text())
+    assert data["pairs"]["multidigits"]["within_per_layer"]
+
+
+def test_pooled_tost_matches_the_90_interval_and_holm_over_layers() -> None:
+    rng = np.random.default_rng(4)
+    seen = set()
+    for k in range(40):
+        r = np.tanh(rng.normal(rng.uniform(-0.3, 0.3), 0.15, size=int(rng.integers(3, 21))))
+        pool = conflict.pool_within([{"estimate": x, "n_eff": 25.0} for x in r])
+        inside = pool["ci90_low"] > -0.2 and pool["ci90_high"] < 0.2
+        p = layers.pooled_tost_p(pool)
+        assert (p < 0.05) == inside, (k, p, pool["ci90_low"], pool["ci90_high"])
+        seen.add(inside)
+    assert seen == {True, False}
+    t = pd.DataFrame(
+        {"layer": ["layer 1", "layer 2", "all shared"], "p_tost": [0.03, 0.02, 0.03],
+         "p_tost_holm": [0.04, 0.06, np.nan], "p_value": [0.01, 0.5, 0.01],
+         "p_holm": [0.02, 0.5, np.nan], "ci_low": [0.05, -0.1, 0.01], "ci_high": [0.15, 0.1, 0.1]}
+    )  # fmt: skip
+    got = [layers._layer_verdict(r) for r in t.itertuples(index=False)]
+    assert got == [
+        "equivalent within |r| < 0.2; correlated (r > 0)",
+        "inconclusive",  # TOST p 0.02 alone, 0.06 after Holm over the layers
+        "equivalent within |r| < 0.2; correlated (r > 0)",  # the total: outside the family
+    ]
 
 
 @pytest.mark.parametrize(

@@ -167,3 +167,24 @@ def test_candidates_that_lost_free_their_buffers():
         (decision,) = auto.decisions.values()
         assert bool(loop._workspace._bufs) == (decision.winner == "loop")
         assert not auto.candidates["batched"]._workspace._bufs or decision.winner == "batched"
+
+
+def test_restored_decisions_switch_the_recording_hooks_before_the_next_forward():
+    trunk, heads, x, ys = build("mlp", 2)
+    with gl.Profiler(trunk, ["t0", "t1"]) as prof:
+        while prof._engine.describe() == "timing":
+            prof.backward(task_losses(trunk, heads, x, ys))
+        (decision,) = prof._engine.decisions.values()
+        decision.winner = "gramian"
+        state = prof._engine.state_dict()
+    with gl.Profiler(trunk, ["t0", "t1"]) as prof:
+        gramian = prof._engine.candidates["gramian"]
+        assert not gramian._recording  # a fresh auto times loop first
+        prof._engine.load_state_dict(state)
+        assert gramian._recording  # the restored winner records its forward
+        losses = task_losses(trunk, heads, x, ys)
+        ref = reference_grams(losses, trunk)
+        snap = prof.backward(losses)
+    assert snap.engine == "gramian"
+    assert "forward-not-recorded" not in snap.notes
+    assert_gram_close(snap.gram, ref.gram, 1e-10)

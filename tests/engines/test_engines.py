@@ -83,7 +83,8 @@ def test_gramian_uses_rules_and_falls_back_per_module():
     assert snap.rules["block.linear1"] == "linear"
     assert snap.rules["norm"] == "norm"
     assert snap.rules["block.norm1"] == "norm"
-    # attention's raw parameters have no rule; its out_proj (a Linear subclass) is called
+    # attention's own parameters: no rule by default (the in_proj rule is opt-in, see
+    # tests/engines/test_rules_mha.py); its out_proj (a Linear subclass) is called
     # functionally, so its hook records nothing: exact generic path for both
     assert snap.rules["block.self_attn"] == "generic"
     assert snap.rules["block.self_attn.out_proj"] == "generic"

@@ -17,6 +17,7 @@ from gradlens import GradlensError, GradlensWarning, load_run
 from gradlens.cli import main
 from gradlens.search import SearchConfig, load_config, pbt_score, run_pbt
 from gradlens.search.pbt import _Members, _select_exploits
+from tests._auto import PINNED, pinned_toml
 from tests._tiny import TINY_SEARCH, synth
 from tests.search._kill import kill_when
 
@@ -212,7 +213,7 @@ def test_resume_refuses_a_different_configuration(tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_makes_the_same_choices_as_an_uninterrupted_run(tmp_path):
     cfg_path = tmp_path / "pbt.toml"
-    cfg_path.write_text(EXAMPLE.read_text().replace("epochs = 3", "epochs = 6"))
+    cfg_path.write_text(pinned_toml(EXAMPLE.read_text().replace("epochs = 3", "epochs = 6")))
     out = tmp_path / "killed"
 
     def ready() -> bool:
@@ -250,8 +251,9 @@ def test_sigkill_then_resume_makes_the_same_choices_as_an_uninterrupted_run(tmp_
 @pytest.mark.slow
 def test_process_hosts_give_the_same_pbt_as_in_process(tmp_path):
     pbt = {"population": 4, "epochs": 3, "replace": 1, "seed": 3}
-    run_pbt(_cfg(pbt, workers=2), tmp_path / "pool", progress=False)
-    run_pbt(_cfg(pbt, workers=1), tmp_path / "inline", progress=False)
+    train = {**TINY, **PINNED}  # compared with a run in other processes (tests/_auto.py)
+    run_pbt(_cfg(pbt, train, workers=2), tmp_path / "pool", progress=False)
+    run_pbt(_cfg(pbt, train, workers=1), tmp_path / "inline", progress=False)
     a, b = _state(tmp_path / "pool"), _state(tmp_path / "inline")
     assert len(a["members"]) == len(b["members"]) == 4
     for x, y in zip(a["members"], b["members"]):
@@ -264,11 +266,13 @@ def test_process_hosts_give_the_same_pbt_as_in_process(tmp_path):
 def test_pbt_on_ray_local_matches_the_local_run(tmp_path, capsys):
     pytest.importorskip("ray")
     out = tmp_path / "ray"
-    argv = ["pbt", str(EXAMPLE), "--out", str(out), "--executor", "ray", "--workers", "2",
+    example = tmp_path / "pbt.toml"
+    example.write_text(pinned_toml(EXAMPLE.read_text()))
+    argv = ["pbt", str(example), "--out", str(out), "--executor", "ray", "--workers", "2",
             "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     sys.stderr.write(capsys.readouterr().out)
-    run_pbt(load_config(EXAMPLE), tmp_path / "local", progress=False)
+    run_pbt(load_config(example), tmp_path / "local", progress=False)
     a, b = _state(out), _state(tmp_path / "local")
     assert a["status"] == "done"
     for x, y in zip(a["members"], b["members"]):

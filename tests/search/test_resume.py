@@ -11,6 +11,7 @@ import torch
 import gradlens.search.pbt as pbt_module
 from gradlens import load_run
 from gradlens.search import SearchConfig, run_pbt
+from tests._auto import force_auto
 from tests._tiny import SYNTH
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,6 +32,7 @@ def test_pbt_resume_keeps_the_history_flushed_before_the_interruption(tmp_path, 
     """Interrupt PBT in round 3 after the members flushed half a round past their checkpoints;
     the resumed members' runs hold exactly the uninterrupted run's steps, Grams and evals."""
     cfg = _pbt_cfg()
+    force_auto(monkeypatch, "loop")  # the engine both runs time as the fastest
     run_pbt(cfg, tmp_path / "straight", progress=False)
     real = pbt_module._Members.train
     calls: list[int] = []
@@ -57,7 +59,9 @@ def test_pbt_resume_keeps_the_history_flushed_before_the_interruption(tmp_path, 
     flushed = load_run(tmp_path / "resumed" / "member-000").probed_steps
     assert flushed.max() == 11  # steps past the epoch-2 checkpoint (step 7) were flushed
     monkeypatch.setattr(pbt_module._Members, "train", real)
+    calls = force_auto(monkeypatch, "batched")  # timing anew would now choose batched
     run_pbt(cfg, tmp_path / "resumed", progress=False)
+    assert calls["batched"] == 0 < calls["loop"]  # the members' checkpoints hold auto's choice
     for m in ("member-000", "member-001"):
         a = load_run(tmp_path / "resumed" / m, strict=True)
         b = load_run(tmp_path / "straight" / m, strict=True)
@@ -85,6 +89,7 @@ def test_a_sweep_run_trains_with_its_recorded_thread_count(tmp_path, monkeypatch
         return real(self)
 
     monkeypatch.setattr(Trainer, "_train_epoch", spy)
+    force_auto(monkeypatch, "gramian")  # both runs use one engine (see tests/_auto.py)
     cfg = SearchConfig.from_dict(
         {"train": SYNTH, "sweep": {"p": [0.3]}, "executor": {"workers": 1}}
     )
@@ -149,6 +154,7 @@ def test_sweep_resume_continues_an_interrupted_run_from_its_checkpoint(tmp_path,
 
     cfg = _sweep_cfg(5, every=1)
     run_id = "w0.3-0.7_seed0"
+    force_auto(monkeypatch, "loop")
     straight = run_sweep(cfg, tmp_path / "straight", progress=False)
     per_epoch = load_run(tmp_path / "straight" / run_id).meta["steps_run"] // 5
     real = Trainer.fit_epochs
@@ -173,7 +179,9 @@ def test_sweep_resume_continues_an_interrupted_run_from_its_checkpoint(tmp_path,
     assert seen == {"at_checkpoint": list(range(2 * per_epoch)), "checkpoint": True}
     flushed = load_run(tmp_path / "resumed" / run_id).probed_steps.tolist()
     assert flushed == list(range(3 * per_epoch))
+    calls = force_auto(monkeypatch, "batched")  # timing anew would now choose batched
     resumed = run_sweep(cfg, tmp_path / "resumed", progress=False)
+    assert calls["batched"] == 0 < calls["loop"]  # the run's checkpoint holds auto's choice
     assert resumed["status"].tolist() == ["done"]
     np.testing.assert_allclose(resumed[["val", "test"]], straight[["val", "test"]], rtol=1e-10)
     run = load_run(tmp_path / "resumed" / run_id, strict=True)
@@ -213,6 +221,7 @@ def test_train_resumes_from_its_checkpoint_with_early_stopping_state(tmp_path, m
     from gradlens.train import train
 
     cfg = {**SYNTH, "epochs": 6, "early_stopping": 2, "every": 3}
+    force_auto(monkeypatch, "loop")
     ref = train(cfg, tmp_path / "straight", progress=False)
     real = run_module._save_checkpoint
     calls: list[int] = []
@@ -229,7 +238,9 @@ def test_train_resumes_from_its_checkpoint_with_early_stopping_state(tmp_path, m
         train(cfg, tmp_path / "resumed", progress=False, checkpoint=ckpt)
     assert ckpt.is_file()
     monkeypatch.setattr(run_module, "_save_checkpoint", real)
+    calls = force_auto(monkeypatch, "batched")  # timing anew would now choose batched
     res = train(cfg, tmp_path / "resumed", progress=False, checkpoint=ckpt)
+    assert calls["batched"] == 0 < calls["loop"]
     assert not ckpt.exists()
     assert (res.epochs_run, res.stopped_early) == (ref.epochs_run, ref.stopped_early)
     for split in ("val", "test"):

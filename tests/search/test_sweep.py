@@ -17,6 +17,7 @@ from gradlens.cli import main
 from gradlens.search import SearchConfig, load_config, plan_sweep, run_sweep, simplex_grid
 from gradlens.search import sweep as sweep_mod
 from gradlens.train._data import load_train_data
+from tests._auto import PINNED, pinned_toml
 from tests._tiny import TINY_SEARCH
 from tests.search._kill import kill_when
 
@@ -284,10 +285,11 @@ def test_sigkill_mid_sweep_then_rerun_gives_every_run_exactly_once(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_on_a_local_process_pool(tmp_path):
-    df = run_sweep(_cfg({"p": [0.2, 0.8], "seeds": [0, 1]}, workers=2), tmp_path, progress=False)
+    sweep = {"p": [0.2, 0.8], "seeds": [0, 1]}
+    df = run_sweep(_cfg(sweep, workers=2, **PINNED), tmp_path, progress=False)
     assert (df["status"] == "done").all()
     assert len(df) == 4
-    serial = run_sweep(_cfg({"p": [0.2, 0.8], "seeds": [0, 1]}), tmp_path / "b", progress=False)
+    serial = run_sweep(_cfg(sweep, **PINNED), tmp_path / "b", progress=False)
     # the same trial function in another process gives the same numbers
     np.testing.assert_allclose(df["val"], serial["val"], rtol=0, atol=1e-12)
 
@@ -297,12 +299,14 @@ def test_sweep_on_a_local_process_pool(tmp_path):
 def test_sweep_on_ray_local(tmp_path, capsys):
     pytest.importorskip("ray")
     out = tmp_path / "ray"
-    argv = ["sweep", str(EXAMPLE), "--out", str(out), "--executor", "ray", "--workers", "2",
+    example = tmp_path / "sweep.toml"
+    example.write_text(pinned_toml(EXAMPLE.read_text()))
+    argv = ["sweep", str(example), "--out", str(out), "--executor", "ray", "--workers", "2",
             "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     sys.stderr.write(capsys.readouterr().out)
     assert all(r["status"] == "done" for r in _index(out)["runs"])
-    run_sweep(load_config(EXAMPLE), tmp_path / "local", progress=False)
+    run_sweep(load_config(example), tmp_path / "local", progress=False)
     ray_rows = {r["id"]: r["final"] for r in _index(out)["runs"]}
     for rec in _index(tmp_path / "local")["runs"]:
         assert ray_rows[rec["id"]] == rec["final"]
@@ -343,6 +347,7 @@ def test_sigkill_mid_run_then_rerun_continues_the_run_from_its_checkpoint(tmp_pa
         "dataset_options = { n = 2000, angle = 120.0 }\n"
         'model = "mlp"\nwidth = 0.05\ndepth = 1\noptimizer = "sgd"\nlr = 0.05\n'
         "batch_size = 50\nepochs = 40\nevery = 1\n"
+        'engine = "gramian"\n'  # compared with a run in another process (tests/_auto.py)
         "[sweep]\np = [0.3]\n"
         '[executor]\nkind = "local"\nworkers = 1\n'
     )

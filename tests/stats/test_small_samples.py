@@ -108,3 +108,35 @@ def test_min_detectable_effect_of_the_trend_test():
 def test_cluster_bootstrap_covers_a_nonzero_correlation(icc):
     res = calib.cluster_coverage(400, rho=0.3, icc=icc, n_boot=499, seed=11)
     assert 0.92 <= res["coverage"] <= 0.98, res
+
+
+def test_binomial_sd_and_the_test_variance_of_a_gain():
+    assert stats.binomial_sd(0.9, 250) == pytest.approx(math.sqrt(0.09 / 250))
+    sd = stats.binomial_sd(np.array([0.5, 0.9]), np.array([100, 0]))
+    assert sd[0] == pytest.approx(0.05)
+    assert math.isnan(sd[1])
+    assert stats.gain_test_var(0.9, 0.8, 100) == pytest.approx((0.09 + 0.16) / 100)
+    assert math.isnan(stats.gain_test_var(0.9, 0.8, 0))
+
+
+def test_paired_gain_without_test_variance_is_the_paired_t():
+    d = np.array([0.01, -0.02, 0.03, 0.0, 0.015])
+    a, b = stats.paired_gain(d), stats._gain.paired_t(d)
+    for key in ("gain", "se", "df", "ci_low", "ci_high", "p_value"):
+        assert a[key] == pytest.approx(b[key])
+    wide = stats.paired_gain(d, test_var=0.02**2)
+    assert wide["se"] == pytest.approx(math.hypot(a["se"], 0.02))
+    assert wide["df"] > a["df"]
+    assert wide["ci_high"] - wide["ci_low"] > a["ci_high"] - a["ci_low"]
+    assert wide["se_test"] == pytest.approx(0.02)
+    assert wide["se_seed"] == pytest.approx(a["se"])
+
+
+def test_seed_only_gain_interval_undercovers_on_one_test_set_and_the_bound_covers():
+    # Models that differ in which items they find hard (item x model SD 1.5), 250 test items,
+    # 5 seeds: the seed-only t interval misses the population gain far more than 5 % of the
+    # time; with the binomial bound of the test-set variance added it covers (conservatively).
+    r = calib.gain_test_coverage(300, n_test=250, sd_item_model=1.5, seed=3)
+    assert r["seed_only"] < 0.88, r
+    assert r["seed_and_test"] >= 0.95, r
+    assert r["se_ratio"] > 1.5

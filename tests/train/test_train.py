@@ -17,6 +17,7 @@ from gradlens._errors import GradlensError
 from gradlens.data import expected_gradient_cosine, expected_gradient_gram
 from gradlens.train import TrainConfig, Trainer, TrainResult, score, train
 from gradlens.train._data import multidomain_losses
+from tests._auto import force_auto
 from tests._tiny import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
@@ -50,7 +51,7 @@ def test_config_defaults_and_round_trip():
         "mlp",
         "adam",
         128,
-        "gramian",
+        "auto",
         10,
     )
     assert cfg.tasks is None
@@ -153,7 +154,7 @@ def test_train_writes_the_run_store(tmp_path):
     assert meta["model"]["depth"] == 1
     assert meta["model"]["n_params"] == 128 * 32 + 32 + 2 * (32 * 10 + 10)
     assert meta["seed"] == 0
-    assert meta["engine"] == "gramian"
+    assert meta["engine"] == "auto"
     assert meta["every"] == 2
     assert TrainConfig.from_dict(meta["config"]) == TrainConfig.from_dict(
         tiny(epochs=2, weights={"left": 1.0, "right": 3.0})
@@ -184,13 +185,18 @@ def test_train_writes_the_run_store(tmp_path):
     assert val2[("left", "accuracy")] == res.metrics["val"]["left"]["accuracy"]
 
 
-def test_same_config_gives_bit_identical_results(tmp_path):
-    a = train(tiny(epochs=2), tmp_path / "a", progress=False)
-    b = train(tiny(epochs=2), tmp_path / "b", progress=False)
+@pytest.mark.parametrize("engine", ["gramian", "auto"])
+def test_same_config_gives_bit_identical_results(tmp_path, monkeypatch, engine):
+    """With a named engine; with ``auto`` when both runs choose the same engine (two runs time
+    separately, and may pick different exact engines: equal to float rounding only)."""
+    if engine == "auto":
+        force_auto(monkeypatch, "batched")
+    a = train(tiny(epochs=2, engine=engine), tmp_path / "a", progress=False)
+    b = train(tiny(epochs=2, engine=engine), tmp_path / "b", progress=False)
     assert a.metrics == b.metrics
     ra, rb = load_run(tmp_path / "a"), load_run(tmp_path / "b")
     np.testing.assert_array_equal(ra.all_grams(), rb.all_grams())
-    c = train(tiny(epochs=2, seed=1), None, progress=False)
+    c = train(tiny(epochs=2, seed=1, engine=engine), None, progress=False)
     assert c.metrics != a.metrics
 
 

@@ -16,7 +16,15 @@ Otherwise the module takes the generic path; :func:`decline_reason` says why.
 Built in: ``nn.Linear`` (and subclasses such as ``NonDynamicallyQuantizableLinear``), Hugging
 Face's ``Conv1D`` (transposed weight; registered when ``transformers`` is imported),
 ``nn.Conv1d/2d/3d``, ``nn.Embedding``, and the affine parameters of ``nn.LayerNorm``,
-``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d``.
+``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d``. Opt-in: ``nn.MultiheadAttention``'s packed
+in-projection in self-attention (:func:`gradlens.engines.rules.attention.enable`; exact, but
+no faster on CPU than the generic path it replaces).
+
+A rule whose layer's input and output are not the module's own (a projection applied inside the
+module's forward) also gives a ``record(module, args, output)`` function: it returns, for one call,
+the input, the :class:`~torch.autograd.graph.GradientEdge` whose gradient is the rule's output
+gradient, that output's shape and dtype, or None to leave the call (and so the layer, that probe)
+to the generic path. Without it the engine records ``args[0]`` and the module's output.
 
 A custom rule, from one file (the Gram of a layer ``y = x * scale`` with a per-feature scale):
 
@@ -47,8 +55,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge
 
-__all__ = ["Rule", "RuleFn", "decline_reason", "register_rule", "rule_for"]
+__all__ = ["RecordFn", "Rule", "RuleFn", "decline_reason", "register_rule", "rule_for"]
 
 #: ``fn(module, inputs, out_grads, weights, budget) -> (Gram, {param name: weighted grad})``:
 #: ``inputs[k]`` is the module's input at call k, ``out_grads[k]`` the (T, *output.shape) task
@@ -63,6 +72,13 @@ RuleFn = Callable[
 ]
 
 
+#: ``record(module, args, output) -> (input, output edge, output shape, output dtype) | None``.
+RecordFn = Callable[
+    [nn.Module, tuple[object, ...], object],
+    tuple[torch.Tensor, GradientEdge, torch.Size, torch.dtype] | None,
+]
+
+
 @dataclass(frozen=True)
 class Rule:
     """A named per-layer rule, plus a predicate saying whether it applies to a module instance."""
@@ -72,6 +88,9 @@ class Rule:
     applies: Callable[[nn.Module], bool]
     #: The class the rule was registered for (subclasses must keep its ``forward``).
     cls: type[nn.Module] = nn.Module
+    #: What the forward hook records for one call (see the module doc); None: the module's
+    #: first argument and its output.
+    record: RecordFn | None = None
 
 
 _RULES: dict[type[nn.Module], Rule] = {}
@@ -82,17 +101,21 @@ def _always(module: nn.Module) -> bool:
 
 
 def register_rule(
-    *types: type[nn.Module], name: str, applies: Callable[[nn.Module], bool] | None = None
+    *types: type[nn.Module],
+    name: str,
+    applies: Callable[[nn.Module], bool] | None = None,
+    record: RecordFn | None = None,
 ) -> Callable[[RuleFn], RuleFn]:
     """Register ``fn`` as the Gram rule for modules of these types (and subclasses that keep
-    their ``forward``), for the instances ``applies`` accepts (all by default).
+    their ``forward``), for the instances ``applies`` accepts (all by default); ``record``
+    says what to record of a call when it is not the module's input and output (see above).
 
     A later registration for the same type replaces the earlier one.
     """
 
     def deco(fn: RuleFn) -> RuleFn:
         for t in types:
-            _RULES[t] = Rule(name, fn, applies or _always, t)
+            _RULES[t] = Rule(name, fn, applies or _always, t, record)
         return fn
 
     return deco
