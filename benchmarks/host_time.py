@@ -5,7 +5,12 @@ CPU time of this thread. Prints the plain step, each engine's probe (its second,
 their ratio, the probe's time per layer, and where a gramian probe's time goes by function
 (cProfile on this thread's CPU time, cumulative, the gradlens functions and autograd's entry
 points; the graph index's walks are ``_graph.py:from_roots``, ``_capture.py:split_heads``,
-``_graph.py:reaches_past`` and ``_segments.py:plan_from_index``).
+``_graph.py:reaches_past`` and ``_segments.py:plan_from_index``; the heads' split, the
+reaches-past answer and the cut plan are computed once per graph signature and reused).
+
+The ``floor`` row is a probe of the same model written by hand along the engine's route, its
+tensor work only (see ``floor_probe``): what is left for the profiler's own bookkeeping under a
+target ratio.
 
     python benchmarks/host_time.py            # T = 8
     python benchmarks/host_time.py --tasks 3
@@ -20,7 +25,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -58,19 +63,23 @@ def main() -> None:
     profs = {e: gl.Profiler(trunk, tasks, engine=e) for e in ("loop", "batched", "gramian")}
     for p in profs.values():
         p.close()
-    times: dict[str, list[float]] = {"plain": [], **{e: [] for e in profs}}
+    floor = floor_probe(trunk, heads, x, y, wt)
+    times: dict[str, list[float]] = {"plain": [], "floor": [], **{e: [] for e in profs}}
     for r in range(args.repeats + 1):
         for name in times:
             if name == "plain":
                 t0 = time.thread_time()
                 plain()
+            elif name == "floor":
+                t0 = time.thread_time()
+                floor()
             else:
                 prof = gl.Profiler(trunk, tasks, engine=name)
                 prof.backward(losses())  # first probe: buffers
                 t0 = time.thread_time()
                 prof.backward(losses())
             dt = time.thread_time() - t0
-            if name != "plain":
+            if name not in ("plain", "floor"):
                 prof.close()
             if r:
                 times[name].append(dt)
@@ -102,6 +111,63 @@ def main() -> None:
         print(f"  {cum * 1e3:7.3f} ms  {name}")
 
 
+def floor_probe(
+    trunk: nn.Sequential, heads: nn.ModuleList, x: torch.Tensor, y: torch.Tensor, wt: torch.Tensor
+) -> Callable[[], None]:
+    """A gramian probe of this model written by hand, with nothing but its tensor work: the
+    forward with hooks recording each Linear's input and output edge, one weighted backward
+    through the heads (hooks on the heads' first nodes keep each task's rows, the heads'
+    .grad written), one vmapped backward of the rows to every Linear output, the grouped
+    Linear Grams and weighted gradients, .grad written; no graph index, no checks, no
+    Snapshot. What a probe of this model costs at the least along the engine's route."""
+    from torch.autograd.graph import get_gradient_edge
+
+    from gradlens.engines.rules.linear import linear_group_stacked
+
+    lins = [m for m in trunk if isinstance(m, nn.Linear)]
+    head_leaves = [p for h in heads for p in h.parameters()]
+    T = len(heads)
+    rec: list[tuple[torch.Tensor, Any]] = []
+
+    def hook(m: nn.Module, a: tuple[torch.Tensor, ...], o: torch.Tensor) -> None:
+        rec.append((a[0].detach(), get_gradient_edge(o)))
+
+    def probe() -> None:
+        handles = [m.register_forward_hook(hook) for m in lins]
+        rec.clear()
+        z = trunk(x)
+        outs = [h(z) for h in heads]
+        L = torch.stack([((o.squeeze(1) - y[i]) ** 2).mean() for i, o in enumerate(outs)])
+        for h_ in handles:
+            h_.remove()
+        rows: list[Any] = [None] * T
+        hooks = [
+            cast(Any, o.grad_fn).register_hook(lambda gi, _, t=t: rows.__setitem__(t, gi[1]))
+            for t, o in enumerate(outs)
+        ]
+        ez = get_gradient_edge(z)
+        gs = torch.autograd.grad(wt @ L, [ez, *head_leaves], retain_graph=True)
+        for h_ in hooks:
+            h_.remove()
+        with torch.no_grad():
+            torch._foreach_add_(cast(Any, [p.grad for p in head_leaves]), list(gs[1:]))
+        D = torch.autograd.grad(
+            [ez], [e for _, e in rec], grad_outputs=[torch.stack(rows)], is_grads_batched=True
+        )
+        got = linear_group_stacked(lins, [a for a, _ in rec], list(D), torch.ones(T), 1 << 30)
+        G, gW, gb = cast(Any, got)
+        G = G * torch.outer(wt, wt).double().reciprocal()  # the rows carry w_t
+        with torch.no_grad():
+            grads = [m.weight.grad for m in lins] + [m.bias.grad for m in lins]
+            torch._foreach_add_(cast(Any, grads), [*gW.unbind(0), *gb.unbind(0)])
+        del G
+
+    plain_grads = [p.grad for p in [*trunk.parameters(), *heads.parameters()]]
+    if any(g is None for g in plain_grads):
+        (wt @ torch.stack([h(trunk(x)).sum() for h in heads])).backward()
+    return probe
+
+
 def breakdown(make: Callable[[], gl.Profiler], losses: Callable[[], dict], n: int) -> None:
     """Where a gramian probe's CPU time goes: steps timed by wrapping them (thread CPU time,
     no profiler overhead; nested steps are included in their callers)."""
@@ -126,10 +192,12 @@ def breakdown(make: Callable[[], gl.Profiler], losses: Callable[[], dict], n: in
     timed(gramian, "split_heads", "graph index: heads' split (split_heads)")
     timed(_graph.GraphIndex, "reaches_past", "graph index: reaches_past")
     timed(gramian, "plan_segments", "graph index: cut plan (plan_segments, cached)")
+    timed(profiler, "check_finite", "profiler: the losses read on the host (check_finite)")
+    timed(profiler, "stack_grams", "profiler: per-layer Grams stacked (stack_grams)")
     timed(gramian, "capture_rows", "first stage: weighted backward through the heads")
-    timed(gramian, "batched_grad_from", "second stage: vmapped backward through the trunk")
-    timed(gramian, "linear_group", "Linear rule, grouped layers (Grams, weighted grads)")
-    timed(gramian, "_accumulate_own", "writing .grad of the shared layers")
+    timed(gramian, "vmapped_grad_from", "second stage: vmapped backward through the trunk")
+    timed(gramian, "linear_group_stacked", "Linear rule, grouped layers (Grams, weighted grads)")
+    timed(gramian, "accumulate_grads", "writing .grad of the shared layers")
     timed(profiler, "Snapshot", "Snapshot")
     prof = make()
     prof.backward(losses())

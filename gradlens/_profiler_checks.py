@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -28,6 +28,7 @@ __all__ = [
     "check_finite",
     "check_scale",
     "grads_kept",
+    "no_autocast",
     "open_store",
     "stack_grams",
     "stack_losses",
@@ -50,6 +51,20 @@ def grads_kept(params: Sequence[torch.Tensor]) -> Iterator[None]:
     finally:
         for p, g in zip(params, saved):
             p.grad = g
+
+
+def no_autocast(device_type: str) -> AbstractContextManager[Any]:
+    """A block where autocast is off for ``device_type``: ``torch.autocast(enabled=False)``
+    when it is on, else nothing (entering and leaving an autocast region costs tens of
+    microseconds, a noticeable part of a small model's probe).
+
+    >>> with torch.autocast("cpu"), no_autocast("cpu"):
+    ...     torch.is_autocast_enabled("cpu")
+    False
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
 
 
 def check_scale(grad_scale: float | torch.Tensor | Any, L: torch.Tensor) -> torch.Tensor | None:
@@ -164,11 +179,13 @@ def stack_losses(
     return torch.stack(vals), vals
 
 
-def check_finite(L: torch.Tensor, tasks: tuple[str, ...]) -> None:
-    finite = torch.isfinite(L.detach())
-    if not bool(finite.all()):
-        bad = {t: v for t, v, ok in zip(tasks, L.detach().tolist(), finite.tolist()) if not ok}
+def check_finite(L: torch.Tensor, tasks: tuple[str, ...]) -> list[float]:
+    """The losses' values (one read on the host, reused for the Snapshot), all finite."""
+    vals: list[float] = L.detach().tolist()
+    if not all(map(math.isfinite, vals)):
+        bad = {t: v for t, v in zip(tasks, vals) if not math.isfinite(v)}
         raise GradlensError(f"`losses` should be finite; found {bad}.")
+    return vals
 
 
 def weight_values(
@@ -251,7 +268,8 @@ def check_features(
 def stack_grams(
     computed: Mapping[str, torch.Tensor], layers: Sequence[str] | None, T: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[str, ...]]:
-    """The total Gram, the per-layer Grams on CPU and the layers no loss reached.
+    """The total Gram, the per-layer Grams on CPU (each exactly symmetric, as
+    :class:`~gradlens.Snapshot` makes them) and the layers no loss reached.
 
     With ``layers`` (parameter-level engines), every trainable shared layer is listed: one that
     no loss reached gets a zero Gram and is named in the third item.
@@ -265,4 +283,10 @@ def stack_grams(
     if not names:
         return torch.zeros(T, T, dtype=torch.float64), {}, unreached
     stacked = torch.stack([computed[n] for n in names]).cpu()
-    return stacked.sum(0), dict(zip(names, stacked.unbind(0))), unreached
+    total = stacked.sum(0)
+    if stacked.shape[-1] == stacked.shape[-2]:
+        # symmetric as a Snapshot makes them (the same numbers, see snapshot._symmetric): the
+        # profiler then builds its Snapshot without a second pass (snapshot._symmetric_given)
+        total = (total + total.T) / 2
+        stacked = (stacked + stacked.transpose(1, 2)) / 2
+    return total, dict(zip(names, stacked.unbind(0))), unreached

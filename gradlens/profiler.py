@@ -40,6 +40,7 @@ from gradlens._profiler_checks import (
     check_finite,
     check_scale,
     grads_kept,
+    no_autocast,
     open_store,
     stack_grams,
     stack_losses,
@@ -53,7 +54,7 @@ from gradlens.engines._graph import GraphIndex
 from gradlens.engines.auto import AutoEngine
 from gradlens.engines.gramian import UNRECORDED
 from gradlens.schedules import Schedule, as_schedule
-from gradlens.snapshot import Snapshot, _symmetric
+from gradlens.snapshot import Snapshot, _symmetric, _symmetric_given
 from gradlens.weightings import _apply as _weighting
 
 __all__ = ["Profiler", "Sink"]
@@ -293,8 +294,7 @@ class Profiler:
         # which on a GPU would stall every step (an unprobed step then behaves as plain training)
         L, parts = stack_losses(losses, self.tasks)
         self._check_device(L)
-        if probe:
-            check_finite(L, self.tasks)
+        values = check_finite(L, self.tasks) if probe else None
         if gw is None:
             w = self._weights_on(cast("Mapping[str, float | torch.Tensor] | None", weights), L)
         else:
@@ -304,7 +304,9 @@ class Profiler:
         snap = None
         try:
             if probe:
-                snap = self._probe(step, L, parts, w, feats, retain_graph, scale, write, gw)
+                snap = self._probe(
+                    step, L, parts, w, feats, retain_graph, scale, write, gw, values
+                )
             elif write and per_layer and held is not None:
                 Ls = L if scale is None else L * scale
                 self._write_weighted(Ls, w, held[1], retain_graph)
@@ -366,6 +368,7 @@ class Profiler:
         scale: torch.Tensor | None,
         write: bool,
         weighting: Weighting | None = None,
+        values: list[float] | None = None,
     ) -> Snapshot | None:
         graph = GraphIndex.build(L)  # raises before any side effect (reentrant checkpoint)
         leaves = graph.leaves
@@ -393,7 +396,7 @@ class Profiler:
             graph=graph,
         )
         # engines compute in the dtypes of the recorded tensors, never under an autocast region
-        with torch.autocast(L.device.type, enabled=False):
+        with no_autocast(L.device.type):
             if not measure_only:
                 result = self._engine.compute(ctx)
             else:
@@ -418,21 +421,22 @@ class Profiler:
             w, extra = self._apply_weighting(
                 weighting, gram, reached_grams, Ls, write, retain_graph, result.writer, leaves
             )
-        snap = Snapshot(
-            step=step,
-            tasks=self.tasks,
-            gram=gram,
-            layer_grams=layer_grams,
-            weights=w.detach().to("cpu", torch.float64),
-            engine=result.engine or self.engine,
-            level=self._engine.level,
-            rules=result.rules,
-            losses=dict(zip(self.tasks, L.detach().to("cpu", torch.float64).tolist())),
-            timings=dict(result.timings),
-            unreached=unreached,
-            notes=tuple(dict.fromkeys([*notes, *result.notes])),
-            **extra,
-        )
+        with _symmetric_given():  # stack_grams made every Gram exactly symmetric
+            snap = Snapshot(
+                step=step,
+                tasks=self.tasks,
+                gram=gram,
+                layer_grams=layer_grams,
+                weights=w.detach().to("cpu", torch.float64),
+                engine=result.engine or self.engine,
+                level=self._engine.level,
+                rules=result.rules,
+                losses=dict(zip(self.tasks, L.detach().tolist() if values is None else values)),
+                timings=dict(result.timings),
+                unreached=unreached,
+                notes=tuple(dict.fromkeys([*notes, *result.notes])),
+                **extra,
+            )
         self._flag_zero(snap)
         self._flag_unrecorded(snap)
         self._log_auto()

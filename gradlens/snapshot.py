@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextvars
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +28,42 @@ def _symmetric(G: torch.Tensor) -> torch.Tensor:
     if G.ndim != 2 or G.shape[0] != G.shape[1]:
         return G
     return (G + G.T) / 2
+
+
+#: True while the profiler builds a Snapshot from Grams it made exactly symmetric itself, with
+#: the numbers :meth:`Snapshot.__post_init__` would give (see ``_profiler_checks.stack_grams``).
+_GIVEN_SYMMETRIC: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "gradlens_snapshot_symmetric", default=False
+)
+
+
+@contextmanager
+def _symmetric_given() -> Iterator[None]:
+    """Snapshots built inside this block take their Grams as they are (already symmetric)."""
+    token = _GIVEN_SYMMETRIC.set(True)
+    try:
+        yield
+    finally:
+        _GIVEN_SYMMETRIC.reset(token)
+
+
+def _symmetric_all(grams: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`_symmetric` of each Gram; square Grams of one shape, dtype and device (the usual
+    case: one per layer) in one stacked computation, the same numbers as one at a time.
+
+    >>> gs = {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.eye(2)}
+    >>> {n: g.tolist() for n, g in _symmetric_all(gs).items()}
+    {'a': [[1.0, 2.5], [2.5, 4.0]], 'b': [[1.0, 0.0], [0.0, 1.0]]}
+    """
+    gs = list(grams.values())
+    if len(gs) < 2 or any(
+        g.ndim != 2 or g.shape != gs[0].shape or g.shape[0] != g.shape[1]
+        or g.dtype != gs[0].dtype or g.device != gs[0].device
+        for g in gs
+    ):  # fmt: skip
+        return {n: _symmetric(g) for n, g in grams.items()}
+    S = torch.stack(gs)
+    return dict(zip(grams, ((S + S.transpose(1, 2)) / 2).unbind(0)))
 
 
 @dataclass(frozen=True)
@@ -81,10 +120,10 @@ class Snapshot:
         # The one place that makes every Gram a Snapshot holds exactly symmetric, whatever engine
         # or BLAS produced it: a product such as ``S @ S.T`` is symmetric only up to rounding on
         # some machines. Averaging with the transpose is exact for an already symmetric matrix.
+        if _GIVEN_SYMMETRIC.get():
+            return
         object.__setattr__(self, "gram", _symmetric(self.gram))
-        object.__setattr__(
-            self, "layer_grams", {n: _symmetric(g) for n, g in self.layer_grams.items()}
-        )
+        object.__setattr__(self, "layer_grams", _symmetric_all(self.layer_grams))
 
     @property
     def zero_tasks(self) -> tuple[str, ...]:
@@ -98,16 +137,15 @@ class Snapshot:
             >>> s.zero_tasks, s.nonfinite_tasks
             (('b',), ('c',))
         """
-        d = torch.diagonal(self.gram, dim1=-2, dim2=-1)
-        flags = torch.isfinite(d) & ~(d > 0)
-        return tuple(t for t, zero in zip(self.tasks, flags.tolist()) if zero)
+        d = torch.diagonal(self.gram, dim1=-2, dim2=-1).tolist()
+        return tuple(t for t, x in zip(self.tasks, d) if math.isfinite(x) and not x > 0)
 
     @property
     def nonfinite_tasks(self) -> tuple[str, ...]:
         """Tasks whose gradient holds NaN or infinity (``G[t, t]`` not finite), e.g. the
         gradient of ``sqrt`` at 0 from a finite loss."""
-        d = torch.diagonal(self.gram, dim1=-2, dim2=-1)
-        return tuple(t for t, ok in zip(self.tasks, torch.isfinite(d).tolist()) if not ok)
+        d = torch.diagonal(self.gram, dim1=-2, dim2=-1).tolist()
+        return tuple(t for t, x in zip(self.tasks, d) if not math.isfinite(x))
 
     def norms(self, layer: str | None = None) -> torch.Tensor:
         """Gradient norm of each task, ``sqrt(diag G)``, in total or for one layer.

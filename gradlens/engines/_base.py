@@ -237,6 +237,39 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         grad.add_(g)
 
 
+def accumulate_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """:func:`accumulate_grad` for many parameters: the additions into existing ``.grad`` of
+    the same shape and dtype in one ``torch._foreach_add_`` call (the same sums, one dispatch
+    instead of one per parameter), the others one at a time.
+
+    >>> p, q = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    >>> p.grad = torch.ones(2)
+    >>> accumulate_grads([p, q], [torch.ones(2), torch.arange(3.0)])
+    >>> p.grad.tolist(), q.grad.tolist()
+    ([2.0, 2.0], [0.0, 1.0, 2.0])
+    """
+    into: list[torch.Tensor] = []
+    adds: list[torch.Tensor] = []
+    for p, g in zip(params, grads):
+        grad = p.grad
+        if (
+            grad is not None
+            and g.dtype is grad.dtype
+            and g.shape == grad.shape
+            and not grad.is_sparse
+            and not g.is_sparse
+        ):  # (a .grad is on its parameter's device, where the engines compute its gradient)
+            into.append(grad)
+            adds.append(g)
+        else:
+            accumulate_grad(p, g)
+    with torch.no_grad():  # as the detach of accumulate_grad: .grad never joins a graph
+        if len(into) > 1:
+            torch._foreach_add_(into, adds)
+        elif into:
+            into[0].add_(adds[0])
+
+
 class Workspace:
     """Large per-probe buffers kept from one probe to the next, on CPU.
 
@@ -281,7 +314,7 @@ def batched_grad(
     eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
     if tasks is not None:
         eye = eye[tasks]
-    with quiet_vmap():
+    with quiet_vmap(legacy=True):
         return torch.autograd.grad(
             losses,
             grad_inputs(inputs),
@@ -330,7 +363,7 @@ def batched_grad_from(
     """Batched backward from intermediate ``outputs`` with (T, ...) ``cotangents``."""
     if not inputs:
         return ()
-    with quiet_vmap():
+    with quiet_vmap(legacy=True):
         return torch.autograd.grad(
             list(outputs),
             grad_inputs(inputs),
@@ -385,12 +418,19 @@ def grad_inputs(
 
 
 @contextmanager
-def quiet_vmap() -> Iterator[None]:
+def quiet_vmap(legacy: bool = False) -> Iterator[None]:
     """Silence vmap's slow-path notice inside the block (also used by ``gradlens bench``).
 
     The notice ("There is a performance drop because we have not yet implemented the batching
-    rule for ...") is not the user's concern: the result is exact either way.
+    rule for ...") is not the user's concern: the result is exact either way. ``legacy``: the
+    block runs only ``autograd.grad(is_grads_batched=True)``, whose (legacy) vmap emits the
+    notice only once ``torch._C._debug_only_display_vmap_fallback_warnings(True)`` was called;
+    the warnings filters are then left alone unless it was (saving their copy at every call).
     """
+    enabled = getattr(torch._C, "_debug_only_are_vmap_fallback_warnings_enabled", None)
+    if legacy and enabled is not None and not enabled():
+        yield
+        return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop")
         yield

@@ -16,6 +16,7 @@ whose weight is zero or negligible, which are computed alone (``u_t = 1``). Engi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from torch.autograd.graph import GradientEdge, Node
 from gradlens.engines._base import (
     BackwardContext,
     Workspace,
-    accumulate_grad,
+    accumulate_grads,
     grad_inputs,
     per_task_grad,
 )
@@ -35,6 +36,9 @@ __all__ = ["HeadSplit", "capture_rows", "split_heads"]
 
 #: A task whose weight is below this fraction of the largest weight is computed on its own.
 _SMALL = 1e-8
+#: Rows of at most this many bytes (all tasks) are stacked from the gradients the hooks keep;
+#: larger ones are copied into one buffer as they arrive (see :func:`capture_rows`).
+_STACK_MAX = 1 << 20
 
 
 @dataclass
@@ -59,9 +63,85 @@ def split_heads(
     Also None when a shared output or any node of the heads is in half precision (autocast):
     a row scaled by ``w_t`` would round (or underflow) differently for each weight there, where
     the unscaled per-task gradient does not depend on the weights.
+
+    With the probe's ``graph`` (and its ``uses``), the walk's outcome is a fact about the
+    graph's structure: computed once per graph signature (as positions, see
+    :meth:`GraphIndex.memo`) and rebound to this graph's nodes; the dtypes of the heads' nodes
+    are checked at every call.
     """
-    if any(torch.finfo(d).bits < 32 for d in dtypes):
+    if any(_narrow(d) or d == torch.complex32 for d in dtypes):
         return None
+    maybe = [loss.grad_fn for loss in task_losses]
+    roots = [r for r in maybe if r is not None]
+    if len(roots) < len(maybe):
+        return None
+    found: tuple[dict[Node, tuple[int, list[tuple[int, int]]]], list[torch.Tensor], list[Node]]
+    if (
+        graph is not None
+        and uses is graph.uses
+        and all(r in graph.pos for r in roots)
+        and all(e.node in graph.pos for e in edges)
+    ):
+        g, pos = graph, graph.pos
+        key = (
+            "split_heads",
+            tuple(pos[r] for r in roots),
+            tuple((pos[e.node], e.output_nr) for e in edges),
+        )
+        plan = g.memo(key, lambda: _split_plan(g, roots, edges, uses))
+        if plan is None:
+            return None
+        nodes = g.nodes
+        found = (
+            {nodes[j]: (t, list(slots)) for j, t, slots in plan[0]},
+            [g.leaf_at[j] for j in plan[1]],
+            [nodes[j] for j in plan[2]],
+        )
+    else:
+        walked = _walk(roots, edges, uses, graph)
+        if walked is None:
+            return None
+        found = walked
+    consumers, leaves, visited = found
+    if any(_reduced(fn) for fn in visited):
+        # a head computing in half precision (autocast): a row captured as w_t g_t there
+        # would round differently for each weight; one unweighted backward per task instead,
+        # so that the Grams do not depend on the weights
+        return None
+    return HeadSplit(consumers, leaves)
+
+
+#: The heads' split as positions in a graph: (consumer, task, slots), leaves, visited nodes.
+_Plan = tuple[
+    tuple[tuple[int, int, tuple[tuple[int, int], ...]], ...], tuple[int, ...], tuple[int, ...]
+]
+
+
+def _split_plan(
+    g: GraphIndex, roots: list[Node], edges: Sequence[GradientEdge], uses: dict[int, int]
+) -> _Plan | None:
+    """:func:`_walk` on an index, as positions (no node or tensor kept: see ``memo``)."""
+    walked = _walk(roots, edges, uses, g)
+    if walked is None:
+        return None
+    consumers, leaves, visited = walked
+    pos = g.pos
+    at = {id(var): j for j, var in g.leaf_at.items()}
+    return (
+        tuple((pos[n], t, tuple(slots)) for n, (t, slots) in consumers.items()),
+        tuple(at[id(v)] for v in leaves),
+        tuple(pos[n] for n in visited),
+    )
+
+
+def _walk(
+    roots: list[Node],
+    edges: Sequence[GradientEdge],
+    uses: dict[int, int],
+    graph: GraphIndex | None,
+) -> tuple[dict[Node, tuple[int, list[tuple[int, int]]]], list[torch.Tensor], list[Node]] | None:
+    """The structural part of :func:`split_heads`: the consumers, the head leaves and every
+    node visited (whose dtypes the caller checks); None when no per-task split exists."""
     keys = {(e.node, e.output_nr): k for k, e in enumerate(edges)}
 
     def nexts(fn: Node) -> tuple[tuple[Node | None, int], ...]:
@@ -72,22 +152,16 @@ def split_heads(
     consumers: dict[Node, tuple[int, list[tuple[int, int]]]] = {}
     above: dict[int, int] = {}
     leaf: dict[int, torch.Tensor] = {}
-    visited: set[Node] = set()  # over all tasks: each graph edge into a leaf is counted once
-    for t, loss in enumerate(task_losses):
-        root = loss.grad_fn
-        if root is None or root in stop:
+    visited: dict[Node, None] = {}  # over all tasks: each graph edge into a leaf is counted once
+    for t, root in enumerate(roots):
+        if root in stop:
             return None
         seen = {root}
         todo = [root]
         while todo:
             fn = todo.pop()
-            if _reduced(fn):
-                # a head computing in half precision (autocast): a row captured as w_t g_t
-                # there would round differently for each weight; one unweighted backward per
-                # task instead, so that the Grams do not depend on the weights
-                return None
             first = fn not in visited
-            visited.add(fn)
+            visited[fn] = None
             if owner.setdefault(fn, t) != t and fn in consumers:
                 return None  # a node passing gradient to z is shared by two tasks
             slots: list[tuple[int, int]] = []
@@ -114,13 +188,31 @@ def split_heads(
                     return None
                 consumers[fn] = (t, slots)
     leaves = [v for i, v in leaf.items() if above[i] == uses.get(i, 0)]
-    return HeadSplit(consumers, leaves)
+    return consumers, leaves, list(visited)
+
+
+#: Per dtype: whether it is a floating type narrower than float32 (``torch.finfo`` is slow
+#: enough to matter when every node of the heads is checked at every probe).
+_NARROW: dict[torch.dtype, bool] = {}
+
+
+def _narrow(dt: torch.dtype) -> bool:
+    """Whether ``dt`` is a floating type narrower than float32 (cached per dtype)."""
+    narrow = _NARROW.get(dt)
+    if narrow is None:
+        narrow = _NARROW[dt] = dt.is_floating_point and torch.finfo(dt).bits < 32
+    return narrow
 
 
 def _reduced(fn: Node) -> bool:
     """Whether a node receives its gradient in a floating type narrower than float32."""
-    meta = getattr(fn, "_input_metadata", ())
-    return any(m.dtype.is_floating_point and torch.finfo(m.dtype).bits < 32 for m in meta)
+    for m in getattr(fn, "_input_metadata", ()):
+        narrow = _NARROW.get(m.dtype)
+        if narrow is None:
+            narrow = _narrow(m.dtype)
+        if narrow:
+            return True
+    return False
 
 
 def task_scales(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -157,10 +249,16 @@ def capture_rows(
     T = len(parts)
     u, v, alone = task_scales(ctx.weights)
     solo = per_task_grad([parts[t] for t in alone], edges, shapes) if alone else []
-    # each hook copies its task's gradient into row t of one (T, *shape) buffer per shared
-    # output, so the T gradients are never alive twice (as a list and as a stack)
+    itemsize = ctx.losses.element_size()
+    # small rows: each hook keeps its task's gradient and the rows are stacked at the end (one
+    # copy for all tasks); large ones (or a workspace): each hook copies its task's gradient
+    # into row t of one (T, *shape) buffer per shared output, so that the T gradients are never
+    # alive twice (as a list and as a stack)
+    keep = [
+        workspace is None and T * math.prod(shape) * itemsize <= _STACK_MAX for shape in shapes
+    ]
+    got: list[list[torch.Tensor | None]] = [[None] * T for _ in edges]
     bufs: list[torch.Tensor | None] = [None] * len(edges)
-    filled = [[False] * T for _ in edges]
 
     def make(t: int, slots: list[tuple[int, int]]) -> Callable[..., None]:
         def hook(grad_inputs: tuple[torch.Tensor | None, ...], _: object) -> None:
@@ -168,19 +266,15 @@ def capture_rows(
                 g = grad_inputs[i]
                 if g is None:
                     continue
-                buf = bufs[k]
-                if buf is None:
-                    shape = (T, *shapes[k])
-                    buf = bufs[k] = (
-                        torch.empty(shape, dtype=g.dtype, device=g.device)
-                        if workspace is None
-                        else workspace.get(("rows", k), shape, g.dtype, g.device)
-                    )
-                if filled[k][t]:
-                    buf[t].add_(g)
+                row = got[k][t]
+                if keep[k]:  # autograd does not add into a gradient a hook holds: g stays
+                    got[k][t] = g if row is None else row + g
+                    continue
+                if row is None:
+                    row = got[k][t] = _buffer(bufs, k, (T, *shapes[k]), g, workspace)[t]
+                    row.copy_(g)
                 else:
-                    buf[t].copy_(g)
-                    filled[k][t] = True
+                    row.add_(g)
 
         return hook
 
@@ -193,19 +287,42 @@ def capture_rows(
     finally:
         for h in handles:
             h.remove()
-    for p, g in zip(leaves, grads[len(edges) :]):
-        if g is not None:
-            accumulate_grad(p, g)
-    del grads
+    heads = [(p, g) for p, g in zip(leaves, grads[len(edges) :]) if g is not None]
+    accumulate_grads([p for p, _ in heads], [g for _, g in heads])
+    del grads, heads
     rows = []
     for k, shape in enumerate(shapes):
-        buf = bufs[k]
-        if buf is None:  # no task reaches this output
-            buf = torch.zeros((T, *shape), dtype=ctx.losses.dtype, device=ctx.losses.device)
-        for t in range(T):
-            if not filled[k][t]:
-                buf[t].zero_()
+        row_k = got[k]
+        buf: torch.Tensor | None
+        like = next((g for g in row_k if g is not None), None)
+        if keep[k] and like is not None:
+            buf = torch.stack([torch.zeros_like(like) if g is None else g for g in row_k])
+        else:
+            buf = bufs[k]
+            if buf is None:  # no task reaches this output
+                buf = torch.zeros((T, *shape), dtype=ctx.losses.dtype, device=ctx.losses.device)
+            for t in range(T):
+                if row_k[t] is None:
+                    buf[t].zero_()
         if alone:
             buf[alone] = solo[k].to(buf.dtype)
         rows.append(buf)
     return rows, u, v
+
+
+def _buffer(
+    bufs: list[torch.Tensor | None],
+    k: int,
+    shape: tuple[int, ...],
+    like: torch.Tensor,
+    workspace: Workspace | None,
+) -> torch.Tensor:
+    """The (T, *shape) buffer of shared output ``k``, made on first use."""
+    buf = bufs[k]
+    if buf is None:
+        buf = bufs[k] = (
+            torch.empty(shape, dtype=like.dtype, device=like.device)
+            if workspace is None
+            else workspace.get(("rows", k), shape, like.dtype, like.device)
+        )
+    return buf

@@ -9,7 +9,10 @@ through its outputs, which task owns each node just above the shared outputs (th
 once (each read builds Python tuples from autograd's C++ edges) and keeps the adjacency as
 integer positions; the later passes run over those lists. Its ``signature`` (node types and
 edges, in walk order) identifies the graph's shape: a probe of a graph with the same shape reuses
-the cut plan computed for the first one.
+what was derived from the structure of the first one (the cut plan, the heads' split, whether the
+losses reach past the shared outputs: :meth:`GraphIndex.memo`), rebound by position to the new
+graph's nodes, which are new objects at every step. Nothing but positions is kept between
+probes, so a graph of another shape can never be served a stale node.
 
 Example:
     >>> import torch
@@ -24,14 +27,17 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
 
 import torch
 from torch.autograd.graph import Node
 
 from gradlens._errors import GradlensError
 
-__all__ = ["REENTRANT", "GraphIndex"]
+__all__ = ["REENTRANT", "GraphIndex", "Signature"]
+
+T_ = TypeVar("T_")
 
 #: The autograd node of ``checkpoint(..., use_reentrant=True)``.
 REENTRANT = "CheckpointFunctionBackward"
@@ -46,6 +52,39 @@ _REENTRANT_MESSAGE = (
 )
 
 
+class Signature:
+    """A graph's shape (see :attr:`GraphIndex.signature`), hashed once.
+
+    Equal signatures mean equal node types and equal ``next_functions`` (child positions and
+    ``output_nr``, None entries at the same places), node by node in walk order: every fact about
+    the graph that is a function of its structure alone (the heads' split, the cut plan, whether
+    the losses reach past the shared outputs) holds for both, position by position. Caches of
+    such facts key on it and rebind positions to the new graph's nodes.
+    """
+
+    __slots__ = ("_hash", "value")
+
+    def __init__(self, value: tuple[object, ...]) -> None:
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Signature):
+            return NotImplemented
+        return self is other or (self._hash == other._hash and self.value == other.value)
+
+    def __repr__(self) -> str:
+        return f"Signature(nodes={len(self.value[0])}, hash={self._hash:#x})"  # type: ignore[arg-type]  # value[0] is the tuple of node types
+
+
+#: Facts derived from a graph's structure, by (kind, signature, positions...): see ``memo``.
+_DERIVED: dict[tuple[object, ...], object] = {}
+_MAX_DERIVED = 64
+
+
 class GraphIndex:
     """The autograd graph below ``L.grad_fn``, walked once (see the module docstring).
 
@@ -56,30 +95,34 @@ class GraphIndex:
             without the Nones; a child reached twice appears twice).
         leaves: every leaf tensor reached, by id.
         uses: edges leading to each leaf, by id (its uses in this forward).
-        signature: the graph's shape (node types and edges); equal for two graphs recorded by
-            the same code on inputs of the same structure.
+        signature: the graph's shape (node types and every node's ``next_functions`` as
+            positions, Nones included); equal for two graphs recorded by the same code on
+            inputs of the same structure (see :class:`Signature`).
     """
 
     def __init__(
         self,
         nodes: list[Node],
-        edges: list[tuple[tuple[int, int], ...]],
+        flat: list[int],
         leaves: dict[int, torch.Tensor],
         uses: dict[int, int],
-        signature: tuple[object, ...],
+        leaf_at: dict[int, torch.Tensor],
+        pos: dict[Node, int] | None = None,
     ) -> None:
         self.nodes = nodes
-        self.pos = {n: i for i, n in enumerate(nodes)}
-        self.edges = edges
+        self.pos = {n: i for i, n in enumerate(nodes)} if pos is None else pos
         self.leaves = leaves
         self.uses = uses
-        self.signature = signature
-        #: each node's type, by position
-        self.types: tuple[type, ...] = ()
         #: the leaf tensor of each AccumulateGrad node, by position
-        self.leaf_at: dict[int, torch.Tensor] = {}
-        #: each node's ``next_functions`` as autograd gave them (Nones included), by position
-        self.raw: list[tuple[tuple[Node | None, int], ...]] = []
+        self.leaf_at = leaf_at
+        #: each node's type, by position
+        self.types: tuple[type, ...] = tuple(map(type, nodes))
+        #: per node in walk order: the length of its ``next_functions``, then each entry's
+        #: ``(child position, output_nr)`` (position -1 for a None entry)
+        self.flat = flat
+        self.signature = Signature((self.types, tuple(flat)))
+        self._edges: list[tuple[tuple[int, int], ...]] | None = None
+        self._starts: list[int] | None = None
         self._node_set: set[Node] | None = None
 
     @classmethod
@@ -100,39 +143,51 @@ class GraphIndex:
             if r not in pos:
                 pos[r] = len(nodes)
                 nodes.append(r)
-        edges: list[tuple[tuple[int, int], ...]] = []
         leaves: dict[int, torch.Tensor] = {}
         uses: dict[int, int] = {}
         leaf_at: dict[int, torch.Tensor] = {}  # position -> leaf tensor (AccumulateGrad nodes)
-        raw: list[tuple[tuple[Node | None, int], ...]] = []
-        i = 0
-        while i < len(nodes):  # breadth first: positions are assigned in a fixed order
-            out = []
-            fns = nodes[i].next_functions
-            raw.append(fns)
+        flat: list[int] = []
+        holds, pos_get, add_node, add = _LEAF_TYPES, pos.get, nodes.append, flat.append
+        # breadth first: positions are assigned in a fixed order (the loop reads the nodes the
+        # walk appends to the list it iterates); one flat list of ints is the whole structure
+        for fn in nodes:
+            fns = fn.next_functions
+            add(len(fns))
             for nxt, nr in fns:
                 if nxt is None:
+                    add(-1)
+                    add(nr)
                     continue
-                j = pos.get(nxt)
+                j = pos_get(nxt)
                 if j is None:
                     j = pos[nxt] = len(nodes)
-                    nodes.append(nxt)
-                    if _holds_leaf(type(nxt)):
+                    add_node(nxt)
+                    leafy = holds.get(type(nxt))
+                    if leafy is None:
+                        leafy = _holds_leaf(type(nxt))
+                    if leafy:
                         var = nxt.variable  # type: ignore[attr-defined]  # AccumulateGrad's
                         leaves[id(var)] = leaf_at[j] = var
                         uses[id(var)] = 1
                 elif j in leaf_at:
                     uses[id(leaf_at[j])] += 1
-                out.append((j, nr))
-            edges.append(tuple(out))
-            i += 1
-        types = tuple(type(n) for n in nodes)
-        index = cls(nodes, edges, leaves, uses, (types, tuple(edges)))
-        index.pos = pos
-        index.types = types
-        index.raw = raw
-        index.leaf_at = leaf_at
-        return index
+                add(j)
+                add(nr)
+        return cls(nodes, flat, leaves, uses, leaf_at, pos)
+
+    @property
+    def edges(self) -> list[tuple[tuple[int, int], ...]]:
+        """Per position, its ``(child position, output_nr)`` pairs (``next_functions``
+        without the Nones; a child reached twice appears twice); built on first use."""
+        if self._edges is None:
+            flat, out, k = self.flat, [], 0
+            for _ in self.nodes:
+                n = flat[k]
+                pairs = flat[k + 1 : k + 1 + 2 * n]
+                out.append(tuple((j, nr) for j, nr in zip(pairs[::2], pairs[1::2]) if j >= 0))
+                k += 1 + 2 * n
+            self._edges = out
+        return self._edges
 
     @property
     def node_set(self) -> set[Node]:
@@ -142,18 +197,59 @@ class GraphIndex:
         return self._node_set
 
     def next_functions(self, fn: Node) -> tuple[tuple[Node | None, int], ...]:
-        """``fn.next_functions``, read from the index when ``fn`` is in it."""
+        """``fn.next_functions``, rebuilt from the index when ``fn`` is in it."""
         i = self.pos.get(fn)
-        return fn.next_functions if i is None else self.raw[i]
+        if i is None:
+            return fn.next_functions
+        nodes, out = self.nodes, []
+        for j, nr in self._entries(i):
+            out.append((None if j < 0 else nodes[j], nr))
+        return tuple(out)
+
+    def _entries(self, i: int) -> list[tuple[int, int]]:
+        """Node ``i``'s ``next_functions`` as ``(position or -1, output_nr)``."""
+        if self._starts is None:
+            starts, k = [], 0
+            for _ in self.nodes:
+                starts.append(k)
+                k += 1 + 2 * self.flat[k]
+            self._starts = starts
+        k = self._starts[i]
+        pairs = self.flat[k + 1 : k + 1 + 2 * self.flat[k]]
+        return list(zip(pairs[::2], pairs[1::2]))
+
+    def memo(self, key: tuple[object, ...], compute: Callable[[], T_]) -> T_:
+        """A fact about this graph's structure, computed once per signature and ``key``.
+
+        ``compute`` must depend only on the structure and on what ``key`` holds (positions,
+        not nodes or tensors: those are new objects at every step); the fact is then valid for
+        any graph of the same signature. Bounded: a new entry evicts the oldest.
+        """
+        full = (key, self.signature)
+        if full in _DERIVED:
+            return cast("T_", _DERIVED[full])
+        got = compute()
+        for old in list(_DERIVED)[: max(0, len(_DERIVED) - _MAX_DERIVED + 1)]:
+            _DERIVED.pop(old, None)  # (tolerant of another thread's eviction)
+        _DERIVED[full] = got
+        return got
 
     def reaches_past(self, stop: set[Node], inside: set[Node], shared_ids: set[int]) -> bool:
         """Whether the graph reaches a node of ``inside`` or a leaf in ``shared_ids`` from the
         root without crossing ``stop`` (the shared part's output nodes)."""
         if not self.nodes:
             return False
-        edges, leaf_at = self.edges, self.leaf_at
-        stop_i = {self.pos[n] for n in stop if n in self.pos}
-        inside_i = {self.pos[n] for n in inside if n in self.pos}
+        pos = self.pos
+        stop_i = frozenset(pos[n] for n in stop if n in pos)
+        inside_i = frozenset(pos[n] for n in inside if n in pos)
+        shared_i = frozenset(j for j, var in self.leaf_at.items() if id(var) in shared_ids)
+        return self.memo(
+            ("reaches_past", stop_i, inside_i, shared_i),
+            lambda: self._reaches_past(stop_i, inside_i | shared_i),
+        )
+
+    def _reaches_past(self, stop_i: frozenset[int], hit: frozenset[int]) -> bool:
+        edges = self.edges
         seen = {0}
         todo = [0]
         while todo:
@@ -163,10 +259,7 @@ class GraphIndex:
                 seen.add(j)
                 if j in stop_i:
                     continue
-                if j in inside_i:
-                    return True
-                var = leaf_at.get(j)
-                if var is not None and id(var) in shared_ids:
+                if j in hit:
                     return True
                 todo.append(j)
         return False

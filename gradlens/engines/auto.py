@@ -6,11 +6,10 @@ whole probes (the engine plus the backward to the leaves it left, e.g. the task 
 of the process on CPU, synchronized wall time on CUDA), one candidate per probe, and keeps the
 fastest for the rest of the run:
 
-- on CPU the ``gramian`` engine is timed twice over, as ``gramian`` (its second stage one
-  backward per task, its CPU default where the shared part is not Linear-only) and
-  ``gramian-vmap`` (one batched backward): which is faster depends on the layers and the batch
-  (measured at batch 4, T = 8: vmap faster on BERT, ViT, ConvNeXt, ResNet; looped as fast on
-  GPT-2; looped faster on the larger trunks of ``gradlens bench``);
+- on CPU the ``gramian`` engine is timed twice over when its default second stage ran a
+  segment with one backward per task (a segment with large per-task blocks, see
+  :data:`gradlens.engines.gramian.LOOP_ABOVE`): as ``gramian`` and as ``gramian-vmap`` (every
+  segment vmapped); where its default vmapped every segment the two are the same run, timed once;
 - round 1 times each candidate once (``loop`` first: the first probe of a process also pays
   one-time costs, and ``loop`` pays the least of them);
 - round 2 times again each candidate within :data:`CLOSE` of the best (first probes are noisy);
@@ -202,7 +201,7 @@ class AutoEngine(Engine):
         if timing:
             decision.times.setdefault(name, []).append(clock() - t0)
             if name == "gramian" and isinstance(engine, GramianEngine) and not engine.last_looped:
-                # its default already vmapped (a Linear-only shared part): the same engine
+                # its default vmapped every segment: the same run as gramian-vmap
                 decision.times.setdefault("gramian-vmap", decision.times[name])
             if decision.next_candidate(order) is None:
                 best = decision.best()

@@ -37,6 +37,7 @@ from gradlens.engines._base import (
     EngineResult,
     SharedParams,
     accumulate_grad,
+    accumulate_grads,
     batched_grad,
     batched_grad_from,
     compute_dtype,
@@ -45,11 +46,12 @@ from gradlens.engines._base import (
     looped_grad_from,
     per_task_grad,
 )
+from gradlens.engines._batching import vmapped_grad_from
 from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import plan_segments
 from gradlens.engines.rules import Rule, rule_for
-from gradlens.engines.rules.linear import linear_group, linear_rule
+from gradlens.engines.rules.linear import linear_group_stacked, linear_rule
 
 __all__ = ["UNRECORDED", "GramianEngine"]
 
@@ -80,9 +82,8 @@ class GramianEngine(Engine):
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize[..., GramianEngine] | None = None
         #: how the second stage backpropagates the T cotangents through the shared part:
-        #: ``"looped"`` (one backward per task), ``"vmap"`` (one batched backward), or None for
-        #: the default (looped on CPU unless the shared part is Linear layers only; ``auto``
-        #: times both on CPU)
+        #: ``"looped"`` (one backward per task), ``"vmap"`` (one batched backward per segment,
+        #: chunked over tasks under the memory budget), or None for the default (``"vmap"``)
         self.stage: str | None = None
         #: whether the last probe's second stage ran one backward per task
         self.last_looped: bool | None = None
@@ -161,8 +162,10 @@ class GramianEngine(Engine):
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
+            fn = output.grad_fn  # (GradientEdge directly: get_gradient_edge costs a call more)
+            edge = get_gradient_edge(output) if fn is None else GradientEdge(fn, output.output_nr)
             engine._records.setdefault(layer, []).append(
-                _Record(x.detach(), get_gradient_edge(output), output.shape, output.dtype)
+                _Record(x.detach(), edge, output.shape, output.dtype)
             )
 
         return hook
@@ -188,16 +191,17 @@ class GramianEngine(Engine):
         T = ctx.losses.shape[0]
         # a Gram weighting's step: keep every layer's T x output blocks (and the generic
         # layers' T x P_l gradients) when they fit the budget, to write J_l^T w_l afterwards
-        blocks = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
-        blocks += sum(p.numel() for p in generic)
-        keep = ctx.keep_blocks and T * ctx.losses.element_size() * blocks <= ctx.memory_budget
+        keep = ctx.keep_blocks and (
+            T * ctx.losses.element_size() * _block_numel(rule_layers, generic)
+            <= ctx.memory_budget
+        )
         u, v, heads, stream = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
         # rows carry u_t (see engines._capture): weight v in the sums, divide Grams by u_s u_t
         unscale = torch.outer(u, u).to(torch.float64).reciprocal()
         grams, rules, gen_grads, kept = self._rule_grams(
             stream, inputs, rule_layers, T, None if keep else v, unscale, ctx.memory_budget
         )
-        for layer, ps in group_by_layer(self.shared, generic).items():
+        for layer, ps in group_by_layer(self.shared, generic).items() if generic else ():
             grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
             rules[layer] = "generic"
             for p in ps if not keep else ():
@@ -260,8 +264,8 @@ class GramianEngine(Engine):
         Gram (and its weighted gradient written, unless ``v`` is None: the blocks are then kept
         for a writer), the generic parameters' per-task gradients. Layers of the built-in Linear
         rule completed in the same batch with the same shapes are computed together (see
-        :func:`gradlens.engines.rules.linear.linear_group`). Returns Grams, rule names, generic
-        gradients (by id), kept blocks."""
+        :func:`gradlens.engines.rules.linear.linear_group_stacked`). Returns Grams, rule names,
+        generic gradients (by id), kept blocks."""
         kept: dict[str, list[torch.Tensor | None]] = {}
         # each layer's Gram is computed as soon as all its outputs' gradients are in, and its
         # T x N x out blocks are dropped then (the backward is cut between layers where it can)
@@ -295,9 +299,11 @@ class GramianEngine(Engine):
                     if v is None:
                         kept[layer] = raw
                     ready.append((layer, raw))
-            for layer, G in self._serve_ready(ready, rule_layers, T, v, budget):
-                grams[layer] = unscale * G
-                rules[layer] = self._modules[layer][1].name
+            for names, G in self._serve_ready(ready, rule_layers, T, v, budget):
+                G = unscale * G  # one product for a group's stacked Grams
+                for layer, g in zip(names, G.unbind(0) if G.ndim == 3 else (G,)):
+                    grams[layer] = g
+                    rules[layer] = self._modules[layer][1].name
         return grams, rules, gen_grads, kept
 
     def _serve_ready(
@@ -307,30 +313,41 @@ class GramianEngine(Engine):
         T: int,
         v: torch.Tensor | None,
         budget: int,
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Run the rules of the layers completed in one batch; yield each layer's Gram (its
-        weighted gradient written unless ``v`` is None: the writer writes once the weights are
-        known). Single-call Linear layers of one shape and dtype (at least float32: half
-        precision is widened per layer, as before) go through one grouped computation."""
+    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """Run the rules of the layers completed in one batch; yield ``(layers, Grams)``: one
+        layer and its Gram, or a group of layers and their Grams stacked ``(n, T, T)`` (weighted
+        gradients written unless ``v`` is None: the writer writes once the weights are known).
+        Single-call Linear layers of one shape and dtype (at least float32: half precision is
+        widened per layer, as before) go through one grouped computation."""
         groups: dict[tuple[object, ...], list[int]] = {}
         for k, (layer, raw) in enumerate(ready):
             recs = rule_layers[layer]
             d = raw[0]
             if self._modules[layer][1].fn is linear_rule and len(recs) == 1 and d is not None:
                 x = recs[0].input
-                if d.dtype == x.dtype and torch.finfo(d.dtype).bits >= 32:
+                if d.dtype == x.dtype and d.dtype.is_floating_point and d.dtype.itemsize >= 4:
                     groups.setdefault((x.shape, d.shape, d.dtype, d.device), []).append(k)
         done: set[int] = set()
         for members in groups.values():
+            if len(members) < 2:
+                continue
             mods = [self._modules[ready[k][0]][0] for k in members]
             xs = [rule_layers[ready[k][0]][0].input for k in members]
             ds = [ready[k][1][0] for k in members]
-            out = linear_group(mods, xs, ds, v, budget) if len(members) > 1 else None
+            out = linear_group_stacked(mods, xs, ds, v, budget)
             del xs, ds
-            for k, mod, (G, grads) in zip(members, mods, out or ()):
-                _accumulate_own(mod, grads)
-                done.add(k)
-                yield ready[k][0], G
+            if out is None:
+                continue
+            G, gW, gb = out
+            if gW is not None:
+                ps = [_param(m, "weight") for m in mods]
+                gs = list(gW.unbind(0))
+                if gb is not None:
+                    ps += [_param(m, "bias") for m in mods]
+                    gs += gb.unbind(0)
+                accumulate_grads(ps, gs)
+            done.update(members)
+            yield [ready[k][0] for k in members], G
         for k, (layer, raw) in enumerate(ready):
             if k not in done:
                 mod, rule = self._modules[layer]
@@ -338,7 +355,7 @@ class GramianEngine(Engine):
                 G, weighted = rule.fn(mod, ins, got, v, budget)
                 del ins, got
                 _accumulate_own(mod, weighted)
-                yield layer, G
+                yield [layer], G
 
     def _output_grads(
         self,
@@ -364,10 +381,11 @@ class GramianEngine(Engine):
         (which also writes the heads' gradients; see :mod:`gradlens.engines._capture`), or from
         one small backward per task where heads share a node; then batched backwards of the T
         cotangents from there through the shared part, one per segment between cut layers (see
-        :mod:`gradlens.engines._segments`). On CPU, unless the shared part is Linear layers only,
-        one backward per task instead of a batched one: vmap has no efficient rule for
-        convolution, norm or attention backward there. Otherwise (a loss reaches shared parameters
-        another way, e.g. a head tied to a shared weight) one batched backward from the losses.
+        :mod:`gradlens.engines._segments`); on CPU under ``torch.func.vmap``, chunked over tasks
+        under the memory budget (see :func:`_vmapped` and :mod:`gradlens.engines._batching`);
+        one backward per task instead with ``stage="looped"``. Otherwise (a loss reaches shared
+        parameters another way, e.g. a head tied to a shared weight) one batched backward from
+        the losses.
         """
         live = [b for b in boundary if b.edge.node in ctx.nodes]
         T = ctx.losses.shape[0]
@@ -399,13 +417,18 @@ class GramianEngine(Engine):
         # has leaves to reach (those neither shared nor in the heads) or the caller keeps it
         done = {id(p) for p in ctx.reached} | {id(p) for p in heads}
         keep = ctx.retain_graph or not ctx.write or not set(ctx.leaves) <= done
-        backward = looped_grad_from if looped else batched_grad_from
         itemsize = cot[0].element_size()
         shape_of = {r.edge: r.out_shape for recs in rule_layers.values() for r in recs}
         sizes = [
             T * itemsize * (x.numel() if isinstance(x, torch.Tensor) else shape_of[x].numel())
             for x in inputs
         ]
+        note = lambda: setattr(self, "last_looped", True)  # noqa: E731  # a segment looped
+        vmapped = _vmapped(shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", note)
+        fast = ctx.losses.device.type == "cpu" and not _reduced(ctx, rule_layers)
+        backward: Callable[..., Sequence[torch.Tensor | None]] = (
+            looped_grad_from if looped else vmapped if fast else batched_grad_from
+        )
         # segments are merged while their blocks together stay under an eighth of the budget:
         # on small layers one backward call costs less than the memory it would save
         limit = ctx.memory_budget // 8
@@ -417,25 +440,26 @@ class GramianEngine(Engine):
         rule_layers: dict[str, list[_Record]],
         generic: list[torch.Tensor],
     ) -> bool:
-        """Whether the second stage runs one backward per task (else one batched backward).
-
-        On CPU, vmap is efficient where the shared part is Linear layers and elementwise ops
-        (one large matrix product for all tasks); for convolutions, norm layers and attention
-        it loops internally and concatenates T-fold activations, so one backward per task is
-        faster there (measured: ResNet-style CNN 8.4x -> 7.5x, transformer 9.4x -> 6.9x of a
-        plain step at T = 8; MLP stays vmapped). ``self.stage`` overrides the default.
-        """
+        """Whether every segment runs one backward per task (``stage="looped"``); by default
+        vmapped (:func:`_vmapped`), except under autocast on CPU, where functorch's convolution
+        rule mixes bf16 and float32: per task there unless Linear-only (legacy vmap then)."""
         if self.stage is not None:
             return self.stage == "looped"
-        return ctx.losses.device.type == "cpu" and (
+        return _reduced(ctx, rule_layers) and (
             bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
         )
 
 
+def _reduced(ctx: BackwardContext, rule_layers: Mapping[str, list[_Record]]) -> bool:
+    """On CPU, whether a recorded layer output is narrower than float32 (autocast)."""
+    dts = {r.out_dtype for recs in rule_layers.values() for r in recs} | {ctx.losses.dtype}
+    narrow = any(d.is_floating_point and torch.finfo(d).bits < 32 for d in dts)
+    return narrow and ctx.losses.device.type == "cpu"
+
+
 def _accumulate_own(module: nn.Module, weighted: Mapping[str, torch.Tensor]) -> None:
     """Add a pure rule's weighted gradients (by attribute name) to the module's own ``.grad``."""
-    for name, g in weighted.items():
-        accumulate_grad(getattr(module, name), g)
+    accumulate_grads([getattr(module, name) for name in weighted], list(weighted.values()))
 
 
 def _rule_args(
@@ -507,6 +531,43 @@ def _blocks_writer(
     return write
 
 
+#: Per-task bytes of a segment's largest block above which the CPU second stage loops over tasks
+#: (one thread, T = 8, vmapped against looped: our BatchNorm CNN at batch 128 1.48x, at batch 4
+#: 1.02x; the ``gradlens bench --zoo`` trunks at batch 4, all below, 0.73x-0.94x).
+LOOP_ABOVE = 2**20
+
+
+def _vmapped(
+    shape_of: Mapping[GradientEdge, torch.Size],
+    itemsize: int,
+    budget: int,
+    forced: bool,
+    looped: Callable[[], None],
+) -> Callable[..., Sequence[torch.Tensor | None]]:
+    """The CPU second stage's backward of a segment: vmapped over as many tasks at a time as keep
+    its per-task blocks (targets', top cotangents') within half the budget; per task where a
+    target's per-task block exceeds :data:`LOOP_ABOVE`, unless ``forced`` (noted by ``looped``)."""
+
+    def backward(
+        tops: Sequence[GradientEdge],
+        cots: Sequence[torch.Tensor],
+        targets: Sequence[torch.Tensor | GradientEdge],
+        keep: bool,
+    ) -> Sequence[torch.Tensor | None]:
+        blocks = [
+            (t.numel() if isinstance(t, torch.Tensor) else shape_of[t].numel()) * itemsize
+            for t in targets
+        ]
+        if not forced and max(blocks, default=0) > LOOP_ABOVE:
+            looped()
+            return looped_grad_from(tops, cots, targets, keep)
+        per_task = sum(blocks) + sum(c[0].numel() * c.element_size() for c in cots)
+        chunk = max(1, budget // max(1, 2 * per_task))
+        return vmapped_grad_from(tops, cots, targets, keep, chunk)
+
+    return backward
+
+
 def _segmented(
     edges: list[GradientEdge],
     cot: list[torch.Tensor],
@@ -561,8 +622,24 @@ def _segmented(
         yield [(rest[m], got.pop(m)) for m in members]
 
 
+def _block_numel(rule_layers: Mapping[str, list[_Record]], generic: list[torch.Tensor]) -> int:
+    """Elements of one task's blocks: every recorded output, every generic parameter."""
+    n = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
+    return n + sum(p.numel() for p in generic)
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor:
+    p = getattr(module, name)
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"internal: {type(module).__name__}.{name} is not a tensor")
+    return p
+
+
 def _trainable(module: nn.Module) -> set[int]:
-    return {id(p) for p in module.parameters(recurse=False) if p.requires_grad}
+    """Ids of the module's own parameters that require grad (``parameters(recurse=False)``,
+    read from ``_parameters`` directly: the generator costs more than the set, per layer and
+    probe)."""
+    return {id(p) for p in module._parameters.values() if p is not None and p.requires_grad}
 
 
 def _widen(x: torch.Tensor) -> torch.Tensor:

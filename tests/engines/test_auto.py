@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gradlens as gl
+from gradlens.engines import gramian as gramian_mod
 from gradlens.engines.auto import CANDIDATES, Decision
 from gradlens.store import load_run
 from gradlens.testing import reference_grams
@@ -16,7 +17,9 @@ from tests.zoo import ZOO, assert_gram_close, build, task_losses
 @pytest.mark.parametrize(
     "model", ["mlp", "cnn_bn", pytest.param("transformer", marks=pytest.mark.slow)]
 )  # transformers in the fast suite: tests/engines/test_zoo_hf.py (BERT, GPT-2...)
-def test_auto_is_exact_on_every_probe_and_settles(model, tmp_path):
+def test_auto_is_exact_on_every_probe_and_settles(model, tmp_path, monkeypatch):
+    if model == "cnn_bn":  # every segment "large": the gramian default loops them on CPU
+        monkeypatch.setattr(gramian_mod, "LOOP_ABOVE", 0)
     trunk, heads, x, ys = build(model, 3)
     w = {"t0": 0.2, "t1": 0.5, "t2": 0.3}
     params = list(trunk.parameters()) + list(heads.parameters())
@@ -42,10 +45,10 @@ def test_auto_is_exact_on_every_probe_and_settles(model, tmp_path):
         chosen = prof._engine.describe()
         assert f"chose={chosen!r}" in repr(prof)
     # round 1 times every candidate, loop first (on CPU the gramian engine with each of its
-    # second stages, unless its default vmaps already: a Linear-only trunk); then the winner
-    # serves every probe
+    # second stages, unless its default vmaps every segment already: small blocks); then the
+    # winner serves every probe
     assert used[:3] == ["loop", "batched", "gramian"]
-    if model == "mlp":
+    if model != "cnn_bn":
         assert snap.timings["gramian-vmap"] == snap.timings["gramian"]
     else:
         assert used[3] == "gramian"

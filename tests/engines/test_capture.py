@@ -141,3 +141,123 @@ def test_retain_graph_keeps_it_and_default_frees_it(engine, n_tasks):
         # freed, the shared part's saved tensors included, as a plain backward frees them
         with pytest.raises(RuntimeError, match="backward through the graph a second time"):
             z.sum().backward()
+
+
+# -- the heads' split reused across probes by graph signature (engines._graph.GraphIndex.memo) --
+
+
+def _graph_and_split(make, batch: int, use_index: bool = True):
+    """Index the stacked losses of ``make(x)`` and split its heads (through the index, whose
+    memo serves a graph of a known signature, or by a fresh walk)."""
+    from gradlens.engines._graph import GraphIndex
+
+    z, losses = make(torch.randn(batch, 3))
+    L = torch.stack(losses)
+    g = GraphIndex.build(L)
+    e = get_gradient_edge(z)
+    split = split_heads(losses, [e], g.uses, [z.dtype], g if use_index else None)
+    return g, split, (z, losses)
+
+
+def _as_positions(g, split):
+    return (
+        sorted((g.pos[n], t, tuple(s)) for n, (t, s) in split.consumers.items()),
+        sorted(id(p) for p in split.leaves),
+    )
+
+
+def test_a_split_is_reused_for_the_same_signature_and_rebound_to_the_new_nodes():
+    from gradlens.engines import _graph
+
+    torch.manual_seed(0)
+    trunk, heads = nn.Linear(3, 4), nn.ModuleList([nn.Linear(4, 1) for _ in range(3)])
+
+    def make(x):
+        z = trunk(x)
+        return z, [h(z).pow(2).mean() for h in heads]
+
+    _graph._DERIVED.clear()
+    g1, s1, _ = _graph_and_split(make, 5)
+    n = len(_graph._DERIVED)
+    g2, s2, _ = _graph_and_split(make, 7)  # another batch: the same shape
+    assert g1.signature == g2.signature
+    assert len(_graph._DERIVED) == n  # served from the memo
+    assert s1 is not None
+    assert s2 is not None
+    assert set(s2.consumers) <= g2.node_set  # the new graph's nodes, none of the old one's
+    assert not set(s2.consumers) & g1.node_set
+    assert _as_positions(g2, s2) == _as_positions(g1, s1)
+    _, fresh, _ = _graph_and_split(make, 7, use_index=False)
+    assert fresh is not None
+    assert sorted(id(p) for p in fresh.leaves) == sorted(id(p) for p in heads.parameters())
+    assert _as_positions(g2, s2)[1] == sorted(id(p) for p in fresh.leaves)
+
+
+def test_a_graph_of_another_structure_is_split_anew():
+    torch.manual_seed(0)
+    trunk, heads = nn.Linear(3, 4), nn.ModuleList([nn.Linear(4, 1) for _ in range(2)])
+    shared_head = [False]
+
+    def make(x):
+        z = trunk(x)
+        out = [h(z) for h in heads]
+        if shared_head[0]:  # task 1 also reads task 0's head: no per-task split exists
+            out[1] = out[1] + out[0]
+        return z, [o.pow(2).mean() for o in out]
+
+    g1, s1, _ = _graph_and_split(make, 5)
+    shared_head[0] = True
+    g2, s2, _ = _graph_and_split(make, 5)
+    assert g1.signature != g2.signature
+    assert s1 is not None
+    assert s2 is None
+    shared_head[0] = False
+    g3, s3, _ = _graph_and_split(make, 6)
+    assert s3 is not None
+    assert set(s3.consumers) <= g3.node_set
+
+
+def test_none_entries_of_next_functions_are_part_of_the_signature():
+    """``z * c`` and ``c * z`` (c a constant) have the same node types and edges, but z's
+    gradient is the node's output 0 in one and 1 in the other: the hook slot must follow."""
+    torch.manual_seed(0)
+    trunk, c = nn.Linear(3, 4), torch.randn(4)
+    left = [True]
+
+    def make(x):
+        z = trunk(x)
+        return z, [(z * c if left[0] else c * z).sum(), z.pow(2).sum()]
+
+    g1, s1, _ = _graph_and_split(make, 5)
+    left[0] = False
+    g2, s2, (z, losses) = _graph_and_split(make, 5)
+    assert g1.types == g2.types
+    assert g1.edges == g2.edges
+    assert g1.signature != g2.signature
+    _, fresh, _ = _graph_and_split(make, 5, use_index=False)
+    assert s2 is not None
+    assert fresh is not None
+    assert sorted(s for _, s in s2.consumers.values()) == sorted(
+        s for _, s in fresh.consumers.values()
+    )
+    ((slot, _),) = next(s for t, s in s2.consumers.values() if t == 0)
+    assert slot == 1
+
+
+def test_the_heads_dtypes_are_checked_at_every_probe_of_a_known_signature():
+    """A head casting to float64 or to bfloat16 records the same graph shape; only the
+    bfloat16 one has no weight-independent split (see split_heads)."""
+    torch.manual_seed(0)
+    trunk, heads = nn.Linear(3, 4), nn.ModuleList([nn.Linear(4, 1) for _ in range(2)])
+    dtype = [torch.float64]
+
+    def make(x):
+        z = trunk(x)
+        return z, [h(z).to(dtype[0]).float().pow(2).mean() for h in heads]
+
+    g1, s1, _ = _graph_and_split(make, 5)
+    dtype[0] = torch.bfloat16
+    g2, s2, _ = _graph_and_split(make, 5)
+    assert g1.signature == g2.signature
+    assert s1 is not None
+    assert s2 is None

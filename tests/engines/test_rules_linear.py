@@ -69,7 +69,7 @@ def chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return kernel_core(A, D, w, chunk, **flags)
 
     monkeypatch.setattr(linear_mod, "kernel_core", spy)
-    monkeypatch.setattr(gramian_mod, "linear_group", lambda *args: None)
+    monkeypatch.setattr(gramian_mod, "linear_group_stacked", lambda *args: None)
     return seen
 
 
@@ -301,14 +301,14 @@ def test_linear_group_declines_what_it_does_not_serve():
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_grouped_layers_in_a_probe_equal_the_reference_and_the_plain_grad(monkeypatch, bias):
     calls: list[int] = []
-    group = linear_mod.linear_group
+    group = linear_mod.linear_group_stacked
 
     def spy(mods, *args):
         out = group(mods, *args)
         calls.append(0 if out is None else len(mods))
         return out
 
-    monkeypatch.setattr(gramian_mod, "linear_group", spy)
+    monkeypatch.setattr(gramian_mod, "linear_group_stacked", spy)
     snap, ref, grads, plain = _profile(_trunk(bias), 3, 1 << 30)
     assert calls == [2]  # the two 16 x 16 layers together, the 16 x 8 one by its rule
     assert set(snap.rules.values()) == {"linear"}

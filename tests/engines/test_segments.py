@@ -77,7 +77,7 @@ def test_one_backward_per_layer_and_blocks_freed_on_the_way(monkeypatch, n_tasks
     asked: list[int] = []
     alive: list[int] = []
     blocks: list[weakref.ref] = []
-    inner = gramian_mod.batched_grad_from
+    inner = gramian_mod.vmapped_grad_from
 
     def spy(outputs, cotangents, inputs, *rest):
         asked.append(len(inputs))
@@ -86,7 +86,7 @@ def test_one_backward_per_layer_and_blocks_freed_on_the_way(monkeypatch, n_tasks
         blocks.extend(weakref.ref(g) for g in got if g is not None)
         return got
 
-    monkeypatch.setattr(gramian_mod, "batched_grad_from", spy)
+    monkeypatch.setattr(gramian_mod, "vmapped_grad_from", spy)
     names = [f"t{i}" for i in range(n_tasks)]
     # a tiny budget: no merging of segments (small blocks would otherwise go in one backward)
     with gl.Profiler(trunk, tasks=names, engine="gramian", memory_budget=8) as prof:
@@ -110,13 +110,13 @@ def test_small_blocks_share_one_backward(monkeypatch):
     heads = nn.ModuleList([nn.Linear(5, 1).double() for _ in range(3)])
     x = torch.randn(7, 6, dtype=torch.float64)
     asked: list[int] = []
-    inner = gramian_mod.batched_grad_from
+    inner = gramian_mod.vmapped_grad_from
 
     def spy(outputs, cotangents, inputs, *rest):
         asked.append(len(inputs))
         return inner(outputs, cotangents, inputs, *rest)
 
-    monkeypatch.setattr(gramian_mod, "batched_grad_from", spy)
+    monkeypatch.setattr(gramian_mod, "vmapped_grad_from", spy)
     names = ["t0", "t1", "t2"]
     with gl.Profiler(trunk, tasks=names, engine="gramian") as prof:  # default budget
         z = trunk(x)

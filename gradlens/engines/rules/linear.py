@@ -27,7 +27,14 @@ from torch import nn
 
 from gradlens.engines.rules import _fused, register_rule
 
-__all__ = ["conv1d_rule", "kernel_chunk", "kernel_core", "linear_grads", "linear_group"]
+__all__ = [
+    "conv1d_rule",
+    "kernel_chunk",
+    "kernel_core",
+    "linear_grads",
+    "linear_group",
+    "linear_group_stacked",
+]
 
 
 def _weighted_grads(
@@ -224,9 +231,8 @@ def linear_group(
 
     ``inputs[l]`` is layer l's input, ``out_grads[l]`` its (T, *output) task gradients, all of
     one shape and dtype. Returns each layer's ``(Gram, weighted gradients)`` as the rule would,
-    or None when the group is not served this way: the layers' trainable parameters differ, a
-    layer has no trainable weight, the kernel path is not the cheaper one, or the group's
-    blocks exceed ``budget``, or the fused (compiled) path is enabled for their device.
+    or None when the group is not served this way (see :func:`linear_group_stacked`, which
+    returns the same numbers stacked over the layers).
 
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
@@ -240,13 +246,47 @@ def linear_group(
     ...     and torch.allclose(g[1]["bias"], r[1]["bias"]) for g, r in zip(got, want))
     True
     """
-    params = [_weight_bias(m) for m in modules]
-    flags = {(W.requires_grad, b is not None and b.requires_grad) for W, b in params}
-    shapes = {W.shape for W, _ in params}
-    if len(flags) != 1 or len(shapes) != 1 or any(d is None for d in out_grads):
+    out = linear_group_stacked(modules, inputs, out_grads, weights, budget)
+    if out is None:
         return None
-    has_w, has_b = flags.pop()
-    out_f, in_f = shapes.pop()
+    G, gW, gb = out
+    if gW is None:  # the Grams only
+        return [(g, {}) for g in G.unbind(0)]
+    gbs = [None] * len(modules) if gb is None else gb.unbind(0)
+    return [(g, _pack(w_, b_)) for g, w_, b_ in zip(G.unbind(0), gW.unbind(0), gbs)]
+
+
+def linear_group_stacked(
+    modules: Sequence[nn.Module],
+    inputs: Sequence[torch.Tensor],
+    out_grads: Sequence[torch.Tensor | None],
+    weights: torch.Tensor | None,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """:func:`linear_group`'s numbers stacked over the layers: the Grams ``(L, T, T)`` (float64),
+    the weighted weight gradients ``(L, out, in)`` and bias gradients ``(L, out)`` (None where
+    ``weights`` is None or the layers have no trainable bias).
+
+    None when the group is not served this way: the layers' trainable parameters differ, a
+    layer has no trainable weight, the kernel path is not the cheaper one, or the group's
+    blocks exceed ``budget``, or the fused (compiled) path is enabled for their device.
+
+    >>> lins = [nn.Linear(8, 6) for _ in range(2)]
+    >>> G, gW, gb = linear_group_stacked(
+    ...     lins, [torch.randn(2, 8)] * 2, [torch.randn(5, 2, 6)] * 2, torch.ones(5), 1 << 20)
+    >>> tuple(G.shape), tuple(gW.shape), tuple(gb.shape), G.dtype
+    ((2, 5, 5), (2, 6, 8), (2, 6), torch.float64)
+    """
+    params = [_weight_bias(m) for m in modules]
+    W0, b0 = params[0]
+    flag = (W0.requires_grad, b0 is not None and b0.requires_grad)
+    if any(
+        (W.requires_grad, b is not None and b.requires_grad) != flag or W.shape != W0.shape
+        for W, b in params
+    ) or any(d is None for d in out_grads):
+        return None
+    has_w, has_b = flag
+    out_f, in_f = W0.shape
     d0 = out_grads[0]
     assert d0 is not None
     T, n_layers, N = d0.shape[0], len(modules), inputs[0].numel() // in_f
@@ -257,19 +297,23 @@ def linear_group(
         return None
     if _fused.enabled_for(d0.device):  # the compiled per-layer kernel path was asked for
         return None
-    A = torch.stack([x.reshape(N, in_f) for x in inputs])  # L x N x in
-    D = torch.stack([d.reshape(T, N, out_f) for d in out_grads if d is not None])  # L x T x N x out
+    # (a reshape costs a dispatch even when it changes nothing: only where the shape differs)
+    a_shape, d_shape = (N, in_f), (T, N, out_f)
+    A = torch.stack([x if x.shape == a_shape else x.reshape(a_shape) for x in inputs])  # L x N x in
+    D = torch.stack(  # L x T x N x out
+        [d if d.shape == d_shape else d.reshape(d_shape) for d in out_grads if d is not None]
+    )
     K = A @ A.transpose(1, 2)  # L x N x N
     if has_b:
-        K = K + 1.0
+        K += 1.0
     Df = D.reshape(n_layers, T, N * out_f)
     KD = torch.matmul(K.unsqueeze(1), D).reshape(n_layers, T, N * out_f)
     G = Df @ KD.transpose(1, 2)  # L x T x T
     del KD
     G = (G.tril() + G.tril(-1).transpose(1, 2)).to(torch.float64)  # exactly symmetric
     if weights is None:  # the Grams only
-        return [(G[k], {}) for k in range(n_layers)]
-    Dw = torch.matmul(weights.to(D.dtype), Df).reshape(n_layers, N, out_f)
+        return G, None, None
+    w = weights if weights.dtype == D.dtype else weights.to(D.dtype)
+    Dw = torch.matmul(w, Df).reshape(n_layers, N, out_f)
     gW = Dw.transpose(1, 2) @ A  # L x out x in
-    gb = Dw.sum(1) if has_b else None
-    return [(G[k], _pack(gW[k], None if gb is None else gb[k])) for k in range(n_layers)]
+    return G, gW, Dw.sum(1) if has_b else None

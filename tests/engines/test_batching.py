@@ -1,0 +1,87 @@
+"""The vmapped second stage on CPU (gradlens.engines._batching): its attention batching rule and
+the chunked backward against one backward per task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd.graph import get_gradient_edge
+from torch.nn import functional as F
+
+from gradlens.engines._batching import _SDPA_CPU_BACKWARD, batching_rules, vmapped_grad_from
+
+B, H, S, E, T = 2, 2, 5, 4, 3
+
+
+def _per_task(out: torch.Tensor, cot: torch.Tensor, inputs: list[torch.Tensor]) -> list:
+    rows = [torch.autograd.grad(out, inputs, c, retain_graph=True) for c in cot]
+    return [torch.stack(gs) for gs in zip(*rows)]
+
+
+def _registered() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"aten::{_SDPA_CPU_BACKWARD}", "FuncTorchBatched"
+    )
+
+
+@pytest.mark.parametrize(
+    ("mask", "causal", "scale"),
+    [
+        (None, False, None),
+        (None, True, 0.3),
+        ((S, S), False, None),  # float, broadcast over batch and heads
+        ((B, 1, S, S), False, None),  # per batch element
+        ((1, H, S, S), False, 0.5),  # per head
+        ("bool", False, None),
+    ],
+)
+def test_attention_rule_matches_one_backward_per_task(mask, causal, scale):
+    torch.manual_seed(0)
+    x = torch.randn(B, S, 3 * H * E, dtype=torch.float64, requires_grad=True)
+    q, k, v = (t.view(B, S, H, E).transpose(1, 2) for t in x.split(H * E, dim=-1))  # strided
+    if mask == "bool":
+        m = torch.rand(B, H, S, S) > 0.3
+        m[..., 0] = True  # no fully masked row
+    else:
+        m = None if mask is None else torch.randn(*mask, dtype=torch.float64)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, scale=scale)
+    assert type(out.grad_fn).__name__.startswith("ScaledDotProductFlashAttentionForCpu")
+    cot = torch.randn(T, *out.shape, dtype=torch.float64)
+    want = _per_task(out, cot, [x])
+    # torch's slow path (one call per task) would warn here, and warnings are errors
+    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+    try:
+        got = vmapped_grad_from([get_gradient_edge(out)], [cot], [x])
+    finally:
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    assert not _registered()  # the rule is gone once the backward returns
+
+
+@pytest.mark.parametrize("chunk", [1, 2, None])
+def test_chunks_and_unreached_inputs(chunk):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4).double()
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    h = torch.nn.functional.gelu(torch.nn.functional.layer_norm(lin(x), (4,)))
+    cot = torch.randn(T, *h.shape, dtype=torch.float64)
+    want = _per_task(h, cot, [x, lin.weight])
+    got = vmapped_grad_from(
+        [get_gradient_edge(h)], [cot], [x, lin.weight, unused], retain_graph=False, chunk=chunk
+    )
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        assert g.is_contiguous()
+    assert got[2] is None
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(h, x, cot[0])  # the last chunk freed the graph, as asked
+
+
+def test_nested_registrations_share_one():
+    assert not _registered()
+    with batching_rules():
+        with batching_rules():
+            assert _registered()
+        assert _registered()
+    assert not _registered()
