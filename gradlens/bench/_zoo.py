@@ -57,13 +57,8 @@ def _bert() -> nn.Module:
     import transformers as tf
 
     cfg = tf.BertConfig(
-        vocab_size=_VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
+        vocab_size=_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
     return HFTrunk(tf.BertModel(cfg, add_pooling_layer=False), "first")
@@ -73,16 +68,8 @@ def _gpt2() -> nn.Module:
     import transformers as tf
 
     cfg = tf.GPT2Config(
-        vocab_size=_VOCAB,
-        n_embd=64,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
+        vocab_size=_VOCAB, n_embd=64, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )
     return HFTrunk(tf.GPT2Model(cfg), "last")
 
@@ -91,12 +78,7 @@ def _t5() -> nn.Module:
     import transformers as tf
 
     cfg = tf.T5Config(
-        vocab_size=_VOCAB,
-        d_model=64,
-        d_kv=32,
-        d_ff=128,
-        num_layers=2,
-        num_heads=2,
+        vocab_size=_VOCAB, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,
         dropout_rate=0.0,
     )
     return HFTrunk(tf.T5EncoderModel(cfg), "mean")
@@ -106,13 +88,8 @@ def _vit() -> nn.Module:
     import transformers as tf
 
     cfg = tf.ViTConfig(
-        image_size=_IMAGE,
-        patch_size=8,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        hidden_dropout_prob=0.0,
+        image_size=_IMAGE, patch_size=8, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=128, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
     return HFTrunk(tf.ViTModel(cfg, add_pooling_layer=False), "first")
@@ -169,6 +146,7 @@ def build_zoo(name: str) -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
         import transformers  # noqa: F401
     except ImportError:
         raise GradlensError(
-            f"the zoo trunk {name!r} needs Hugging Face transformers: pip install 'gradlens[zoo]'."
+            f"the zoo trunk {name!r} needs Hugging Face transformers: pip install "
+            "'gradlens[zoo]'."
         ) from None
     return ZOO[name][0](), lambda b: zoo_input(name, b)

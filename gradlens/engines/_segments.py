@@ -20,14 +20,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 from gradlens.engines._graph import GraphIndex
 
-__all__ = ["plan_from_index", "plan_segments"]
+__all__ = ["plan_from_index", "plan_segments", "segmented"]
 
 #: Steps of the dominator-tree walks above which the cut search is skipped (one segment).
 _MAX_WORK = 400_000
@@ -204,3 +204,57 @@ def _strictly_dominates(a: int, b: int, idom: dict[int, int], depth: dict[int, i
 
 def _leaf_node(t: torch.Tensor) -> Node:
     return get_gradient_edge(t).node
+
+
+def segmented(
+    edges: list[GradientEdge],
+    cot: list[torch.Tensor],
+    inputs: list[torch.Tensor | GradientEdge],
+    sizes: list[int],
+    limit: int,
+    backward: Callable[..., Sequence[torch.Tensor | None]],
+    keep: bool,
+    graph: GraphIndex | None = None,
+) -> Iterator[list[tuple[int, torch.Tensor | None]]]:
+    """Gradients of ``inputs`` from cotangents ``cot`` at ``edges``, one backward per segment
+    (consecutive segments merged while the bytes of their ``inputs``' blocks stay <= ``limit``),
+    yielded as one batch ``[(index in inputs, gradient)]`` per backward call."""
+    at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot)}
+    rest: list[int] = []
+    first: list[tuple[int, torch.Tensor | None]] = []
+    for i, x in enumerate(inputs):
+        k = (x.node, x.output_nr) if isinstance(x, GradientEdge) else None
+        if k in at_boundary:
+            first.append((i, at_boundary[k]))
+        else:
+            rest.append(i)
+    del at_boundary
+    if first:
+        yield first
+    del first
+    tops: list[GradientEdge] | None = edges
+    cots = cot
+    del cot
+    merged: list[tuple[list[int], int | None, int]] = []
+    for members, cut in plan_segments(edges, [inputs[i] for i in rest], graph):
+        size = sum(sizes[rest[m]] for m in members)
+        if merged and merged[-1][2] + size <= limit:  # the cut above becomes an inner target
+            merged[-1] = (merged[-1][0] + members, cut, merged[-1][2] + size)
+        else:
+            merged.append((members, cut, size))
+    for members, cut, _ in merged:
+        if not members:
+            continue
+        if tops is None:  # the cut above was reached by no task: nothing below is
+            yield [(rest[m], None) for m in members]
+            continue
+        got = dict(zip(members, backward(tops, cots, [inputs[rest[m]] for m in members], keep)))
+        tops = None
+        cots = []
+        below = got[cut] if cut is not None else None
+        if cut is not None and below is not None:
+            edge = inputs[rest[cut]]
+            assert isinstance(edge, GradientEdge)
+            tops, cots = [edge], [below]
+        del below
+        yield [(rest[m], got.pop(m)) for m in members]

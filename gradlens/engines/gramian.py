@@ -49,7 +49,7 @@ from gradlens.engines._base import (
 from gradlens.engines._batching import vmapped_grad_from
 from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines._graph import GraphIndex
-from gradlens.engines._segments import plan_segments
+from gradlens.engines._segments import segmented
 from gradlens.engines.rules import Rule, rule_for
 from gradlens.engines.rules.linear import linear_group_stacked, linear_rule
 
@@ -432,7 +432,7 @@ class GramianEngine(Engine):
         # segments are merged while their blocks together stay under an eighth of the budget:
         # on small layers one backward call costs less than the memory it would save
         limit = ctx.memory_budget // 8
-        return u, v, heads, _segmented(edges, cot, inputs, sizes, limit, backward, keep, graph)
+        return u, v, heads, segmented(edges, cot, inputs, sizes, limit, backward, keep, graph)
 
     def _looped(
         self,
@@ -566,60 +566,6 @@ def _vmapped(
         return vmapped_grad_from(tops, cots, targets, keep, chunk)
 
     return backward
-
-
-def _segmented(
-    edges: list[GradientEdge],
-    cot: list[torch.Tensor],
-    inputs: list[torch.Tensor | GradientEdge],
-    sizes: list[int],
-    limit: int,
-    backward: Callable[..., Sequence[torch.Tensor | None]],
-    keep: bool,
-    graph: GraphIndex | None = None,
-) -> Iterator[list[tuple[int, torch.Tensor | None]]]:
-    """Gradients of ``inputs`` from cotangents ``cot`` at ``edges``, one backward per segment
-    (consecutive segments merged while the bytes of their ``inputs``' blocks stay <= ``limit``),
-    yielded as one batch ``[(index in inputs, gradient)]`` per backward call."""
-    at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot)}
-    rest: list[int] = []
-    first: list[tuple[int, torch.Tensor | None]] = []
-    for i, x in enumerate(inputs):
-        k = (x.node, x.output_nr) if isinstance(x, GradientEdge) else None
-        if k in at_boundary:
-            first.append((i, at_boundary[k]))
-        else:
-            rest.append(i)
-    del at_boundary
-    if first:
-        yield first
-    del first
-    tops: list[GradientEdge] | None = edges
-    cots = cot
-    del cot
-    merged: list[tuple[list[int], int | None, int]] = []
-    for members, cut in plan_segments(edges, [inputs[i] for i in rest], graph):
-        size = sum(sizes[rest[m]] for m in members)
-        if merged and merged[-1][2] + size <= limit:  # the cut above becomes an inner target
-            merged[-1] = (merged[-1][0] + members, cut, merged[-1][2] + size)
-        else:
-            merged.append((members, cut, size))
-    for members, cut, _ in merged:
-        if not members:
-            continue
-        if tops is None:  # the cut above was reached by no task: nothing below is
-            yield [(rest[m], None) for m in members]
-            continue
-        got = dict(zip(members, backward(tops, cots, [inputs[rest[m]] for m in members], keep)))
-        tops = None
-        cots = []
-        below = got[cut] if cut is not None else None
-        if cut is not None and below is not None:
-            edge = inputs[rest[cut]]
-            assert isinstance(edge, GradientEdge)
-            tops, cots = [edge], [below]
-        del below
-        yield [(rest[m], got.pop(m)) for m in members]
 
 
 def _block_numel(rule_layers: Mapping[str, list[_Record]], generic: list[torch.Tensor]) -> int:

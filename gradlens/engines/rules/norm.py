@@ -56,9 +56,8 @@ def _shape(module: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
     return (x.shape[1],)
 
 
-@register_rule(
-    nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, name="norm"
-)
+@register_rule(nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+               name="norm")
 def norm_rule(
     module: nn.Module,
     inputs: list[torch.Tensor],
