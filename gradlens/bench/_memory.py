@@ -184,6 +184,8 @@ def _warm(setup: _Setup, method: str) -> None:
     setup.step(method)
     while method == "auto" and setup.deciding():
         setup.step(method)
+    if method == "auto":
+        setup.step(method)
 
 
 def _cpu_tensor_peak(setup: _Setup, method: str) -> int:
