@@ -64,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also measure peak memory growth per method, one fresh process each",
     )
+    p.add_argument(
+        "--tensor-memory",
+        action="store_true",
+        help="also report each method's peak of live tensor bytes in a steady-state step, "
+        "measured in this process after the timing (on with --zoo)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write all rows as JSON to this file")
 
 
@@ -97,8 +103,12 @@ def run(args: argparse.Namespace) -> int:
         progress=say,
         # the zoo table is the probed step of each method; its amortised rows would double the run
         amortise=() if args.zoo else (10, 100),
+        memory=args.zoo or args.tensor_memory,
     )
     print(format_table(rows))
+    if any("peak_mib" in r for r in rows):
+        print("\npeak of live tensor bytes in a steady-state step, above the model and batch")
+        print(format_table(rows, key="peak_mib"))
     picks = [r for r in rows if r["method"] == "auto" and r.get("chose")]
     if picks:
         print("\nauto chose (one fresh choice per repeat):")

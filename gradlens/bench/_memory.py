@@ -16,7 +16,7 @@ from gradlens._errors import GradlensError
 from gradlens.bench._hardware import _device
 from gradlens.bench._setup import _Setup
 
-__all__ = ["measure_peak_memory"]
+__all__ = ["measure_peak_memory", "step_tensor_peak"]
 
 
 def measure_peak_memory(
@@ -131,3 +131,86 @@ def _child_memory(
         "memory": "cuda_allocated" if cuda else "rss",
         "peak_mib": peak / 2**20,
     }
+
+
+#: The ``record_function`` label of the step whose peak :func:`step_tensor_peak` reports.
+_MEASURED = "gradlens-bench-measured-step"
+
+
+def step_tensor_peak(setup: _Setup, method: str) -> dict[str, Any]:
+    """Peak bytes of tensors alive during a steady-state step of ``method``, in this process.
+
+    The method starts afresh (a new profiler: its buffers are counted), with no ``.grad`` and
+    with the model, heads and batch already in memory (the zero level); the steps before the
+    measured one are those the timing runs first (one probe; ``auto``: until it has chosen).
+    The peak is the highest level of live tensor bytes during the measured step, counting
+    everything allocated since the zero level and still alive (buffers kept from one probe to
+    the next, the last step's ``.grad``). On CPU the level is summed from the CPU allocator's
+    allocation and free events (``torch.profiler`` with ``profile_memory=True``): the bytes of
+    tensors, not the resident set (no allocator cache, no BLAS or oneDNN scratch, no Python
+    objects); on CUDA it is ``torch.cuda.max_memory_allocated`` above the zero level. Returns
+    ``{"peak_mib": ..., "memory": "cpu_tensors" | "cuda_allocated"}``.
+
+    Example:
+        >>> from gradlens.bench._setup import _Setup
+        >>> setup = _Setup("mlp-tiny", 2, 8)
+        >>> plain, loop = (step_tensor_peak(setup, m) for m in ("plain", "loop"))
+        >>> plain["memory"], 0 < plain["peak_mib"] < loop["peak_mib"]
+        ('cpu_tensors', True)
+        >>> setup.close()
+    """
+    setup.prepare(method, fresh=True)
+    setup.zero()
+    if setup.device.type == "cuda":
+        dev = setup.device
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        _warm(setup, method)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        setup.step(method)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        kind = "cuda_allocated"
+    else:
+        peak = _cpu_tensor_peak(setup, method)
+        kind = "cpu_tensors"
+    setup.close()
+    return {"memory": kind, "peak_mib": peak / 2**20}
+
+
+def _warm(setup: _Setup, method: str) -> None:
+    """The steps the timing runs before its timed one (see ``_timing._time_methods``)."""
+    setup.step(method)
+    while method == "auto" and setup.deciding():
+        setup.step(method)
+    if method == "auto":
+        setup.step(method)
+
+
+def _cpu_tensor_peak(setup: _Setup, method: str) -> int:
+    """Live tensor bytes at their highest during the measured step, from the CPU allocator's
+    events since the zero level (see :func:`step_tensor_peak`)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _warm(setup, method)
+        with record_function(_MEASURED):
+            setup.step(method)
+    events = list(prof.profiler.kineto_results.events())  # the allocator events, in order
+    (step,) = [e for e in events if e.name() == _MEASURED]
+    t0, t1 = step.start_ns(), step.start_ns() + step.duration_ns()
+    level = peak = 0
+    memory = sorted(
+        ((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"),
+        key=lambda e: e[0],
+    )
+    for t, nbytes in memory:
+        if t > t1:
+            break
+        level += nbytes
+        if t >= t0:
+            peak = max(peak, level)
+        else:
+            peak = level  # the level the measured step starts from
+    return peak

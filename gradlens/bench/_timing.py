@@ -11,6 +11,7 @@ import torch
 
 from gradlens._errors import GradlensError
 from gradlens.bench._hardware import _check_device, _clock, _parse_device
+from gradlens.bench._memory import step_tensor_peak
 from gradlens.bench._setup import _ONCE, _Setup
 from gradlens.bench._weightings import WEIGHTED_METHODS
 
@@ -60,6 +61,7 @@ def run_benchmark(
     clock: str = "wall",
     device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
+    memory: bool = False,
 ) -> list[dict[str, Any]]:
     """Time one training step per method, interleaved, as ratios to the plain step.
 
@@ -75,6 +77,10 @@ def run_benchmark(
       when probing every k-th step, ``(t_probe + t_after + (k - 2) t_steady) / k``, where
       ``t_probe`` is the ``<method>`` row, ``t_after`` the after-probe row and ``t_steady`` the
       unprobed row.
+
+    With ``memory``, each method's row also gets ``peak_mib`` and ``memory``: the peak of live
+    tensor bytes during a steady-state step, measured once after the timing in this process
+    (:func:`gradlens.bench._memory.step_tensor_peak`; untimed).
 
     The unprobed steps are timed on a profiler made fresh for each timing with
     ``every=10**9``, so it probes its step 0 only: step 1 is the after-probe step, step 2 a
@@ -109,11 +115,13 @@ def run_benchmark(
         torch.set_num_threads(1)
         try:
             return _run(
-                models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress
+                models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress, memory
             )
         finally:
             torch.set_num_threads(threads)
-    return _run(models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress)
+    return _run(
+        models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress, memory
+    )
 
 
 def _amortised(t_probe: float, t_after: float, t_steady: float, k: int) -> float:
@@ -133,6 +141,7 @@ def _run(
     now: Callable[[], float],
     device: torch.device,
     progress: Callable[[str], None] | None,
+    memory: bool = False,
 ) -> list[dict[str, Any]]:
     methods = _available(methods)
     # timed unprobed steps: name -> (method, untimed steps of a fresh every=_ONCE profiler before
@@ -149,6 +158,7 @@ def _run(
         for T in tasks:
             setup = _Setup(model, T, batch, device=device)
             times, chosen = _time_methods(setup, methods, unprobed, warmup, repeats, now)
+            peaks = {m: step_tensor_peak(setup, m) for m in methods} if memory else {}
             setup.close()
             med = {m: statistics.median(v) for m, v in times.items()}
             common = {
@@ -158,7 +168,10 @@ def _run(
                 "batch": batch,
                 "device": str(device),
             }
-            rows += _rows(common, methods, med, chosen, amortise)
+            new = _rows(common, methods, med, chosen, amortise)
+            for r in new:
+                r.update(peaks.get(r["method"], {}))
+            rows += new
             if progress is not None:
                 base = med.get("plain", float("nan"))
                 progress(
@@ -193,10 +206,13 @@ def _time_methods(
             else:
                 if setup.prepare(name):
                     # a profiler's first probe allocates its buffers: time the second (with
-                    # every=1 a probe too), the steady state of a training run; auto: the first
-                    # probe after its choice is made
+                    # every=1 a probe too), the steady state of a training run; auto: the second
+                    # probe after its choice is made (the first pays once for the page faults of
+                    # memory the losing candidates freed: ResNet T = 8, 3,400 faults, +6 ms)
                     setup.step(name)
                     while name == "auto" and setup.deciding():
+                        setup.step(name)
+                    if name == "auto":
                         setup.step(name)
                 if name == "auto":
                     chosen[setup.chosen()] = chosen.get(setup.chosen(), 0) + 1
@@ -239,8 +255,13 @@ def _row(common: dict[str, Any], method: str, t: float, base: float, loop: float
     return {**common, "method": method, "seconds": t, "vs_plain": t / base, "vs_loop": t / loop}
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width table: one line per (model, T), one column per method (ratio to plain)."""
+def format_table(rows: Sequence[dict[str, Any]], key: str = "vs_plain") -> str:
+    """A fixed-width table: one line per (model, T), one column per method: the ratio to plain,
+    or with ``key="peak_mib"`` the peak tensor memory (rows measured with ``memory=True``)."""
+    if key == "peak_mib":
+        rows = [r for r in rows if "peak_mib" in r]
+    if not rows:
+        return ""
     methods: list[str] = []
     for r in rows:
         if r["method"] not in methods:
@@ -249,7 +270,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         if (r["model"], r["tasks"]) not in keys:
             keys.append((r["model"], r["tasks"]))
-    head = f"{'model':<12}{'params':>10}{'T':>4}{'plain ms':>10}" + "".join(
+    mem = key == "peak_mib"
+    head = f"{'model':<12}{'params':>10}{'T':>4}{'plain MiB' if mem else 'plain ms':>10}" + "".join(
         f"{m:>{max(10, len(m) + 2)}}" for m in methods if m != "plain"
     )
     lines = [head, "-" * len(head)]
@@ -257,11 +279,19 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         sel = {r["method"]: r for r in rows if r["model"] == model and r["tasks"] == T}
         plain = sel.get("plain")
         line = f"{model:<12}{next(iter(sel.values()))['params']:>10,}{T:>4}"
-        line += f"{plain['seconds'] * 1e3:>10.1f}" if plain else f"{'-':>10}"
+        if plain is None:
+            line += f"{'-':>10}"
+        else:
+            line += f"{plain['peak_mib'] if mem else plain['seconds'] * 1e3:>10.1f}"
         for m in methods:
             if m == "plain":
                 continue
             width = max(10, len(m) + 2)
-            line += f"{sel[m]['vs_plain']:>{width - 1}.2f}x" if m in sel else f"{'-':>{width}}"
+            if m not in sel:
+                line += f"{'-':>{width}}"
+            elif mem:
+                line += f"{sel[m]['peak_mib']:>{width - 3}.1f}MiB"
+            else:
+                line += f"{sel[m]['vs_plain']:>{width - 1}.2f}x"
         lines.append(line)
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 =============  ==============================================================================
 ``auto``       the default: times the exact engines below on the first probes of each graph
                shape and keeps the fastest (see :mod:`gradlens.engines.auto`)
-``loop``       one ``autograd.grad`` per task; the float64 reference (``gradlens.testing``)
+``loop``       one ``autograd.grad`` per task; ``gradlens.testing`` keeps its float64 version
+               as the reference
 ``batched``    one batched backward over the T cotangents, chunked over tasks under a budget
 ``gramian``    per layer, Grams from activations and per-task output gradients; generic
                fallback per module; the weighted gradient from the same pass

@@ -209,6 +209,9 @@ class Engine(ABC):
     def discard(self) -> None:
         """Drop what the hooks recorded for the current step (another engine served it)."""
 
+    def release(self) -> None:
+        """Free the buffers kept from one probe to the next (``auto``: a candidate that lost)."""
+
     @abstractmethod
     def compute(self, ctx: BackwardContext) -> EngineResult:
         """Compute the per-layer Grams and write the weighted gradient (see module docstring)."""

@@ -1,8 +1,16 @@
-"""The ``loop`` engine: one ``torch.autograd.grad`` per task. The reference every engine matches.
+"""The ``loop`` engine: one ``torch.autograd.grad`` per task, the pattern every engine matches.
 
-Per-task gradients are kept in float64 until the Gram is formed, so this engine is the most exact
-and the most memory hungry (``T x P`` float64). ``gradlens.testing.reference_grams`` is the same
-computation for users' own checks.
+Each task's gradients are copied into one ``T x P`` buffer in the parameters' dtype (kept from
+one probe to the next on CPU up to :data:`KEEP` bytes: a fresh large buffer pays a page fault per
+4 KiB page), and each
+layer's Gram is the product of its columns, accumulated in float64 over column chunks of at most
+:data:`CHUNK` (float32 sums over no more than 2^16 terms, then float64: the documented float32
+tolerance, 1e-4 relative, holds however large a layer is; float64 parameters stay float64).
+The weighted gradient is one product over the same buffer.
+
+``gradlens.testing.reference_grams`` is not this engine: it keeps the straightforward
+computation (:func:`loop_task_grads`, then :func:`layer_grams_from_grads` with every gradient in
+float64), the reference every engine, this one included, is tested against.
 """
 
 from __future__ import annotations
@@ -16,11 +24,30 @@ from gradlens.engines._base import (
     Engine,
     EngineResult,
     SharedParams,
+    Workspace,
     accumulate_grad,
+    compute_dtype,
     group_by_layer,
 )
 
-__all__ = ["LoopEngine", "flat_grads", "layer_grams_from_grads", "loop_task_grads"]
+__all__ = [
+    "CHUNK",
+    "FlatEngine",
+    "LoopEngine",
+    "fill_row",
+    "flat_grads",
+    "flat_layer_grams",
+    "layer_columns",
+    "layer_grams_from_grads",
+    "loop_task_grads",
+    "write_flat",
+]
+
+#: Largest ``T x P`` buffer (bytes) kept from one probe to the next on CPU.
+KEEP = 64 << 20
+
+#: Columns of one Gram product: float32 products sum at most this many terms before float64.
+CHUNK = 1 << 16
 
 
 def loop_task_grads(
@@ -47,42 +74,152 @@ def layer_grams_from_grads(
 ) -> dict[str, torch.Tensor]:
     """Per-layer float64 Grams from per-task gradients ``grads[t][k]`` of ``params[k]``.
 
-    ``J`` is :func:`flat_grads` of ``grads`` when the caller has it already. It is converted to
-    float64 once; each layer's Gram is the product of its columns (a view where the layer's
-    parameters are adjacent, as they are in module order).
+    The reference computation (``gradlens.testing.reference_grams``): ``J`` (:func:`flat_grads`
+    of ``grads`` unless given) is converted to float64 once and each layer's Gram is the product
+    of its columns (a view where the layer's parameters are adjacent, as in module order).
     """
     Jd = (flat_grads(grads) if J is None else J).to(torch.float64)
+    out = {}
+    for layer, cols in layer_columns(shared, params).items():
+        Jl = _columns(Jd, cols)
+        out[layer] = Jl @ Jl.T
+    return out
+
+
+def layer_columns(
+    shared: SharedParams, params: Sequence[torch.Tensor]
+) -> dict[str, list[tuple[int, int]]]:
+    """Each layer's column spans in the flattened parameters, merged where adjacent."""
     start: dict[int, int] = {}
     k = 0
     for p in params:
         start[id(p)] = k
         k += p.numel()
-    out = {}
+    out: dict[str, list[tuple[int, int]]] = {}
     for layer, ps in group_by_layer(shared, params).items():
-        spans = [(start[id(p)], start[id(p)] + p.numel()) for p in ps]
-        if all(a == spans[i - 1][1] for i, (a, _) in enumerate(spans) if i):
-            Jl = Jd[:, spans[0][0] : spans[-1][1]]
-        else:
-            Jl = torch.cat([Jd[:, a:b] for a, b in spans], dim=1)
-        out[layer] = Jl @ Jl.T
+        spans: list[tuple[int, int]] = []
+        for p in ps:
+            a, b = start[id(p)], start[id(p)] + p.numel()
+            if spans and spans[-1][1] == a:
+                spans[-1] = (spans[-1][0], b)
+            else:
+                spans.append((a, b))
+        out[layer] = spans
     return out
 
 
-class LoopEngine(Engine):
-    """One backward per task (``torch.autograd.grad``); exact, slow, float64 Grams."""
+def _columns(J: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The columns ``spans`` of ``J``: a view when they are one span."""
+    if len(spans) == 1:
+        return J[:, spans[0][0] : spans[0][1]]
+    return torch.cat([J[:, a:b] for a, b in spans], dim=1)
 
-    name = "loop"
 
-    def compute(self, ctx: BackwardContext) -> EngineResult:
-        params = ctx.reached
-        if not params:
-            return EngineResult({})
-        # from each task's own scalar loss: a backward from ``losses[t]`` would run through the
-        # stack into every task's head (with zero cotangents)
-        grads = loop_task_grads(ctx.per_task(), params)
-        J = flat_grads(grads)
-        del grads
-        grams = layer_grams_from_grads(self.shared, params, [], J)
+def flat_layer_grams(
+    J: torch.Tensor, columns: Mapping[str, Sequence[tuple[int, int]]]
+) -> dict[str, torch.Tensor]:
+    """Each layer's float64 Gram ``J_l J_l^T`` over its column spans of ``J`` (T x P).
+
+    Products run in ``J``'s dtype (float32 at least) over at most :data:`CHUNK` columns each:
+    a layer within one chunk is one product into a shared buffer, converted to float64 with all
+    the others at once; a larger one sums its chunks' products in float64.
+    """
+    T = J.shape[0]
+    small = [n for n, sp in columns.items() if len(sp) == 1 and sp[0][1] - sp[0][0] <= CHUNK]
+    out: dict[str, torch.Tensor] = {}
+    if small:
+        buf = torch.empty((len(small), T, T), dtype=J.dtype, device=J.device)
+        for i, layer in enumerate(small):
+            ((a, b),) = columns[layer]
+            block = J[:, a:b]
+            torch.mm(block, block.T, out=buf[i])
+        grams = buf.to(torch.float64)
+        out = {layer: grams[i] for i, layer in enumerate(small)}
+    for layer, spans in columns.items():
+        if layer in out:
+            continue
+        total = torch.zeros((T, T), dtype=torch.float64, device=J.device)
+        for a, b in spans:
+            for lo in range(a, b, CHUNK):
+                block = J[:, lo : min(b, lo + CHUNK)]
+                total += (block @ block.T).to(torch.float64)
+        out[layer] = total
+    return {layer: out[layer] for layer in columns}
+
+
+def write_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Add the slices of ``flat`` (P,), in parameter order, to the parameters' ``.grad``, as
+    autograd's accumulation does (a fresh tensor of the parameter's dtype when ``.grad`` is
+    None)."""
+    k = 0
+    for p in params:
+        n = p.numel()
+        g = flat[k : k + n].view(p.shape)
+        k += n
+        grad = p.grad
+        if grad is None:
+            p.grad = g.clone() if g.dtype == p.dtype else g.to(p.dtype)
+        else:
+            grad.add_(g)
+
+
+class FlatEngine(Engine):
+    """An engine that holds all tasks' gradients as one ``T x P`` buffer (parameter order):
+    Grams by :func:`flat_layer_grams`, the weighted gradient by one product (``loop``, and
+    ``batched`` when its tasks fit one chunk)."""
+
+    def __init__(self, shared: SharedParams, n_tasks: int) -> None:
+        super().__init__(shared, n_tasks)
+        self._workspace = Workspace()
+        self._cols: tuple[tuple[int, ...], dict[str, list[tuple[int, int]]]] | None = None
+
+    def detach(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        self._workspace.clear()
+
+    def flat_buffer(self, rows: int, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """An uninitialised ``rows x P`` buffer in the parameters' (promoted) dtype, float32 at
+        least; reused from one probe to the next on CPU up to :data:`KEEP` bytes."""
+        dtype = compute_dtype(params[0].dtype)
+        for p in params[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        shape = (rows, sum(p.numel() for p in params))
+        if shape[0] * shape[1] * dtype.itemsize <= KEEP:
+            return self._workspace.get("J", shape, dtype, params[0].device)
+        # not held between probes: training would carry it at every step
+        return torch.empty(shape, dtype=dtype, device=params[0].device)
+
+    @staticmethod
+    def other_leaves(ctx: BackwardContext, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The leaves outside ``params`` that the losses reach (the task heads, ...), when the
+        engine is to write them: their per-task gradients then come from the same backward
+        passes as the parameters', and no backward through the heads follows. None for
+        ``observe`` (``ctx.write`` False) and a Gram weighting's step (``ctx.keep_blocks``).
+
+        ``sum_t w_t g_t`` from per-task gradients is the weighted backward's sum, non-finite
+        values included (``w_t * inf``, ``0 * inf``: the same products); a batched backward
+        would also push zero cotangents through every other task's head (``0 * inf = NaN``
+        where the plain backward has none), so only the loop engine writes them."""
+        if not ctx.write or ctx.keep_blocks:
+            return []
+        ids = {id(p) for p in params}
+        return [v for i, v in ctx.leaves.items() if i not in ids]
+
+    def flat_result(
+        self,
+        ctx: BackwardContext,
+        params: list[torch.Tensor],
+        J: torch.Tensor,
+        others: Sequence[tuple[torch.Tensor, torch.Tensor | None]] = (),
+    ) -> EngineResult:
+        """Grams of ``J`` (all tasks' gradients of ``params``) and the weighted gradient written
+        (or, with ``ctx.keep_blocks``, a writer that writes it once the weights are known);
+        ``others``: ``(leaf, sum_t w_t g_t)`` of the :meth:`other_leaves`, written too (None:
+        no task reaches it)."""
+        grams = flat_layer_grams(J, self._columns(params))
+        rules = dict.fromkeys(grams, self.name)
         layer_of = self.shared.layer_of
 
         def write(weights: Mapping[str, torch.Tensor]) -> None:
@@ -94,11 +231,58 @@ class LoopEngine(Engine):
                 k += p.numel()
 
         if ctx.keep_blocks:  # the per-task gradients are at hand: write once weights are known
-            return EngineResult(grams, {layer: "loop" for layer in grams}, set(), writer=write)
+            return EngineResult(grams, rules, set(), writer=write)
         # the weighted sum as one product over the flattened per-task gradients
-        flat = ctx.weights.to(J.dtype) @ J
-        k = 0
-        for p in params:
-            accumulate_grad(p, flat[k : k + p.numel()])
-            k += p.numel()
-        return EngineResult(grams, {layer: "loop" for layer in grams}, {id(p) for p in params})
+        write_flat(params, ctx.weights.to(J.dtype) @ J)
+        for leaf, g in others:
+            if g is not None:
+                accumulate_grad(leaf, g)
+        return EngineResult(grams, rules, {id(p) for p in [*params, *(v for v, _ in others)]})
+
+    def _columns(self, params: list[torch.Tensor]) -> dict[str, list[tuple[int, int]]]:
+        """:func:`layer_columns` of ``params``, kept for the parameter set of the last probe."""
+        key = tuple(map(id, params))
+        if self._cols is None or self._cols[0] != key:
+            self._cols = (key, layer_columns(self.shared, params))
+        return self._cols[1]
+
+
+class LoopEngine(FlatEngine):
+    """One backward per task (``torch.autograd.grad``); exact, ``T x P`` in the parameters'
+    dtype, float64 Grams."""
+
+    name = "loop"
+
+    def compute(self, ctx: BackwardContext) -> EngineResult:
+        params = ctx.reached
+        if not params:
+            return EngineResult({})
+        losses = ctx.per_task()
+        J = self.flat_buffer(len(losses), params)
+        rest = self.other_leaves(ctx, params)
+        n, w = len(params), ctx.weights
+        rest_sum: list[torch.Tensor | None] = [None] * len(rest)
+        # from each task's own scalar loss: a backward from ``losses[t]`` would run through the
+        # stack into every task's head (with zero cotangents)
+        T = len(losses)
+        for t, loss in enumerate(losses):
+            # the last backward frees the graph, as the weighted backward it replaces would
+            keep = ctx.retain_graph or t < T - 1 or not rest
+            gs = torch.autograd.grad(loss, [*params, *rest], retain_graph=keep, allow_unused=True)
+            fill_row(J[t], params, gs[:n])
+            for j, g in enumerate(gs[n:]):  # a head: reached by its own task only, as a rule
+                if g is not None:
+                    part = w[t].to(g.dtype) * g
+                    prev = rest_sum[j]
+                    rest_sum[j] = part if prev is None else prev + part
+        return self.flat_result(ctx, params, J, list(zip(rest, rest_sum)))
+
+
+def fill_row(
+    row: torch.Tensor, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+) -> None:
+    """One task's gradients concatenated into ``row`` (P,) by one call (zeros for None)."""
+    torch.cat(
+        [(p.new_zeros(p.numel()) if g is None else g.reshape(-1)) for p, g in zip(params, grads)],
+        out=row,
+    )

@@ -293,3 +293,49 @@ def test_bench_cli_memory_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "peak resident memory above the model and batch" in printed
     assert "MiB" in printed.splitlines()[-1]
+
+
+def test_tensor_memory_of_each_method_in_its_row(tmp_path, capsys):
+    from gradlens.bench._models import MODELS
+    from gradlens.bench._setup import _Setup
+
+    rows = run_benchmark(
+        ["mlp-tiny"],
+        [3],
+        ["plain", "loop", "auto"],
+        repeats=1,
+        warmup=0,
+        batch=8,
+        amortise=(),
+        memory=True,
+    )
+    peak = {r["method"]: r["peak_mib"] for r in rows}
+    assert {r["memory"] for r in rows} == {"cpu_tensors"}
+    P = sum(p.numel() for p in MODELS["mlp-tiny"][0]().parameters())
+    # plain: at least its .grad; loop: its T x P buffer is alive through the step, .grad too
+    assert peak["plain"] >= P * 4 / 2**20
+    assert peak["loop"] >= 4 * P * 4 / 2**20
+    assert peak["auto"] > 0
+    assert (
+        "peak_mib"
+        not in run_benchmark(
+            ["mlp-tiny"], [2], ["plain"], repeats=1, warmup=0, batch=8, amortise=()
+        )[0]
+    )
+    # the same number measured again (it counts allocator events, not a sampled resident set)
+    from gradlens.bench._memory import step_tensor_peak
+
+    setup = _Setup("mlp-tiny", 3, 8)
+    again = step_tensor_peak(setup, "loop")
+    setup.close()
+    assert again == {"memory": "cpu_tensors", "peak_mib": pytest.approx(peak["loop"])}
+    out = tmp_path / "bench.json"
+    args = ["bench", "--models", "mlp-tiny", "--tasks", "2", "--methods", "plain,loop"]
+    assert (
+        main([*args, "--repeats", "1", "--batch", "8", "--tensor-memory", "--json", str(out)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "peak of live tensor bytes in a steady-state step" in printed
+    assert printed.rstrip().splitlines()[-1].endswith("MiB")
+    data = json.loads(out.read_text())
+    assert all(r["memory"] == "cpu_tensors" for r in data["time"])

@@ -113,8 +113,7 @@ def test_gramian_second_stage_either_way_is_exact(model, stage):
     params = [p for p in [*trunk.parameters(), *heads.parameters()] if p.requires_grad]
     torch.manual_seed(1)
     losses = task_losses(trunk, heads, x, ys)  # dropout masks of this seed
-    plain = torch.autograd.grad(sum(w[t] * v for t, v in losses.items()), params,
-                                allow_unused=True)
+    plain = torch.autograd.grad(sum(w[t] * v for t, v in losses.items()), params, allow_unused=True)
     with gl.Profiler(trunk, list(w), engine="gramian") as prof:
         prof._engine.stage = stage
         torch.manual_seed(1)
@@ -127,3 +126,68 @@ def test_gramian_second_stage_either_way_is_exact(model, stage):
     for p, g in zip(params, plain):
         if g is not None:
             torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("winner", ["batched", "gramian-vmap"])
+def test_recording_hooks_run_only_when_their_engine_may_serve(winner):
+    trunk, heads, x, ys = build("mlp", 2)
+    with gl.Profiler(trunk, ["t0", "t1"]) as prof:
+        auto = prof._engine
+        gramian = auto.candidates["gramian"]
+        assert not gramian._recording  # the first probe of a new shape is timed on loop
+        seen = []
+        while auto.describe() == "timing":
+            recording = gramian._recording  # during this probe's forward
+            snap = prof.backward(task_losses(trunk, heads, x, ys))
+            seen.append((snap.engine, recording))
+        # on for the forward of every probe that gramian serves, off for the others
+        assert seen[:3] == [("loop", False), ("batched", False), ("gramian", True)]
+        assert all(rec == (engine == "gramian") for engine, rec in seen)
+        (decision,) = auto.decisions.values()
+        decision.winner = winner  # as if timed so
+        prof._engine.set_recording(True)
+        assert gramian._recording == (winner == "gramian-vmap")
+        # a new shape is timed from its first candidate, exact, and gramian's turn recorded
+        small_x, small_y = x[:3], ys[:, :3]
+        for expect in ["loop", "batched", "gramian"]:
+            losses = task_losses(trunk, heads, small_x, small_y)
+            ref = reference_grams(losses, trunk)
+            snap = prof.backward(losses)
+            assert snap.engine == expect
+            assert "forward-not-recorded" not in snap.notes
+            assert_gram_close(snap.gram, ref.gram, 1e-10)
+
+
+def test_candidates_that_lost_free_their_buffers():
+    trunk, heads, x, ys = build("mlp", 3)
+    with gl.Profiler(trunk, ["t0", "t1", "t2"]) as prof:
+        auto = prof._engine
+        loop = auto.candidates["loop"]
+        prof.backward(task_losses(trunk, heads, x, ys))
+        assert loop._workspace._bufs  # its T x P buffer, kept for its next probe
+        while auto.describe() == "timing":
+            prof.backward(task_losses(trunk, heads, x, ys))
+        (decision,) = auto.decisions.values()
+        assert bool(loop._workspace._bufs) == (decision.winner == "loop")
+        assert not auto.candidates["batched"]._workspace._bufs or decision.winner == "batched"
+
+
+def test_restored_decisions_switch_the_recording_hooks_before_the_next_forward():
+    trunk, heads, x, ys = build("mlp", 2)
+    with gl.Profiler(trunk, ["t0", "t1"]) as prof:
+        while prof._engine.describe() == "timing":
+            prof.backward(task_losses(trunk, heads, x, ys))
+        (decision,) = prof._engine.decisions.values()
+        decision.winner = "gramian"
+        state = prof._engine.state_dict()
+    with gl.Profiler(trunk, ["t0", "t1"]) as prof:
+        gramian = prof._engine.candidates["gramian"]
+        assert not gramian._recording  # a fresh auto times loop first
+        prof._engine.load_state_dict(state)
+        assert gramian._recording  # the restored winner records its forward
+        losses = task_losses(trunk, heads, x, ys)
+        ref = reference_grams(losses, trunk)
+        snap = prof.backward(losses)
+    assert snap.engine == "gramian"
+    assert "forward-not-recorded" not in snap.notes
+    assert_gram_close(snap.gram, ref.gram, 1e-10)

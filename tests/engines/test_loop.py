@@ -1,0 +1,153 @@
+"""The ``loop`` and ``batched`` engines' flat ``T x P`` path: chunked Gram products, the reused
+buffer, and the reference kept apart from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradlens as gl
+from gradlens.engines import loop
+from gradlens.testing import reference_grams
+from tests.zoo import assert_gram_close
+
+
+def _wide(dtype: torch.dtype, n_tasks: int = 3):
+    torch.manual_seed(0)
+    # 300 x 300 = 90,000 weights: more than one chunk of CHUNK columns
+    trunk = nn.Sequential(nn.Linear(20, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh()).to(dtype)
+    heads = nn.ModuleList([nn.Linear(300, 1) for _ in range(n_tasks)]).to(dtype)
+    return trunk, heads, torch.randn(16, 20, dtype=dtype)
+
+
+def _losses(trunk, heads, x):
+    z = trunk(x)
+    return {f"t{i}": (h(z) ** 2).mean() for i, h in enumerate(heads)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_a_layer_wider_than_a_chunk_is_exact(engine, dtype):
+    assert loop.CHUNK < 300 * 300
+    trunk, heads, x = _wide(dtype)
+    w = {"t0": 0.2, "t1": 0.5, "t2": 0.3}
+    params = [*trunk.parameters(), *heads.parameters()]
+    plain = torch.autograd.grad(sum(w[t] * v for t, v in _losses(trunk, heads, x).items()), params)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    with gl.Profiler(trunk, list(w), engine=engine) as prof:
+        for _ in range(2):  # the second probe reuses the first one's buffer
+            losses = _losses(trunk, heads, x)
+            ref = reference_grams(losses, trunk)
+            snap = prof.backward(losses, w)
+            assert_gram_close(snap.gram, ref.gram, tol)
+            for layer, g in ref.layer_grams.items():
+                assert_gram_close(snap.layer_grams[layer], g, tol)
+            for p, g in zip(params, plain):
+                torch.testing.assert_close(p.grad, g, rtol=tol, atol=tol * 1e-2)
+                p.grad = None
+
+
+def test_flat_layer_grams_sums_chunks_in_float64():
+    torch.manual_seed(0)
+    J = torch.randn(3, 2 * loop.CHUNK + 7, dtype=torch.float64)
+    cols = {"a": [(0, 5)], "b": [(5, 2 * loop.CHUNK)], "c": [(2 * loop.CHUNK, 2 * loop.CHUNK + 7)]}
+    got = loop.flat_layer_grams(J, cols)
+    assert list(got) == ["a", "b", "c"]
+    for name, [(a, b)] in cols.items():
+        ref = J[:, a:b] @ J[:, a:b].T
+        assert got[name].dtype == torch.float64
+        torch.testing.assert_close(got[name], ref, rtol=1e-12, atol=0.0)
+    # float32 columns: each chunk a float32 product, the chunks summed in float64
+    J32 = J.float()
+    ((a, b),) = cols["b"]
+    chunks = [J32[:, lo : min(b, lo + loop.CHUNK)] for lo in range(a, b, loop.CHUNK)]
+    want = sum((c @ c.T).double() for c in chunks)
+    torch.testing.assert_close(loop.flat_layer_grams(J32, cols)["b"], want, rtol=1e-12, atol=0.0)
+
+
+def test_layer_columns_merge_adjacent_parameters_of_a_layer():
+    trunk = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2, bias=False))
+    shared = gl.engines._base.resolve_shared(trunk)
+    assert loop.layer_columns(shared, shared.params) == {"0": [(0, 16)], "1": [(16, 24)]}
+    # the same parameters out of module order: spans kept apart, in the order given
+    ps = [trunk[0].bias, trunk[1].weight, trunk[0].weight]
+    assert loop.layer_columns(shared, ps) == {"0": [(0, 4), (12, 24)], "1": [(4, 12)]}
+
+
+def test_the_reference_is_not_the_engine():
+    # gradlens.testing keeps the float64 computation of every gradient, apart from the engine's
+    trunk, heads, x = _wide(torch.float32)
+    ref = reference_grams(_losses(trunk, heads, x), trunk)
+    grads = loop.loop_task_grads(list(_losses(trunk, heads, x).values()), list(trunk.parameters()))
+    J = loop.flat_grads(grads).double()
+    k = 0
+    for layer, p_list in [("0", list(trunk[0].parameters())), ("2", list(trunk[2].parameters()))]:
+        n = sum(p.numel() for p in p_list)
+        torch.testing.assert_close(
+            ref.layer_grams[layer], J[:, k : k + n] @ J[:, k : k + n].T, rtol=1e-14, atol=0.0
+        )
+        k += n
+
+
+def test_a_buffer_over_keep_is_not_held(monkeypatch):
+    monkeypatch.setattr(loop, "KEEP", 0)
+    trunk, heads, x = _wide(torch.float32)
+    with gl.Profiler(trunk, ["t0", "t1", "t2"], engine="loop") as prof:
+        prof.backward(_losses(trunk, heads, x))
+        assert prof._engine._workspace._bufs == {}
+    monkeypatch.setattr(loop, "KEEP", 64 << 20)
+    with gl.Profiler(trunk, ["t0", "t1", "t2"], engine="loop") as prof:
+        prof.backward(_losses(trunk, heads, x))
+        (buf,) = prof._engine._workspace._bufs.values()
+        assert buf.shape == (3, sum(p.numel() for p in trunk.parameters()))
+    assert prof._engine._workspace._bufs == {}  # released when the profiler closes
+
+
+def _with_extra_leaf(dtype: torch.dtype = torch.float64):
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh()).to(dtype)
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(3)]).to(dtype)
+    temp = nn.Parameter(torch.tensor(0.7, dtype=dtype))  # a leaf every task uses
+    x = torch.randn(6, 5, dtype=dtype)
+
+    def losses(bad: bool = False):
+        z = trunk(x)
+        out = {f"t{i}": (h(z) ** 2).mean() * temp for i, h in enumerate(heads)}
+        if bad:  # t2's head gets an infinite gradient: d sqrt(u)/du at u = 0
+            out["t2"] = (heads[2](z) * 0).abs().sum().sqrt() + out["t2"]
+        return out
+
+    return trunk, [*heads.parameters(), temp], losses
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["finite", "inf-head"])
+def test_loop_writes_the_heads_from_its_own_backward_passes(bad):
+    trunk, others, losses = _with_extra_leaf()
+    w = {"t0": 0.2, "t1": 0.5, "t2": 0.3}
+    params = [*trunk.parameters(), *others]
+    plain = torch.autograd.grad(sum(w[t] * v for t, v in losses(bad).items()), params)
+    with gl.Profiler(trunk, list(w), engine="loop") as prof:
+        L = losses(bad)
+        if bad:
+            with pytest.warns(gl.GradlensWarning, match=r"\['t2'\] have a non-finite"):
+                prof.backward(L, w)
+        else:
+            prof.backward(L, w)
+        # the last per-task backward freed the graph, as the weighted backward would have
+        with pytest.raises(gl.GradlensError, match="graph already freed"):
+            prof.backward(L, w)
+    for p, g in zip(params, plain):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14, equal_nan=True)
+    assert any(not torch.isfinite(p.grad).all() for p in others) == bad
+
+
+def test_loop_keeps_the_graph_when_asked():
+    trunk, others, losses = _with_extra_leaf()
+    with gl.Profiler(trunk, ["t0", "t1", "t2"], engine="loop") as prof:
+        L = losses()
+        prof.backward(L, retain_graph=True)
+        first = [p.grad.clone() for p in others]
+        prof.backward(L)  # the graph is still there
+    for p, g in zip(others, first):
+        torch.testing.assert_close(p.grad, 2 * g)
