@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -188,12 +189,29 @@ def _warm(setup: _Setup, method: str) -> None:
         setup.step(method)
 
 
+@contextlib.contextmanager
+def _kineto_quiet() -> Iterator[None]:
+    """Kineto writes "profiler_start" / "profiler_stop" lines to file descriptor 2 from C++ at
+    every profile (no setting silences them): descriptor 2 points at /dev/null while the profile
+    starts and stops, and back, whatever happens (errors are raised, not printed, in between)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def _cpu_tensor_peak(setup: _Setup, method: str) -> int:
     """Live tensor bytes at their highest during the measured step, from the CPU allocator's
     events since the zero level (see :func:`step_tensor_peak`)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         _warm(setup, method)
         with record_function(_MEASURED):
             setup.step(method)
