@@ -820,7 +820,7 @@ def test_group_ols_matches_least_squares_with_dummies() -> None:
 
 def test_verdicts_from_planted_results(tmp_path: Path) -> None:
     """Finding 1 on planted gains: a steep slope is supported, a flat one is not called either
-    way unless the test has the power; an underpowered test gets no verdict."""
+    way unless the test has the power; MLP sizes alone under 0.8 power get no verdict."""
     from analyses import verdicts
 
     rng = np.random.default_rng(1)
@@ -844,7 +844,14 @@ def test_verdicts_from_planted_results(tmp_path: Path) -> None:
     flat = verdicts.finding1(cap(0.0), noise, n_sim=400)["tests"]["pooled over pairs"]
     assert flat["verdict"] == "equivalent within +-1"
     weak = verdicts.finding1(cap(0.0), {**noise, "sd_size_gain": 8.0}, n_sim=400)["tests"]
-    assert weak["pair a"]["verdict"].startswith("underpowered")
+    # two families: tested by the rule whatever the power (an equivalence shown stands)
+    assert weak["pair a"]["verdict"] == "equivalent within +-1"
+    assert weak["pair a"]["power_at_stated_effect"] < 0.8
+    # MLP sizes alone: the design's rule, "underpowered" (no verdict) under 0.8
+    mlp_only = cap(0.0)
+    mlp_only["pairs"] = {u: p for u, p in mlp_only["pairs"].items() if p["family"] == "mlp"}
+    alone = verdicts.finding1(mlp_only, {**noise, "sd_size_gain": 8.0}, n_sim=400)["tests"]
+    assert alone["pair a"]["verdict"].startswith("underpowered")
     # many tasks: a paired difference well inside the margin with enough replicates
     base = rng.normal(0.9, 0.01, 12)
     arm = {"test_mean": float(base.mean()), "ci_low": 0.0, "ci_high": 1.0}
