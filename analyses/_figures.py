@@ -144,11 +144,12 @@ def gain_vs_params(
 
 
 def size_ticks(ax: Any, n_params: Any) -> None:
-    """A log x axis ticked at the model sizes, labelled as parameter counts ("8.9k"), one tick for
-    sizes within 2 % of each other, no minor labels (they overprint on a short range)."""
+    """A log x axis ticked at the model sizes, labelled as parameter counts ("8.9k"); a size within
+    a factor 1.3 of the last ticked one gets no tick of its own (labels would overprint), nor do
+    minor ticks (they overprint on a short range)."""
     ticks: list[float] = []
     for n in sorted(float(x) for x in set(n_params)):
-        if not ticks or n > 1.02 * ticks[-1]:
+        if not ticks or n > 1.3 * ticks[-1]:
             ticks.append(n)
     ax.set_xscale("log")
     ax.set_xticks(ticks, [params_label(n) for n in ticks], fontsize=7, rotation=45)

@@ -220,7 +220,7 @@ def finding1(cap: Mapping[str, Any], noise: Mapping[str, Any], n_sim: int) -> di
             "verdict": verdict_interval(
                 fit, 1.0, pw, above="supported", below="contradicted",
                 gate=set(sub["family"]) == {"mlp"},
-            ),  # fmt: skip
+            ),
         }
     return out
 
@@ -527,7 +527,9 @@ def _figure(res: Mapping[str, Any]) -> Any:
         t = pd.DataFrame(table)
         for k, (name, sub) in enumerate(t.groupby("unit")):
             sub = sub.sort_values("n_params")
-            line = ax.plot(sub["n_params"], sub[col], marker="osD^v<>"[k % 7], label=name, lw=1)
+            fam = str(sub["family"].iloc[0]) if "family" in sub.columns else "mlp"
+            label = f"{sub['pair'].iloc[0] if 'pair' in sub.columns else name} ({fam.upper()})"
+            line = ax.plot(sub["n_params"], sub[col], marker="osD^v<>"[k % 7], label=label, lw=1)
             if col == "gain_points" and "ci_low_points" in sub.columns:
                 # 95 % intervals: thin, seeds + test-set sampling (bound); thick, seeds only
                 for lo, hi, lw in (
