@@ -226,24 +226,11 @@ class AutoEngine(Engine):
 
     def summary(self) -> list[dict[str, object]]:
         """The decisions made so far, JSON-ready (the run's ``meta["auto"]``)."""
-        out: list[dict[str, object]] = []
-        for (shapes, nodes, device, dtype, T), d in self.decisions.items():
-            if d.winner is None:
-                continue
-            # the key's first item is the tuple of output shapes (see ``key``)
-            shapes = cast("tuple[tuple[int, ...], ...]", shapes)
-            out.append(
-                {
-                    "shapes": [list(s) for s in shapes],
-                    "graph_nodes": nodes,
-                    "device": device,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "tasks": T,
-                    "winner": d.winner,
-                    "seconds": d.best(),
-                }
-            )
-        return out
+        return [
+            {**_key_json(key), "winner": d.winner, "seconds": d.best()}
+            for key, d in self.decisions.items()
+            if d.winner is not None
+        ]
 
     def state_dict(self) -> dict[str, object]:
         """The decisions, finished or still timing: only lists, dicts, numbers and strings (so
@@ -261,20 +248,14 @@ class AutoEngine(Engine):
             (1, ['device', 'dtype', 'graph_nodes', 'shapes', 'tasks', 'times', 'winner'])
             >>> prof.close()
         """
-        decisions: list[dict[str, object]] = []
-        for (shapes, nodes, device, dtype, T), d in self.decisions.items():
-            shapes = cast("tuple[tuple[int, ...], ...]", shapes)
-            decisions.append(
-                {
-                    "shapes": [list(s) for s in shapes],
-                    "graph_nodes": nodes,
-                    "device": device,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "tasks": T,
-                    "times": {name: list(ts) for name, ts in d.times.items()},
-                    "winner": d.winner,
-                }
-            )
+        decisions = [
+            {
+                **_key_json(key),
+                "times": {name: list(ts) for name, ts in d.times.items()},
+                "winner": d.winner,
+            }
+            for key, d in self.decisions.items()
+        ]
         return {"format": STATE_FORMAT, "decisions": decisions}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
@@ -343,3 +324,16 @@ def _parse_state(state: object) -> dict[tuple[object, ...], Decision]:
             f"device, dtype, tasks, times, winner); found an entry it cannot read ({exc!r})."
         ) from None
     return out
+
+
+def _key_json(key: tuple[object, ...]) -> dict[str, object]:
+    """A decision's graph-shape key as JSON (its first item is the tuple of output shapes)."""
+    shapes, nodes, device, dtype, T = key
+    shapes = cast("tuple[tuple[int, ...], ...]", shapes)
+    return {
+        "shapes": [list(s) for s in shapes],
+        "graph_nodes": nodes,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tasks": T,
+    }
