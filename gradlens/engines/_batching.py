@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -151,14 +152,16 @@ def _register() -> Any:
 
 
 @contextmanager
-def batching_rules() -> Iterator[None]:
-    """Register the batching rule above with the dispatcher for the duration of the block."""
+def batching_rules() -> Iterator[bool]:
+    """Register the batching rule above with the dispatcher for the duration of the block; yields
+    whether it is registered (see :func:`_register` for when it is not)."""
     with _LOCK:
         if _STATE["count"] == 0:
             _STATE["lib"] = _register()
         _STATE["count"] += 1
+        registered = _STATE["lib"] is not None
     try:
-        yield
+        yield registered
     finally:
         with _LOCK:
             _STATE["count"] -= 1
@@ -195,9 +198,10 @@ def vmapped_grad_from(
             unused[:] = [g is None for g in gs]
             return tuple(torch.zeros(()) if g is None else g for g in gs)
 
-        with batching_rules(), warnings.catch_warnings():
-            # without the rule (see _register) vmap loops over the tasks there, exactly
-            warnings.filterwarnings("ignore", message="There is a performance drop")
+        with batching_rules() as registered, contextlib.ExitStack() as quiet:
+            if not registered:  # vmap loops over the tasks there, exactly: its warning is noise
+                quiet.enter_context(warnings.catch_warnings())  # (a filter copy: only then)
+                warnings.filterwarnings("ignore", message="There is a performance drop")
             parts.append(torch.func.vmap(one)(*[c[lo : lo + step] for c in cotangents]))
     got = parts[0] if len(parts) == 1 else tuple(torch.cat(gs) for gs in zip(*parts))
     # a vmapped dimension comes back where the batching rules left it (often not in front):

@@ -85,3 +85,25 @@ def test_nested_registrations_share_one():
             assert _registered()
         assert _registered()
     assert not _registered()
+
+
+def test_without_the_rule_vmap_falls_back_exactly_and_quietly(monkeypatch):
+    """A torch whose private API refuses the registration (or batches the op itself): the
+    vmapped backward still matches one backward per task, and torch's slow-path warning, on
+    here and an error under the test settings, is silenced inside the call only."""
+    import gradlens.engines._batching as batching
+
+    monkeypatch.setattr(batching, "_register", lambda: None)
+    torch.manual_seed(1)
+    x = torch.randn(B, H, S, E, dtype=torch.float64, requires_grad=True)
+    out = F.scaled_dot_product_attention(x, x, x)
+    cot = torch.randn(T, *out.shape, dtype=torch.float64)
+    want = _per_task(out, cot, [x])
+    with batching_rules() as registered:
+        assert not registered
+    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+    try:
+        got = vmapped_grad_from([get_gradient_edge(out)], [cot], [x])
+    finally:
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
