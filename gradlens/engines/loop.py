@@ -26,6 +26,7 @@ from gradlens.engines._base import (
     SharedParams,
     Workspace,
     accumulate_grad,
+    accumulate_grads,
     compute_dtype,
     group_by_layer,
 )
@@ -149,18 +150,13 @@ def flat_layer_grams(
 
 def write_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
     """Add the slices of ``flat`` (P,), in parameter order, to the parameters' ``.grad``, as
-    autograd's accumulation does (a fresh tensor of the parameter's dtype when ``.grad`` is
-    None)."""
-    k = 0
+    autograd's accumulation does (:func:`~gradlens.engines._base.accumulate_grads`: a fresh
+    tensor of the parameter's dtype when ``.grad`` is None)."""
+    views, k = [], 0
     for p in params:
-        n = p.numel()
-        g = flat[k : k + n].view(p.shape)
-        k += n
-        grad = p.grad
-        if grad is None:
-            p.grad = g.clone() if g.dtype == p.dtype else g.to(p.dtype)
-        else:
-            grad.add_(g)
+        views.append(flat[k : k + p.numel()].view(p.shape))
+        k += p.numel()
+    accumulate_grads(params, views)
 
 
 class FlatEngine(Engine):
