@@ -295,6 +295,10 @@ class Workspace:
             self._bufs[key] = b
         return b
 
+    def holds(self, key: object, buf: torch.Tensor) -> bool:
+        """Whether ``buf`` is the buffer kept under ``key``."""
+        return self._bufs.get(key) is buf
+
     def clear(self) -> None:
         """Release every buffer."""
         self._bufs.clear()
