@@ -178,7 +178,7 @@ def write_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
     fresh gradient; the common case after ``zero_grad()``), in one call per parameter."""
     views: list[torch.Tensor] = []
     rest: list[torch.Tensor] = []
-    for p, v in zip(params, flat.split([p.numel() for p in params])):
+    for p, v in zip(params, torch.split_with_sizes(flat, [p.numel() for p in params])):
         if p.grad is None and v.dtype is p.dtype:
             p.grad = v.view(p.shape).clone()
         else:
