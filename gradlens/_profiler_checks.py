@@ -266,27 +266,40 @@ def check_features(
 
 
 def stack_grams(
-    computed: Mapping[str, torch.Tensor], layers: Sequence[str] | None, T: int
+    computed: Mapping[str, torch.Tensor],
+    layers: Sequence[str] | None,
+    T: int,
+    stacked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[str, ...]]:
     """The total Gram, the per-layer Grams on CPU (each exactly symmetric, as
     :class:`~gradlens.Snapshot` makes them) and the layers no loss reached.
 
     With ``layers`` (parameter-level engines), every trainable shared layer is listed: one that
-    no loss reached gets a zero Gram and is named in the third item.
+    no loss reached gets a zero Gram and is named in the third item. ``stacked``: ``computed``'s
+    values already stacked in order (``EngineResult.stacked``), used as they are.
+
+    >>> g = {"a": torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)}
+    >>> total, by_layer, unreached = stack_grams(g, ["a", "b"], 2)
+    >>> total.tolist(), by_layer["b"].tolist(), unreached
+    ([[1.0, 1.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]], ('b',))
     """
     unreached = tuple(n for n in layers if n not in computed) if layers is not None else ()
     if unreached and layers is not None:
         device = next(iter(computed.values())).device if computed else torch.device("cpu")
         zero = torch.zeros(T, T, dtype=torch.float64, device=device)
         computed = {n: computed.get(n, zero) for n in layers}
+        stacked = None
     names = list(computed)
     if not names:
         return torch.zeros(T, T, dtype=torch.float64), {}, unreached
-    stacked = torch.stack([computed[n] for n in names]).cpu()
+    if stacked is None or stacked.shape[0] != len(names):
+        stacked = torch.stack([computed[n] for n in names])
+    stacked = stacked.cpu()
     total = stacked.sum(0)
     if stacked.shape[-1] == stacked.shape[-2]:
-        # symmetric as a Snapshot makes them (the same numbers, see snapshot._symmetric): the
-        # profiler then builds its Snapshot without a second pass (snapshot._symmetric_given)
-        total = (total + total.T) / 2
-        stacked = (stacked + stacked.transpose(1, 2)) / 2
+        # symmetric as a Snapshot makes them (the same numbers, see snapshot._symmetric; halving
+        # is exact, as the division by 2 there): the profiler then builds its Snapshot without a
+        # second pass (snapshot._symmetric_given)
+        total = (total + total.T).mul_(0.5)
+        stacked = (stacked + stacked.transpose(1, 2)).mul_(0.5)
     return total, dict(zip(names, stacked.unbind(0))), unreached

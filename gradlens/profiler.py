@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -406,7 +407,9 @@ class Profiler:
         if rest and not measure_only:
             torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
         layers = self._shared.layers if self._engine.level == "parameters" else None
-        gram, layer_grams, unreached = stack_grams(result.layer_grams, layers, len(self.tasks))
+        gram, layer_grams, unreached = stack_grams(
+            result.layer_grams, layers, len(self.tasks), result.stacked
+        )
         if scale is not None:
             inv2 = 1.0 / float(scale) ** 2  # GradScaler scales are powers of two: exact
             if not bool(torch.isfinite(gram).all()):
@@ -550,6 +553,9 @@ class Profiler:
             update(auto=self._engine.summary())
 
     def _flag_zero(self, snap: Snapshot) -> None:
+        d = torch.diagonal(snap.gram, dim1=-2, dim2=-1).tolist()
+        if all(math.isfinite(x) and x > 0 for x in d):
+            return  # the usual case, from one read of the diagonal
         bad = [t for t in snap.nonfinite_tasks if t not in self._warned_nonfinite]
         if bad:
             self._warned_nonfinite.update(bad)

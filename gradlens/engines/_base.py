@@ -182,6 +182,9 @@ class EngineResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: Facts about this probe worth recording in the Snapshot (see ``Snapshot.notes``).
     notes: list[str] = field(default_factory=list)
+    #: ``layer_grams``' values as the rows of one ``(L, T, T)`` tensor, in the same order, when
+    #: the engine computed them so (the profiler then stacks nothing); None otherwise.
+    stacked: torch.Tensor | None = None
 
 
 class Engine(ABC):

@@ -131,7 +131,8 @@ def flat_layer_grams(
     >>> g["a"].tolist(), g["b"].dtype
     ([[1.0, 7.0], [7.0, 85.0]], torch.float64)
     """
-    return GramPlan(J, columns).run()
+    plan = GramPlan(J, columns)
+    return dict(zip(plan.layers, plan.run().unbind(0)))
 
 
 class GramPlan:
@@ -159,8 +160,9 @@ class GramPlan:
         one_each = owner == list(range(len(self.layers)))
         self._owner = None if one_each else torch.tensor(owner, device=J.device)
 
-    def run(self) -> dict[str, torch.Tensor]:
-        """The Grams of the buffer's current contents, by layer (float64)."""
+    def run(self) -> torch.Tensor:
+        """The Grams of the buffer's current contents: ``(L, T, T)`` float64, one row per layer
+        of :attr:`layers`."""
         for blk, blk_t, out in self._products:
             torch.mm(blk, blk_t, out=out)
         grams = self._out.to(torch.float64, copy=True)  # never the buffer the next run rewrites
@@ -168,7 +170,7 @@ class GramPlan:
             T = grams.shape[-1]
             total = torch.zeros((len(self.layers), T, T), dtype=grams.dtype, device=grams.device)
             grams = total.index_add_(0, self._owner, grams)
-        return dict(zip(self.layers, grams.unbind(0)))
+        return grams
 
 
 def write_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
@@ -245,7 +247,8 @@ class FlatEngine(Engine):
         (or, with ``ctx.keep_blocks``, a writer that writes it once the weights are known);
         ``others``: ``(leaf, sum_t w_t g_t)`` of the :meth:`other_leaves`, written too (None:
         no task reaches it)."""
-        grams = self._grams(J, params)
+        layers, stacked = self._grams(J, params)
+        grams = dict(zip(layers, stacked.unbind(0)))
         rules = dict.fromkeys(grams, self.name)
         layer_of = self.shared.layer_of
 
@@ -258,24 +261,27 @@ class FlatEngine(Engine):
                 k += p.numel()
 
         if ctx.keep_blocks:  # the per-task gradients are at hand: write once weights are known
-            return EngineResult(grams, rules, set(), writer=write)
+            return EngineResult(grams, rules, set(), writer=write, stacked=stacked)
         # the weighted sum as one product over the flattened per-task gradients
         write_flat(params, ctx.weights.to(J.dtype) @ J)
         for leaf, g in others:
             if g is not None:
                 accumulate_grad(leaf, g)
-        return EngineResult(grams, rules, {id(p) for p in [*params, *(v for v, _ in others)]})
+        written = {id(p) for p in [*params, *(v for v, _ in others)]}
+        return EngineResult(grams, rules, written, stacked=stacked)
 
-    def _grams(self, J: torch.Tensor, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """:func:`flat_layer_grams` of ``J``, by a :class:`GramPlan` kept while ``J`` is the
-        workspace's buffer (made afresh for a buffer that is not kept between probes)."""
+    def _grams(
+        self, J: torch.Tensor, params: list[torch.Tensor]
+    ) -> tuple[list[str], torch.Tensor]:
+        """The layers and their Grams, stacked (:meth:`GramPlan.run`), by a plan kept while
+        ``J`` is the workspace's buffer (made afresh for a buffer not kept between probes)."""
         columns = self._columns(params)
-        if not self._workspace.holds("J", J):
-            return GramPlan(J, columns).run()
         plan = self._plan
-        if plan is None or plan.source is not J or plan.columns is not columns:
+        if not self._workspace.holds("J", J):
+            plan = GramPlan(J, columns)
+        elif plan is None or plan.source is not J or plan.columns is not columns:
             plan = self._plan = GramPlan(J, columns)
-        return plan.run()
+        return plan.layers, plan.run()
 
     def _columns(self, params: list[torch.Tensor]) -> dict[str, list[tuple[int, int]]]:
         """:func:`layer_columns` of ``params``, kept for the parameter set of the last probe."""
