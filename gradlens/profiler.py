@@ -47,6 +47,7 @@ from gradlens._profiler_checks import (
     uncompiled,
     weight_values,
 )
+from gradlens._profiler_state import load_state, save_state
 from gradlens._validate import check_int, check_tasks
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
@@ -227,6 +228,38 @@ class Profiler:
             >>> prof.close()
         """
         return self._run(losses, weights, features, True, grad_scale, write=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on as this one: the step (the position in the probe
+        schedule), a Gram weighting's held weights and ``auto``'s decisions (so each graph
+        shape is served by the engine it chose: bit-identical numbers). Save it with the model
+        and optimizer; only tensors, dicts, lists, numbers and strings.
+
+        Example:
+            >>> import torch, gradlens as gl
+            >>> trunk = torch.nn.Linear(3, 2)
+            >>> def losses():
+            ...     out = trunk(torch.randn(5, 3))
+            ...     return {"a": out[:, 0].mean(), "b": out[:, 1].mean()}
+            >>> with gl.Profiler(trunk, tasks=["a", "b"]) as prof:
+            ...     for _ in range(30):  # auto times its candidates, then keeps the fastest
+            ...         _ = prof.backward(losses())
+            ...     state = prof.state_dict()
+            >>> chosen = state["auto"]["decisions"][0]["winner"]
+            >>> with gl.Profiler(trunk, tasks=["a", "b"]) as resumed:  # e.g. after a restart
+            ...     resumed.load_state_dict(state)
+            ...     snap = resumed.backward(losses())
+            >>> snap.step, snap.engine == chosen
+            (30, True)
+        """
+        return save_state(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` saved by a profiler with the same tasks (raises
+        :class:`~gradlens.GradlensError` for anything else, changing nothing). A state without
+        ``auto`` decisions loaded into an ``auto`` profiler warns: its candidates are timed anew.
+        """
+        load_state(self, state)
 
     def close(self) -> None:
         """Remove every hook from the model and flush and close the store and sinks."""
