@@ -39,6 +39,7 @@ from gradlens._profiler_checks import (
     check_features,
     check_finite,
     check_scale,
+    check_sparse,
     grads_kept,
     no_autocast,
     open_store,
@@ -404,6 +405,9 @@ class Profiler:
         graph = GraphIndex.build(L)  # raises before any side effect (reentrant checkpoint)
         leaves = graph.leaves
         reached = [p for p in self._shared.params if id(p) in leaves]
+        sparse = graph.sparse_leaves()
+        if sparse:
+            check_sparse(self._shared, reached, sparse, self._engine)
         notes: list[str] = []
         if self._engine.uses_hooks and self._forward_hook is not None and not self._seen_forward:
             notes.append(UNRECORDED)
@@ -425,6 +429,7 @@ class Profiler:
             retain_graph=retain_graph or weighting is not None,
             keep_blocks=weighting is not None and write,
             graph=graph,
+            sparse=sparse,
         )
         # engines compute in the dtypes of the recorded tensors, never under an autocast region
         with no_autocast(L.device.type):
@@ -547,12 +552,15 @@ class Profiler:
         retain_graph: bool,
     ) -> None:
         """``J_l^T w_l`` on each shared layer, ``sum_t w_t`` of the gradients on other leaves."""
-        leaves = GraphIndex.build(Ls).leaves
+        graph = GraphIndex.build(Ls)
+        leaves = graph.leaves
         shared = [p for p in self._shared.params if id(p) in leaves]
         # a layer the held probe did not reach (conditional computation) takes the total weights
         missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
         lw = {**layer_w, **dict.fromkeys(missing, w.detach().cpu())}
-        _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget)
+        _weighting.write_per_layer(
+            Ls, shared, self._shared.layer_of, lw, self._budget, graph.sparse_leaves()
+        )
         self._write_rest(Ls, w, retain_graph, leaves)
 
     def _log_auto(self) -> None:
