@@ -227,3 +227,32 @@ def test_held_per_layer_weights_write_a_sparse_gradient_on_unprobed_steps():
         lw = held.layer_weights[name.rpartition(".")[0]]
         want = torch.autograd.grad(lw @ L, p, retain_graph=True)[0]
         torch.testing.assert_close(p.grad.to_dense(), want.to_dense(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_channels_last_model_gets_grads_laid_out_as_its_parameters(engine):
+    """autograd's gradient layout contract (a new .grad has its parameter's strides), which
+    DDP's gradient buckets rely on: the engines keep it for a channels-last CNN."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ).double().to(memory_format=torch.channels_last)
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in W3]).double()
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64).to(memory_format=torch.channels_last)
+
+    def losses():
+        z = trunk(x)
+        return {t: (h(z) ** 2).mean() for t, h in zip(W3, heads)}
+
+    params = list(trunk.parameters())
+    plain = torch.autograd.grad(sum(W3[t] * v for t, v in losses().items()), params)
+    with gl.Profiler(trunk, list(W3), engine=engine) as prof:
+        L = losses()
+        ref = reference_grams(L, trunk)
+        snap = prof.backward(L, W3)
+    assert_gram_close(snap.gram, ref.gram, 1e-12)
+    assert trunk[0].weight.stride() != trunk[0].weight.contiguous().stride()
+    for p, g in zip(params, plain):
+        assert p.grad.stride() == g.stride() == p.stride()
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)

@@ -243,10 +243,25 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     if grad is None:
         # alias a tensor that owns exactly its storage (as autograd steals a fresh gradient);
         # copy a slice of a larger buffer or a strided view
-        own = g.is_contiguous() and g.untyped_storage().nbytes() == g.numel() * g.element_size()
-        p.grad = g if own else g.clone(memory_format=torch.contiguous_format)
+        own = g.untyped_storage().nbytes() == g.numel() * g.element_size()
+        if p.is_contiguous():
+            own = own and g.is_contiguous()
+            p.grad = g if own else g.clone(memory_format=torch.contiguous_format)
+        else:  # autograd's layout contract: a new .grad has its parameter's strides
+            p.grad = g if own and g.stride() == p.stride() else new_grad(p, g)
     else:
         grad.add_(g)
+
+
+def new_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A copy of ``g`` laid out as ``p`` (autograd's gradient layout contract: a channels-last
+    weight gets a channels-last ``.grad``).
+
+    >>> p = torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    >>> new_grad(p, torch.ones(2, 3, 4, 4)).stride() == p.stride()
+    True
+    """
+    return torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
 
 
 def accumulate_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:

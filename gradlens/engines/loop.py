@@ -30,6 +30,7 @@ from gradlens.engines._base import (
     accumulate_grads,
     compute_dtype,
     group_by_layer,
+    new_grad,
 )
 
 __all__ = [
@@ -204,7 +205,8 @@ def write_flat(
         if skip and id(p) in skip:
             continue
         if p.grad is None and v.dtype is p.dtype:
-            p.grad = v.view(p.shape).clone()
+            v = v.view(p.shape)
+            p.grad = v.clone() if p.is_contiguous() else new_grad(p, v)
         else:
             rest.append(p)
             views.append(v.view(p.shape))
