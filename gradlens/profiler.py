@@ -48,7 +48,7 @@ from gradlens._profiler_checks import (
     uncompiled,
     weight_values,
 )
-from gradlens._profiler_state import load_state, save_state
+from gradlens._profiler_state import load_state, log_auto, save_state
 from gradlens._validate import check_int, check_tasks
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
@@ -115,7 +115,7 @@ class Profiler:
         self._engine: Engine = self._make_engine(engine)
         self._schedule = as_schedule(every)
         self._budget: int = check_int("memory_budget", memory_budget, minimum=1)
-        self.step = 0
+        self._step = 0
         self._closed = False
         self._warnings = ProbeWarnings()
         self._device_ok: torch.device | None = None
@@ -149,6 +149,18 @@ class Profiler:
     def engine(self) -> str:
         """Name of the engine in use."""
         return self._engine.name
+
+    @property
+    def step(self) -> int:
+        """The training step the next ``backward``/``observe`` call is (the schedule's input);
+        set it to continue a run elsewhere than at 0 (as :meth:`load_state_dict` does)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = check_int("step", value, minimum=0)
+        # the engine records the coming forward only if that step is probed
+        self._engine.set_recording(bool(self._schedule(self._step)))
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -359,7 +371,6 @@ class Profiler:
             raise
         # the step advances only when the call succeeded: a failed call can be retried
         self.step = step + 1
-        self._engine.set_recording(bool(self._schedule(self.step)))
         snap = self._after(snap, write)
         if snap is not None:
             for sink in self._sinks:
@@ -476,7 +487,7 @@ class Profiler:
                 **extra,
             )
         self._warnings.check(snap)
-        self._log_auto()
+        log_auto(self)
         return snap
 
     def _apply_weighting(
@@ -562,19 +573,6 @@ class Profiler:
             Ls, shared, self._shared.layer_of, lw, self._budget, graph.sparse_leaves()
         )
         self._write_rest(Ls, w, retain_graph, leaves)
-
-    def _log_auto(self) -> None:
-        """Write ``auto``'s decisions, as they are made, into the run store's meta
-        (``meta["auto"]``; not to dashboards, some of which refuse a parameter that changes)."""
-        if not isinstance(self._engine, AutoEngine) or self.store is None:
-            return
-        done = {k for k, d in self._engine.decisions.items() if d.winner is not None}
-        if done <= self._auto_logged:
-            return
-        self._auto_logged |= done
-        update = getattr(self.store, "update_meta", None)
-        if callable(update):
-            update(auto=self._engine.summary())
 
     def _meta(self, meta: Mapping[str, Any] | None, engine: str, every: object) -> dict[str, Any]:
         out: dict[str, Any] = {
