@@ -50,7 +50,7 @@ from gradlens.engines._batching import vmapped_grad_from
 from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import segmented
-from gradlens.engines.rules import Rule, rule_for
+from gradlens.engines.rules import Rule, served_modules
 from gradlens.engines.rules.linear import linear_group_stacked, linear_rule
 
 __all__ = ["UNRECORDED", "GramianEngine"]
@@ -81,6 +81,8 @@ class GramianEngine(Engine):
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize[..., GramianEngine] | None = None
+        self._attached = False
+        self._plan: list[tuple[str, nn.Module, Rule]] | None = None
         #: how the second stage backpropagates the T cotangents through the shared part:
         #: ``"looped"`` (one backward per task), ``"vmap"`` (one batched backward per segment,
         #: chunked over tasks under the memory budget), or None for the default (``"vmap"``)
@@ -90,32 +92,38 @@ class GramianEngine(Engine):
 
     # -- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
+        self._attached = True
+        if self._recording:
+            self._install()
+
+    def _install(self) -> None:
+        """Register the forward hooks (a module with a forward hook takes torch's slower call
+        path even when the hook returns at once: they are on only while a probed forward may
+        come, see :meth:`set_recording`)."""
         root = self.shared.module
-        if root is None:
+        if root is None or self._handles:
             return
-        # frozen parameters too: one unfrozen later is served by its rule from then on
-        shared_ids = {id(p) for p in self.shared.all_params}
-        owners: dict[int, int] = {}
-        for _, mod in root.named_modules():
-            for p in mod.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        for _name, mod in root.named_modules():
-            own = [p for p in mod.parameters(recurse=False) if id(p) in shared_ids]
-            rule = rule_for(mod) if own else None
-            if rule is None:
-                continue
-            if any(owners[id(p)] > 1 for p in own):  # tied to another module: generic path
-                continue
-            layer = self.shared.layer_of[id(own[0])]
+        if self._plan is None:
+            shared_ids = {id(p) for p in self.shared.all_params}
+            self._plan = [
+                (self.shared.layer_of[id(own[0])], mod, rule)
+                for mod, own, rule in served_modules(root, shared_ids)
+            ]
+        for layer, mod, rule in self._plan:
             self._modules[layer] = (mod, rule)
             self._handles.append(mod.register_forward_hook(self._hook(layer, rule)))
         self._handles.append(root.register_forward_hook(self._boundary_hook()))
         self._finalizer = weakref.finalize(self, _remove, list(self._handles))
 
-    def detach(self) -> None:
+    def _uninstall(self) -> None:
         if self._finalizer is not None:
             self._finalizer()
+            self._finalizer = None
         self._handles.clear()
+
+    def detach(self) -> None:
+        self._attached = False
+        self._uninstall()
         self._records.clear()
         self._boundary.clear()
 
@@ -123,6 +131,11 @@ class GramianEngine(Engine):
         self._recording = on
         if not on:
             self.discard()
+        if self._attached:  # the hooks follow: on for a probed forward only
+            if on:
+                self._install()
+            else:
+                self._uninstall()
 
     def discard(self) -> None:
         self._records.clear()
