@@ -51,7 +51,7 @@ from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import segmented
 from gradlens.engines.rules import Rule, rule_for
-from gradlens.engines.rules.linear import linear_group_stacked, linear_rule
+from gradlens.engines.rules.linear import conv1d_rule, linear_group_stacked, linear_rule
 
 __all__ = ["UNRECORDED", "GramianEngine"]
 
@@ -323,18 +323,20 @@ class GramianEngine(Engine):
         for k, (layer, raw) in enumerate(ready):
             recs = rule_layers[layer]
             d = raw[0]
-            if self._modules[layer][1].fn is linear_rule and len(recs) == 1 and d is not None:
+            fn = self._modules[layer][1].fn
+            if (fn is linear_rule or fn is conv1d_rule) and len(recs) == 1 and d is not None:
                 x = recs[0].input
                 if d.dtype == x.dtype and d.dtype.is_floating_point and d.dtype.itemsize >= 4:
-                    groups.setdefault((x.shape, d.shape, d.dtype, d.device), []).append(k)
+                    key = (fn is conv1d_rule, x.shape, d.shape, d.dtype, d.device)
+                    groups.setdefault(key, []).append(k)
         done: set[int] = set()
-        for members in groups.values():
+        for (transposed, *_), members in groups.items():
             if len(members) < 2:
                 continue
             mods = [self._modules[ready[k][0]][0] for k in members]
             xs = [rule_layers[ready[k][0]][0].input for k in members]
             ds = [ready[k][1][0] for k in members]
-            out = linear_group_stacked(mods, xs, ds, v, budget)
+            out = linear_group_stacked(mods, xs, ds, v, budget, transposed=transposed)
             del xs, ds
             if out is None:
                 continue

@@ -262,14 +262,21 @@ def linear_group_stacked(
     out_grads: Sequence[torch.Tensor | None],
     weights: torch.Tensor | None,
     budget: int,
+    *,
+    transposed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """:func:`linear_group`'s numbers stacked over the layers: the Grams ``(L, T, T)`` (float64),
-    the weighted weight gradients ``(L, out, in)`` and bias gradients ``(L, out)`` (None where
-    ``weights`` is None or the layers have no trainable bias).
+    the weighted weight gradients ``(L, *weight.shape)`` and bias gradients ``(L, out)`` (None
+    where ``weights`` is None or the layers have no trainable bias). ``transposed``: the layers
+    store their weight as (in, out), as Hugging Face's ``Conv1D`` does (:func:`conv1d_rule`).
+
+    The path :func:`linear_grads` would take for one of the layers, batched over the layers:
+    the kernel path, or the gradient path (each task's weight gradient ``D_t^T A`` of every layer
+    from one batched product, then the Grams from them).
 
     None when the group is not served this way: the layers' trainable parameters differ, a
-    layer has no trainable weight, the kernel path is not the cheaper one, or the group's
-    blocks exceed ``budget``, or the fused (compiled) path is enabled for their device.
+    layer has no trainable weight, the group's blocks exceed ``budget``, or the fused (compiled)
+    path is enabled for their device.
 
     >>> lins = [nn.Linear(8, 6) for _ in range(2)]
     >>> G, gW, gb = linear_group_stacked(
@@ -286,23 +293,38 @@ def linear_group_stacked(
     ) or any(d is None for d in out_grads):
         return None
     has_w, has_b = flag
-    out_f, in_f = W0.shape
+    in_f, out_f = W0.shape if transposed else W0.shape[::-1]
     d0 = out_grads[0]
     assert d0 is not None
     T, n_layers, N = d0.shape[0], len(modules), inputs[0].numel() // in_f
+    itemsize = d0.element_size()
     kernel_flops = N * N * in_f + T * N * N * out_f + T * T * N * out_f
     grad_flops = T * N * out_f * in_f + T * T * out_f * in_f
-    block = n_layers * (2 * T * N * out_f + N * N + N * in_f) * d0.element_size()
-    if not has_w or kernel_flops > grad_flops or block > budget:
+    kernel = N * N * itemsize <= budget and kernel_flops <= grad_flops
+    per_layer = (2 * T * N * out_f + N * N) if kernel else (T * N * out_f + T * out_f * in_f)
+    if not has_w or n_layers * (per_layer + N * in_f) * itemsize > budget:
         return None
     if _fused.enabled_for(d0.device):  # the compiled per-layer kernel path was asked for
         return None
     # (a reshape costs a dispatch even when it changes nothing: only where the shape differs)
     a_shape, d_shape = (N, in_f), (T, N, out_f)
     A = torch.stack([x if x.shape == a_shape else x.reshape(a_shape) for x in inputs])  # L x N x in
-    D = torch.stack(  # L x T x N x out
-        [d if d.shape == d_shape else d.reshape(d_shape) for d in out_grads if d is not None]
-    )
+    ds = [d if d.shape == d_shape else d.reshape(d_shape) for d in out_grads if d is not None]
+    w = None if weights is None else weights.to(d0.dtype)
+    if kernel:
+        G, gW, gb = _group_kernel(A, torch.stack(ds), w, has_b)
+    else:
+        G, gW, gb = _group_grads(A, torch.stack([d.transpose(1, 2) for d in ds]), w, has_b)
+    if gW is not None and transposed:
+        gW = gW.transpose(1, 2)
+    return G, gW, gb
+
+
+def _group_kernel(
+    A: torch.Tensor, D: torch.Tensor, w: torch.Tensor | None, has_b: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The kernel path over L layers: ``A`` (L, N, in), ``D`` (L, T, N, out)."""
+    n_layers, T, N, out_f = D.shape
     K = A @ A.transpose(1, 2)  # L x N x N
     if has_b:
         K += 1.0
@@ -311,9 +333,28 @@ def linear_group_stacked(
     G = Df @ KD.transpose(1, 2)  # L x T x T
     del KD
     G = (G.tril() + G.tril(-1).transpose(1, 2)).to(torch.float64)  # exactly symmetric
-    if weights is None:  # the Grams only
+    if w is None:  # the Grams only
         return G, None, None
-    w = weights if weights.dtype == D.dtype else weights.to(D.dtype)
     Dw = torch.matmul(w, Df).reshape(n_layers, N, out_f)
     gW = Dw.transpose(1, 2) @ A  # L x out x in
     return G, gW, Dw.sum(1) if has_b else None
+
+
+def _group_grads(
+    A: torch.Tensor, Dt: torch.Tensor, w: torch.Tensor | None, has_b: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The gradient path over L layers: ``A`` (L, N, in), ``Dt`` (L, T, out, N), contiguous:
+    every task's weight gradient from one batched product, ``(L, T * out, N) @ (L, N, in)``."""
+    n_layers, T, out_f, N = Dt.shape
+    in_f = A.shape[2]
+    g = torch.bmm(Dt.view(n_layers, T * out_f, N), A).view(n_layers, T, out_f * in_f)
+    G = torch.bmm(g, g.transpose(1, 2))  # L x T x T
+    G = (G.tril() + G.tril(-1).transpose(1, 2)).to(torch.float64)  # exactly symmetric
+    S = Dt.sum(3) if has_b else None  # L x T x out: the bias gradients
+    if S is not None:  # (summed in float64, as the per-layer rule does)
+        GS = torch.bmm(S, S.transpose(1, 2))
+        G += (GS.tril() + GS.tril(-1).transpose(1, 2)).to(torch.float64)
+    if w is None:  # the Grams only
+        return G, None, None
+    gW = torch.matmul(w, g).view(n_layers, out_f, in_f)
+    return G, gW, None if S is None else torch.matmul(w, S)
