@@ -336,7 +336,8 @@ def test_conv1d_group_equals_the_rule():
     out = linear_mod.linear_group_stacked(mods, xs, ds, w, 1 << 30, transposed=True)
     assert out is not None
     G, gW, gb = out
-    assert gW is not None and gb is not None
+    assert gW is not None
+    assert gb is not None
     for k, (m, x, d) in enumerate(zip(mods, xs, ds)):
         G_ref, ref = linear_mod.conv1d_rule(m, [x], [d], w, 1 << 30)
         torch.testing.assert_close(G[k], G_ref, rtol=1e-12, atol=1e-12 * float(G_ref.max()))
