@@ -330,9 +330,10 @@ class GramianEngine(Engine):
                     key = (fn is conv1d_rule, x.shape, d.shape, d.dtype, d.device)
                     groups.setdefault(key, []).append(k)
         done: set[int] = set()
-        for (transposed, *_), members in groups.items():
+        for key, members in groups.items():
             if len(members) < 2:
                 continue
+            transposed = key[0] is True
             mods = [self._modules[ready[k][0]][0] for k in members]
             xs = [rule_layers[ready[k][0]][0].input for k in members]
             ds = [ready[k][1][0] for k in members]
