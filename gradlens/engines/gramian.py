@@ -317,8 +317,8 @@ class GramianEngine(Engine):
         """Run the rules of the layers completed in one batch; yield ``(layers, Grams)``: one
         layer and its Gram, or a group of layers and their Grams stacked ``(n, T, T)`` (weighted
         gradients written unless ``v`` is None: the writer writes once the weights are known).
-        Single-call Linear layers of one shape and dtype (at least float32: half precision is
-        widened per layer, as before) go through one grouped computation."""
+        Single-call Linear (or HF Conv1D) layers of one shape and dtype (at least float32: half
+        precision is widened per layer, as before) go through one grouped computation."""
         groups: dict[tuple[object, ...], list[int]] = {}
         for k, (layer, raw) in enumerate(ready):
             recs = rule_layers[layer]
@@ -327,8 +327,8 @@ class GramianEngine(Engine):
             if (fn is linear_rule or fn is conv1d_rule) and len(recs) == 1 and d is not None:
                 x = recs[0].input
                 if d.dtype == x.dtype and d.dtype.is_floating_point and d.dtype.itemsize >= 4:
-                    key = (fn is conv1d_rule, x.shape, d.shape, d.dtype, d.device)
-                    groups.setdefault(key, []).append(k)
+                    at = (fn is conv1d_rule, x.shape, d.shape, d.dtype, d.device)
+                    groups.setdefault(at, []).append(k)
         done: set[int] = set()
         for key, members in groups.items():
             if len(members) < 2:
