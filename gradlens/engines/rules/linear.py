@@ -302,19 +302,22 @@ def linear_group_stacked(
     grad_flops = T * N * out_f * in_f + T * T * out_f * in_f
     kernel = N * N * itemsize <= budget and kernel_flops <= grad_flops
     per_layer = (2 * T * N * out_f + N * N) if kernel else (T * N * out_f + T * out_f * in_f)
-    if not has_w or n_layers * (per_layer + N * in_f) * itemsize > budget:
+    if not has_w or n_layers * (per_layer + N * (in_f + 1)) * itemsize > budget:
         return None
     if _fused.enabled_for(d0.device):  # the compiled per-layer kernel path was asked for
         return None
-    # (a reshape costs a dispatch even when it changes nothing: only where the shape differs)
-    a_shape, d_shape = (N, in_f), (T, N, out_f)
-    A = torch.stack([x if x.shape == a_shape else x.reshape(a_shape) for x in inputs])  # L x N x in
-    ds = [d if d.shape == d_shape else d.reshape(d_shape) for d in out_grads if d is not None]
+    # (stacked first, reshaped after: the stack is the one copy, whatever the blocks' layout)
+    A = torch.stack(list(inputs)).reshape(n_layers, N, in_f)  # (inputs: contiguous)
+    ds = [d for d in out_grads if d is not None]
     w = None if weights is None else weights.to(d0.dtype)
     if kernel:
-        G, gW, gb = _group_kernel(A, torch.stack(ds), w, has_b)
-    else:
-        G, gW, gb = _group_grads(A, torch.stack([d.transpose(1, 2) for d in ds]), w, has_b)
+        G, gW, gb = _group_kernel(A, torch.stack(ds).reshape(n_layers, T, N, out_f), w, has_b)
+    else:  # each task's block laid out (out, N), to multiply A from the right
+        # (into a contiguous buffer: a stack of permuted blocks may keep their layout)
+        Dt = d0.new_empty((n_layers, T, out_f, *d0.shape[1:-1]))
+        torch.stack([d.movedim(-1, 1) for d in ds], out=Dt)
+        Dt = Dt.view(n_layers, T, out_f, N)
+        G, gW, gb = _group_grads(A, Dt, w, has_b)
     if gW is not None and transposed:
         gW = gW.transpose(1, 2)
     return G, gW, gb
@@ -344,17 +347,18 @@ def _group_grads(
     A: torch.Tensor, Dt: torch.Tensor, w: torch.Tensor | None, has_b: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The gradient path over L layers: ``A`` (L, N, in), ``Dt`` (L, T, out, N), contiguous:
-    every task's weight gradient from one batched product, ``(L, T * out, N) @ (L, N, in)``."""
+    every task's weight gradient of every layer from one batched product, ``(L, T * out, N) @
+    (L, N, in)``; with a bias, ``A`` gets a column of ones, so the same product yields each
+    task's bias gradient beside its weight gradient (``D_t^T 1``) and the Gram of both. The
+    Grams are symmetric up to rounding (the profiler symmetrises every Gram)."""
     n_layers, T, out_f, N = Dt.shape
     in_f = A.shape[2]
-    g = torch.bmm(Dt.view(n_layers, T * out_f, N), A).view(n_layers, T, out_f * in_f)
-    G = torch.bmm(g, g.transpose(1, 2))  # L x T x T
-    G = (G.tril() + G.tril(-1).transpose(1, 2)).to(torch.float64)  # exactly symmetric
-    S = Dt.sum(3) if has_b else None  # L x T x out: the bias gradients
-    if S is not None:  # (summed in float64, as the per-layer rule does)
-        GS = torch.bmm(S, S.transpose(1, 2))
-        G += (GS.tril() + GS.tril(-1).transpose(1, 2)).to(torch.float64)
+    if has_b:
+        A = torch.nn.functional.pad(A, (0, 1), value=1.0)  # L x N x (in + 1)
+    cols = in_f + has_b
+    g = torch.bmm(Dt.view(n_layers, T * out_f, N), A).view(n_layers, T, out_f * cols)
+    G = torch.bmm(g, g.transpose(1, 2)).to(torch.float64)  # L x T x T
     if w is None:  # the Grams only
         return G, None, None
-    gW = torch.matmul(w, g).view(n_layers, out_f, in_f)
-    return G, gW, None if S is None else torch.matmul(w, S)
+    gw = torch.matmul(w, g).view(n_layers, out_f, cols)
+    return G, gw[:, :, :in_f], gw[:, :, in_f] if has_b else None
