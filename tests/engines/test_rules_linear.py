@@ -361,3 +361,52 @@ def test_grouped_layers_in_a_probe_equal_the_reference_and_the_plain_grad(monkey
         assert_gram_close(snap.layer_grams[layer], g, 1e-10)
     for p, h in zip(grads, plain):
         torch.testing.assert_close(p, h, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_group_gradient_path_writes_into_given_buffers():
+    """``buffer``: the gradient path's two large blocks come from it (the gramian engine keeps
+    them from one probe to the next); the numbers are those of fresh blocks."""
+    torch.manual_seed(8)
+    T, N = 2, 64
+    lins = [nn.Linear(WIDTH, WIDTH).double() for _ in range(2)]
+    xs = [torch.randn(N, WIDTH, dtype=torch.float64) for _ in lins]
+    ds = [torch.randn(T, N, WIDTH, dtype=torch.float64) for _ in lins]
+    w = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    kept: dict[str, torch.Tensor] = {}
+
+    def buffer(name, shape, like):
+        if name not in kept or kept[name].shape != shape:
+            kept[name] = like.new_full(shape, float("nan"))  # garbage left from a last probe
+        return kept[name]
+
+    fresh = linear_mod.linear_group_stacked(lins, xs, ds, w, 1 << 30)
+    for _ in range(2):  # the second call reuses the blocks of the first
+        got = linear_mod.linear_group_stacked(lins, xs, ds, w, 1 << 30, buffer=buffer)
+        assert fresh is not None
+        assert got is not None
+        for a, b in zip(got, fresh):
+            assert a is not None
+            assert b is not None
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+    assert sorted(kept) == ["grads-in", "grads-out"]
+
+
+def test_gramian_keeps_the_grouped_blocks_between_probes_and_stays_exact():
+    snaps = []
+    torch.manual_seed(9)
+    trunk = nn.Sequential(
+        nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh()
+    ).double()
+    heads = nn.ModuleList([nn.Linear(WIDTH, 1) for _ in range(3)]).double()
+    x = torch.randn(4 * WIDTH, WIDTH, dtype=torch.float64)  # rows > width: the gradient path
+    with gl.Profiler(trunk, ["a", "b", "c"], engine="gramian") as prof:
+        for _ in range(2):
+            z = trunk(x)
+            losses = {t: (h(z) ** 2).mean() for t, h in zip(["a", "b", "c"], heads)}
+            ref = reference_grams(losses, trunk)
+            snaps.append((prof.backward(losses), ref))
+        kept = prof._engine._workspace._bufs  # type: ignore[attr-defined]  # the gramian engine's
+        assert {name for name, _ in kept} == {"grads-in", "grads-out"}
+    for snap, ref in snaps:
+        for layer, g in ref.layer_grams.items():
+            assert_gram_close(snap.layer_grams[layer], g, 1e-10)

@@ -10,6 +10,7 @@ gradients are ``T x 2C`` numbers: the Gram is their product.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -137,22 +138,25 @@ def layer_norm_group(
         return None
     has_w, has_b = flags
     n_layers, T = len(modules), d0.shape[0]
-    X = torch.stack(list(inputs)).to(d0.dtype)  # L x *x
-    D = torch.stack(list(out_grads))  # L x T x *x
-    axes = tuple(a + 2 for a in _param_axes(m0, x0))
-    rows = []
-    if has_w:
-        xhat = F.layer_norm(X, m0.normalized_shape, eps=m0.eps).unsqueeze(1)
-        rows.append((D * xhat).sum(axes).reshape(n_layers, T, -1))
-    if has_b:
-        rows.append(D.sum(axes).reshape(n_layers, T, -1))
-    J = torch.cat(rows, dim=2) if len(rows) > 1 else rows[0]  # L x T x (C or 2C)
+    C = math.prod(m0.normalized_shape)
+    axes = tuple(a + 1 for a in _param_axes(m0, x0))
+    # per layer, into slices of J (L x T x (C or 2C)): no stacked copy of the output gradients
+    # and one product buffer for all layers (large fresh buffers cost page faults here)
+    J = d0.new_empty((n_layers, T, C * (has_w + has_b)))
+    at = (T, *m0.normalized_shape)
+    X = torch.stack(list(inputs)).to(d0.dtype)
+    xhat = F.layer_norm(X, m0.normalized_shape, eps=m0.eps) if has_w else X
+    tmp = torch.empty_like(d0) if has_w else d0
+    for k, d in enumerate(out_grads):
+        if has_w:
+            torch.sum(torch.mul(d, xhat[k], out=tmp), axes, out=J[k, :, :C].view(at))
+        if has_b:
+            torch.sum(d, axes, out=J[k, :, C * has_w :].view(at))
     G = torch.bmm(J, J.transpose(1, 2)).to(torch.float64)
     if weights is None:  # the Grams only
         return G, None, None
     shape = (n_layers, *m0.normalized_shape)
     wJ = torch.matmul(weights.to(J.dtype), J)  # L x (C or 2C)
-    C = wJ.shape[1] // len(rows)
     gw = wJ[:, :C].reshape(shape) if has_w else None
     gb = wJ[:, C * has_w :].reshape(shape) if has_b else None
     return G, gw, gb
