@@ -23,7 +23,6 @@ graph (counted on the autograd graph); a parameter also used outside the module'
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,6 @@ from gradlens.engines._base import (
     Engine,
     EngineResult,
     SharedParams,
-    Workspace,
     accumulate_grad,
     accumulate_grads,
     batched_grad,
@@ -54,7 +52,6 @@ from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import segmented
 from gradlens.engines.rules import Rule, rule_for
 from gradlens.engines.rules._groups import GROUPED, grouped
-from gradlens.engines.rules.linear import Buffer
 
 __all__ = ["UNRECORDED", "GramianEngine"]
 
@@ -90,8 +87,6 @@ class GramianEngine(Engine):
         self.stage: str | None = None
         #: whether the last probe's second stage ran one backward per task
         self.last_looped: bool | None = None
-        #: the grouped rules' large blocks, kept from one probe to the next (see _buffer)
-        self._workspace = Workspace()
 
     # -- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -120,7 +115,6 @@ class GramianEngine(Engine):
     def detach(self) -> None:
         if self._finalizer is not None:
             self._finalizer()
-        self._workspace.clear()
         self._handles.clear()
         self._records.clear()
         self._boundary.clear()
@@ -283,7 +277,7 @@ class GramianEngine(Engine):
         grams: dict[str, torch.Tensor] = {}
         rules: dict[str, str] = {}
         gen_grads: dict[int, torch.Tensor] = {}
-        for call, batch in enumerate(stream):
+        for batch in stream:
             ready: list[tuple[str, list[torch.Tensor | None]]] = []
             batch.reverse()
             while batch:
@@ -305,7 +299,7 @@ class GramianEngine(Engine):
                     if v is None:
                         kept[layer] = raw
                     ready.append((layer, raw))
-            for names, G in self._serve_ready(ready, rule_layers, T, v, budget, call):
+            for names, G in self._serve_ready(ready, rule_layers, T, v, budget):
                 G = unscale * G  # one product for a group's stacked Grams
                 for layer, g in zip(names, G.unbind(0) if G.ndim == 3 else (G,)):
                     grams[layer] = g
@@ -319,12 +313,10 @@ class GramianEngine(Engine):
         T: int,
         v: torch.Tensor | None,
         budget: int,
-        call: int = 0,
     ) -> Iterator[tuple[list[str], torch.Tensor]]:
-        """Run the rules of the layers completed in one batch (backward call ``call``); yield
-        ``(layers, Grams)``: one layer and its Gram, or a group of layers and their Grams
-        stacked ``(n, T, T)`` (weighted gradients written unless ``v`` is None: the writer
-        writes once the weights are known).
+        """Run the rules of the layers completed in one batch; yield ``(layers, Grams)``: one
+        layer and its Gram, or a group of layers and their Grams stacked ``(n, T, T)`` (weighted
+        gradients written unless ``v`` is None: the writer writes once the weights are known).
         Single-call layers of one kind, shape and dtype (at least float32: half precision is
         widened per layer, as before) go through one grouped computation: Linear, HF Conv1D
         (see :func:`gradlens.engines.rules.linear.linear_group_stacked`), LayerNorm (see
@@ -339,13 +331,13 @@ class GramianEngine(Engine):
                 if d.dtype == x.dtype and d.dtype.is_floating_point and d.dtype.itemsize >= 4:
                     groups.setdefault((kind, x.shape, d.shape, d.dtype, d.device), []).append(k)
         done: set[int] = set()
-        for rank, (key, members) in enumerate(groups.items()):
+        for key, members in groups.items():
             if len(members) < 2:
                 continue
             mods = [self._modules[ready[k][0]][0] for k in members]
             xs = [rule_layers[ready[k][0]][0].input for k in members]
             ds = [d for k in members if (d := ready[k][1][0]) is not None]
-            out = grouped(str(key[0]), mods, xs, ds, v, budget, self._buffer((call, rank)))
+            out = grouped(str(key[0]), mods, xs, ds, v, budget)
             del xs, ds
             if out is None:
                 continue
@@ -362,18 +354,6 @@ class GramianEngine(Engine):
                 del ins, got
                 _accumulate_own(mod, weighted)
                 yield [layer], G
-
-    def _buffer(self, group: tuple[int, int]) -> Buffer:
-        """Where a group (its backward call and rank there) takes its large blocks: kept
-        from one probe to the next on CPU up to :data:`KEEP_MAX` bytes each (a fresh block
-        pays a page fault per 4 KiB page: 600 to 800 per probe on the BERT trunk at T = 8)."""
-
-        def get(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-            if like.device.type != "cpu" or math.prod(shape) * like.element_size() > KEEP_MAX:
-                return like.new_empty(shape)
-            return self._workspace.get((name, group), shape, like.dtype, like.device)
-
-        return get
 
     def _output_grads(
         self,
@@ -548,9 +528,6 @@ def _blocks_writer(
 
     return write
 
-
-#: Bytes of a grouped rule's block above which it is allocated afresh at each probe, not kept.
-KEEP_MAX = 16 * 2**20
 
 #: Per-task bytes of a segment's largest block above which the CPU second stage loops over tasks
 #: (one thread, T = 8, vmapped against looped: our BatchNorm CNN at batch 128 1.48x, at batch 4

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradlens.engines.rules.linear import Buffer, conv1d_rule, linear_group_stacked, linear_rule
+from gradlens.engines.rules.linear import conv1d_rule, linear_group_stacked, linear_rule
 from gradlens.engines.rules.norm import layer_norm_group, norm_rule
 
 __all__ = ["GROUPED", "grouped"]
@@ -39,17 +39,15 @@ def grouped(
     out_grads: list[torch.Tensor],
     v: torch.Tensor | None,
     budget: int,
-    buffer: Buffer | None = None,
 ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]] | None:
     """A group's stacked Grams ``(L, T, T)`` and its weighted gradients stacked over the layers
     by parameter name (none when ``v`` is None); None when the group declines (each layer's
-    rule runs then). ``buffer``: where large blocks are taken from (see
-    :func:`~gradlens.engines.rules.linear.linear_group_stacked`)."""
+    rule runs then)."""
     if kind == "norm":
         out = layer_norm_group(modules, inputs, out_grads, v)
     else:
         out = linear_group_stacked(
-            modules, inputs, out_grads, v, budget, transposed=kind == "conv1d", buffer=buffer
+            modules, inputs, out_grads, v, budget, transposed=kind == "conv1d"
         )
     if out is None:
         return None

@@ -20,7 +20,7 @@ Several layers of one shape go through the kernel path together in :func:`linear
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -264,15 +264,11 @@ def linear_group_stacked(
     budget: int,
     *,
     transposed: bool = False,
-    buffer: Buffer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """:func:`linear_group`'s numbers stacked over the layers: the Grams ``(L, T, T)`` (float64),
     the weighted weight gradients ``(L, *weight.shape)`` and bias gradients ``(L, out)`` (None
     where ``weights`` is None or the layers have no trainable bias). ``transposed``: the layers
     store their weight as (in, out), as Hugging Face's ``Conv1D`` does (:func:`conv1d_rule`).
-    ``buffer(name, shape, like)``: where the gradient path's two large blocks are taken from
-    (e.g. buffers kept from one probe to the next: a fresh large CPU block pays a page fault
-    per 4 KiB page); fresh tensors without it.
 
     The path :func:`linear_grads` would take for one of the layers, batched over the layers:
     the kernel path, or the gradient path (each task's weight gradient ``D_t^T A`` of every layer
@@ -318,23 +314,12 @@ def linear_group_stacked(
         G, gW, gb = _group_kernel(A, torch.stack(ds).reshape(n_layers, T, N, out_f), w, has_b)
     else:  # the blocks laid out (N, T, out): rows of ``out`` contiguous numbers are moved
         # (into a contiguous buffer: a stack of permuted blocks may keep their layout)
-        get = buffer or _fresh
-        Dn = get("grads-in", (n_layers, *d0.shape[1:-1], T, out_f), d0)
+        Dn = d0.new_empty((n_layers, *d0.shape[1:-1], T, out_f))
         torch.stack([d.movedim(0, -2) for d in ds], out=Dn)
-        out = get("grads-out", (n_layers, T * out_f, in_f + has_b), d0)
-        G, gW, gb = _group_grads(A, Dn.view(n_layers, N, T * out_f), T, w, has_b, out)
+        G, gW, gb = _group_grads(A, Dn.view(n_layers, N, T * out_f), T, w, has_b)
     if gW is not None and transposed:
         gW = gW.transpose(1, 2)
     return G, gW, gb
-
-
-#: ``buffer(name, shape, like)``: an uninitialised tensor of that shape, ``like``'s dtype and
-#: device (see :func:`linear_group_stacked`).
-Buffer = Callable[[str, tuple[int, ...], torch.Tensor], torch.Tensor]
-
-
-def _fresh(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(shape)
 
 
 def _group_kernel(
@@ -363,20 +348,19 @@ def _group_grads(
     T: int,
     w: torch.Tensor | None,
     has_b: bool,
-    out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The gradient path over L layers: ``A`` (L, N, in), ``Dn`` (L, N, T * out), the tasks'
     blocks side by side: every task's weight gradient of every layer from one batched product,
     ``(L, T * out, N) @ (L, N, in)`` (``Dn`` transposed as a view: no copy); with a bias, ``A``
     gets a column of ones, so the same product yields each task's bias gradient beside its
-    weight gradient (``D_t^T 1``) and the Gram of both, written into ``out`` (L, T * out,
-    in (+ 1)). The Grams are symmetric up to rounding (the profiler symmetrises every Gram)."""
+    weight gradient (``D_t^T 1``) and the Gram of both. The Grams are symmetric up to rounding
+    (the profiler symmetrises every Gram)."""
     n_layers, _, in_f = A.shape
     out_f = Dn.shape[2] // T
     if has_b:
         A = torch.nn.functional.pad(A, (0, 1), value=1.0)  # L x N x (in + 1)
     cols = in_f + has_b
-    g = torch.bmm(Dn.transpose(1, 2), A, out=out).view(n_layers, T, out_f * cols)
+    g = torch.bmm(Dn.transpose(1, 2), A).view(n_layers, T, out_f * cols)
     G = torch.bmm(g, g.transpose(1, 2)).to(torch.float64)  # L x T x T
     if w is None:  # the Grams only
         return G, None, None
