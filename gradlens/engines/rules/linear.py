@@ -312,11 +312,8 @@ def linear_group_stacked(
     w = None if weights is None else weights.to(d0.dtype)
     if kernel:
         G, gW, gb = _group_kernel(A, torch.stack(ds).reshape(n_layers, T, N, out_f), w, has_b)
-    else:  # the blocks laid out (N, T, out): rows of ``out`` contiguous numbers are moved
-        # (into a contiguous buffer: a stack of permuted blocks may keep their layout)
-        Dn = d0.new_empty((n_layers, *d0.shape[1:-1], T, out_f))
-        torch.stack([d.movedim(0, -2) for d in ds], out=Dn)
-        G, gW, gb = _group_grads(A, Dn.view(n_layers, N, T * out_f), T, w, has_b)
+    else:
+        G, gW, gb = _group_grads(A, [d.reshape(T, N, out_f) for d in ds], w, has_b)
     if gW is not None and transposed:
         gW = gW.transpose(1, 2)
     return G, gW, gb
@@ -343,26 +340,28 @@ def _group_kernel(
 
 
 def _group_grads(
-    A: torch.Tensor,
-    Dn: torch.Tensor,
-    T: int,
-    w: torch.Tensor | None,
-    has_b: bool,
+    A: torch.Tensor, ds: Sequence[torch.Tensor], w: torch.Tensor | None, has_b: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The gradient path over L layers: ``A`` (L, N, in), ``Dn`` (L, N, T * out), the tasks'
-    blocks side by side: every task's weight gradient of every layer from one batched product,
-    ``(L, T * out, N) @ (L, N, in)`` (``Dn`` transposed as a view: no copy); with a bias, ``A``
-    gets a column of ones, so the same product yields each task's bias gradient beside its
-    weight gradient (``D_t^T 1``) and the Gram of both. The Grams are symmetric up to rounding
-    (the profiler symmetrises every Gram)."""
-    n_layers, _, in_f = A.shape
-    out_f = Dn.shape[2] // T
+    """The gradient path over L layers: ``A`` (L, N, in), ``ds[l]`` (T, N, out) layer l's task
+    gradients. Every task's weight gradient, transposed, ``A_l^T D_t`` (in x out), written
+    layer by layer into one ``(L, T, in, out)`` block (one product per layer, ``A_l^T`` shared
+    by the tasks as a stride-0 view: the output gradients are neither copied nor stacked); with
+    a bias, ``A`` gets a column of ones, so the same products yield each task's bias gradient
+    (``D_t^T 1``) beside its weight gradient. Then the Grams of all layers and their weighted
+    gradients from one product each. The Grams are symmetric up to rounding (the profiler
+    symmetrises every Gram)."""
+    n_layers, N, in_f = A.shape
+    T, _, out_f = ds[0].shape
     if has_b:
         A = torch.nn.functional.pad(A, (0, 1), value=1.0)  # L x N x (in + 1)
-    cols = in_f + has_b
-    g = torch.bmm(Dn.transpose(1, 2), A).view(n_layers, T, out_f * cols)
+    rows = in_f + has_b
+    At = A.transpose(1, 2)
+    gT = A.new_empty((n_layers, T, rows, out_f))
+    for k, d in enumerate(ds):
+        torch.bmm(At[k].expand(T, rows, N), d, out=gT[k])
+    g = gT.view(n_layers, T, rows * out_f)
     G = torch.bmm(g, g.transpose(1, 2)).to(torch.float64)  # L x T x T
     if w is None:  # the Grams only
         return G, None, None
-    gw = torch.matmul(w, g).view(n_layers, out_f, cols)
-    return G, gw[:, :, :in_f], gw[:, :, in_f] if has_b else None
+    gw = torch.matmul(w, g).view(n_layers, rows, out_f)
+    return G, gw[:, :in_f].transpose(1, 2), gw[:, in_f] if has_b else None
