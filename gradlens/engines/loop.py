@@ -304,19 +304,25 @@ class LoopEngine(FlatEngine):
         losses = ctx.per_task()
         J = self.flat_buffer(len(losses), params)
         rest = self.other_leaves(ctx, params)
-        n, w = len(params), ctx.weights
+        inputs, n = [*params, *rest], len(params)
         rest_sum: list[torch.Tensor | None] = [None] * len(rest)
+        # each task's weight once per dtype of the leaves it multiplies (not an index and a cast
+        # per leaf and task): the same products
+        w_of: dict[torch.dtype, list[torch.Tensor]] = {}
         # from each task's own scalar loss: a backward from ``losses[t]`` would run through the
         # stack into every task's head (with zero cotangents)
         T = len(losses)
         for t, loss in enumerate(losses):
             # the last backward frees the graph, as the weighted backward it replaces would
             keep = ctx.retain_graph or t < T - 1 or not rest
-            gs = torch.autograd.grad(loss, [*params, *rest], retain_graph=keep, allow_unused=True)
+            gs = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
             fill_row(J[t], params, gs[:n])
             for j, g in enumerate(gs[n:]):  # a head: reached by its own task only, as a rule
                 if g is not None:
-                    part = w[t].to(g.dtype) * g
+                    ws = w_of.get(g.dtype)
+                    if ws is None:
+                        ws = w_of[g.dtype] = list(ctx.weights.to(g.dtype).unbind(0))
+                    part = ws[t] * g
                     prev = rest_sum[j]
                     rest_sum[j] = part if prev is None else prev + part
         return self.flat_result(ctx, params, J, list(zip(rest, rest_sum)))
