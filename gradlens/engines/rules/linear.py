@@ -14,8 +14,9 @@ The weighted gradient ``(sum_t w_t D_t)^T A`` costs what a plain backward's weig
 HF's ``Conv1D`` (GPT-2), ``y = x W + b`` with ``W`` stored transposed, shares the math
 (:func:`conv1d_rule`). The kernel path is one pure function, :func:`kernel_core`; on CUDA it runs
 compiled through ``torch.compile`` (see :mod:`gradlens.engines.rules._fused`), elsewhere eagerly.
-Several layers of one shape go through the kernel path together in :func:`linear_group` (the
-``gramian`` engine uses it for layers whose gradients arrive from the same backward call).
+Several layers of one shape go through the cheaper of the two paths together in
+:func:`linear_group` (the ``gramian`` engine uses it for layers whose gradients arrive from the
+same backward call).
 """
 
 from __future__ import annotations
