@@ -22,7 +22,7 @@ from gradlens.engines.auto import AutoEngine
 if TYPE_CHECKING:
     from gradlens.profiler import Profiler
 
-__all__ = ["FORMAT", "load_state", "save_state"]
+__all__ = ["FORMAT", "load_state", "log_auto", "save_state"]
 
 #: Version of the state's layout (``state["format"]``).
 FORMAT = 1
@@ -87,14 +87,27 @@ def load_state(prof: Profiler, state: object, stacklevel: int = 3) -> None:
         )
         auto.decisions = {}
     prof._held = held
-    prof.step = step
-    prof._engine.set_recording(bool(prof._schedule(step)))
+    prof.step = step  # (the engine's recording follows the schedule at this step)
     if auto is not None:
         # the run's meta["auto"] then lists the loaded decisions, as the saved run's did
-        prof._auto_logged = {k for k, d in auto.decisions.items() if d.winner is not None}
-        update = getattr(prof.store, "update_meta", None)
-        if callable(update):
-            update(auto=auto.summary())
+        prof._auto_logged = set()
+        log_auto(prof, always=True)
+
+
+def log_auto(prof: Profiler, always: bool = False) -> None:
+    """Write ``auto``'s decisions, as they are made, into the run store's meta (``meta["auto"]``;
+    not to dashboards, some of which refuse a parameter that changes); ``always``: even when no
+    decision is new (a state just loaded)."""
+    auto = prof._engine
+    if not isinstance(auto, AutoEngine) or prof.store is None:
+        return
+    done = {k for k, d in auto.decisions.items() if d.winner is not None}
+    if done <= prof._auto_logged and not always:
+        return
+    prof._auto_logged |= done
+    update = getattr(prof.store, "update_meta", None)
+    if callable(update):
+        update(auto=auto.summary())
 
 
 def _parse_held(held: object, n_tasks: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:

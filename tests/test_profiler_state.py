@@ -126,3 +126,19 @@ def test_auto_warns_when_the_state_holds_no_decisions():
     with gl.Profiler(trunk, TASKS, engine="batched") as prof:  # a named engine: nothing to load
         prof.load_state_dict(state)
         assert prof.state_dict()["auto"] is None
+
+
+def test_setting_the_step_moves_the_schedule_and_the_recording():
+    """``prof.step = n`` continues a run at step n: the next call is probed as step n would
+    be, and an engine that records the forward (gramian) records that step's forward."""
+    trunk, heads = _model()
+    with gl.Profiler(trunk, TASKS, engine="gramian", every=lambda s: s == 7) as prof:
+        with pytest.raises(gl.GradlensError, match=r"`step` should be"):
+            prof.step = -1
+        assert prof.step == 0
+        prof.step = 7  # probed, where step 0 is not: the coming forward must be recorded
+        snap = prof.backward(_losses(trunk, heads, 7))
+        assert snap.step == 7
+        assert "forward-not-recorded" not in snap.notes
+        assert set(snap.rules.values()) == {"linear"}
+        assert prof.backward(_losses(trunk, heads, 8)) is None

@@ -95,6 +95,7 @@ class AutoEngine(Engine):
     """Times the exact engines on the first probes of each graph shape and keeps the fastest."""
 
     name = "auto"
+    sparse_grads = True  # served by its loop candidate
     uses_hooks = True
 
     def __init__(
@@ -176,6 +177,8 @@ class AutoEngine(Engine):
         return (self._shapes, len(ctx.nodes), L.device.type, L.dtype, L.shape[0])
 
     def compute(self, ctx: BackwardContext) -> EngineResult:
+        if ctx.sparse and any(id(p) in ctx.sparse for p in ctx.reached):
+            return self._sparse(ctx)
         key = self.key(ctx)
         self._shapes = ()
         decision = self.decisions.setdefault(key, Decision())
@@ -214,6 +217,18 @@ class AutoEngine(Engine):
         result.timings = decision.best()
         if decision.winner is not None and timing:
             result.notes.append(f"auto-chose:{decision.winner}")
+        return result
+
+    def _sparse(self, ctx: BackwardContext) -> EngineResult:
+        """A graph where a shared parameter gets a sparse gradient (``nn.Embedding(...,
+        sparse=True)``): served by ``loop``, the one candidate that takes it, without timing."""
+        self._shapes = ()
+        engine = self.candidates["loop"]
+        result = engine.compute(ctx)
+        for e in self.candidates.values():
+            if e is not engine:
+                e.discard()
+        result.engine = engine.name
         return result
 
     def _release_losers(self) -> None:
