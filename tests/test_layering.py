@@ -177,3 +177,93 @@ def test_every_type_ignore_names_its_error_code_and_a_reason():
             if "type: ignore" in line and not re.search(r"type: ignore\[[a-z, -]+\] +# \S", line):
                 bare.append(f"{path.name}:{n}")
     assert bare == []
+
+
+#: (importer, private module of another subpackage) -> why the import is allowed. Everything else
+#: imports another subpackage only through its public ``__init__`` or public modules. The engines'
+#: shared contract, ``gradlens.engines._base``, is open to the measuring core that drives engines.
+PRIVATE_IMPORTS_ALLOWED = {
+    ("gradlens.profiler", "gradlens.engines._base"): "the engines' contract the profiler drives",
+    ("gradlens.profiler", "gradlens.engines._graph"): "the graph index it builds for its engine",
+    ("gradlens.profiler", "gradlens.weightings._apply"): "Gram weightings applied in its backward",
+    ("gradlens._profiler_checks", "gradlens.engines._base"): "checks against the engines' contract",
+    ("gradlens.distributed", "gradlens.engines._base"): "wraps an engine across ranks (its contract)",
+    ("gradlens.testing", "gradlens.engines._base"): "resolve_shared: the engines' parameter choice",
+    ("gradlens.weightings._apply", "gradlens.engines._base"): "writes .grad as the engines do",
+    ("gradlens.bench._weightings", "gradlens.engines._base"): "quiet_vmap, as the engines call it",
+}  # fmt: skip
+
+
+def _is_private(part: str) -> bool:
+    return part.startswith("_") and not part.startswith("__")
+
+
+def _private_imports(root: Path) -> list[tuple[str, str, str]]:
+    """``(importer, imported, "path:line")`` for every import (module level or inside a function)
+    of a private module (a ``_x`` below a subpackage) of another subpackage of gradlens; the
+    subpackage is the name after ``gradlens.`` (top-level private modules are shared by all)."""
+    paths = {}
+    for p in (root / "gradlens").rglob("*.py"):
+        parts = list(p.relative_to(root).with_suffix("").parts)
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    found = []
+    for name, path in sorted(paths.items()):
+        own = name.split(".")[1] if "." in name else ""
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the importer's package, level - 1 up
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+                targets = [targets[0]] + [t for t in targets[1:] if t in paths]
+            else:
+                continue
+            for target in targets:
+                parts = target.split(".")
+                if parts[0] != "gradlens" or len(parts) < 3 or parts[1] == own:
+                    continue
+                if any(_is_private(p) for p in parts[2:]):
+                    found.append((name, target, f"{path.relative_to(root)}:{node.lineno}"))
+    return found
+
+
+def test_private_import_finder_finds_planted_imports(tmp_path):
+    pkg = tmp_path / "gradlens"
+    for rel, src in {
+        "__init__.py": "",
+        "a/__init__.py": "from gradlens.a._p import x\n",
+        "a/_p.py": "x = 1\n",
+        "a/q.py": "from . import _p\nimport gradlens.a._p\n",
+        "b/__init__.py": "",
+        "b/m.py": "import gradlens.a\n\ndef f():\n    from gradlens.a import _p, q\n",
+        "b/_n.py": "from gradlens.a._p import x\nfrom gradlens._paths import y\n",
+        "_paths.py": "",
+    }.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(src)
+    assert _private_imports(tmp_path) == [
+        ("gradlens.b._n", "gradlens.a._p", "gradlens/b/_n.py:1"),
+        ("gradlens.b.m", "gradlens.a._p", "gradlens/b/m.py:4"),
+    ]
+
+
+def test_no_module_imports_a_private_module_of_another_subpackage():
+    """design.md: each subsystem is a subpackage of private modules behind a public ``__init__``;
+    another subpackage uses its public ``__init__`` or public modules (e.g. gradlens.store.files,
+    gradlens.plots.style), or a helper shared by all lives in a private top-level gradlens/_x.py."""
+    found = _private_imports(Path(__file__).resolve().parents[1])
+    assert ("gradlens.testing", "gradlens.engines._base") in {(a, b) for a, b, _ in found}  # it ran
+    allowed = PRIVATE_IMPORTS_ALLOWED
+    bad = [f"{where}: {a} imports {b}" for a, b, where in found if (a, b) not in allowed]
+    assert bad == [], (
+        "modules import a private module of another subpackage (import the name from that "
+        "subpackage's public __init__ or a public module of it, move a helper shared by all to a "
+        "private top-level gradlens/_x.py, or allow the pair, with a reason, in "
+        "PRIVATE_IMPORTS_ALLOWED):\n" + "\n".join(bad)
+    )
+    stale = sorted(set(PRIVATE_IMPORTS_ALLOWED) - {(a, b) for a, b, _ in found})
+    assert stale == [], f"PRIVATE_IMPORTS_ALLOWED lists imports that no longer exist: {stale}"

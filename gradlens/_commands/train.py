@@ -93,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gradlens._validate import check_int
-    from gradlens.train import train
-    from gradlens.train._format import format_metrics
+    from gradlens.train import format_metrics, train
 
     fields: dict[str, Any] = _read_config(args.config) if args.config is not None else {}
     if args.data_option:

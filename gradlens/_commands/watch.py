@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def writer_status(run_dir: Path) -> str:
     """``"closed"``, ``"live (pid N)"`` or why the lock is stale, from the run's ``.lock``."""
-    from gradlens.store._lock import LOCK_NAME, pid_alive
+    from gradlens.store.files import LOCK_NAME, pid_alive
 
     try:
         rec = json.loads((run_dir / LOCK_NAME).read_text(encoding="utf-8"))
@@ -204,7 +204,7 @@ def render(
 
 def _signature(run_dir: Path) -> tuple[object, ...]:
     """What changes when a chunk is committed, meta rewritten or the writer closes."""
-    from gradlens.store._io import list_chunks
+    from gradlens.store.files import list_chunks
 
     meta = run_dir / "meta.json"
     return (

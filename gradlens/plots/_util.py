@@ -4,9 +4,8 @@ labels and colours shared by the figure modules, and :func:`save`.
 Figures are built as ``matplotlib.figure.Figure`` objects with an Agg canvas attached, never
 through ``pyplot``: no global figure registry, no backend switch, nothing changed at import.
 
-Internal API at a stable path: :mod:`gradlens.sinks` (the heatmap images it logs) imports
-``ANNOTATE_MAX``, ``CONFLICT_CMAP``, ``new_figure`` and ``text`` from here, and
-:mod:`gradlens.report` imports ``size_label``.
+What other subsystems use of it (``ANNOTATE_MAX``, ``CONFLICT_CMAP``, ``new_figure``, ``text``,
+``size_label``) they import from the public :mod:`gradlens.plots.style`.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens.report import _render as _r
-from gradlens.stats import _gain as _gain
+from gradlens.stats import paired_t, welch_t
 
 __all__ = ["arms_section", "method_arms", "split_methods"]
 
@@ -124,7 +124,7 @@ def _arm_stats(
 ) -> dict[str, Any]:
     """Mean score with its t interval; difference from ``best``: paired t, else Welch t."""
     vals = g[[seed_col, score_col]].dropna()[score_col].to_numpy(np.float64)
-    score = _gain.paired_t(vals, ci)  # the t interval of a mean (of the values, not differences)
+    score = paired_t(vals, ci)  # the t interval of a mean (of the values, not differences)
     out = {
         "n": int(vals.size),
         "score": score["gain"],
@@ -140,9 +140,9 @@ def _arm_stats(
     va, vb, pairs = _pairs(g, best, score_col, seed_col)
     out["paired"] = pairs is not None
     if pairs is not None:
-        diff = _gain.paired_t(pairs, ci)
+        diff = paired_t(pairs, ci)
     elif va.size and vb.size:
-        diff = _gain.welch_t(va, vb, ci)
+        diff = welch_t(va, vb, ci)
     else:
         return out
     out.update(diff=diff["gain"], diff_low=diff["ci_low"], diff_high=diff["ci_high"])

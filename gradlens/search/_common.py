@@ -14,8 +14,7 @@ from typing import Any
 from gradlens._errors import GradlensError, GradlensWarning, StoreError
 from gradlens.search._config import ExecutorSpec, SearchConfig
 from gradlens.search.executors import Executor, make_executor
-from gradlens.store._io import TMP_PREFIX, atomic_write_bytes
-from gradlens.store._lock import RunLock
+from gradlens.store.files import TMP_PREFIX, RunLock, atomic_write_bytes
 
 __all__: list[str] = []
 
@@ -116,12 +115,12 @@ def pin_task_option(train: Mapping[str, Any], tasks: Sequence[str]) -> dict[str,
         {}
     """
     from gradlens.data import dataset_options
-    from gradlens.train._data import _TASK_OPTIONS
+    from gradlens.train import TASK_OPTIONS
 
     d = dict(train)
     opts = dict(d.get("dataset_options") or {})
     valid = dataset_options(d.get("dataset", "multidigits"))
-    for key in _TASK_OPTIONS:
+    for key in TASK_OPTIONS:
         if key in valid:
             opts.setdefault(key, list(tasks))
             break
@@ -183,7 +182,7 @@ def executor_for(spec: ExecutorSpec) -> Executor:
 def has_final(run_dir: Path) -> bool:
     """Whether a run directory holds a readable ``"final"`` eval (the harness's completion mark)
     and no damaged or missing evals chunk (a damaged run is redone, silently)."""
-    from gradlens.store._check import Problems
+    from gradlens.store.files import Problems
     from gradlens.store.reader import read_evals
 
     if not (run_dir / "meta.json").is_file():

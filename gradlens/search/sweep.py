@@ -162,8 +162,7 @@ class PlannedRun:
 def _joint_steps(base: Mapping[str, Any]) -> int | None:
     """Steps per epoch of the sweep's joint runs (None: set by ``[train].steps_per_epoch``)."""
     from gradlens.data import load_dataset
-    from gradlens.train import TrainConfig
-    from gradlens.train._data import steps_per_epoch
+    from gradlens.train import TrainConfig, steps_per_epoch
 
     cfg = TrainConfig.from_dict(dict(base))
     if cfg.steps_per_epoch is not None:

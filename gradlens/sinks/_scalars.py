@@ -104,7 +104,7 @@ def heatmap_rgb(snap: Snapshot, dpi: int = 100) -> Any:
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from gradlens.plots._util import ANNOTATE_MAX, CONFLICT_CMAP, new_figure, text
+    from gradlens.plots.style import ANNOTATE_MAX, CONFLICT_CMAP, new_figure, text
 
     cos = metrics.cosine(snap.gram.detach().cpu().double().numpy())
     n = len(snap.tasks)

@@ -39,7 +39,14 @@ Example:
 
 from __future__ import annotations
 
-from gradlens.stats._gain import binomial_sd, gain_test_var, paired_gain
+from gradlens.stats._gain import (
+    binomial_sd,
+    equivalence_p,
+    gain_test_var,
+    paired_gain,
+    paired_t,
+    welch_t,
+)
 from gradlens.stats._meta import pool_correlations
 from gradlens.stats._power import min_detectable_effect, power
 from gradlens.stats._select import selected_gain
@@ -55,12 +62,14 @@ __all__ = [
     "binomial_sd",
     "correlate",
     "epoch_table",
+    "equivalence_p",
     "gain_test_var",
     "joint_gain",
     "min_detectable_effect",
     "optimal_weight",
     "optimal_weight_trend",
     "paired_gain",
+    "paired_t",
     "partial_correlation",
     "pool_correlations",
     "power",
@@ -68,5 +77,6 @@ __all__ = [
     "runs_table",
     "selected_gain",
     "to_json",
+    "welch_t",
     "within_run",
 ]

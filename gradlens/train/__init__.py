@@ -29,9 +29,20 @@ Example:
     ['accuracy', 'loss']
 """
 
-from gradlens.train._data import score
+from gradlens.train._data import TASK_OPTIONS, score, steps_per_epoch
+from gradlens.train._format import format_metrics
 from gradlens.train.config import OPTIMIZERS, TrainConfig
 from gradlens.train.run import TrainResult, train
 from gradlens.train.trainer import Trainer
 
-__all__ = ["OPTIMIZERS", "TrainConfig", "TrainResult", "Trainer", "score", "train"]
+__all__ = [
+    "OPTIMIZERS",
+    "TASK_OPTIONS",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "format_metrics",
+    "score",
+    "steps_per_epoch",
+    "train",
+]

@@ -27,7 +27,7 @@ __all__: list[str] = []
 #: Name of the single head of a multi-domain model.
 DOMAIN_HEAD = "label"
 #: Dataset options through which a loader selects its tasks (tried in this order).
-_TASK_OPTIONS = ("tasks", "attributes", "domains")
+TASK_OPTIONS = ("tasks", "attributes", "domains")
 #: Batch size of evaluation passes (no gradients kept).
 _EVAL_BATCH = 1024
 
@@ -108,7 +108,7 @@ def load_train_data(
     data_seed = opts.pop("seed", seed)
     valid = dataset_options(dataset)
     if tasks is not None:
-        for key in _TASK_OPTIONS:
+        for key in TASK_OPTIONS:
             if key in valid and key not in opts:
                 opts[key] = list(tasks)
                 break
@@ -172,7 +172,12 @@ _SPLITS = ("train", "val", "test")
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    """``floor(n / batch_size)`` full batches (the remainder is dropped), at least one."""
+    """``floor(n / batch_size)`` full batches (the remainder is dropped), at least one.
+
+    Example:
+        >>> steps_per_epoch(1000, 64), steps_per_epoch(10, 64)
+        (15, 1)
+    """
     return max(1, n // batch_size)
 
 

@@ -144,7 +144,7 @@ def weight_cols(joint: pd.DataFrame, tasks: Sequence[str]) -> list[str]:
 
 
 def size_label(col: str, value: Any) -> str:
-    from gradlens.plots._util import size_label
+    from gradlens.plots.style import size_label
 
     return size_label(col, value).replace("\\$", "$")
 

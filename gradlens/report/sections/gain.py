@@ -13,7 +13,7 @@ import pandas as pd
 
 from gradlens.report import _render as _r
 from gradlens.report.sections._common import CORRECTION_NAME, Findings, Options, Verdict, present
-from gradlens.stats import _gain as _gain
+from gradlens.stats import equivalence_p
 
 __all__ = ["gain_part"]
 
@@ -115,7 +115,7 @@ def _selected(
     )
     picked["p_adjusted"] = np.nan
     tost = [
-        _gain.equivalence_p(r["gain"], r["se"], r["df"], opts.margin_gain)
+        equivalence_p(r["gain"], r["se"], r["df"], opts.margin_gain)
         for _, r in picked.iterrows()
     ]
     picked["p_equivalence"] = tost
