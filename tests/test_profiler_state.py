@@ -142,3 +142,12 @@ def test_setting_the_step_moves_the_schedule_and_the_recording():
         assert "forward-not-recorded" not in snap.notes
         assert set(snap.rules.values()) == {"linear"}
         assert prof.backward(_losses(trunk, heads, 8)) is None
+
+
+def test_a_closed_profiler_refuses_a_state():
+    trunk, heads = _model()
+    prof = gl.Profiler(trunk, TASKS, engine="loop")
+    state = prof.state_dict()
+    prof.close()
+    with pytest.raises(gl.GradlensError, match="closed Profiler"):
+        prof.load_state_dict(state)
