@@ -7,12 +7,12 @@ Each repeat, in a rotating order, times:
 
 - every exact candidate (``loop``, ``batched``, ``gramian``, ``gramian-vmap``: the gramian
   engine with its second stage vmapped throughout) on its steady-state probe, as the bench does
-  (a fresh profiler, one untimed probe, the timed one); over all repeats the medians give the
+  (a fresh profiler, ``--warm-probes`` untimed probes, the timed one); over all repeats the medians give the
   "true" ordering of the candidates (printed with the two half-samples' medians, even and odd
   repeats, so one can see whether the ordering holds);
 - one fresh ``auto`` decision per decision rule (``new``: the rule in
   :mod:`gradlens.engines.auto`; ``old``: the rule before it, round 1 then one more timing of the
-  candidates within 1.5x, winner by fastest probe), counting the probes it took, then its
+  candidates within 1.5x, winner by fastest probe, first probes included), counting the probes it took, then its
   steady-state probe (two probes after the decision, the second timed).
 
 Reported per rule: what it chose, the share of decisions whose choice is more than 5 % slower
@@ -42,6 +42,9 @@ CANDS = ("loop", "batched", "gramian", "gramian-vmap")
 class OldDecision(auto_mod.Decision):
     """The rule before interleaved rounds: round 1, then one more timing of each candidate
     within 1.5x of the best, winner by fastest probe."""
+
+    def best(self) -> dict[str, float]:
+        return {name: min(ts) for name, ts in self.times.items()}
 
     def next_candidate(self, order: Sequence[str]) -> str | None:
         for name in order:
@@ -75,9 +78,10 @@ def _probe(setup: _Setup, prof: Profiler) -> float:
     return time.thread_time() - t0
 
 
-def _candidate(setup: _Setup, name: str) -> float:
+def _candidate(setup: _Setup, name: str, warm: int) -> float:
     prof = _profiler(setup, name)
-    _probe(setup, prof)
+    for _ in range(warm):
+        _probe(setup, prof)
     t = _probe(setup, prof)
     prof.close()
     return t
@@ -101,7 +105,7 @@ def _auto(setup: _Setup, rule: str) -> tuple[str, int, float]:
     return chose, n, t
 
 
-def measure(model: str, T: int, repeats: int, warmup: int) -> dict[str, Any]:
+def measure(model: str, T: int, repeats: int, warmup: int, warm: int) -> dict[str, Any]:
     setup = _Setup(model, T, 4)
     items = [*CANDS, "auto-new", "auto-old"]
     times: dict[str, list[float]] = {c: [] for c in items}
@@ -117,7 +121,7 @@ def measure(model: str, T: int, repeats: int, warmup: int) -> dict[str, Any]:
                     chose[rule].append(c)
                     probes[rule].append(n)
             else:
-                t = _candidate(setup, it)
+                t = _candidate(setup, it, warm)
             if r >= warmup:
                 times[it].append(t)
     setup.close()
@@ -184,13 +188,14 @@ def main() -> None:
     ap.add_argument("--tasks", default="3")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warm-probes", type=int, default=4)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = []
     for model in args.models.split(","):
         for T in (int(t) for t in args.tasks.split(",")):
-            s = measure(model, T, args.repeats, args.warmup)
+            s = measure(model, T, args.repeats, args.warmup, args.warm_probes)
             _print(s)
             out.append(s)
     if args.json:
