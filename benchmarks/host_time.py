@@ -172,7 +172,7 @@ def breakdown(make: Callable[[], gl.Profiler], losses: Callable[[], dict], n: in
     """Where a gramian probe's CPU time goes: steps timed by wrapping them (thread CPU time,
     no profiler overhead; nested steps are included in their callers)."""
     from gradlens import profiler
-    from gradlens.engines import _graph, gramian
+    from gradlens.engines import _graph, _segments, gramian
 
     spent: dict[str, float] = defaultdict(float)
 
@@ -191,7 +191,7 @@ def breakdown(make: Callable[[], gl.Profiler], losses: Callable[[], dict], n: in
     timed(_graph.GraphIndex, "from_roots", "graph index: one walk (GraphIndex.build)")
     timed(gramian, "split_heads", "graph index: heads' split (split_heads)")
     timed(_graph.GraphIndex, "reaches_past", "graph index: reaches_past")
-    timed(gramian, "plan_segments", "graph index: cut plan (plan_segments, cached)")
+    timed(_segments, "plan_segments", "graph index: cut plan (plan_segments, cached)")
     timed(profiler, "check_finite", "profiler: the losses read on the host (check_finite)")
     timed(profiler, "stack_grams", "profiler: per-layer Grams stacked (stack_grams)")
     timed(gramian, "capture_rows", "first stage: weighted backward through the heads")

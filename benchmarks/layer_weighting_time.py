@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from gradlens.bench import ZOO_MODELS, _Setup
+from gradlens.bench import ZOO_MODELS
+from gradlens.bench._setup import _Setup
 from gradlens.bench._weightings import weighting_for
 
 

@@ -13,7 +13,7 @@ every method the same few microseconds). The phases of a profiled step:
 - ``task backwards``: the T backward passes (``torch.autograd.grad``; one batched call for
   ``batched``), in LibMTL's step and the engines alike;
 - ``flatten``: LibMTL's ``cat`` + ``stack``; the engines' copy into their ``T x P`` buffer;
-- ``grams``: LibMTL's one Gram; the engines' one per layer (:func:`flat_layer_grams`);
+- ``grams``: LibMTL's one Gram; the engines' one per layer (:class:`GramPlan`);
 - ``write .grad``: the weighted gradient written to the shared parameters;
 - ``heads backward``: the weighted backward through the heads (``torch.autograd.backward``;
   the loop engine takes the heads' gradients from its T passes instead);
@@ -66,7 +66,7 @@ def _instrument() -> None:
     _wrap(torch.autograd, "backward", "heads backward")
     _wrap(torch, "cat", "flatten")
     _wrap(torch, "stack", "flatten")  # LibMTL's (the profiler's own stacks count to checks)
-    _wrap(loop_mod, "flat_layer_grams", "grams")
+    _wrap(loop_mod.GramPlan, "run", "grams")
     _wrap(loop_mod, "write_flat", "write .grad")
     _wrap(batched_mod, "batched_grad", "task backwards")
     _wrap(profiler_mod.GraphIndex, "build", "graph index")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -16,14 +17,17 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from gradlens._errors import GradlensError
+from gradlens._errors import GradlensError, GradlensWarning
 from gradlens.engines._base import Engine
+from gradlens.engines.gramian import UNRECORDED
 
 if TYPE_CHECKING:
     from gradlens.profiler import Sink
+    from gradlens.snapshot import Snapshot
 
 __all__ = [
     "VMAP_ENGINES",
+    "ProbeWarnings",
     "check_features",
     "check_finite",
     "check_scale",
@@ -266,27 +270,89 @@ def check_features(
 
 
 def stack_grams(
-    computed: Mapping[str, torch.Tensor], layers: Sequence[str] | None, T: int
+    computed: Mapping[str, torch.Tensor],
+    layers: Sequence[str] | None,
+    T: int,
+    stacked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[str, ...]]:
     """The total Gram, the per-layer Grams on CPU (each exactly symmetric, as
     :class:`~gradlens.Snapshot` makes them) and the layers no loss reached.
 
     With ``layers`` (parameter-level engines), every trainable shared layer is listed: one that
-    no loss reached gets a zero Gram and is named in the third item.
+    no loss reached gets a zero Gram and is named in the third item. ``stacked``: ``computed``'s
+    values already stacked in order (``EngineResult.stacked``), used as they are.
+
+    >>> g = {"a": torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)}
+    >>> total, by_layer, unreached = stack_grams(g, ["a", "b"], 2)
+    >>> total.tolist(), by_layer["b"].tolist(), unreached
+    ([[1.0, 1.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]], ('b',))
     """
     unreached = tuple(n for n in layers if n not in computed) if layers is not None else ()
     if unreached and layers is not None:
         device = next(iter(computed.values())).device if computed else torch.device("cpu")
         zero = torch.zeros(T, T, dtype=torch.float64, device=device)
         computed = {n: computed.get(n, zero) for n in layers}
+        stacked = None
     names = list(computed)
     if not names:
         return torch.zeros(T, T, dtype=torch.float64), {}, unreached
-    stacked = torch.stack([computed[n] for n in names]).cpu()
+    if stacked is None or stacked.shape[0] != len(names):
+        stacked = torch.stack([computed[n] for n in names])
+    stacked = stacked.cpu()
     total = stacked.sum(0)
     if stacked.shape[-1] == stacked.shape[-2]:
-        # symmetric as a Snapshot makes them (the same numbers, see snapshot._symmetric): the
-        # profiler then builds its Snapshot without a second pass (snapshot._symmetric_given)
-        total = (total + total.T) / 2
-        stacked = (stacked + stacked.transpose(1, 2)) / 2
+        # symmetric as a Snapshot makes them (the same numbers, see snapshot._symmetric; halving
+        # is exact, as the division by 2 there): the profiler then builds its Snapshot without a
+        # second pass (snapshot._symmetric_given)
+        total = (total + total.T).mul_(0.5)
+        stacked = (stacked + stacked.transpose(1, 2)).mul_(0.5)
     return total, dict(zip(names, stacked.unbind(0))), unreached
+
+
+class ProbeWarnings:
+    """The warnings a profiler gives after a probe: once per task whose gradient is zero or not
+    finite, once per profiler for a probe whose forward its hooks did not see."""
+
+    def __init__(self) -> None:
+        self.zero: set[str] = set()
+        self.nonfinite: set[str] = set()
+        self.unrecorded = False
+
+    def check(self, snap: Snapshot) -> None:
+        """Warn about what ``snap`` shows for the first time (called by the profiler's probe:
+        ``stacklevel`` points at the user's ``backward`` or ``observe`` call)."""
+        if UNRECORDED in snap.notes and not self.unrecorded:
+            self.unrecorded = True
+            warnings.warn(
+                f"the forward of the probe at step {snap.step} was not seen by the profiler's "
+                "hooks on the shared module (was the Profiler created after the forward, or "
+                "the trunk called through .forward()?): the gramian engine served every layer "
+                "by its exact but slower generic path (Snapshot.notes records it). Create the "
+                "Profiler before the first forward.",
+                GradlensWarning,
+                stacklevel=5,
+            )
+        d = torch.diagonal(snap.gram, dim1=-2, dim2=-1).tolist()
+        if all(math.isfinite(x) and x > 0 for x in d):
+            return  # the usual case, from one read of the diagonal
+        what = "representation" if snap.level == "features" else "parameters"
+        bad = [t for t in snap.nonfinite_tasks if t not in self.nonfinite]
+        if bad:
+            self.nonfinite.update(bad)
+            warnings.warn(
+                f"tasks {bad} have a non-finite (NaN or infinite) gradient on the shared {what} "
+                f"at step {snap.step}, from finite losses (Snapshot.nonfinite_tasks flags them; "
+                "e.g. sqrt or log at 0 in the loss).",
+                GradlensWarning,
+                stacklevel=5,
+            )
+        new = [t for t in snap.zero_tasks if t not in self.zero]
+        if new:
+            self.zero.update(new)
+            warnings.warn(
+                f"tasks {new} have a zero gradient on the shared {what} at step {snap.step}: "
+                "their cosines are NaN (Snapshot.zero_tasks flags them). Does each of these "
+                "losses depend on the shared part?",
+                GradlensWarning,
+                stacklevel=5,
+            )

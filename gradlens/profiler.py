@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,8 +33,9 @@ from typing import Any, Protocol, cast
 import torch
 from torch import nn
 
-from gradlens._errors import GradlensError, GradlensWarning
+from gradlens._errors import GradlensError
 from gradlens._profiler_checks import (
+    ProbeWarnings,
     check_features,
     check_finite,
     check_scale,
@@ -115,10 +115,8 @@ class Profiler:
         self._budget: int = check_int("memory_budget", memory_budget, minimum=1)
         self.step = 0
         self._closed = False
-        self._warned_zero: set[str] = set()
-        self._warned_nonfinite: set[str] = set()
+        self._warnings = ProbeWarnings()
         self._device_ok: torch.device | None = None
-        self._warned_unrecorded = False
         self._seen_forward = False
         self._auto_logged: set[tuple[object, ...]] = set()
         self._w_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
@@ -406,7 +404,9 @@ class Profiler:
         if rest and not measure_only:
             torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
         layers = self._shared.layers if self._engine.level == "parameters" else None
-        gram, layer_grams, unreached = stack_grams(result.layer_grams, layers, len(self.tasks))
+        gram, layer_grams, unreached = stack_grams(
+            result.layer_grams, layers, len(self.tasks), result.stacked
+        )
         if scale is not None:
             inv2 = 1.0 / float(scale) ** 2  # GradScaler scales are powers of two: exact
             if not bool(torch.isfinite(gram).all()):
@@ -437,8 +437,7 @@ class Profiler:
                 notes=tuple(dict.fromkeys([*notes, *result.notes])),
                 **extra,
             )
-        self._flag_zero(snap)
-        self._flag_unrecorded(snap)
+        self._warnings.check(snap)
         self._log_auto()
         return snap
 
@@ -523,19 +522,6 @@ class Profiler:
         _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget)
         self._write_rest(Ls, w, retain_graph, leaves)
 
-    def _flag_unrecorded(self, snap: Snapshot) -> None:
-        if UNRECORDED in snap.notes and not self._warned_unrecorded:
-            self._warned_unrecorded = True
-            warnings.warn(
-                f"the forward of the probe at step {snap.step} was not seen by the profiler's "
-                "hooks on the shared module (was the Profiler created after the forward, or "
-                "the trunk called through .forward()?): the gramian engine served every layer "
-                "by its exact but slower generic path (Snapshot.notes records it). Create the "
-                "Profiler before the first forward.",
-                GradlensWarning,
-                stacklevel=4,
-            )
-
     def _log_auto(self) -> None:
         """Write ``auto``'s decisions, as they are made, into the run store's meta
         (``meta["auto"]``; not to dashboards, some of which refuse a parameter that changes)."""
@@ -548,30 +534,6 @@ class Profiler:
         update = getattr(self.store, "update_meta", None)
         if callable(update):
             update(auto=self._engine.summary())
-
-    def _flag_zero(self, snap: Snapshot) -> None:
-        bad = [t for t in snap.nonfinite_tasks if t not in self._warned_nonfinite]
-        if bad:
-            self._warned_nonfinite.update(bad)
-            warnings.warn(
-                f"tasks {bad} have a non-finite (NaN or infinite) gradient on the shared "
-                f"{'representation' if snap.level == 'features' else 'parameters'} at step "
-                f"{snap.step}, from finite losses (Snapshot.nonfinite_tasks flags them; e.g. "
-                "sqrt or log at 0 in the loss).",
-                GradlensWarning,
-                stacklevel=3,
-            )
-        new = [t for t in snap.zero_tasks if t not in self._warned_zero]
-        if new:
-            self._warned_zero.update(new)
-            warnings.warn(
-                f"tasks {new} have a zero gradient on the shared "
-                f"{'representation' if snap.level == 'features' else 'parameters'} at step "
-                f"{snap.step}: their cosines are NaN (Snapshot.zero_tasks flags them). Does "
-                "each of these losses depend on the shared part?",
-                GradlensWarning,
-                stacklevel=3,
-            )
 
     def _meta(self, meta: Mapping[str, Any] | None, engine: str, every: object) -> dict[str, Any]:
         out: dict[str, Any] = {

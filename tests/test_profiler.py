@@ -252,8 +252,9 @@ def test_task_that_does_not_reach_the_shared_part_is_flagged(engine):
     extra = nn.Parameter(torch.ones((), dtype=torch.float64))
     losses = {"t0": heads[0](z).pow(2).mean(), "t1": extra * 2.0}
     with prof:
-        with pytest.warns(gl.GradlensWarning, match=r"tasks \['t1'\] have a zero gradient"):
+        with pytest.warns(gl.GradlensWarning, match=r"tasks \['t1'\] have a zero gradient") as got:
             snap = prof.backward(losses, features=z if engine == "features" else None)
+    assert got[0].filename == __file__  # it points at the user's call
     assert snap.zero_tasks == ("t1",)
     assert snap.gram[1, 1] == 0
     cos = snap.cosine()

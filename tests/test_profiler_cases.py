@@ -77,8 +77,9 @@ def test_profiler_created_after_the_forward_warns_once_and_notes_it(engine):
     losses = task_losses(trunk, heads, x, ys)  # forward before the profiler exists
     ref = reference_grams(losses, trunk)
     with gl.Profiler(trunk, ["t0", "t1"], engine=engine) as prof:
-        with pytest.warns(gl.GradlensWarning, match=r"Create the Profiler before the first"):
+        with pytest.warns(gl.GradlensWarning, match=r"Create the Profiler before the first") as w:
             snap = prof.backward(losses)
+        assert w[0].filename == __file__  # it points at the user's call
         assert UNRECORDED in snap.notes
         assert_gram_close(snap.gram, ref.gram, 1e-10)  # still exact
         snap = prof.backward(task_losses(trunk, heads, x, ys))  # seen: no note, no warning

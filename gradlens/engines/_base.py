@@ -182,6 +182,9 @@ class EngineResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: Facts about this probe worth recording in the Snapshot (see ``Snapshot.notes``).
     notes: list[str] = field(default_factory=list)
+    #: ``layer_grams``' values as the rows of one ``(L, T, T)`` tensor, in the same order, when
+    #: the engine computed them so (the profiler then stacks nothing); None otherwise.
+    stacked: torch.Tensor | None = None
 
 
 class Engine(ABC):
@@ -294,6 +297,10 @@ class Workspace:
             b = torch.empty(tuple(shape), dtype=dtype, device=device)
             self._bufs[key] = b
         return b
+
+    def holds(self, key: object, buf: torch.Tensor) -> bool:
+        """Whether ``buf`` is the buffer kept under ``key``."""
+        return self._bufs.get(key) is buf
 
     def clear(self) -> None:
         """Release every buffer."""

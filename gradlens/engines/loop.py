@@ -34,6 +34,7 @@ from gradlens.engines._base import (
 __all__ = [
     "CHUNK",
     "FlatEngine",
+    "GramPlan",
     "LoopEngine",
     "fill_row",
     "flat_grads",
@@ -121,42 +122,72 @@ def flat_layer_grams(
 ) -> dict[str, torch.Tensor]:
     """Each layer's float64 Gram ``J_l J_l^T`` over its column spans of ``J`` (T x P).
 
-    Products run in ``J``'s dtype (float32 at least) over at most :data:`CHUNK` columns each:
-    a layer within one chunk is one product into a shared buffer, converted to float64 with all
-    the others at once; a larger one sums its chunks' products in float64.
+    Products run in ``J``'s dtype (float32 at least) over at most :data:`CHUNK` columns each,
+    into one buffer converted to float64 at once; a layer of several chunks (or spans) sums its
+    chunks' products in float64.
+
+    >>> J = torch.arange(12.0).reshape(2, 6)
+    >>> g = flat_layer_grams(J, {"a": [(0, 2)], "b": [(2, 6)]})
+    >>> g["a"].tolist(), g["b"].dtype
+    ([[1.0, 7.0], [7.0, 85.0]], torch.float64)
     """
-    T = J.shape[0]
-    small = [n for n, sp in columns.items() if len(sp) == 1 and sp[0][1] - sp[0][0] <= CHUNK]
-    out: dict[str, torch.Tensor] = {}
-    if small:
-        buf = torch.empty((len(small), T, T), dtype=J.dtype, device=J.device)
-        for i, layer in enumerate(small):
-            ((a, b),) = columns[layer]
-            block = J[:, a:b]
-            torch.mm(block, block.T, out=buf[i])
-        grams = buf.to(torch.float64)
-        out = {layer: grams[i] for i, layer in enumerate(small)}
-    for layer, spans in columns.items():
-        if layer in out:
-            continue
-        total = torch.zeros((T, T), dtype=torch.float64, device=J.device)
-        for a, b in spans:
-            for lo in range(a, b, CHUNK):
-                block = J[:, lo : min(b, lo + CHUNK)]
-                total += (block @ block.T).to(torch.float64)
-        out[layer] = total
-    return {layer: out[layer] for layer in columns}
+    plan = GramPlan(J, columns)
+    return dict(zip(plan.layers, plan.run().unbind(0)))
+
+
+class GramPlan:
+    """The products of :func:`flat_layer_grams` for one buffer ``J``, prepared once.
+
+    The views of ``J`` each product reads and the buffer it writes are made here, so that a
+    probe reusing the same ``J`` (the engines' workspace) runs only the products: one
+    ``torch.mm`` per chunk, one float64 conversion, one float64 sum when a layer spans several
+    chunks. Holds ``J`` (through its views): keep a plan only as long as ``J`` is kept anyway.
+    """
+
+    def __init__(self, J: torch.Tensor, columns: Mapping[str, Sequence[tuple[int, int]]]) -> None:
+        self.source, self.columns = J, columns
+        self.layers = list(columns)
+        owner: list[int] = []
+        blocks: list[torch.Tensor] = []
+        for i, spans in enumerate(columns.values()):
+            for a, b in spans:
+                for lo in range(a, b, CHUNK):
+                    blocks.append(J[:, lo : min(b, lo + CHUNK)])
+                    owner.append(i)
+        T = J.shape[0]
+        self._out = torch.empty((len(blocks), T, T), dtype=J.dtype, device=J.device)
+        self._products = [(blk, blk.T, o) for blk, o in zip(blocks, self._out.unbind(0))]
+        one_each = owner == list(range(len(self.layers)))
+        self._owner = None if one_each else torch.tensor(owner, device=J.device)
+
+    def run(self) -> torch.Tensor:
+        """The Grams of the buffer's current contents: ``(L, T, T)`` float64, one row per layer
+        of :attr:`layers`."""
+        for blk, blk_t, out in self._products:
+            torch.mm(blk, blk_t, out=out)
+        grams = self._out.to(torch.float64, copy=True)  # never the buffer the next run rewrites
+        if self._owner is not None:
+            T = grams.shape[-1]
+            total = torch.zeros((len(self.layers), T, T), dtype=grams.dtype, device=grams.device)
+            grams = total.index_add_(0, self._owner, grams)
+        return grams
 
 
 def write_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
     """Add the slices of ``flat`` (P,), in parameter order, to the parameters' ``.grad``, as
-    autograd's accumulation does (:func:`~gradlens.engines._base.accumulate_grads`: a fresh
-    tensor of the parameter's dtype when ``.grad`` is None)."""
-    views, k = [], 0
-    for p in params:
-        views.append(flat[k : k + p.numel()].view(p.shape))
-        k += p.numel()
-    accumulate_grads(params, views)
+    autograd's accumulation does (:func:`~gradlens.engines._base.accumulate_grads`): a
+    parameter without ``.grad`` gets a copy of its slice (a tensor of its own, as autograd's
+    fresh gradient; the common case after ``zero_grad()``), in one call per parameter."""
+    views: list[torch.Tensor] = []
+    rest: list[torch.Tensor] = []
+    for p, v in zip(params, torch.split_with_sizes(flat, [p.numel() for p in params])):
+        if p.grad is None and v.dtype is p.dtype:
+            p.grad = v.view(p.shape).clone()
+        else:
+            rest.append(p)
+            views.append(v.view(p.shape))
+    if rest:
+        accumulate_grads(rest, views)
 
 
 class FlatEngine(Engine):
@@ -168,12 +199,14 @@ class FlatEngine(Engine):
         super().__init__(shared, n_tasks)
         self._workspace = Workspace()
         self._cols: tuple[tuple[int, ...], dict[str, list[tuple[int, int]]]] | None = None
+        self._plan: GramPlan | None = None
 
     def detach(self) -> None:
         self.release()
 
     def release(self) -> None:
         self._workspace.clear()
+        self._plan = None
 
     def flat_buffer(self, rows: int, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """An uninitialised ``rows x P`` buffer in the parameters' (promoted) dtype, float32 at
@@ -214,7 +247,8 @@ class FlatEngine(Engine):
         (or, with ``ctx.keep_blocks``, a writer that writes it once the weights are known);
         ``others``: ``(leaf, sum_t w_t g_t)`` of the :meth:`other_leaves`, written too (None:
         no task reaches it)."""
-        grams = flat_layer_grams(J, self._columns(params))
+        layers, stacked = self._grams(J, params)
+        grams = dict(zip(layers, stacked.unbind(0)))
         rules = dict.fromkeys(grams, self.name)
         layer_of = self.shared.layer_of
 
@@ -227,13 +261,27 @@ class FlatEngine(Engine):
                 k += p.numel()
 
         if ctx.keep_blocks:  # the per-task gradients are at hand: write once weights are known
-            return EngineResult(grams, rules, set(), writer=write)
+            return EngineResult(grams, rules, set(), writer=write, stacked=stacked)
         # the weighted sum as one product over the flattened per-task gradients
         write_flat(params, ctx.weights.to(J.dtype) @ J)
         for leaf, g in others:
             if g is not None:
                 accumulate_grad(leaf, g)
-        return EngineResult(grams, rules, {id(p) for p in [*params, *(v for v, _ in others)]})
+        written = {id(p) for p in [*params, *(v for v, _ in others)]}
+        return EngineResult(grams, rules, written, stacked=stacked)
+
+    def _grams(
+        self, J: torch.Tensor, params: list[torch.Tensor]
+    ) -> tuple[list[str], torch.Tensor]:
+        """The layers and their Grams, stacked (:meth:`GramPlan.run`), by a plan kept while
+        ``J`` is the workspace's buffer (made afresh for a buffer not kept between probes)."""
+        columns = self._columns(params)
+        plan = self._plan
+        if not self._workspace.holds("J", J):
+            plan = GramPlan(J, columns)
+        elif plan is None or plan.source is not J or plan.columns is not columns:
+            plan = self._plan = GramPlan(J, columns)
+        return plan.layers, plan.run()
 
     def _columns(self, params: list[torch.Tensor]) -> dict[str, list[tuple[int, int]]]:
         """:func:`layer_columns` of ``params``, kept for the parameter set of the last probe."""

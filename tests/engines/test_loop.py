@@ -151,3 +151,37 @@ def test_loop_keeps_the_graph_when_asked():
         prof.backward(L)  # the graph is still there
     for p, g in zip(others, first):
         torch.testing.assert_close(p.grad, 2 * g)
+
+
+def test_a_gram_plan_never_returns_the_buffer_it_rewrites():
+    # float64 columns: the float64 conversion would be a no-op returning the plan's own buffer
+    J = torch.randn(3, 10, dtype=torch.float64)
+    cols = {"a": [(0, 4)], "b": [(4, 10)]}
+    plan = loop.GramPlan(J, cols)
+    first = plan.run()
+    kept = first.clone()
+    J.mul_(2.0)  # the next probe's gradients, in the same buffer
+    second = plan.run()
+    torch.testing.assert_close(first, kept, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(second, 4 * kept, rtol=1e-15, atol=0.0)
+    assert plan.layers == ["a", "b"]
+
+
+def test_the_gram_plan_follows_the_buffer_and_the_parameter_set():
+    trunk, heads, x = _wide(torch.float32)
+    with gl.Profiler(trunk, ["t0", "t1", "t2"], engine="loop") as prof:
+        eng = prof._engine
+        for _ in range(2):
+            prof.backward(_losses(trunk, heads, x))
+        plan = eng._plan
+        assert plan is not None
+        assert eng._workspace.holds("J", plan.source)
+        prof.backward(_losses(trunk, heads, x))
+        assert eng._plan is plan  # reused while the buffer and the parameters are the same
+        trunk[0].bias.requires_grad_(False)  # another parameter set: another buffer and plan
+        snap = prof.backward(_losses(trunk, heads, x))
+        assert eng._plan is not plan
+        assert eng._plan.source.shape[1] == plan.source.shape[1] - 300
+        ref = reference_grams(_losses(trunk, heads, x), trunk)
+        for layer, g in ref.layer_grams.items():
+            assert_gram_close(snap.layer_grams[layer], g, 1e-4)
