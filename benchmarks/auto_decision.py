@@ -6,14 +6,15 @@ Usage: ``python benchmarks/auto_decision.py --models gpt2,resnet,convnext --task
 Each repeat, in a rotating order, times:
 
 - every exact candidate (``loop``, ``batched``, ``gramian``, ``gramian-vmap``: the gramian
-  engine with its second stage vmapped throughout) on its steady-state probe, as the bench does
-  (a fresh profiler, ``--warm-probes`` untimed probes, the timed one); over all repeats the medians give the
-  "true" ordering of the candidates (printed with the two half-samples' medians, even and odd
-  repeats, so one can see whether the ordering holds);
+  engine with its second stage vmapped throughout) on its steady-state probe, as the bench
+  does (a fresh profiler, ``--warm-probes`` untimed probes, the timed one); over all repeats
+  the medians give the "true" ordering of the candidates (printed with the two half-samples'
+  medians, even and odd repeats, so one can see whether the ordering holds);
 - one fresh ``auto`` decision per decision rule (``new``: the rule in
-  :mod:`gradlens.engines.auto`; ``old``: the rule before it, round 1 then one more timing of the
-  candidates within 1.5x, winner by fastest probe, first probes included), counting the probes it took, then its
-  steady-state probe (two probes after the decision, the second timed).
+  :mod:`gradlens.engines.auto`; ``old``: the rule before it, round 1 then one more timing of
+  the candidates within 1.5x, winner by fastest probe, first probes included), counting the
+  probes it took, then its steady-state probe (two probes after the decision, the second
+  timed).
 
 Reported per rule: what it chose, the share of decisions whose choice is more than 5 % slower
 than the fastest candidate by the true medians ("misses"), the probes a decision took, and the
@@ -137,7 +138,8 @@ def _summary(
 ) -> dict[str, Any]:
     med = {c: statistics.median(times[c]) for c in CANDS}
     halves = {
-        c: (statistics.median(times[c][0::2]), statistics.median(times[c][1::2])) for c in CANDS
+        c: (statistics.median(times[c][0::2]), statistics.median(times[c][1::2] or times[c]))
+        for c in CANDS
     }
     best = min(med.values())
     out: dict[str, Any] = {

@@ -73,8 +73,7 @@ def _instrument() -> None:
     _wrap(profiler_mod, "Snapshot", "snapshot")
     for name in ("stack_losses", "check_finite", "stack_grams"):
         _wrap(profiler_mod, name, "checks")
-    for name in ("_flag_zero", "_flag_unrecorded"):
-        _wrap(profiler_mod.Profiler, name, "checks")
+    _wrap(profiler_mod.ProbeWarnings, "check", "checks")  # the zero and unrecorded flags
 
 
 def _libmtl(setup: _Setup, losses: dict[str, torch.Tensor]) -> None:
