@@ -1,14 +1,15 @@
 """``auto``'s own cost: its steady-state probe against the engine it chose, called directly.
 
-Usage: ``python benchmarks/auto_overhead.py --models gpt2,convnext --tasks 3 --blocks 15
+Usage: ``python benchmarks/auto_overhead.py --models gpt2,convnext --tasks 3 --pairs 100
 [--profile]`` (one torch thread; thread CPU time; batch 4 as the zoo bench).
 
-An ``auto`` profiler decides first (its choice is kept: its decision is restored into every
-``auto`` profiler made after it, so none times candidates again). Then ``--blocks`` blocks, each
-with a fresh profiler per method in alternating order (``auto``, then one of the chosen engine
-made directly; the next block the other way round), two untimed probes, then ``--steps`` timed
-probed steps (forward included). Prints the median of each and their ratio; ``--profile`` also
-prints the cProfile functions of ``auto`` against the direct engine whose own time differs most.
+An ``auto`` profiler decides first; its decision is restored into a fresh ``auto`` profiler, so
+it times no candidate again. Two copies of the set-up (the same seed: the same model and batch),
+one with that ``auto`` profiler, one with a profiler of the engine it chose, called directly;
+five untimed probed steps each, then ``--pairs`` pairs of probed steps (forward included), one of
+each, alternating which goes first (ABBA), so the machine's other load hits both alike. Prints
+the ratio of the medians and the median of the paired ratios; ``--profile`` also prints the
+cProfile functions whose own time differs most between the two.
 """
 
 from __future__ import annotations
@@ -56,35 +57,37 @@ def _decide(setup: _Setup) -> tuple[str, dict[str, Any]]:
     return chose, state
 
 
-def measure(model: str, T: int, blocks: int, steps: int, profile: bool) -> None:
-    setup = _Setup(model, T, 4)
-    chose, state = _decide(setup)
-    methods = ["auto", chose]
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    profs = {m: cProfile.Profile(time.thread_time) for m in methods}
-    for b in range(blocks):
-        for m in methods if b % 2 == 0 else methods[::-1]:
-            prof = _make(setup, m, state)
-            assert m != "auto" or prof._engine.describe() == chose  # type: ignore[attr-defined]  # auto
-            _step(setup, prof)
-            _step(setup, prof)
-            for _ in range(steps):
-                if profile:
-                    profs[m].enable()
-                times[m].append(_step(setup, prof))
-                if profile:
-                    profs[m].disable()
-            prof.close()
-    setup.close()
-    med = {m: statistics.median(times[m]) * 1e3 for m in methods}
+def measure(model: str, T: int, pairs: int, profile: bool) -> None:
+    a, b = _Setup(model, T, 4), _Setup(model, T, 4)  # the same seed: the same model and batch
+    chose, state = _decide(a)
+    profs = {"auto": _make(a, "auto", state), chose: _make(b, chose, state)}
+    setups = {"auto": a, chose: b}
+    assert profs["auto"]._engine.describe() == chose  # type: ignore[attr-defined]  # auto
+    times: dict[str, list[float]] = {m: [] for m in profs}
+    cprof = {m: cProfile.Profile(time.thread_time) for m in profs}
+    for m in profs:
+        for _ in range(5):
+            _step(setups[m], profs[m])
+    order = list(profs)
+    for i in range(pairs):
+        for m in order if i % 2 == 0 else order[::-1]:  # ABBA: neither goes first
+            if profile:
+                cprof[m].enable()
+            times[m].append(_step(setups[m], profs[m]))
+            if profile:
+                cprof[m].disable()
+    a.close()
+    b.close()
+    med = {m: statistics.median(times[m]) * 1e3 for m in profs}
+    paired = statistics.median(x / y for x, y in zip(times["auto"], times[chose]))
     print(
         f"{model} T={T}: auto (chose {chose}) {med['auto']:.3f} ms, {chose} direct "
-        f"{med[chose]:.3f} ms, auto / direct {med['auto'] / med[chose]:.4f} "
-        f"({len(times['auto'])} steps each, {blocks} alternating blocks)",
+        f"{med[chose]:.3f} ms, auto / direct {med['auto'] / med[chose]:.4f} (median of the "
+        f"{pairs} paired ratios {paired:.4f})",
         flush=True,
     )
     if profile:
-        _diff(profs["auto"], profs[chose], len(times["auto"]))
+        _diff(cprof["auto"], cprof[chose], pairs)
 
 
 def _diff(a: cProfile.Profile, b: cProfile.Profile, n: int) -> None:
@@ -112,14 +115,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="gpt2,convnext")
     ap.add_argument("--tasks", default="3")
-    ap.add_argument("--blocks", type=int, default=15)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--pairs", type=int, default=100)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for model in args.models.split(","):
         for T in (int(t) for t in args.tasks.split(",")):
-            measure(model, T, args.blocks, args.steps, args.profile)
+            measure(model, T, args.pairs, args.profile)
 
 
 if __name__ == "__main__":

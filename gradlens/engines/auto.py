@@ -269,21 +269,22 @@ class AutoEngine(Engine):
     def compute(self, ctx: BackwardContext) -> EngineResult:
         key = self.key(ctx)
         self._shapes = ()
-        decision = self.decisions.setdefault(key, Decision())
-        order = self._order(ctx.losses.device.type)
-        name = decision.winner or decision.next_candidate(order)
-        assert name is not None
-        engine, stage = self.variants[name]
-        if isinstance(engine, GramianEngine):
-            engine.stage = stage
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = self.decisions[key] = Decision()
         if decision.winner is not None:
             # decided: the winner alone, as if called directly (the profiler backpropagates to
             # the leaves it left, e.g. the heads)
+            engine = self._variant(decision.winner)
             result = engine.compute(ctx)
             self._discard_others(engine)
             result.engine = engine.name
             result.timings = decision.best()
             return result
+        order = self._order(ctx.losses.device.type)
+        name = decision.next_candidate(order)
+        assert name is not None
+        engine = self._variant(name)
         clock = _clock_for(ctx.losses.device)
         t0 = clock()
         result = engine.compute(ctx)
@@ -307,6 +308,13 @@ class AutoEngine(Engine):
         result.engine = engine.name
         result.timings = decision.best()
         return result
+
+    def _variant(self, name: str) -> Engine:
+        """The engine of variant ``name``, set to run as that variant."""
+        engine, stage = self.variants[name]
+        if isinstance(engine, GramianEngine):
+            engine.stage = stage
+        return engine
 
     def _discard_others(self, engine: Engine) -> None:
         """Drop what the other candidates' hooks recorded of this probe's forward."""

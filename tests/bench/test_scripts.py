@@ -27,7 +27,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
         "misses",
     ),
     "auto_overhead.py": (
-        ["--models", "mlp-tiny", "--blocks", "2", "--steps", "2"],
+        ["--models", "mlp-tiny", "--pairs", "3"],
         "auto / direct",
     ),
     "bench_sinks.py": (["--steps", "4", "--rounds", "1", "--image-every", "2"], "tensorboard"),
