@@ -121,8 +121,14 @@ def run(args: argparse.Namespace) -> int:
     if picks:
         print("\nauto chose (one fresh choice per repeat), and its time over each engine's:")
         for r in picks:
-            against = ", ".join(f"{e} {q:.3f}x" for e, q in r.get("vs_engines", {}).items())
-            best = f"; fastest {r['vs_best_engine']:.3f}x" if "vs_best_engine" in r else ""
+            paired = r.get("paired_vs_engines", {})
+            against = ", ".join(
+                f"{e} {q:.3f}x (paired {paired[e]:.3f}x)"
+                for e, q in r.get("vs_engines", {}).items()
+            )
+            best = ""
+            if "vs_best_engine" in r:
+                best = f"; fastest {r['vs_best_engine']:.3f}x ({r['paired_vs_best_engine']:.3f}x)"
             print(f"  {r['model']:<12} T={r['tasks']:<3} {r['chose']}  {against}{best}")
     out: dict[str, object] = {"hardware": hardware_info(args.device, args.clock), "time": rows}
     if args.memory:

@@ -92,8 +92,9 @@ def run_benchmark(
     fifth; ``loop`` steady from its second), so timing all at the same depth compares like with
     like. ``auto`` is timed on the second probe after its choice (made afresh at each repeat,
     after at least ``warm_probes`` probes); its row also holds what it chose (``chose``) and
-    its time against each exact engine timed in the run (``vs_engines``, ratios of medians)
-    and against the fastest of them (``vs_best_engine``).
+    its time against each exact engine timed in the run (``vs_engines``, ratios of medians;
+    ``paired_vs_engines``, medians of the ratios within a repeat) and against the fastest of
+    them (``vs_best_engine``, ``paired_vs_best_engine``).
 
     The unprobed steps are timed on a profiler made fresh for each timing with
     ``every=10**9``, so it probes its step 0 only: step 1 is the after-probe step, step 2 a
@@ -191,7 +192,7 @@ def _run(
                 "batch": batch,
                 "device": str(device),
             }
-            new = _rows(common, methods, med, chosen, amortise)
+            new = _rows(common, methods, times, med, chosen, amortise)
             for r in new:
                 r.update(peaks.get(r["method"], {}))
             rows += new
@@ -253,6 +254,7 @@ def _time_methods(
 def _rows(
     common: dict[str, Any],
     methods: Sequence[str],
+    times: dict[str, list[float]],
     med: dict[str, float],
     chosen: dict[str, int],
     amortise: Sequence[int],
@@ -265,10 +267,7 @@ def _rows(
         rows.append(_row(common, m, med[m], base, loop))
         if m == "auto":  # what auto chose, over the repeats (a fresh choice each)
             rows[-1]["chose"] = dict(sorted(chosen.items()))
-            engines = {e: med[m] / med[e] for e in EXACT if e in med}
-            if engines:
-                rows[-1]["vs_engines"] = engines
-                rows[-1]["vs_best_engine"] = med[m] / min(med[e] for e in engines)
+            rows[-1].update(_against_engines(times, med))
     for m in AMORTISED:
         if f"{m}-unprobed" not in med:
             continue
@@ -279,6 +278,26 @@ def _rows(
             t = _amortised(med[m], t_after, t_steady, k)
             rows.append(_row(common, f"{m}@every={k}", t, base, loop))
     return rows
+
+
+def _against_engines(times: dict[str, list[float]], med: dict[str, float]) -> dict[str, Any]:
+    """``auto``'s time against each exact engine timed in the run: ratios of the medians
+    (``vs_engines``; ``vs_best_engine`` for the engine with the lowest median), and the medians
+    of the ratios within each repeat (``paired_vs_engines``, ``paired_vs_best_engine``), where
+    the two steps ran seconds apart, so the machine's slower spells cancel."""
+    engines = [e for e in EXACT if e in med]
+    if "auto" not in med or not engines:
+        return {}
+    best = min(engines, key=med.__getitem__)
+    paired = {
+        e: statistics.median(a / t for a, t in zip(times["auto"], times[e])) for e in engines
+    }
+    return {
+        "vs_engines": {e: med["auto"] / med[e] for e in engines},
+        "vs_best_engine": med["auto"] / med[best],
+        "paired_vs_engines": paired,
+        "paired_vs_best_engine": paired[best],
+    }
 
 
 def _row(common: dict[str, Any], method: str, t: float, base: float, loop: float) -> dict[str, Any]:

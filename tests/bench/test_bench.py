@@ -308,6 +308,9 @@ def test_auto_row_is_compared_with_each_exact_engine(monkeypatch):
     assert auto["chose"] == {"batched": 2}  # the measured repeats only
     assert auto["vs_engines"] == pytest.approx({e: sec["auto"] / sec[e] for e in EXACT})
     assert auto["vs_best_engine"] == pytest.approx(max(auto["vs_engines"].values()))
+    fastest = min(EXACT, key=sec.__getitem__)
+    assert auto["paired_vs_best_engine"] == auto["paired_vs_engines"][fastest]
+    assert set(auto["paired_vs_engines"]) == set(EXACT)
 
 
 def test_warm_probes_is_checked():
@@ -370,3 +373,19 @@ def test_tensor_memory_of_each_method_in_its_row(tmp_path, capsys):
     assert printed.rstrip().splitlines()[-1].endswith("MiB")
     data = json.loads(out.read_text())
     assert all(r["memory"] == "cpu_tensors" for r in data["time"])
+
+
+def test_auto_against_the_engines_paired_within_each_repeat():
+    # the second repeat ran in a slow spell of the machine: every method took 3x as long
+    times = {
+        "auto": [1.0, 3.3, 1.1],
+        "loop": [1.0, 3.0, 1.0],
+        "batched": [2.0, 6.0, 2.0],
+    }
+    med = {m: sorted(v)[1] for m, v in times.items()}
+    got = timing._against_engines(times, med)
+    assert got["vs_engines"] == pytest.approx({"loop": 1.1 / 1.0, "batched": 1.1 / 2.0})
+    assert got["paired_vs_engines"] == pytest.approx({"loop": 1.1, "batched": 0.55})
+    assert got["vs_best_engine"] == pytest.approx(1.1)
+    assert got["paired_vs_best_engine"] == pytest.approx(1.1)
+    assert timing._against_engines({"loop": [1.0]}, {"loop": 1.0}) == {}
