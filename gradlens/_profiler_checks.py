@@ -10,6 +10,7 @@ import math
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens.engines._base import Engine
+from gradlens.engines._base import Engine, SharedParams
 from gradlens.engines.gramian import UNRECORDED
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ __all__ = [
     "check_features",
     "check_finite",
     "check_scale",
+    "check_sparse",
     "grads_kept",
     "no_autocast",
     "open_store",
@@ -181,6 +183,23 @@ def stack_losses(
         vals = [v.to(dt) for v in vals]
     # finiteness is checked by the caller on probed steps only (see check_finite)
     return torch.stack(vals), vals
+
+
+def check_sparse(
+    shared: SharedParams, reached: Sequence[torch.Tensor], sparse: AbstractSet[int], engine: Engine
+) -> None:
+    """Refuse, before any side effect, an engine that cannot take a shared parameter whose
+    gradient is sparse (``nn.Embedding(..., sparse=True)``)."""
+    if engine.sparse_grads:
+        return
+    names = [n for n, p in shared.named if id(p) in sparse and any(p is q for q in reached)]
+    if names:
+        raise GradlensError(
+            f"engine={engine.name!r} cannot measure shared parameters whose gradient is sparse "
+            f"(nn.Embedding or nn.EmbeddingBag with sparse=True); found {names}. Use "
+            "engine='loop' (or 'auto', which serves such graphs with it), or sparse=False. "
+            "Nothing was written."
+        )
 
 
 def check_finite(L: torch.Tensor, tasks: tuple[str, ...]) -> list[float]:

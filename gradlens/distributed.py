@@ -70,6 +70,7 @@ from gradlens.engines._base import (
     compute_dtype,
     gram_of_rows,
     group_by_layer,
+    new_grad,
 )
 from gradlens.engines.features import FeaturesEngine
 from gradlens.engines.loop import loop_task_grads
@@ -259,7 +260,7 @@ class DistributedProfiler(Profiler):
                 part = flat[k : k + p.numel()].view_as(p)
                 k += p.numel()
                 if p.grad is None:
-                    p.grad = part.clone()
+                    p.grad = part.clone() if p.is_contiguous() else new_grad(p, part)
                 else:
                     p.grad.copy_(part)
 

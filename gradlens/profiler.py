@@ -39,6 +39,7 @@ from gradlens._profiler_checks import (
     check_features,
     check_finite,
     check_scale,
+    check_sparse,
     grads_kept,
     no_autocast,
     open_store,
@@ -47,6 +48,7 @@ from gradlens._profiler_checks import (
     uncompiled,
     weight_values,
 )
+from gradlens._profiler_state import load_state, log_auto, save_state
 from gradlens._validate import check_int, check_tasks
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
@@ -113,7 +115,7 @@ class Profiler:
         self._engine: Engine = self._make_engine(engine)
         self._schedule = as_schedule(every)
         self._budget: int = check_int("memory_budget", memory_budget, minimum=1)
-        self.step = 0
+        self._step = 0
         self._closed = False
         self._warnings = ProbeWarnings()
         self._device_ok: torch.device | None = None
@@ -147,6 +149,18 @@ class Profiler:
     def engine(self) -> str:
         """Name of the engine in use."""
         return self._engine.name
+
+    @property
+    def step(self) -> int:
+        """The training step the next ``backward``/``observe`` call is (the schedule's input);
+        set it to continue a run elsewhere than at 0 (as :meth:`load_state_dict` does)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = check_int("step", value, minimum=0)
+        # the engine records the coming forward only if that step is probed
+        self._engine.set_recording(bool(self._schedule(self._step)))
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -227,6 +241,38 @@ class Profiler:
             >>> prof.close()
         """
         return self._run(losses, weights, features, True, grad_scale, write=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on as this one: the step (the position in the probe
+        schedule), a Gram weighting's held weights and ``auto``'s decisions (so each graph
+        shape is served by the engine it chose: bit-identical numbers). Save it with the model
+        and optimizer; only tensors, dicts, lists, numbers and strings.
+
+        Example:
+            >>> import torch, gradlens as gl
+            >>> trunk = torch.nn.Linear(3, 2)
+            >>> def losses():
+            ...     out = trunk(torch.randn(5, 3))
+            ...     return {"a": out[:, 0].mean(), "b": out[:, 1].mean()}
+            >>> with gl.Profiler(trunk, tasks=["a", "b"]) as prof:
+            ...     for _ in range(30):  # auto times its candidates, then keeps the fastest
+            ...         _ = prof.backward(losses())
+            ...     state = prof.state_dict()
+            >>> chosen = state["auto"]["decisions"][0]["winner"]
+            >>> with gl.Profiler(trunk, tasks=["a", "b"]) as resumed:  # e.g. after a restart
+            ...     resumed.load_state_dict(state)
+            ...     snap = resumed.backward(losses())
+            >>> snap.step, snap.engine == chosen
+            (30, True)
+        """
+        return save_state(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` saved by a profiler with the same tasks (raises
+        :class:`~gradlens.GradlensError` for anything else, changing nothing). A state without
+        ``auto`` decisions loaded into an ``auto`` profiler warns: its candidates are timed anew.
+        """
+        load_state(self, state)
 
     def close(self) -> None:
         """Remove every hook from the model and flush and close the store and sinks."""
@@ -325,7 +371,6 @@ class Profiler:
             raise
         # the step advances only when the call succeeded: a failed call can be retried
         self.step = step + 1
-        self._engine.set_recording(bool(self._schedule(self.step)))
         snap = self._after(snap, write)
         if snap is not None:
             for sink in self._sinks:
@@ -371,6 +416,9 @@ class Profiler:
         graph = GraphIndex.build(L)  # raises before any side effect (reentrant checkpoint)
         leaves = graph.leaves
         reached = [p for p in self._shared.params if id(p) in leaves]
+        sparse = graph.sparse_leaves()
+        if sparse:
+            check_sparse(self._shared, reached, sparse, self._engine)
         notes: list[str] = []
         if self._engine.uses_hooks and self._forward_hook is not None and not self._seen_forward:
             notes.append(UNRECORDED)
@@ -392,6 +440,7 @@ class Profiler:
             retain_graph=retain_graph or weighting is not None,
             keep_blocks=weighting is not None and write,
             graph=graph,
+            sparse=sparse,
         )
         # engines compute in the dtypes of the recorded tensors, never under an autocast region
         with no_autocast(L.device.type):
@@ -438,7 +487,7 @@ class Profiler:
                 **extra,
             )
         self._warnings.check(snap)
-        self._log_auto()
+        log_auto(self)
         return snap
 
     def _apply_weighting(
@@ -514,26 +563,16 @@ class Profiler:
         retain_graph: bool,
     ) -> None:
         """``J_l^T w_l`` on each shared layer, ``sum_t w_t`` of the gradients on other leaves."""
-        leaves = GraphIndex.build(Ls).leaves
+        graph = GraphIndex.build(Ls)
+        leaves = graph.leaves
         shared = [p for p in self._shared.params if id(p) in leaves]
         # a layer the held probe did not reach (conditional computation) takes the total weights
         missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
         lw = {**layer_w, **dict.fromkeys(missing, w.detach().cpu())}
-        _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget)
+        _weighting.write_per_layer(
+            Ls, shared, self._shared.layer_of, lw, self._budget, graph.sparse_leaves()
+        )
         self._write_rest(Ls, w, retain_graph, leaves)
-
-    def _log_auto(self) -> None:
-        """Write ``auto``'s decisions, as they are made, into the run store's meta
-        (``meta["auto"]``; not to dashboards, some of which refuse a parameter that changes)."""
-        if not isinstance(self._engine, AutoEngine) or self.store is None:
-            return
-        done = {k for k, d in self._engine.decisions.items() if d.winner is not None}
-        if done <= self._auto_logged:
-            return
-        self._auto_logged |= done
-        update = getattr(self.store, "update_meta", None)
-        if callable(update):
-            update(auto=self._engine.summary())
 
     def _meta(self, meta: Mapping[str, Any] | None, engine: str, every: object) -> dict[str, Any]:
         out: dict[str, Any] = {

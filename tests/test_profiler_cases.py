@@ -1,5 +1,6 @@
 """Cases that used to be silent or unclear: parameters unfrozen after the profiler was created,
-reentrant checkpointing, a profiler created after the forward, layers that no loss reaches."""
+reentrant checkpointing, a profiler created after the forward, layers that no loss reaches,
+sparse embedding gradients (``nn.Embedding(sparse=True)``) in the shared part or a head."""
 
 from __future__ import annotations
 
@@ -118,3 +119,140 @@ def test_unreached_layer_has_a_zero_gram_listed_and_flagged(engine):
     assert torch.count_nonzero(ref.layer_grams["b"]) == 0
     assert_gram_close(snap.gram, ref.gram, 1e-10)
     assert trunk.b.weight.grad is None  # as a plain backward leaves it
+
+
+class _SparseTrunk(nn.Module):
+    """A sparse-gradient embedding (rows looked up twice: repeated indices) and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, sparse=True)
+        self.out = nn.Linear(12, 5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.out(self.emb(idx).flatten(1)))
+
+
+def _sparse_setup():
+    torch.manual_seed(0)
+    trunk = _SparseTrunk().double()
+    heads = nn.ModuleList([nn.Linear(5, 1) for _ in range(3)]).double()
+    idx = torch.tensor([[1, 2, 1], [3, 1, 7], [2, 2, 9], [0, 1, 3]])
+
+    def losses():
+        z = trunk(idx)
+        return {f"t{i}": (h(z) ** 2).mean() * (i + 1) for i, h in enumerate(heads)}
+
+    return trunk, heads, losses
+
+
+W3 = {"t0": 0.2, "t1": 0.3, "t2": 0.5}
+
+
+@pytest.mark.parametrize("engine", ["auto", "loop"])
+@pytest.mark.parametrize("weighting", [None, "mgda"])
+def test_a_sparse_embedding_gradient_is_measured_and_written_sparse(engine, weighting):
+    from gradlens.weightings import make_weighting
+
+    trunk, heads, losses = _sparse_setup()
+    params = [*trunk.parameters(), *heads.parameters()]
+    with gl.Profiler(trunk, list(W3), engine=engine) as prof:
+        L = losses()
+        ref = reference_grams(L, trunk)
+        weights = W3 if weighting is None else make_weighting(weighting, list(W3))
+        snap = prof.backward(L, weights)
+    assert snap.engine == "loop"
+    assert_gram_close(snap.gram, ref.gram, 1e-12)
+    for layer, g in ref.layer_grams.items():
+        assert_gram_close(snap.layer_grams[layer], g, 1e-12)
+    w = snap.weights.to(torch.float64)
+    L = losses()
+    plain = torch.autograd.grad(sum(wt * v for wt, v in zip(w, L.values())), params)
+    assert trunk.emb.weight.grad.is_sparse  # as autograd's: a sparse optimizer takes it
+    for p, g in zip(params, plain):
+        assert p.grad.is_sparse == g.is_sparse
+        torch.testing.assert_close(p.grad.to_dense(), g.to_dense(), rtol=1e-12, atol=1e-15)
+    torch.optim.SparseAdam([trunk.emb.weight]).step()
+
+
+@pytest.mark.parametrize("engine", ["batched", "gramian"])
+def test_an_engine_without_sparse_gradients_refuses_them_before_any_side_effect(engine):
+    trunk, heads, losses = _sparse_setup()
+    with gl.Profiler(trunk, list(W3), engine=engine) as prof:
+        with pytest.raises(gl.GradlensError, match=r"found \['emb.weight'\]\. Use engine='loop'"):
+            prof.backward(losses(), W3)
+        assert prof.step == 0
+        assert all(p.grad is None for p in [*trunk.parameters(), *heads.parameters()])
+
+
+@pytest.mark.parametrize("engine", ["auto", "loop", "batched", "gramian"])
+def test_a_sparse_embedding_in_a_head_gets_its_weighted_gradient(engine):
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh()).double()
+    heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(3)]).double()
+    tag = nn.Embedding(5, 1, sparse=True).double()  # a task-specific bias per example kind
+    x, kind = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+
+    def losses():
+        z = trunk(x)
+        out = {f"t{i}": (h(z) ** 2).mean() for i, h in enumerate(heads)}
+        out["t2"] = ((heads[2](z) + tag(kind)) ** 2).mean()
+        return out
+
+    params = [*trunk.parameters(), *heads.parameters(), tag.weight]
+    plain = torch.autograd.grad(sum(W3[t] * v for t, v in losses().items()), params)
+    with gl.Profiler(trunk, list(W3), engine=engine) as prof:
+        L = losses()
+        ref = reference_grams(L, trunk)
+        snap = prof.backward(L, W3)
+    assert_gram_close(snap.gram, ref.gram, 1e-10)
+    assert tag.weight.grad.is_sparse
+    for p, g in zip(params, plain):
+        torch.testing.assert_close(p.grad.to_dense(), g.to_dense(), rtol=1e-10, atol=1e-14)
+
+
+def test_held_per_layer_weights_write_a_sparse_gradient_on_unprobed_steps():
+    from gradlens.weightings import make_weighting
+
+    trunk, heads, losses = _sparse_setup()
+    params = [*trunk.parameters(), *heads.parameters()]
+    with gl.Profiler(trunk, list(W3), every=2) as prof:
+        held = prof.backward(losses(), gl.per_layer(make_weighting("mgda", list(W3))))
+        for p in params:
+            p.grad = None
+        assert prof.backward(losses(), gl.per_layer(make_weighting("mgda", list(W3)))) is None
+    assert trunk.emb.weight.grad.is_sparse
+    L = torch.stack(list(losses().values()))
+    for name, p in trunk.named_parameters():
+        lw = held.layer_weights[name.rpartition(".")[0]]
+        want = torch.autograd.grad(lw @ L, p, retain_graph=True)[0]
+        torch.testing.assert_close(p.grad.to_dense(), want.to_dense(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_channels_last_model_gets_grads_laid_out_as_its_parameters(engine):
+    """autograd's gradient layout contract (a new .grad has its parameter's strides), which
+    DDP's gradient buckets rely on: the engines keep it for a channels-last CNN."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ).double().to(memory_format=torch.channels_last)
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in W3]).double()
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64).to(memory_format=torch.channels_last)
+
+    def losses():
+        z = trunk(x)
+        return {t: (h(z) ** 2).mean() for t, h in zip(W3, heads)}
+
+    params = list(trunk.parameters())
+    plain = torch.autograd.grad(sum(W3[t] * v for t, v in losses().items()), params)
+    with gl.Profiler(trunk, list(W3), engine=engine) as prof:
+        L = losses()
+        ref = reference_grams(L, trunk)
+        snap = prof.backward(L, W3)
+    assert_gram_close(snap.gram, ref.gram, 1e-12)
+    assert trunk[0].weight.stride() != trunk[0].weight.contiguous().stride()
+    for p, g in zip(params, plain):
+        assert p.grad.stride() == g.stride() == p.stride()
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)

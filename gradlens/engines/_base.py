@@ -157,6 +157,9 @@ class BackwardContext:
     #: The index of the losses' graph (one walk, see :mod:`gradlens.engines._graph`); None when
     #: the caller built none (engines then walk what they need themselves).
     graph: GraphIndex | None = None
+    #: Ids of the leaves whose gradient is sparse (``nn.Embedding(sparse=True)``): only an
+    #: engine with ``sparse_grads`` is given shared ones; others may meet them among the heads.
+    sparse: AbstractSet[int] = frozenset()
 
     def per_task(self) -> list[torch.Tensor]:
         """The per-task scalar losses (``task_losses``, or ``losses`` unbound as a fallback)."""
@@ -195,6 +198,9 @@ class Engine(ABC):
     needs_features: ClassVar[bool] = False
     #: Whether the engine relies on forward hooks (a forward they did not see costs it speed).
     uses_hooks: ClassVar[bool] = False
+    #: Whether the engine takes shared parameters whose gradient is sparse (``nn.Embedding(...,
+    #: sparse=True)``): it then writes them a sparse ``.grad``, as autograd does.
+    sparse_grads: ClassVar[bool] = False
 
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         self.shared = shared
@@ -231,13 +237,31 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     if g.dtype != p.dtype:
         g = g.to(p.dtype)
     grad = p.grad
+    if g.is_sparse:  # a sparse gradient (nn.Embedding(sparse=True)): kept sparse, as autograd's
+        p.grad = g if grad is None else grad.add_(g)
+        return
     if grad is None:
         # alias a tensor that owns exactly its storage (as autograd steals a fresh gradient);
         # copy a slice of a larger buffer or a strided view
-        own = g.is_contiguous() and g.untyped_storage().nbytes() == g.numel() * g.element_size()
-        p.grad = g if own else g.clone(memory_format=torch.contiguous_format)
+        own = g.untyped_storage().nbytes() == g.numel() * g.element_size()
+        if p.is_contiguous():
+            own = own and g.is_contiguous()
+            p.grad = g if own else g.clone(memory_format=torch.contiguous_format)
+        else:  # autograd's layout contract: a new .grad has its parameter's strides
+            p.grad = g if own and g.stride() == p.stride() else new_grad(p, g)
     else:
         grad.add_(g)
+
+
+def new_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A copy of ``g`` laid out as ``p`` (autograd's gradient layout contract: a channels-last
+    weight gets a channels-last ``.grad``).
+
+    >>> p = torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    >>> new_grad(p, torch.ones(2, 3, 4, 4)).stride() == p.stride()
+    True
+    """
+    return torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
 
 
 def accumulate_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:

@@ -41,6 +41,8 @@ T_ = TypeVar("T_")
 
 #: The autograd node of ``checkpoint(..., use_reentrant=True)``.
 REENTRANT = "CheckpointFunctionBackward"
+#: Autograd nodes that give their weight a sparse gradient when created with ``sparse=True``.
+_SPARSE_NODES = frozenset({"EmbeddingBackward0", "EmbeddingBagBackward0"})
 
 _REENTRANT_MESSAGE = (
     "`losses` come from a model that uses reentrant activation checkpointing "
@@ -233,6 +235,30 @@ class GraphIndex:
             _DERIVED.pop(old, None)  # (tolerant of another thread's eviction)
         _DERIVED[full] = got
         return got
+
+    def sparse_leaves(self) -> set[int]:
+        """Ids of the leaves whose gradient autograd makes sparse (the weight of an
+        ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True``).
+
+        >>> emb = torch.nn.Embedding(5, 2, sparse=True)
+        >>> g = GraphIndex.build(torch.stack([emb(torch.tensor([1, 3])).sum()]))
+        >>> g.sparse_leaves() == {id(emb.weight)}
+        True
+        """
+        where = self.memo(("sparse-nodes",), self._embedding_nodes)
+        out: set[int] = set()
+        for i, leaves in where:
+            if getattr(self.nodes[i], "_saved_sparse", False):  # the node's saved flag
+                out.update(id(self.leaf_at[j]) for j in leaves)
+        return out
+
+    def _embedding_nodes(self) -> list[tuple[int, list[int]]]:
+        """Positions of the embedding backward nodes, each with its leaf children's."""
+        return [
+            (i, [j for j, _ in self.edges[i] if j in self.leaf_at])
+            for i, t in enumerate(self.types)
+            if t.__name__ in _SPARSE_NODES
+        ]
 
     def reaches_past(self, stop: set[Node], inside: set[Node], shared_ids: set[int]) -> bool:
         """Whether the graph reaches a node of ``inside`` or a leaf in ``shared_ids`` from the

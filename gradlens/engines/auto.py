@@ -162,6 +162,7 @@ class AutoEngine(Engine):
     """Times the exact engines on the first probes of each graph shape and keeps the fastest."""
 
     name = "auto"
+    sparse_grads = True  # served by its loop candidate
     uses_hooks = True
 
     def __init__(
@@ -267,6 +268,8 @@ class AutoEngine(Engine):
         return (self._shapes, len(ctx.nodes), L.device.type, L.dtype, L.shape[0])
 
     def compute(self, ctx: BackwardContext) -> EngineResult:
+        if ctx.sparse and any(id(p) in ctx.sparse for p in ctx.reached):
+            return self._sparse(ctx)
         key = self.key(ctx)
         self._shapes = ()
         decision = self.decisions.get(key)
@@ -321,6 +324,16 @@ class AutoEngine(Engine):
         for e in self.candidates.values():
             if e is not engine and e.uses_hooks:
                 e.discard()
+
+    def _sparse(self, ctx: BackwardContext) -> EngineResult:
+        """A graph where a shared parameter gets a sparse gradient (``nn.Embedding(...,
+        sparse=True)``): served by ``loop``, the one candidate that takes it, without timing."""
+        self._shapes = ()
+        engine = self.candidates["loop"]
+        result = engine.compute(ctx)
+        self._discard_others(engine)
+        result.engine = engine.name
+        return result
 
     def _release_losers(self) -> None:
         """Free the kept buffers of every candidate that no decision chose (the loop engine

@@ -39,6 +39,7 @@ class FeaturesEngine(Engine):
     name = "features"
     level = "features"
     needs_features = True
+    sparse_grads = True  # the parameters' .grad come from autograd's own weighted backward
 
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         super().__init__(shared, n_tasks)

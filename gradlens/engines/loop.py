@@ -16,6 +16,7 @@ float64), the reference every engine, this one included, is tested against.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import torch
 
@@ -29,6 +30,7 @@ from gradlens.engines._base import (
     accumulate_grads,
     compute_dtype,
     group_by_layer,
+    new_grad,
 )
 
 __all__ = [
@@ -64,8 +66,24 @@ def loop_task_grads(
 
 
 def flat_grads(grads: list[list[torch.Tensor]]) -> torch.Tensor:
-    """``J`` (T x P): each task's gradients flattened and concatenated, in parameter order."""
-    return torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in grads])
+    """``J`` (T x P): each task's gradients flattened and concatenated, in parameter order (a
+    sparse gradient densified)."""
+    return torch.stack([torch.cat([_dense(g).reshape(-1) for g in row]) for row in grads])
+
+
+def _weighted(parts: Sequence[torch.Tensor | None], w: torch.Tensor) -> torch.Tensor | None:
+    """``sum_t w_t g_t`` over the tasks' (sparse) gradients ``parts`` (None: unreached)."""
+    total: torch.Tensor | None = None
+    for wt, g in zip(w.unbind(0), parts):
+        if g is not None:
+            part = wt.to(g.dtype) * g
+            total = part if total is None else total + part
+    return total
+
+
+def _dense(g: torch.Tensor) -> torch.Tensor:
+    """``g``, densified when sparse (an ``nn.Embedding(sparse=True)`` weight's gradient)."""
+    return g.to_dense() if g.is_sparse else g
 
 
 def layer_grams_from_grads(
@@ -173,16 +191,22 @@ class GramPlan:
         return grams
 
 
-def write_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+def write_flat(
+    params: Sequence[torch.Tensor], flat: torch.Tensor, skip: AbstractSet[int] = frozenset()
+) -> None:
     """Add the slices of ``flat`` (P,), in parameter order, to the parameters' ``.grad``, as
     autograd's accumulation does (:func:`~gradlens.engines._base.accumulate_grads`): a
     parameter without ``.grad`` gets a copy of its slice (a tensor of its own, as autograd's
-    fresh gradient; the common case after ``zero_grad()``), in one call per parameter."""
+    fresh gradient; the common case after ``zero_grad()``), in one call per parameter. The
+    parameters in ``skip`` (by id) are left alone."""
     views: list[torch.Tensor] = []
     rest: list[torch.Tensor] = []
     for p, v in zip(params, torch.split_with_sizes(flat, [p.numel() for p in params])):
+        if skip and id(p) in skip:
+            continue
         if p.grad is None and v.dtype is p.dtype:
-            p.grad = v.view(p.shape).clone()
+            v = v.view(p.shape)
+            p.grad = v.clone() if p.is_contiguous() else new_grad(p, v)
         else:
             rest.append(p)
             views.append(v.view(p.shape))
@@ -242,28 +266,40 @@ class FlatEngine(Engine):
         params: list[torch.Tensor],
         J: torch.Tensor,
         others: Sequence[tuple[torch.Tensor, torch.Tensor | None]] = (),
+        sparse: Mapping[int, list[torch.Tensor | None]] | None = None,
     ) -> EngineResult:
         """Grams of ``J`` (all tasks' gradients of ``params``) and the weighted gradient written
         (or, with ``ctx.keep_blocks``, a writer that writes it once the weights are known);
         ``others``: ``(leaf, sum_t w_t g_t)`` of the :meth:`other_leaves`, written too (None:
-        no task reaches it)."""
+        no task reaches it); ``sparse``: the per-task sparse gradients of the parameters (by id)
+        that autograd gives a sparse gradient, whose ``J`` rows are densified: their weighted
+        gradient is written sparse, as autograd's."""
         layers, stacked = self._grams(J, params)
         grams = dict(zip(layers, stacked.unbind(0)))
         rules = dict.fromkeys(grams, self.name)
         layer_of = self.shared.layer_of
+        sparse = sparse or {}
 
         def write(weights: Mapping[str, torch.Tensor]) -> None:
             """``sum_t w_{l,t} g_{l,t}`` for every parameter, ``w_l`` its layer's weights."""
             k = 0
             for p in params:
                 w = weights[layer_of[id(p)]].to(J.device, J.dtype)
-                accumulate_grad(p, w @ J[:, k : k + p.numel()])
+                parts = sparse.get(id(p))
+                g = w @ J[:, k : k + p.numel()] if parts is None else _weighted(parts, w)
+                if g is not None:
+                    accumulate_grad(p, g)
                 k += p.numel()
 
         if ctx.keep_blocks:  # the per-task gradients are at hand: write once weights are known
             return EngineResult(grams, rules, set(), writer=write, stacked=stacked)
         # the weighted sum as one product over the flattened per-task gradients
-        write_flat(params, ctx.weights.to(J.dtype) @ J)
+        write_flat(params, ctx.weights.to(J.dtype) @ J, skip=sparse.keys())
+        for p in params:
+            parts = sparse.get(id(p))
+            g = None if parts is None else _weighted(parts, ctx.weights)
+            if g is not None:
+                accumulate_grad(p, g)
         for leaf, g in others:
             if g is not None:
                 accumulate_grad(leaf, g)
@@ -296,6 +332,7 @@ class LoopEngine(FlatEngine):
     dtype, float64 Grams."""
 
     name = "loop"
+    sparse_grads = True
 
     def compute(self, ctx: BackwardContext) -> EngineResult:
         params = ctx.reached
@@ -304,22 +341,34 @@ class LoopEngine(FlatEngine):
         losses = ctx.per_task()
         J = self.flat_buffer(len(losses), params)
         rest = self.other_leaves(ctx, params)
-        n, w = len(params), ctx.weights
+        inputs, n = [*params, *rest], len(params)
         rest_sum: list[torch.Tensor | None] = [None] * len(rest)
+        # shared parameters with a sparse gradient: their J rows densified, the tasks' sparse
+        # gradients kept for a sparse weighted gradient
+        sparse_at = [k for k, p in enumerate(params) if id(p) in ctx.sparse] if ctx.sparse else []
+        sparse: dict[int, list[torch.Tensor | None]] = {id(params[k]): [] for k in sparse_at}
+        # each task's weight once per dtype of the leaves it multiplies (not an index and a cast
+        # per leaf and task): the same products
+        w_of: dict[torch.dtype, list[torch.Tensor]] = {}
         # from each task's own scalar loss: a backward from ``losses[t]`` would run through the
         # stack into every task's head (with zero cotangents)
         T = len(losses)
         for t, loss in enumerate(losses):
             # the last backward frees the graph, as the weighted backward it replaces would
             keep = ctx.retain_graph or t < T - 1 or not rest
-            gs = torch.autograd.grad(loss, [*params, *rest], retain_graph=keep, allow_unused=True)
+            gs = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
             fill_row(J[t], params, gs[:n])
+            for k in sparse_at:
+                sparse[id(params[k])].append(gs[k])
             for j, g in enumerate(gs[n:]):  # a head: reached by its own task only, as a rule
                 if g is not None:
-                    part = w[t].to(g.dtype) * g
+                    ws = w_of.get(g.dtype)
+                    if ws is None:
+                        ws = w_of[g.dtype] = list(ctx.weights.to(g.dtype).unbind(0))
+                    part = ws[t] * g
                     prev = rest_sum[j]
                     rest_sum[j] = part if prev is None else prev + part
-        return self.flat_result(ctx, params, J, list(zip(rest, rest_sum)))
+        return self.flat_result(ctx, params, J, list(zip(rest, rest_sum)), sparse)
 
 
 def fill_row(
@@ -327,6 +376,9 @@ def fill_row(
 ) -> None:
     """One task's gradients concatenated into ``row`` (P,) by one call (zeros for None)."""
     torch.cat(
-        [(p.new_zeros(p.numel()) if g is None else g.reshape(-1)) for p, g in zip(params, grads)],
+        [
+            (p.new_zeros(p.numel()) if g is None else _dense(g).reshape(-1))
+            for p, g in zip(params, grads)
+        ],
         out=row,
     )

@@ -22,6 +22,13 @@ batch: Grams are rank-local (``meta["grams"] == "local"``) and only global rank 
 store. Automatic optimization only: with manual optimization call ``Profiler.backward`` in
 ``training_step`` instead.
 
+Checkpoints: the callback's state (:meth:`gradlens.Profiler.state_dict`: the profiler's step,
+``auto``'s decisions) is saved in Lightning's checkpoints; ``trainer.fit(..., ckpt_path=...)``
+restores it and continues the same run directory (reopened in append mode and cut back to the
+checkpoint's step, as ``RunWriter.rewind`` does), so the resumed fit's probes and engines are the
+uninterrupted fit's. The profiler is created when training starts (``on_train_start``), after
+Lightning has restored the checkpoint.
+
 Example:
     >>> from gradlens.integrations.lightning import GradlensCallback
     >>> cb = GradlensCallback(tasks=["a", "b"], shared_attr="trunk", engine="gramian", every=10)
@@ -42,6 +49,7 @@ from gradlens.integrations._common import check_callback_args, shared_module
 from gradlens.profiler import Profiler
 from gradlens.schedules import Schedule
 from gradlens.snapshot import Snapshot
+from gradlens.store import RunWriter
 
 require("lightning", "lightning", "gradlens.integrations.lightning")
 
@@ -86,10 +94,18 @@ class GradlensCallback(Callback):
         self.snapshots: deque[Snapshot] = deque(maxlen=keep)
         self._out: Mapping[str, Any] | None = None
         self._wrapped: Any = None
+        #: A profiler state restored from a checkpoint, applied when training starts.
+        self._restored: Mapping[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Lightning's key of this callback's state in a checkpoint (two callbacks on other
+        tasks or modules keep theirs apart)."""
+        return self._generate_state_key(tasks=list(self.tasks), shared_attr=self.shared_attr)
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or self.profiler is not None:
+        if stage != "fit" or self._wrapped is not None:
             return
         if not pl_module.automatic_optimization:
             raise GradlensError(
@@ -97,19 +113,53 @@ class GradlensCallback(Callback):
                 "automatic_optimization=False. With manual optimization call "
                 "gradlens.Profiler.backward(losses, weights) in training_step instead."
             )
-        shared = shared_module(pl_module, self.shared_attr)
-        meta = {"grams": "local", "world_size": int(trainer.world_size), **self._meta}
-        self.profiler = Profiler(
-            shared,
-            self.tasks,
-            engine=self._engine,
-            every=self._every,
-            store=self._store if trainer.is_global_zero else None,
-            memory_budget=self._budget,
-            meta=meta,
-        )
+        shared_module(pl_module, self.shared_attr)  # a wrong attribute fails before training
         self._wrapped = pl_module.training_step
         pl_module.training_step = self._capture(self._wrapped)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.profiler is not None:
+            return
+        restored, self._restored = self._restored, None
+        path = self._store if trainer.is_global_zero else None
+        store: str | Path | RunWriter | None = path
+        if path is not None and restored is not None:
+            # the run the checkpoint belongs to, continued from the checkpoint's step
+            store = RunWriter(path, meta={"tasks": list(self.tasks)}, append=True)
+            store.rewind(int(restored["step"]))
+        meta = {"grams": "local", "world_size": int(trainer.world_size), **self._meta}
+        try:
+            prof = Profiler(
+                shared_module(pl_module, self.shared_attr),
+                self.tasks,
+                engine=self._engine,
+                every=self._every,
+                store=store,
+                memory_budget=self._budget,
+                meta=meta,
+            )
+        except BaseException:
+            if isinstance(store, RunWriter):
+                store.close()
+            raise
+        if restored is not None:
+            try:
+                prof.load_state_dict(restored)
+            except BaseException:
+                prof.close()
+                raise
+        self.profiler = prof
+
+    def state_dict(self) -> dict[str, Any]:
+        """The profiler's state (:meth:`gradlens.Profiler.state_dict`), saved by Lightning."""
+        if self.profiler is not None:
+            return {"profiler": self.profiler.state_dict()}
+        return {} if self._restored is None else {"profiler": dict(self._restored)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the restored profiler state for :meth:`on_train_start` (Lightning restores
+        callbacks before training starts; some strategies after ``on_fit_start``)."""
+        self._restored = state_dict.get("profiler")
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         prof, out = self.profiler, self._out

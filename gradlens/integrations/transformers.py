@@ -21,6 +21,10 @@ forwards are not profiled. ``on_train_end`` removes the wrapper and closes the p
 store and sinks). The profiler's step counts training forwards, i.e. micro-batches under
 ``gradient_accumulation_steps``. In a multi-process run every rank measures its own batch
 (``meta["grams"] == "local"``) and only the main process writes the store and feeds the sinks.
+``trainer.train(resume_from_checkpoint=...)`` continues the same run directory (reopened in
+append mode, cut back to the checkpoint's step, ``global_step`` times the accumulation steps) and
+the profiler's step and schedule from there; ``auto`` times its candidates anew (``Trainer``
+keeps no callback state it could restore them from).
 
 Example:
     >>> import pytest
@@ -46,6 +50,7 @@ from gradlens.integrations._common import check_callback_args, shared_module
 from gradlens.profiler import Profiler, Sink
 from gradlens.schedules import Schedule
 from gradlens.snapshot import Snapshot
+from gradlens.store import RunWriter
 
 require("transformers", "transformers", "gradlens.integrations.transformers")
 
@@ -103,16 +108,28 @@ class GradlensTrainerCallback(TrainerCallback):
         main = bool(state.is_world_process_zero)
         world = int(getattr(args, "world_size", 1))
         meta = {"grams": "local", "world_size": world, "framework": "transformers"}
-        self.profiler = Profiler(
-            shared,
-            self.tasks,
-            engine=self._engine,
-            every=self._every,
-            store=self._store if main else None,
-            sinks=self._sinks if main else (),
-            memory_budget=self._budget,
-            meta={**meta, **self._meta},
-        )
+        # a run resumed from a checkpoint starts after its forwards (micro-batches)
+        start = int(state.global_step) * int(getattr(args, "gradient_accumulation_steps", 1))
+        store: str | Path | RunWriter | None = self._store if main else None
+        if self._store is not None and main and start > 0:
+            store = RunWriter(self._store, meta={"tasks": list(self.tasks)}, append=True)
+            store.rewind(start)  # the interrupted run's probes past the checkpoint go
+        try:
+            self.profiler = Profiler(
+                shared,
+                self.tasks,
+                engine=self._engine,
+                every=self._every,
+                store=store,
+                sinks=self._sinks if main else (),
+                memory_budget=self._budget,
+                meta={**meta, **self._meta},
+            )
+        except BaseException:
+            if isinstance(store, RunWriter):
+                store.close()
+            raise
+        self.profiler.step = start
         self._model = model
         self._had_forward = "forward" in vars(model)
         model.forward = self._observe_after(model.forward, model)

@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from gradlens._errors import GradlensError, GradlensWarning
 from gradlens._validate import check_choice, check_int
-from gradlens.engines.auto import AutoEngine
 from gradlens.models import DEFAULT_DEPTH, build_model
 from gradlens.profiler import Profiler
 from gradlens.store import RunWriter
@@ -328,13 +327,11 @@ class Trainer:
         """A snapshot of the training state (copied, so later training does not change it).
 
         Holds ``model``, ``optimizer``, ``weights``, ``weight_schedule``, ``epoch``, ``step``,
-        ``rng`` (the batch-order generator), ``tasks``, ``weighting`` and ``profiler``
-        (``{"auto": ...}``: the ``auto`` engine's decisions, see
-        :meth:`gradlens.engines.auto.AutoEngine.state_dict`; None for a named engine): only
-        tensors, dicts, lists, numbers and strings, so ``torch.load(..., weights_only=True)``
-        reads a saved one back.
+        ``rng`` (the batch-order generator), ``tasks``, ``weighting`` (a loss-based weighting's
+        own state) and ``profiler`` (:meth:`gradlens.Profiler.state_dict`: its step, a Gram
+        weighting's held weights, the ``auto`` engine's decisions): only tensors, dicts, lists,
+        numbers and strings, so ``torch.load(..., weights_only=True)`` reads a saved one back.
         """
-        auto = self._auto()
         return copy.deepcopy(
             {
                 "model": self.model.state_dict(),
@@ -346,7 +343,7 @@ class Trainer:
                 "rng": self._gen.get_state(),
                 "tasks": list(self.tasks),
                 "weighting": self._weighting_state(),
-                "profiler": {"auto": None if auto is None else auto.state_dict()},
+                "profiler": self.profiler.state_dict(),
             }
         )
 
@@ -389,7 +386,7 @@ class Trainer:
         if w != self._weights:
             self._set_weights(w)
         self._load_weighting_state(state.get("weighting"))
-        self._load_auto_state(state.get("profiler"))
+        self.profiler.load_state_dict(self._profiler_state(state))
 
     def close(self) -> None:
         """Close the profiler (removes its hooks) and the run store; idempotent."""
@@ -418,15 +415,13 @@ class Trainer:
             )
 
     def _weighting_state(self) -> dict[str, Any] | None:
-        """A weighting's state: a loss-based one's own, a Gram one's held weights."""
+        """A weighting's state (a loss-based one's own; a Gram one's held weights are the
+        profiler's, in its state)."""
         if self.weighting is None:
             return None
         out: dict[str, Any] = {"method": self.config.weighting}
         if isinstance(self.weighting, LossWeighting):
             out["state"] = self.weighting.state_dict()
-        held = self.profiler._held
-        if held is not None:
-            out["held"] = {"total": held[0], "layers": dict(held[1])}
         return out
 
     def _load_weighting_state(self, state: Mapping[str, Any] | None) -> None:
@@ -440,40 +435,23 @@ class Trainer:
             )
         if isinstance(self.weighting, LossWeighting):
             self.weighting.load_state_dict(state["state"])
-        held = state.get("held")
-        self.profiler._held = (
-            None if held is None else (held["total"].clone(), dict(held["layers"]))
-        )
 
-    def _auto(self) -> AutoEngine | None:
-        """The profiler's ``auto`` engine, or None for a named engine."""
-        engine = self.profiler._engine
-        return engine if isinstance(engine, AutoEngine) else None
-
-    def _load_auto_state(self, state: Mapping[str, Any] | None) -> None:
-        """Restore ``auto``'s decisions (see :meth:`load_state_dict`) and record them in the
-        run's ``meta["auto"]``, which held the interrupted run's, the cut-back steps' included."""
-        auto = self._auto()
-        if auto is None:
-            return
-        saved = None if state is None else state.get("auto")
-        if saved is None:
-            warnings.warn(
-                f"The state loaded at step {self.step} holds no decisions of the `auto` engine "
-                "(saved by an older gradlens or with a named engine): auto times its candidates "
-                "again and may serve the probes with another exact engine than the saved run, "
-                "so the Grams can differ from an uninterrupted run's at float rounding. Name "
-                "the engine (TrainConfig.engine) for bit-identical numbers.",
-                GradlensWarning,
-                stacklevel=3,
-            )
-            auto.decisions = {}
-        else:
-            auto.load_state_dict(saved)
-        done = {k for k, d in auto.decisions.items() if d.winner is not None}
-        self.profiler._auto_logged = done
-        if self.store is not None:
-            self.store.update_meta(auto=auto.summary())
+    def _profiler_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The profiler's part of a trainer state, at the trainer's step; a state saved by an
+        earlier gradlens (``{"auto": ...}`` or nothing, the held weights under ``weighting``)
+        in the profiler's own form."""
+        saved = state.get("profiler")
+        if isinstance(saved, Mapping) and "format" in saved:
+            return {**saved, "step": self.step}
+        held = (state.get("weighting") or {}).get("held")
+        return {
+            "format": 1,
+            "step": self.step,
+            "tasks": list(self.tasks),
+            "engine": None,
+            "auto": None if saved is None else saved.get("auto"),
+            "held": held,
+        }
 
     def _apply_schedule(self) -> None:
         for entry in self.config.weight_schedule or ():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import torch
 
@@ -175,12 +176,27 @@ def write_per_layer(
     layer_of: Mapping[int, str],
     layer_weights: Mapping[str, torch.Tensor],
     budget: int,
+    sparse: AbstractSet[int] = frozenset(),
 ) -> None:
     """Add ``sum_t w_{l,t} g_{l,t}`` to ``.grad`` of each shared parameter (``l`` its layer).
 
     Per-task gradients come from batched backwards over chunks of tasks whose ``c x P`` block
-    fits ``budget`` bytes; the graph is kept (the caller runs the heads' backward after).
+    fits ``budget`` bytes; the graph is kept (the caller runs the heads' backward after). The
+    parameters in ``sparse`` (by id; a sparse gradient, ``nn.Embedding(sparse=True)``, which
+    no batched backward takes) get theirs from one weighted backward per layer, sparse.
     """
+    if sparse and any(id(p) in sparse for p in params):
+        by_layer: dict[str, list[torch.Tensor]] = {}
+        for p in params:
+            if id(p) in sparse:
+                by_layer.setdefault(layer_of[id(p)], []).append(p)
+        for layer, ps in by_layer.items():
+            w = layer_weights[layer].to(losses.device, losses.dtype)
+            got = torch.autograd.grad(w @ losses, ps, retain_graph=True, allow_unused=True)
+            for p, one in zip(ps, got):
+                if one is not None:
+                    accumulate_grad(p, one)
+        params = [p for p in params if id(p) not in sparse]
     if not params:
         return
     T = losses.shape[0]

@@ -91,3 +91,38 @@ def test_bench_zoo_cli(tmp_path, capsys):
     (auto,) = [r for r in rows if r["method"] == "auto"]
     assert set(auto["chose"]) <= {"loop", "batched", "gramian"}
     assert "auto chose" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("engine", ["loop", "batched", "gramian"])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_trunk_matches_the_loop_reference_on_cuda(name, engine):
+    """The same trunks on CUDA in float64 (``benchmarks/gpu_check.sh``'s tests stage)."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    trunk, make_x = build_zoo(name)
+    trunk = trunk.double().to(dev)
+    x = make_x(2)
+    x = (x.double() if x.is_floating_point() else x).to(dev)
+    with torch.no_grad():
+        d = trunk(x).shape[1]
+    heads = nn.ModuleList([nn.Linear(d, 1) for _ in W]).double().to(dev)
+    params = [p for p in [*trunk.parameters(), *heads.parameters()] if p.requires_grad]
+    tol = TOL.get(name, 1e-10)
+    with gl.Profiler(trunk, list(W), engine=engine) as prof:
+        z = trunk(x)
+        losses = {t: (h(z) ** 2).mean() * (i + 1) for i, (t, h) in enumerate(zip(W, heads))}
+        ref = reference_grams(losses, trunk)
+        plain = torch.autograd.grad(
+            sum(W[t] * v for t, v in losses.items()), params, retain_graph=True, allow_unused=True
+        )
+        snap = prof.backward(losses, W)
+    assert list(snap.layer_grams) == list(ref.layer_grams) == list(prof.layers)
+    assert_gram_close(snap.gram.cpu(), ref.gram.cpu(), tol)
+    for g, want in zip(snap.layer_grams.values(), ref.layer_grams.values()):
+        assert_gram_close(g.cpu(), want.cpu(), tol)
+    for p, g in zip(params, plain):
+        want = torch.zeros_like(p) if g is None else g
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=GRAD_ATOL.get(name, 1e-12))

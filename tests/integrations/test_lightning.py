@@ -118,3 +118,62 @@ def test_bad_arguments():
     cb = GradlensCallback(TASKS, shared_attr="backbone")
     with pytest.raises(gl.GradlensError, match="found no attribute 'backbone'"):
         _fit(MultiTask(), [cb], steps=1)
+
+
+# Lightning's note on resuming into the directory of the checkpoints: what a resume does
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_a_fit_resumed_from_a_checkpoint_continues_the_run(tmp_path, monkeypatch):
+    """Lightning saves the callback's state (the profiler's step, auto's decisions) in its
+    checkpoints; a fit resumed from one continues the run directory from the checkpoint's step
+    (the interrupted fit's later probes dropped), with the interrupted fit's engine (a fresh
+    timing would now pick another). (Lightning's own resumed trajectory is not bit-identical to
+    an uninterrupted fit's after its first step, with or without gradlens: the resumed probes
+    are compared with what the resumed fit measured.)"""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests._auto import force_auto
+
+    def fit(store, ckpt_dir=None, ckpt_path=None):
+        torch.manual_seed(0)
+        module = MultiTask()
+        cb = GradlensCallback(TASKS, shared_attr="trunk", store=store)
+        saver = [] if ckpt_dir is None else [
+            ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1)
+        ]
+        trainer = L.Trainer(
+            max_steps=8,  # two epochs of 4 batches: checkpoints at the end of each
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=ckpt_dir is not None,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[cb, *saver],
+        )
+        g = torch.Generator().manual_seed(5)
+        x, y = torch.randn(32, 4, generator=g), torch.randn(32, len(TASKS), generator=g)
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8), ckpt_path=ckpt_path)
+        return cb
+
+    force_auto(monkeypatch, "loop")
+    fit(tmp_path / "straight")
+    fit(tmp_path / "run", ckpt_dir=tmp_path / "ckpt")
+    (ckpt,) = (tmp_path / "ckpt").glob("epoch=0-*.ckpt")
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    (state,) = [v["profiler"] for k, v in saved.items() if k.startswith("GradlensCallback")]
+    assert state["step"] == 4
+    assert [d["winner"] for d in state["auto"]["decisions"]] == ["loop"]  # timed in epoch 0
+    calls = force_auto(monkeypatch, "batched")  # what a fresh timing would choose now
+    cb = fit(tmp_path / "run", ckpt_dir=tmp_path / "ckpt", ckpt_path=ckpt)
+    assert calls["batched"] == calls["gramian"] == 0
+    assert calls["loop"] == 4  # steps 4 to 7
+    assert [s.step for s in cb.snapshots] == [4, 5, 6, 7]
+    run, straight = gl.load_run(tmp_path / "run", strict=True), gl.load_run(tmp_path / "straight")
+    assert run.probed_steps.tolist() == straight.probed_steps.tolist() == list(range(8))
+    assert run.probes["engine"].tolist() == straight.probes["engine"].tolist()
+    assert run.probes["engine"].tolist()[4:] == ["loop"] * 4
+    assert len(run.meta["resumes"]) == 1
+    got, want = torch.from_numpy(run.all_grams()), torch.from_numpy(straight.all_grams())
+    torch.testing.assert_close(got[:5], want[:5], rtol=0.0, atol=0.0)  # the checkpoint's step too
+    mine = torch.stack([s.gram for s in cb.snapshots])
+    torch.testing.assert_close(got[4:, 0], mine, rtol=0.0, atol=0.0)

@@ -187,3 +187,45 @@ def test_a_forward_set_on_the_instance_is_put_back(tmp_path):
     assert vars(model)["forward"] is instance_forward
     assert len(calls) == 2
     assert [s.step for s in cb.snapshots] == [0]
+
+
+def test_a_run_resumed_from_a_checkpoint_continues_the_store(tmp_path):
+    """``train(resume_from_checkpoint=...)``: the callback reopens the run directory, drops the
+    interrupted run's probes past the checkpoint, and goes on from the checkpoint's step."""
+
+    def fit(resume=None, accumulate=1):
+        torch.manual_seed(0)
+        cb = GradlensTrainerCallback(TASKS, shared_attr="bert", store=tmp_path / "run")
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"),
+            max_steps=4,
+            per_device_train_batch_size=3,
+            gradient_accumulation_steps=accumulate,
+            learning_rate=1e-2,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="steps",
+            save_steps=2,
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = Trainer(
+            model=TwoTaskBert(), args=args, train_dataset=_data(), callbacks=[cb]
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return cb
+
+    fit(accumulate=2)  # 4 optimizer steps of 2 micro-batches: probes 0 to 7
+    first = gl.load_run(tmp_path / "run")
+    assert first.probed_steps.tolist() == list(range(8))
+    cb = fit(resume=str(tmp_path / "hf" / "checkpoint-2"), accumulate=2)
+    assert [s.step for s in cb.snapshots] == [4, 5, 6, 7]  # after 2 steps of 2 micro-batches
+    run = gl.load_run(tmp_path / "run", strict=True)
+    assert run.probed_steps.tolist() == list(range(8))
+    assert [r["after_step"] for r in run.meta["resumes"]] == [7]
+    # the steps before the checkpoint are the first run's, the others the resumed run's
+    got = torch.from_numpy(run.all_grams())
+    torch.testing.assert_close(got[:4], torch.from_numpy(first.all_grams())[:4], rtol=0, atol=0)
+    mine = torch.stack([s.gram for s in cb.snapshots])
+    torch.testing.assert_close(got[4:, 0], mine, rtol=0, atol=0)
