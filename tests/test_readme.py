@@ -92,3 +92,19 @@ def test_layout_section_matches_the_package_tree():
 
 def test_layout_parser_reads_a_row():
     assert _listed_modules("a, b (x, y); _c; sub/") == {"a", "b", "_c", "sub/"}
+
+
+def test_the_zoo_tables_are_the_committed_measurement():
+    """The README's real-model time and memory tables are rendered from the bench's JSON file
+    they cite (``benchmarks/zoo_table.py``): no number in them is typed by hand."""
+    import json
+    import runpy
+
+    root = README.parent
+    text = README.read_text()
+    cited = re.search(r"--json (benchmarks/results/cpu_zoo[\w.]*\.json)", text)
+    assert cited is not None
+    render = runpy.run_path(str(root / "benchmarks" / "zoo_table.py"))
+    rows = json.loads((root / cited.group(1)).read_text())["time"]
+    assert render["time_table"](rows) in text
+    assert render["memory_table"](rows) in text

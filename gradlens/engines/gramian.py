@@ -13,7 +13,7 @@ inputs and output gradients into the layer's Gram as soon as they arrive, withou
 ``T x P`` tensor for the whole model, and writes ``sum_t w_t g_t`` from the same quantities: there
 is no second backward through the shared part. Linear layers of one shape whose gradients arrive
 from the same backward call are computed together (one batched product for all of them, see
-:func:`gradlens.engines.rules.linear.linear_group`): on small layers a probe is bound by the
+:mod:`gradlens.engines.rules._groups`): on small layers a probe is bound by the
 per-call overhead, not the arithmetic.
 
 A rule serves a module only when its parameters are used exactly once per recorded call in this
@@ -50,8 +50,8 @@ from gradlens.engines._batching import vmapped_grad_from
 from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import segmented
-from gradlens.engines.rules import Rule, rule_for
-from gradlens.engines.rules.linear import linear_group_stacked, linear_rule
+from gradlens.engines.rules import Rule, served_modules
+from gradlens.engines.rules._groups import GROUPED, grouped
 
 __all__ = ["UNRECORDED", "GramianEngine"]
 
@@ -81,6 +81,8 @@ class GramianEngine(Engine):
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize[..., GramianEngine] | None = None
+        self._attached = False
+        self._plan: list[tuple[str, nn.Module, Rule]] | None = None
         #: how the second stage backpropagates the T cotangents through the shared part:
         #: ``"looped"`` (one backward per task), ``"vmap"`` (one batched backward per segment,
         #: chunked over tasks under the memory budget), or None for the default (``"vmap"``)
@@ -90,32 +92,38 @@ class GramianEngine(Engine):
 
     # -- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
+        self._attached = True
+        if self._recording:
+            self._install()
+
+    def _install(self) -> None:
+        """Register the forward hooks (a module with a forward hook takes torch's slower call
+        path even when the hook returns at once: they are on only while a probed forward may
+        come, see :meth:`set_recording`)."""
         root = self.shared.module
-        if root is None:
+        if root is None or self._handles:
             return
-        # frozen parameters too: one unfrozen later is served by its rule from then on
-        shared_ids = {id(p) for p in self.shared.all_params}
-        owners: dict[int, int] = {}
-        for _, mod in root.named_modules():
-            for p in mod.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        for _name, mod in root.named_modules():
-            own = [p for p in mod.parameters(recurse=False) if id(p) in shared_ids]
-            rule = rule_for(mod) if own else None
-            if rule is None:
-                continue
-            if any(owners[id(p)] > 1 for p in own):  # tied to another module: generic path
-                continue
-            layer = self.shared.layer_of[id(own[0])]
+        if self._plan is None:
+            shared_ids = {id(p) for p in self.shared.all_params}
+            self._plan = [
+                (self.shared.layer_of[id(own[0])], mod, rule)
+                for mod, own, rule in served_modules(root, shared_ids)
+            ]
+        for layer, mod, rule in self._plan:
             self._modules[layer] = (mod, rule)
             self._handles.append(mod.register_forward_hook(self._hook(layer, rule)))
         self._handles.append(root.register_forward_hook(self._boundary_hook()))
         self._finalizer = weakref.finalize(self, _remove, list(self._handles))
 
-    def detach(self) -> None:
+    def _uninstall(self) -> None:
         if self._finalizer is not None:
             self._finalizer()
+            self._finalizer = None
         self._handles.clear()
+
+    def detach(self) -> None:
+        self._attached = False
+        self._uninstall()
         self._records.clear()
         self._boundary.clear()
 
@@ -123,6 +131,11 @@ class GramianEngine(Engine):
         self._recording = on
         if not on:
             self.discard()
+        if self._attached:  # the hooks follow: on for a probed forward only
+            if on:
+                self._install()
+            else:
+                self._uninstall()
 
     def discard(self) -> None:
         self._records.clear()
@@ -317,35 +330,33 @@ class GramianEngine(Engine):
         """Run the rules of the layers completed in one batch; yield ``(layers, Grams)``: one
         layer and its Gram, or a group of layers and their Grams stacked ``(n, T, T)`` (weighted
         gradients written unless ``v`` is None: the writer writes once the weights are known).
-        Single-call Linear layers of one shape and dtype (at least float32: half precision is
-        widened per layer, as before) go through one grouped computation."""
+        Single-call layers of one kind, shape and dtype (at least float32: half precision is
+        widened per layer, as before) go through one grouped computation: Linear, HF Conv1D
+        (see :func:`gradlens.engines.rules.linear.linear_group_stacked`), LayerNorm (see
+        :func:`gradlens.engines.rules.norm.layer_norm_group`)."""
         groups: dict[tuple[object, ...], list[int]] = {}
         for k, (layer, raw) in enumerate(ready):
             recs = rule_layers[layer]
             d = raw[0]
-            if self._modules[layer][1].fn is linear_rule and len(recs) == 1 and d is not None:
+            kind = GROUPED.get(self._modules[layer][1].fn)
+            if kind is not None and len(recs) == 1 and d is not None:
                 x = recs[0].input
                 if d.dtype == x.dtype and d.dtype.is_floating_point and d.dtype.itemsize >= 4:
-                    groups.setdefault((x.shape, d.shape, d.dtype, d.device), []).append(k)
+                    groups.setdefault((kind, x.shape, d.shape, d.dtype, d.device), []).append(k)
         done: set[int] = set()
-        for members in groups.values():
+        for key, members in groups.items():
             if len(members) < 2:
                 continue
             mods = [self._modules[ready[k][0]][0] for k in members]
             xs = [rule_layers[ready[k][0]][0].input for k in members]
-            ds = [ready[k][1][0] for k in members]
-            out = linear_group_stacked(mods, xs, ds, v, budget)
+            ds = [d for k in members if (d := ready[k][1][0]) is not None]
+            out = grouped(str(key[0]), mods, xs, ds, v, budget)
             del xs, ds
             if out is None:
                 continue
-            G, gW, gb = out
-            if gW is not None:
-                ps = [_param(m, "weight") for m in mods]
-                gs = list(gW.unbind(0))
-                if gb is not None:
-                    ps += [_param(m, "bias") for m in mods]
-                    gs += gb.unbind(0)
-                accumulate_grads(ps, gs)
+            G, stacked = out
+            ps = [_param(m, name) for name, _ in stacked for m in mods]
+            accumulate_grads(ps, [g for _, gs in stacked for g in gs.unbind(0)])
             done.update(members)
             yield [ready[k][0] for k in members], G
         for k, (layer, raw) in enumerate(ready):

@@ -206,3 +206,32 @@ def test_shared_part_that_is_a_single_rule_module(n_tasks):
         snap = prof.backward(losses)
     assert snap.rules == {"(root)": "linear"}
     assert_gram_close(snap.gram, ref.gram, 1e-10)
+
+
+def test_gramian_hooks_are_on_only_for_a_probed_forward():
+    """A module with a forward hook takes torch's slower call path even when the hook returns
+    at once: between probes (``every=3``) the gramian engine's hooks are off, and each probed
+    forward is still recorded (served by the rules, exact)."""
+    trunk, heads, x, ys = build("transformer", 2)
+    hooked = [m for m in trunk.modules() if type(m).__name__ in ("Linear", "LayerNorm")]
+
+    def n_hooks() -> int:
+        return sum(len(m._forward_hooks) for m in hooked)
+
+    with gl.Profiler(trunk, tasks=["t0", "t1"], engine="gramian", every=3) as prof:
+        for step in range(7):
+            assert (n_hooks() > 0) == (step % 3 == 0), step  # on before a probed forward only
+            losses = task_losses(trunk, heads, x, ys)
+            ref = reference_grams(losses, trunk) if step % 3 == 0 else None
+            snap = prof.backward(losses)
+            if ref is not None:
+                assert "forward-not-recorded" not in snap.notes
+                assert snap.rules["block.linear1"] == "linear"
+                assert_gram_close(snap.gram, ref.gram, 1e-10)
+            for p in _all_params(trunk, heads):
+                p.grad = None
+    assert n_hooks() == 0  # and none left once the profiler is closed
+    with gl.Profiler(trunk, tasks=["t0", "t1"], engine="gramian") as prof:  # every step probed
+        for _ in range(3):
+            prof.backward(task_losses(trunk, heads, x, ys))
+            assert n_hooks() > 0

@@ -159,3 +159,68 @@ def test_hf_conv1d_rule():
         assert_gram_close(snap.layer_grams[layer], g, 1e-10)
     for p, g in zip(params, plain):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+# -- same-shaped LayerNorms computed together (gradlens.engines.rules.norm.layer_norm_group) --
+@pytest.mark.parametrize(
+    ("frozen", "weighted"),
+    [((), True), ((), False), (("weight",), True), (("bias",), True)],
+    ids=["both", "gram-only", "bias-only", "weight-only"],
+)
+def test_layer_norm_group_equals_the_rule_layer_by_layer(frozen, weighted):
+    from gradlens.engines.rules.norm import layer_norm_group, norm_rule
+
+    torch.manual_seed(7)
+    T = 3
+    lns = [nn.LayerNorm(6).double() for _ in range(3)]
+    for ln in lns:
+        with torch.no_grad():
+            ln.weight.normal_()
+            ln.bias.normal_()
+        for name in frozen:
+            getattr(ln, name).requires_grad_(False)
+    xs = [torch.randn(2, 5, 6, dtype=torch.float64) for _ in lns]
+    ds = [torch.randn(T, 2, 5, 6, dtype=torch.float64) for _ in lns]
+    w = torch.tensor([0.2, 0.0, 1.5], dtype=torch.float64) if weighted else None
+    out = layer_norm_group(lns, xs, ds, w)
+    assert out is not None
+    G, gw, gb = out
+    for k, (ln, x, d) in enumerate(zip(lns, xs, ds)):
+        G_ref, ref = norm_rule(ln, [x], [d], w, 1 << 30)
+        torch.testing.assert_close(G[k], G_ref, rtol=1e-12, atol=1e-12 * float(G_ref.max()))
+        for name, got in (("weight", gw), ("bias", gb)):
+            if name in ref:
+                assert got is not None
+                torch.testing.assert_close(got[k], ref[name], rtol=1e-12, atol=1e-12)
+            else:
+                assert got is None
+
+
+def test_layer_norm_group_declines_what_it_does_not_serve():
+    from gradlens.engines.rules.norm import layer_norm_group
+
+    lns = [nn.LayerNorm(4), nn.LayerNorm(4, eps=1e-3)]  # eps differs
+    xs = [torch.randn(3, 4) for _ in lns]
+    ds = [torch.randn(2, 3, 4) for _ in lns]
+    assert layer_norm_group(lns, xs, ds, None) is None
+    lns[1].eps = lns[0].eps
+    assert layer_norm_group(lns, xs, ds, None) is not None
+    lns[1].bias.requires_grad_(False)  # the layers' trainable parameters differ
+    assert layer_norm_group(lns, xs, ds, None) is None
+    assert layer_norm_group([nn.GroupNorm(2, 4)] * 2, xs, ds, None) is None  # LayerNorm only
+
+
+def test_same_shaped_layer_norms_in_a_probe_are_grouped_and_exact(monkeypatch):
+    from gradlens.engines.rules import _groups
+
+    calls: list[int] = []
+    group = _groups.layer_norm_group
+
+    def spy(mods, *args):
+        out = group(mods, *args)
+        calls.append(0 if out is None else len(mods))
+        return out
+
+    monkeypatch.setattr(_groups, "layer_norm_group", spy)
+    test_rule_matches_the_loop_reference("layernorm", 3)  # the reference, exact per layer
+    assert calls == [2]  # the two LayerNorm(6) layers together

@@ -11,8 +11,7 @@ from torch import nn
 
 import gradlens as gl
 from gradlens._errors import GradlensWarning
-from gradlens.engines import gramian as gramian_mod
-from gradlens.engines.rules import _fused
+from gradlens.engines.rules import _fused, _groups
 from gradlens.engines.rules import linear as linear_mod
 from gradlens.engines.rules.linear import kernel_chunk, kernel_core
 from gradlens.testing import reference_grams
@@ -69,7 +68,7 @@ def chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return kernel_core(A, D, w, chunk, **flags)
 
     monkeypatch.setattr(linear_mod, "kernel_core", spy)
-    monkeypatch.setattr(gramian_mod, "linear_group_stacked", lambda *args: None)
+    monkeypatch.setattr(_groups, "linear_group_stacked", lambda *args, **kw: None)
     return seen
 
 
@@ -292,10 +291,56 @@ def test_linear_group_declines_what_it_does_not_serve():
     assert linear_mod.linear_group(lins, xs, ds, w, 1024) is None  # over the budget
     lins[1].bias.requires_grad_(False)  # the layers' trainable parameters differ
     assert linear_mod.linear_group(lins, xs, ds, w, 1 << 30) is None
-    wide = [torch.randn(64, WIDTH, dtype=torch.float64) for _ in lins]  # N x N costs more
-    ds64 = [torch.randn(2, 64, WIDTH, dtype=torch.float64) for _ in lins]
     lins[1].bias.requires_grad_(True)
-    assert linear_mod.linear_group(lins, wide, ds64, w, 1 << 30) is None
+    lins[0].weight.requires_grad_(False)  # no trainable weight: the rule alone (its bias path)
+    lins[1].weight.requires_grad_(False)
+    assert linear_mod.linear_group(lins, xs, ds, w, 1 << 30) is None
+
+
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weights", "gram-only"])
+def test_linear_group_gradient_path_equals_the_rule(has_bias, weighted):
+    """Rows outnumber the widths (N x N costs more than the weight gradients): the group takes
+    the gradient path, every task's weight gradient of every layer from one batched product."""
+    torch.manual_seed(5)
+    T, N = 3, 64
+    lins = [nn.Linear(WIDTH, WIDTH, bias=has_bias).double() for _ in range(3)]
+    xs = [torch.randn(N, WIDTH, dtype=torch.float64) for _ in lins]
+    ds = [torch.randn(T, N, WIDTH, dtype=torch.float64) for _ in lins]
+    w = torch.tensor([0.2, 0.0, 1.5], dtype=torch.float64) if weighted else None
+    got = linear_mod.linear_group(lins, xs, ds, w, 1 << 30)
+    assert got is not None
+    for m, x, d, (G, weighted_grads) in zip(lins, xs, ds, got):
+        G_ref, ref = linear_mod.linear_rule(m, [x], [d], w, 1 << 30)
+        torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-12 * float(G_ref.max()))
+        assert set(weighted_grads) == set(ref)
+        for name, g in ref.items():
+            torch.testing.assert_close(weighted_grads[name], g, rtol=1e-12, atol=1e-12)
+    # over the budget for the gradient path's per-task weight gradients: declined
+    assert linear_mod.linear_group(lins, xs, ds, w, 3 * T * N * WIDTH * 8) is None
+
+
+def test_conv1d_group_equals_the_rule():
+    """Hugging Face's Conv1D layout (weight stored (in, out)): ``transposed=True``."""
+    torch.manual_seed(6)
+    T, N, in_f, out_f = 2, 32, WIDTH, 2 * WIDTH
+    mods = [nn.Module() for _ in range(2)]
+    for m in mods:
+        m.weight = nn.Parameter(torch.randn(in_f, out_f, dtype=torch.float64))
+        m.bias = nn.Parameter(torch.randn(out_f, dtype=torch.float64))
+    xs = [torch.randn(N, in_f, dtype=torch.float64) for _ in mods]
+    ds = [torch.randn(T, N, out_f, dtype=torch.float64) for _ in mods]
+    w = torch.tensor([0.4, 0.6], dtype=torch.float64)
+    out = linear_mod.linear_group_stacked(mods, xs, ds, w, 1 << 30, transposed=True)
+    assert out is not None
+    G, gW, gb = out
+    assert gW is not None
+    assert gb is not None
+    for k, (m, x, d) in enumerate(zip(mods, xs, ds)):
+        G_ref, ref = linear_mod.conv1d_rule(m, [x], [d], w, 1 << 30)
+        torch.testing.assert_close(G[k], G_ref, rtol=1e-12, atol=1e-12 * float(G_ref.max()))
+        torch.testing.assert_close(gW[k], ref["weight"], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gb[k], ref["bias"], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -303,12 +348,12 @@ def test_grouped_layers_in_a_probe_equal_the_reference_and_the_plain_grad(monkey
     calls: list[int] = []
     group = linear_mod.linear_group_stacked
 
-    def spy(mods, *args):
-        out = group(mods, *args)
+    def spy(mods, *args, **kw):
+        out = group(mods, *args, **kw)
         calls.append(0 if out is None else len(mods))
         return out
 
-    monkeypatch.setattr(gramian_mod, "linear_group_stacked", spy)
+    monkeypatch.setattr(_groups, "linear_group_stacked", spy)
     snap, ref, grads, plain = _profile(_trunk(bias), 3, 1 << 30)
     assert calls == [2]  # the two 16 x 16 layers together, the 16 x 8 one by its rule
     assert set(snap.rules.values()) == {"linear"}

@@ -57,7 +57,15 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge
 
-__all__ = ["RecordFn", "Rule", "RuleFn", "decline_reason", "register_rule", "rule_for"]
+__all__ = [
+    "RecordFn",
+    "Rule",
+    "RuleFn",
+    "decline_reason",
+    "register_rule",
+    "rule_for",
+    "served_modules",
+]
 
 #: ``fn(module, inputs, out_grads, weights, budget) -> (Gram, {param name: weighted grad})``:
 #: ``inputs[k]`` is the module's input at call k, ``out_grads[k]`` the (T, *output.shape) task
@@ -156,6 +164,31 @@ def rule_for(module: nn.Module | type[nn.Module]) -> Rule | None:
     if rule is None or isinstance(module, type):
         return rule
     return rule if decline_reason(module) is None else None
+
+
+def served_modules(
+    root: nn.Module, shared_ids: set[int]
+) -> list[tuple[nn.Module, list[torch.Tensor], Rule]]:
+    """The modules under ``root`` a rule serves: each with its own parameters among
+    ``shared_ids`` (frozen ones too: one unfrozen later is served from then on) and its rule; a
+    module whose parameter another module also holds (tied weights) is left to the generic
+    path.
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh())
+    >>> [(type(m).__name__, r.name) for m, _, r in served_modules(net, {id(net[0].weight)})]
+    [('Linear', 'linear')]
+    """
+    owners: dict[int, int] = {}
+    for mod in root.modules():
+        for p in mod.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    out: list[tuple[nn.Module, list[torch.Tensor], Rule]] = []
+    for mod in root.modules():
+        own: list[torch.Tensor] = [p for p in mod.parameters(recurse=False) if id(p) in shared_ids]
+        rule = rule_for(mod) if own else None
+        if rule is not None and all(owners[id(p)] == 1 for p in own):
+            out.append((mod, own, rule))
+    return out
 
 
 _loaded = False

@@ -54,8 +54,13 @@ def embedding_rule(
     assert isinstance(module, nn.Embedding)  # registered for nn.Embedding only
     W = module.weight
     T, dim = out_grads[0].shape[0], W.shape[1]
-    idx = torch.cat([x.reshape(-1) for x in inputs])
-    D = torch.cat([d.reshape(T, -1, dim) for d in out_grads], dim=1)
+    # (one call, the usual case: views, no copy of the output gradients)
+    idx = torch.cat([x.reshape(-1) for x in inputs]) if len(inputs) > 1 else inputs[0].reshape(-1)
+    D = (
+        torch.cat([d.reshape(T, -1, dim) for d in out_grads], dim=1)
+        if len(out_grads) > 1
+        else out_grads[0].reshape(T, -1, dim)
+    )
     uniq, rows = rows_by_index(idx, D, module.padding_idx)
     flat = rows.reshape(T, -1)
     G = (flat @ flat.T).to(torch.float64)

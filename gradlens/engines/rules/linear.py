@@ -14,8 +14,9 @@ The weighted gradient ``(sum_t w_t D_t)^T A`` costs what a plain backward's weig
 HF's ``Conv1D`` (GPT-2), ``y = x W + b`` with ``W`` stored transposed, shares the math
 (:func:`conv1d_rule`). The kernel path is one pure function, :func:`kernel_core`; on CUDA it runs
 compiled through ``torch.compile`` (see :mod:`gradlens.engines.rules._fused`), elsewhere eagerly.
-Several layers of one shape go through the kernel path together in :func:`linear_group` (the
-``gramian`` engine uses it for layers whose gradients arrive from the same backward call).
+Several layers of one shape go through the cheaper of the two paths together in
+:func:`linear_group` (the ``gramian`` engine uses it for layers whose gradients arrive from the
+same backward call).
 """
 
 from __future__ import annotations
@@ -262,14 +263,21 @@ def linear_group_stacked(
     out_grads: Sequence[torch.Tensor | None],
     weights: torch.Tensor | None,
     budget: int,
+    *,
+    transposed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """:func:`linear_group`'s numbers stacked over the layers: the Grams ``(L, T, T)`` (float64),
-    the weighted weight gradients ``(L, out, in)`` and bias gradients ``(L, out)`` (None where
-    ``weights`` is None or the layers have no trainable bias).
+    the weighted weight gradients ``(L, *weight.shape)`` and bias gradients ``(L, out)`` (None
+    where ``weights`` is None or the layers have no trainable bias). ``transposed``: the layers
+    store their weight as (in, out), as Hugging Face's ``Conv1D`` does (:func:`conv1d_rule`).
+
+    The path :func:`linear_grads` would take for one of the layers, batched over the layers:
+    the kernel path, or the gradient path (each task's weight gradient ``D_t^T A`` of every layer
+    from one batched product, then the Grams from them).
 
     None when the group is not served this way: the layers' trainable parameters differ, a
-    layer has no trainable weight, the kernel path is not the cheaper one, or the group's
-    blocks exceed ``budget``, or the fused (compiled) path is enabled for their device.
+    layer has no trainable weight, the group's blocks exceed ``budget``, or the fused (compiled)
+    path is enabled for their device.
 
     >>> lins = [nn.Linear(8, 6) for _ in range(2)]
     >>> G, gW, gb = linear_group_stacked(
@@ -286,23 +294,37 @@ def linear_group_stacked(
     ) or any(d is None for d in out_grads):
         return None
     has_w, has_b = flag
-    out_f, in_f = W0.shape
+    in_f, out_f = W0.shape if transposed else W0.shape[::-1]
     d0 = out_grads[0]
     assert d0 is not None
     T, n_layers, N = d0.shape[0], len(modules), inputs[0].numel() // in_f
+    itemsize = d0.element_size()
     kernel_flops = N * N * in_f + T * N * N * out_f + T * T * N * out_f
     grad_flops = T * N * out_f * in_f + T * T * out_f * in_f
-    block = n_layers * (2 * T * N * out_f + N * N + N * in_f) * d0.element_size()
-    if not has_w or kernel_flops > grad_flops or block > budget:
+    kernel = N * N * itemsize <= budget and kernel_flops <= grad_flops
+    per_layer = (2 * T * N * out_f + N * N) if kernel else (T * N * out_f + T * out_f * in_f)
+    if not has_w or n_layers * (per_layer + N * (in_f + 1)) * itemsize > budget:
         return None
     if _fused.enabled_for(d0.device):  # the compiled per-layer kernel path was asked for
         return None
-    # (a reshape costs a dispatch even when it changes nothing: only where the shape differs)
-    a_shape, d_shape = (N, in_f), (T, N, out_f)
-    A = torch.stack([x if x.shape == a_shape else x.reshape(a_shape) for x in inputs])  # L x N x in
-    D = torch.stack(  # L x T x N x out
-        [d if d.shape == d_shape else d.reshape(d_shape) for d in out_grads if d is not None]
-    )
+    # (stacked first, reshaped after: the stack is the one copy, whatever the blocks' layout)
+    A = torch.stack(list(inputs)).reshape(n_layers, N, in_f)  # (inputs: contiguous)
+    ds = [d for d in out_grads if d is not None]
+    w = None if weights is None else weights.to(d0.dtype)
+    if kernel:
+        G, gW, gb = _group_kernel(A, torch.stack(ds).reshape(n_layers, T, N, out_f), w, has_b)
+    else:
+        G, gW, gb = _group_grads(A, [d.reshape(T, N, out_f) for d in ds], w, has_b)
+    if gW is not None and transposed:
+        gW = gW.transpose(1, 2)
+    return G, gW, gb
+
+
+def _group_kernel(
+    A: torch.Tensor, D: torch.Tensor, w: torch.Tensor | None, has_b: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The kernel path over L layers: ``A`` (L, N, in), ``D`` (L, T, N, out)."""
+    n_layers, T, N, out_f = D.shape
     K = A @ A.transpose(1, 2)  # L x N x N
     if has_b:
         K += 1.0
@@ -311,9 +333,36 @@ def linear_group_stacked(
     G = Df @ KD.transpose(1, 2)  # L x T x T
     del KD
     G = (G.tril() + G.tril(-1).transpose(1, 2)).to(torch.float64)  # exactly symmetric
-    if weights is None:  # the Grams only
+    if w is None:  # the Grams only
         return G, None, None
-    w = weights if weights.dtype == D.dtype else weights.to(D.dtype)
     Dw = torch.matmul(w, Df).reshape(n_layers, N, out_f)
     gW = Dw.transpose(1, 2) @ A  # L x out x in
     return G, gW, Dw.sum(1) if has_b else None
+
+
+def _group_grads(
+    A: torch.Tensor, ds: Sequence[torch.Tensor], w: torch.Tensor | None, has_b: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The gradient path over L layers: ``A`` (L, N, in), ``ds[l]`` (T, N, out) layer l's task
+    gradients. Every task's weight gradient, transposed, ``A_l^T D_t`` (in x out), written
+    layer by layer into one ``(L, T, in, out)`` block (one product per layer, ``A_l^T`` shared
+    by the tasks as a stride-0 view: the output gradients are neither copied nor stacked); with
+    a bias, ``A`` gets a column of ones, so the same products yield each task's bias gradient
+    (``D_t^T 1``) beside its weight gradient. Then the Grams of all layers and their weighted
+    gradients from one product each. The Grams are symmetric up to rounding (the profiler
+    symmetrises every Gram)."""
+    n_layers, N, in_f = A.shape
+    T, _, out_f = ds[0].shape
+    if has_b:
+        A = torch.nn.functional.pad(A, (0, 1), value=1.0)  # L x N x (in + 1)
+    rows = in_f + has_b
+    At = A.transpose(1, 2)
+    gT = A.new_empty((n_layers, T, rows, out_f))
+    for k, d in enumerate(ds):
+        torch.bmm(At[k].expand(T, rows, N), d, out=gT[k])
+    g = gT.view(n_layers, T, rows * out_f)
+    G = torch.bmm(g, g.transpose(1, 2)).to(torch.float64)  # L x T x T
+    if w is None:  # the Grams only
+        return G, None, None
+    gw = torch.matmul(w, g).view(n_layers, rows, out_f)
+    return G, gw[:, :in_f].transpose(1, 2), gw[:, in_f] if has_b else None
