@@ -52,6 +52,8 @@ def save_state(prof: Profiler) -> dict[str, Any]:
 def load_state(prof: Profiler, state: object, stacklevel: int = 3) -> None:
     """Restore :func:`save_state`'s ``state`` into ``prof``; every check runs before anything
     changes (a refused state leaves the profiler as it was)."""
+    if prof._closed:
+        raise GradlensError("`load_state_dict` was called on a closed Profiler; create a new one.")
     if not isinstance(state, Mapping) or state.get("format") != FORMAT:
         found = type(state).__name__
         if isinstance(state, Mapping):

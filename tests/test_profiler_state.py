@@ -63,7 +63,9 @@ def _same(a, b):
 def test_a_resumed_loop_goes_on_as_the_uninterrupted_one(monkeypatch):
     """auto decides on ``loop`` (fake clock); the resumed profiler would pick ``batched`` if it
     timed again. Held weights of a Gram weighting at every=3 carry over too."""
-    costs = {"loop": 1.0, "batched": 2.0, "gramian": 3.0, "gramian-vmap": 3.0}
+    # the others beyond CLOSE (3x) of loop: decided after round 1, within the 4 probes before
+    # the checkpoint
+    costs = {"loop": 1.0, "batched": 4.0, "gramian": 5.0, "gramian-vmap": 5.0}
     fake_costs(monkeypatch, costs)
     mgda = make_weighting("mgda", TASKS)
     trunk, heads = _model()
@@ -142,3 +144,12 @@ def test_setting_the_step_moves_the_schedule_and_the_recording():
         assert "forward-not-recorded" not in snap.notes
         assert set(snap.rules.values()) == {"linear"}
         assert prof.backward(_losses(trunk, heads, 8)) is None
+
+
+def test_a_closed_profiler_refuses_a_state():
+    trunk, heads = _model()
+    prof = gl.Profiler(trunk, TASKS, engine="loop")
+    state = prof.state_dict()
+    prof.close()
+    with pytest.raises(gl.GradlensError, match="closed Profiler"):
+        prof.load_state_dict(state)

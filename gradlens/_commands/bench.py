@@ -70,6 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also report each method's peak of live tensor bytes in a steady-state step, "
         "measured in this process after the timing (on with --zoo)",
     )
+    p.add_argument(
+        "--warm-probes",
+        type=positive_int,
+        default=4,
+        help="untimed probes of a profiled method before its timed one (default 4: the engines "
+        "reach their steady state over their first probes)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write all rows as JSON to this file")
 
 
@@ -104,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         # the zoo table is the probed step of each method; its amortised rows would double the run
         amortise=() if args.zoo else (10, 100),
         memory=args.zoo or args.tensor_memory,
+        warm_probes=args.warm_probes,
     )
     print(format_table(rows))
     if any("peak_mib" in r for r in rows):
@@ -111,9 +119,17 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rows, key="peak_mib"))
     picks = [r for r in rows if r["method"] == "auto" and r.get("chose")]
     if picks:
-        print("\nauto chose (one fresh choice per repeat):")
+        print("\nauto chose (one fresh choice per repeat), and its time over each engine's:")
         for r in picks:
-            print(f"  {r['model']:<12} T={r['tasks']:<3} {r['chose']}")
+            paired = r.get("paired_vs_engines", {})
+            against = ", ".join(
+                f"{e} {q:.3f}x (paired {paired[e]:.3f}x)"
+                for e, q in r.get("vs_engines", {}).items()
+            )
+            best = ""
+            if "vs_best_engine" in r:
+                best = f"; fastest {r['vs_best_engine']:.3f}x ({r['paired_vs_best_engine']:.3f}x)"
+            print(f"  {r['model']:<12} T={r['tasks']:<3} {r['chose']}  {against}{best}")
     out: dict[str, object] = {"hardware": hardware_info(args.device, args.clock), "time": rows}
     if args.memory:
         mem = []

@@ -32,6 +32,9 @@ ZOO_MODELS = (
     "cnn-1m",
 )
 
+#: the exact engines ``auto`` chooses from: its row is compared with theirs
+EXACT = ("loop", "batched", "gramian")
+
 #: methods that get amortised rows (``method@every=k``) when ``amortise`` is not empty
 AMORTISED = ("gramian", "features")
 
@@ -62,6 +65,7 @@ def run_benchmark(
     device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
     memory: bool = False,
+    warm_probes: int = 4,
 ) -> list[dict[str, Any]]:
     """Time one training step per method, interleaved, as ratios to the plain step.
 
@@ -81,6 +85,16 @@ def run_benchmark(
     With ``memory``, each method's row also gets ``peak_mib`` and ``memory``: the peak of live
     tensor bytes during a steady-state step, measured once after the timing in this process
     (:func:`gradlens.bench._memory.step_tensor_peak`; untimed).
+
+    A profiled method is timed on the probe after ``warm_probes`` untimed ones of its profiler
+    (made fresh at each repeat): the engines reach their steady state over their first probes
+    (ResNet T = 3, batch 4: ``batched`` 13.5 ms at its first and second probes, 12.2 ms from its
+    fifth; ``loop`` steady from its second), so timing all at the same depth compares like with
+    like. ``auto`` is timed on the second probe after its choice (made afresh at each repeat,
+    after at least ``warm_probes`` probes); its row also holds what it chose (``chose``) and
+    its time against each exact engine timed in the run (``vs_engines``, ratios of medians;
+    ``paired_vs_engines``, medians of the ratios within a repeat) and against the fastest of
+    them (``vs_best_engine``, ``paired_vs_best_engine``).
 
     The unprobed steps are timed on a profiler made fresh for each timing with
     ``every=10**9``, so it probes its step 0 only: step 1 is the after-probe step, step 2 a
@@ -103,6 +117,11 @@ def run_benchmark(
             f"device={device!r}."
         )
     dev = _check_device(dev, device)
+    if isinstance(warm_probes, bool) or not isinstance(warm_probes, int) or warm_probes < 1:
+        raise GradlensError(
+            f"`warm_probes` should be an integer >= 1 (a profiler's first probe allocates its "
+            f"buffers); found {warm_probes!r}."
+        )
     bad = [k for k in amortise if isinstance(k, bool) or not isinstance(k, int) or k < 2]
     if bad:
         raise GradlensError(
@@ -115,13 +134,15 @@ def run_benchmark(
         torch.set_num_threads(1)
         try:
             return _run(
-                models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress, memory
-            )
+                models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress,
+                memory, warm_probes,
+            )  # fmt: skip
         finally:
             torch.set_num_threads(threads)
     return _run(
-        models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress, memory
-    )
+        models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress, memory,
+        warm_probes,
+    )  # fmt: skip
 
 
 def _amortised(t_probe: float, t_after: float, t_steady: float, k: int) -> float:
@@ -142,6 +163,7 @@ def _run(
     device: torch.device,
     progress: Callable[[str], None] | None,
     memory: bool = False,
+    warm_probes: int = 4,
 ) -> list[dict[str, Any]]:
     methods = _available(methods)
     # timed unprobed steps: name -> (method, untimed steps of a fresh every=_ONCE profiler before
@@ -157,7 +179,9 @@ def _run(
     for model in models:
         for T in tasks:
             setup = _Setup(model, T, batch, device=device)
-            times, chosen = _time_methods(setup, methods, unprobed, warmup, repeats, now)
+            times, chosen = _time_methods(
+                setup, methods, unprobed, warmup, repeats, now, warm_probes
+            )
             peaks = {m: step_tensor_peak(setup, m) for m in methods} if memory else {}
             setup.close()
             med = {m: statistics.median(v) for m, v in times.items()}
@@ -168,7 +192,7 @@ def _run(
                 "batch": batch,
                 "device": str(device),
             }
-            new = _rows(common, methods, med, chosen, amortise)
+            new = _rows(common, methods, times, med, chosen, amortise)
             for r in new:
                 r.update(peaks.get(r["method"], {}))
             rows += new
@@ -187,6 +211,7 @@ def _time_methods(
     warmup: int,
     repeats: int,
     now: Callable[[], float],
+    warm_probes: int = 4,
 ) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Each repeat times every method once, in a rotating order; the first ``warmup`` repeats
     are dropped. Returns the times per method and what ``auto`` chose (a fresh choice each)."""
@@ -205,16 +230,18 @@ def _time_methods(
                 setup.step(m, every=_ONCE)
             else:
                 if setup.prepare(name):
-                    # a profiler's first probe allocates its buffers: time the second (with
-                    # every=1 a probe too), the steady state of a training run; auto: the second
-                    # probe after its choice is made (the first pays once for the page faults of
-                    # memory the losing candidates freed: ResNet T = 8, 3,400 faults, +6 ms)
-                    setup.step(name)
+                    # a profiler's first probes allocate its buffers and warm the engine up:
+                    # time the one after warm_probes (with every=1 a probe too), the steady state
+                    # of a training run; auto: the second probe after its choice is made (the
+                    # first pays once for the page faults of memory the losing candidates freed:
+                    # ResNet T = 8, 3,400 faults, +6 ms)
+                    for _ in range(warm_probes):
+                        setup.step(name)
                     while name == "auto" and setup.deciding():
                         setup.step(name)
                     if name == "auto":
                         setup.step(name)
-                if name == "auto":
+                if name == "auto" and r >= warmup:
                     chosen[setup.chosen()] = chosen.get(setup.chosen(), 0) + 1
                 t0 = now()
                 setup.step(name)
@@ -227,6 +254,7 @@ def _time_methods(
 def _rows(
     common: dict[str, Any],
     methods: Sequence[str],
+    times: dict[str, list[float]],
     med: dict[str, float],
     chosen: dict[str, int],
     amortise: Sequence[int],
@@ -239,6 +267,7 @@ def _rows(
         rows.append(_row(common, m, med[m], base, loop))
         if m == "auto":  # what auto chose, over the repeats (a fresh choice each)
             rows[-1]["chose"] = dict(sorted(chosen.items()))
+            rows[-1].update(_against_engines(times, med))
     for m in AMORTISED:
         if f"{m}-unprobed" not in med:
             continue
@@ -249,6 +278,26 @@ def _rows(
             t = _amortised(med[m], t_after, t_steady, k)
             rows.append(_row(common, f"{m}@every={k}", t, base, loop))
     return rows
+
+
+def _against_engines(times: dict[str, list[float]], med: dict[str, float]) -> dict[str, Any]:
+    """``auto``'s time against each exact engine timed in the run: ratios of the medians
+    (``vs_engines``; ``vs_best_engine`` for the engine with the lowest median), and the medians
+    of the ratios within each repeat (``paired_vs_engines``, ``paired_vs_best_engine``), where
+    the two steps ran seconds apart, so the machine's slower spells cancel."""
+    engines = [e for e in EXACT if e in med]
+    if "auto" not in med or not engines:
+        return {}
+    best = min(engines, key=med.__getitem__)
+    paired = {
+        e: statistics.median(a / t for a, t in zip(times["auto"], times[e])) for e in engines
+    }
+    return {
+        "vs_engines": {e: med["auto"] / med[e] for e in engines},
+        "vs_best_engine": med["auto"] / med[best],
+        "paired_vs_engines": paired,
+        "paired_vs_best_engine": paired[best],
+    }
 
 
 def _row(common: dict[str, Any], method: str, t: float, base: float, loop: float) -> dict[str, Any]:

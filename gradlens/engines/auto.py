@@ -12,8 +12,16 @@ fastest for the rest of the run:
   segment vmapped); where its default vmapped every segment the two are the same run, timed once;
 - round 1 times each candidate once (``loop`` first: the first probe of a process also pays
   one-time costs, and ``loop`` pays the least of them);
-- round 2 times again each candidate within :data:`CLOSE` of the best (first probes are noisy);
-- the winner, the candidate with the lowest time over both rounds, then serves every probe.
+- round 2 times again each candidate within :data:`CLOSE` of the best (a first probe also
+  pays the candidate's one-time costs: it only weeds out the far slower candidates, and is left
+  out of a candidate's time once it has a second);
+- rounds 3 to :data:`MAX_ROUNDS` time again the candidates still within :data:`MARGIN` of the
+  leader, as long as there are two of them: every round is interleaved (``A B C A B C``), so a
+  slow spell of the machine hits the candidates alike, and only candidates that a noisy timing
+  could swap pay for more timings (a probe of one of them costs at most ``MARGIN`` times the
+  leader's);
+- the winner, the candidate with the fastest timed probe after its first, then serves every
+  probe.
 
 The decision is kept per graph shape: the shapes of the shared module's outputs (the batch size,
 the sequence length), the number of autograd nodes, the device, the dtype and T. A new shape
@@ -57,38 +65,97 @@ from gradlens.engines.batched import BatchedEngine
 from gradlens.engines.gramian import GramianEngine
 from gradlens.engines.loop import LoopEngine
 
-__all__ = ["CANDIDATES", "CLOSE", "STATE_FORMAT", "AutoEngine", "Decision"]
+__all__ = [
+    "CANDIDATES", "CLOSE", "MARGIN", "MAX_ROUNDS", "STATE_FORMAT", "AutoEngine", "Decision"
+]
 
 #: The exact candidates, in the order of the first round.
 CANDIDATES: tuple[type[Engine], ...] = (LoopEngine, BatchedEngine, GramianEngine)
-#: A candidate is timed a second time when its first time is within this factor of the best.
-CLOSE = 1.5
+#: Round 2 times again every candidate whose round-1 time is within this factor of the best.
+#: Round 1 only weeds out the far slower candidates: each candidate's first probe also pays its
+#: one-time costs (its buffers' page faults: ResNet T = 3, ``loop`` 39 ms cold against 12 ms
+#: warm), so a close one can look 2x slower in it.
+CLOSE = 3.0
+#: From round 3 on, a candidate is timed again while its best time is within this factor of
+#: the leader's: the rounds go on only for the candidates that a noisy timing could still swap.
+MARGIN = 1.1
+#: At most this many rounds (every candidate still close is timed once a round, interleaved).
+MAX_ROUNDS = 5
 #: Version of :meth:`AutoEngine.state_dict`.
 STATE_FORMAT = 1
 
 
 @dataclass
 class Decision:
-    """The timings of one graph shape, and its winner once every round is done."""
+    """The timings of one graph shape, and its winner once every round is done.
+
+    The rounds are interleaved (every candidate still in the running once per round, in the
+    candidates' order: ``A B C A B C``, so a slow spell of the machine hits them alike), and
+    which candidates are in a round follows from the times alone, so a decision restored from
+    :meth:`AutoEngine.state_dict` goes on exactly as the interrupted one would have.
+    """
 
     #: candidate -> seconds of each of its timed probes
     times: dict[str, list[float]] = field(default_factory=dict)
     winner: str | None = None
 
     def best(self) -> dict[str, float]:
-        """Each timed candidate's fastest probe, in seconds."""
-        return {name: min(ts) for name, ts in self.times.items()}
+        """Each timed candidate's fastest probe after its first (which pays one-time costs),
+        in seconds; its first while it has only one.
 
-    def next_candidate(self, order: list[str]) -> str | None:
-        """The candidate to time on the next probe, or None when every round is done."""
+        Example:
+            >>> Decision({"loop": [3.0, 1.2, 1.1], "batched": [2.0]}).best()
+            {'loop': 1.1, 'batched': 2.0}
+        """
+        return {name: min(ts[1:] or ts) for name, ts in self.times.items()}
+
+    def in_round(self, k: int, order: Sequence[str]) -> list[str]:
+        """The candidates timed in round ``k`` (1-based), from the times of the rounds before
+        it: every candidate in round 1; in round ``k`` those of round ``k - 1`` whose time (as
+        :meth:`best`, over rounds ``1 .. k - 1``) is within :data:`CLOSE` (round 2) or
+        :data:`MARGIN` (later rounds) of the fastest of them. Needs rounds ``1 .. k - 1`` done.
+
+        Example:
+            >>> d = Decision({"loop": [3.5], "batched": [1.0], "gramian": [1.2]})
+            >>> d.in_round(2, ["loop", "batched", "gramian"])
+            ['batched', 'gramian']
+        """
+        alive = list(order)
+        for r in range(2, k + 1):
+            best = Decision({n: self.times[n][: r - 1] for n in alive}).best()
+            lead = min(best.values())
+            factor = CLOSE if r == 2 else MARGIN
+            alive = [n for n in alive if best[n] <= factor * lead]
+        return alive
+
+    def next_candidate(self, order: Sequence[str]) -> str | None:
+        """The candidate to time on the next probe, or None when every round is done: after
+        :data:`MAX_ROUNDS` rounds, or once a round would time a single candidate.
+
+        Example:
+            >>> d = Decision({"loop": [3.5], "batched": [1.0], "gramian": [1.2]})
+            >>> d.next_candidate(["loop", "batched", "gramian"])
+            'batched'
+            >>> d.times["batched"].append(1.0); d.times["gramian"].append(1.5)
+            >>> d.next_candidate(["loop", "batched", "gramian"]) is None  # 1.5 > MARGIN * 1.0
+            True
+        """
         for name in order:  # round 1
             if name not in self.times:
                 return name
-        best = min(self.best().values())
-        for name in order:  # round 2, for the candidates close to the best
-            if len(self.times[name]) < 2 and self.times[name][0] <= CLOSE * best:
-                return name
+        for k in range(2, MAX_ROUNDS + 1):
+            alive = self.in_round(k, order)
+            if len(alive) < 2:
+                return None
+            for name in alive:
+                if len(self.times[name]) < k:
+                    return name
         return None
+
+    def pick(self) -> str:
+        """The winner once the rounds are done: the fastest candidate by :meth:`best`."""
+        best = self.best()
+        return min(best, key=best.__getitem__)
 
 
 class AutoEngine(Engine):
@@ -117,27 +184,48 @@ class AutoEngine(Engine):
         self._shapes: tuple[object, ...] = ()
         self._recording = True
         self._handle: torch.utils.hooks.RemovableHandle | None = None
+        #: whether the hooked candidates' hooks are installed (see :meth:`_attach_hooked`)
+        self._hooked_on = False
 
     def attach(self) -> None:
         for e in self.candidates.values():
-            e.attach()
+            if not e.uses_hooks:
+                e.attach()
+        self._attach_hooked(self._hooks_needed())
         if self.shared.module is not None:
             self._handle = self.shared.module.register_forward_hook(self._shape_hook())
 
     def detach(self) -> None:
         for e in self.candidates.values():
             e.detach()
+        self._hooked_on = False
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
 
+    def _attach_hooked(self, on: bool) -> None:
+        """Install the hooks of the candidates that record the forward (``gramian``) only while
+        one may serve a probe: a module with a forward hook takes torch's slower call path even
+        when the hook returns at once (ConvNeXt T = 3: 18 hooked modules, ~0.2 ms of a 12 ms
+        probed step, and the same on every unprobed step)."""
+        if on == self._hooked_on:
+            return
+        for e in self.candidates.values():
+            if e.uses_hooks:
+                if on:
+                    e.attach()
+                else:
+                    e.detach()
+        self._hooked_on = on
+
     def set_recording(self, on: bool) -> None:
         self._recording = on
-        hooks = on and self._hooks_needed()
+        needed = self._hooks_needed()
+        self._attach_hooked(needed)
         for e in self.candidates.values():
             # a candidate's recording hooks cost the probed forward (BERT, ViT at batch 4: 0.2
             # to 0.3 ms of a 1.2 ms forward): on only when it may serve the coming probe
-            e.set_recording(hooks if e.uses_hooks else on)
+            e.set_recording(on and needed if e.uses_hooks else on)
 
     def _hooks_needed(self) -> bool:
         """Whether the next probe may be served by a candidate that records the forward: a
@@ -166,7 +254,10 @@ class AutoEngine(Engine):
             engine = ref()
             if engine is None or not engine._recording:
                 return
-            leaves, _ = torch.utils._pytree.tree_flatten((args, output))
+            if isinstance(output, torch.Tensor) and all(isinstance(a, torch.Tensor) for a in args):
+                leaves: list[Any] = [*args, output]  # the common case, without a pytree walk
+            else:
+                leaves, _ = torch.utils._pytree.tree_flatten((args, output))
             engine._shapes = tuple(tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor))
 
         return hook
@@ -181,17 +272,24 @@ class AutoEngine(Engine):
             return self._sparse(ctx)
         key = self.key(ctx)
         self._shapes = ()
-        decision = self.decisions.setdefault(key, Decision())
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = self.decisions[key] = Decision()
+        if decision.winner is not None:
+            # decided: the winner alone, as if called directly (the profiler backpropagates to
+            # the leaves it left, e.g. the heads)
+            engine = self._variant(decision.winner)
+            result = engine.compute(ctx)
+            self._discard_others(engine)
+            result.engine = engine.name
+            result.timings = decision.best()
+            return result
         order = self._order(ctx.losses.device.type)
-        name = decision.winner or decision.next_candidate(order)
+        name = decision.next_candidate(order)
         assert name is not None
-        engine, stage = self.variants[name]
-        timing = decision.winner is None
+        engine = self._variant(name)
         clock = _clock_for(ctx.losses.device)
-        if timing:
-            t0 = clock()
-        if isinstance(engine, GramianEngine):
-            engine.stage = stage
+        t0 = clock()
         result = engine.compute(ctx)
         if ctx.write:
             # the backward to every other leaf (the task heads) is part of the probe's cost
@@ -201,23 +299,31 @@ class AutoEngine(Engine):
                     ctx.weights @ ctx.losses, inputs=rest, retain_graph=ctx.retain_graph
                 )
             result.written |= set(ctx.leaves)
-        if timing:
-            decision.times.setdefault(name, []).append(clock() - t0)
-            if name == "gramian" and isinstance(engine, GramianEngine) and not engine.last_looped:
-                # its default vmapped every segment: the same run as gramian-vmap
-                decision.times.setdefault("gramian-vmap", decision.times[name])
-            if decision.next_candidate(order) is None:
-                best = decision.best()
-                decision.winner = min(best, key=best.__getitem__)
-                self._release_losers()
-        for e in self.candidates.values():
-            if e is not engine:
-                e.discard()
+        decision.times.setdefault(name, []).append(clock() - t0)
+        if name == "gramian" and isinstance(engine, GramianEngine) and not engine.last_looped:
+            # its default vmapped every segment: the same run as gramian-vmap
+            decision.times.setdefault("gramian-vmap", decision.times[name])
+        if decision.next_candidate(order) is None:
+            decision.winner = decision.pick()
+            self._release_losers()
+            result.notes.append(f"auto-chose:{decision.winner}")
+        self._discard_others(engine)
         result.engine = engine.name
         result.timings = decision.best()
-        if decision.winner is not None and timing:
-            result.notes.append(f"auto-chose:{decision.winner}")
         return result
+
+    def _variant(self, name: str) -> Engine:
+        """The engine of variant ``name``, set to run as that variant."""
+        engine, stage = self.variants[name]
+        if isinstance(engine, GramianEngine):
+            engine.stage = stage
+        return engine
+
+    def _discard_others(self, engine: Engine) -> None:
+        """Drop what the other candidates' hooks recorded of this probe's forward."""
+        for e in self.candidates.values():
+            if e is not engine and e.uses_hooks:
+                e.discard()
 
     def _sparse(self, ctx: BackwardContext) -> EngineResult:
         """A graph where a shared parameter gets a sparse gradient (``nn.Embedding(...,
@@ -225,9 +331,7 @@ class AutoEngine(Engine):
         self._shapes = ()
         engine = self.candidates["loop"]
         result = engine.compute(ctx)
-        for e in self.candidates.values():
-            if e is not engine:
-                e.discard()
+        self._discard_others(engine)
         result.engine = engine.name
         return result
 
@@ -283,6 +387,11 @@ class AutoEngine(Engine):
         :meth:`state_dict`, changing nothing.
         """
         decisions = _parse_state(state)
+        for d in decisions.values():
+            if "gramian" in d.times and d.times.get("gramian-vmap") == d.times["gramian"]:
+                # one run timed for both (its default vmapped every segment): one list again,
+                # so the next rounds time it once, as the interrupted run would have
+                d.times["gramian-vmap"] = d.times["gramian"]
         self.decisions = {
             key: d
             for key, d in decisions.items()

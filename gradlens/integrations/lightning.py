@@ -124,9 +124,15 @@ class GradlensCallback(Callback):
         path = self._store if trainer.is_global_zero else None
         store: str | Path | RunWriter | None = path
         if path is not None and restored is not None:
+            step = restored.get("step")
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise GradlensError(
+                    "the checkpoint's GradlensCallback state should hold the profiler's step "
+                    f"(an int); found {step!r}."
+                )
             # the run the checkpoint belongs to, continued from the checkpoint's step
             store = RunWriter(path, meta={"tasks": list(self.tasks)}, append=True)
-            store.rewind(int(restored["step"]))
+            store.rewind(step)
         meta = {"grams": "local", "world_size": int(trainer.world_size), **self._meta}
         try:
             prof = Profiler(

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from gradlens._errors import GradlensError, GradlensWarning
+from gradlens._profiler_state import FORMAT as PROFILER_STATE_FORMAT
 from gradlens._validate import check_choice, check_int
 from gradlens.models import DEFAULT_DEPTH, build_model
 from gradlens.profiler import Profiler
@@ -369,13 +370,19 @@ class Trainer:
                 f"`state` was saved for tasks {list(state['tasks'])}; this trainer has "
                 f"{list(self.tasks)}."
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._gen.set_state(state["rng"])
-        self.epoch = int(state["epoch"])
-        self.step = int(state["step"])
-        self.profiler.step = self.step
         w = normalise_weights(state["weights"], self.tasks, "state['weights']")
+        backup = self._backup()  # a refused part puts everything back
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self._gen.set_state(state["rng"])
+            self.epoch = int(state["epoch"])
+            self.step = int(state["step"])
+            self._load_weighting_state(state.get("weighting"))
+            self.profiler.load_state_dict(self._profiler_state(state))
+        except BaseException:
+            self._restore(backup)
+            raise
         if self.store is not None:  # the run continues at the loaded step
             self.store.rewind(self.step)
         if self._stored_log is not None:  # a reopened run: its schedule up to the loaded step
@@ -385,8 +392,32 @@ class Trainer:
                 self.store.update_meta(weight_schedule=self._log)
         if w != self._weights:
             self._set_weights(w)
-        self._load_weighting_state(state.get("weighting"))
-        self.profiler.load_state_dict(self._profiler_state(state))
+
+    def _backup(self) -> dict[str, Any]:
+        """What :meth:`load_state_dict` changes before its last check, copied."""
+        weighting = self.weighting if isinstance(self.weighting, LossWeighting) else None
+        return copy.deepcopy(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "rng": self._gen.get_state(),
+                "epoch": self.epoch,
+                "step": self.step,
+                "weighting": None if weighting is None else weighting.state_dict(),
+                "profiler": self.profiler.state_dict(),
+            }
+        )
+
+    def _restore(self, backup: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(backup["model"])
+        self.optimizer.load_state_dict(backup["optimizer"])
+        self._gen.set_state(backup["rng"])
+        self.epoch, self.step = backup["epoch"], backup["step"]
+        if isinstance(self.weighting, LossWeighting):
+            self.weighting.load_state_dict(backup["weighting"])
+        with warnings.catch_warnings():  # (its own state: nothing to warn about)
+            warnings.simplefilter("ignore", GradlensWarning)
+            self.profiler.load_state_dict(backup["profiler"])
 
     def close(self) -> None:
         """Close the profiler (removes its hooks) and the run store; idempotent."""
@@ -445,7 +476,7 @@ class Trainer:
             return {**saved, "step": self.step}
         held = (state.get("weighting") or {}).get("held")
         return {
-            "format": 1,
+            "format": PROFILER_STATE_FORMAT,
             "step": self.step,
             "tasks": list(self.tasks),
             "engine": None,

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from gradlens import GradlensError
+from gradlens.bench import _timing as timing
 from gradlens.bench import format_table, hardware_info, measure_peak_memory, run_benchmark
+from gradlens.bench._timing import EXACT
 from gradlens.cli import main
 
 no_cuda = pytest.mark.skipif(
@@ -262,26 +264,58 @@ def test_gramian_in_the_benchmark_is_served_by_its_rules():
     setup.close()
 
 
-def test_profiled_methods_are_timed_on_their_second_probe(monkeypatch):
-    from collections import Counter
-
+@pytest.mark.parametrize("warm", [1, 4])
+def test_profiled_methods_are_timed_after_their_warm_probes(monkeypatch, warm):
     from gradlens.bench import _setup as bench
 
-    used: Counter[int] = Counter()
+    events: list[object] = []  # a gramian step's profiler, "plain", or None for a clock read
     inner = bench._Setup.step
 
     def spy(self, method, every=1):
-        if method == "gramian":
-            used[id(self._profilers[(method, every)])] += 1
+        events.append(self._profilers[(method, every)] if method == "gramian" else method)
         return inner(self, method, every)
 
+    def now():
+        events.append(None)
+        return float(len(events))
+
     monkeypatch.setattr(bench._Setup, "step", spy)
+    monkeypatch.setattr(timing, "_clock", lambda kind, dev: now)
     run_benchmark(
-        ["mlp-tiny"], [2], ["plain", "gramian"], repeats=3, warmup=0, batch=8, amortise=()
-    )
-    # a profiler's first probe (which allocates its buffers) is never the only, timed, one
-    assert used
-    assert min(used.values()) >= 2
+        ["mlp-tiny"], [2], ["plain", "gramian"], repeats=3, warmup=0, batch=8, amortise=(),
+        warm_probes=warm,
+    )  # fmt: skip
+    # the clock is read in pairs around each timed step; before a timed one, its profiler
+    # probed at least `warm` times (exactly `warm` for a fresh one; the rotation may run
+    # gramian twice in a row)
+    reads = [i for i, e in enumerate(events) if e is None]
+    timed = [i + 1 for i in reads[0::2]]
+    before = [sum(q is events[i] for q in events[:i]) for i in timed if events[i] != "plain"]
+    assert len(before) == 3
+    assert min(before) == warm
+
+
+def test_auto_row_is_compared_with_each_exact_engine(monkeypatch):
+    from tests._auto import force_auto
+
+    force_auto(monkeypatch, "batched")
+    rows = run_benchmark(
+        ["mlp-tiny"], [2], ["plain", "loop", "batched", "gramian", "auto"], repeats=2,
+        warmup=1, batch=8, amortise=(),
+    )  # fmt: skip
+    sec = {r["method"]: r["seconds"] for r in rows}
+    (auto,) = [r for r in rows if r["method"] == "auto"]
+    assert auto["chose"] == {"batched": 2}  # the measured repeats only
+    assert auto["vs_engines"] == pytest.approx({e: sec["auto"] / sec[e] for e in EXACT})
+    assert auto["vs_best_engine"] == pytest.approx(max(auto["vs_engines"].values()))
+    fastest = min(EXACT, key=sec.__getitem__)
+    assert auto["paired_vs_best_engine"] == auto["paired_vs_engines"][fastest]
+    assert set(auto["paired_vs_engines"]) == set(EXACT)
+
+
+def test_warm_probes_is_checked():
+    with pytest.raises(GradlensError, match="warm_probes"):
+        run_benchmark(["mlp-tiny"], [2], ["plain"], repeats=1, warm_probes=0)
 
 
 def test_bench_cli_memory_table(tmp_path, capsys):
@@ -339,3 +373,19 @@ def test_tensor_memory_of_each_method_in_its_row(tmp_path, capsys):
     assert printed.rstrip().splitlines()[-1].endswith("MiB")
     data = json.loads(out.read_text())
     assert all(r["memory"] == "cpu_tensors" for r in data["time"])
+
+
+def test_auto_against_the_engines_paired_within_each_repeat():
+    # the second repeat ran in a slow spell of the machine: every method took 3x as long
+    times = {
+        "auto": [1.0, 3.3, 1.1],
+        "loop": [1.0, 3.0, 1.0],
+        "batched": [2.0, 6.0, 2.0],
+    }
+    med = {m: sorted(v)[1] for m, v in times.items()}
+    got = timing._against_engines(times, med)
+    assert got["vs_engines"] == pytest.approx({"loop": 1.1 / 1.0, "batched": 1.1 / 2.0})
+    assert got["paired_vs_engines"] == pytest.approx({"loop": 1.1, "batched": 0.55})
+    assert got["vs_best_engine"] == pytest.approx(1.1)
+    assert got["paired_vs_best_engine"] == pytest.approx(1.1)
+    assert timing._against_engines({"loop": [1.0]}, {"loop": 1.0}) == {}

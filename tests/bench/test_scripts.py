@@ -22,6 +22,14 @@ BENCH = ROOT / "benchmarks"
 
 # script -> (tiny arguments, a fragment of its output)
 RUNS: dict[str, tuple[list[str], str]] = {
+    "auto_decision.py": (
+        ["--models", "mlp-tiny", "--tasks", "2", "--repeats", "2", "--warm-probes", "1"],
+        "misses",
+    ),
+    "auto_overhead.py": (
+        ["--models", "mlp-tiny", "--pairs", "3"],
+        "auto / direct",
+    ),
     "bench_sinks.py": (["--steps", "4", "--rounds", "1", "--image-every", "2"], "tensorboard"),
     "bench_store.py": (["--steps", "40", "--flush-every", "10"], "load average"),
     "host_time.py": (["--repeats", "2", "--tasks", "3"], "gramian probe"),

@@ -114,3 +114,22 @@ def test_trainer_state_round_trips_the_decisions_and_refuses_a_bad_one(monkeypat
     with Trainer({**SYNTH, "engine": "gramian"}, progress=False) as g:
         assert g.state_dict()["profiler"]["auto"] is None
         g.load_state_dict(state)  # a named engine ignores auto's decisions
+
+
+def test_a_refused_trainer_state_changes_nothing(monkeypatch):
+    """The profiler's part is checked after the model's and optimizer's are loaded: when it is
+    refused, the trainer is put back as it was (a failed call changes nothing)."""
+    force_auto(monkeypatch, "loop")
+    with Trainer({**SYNTH, "epochs": 2}, progress=False) as t:
+        t.fit_epochs(1)
+        state = t.state_dict()
+    state["profiler"]["held"] = {"total": torch.ones(5), "layers": {}}  # not T weights
+    with Trainer({**SYNTH, "epochs": 2, "seed": 1}, progress=False) as u:
+        before = u.state_dict()
+        with pytest.raises(GradlensError, match=r"shape \(2,\)"):
+            u.load_state_dict(state)
+        after = u.state_dict()
+        assert after["step"] == before["step"] == 0
+        for k, v in before["model"].items():
+            assert torch.equal(after["model"][k], v), k
+        assert after["profiler"] == before["profiler"]
