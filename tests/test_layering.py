@@ -187,7 +187,7 @@ PRIVATE_IMPORTS_ALLOWED = {
     ("gradlens.profiler", "gradlens.engines._graph"): "the graph index it builds for its engine",
     ("gradlens.profiler", "gradlens.weightings._apply"): "Gram weightings applied in its backward",
     ("gradlens._profiler_checks", "gradlens.engines._base"): "checks against the engines' contract",
-    ("gradlens.distributed", "gradlens.engines._base"): "wraps an engine across ranks (its contract)",
+    ("gradlens.distributed", "gradlens.engines._base"): "wraps an engine across ranks",
     ("gradlens.testing", "gradlens.engines._base"): "resolve_shared: the engines' parameter choice",
     ("gradlens.weightings._apply", "gradlens.engines._base"): "writes .grad as the engines do",
     ("gradlens.bench._weightings", "gradlens.engines._base"): "quiet_vmap, as the engines call it",
