@@ -186,18 +186,25 @@ def stack_losses(
 
 
 def check_sparse(
-    shared: SharedParams, reached: Sequence[torch.Tensor], sparse: AbstractSet[int], engine: Engine
+    shared: SharedParams,
+    reached: Sequence[torch.Tensor],
+    sparse: AbstractSet[int],
+    refusal: str | None,
 ) -> None:
-    """Refuse, before any side effect, an engine that cannot take a shared parameter whose
-    gradient is sparse (``nn.Embedding(..., sparse=True)``)."""
-    if engine.sparse_grads:
+    """Refuse, before any side effect, a shared parameter whose gradient is sparse
+    (``nn.Embedding(..., sparse=True)``) when ``refusal`` names who cannot take it."""
+    if refusal is None:
         return
     names = [n for n, p in shared.named if id(p) in sparse and any(p is q for q in reached)]
     if names:
+        fix = (
+            "Use engine='loop' (or 'auto', which serves such graphs with it), or sparse=False."
+            if refusal.startswith("engine=")
+            else "Use sparse=False, or a Profiler's observe on every rank under DDP."
+        )
         raise GradlensError(
-            f"engine={engine.name!r} cannot measure shared parameters whose gradient is sparse "
-            f"(nn.Embedding or nn.EmbeddingBag with sparse=True); found {names}. Use "
-            "engine='loop' (or 'auto', which serves such graphs with it), or sparse=False. "
+            f"{refusal} cannot measure shared parameters whose gradient is sparse "
+            f"(nn.Embedding or nn.EmbeddingBag with sparse=True); found {names}. {fix} "
             "Nothing was written."
         )
 

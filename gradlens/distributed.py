@@ -216,6 +216,13 @@ class DistributedProfiler(Profiler):
         cls = _GlobalLoop if engine == "loop" else _GlobalBatched
         return cls(self._shared, T, self._group, self.world_size)
 
+    def _sparse_refusal(self) -> str | None:
+        return "DistributedProfiler (its gradient all-reduce is dense)"
+
+    def _step_moved(self) -> None:
+        super()._step_moved()
+        self._set_ddp_sync()  # a step set from outside (a resumed run): DDP follows it too
+
     def _after(self, snap: Snapshot | None, wrote: bool) -> Snapshot | None:
         if wrote and not self._synced_step:
             self._average_grads()

@@ -124,6 +124,9 @@ class Profiler:
         self._w_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
         #: A Gram weighting's last weights (total, per layer), held between probes.
         self._held: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        # the store first: a refused one (a run already there) leaves no hook on the model
+        run_meta = self._meta(meta, engine, every)
+        self.store = open_store(store, run_meta)
         self._engine.attach()
         self._engine.set_recording(self._schedule(0))
         self._forward_hook = (
@@ -131,8 +134,6 @@ class Profiler:
             if self._shared.module is None or not self._engine.uses_hooks
             else self._shared.module.register_forward_hook(_forward_seen(weakref.ref(self)))
         )
-        run_meta = self._meta(meta, engine, every)
-        self.store = open_store(store, run_meta)
         self._sinks: list[Sink] = list(sinks)
         for sink in self._sinks:  # dashboards log the run meta as config/params
             update = getattr(sink, "update_meta", None)
@@ -159,7 +160,15 @@ class Profiler:
     @step.setter
     def step(self, value: int) -> None:
         self._step = check_int("step", value, minimum=0)
-        # the engine records the coming forward only if that step is probed
+        self._step_moved()
+
+    def _sparse_refusal(self) -> str | None:
+        """Who cannot take a shared parameter with a sparse gradient (None: this profiler can)."""
+        return None if self._engine.sparse_grads else f"engine={self.engine!r}"
+
+    def _step_moved(self) -> None:
+        """The next call is at a new step: the engine records its forward only if it is
+        probed (a subclass adds what else follows the schedule)."""
         self._engine.set_recording(bool(self._schedule(self._step)))
 
     @property
@@ -370,7 +379,8 @@ class Profiler:
             self._engine.discard()
             raise
         # the step advances only when the call succeeded: a failed call can be retried
-        self.step = step + 1
+        self._step = step + 1
+        self._engine.set_recording(bool(self._schedule(self._step)))
         snap = self._after(snap, write)
         if snap is not None:
             for sink in self._sinks:
@@ -418,7 +428,7 @@ class Profiler:
         reached = [p for p in self._shared.params if id(p) in leaves]
         sparse = graph.sparse_leaves()
         if sparse:
-            check_sparse(self._shared, reached, sparse, self._engine)
+            check_sparse(self._shared, reached, sparse, self._sparse_refusal())
         notes: list[str] = []
         if self._engine.uses_hooks and self._forward_hook is not None and not self._seen_forward:
             notes.append(UNRECORDED)

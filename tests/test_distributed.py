@@ -299,3 +299,34 @@ def test_real_setups_examples_run(index, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip()
+
+
+@pytest.mark.usefixtures("group")
+def test_a_step_set_from_outside_moves_ddps_sync():
+    """``prof.step = n`` (a resumed run): DDP reduces the coming step only if it is unprobed,
+    as after the profiler's own steps."""
+    model = MTL().double()
+    net = nn.parallel.DistributedDataParallel(model)
+    prof = DistributedProfiler(net, model.trunk, TASKS, engine="loop", every=4)
+    assert not net.require_backward_grad_sync  # step 0 is probed: the profiler reduces
+    prof.step = 5
+    assert net.require_backward_grad_sync  # step 5 is not: DDP does
+    prof.step = 8
+    assert not net.require_backward_grad_sync
+    prof.close()
+    assert net.require_backward_grad_sync
+
+
+@pytest.mark.usefixtures("group")
+def test_a_sparse_embedding_is_refused_before_any_side_effect():
+    emb = nn.Embedding(10, 4, sparse=True).double()
+    model = nn.ModuleDict({"trunk": nn.Sequential(emb, nn.Flatten()), "head": nn.Linear(12, 1)})
+    model = model.double()
+    prof = DistributedProfiler(model, model["trunk"], ["a", "b"], engine="loop")
+    z = model["trunk"](torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    losses = {"a": model["head"](z).mean(), "b": model["head"](z).pow(2).mean()}
+    with pytest.raises(gl.GradlensError, match=r"DistributedProfiler .* sparse=False"):
+        prof.backward(losses)
+    assert prof.step == 0
+    assert all(p.grad is None for p in model.parameters())
+    prof.close()

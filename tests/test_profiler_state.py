@@ -153,3 +153,12 @@ def test_a_closed_profiler_refuses_a_state():
     prof.close()
     with pytest.raises(gl.GradlensError, match="closed Profiler"):
         prof.load_state_dict(state)
+
+
+@pytest.mark.parametrize("engine", ["auto", "gramian"])
+def test_a_refused_store_leaves_no_hook_on_the_model(tmp_path, engine):
+    trunk, heads = _model()
+    gl.Profiler(trunk, TASKS, store=tmp_path / "run").close()
+    with pytest.raises(gl.StoreError, match="already holds a run"):
+        gl.Profiler(trunk, TASKS, engine=engine, store=tmp_path / "run")
+    assert all(not m._forward_hooks for m in trunk.modules())
