@@ -118,8 +118,9 @@ class GradlensCallback(Callback):
         pl_module.training_step = self._capture(self._wrapped)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.profiler is not None:
-            return
+        if self.profiler is not None:  # left by a fit that failed before its teardown
+            self.profiler.close()
+            self.profiler = None
         restored, self._restored = self._restored, None
         path = self._store if trainer.is_global_zero else None
         store: str | Path | RunWriter | None = path
@@ -190,6 +191,11 @@ class GradlensCallback(Callback):
         if self.profiler is not None:
             self.profiler.close()
             self.profiler = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """A fit that raised: as its teardown (the wrapper removed, the profiler and its store
+        closed with what was flushed), so that a resumed fit in this process starts clean."""
+        self.teardown(trainer, pl_module, "fit")
 
     # -- internals -------------------------------------------------------------------------------
     def _capture(self, step: Callable[..., Any]) -> Callable[..., Any]:

@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -102,14 +103,16 @@ class GradlensTrainerCallback(TrainerCallback):
     # -- Trainer events --------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model = kwargs.get("model")
-        if model is None or self.profiler is not None:
+        if model is None:
             return
+        if self.profiler is not None:  # left by a train() that raised (no on_train_end)
+            self._detach()
         shared = shared_module(model, self.shared_attr)
         main = bool(state.is_world_process_zero)
         world = int(getattr(args, "world_size", 1))
         meta = {"grams": "local", "world_size": world, "framework": "transformers"}
         # a run resumed from a checkpoint starts after its forwards (micro-batches)
-        start = int(state.global_step) * int(getattr(args, "gradient_accumulation_steps", 1))
+        start = _forwards_done(state, args, kwargs.get("train_dataloader"))
         store: str | Path | RunWriter | None = self._store if main else None
         if self._store is not None and main and start > 0:
             store = RunWriter(self._store, meta={"tasks": list(self.tasks)}, append=True)
@@ -180,3 +183,17 @@ class GradlensTrainerCallback(TrainerCallback):
             return out
 
         return observed
+
+
+def _forwards_done(state: Any, args: Any, loader: Any) -> int:
+    """Training forwards (micro-batches) run before ``state.global_step`` optimizer steps: an
+    epoch of ``n`` batches makes ``ceil(n / accumulation)`` steps, its last one from the
+    remaining batches (as ``Trainer`` does)."""
+    steps = int(state.global_step)
+    accumulation = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
+    try:
+        n = len(loader)
+    except TypeError:  # no length (an iterable dataset): whole accumulation groups
+        return steps * accumulation
+    per_epoch = max(1, math.ceil(n / accumulation))
+    return (steps // per_epoch) * n + (steps % per_epoch) * accumulation

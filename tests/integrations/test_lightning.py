@@ -177,3 +177,49 @@ def test_a_fit_resumed_from_a_checkpoint_continues_the_run(tmp_path, monkeypatch
     torch.testing.assert_close(got[:5], want[:5], rtol=0.0, atol=0.0)  # the checkpoint's step too
     mine = torch.stack([s.gram for s in cb.snapshots])
     torch.testing.assert_close(got[4:, 0], mine, rtol=0.0, atol=0.0)
+
+
+class _Crashing(MultiTask):
+    """Raises at one global step (a crash mid-fit)."""
+
+    crash_at: int | None = None
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.crash_at:
+            raise RuntimeError("crash")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_a_fit_that_raised_is_torn_down_and_resumes_in_the_same_process(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb = GradlensCallback(TASKS, shared_attr="trunk", store=tmp_path / "run", engine="loop")
+
+    def fit(crash_at, ckpt_path=None):
+        torch.manual_seed(0)
+        module = _Crashing()
+        module.crash_at = crash_at
+        trainer = L.Trainer(
+            max_steps=8,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[cb, ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1)],
+        )
+        g = torch.Generator().manual_seed(5)
+        x, y = torch.randn(32, 4, generator=g), torch.randn(32, len(TASKS), generator=g)
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8), ckpt_path=ckpt_path)
+        return module
+
+    with pytest.raises(RuntimeError, match="crash"):
+        module = fit(crash_at=6)
+    assert cb.profiler is None  # torn down: hooks, wrapper and store closed
+    (ckpt,) = (tmp_path / "ckpt").glob("epoch=0-*.ckpt")
+    module = fit(crash_at=None, ckpt_path=ckpt)
+    assert [s.step for s in cb.snapshots][-4:] == [4, 5, 6, 7]
+    assert "training_step" not in vars(module)
+    run = gl.load_run(tmp_path / "run", strict=True)
+    assert run.probed_steps.tolist() == list(range(8))

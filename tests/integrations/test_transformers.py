@@ -229,3 +229,37 @@ def test_a_run_resumed_from_a_checkpoint_continues_the_store(tmp_path):
     torch.testing.assert_close(got[:4], torch.from_numpy(first.all_grams())[:4], rtol=0, atol=0)
     mine = torch.stack([s.gram for s in cb.snapshots])
     torch.testing.assert_close(got[4:, 0], mine, rtol=0, atol=0)
+
+
+def test_a_resumed_run_counts_the_short_last_accumulation_group_of_an_epoch(tmp_path):
+    """15 examples of batch 3, accumulation 2: an epoch is 5 forwards and 3 optimizer steps
+    (the last from 1 forward). Resumed from checkpoint-3 (the end of epoch 1), the run goes on
+    at forward 5, not 3 x 2 = 6."""
+
+    def fit(resume=None):
+        torch.manual_seed(0)
+        cb = GradlensTrainerCallback(TASKS, shared_attr="bert", store=tmp_path / "run")
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"),
+            num_train_epochs=2,
+            per_device_train_batch_size=3,
+            gradient_accumulation_steps=2,
+            learning_rate=1e-2,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="steps",
+            save_steps=3,
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+        )
+        Trainer(model=TwoTaskBert(), args=args, train_dataset=_data(15), callbacks=[cb]).train(
+            resume_from_checkpoint=resume
+        )
+        return cb
+
+    fit()
+    assert gl.load_run(tmp_path / "run").probed_steps.tolist() == list(range(10))
+    cb = fit(resume=str(tmp_path / "hf" / "checkpoint-3"))
+    assert [s.step for s in cb.snapshots] == [5, 6, 7, 8, 9]
+    assert gl.load_run(tmp_path / "run", strict=True).probed_steps.tolist() == list(range(10))
