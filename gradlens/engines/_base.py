@@ -240,6 +240,9 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     if g.is_sparse:  # a sparse gradient (nn.Embedding(sparse=True)): kept sparse, as autograd's
         p.grad = g if grad is None else grad.add_(g)
         return
+    if grad is not None and grad.is_sparse:  # a dense gradient into a sparse .grad: autograd
+        p.grad = g + grad  # adds out of place (the sum is dense)
+        return
     if grad is None:
         # alias a tensor that owns exactly its storage (as autograd steals a fresh gradient);
         # copy a slice of a larger buffer or a strided view

@@ -175,19 +175,29 @@ class GramPlan:
         T = J.shape[0]
         self._out = torch.empty((len(blocks), T, T), dtype=J.dtype, device=J.device)
         self._products = [(blk, blk.T, o) for blk, o in zip(blocks, self._out.unbind(0))]
-        one_each = owner == list(range(len(self.layers)))
-        self._owner = None if one_each else torch.tensor(owner, device=J.device)
+        #: each layer's rows of ``_out`` (a range: its chunks are consecutive); None when every
+        #: layer is one chunk
+        self._ranges: list[tuple[int, int]] | None = None
+        if owner != list(range(len(self.layers))):
+            self._ranges = [
+                (owner.index(i), len(owner) - owner[::-1].index(i)) if i in owner else (0, 0)
+                for i in range(len(self.layers))
+            ]
 
     def run(self) -> torch.Tensor:
         """The Grams of the buffer's current contents: ``(L, T, T)`` float64, one row per layer
-        of :attr:`layers`."""
+        of :attr:`layers` (a layer of several chunks: their float64 sum, in a fixed order on
+        every device and run)."""
         for blk, blk_t, out in self._products:
             torch.mm(blk, blk_t, out=out)
         grams = self._out.to(torch.float64, copy=True)  # never the buffer the next run rewrites
-        if self._owner is not None:
-            T = grams.shape[-1]
-            total = torch.zeros((len(self.layers), T, T), dtype=grams.dtype, device=grams.device)
-            grams = total.index_add_(0, self._owner, grams)
+        if self._ranges is not None:  # (no index_add: its CUDA order is not fixed)
+            zero = grams.new_zeros(grams.shape[1:])
+            rows = [
+                grams[a] if b - a == 1 else (grams[a:b].sum(0) if b > a else zero)
+                for a, b in self._ranges
+            ]
+            grams = torch.stack(rows)
         return grams
 
 

@@ -185,3 +185,15 @@ def test_the_gram_plan_follows_the_buffer_and_the_parameter_set():
         ref = reference_grams(_losses(trunk, heads, x), trunk)
         for layer, g in ref.layer_grams.items():
             assert_gram_close(snap.layer_grams[layer], g, 1e-4)
+
+
+def test_a_dense_gradient_adds_to_a_sparse_grad_out_of_place():
+    # as autograd does when a sparse .grad meets a dense gradient (a sparse embedding weight
+    # also used densely): the sum is dense
+    from gradlens.engines._base import accumulate_grad
+
+    p = nn.Parameter(torch.zeros(5, 2, dtype=torch.float64))
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.ones(2, 2), (5, 2)).double()
+    accumulate_grad(p, torch.full((5, 2), 0.5, dtype=torch.float64))
+    assert not p.grad.is_sparse
+    assert p.grad.sum().item() == 5 * 2 * 0.5 + 4
