@@ -193,7 +193,8 @@ def test_a_dense_gradient_adds_to_a_sparse_grad_out_of_place():
     from gradlens.engines._base import accumulate_grad
 
     p = nn.Parameter(torch.zeros(5, 2, dtype=torch.float64))
-    p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.ones(2, 2), (5, 2)).double()
+    rows = torch.tensor([[1, 3]])
+    p.grad = torch.sparse_coo_tensor(rows, torch.ones(2, 2), (5, 2), check_invariants=True).double()
     accumulate_grad(p, torch.full((5, 2), 0.5, dtype=torch.float64))
     assert not p.grad.is_sparse
     assert p.grad.sum().item() == 5 * 2 * 0.5 + 4
