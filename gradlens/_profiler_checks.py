@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from gradlens.snapshot import Snapshot
 
 __all__ = [
+    "UNSCHEDULED",
     "VMAP_ENGINES",
     "ProbeWarnings",
     "check_features",
@@ -36,6 +37,7 @@ __all__ = [
     "grads_kept",
     "no_autocast",
     "open_store",
+    "probe_notes",
     "stack_grams",
     "stack_losses",
     "uncompiled",
@@ -335,6 +337,24 @@ def stack_grams(
     return total, dict(zip(names, stacked.unbind(0))), unreached
 
 
+#: Note of a probe the schedule did not plan (a Gram weighting without held weights forces one):
+#: its forward was not recorded, so the hooked engines served it by their exact generic path.
+UNSCHEDULED = "unscheduled-probe"
+
+
+def probe_notes(notes: Sequence[str], scheduled: bool) -> tuple[str, ...]:
+    """A probe's notes, each once; an unrecorded forward of an unscheduled probe is named as
+    such (the forward ran before anything asked for a probe, not before the profiler existed).
+
+    >>> probe_notes(["forward-not-recorded", "forward-not-recorded"], scheduled=False)
+    ('unscheduled-probe',)
+    """
+    out = dict.fromkeys(notes)
+    if not scheduled and UNRECORDED in out:
+        out = dict.fromkeys(UNSCHEDULED if n == UNRECORDED else n for n in out)
+    return tuple(out)
+
+
 class ProbeWarnings:
     """The warnings a profiler gives after a probe: once per task whose gradient is zero or not
     finite, once per profiler for a probe whose forward its hooks did not see."""
@@ -343,6 +363,7 @@ class ProbeWarnings:
         self.zero: set[str] = set()
         self.nonfinite: set[str] = set()
         self.unrecorded = False
+        self.unscheduled = False
 
     def check(self, snap: Snapshot) -> None:
         """Warn about what ``snap`` shows for the first time (called by the profiler's probe:
@@ -355,6 +376,17 @@ class ProbeWarnings:
                 "the trunk called through .forward()?): the gramian engine served every layer "
                 "by its exact but slower generic path (Snapshot.notes records it). Create the "
                 "Profiler before the first forward.",
+                GradlensWarning,
+                stacklevel=5,
+            )
+        if UNSCHEDULED in snap.notes and not self.unscheduled:
+            self.unscheduled = True
+            warnings.warn(
+                f"a Gram weighting with no weights held yet made step {snap.step} a probe, "
+                "which the schedule (`every`) does not probe: its forward was not recorded, so "
+                "the hooked engine served every layer by its exact but slower generic path "
+                "(Snapshot.notes records it). Probe the step where the weighting starts (e.g. "
+                "every=1 until then) to have the rules serve it.",
                 GradlensWarning,
                 stacklevel=5,
             )

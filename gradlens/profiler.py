@@ -43,6 +43,7 @@ from gradlens._profiler_checks import (
     grads_kept,
     no_autocast,
     open_store,
+    probe_notes,
     stack_grams,
     stack_losses,
     uncompiled,
@@ -493,7 +494,7 @@ class Profiler:
                 losses=dict(zip(self.tasks, L.detach().tolist() if values is None else values)),
                 timings=dict(result.timings),
                 unreached=unreached,
-                notes=tuple(dict.fromkeys([*notes, *result.notes])),
+                notes=probe_notes([*notes, *result.notes], scheduled=bool(self._schedule(step))),
                 **extra,
             )
         self._warnings.check(snap)

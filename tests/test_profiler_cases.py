@@ -256,3 +256,21 @@ def test_a_channels_last_model_gets_grads_laid_out_as_its_parameters(engine):
     for p, g in zip(params, plain):
         assert p.grad.stride() == g.stride() == p.stride()
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+
+
+def test_a_probe_a_weighting_forces_off_schedule_is_named_as_such():
+    """A Gram weighting with no held weights forces a probe at a step the schedule skips: its
+    forward was not recorded (nothing asked for it), so the hooked engine serves it by the
+    exact generic path; the note and the warning say so, not 'created after the forward'."""
+    from gradlens.weightings import make_weighting
+
+    trunk, heads, x, ys = build("mlp", 2)
+    with gl.Profiler(trunk, ["t0", "t1"], engine="gramian", every=4) as prof:
+        assert prof.backward(task_losses(trunk, heads, x, ys)).step == 0
+        losses = task_losses(trunk, heads, x, ys)
+        ref = reference_grams(losses, trunk)
+        with pytest.warns(gl.GradlensWarning, match="made step 1 a probe") as w:
+            snap = prof.backward(losses, make_weighting("mgda", ["t0", "t1"]))
+        assert w[0].filename == __file__
+        assert snap.notes == ("unscheduled-probe",)
+        assert_gram_close(snap.gram, ref.gram, 1e-10)
