@@ -370,25 +370,21 @@ class ProbeWarnings:
         ``stacklevel`` points at the user's ``backward`` or ``observe`` call)."""
         if UNRECORDED in snap.notes and not self.unrecorded:
             self.unrecorded = True
-            warnings.warn(
+            _warn(
                 f"the forward of the probe at step {snap.step} was not seen by the profiler's "
                 "hooks on the shared module (was the Profiler created after the forward, or "
                 "the trunk called through .forward()?): the gramian engine served every layer "
                 "by its exact but slower generic path (Snapshot.notes records it). Create the "
-                "Profiler before the first forward.",
-                GradlensWarning,
-                stacklevel=5,
+                "Profiler before the first forward."
             )
         if UNSCHEDULED in snap.notes and not self.unscheduled:
             self.unscheduled = True
-            warnings.warn(
+            _warn(
                 f"a Gram weighting with no weights held yet made step {snap.step} a probe, "
                 "which the schedule (`every`) does not probe: its forward was not recorded, so "
                 "the hooked engine served every layer by its exact but slower generic path "
                 "(Snapshot.notes records it). Probe the step where the weighting starts (e.g. "
-                "every=1 until then) to have the rules serve it.",
-                GradlensWarning,
-                stacklevel=5,
+                "every=1 until then) to have the rules serve it."
             )
         d = torch.diagonal(snap.gram, dim1=-2, dim2=-1).tolist()
         if all(math.isfinite(x) and x > 0 for x in d):
@@ -397,20 +393,22 @@ class ProbeWarnings:
         bad = [t for t in snap.nonfinite_tasks if t not in self.nonfinite]
         if bad:
             self.nonfinite.update(bad)
-            warnings.warn(
+            _warn(
                 f"tasks {bad} have a non-finite (NaN or infinite) gradient on the shared {what} "
                 f"at step {snap.step}, from finite losses (Snapshot.nonfinite_tasks flags them; "
-                "e.g. sqrt or log at 0 in the loss).",
-                GradlensWarning,
-                stacklevel=5,
+                "e.g. sqrt or log at 0 in the loss)."
             )
         new = [t for t in snap.zero_tasks if t not in self.zero]
         if new:
             self.zero.update(new)
-            warnings.warn(
+            _warn(
                 f"tasks {new} have a zero gradient on the shared {what} at step {snap.step}: "
                 "their cosines are NaN (Snapshot.zero_tasks flags them). Does each of these "
-                "losses depend on the shared part?",
-                GradlensWarning,
-                stacklevel=5,
+                "losses depend on the shared part?"
             )
+
+
+def _warn(message: str) -> None:
+    """A GradlensWarning pointing at the user's ``backward``/``observe`` call (this frame,
+    ``ProbeWarnings.check``, the profiler's probe, its run, the public method, the caller)."""
+    warnings.warn(message, GradlensWarning, stacklevel=6)

@@ -189,32 +189,36 @@ def test_a_forward_set_on_the_instance_is_put_back(tmp_path):
     assert [s.step for s in cb.snapshots] == [0]
 
 
+def _resumable_fit(tmp_path, resume=None, n=24, **kw):
+    """A Trainer run that saves checkpoints, profiled into ``tmp_path / "run"``."""
+    torch.manual_seed(0)
+    cb = GradlensTrainerCallback(TASKS, shared_attr="bert", store=tmp_path / "run")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=3,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="steps",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
+    Trainer(model=TwoTaskBert(), args=args, train_dataset=_data(n), callbacks=[cb]).train(
+        resume_from_checkpoint=resume
+    )
+    return cb
+
+
 def test_a_run_resumed_from_a_checkpoint_continues_the_store(tmp_path):
     """``train(resume_from_checkpoint=...)``: the callback reopens the run directory, drops the
     interrupted run's probes past the checkpoint, and goes on from the checkpoint's step."""
 
     def fit(resume=None, accumulate=1):
-        torch.manual_seed(0)
-        cb = GradlensTrainerCallback(TASKS, shared_attr="bert", store=tmp_path / "run")
-        args = TrainingArguments(
-            output_dir=str(tmp_path / "hf"),
-            max_steps=4,
-            per_device_train_batch_size=3,
-            gradient_accumulation_steps=accumulate,
-            learning_rate=1e-2,
-            report_to="none",
-            use_cpu=True,
-            save_strategy="steps",
-            save_steps=2,
-            logging_strategy="no",
-            disable_tqdm=True,
-            seed=0,
+        return _resumable_fit(
+            tmp_path, resume, max_steps=4, gradient_accumulation_steps=accumulate, save_steps=2
         )
-        trainer = Trainer(
-            model=TwoTaskBert(), args=args, train_dataset=_data(), callbacks=[cb]
-        )
-        trainer.train(resume_from_checkpoint=resume)
-        return cb
 
     fit(accumulate=2)  # 4 optimizer steps of 2 micro-batches: probes 0 to 7
     first = gl.load_run(tmp_path / "run")
@@ -237,26 +241,9 @@ def test_a_resumed_run_counts_the_short_last_accumulation_group_of_an_epoch(tmp_
     at forward 5, not 3 x 2 = 6."""
 
     def fit(resume=None):
-        torch.manual_seed(0)
-        cb = GradlensTrainerCallback(TASKS, shared_attr="bert", store=tmp_path / "run")
-        args = TrainingArguments(
-            output_dir=str(tmp_path / "hf"),
-            num_train_epochs=2,
-            per_device_train_batch_size=3,
-            gradient_accumulation_steps=2,
-            learning_rate=1e-2,
-            report_to="none",
-            use_cpu=True,
-            save_strategy="steps",
-            save_steps=3,
-            logging_strategy="no",
-            disable_tqdm=True,
-            seed=0,
+        return _resumable_fit(
+            tmp_path, resume, 15, num_train_epochs=2, gradient_accumulation_steps=2, save_steps=3
         )
-        Trainer(model=TwoTaskBert(), args=args, train_dataset=_data(15), callbacks=[cb]).train(
-            resume_from_checkpoint=resume
-        )
-        return cb
 
     fit()
     assert gl.load_run(tmp_path / "run").probed_steps.tolist() == list(range(10))
