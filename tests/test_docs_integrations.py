@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_page_has_its_examples():
-    assert len(BLOCKS) == 7
+    assert len(BLOCKS) == 8
 
 
 def _params() -> list:
@@ -44,6 +44,8 @@ def test_example_runs(index, tmp_path, monkeypatch, capsys):
         assert "0 0" in out  # nothing dropped
     if "GradlensTrainerCallback" in code:
         assert "[0, 2, 4]" in out
+    if "load_state_dict" in code:
+        assert "[0, 2, 4, 6, 8]" in out
     if "ACCUM" in code:
         assert "[(0, 0), (4, 2), (8, 4)]" in out
     if "late.rules" in code:
