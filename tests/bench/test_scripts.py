@@ -45,6 +45,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
         "aten::",
     ),
     "second_stage.py": (["bert", "3", "1"], "gramian"),
+    "unprobed_step.py": (["--models", "mlp-tiny", "--steps", "2"], "unprobed step"),
     "zoo_table.py": ([str(BENCH / "results" / "cpu_zoo_exact_engines.json")], "MobileNetV2"),
 }
 SKIPPED = {"held_weights.py"}
