@@ -66,23 +66,28 @@ def _data(n: int = 24) -> list[dict[str, torch.Tensor]]:
     ]
 
 
+def _args(tmp_path, **kw):
+    """Training arguments of these tests: CPU, quiet, seeded; ``kw`` adds or overrides."""
+    base = {
+        "max_steps": 4,
+        "per_device_train_batch_size": 6,
+        "learning_rate": 1e-2,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    return TrainingArguments(output_dir=str(tmp_path / "hf"), **{**base, **kw})
+
+
 def _fit(tmp_path, callbacks=(), returns="dict", **kw):
     torch.manual_seed(0)
     model = TwoTaskBert(returns)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"),
-        max_steps=4,
-        per_device_train_batch_size=6,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        **kw,
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, **kw), train_dataset=_data(), callbacks=list(callbacks)
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_data(), callbacks=list(callbacks))
     trainer.train()
     return model
 
@@ -193,18 +198,7 @@ def _resumable_fit(tmp_path, resume=None, n=24, **kw):
     """A Trainer run that saves checkpoints, profiled into ``tmp_path / "run"``."""
     torch.manual_seed(0)
     cb = GradlensTrainerCallback(TASKS, shared_attr="bert", store=tmp_path / "run")
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"),
-        per_device_train_batch_size=3,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="steps",
-        logging_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        **kw,
-    )
+    args = _args(tmp_path, per_device_train_batch_size=3, save_strategy="steps", **kw)
     Trainer(model=TwoTaskBert(), args=args, train_dataset=_data(n), callbacks=[cb]).train(
         resume_from_checkpoint=resume
     )
@@ -242,7 +236,8 @@ def test_a_resumed_run_counts_the_short_last_accumulation_group_of_an_epoch(tmp_
 
     def fit(resume=None):
         return _resumable_fit(
-            tmp_path, resume, 15, num_train_epochs=2, gradient_accumulation_steps=2, save_steps=3
+            tmp_path, resume, 15, max_steps=-1, num_train_epochs=2, gradient_accumulation_steps=2,
+            save_steps=3,
         )
 
     fit()
