@@ -236,6 +236,31 @@ class GraphIndex:
         _DERIVED[full] = got
         return got
 
+    def types_below(self, nodes: Sequence[Node]) -> frozenset[str]:
+        """The type names of ``nodes`` and of every node they reach (computed once per
+        signature and positions, see :meth:`memo`).
+
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> y = torch.relu(x * 2)
+        >>> g = GraphIndex.build(torch.stack([y.sum()]))
+        >>> sorted(g.types_below([y.grad_fn]))
+        ['AccumulateGrad', 'MulBackward0', 'ReluBackward0']
+        """
+        pos = self.pos
+        start = tuple(sorted({pos[n] for n in nodes if n in pos}))
+        return self.memo(("types-below", start), lambda: self._types_below(start))
+
+    def _types_below(self, start: tuple[int, ...]) -> frozenset[str]:
+        edges, types = self.edges, self.types
+        seen = set(start)
+        todo = list(start)
+        while todo:
+            for j, _ in edges[todo.pop()]:
+                if j not in seen:
+                    seen.add(j)
+                    todo.append(j)
+        return frozenset(types[i].__name__ for i in seen)
+
     def sparse_leaves(self) -> set[int]:
         """Ids of the leaves whose gradient autograd makes sparse (the weight of an
         ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True``).

@@ -46,7 +46,7 @@ from gradlens.engines._base import (
     looped_grad_from,
     per_task_grad,
 )
-from gradlens.engines._batching import vmapped_grad_from
+from gradlens.engines._batching import LEGACY_FAST, SDPA_NODE, vmapped_grad_from
 from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import segmented
@@ -435,7 +435,11 @@ class GramianEngine(Engine):
             for x in inputs
         ]
         note = lambda: setattr(self, "last_looped", True)  # noqa: E731  # a segment looped
-        vmapped = _vmapped(shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", note)
+        below = graph.types_below([e.node for e in edges])  # the second stage's node types
+        vmapped = _vmapped(
+            shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", note,
+            legacy=below <= LEGACY_FAST, rules=SDPA_NODE in below,
+        )  # fmt: skip
         fast = ctx.losses.device.type == "cpu" and not _reduced(ctx, rule_layers)
         backward: Callable[..., Sequence[torch.Tensor | None]] = (
             looped_grad_from if looped else vmapped if fast else batched_grad_from
@@ -554,10 +558,15 @@ def _vmapped(
     budget: int,
     forced: bool,
     looped: Callable[[], None],
+    legacy: bool = False,
+    rules: bool = True,
 ) -> Callable[..., Sequence[torch.Tensor | None]]:
     """The CPU second stage's backward of a segment: vmapped over as many tasks at a time as keep
     its per-task blocks (targets', top cotangents') within half the budget; per task where a
-    target's per-task block exceeds :data:`LOOP_ABOVE`, unless ``forced`` (noted by ``looped``)."""
+    target's per-task block exceeds :data:`LOOP_ABOVE`, unless ``forced`` (noted by ``looped``).
+    ``legacy``, ``rules``: as :func:`~gradlens.engines._batching.vmapped_grad_from`'s (the
+    second stage's graph holds only :data:`~gradlens.engines._batching.LEGACY_FAST` node types;
+    it holds a CPU attention backward)."""
 
     def backward(
         tops: Sequence[GradientEdge],
@@ -574,7 +583,7 @@ def _vmapped(
             return looped_grad_from(tops, cots, targets, keep)
         per_task = sum(blocks) + sum(c[0].numel() * c.element_size() for c in cots)
         chunk = max(1, budget // max(1, 2 * per_task))
-        return vmapped_grad_from(tops, cots, targets, keep, chunk)
+        return vmapped_grad_from(tops, cots, targets, keep, chunk, legacy=legacy, rules=rules)
 
     return backward
 

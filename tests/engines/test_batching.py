@@ -8,7 +8,12 @@ import torch
 from torch.autograd.graph import get_gradient_edge
 from torch.nn import functional as F
 
-from gradlens.engines._batching import _SDPA_CPU_BACKWARD, batching_rules, vmapped_grad_from
+from gradlens.engines._batching import (
+    _SDPA_CPU_BACKWARD,
+    LEGACY_FAST,
+    batching_rules,
+    vmapped_grad_from,
+)
 
 B, H, S, E, T = 2, 2, 5, 4, 3
 
@@ -107,3 +112,73 @@ def test_without_the_rule_vmap_falls_back_exactly_and_quietly(monkeypatch):
     finally:
         torch._C._functorch._set_vmap_fallback_warning_enabled(False)
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+
+
+# -- autograd's own (legacy) batching for graphs of LEGACY_FAST node types ----------------------
+
+
+def _legacy_graph(x: torch.Tensor, lin: torch.nn.Linear, w2: torch.Tensor) -> torch.Tensor:
+    """A graph of every LEGACY_FAST node type: Linear with a bias (addmm, t) and on a 3-d input
+    without one (mm, unsafe view), ReLU, sigmoid, add, mul, views."""
+    h = torch.relu(lin(x)).view(-1, 2, 4)
+    return h + torch.sigmoid(F.linear(h, w2)) * h
+
+
+def _types(out: torch.Tensor) -> set[str]:
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [n for n, _ in fn.next_functions]
+    return {type(fn).__name__ for fn in seen}
+
+
+def _fallbacks(out: torch.Tensor, inputs: list[torch.Tensor]) -> list[str]:
+    """The legacy vmap's slow-path notices (a loop over tasks for an op it has no batching rule
+    for) in one ``is_grads_batched`` backward of ``out`` (shown only under a debug switch)."""
+    import warnings
+
+    cot = torch.ones(T, *out.shape, dtype=out.dtype)
+    torch._C._debug_only_display_vmap_fallback_warnings(True)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.autograd.grad(out, inputs, cot, is_grads_batched=True, retain_graph=True)
+    finally:
+        torch._C._debug_only_display_vmap_fallback_warnings(False)
+    return [str(w.message) for w in seen if "performance drop" in str(w.message)]
+
+
+def test_every_legacy_fast_type_has_a_legacy_batching_rule():
+    lin = torch.nn.Linear(6, 4).double()
+    x = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    out = _legacy_graph(x, lin, w2)
+    assert _types(out) == LEGACY_FAST  # the graph holds every listed type
+    assert _fallbacks(out, [x, lin.weight, lin.bias, w2]) == []
+    # the check can fail: GELU, left out of LEGACY_FAST, has no legacy batching rule
+    assert "GeluBackward0" not in LEGACY_FAST
+    assert len(_fallbacks(F.gelu(out), [x])) == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 2, None])
+def test_legacy_batching_matches_one_backward_per_task(chunk):
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(6, 4).double()
+    x = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    out = _legacy_graph(x, lin, w2)
+    cot = torch.randn(T, *out.shape, dtype=torch.float64)
+    want = _per_task(out, cot, [x, lin.weight, lin.bias, w2])
+    got = vmapped_grad_from(
+        [get_gradient_edge(out)], [cot], [x, lin.weight, lin.bias, w2, unused],
+        retain_graph=False, chunk=chunk, legacy=True, rules=False,
+    )  # fmt: skip
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        assert g.is_contiguous()
+    assert got[4] is None
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(out, x, cot[0])  # the last chunk freed the graph, as asked

@@ -79,10 +79,10 @@ def test_one_backward_per_layer_and_blocks_freed_on_the_way(monkeypatch, n_tasks
     blocks: list[weakref.ref] = []
     inner = gramian_mod.vmapped_grad_from
 
-    def spy(outputs, cotangents, inputs, *rest):
+    def spy(outputs, cotangents, inputs, *rest, **kw):
         asked.append(len(inputs))
         alive.append(sum(r() is not None for r in blocks))
-        got = inner(outputs, cotangents, inputs, *rest)
+        got = inner(outputs, cotangents, inputs, *rest, **kw)
         blocks.extend(weakref.ref(g) for g in got if g is not None)
         return got
 
@@ -112,9 +112,9 @@ def test_small_blocks_share_one_backward(monkeypatch):
     asked: list[int] = []
     inner = gramian_mod.vmapped_grad_from
 
-    def spy(outputs, cotangents, inputs, *rest):
+    def spy(outputs, cotangents, inputs, *rest, **kw):
         asked.append(len(inputs))
-        return inner(outputs, cotangents, inputs, *rest)
+        return inner(outputs, cotangents, inputs, *rest, **kw)
 
     monkeypatch.setattr(gramian_mod, "vmapped_grad_from", spy)
     names = ["t0", "t1", "t2"]
@@ -125,6 +125,52 @@ def test_small_blocks_share_one_backward(monkeypatch):
         snap = prof.backward(losses)
     assert_gram_close(snap.gram, ref.gram, 1e-10)
     assert asked == [3]
+
+
+@pytest.mark.parametrize(
+    ("act", "legacy", "rules"),
+    [
+        (nn.ReLU, True, False),  # only LEGACY_FAST types: autograd's own batching
+        (nn.GELU, False, False),  # no legacy batching rule for GELU: torch.func.vmap
+        (lambda: _Attention(8), False, True),  # a CPU attention backward: its rule registered
+    ],
+)
+def test_the_second_stage_picks_its_batching_by_the_graph(monkeypatch, act, legacy, rules):
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(6, 8), act(), nn.Linear(8, 8), nn.ReLU()).double()
+    heads = nn.ModuleList([nn.Linear(8, 1).double() for _ in range(3)])
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    seen: list[tuple[bool, bool]] = []
+    inner = gramian_mod.vmapped_grad_from
+
+    def spy(*args, legacy=False, rules=True, **kw):
+        seen.append((legacy, rules))
+        return inner(*args, legacy=legacy, rules=rules, **kw)
+
+    monkeypatch.setattr(gramian_mod, "vmapped_grad_from", spy)
+    names = ["t0", "t1", "t2"]
+    with gl.Profiler(trunk, tasks=names, engine="gramian") as prof:
+        for _ in range(2):  # the second probe: the facts come from the signature's memo
+            z = trunk(x)
+            losses = {t: h(z).pow(2).mean() * (i + 1) for i, (t, h) in enumerate(zip(names, heads))}
+            ref = reference_grams(losses, trunk)
+            snap = prof.backward(losses)
+            assert_gram_close(snap.gram, ref.gram, 1e-10)
+            for layer, g in ref.layer_grams.items():
+                assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+    assert seen == [(legacy, rules)] * 2
+
+
+class _Attention(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, d // 2).permute(2, 0, 3, 1, 4)  # 2 heads
+        out = nn.functional.scaled_dot_product_attention(q, k, v)  # the fused CPU kernel
+        return out.transpose(1, 2).reshape(b, n, d)
 
 
 # -- the graph index's dominator plan against the descendants-per-candidate reference ----------
