@@ -595,7 +595,11 @@ def _block_numel(rule_layers: Mapping[str, list[_Record]], generic: list[torch.T
 
 
 def _param(module: nn.Module, name: str) -> torch.Tensor:
-    p = getattr(module, name)
+    """``module.<name>``: a registered parameter read from ``_parameters`` directly (the
+    attribute lookup goes through ``nn.Module.__getattr__``, per layer and probe)."""
+    p = module._parameters.get(name)
+    if p is None:
+        p = getattr(module, name)
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"internal: {type(module).__name__}.{name} is not a tensor")
     return p
