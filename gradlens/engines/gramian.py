@@ -436,10 +436,9 @@ class GramianEngine(Engine):
         ]
         note = lambda: setattr(self, "last_looped", True)  # noqa: E731  # a segment looped
         below = graph.types_below([e.node for e in edges])  # the second stage's node types
-        vmapped = _vmapped(
-            shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", note,
-            legacy=below <= LEGACY_FAST, rules=SDPA_NODE in below,
-        )  # fmt: skip
+        legacy, rules = below <= LEGACY_FAST, SDPA_NODE in below
+        vmapped = _vmapped(shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", note,
+                           legacy, rules)  # fmt: skip
         fast = ctx.losses.device.type == "cpu" and not _reduced(ctx, rule_layers)
         backward: Callable[..., Sequence[torch.Tensor | None]] = (
             looped_grad_from if looped else vmapped if fast else batched_grad_from
@@ -595,8 +594,7 @@ def _block_numel(rule_layers: Mapping[str, list[_Record]], generic: list[torch.T
 
 
 def _param(module: nn.Module, name: str) -> torch.Tensor:
-    """``module.<name>``: a registered parameter read from ``_parameters`` directly (the
-    attribute lookup goes through ``nn.Module.__getattr__``, per layer and probe)."""
+    """``module.<name>``, from ``_parameters`` when registered (skips ``Module.__getattr__``)."""
     p = module._parameters.get(name)
     if p is None:
         p = getattr(module, name)

@@ -1,0 +1,139 @@
+"""The gramian second stage under autograd's own batching against ``torch.func.vmap``.
+
+A trunk whose graph holds only the node types of
+:data:`gradlens.engines._batching.LEGACY_FAST` (Linear, ReLU, add, mul, sigmoid, views) runs its
+second stage under autograd's own (legacy) batching, ``is_grads_batched=True``; any other under
+``torch.func.vmap``. This script measures both on the host-time MLP of ``host_time.py`` (16
+Linear layers of width 64 with ReLU, batch 16, T linear heads; CPU, one thread, thread CPU
+time):
+
+- ``second stage alone``: the batched backward of T cotangents from the trunk's output to every
+  Linear output, each way, interleaved over ``--repeats`` rounds (medians);
+- ``probe``: a gramian probe as it is, against the same probe with the legacy route switched
+  off (``LEGACY_FAST`` emptied and the attention rule's registration forced, the code before),
+  and a plain step, interleaved in one process; the paired ratios (the median over rounds of
+  the per-round ratio).
+
+    python benchmarks/legacy_batching.py --tasks 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+import gradlens as gl
+from gradlens.engines import gramian
+from gradlens.engines._batching import vmapped_grad_from
+
+LAYERS, WIDTH, BATCH = 16, 64, 16
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=300)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    T = args.tasks
+    mods: list[nn.Module] = []
+    for _ in range(LAYERS):
+        mods += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
+    trunk = nn.Sequential(*mods)
+    heads = nn.ModuleList([nn.Linear(WIDTH, 1) for _ in range(T)])
+    x, y = torch.randn(BATCH, WIDTH), torch.randn(T, BATCH)
+    tasks = [f"t{i}" for i in range(T)]
+    wt = torch.full((T,), 1.0 / T)
+
+    def losses() -> dict[str, torch.Tensor]:
+        z = trunk(x)
+        pairs = enumerate(zip(tasks, heads))
+        return {t: ((h(z).squeeze(1) - y[i]) ** 2).mean() for i, (t, h) in pairs}
+
+    # the second stage alone
+    edges: list[object] = []
+    hooks = [
+        m.register_forward_hook(lambda m_, a, out: edges.append(get_gradient_edge(out)))
+        for m in mods
+        if isinstance(m, nn.Linear)
+    ]
+
+    def stage(legacy: bool) -> Callable[[], None]:
+        def run() -> None:
+            edges.clear()
+            z = trunk(x)
+            cot = torch.ones(T, *z.shape)
+            vmapped_grad_from(
+                [get_gradient_edge(z)], [cot], list(edges), False, legacy=legacy, rules=not legacy
+            )
+
+        return run
+
+    def forward() -> None:
+        edges.clear()
+        trunk(x)
+
+    alone = _interleaved(
+        {"forward": forward, "legacy": stage(True), "func.vmap": stage(False)}, args.repeats
+    )
+    for h in hooks:
+        h.remove()
+    fwd = statistics.median(alone["forward"])
+    print(f"16 x Linear({WIDTH}), batch {BATCH}, T = {T}, CPU, 1 thread, thread CPU time")
+    for name in ("legacy", "func.vmap"):
+        med = statistics.median(alone[name]) - fwd
+        print(f"  second stage alone, {name:<9} {med * 1e3:6.3f} ms (forward subtracted)")
+
+    prof = gl.Profiler(trunk, tasks, engine="gramian")
+    fast, sdpa = gramian.LEGACY_FAST, gramian.SDPA_NODE
+
+    def probe(now: bool) -> Callable[[], None]:
+        def run() -> None:
+            # the code before: no legacy route, the attention rule registered at every probe
+            gramian.LEGACY_FAST = fast if now else frozenset()
+            gramian.SDPA_NODE = sdpa if now else "AccumulateGrad"  # (a type every graph holds)
+            try:
+                prof.backward(losses())
+            finally:
+                gramian.LEGACY_FAST, gramian.SDPA_NODE = fast, sdpa
+
+        return run
+
+    def plain() -> None:
+        (wt @ torch.stack(list(losses().values()))).backward()
+
+    got = _interleaved({"plain": plain, "before": probe(False), "now": probe(True)}, args.repeats)
+    prof.close()
+    base = got["plain"]
+    for name in ("before", "now"):
+        paired = statistics.median(a / b for a, b in zip(got[name], base))
+        print(f"  probe, {name:<6} {statistics.median(got[name]) * 1e3:6.3f} ms, "
+              f"{paired:.3f}x plain (paired)")
+    ratio = statistics.median(a / b for a, b in zip(got["now"], got["before"]))
+    print(f"  probe now / before (paired): {ratio:.3f}x")
+
+
+def _interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Each function timed once per round, in alternating order, after 5 untimed rounds."""
+    for f in fns.values():
+        for _ in range(5):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    items = list(fns.items())
+    for r in range(repeats):
+        for name, f in items if r % 2 else items[::-1]:
+            t0 = time.thread_time()
+            f()
+            times[name].append(time.thread_time() - t0)
+    return times
+
+
+if __name__ == "__main__":
+    main()
