@@ -1,20 +1,22 @@
 """The gramian second stage under autograd's own batching against ``torch.func.vmap``.
 
 A trunk whose graph holds only the node types of
-:data:`gradlens.engines._batching.LEGACY_FAST` (Linear, ReLU, add, mul, sigmoid, views) runs its
-second stage under autograd's own (legacy) batching, ``is_grads_batched=True``; any other under
-``torch.func.vmap``. This script measures both on the host-time MLP of ``host_time.py`` (16
-Linear layers of width 64 with ReLU, batch 16, T linear heads; CPU, one thread, thread CPU
-time):
+:data:`gradlens.engines._batching.LEGACY_FAST` (Linear, ReLU, add, mul, sigmoid, views, and the
+types of the zoo's transformer trunks without a convolution) runs its second stage under
+autograd's own (legacy) batching, ``is_grads_batched=True``; any other under
+``torch.func.vmap``. CPU, one thread, thread CPU time:
 
-- ``second stage alone``: the batched backward of T cotangents from the trunk's output to every
-  Linear output, each way, interleaved over ``--repeats`` rounds (medians);
-- ``probe``: a gramian probe as it is, against the same probe with the legacy route switched
-  off (``LEGACY_FAST`` emptied and the attention rule's registration forced, the code before),
-  and a plain step, interleaved in one process; the paired ratios (the median over rounds of
-  the per-round ratio).
+- on the host-time MLP of ``host_time.py`` (16 Linear layers of width 64 with ReLU, batch 16,
+  T linear heads): ``second stage alone``, the batched backward of T cotangents from the trunk's
+  output to every Linear output, each way, interleaved over ``--repeats`` rounds (medians);
+- on it and on each ``--models`` trunk of ``gradlens bench --zoo`` (batch 4): a gramian probe
+  as it is (``now``), the same probe with the legacy route switched off (``before``:
+  ``LEGACY_FAST`` emptied and the attention rule registered at every probe, the code before),
+  the ``batched`` engine's probe and a plain step, interleaved in one process; paired ratios
+  (the median over rounds of the per-round ratio).
 
     python benchmarks/legacy_batching.py --tasks 8
+    python benchmarks/legacy_batching.py --tasks 3 --models bert,gpt2,t5-encoder,vit --repeats 40
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 import gradlens as gl
+from gradlens.bench._setup import _Setup
 from gradlens.engines import gramian
 from gradlens.engines._batching import vmapped_grad_from
 
@@ -39,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--models", default="", help="zoo trunks, comma-separated (default: none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -91,7 +95,34 @@ def main() -> None:
         med = statistics.median(alone[name]) - fwd
         print(f"  second stage alone, {name:<9} {med * 1e3:6.3f} ms (forward subtracted)")
 
+    def plain() -> None:
+        (wt @ torch.stack(list(losses().values()))).backward()
+
+    _probes("mlp16", trunk, tasks, losses, plain, args.repeats)
+    for name in filter(None, args.models.split(",")):
+        setup = _Setup(name, T, 4)
+
+        def zoo_losses(setup: _Setup = setup) -> dict[str, torch.Tensor]:
+            setup.zero()
+            return setup.losses()[0]
+
+        def zoo_plain(setup: _Setup = setup) -> None:
+            (setup.wt @ torch.stack(list(zoo_losses().values()))).backward()
+
+        _probes(name, setup.trunk, setup.tasks, zoo_losses, zoo_plain, args.repeats)
+
+
+def _probes(
+    name: str,
+    trunk: nn.Module,
+    tasks: list[str],
+    losses: Callable[[], dict[str, torch.Tensor]],
+    plain: Callable[[], None],
+    repeats: int,
+) -> None:
+    """A gramian probe now and before, and the batched engine's, against a plain step."""
     prof = gl.Profiler(trunk, tasks, engine="gramian")
+    batched = gl.Profiler(trunk, tasks, engine="batched")
     fast, sdpa = gramian.LEGACY_FAST, gramian.SDPA_NODE
 
     def probe(now: bool) -> Callable[[], None]:
@@ -106,18 +137,21 @@ def main() -> None:
 
         return run
 
-    def plain() -> None:
-        (wt @ torch.stack(list(losses().values()))).backward()
-
-    got = _interleaved({"plain": plain, "before": probe(False), "now": probe(True)}, args.repeats)
+    fns = {
+        "plain": plain, "before": probe(False), "now": probe(True),
+        "batched": lambda: batched.backward(losses()),
+    }  # fmt: skip
+    got = _interleaved(fns, repeats)
     prof.close()
+    batched.close()
     base = got["plain"]
-    for name in ("before", "now"):
-        paired = statistics.median(a / b for a, b in zip(got[name], base))
-        print(f"  probe, {name:<6} {statistics.median(got[name]) * 1e3:6.3f} ms, "
-              f"{paired:.3f}x plain (paired)")
-    ratio = statistics.median(a / b for a, b in zip(got["now"], got["before"]))
-    print(f"  probe now / before (paired): {ratio:.3f}x")
+    print(f"{name}: T = {len(tasks)}, plain {statistics.median(base) * 1e3:.2f} ms")
+    for k in ("before", "now", "batched"):
+        paired = statistics.median(a / b for a, b in zip(got[k], base))
+        print(f"  {k:<8} {statistics.median(got[k]) * 1e3:7.2f} ms, {paired:.3f}x plain (paired)")
+    for k in ("before", "batched"):
+        ratio = statistics.median(a / b for a, b in zip(got["now"], got[k]))
+        print(f"  gramian now / {k} (paired): {ratio:.3f}x")
 
 
 def _interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:

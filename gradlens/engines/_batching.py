@@ -44,22 +44,50 @@ from gradlens.engines._base import quiet_vmap
 
 __all__ = ["LEGACY_FAST", "batching_rules", "vmapped_grad_from"]
 
-#: Autograd node types for which torch's legacy vmap (``is_grads_batched=True``) has a batching
-#: rule that is faster than ``torch.func.vmap``'s on CPU (measured one op at a time, 16 x 64,
-#: T = 8: Linear 121 us against 152, ReLU 158 against 187, add, mul, sigmoid, views alike; GELU
-#: 332 against 207, tanh, SiLU, leaky ReLU and layer norm level or slower: left out). A second
-#: stage whose graph holds only these runs under it (see :func:`vmapped_grad_from`).
+#: Autograd node types of the second stages that run faster under torch's legacy vmap
+#: (``autograd.grad(..., is_grads_batched=True)``) than under ``torch.func.vmap`` on CPU, measured
+#: graph by graph (``benchmarks/legacy_batching.py``, one thread): Linear, ReLU, add, mul,
+#: sigmoid and views each have a legacy batching rule that costs less than functorch's (one op at
+#: a time, 16 x 64, T = 8: Linear 121 us against 152, ReLU 158 against 187); the other types are
+#: those of the ``gradlens bench --zoo`` transformer trunks without a convolution (BERT, GPT-2,
+#: T5 encoder: layer norm, GELU, attention, embedding, softmax, ...), whose whole second stage
+#: ran faster under the legacy vmap though it loops over the tasks inside some of these nodes
+#: (e.g. GELU alone: 332 us against 207): functorch's per-node cost dominates at their sizes.
+#: Convolution and batch norm are left out: the trunks holding them (ResNet, ConvNeXt,
+#: MobileNetV2, ViT's patch embedding) ran as fast or faster under ``torch.func.vmap``. A second
+#: stage whose graph holds only these types runs under the legacy vmap (see
+#: :func:`vmapped_grad_from`); an unlisted type keeps ``torch.func.vmap``.
 LEGACY_FAST = frozenset(
     {
         "AccumulateGrad",
         "AddBackward0",
         "AddmmBackward0",
+        "BmmBackward0",
+        "CatBackward0",
+        "CloneBackward0",
+        "EmbeddingBackward0",
+        "ExpandBackward0",
+        "GeluBackward0",
+        "MeanBackward1",
         "MmBackward0",
         "MulBackward0",
+        "MulBackward1",
+        "NativeLayerNormBackward0",
+        "PermuteBackward0",
+        "PowBackward0",
         "ReluBackward0",
+        "ReshapeAliasBackward0",
+        "RsqrtBackward0",
+        "SafeSoftmaxBackward0",
+        "ScaledDotProductFlashAttentionForCpuBackward0",
+        "SelectBackward0",
         "SigmoidBackward0",
+        "SplitBackward0",
         "TBackward0",
+        "TanhBackward0",
+        "TransposeBackward0",
         "UnsafeViewBackward0",
+        "UnsqueezeBackward0",
         "ViewBackward0",
     }
 )
@@ -211,11 +239,10 @@ def vmapped_grad_from(
     (T, ...), None where no task reaches an input.
 
     ``legacy``: the backward of each chunk runs under autograd's own batching
-    (``is_grads_batched=True``, torch's legacy vmap) instead: for a graph of only the node
-    types in :data:`LEGACY_FAST` it has a batching rule for every node and costs less per node
-    (16 Linear + ReLU layers of width 64, batch 16, T = 8: 0.54 ms against 0.76 ms;
-    ``benchmarks/host_time.py``). ``rules``: register :func:`batching_rules` for the call
-    (needless when the graph holds no CPU attention backward: each registration costs ~40 us).
+    (``is_grads_batched=True``, torch's legacy vmap) instead, which costs less for a graph of
+    only the node types in :data:`LEGACY_FAST`; exact either way (where it has no batching rule
+    it loops over the tasks). ``rules``: register :func:`batching_rules` for the call (needless
+    when the graph holds no CPU attention backward: each registration costs ~40 us).
     """
     T = cotangents[0].shape[0]
     step = T if chunk is None else max(1, min(chunk, T))

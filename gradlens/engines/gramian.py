@@ -436,7 +436,8 @@ class GramianEngine(Engine):
         ]
         note = lambda: setattr(self, "last_looped", True)  # noqa: E731  # a segment looped
         below = graph.types_below([e.node for e in edges])  # the second stage's node types
-        legacy, rules = below <= LEGACY_FAST, SDPA_NODE in below
+        legacy = below <= LEGACY_FAST
+        rules = not legacy and SDPA_NODE in below
         vmapped = _vmapped(shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", note,
                            legacy, rules)  # fmt: skip
         fast = ctx.losses.device.type == "cpu" and not _reduced(ctx, rule_layers)
@@ -564,8 +565,7 @@ def _vmapped(
     its per-task blocks (targets', top cotangents') within half the budget; per task where a
     target's per-task block exceeds :data:`LOOP_ABOVE`, unless ``forced`` (noted by ``looped``).
     ``legacy``, ``rules``: as :func:`~gradlens.engines._batching.vmapped_grad_from`'s (the
-    second stage's graph holds only :data:`~gradlens.engines._batching.LEGACY_FAST` node types;
-    it holds a CPU attention backward)."""
+    graph holds only ``LEGACY_FAST`` node types; it holds a CPU attention backward)."""
 
     def backward(
         tops: Sequence[GradientEdge],

@@ -34,7 +34,9 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "bench_store.py": (["--steps", "40", "--flush-every", "10"], "load average"),
     "host_time.py": (["--repeats", "2", "--tasks", "3"], "gramian probe"),
     "layer_weighting_time.py": (["--models", "mlp-tiny", "--tasks", "3"], "upgrad"),
-    "legacy_batching.py": (["--tasks", "3", "--repeats", "2"], "now / before"),
+    "legacy_batching.py": (
+        ["--tasks", "3", "--repeats", "2", "--models", "mlp-tiny"], "gramian now / batched"
+    ),
     "mha_rule.py": (["--probes", "3", "--reps", "1"], "rule/plain"),
     "page_faults.py": ([], "reused buffer"),
     "probe_phases.py": (

@@ -131,8 +131,11 @@ def test_small_blocks_share_one_backward(monkeypatch):
     ("act", "legacy", "rules"),
     [
         (nn.ReLU, True, False),  # only LEGACY_FAST types: autograd's own batching
-        (nn.GELU, False, False),  # no legacy batching rule for GELU: torch.func.vmap
-        (lambda: _Attention(8), False, True),  # a CPU attention backward: its rule registered
+        (nn.GELU, True, False),  # as in the transformer trunks: autograd's own batching
+        (lambda: _Attention(8), True, False),  # attention under it: no rule to register
+        (nn.SiLU, False, False),  # an unlisted type: torch.func.vmap
+        (lambda: nn.Sequential(_Attention(8), nn.SiLU()), False, True),  # ... and its rule
+        (lambda: _Conv(8), False, False),  # a convolution: torch.func.vmap
     ],
 )
 def test_the_second_stage_picks_its_batching_by_the_graph(monkeypatch, act, legacy, rules):
@@ -161,6 +164,15 @@ def test_the_second_stage_picks_its_batching_by_the_graph(monkeypatch, act, lega
     assert seen == [(legacy, rules)] * 2
 
 
+class _Conv(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(d, d, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
 class _Attention(nn.Module):
     def __init__(self, d: int) -> None:
         super().__init__()
@@ -168,7 +180,8 @@ class _Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, 2, d // 2).permute(2, 0, 3, 1, 4)  # 2 heads
+        qkv = self.qkv(x).view(b, n, 3, 2, d // 2).permute(2, 0, 3, 1, 4)  # 2 heads
+        q, k, v = qkv[0], qkv[1], qkv[2]
         out = nn.functional.scaled_dot_product_attention(q, k, v)  # the fused CPU kernel
         return out.transpose(1, 2).reshape(b, n, d)
 
