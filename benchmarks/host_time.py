@@ -172,7 +172,7 @@ def breakdown(make: Callable[[], gl.Profiler], losses: Callable[[], dict], n: in
     """Where a gramian probe's CPU time goes: steps timed by wrapping them (thread CPU time,
     no profiler overhead; nested steps are included in their callers)."""
     from gradlens import profiler
-    from gradlens.engines import _graph, _segments, gramian
+    from gradlens.engines import _batching, _graph, _segments, gramian
     from gradlens.engines.rules import _groups
 
     spent: dict[str, float] = defaultdict(float)
@@ -196,7 +196,7 @@ def breakdown(make: Callable[[], gl.Profiler], losses: Callable[[], dict], n: in
     timed(profiler, "check_finite", "profiler: the losses read on the host (check_finite)")
     timed(profiler, "stack_grams", "profiler: per-layer Grams stacked (stack_grams)")
     timed(gramian, "capture_rows", "first stage: weighted backward through the heads")
-    timed(gramian, "vmapped_grad_from", "second stage: vmapped backward through the trunk")
+    timed(_batching, "vmapped_grad_from", "second stage: batched backward through the trunk")
     timed(_groups, "linear_group_stacked", "Linear rule, grouped layers (Grams, weighted grads)")
     timed(gramian, "accumulate_grads", "writing .grad of the shared layers")
     timed(profiler, "Snapshot", "Snapshot")

@@ -33,16 +33,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
 from torch.autograd.graph import GradientEdge
 
-from gradlens.engines._base import quiet_vmap
+from gradlens.engines._base import looped_grad_from, quiet_vmap
 
-__all__ = ["LEGACY_FAST", "batching_rules", "vmapped_grad_from"]
+__all__ = ["LEGACY_FAST", "batching_rules", "segment_backward", "vmapped_grad_from"]
 
 #: Autograd node types of the second stages that run faster under torch's legacy vmap
 #: (``autograd.grad(..., is_grads_batched=True)``) than under ``torch.func.vmap`` on CPU, measured
@@ -285,3 +285,40 @@ def vmapped_grad_from(
     # a vmapped dimension comes back where the batching rules left it (often not in front):
     # the rules that read these blocks want them laid out task by task
     return [None if u else g.contiguous() for u, g in zip(unused, got)]
+
+
+def segment_backward(
+    shape_of: Mapping[GradientEdge, torch.Size],
+    itemsize: int,
+    budget: int,
+    forced: bool,
+    looped: Callable[[], None],
+    *,
+    loop_above: int,
+    legacy: bool = False,
+    rules: bool = True,
+) -> Callable[..., Sequence[torch.Tensor | None]]:
+    """The ``gramian`` engine's CPU second stage's backward of a segment: vmapped over as many
+    tasks at a time as keep its per-task blocks (targets', top cotangents') within half the
+    ``budget``; per task where a target's per-task block exceeds ``loop_above`` bytes, unless
+    ``forced`` (noted by ``looped``). ``legacy``, ``rules``: as :func:`vmapped_grad_from`'s (the
+    graph holds only :data:`LEGACY_FAST` node types; it holds a CPU attention backward)."""
+
+    def backward(
+        tops: Sequence[GradientEdge],
+        cots: Sequence[torch.Tensor],
+        targets: Sequence[torch.Tensor | GradientEdge],
+        keep: bool,
+    ) -> Sequence[torch.Tensor | None]:
+        blocks = [
+            (t.numel() if isinstance(t, torch.Tensor) else shape_of[t].numel()) * itemsize
+            for t in targets
+        ]
+        if not forced and max(blocks, default=0) > loop_above:
+            looped()
+            return looped_grad_from(tops, cots, targets, keep)
+        per_task = sum(blocks) + sum(c[0].numel() * c.element_size() for c in cots)
+        chunk = max(1, budget // max(1, 2 * per_task))
+        return vmapped_grad_from(tops, cots, targets, keep, chunk, legacy=legacy, rules=rules)
+
+    return backward

@@ -236,30 +236,45 @@ class GraphIndex:
         _DERIVED[full] = got
         return got
 
-    def types_below(self, nodes: Sequence[Node]) -> frozenset[str]:
-        """The type names of ``nodes`` and of every node they reach (computed once per
-        signature and positions, see :meth:`memo`).
+    def types_between(self, tops: Sequence[Node], targets: Sequence[Node]) -> frozenset[str]:
+        """The type names of the nodes a backward from ``tops`` to ``targets`` runs: those below
+        ``tops`` (themselves included) from which a target is reached by one edge or more (a
+        target's own node runs only when another target lies below it). Computed once per
+        signature and positions (see :meth:`memo`).
 
         >>> x = torch.ones(2, requires_grad=True)
-        >>> y = torch.relu(x * 2)
+        >>> h = torch.exp(x)
+        >>> y = torch.relu(h * 2)
         >>> g = GraphIndex.build(torch.stack([y.sum()]))
-        >>> sorted(g.types_below([y.grad_fn]))
-        ['AccumulateGrad', 'MulBackward0', 'ReluBackward0']
+        >>> sorted(g.types_between([y.grad_fn], [h.grad_fn]))  # exp's node does not run
+        ['MulBackward0', 'ReluBackward0']
         """
         pos = self.pos
-        start = tuple(sorted({pos[n] for n in nodes if n in pos}))
-        return self.memo(("types-below", start), lambda: self._types_below(start))
+        start = tuple(sorted({pos[n] for n in tops if n in pos}))
+        ends = tuple(sorted({pos[n] for n in targets if n in pos}))
+        key = ("types-between", start, ends)
+        return self.memo(key, lambda: self._types_between(start, frozenset(ends)))
 
-    def _types_below(self, start: tuple[int, ...]) -> frozenset[str]:
+    def _types_between(self, start: tuple[int, ...], ends: frozenset[int]) -> frozenset[str]:
         edges, types = self.edges, self.types
         seen = set(start)
         todo = list(start)
+        parents: dict[int, list[int]] = {}
         while todo:
-            for j, _ in edges[todo.pop()]:
+            i = todo.pop()
+            for j, _ in edges[i]:
+                parents.setdefault(j, []).append(i)
                 if j not in seen:
                     seen.add(j)
                     todo.append(j)
-        return frozenset(types[i].__name__ for i in seen)
+        runs: set[int] = set()
+        todo = [j for j in ends if j in seen]
+        while todo:  # upwards from the targets: every node with an edge into them runs
+            for i in parents.get(todo.pop(), ()):
+                if i not in runs:
+                    runs.add(i)
+                    todo.append(i)
+        return frozenset(types[i].__name__ for i in runs)
 
     def sparse_leaves(self) -> set[int]:
         """Ids of the leaves whose gradient autograd makes sparse (the weight of an

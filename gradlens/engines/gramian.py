@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 from gradlens.engines._base import (
     BackwardContext,
@@ -46,7 +46,7 @@ from gradlens.engines._base import (
     looped_grad_from,
     per_task_grad,
 )
-from gradlens.engines._batching import LEGACY_FAST, SDPA_NODE, vmapped_grad_from
+from gradlens.engines._batching import LEGACY_FAST, SDPA_NODE, segment_backward
 from gradlens.engines._capture import capture_rows, split_heads
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import segmented
@@ -393,7 +393,7 @@ class GramianEngine(Engine):
         one small backward per task where heads share a node; then batched backwards of the T
         cotangents from there through the shared part, one per segment between cut layers (see
         :mod:`gradlens.engines._segments`); on CPU under ``torch.func.vmap``, chunked over tasks
-        under the memory budget (see :func:`_vmapped` and :mod:`gradlens.engines._batching`);
+        under the memory budget (see :func:`~gradlens.engines._batching.segment_backward`);
         one backward per task instead with ``stage="looped"``. Otherwise (a loss reaches shared
         parameters another way, e.g. a head tied to a shared weight) one batched backward from
         the losses.
@@ -435,11 +435,14 @@ class GramianEngine(Engine):
             for x in inputs
         ]
         note = lambda: setattr(self, "last_looped", True)  # noqa: E731  # a segment looped
-        below = graph.types_below([e.node for e in edges])  # the second stage's node types
+        below = graph.types_between(  # the node types the second stage runs
+            [e.node for e in edges], [_node(x) for x in inputs])
         legacy = below <= LEGACY_FAST
         rules = not legacy and SDPA_NODE in below
-        vmapped = _vmapped(shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", note,
-                           legacy, rules)  # fmt: skip
+        vmapped = segment_backward(
+            shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", note,
+            loop_above=LOOP_ABOVE, legacy=legacy, rules=rules,
+        )  # fmt: skip
         fast = ctx.losses.device.type == "cpu" and not _reduced(ctx, rule_layers)
         backward: Callable[..., Sequence[torch.Tensor | None]] = (
             looped_grad_from if looped else vmapped if fast else batched_grad_from
@@ -456,7 +459,7 @@ class GramianEngine(Engine):
         generic: list[torch.Tensor],
     ) -> bool:
         """Whether every segment runs one backward per task (``stage="looped"``); by default
-        vmapped (:func:`_vmapped`), except under autocast on CPU, where functorch's convolution
+        vmapped (``segment_backward``), except under autocast on CPU, where functorch's convolution
         rule mixes bf16 and float32: per task there unless Linear-only (legacy vmap then)."""
         if self.stage is not None:
             return self.stage == "looped"
@@ -552,45 +555,14 @@ def _blocks_writer(
 LOOP_ABOVE = 2**20
 
 
-def _vmapped(
-    shape_of: Mapping[GradientEdge, torch.Size],
-    itemsize: int,
-    budget: int,
-    forced: bool,
-    looped: Callable[[], None],
-    legacy: bool = False,
-    rules: bool = True,
-) -> Callable[..., Sequence[torch.Tensor | None]]:
-    """The CPU second stage's backward of a segment: vmapped over as many tasks at a time as keep
-    its per-task blocks (targets', top cotangents') within half the budget; per task where a
-    target's per-task block exceeds :data:`LOOP_ABOVE`, unless ``forced`` (noted by ``looped``).
-    ``legacy``, ``rules``: as :func:`~gradlens.engines._batching.vmapped_grad_from`'s (the
-    graph holds only ``LEGACY_FAST`` node types; it holds a CPU attention backward)."""
-
-    def backward(
-        tops: Sequence[GradientEdge],
-        cots: Sequence[torch.Tensor],
-        targets: Sequence[torch.Tensor | GradientEdge],
-        keep: bool,
-    ) -> Sequence[torch.Tensor | None]:
-        blocks = [
-            (t.numel() if isinstance(t, torch.Tensor) else shape_of[t].numel()) * itemsize
-            for t in targets
-        ]
-        if not forced and max(blocks, default=0) > LOOP_ABOVE:
-            looped()
-            return looped_grad_from(tops, cots, targets, keep)
-        per_task = sum(blocks) + sum(c[0].numel() * c.element_size() for c in cots)
-        chunk = max(1, budget // max(1, 2 * per_task))
-        return vmapped_grad_from(tops, cots, targets, keep, chunk, legacy=legacy, rules=rules)
-
-    return backward
-
-
 def _block_numel(rule_layers: Mapping[str, list[_Record]], generic: list[torch.Tensor]) -> int:
     """Elements of one task's blocks: every recorded output, every generic parameter."""
     n = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
     return n + sum(p.numel() for p in generic)
+
+
+def _node(x: torch.Tensor | GradientEdge) -> Node:
+    return x.node if isinstance(x, GradientEdge) else get_gradient_edge(x).node
 
 
 def _param(module: nn.Module, name: str) -> torch.Tensor:

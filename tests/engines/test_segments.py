@@ -10,7 +10,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 import gradlens as gl
-from gradlens.engines import gramian as gramian_mod
+from gradlens.engines import _batching as batching_mod
 from gradlens.engines._segments import plan_segments
 from gradlens.testing import reference_grams
 from tests.zoo import assert_gram_close
@@ -77,7 +77,7 @@ def test_one_backward_per_layer_and_blocks_freed_on_the_way(monkeypatch, n_tasks
     asked: list[int] = []
     alive: list[int] = []
     blocks: list[weakref.ref] = []
-    inner = gramian_mod.vmapped_grad_from
+    inner = batching_mod.vmapped_grad_from
 
     def spy(outputs, cotangents, inputs, *rest, **kw):
         asked.append(len(inputs))
@@ -86,7 +86,7 @@ def test_one_backward_per_layer_and_blocks_freed_on_the_way(monkeypatch, n_tasks
         blocks.extend(weakref.ref(g) for g in got if g is not None)
         return got
 
-    monkeypatch.setattr(gramian_mod, "vmapped_grad_from", spy)
+    monkeypatch.setattr(batching_mod, "vmapped_grad_from", spy)
     names = [f"t{i}" for i in range(n_tasks)]
     # a tiny budget: no merging of segments (small blocks would otherwise go in one backward)
     with gl.Profiler(trunk, tasks=names, engine="gramian", memory_budget=8) as prof:
@@ -110,13 +110,13 @@ def test_small_blocks_share_one_backward(monkeypatch):
     heads = nn.ModuleList([nn.Linear(5, 1).double() for _ in range(3)])
     x = torch.randn(7, 6, dtype=torch.float64)
     asked: list[int] = []
-    inner = gramian_mod.vmapped_grad_from
+    inner = batching_mod.vmapped_grad_from
 
     def spy(outputs, cotangents, inputs, *rest, **kw):
         asked.append(len(inputs))
         return inner(outputs, cotangents, inputs, *rest, **kw)
 
-    monkeypatch.setattr(gramian_mod, "vmapped_grad_from", spy)
+    monkeypatch.setattr(batching_mod, "vmapped_grad_from", spy)
     names = ["t0", "t1", "t2"]
     with gl.Profiler(trunk, tasks=names, engine="gramian") as prof:  # default budget
         z = trunk(x)
@@ -128,29 +128,34 @@ def test_small_blocks_share_one_backward(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("act", "legacy", "rules"),
+    ("first", "act", "legacy", "rules"),
     [
-        (nn.ReLU, True, False),  # only LEGACY_FAST types: autograd's own batching
-        (nn.GELU, True, False),  # as in the transformer trunks: autograd's own batching
-        (lambda: _Attention(8), True, False),  # attention under it: no rule to register
-        (nn.SiLU, False, False),  # an unlisted type: torch.func.vmap
-        (lambda: nn.Sequential(_Attention(8), nn.SiLU()), False, True),  # ... and its rule
-        (lambda: _Conv(8), False, False),  # a convolution: torch.func.vmap
+        (None, nn.ReLU, True, False),  # only LEGACY_FAST types: autograd's own batching
+        (None, nn.GELU, True, False),  # as in the transformer trunks: autograd's own batching
+        (None, lambda: _Attention(8), True, False),  # attention under it: no rule to register
+        (None, nn.SiLU, False, False),  # an unlisted type: torch.func.vmap
+        (None, lambda: nn.Sequential(_Attention(8), nn.SiLU()), False, True),  # ... its rule
+        (None, lambda: _Conv(8), False, False),  # a convolution that runs: torch.func.vmap
+        # a convolution below the lowest recorded layer (a ViT's patch embedding) never runs
+        (lambda: _Conv(6), nn.GELU, True, False),
     ],
 )
-def test_the_second_stage_picks_its_batching_by_the_graph(monkeypatch, act, legacy, rules):
+def test_the_second_stage_picks_its_batching_by_the_graph(
+    monkeypatch, first, act, legacy, rules
+):
     torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Linear(6, 8), act(), nn.Linear(8, 8), nn.ReLU()).double()
+    bottom = [first()] if first is not None else []
+    trunk = nn.Sequential(*bottom, nn.Linear(6, 8), act(), nn.Linear(8, 8), nn.ReLU()).double()
     heads = nn.ModuleList([nn.Linear(8, 1).double() for _ in range(3)])
     x = torch.randn(2, 7, 6, dtype=torch.float64)
     seen: list[tuple[bool, bool]] = []
-    inner = gramian_mod.vmapped_grad_from
+    inner = batching_mod.vmapped_grad_from
 
     def spy(*args, legacy=False, rules=True, **kw):
         seen.append((legacy, rules))
         return inner(*args, legacy=legacy, rules=rules, **kw)
 
-    monkeypatch.setattr(gramian_mod, "vmapped_grad_from", spy)
+    monkeypatch.setattr(batching_mod, "vmapped_grad_from", spy)
     names = ["t0", "t1", "t2"]
     with gl.Profiler(trunk, tasks=names, engine="gramian") as prof:
         for _ in range(2):  # the second probe: the facts come from the signature's memo
