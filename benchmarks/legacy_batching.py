@@ -1,10 +1,10 @@
 """The gramian second stage under autograd's own batching against ``torch.func.vmap``.
 
-A trunk whose graph holds only the node types of
+A second stage that runs only the node types of
 :data:`gradlens.engines._batching.LEGACY_FAST` (Linear, ReLU, add, mul, sigmoid, views, and the
-types of the zoo's transformer trunks without a convolution) runs its second stage under
-autograd's own (legacy) batching, ``is_grads_batched=True``; any other under
-``torch.func.vmap``. CPU, one thread, thread CPU time:
+types of the zoo's transformer trunks, without convolution or batch norm) runs under autograd's
+own (legacy) batching, ``is_grads_batched=True``; any other under ``torch.func.vmap``. CPU, one
+thread, thread CPU time:
 
 - on the host-time MLP of ``host_time.py`` (16 Linear layers of width 64 with ReLU, batch 16,
   T linear heads): ``second stage alone``, the batched backward of T cotangents from the trunk's
@@ -12,8 +12,9 @@ autograd's own (legacy) batching, ``is_grads_batched=True``; any other under
 - on it and on each ``--models`` trunk of ``gradlens bench --zoo`` (batch 4): a gramian probe
   as it is (``now``), the same probe with the legacy route switched off (``before``:
   ``LEGACY_FAST`` emptied and the attention rule registered at every probe, the code before),
-  the ``batched`` engine's probe and a plain step, interleaved in one process; paired ratios
-  (the median over rounds of the per-round ratio).
+  the same probe under the legacy batching whatever its graph holds (``legacy``), the
+  ``batched`` engine's probe and a plain step, interleaved in one process; paired ratios (the
+  median over rounds of the per-round ratio).
 
     python benchmarks/legacy_batching.py --tasks 8
     python benchmarks/legacy_batching.py --tasks 3 --models bert,gpt2,t5-encoder,vit --repeats 40
@@ -34,6 +35,7 @@ import gradlens as gl
 from gradlens.bench._setup import _Setup
 from gradlens.engines import gramian
 from gradlens.engines._batching import vmapped_grad_from
+from gradlens.engines._graph import GraphIndex
 
 LAYERS, WIDTH, BATCH = 16, 64, 16
 
@@ -125,31 +127,36 @@ def _probes(
     batched = gl.Profiler(trunk, tasks, engine="batched")
     fast, sdpa = gramian.LEGACY_FAST, gramian.SDPA_NODE
 
-    def probe(now: bool) -> Callable[[], None]:
+    between = GraphIndex.types_between
+
+    def probe(how: str) -> Callable[[], None]:
         def run() -> None:
-            # the code before: no legacy route, the attention rule registered at every probe
-            gramian.LEGACY_FAST = fast if now else frozenset()
-            gramian.SDPA_NODE = sdpa if now else "AccumulateGrad"  # (a type every graph holds)
+            if how == "before":  # no legacy route, the attention rule registered at every probe
+                gramian.LEGACY_FAST = frozenset()
+                gramian.SDPA_NODE = "AccumulateGrad"  # (a type every graph holds)
+            elif how == "legacy":  # the legacy vmap whatever the graph holds
+                GraphIndex.types_between = lambda *_: frozenset()  # type: ignore[method-assign]
             try:
                 prof.backward(losses())
             finally:
                 gramian.LEGACY_FAST, gramian.SDPA_NODE = fast, sdpa
+                GraphIndex.types_between = between  # type: ignore[method-assign]
 
         return run
 
     fns = {
-        "plain": plain, "before": probe(False), "now": probe(True),
-        "batched": lambda: batched.backward(losses()),
+        "plain": plain, "before": probe("before"), "now": probe("now"),
+        "legacy": probe("legacy"), "batched": lambda: batched.backward(losses()),
     }  # fmt: skip
     got = _interleaved(fns, repeats)
     prof.close()
     batched.close()
     base = got["plain"]
     print(f"{name}: T = {len(tasks)}, plain {statistics.median(base) * 1e3:.2f} ms")
-    for k in ("before", "now", "batched"):
+    for k in ("before", "now", "legacy", "batched"):
         paired = statistics.median(a / b for a, b in zip(got[k], base))
         print(f"  {k:<8} {statistics.median(got[k]) * 1e3:7.2f} ms, {paired:.3f}x plain (paired)")
-    for k in ("before", "batched"):
+    for k in ("before", "legacy", "batched"):
         ratio = statistics.median(a / b for a, b in zip(got["now"], got[k]))
         print(f"  gramian now / {k} (paired): {ratio:.3f}x")
 
