@@ -11,7 +11,7 @@ thread, thread CPU time:
   output to every Linear output, each way, interleaved over ``--repeats`` rounds (medians);
 - on it and on each ``--models`` trunk of ``gradlens bench --zoo`` (batch 4): a gramian probe
   as it is (``now``), the same probe with the legacy route switched off (``before``:
-  ``LEGACY_FAST`` emptied and the attention rule registered at every probe, the code before),
+  ``torch.func.vmap`` with the attention rule registered at every probe, the code before),
   the same probe under the legacy batching whatever its graph holds (``legacy``), the
   ``batched`` engine's probe and a plain step, interleaved in one process; paired ratios (the
   median over rounds of the per-round ratio).
@@ -26,6 +26,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,6 @@ import gradlens as gl
 from gradlens.bench._setup import _Setup
 from gradlens.engines import gramian
 from gradlens.engines._batching import vmapped_grad_from
-from gradlens.engines._graph import GraphIndex
 
 LAYERS, WIDTH, BATCH = 16, 64, 16
 
@@ -76,8 +76,8 @@ def main() -> None:
             edges.clear()
             z = trunk(x)
             cot = torch.ones(T, *z.shape)
-            vmapped_grad_from(
-                [get_gradient_edge(z)], [cot], list(edges), False, legacy=legacy, rules=not legacy
+            vmapped_grad_from(  # (no attention here: no rule to register either way)
+                [get_gradient_edge(z)], [cot], list(edges), False, legacy=legacy, rules=False
             )
 
         return run
@@ -125,22 +125,24 @@ def _probes(
     """A gramian probe now and before, and the batched engine's, against a plain step."""
     prof = gl.Profiler(trunk, tasks, engine="gramian")
     batched = gl.Profiler(trunk, tasks, engine="batched")
-    fast, sdpa = gramian.LEGACY_FAST, gramian.SDPA_NODE
-
-    between = GraphIndex.types_between
+    inner = gramian.segment_backward
+    routes: dict[str, set[tuple[bool, bool]]] = {k: set() for k in ("before", "now", "legacy")}
 
     def probe(how: str) -> Callable[[], None]:
-        def run() -> None:
-            if how == "before":  # no legacy route, the attention rule registered at every probe
-                gramian.LEGACY_FAST = frozenset()
-                gramian.SDPA_NODE = "AccumulateGrad"  # (a type every graph holds)
+        def route(*a: Any, legacy: bool, rules: bool, **k: Any) -> Any:
+            if how == "before":  # the code before: func.vmap, the attention rule registered
+                legacy, rules = False, True
             elif how == "legacy":  # the legacy vmap whatever the graph holds
-                GraphIndex.types_between = lambda *_: frozenset()  # type: ignore[method-assign]
+                legacy, rules = True, False
+            routes[how].add((legacy, rules))
+            return inner(*a, legacy=legacy, rules=rules, **k)
+
+        def run() -> None:
+            gramian.segment_backward = route
             try:
                 prof.backward(losses())
             finally:
-                gramian.LEGACY_FAST, gramian.SDPA_NODE = fast, sdpa
-                GraphIndex.types_between = between  # type: ignore[method-assign]
+                gramian.segment_backward = inner
 
         return run
 
@@ -152,13 +154,20 @@ def _probes(
     prof.close()
     batched.close()
     base = got["plain"]
-    print(f"{name}: T = {len(tasks)}, plain {statistics.median(base) * 1e3:.2f} ms")
+    taken = {k: ", ".join(_describe(r) for r in sorted(v)) for k, v in routes.items()}
+    print(f"{name}: T = {len(tasks)}, plain {statistics.median(base) * 1e3:.2f} ms; second "
+          f"stage: now {taken['now']}, before {taken['before']}, legacy {taken['legacy']}")
     for k in ("before", "now", "legacy", "batched"):
         paired = statistics.median(a / b for a, b in zip(got[k], base))
         print(f"  {k:<8} {statistics.median(got[k]) * 1e3:7.2f} ms, {paired:.3f}x plain (paired)")
     for k in ("before", "legacy", "batched"):
         ratio = statistics.median(a / b for a, b in zip(got["now"], got[k]))
         print(f"  gramian now / {k} (paired): {ratio:.3f}x")
+
+
+def _describe(route: tuple[bool, bool]) -> str:
+    legacy, rules = route
+    return "legacy vmap" if legacy else "func.vmap" + (" + attention rule" if rules else "")
 
 
 def _interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:

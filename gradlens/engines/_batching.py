@@ -10,11 +10,14 @@ backward``); this module supplies it: the T cotangents are stacked along the bat
 the recorded attention inputs (attention is independent across batch elements), one kernel call
 for all tasks. Measured (``gradlens bench --zoo`` trunks, batch 4, T = 8, CPU time of one thread,
 a loaded machine): the second stage of BERT 10.7 ms by one backward per task, 5.5 ms under the
-legacy vmap, 5.2 ms here; ResNet 10.9 / 8.4 / 5.3 ms; ConvNeXt 11.2 / 6.2 / 4.7 ms.
+legacy vmap, 5.2 ms here; ResNet 10.9 / 8.4 / 5.3 ms; ConvNeXt 11.2 / 6.2 / 4.7 ms. Since then,
+the legacy vmap's lower cost per node made it the faster route on the small trunks whose second
+stage runs only the node types of :data:`LEGACY_FAST` (the MLP and the transformer trunks of the
+zoo, see there): :func:`vmapped_grad_from` takes either route.
 
-The rule is registered with the dispatcher only while :func:`vmapped_grad_from` runs (counted,
-so nested or concurrent calls share one registration), and removed afterwards: nothing outside a
-probe sees it.
+The rule is registered with the dispatcher only while a :func:`vmapped_grad_from` call that asks
+for it runs (``rules=True``; counted, so nested or concurrent calls share one registration), and
+removed afterwards: nothing outside a probe sees it.
 
 Example:
     >>> import torch
@@ -47,19 +50,19 @@ __all__ = ["LEGACY_FAST", "batching_rules", "segment_backward", "vmapped_grad_fr
 #: Autograd node types of the second stages that run faster under torch's legacy vmap
 #: (``autograd.grad(..., is_grads_batched=True)``) than under ``torch.func.vmap`` on CPU, measured
 #: graph by graph (``benchmarks/legacy_batching.py``, one thread): Linear, ReLU, add, mul,
-#: sigmoid and views each have a legacy batching rule that costs less than functorch's (one op at
-#: a time, 16 x 64, T = 8: Linear 121 us against 152, ReLU 158 against 187); the other types are
-#: those of the ``gradlens bench --zoo`` transformer trunks without a convolution (BERT, GPT-2,
-#: T5 encoder: layer norm, GELU, attention, embedding, softmax, ...), whose whole second stage
-#: ran faster under the legacy vmap though it loops over the tasks inside some of these nodes
-#: (e.g. GELU alone: 332 us against 207): functorch's per-node cost dominates at their sizes.
-#: Convolution and batch norm are left out: the trunks holding them (ResNet, ConvNeXt,
-#: MobileNetV2, ViT's patch embedding) ran as fast or faster under ``torch.func.vmap``. A second
-#: stage whose graph holds only these types runs under the legacy vmap (see
-#: :func:`vmapped_grad_from`); an unlisted type keeps ``torch.func.vmap``.
+#: sigmoid and views, each with a legacy batching rule (a test checks it), as in the 16-layer
+#: MLP; the other types are those the second stages of the ``gradlens bench --zoo`` transformer
+#: trunks run (BERT, GPT-2, T5 encoder, ViT: layer norm, GELU, attention, embedding, softmax,
+#: ...), faster as a whole under the legacy vmap though it loops over the tasks inside some of
+#: these nodes: functorch's per-node cost dominates at their sizes. Convolution and batch norm
+#: are left out: the second stages that run them (ResNet, ConvNeXt, MobileNetV2) ran faster under
+#: ``torch.func.vmap`` (a ViT's patch embedding lies below its lowest recorded layer and does not
+#: run). A second stage that runs only these types takes the legacy vmap (the gramian engine
+#: reads them with :meth:`~gradlens.engines._graph.GraphIndex.types_between`, which never lists
+#: the leaves' ``AccumulateGrad``: the targets stop there); an unlisted type keeps
+#: ``torch.func.vmap``.
 LEGACY_FAST = frozenset(
     {
-        "AccumulateGrad",
         "AddBackward0",
         "AddmmBackward0",
         "BmmBackward0",

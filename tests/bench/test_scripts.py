@@ -35,7 +35,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "host_time.py": (["--repeats", "2", "--tasks", "3"], "gramian probe"),
     "layer_weighting_time.py": (["--models", "mlp-tiny", "--tasks", "3"], "upgrad"),
     "legacy_batching.py": (
-        ["--tasks", "3", "--repeats", "2", "--models", "mlp-tiny"], "gramian now / batched"
+        ["--tasks", "3", "--repeats", "2", "--models", "mlp-tiny"], "before func.vmap + attention"
     ),
     "mha_rule.py": (["--probes", "3", "--reps", "1"], "rule/plain"),
     "page_faults.py": ([], "reused buffer"),
