@@ -41,24 +41,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
     T = args.tasks
-    mods: list[nn.Module] = []
-    for _ in range(LAYERS):
-        mods += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
-    trunk = nn.Sequential(*mods)
-    heads = nn.ModuleList([nn.Linear(WIDTH, 1) for _ in range(T)])
-    x, y = torch.randn(BATCH, WIDTH), torch.randn(T, BATCH)
-    tasks = [f"t{i}" for i in range(T)]
-    wt = torch.full((T,), 1.0 / T)
-
-    def losses() -> dict[str, torch.Tensor]:
-        z = trunk(x)
-        pairs = enumerate(zip(tasks, heads))
-        return {t: ((h(z).squeeze(1) - y[i]) ** 2).mean() for i, (t, h) in pairs}
-
-    def plain() -> None:
-        (wt @ torch.stack(list(losses().values()))).backward()
+    m = HostMLP(T)
+    trunk, heads, x, y, tasks, wt, losses, plain = (
+        m.trunk, m.heads, m.x, m.y, m.tasks, m.wt, m.losses, m.plain
+    )
 
     profs = {e: gl.Profiler(trunk, tasks, engine=e) for e in ("loop", "batched", "gramian")}
     for p in profs.values():
@@ -109,6 +96,31 @@ def main() -> None:
     print("gramian probe, cumulative time per probe by function (cProfile, adds overhead):")
     for cum, name in sorted(rows, reverse=True)[:24]:
         print(f"  {cum * 1e3:7.3f} ms  {name}")
+
+
+class HostMLP:
+    """The model of this script (also ``legacy_batching.py``'s): 16 Linear layers of width 64
+    with ReLU between, batch 16, ``T`` linear heads with a squared loss each; seeded."""
+
+    def __init__(self, T: int) -> None:
+        torch.manual_seed(0)
+        mods: list[nn.Module] = []
+        for _ in range(LAYERS):
+            mods += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
+        self.trunk = nn.Sequential(*mods)
+        self.heads = nn.ModuleList([nn.Linear(WIDTH, 1) for _ in range(T)])
+        self.x, self.y = torch.randn(BATCH, WIDTH), torch.randn(T, BATCH)
+        self.tasks = [f"t{i}" for i in range(T)]
+        self.wt = torch.full((T,), 1.0 / T)
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        z = self.trunk(self.x)
+        pairs = enumerate(zip(self.tasks, self.heads))
+        return {t: ((h(z).squeeze(1) - self.y[i]) ** 2).mean() for i, (t, h) in pairs}
+
+    def plain(self) -> None:
+        """A plain step's backward: the weighted sum of the losses."""
+        (self.wt @ torch.stack(list(self.losses().values()))).backward()
 
 
 def floor_probe(

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from host_time import BATCH, WIDTH, HostMLP  # (this folder: the same model)
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
@@ -36,8 +37,6 @@ import gradlens as gl
 from gradlens.bench._setup import _Setup
 from gradlens.engines import gramian
 from gradlens.engines._batching import vmapped_grad_from
-
-LAYERS, WIDTH, BATCH = 16, 64, 16
 
 
 def main() -> None:
@@ -47,27 +46,15 @@ def main() -> None:
     ap.add_argument("--models", default="", help="zoo trunks, comma-separated (default: none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
     T = args.tasks
-    mods: list[nn.Module] = []
-    for _ in range(LAYERS):
-        mods += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
-    trunk = nn.Sequential(*mods)
-    heads = nn.ModuleList([nn.Linear(WIDTH, 1) for _ in range(T)])
-    x, y = torch.randn(BATCH, WIDTH), torch.randn(T, BATCH)
-    tasks = [f"t{i}" for i in range(T)]
-    wt = torch.full((T,), 1.0 / T)
-
-    def losses() -> dict[str, torch.Tensor]:
-        z = trunk(x)
-        pairs = enumerate(zip(tasks, heads))
-        return {t: ((h(z).squeeze(1) - y[i]) ** 2).mean() for i, (t, h) in pairs}
+    mlp = HostMLP(T)
+    trunk, x, tasks = mlp.trunk, mlp.x, mlp.tasks
 
     # the second stage alone
     edges: list[object] = []
     hooks = [
         m.register_forward_hook(lambda m_, a, out: edges.append(get_gradient_edge(out)))
-        for m in mods
+        for m in trunk
         if isinstance(m, nn.Linear)
     ]
 
@@ -97,10 +84,7 @@ def main() -> None:
         med = statistics.median(alone[name]) - fwd
         print(f"  second stage alone, {name:<9} {med * 1e3:6.3f} ms (forward subtracted)")
 
-    def plain() -> None:
-        (wt @ torch.stack(list(losses().values()))).backward()
-
-    _probes("mlp16", trunk, tasks, losses, plain, args.repeats)
+    _probes("mlp16", trunk, tasks, mlp.losses, mlp.plain, args.repeats)
     for name in filter(None, args.models.split(",")):
         setup = _Setup(name, T, 4)
 

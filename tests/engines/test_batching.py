@@ -63,24 +63,31 @@ def test_attention_rule_matches_one_backward_per_task(mask, causal, scale):
     assert not _registered()  # the rule is gone once the backward returns
 
 
+def _check_chunks(out: torch.Tensor, used: list, x: torch.Tensor, chunk, **kw) -> None:
+    """``vmapped_grad_from`` by ``chunk`` tasks at a time against one backward per task: the
+    same gradients, contiguous, None for an unreached input, the graph freed by the last
+    chunk."""
+    unused = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(T, *out.shape, dtype=torch.float64)
+    want = _per_task(out, cot, used)
+    got = vmapped_grad_from(
+        [get_gradient_edge(out)], [cot], [*used, unused], retain_graph=False, chunk=chunk, **kw
+    )
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        assert g.is_contiguous()
+    assert got[-1] is None
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(out, x, cot[0])  # the last chunk freed the graph, as asked
+
+
 @pytest.mark.parametrize("chunk", [1, 2, None])
 def test_chunks_and_unreached_inputs(chunk):
     torch.manual_seed(0)
     lin = torch.nn.Linear(6, 4).double()
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    unused = torch.randn(3, dtype=torch.float64, requires_grad=True)
     h = torch.nn.functional.gelu(torch.nn.functional.layer_norm(lin(x), (4,)))
-    cot = torch.randn(T, *h.shape, dtype=torch.float64)
-    want = _per_task(h, cot, [x, lin.weight])
-    got = vmapped_grad_from(
-        [get_gradient_edge(h)], [cot], [x, lin.weight, unused], retain_graph=False, chunk=chunk
-    )
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-        assert g.is_contiguous()
-    assert got[2] is None
-    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        torch.autograd.grad(h, x, cot[0])  # the last chunk freed the graph, as asked
+    _check_chunks(h, [x, lin.weight], x, chunk)
 
 
 def test_nested_registrations_share_one():
@@ -172,20 +179,8 @@ def test_legacy_batching_matches_one_backward_per_task(chunk):
     lin = torch.nn.Linear(6, 4).double()
     x = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
-    unused = torch.randn(3, dtype=torch.float64, requires_grad=True)
     out = _legacy_graph(x, lin, w2)
-    cot = torch.randn(T, *out.shape, dtype=torch.float64)
-    want = _per_task(out, cot, [x, lin.weight, lin.bias, w2])
-    got = vmapped_grad_from(
-        [get_gradient_edge(out)], [cot], [x, lin.weight, lin.bias, w2, unused],
-        retain_graph=False, chunk=chunk, legacy=True, rules=False,
-    )  # fmt: skip
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-        assert g.is_contiguous()
-    assert got[4] is None
-    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        torch.autograd.grad(out, x, cot[0])  # the last chunk freed the graph, as asked
+    _check_chunks(out, [x, lin.weight, lin.bias, w2], x, chunk, legacy=True, rules=False)
 
 
 def _transformer_graph(ids: torch.Tensor, emb: torch.nn.Embedding, lin: torch.nn.Linear):
