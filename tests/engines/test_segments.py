@@ -337,3 +337,43 @@ def test_the_plan_cache_is_bounded_and_evicts_the_oldest(monkeypatch):
         plan_segments([get_gradient_edge(out)], [e[str(i)] for i in range(depth)])
         keys.append(next(reversed(_segments._PLANS)))
     assert list(_segments._PLANS) == keys[1:]
+
+
+class _DistinctNet(_RandomNet):
+    """_RandomNet with a different activation per layer: a node type names its layer."""
+
+    ACTS = (torch.tanh, torch.sigmoid, torch.relu, torch.sin, torch.cos, torch.exp, torch.erf)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [x]
+        for i, lin in enumerate(self.layers):
+            h = self.ACTS[i](lin(outs[-1]))
+            if self.skip[i] >= 0:
+                h = h + outs[self.skip[i] + 1]
+            outs.append(h)
+        return outs[-1]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_types_between_lists_what_the_backward_runs(seed):
+    """``GraphIndex.types_between`` against the nodes whose pre-hooks fire during the backward
+    from the output to a random subset of layer outputs (and a leaf, every other seed)."""
+    from gradlens.engines._graph import GraphIndex
+
+    net = _DistinctNet(seed).double()
+    out, e = _edges(net, torch.randn(2, 3, dtype=torch.float64))
+    index = GraphIndex.build(torch.stack([out.sum()]))
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(7, generator=g)[: 1 + seed % 4].tolist()
+    targets: list = [e[f"layers.{i}"] for i in chosen]
+    targets += [net.layers[2].weight] if seed % 2 else []
+    ran: set = set()
+    hooks = [n.register_prehook(lambda gi, n=n: ran.add(n)) for n in index.nodes]
+    try:
+        torch.autograd.grad([out], targets, [torch.ones_like(out)], allow_unused=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    nodes = [t.node if isinstance(t, GradientEdge) else get_gradient_edge(t).node for t in targets]
+    assert index.types_between([out.grad_fn], nodes) == {type(n).__name__ for n in ran}
+    assert ran  # (the check compares something)
