@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from host_time import BATCH, WIDTH, HostMLP  # (this folder: the same model)
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 import gradlens as gl
 from gradlens.bench._setup import _Setup
@@ -51,7 +51,7 @@ def main() -> None:
     trunk, x, tasks = mlp.trunk, mlp.x, mlp.tasks
 
     # the second stage alone
-    edges: list[object] = []
+    edges: list[GradientEdge] = []
     hooks = [
         m.register_forward_hook(lambda m_, a, out: edges.append(get_gradient_edge(out)))
         for m in trunk
@@ -109,7 +109,7 @@ def _probes(
     """A gramian probe now and before, and the batched engine's, against a plain step."""
     prof = gl.Profiler(trunk, tasks, engine="gramian")
     batched = gl.Profiler(trunk, tasks, engine="batched")
-    inner = gramian.segment_backward
+    inner = gramian.segment_backward  # type: ignore[attr-defined]  # (its import, patched)
     routes: dict[str, set[tuple[bool, bool]]] = {k: set() for k in ("before", "now", "legacy")}
 
     def probe(how: str) -> Callable[[], None]:
@@ -122,11 +122,11 @@ def _probes(
             return inner(*a, legacy=legacy, rules=rules, **k)
 
         def run() -> None:
-            gramian.segment_backward = route
+            gramian.segment_backward = route  # type: ignore[attr-defined, assignment]  # (patched)
             try:
                 prof.backward(losses())
             finally:
-                gramian.segment_backward = inner
+                gramian.segment_backward = inner  # type: ignore[attr-defined]  # (restored)
 
         return run
 
@@ -154,7 +154,7 @@ def _describe(route: tuple[bool, bool]) -> str:
     return "legacy vmap" if legacy else "func.vmap" + (" + attention rule" if rules else "")
 
 
-def _interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+def _interleaved(fns: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """Each function timed once per round, in alternating order, after 5 untimed rounds."""
     for f in fns.values():
         for _ in range(5):
