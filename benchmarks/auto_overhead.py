@@ -22,36 +22,25 @@ import time
 from typing import Any
 
 import torch
+from auto_decision import _probe, _profiler  # (this folder: the same profilers and timed step)
 
 from gradlens.bench._setup import _Setup
 from gradlens.profiler import Profiler
 
 
 def _make(setup: _Setup, method: str, state: dict[str, Any]) -> Profiler:
-    setup.close()
-    engine = "gramian" if method == "gramian-vmap" else method
-    prof = Profiler(setup.trunk, setup.tasks, engine=engine)
-    if method == "gramian-vmap":
-        prof._engine.stage = "vmap"  # type: ignore[attr-defined]  # the gramian engine
+    """``auto_decision.py``'s profiler for ``method``, with ``state`` restored into ``auto``."""
+    prof = _profiler(setup, method)
     if method == "auto" and state:
         prof._engine.load_state_dict(state)  # type: ignore[attr-defined]  # the auto engine
-    setup._profilers[(method, 1)] = prof
     return prof
-
-
-def _step(setup: _Setup, prof: Profiler) -> float:
-    setup.zero()
-    t0 = time.thread_time()
-    losses, _ = setup.losses()
-    prof.backward(losses, setup.w)
-    return time.thread_time() - t0
 
 
 def _decide(setup: _Setup) -> tuple[str, dict[str, Any]]:
     prof = _make(setup, "auto", {})
     engine: Any = prof._engine
     while engine.describe() == "timing":
-        _step(setup, prof)
+        _probe(setup, prof)
     chose, state = engine.describe(), engine.state_dict()
     prof.close()
     return chose, state
@@ -67,13 +56,13 @@ def measure(model: str, T: int, pairs: int, profile: bool) -> None:
     cprof = {m: cProfile.Profile(time.thread_time) for m in profs}
     for m in profs:
         for _ in range(5):
-            _step(setups[m], profs[m])
+            _probe(setups[m], profs[m])
     order = list(profs)
     for i in range(pairs):
         for m in order if i % 2 == 0 else order[::-1]:  # ABBA: neither goes first
             if profile:
                 cprof[m].enable()
-            times[m].append(_step(setups[m], profs[m]))
+            times[m].append(_probe(setups[m], profs[m]))
             if profile:
                 cprof[m].disable()
     a.close()

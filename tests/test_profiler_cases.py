@@ -185,6 +185,17 @@ def test_an_engine_without_sparse_gradients_refuses_them_before_any_side_effect(
         assert all(p.grad is None for p in [*trunk.parameters(), *heads.parameters()])
 
 
+def _probe_and_plain(trunk, losses, params, engine):
+    """The plain weighted backward's gradients of ``params`` (W3), then one probe of a fresh
+    forward by ``engine`` and the reference Grams of that forward: ``(plain, snap, ref)``."""
+    plain = torch.autograd.grad(sum(W3[t] * v for t, v in losses().items()), params)
+    with gl.Profiler(trunk, list(W3), engine=engine) as prof:
+        L = losses()
+        ref = reference_grams(L, trunk)
+        snap = prof.backward(L, W3)
+    return plain, snap, ref
+
+
 @pytest.mark.parametrize("engine", ["auto", "loop", "batched", "gramian"])
 def test_a_sparse_embedding_in_a_head_gets_its_weighted_gradient(engine):
     torch.manual_seed(0)
@@ -200,11 +211,7 @@ def test_a_sparse_embedding_in_a_head_gets_its_weighted_gradient(engine):
         return out
 
     params = [*trunk.parameters(), *heads.parameters(), tag.weight]
-    plain = torch.autograd.grad(sum(W3[t] * v for t, v in losses().items()), params)
-    with gl.Profiler(trunk, list(W3), engine=engine) as prof:
-        L = losses()
-        ref = reference_grams(L, trunk)
-        snap = prof.backward(L, W3)
+    plain, snap, ref = _probe_and_plain(trunk, losses, params, engine)
     assert_gram_close(snap.gram, ref.gram, 1e-10)
     assert tag.weight.grad.is_sparse
     for p, g in zip(params, plain):
@@ -246,11 +253,7 @@ def test_a_channels_last_model_gets_grads_laid_out_as_its_parameters(engine):
         return {t: (h(z) ** 2).mean() for t, h in zip(W3, heads)}
 
     params = list(trunk.parameters())
-    plain = torch.autograd.grad(sum(W3[t] * v for t, v in losses().items()), params)
-    with gl.Profiler(trunk, list(W3), engine=engine) as prof:
-        L = losses()
-        ref = reference_grams(L, trunk)
-        snap = prof.backward(L, W3)
+    plain, snap, ref = _probe_and_plain(trunk, losses, params, engine)
     assert_gram_close(snap.gram, ref.gram, 1e-12)
     assert trunk[0].weight.stride() != trunk[0].weight.contiguous().stride()
     for p, g in zip(params, plain):

@@ -266,8 +266,17 @@ def test_compiled_core_on_cpu_matches_eager(fresh_fused, monkeypatch):
 @pytest.mark.parametrize("weighted", [True, False], ids=["weights", "gram-only"])
 def test_linear_group_equals_the_rule_layer_by_layer(has_weight, has_bias, weighted):
     torch.manual_seed(3)
-    T, N = 3, 4
-    lins = [nn.Linear(WIDTH, WIDTH, bias=has_bias).double() for _ in range(4)]
+    _check_group_against_rule(4, 4, has_bias, weighted, mirrored=True)
+
+
+def _check_group_against_rule(
+    N: int, n_layers: int, has_bias: bool, weighted: bool, mirrored: bool = False
+) -> tuple[list[nn.Linear], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    """``linear_group`` over ``n_layers`` same-shaped layers (``N`` rows, T = 3) against the
+    Linear rule layer by layer: Grams (exactly symmetric when ``mirrored``), weighted grads.
+    Returns the group's arguments: layers, inputs, output gradients, weights."""
+    T = 3
+    lins = [nn.Linear(WIDTH, WIDTH, bias=has_bias).double() for _ in range(n_layers)]
     xs = [torch.randn(N, WIDTH, dtype=torch.float64) for _ in lins]
     ds = [torch.randn(T, N, WIDTH, dtype=torch.float64) for _ in lins]
     w = torch.tensor([0.2, 0.0, 1.5], dtype=torch.float64) if weighted else None
@@ -276,10 +285,12 @@ def test_linear_group_equals_the_rule_layer_by_layer(has_weight, has_bias, weigh
     for m, x, d, (G, weighted_grads) in zip(lins, xs, ds, got):
         G_ref, ref = linear_mod.linear_rule(m, [x], [d], w, 1 << 30)
         torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-12 * float(G_ref.max()))
-        assert torch.equal(G, G.T)  # mirrored, exactly symmetric
+        if mirrored:
+            assert torch.equal(G, G.T)  # mirrored, exactly symmetric
         assert set(weighted_grads) == set(ref)
         for name, g in ref.items():
             torch.testing.assert_close(weighted_grads[name], g, rtol=1e-12, atol=1e-12)
+    return lins, xs, ds, w
 
 
 def test_linear_group_declines_what_it_does_not_serve():
@@ -304,18 +315,7 @@ def test_linear_group_gradient_path_equals_the_rule(has_bias, weighted):
     the gradient path, every task's weight gradient of every layer from one batched product."""
     torch.manual_seed(5)
     T, N = 3, 64
-    lins = [nn.Linear(WIDTH, WIDTH, bias=has_bias).double() for _ in range(3)]
-    xs = [torch.randn(N, WIDTH, dtype=torch.float64) for _ in lins]
-    ds = [torch.randn(T, N, WIDTH, dtype=torch.float64) for _ in lins]
-    w = torch.tensor([0.2, 0.0, 1.5], dtype=torch.float64) if weighted else None
-    got = linear_mod.linear_group(lins, xs, ds, w, 1 << 30)
-    assert got is not None
-    for m, x, d, (G, weighted_grads) in zip(lins, xs, ds, got):
-        G_ref, ref = linear_mod.linear_rule(m, [x], [d], w, 1 << 30)
-        torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-12 * float(G_ref.max()))
-        assert set(weighted_grads) == set(ref)
-        for name, g in ref.items():
-            torch.testing.assert_close(weighted_grads[name], g, rtol=1e-12, atol=1e-12)
+    lins, xs, ds, w = _check_group_against_rule(N, 3, has_bias, weighted)
     # over the budget for the gradient path's per-task weight gradients: declined
     assert linear_mod.linear_group(lins, xs, ds, w, 3 * T * N * WIDTH * 8) is None
 
