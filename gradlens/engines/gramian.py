@@ -434,19 +434,18 @@ class GramianEngine(Engine):
             T * itemsize * (x.numel() if isinstance(x, torch.Tensor) else shape_of[x].numel())
             for x in inputs
         ]
-        note = lambda: setattr(self, "last_looped", True)  # noqa: E731  # a segment looped
-        below = graph.types_between(  # the node types the second stage runs
-            [e.node for e in edges], [_node(x) for x in inputs])
-        legacy = below <= LEGACY_FAST
-        rules = not legacy and SDPA_NODE in below
-        vmapped = segment_backward(
-            shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", note,
-            loop_above=LOOP_ABOVE, legacy=legacy, rules=rules,
-        )  # fmt: skip
         fast = ctx.losses.device.type == "cpu" and not _reduced(ctx, rule_layers)
-        backward: Callable[..., Sequence[torch.Tensor | None]] = (
-            looped_grad_from if looped else vmapped if fast else batched_grad_from
-        )
+        backward: Callable[..., Sequence[torch.Tensor | None]]
+        if looped or not fast:
+            backward = looped_grad_from if looped else batched_grad_from
+        else:  # on CPU: the batching by the node types the second stage runs
+            below = graph.types_between([e.node for e in edges], [_node(x) for x in inputs])
+            legacy = below <= LEGACY_FAST
+            note = lambda: setattr(self, "last_looped", True)  # noqa: E731  # a segment looped
+            backward = segment_backward(
+                shape_of, itemsize, ctx.memory_budget, self.stage == "vmap", note,
+                loop_above=LOOP_ABOVE, legacy=legacy, rules=not legacy and SDPA_NODE in below,
+            )  # fmt: skip
         # segments are merged while their blocks together stay under an eighth of the budget:
         # on small layers one backward call costs less than the memory it would save
         limit = ctx.memory_budget // 8
