@@ -85,21 +85,23 @@ class _Pool(nn.Module):
 
 
 class _Trunk(nn.Module):
-    """The drawn layers, then a pooled vector; ``two_outputs``: also the pre-pool features'
-    first channel, a second output of the shared part that one task's head reads."""
+    """The drawn layers, then a pooled vector ``z``; ``second``: also a second output computed
+    from ``z``, which one task's loss reads: ``"sin"`` (elementwise) or ``"pooler"`` (a shared
+    Linear and tanh, as Hugging Face's BertModel returns ``pooler_output`` beside
+    ``last_hidden_state``)."""
 
-    def __init__(self, layers: list[nn.Module], two_outputs: bool) -> None:
+    def __init__(self, layers: list[nn.Module], second: str | None, d: int) -> None:
         super().__init__()
         self.layers = nn.Sequential(*layers)
         self.pool = _Pool()
-        self.two_outputs = two_outputs
+        self.second = second
+        self.pooler = nn.Linear(d, d) if second == "pooler" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        h = self.layers(x)
-        z = self.pool(h)
-        if not self.two_outputs:
-            return z
-        return z, self.pool(h).sin()
+        z = self.pool(self.layers(x))
+        if self.pooler is not None:
+            return z, torch.tanh(self.pooler(z))
+        return z if self.second is None else (z, z.sin())
 
 
 _ACTS: dict[str, Callable[[], nn.Module]] = {
@@ -199,7 +201,7 @@ def _cases(draw: st.DrawFn) -> _Case:
             layers.append(nn.Linear(5, d))
         seq = kind != "vector"
         layers += [_vector_layer(draw(st.sampled_from(VECTOR_KINDS)), d, seq) for _ in range(n)]
-    trunk = _Trunk(layers, two_outputs=draw(st.booleans()))
+    trunk = _Trunk(layers, draw(st.sampled_from([None, "sin", "pooler"])), d)
     T = draw(st.integers(1, 4))
     shared_head = T > 1 and draw(st.booleans())
     heads = nn.ModuleList([nn.Linear(d, T)] if shared_head else [nn.Linear(d, 1) for _ in range(T)])
