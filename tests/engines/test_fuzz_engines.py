@@ -294,6 +294,7 @@ def _check(
     rebatch: bool,
     ws: list[float],
     weighting: str | None = None,
+    accumulate: bool = False,
 ) -> None:
     tasks = [f"t{t}" for t in range(case.T)]
     fixed = {t: ws[i % len(ws)] for i, t in enumerate(tasks)}
@@ -310,8 +311,10 @@ def _check(
                 torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
                 for v in losses.values()
             ]
-            for p in params:
-                p.grad = None
+            # .grad accumulates into what is there, as a plain backward does
+            prior = [torch.randn_like(p) if accumulate else None for p in params]
+            for p, g in zip(params, prior):
+                p.grad = None if g is None else g.clone()
             with warnings.catch_warnings():  # a task with a zero gradient (ReLU, dropout)
                 warnings.simplefilter("ignore", gl.GradlensWarning)
                 snap = prof.backward(losses, arg[weighting])
@@ -329,7 +332,7 @@ def _check(
                 w = snap.layer_weights.get(layer, snap.weights)
                 want = sum(
                     (float(w[t]) * g[i] for t, g in enumerate(each) if g[i] is not None),
-                    torch.zeros_like(p),
+                    torch.zeros_like(p) if prior[i] is None else prior[i],
                 )
                 got = torch.zeros_like(p) if p.grad is None else p.grad
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=where)
@@ -355,21 +358,22 @@ _DRAW = dict(
     ws=st.lists(st.sampled_from([0.0, 1e-9, 0.2, 0.5, 1.0, 3.0]), min_size=1, max_size=4),
     # or a Gram weighting, of the total Gram or of each layer's (gl.per_layer)
     weighting=st.sampled_from([None, None, "total", "per-layer"]),
+    accumulate=st.booleans(),
 )
 
 
 @settings(max_examples=200)
 @given(**_DRAW)
 def test_random_models_match_the_loop_reference(
-    case, engine, stage, budget, rebatch, ws, weighting
+    case, engine, stage, budget, rebatch, ws, weighting, accumulate
 ):
-    _check(case, engine, stage, budget, rebatch, ws, weighting)
+    _check(case, engine, stage, budget, rebatch, ws, weighting, accumulate)
 
 
 @pytest.mark.slow
 @settings(max_examples=2000)
 @given(**_DRAW)
 def test_random_models_match_the_loop_reference_exhaustively(
-    case, engine, stage, budget, rebatch, ws, weighting
+    case, engine, stage, budget, rebatch, ws, weighting, accumulate
 ):
-    _check(case, engine, stage, budget, rebatch, ws, weighting)
+    _check(case, engine, stage, budget, rebatch, ws, weighting, accumulate)
