@@ -218,7 +218,8 @@ class GramianEngine(Engine):
             grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
             rules[layer] = "generic"
             for p in ps if not keep else ():
-                accumulate_grad(p, torch.tensordot(v, gen_grads[id(p)], dims=1))
+                g = gen_grads[id(p)]
+                accumulate_grad(p, torch.tensordot(v.to(g.dtype), g, dims=1))
         ordered = {layer: grams[layer] for layer in by_layer}
         written = {id(p) for p in params} | {id(p) for p in heads}
         if keep:
