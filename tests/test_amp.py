@@ -11,8 +11,8 @@ rules form the weight gradients in float32 from the recorded half-precision inpu
 gradients, where the loop rounds each per-task weight gradient to the half type, so there the
 agreement is the half type's rounding, per layer: <= 1e-2 (bf16) and 2e-3 (fp16) on these
 models, as for ``.grad`` (tiny random layers, with fewer entries to average the rounding out:
-2e-2 / 5e-3, tests/engines/test_fuzz_engines.py). The Grams never depend on the task weights (rows are not captured as ``w_t g_t`` in
-half precision). Without autocast, scaling is exact.
+2e-2 / 5e-3, tests/engines/test_fuzz_engines.py). The Grams never depend on the task weights
+(rows are not captured as ``w_t g_t`` in half precision). Without autocast, scaling is exact.
 """
 
 from __future__ import annotations
