@@ -3,21 +3,22 @@
 Hypothesis draws a shared trunk from the layers the rules serve and the ones they do not (Linear
 with or without bias, frozen layers, LayerNorm with and without its affine parameters, GroupNorm,
 BatchNorm in training and eval mode, convolutions plain, depthwise, over sequences and transposed,
-embeddings with and without padding, multi-head attention with and without biases, residual blocks,
-a module called twice, two modules holding one weight, activations with and without a legacy
-batching rule, ReLU in place on a recorded output, dropout), its input (vectors, sequences, tokens,
-images), the heads (one per task, or one shared head node split by task), the losses (squared,
-cross entropy, a head tied to a shared weight, a second shared output computed from the first), the
-number of tasks, the loss weights (zero and tiny ones included) or a Gram weighting (of the total
-Gram or per layer: the weights must be those of the reference's Grams), a ``.grad`` already there
-half the time (it accumulates), ``prof.observe`` (``.grad`` untouched, the graph kept for the
-caller's backward) instead of ``prof.backward``, a module frozen or unfrozen between the two
-probes, the engine, the gramian engine's second-stage route and the memory budget (small budgets
-force the chunked and per- task paths). Each probe must give the loop reference's Grams, total and
-per layer, over the same layers, and ``.grad`` equal to the weights' sum of the per-task gradients;
-two probes run on the same profiler, the second with another batch size half the time (a new graph
-signature: nothing derived from the first graph may serve it). Float64 throughout; a second test
-runs the same models in float32 under autocast (bf16, fp16) against the documented tolerances.
+embeddings with and without padding, multi-head attention with and without biases,
+``nn.TransformerEncoderLayer`` post- and pre-norm, a GRU, residual blocks, a module called twice,
+two modules holding one weight, activations with and without a legacy batching rule, ReLU in place
+on a recorded output, dropout), its input (vectors, sequences, tokens, images), the heads (one per
+task, or one shared head node split by task), the losses (squared, cross entropy, a head tied to a
+shared weight, a second shared output computed from the first), the number of tasks, the loss
+weights (zero and tiny ones included) or a Gram weighting (of the total Gram or per layer: the
+weights must be those of the reference's Grams), a ``.grad`` already there half the time (it
+accumulates), ``prof.observe`` (``.grad`` untouched, the graph kept for the caller's backward)
+instead of ``prof.backward``, a module frozen or unfrozen between the two probes, the engine, the
+gramian engine's second-stage route and the memory budget (small budgets force the chunked and per-
+task paths). Each probe must give the loop reference's Grams, total and per layer, over the same
+layers, and ``.grad`` equal to the weights' sum of the per-task gradients; two probes run on the
+same profiler, the second with another batch size half the time (a new graph signature: nothing
+derived from the first graph may serve it). Float64 throughout; a second test runs the same models
+in float32 under autocast (bf16, fp16) against the documented tolerances.
 
 It found two defects of the gramian engine (and so of ``auto``), fixed since and kept as plain
 tests (tests/engines/test_segments.py, tests/engines/test_zoo_hf.py, tests/test_amp.py): a trunk
@@ -111,6 +112,17 @@ class _SeqConv(nn.Module):
         return self.conv(x.transpose(1, 2)).transpose(1, 2)
 
 
+class _GRU(nn.Module):
+    """A recurrent layer (no rule: the generic path), its output sequence."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gru = nn.GRU(d, d, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gru(x)[0]
+
+
 class _Pool(nn.Module):
     """Sequences and images to vectors (mean over positions / pixels)."""
 
@@ -182,6 +194,13 @@ def _vector_layer(kind: str, d: int, seq: bool) -> nn.Module:
         return _Attention(d, bias=False)
     if kind == "conv1d" and seq:
         return _SeqConv(d)
+    if kind in ("encoder-layer", "encoder-layer-prenorm") and seq:
+        return nn.TransformerEncoderLayer(
+            d, 2, dim_feedforward=2 * d, dropout=0.0, batch_first=True,
+            norm_first=kind == "encoder-layer-prenorm",
+        )  # fmt: skip
+    if kind == "gru" and seq:
+        return _GRU(d)
     return _ACTS.get(kind, nn.ReLU)()
 
 
@@ -211,7 +230,7 @@ def _image_layer(kind: str, c: int) -> nn.Module:
 VECTOR_KINDS = [
     "linear", "linear-nobias", "frozen", "layernorm", "layernorm-plain", "layernorm-nobias",
     "residual", "twice", "tied", "attention", "attention-nobias", "conv1d",
-    "linear-relu-inplace", *_ACTS,
+    "linear-relu-inplace", "encoder-layer", "encoder-layer-prenorm", "gru", *_ACTS,
 ]  # fmt: skip
 IMAGE_KINDS = [
     "conv", "conv-nobias", "depthwise", "batchnorm", "batchnorm-eval", "groupnorm", "transposed",
