@@ -27,7 +27,8 @@ returning a layer's output and a function of it (``z, f(z)``, as ``BertModel`` r
 through ``f``; a half-precision loss under autocast with a layer on the generic path raised a dtype
 error.
 
-The default runs draw 200 and 60 cases (about 15 s); ``-m slow`` draws 2000 and 600.
+The default runs draw 200, 60 and 40 cases (about 20 s); ``-m slow`` draws 2000 and 600. A third
+test runs four steps on ``every=2``: the unprobed steps write the held weights.
 """
 
 from __future__ import annotations
@@ -496,3 +497,53 @@ def test_random_models_under_autocast_match_the_loop_reference(case, engine, hal
 @given(**_AMP)
 def test_random_models_under_autocast_match_the_loop_reference_exhaustively(case, engine, half):
     _check_amp(case, engine, half)
+
+
+# -- a schedule: unprobed steps between probes -------------------------------------------------
+
+
+def _check_schedule(case: _Case, engine: str, weighting: str | None) -> None:
+    """``every=2``: the unprobed steps write the plain weighted gradient, with a Gram
+    weighting's weights held from the last probe (per layer with ``gl.per_layer``)."""
+    tasks = [f"t{t}" for t in range(case.T)]
+    fixed = {t: 0.3 + 0.2 * i for i, t in enumerate(tasks)}
+    arg = {None: fixed, "total": _inverse_size, "per-layer": gl.per_layer(_inverse_size)}
+    params = [p for m in (case.trunk, case.heads) for p in m.parameters() if p.requires_grad]
+    layer_of = resolve_shared(case.trunk).layer_of
+    held: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+    with gl.Profiler(case.trunk, tasks, engine=engine, every=2) as prof:
+        for step in range(4):
+            losses = case.losses(case.make_x(3))
+            each = [
+                torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+                for v in losses.values()
+            ]
+            for p in params:
+                p.grad = None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", gl.GradlensWarning)
+                snap = prof.backward(losses, arg[weighting])
+            assert (snap is not None) == (step % 2 == 0), step
+            if snap is not None:
+                held = (snap.weights, dict(snap.layer_weights))
+            if weighting is None:
+                held = (torch.tensor([fixed[t] for t in tasks], dtype=torch.float64), {})
+            assert held is not None
+            for i, p in enumerate(params):
+                w = held[1].get(layer_of.get(id(p)), held[0])  # type: ignore[arg-type]
+                want = sum(
+                    (float(w[t]) * g[i] for t, g in enumerate(each) if g[i] is not None),
+                    torch.zeros_like(p),
+                )
+                got = torch.zeros_like(p) if p.grad is None else p.grad
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=f"step {step}")
+
+
+@settings(max_examples=40)
+@given(
+    case=_cases(),
+    engine=st.sampled_from(ENGINES),
+    weighting=st.sampled_from([None, "total", "per-layer"]),
+)
+def test_random_models_on_a_schedule_write_the_held_weights(case, engine, weighting):
+    _check_schedule(case, engine, weighting)
