@@ -13,12 +13,13 @@ weights (zero and tiny ones included) or a Gram weighting (of the total Gram or 
 weights must be those of the reference's Grams), a ``.grad`` already there half the time (it
 accumulates), ``prof.observe`` (``.grad`` untouched, the graph kept for the caller's backward)
 instead of ``prof.backward``, a module frozen or unfrozen between the two probes, the engine, the
-gramian engine's second-stage route and the memory budget (small budgets force the chunked and per-
-task paths). Each probe must give the loop reference's Grams, total and per layer, over the same
-layers, and ``.grad`` equal to the weights' sum of the per-task gradients; two probes run on the
-same profiler, the second with another batch size half the time (a new graph signature: nothing
-derived from the first graph may serve it). Float64 throughout; a second test runs the same models
-in float32 under autocast (bf16, fp16) against the documented tolerances.
+gramian engine's second-stage route (and the size above which its default loops a segment over the
+tasks) and the memory budget (small budgets force the chunked and per- task paths). Each probe must
+give the loop reference's Grams, total and per layer, over the same layers, and ``.grad`` equal to
+the weights' sum of the per-task gradients; two probes run on the same profiler, the second with
+another batch size half the time (a new graph signature: nothing derived from the first graph may
+serve it). Float64 throughout; a second test runs the same models in float32 under autocast (bf16,
+fp16) against the documented tolerances.
 
 It found three defects, fixed since and kept as plain tests (tests/engines/test_segments.py,
 tests/engines/test_zoo_hf.py, tests/engines/test_capture.py, tests/test_amp.py): a trunk returning
@@ -46,6 +47,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradlens as gl
+from gradlens.engines import gramian as gramian_mod
 from gradlens.engines._base import resolve_shared
 from gradlens.testing import reference_grams
 from tests.zoo import assert_gram_close
@@ -327,7 +329,16 @@ def _check(
     accumulate: bool = False,
     toggle: int | None = None,
     observe: bool = False,
+    loop_above: int | None = None,
 ) -> None:
+    if loop_above is not None:  # segments above this many bytes a task loop over tasks
+        old = gramian_mod.LOOP_ABOVE
+        gramian_mod.LOOP_ABOVE = loop_above
+        try:
+            _check(case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe)
+        finally:
+            gramian_mod.LOOP_ABOVE = old
+        return
     tasks = [f"t{t}" for t in range(case.T)]
     fixed = {t: ws[i % len(ws)] for i, t in enumerate(tasks)}
     arg = {None: fixed, "total": _inverse_size, "per-layer": gl.per_layer(_inverse_size)}
@@ -420,24 +431,32 @@ _DRAW = dict(
     toggle=st.one_of(st.none(), st.integers(0, 7)),
     # prof.observe: measure only
     observe=st.booleans(),
+    # the gramian engine's default second stage: every segment looped (0), some (64 bytes)
+    loop_above=st.sampled_from([None, 0, 64]),
 )
 
 
 @settings(max_examples=200)
 @given(**_DRAW)
 def test_random_models_match_the_loop_reference(
-    case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe
+    case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe, loop_above
 ):
-    _check(case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe)
+    _check(
+        case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe,
+        loop_above,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
 @settings(max_examples=2000)
 @given(**_DRAW)
 def test_random_models_match_the_loop_reference_exhaustively(
-    case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe
+    case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe, loop_above
 ):
-    _check(case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe)
+    _check(
+        case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe,
+        loop_above,
+    )  # fmt: skip
 
 
 # -- under autocast ------------------------------------------------------------------------------
