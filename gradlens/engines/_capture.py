@@ -376,15 +376,8 @@ def _outside_consumers(
     at: dict[tuple[Node | None, int], int] = {
         (e.node, e.output_nr): k for k, e in enumerate(edges)
     }
-    below: set[int] = set()
-    todo = [pos[e.node] for e in edges if e.node in pos]
-    while todo:
-        j = todo.pop()
-        for c, _ in graph.edges[j]:
-            if c not in below:
-                below.add(c)
-                todo.append(c)
     tops = {pos[e.node] for e in edges if e.node in pos}
+    below = graph.descendants(tops)
     out: dict[Node, list[tuple[int, int]]] = {}
     for u, kids in enumerate(graph.edges):
         if u in below or u in tops or not any(c in tops for c, _ in kids):
