@@ -36,6 +36,7 @@ from gradlens.engines._base import (
 __all__ = [
     "CHUNK",
     "FlatEngine",
+    "FlatViews",
     "GramPlan",
     "LoopEngine",
     "fill_row",
@@ -45,6 +46,7 @@ __all__ = [
     "layer_grams_from_grads",
     "loop_task_grads",
     "write_flat",
+    "write_views",
 ]
 
 #: Largest ``T x P`` buffer (bytes) kept from one probe to the next on CPU.
@@ -209,19 +211,57 @@ def write_flat(
     parameter without ``.grad`` gets a copy of its slice (a tensor of its own, as autograd's
     fresh gradient; the common case after ``zero_grad()``), in one call per parameter. The
     parameters in ``skip`` (by id) are left alone."""
-    views: list[torch.Tensor] = []
+    pieces = torch.split_with_sizes(flat, [p.numel() for p in params])
+    write_views(params, [v.view(p.shape) for p, v in zip(params, pieces)], skip)
+
+
+def write_views(
+    params: Sequence[torch.Tensor],
+    views: Sequence[torch.Tensor],
+    skip: AbstractSet[int] = frozenset(),
+) -> None:
+    """:func:`write_flat` from the slices already viewed in their parameters' shapes."""
     rest: list[torch.Tensor] = []
-    for p, v in zip(params, torch.split_with_sizes(flat, [p.numel() for p in params])):
+    grads: list[torch.Tensor] = []
+    for p, v in zip(params, views):
         if skip and id(p) in skip:
             continue
         if p.grad is None and v.dtype is p.dtype:
-            v = v.view(p.shape)
             p.grad = v.clone() if p.is_contiguous() else new_grad(p, v)
         else:
             rest.append(p)
-            views.append(v.view(p.shape))
+            grads.append(v)
     if rest:
-        accumulate_grads(rest, views)
+        accumulate_grads(rest, grads)
+
+
+class FlatViews:
+    """Each parameter's slice of every row of a kept ``T x P`` buffer ``J`` and of a kept
+    ``(P,)`` buffer ``flat``, viewed in the parameter's shape, made once.
+
+    A probe reusing the same buffers (the engines' workspace) then copies each task's gradients
+    into its row by one ``torch._foreach_copy_`` and writes the weighted gradient's slices
+    without a split and a view per parameter (a view costs about as much as copying a small
+    parameter's gradient). Holds ``J``: keep it only as long as ``J`` is kept anyway.
+    """
+
+    def __init__(
+        self,
+        J: torch.Tensor,
+        flat: torch.Tensor,
+        params: Sequence[torch.Tensor],
+        columns: object,
+    ) -> None:
+        self.source, self.flat, self.columns = J, flat, columns
+        sizes = [p.numel() for p in params]
+
+        def shaped(v: torch.Tensor) -> list[torch.Tensor]:
+            return [s.view(p.shape) for p, s in zip(params, torch.split_with_sizes(v, sizes))]
+
+        #: ``rows[t][k]``: parameter ``k``'s slice of ``J[t]``
+        self.rows = [shaped(row) for row in J.unbind(0)]
+        #: parameter ``k``'s slice of ``flat``
+        self.out = shaped(flat)
 
 
 class FlatEngine(Engine):
@@ -234,6 +274,7 @@ class FlatEngine(Engine):
         self._workspace = Workspace()
         self._cols: tuple[tuple[int, ...], dict[str, list[tuple[int, int]]]] | None = None
         self._plan: GramPlan | None = None
+        self._views: FlatViews | None = None
 
     def detach(self) -> None:
         self.release()
@@ -241,6 +282,7 @@ class FlatEngine(Engine):
     def release(self) -> None:
         self._workspace.clear()
         self._plan = None
+        self._views = None
 
     def flat_buffer(self, rows: int, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """An uninitialised ``rows x P`` buffer in the parameters' (promoted) dtype, float32 at
@@ -304,7 +346,13 @@ class FlatEngine(Engine):
         if ctx.keep_blocks:  # the per-task gradients are at hand: write once weights are known
             return EngineResult(grams, rules, set(), writer=write, stacked=stacked)
         # the weighted sum as one product over the flattened per-task gradients
-        write_flat(params, ctx.weights.to(J.dtype) @ J, skip=sparse.keys())
+        w = ctx.weights.to(J.dtype)
+        views = self.flat_views(J, params)
+        if views is None:
+            write_flat(params, w @ J, skip=sparse.keys())
+        else:  # the same product (``w @ J`` is this ``mm``), into the kept buffer
+            torch.mm(w.unsqueeze(0), J, out=views.flat.unsqueeze(0))
+            write_views(params, views.out, skip=sparse.keys())
         for p in params:
             parts = sparse.get(id(p))
             g = None if parts is None else _weighted(parts, ctx.weights)
@@ -329,6 +377,18 @@ class FlatEngine(Engine):
             plan = self._plan = GramPlan(J, columns)
         return plan.layers, plan.run()
 
+    def flat_views(self, J: torch.Tensor, params: list[torch.Tensor]) -> FlatViews | None:
+        """The :class:`FlatViews` of ``J``, kept while ``J`` is the workspace's buffer and the
+        parameter set is the last probe's; None for a buffer not kept between probes."""
+        if not self._workspace.holds("J", J):
+            return None
+        columns = self._columns(params)
+        views = self._views
+        if views is None or views.source is not J or views.columns is not columns:
+            flat = self._workspace.get("w", (J.shape[1],), J.dtype, J.device)
+            views = self._views = FlatViews(J, flat, params, columns)
+        return views
+
     def _columns(self, params: list[torch.Tensor]) -> dict[str, list[tuple[int, int]]]:
         """:func:`layer_columns` of ``params``, kept for the parameter set of the last probe."""
         key = tuple(map(id, params))
@@ -350,6 +410,7 @@ class LoopEngine(FlatEngine):
             return EngineResult({})
         losses = ctx.per_task()
         J = self.flat_buffer(len(losses), params)
+        views = self.flat_views(J, params)
         rest = self.other_leaves(ctx, params)
         inputs, n = [*params, *rest], len(params)
         rest_sum: list[torch.Tensor | None] = [None] * len(rest)
@@ -357,6 +418,9 @@ class LoopEngine(FlatEngine):
         # gradients kept for a sparse weighted gradient
         sparse_at = [k for k, p in enumerate(params) if id(p) in ctx.sparse] if ctx.sparse else []
         sparse: dict[int, list[torch.Tensor | None]] = {id(params[k]): [] for k in sparse_at}
+        # each row by one copy into the parameters' views of it when every gradient is a dense
+        # tensor (fill_row otherwise: zeros for an unreached parameter, a sparse one densified)
+        rows = None if views is None or sparse_at else views.rows
         # each task's weight once per dtype of the leaves it multiplies (not an index and a cast
         # per leaf and task): the same products
         w_of: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -367,7 +431,11 @@ class LoopEngine(FlatEngine):
             # the last backward frees the graph, as the weighted backward it replaces would
             keep = ctx.retain_graph or t < T - 1 or not rest
             gs = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
-            fill_row(J[t], params, gs[:n])
+            own = gs[:n]
+            if rows is not None and all(g is not None for g in own):
+                torch._foreach_copy_(rows[t], own)
+            else:
+                fill_row(J[t], params, own)
             for k in sparse_at:
                 sparse[id(params[k])].append(gs[k])
             for j, g in enumerate(gs[n:]):  # a head: reached by its own task only, as a rule

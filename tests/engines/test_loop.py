@@ -99,8 +99,10 @@ def test_a_buffer_over_keep_is_not_held(monkeypatch):
     monkeypatch.setattr(loop, "KEEP", 64 << 20)
     with gl.Profiler(trunk, ["t0", "t1", "t2"], engine="loop") as prof:
         prof.backward(_losses(trunk, heads, x))
-        (buf,) = prof._engine._workspace._bufs.values()
-        assert buf.shape == (3, sum(p.numel() for p in trunk.parameters()))
+        bufs = prof._engine._workspace._bufs
+        P = sum(p.numel() for p in trunk.parameters())
+        assert set(bufs) == {"J", "w"}  # the per-task gradients and their weighted sum
+        assert bufs["J"].shape == (3, P) and bufs["w"].shape == (P,)
     assert prof._engine._workspace._bufs == {}  # released when the profiler closes
 
 
