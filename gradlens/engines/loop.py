@@ -15,10 +15,12 @@ float64), the reference every engine, this one included, is tested against.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from typing import cast
 
 import torch
+from torch.overrides import has_torch_function
 
 from gradlens.engines._base import (
     BackwardContext,
@@ -28,7 +30,6 @@ from gradlens.engines._base import (
     Workspace,
     accumulate_grad,
     accumulate_grads,
-    compute_dtype,
     group_by_layer,
     new_grad,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "layer_columns",
     "layer_grams_from_grads",
     "loop_task_grads",
+    "task_grad",
     "write_flat",
     "write_views",
 ]
@@ -54,6 +56,12 @@ KEEP = 64 << 20
 
 #: Columns of one Gram product: float32 products sum at most this many terms before float64.
 CHUNK = 1 << 16
+
+#: What ``torch.autograd.grad`` calls once it has checked its arguments (torch >= 2.4): the
+#: engine's backward, with autograd's logging hooks and context. None: not in this torch.
+_RUN_BACKWARD: Callable[..., tuple[torch.Tensor | None, ...]] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None
+)
 
 
 def loop_task_grads(
@@ -287,10 +295,10 @@ class FlatEngine(Engine):
     def flat_buffer(self, rows: int, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """An uninitialised ``rows x P`` buffer in the parameters' (promoted) dtype, float32 at
         least; reused from one probe to the next on CPU up to :data:`KEEP` bytes."""
-        dtype = compute_dtype(params[0].dtype)
-        for p in params[1:]:
-            dtype = torch.promote_types(dtype, p.dtype)
-        shape = (rows, sum(p.numel() for p in params))
+        dtype = torch.float32  # (promoted once per distinct dtype: one, as a rule)
+        for d in {p.dtype for p in params}:
+            dtype = torch.promote_types(dtype, d)
+        shape = (rows, sum([p.numel() for p in params]))
         if shape[0] * shape[1] * dtype.itemsize <= KEEP:
             return self._workspace.get("J", shape, dtype, params[0].device)
         # not held between probes: training would carry it at every step
@@ -412,7 +420,8 @@ class LoopEngine(FlatEngine):
         J = self.flat_buffer(len(losses), params)
         views = self.flat_views(J, params)
         rest = self.other_leaves(ctx, params)
-        inputs, n = [*params, *rest], len(params)
+        inputs, n = (*params, *rest), len(params)
+        direct = _RUN_BACKWARD is not None and not has_torch_function((*losses, *inputs))
         rest_sum: list[torch.Tensor | None] = [None] * len(rest)
         # shared parameters with a sparse gradient: their J rows densified, the tasks' sparse
         # gradients kept for a sparse weighted gradient
@@ -430,10 +439,10 @@ class LoopEngine(FlatEngine):
         for t, loss in enumerate(losses):
             # the last backward frees the graph, as the weighted backward it replaces would
             keep = ctx.retain_graph or t < T - 1 or not rest
-            gs = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
+            gs = task_grad(loss, inputs, keep, direct)
             own = gs[:n]
             if rows is not None and all(g is not None for g in own):
-                torch._foreach_copy_(rows[t], own)
+                torch._foreach_copy_(rows[t], cast("tuple[torch.Tensor, ...]", own))  # no None
             else:
                 fill_row(J[t], params, own)
             for k in sparse_at:
@@ -447,6 +456,26 @@ class LoopEngine(FlatEngine):
                     prev = rest_sum[j]
                     rest_sum[j] = part if prev is None else prev + part
         return self.flat_result(ctx, params, J, list(zip(rest, rest_sum)), sparse)
+
+
+def task_grad(
+    loss: torch.Tensor, inputs: tuple[torch.Tensor, ...], keep: bool, direct: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)``.
+
+    ``direct`` (plain tensors only, no ``__torch_function__`` to dispatch to): the same backward
+    by the engine call that ``autograd.grad`` ends in, without the argument handling around it
+    (a Python pass over ``inputs``, ~30 us a call at 34 inputs); the loss's own cotangent is
+    ``ones_like(loss)``, as there (a non-scalar or gradient-free loss raises as there: the
+    engine checks the same).
+    """
+    if not direct or _RUN_BACKWARD is None:
+        return torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
+    if loss.numel() != 1:  # autograd.grad's own message, from its argument handling
+        return torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
+    return _RUN_BACKWARD(
+        (loss,), (torch.ones_like(loss),), keep, False, inputs, True, accumulate_grad=False
+    )
 
 
 def fill_row(
