@@ -219,8 +219,9 @@ def write_flat(
     parameter without ``.grad`` gets a copy of its slice (a tensor of its own, as autograd's
     fresh gradient; the common case after ``zero_grad()``), in one call per parameter. The
     parameters in ``skip`` (by id) are left alone."""
-    pieces = torch.split_with_sizes(flat, [p.numel() for p in params])
-    write_views(params, [v.view(p.shape) for p, v in zip(params, pieces)], skip)
+    # one call for every slice viewed in its parameter's shape (a split and a view per
+    # parameter cost about as much as the copies on small parameters)
+    write_views(params, torch._C._nn.unflatten_dense_tensors(flat, list(params)), skip)
 
 
 def write_views(
@@ -244,32 +245,16 @@ def write_views(
 
 
 class FlatViews:
-    """Each parameter's slice of every row of a kept ``T x P`` buffer ``J`` and of a kept
-    ``(P,)`` buffer ``flat``, viewed in the parameter's shape, made once.
-
-    A probe reusing the same buffers (the engines' workspace) then copies each task's gradients
-    into its row by one ``torch._foreach_copy_`` and writes the weighted gradient's slices
-    without a split and a view per parameter (a view costs about as much as copying a small
-    parameter's gradient). Holds ``J``: keep it only as long as ``J`` is kept anyway.
+    """Each parameter's slice of every row of a kept ``T x P`` buffer ``J``, viewed in the
+    parameter's shape, made once: a probe reusing the buffer (the engines' workspace) copies
+    each task's gradients into its row by one ``torch._foreach_copy_``, without a reshape per
+    gradient and a concatenation. Holds ``J``: keep it only as long as ``J`` is kept anyway.
     """
 
-    def __init__(
-        self,
-        J: torch.Tensor,
-        flat: torch.Tensor,
-        params: Sequence[torch.Tensor],
-        columns: object,
-    ) -> None:
-        self.source, self.flat, self.columns = J, flat, columns
-        sizes = [p.numel() for p in params]
-
-        def shaped(v: torch.Tensor) -> list[torch.Tensor]:
-            return [s.view(p.shape) for p, s in zip(params, torch.split_with_sizes(v, sizes))]
-
+    def __init__(self, J: torch.Tensor, params: Sequence[torch.Tensor], columns: object) -> None:
+        self.source, self.columns = J, columns
         #: ``rows[t][k]``: parameter ``k``'s slice of ``J[t]``
-        self.rows = [shaped(row) for row in J.unbind(0)]
-        #: parameter ``k``'s slice of ``flat``
-        self.out = shaped(flat)
+        self.rows = [torch._C._nn.unflatten_dense_tensors(row, list(params)) for row in J]
 
 
 class FlatEngine(Engine):
@@ -354,13 +339,7 @@ class FlatEngine(Engine):
         if ctx.keep_blocks:  # the per-task gradients are at hand: write once weights are known
             return EngineResult(grams, rules, set(), writer=write, stacked=stacked)
         # the weighted sum as one product over the flattened per-task gradients
-        w = ctx.weights.to(J.dtype)
-        views = self.flat_views(J, params)
-        if views is None:
-            write_flat(params, w @ J, skip=sparse.keys())
-        else:  # the same product (``w @ J`` is this ``mm``), into the kept buffer
-            torch.mm(w.unsqueeze(0), J, out=views.flat.unsqueeze(0))
-            write_views(params, views.out, skip=sparse.keys())
+        write_flat(params, ctx.weights.to(J.dtype) @ J, skip=sparse.keys())
         for p in params:
             parts = sparse.get(id(p))
             g = None if parts is None else _weighted(parts, ctx.weights)
@@ -393,8 +372,7 @@ class FlatEngine(Engine):
         columns = self._columns(params)
         views = self._views
         if views is None or views.source is not J or views.columns is not columns:
-            flat = self._workspace.get("w", (J.shape[1],), J.dtype, J.device)
-            views = self._views = FlatViews(J, flat, params, columns)
+            views = self._views = FlatViews(J, params, columns)
         return views
 
     def _columns(self, params: list[torch.Tensor]) -> dict[str, list[tuple[int, int]]]:

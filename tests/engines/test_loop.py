@@ -99,10 +99,8 @@ def test_a_buffer_over_keep_is_not_held(monkeypatch):
     monkeypatch.setattr(loop, "KEEP", 64 << 20)
     with gl.Profiler(trunk, ["t0", "t1", "t2"], engine="loop") as prof:
         prof.backward(_losses(trunk, heads, x))
-        bufs = prof._engine._workspace._bufs
-        P = sum(p.numel() for p in trunk.parameters())
-        assert set(bufs) == {"J", "w"}  # the per-task gradients and their weighted sum
-        assert bufs["J"].shape == (3, P) and bufs["w"].shape == (P,)
+        (buf,) = prof._engine._workspace._bufs.values()
+        assert buf.shape == (3, sum(p.numel() for p in trunk.parameters()))
     assert prof._engine._workspace._bufs == {}  # released when the profiler closes
 
 
@@ -268,7 +266,8 @@ def test_task_grad_is_autograd_grad(direct):
     got = loop.task_grad(loss, (x, unused), True, direct)
     want = torch.autograd.grad(loss, (x, unused), retain_graph=True, allow_unused=True)
     torch.testing.assert_close(got[0], want[0], rtol=0.0, atol=0.0)
-    assert got[1] is None and want[1] is None
+    assert got[1] is None
+    assert want[1] is None
     got = loop.task_grad(loss, (x,), False, direct)  # frees the graph, as autograd.grad
     with pytest.raises(RuntimeError, match="a second time"):
         loop.task_grad(loss, (x,), False, direct)
