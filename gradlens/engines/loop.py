@@ -302,7 +302,7 @@ class FlatEngine(Engine):
         where the plain backward has none), so only the loop engine writes them."""
         if not ctx.write or ctx.keep_blocks:
             return []
-        ids = {id(p) for p in params}
+        ids = set(map(id, params))
         return [v for i, v in ctx.leaves.items() if i not in ids]
 
     def flat_result(
@@ -340,7 +340,7 @@ class FlatEngine(Engine):
             return EngineResult(grams, rules, set(), writer=write, stacked=stacked)
         # the weighted sum as one product over the flattened per-task gradients
         write_flat(params, ctx.weights.to(J.dtype) @ J, skip=sparse.keys())
-        for p in params:
+        for p in params if sparse else ():
             parts = sparse.get(id(p))
             g = None if parts is None else _weighted(parts, ctx.weights)
             if g is not None:
@@ -348,7 +348,8 @@ class FlatEngine(Engine):
         for leaf, g in others:
             if g is not None:
                 accumulate_grad(leaf, g)
-        written = {id(p) for p in [*params, *(v for v, _ in others)]}
+        written = set(map(id, params))
+        written.update(id(v) for v, _ in others)
         return EngineResult(grams, rules, written, stacked=stacked)
 
     def _grams(
