@@ -265,7 +265,7 @@ class FlatEngine(Engine):
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         super().__init__(shared, n_tasks)
         self._workspace = Workspace()
-        self._cols: tuple[tuple[int, ...], dict[str, list[tuple[int, int]]]] | None = None
+        self._cols: tuple[tuple[object, ...], dict[str, list[tuple[int, int]]]] | None = None
         self._plan: GramPlan | None = None
         self._views: FlatViews | None = None
 
@@ -377,8 +377,10 @@ class FlatEngine(Engine):
         return views
 
     def _columns(self, params: list[torch.Tensor]) -> dict[str, list[tuple[int, int]]]:
-        """:func:`layer_columns` of ``params``, kept for the parameter set of the last probe."""
-        key = tuple(map(id, params))
+        """:func:`layer_columns` of ``params``, kept for the parameter set of the last probe
+        (the same parameters with the same shapes: a parameter whose ``.data`` was replaced by
+        one of another shape gets new columns, and the plan and views made from them)."""
+        key = tuple([(id(p), p.shape) for p in params])
         if self._cols is None or self._cols[0] != key:
             self._cols = (key, layer_columns(self.shared, params))
         return self._cols[1]

@@ -273,3 +273,32 @@ def test_task_grad_is_autograd_grad(direct):
         loop.task_grad(loss, (x,), False, direct)
     with pytest.raises(RuntimeError, match="only for scalar outputs"):
         loop.task_grad(x.sin(), (x,), False, direct)
+
+
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_a_parameter_given_data_of_another_shape_gets_new_columns(engine):
+    # the same Parameter object, its .data replaced (another input width): the kept columns,
+    # Gram plan and row views follow the new shape (they were kept by the parameters' ids)
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    heads = nn.ModuleList([nn.Linear(5, 1).double() for _ in range(2)])
+    xs = [torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 7, dtype=torch.float64)]
+
+    def losses(x):
+        z = trunk(x)
+        return {f"t{i}": (h(z) ** 2).mean() for i, h in enumerate(heads)}
+
+    with gl.Profiler(trunk, ["t0", "t1"], engine=engine) as prof:
+        for step in range(4):
+            if step == 2:
+                trunk[0].weight.data = torch.randn(6, 7, dtype=torch.float64)
+            x = xs[step >= 2]
+            for p in [*trunk.parameters(), *heads.parameters()]:
+                p.grad = None
+            snap = prof.backward(losses(x))
+            ref = reference_grams(losses(x), trunk)
+            for layer, g in ref.layer_grams.items():
+                assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+            plain = torch.autograd.grad(sum(losses(x).values()), list(trunk.parameters()))
+            for p, g in zip(trunk.parameters(), plain):
+                torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
