@@ -218,7 +218,8 @@ class GramianEngine(Engine):
             grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
             rules[layer] = "generic"
             for p in ps if not keep else ():
-                accumulate_grad(p, torch.tensordot(v, gen_grads[id(p)], dims=1))
+                g = gen_grads[id(p)]
+                accumulate_grad(p, torch.tensordot(v.to(g.dtype), g, dims=1))
         ordered = {layer: grams[layer] for layer in by_layer}
         written = {id(p) for p in params} | {id(p) for p in heads}
         if keep:
@@ -416,7 +417,7 @@ class GramianEngine(Engine):
         shapes = [b.out_shape for b in live]
         dtypes = [b.input.dtype for b in live]
         split = split_heads(ctx.per_task(), edges, ctx.uses, dtypes, graph)
-        if (split is None or task_scales(ctx.weights)[2]) and fed_tops(edges, graph):
+        if fed_tops(edges, graph) and (split is None or task_scales(ctx.weights)[2]):
             # a shared output computed from another (``return z, f(z)``): a task's gradient at
             # z taken by its own backward (no split heads, or a task of tiny weight computed
             # alone) holds the flow back through f, which the second stage would add again
