@@ -15,10 +15,12 @@ float64), the reference every engine, this one included, is tested against.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from typing import cast
 
 import torch
+from torch.overrides import has_torch_function
 
 from gradlens.engines._base import (
     BackwardContext,
@@ -28,7 +30,6 @@ from gradlens.engines._base import (
     Workspace,
     accumulate_grad,
     accumulate_grads,
-    compute_dtype,
     group_by_layer,
     new_grad,
 )
@@ -36,6 +37,7 @@ from gradlens.engines._base import (
 __all__ = [
     "CHUNK",
     "FlatEngine",
+    "FlatViews",
     "GramPlan",
     "LoopEngine",
     "fill_row",
@@ -44,7 +46,9 @@ __all__ = [
     "layer_columns",
     "layer_grams_from_grads",
     "loop_task_grads",
+    "task_grad",
     "write_flat",
+    "write_views",
 ]
 
 #: Largest ``T x P`` buffer (bytes) kept from one probe to the next on CPU.
@@ -52,6 +56,12 @@ KEEP = 64 << 20
 
 #: Columns of one Gram product: float32 products sum at most this many terms before float64.
 CHUNK = 1 << 16
+
+#: What ``torch.autograd.grad`` calls once it has checked its arguments (torch >= 2.4): the
+#: engine's backward, with autograd's logging hooks and context. None: not in this torch.
+_RUN_BACKWARD: Callable[..., tuple[torch.Tensor | None, ...]] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None
+)
 
 
 def loop_task_grads(
@@ -209,19 +219,42 @@ def write_flat(
     parameter without ``.grad`` gets a copy of its slice (a tensor of its own, as autograd's
     fresh gradient; the common case after ``zero_grad()``), in one call per parameter. The
     parameters in ``skip`` (by id) are left alone."""
-    views: list[torch.Tensor] = []
+    # one call for every slice viewed in its parameter's shape (a split and a view per
+    # parameter cost about as much as the copies on small parameters)
+    write_views(params, torch._C._nn.unflatten_dense_tensors(flat, list(params)), skip)
+
+
+def write_views(
+    params: Sequence[torch.Tensor],
+    views: Sequence[torch.Tensor],
+    skip: AbstractSet[int] = frozenset(),
+) -> None:
+    """:func:`write_flat` from the slices already viewed in their parameters' shapes."""
     rest: list[torch.Tensor] = []
-    for p, v in zip(params, torch.split_with_sizes(flat, [p.numel() for p in params])):
+    grads: list[torch.Tensor] = []
+    for p, v in zip(params, views):
         if skip and id(p) in skip:
             continue
         if p.grad is None and v.dtype is p.dtype:
-            v = v.view(p.shape)
             p.grad = v.clone() if p.is_contiguous() else new_grad(p, v)
         else:
             rest.append(p)
-            views.append(v.view(p.shape))
+            grads.append(v)
     if rest:
-        accumulate_grads(rest, views)
+        accumulate_grads(rest, grads)
+
+
+class FlatViews:
+    """Each parameter's slice of every row of a kept ``T x P`` buffer ``J``, viewed in the
+    parameter's shape, made once: a probe reusing the buffer (the engines' workspace) copies
+    each task's gradients into its row by one ``torch._foreach_copy_``, without a reshape per
+    gradient and a concatenation. Holds ``J``: keep it only as long as ``J`` is kept anyway.
+    """
+
+    def __init__(self, J: torch.Tensor, params: Sequence[torch.Tensor], columns: object) -> None:
+        self.source, self.columns = J, columns
+        #: ``rows[t][k]``: parameter ``k``'s slice of ``J[t]``
+        self.rows = [torch._C._nn.unflatten_dense_tensors(row, list(params)) for row in J]
 
 
 class FlatEngine(Engine):
@@ -232,8 +265,9 @@ class FlatEngine(Engine):
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         super().__init__(shared, n_tasks)
         self._workspace = Workspace()
-        self._cols: tuple[tuple[int, ...], dict[str, list[tuple[int, int]]]] | None = None
+        self._cols: tuple[tuple[object, ...], dict[str, list[tuple[int, int]]]] | None = None
         self._plan: GramPlan | None = None
+        self._views: FlatViews | None = None
 
     def detach(self) -> None:
         self.release()
@@ -241,14 +275,15 @@ class FlatEngine(Engine):
     def release(self) -> None:
         self._workspace.clear()
         self._plan = None
+        self._views = None
 
     def flat_buffer(self, rows: int, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """An uninitialised ``rows x P`` buffer in the parameters' (promoted) dtype, float32 at
         least; reused from one probe to the next on CPU up to :data:`KEEP` bytes."""
-        dtype = compute_dtype(params[0].dtype)
-        for p in params[1:]:
-            dtype = torch.promote_types(dtype, p.dtype)
-        shape = (rows, sum(p.numel() for p in params))
+        dtype = torch.float32  # (promoted once per distinct dtype: one, as a rule)
+        for d in {p.dtype for p in params}:
+            dtype = torch.promote_types(dtype, d)
+        shape = (rows, sum([p.numel() for p in params]))
         if shape[0] * shape[1] * dtype.itemsize <= KEEP:
             return self._workspace.get("J", shape, dtype, params[0].device)
         # not held between probes: training would carry it at every step
@@ -267,7 +302,7 @@ class FlatEngine(Engine):
         where the plain backward has none), so only the loop engine writes them."""
         if not ctx.write or ctx.keep_blocks:
             return []
-        ids = {id(p) for p in params}
+        ids = set(map(id, params))
         return [v for i, v in ctx.leaves.items() if i not in ids]
 
     def flat_result(
@@ -305,7 +340,7 @@ class FlatEngine(Engine):
             return EngineResult(grams, rules, set(), writer=write, stacked=stacked)
         # the weighted sum as one product over the flattened per-task gradients
         write_flat(params, ctx.weights.to(J.dtype) @ J, skip=sparse.keys())
-        for p in params:
+        for p in params if sparse else ():
             parts = sparse.get(id(p))
             g = None if parts is None else _weighted(parts, ctx.weights)
             if g is not None:
@@ -313,7 +348,8 @@ class FlatEngine(Engine):
         for leaf, g in others:
             if g is not None:
                 accumulate_grad(leaf, g)
-        written = {id(p) for p in [*params, *(v for v, _ in others)]}
+        written = set(map(id, params))
+        written.update(id(v) for v, _ in others)
         return EngineResult(grams, rules, written, stacked=stacked)
 
     def _grams(
@@ -329,9 +365,22 @@ class FlatEngine(Engine):
             plan = self._plan = GramPlan(J, columns)
         return plan.layers, plan.run()
 
+    def flat_views(self, J: torch.Tensor, params: list[torch.Tensor]) -> FlatViews | None:
+        """The :class:`FlatViews` of ``J``, kept while ``J`` is the workspace's buffer and the
+        parameter set is the last probe's; None for a buffer not kept between probes."""
+        if not self._workspace.holds("J", J):
+            return None
+        columns = self._columns(params)
+        views = self._views
+        if views is None or views.source is not J or views.columns is not columns:
+            views = self._views = FlatViews(J, params, columns)
+        return views
+
     def _columns(self, params: list[torch.Tensor]) -> dict[str, list[tuple[int, int]]]:
-        """:func:`layer_columns` of ``params``, kept for the parameter set of the last probe."""
-        key = tuple(map(id, params))
+        """:func:`layer_columns` of ``params``, kept for the parameter set of the last probe
+        (the same parameters with the same shapes: a parameter whose ``.data`` was replaced by
+        one of another shape gets new columns, and the plan and views made from them)."""
+        key = tuple([(id(p), p.shape) for p in params])
         if self._cols is None or self._cols[0] != key:
             self._cols = (key, layer_columns(self.shared, params))
         return self._cols[1]
@@ -350,13 +399,18 @@ class LoopEngine(FlatEngine):
             return EngineResult({})
         losses = ctx.per_task()
         J = self.flat_buffer(len(losses), params)
+        views = self.flat_views(J, params)
         rest = self.other_leaves(ctx, params)
-        inputs, n = [*params, *rest], len(params)
+        inputs, n = (*params, *rest), len(params)
+        direct = _RUN_BACKWARD is not None and not has_torch_function((*losses, *inputs))
         rest_sum: list[torch.Tensor | None] = [None] * len(rest)
         # shared parameters with a sparse gradient: their J rows densified, the tasks' sparse
         # gradients kept for a sparse weighted gradient
         sparse_at = [k for k, p in enumerate(params) if id(p) in ctx.sparse] if ctx.sparse else []
         sparse: dict[int, list[torch.Tensor | None]] = {id(params[k]): [] for k in sparse_at}
+        # each row by one copy into the parameters' views of it when every gradient is a dense
+        # tensor (fill_row otherwise: zeros for an unreached parameter, a sparse one densified)
+        rows = None if views is None or sparse_at else views.rows
         # each task's weight once per dtype of the leaves it multiplies (not an index and a cast
         # per leaf and task): the same products
         w_of: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -366,8 +420,12 @@ class LoopEngine(FlatEngine):
         for t, loss in enumerate(losses):
             # the last backward frees the graph, as the weighted backward it replaces would
             keep = ctx.retain_graph or t < T - 1 or not rest
-            gs = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
-            fill_row(J[t], params, gs[:n])
+            gs = task_grad(loss, inputs, keep, direct)
+            own = gs[:n]
+            if rows is not None and all(g is not None for g in own):
+                torch._foreach_copy_(rows[t], cast("tuple[torch.Tensor, ...]", own))  # no None
+            else:
+                fill_row(J[t], params, own)
             for k in sparse_at:
                 sparse[id(params[k])].append(gs[k])
             for j, g in enumerate(gs[n:]):  # a head: reached by its own task only, as a rule
@@ -379,6 +437,26 @@ class LoopEngine(FlatEngine):
                     prev = rest_sum[j]
                     rest_sum[j] = part if prev is None else prev + part
         return self.flat_result(ctx, params, J, list(zip(rest, rest_sum)), sparse)
+
+
+def task_grad(
+    loss: torch.Tensor, inputs: tuple[torch.Tensor, ...], keep: bool, direct: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)``.
+
+    ``direct`` (plain tensors only, no ``__torch_function__`` to dispatch to): the same backward
+    by the engine call that ``autograd.grad`` ends in, without the argument handling around it
+    (a Python pass over ``inputs``, ~30 us a call at 34 inputs); the loss's own cotangent is
+    ``ones_like(loss)``, as there (a non-scalar or gradient-free loss raises as there: the
+    engine checks the same).
+    """
+    if not direct or _RUN_BACKWARD is None:
+        return torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
+    if loss.numel() != 1:  # autograd.grad's own message, from its argument handling
+        return torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
+    return _RUN_BACKWARD(
+        (loss,), (torch.ones_like(loss),), keep, False, inputs, True, accumulate_grad=False
+    )
 
 
 def fill_row(

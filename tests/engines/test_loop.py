@@ -198,3 +198,107 @@ def test_a_dense_gradient_adds_to_a_sparse_grad_out_of_place():
     accumulate_grad(p, torch.full((5, 2), 0.5, dtype=torch.float64))
     assert not p.grad.is_sparse
     assert p.grad.sum().item() == 5 * 2 * 0.5 + 4
+
+
+class _ConvAndSide(nn.Module):
+    """A channels-last convolution, and a layer only task t0's loss reaches (its gradient is
+    None in the other tasks' backward passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3).double().to(memory_format=torch.channels_last)
+        self.side = nn.Linear(4, 1).double()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.conv(x)).mean((2, 3))
+        return h, self.side(h)
+
+
+def test_the_kept_views_write_grads_of_their_own_every_probe():
+    torch.manual_seed(0)
+    trunk = _ConvAndSide()
+    heads = nn.ModuleList([nn.Linear(4, 2).double() for _ in range(3)])
+    w = {"t0": 0.2, "t1": 0.5, "t2": 0.3}
+    params = [*trunk.parameters(), *heads.parameters()]
+
+    def losses(x):
+        h, side = trunk(x)
+        out = {t: (head(h) ** 2).mean() for t, head in zip(w, heads)}
+        out["t0"] = out["t0"] + (side**2).mean()
+        return out
+
+    def plain(x):
+        return torch.autograd.grad(sum(w[t] * v for t, v in losses(x).items()), params)
+
+    xs = [torch.randn(5, 3, 6, 6, dtype=torch.float64) for _ in range(3)]
+    with gl.Profiler(trunk, list(w), engine="loop") as prof:
+        eng = prof._engine
+        kept, views = [], None
+        for i, x in enumerate(xs):
+            if i < 2:  # the third probe accumulates into the second's .grad
+                for p in params:
+                    p.grad = None
+            snap = prof.backward(losses(x), w)
+            ref = reference_grams(losses(x), trunk)
+            for layer, g in ref.layer_grams.items():
+                assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+            want = plain(x)
+            if i == 2:
+                want = [a + b for a, b in zip(plain(xs[1]), want)]
+            for p, g in zip(params, want):
+                torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+            assert trunk.conv.weight.grad.stride() == trunk.conv.weight.stride()
+            if i == 0:  # the next probes rewrite the kept buffers: these stay as they are
+                kept = [(p.grad, p.grad.clone()) for p in trunk.parameters()]
+            if i > 0:
+                assert views is None or eng._views is views  # made once, then reused
+                views = eng._views
+    assert views is not None
+    for g, copy in kept:
+        torch.testing.assert_close(g, copy, rtol=0.0, atol=0.0)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_task_grad_is_autograd_grad(direct):
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    unused = torch.ones(2, requires_grad=True)
+    loss = (x.sin() ** 2).sum()
+    got = loop.task_grad(loss, (x, unused), True, direct)
+    want = torch.autograd.grad(loss, (x, unused), retain_graph=True, allow_unused=True)
+    torch.testing.assert_close(got[0], want[0], rtol=0.0, atol=0.0)
+    assert got[1] is None
+    assert want[1] is None
+    got = loop.task_grad(loss, (x,), False, direct)  # frees the graph, as autograd.grad
+    with pytest.raises(RuntimeError, match="a second time"):
+        loop.task_grad(loss, (x,), False, direct)
+    with pytest.raises(RuntimeError, match="only for scalar outputs"):
+        loop.task_grad(x.sin(), (x,), False, direct)
+
+
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_a_parameter_given_data_of_another_shape_gets_new_columns(engine):
+    # the same Parameter object, its .data replaced (another input width): the kept columns,
+    # Gram plan and row views follow the new shape (they were kept by the parameters' ids)
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    heads = nn.ModuleList([nn.Linear(5, 1).double() for _ in range(2)])
+    xs = [torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 7, dtype=torch.float64)]
+
+    def losses(x):
+        z = trunk(x)
+        return {f"t{i}": (h(z) ** 2).mean() for i, h in enumerate(heads)}
+
+    with gl.Profiler(trunk, ["t0", "t1"], engine=engine) as prof:
+        for step in range(4):
+            if step == 2:
+                trunk[0].weight.data = torch.randn(6, 7, dtype=torch.float64)
+            x = xs[step >= 2]
+            for p in [*trunk.parameters(), *heads.parameters()]:
+                p.grad = None
+            snap = prof.backward(losses(x))
+            ref = reference_grams(losses(x), trunk)
+            for layer, g in ref.layer_grams.items():
+                assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+            plain = torch.autograd.grad(sum(losses(x).values()), list(trunk.parameters()))
+            for p, g in zip(trunk.parameters(), plain):
+                torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
