@@ -450,13 +450,16 @@ def task_grad(
     ``ones_like(loss)``, as there (a non-scalar or gradient-free loss raises as there: the
     engine checks the same).
     """
-    if not direct or _RUN_BACKWARD is None:
-        return torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
-    if loss.numel() != 1:  # autograd.grad's own message, from its argument handling
-        return torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
-    return _RUN_BACKWARD(
-        (loss,), (torch.ones_like(loss),), keep, False, inputs, True, accumulate_grad=False
-    )
+    global _RUN_BACKWARD
+    run = _RUN_BACKWARD
+    if direct and run is not None and loss.numel() == 1:  # (else autograd.grad's own message)
+        try:
+            return run(
+                (loss,), (torch.ones_like(loss),), keep, False, inputs, True, accumulate_grad=False
+            )
+        except TypeError:  # a torch whose private engine call takes other arguments: its
+            _RUN_BACKWARD = None  # arguments are parsed before anything runs; the public call
+    return torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
 
 
 def fill_row(

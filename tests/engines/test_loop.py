@@ -275,6 +275,20 @@ def test_task_grad_is_autograd_grad(direct):
         loop.task_grad(x.sin(), (x,), False, direct)
 
 
+def test_task_grad_falls_back_to_autograd_grad_on_another_engine_signature(monkeypatch):
+    """A torch whose private engine call takes other arguments (a TypeError, raised while
+    parsing them, before anything runs): the public call from then on."""
+
+    def other_signature(*args, **kwargs):
+        raise TypeError("run_backward() got an unexpected keyword argument")
+
+    monkeypatch.setattr(loop, "_RUN_BACKWARD", other_signature)
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    (g,) = loop.task_grad((x**2).sum(), (x,), False, True)
+    torch.testing.assert_close(g, 2 * x, rtol=0.0, atol=0.0)
+    assert loop._RUN_BACKWARD is None
+
+
 @pytest.mark.parametrize("engine", ["loop", "batched"])
 def test_a_parameter_given_data_of_another_shape_gets_new_columns(engine):
     # the same Parameter object, its .data replaced (another input width): the kept columns,
