@@ -34,8 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--zoo",
         action="store_true",
-        help="real-model benchmark: the Hugging Face trunks (tiny configs, random init; needs "
-        "the zoo extra) plus mlp-1m and cnn-1m, T = 3,8, batch 4 (each unless given)",
+        help="real-model benchmark: the Hugging Face trunks (random init; needs the zoo extra) "
+        "plus mlp-1m and cnn-1m, T = 3,8, batch 4 (--size small) or 8 (--size base), each "
+        "unless given",
+    )
+    p.add_argument(
+        "--size",
+        default="small",
+        help="the Hugging Face trunks' dimensions: small (default; hidden 64, 2 layers, length "
+        "32, 32x32 images) or base (hidden 256, 4 heads, 2 layers, length 64, 64x64 images, "
+        "CNN stages 32-256 wide); mlp-1m and cnn-1m are sized by their names",
     )
     p.add_argument(
         "--methods",
@@ -44,7 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated among {', '.join(METHODS)}; multi-task optimization methods "
         f"(not run by default): {', '.join(WEIGHTED_METHODS)}",
     )
-    p.add_argument("--batch", type=positive_int, default=None, help="default 128 (4 with --zoo)")
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=None,
+        help="default 128 (with --zoo: 4, or 8 with --size base)",
+    )
     p.add_argument("--repeats", type=positive_int, default=7)
     p.add_argument(
         "--clock",
@@ -82,7 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gradlens.bench import (
+        ZOO_BATCH,
         ZOO_MODELS,
+        check_size,
         format_table,
         hardware_info,
         measure_peak_memory,
@@ -96,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
         args.models = list(ZOO_MODELS) if args.zoo else ["mlp-1m", "cnn-1m"]
     if args.tasks is None:
         args.tasks = [3, 8] if args.zoo else [2, 8, 40]
+    size = check_size(args.size)  # before any default is read from it
     if args.batch is None:
-        args.batch = 4 if args.zoo else 128
+        args.batch = ZOO_BATCH[size] if args.zoo else 128
 
     rows = run_benchmark(
         args.models,
@@ -112,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         amortise=() if args.zoo else (10, 100),
         memory=args.zoo or args.tensor_memory,
         warm_probes=args.warm_probes,
+        size=size,
     )
     print(format_table(rows))
     if any("peak_mib" in r for r in rows):
@@ -130,14 +147,20 @@ def run(args: argparse.Namespace) -> int:
             if "vs_best_engine" in r:
                 best = f"; fastest {r['vs_best_engine']:.3f}x ({r['paired_vs_best_engine']:.3f}x)"
             print(f"  {r['model']:<12} T={r['tasks']:<3} {r['chose']}  {against}{best}")
-    out: dict[str, object] = {"hardware": hardware_info(args.device, args.clock), "time": rows}
+    out: dict[str, object] = {
+        "hardware": hardware_info(args.device, args.clock),
+        "size": size,
+        "time": rows,
+    }
     if args.memory:
         mem = []
         for model in args.models:
             for T in args.tasks:
                 have = _has_torchjd()
                 for m in [m for m in args.methods if (m != "torchjd" and "+" not in m) or have]:
-                    mem.append(measure_peak_memory(model, T, m, args.batch, device=args.device))
+                    mem.append(
+                        measure_peak_memory(model, T, m, args.batch, device=args.device, size=size)
+                    )
                     say(f"memory {model} T={T} {m}: {mem[-1]['peak_mib']:.0f} MiB")
         print()
         what = {"rss": "resident memory", "cuda_allocated": "allocated CUDA memory"}
