@@ -9,9 +9,10 @@ The Grams (float64) agree with the loop reference on the same autocast forward t
 (measured <= 1.2e-5) for the engines that backpropagate as the loop does; the gramian engine's
 rules form the weight gradients in float32 from the recorded half-precision inputs and output
 gradients, where the loop rounds each per-task weight gradient to the half type, so there the
-agreement is the half type's rounding, per layer: <= 1e-2 (bf16) and 2e-3 (fp16), as for
-``.grad``. The Grams never depend on the task weights (rows are not captured as ``w_t g_t`` in
-half precision). Without autocast, scaling is exact.
+agreement is the half type's rounding, per layer: <= 1e-2 (bf16) and 2e-3 (fp16) on these
+models, as for ``.grad`` (tiny random layers, with fewer entries to average the rounding out:
+2e-2 / 5e-3, tests/engines/test_fuzz_engines.py). The Grams never depend on the task weights
+(rows are not captured as ``w_t g_t`` in half precision). Without autocast, scaling is exact.
 """
 
 from __future__ import annotations
@@ -185,3 +186,35 @@ def test_a_disabled_scaler_does_not_scale():
     with prof:
         snap = prof.backward(losses, grad_scale=torch.amp.GradScaler("cpu", enabled=False))
     assert _gram_err(snap.gram, ref.gram) <= 1e-10
+
+
+@pytest.mark.parametrize("engine", ["gramian", "auto"])
+def test_a_loss_computed_in_half_precision_with_a_generic_layer(engine):
+    """A squared loss written by hand under autocast stays bf16 (autocast widens only listed
+    ops such as cross entropy), so the weights are bf16 too; a layer on the generic path then
+    got its weighted gradient from a bf16 x float32 product (a RuntimeError before; found by
+    tests/engines/test_fuzz_engines.py's models under autocast)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    trunk = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), lin, torch.nn.GELU())
+    trunk.register_forward_hook(lambda m, a, out: lin(out))  # a second use: generic path
+    heads = torch.nn.ModuleList([torch.nn.Linear(4, 1) for _ in W])
+    params = _params(trunk, heads)
+    with gl.Profiler(trunk, list(W), engine=engine) as prof:
+        for _ in range(4):  # auto: each candidate, then its choice
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                z = trunk(torch.randn(6, 5))
+                losses = {t: (h(z) ** 2).mean() for t, h in zip(W, heads)}
+            assert all(v.dtype == torch.bfloat16 for v in losses.values())
+            plain = torch.autograd.grad(
+                sum(W[t] * v for t, v in losses.items()), params, retain_graph=True
+            )
+            ref = reference_grams(losses, trunk)
+            snap = prof.backward(losses, W)
+            if snap.engine == "gramian":
+                assert "generic" in snap.rules.values()
+            for layer, g in ref.layer_grams.items():
+                assert _gram_err(snap.layer_grams[layer], g) <= GRAD_TOL[torch.bfloat16]
+            assert _rel([p.grad for p in params], list(plain)) <= GRAD_TOL[torch.bfloat16]
+            for p in params:
+                p.grad = None

@@ -32,7 +32,7 @@ from gradlens.engines._base import (
 )
 from gradlens.engines._graph import GraphIndex
 
-__all__ = ["HeadSplit", "capture_rows", "split_heads"]
+__all__ = ["HeadSplit", "capture_rows", "split_heads", "task_scales"]
 
 #: A task whose weight is below this fraction of the largest weight is computed on its own.
 _SMALL = 1e-8

@@ -27,7 +27,7 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 from gradlens.engines._graph import GraphIndex
 
-__all__ = ["plan_from_index", "plan_segments", "segmented"]
+__all__ = ["fed_tops", "plan_from_index", "plan_segments", "segmented"]
 
 #: Steps of the dominator-tree walks above which the cut search is skipped (one segment).
 _MAX_WORK = 400_000
@@ -202,6 +202,36 @@ def _strictly_dominates(a: int, b: int, idom: dict[int, int], depth: dict[int, i
     return a == b
 
 
+def fed_tops(edges: Sequence[GradientEdge], graph: GraphIndex | None) -> set[Node]:
+    """The nodes of ``edges`` that the backward from another of ``edges`` reaches (a boundary
+    output computed from another one); memoized by signature and positions on ``graph``."""
+    if len(edges) < 2:
+        return set()
+    if graph is None or any(e.node not in graph.pos for e in edges):
+        graph = GraphIndex.from_roots([e.node for e in edges])
+    g = graph
+    start = tuple(g.pos[e.node] for e in edges)
+    fed = g.memo(("fed-tops", start), lambda: _fed_positions(g, start))
+    return {g.nodes[i] for i in fed}
+
+
+def _fed_positions(g: GraphIndex, start: tuple[int, ...]) -> frozenset[int]:
+    tops = set(start)
+    fed: set[int] = set()
+    for i in tops:
+        seen: set[int] = set()
+        todo = [j for j, _ in g.edges[i]]
+        while todo:
+            j = todo.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            if j in tops:
+                fed.add(j)
+            todo += [k for k, _ in g.edges[j]]
+    return frozenset(fed)
+
+
 def _leaf_node(t: torch.Tensor) -> Node:
     return get_gradient_edge(t).node
 
@@ -219,7 +249,11 @@ def segmented(
     """Gradients of ``inputs`` from cotangents ``cot`` at ``edges``, one backward per segment
     (consecutive segments merged while the bytes of their ``inputs``' blocks stay <= ``limit``),
     yielded as one batch ``[(index in inputs, gradient)]`` per backward call."""
-    at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot)}
+    # a recorded output at the boundary gets its captured cotangent as is, unless another
+    # boundary output is computed from it (``return z, f(z)``): its gradient then also holds
+    # what flows back through f, and it is asked of the backward like any other target
+    fed = fed_tops(edges, graph)
+    at_boundary = {(e.node, e.output_nr): c for e, c in zip(edges, cot) if e.node not in fed}
     rest: list[int] = []
     first: list[tuple[int, torch.Tensor | None]] = []
     for i, x in enumerate(inputs):

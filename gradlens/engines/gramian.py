@@ -47,9 +47,9 @@ from gradlens.engines._base import (
     per_task_grad,
 )
 from gradlens.engines._batching import LEGACY_FAST, SDPA_NODE, segment_backward
-from gradlens.engines._capture import capture_rows, split_heads
+from gradlens.engines._capture import capture_rows, split_heads, task_scales
 from gradlens.engines._graph import GraphIndex
-from gradlens.engines._segments import segmented
+from gradlens.engines._segments import fed_tops, segmented
 from gradlens.engines.rules import Rule, served_modules
 from gradlens.engines.rules._groups import GROUPED, grouped
 
@@ -218,7 +218,8 @@ class GramianEngine(Engine):
             grams[layer] = unscale * gram_of_rows([gen_grads[id(p)] for p in ps])
             rules[layer] = "generic"
             for p in ps if not keep else ():
-                accumulate_grad(p, torch.tensordot(v, gen_grads[id(p)], dims=1))
+                g = gen_grads[id(p)]
+                accumulate_grad(p, torch.tensordot(v.to(g.dtype), g, dims=1))
         ordered = {layer: grams[layer] for layer in by_layer}
         written = {id(p) for p in params} | {id(p) for p in heads}
         if keep:
@@ -406,16 +407,21 @@ class GramianEngine(Engine):
             [],
         )
         if not live:
-            return *plain, iter([list(enumerate(batched_grad(ctx.losses, inputs)))])
+            return *plain, _from_losses(ctx, inputs)
         stop = {b.edge.node for b in live}
         inside = {r.edge.node for recs in rule_layers.values() for r in recs}
         graph = ctx.graph if ctx.graph is not None else GraphIndex.build(ctx.losses)
         if graph.reaches_past(stop, inside, {id(p) for p in self.shared.params}):
-            return *plain, iter([list(enumerate(batched_grad(ctx.losses, inputs)))])
+            return *plain, _from_losses(ctx, inputs)
         edges = [b.edge for b in live]
         shapes = [b.out_shape for b in live]
         dtypes = [b.input.dtype for b in live]
         split = split_heads(ctx.per_task(), edges, ctx.uses, dtypes, graph)
+        if (split is None or task_scales(ctx.weights)[2]) and fed_tops(edges, graph):
+            # a shared output computed from another (``return z, f(z)``): a task's gradient at
+            # z taken by its own backward (no split heads, or a task of tiny weight computed
+            # alone) holds the flow back through f, which the second stage would add again
+            return *plain, _from_losses(ctx, inputs)
         if split is None:
             cot = per_task_grad(ctx.per_task(), edges, shapes)
             u, v, heads = plain
@@ -465,6 +471,13 @@ class GramianEngine(Engine):
         return _reduced(ctx, rule_layers) and (
             bool(generic) or any(self._modules[layer][1].name != "linear" for layer in rule_layers)
         )
+
+
+def _from_losses(
+    ctx: BackwardContext, inputs: list[torch.Tensor | GradientEdge]
+) -> Iterator[list[tuple[int, torch.Tensor | None]]]:
+    """The inputs' gradients from one batched backward of the T losses (exact in every case)."""
+    return iter([list(enumerate(batched_grad(ctx.losses, inputs)))])
 
 
 def _reduced(ctx: BackwardContext, rule_layers: Mapping[str, list[_Record]]) -> bool:

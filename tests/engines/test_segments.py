@@ -377,3 +377,51 @@ def test_types_between_lists_what_the_backward_runs(seed):
     nodes = [t.node if isinstance(t, GradientEdge) else get_gradient_edge(t).node for t in targets]
     assert index.types_between([out.grad_fn], nodes) == {type(n).__name__ for n in ran}
     assert ran  # (the check compares something)
+
+
+# -- a shared output computed from another one (found by tests/engines/test_fuzz_engines.py) --
+
+
+class _TwoOutputs(nn.Module):
+    """A trunk returning its last layer's output and a function of it: the backward from the
+    second output also flows into the first, whose own cotangent is not its whole gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.b(torch.tanh(self.a(x)))
+        return z, z.sin()
+
+
+@pytest.mark.parametrize("engine", ["gramian", "batched", "loop"])
+@pytest.mark.parametrize("heads_kind", ["split", "one-node", "tiny-weight"])
+def test_a_shared_output_computed_from_another_is_exact(engine, heads_kind):
+    torch.manual_seed(0)
+    trunk = _TwoOutputs().double()
+    T = 3
+    one = heads_kind == "one-node"  # one head node for all tasks: no split, a backward each
+    heads = nn.ModuleList([nn.Linear(4, T)] if one else [nn.Linear(4, 1) for _ in range(T)])
+    heads = heads.double()
+    tasks = [f"t{t}" for t in range(T)]
+    # a weight far below the others: that task's rows come from a backward of its own
+    w = {"t0": 1e-9 if heads_kind == "tiny-weight" else 0.3, "t1": 0.5, "t2": 1.0}
+    params = [*trunk.parameters(), *heads.parameters()]
+    with gl.Profiler(trunk, tasks, engine=engine) as prof:
+        for _ in range(2):
+            z, z2 = trunk(torch.randn(3, 5, dtype=torch.float64))
+            ys = heads[0](z).unbind(1) if one else [h(z).squeeze(1) for h in heads]
+            losses = {t: (y**2).mean() * (i + 1) for i, (t, y) in enumerate(zip(tasks, ys))}
+            losses["t2"] = losses["t2"] + z2.square().mean()
+            ref = reference_grams(losses, trunk)
+            plain = torch.autograd.grad(
+                sum(w[t] * v for t, v in losses.items()), params, retain_graph=True
+            )
+            snap = prof.backward(losses, w)
+            for layer, g in ref.layer_grams.items():
+                assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+            for p, want in zip(params, plain):
+                torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12)
+                p.grad = None

@@ -126,3 +126,40 @@ def test_zoo_trunk_matches_the_loop_reference_on_cuda(name, engine):
         got = torch.zeros_like(p) if p.grad is None else p.grad
         assert got.device.type == "cuda"
         torch.testing.assert_close(got, want, rtol=1e-9, atol=GRAD_ATOL.get(name, 1e-12))
+
+
+@pytest.mark.parametrize("engine", ["gramian", "auto"])
+def test_bert_with_its_pooler_read_beside_its_hidden_states(engine):
+    """``BertModel`` as the shared part, heads on both ``last_hidden_state`` and
+    ``pooler_output`` (computed from it): the last norm layer's gradient also flows back from
+    the pooler (the gramian engine missed that flow before; tests/engines/test_fuzz_engines.py)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    bert = tf.BertModel(cfg).double()
+    heads = nn.ModuleList([nn.Linear(16, 1) for _ in W]).double()
+    params = [p for p in [*bert.parameters(), *heads.parameters()] if p.requires_grad]
+    with gl.Profiler(bert, list(W), engine=engine) as prof:
+        for _ in range(4):  # auto: each candidate in turn, then its choice
+            out = bert(torch.randint(0, 50, (2, 6)))
+            z = [out.pooler_output, out.last_hidden_state[:, 0], out.last_hidden_state.mean(1)]
+            losses = {t: (h(z[i]) ** 2).mean() * (i + 1) for i, (t, h) in enumerate(zip(W, heads))}
+            losses["c"] = losses["c"] + out.pooler_output.square().mean()
+            ref = reference_grams(losses, bert)
+            plain = torch.autograd.grad(
+                sum(W[t] * v for t, v in losses.items()), params, retain_graph=True,
+                allow_unused=True,
+            )  # fmt: skip
+            snap = prof.backward(losses, W)
+            for layer, g in ref.layer_grams.items():
+                assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+            for p, g in zip(params, plain):
+                want = torch.zeros_like(p) if g is None else g
+                got = torch.zeros_like(p) if p.grad is None else p.grad
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+                p.grad = None
