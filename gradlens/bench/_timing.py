@@ -95,11 +95,12 @@ def run_benchmark(
     is timed on the probe after ``warm_probes`` more untimed ones of the engine it chose
     (:meth:`gradlens.bench._setup._Setup.warm`): the same distance from its profiler's creation,
     and from the memory the losing candidates freed, as an engine's timed probe from its own
-    profiler's creation (its first probe after the choice pays the page faults of that memory:
-    the MLP 1M at T = 8, batch 4, 6.6 ms against 5.7 ms); its row also holds what it chose
-    (``chose``) and its time against each exact engine timed in the run (``vs_engines``, ratios
-    of medians; ``paired_vs_engines``, medians of the ratios within a repeat) and against the
-    fastest of them (``vs_best_engine``, ``paired_vs_best_engine``).
+    profiler's creation (the MLP 1M at T = 8, batch 4: ``auto``'s first, second and fifth probes
+    after its choice 1.13x, 1.04x and 1.00x ``gramian``'s fifth, ``benchmarks/auto_position.py``);
+    its row also holds what it chose (``chose``) and its time against each exact engine timed in
+    the run (``vs_engines``, ratios of medians; ``paired_vs_engines``, medians of the ratios
+    within a repeat) and against the fastest of them (``vs_best_engine``,
+    ``paired_vs_best_engine``).
 
     The unprobed steps are timed on a profiler made fresh for each timing with
     ``every=10**9``, so it probes its step 0 only: step 1 is the after-probe step, step 2 a
