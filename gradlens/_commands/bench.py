@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gradlens._commands._args import positive_int, positive_ints
 
@@ -100,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
         check_size,
         format_table,
         hardware_info,
-        measure_peak_memory,
         run_benchmark,
     )
 
@@ -134,56 +135,70 @@ def run(args: argparse.Namespace) -> int:
     if any("peak_mib" in r for r in rows):
         print("\npeak of live tensor bytes in a steady-state step, above the model and batch")
         print(format_table(rows, key="peak_mib"))
-    picks = [r for r in rows if r["method"] == "auto" and r.get("chose")]
-    if picks:
-        print("\nauto chose (one fresh choice per repeat), and its time over each engine's:")
-        for r in picks:
-            paired = r.get("paired_vs_engines", {})
-            against = ", ".join(
-                f"{e} {q:.3f}x (paired {paired[e]:.3f}x)"
-                for e, q in r.get("vs_engines", {}).items()
-            )
-            best = ""
-            if "vs_best_engine" in r:
-                best = f"; fastest {r['vs_best_engine']:.3f}x ({r['paired_vs_best_engine']:.3f}x)"
-            print(f"  {r['model']:<12} T={r['tasks']:<3} {r['chose']}  {against}{best}")
+    _print_picks(rows)
     out: dict[str, object] = {
         "hardware": hardware_info(args.device, args.clock),
         "size": size,
         "time": rows,
     }
     if args.memory:
-        mem = []
-        for model in args.models:
-            for T in args.tasks:
-                have = _has_torchjd()
-                for m in [m for m in args.methods if (m != "torchjd" and "+" not in m) or have]:
-                    mem.append(
-                        measure_peak_memory(model, T, m, args.batch, device=args.device, size=size)
-                    )
-                    say(f"memory {model} T={T} {m}: {mem[-1]['peak_mib']:.0f} MiB")
-        print()
-        what = {"rss": "resident memory", "cuda_allocated": "allocated CUDA memory"}
-        kinds = sorted({what.get(r.get("memory", ""), str(r.get("memory"))) for r in mem})
-        print(f"peak {', '.join(kinds)} above the model and batch, one fresh process per method")
-        print(f"{'model':<12}{'T':>4}  " + "  ".join(f"{m:>12}" for m in args.methods))
-        for model in args.models:
-            for T in args.tasks:
-                cells = {
-                    r["method"]: r["peak_mib"]
-                    for r in mem
-                    if r["model"] == model and r["tasks"] == T
-                }
-                print(
-                    f"{model:<12}{T:>4}  "
-                    + "  ".join(
-                        f"{cells[m]:>9.0f}MiB" if m in cells else f"{'-':>12}" for m in args.methods
-                    )
-                )
-        out["memory"] = mem
+        out["memory"] = _memory(args, size, say)
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2))
     return 0
+
+
+def _print_picks(rows: list[dict[str, Any]]) -> None:
+    """What ``auto`` chose per (model, T), and its time over each engine's."""
+    picks = [r for r in rows if r["method"] == "auto" and r.get("chose")]
+    if not picks:
+        return
+    print("\nauto chose (one fresh choice per repeat), and its time over each engine's:")
+    for r in picks:
+        paired = r.get("paired_vs_engines", {})
+        against = ", ".join(
+            f"{e} {q:.3f}x (paired {paired[e]:.3f}x)" for e, q in r.get("vs_engines", {}).items()
+        )
+        best = ""
+        if "vs_best_engine" in r:
+            best = f"; fastest {r['vs_best_engine']:.3f}x ({r['paired_vs_best_engine']:.3f}x)"
+        print(f"  {r['model']:<12} T={r['tasks']:<3} {r['chose']}  {against}{best}")
+
+
+def _memory(
+    args: argparse.Namespace, size: str, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """``--memory``: each method's peak in a fresh process, printed as a table; the rows."""
+    from gradlens.bench import measure_peak_memory
+
+    mem = []
+    for model in args.models:
+        for T in args.tasks:
+            have = _has_torchjd()
+            for m in [m for m in args.methods if (m != "torchjd" and "+" not in m) or have]:
+                mem.append(
+                    measure_peak_memory(model, T, m, args.batch, device=args.device, size=size)
+                )
+                say(f"memory {model} T={T} {m}: {mem[-1]['peak_mib']:.0f} MiB")
+    print()
+    what = {"rss": "resident memory", "cuda_allocated": "allocated CUDA memory"}
+    kinds = sorted({what.get(r.get("memory", ""), str(r.get("memory"))) for r in mem})
+    print(f"peak {', '.join(kinds)} above the model and batch, one fresh process per method")
+    print(f"{'model':<12}{'T':>4}  " + "  ".join(f"{m:>12}" for m in args.methods))
+    for model in args.models:
+        for T in args.tasks:
+            cells = {
+                r["method"]: r["peak_mib"]
+                for r in mem
+                if r["model"] == model and r["tasks"] == T
+            }
+            print(
+                f"{model:<12}{T:>4}  "
+                + "  ".join(
+                    f"{cells[m]:>9.0f}MiB" if m in cells else f"{'-':>12}" for m in args.methods
+                )
+            )
+    return mem
 
 
 def _has_torchjd() -> bool:
