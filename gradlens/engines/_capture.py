@@ -32,7 +32,7 @@ from gradlens.engines._base import (
 )
 from gradlens.engines._graph import GraphIndex
 
-__all__ = ["HeadSplit", "capture_rows", "split_heads", "task_scales"]
+__all__ = ["HeadSplit", "capture_rows", "partial_rows", "split_heads", "task_scales"]
 
 #: A task whose weight is below this fraction of the largest weight is computed on its own.
 _SMALL = 1e-8
@@ -326,3 +326,65 @@ def _buffer(
             else workspace.get(("rows", k), shape, like.dtype, like.device)
         )
     return buf
+
+
+def partial_rows(
+    task_losses: Sequence[torch.Tensor],
+    edges: Sequence[GradientEdge],
+    shapes: Sequence[Sequence[int]],
+    graph: GraphIndex,
+) -> list[torch.Tensor]:
+    """Each task's gradient at ``edges`` as the heads' inputs: what flows into each from the
+    nodes outside the shared part only, not back from another of ``edges`` computed from it
+    (``z, f(z)``), which a backward to ``edges`` would add; one hooked backward per task.
+
+    Returns one ``(T, *shape)`` tensor per edge (zeros where a task does not reach it).
+    """
+    consumers = _outside_consumers(edges, graph)
+    T = len(task_losses)
+    got: list[list[torch.Tensor | None]] = [[None] * T for _ in edges]
+
+    def make(t: int, slots: list[tuple[int, int]]) -> Callable[..., None]:
+        def hook(grad_inputs: tuple[torch.Tensor | None, ...], _: object) -> None:
+            for i, k in slots:
+                g = grad_inputs[i]
+                if g is not None:
+                    row = got[k][t]
+                    got[k][t] = g if row is None else row + g
+
+        return hook
+
+    for t, loss in enumerate(task_losses):
+        handles = [node.register_hook(make(t, slots)) for node, slots in consumers.items()]
+        try:
+            torch.autograd.grad(loss, grad_inputs(edges), retain_graph=True, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+    ref = task_losses[0]
+    zeros = [torch.zeros(tuple(s), dtype=ref.dtype, device=ref.device) for s in shapes]
+    return [torch.stack([z if g is None else g for g in row]) for row, z in zip(got, zeros)]
+
+
+def _outside_consumers(
+    edges: Sequence[GradientEdge], graph: GraphIndex
+) -> dict[Node, list[tuple[int, int]]]:
+    """The nodes with an input slot fed by one of ``edges`` (slot, edge index) that lie above
+    every edge (neither an edge's own node nor reached from one): the heads' side, not ``f`` in
+    ``return z, f(z)``."""
+    pos = graph.pos
+    at: dict[tuple[Node | None, int], int] = {
+        (e.node, e.output_nr): k for k, e in enumerate(edges)
+    }
+    tops = {pos[e.node] for e in edges if e.node in pos}
+    below = graph.descendants(tops)
+    out: dict[Node, list[tuple[int, int]]] = {}
+    for u, kids in enumerate(graph.edges):
+        if u in below or u in tops or not any(c in tops for c, _ in kids):
+            continue
+        node = graph.nodes[u]
+        for i, (fn, nr) in enumerate(node.next_functions):
+            k = at.get((fn, nr))
+            if k is not None:
+                out.setdefault(node, []).append((i, k))
+    return out

@@ -27,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar, cast
 
 import torch
@@ -235,6 +235,23 @@ class GraphIndex:
             _DERIVED.pop(old, None)  # (tolerant of another thread's eviction)
         _DERIVED[full] = got
         return got
+
+    def descendants(self, start: Iterable[int]) -> set[int]:
+        """The positions reached from those in ``start`` by one edge or more.
+
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> g = GraphIndex.build(torch.stack([(x.exp() * 2).sum()]))
+        >>> [g.types[i].__name__ for i in sorted(g.descendants([g.pos[g.nodes[1]]]))]
+        ['MulBackward0', 'ExpBackward0', 'AccumulateGrad']
+        """
+        seen: set[int] = set()
+        todo = [j for i in start for j, _ in self.edges[i]]
+        while todo:
+            j = todo.pop()
+            if j not in seen:
+                seen.add(j)
+                todo += [k for k, _ in self.edges[j]]
+        return seen
 
     def types_between(self, tops: Sequence[Node], targets: Sequence[Node]) -> frozenset[str]:
         """The type names of the nodes a backward from ``tops`` to ``targets`` runs: those below

@@ -217,19 +217,7 @@ def fed_tops(edges: Sequence[GradientEdge], graph: GraphIndex | None) -> set[Nod
 
 def _fed_positions(g: GraphIndex, start: tuple[int, ...]) -> frozenset[int]:
     tops = set(start)
-    fed: set[int] = set()
-    for i in tops:
-        seen: set[int] = set()
-        todo = [j for j, _ in g.edges[i]]
-        while todo:
-            j = todo.pop()
-            if j in seen:
-                continue
-            seen.add(j)
-            if j in tops:
-                fed.add(j)
-            todo += [k for k, _ in g.edges[j]]
-    return frozenset(fed)
+    return frozenset(j for i in tops for j in g.descendants([i]) & tops)
 
 
 def _leaf_node(t: torch.Tensor) -> Node:

@@ -9,7 +9,9 @@ Where every head is its own (see :mod:`gradlens.engines._capture`), the rows are
 during the one weighted backward of ``sum_t w_t L_t`` that training runs anyway, so a probed step
 costs a plain step plus copying T rows and their ``T x T`` product. Otherwise (heads sharing a
 node just above ``z``) one small backward per task through its own head gives the rows, and the
-profiler's ordinary backward the weighted gradient.
+profiler's ordinary backward the weighted gradient. Several features, one computed from another
+inside the shared part (``z, f(z)``): each task's row is its gradient at the features as the
+heads' inputs (MGDA-UB's representation as a whole), taken by one hooked backward per task.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from gradlens.engines._base import (
     gram_of_rows,
     per_task_grad,
 )
-from gradlens.engines._capture import capture_rows, split_heads
+from gradlens.engines._capture import capture_rows, partial_rows, split_heads
+from gradlens.engines._graph import GraphIndex
+from gradlens.engines._segments import fed_tops
 
 __all__ = ["FEATURES_LAYER", "FeaturesEngine"]
 
@@ -52,6 +56,13 @@ class FeaturesEngine(Engine):
         feats = list(ctx.features or ())
         shapes = [z.shape for z in feats]
         edges = [get_gradient_edge(z) for z in feats]
+        graph = ctx.graph if ctx.graph is not None else GraphIndex.build(ctx.losses)
+        if fed_tops(edges, graph):
+            # a feature computed from another (``z, f(z)``): each task's rows as the heads'
+            # inputs, by one hooked backward per task (the same whatever the weights)
+            rows = partial_rows(ctx.per_task(), edges, shapes, graph)
+            rows = [r.to(z.dtype) for r, z in zip(rows, feats)]
+            return EngineResult({FEATURES_LAYER: gram_of_rows(rows)}, {FEATURES_LAYER: "features"})
         split = split_heads(ctx.per_task(), edges, ctx.uses, [z.dtype for z in feats])
         if split is None:
             # one small backward per task: each runs through its own head only

@@ -417,7 +417,7 @@ class GramianEngine(Engine):
         shapes = [b.out_shape for b in live]
         dtypes = [b.input.dtype for b in live]
         split = split_heads(ctx.per_task(), edges, ctx.uses, dtypes, graph)
-        if (split is None or task_scales(ctx.weights)[2]) and fed_tops(edges, graph):
+        if fed_tops(edges, graph) and (split is None or task_scales(ctx.weights)[2]):
             # a shared output computed from another (``return z, f(z)``): a task's gradient at
             # z taken by its own backward (no split heads, or a task of tiny weight computed
             # alone) holds the flow back through f, which the second stage would add again

@@ -261,3 +261,41 @@ def test_the_heads_dtypes_are_checked_at_every_probe_of_a_known_signature():
     assert g1.signature == g2.signature
     assert s1 is not None
     assert s2 is None
+
+
+@pytest.mark.parametrize("shared_node", [False, True])
+def test_features_computed_from_one_another_give_the_same_rows_whatever_the_weights(
+    shared_node,
+):
+    """features=[z, f(z)], f inside the shared part: each row is the task's gradient at the
+    features as the heads' inputs, for a zero weight (computed alone before: its total
+    gradient at z, the flow back through f included) as for the others."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(5, 4).double()
+    heads = torch.nn.ModuleList(
+        [torch.nn.Linear(8, 3)] if shared_node else [torch.nn.Linear(8, 1) for _ in range(3)]
+    ).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    grams = []
+    for w in ({"a": 1.0, "b": 0.5, "c": 2.0}, {"a": 0.0, "b": 0.5, "c": 2.0}):
+        with gl.Profiler(trunk, list(w), engine="features") as prof:
+            z = trunk(x)
+            z2 = torch.tanh(z)
+            h = torch.cat([z, z2], 1)
+            ys = heads[0](h).unbind(1) if shared_node else [m(h).squeeze(1) for m in heads]
+            losses = {t: (y**2).mean() * (i + 1) for i, (t, y) in enumerate(zip(w, ys))}
+            # the rows as the heads' inputs: the losses again from detached copies of z, z2
+            cut = [z.detach().requires_grad_(), z2.detach().requires_grad_()]
+            hc = torch.cat(cut, 1)
+            yc = heads[0](hc).unbind(1) if shared_node else [m(hc).squeeze(1) for m in heads]
+            J = torch.stack([
+                torch.cat([
+                    g.flatten()
+                    for g in torch.autograd.grad((y**2).mean() * (i + 1), cut, retain_graph=True)
+                ])
+                for i, y in enumerate(yc)
+            ])  # fmt: skip
+            snap = prof.backward(losses, w, features=[z, z2])
+        assert_gram_close(snap.gram, J @ J.T, 1e-10)
+        grams.append(snap.gram)
+    torch.testing.assert_close(grams[1], grams[0], rtol=1e-12, atol=0.0)

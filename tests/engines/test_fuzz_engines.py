@@ -13,21 +13,24 @@ weights (zero and tiny ones included) or a Gram weighting (of the total Gram or 
 weights must be those of the reference's Grams), a ``.grad`` already there half the time (it
 accumulates), ``prof.observe`` (``.grad`` untouched, the graph kept for the caller's backward)
 instead of ``prof.backward``, a module frozen or unfrozen between the two probes, the engine, the
-gramian engine's second-stage route and the memory budget (small budgets force the chunked and per-
-task paths). Each probe must give the loop reference's Grams, total and per layer, over the same
-layers, and ``.grad`` equal to the weights' sum of the per-task gradients; two probes run on the
-same profiler, the second with another batch size half the time (a new graph signature: nothing
-derived from the first graph may serve it). Float64 throughout; a second test runs the same models
-in float32 under autocast (bf16, fp16) against the documented tolerances.
+gramian engine's second-stage route (and the size above which its default loops a segment over the
+tasks) and the memory budget (small budgets force the chunked and per- task paths). Each probe must
+give the loop reference's Grams, total and per layer, over the same layers, and ``.grad`` equal to
+the weights' sum of the per-task gradients; two probes run on the same profiler, the second with
+another batch size half the time (a new graph signature: nothing derived from the first graph may
+serve it). Float64 throughout; a second test runs the same models in float32 under autocast (bf16,
+fp16) against the documented tolerances.
 
-It found two defects of the gramian engine (and so of ``auto``), fixed since and kept as plain
-tests (tests/engines/test_segments.py, tests/engines/test_zoo_hf.py, tests/test_amp.py): a trunk
-returning a layer's output and a function of it (``z, f(z)``, as ``BertModel`` returns
-``last_hidden_state`` and ``pooler_output``) had that layer's Gram miss or double the flow back
-through ``f``; a half-precision loss under autocast with a layer on the generic path raised a dtype
-error.
+It found three defects, fixed since and kept as plain tests (tests/engines/test_segments.py,
+tests/engines/test_zoo_hf.py, tests/engines/test_capture.py, tests/test_amp.py): a trunk returning
+a layer's output and a function of it (``z, f(z)``, as ``BertModel`` returns ``last_hidden_state``
+and ``pooler_output``) had that layer's Gram miss or double the flow back through ``f`` under the
+gramian engine (and so ``auto``); the features engine gave ``features=[z, f(z)]`` rows of two
+kinds, by the task's weight; a half-precision loss under autocast with a layer on the generic path
+raised a dtype error in the gramian engine.
 
-The default runs draw 200 and 60 cases (about 15 s); ``-m slow`` draws 2000 and 600.
+The default runs draw 200, 60 and 40 cases (about 20 s); ``-m slow`` draws 2000 and 600. A third
+test runs four steps on ``every=2``: the unprobed steps write the held weights.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradlens as gl
+from gradlens.engines import gramian as gramian_mod
 from gradlens.engines._base import resolve_shared
 from gradlens.testing import reference_grams
 from tests.zoo import assert_gram_close
@@ -249,7 +253,9 @@ class _Case:
     T: int
 
     def losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.trunk(x)
+        return self.losses_from(self.trunk(x))
+
+    def losses_from(self, out: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         z, z2 = out if isinstance(out, tuple) else (out, None)
         if self.shared_head:  # one node for all tasks: the heads share it
             ys = self.heads[0](z).unbind(1)
@@ -323,7 +329,16 @@ def _check(
     accumulate: bool = False,
     toggle: int | None = None,
     observe: bool = False,
+    loop_above: int | None = None,
 ) -> None:
+    if loop_above is not None:  # segments above this many bytes a task loop over tasks
+        old = gramian_mod.LOOP_ABOVE
+        gramian_mod.LOOP_ABOVE = loop_above
+        try:
+            _check(case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe)
+        finally:
+            gramian_mod.LOOP_ABOVE = old
+        return
     tasks = [f"t{t}" for t in range(case.T)]
     fixed = {t: ws[i % len(ws)] for i, t in enumerate(tasks)}
     arg = {None: fixed, "total": _inverse_size, "per-layer": gl.per_layer(_inverse_size)}
@@ -416,24 +431,32 @@ _DRAW = dict(
     toggle=st.one_of(st.none(), st.integers(0, 7)),
     # prof.observe: measure only
     observe=st.booleans(),
+    # the gramian engine's default second stage: every segment looped (0), some (64 bytes)
+    loop_above=st.sampled_from([None, 0, 64]),
 )
 
 
 @settings(max_examples=200)
 @given(**_DRAW)
 def test_random_models_match_the_loop_reference(
-    case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe
+    case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe, loop_above
 ):
-    _check(case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe)
+    _check(
+        case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe,
+        loop_above,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
 @settings(max_examples=2000)
 @given(**_DRAW)
 def test_random_models_match_the_loop_reference_exhaustively(
-    case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe
+    case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe, loop_above
 ):
-    _check(case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe)
+    _check(
+        case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe,
+        loop_above,
+    )  # fmt: skip
 
 
 # -- under autocast ------------------------------------------------------------------------------
@@ -496,3 +519,107 @@ def test_random_models_under_autocast_match_the_loop_reference(case, engine, hal
 @given(**_AMP)
 def test_random_models_under_autocast_match_the_loop_reference_exhaustively(case, engine, half):
     _check_amp(case, engine, half)
+
+
+# -- a schedule: unprobed steps between probes -------------------------------------------------
+
+
+def _check_schedule(case: _Case, engine: str, weighting: str | None) -> None:
+    """``every=2``: the unprobed steps write the plain weighted gradient, with a Gram
+    weighting's weights held from the last probe (per layer with ``gl.per_layer``)."""
+    tasks = [f"t{t}" for t in range(case.T)]
+    fixed = {t: 0.3 + 0.2 * i for i, t in enumerate(tasks)}
+    arg = {None: fixed, "total": _inverse_size, "per-layer": gl.per_layer(_inverse_size)}
+    params = [p for m in (case.trunk, case.heads) for p in m.parameters() if p.requires_grad]
+    layer_of = resolve_shared(case.trunk).layer_of
+    held: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+    with gl.Profiler(case.trunk, tasks, engine=engine, every=2) as prof:
+        for step in range(4):
+            losses = case.losses(case.make_x(3))
+            each = [
+                torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+                for v in losses.values()
+            ]
+            for p in params:
+                p.grad = None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", gl.GradlensWarning)
+                snap = prof.backward(losses, arg[weighting])
+            assert (snap is not None) == (step % 2 == 0), step
+            if snap is not None:
+                held = (snap.weights, dict(snap.layer_weights))
+            if weighting is None:
+                held = (torch.tensor([fixed[t] for t in tasks], dtype=torch.float64), {})
+            assert held is not None
+            for i, p in enumerate(params):
+                w = held[1].get(layer_of.get(id(p)), held[0])  # type: ignore[arg-type]
+                want = sum(
+                    (float(w[t]) * g[i] for t, g in enumerate(each) if g[i] is not None),
+                    torch.zeros_like(p),
+                )
+                got = torch.zeros_like(p) if p.grad is None else p.grad
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=f"step {step}")
+
+
+@settings(max_examples=40)
+@given(
+    case=_cases(),
+    engine=st.sampled_from(ENGINES),
+    weighting=st.sampled_from([None, "total", "per-layer"]),
+)
+def test_random_models_on_a_schedule_write_the_held_weights(case, engine, weighting):
+    _check_schedule(case, engine, weighting)
+
+
+# -- the features engine: representation-level Grams -----------------------------------------
+
+
+def _check_features(case: _Case, ws: list[float]) -> None:
+    """``engine="features"``: the Gram of the tasks' gradients at the shared outputs given as
+    ``features`` (all of them, concatenated), and ``.grad`` the plain weighted backward's."""
+    tasks = [f"t{t}" for t in range(case.T)]
+    w = {t: ws[i % len(ws)] for i, t in enumerate(tasks)}
+    params = [p for m in (case.trunk, case.heads) for p in m.parameters() if p.requires_grad]
+    with gl.Profiler(case.trunk, tasks, engine="features") as prof:
+        for _ in range(2):
+            x = case.make_x(3)
+            out = case.trunk(x)
+            zs = list(out) if isinstance(out, tuple) else [out]
+            losses = case.losses_from(out)
+            # each task's gradient with respect to the features as the heads' inputs (a second
+            # feature computed from the first is an input of its own: MGDA-UB's bound holds
+            # for the representation as a whole)
+            cut = [z.detach().requires_grad_() for z in zs]
+            parts = case.losses_from(tuple(cut) if isinstance(out, tuple) else cut[0])
+            rows = []
+            for v in parts.values():
+                gs = torch.autograd.grad(v, cut, allow_unused=True, retain_graph=True)
+                rows.append(torch.cat([
+                    (torch.zeros_like(z) if g is None else g).flatten() for z, g in zip(cut, gs)
+                ]))  # fmt: skip
+            J = torch.stack(rows)
+            plain = torch.autograd.grad(
+                sum(w[t] * v for t, v in losses.items()), params, retain_graph=True,
+                allow_unused=True,
+            )  # fmt: skip
+            for p in params:
+                p.grad = None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", gl.GradlensWarning)
+                snap = prof.backward(losses, w, features=zs if len(zs) > 1 else zs[0])
+            assert snap is not None
+            assert snap.level == "features"
+            assert_gram_close(snap.gram, J @ J.T, TOL)
+            for p, want in zip(params, plain):
+                got = torch.zeros_like(p) if p.grad is None else p.grad
+                want = torch.zeros_like(p) if want is None else want
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=40)
+@given(
+    case=_cases(),
+    ws=st.lists(st.sampled_from([0.0, 1e-9, 0.2, 1.0, 3.0]), min_size=1, max_size=4),
+)
+def test_random_models_under_the_features_engine(case, ws):
+    _check_features(case, ws)
