@@ -1,7 +1,8 @@
 """Where the time of one step goes: torch.profiler over plain and probed steps.
 
 Usage: ``python benchmarks/profile_step.py --device cuda --model mlp-10m --tasks 8 40``
-(``--model bert --batch 4`` for a ``gradlens bench --zoo`` trunk)
+(``--model bert --batch 4`` for a ``gradlens bench --zoo`` trunk; ``--size base --batch 8`` for
+it at ``--size base``)
 (``--device cpu`` works too). For each method it prints the wall time per step, the time the GPU
 spent in kernels (CUDA), the number of kernel launches, and the ten operators with the most
 self CPU time, so a probed step can be told apart as compute-bound or launch/Python-bound.
@@ -32,11 +33,12 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["plain", "gramian", "features"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--size", default="small", help="the zoo trunks' size: small or base")
     args = ap.parse_args()
     dev = _device(args.device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     for T in args.tasks:
-        setup = _Setup(args.model, T, args.batch, device=dev)
+        setup = _Setup(args.model, T, args.batch, device=dev, size=args.size)
         for method in args.methods:
             setup.prepare(method)
             for _ in range(3):  # warm-up (and the profiler's probe at step 0)

@@ -1,6 +1,9 @@
 """The README's real-model tables, rendered from a ``gradlens bench --zoo --json`` file.
 
-Usage: ``python benchmarks/zoo_table.py benchmarks/results/cpu_zoo_exact_engines.json``
+Usage: ``python benchmarks/zoo_table.py benchmarks/results/cpu_zoo_exact_engines.json``, or
+several files of one size (their rows together, e.g. a T = 8 run and a T = 3 run):
+``python benchmarks/zoo_table.py benchmarks/results/cpu_zoo_base.json
+benchmarks/results/cpu_zoo_base_t3.json``
 
 Prints the time table (ratios of medians to the plain step, as the bench computes them; `auto`
 with the engines it chose over the repeats, its paired ratio to the fastest exact engine and to
@@ -18,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-#: README labels of the zoo trunks, in table order.
+#: README labels of the zoo trunks at ``--size small`` (the default), in table order.
 LABELS = {
     "bert": "BERT (2 layers, 64)",
     "gpt2": "GPT-2 (2 layers, 64)",
@@ -30,6 +33,23 @@ LABELS = {
     "mlp-1m": "MLP (ours)",
     "cnn-1m": "CNN with BatchNorm (ours)",
 }
+#: at ``--size base`` (rows that record it; ours are sized by their names)
+BASE_LABELS = {
+    "bert": "BERT (2 layers, 256)",
+    "gpt2": "GPT-2 (2 layers, 256)",
+    "t5-encoder": "T5 encoder (2 layers, 256)",
+    "vit": "ViT (2 layers, 256, 64x64)",
+    "resnet": "ResNet (basic, 4 stages 32-256, 64x64)",
+    "convnext": "ConvNeXt (4 stages 32-256, 64x64)",
+    "mobilenetv2": "MobileNetV2 (0.5, 64x64)",
+    "mlp-1m": "MLP (ours)",
+    "cnn-1m": "CNN with BatchNorm (ours)",
+}
+
+
+def _labels(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The labels for the size the rows were measured at (rows before ``--size``: small)."""
+    return BASE_LABELS if any(r.get("size") == "base" for r in rows) else LABELS
 EXACT = ("loop", "batched", "gramian")
 COLUMNS = ("loop-libmtl", "torchjd", "loop", "batched", "gramian")
 
@@ -41,6 +61,7 @@ def _ratio(x: float | None) -> str:
 def time_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The time table, one row per trunk and T."""
     by = {(r["model"], r["tasks"], r["method"]): r for r in rows}
+    labels = _labels(rows)
     paired = any("paired_vs_best_engine" in r for r in rows)
     head = [
         "trunk (shared params)",
@@ -58,10 +79,10 @@ def time_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if paired:
         head += ["`auto` / best, paired", "`auto` / LibMTL, paired"]
     out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for model in [m for m in LABELS if any(k[0] == m for k in by)]:
+    for model in [m for m in labels if any(k[0] == m for k in by)]:
         for i, T in enumerate(sorted({k[1] for k in by if k[0] == model})):
             plain = by[model, T, "plain"]
-            name = f"{LABELS[model]} {plain['params'] / 1e6:.2f}M" if i == 0 else ""
+            name = f"{labels[model]} {plain['params'] / 1e6:.2f}M" if i == 0 else ""
 
             def cell(method: str, model: str = model, T: int = T) -> float | None:
                 r = by.get((model, T, method))
@@ -89,6 +110,7 @@ def time_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def memory_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Peak live tensor bytes of a step (MiB), one row per trunk and T."""
     by = {(r["model"], r["tasks"], r["method"]): r for r in rows if "peak_mib" in r}
+    labels = _labels(rows)
     methods = ("plain", *COLUMNS, "auto", "features")
     head = [
         "trunk",
@@ -103,19 +125,19 @@ def memory_table(rows: Sequence[Mapping[str, Any]]) -> str:
         "`features`",
     ]
     out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for model in [m for m in LABELS if any(k[0] == m for k in by)]:
+    for model in [m for m in labels if any(k[0] == m for k in by)]:
         for T in sorted({k[1] for k in by if k[0] == model}):
             cells = [by.get((model, T, m)) for m in methods]
             vals = ["-" if c is None else f"{c['peak_mib']:.1f}" for c in cells]
-            out.append("| " + " | ".join([LABELS[model], str(T), *vals]) + " |")
+            out.append("| " + " | ".join([labels[model], str(T), *vals]) + " |")
     return "\n".join(out)
 
 
 def main() -> None:
-    path = Path(
-        sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/cpu_zoo_exact_engines.json"
-    )
-    rows = json.loads(path.read_text())["time"]
+    paths = [Path(a) for a in sys.argv[1:]] or [
+        Path("benchmarks/results/cpu_zoo_exact_engines.json")
+    ]
+    rows = [r for p in paths for r in json.loads(p.read_text())["time"]]  # e.g. T = 8 and T = 3
     print(time_table(rows))
     print()
     print(memory_table(rows))

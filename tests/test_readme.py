@@ -95,16 +95,21 @@ def test_layout_parser_reads_a_row():
 
 
 def test_the_zoo_tables_are_the_committed_measurement():
-    """The README's real-model time and memory tables are rendered from the bench's JSON file
-    they cite (``benchmarks/zoo_table.py``): no number in them is typed by hand."""
+    """The README's real-model time and memory tables are rendered from the bench's JSON files
+    they cite (``benchmarks/zoo_table.py``; the small-size run and the ``--size base`` run): no
+    number in them is typed by hand."""
     import json
     import runpy
 
     root = README.parent
     text = README.read_text()
-    cited = re.search(r"--json (benchmarks/results/cpu_zoo[\w.]*\.json)", text)
-    assert cited is not None
     render = runpy.run_path(str(root / "benchmarks" / "zoo_table.py"))
-    rows = json.loads((root / cited.group(1)).read_text())["time"]
-    assert render["time_table"](rows) in text
-    assert render["memory_table"](rows) in text
+    # each table's files (the base-size table: its T = 8 run and its T = 3 run)
+    for names in (("cpu_zoo_exact_engines.json",), ("cpu_zoo_base.json", "cpu_zoo_base_t3.json")):
+        rows = []
+        for name in names:
+            path = f"benchmarks/results/{name}"
+            assert f"--json {path}" in text, f"the README cites the command that wrote {path}"
+            rows += json.loads((root / path).read_text())["time"]
+        assert render["time_table"](rows) in text, names
+        assert render["memory_table"](rows) in text, names

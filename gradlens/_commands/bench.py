@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gradlens._commands._args import positive_int, positive_ints
 
@@ -34,8 +36,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--zoo",
         action="store_true",
-        help="real-model benchmark: the Hugging Face trunks (tiny configs, random init; needs "
-        "the zoo extra) plus mlp-1m and cnn-1m, T = 3,8, batch 4 (each unless given)",
+        help="real-model benchmark: the Hugging Face trunks (random init; needs the zoo extra) "
+        "plus mlp-1m and cnn-1m, T = 3,8, batch 4 (--size small) or 8 (--size base), each "
+        "unless given",
+    )
+    p.add_argument(
+        "--size",
+        default="small",
+        help="the Hugging Face trunks' dimensions: small (default; hidden 64, 2 layers, length "
+        "32, 32x32 images) or base (hidden 256, 4 heads, 2 layers, length 64, 64x64 images, "
+        "CNN stages 32-256 wide); mlp-1m and cnn-1m are sized by their names",
     )
     p.add_argument(
         "--methods",
@@ -44,7 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated among {', '.join(METHODS)}; multi-task optimization methods "
         f"(not run by default): {', '.join(WEIGHTED_METHODS)}",
     )
-    p.add_argument("--batch", type=positive_int, default=None, help="default 128 (4 with --zoo)")
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=None,
+        help="default 128 (with --zoo: 4, or 8 with --size base)",
+    )
     p.add_argument("--repeats", type=positive_int, default=7)
     p.add_argument(
         "--clock",
@@ -82,10 +97,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gradlens.bench import (
+        ZOO_BATCH,
         ZOO_MODELS,
+        check_size,
         format_table,
         hardware_info,
-        measure_peak_memory,
         run_benchmark,
     )
 
@@ -96,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
         args.models = list(ZOO_MODELS) if args.zoo else ["mlp-1m", "cnn-1m"]
     if args.tasks is None:
         args.tasks = [3, 8] if args.zoo else [2, 8, 40]
+    size = check_size(args.size)  # before any default is read from it
     if args.batch is None:
-        args.batch = 4 if args.zoo else 128
+        args.batch = ZOO_BATCH[size] if args.zoo else 128
 
     rows = run_benchmark(
         args.models,
@@ -112,55 +129,76 @@ def run(args: argparse.Namespace) -> int:
         amortise=() if args.zoo else (10, 100),
         memory=args.zoo or args.tensor_memory,
         warm_probes=args.warm_probes,
+        size=size,
     )
     print(format_table(rows))
     if any("peak_mib" in r for r in rows):
         print("\npeak of live tensor bytes in a steady-state step, above the model and batch")
         print(format_table(rows, key="peak_mib"))
-    picks = [r for r in rows if r["method"] == "auto" and r.get("chose")]
-    if picks:
-        print("\nauto chose (one fresh choice per repeat), and its time over each engine's:")
-        for r in picks:
-            paired = r.get("paired_vs_engines", {})
-            against = ", ".join(
-                f"{e} {q:.3f}x (paired {paired[e]:.3f}x)"
-                for e, q in r.get("vs_engines", {}).items()
-            )
-            best = ""
-            if "vs_best_engine" in r:
-                best = f"; fastest {r['vs_best_engine']:.3f}x ({r['paired_vs_best_engine']:.3f}x)"
-            print(f"  {r['model']:<12} T={r['tasks']:<3} {r['chose']}  {against}{best}")
-    out: dict[str, object] = {"hardware": hardware_info(args.device, args.clock), "time": rows}
+    _print_picks(rows)
+    out: dict[str, object] = {
+        "hardware": hardware_info(args.device, args.clock),
+        "size": size,
+        "time": rows,
+    }
     if args.memory:
-        mem = []
-        for model in args.models:
-            for T in args.tasks:
-                have = _has_torchjd()
-                for m in [m for m in args.methods if (m != "torchjd" and "+" not in m) or have]:
-                    mem.append(measure_peak_memory(model, T, m, args.batch, device=args.device))
-                    say(f"memory {model} T={T} {m}: {mem[-1]['peak_mib']:.0f} MiB")
-        print()
-        what = {"rss": "resident memory", "cuda_allocated": "allocated CUDA memory"}
-        kinds = sorted({what.get(r.get("memory", ""), str(r.get("memory"))) for r in mem})
-        print(f"peak {', '.join(kinds)} above the model and batch, one fresh process per method")
-        print(f"{'model':<12}{'T':>4}  " + "  ".join(f"{m:>12}" for m in args.methods))
-        for model in args.models:
-            for T in args.tasks:
-                cells = {
-                    r["method"]: r["peak_mib"]
-                    for r in mem
-                    if r["model"] == model and r["tasks"] == T
-                }
-                print(
-                    f"{model:<12}{T:>4}  "
-                    + "  ".join(
-                        f"{cells[m]:>9.0f}MiB" if m in cells else f"{'-':>12}" for m in args.methods
-                    )
-                )
-        out["memory"] = mem
+        out["memory"] = _memory(args, size, say)
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2))
     return 0
+
+
+def _print_picks(rows: list[dict[str, Any]]) -> None:
+    """What ``auto`` chose per (model, T), and its time over each engine's."""
+    picks = [r for r in rows if r["method"] == "auto" and r.get("chose")]
+    if not picks:
+        return
+    print("\nauto chose (one fresh choice per repeat), and its time over each engine's:")
+    for r in picks:
+        paired = r.get("paired_vs_engines", {})
+        against = ", ".join(
+            f"{e} {q:.3f}x (paired {paired[e]:.3f}x)" for e, q in r.get("vs_engines", {}).items()
+        )
+        best = ""
+        if "vs_best_engine" in r:
+            best = f"; fastest {r['vs_best_engine']:.3f}x ({r['paired_vs_best_engine']:.3f}x)"
+        print(f"  {r['model']:<12} T={r['tasks']:<3} {r['chose']}  {against}{best}")
+
+
+def _memory(
+    args: argparse.Namespace, size: str, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """``--memory``: each method's peak in a fresh process, printed as a table; the rows."""
+    from gradlens.bench import measure_peak_memory
+
+    mem = []
+    for model in args.models:
+        for T in args.tasks:
+            have = _has_torchjd()
+            for m in [m for m in args.methods if (m != "torchjd" and "+" not in m) or have]:
+                mem.append(
+                    measure_peak_memory(model, T, m, args.batch, device=args.device, size=size)
+                )
+                say(f"memory {model} T={T} {m}: {mem[-1]['peak_mib']:.0f} MiB")
+    print()
+    what = {"rss": "resident memory", "cuda_allocated": "allocated CUDA memory"}
+    kinds = sorted({what.get(r.get("memory", ""), str(r.get("memory"))) for r in mem})
+    print(f"peak {', '.join(kinds)} above the model and batch, one fresh process per method")
+    print(f"{'model':<12}{'T':>4}  " + "  ".join(f"{m:>12}" for m in args.methods))
+    for model in args.models:
+        for T in args.tasks:
+            cells = {
+                r["method"]: r["peak_mib"]
+                for r in mem
+                if r["model"] == model and r["tasks"] == T
+            }
+            print(
+                f"{model:<12}{T:>4}  "
+                + "  ".join(
+                    f"{cells[m]:>9.0f}MiB" if m in cells else f"{'-':>12}" for m in args.methods
+                )
+            )
+    return mem
 
 
 def _has_torchjd() -> bool:

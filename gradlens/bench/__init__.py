@@ -2,9 +2,10 @@
 
 Everything is measured in one process, interleaved (each repeat times every method once, in a
 rotating order), and reported as ratios of medians to the plain step ``(w @ stack(L)).backward()``
-on the same model and batch. A profiled method is timed on its profiler's second probe (the first
-allocates the engine's buffers), as in a training run. Peers: a LibMTL-style per-task loop
-(T ``autograd.grad`` calls, flatten, Gram, weighted gradient written back) and, when
+on the same model and batch. A profiled method is timed on the probe after ``warm_probes`` untimed
+ones of a fresh profiler (its first probes allocate the engine's buffers), as in a training run;
+``auto`` after ``warm_probes`` untimed probes of the engine it chose. Peers: a LibMTL-style
+per-task loop (T ``autograd.grad`` calls, flatten, Gram, weighted gradient written back) and, when
 ``torchjd`` is installed, TorchJD's Gramian engine (``torchjd.autogram.Engine.compute_gramian``
 then the weighted backward, as its documentation shows). Peak memory is measured in a fresh
 process per method (``--memory``): resident-memory growth on CPU,
@@ -28,13 +29,17 @@ from gradlens.bench._memory import measure_peak_memory
 from gradlens.bench._models import MODELS
 from gradlens.bench._timing import AMORTISED, METHODS, ZOO_MODELS, format_table, run_benchmark
 from gradlens.bench._weightings import WEIGHTED_METHODS
+from gradlens.bench._zoo import SIZES, ZOO_BATCH, check_size
 
 __all__ = [
     "AMORTISED",
     "METHODS",
     "MODELS",
+    "SIZES",
     "WEIGHTED_METHODS",
+    "ZOO_BATCH",
     "ZOO_MODELS",
+    "check_size",
     "format_table",
     "hardware_info",
     "measure_peak_memory",

@@ -27,8 +27,10 @@ def measure_peak_memory(
     batch: int = 128,
     *,
     device: str | torch.device = "cpu",
+    size: str = "small",
 ) -> dict[str, Any]:
-    """Peak memory growth (MiB) over three steps of ``method``, in a fresh interpreter.
+    """Peak memory growth (MiB) over three steps of ``method``, in a fresh interpreter
+    (``size``: the zoo trunks' dimensions, as in :func:`gradlens.bench.run_benchmark`).
 
     On CPU it is the resident-memory growth (Linux: sampled from ``/proc/self/statm``; the row's
     ``"memory"`` is ``"rss"``), with glibc told to map every allocation above 128 KiB on its own
@@ -44,11 +46,14 @@ def measure_peak_memory(
         >>> row["memory"], row["device"], row["peak_mib"] >= 0
         ('rss', 'cpu', True)
     """
+    from gradlens.bench._zoo import check_size
+
+    check_size(size)
     dev = _device(device)
     code = (
         "import json, sys; from gradlens.bench._memory import _child_memory; "
         f"print(json.dumps(_child_memory({model!r}, {n_tasks}, {method!r}, {batch}, "
-        f"{str(dev)!r})))"
+        f"{str(dev)!r}, {size!r})))"
     )
     env = {
         **os.environ,
@@ -106,11 +111,11 @@ def _cuda_peak(steps: Callable[[], None], device: torch.device) -> int:
 
 
 def _child_memory(
-    model: str, n_tasks: int, method: str, batch: int, device: str = "cpu"
+    model: str, n_tasks: int, method: str, batch: int, device: str = "cpu", size: str = "small"
 ) -> dict[str, Any]:
     """Peak memory growth over three steps of ``method``, in this (fresh) process."""
     dev = torch.device(device)
-    setup = _Setup(model, n_tasks, batch, device=dev)
+    setup = _Setup(model, n_tasks, batch, device=dev, size=size)
     setup.prepare(method)
     with torch.no_grad():
         # allocate the forward's own buffers once
@@ -128,6 +133,7 @@ def _child_memory(
         "tasks": n_tasks,
         "method": method,
         "batch": batch,
+        "size": size,
         "device": str(dev),
         "memory": "cuda_allocated" if cuda else "rss",
         "peak_mib": peak / 2**20,
@@ -181,12 +187,8 @@ def step_tensor_peak(setup: _Setup, method: str) -> dict[str, Any]:
 
 
 def _warm(setup: _Setup, method: str) -> None:
-    """The steps the timing runs before its timed one (see ``_timing._time_methods``)."""
-    setup.step(method)
-    while method == "auto" and setup.deciding():
-        setup.step(method)
-    if method == "auto":
-        setup.step(method)
+    """The steps before the measured one: one probe (``auto``: after its choice)."""
+    setup.warm(method, 1)
 
 
 @contextlib.contextmanager

@@ -35,17 +35,19 @@ class _Setup:
         batch: int,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        size: str = "small",
     ) -> None:
-        from gradlens.bench._zoo import ZOO, build_zoo
+        from gradlens.bench._zoo import ZOO, build_zoo, check_size
 
         if model not in MODELS and model not in ZOO:
             raise GradlensError(
                 f"`model` should be one of {sorted(MODELS) + sorted(ZOO)}; found {model!r}."
             )
+        self.size = check_size(size)  # the zoo trunks' dimensions; ours are sized by their names
         self.device = torch.device(device)
         torch.manual_seed(seed)  # built on CPU, then moved: the same model and batch everywhere
         if model in ZOO:
-            trunk, make_x = build_zoo(model)
+            trunk, make_x = build_zoo(model, size)
             x = make_x(batch)
             with torch.no_grad():
                 d = trunk(x).shape[1]
@@ -121,6 +123,16 @@ class _Setup:
         else:
             prof = self._profilers[(method, every)]
             prof.backward(losses, self.w, features=z if method == "features" else None)
+
+    def warm(self, method: str, probes: int) -> None:
+        """The untimed probes of a fresh profiler before its measured step: ``probes`` of them;
+        for ``auto``, its deciding probes (it times its candidates), then ``probes`` of the engine
+        it chose, so the measured step of ``auto`` is as far from its profiler's creation, and
+        from the buffers the losing candidates freed, as an engine's is from its own."""
+        while method == "auto" and self.deciding():
+            self.step(method)
+        for _ in range(probes):
+            self.step(method)
 
     def deciding(self) -> bool:
         """Whether the ``auto`` profiler is still timing candidates for this graph."""

@@ -66,6 +66,7 @@ def run_benchmark(
     progress: Callable[[str], None] | None = None,
     memory: bool = False,
     warm_probes: int = 4,
+    size: str = "small",
 ) -> list[dict[str, Any]]:
     """Time one training step per method, interleaved, as ratios to the plain step.
 
@@ -90,11 +91,16 @@ def run_benchmark(
     (made fresh at each repeat): the engines reach their steady state over their first probes
     (ResNet T = 3, batch 4: ``batched`` 13.5 ms at its first and second probes, 12.2 ms from its
     fifth; ``loop`` steady from its second), so timing all at the same depth compares like with
-    like. ``auto`` is timed on the second probe after its choice (made afresh at each repeat,
-    after at least ``warm_probes`` probes); its row also holds what it chose (``chose``) and
-    its time against each exact engine timed in the run (``vs_engines``, ratios of medians;
-    ``paired_vs_engines``, medians of the ratios within a repeat) and against the fastest of
-    them (``vs_best_engine``, ``paired_vs_best_engine``).
+    like. ``auto`` makes a fresh choice at each repeat (its first probes time its candidates) and
+    is timed on the probe after ``warm_probes`` more untimed ones of the engine it chose
+    (:meth:`gradlens.bench._setup._Setup.warm`): the same distance from its profiler's creation,
+    and from the memory the losing candidates freed, as an engine's timed probe from its own
+    profiler's creation (the MLP 1M at T = 8, batch 4: ``auto``'s first, second and fifth probes
+    after its choice 1.13x, 1.04x and 1.00x ``gramian``'s fifth, ``benchmarks/auto_position.py``);
+    its row also holds what it chose (``chose``) and its time against each exact engine timed in
+    the run (``vs_engines``, ratios of medians; ``paired_vs_engines``, medians of the ratios
+    within a repeat) and against the fastest of them (``vs_best_engine``,
+    ``paired_vs_best_engine``).
 
     The unprobed steps are timed on a profiler made fresh for each timing with
     ``every=10**9``, so it probes its step 0 only: step 1 is the after-probe step, step 2 a
@@ -106,7 +112,14 @@ def run_benchmark(
     "cuda" or "cuda:N"; on CUDA only the wall clock is meaningful (the CPU time of the launching
     thread misses the kernels), and each timed step starts and ends with
     ``torch.cuda.synchronize()``.
+
+    ``size`` sets the dimensions of the Hugging Face trunks (:data:`gradlens.bench._zoo.SIZES`:
+    "small", the tiny configurations, or "base", a modest realistic size); the benchmark's own
+    models are sized by their names. Each row records it (``"size"``).
     """
+    from gradlens.bench._zoo import check_size
+
+    check_size(size)
     if clock not in ("wall", "cpu"):
         raise GradlensError(f"`clock` should be 'wall' or 'cpu'; found {clock!r}.")
     dev = _parse_device(device)
@@ -135,13 +148,13 @@ def run_benchmark(
         try:
             return _run(
                 models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress,
-                memory, warm_probes,
+                memory, warm_probes, size,
             )  # fmt: skip
         finally:
             torch.set_num_threads(threads)
     return _run(
         models, tasks, methods, batch, repeats, warmup, amortise, now, dev, progress, memory,
-        warm_probes,
+        warm_probes, size,
     )  # fmt: skip
 
 
@@ -164,6 +177,7 @@ def _run(
     progress: Callable[[str], None] | None,
     memory: bool = False,
     warm_probes: int = 4,
+    size: str = "small",
 ) -> list[dict[str, Any]]:
     methods = _available(methods)
     # timed unprobed steps: name -> (method, untimed steps of a fresh every=_ONCE profiler before
@@ -178,7 +192,7 @@ def _run(
     rows: list[dict[str, Any]] = []
     for model in models:
         for T in tasks:
-            setup = _Setup(model, T, batch, device=device)
+            setup = _Setup(model, T, batch, device=device, size=size)
             times, chosen = _time_methods(
                 setup, methods, unprobed, warmup, repeats, now, warm_probes
             )
@@ -190,6 +204,7 @@ def _run(
                 "params": setup.n_params,
                 "tasks": T,
                 "batch": batch,
+                "size": size,
                 "device": str(device),
             }
             new = _rows(common, methods, times, med, chosen, amortise)
@@ -232,15 +247,10 @@ def _time_methods(
                 if setup.prepare(name):
                     # a profiler's first probes allocate its buffers and warm the engine up:
                     # time the one after warm_probes (with every=1 a probe too), the steady state
-                    # of a training run; auto: the second probe after its choice is made (the
-                    # first pays once for the page faults of memory the losing candidates freed:
-                    # ResNet T = 8, 3,400 faults, +6 ms)
-                    for _ in range(warm_probes):
-                        setup.step(name)
-                    while name == "auto" and setup.deciding():
-                        setup.step(name)
-                    if name == "auto":
-                        setup.step(name)
+                    # of a training run; auto: warm_probes after its choice is made (its first
+                    # probes after it pay for the page faults of memory the losing candidates
+                    # freed: ResNet T = 8, 3,400 faults, +6 ms; the MLP T = 8 6.6 against 5.7 ms)
+                    setup.warm(name, warm_probes)
                 if name == "auto" and r >= warmup:
                     chosen[setup.chosen()] = chosen.get(setup.chosen(), 0) + 1
                 t0 = now()

@@ -1,10 +1,13 @@
 """Real-model trunks for ``gradlens bench --zoo``: Hugging Face transformers' own classes.
 
-Each trunk is built from a tiny configuration of a model class of ``transformers`` (random
+Each trunk is built from a configuration of a model class of ``transformers`` (random
 initialisation, nothing downloaded; dropout off), wrapped so that it returns one feature vector
-per example for the task heads: BERT and T5's encoder (token ids, length 32), GPT-2 (its own
-``Conv1D`` layers), ViT, ResNet, ConvNeXt and MobileNetV2 (32 x 32 images). ``transformers`` is
-the ``zoo`` extra; it is imported only when a zoo trunk is built.
+per example for the task heads: BERT and T5's encoder (token ids), GPT-2 (its own ``Conv1D``
+layers), ViT, ResNet, ConvNeXt and MobileNetV2 (images). Two sizes (:data:`SIZES`): "small",
+tiny configurations (hidden 64, length 32, 32 x 32 images: the default), and "base", a modest
+realistic size (hidden 256, 4 heads, length 64, 64 x 64 images, CNN stages twice as wide:
+1-2M parameters a trunk, a probe at T = 8 and batch 8 under a second of one CPU thread).
+``transformers`` is the ``zoo`` extra; it is imported only when a zoo trunk is built.
 
 Example:
     >>> import importlib.util
@@ -21,17 +24,60 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from gradlens._errors import GradlensError
 
-__all__ = ["ZOO", "build_zoo", "zoo_input"]
+__all__ = ["SIZES", "ZOO", "ZOO_BATCH", "build_zoo", "check_size", "zoo_input"]
 
-_VOCAB = 512
-_SEQ = 32
-_IMAGE = 32
+#: ``gradlens bench --zoo --size``: "small" the tiny configurations (the default), "base" each
+#: Hugging Face trunk at a modest realistic size (see :data:`_DIMS`)
+SIZES = ("small", "base")
+
+#: the zoo's batch at each size, unless given: at "base", 8 keeps a transformer trunk's probe at
+#: T = 8 under a second of one CPU thread (0.4-0.6 s), a realistic batch for it
+ZOO_BATCH = {"small": 4, "base": 8}
+
+
+@dataclass(frozen=True)
+class _Dims:
+    """The dimensions of the zoo trunks at one size."""
+
+    vocab: int  # token vocabulary
+    seq: int  # token sequence length
+    image: int  # image side (pixels)
+    width: int  # transformers' hidden size
+    heads: int  # transformers' attention heads
+    ffn: int  # transformers' feed-forward width
+    kv: int  # T5's width per attention head
+    stages: tuple[int, int, int, int]  # ResNet and ConvNeXt stage widths
+    mobilenet: float  # MobileNetV2's depth multiplier
+
+
+#: small: hidden 64, 2 heads, length 32, 32 x 32 images; base: BERT-mini-like widths (hidden 256,
+#: 4 heads, 2 layers, length 64, a 2048-token vocabulary), 64 x 64 images, CNN stages twice as
+#: wide, MobileNetV2 at half width (see the README's Performance section for why these)
+_DIMS = {
+    "small": _Dims(512, 32, 32, 64, 2, 128, 32, (16, 32, 64, 128), 0.35),
+    "base": _Dims(2048, 64, 64, 256, 4, 1024, 64, (32, 64, 128, 256), 0.5),
+}
+
+
+def check_size(size: object) -> str:
+    """``size`` if it names a zoo size, else a GradlensError.
+
+    Example:
+        >>> check_size("base")
+        'base'
+    """
+    if not isinstance(size, str) or size not in SIZES:
+        raise GradlensError(
+            f"`size` should be one of {list(SIZES)} (the zoo trunks' dimensions); found {size!r}."
+        )
+    return size
 
 
 class HFTrunk(nn.Module):
@@ -53,73 +99,75 @@ class HFTrunk(nn.Module):
         return out.pooler_output.flatten(1)
 
 
-def _bert() -> nn.Module:
+def _bert(d: _Dims) -> nn.Module:
     import transformers as tf
 
     cfg = tf.BertConfig(
-        vocab_size=_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        vocab_size=d.vocab, hidden_size=d.width, num_hidden_layers=2, num_attention_heads=d.heads,
+        intermediate_size=d.ffn,
+        max_position_embeddings=max(64, d.seq), hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-    )
+    )  # fmt: skip
     return HFTrunk(tf.BertModel(cfg, add_pooling_layer=False), "first")
 
 
-def _gpt2() -> nn.Module:
+def _gpt2(d: _Dims) -> nn.Module:
     import transformers as tf
 
     cfg = tf.GPT2Config(
-        vocab_size=_VOCAB, n_embd=64, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )
+        vocab_size=d.vocab, n_embd=d.width, n_layer=2, n_head=d.heads, n_positions=max(64, d.seq),
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
     return HFTrunk(tf.GPT2Model(cfg), "last")
 
 
-def _t5() -> nn.Module:
+def _t5(d: _Dims) -> nn.Module:
     import transformers as tf
 
     cfg = tf.T5Config(
-        vocab_size=_VOCAB, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,
+        vocab_size=d.vocab, d_model=d.width, d_kv=d.kv, d_ff=d.ffn, num_layers=2, num_heads=d.heads,
         dropout_rate=0.0,
-    )
+    )  # fmt: skip
     return HFTrunk(tf.T5EncoderModel(cfg), "mean")
 
 
-def _vit() -> nn.Module:
+def _vit(d: _Dims) -> nn.Module:
     import transformers as tf
 
     cfg = tf.ViTConfig(
-        image_size=_IMAGE, patch_size=8, hidden_size=64, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=128, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+        image_size=d.image, patch_size=8, hidden_size=d.width, num_hidden_layers=2,
+        num_attention_heads=d.heads, intermediate_size=d.ffn,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
     return HFTrunk(tf.ViTModel(cfg, add_pooling_layer=False), "first")
 
 
-def _resnet() -> nn.Module:
+def _resnet(d: _Dims) -> nn.Module:
     import transformers as tf
 
     cfg = tf.ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic"
-    )
+        embedding_size=d.stages[0], hidden_sizes=list(d.stages), depths=[1, 1, 1, 1],
+        layer_type="basic",
+    )  # fmt: skip
     return HFTrunk(tf.ResNetModel(cfg), "pool")
 
 
-def _convnext() -> nn.Module:
+def _convnext(d: _Dims) -> nn.Module:
     import transformers as tf
 
-    cfg = tf.ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], image_size=_IMAGE)
+    cfg = tf.ConvNextConfig(hidden_sizes=list(d.stages), depths=[1, 1, 1, 1], image_size=d.image)
     return HFTrunk(tf.ConvNextModel(cfg), "pool")
 
 
-def _mobilenetv2() -> nn.Module:
+def _mobilenetv2(d: _Dims) -> nn.Module:
     import transformers as tf
 
-    cfg = tf.MobileNetV2Config(depth_multiplier=0.35, image_size=_IMAGE)
+    cfg = tf.MobileNetV2Config(depth_multiplier=d.mobilenet, image_size=d.image)
     return HFTrunk(tf.MobileNetV2Model(cfg), "pool")
 
 
 #: name -> (trunk factory, input kind: "tokens" or "image")
-ZOO: dict[str, tuple[Callable[[], nn.Module], str]] = {
+ZOO: dict[str, tuple[Callable[[_Dims], nn.Module], str]] = {
     "bert": (_bert, "tokens"),
     "gpt2": (_gpt2, "tokens"),
     "t5-encoder": (_t5, "tokens"),
@@ -130,18 +178,21 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], str]] = {
 }
 
 
-def zoo_input(name: str, batch: int) -> torch.Tensor:
-    """A random batch for zoo trunk ``name``: token ids (batch x 32) or images (batch x 3 x 32
-    x 32)."""
+def zoo_input(name: str, batch: int, size: str = "small") -> torch.Tensor:
+    """A random batch for zoo trunk ``name`` at ``size``: token ids (batch x length) or images
+    (batch x 3 x side x side)."""
+    d = _DIMS[check_size(size)]
     if ZOO[name][1] == "tokens":
-        return torch.randint(0, _VOCAB, (batch, _SEQ))
-    return torch.randn(batch, 3, _IMAGE, _IMAGE)
+        return torch.randint(0, d.vocab, (batch, d.seq))
+    return torch.randn(batch, 3, d.image, d.image)
 
 
-def build_zoo(name: str) -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
-    """``(trunk, make_x)`` for zoo trunk ``name`` (needs ``transformers``: the ``zoo`` extra)."""
+def build_zoo(name: str, size: str = "small") -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
+    """``(trunk, make_x)`` for zoo trunk ``name`` at ``size`` (one of :data:`SIZES`; needs
+    ``transformers``: the ``zoo`` extra)."""
     if name not in ZOO:
         raise GradlensError(f"`model` should be one of {sorted(ZOO)}; found {name!r}.")
+    check_size(size)
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -149,4 +200,4 @@ def build_zoo(name: str) -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
             f"the zoo trunk {name!r} needs Hugging Face transformers: pip install "
             "'gradlens[zoo]'."
         ) from None
-    return ZOO[name][0](), lambda b: zoo_input(name, b)
+    return ZOO[name][0](_DIMS[size]), lambda b: zoo_input(name, b, size)

@@ -389,3 +389,90 @@ def test_auto_against_the_engines_paired_within_each_repeat():
     assert got["vs_best_engine"] == pytest.approx(1.1)
     assert got["paired_vs_best_engine"] == pytest.approx(1.1)
     assert timing._against_engines({"loop": [1.0]}, {"loop": 1.0}) == {}
+
+
+@pytest.mark.parametrize("warm", [1, 3])
+def test_auto_is_timed_after_warm_probes_past_its_choice(monkeypatch, warm):
+    """``auto``'s timed probe follows the engines' rule: ``warm`` untimed probes after its choice
+    (its deciding probes before them), not its first or second probe after the choice."""
+    from gradlens.profiler import Profiler
+    from tests._auto import force_auto
+
+    force_auto(monkeypatch, "gramian")  # a decision in a fixed number of probes
+    events: list[tuple[object, bool] | None] = []  # (profiler, decided before it) or a clock read
+    inner = Profiler.backward
+
+    def spy(self, *args, **kwargs):
+        decided = any(d.winner for d in self._engine.decisions.values())
+        events.append((self, decided))
+        return inner(self, *args, **kwargs)
+
+    def now():
+        events.append(None)
+        return float(len(events))
+
+    monkeypatch.setattr(Profiler, "backward", spy)
+    monkeypatch.setattr(timing, "_clock", lambda kind, dev: now)
+    rows = run_benchmark(
+        ["mlp-tiny"], [2], ["plain", "auto"], repeats=1, warmup=0, batch=8, amortise=(),
+        warm_probes=warm,
+    )  # fmt: skip
+    assert [r["chose"] for r in rows if r["method"] == "auto"] == [{"gramian": 1}]
+    reads = [i for i, e in enumerate(events) if e is None]
+    timed = [i + 1 for i in reads[0::2] if events[i + 1] is not None]
+    assert len(timed) == 1  # plain has no profiler: auto's is the only profiled timed step
+    prof, decided = events[timed[0]]  # type: ignore[misc]  # a probe, not a clock read
+    assert decided
+    before = [e for e in events[: timed[0]] if e is not None and e[0] is prof]
+    deciding = [e for e in before if not e[1]]
+    assert len(deciding) >= 2  # it timed its candidates first
+    assert len(before) - len(deciding) == warm  # then exactly `warm` probes of its choice
+
+
+def test_zoo_size_is_checked(capsys):
+    with pytest.raises(GradlensError, match=r"`size` should be one of \['small', 'base'\].*'huge'"):
+        run_benchmark(["mlp-tiny"], [2], ["plain"], repeats=1, size="huge")
+    with pytest.raises(GradlensError, match="`size` should be one of"):
+        measure_peak_memory("mlp-tiny", 2, "plain", batch=8, size="Base")
+    # the CLI: exit status 2 and one line naming the argument, before any work
+    assert main(["bench", "--zoo", "--size", "medium", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "`size` should be one of ['small', 'base']" in err
+    assert "'medium'" in err
+
+
+def test_zoo_sizes_build_their_dimensions():
+    pytest.importorskip("transformers")
+    from gradlens.bench._zoo import build_zoo
+
+    small, x_small = build_zoo("bert")
+    base, x_base = build_zoo("bert", "base")
+    assert tuple(x_small(2).shape) == (2, 32)
+    assert tuple(x_base(2).shape) == (2, 64)
+    assert tuple(small(x_small(2)).shape) == (2, 64)
+    assert tuple(base(x_base(2)).shape) == (2, 256)
+    _, img = build_zoo("convnext", "base")
+    assert tuple(img(2).shape) == (2, 3, 64, 64)
+
+
+def test_zoo_cli_at_base_size_records_it(tmp_path, capsys):
+    """``gradlens bench --zoo --size base`` end to end on its cheapest trunk (``zoo`` extra)."""
+    pytest.importorskip("transformers")
+    from gradlens.bench._zoo import build_zoo
+
+    out = tmp_path / "base.json"
+    args = ["bench", "--zoo", "--size", "base", "--models", "convnext", "--tasks", "2",
+            "--methods", "plain,gramian", "--repeats", "1", "--warm-probes", "1", "--clock",
+            "cpu", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    assert data["size"] == "base"
+    rows = data["time"]
+    assert {(r["model"], r["tasks"], r["batch"], r["size"]) for r in rows} == {
+        ("convnext", 2, 8, "base")
+    }
+    base = sum(p.numel() for p in build_zoo("convnext", "base")[0].parameters())
+    small = sum(p.numel() for p in build_zoo("convnext")[0].parameters())
+    assert {r["params"] for r in rows} == {base}
+    assert base > 3 * small
+    assert "convnext" in capsys.readouterr().out

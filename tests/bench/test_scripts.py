@@ -30,6 +30,10 @@ RUNS: dict[str, tuple[list[str], str]] = {
         ["--models", "mlp-tiny", "--pairs", "3"],
         "auto / direct",
     ),
+    "auto_position.py": (
+        ["--model", "mlp-tiny", "--tasks", "2", "--repeats", "2", "--warmup", "0"],
+        "after its choice",
+    ),
     "bench_sinks.py": (["--steps", "4", "--rounds", "1", "--image-every", "2"], "tensorboard"),
     "bench_store.py": (["--steps", "40", "--flush-every", "10"], "load average"),
     "host_time.py": (["--repeats", "2", "--tasks", "3"], "gramian probe"),
