@@ -38,6 +38,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -416,7 +417,7 @@ def _assert_layer_close(got: torch.Tensor, ref: torch.Tensor, floor: float, wher
     assert excess <= 0, f"{where}: Gram error above the bound by {excess:.3g}"
 
 
-_DRAW = dict(
+_DRAW: dict[str, st.SearchStrategy[Any]] = dict(
     case=_cases(),
     engine=st.sampled_from(ENGINES),
     stage=st.sampled_from(STAGES),
@@ -437,26 +438,16 @@ _DRAW = dict(
 
 
 @settings(max_examples=200)
-@given(**_DRAW)
-def test_random_models_match_the_loop_reference(
-    case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe, loop_above
-):
-    _check(
-        case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe,
-        loop_above,
-    )  # fmt: skip
+@given(draw=st.fixed_dictionaries(_DRAW))
+def test_random_models_match_the_loop_reference(draw):
+    _check(**draw)
 
 
 @pytest.mark.slow
 @settings(max_examples=2000)
-@given(**_DRAW)
-def test_random_models_match_the_loop_reference_exhaustively(
-    case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe, loop_above
-):
-    _check(
-        case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe,
-        loop_above,
-    )  # fmt: skip
+@given(draw=st.fixed_dictionaries(_DRAW))
+def test_random_models_match_the_loop_reference_exhaustively(draw):
+    _check(**draw)
 
 
 # -- under autocast ------------------------------------------------------------------------------
