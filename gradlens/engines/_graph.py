@@ -41,8 +41,13 @@ T_ = TypeVar("T_")
 
 #: The autograd node of ``checkpoint(..., use_reentrant=True)``.
 REENTRANT = "CheckpointFunctionBackward"
-#: Autograd nodes that give their weight a sparse gradient when created with ``sparse=True``.
-_SPARSE_NODES = frozenset({"EmbeddingBackward0", "EmbeddingBagBackward0"})
+#: Autograd nodes that give a leaf below them a sparse gradient, with the saved flag that says
+#: so (``nn.Embedding(..., sparse=True)``, ``torch.gather(..., sparse_grad=True)``).
+_SPARSE_NODES = {
+    "EmbeddingBackward0": "_saved_sparse",
+    "EmbeddingBagBackward0": "_saved_sparse",
+    "GatherBackward0": "_saved_sparse_grad",
+}
 
 _REENTRANT_MESSAGE = (
     "`losses` come from a model that uses reentrant activation checkpointing "
@@ -295,7 +300,8 @@ class GraphIndex:
 
     def sparse_leaves(self) -> set[int]:
         """Ids of the leaves whose gradient autograd makes sparse (the weight of an
-        ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True``).
+        ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True``, the input of a
+        ``torch.gather(..., sparse_grad=True)``).
 
         >>> emb = torch.nn.Embedding(5, 2, sparse=True)
         >>> g = GraphIndex.build(torch.stack([emb(torch.tensor([1, 3])).sum()]))
@@ -305,7 +311,8 @@ class GraphIndex:
         where = self.memo(("sparse-nodes",), self._embedding_nodes)
         out: set[int] = set()
         for i, leaves in where:
-            if getattr(self.nodes[i], "_saved_sparse", False):  # the node's saved flag
+            flag = _SPARSE_NODES[self.types[i].__name__]
+            if getattr(self.nodes[i], flag, False):  # the node's saved flag
                 out.update(id(self.leaf_at[j]) for j in leaves)
         return out
 

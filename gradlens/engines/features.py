@@ -17,7 +17,7 @@ heads' inputs (MGDA-UB's representation as a whole), taken by one hooked backwar
 from __future__ import annotations
 
 import torch
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradlens.engines._base import (
     BackwardContext,
@@ -53,9 +53,14 @@ class FeaturesEngine(Engine):
         self._workspace.clear()
 
     def compute(self, ctx: BackwardContext) -> EngineResult:
-        feats = list(ctx.features or ())
+        # each feature once (a tensor given twice is one feature of the representation)
+        unique: dict[tuple[object, int], tuple[torch.Tensor, GradientEdge]] = {}
+        for z in ctx.features or ():
+            e = get_gradient_edge(z)
+            unique.setdefault((e.node, e.output_nr), (z, e))
+        feats = [z for z, _ in unique.values()]
+        edges = [e for _, e in unique.values()]
         shapes = [z.shape for z in feats]
-        edges = [get_gradient_edge(z) for z in feats]
         graph = ctx.graph if ctx.graph is not None else GraphIndex.build(ctx.losses)
         if fed_tops(edges, graph):
             # a feature computed from another (``z, f(z)``): each task's rows as the heads'

@@ -399,7 +399,9 @@ class GramianEngine(Engine):
         parameters another way, e.g. a head tied to a shared weight) one batched backward from
         the losses.
         """
-        live = [b for b in boundary if b.edge.node in ctx.nodes]
+        # each shared output once (a tensor returned twice, ``return z, z``, is one output)
+        live = list({(b.edge.node, b.edge.output_nr): b for b in boundary}.values())
+        live = [b for b in live if b.edge.node in ctx.nodes]
         T = ctx.losses.shape[0]
         plain: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] = (
             torch.ones_like(ctx.weights),

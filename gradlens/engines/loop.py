@@ -15,6 +15,7 @@ float64), the reference every engine, this one included, is tested against.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import cast
@@ -57,11 +58,27 @@ KEEP = 64 << 20
 #: Columns of one Gram product: float32 products sum at most this many terms before float64.
 CHUNK = 1 << 16
 
-#: What ``torch.autograd.grad`` calls once it has checked its arguments (torch >= 2.4): the
-#: engine's backward, with autograd's logging hooks and context. None: not in this torch.
-_RUN_BACKWARD: Callable[..., tuple[torch.Tensor | None, ...]] | None = getattr(
-    torch.autograd.graph, "_engine_run_backward", None
-)
+_DENSE = torch.strided
+
+_EngineCall = Callable[..., tuple[torch.Tensor | None, ...]]
+
+
+@functools.cache
+def _engine_call() -> _EngineCall | None:
+    """What ``torch.autograd.grad`` calls once it has checked its arguments (a private torch
+    function, ``torch.autograd.graph._engine_run_backward``): the engine's backward, with
+    autograd's logging hooks and context. Checked once on a trivial graph, so that a torch
+    where it is missing or takes other arguments gets the public call; None then."""
+    run: _EngineCall | None = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if run is None:
+        return None
+    x = torch.ones((), requires_grad=True)
+    try:
+        got = run(((x * 2),), (torch.ones(()),), False, False, (x,), True, accumulate_grad=False)
+    except (TypeError, RuntimeError):
+        return None
+    ok = len(got) == 1 and got[0] is not None and float(got[0]) == 2.0 and x.grad is None
+    return run if ok else None
 
 
 def loop_task_grads(
@@ -402,7 +419,7 @@ class LoopEngine(FlatEngine):
         views = self.flat_views(J, params)
         rest = self.other_leaves(ctx, params)
         inputs, n = (*params, *rest), len(params)
-        direct = _RUN_BACKWARD is not None and not has_torch_function((*losses, *inputs))
+        direct = not has_torch_function((*losses, *inputs))
         rest_sum: list[torch.Tensor | None] = [None] * len(rest)
         # shared parameters with a sparse gradient: their J rows densified, the tasks' sparse
         # gradients kept for a sparse weighted gradient
@@ -422,7 +439,7 @@ class LoopEngine(FlatEngine):
             keep = ctx.retain_graph or t < T - 1 or not rest
             gs = task_grad(loss, inputs, keep, direct)
             own = gs[:n]
-            if rows is not None and all(g is not None for g in own):
+            if rows is not None and all(g is not None and g.layout is _DENSE for g in own):
                 torch._foreach_copy_(rows[t], cast("tuple[torch.Tensor, ...]", own))  # no None
             else:
                 fill_row(J[t], params, own)
@@ -450,15 +467,11 @@ def task_grad(
     ``ones_like(loss)``, as there (a non-scalar or gradient-free loss raises as there: the
     engine checks the same).
     """
-    global _RUN_BACKWARD
-    run = _RUN_BACKWARD
-    if direct and run is not None and loss.numel() == 1:  # (else autograd.grad's own message)
-        try:
-            return run(
-                (loss,), (torch.ones_like(loss),), keep, False, inputs, True, accumulate_grad=False
-            )
-        except TypeError:  # a torch whose private engine call takes other arguments: its
-            _RUN_BACKWARD = None  # arguments are parsed before anything runs; the public call
+    run = _engine_call() if direct else None
+    if run is not None and loss.numel() == 1:  # (else autograd.grad's own message)
+        return run(
+            (loss,), (torch.ones_like(loss),), keep, False, inputs, True, accumulate_grad=False
+        )
     return torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
 
 

@@ -139,9 +139,9 @@ class _Pool(nn.Module):
 
 class _Trunk(nn.Module):
     """The drawn layers, then a pooled vector ``z``; ``second``: also a second output computed
-    from ``z``, which one task's loss reads: ``"sin"`` (elementwise) or ``"pooler"`` (a shared
+    from ``z``, which one task's loss reads: ``"sin"`` (elementwise), ``"pooler"`` (a shared
     Linear and tanh, as Hugging Face's BertModel returns ``pooler_output`` beside
-    ``last_hidden_state``)."""
+    ``last_hidden_state``) or ``"same"`` (``z`` itself, returned twice)."""
 
     def __init__(self, layers: list[nn.Module], second: str | None, d: int) -> None:
         super().__init__()
@@ -154,6 +154,8 @@ class _Trunk(nn.Module):
         z = self.pool(self.layers(x))
         if self.pooler is not None:
             return z, torch.tanh(self.pooler(z))
+        if self.second == "same":  # the same tensor twice (``return z, z``)
+            return z, z
         return z if self.second is None else (z, z.sin())
 
 
@@ -294,7 +296,7 @@ def _cases(draw: st.DrawFn) -> _Case:
             layers.append(nn.Linear(5, d))
         seq = kind != "vector"
         layers += [_vector_layer(draw(st.sampled_from(VECTOR_KINDS)), d, seq) for _ in range(n)]
-    trunk = _Trunk(layers, draw(st.sampled_from([None, "sin", "pooler"])), d)
+    trunk = _Trunk(layers, draw(st.sampled_from([None, "sin", "pooler", "same"])), d)
     T = draw(st.integers(1, 4))
     shared_head = T > 1 and draw(st.booleans())
     heads = nn.ModuleList([nn.Linear(d, T)] if shared_head else [nn.Linear(d, 1) for _ in range(T)])
@@ -576,12 +578,15 @@ def _check_features(case: _Case, ws: list[float]) -> None:
             x = case.make_x(3)
             out = case.trunk(x)
             zs = list(out) if isinstance(out, tuple) else [out]
+            if len(zs) == 2 and zs[0] is zs[1]:  # one tensor given twice: one feature
+                zs = zs[:1]
             losses = case.losses_from(out)
             # each task's gradient with respect to the features as the heads' inputs (a second
             # feature computed from the first is an input of its own: MGDA-UB's bound holds
             # for the representation as a whole)
             cut = [z.detach().requires_grad_() for z in zs]
-            parts = case.losses_from(tuple(cut) if isinstance(out, tuple) else cut[0])
+            fed = (cut * 2)[:2] if isinstance(out, tuple) and len(cut) == 1 else cut
+            parts = case.losses_from(tuple(fed) if isinstance(out, tuple) else cut[0])
             rows = []
             for v in parts.values():
                 gs = torch.autograd.grad(v, cut, allow_unused=True, retain_graph=True)
@@ -597,7 +602,8 @@ def _check_features(case: _Case, ws: list[float]) -> None:
                 p.grad = None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", gl.GradlensWarning)
-                snap = prof.backward(losses, w, features=zs if len(zs) > 1 else zs[0])
+                given = list(out) if isinstance(out, tuple) else out  # ``[z, z]`` as is
+                snap = prof.backward(losses, w, features=given)
             assert snap is not None
             assert snap.level == "features"
             assert_gram_close(snap.gram, J @ J.T, TOL)

@@ -275,18 +275,104 @@ def test_task_grad_is_autograd_grad(direct):
         loop.task_grad(x.sin(), (x,), False, direct)
 
 
-def test_task_grad_falls_back_to_autograd_grad_on_another_engine_signature(monkeypatch):
-    """A torch whose private engine call takes other arguments (a TypeError, raised while
-    parsing them, before anything runs): the public call from then on."""
+def test_task_grad_takes_the_public_call_where_the_engine_call_differs(monkeypatch):
+    """A torch whose private engine call is missing or takes other arguments (checked once on
+    a trivial graph): the public ``autograd.grad``; an error raised by the backward itself (a
+    user's TypeError) is never caught."""
 
     def other_signature(*args, **kwargs):
         raise TypeError("run_backward() got an unexpected keyword argument")
 
-    monkeypatch.setattr(loop, "_RUN_BACKWARD", other_signature)
-    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    (g,) = loop.task_grad((x**2).sum(), (x,), False, True)
-    torch.testing.assert_close(g, 2 * x, rtol=0.0, atol=0.0)
-    assert loop._RUN_BACKWARD is None
+    for private in (other_signature, None):
+        monkeypatch.setattr(torch.autograd.graph, "_engine_run_backward", private, raising=False)
+        loop._engine_call.cache_clear()
+        assert loop._engine_call() is None
+        x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        (g,) = loop.task_grad((x**2).sum(), (x,), False, True)
+        torch.testing.assert_close(g, 2 * x, rtol=0.0, atol=0.0)
+    monkeypatch.undo()
+    loop._engine_call.cache_clear()
+    assert loop._engine_call() is not None  # this torch's
+
+    class Raises(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            raise TypeError("a user's bug in a custom backward")
+
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(TypeError, match="a user's bug"):
+        loop.task_grad(Raises.apply(x).sum(), (x,), True, True)
+    assert loop._engine_call() is not None
+
+
+@pytest.mark.parametrize("engine", ["loop", "auto"])
+def test_a_sparse_gradient_not_from_an_embedding_is_densified(engine):
+    """``torch.gather(..., sparse_grad=True)`` gives a shared parameter a sparse gradient: the
+    graph index flags it as it flags a sparse Embedding's (``auto`` serves it with ``loop``,
+    which writes a sparse ``.grad``; it crashed ``loop``'s row copy, then ``auto``'s
+    ``batched`` candidate, before)."""
+    torch.manual_seed(0)
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return torch.gather(self.table, 0, idx, sparse_grad=True).tanh()
+
+    _check_sparse_table(Table(), engine)
+
+
+class _SparseRows(torch.autograd.Function):
+    """Rows of a table whose backward returns a sparse gradient (no node the index knows)."""
+
+    @staticmethod
+    def forward(ctx, table, idx):
+        ctx.save_for_backward(idx)
+        ctx.n = table.shape[0]
+        return table[idx]
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        i = idx.reshape(1, -1)
+        shape = (ctx.n, g.shape[-1])
+        rows = g.reshape(-1, g.shape[-1])
+        return torch.sparse_coo_tensor(i, rows, shape, check_invariants=True), None
+
+
+def test_a_sparse_gradient_from_a_custom_function_is_densified():
+    """The loop engine's row copy takes only dense gradients: a sparse one from a custom
+    autograd Function (which no engine is told about) goes through ``fill_row``, densified."""
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return _SparseRows.apply(self.table, idx).tanh()
+
+    _check_sparse_table(Table(), "loop")
+
+
+def _check_sparse_table(trunk: nn.Module, engine: str) -> None:
+    torch.manual_seed(0)
+    heads = nn.ModuleList([nn.Linear(4, 1).double() for _ in range(2)])
+    with gl.Profiler(trunk, ["a", "b"], engine=engine) as prof:
+        for _ in range(4):
+            z = trunk(torch.randint(0, 6, (5, 4)))
+            z = z if z.dim() == 2 else z.mean(1)
+            losses = {t: h(z).pow(2).mean() for t, h in zip("ab", heads)}
+            ref = reference_grams(losses, trunk)
+            snap = prof.backward(losses)
+            assert_gram_close(snap.gram, ref.gram, 1e-10)
+            trunk.table.grad = None
 
 
 @pytest.mark.parametrize("engine", ["loop", "batched"])
