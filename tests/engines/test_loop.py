@@ -328,6 +328,21 @@ def test_a_sparse_gradient_not_from_an_embedding_is_densified(engine):
     _check_sparse_table(Table(), engine)
 
 
+@pytest.mark.parametrize("engine", ["batched", "gramian"])
+def test_a_gathered_sparse_gradient_is_refused_by_the_batched_engines(engine):
+    """As for a sparse Embedding: a GradlensError naming the parameter, nothing written."""
+    table = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+    trunk = nn.ParameterDict({"table": table})
+    head = nn.Linear(4, 2).double()
+    with gl.Profiler(trunk, ["a", "b"], engine=engine) as prof:
+        z = torch.gather(table, 0, torch.randint(0, 6, (5, 4)), sparse_grad=True)
+        y = head(z)
+        with pytest.raises(gl.GradlensError, match="table"):
+            prof.backward({"a": y[:, 0].mean(), "b": y[:, 1].mean()})
+    assert table.grad is None
+    assert head.weight.grad is None
+
+
 class _SparseRows(torch.autograd.Function):
     """Rows of a table whose backward returns a sparse gradient (no node the index knows)."""
 
