@@ -12,11 +12,12 @@ shared weight, a second shared output computed from the first), the number of ta
 weights (zero and tiny ones included) or a Gram weighting (of the total Gram or per layer: the
 weights must be those of the reference's Grams), a ``.grad`` already there half the time (it
 accumulates), ``prof.observe`` (``.grad`` untouched, the graph kept for the caller's backward)
-instead of ``prof.backward``, a module frozen or unfrozen between the two probes, the engine, the
-gramian engine's second-stage route (and the size above which its default loops a segment over the
-tasks) and the memory budget (small budgets force the chunked and per- task paths). Each probe must
-give the loop reference's Grams, total and per layer, over the same layers, and ``.grad`` equal to
-the weights' sum of the per-task gradients; two probes run on the same profiler, the second with
+instead of ``prof.backward``, a loss scale (``grad_scale``: the Grams unscaled, ``.grad`` scaled)
+and ``retain_graph``, a module frozen or unfrozen between the two probes, the engine, the gramian
+engine's second-stage route (and the size above which its default loops a segment over the tasks)
+and the memory budget (small budgets force the chunked and per- task paths). Each probe must give
+the loop reference's Grams, total and per layer, over the same layers, and ``.grad`` equal to the
+weights' sum of the per-task gradients; two probes run on the same profiler, the second with
 another batch size half the time (a new graph signature: nothing derived from the first graph may
 serve it). Float64 throughout; a second test runs the same models in float32 under autocast (bf16,
 fp16) against the documented tolerances.
@@ -333,12 +334,17 @@ def _check(
     toggle: int | None = None,
     observe: bool = False,
     loop_above: int | None = None,
+    scale: float | None = None,
+    retain: bool = False,
 ) -> None:
     if loop_above is not None:  # segments above this many bytes a task loop over tasks
         old = gramian_mod.LOOP_ABOVE
         gramian_mod.LOOP_ABOVE = loop_above
         try:
-            _check(case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe)
+            _check(
+                case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe,
+                None, scale, retain,
+            )  # fmt: skip
         finally:
             gramian_mod.LOOP_ABOVE = old
         return
@@ -368,8 +374,12 @@ def _check(
                 p.grad = None if g is None else g.clone()
             with warnings.catch_warnings():  # a task with a zero gradient (ReLU, dropout)
                 warnings.simplefilter("ignore", gl.GradlensWarning)
-                call = prof.observe if observe else prof.backward
-                snap = call(losses, arg[weighting])
+                if observe:
+                    snap = prof.observe(losses, arg[weighting], grad_scale=scale)
+                else:
+                    snap = prof.backward(
+                        losses, arg[weighting], grad_scale=scale, retain_graph=retain
+                    )
             assert snap is not None
             where = f"probe {probe}, engine {snap.engine}, weighting {snap.weighting_path}"
             assert list(snap.layer_grams) == list(ref.layer_grams) == list(prof.layers), where
@@ -388,12 +398,15 @@ def _check(
             for i, p in enumerate(params):
                 layer = layer_of.get(id(p))
                 w = snap.layer_weights.get(layer, snap.weights)
+                k = 1.0 if scale is None else scale  # .grad as scaler.scale(loss).backward()
                 want = sum(
-                    (float(w[t]) * g[i] for t, g in enumerate(each) if g[i] is not None),
+                    (k * float(w[t]) * g[i] for t, g in enumerate(each) if g[i] is not None),
                     torch.zeros_like(p) if prior[i] is None else prior[i],
                 )
                 got = torch.zeros_like(p) if p.grad is None else p.grad
-                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=where)
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * k, msg=where)
+            if retain:  # the graph kept for another backward
+                torch.autograd.grad(sum(losses.values()), params, allow_unused=True)
 
 
 def _toggle(trunk: nn.Module, k: int) -> None:
@@ -436,6 +449,9 @@ _DRAW: dict[str, st.SearchStrategy[Any]] = dict(
     observe=st.booleans(),
     # the gramian engine's default second stage: every segment looped (0), some (64 bytes)
     loop_above=st.sampled_from([None, 0, 64]),
+    # mixed precision's loss scale (float64 here: exact), the caller's retain_graph
+    scale=st.sampled_from([None, None, 1024.0]),
+    retain=st.booleans(),
 )
 
 
