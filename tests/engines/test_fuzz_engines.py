@@ -30,12 +30,15 @@ gramian engine (and so ``auto``); the features engine gave ``features=[z, f(z)]`
 kinds, by the task's weight; a half-precision loss under autocast with a layer on the generic path
 raised a dtype error in the gramian engine.
 
-The default runs draw 200, 60 and 40 cases (about 20 s); ``-m slow`` draws 2000 and 600. A third
-test runs four steps on ``every=2``: the unprobed steps write the held weights.
+The default runs draw 200, 60, 40, 40 and 25 cases (about 25 s); ``-m slow`` draws 2000 and 600. A
+third test runs four steps on ``every=2``: the unprobed steps write the held weights; a fourth the
+features engine; a fifth saves ``auto``'s decisions (``torch.save``, ``weights_only`` load) into a
+fresh profiler, whose next probe must be served by the engine chosen, at the same step, exact.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -636,3 +639,43 @@ def _check_features(case: _Case, ws: list[float]) -> None:
 )
 def test_random_models_under_the_features_engine(case, ws):
     _check_features(case, ws)
+
+
+# -- auto's decisions saved and restored -------------------------------------------------------
+
+
+def _check_resume(case: _Case, weighting: str | None) -> None:
+    """A profiler run until ``auto`` has decided, its state saved (``torch.save``, loaded back
+    with ``weights_only=True``) and loaded into a fresh profiler: the next probe is served by the
+    engine chosen, without timing again, at the same step, and exact."""
+    tasks = [f"t{t}" for t in range(case.T)]
+    arg = {None: None, "total": _inverse_size, "per-layer": gl.per_layer(_inverse_size)}[weighting]
+    x = case.make_x(3)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gl.GradlensWarning)
+        with gl.Profiler(case.trunk, tasks) as prof:
+            for _ in range(40):
+                snap = prof.backward(case.losses(x), arg)
+            assert snap is not None
+            chosen = snap.engine
+            torch.save(prof.state_dict(), buf)
+        buf.seek(0)
+        state = torch.load(buf, weights_only=True)
+        assert any(d.get("winner") for d in state["auto"]["decisions"]), "decided in 40 probes"
+        with gl.Profiler(case.trunk, tasks) as resumed:
+            resumed.load_state_dict(state)
+            losses = case.losses(x)
+            ref = reference_grams(losses, case.trunk)
+            snap = resumed.backward(losses, arg)
+    assert snap is not None
+    assert snap.step == 40
+    assert snap.engine == chosen
+    assert not any(n.startswith("auto-chose") for n in snap.notes)
+    assert_gram_close(snap.gram, ref.gram, TOL)
+
+
+@settings(max_examples=25)
+@given(case=_cases(), weighting=st.sampled_from([None, "total", "per-layer"]))
+def test_random_models_resume_auto_s_decisions(case, weighting):
+    _check_resume(case, weighting)
