@@ -147,14 +147,8 @@ def _below(
 ) -> tuple[list[int] | None, dict[int, list[tuple[int, int]]]]:
     """The positions reachable from ``start`` in topological order (parents first) and each
     one's ``(parent, output_nr)`` edges from within that part."""
-    reach = set(start)
-    todo = list(reach)
+    reach = set(start) | g.descendants(start)
     edges = g.edges
-    while todo:
-        for j, _ in edges[todo.pop()]:
-            if j not in reach:
-                reach.add(j)
-                todo.append(j)
     parents: dict[int, list[tuple[int, int]]] = {j: [] for j in reach}
     for u in reach:
         for j, nr in edges[u]:

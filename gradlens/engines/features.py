@@ -61,10 +61,10 @@ class FeaturesEngine(Engine):
         feats = [z for z, _ in unique.values()]
         edges = [e for _, e in unique.values()]
         shapes = [z.shape for z in feats]
-        graph = ctx.graph if ctx.graph is not None else GraphIndex.build(ctx.losses)
-        if fed_tops(edges, graph):
+        if fed_tops(edges, ctx.graph):
             # a feature computed from another (``z, f(z)``): each task's rows as the heads'
             # inputs, by one hooked backward per task (the same whatever the weights)
+            graph = ctx.graph if ctx.graph is not None else GraphIndex.build(ctx.losses)
             rows = partial_rows(ctx.per_task(), edges, shapes, graph)
             rows = [r.to(z.dtype) for r, z in zip(rows, feats)]
             return EngineResult({FEATURES_LAYER: gram_of_rows(rows)}, {FEATURES_LAYER: "features"})

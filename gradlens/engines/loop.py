@@ -58,8 +58,6 @@ KEEP = 64 << 20
 #: Columns of one Gram product: float32 products sum at most this many terms before float64.
 CHUNK = 1 << 16
 
-_DENSE = torch.strided
-
 _EngineCall = Callable[..., tuple[torch.Tensor | None, ...]]
 
 
@@ -439,7 +437,7 @@ class LoopEngine(FlatEngine):
             keep = ctx.retain_graph or t < T - 1 or not rest
             gs = task_grad(loss, inputs, keep, direct)
             own = gs[:n]
-            if rows is not None and all(g is not None and g.layout is _DENSE for g in own):
+            if rows is not None and all(g is not None and g.layout is torch.strided for g in own):
                 torch._foreach_copy_(rows[t], cast("tuple[torch.Tensor, ...]", own))  # no None
             else:
                 fill_row(J[t], params, own)
