@@ -12,7 +12,9 @@ edges, in walk order) identifies the graph's shape: a probe of a graph with the 
 what was derived from the structure of the first one (the cut plan, the heads' split, whether the
 losses reach past the shared outputs: :meth:`GraphIndex.memo`), rebound by position to the new
 graph's nodes, which are new objects at every step. Nothing but positions is kept between
-probes, so a graph of another shape can never be served a stale node.
+probes, so a graph of another shape can never be served a stale node. One kept fact is not read
+from the structure: which leaves a custom ``autograd.Function`` gives a sparse gradient, learned
+by one backward on the first graph of each signature (:meth:`GraphIndex.sparse_leaves`).
 
 Example:
     >>> import torch
@@ -59,7 +61,7 @@ _SPARSE_SOURCES = {
 #: just above them returned a sparse gradient on the first graph of that signature (learned
 #: by one backward, see :meth:`GraphIndex.sparse_leaves`), with the Function's node type name.
 _CUSTOM_SPARSE: dict[Signature, dict[int, str]] = {}
-_MAX_CUSTOM = 256
+_MAX_CUSTOM = 64
 
 _REENTRANT_MESSAGE = (
     "`losses` come from a model that uses reentrant activation checkpointing "
