@@ -355,12 +355,19 @@ class GraphIndex:
         ]
 
     def _custom_nodes(self) -> list[tuple[int, list[tuple[int, int]]]]:
-        """Positions of the custom Functions' nodes with a leaf child, each with its leaf
-        children as ``(index in next_functions, leaf position)``."""
+        """Positions of the custom Functions' nodes above a leaf, each with those leaves as
+        ``(index in next_functions, leaf position)``: a leaf child, or a leaf at the end of a
+        chain of one-input nodes (a Function applied to ``W.t()`` or ``W.to(dtype)``)."""
         out = []
+        edges, leaf_at = self.edges, self.leaf_at
         for i, t in enumerate(self.types):
             if issubclass(t, BackwardCFunction):
-                kids = [(k, j) for k, (j, _) in enumerate(self._entries(i)) if j in self.leaf_at]
+                kids = []
+                for k, (j, _) in enumerate(self._entries(i)):
+                    while j >= 0 and j not in leaf_at and len(edges[j]) == 1:
+                        j = edges[j][0][0]
+                    if j in leaf_at:
+                        kids.append((k, j))
                 if kids:
                     out.append((i, kids))
         return out

@@ -25,9 +25,12 @@ from tests.zoo import assert_gram_close
 W = {"a": 0.3, "b": 0.7}
 
 
-def _sparse_rows(calls: list[int] | None = None) -> type[torch.autograd.Function]:
+def _sparse_rows(
+    calls: list[int] | None = None, full: bool = False
+) -> type[torch.autograd.Function]:
     """A fresh Function (a new node type: a graph shape no earlier test taught the index) whose
-    backward returns the table's gradient as a sparse COO tensor; counts its backward calls."""
+    backward returns the table's gradient as a sparse COO tensor (rows: one sparse dimension;
+    ``full``: two, which ``t()`` takes); counts its backward calls."""
 
     class SparseRows(torch.autograd.Function):
         @staticmethod
@@ -42,31 +45,37 @@ def _sparse_rows(calls: list[int] | None = None) -> type[torch.autograd.Function
                 calls.append(1)
             (idx,) = ctx.saved_tensors
             grad = torch.sparse_coo_tensor(idx.unsqueeze(0), g, ctx.shape, check_invariants=True)
-            return grad, None
+            return grad.to_dense().to_sparse() if full else grad, None
 
     return SparseRows
 
 
 class _Trunk(nn.Module):
-    """Rows of ``W`` looked up by the custom Function (repeated indices), then a Linear; with
-    ``direct``, ``W`` is also read by a plain slice (its total gradient is then dense)."""
+    """Rows of ``W`` looked up by the custom Function (repeated indices), then a Linear. Kinds:
+    ``plus-dense-use``: ``W`` is also read by a plain slice (its total gradient is then dense);
+    ``via-transpose``: ``W`` is stored transposed, the Function reads ``W.t()`` (its sparse
+    gradient reaches the leaf through ``t``'s backward)."""
 
-    def __init__(self, fn: type[torch.autograd.Function], direct: bool = False) -> None:
+    def __init__(self, fn: type[torch.autograd.Function], kind: str = "sparse") -> None:
         super().__init__()
-        self.W = nn.Parameter(torch.randn(10, 4, dtype=torch.float64))
+        shape = (4, 10) if kind == "via-transpose" else (10, 4)
+        self.W = nn.Parameter(torch.randn(shape, dtype=torch.float64))
         self.lin = nn.Linear(4, 4).double()
-        self.fn, self.direct = fn, direct
+        self.fn, self.kind = fn, kind
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        u = self.fn.apply(self.W, idx)
-        if self.direct:
+        u = self.fn.apply(self.W.t() if self.kind == "via-transpose" else self.W, idx)
+        if self.kind == "plus-dense-use":
             u = u + self.W[: idx.numel()]
         return torch.tanh(self.lin(u))
 
 
-def _setup(direct: bool = False, calls: list[int] | None = None):
+KINDS = ["sparse", "plus-dense-use", "via-transpose"]
+
+
+def _setup(kind: str = "sparse", calls: list[int] | None = None):
     torch.manual_seed(0)
-    trunk = _Trunk(_sparse_rows(calls), direct)
+    trunk = _Trunk(_sparse_rows(calls, full=kind == "via-transpose"), kind)
     heads = nn.ModuleList([nn.Linear(4, 1).double() for _ in W])
 
     def losses(idx=None):
@@ -92,10 +101,10 @@ def _assert_grads(params, plain):
         torch.testing.assert_close(p.grad.to_dense(), g.to_dense(), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["sparse", "plus-dense-use"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("engine", ["auto", "loop"])
-def test_auto_and_loop_serve_a_custom_sparse_gradient_exactly(engine, direct):
-    trunk, heads, losses = _setup(direct)
+def test_auto_and_loop_serve_a_custom_sparse_gradient_exactly(engine, kind):
+    trunk, heads, losses = _setup(kind)
     params = [*trunk.parameters(), *heads.parameters()]
     with gl.Profiler(trunk, list(W), engine=engine) as prof:
         for step in range(4):
@@ -111,17 +120,17 @@ def test_auto_and_loop_serve_a_custom_sparse_gradient_exactly(engine, direct):
             for layer, g in ref.layer_grams.items():
                 assert_gram_close(snap.layer_grams[layer], g, 1e-10)
             _assert_grads(params, plain)
-            assert trunk.W.grad.is_sparse != direct
+            assert trunk.W.grad.is_sparse == (kind != "plus-dense-use")
             assert prof.step == step + 1
         assert "chose='loop'" in repr(prof) or engine == "loop"
-    if not direct:
+    if kind != "plus-dense-use":
         torch.optim.SparseAdam([trunk.W]).step()  # a sparse optimizer takes the .grad
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["sparse", "plus-dense-use"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("engine", ["batched", "gramian"])
-def test_the_batched_engines_refuse_it_before_any_side_effect(engine, direct):
-    trunk, heads, losses = _setup(direct)
+def test_the_batched_engines_refuse_it_before_any_side_effect(engine, kind):
+    trunk, heads, losses = _setup(kind)
     params = [*trunk.parameters(), *heads.parameters()]
     for p in params:  # gradients of an earlier micro-batch: kept as they are
         p.grad = torch.randn_like(p)
