@@ -36,6 +36,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
     ),
     "bench_sinks.py": (["--steps", "4", "--rounds", "1", "--image-every", "2"], "tensorboard"),
     "bench_store.py": (["--steps", "40", "--flush-every", "10"], "load average"),
+    "conv_kernel_path.py": (["--tasks", "2", "--repeats", "1", "--shapes", "3"], "rule takes"),
     "host_time.py": (["--repeats", "2", "--tasks", "3"], "gramian probe"),
     "layer_weighting_time.py": (["--models", "mlp-tiny", "--tasks", "3"], "upgrad"),
     "legacy_batching.py": (

@@ -14,8 +14,9 @@ weights must be those of the reference's Grams), a ``.grad`` already there half 
 accumulates), ``prof.observe`` (``.grad`` untouched, the graph kept for the caller's backward)
 instead of ``prof.backward``, a loss scale (``grad_scale``: the Grams unscaled, ``.grad`` scaled)
 and ``retain_graph``, a module frozen or unfrozen between the two probes, the engine, the gramian
-engine's second-stage route (and the size above which its default loops a segment over the tasks)
-and the memory budget (small budgets force the chunked and per- task paths). Each probe must give
+engine's second-stage route (and the size above which its default loops a segment over the tasks),
+the convolution rule's route (by cost, its kernel route always or never) and the memory budget
+(small budgets force the chunked and per-task paths). Each probe must give
 the loop reference's Grams, total and per layer, over the same layers, and ``.grad`` equal to the
 weights' sum of the per-task gradients; two probes run on the same profiler, the second with
 another batch size half the time (a new graph signature: nothing derived from the first graph may
@@ -38,9 +39,10 @@ fresh profiler, whose next probe must be served by the engine chosen, at the sam
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +56,7 @@ from torch import nn
 import gradlens as gl
 from gradlens.engines import gramian as gramian_mod
 from gradlens.engines._base import resolve_shared
+from gradlens.engines.rules import conv as conv_mod
 from gradlens.testing import reference_grams
 from tests.zoo import assert_gram_close
 
@@ -339,18 +342,43 @@ def _check(
     loop_above: int | None = None,
     scale: float | None = None,
     retain: bool = False,
+    conv_share: float | None = None,
 ) -> None:
-    if loop_above is not None:  # segments above this many bytes a task loop over tasks
-        old = gramian_mod.LOOP_ABOVE
-        gramian_mod.LOOP_ABOVE = loop_above
-        try:
-            _check(
-                case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe,
-                None, scale, retain,
-            )  # fmt: skip
-        finally:
-            gramian_mod.LOOP_ABOVE = old
-        return
+    # segments above ``loop_above`` bytes loop over the tasks; the conv rule's kernel route where
+    # its flops are at most ``conv_share`` of the weight gradients' (0: never, 1e9: always)
+    with _set(gramian_mod, "LOOP_ABOVE", loop_above), _set(conv_mod, "KERNEL_SHARE", conv_share):
+        _check_probes(
+            case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe,
+            scale, retain,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _set(module: Any, name: str, value: object) -> Iterator[None]:
+    """``module.name = value`` for the block (nothing for None)."""
+    old = getattr(module, name)
+    if value is not None:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _check_probes(
+    case: _Case,
+    engine: str,
+    stage: str | None,
+    budget: int,
+    rebatch: bool,
+    ws: list[float],
+    weighting: str | None,
+    accumulate: bool,
+    toggle: int | None,
+    observe: bool,
+    scale: float | None,
+    retain: bool,
+) -> None:
     tasks = [f"t{t}" for t in range(case.T)]
     fixed = {t: ws[i % len(ws)] for i, t in enumerate(tasks)}
     arg = {None: fixed, "total": _inverse_size, "per-layer": gl.per_layer(_inverse_size)}
@@ -455,6 +483,8 @@ _DRAW: dict[str, st.SearchStrategy[Any]] = dict(
     # mixed precision's loss scale (float64 here: exact), the caller's retain_graph
     scale=st.sampled_from([None, None, 1024.0]),
     retain=st.booleans(),
+    # the conv rule's route: by cost (the default), the kernel route always, never
+    conv_share=st.sampled_from([None, 1e9, 0.0]),
 )
 
 

@@ -32,6 +32,8 @@ __all__ = [
     "conv1d_rule",
     "kernel_chunk",
     "kernel_core",
+    "kernel_grads",
+    "kernel_wins",
     "linear_grads",
     "linear_group",
     "linear_group_stacked",
@@ -47,6 +49,21 @@ def _weighted_grads(
         return None, None
     Dw = torch.tensordot(w, D, dims=1)  # N x out
     return (Dw.T @ A if has_weight else None), (Dw.sum(0) if has_bias else None)
+
+
+def kernel_wins(
+    T: int, N: int, in_f: int, out_f: int, itemsize: int, budget: int, share: float = 1.0
+) -> bool:
+    """Whether the kernel path costs at most ``share`` times the gradient path's flops for ``T``
+    tasks, ``N`` rows, ``in_f`` inputs and ``out_f`` outputs, with its ``N x N`` kernel within
+    ``budget``.
+
+    >>> kernel_wins(8, 32, 2304, 256, 4, 1 << 30), kernel_wins(8, 8192, 147, 32, 4, 1 << 30)
+    (True, False)
+    """
+    kernel_flops = N * N * in_f + T * N * N * out_f + T * T * N * out_f
+    grad_flops = T * N * out_f * in_f + T * T * out_f * in_f
+    return N * N * itemsize <= budget and kernel_flops <= share * grad_flops
 
 
 def kernel_chunk(T: int, N: int, out_f: int, itemsize: int, budget: int) -> int:
@@ -127,15 +144,11 @@ def linear_grads(
     T, N, out_f = D.shape
     in_f = A.shape[1]
     A = A.to(D.dtype)
-    w = None if weights is None else weights.to(D.dtype)
     itemsize = D.element_size()
-    kernel_flops = N * N * in_f + T * N * N * out_f + T * T * N * out_f
-    grad_flops = T * N * out_f * in_f + T * T * out_f * in_f
-    kernel_fits = N * N * itemsize <= budget
-    if not has_w or (kernel_fits and kernel_flops <= grad_flops):
-        chunk = kernel_chunk(T, N, out_f, itemsize, budget)
-        return _fused.run(kernel_core, A, D, w, chunk, has_weight=has_w, has_bias=has_b)
+    if not has_w or kernel_wins(T, N, in_f, out_f, itemsize, budget):
+        return kernel_grads(A, D, weights, has_w, has_b, budget)
 
+    w = None if weights is None else weights.to(D.dtype)
     gW, gb = _weighted_grads(A, D, w, has_w, has_b)
     G = torch.zeros(T, T, dtype=torch.float64, device=D.device)
     if has_b:
@@ -148,6 +161,29 @@ def linear_grads(
         g2 = gWt.reshape(T, -1)
         G += (g2 @ g2.T).to(torch.float64)
     return G, gW, gb
+
+
+def kernel_grads(
+    A: torch.Tensor,
+    D: torch.Tensor,
+    weights: torch.Tensor | None,
+    has_w: bool,
+    has_b: bool,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`linear_grads` by the kernel path whatever it costs (the caller chose it, e.g. by
+    :func:`kernel_wins`): ``A`` (N x in) in ``D``'s dtype, ``D`` (T x N x out); on CUDA through
+    the fused path when it is enabled (:mod:`gradlens.engines.rules._fused`).
+
+    >>> A, D = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    >>> G, gW, gb = kernel_grads(A, D, None, True, True, 1 << 20)
+    >>> G.shape, gW is None and gb is None
+    (torch.Size([2, 2]), True)
+    """
+    T, N, out_f = D.shape
+    w = None if weights is None else weights.to(D.dtype)
+    chunk = kernel_chunk(T, N, out_f, D.element_size(), budget)
+    return _fused.run(kernel_core, A, D, w, chunk, has_weight=has_w, has_bias=has_b)
 
 
 def _flatten(
@@ -299,9 +335,7 @@ def linear_group_stacked(
     assert d0 is not None
     T, n_layers, N = d0.shape[0], len(modules), inputs[0].numel() // in_f
     itemsize = d0.element_size()
-    kernel_flops = N * N * in_f + T * N * N * out_f + T * T * N * out_f
-    grad_flops = T * N * out_f * in_f + T * T * out_f * in_f
-    kernel = N * N * itemsize <= budget and kernel_flops <= grad_flops
+    kernel = kernel_wins(T, N, in_f, out_f, itemsize, budget)
     per_layer = (2 * T * N * out_f + N * N) if kernel else (T * N * out_f + T * out_f * in_f)
     if not has_w or n_layers * (per_layer + N * (in_f + 1)) * itemsize > budget:
         return None
