@@ -322,7 +322,8 @@ class GraphIndex:
         ``BackwardCFunction``, ``torch.library`` ops' included) returns a sparse tensor.
 
         Only running a custom backward tells what it returns: with ``L`` (the losses this index
-        was built from), the first graph of each signature with a custom node above a leaf
+        was built from; any other tensor teaches nothing), the first graph of each signature
+        with a custom node above a leaf (its input, or through one-input nodes such as ``t``)
         runs one backward of ``L.sum()`` to those leaves (``autograd.grad``: no ``.grad``
         written, the graph kept; a user's error in it propagates as raised), a hook on those
         nodes reading the layout of what they return; every later graph of the signature uses
@@ -379,7 +380,7 @@ class GraphIndex:
         if not custom:
             return {}
         got = _CUSTOM_SPARSE.get(self.signature)
-        if got is None and L is not None:
+        if got is None and L is not None and L.grad_fn is self.nodes[0]:  # this index's graph
             got = _learn_sparse(L, [(self.nodes[i], kids) for i, kids in custom], self.leaf_at)
             for old in list(_CUSTOM_SPARSE)[: max(0, len(_CUSTOM_SPARSE) - _MAX_CUSTOM + 1)]:
                 _CUSTOM_SPARSE.pop(old, None)

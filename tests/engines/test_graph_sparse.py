@@ -288,3 +288,40 @@ def test_a_gram_weighting_writes_its_update_sparse(per_layer):
             else:
                 weights = dict(zip(W, held.weights.tolist()))
                 _assert_grads(params, _plain(params, losses, weights))
+
+
+def test_the_index_reads_each_input_of_a_custom_function_by_its_own_gradient():
+    """A Function with a non-tensor argument and two tables, one given a sparse gradient and
+    one a dense one: only the first is flagged (the hook's gradients line up with the node's
+    inputs), and without the losses nothing is run: what was learned is used."""
+    from gradlens.engines._graph import GraphIndex
+
+    class TwoTables(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, k, sparse_t, idx, dense_t):
+            ctx.save_for_backward(idx)
+            ctx.shape, ctx.k = sparse_t.shape, k
+            return sparse_t[idx] * k + dense_t[idx]
+
+        @staticmethod
+        def backward(ctx, g):
+            (idx,) = ctx.saved_tensors
+            i = idx.unsqueeze(0)
+            sparse = torch.sparse_coo_tensor(i, g * ctx.k, ctx.shape, check_invariants=True)
+            return None, sparse, None, g.new_zeros(ctx.shape).index_add(0, idx, g)
+
+    a, b = (torch.randn(6, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def stacked():
+        y = TwoTables.apply(2.0, a, torch.tensor([0, 4, 4]), b)
+        return torch.stack([y.sum(), y.pow(2).sum()])
+
+    assert GraphIndex.build(stacked()).sparse_leaves() == set()  # not learned yet: nothing run
+    losses = stacked()
+    g = GraphIndex.build(losses)
+    assert g.sparse_leaves(stacked()) == set()  # another graph's losses: nothing learned
+    assert g.sparse_leaves(losses) == {id(a)}
+    assert g.sparse_from == {id(a): "the custom autograd.Function node TwoTablesBackward"}
+    assert GraphIndex.build(stacked()).sparse_leaves() == {id(a)}  # the same shape: learned
+    assert a.grad is None
+    assert b.grad is None
