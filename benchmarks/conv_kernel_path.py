@@ -9,8 +9,13 @@ thread, interleaved, median of ``--repeats``. Printed per shape: the flop ratio 
 (kernel / weight gradients), each route's time, their ratio, and the route the rule takes
 (``KERNEL_SHARE``: the kernel route where its flops are at most that share).
 
+With ``--models``, whole probes instead: the ``gramian`` engine's probe on each zoo trunk with
+the rule's choice against the weight route everywhere (``KERNEL_SHARE = 0``, the rule before the
+kernel route), two set-ups of the same seed stepped alternately, paired ratios (median).
+
     python benchmarks/conv_kernel_path.py               # T = 3 and 8
     python benchmarks/conv_kernel_path.py --tasks 8 --repeats 11
+    python benchmarks/conv_kernel_path.py --models resnet,mobilenetv2,convnext --size base
 """
 
 from __future__ import annotations
@@ -67,14 +72,51 @@ def _routes(
     return weight_route, kernel_route
 
 
+def _probes(model: str, T: int, size: str, batch: int | None, repeats: int) -> None:
+    """Whole gramian probes on a zoo trunk: the rule's choice against the weight route only."""
+    from gradlens.bench import ZOO_BATCH
+    from gradlens.bench._setup import _Setup
+
+    setups = {share: _Setup(model, T, batch or ZOO_BATCH[size], size=size) for share in (0.0, 0.5)}
+    times: dict[float, list[float]] = {0.0: [], 0.5: []}
+    default = conv_rules.KERNEL_SHARE
+    try:
+        for r in range(repeats + 3):  # three probes of each first: buffers, graph memos
+            for share, setup in setups.items():
+                conv_rules.KERNEL_SHARE = share
+                setup.prepare("gramian")
+                t0 = time.thread_time()
+                setup.step("gramian")
+                if r >= 3:
+                    times[share].append(time.thread_time() - t0)
+    finally:
+        conv_rules.KERNEL_SHARE = default
+        for setup in setups.values():
+            setup.close()
+    paired = statistics.median(b / a for a, b in zip(times[0.0], times[0.5]))
+    print(
+        f"{model} ({size}) T = {T}: gramian probe, weight route only "
+        f"{statistics.median(times[0.0]) * 1e3:.1f} ms, with the kernel route "
+        f"{statistics.median(times[0.5]) * 1e3:.1f} ms, paired ratio {paired:.3f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, nargs="+", default=[3, 8])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="the first n shapes only")
+    ap.add_argument("--models", default="", help="zoo trunks: whole gramian probes instead")
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--batch", type=int, default=None, help="default: the zoo's batch")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.models:
+        for model in args.models.split(","):
+            for T in args.tasks:
+                _probes(model, T, args.size, args.batch, args.repeats)
+        return
     print(f"conv rule routes, CPU time, 1 thread, median of {args.repeats}; "
           f"kernel route where flops <= {conv_rules.KERNEL_SHARE} x the weight gradients'")
     for T in args.tasks:
