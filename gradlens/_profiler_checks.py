@@ -10,7 +10,6 @@ import math
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -190,24 +189,30 @@ def stack_losses(
 def check_sparse(
     shared: SharedParams,
     reached: Sequence[torch.Tensor],
-    sparse: AbstractSet[int],
+    sparse: Mapping[int, str],
     refusal: str | None,
 ) -> None:
-    """Refuse, before any side effect, a shared parameter whose gradient is sparse
-    (``nn.Embedding(..., sparse=True)``) when ``refusal`` names who cannot take it."""
+    """Refuse, before any side effect, a shared parameter whose gradient is sparse (``sparse``:
+    leaf id -> what makes it so, :attr:`GraphIndex.sparse_from`) when ``refusal`` names who
+    cannot take it."""
     if refusal is None:
         return
-    names = [n for n, p in shared.named if id(p) in sparse and any(p is q for q in reached)]
+    found = {n: sparse[id(p)] for n, p in shared.named if id(p) in sparse}
+    names = [n for n, p in shared.named if n in found and any(p is q for q in reached)]
     if names:
+        custom = any("autograd.Function" in found[n] for n in names)
+        dense = "a backward that returns a dense gradient" if custom else "sparse=False"
+        engine = refusal.startswith("engine=")
         fix = (
-            "Use engine='loop' (or 'auto', which serves such graphs with it), or sparse=False."
-            if refusal.startswith("engine=")
-            else "Use sparse=False, or a Profiler's observe on every rank under DDP."
+            f"Use engine='loop' (or 'auto', which serves such graphs with it), or {dense}."
+            if engine
+            else f"Use {dense}, or a Profiler's observe on every rank under DDP."
         )
+        why = "its batched backward takes dense gradients only; " if engine else ""
+        sources = ", ".join(dict.fromkeys(found[n] for n in names))
         raise GradlensError(
-            f"{refusal} cannot measure shared parameters whose gradient is sparse "
-            f"(nn.Embedding or nn.EmbeddingBag with sparse=True); found {names}. {fix} "
-            "Nothing was written."
+            f"{refusal} cannot measure shared parameters whose gradient is sparse ({why}sparse "
+            f"from {sources}); found {names}. {fix} Nothing was written."
         )
 
 

@@ -427,9 +427,9 @@ class Profiler:
         graph = GraphIndex.build(L)  # raises before any side effect (reentrant checkpoint)
         leaves = graph.leaves
         reached = [p for p in self._shared.params if id(p) in leaves]
-        sparse = graph.sparse_leaves()
+        sparse = graph.sparse_leaves(L)  # a custom Function's: learned once per graph shape
         if sparse:
-            check_sparse(self._shared, reached, sparse, self._sparse_refusal())
+            check_sparse(self._shared, reached, graph.sparse_from, self._sparse_refusal())
         notes: list[str] = []
         if self._engine.uses_hooks and self._forward_hook is not None and not self._seen_forward:
             notes.append(UNRECORDED)
@@ -581,7 +581,7 @@ class Profiler:
         missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
         lw = {**layer_w, **dict.fromkeys(missing, w.detach().cpu())}
         _weighting.write_per_layer(
-            Ls, shared, self._shared.layer_of, lw, self._budget, graph.sparse_leaves()
+            Ls, shared, self._shared.layer_of, lw, self._budget, graph.sparse_leaves(Ls)
         )
         self._write_rest(Ls, w, retain_graph, leaves)
 
