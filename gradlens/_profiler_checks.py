@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens.engines._base import Engine, SharedParams
+from gradlens.engines._base import Engine, SharedParams, accumulate_grad
 from gradlens.engines.gramian import UNRECORDED
 
 if TYPE_CHECKING:
@@ -30,10 +29,12 @@ __all__ = [
     "UNSCHEDULED",
     "VMAP_ENGINES",
     "ProbeWarnings",
+    "check_device",
     "check_features",
     "check_finite",
     "check_scale",
     "check_sparse",
+    "grads_atomic",
     "grads_kept",
     "no_autocast",
     "open_store",
@@ -59,6 +60,61 @@ def grads_kept(params: Sequence[torch.Tensor]) -> Iterator[None]:
     finally:
         for p, g in zip(params, saved):
             p.grad = g
+
+
+@contextmanager
+def grads_atomic(leaves: Collection[torch.Tensor]) -> Iterator[None]:
+    """The block's ``.grad`` writes to ``leaves`` land together or not at all.
+
+    A ``.grad`` already there is set aside for the block (its writes then make fresh tensors)
+    and added back after it as autograd accumulates, into that same tensor; on an exception
+    every ``.grad`` is put back as it was, None where it was None: a failed probe (a user's
+    error in a backward, an out-of-memory error) leaves no half-written gradient for a retry
+    to count twice. The cost: one read of each ``.grad``; where gradients accumulate, the
+    block's writes are fresh tensors (their memory alive until the end) added once after it.
+
+    >>> p = torch.zeros(2, requires_grad=True)
+    >>> p.grad = torch.ones(2)
+    >>> with grads_atomic([p]):
+    ...     p.grad = torch.full((2,), 2.0)
+    >>> p.grad.tolist()
+    [3.0, 3.0]
+    >>> try:
+    ...     with grads_atomic([p]):
+    ...         p.grad = torch.full((2,), 5.0)
+    ...         raise KeyError("a failure after a write")
+    ... except KeyError:
+    ...     pass
+    >>> p.grad.tolist()
+    [3.0, 3.0]
+    """
+    held = [(p, g) for p in leaves if (g := p.grad) is not None]
+    for p, _ in held:
+        p.grad = None
+    try:
+        yield
+    except BaseException:
+        for p in leaves:
+            p.grad = None
+        for p, g in held:
+            p.grad = g
+        raise
+    for p, g in held:
+        new, p.grad = p.grad, g
+        if new is not None:
+            accumulate_grad(p, new)
+
+
+def check_device(L: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.device:
+    """``L``'s device, checked to be one of the shared parameters'."""
+    devices = {p.device for p in params}
+    if devices and L.device not in devices:
+        raise GradlensError(
+            f"`losses` should be on the device of the shared parameters "
+            f"({', '.join(sorted(map(str, devices)))}); found {L.device}. Compute the "
+            "losses where the model is (move the targets, not the outputs)."
+        )
+    return L.device
 
 
 def no_autocast(device_type: str) -> AbstractContextManager[Any]:
@@ -190,24 +246,30 @@ def stack_losses(
 def check_sparse(
     shared: SharedParams,
     reached: Sequence[torch.Tensor],
-    sparse: AbstractSet[int],
+    sparse: Mapping[int, str],
     refusal: str | None,
 ) -> None:
-    """Refuse, before any side effect, a shared parameter whose gradient is sparse
-    (``nn.Embedding(..., sparse=True)``) when ``refusal`` names who cannot take it."""
+    """Refuse, before any side effect, a shared parameter whose gradient is sparse (``sparse``:
+    leaf id -> what makes it so, :attr:`GraphIndex.sparse_from`) when ``refusal`` names who
+    cannot take it."""
     if refusal is None:
         return
-    names = [n for n, p in shared.named if id(p) in sparse and any(p is q for q in reached)]
+    found = {n: sparse[id(p)] for n, p in shared.named if id(p) in sparse}
+    names = [n for n, p in shared.named if n in found and any(p is q for q in reached)]
     if names:
+        custom = any("autograd.Function" in found[n] for n in names)
+        dense = "a backward that returns a dense gradient" if custom else "sparse=False"
+        engine = refusal.startswith("engine=")
         fix = (
-            "Use engine='loop' (or 'auto', which serves such graphs with it), or sparse=False."
-            if refusal.startswith("engine=")
-            else "Use sparse=False, or a Profiler's observe on every rank under DDP."
+            f"Use engine='loop' (or 'auto', which serves such graphs with it), or {dense}."
+            if engine
+            else f"Use {dense}, or a Profiler's observe on every rank under DDP."
         )
+        why = "its batched backward takes dense gradients only; " if engine else ""
+        sources = ", ".join(dict.fromkeys(found[n] for n in names))
         raise GradlensError(
-            f"{refusal} cannot measure shared parameters whose gradient is sparse "
-            f"(nn.Embedding or nn.EmbeddingBag with sparse=True); found {names}. {fix} "
-            "Nothing was written."
+            f"{refusal} cannot measure shared parameters whose gradient is sparse ({why}sparse "
+            f"from {sources}); found {names}. {fix} Nothing was written."
         )
 
 

@@ -36,10 +36,12 @@ from torch import nn
 from gradlens._errors import GradlensError
 from gradlens._profiler_checks import (
     ProbeWarnings,
+    check_device,
     check_features,
     check_finite,
     check_scale,
     check_sparse,
+    grads_atomic,
     grads_kept,
     no_autocast,
     open_store,
@@ -389,16 +391,8 @@ class Profiler:
         return snap
 
     def _check_device(self, L: torch.Tensor) -> None:
-        if L.device == self._device_ok:
-            return  # checked once per device, not every step
-        devices = {p.device for p in self._shared.params}
-        if devices and L.device not in devices:
-            raise GradlensError(
-                f"`losses` should be on the device of the shared parameters "
-                f"({', '.join(sorted(map(str, devices)))}); found {L.device}. Compute the "
-                "losses where the model is (move the targets, not the outputs)."
-            )
-        self._device_ok = L.device
+        if L.device != self._device_ok:  # checked once per device, not every step
+            self._device_ok = check_device(L, self._shared.params)
 
     def _weights_on(
         self, weights: Mapping[str, float | torch.Tensor] | None, L: torch.Tensor
@@ -427,9 +421,9 @@ class Profiler:
         graph = GraphIndex.build(L)  # raises before any side effect (reentrant checkpoint)
         leaves = graph.leaves
         reached = [p for p in self._shared.params if id(p) in leaves]
-        sparse = graph.sparse_leaves()
+        sparse = graph.sparse_leaves(L)  # a custom Function's: learned once per graph shape
         if sparse:
-            check_sparse(self._shared, reached, sparse, self._sparse_refusal())
+            check_sparse(self._shared, reached, graph.sparse_from, self._sparse_refusal())
         notes: list[str] = []
         if self._engine.uses_hooks and self._forward_hook is not None and not self._seen_forward:
             notes.append(UNRECORDED)
@@ -453,34 +447,36 @@ class Profiler:
             graph=graph,
             sparse=sparse,
         )
-        # engines compute in the dtypes of the recorded tensors, never under an autocast region
-        with no_autocast(L.device.type):
-            if not measure_only:
-                result = self._engine.compute(ctx)
-            else:
-                with grads_kept(reached):
+        # the probe's .grad writes land together or not at all: a failed call changes nothing
+        with grads_atomic(leaves.values() if write else ()):
+            # engines compute in the dtypes of the recorded tensors, never under an autocast region
+            with no_autocast(L.device.type):
+                if not measure_only:
                     result = self._engine.compute(ctx)
-        rest = [v for i, v in leaves.items() if i not in result.written]
-        if rest and not measure_only:
-            torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
-        layers = self._shared.layers if self._engine.level == "parameters" else None
-        gram, layer_grams, unreached = stack_grams(
-            result.layer_grams, layers, len(self.tasks), result.stacked
-        )
-        if scale is not None:
-            inv2 = 1.0 / float(scale) ** 2  # GradScaler scales are powers of two: exact
-            if not bool(torch.isfinite(gram).all()):
-                if weighting is not None and write:  # inf gradients: the scaler skips the step
-                    torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
-                return None  # overflowed scaled gradients: the scaler skips this step too
-            gram = gram * inv2
-            layer_grams = {n: g * inv2 for n, g in layer_grams.items()}
-        extra: dict[str, Any] = {}
-        if weighting is not None:
-            reached_grams = {n: g for n, g in layer_grams.items() if n not in unreached}
-            w, extra = self._apply_weighting(
-                weighting, gram, reached_grams, Ls, write, retain_graph, result.writer, leaves
+                else:
+                    with grads_kept(reached):
+                        result = self._engine.compute(ctx)
+            rest = [v for i, v in leaves.items() if i not in result.written]
+            if rest and not measure_only:
+                torch.autograd.backward(w @ Ls, inputs=rest, retain_graph=retain_graph)
+            layers = self._shared.layers if self._engine.level == "parameters" else None
+            gram, layer_grams, unreached = stack_grams(
+                result.layer_grams, layers, len(self.tasks), result.stacked
             )
+            if scale is not None:
+                inv2 = 1.0 / float(scale) ** 2  # GradScaler scales are powers of two: exact
+                if not bool(torch.isfinite(gram).all()):
+                    if weighting is not None and write:  # inf gradients: the scaler skips the step
+                        torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
+                    return None  # overflowed scaled gradients: the scaler skips this step too
+                gram = gram * inv2
+                layer_grams = {n: g * inv2 for n, g in layer_grams.items()}
+            extra: dict[str, Any] = {}
+            if weighting is not None:
+                reached_grams = {n: g for n, g in layer_grams.items() if n not in unreached}
+                w, extra = self._apply_weighting(
+                    weighting, gram, reached_grams, Ls, write, retain_graph, result.writer, leaves
+                )
         with _symmetric_given():  # stack_grams made every Gram exactly symmetric
             snap = Snapshot(
                 step=step,
@@ -581,7 +577,7 @@ class Profiler:
         missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
         lw = {**layer_w, **dict.fromkeys(missing, w.detach().cpu())}
         _weighting.write_per_layer(
-            Ls, shared, self._shared.layer_of, lw, self._budget, graph.sparse_leaves()
+            Ls, shared, self._shared.layer_of, lw, self._budget, graph.sparse_leaves(Ls)
         )
         self._write_rest(Ls, w, retain_graph, leaves)
 

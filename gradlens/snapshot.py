@@ -113,7 +113,9 @@ class Snapshot:
     unreached: tuple[str, ...] = ()
     #: Facts about this probe: ``"forward-not-recorded"`` (the forward ran before the profiler
     #: existed, or bypassed the shared module's hooks: every layer took the generic path),
-    #: ``"auto-chose:<engine>"`` (the probe that settled ``auto``'s choice).
+    #: ``"auto-chose:<engine>"`` (the probe that settled ``auto``'s choice),
+    #: ``"auto-loop:sparse-grad"`` (``auto`` served the probe by ``loop``, untimed: a shared
+    #: parameter's gradient is sparse).
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -136,3 +136,83 @@ def test_losses_of_mixed_dtypes_give_the_plain_backward(engine):
     torch.testing.assert_close(snap.gram, ref.gram, rtol=1e-5, atol=1e-7)
     for p, g in zip(params, plain, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+class _FailingBackward(torch.autograd.Function):
+    """Doubles its input; its backward raises ``error`` while one is set (a user's bug, an
+    out-of-memory error, an interrupt in the middle of a probe)."""
+
+    error: BaseException | None = None
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        if _FailingBackward.error is not None:
+            raise _FailingBackward.error
+        return g * 2
+
+
+class _FailingTrunk(torch.nn.Module):
+    """Linear layers below and above a custom Function: the gramian engine's first stage (the
+    heads) and the layers above it are done before the backward reaches the Function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(4, 8), torch.nn.Linear(8, 8),
+                                  torch.nn.Linear(8, 8))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _FailingBackward.apply(torch.tanh(self.a(x)))
+        return self.c(torch.tanh(self.b(h)))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("user error in a backward"), KeyboardInterrupt()],
+                         ids=["error", "interrupt"])  # fmt: skip
+@pytest.mark.parametrize("accumulate", [False, True], ids=["fresh", "accumulating"])
+@pytest.mark.parametrize("weighting", [False, True], ids=["weights", "gram-weighting"])
+@pytest.mark.parametrize("engine", [*ENGINES, "auto"])
+def test_a_probe_that_fails_in_a_backward_writes_no_grad(engine, weighting, accumulate, error):
+    """A failure inside the probe's backward passes, after some ``.grad`` were written (the
+    gramian engine writes the heads' and the top layers' on the way), leaves every ``.grad`` as
+    it was and the step where it was; the retry then gives the plain weighted backward."""
+    torch.manual_seed(0)
+    trunk = _FailingTrunk().double()
+    heads = torch.nn.ModuleList([torch.nn.Linear(8, 1) for _ in range(3)]).double()
+    params = [*trunk.parameters(), *heads.parameters()]
+    x = torch.randn(5, 4, dtype=torch.float64)
+    w = {"a": 0.2, "b": 0.3, "c": 0.5}
+    # a Gram weighting (here one whose weights are fixed): its writes come after the Grams
+    arg = (lambda G: torch.tensor([0.2, 0.3, 0.5], dtype=G.dtype)) if weighting else w
+
+    def losses() -> dict[str, torch.Tensor]:
+        z = trunk(x)
+        return {t: (h(z) ** 2).mean() * (1 + i) for i, (t, h) in enumerate(zip("abc", heads))}
+
+    with gl.Profiler(trunk, ["a", "b", "c"], engine=engine) as prof:
+        for _ in range(5 if engine == "auto" else 1):  # auto: past its deciding probes
+            prof.backward(losses(), arg)
+        for p in params:
+            p.grad = torch.randn_like(p) if accumulate else None
+        before = [None if p.grad is None else p.grad.clone() for p in params]
+        step = prof.step
+        _FailingBackward.error = error
+        try:
+            with pytest.raises(type(error)):
+                prof.backward(losses(), arg)
+        finally:
+            _FailingBackward.error = None
+        assert prof.step == step
+        for p, g in zip(params, before):
+            if g is None:
+                assert p.grad is None
+            else:
+                assert torch.equal(p.grad, g)  # untouched, not recomputed
+        ls = losses()
+        plain = torch.autograd.grad(sum(w[t] * v for t, v in ls.items()), params, retain_graph=True)
+        prof.backward(ls, arg)  # the retry
+    assert prof.step == step + 1
+    for p, g0, g in zip(params, before, plain):
+        torch.testing.assert_close(p.grad, g if g0 is None else g0 + g, rtol=1e-10, atol=1e-12)

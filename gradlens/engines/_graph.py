@@ -12,7 +12,9 @@ edges, in walk order) identifies the graph's shape: a probe of a graph with the 
 what was derived from the structure of the first one (the cut plan, the heads' split, whether the
 losses reach past the shared outputs: :meth:`GraphIndex.memo`), rebound by position to the new
 graph's nodes, which are new objects at every step. Nothing but positions is kept between
-probes, so a graph of another shape can never be served a stale node.
+probes, so a graph of another shape can never be served a stale node. One kept fact is not read
+from the structure: which leaves a custom ``autograd.Function`` gives a sparse gradient, learned
+by one backward on the first graph of each signature (:meth:`GraphIndex.sparse_leaves`).
 
 Example:
     >>> import torch
@@ -31,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar, cast
 
 import torch
+from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import Node
 
 from gradlens._errors import GradlensError
@@ -48,6 +51,17 @@ _SPARSE_NODES = {
     "EmbeddingBagBackward0": "_saved_sparse",
     "GatherBackward0": "_saved_sparse_grad",
 }
+#: What :meth:`GraphIndex.sparse_leaves` names as the source of a sparse gradient, by node type.
+_SPARSE_SOURCES = {
+    "EmbeddingBackward0": "nn.Embedding(sparse=True)",
+    "EmbeddingBagBackward0": "nn.EmbeddingBag(sparse=True)",
+    "GatherBackward0": "torch.gather(sparse_grad=True)",
+}
+#: Per graph signature: the positions of the leaves to which a custom ``autograd.Function``
+#: just above them returned a sparse gradient on the first graph of that signature (learned
+#: by one backward, see :meth:`GraphIndex.sparse_leaves`), with the Function's node type name.
+_CUSTOM_SPARSE: dict[Signature, dict[int, str]] = {}
+_MAX_CUSTOM = 64
 
 _REENTRANT_MESSAGE = (
     "`losses` come from a model that uses reentrant activation checkpointing "
@@ -131,6 +145,8 @@ class GraphIndex:
         self._edges: list[tuple[tuple[int, int], ...]] | None = None
         self._starts: list[int] | None = None
         self._node_set: set[Node] | None = None
+        #: the leaves :meth:`sparse_leaves` found, by id: what gives them a sparse gradient
+        self.sparse_from: dict[int, str] = {}
 
     @classmethod
     def build(cls, L: torch.Tensor) -> GraphIndex:
@@ -298,23 +314,38 @@ class GraphIndex:
                     todo.append(i)
         return frozenset(types[i].__name__ for i in runs)
 
-    def sparse_leaves(self) -> set[int]:
-        """Ids of the leaves whose gradient autograd makes sparse (the weight of an
-        ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True``, the input of a
-        ``torch.gather(..., sparse_grad=True)``).
+    def sparse_leaves(self, L: torch.Tensor | None = None) -> set[int]:
+        """Ids of the leaves whose gradient autograd makes sparse: the weight of an
+        ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True`` and the input of a
+        ``torch.gather(..., sparse_grad=True)`` (their nodes' saved flags say so), and a leaf
+        to which a custom ``torch.autograd.Function`` just above it (its node a
+        ``BackwardCFunction``, ``torch.library`` ops' included) returns a sparse tensor.
+
+        Only running a custom backward tells what it returns: with ``L`` (the losses this index
+        was built from; any other tensor teaches nothing), the first graph of each signature
+        with a custom node above a leaf (its input, or through one-input nodes such as ``t``)
+        runs one backward of ``L.sum()`` to those leaves (``autograd.grad``: no ``.grad``
+        written, the graph kept; a user's error in it propagates as raised), a hook on those
+        nodes reading the layout of what they return; every later graph of the signature uses
+        what was learned (a custom backward whose layout depends on the data is taken as it
+        was then). Without ``L``, what was learned so far. :attr:`sparse_from` then names the
+        source of each.
 
         >>> emb = torch.nn.Embedding(5, 2, sparse=True)
         >>> g = GraphIndex.build(torch.stack([emb(torch.tensor([1, 3])).sum()]))
-        >>> g.sparse_leaves() == {id(emb.weight)}
-        True
+        >>> g.sparse_leaves() == {id(emb.weight)}, g.sparse_from[id(emb.weight)]
+        (True, 'nn.Embedding(sparse=True)')
         """
         where = self.memo(("sparse-nodes",), self._embedding_nodes)
-        out: set[int] = set()
+        out = self.sparse_from
+        out.clear()
         for i, leaves in where:
-            flag = _SPARSE_NODES[self.types[i].__name__]
-            if getattr(self.nodes[i], flag, False):  # the node's saved flag
-                out.update(id(self.leaf_at[j]) for j in leaves)
-        return out
+            name = self.types[i].__name__
+            if getattr(self.nodes[i], _SPARSE_NODES[name], False):  # the node's saved flag
+                out.update((id(self.leaf_at[j]), _SPARSE_SOURCES[name]) for j in leaves)
+        for j, name in self._custom_sparse(L).items():
+            out.setdefault(id(self.leaf_at[j]), f"the custom autograd.Function node {name}")
+        return set(out)
 
     def _embedding_nodes(self) -> list[tuple[int, list[int]]]:
         """Positions of the embedding backward nodes, each with its leaf children's."""
@@ -323,6 +354,38 @@ class GraphIndex:
             for i, t in enumerate(self.types)
             if t.__name__ in _SPARSE_NODES
         ]
+
+    def _custom_nodes(self) -> list[tuple[int, list[tuple[int, int]]]]:
+        """Positions of the custom Functions' nodes above a leaf, each with those leaves as
+        ``(index in next_functions, leaf position)``: a leaf child, or a leaf at the end of a
+        chain of one-input nodes (a Function applied to ``W.t()`` or ``W.to(dtype)``)."""
+        out = []
+        edges, leaf_at = self.edges, self.leaf_at
+        for i, t in enumerate(self.types):
+            if issubclass(t, BackwardCFunction):
+                kids = []
+                for k, (j, _) in enumerate(self._entries(i)):
+                    while j >= 0 and j not in leaf_at and len(edges[j]) == 1:
+                        j = edges[j][0][0]
+                    if j in leaf_at:
+                        kids.append((k, j))
+                if kids:
+                    out.append((i, kids))
+        return out
+
+    def _custom_sparse(self, L: torch.Tensor | None) -> dict[int, str]:
+        """Leaf positions a custom Function gives a sparse gradient, with its node's type
+        name: learned once per signature from ``L`` (see :meth:`sparse_leaves`)."""
+        custom = self.memo(("custom-nodes",), self._custom_nodes)
+        if not custom:
+            return {}
+        got = _CUSTOM_SPARSE.get(self.signature)
+        if got is None and L is not None and L.grad_fn is self.nodes[0]:  # this index's graph
+            got = _learn_sparse(L, [(self.nodes[i], kids) for i, kids in custom], self.leaf_at)
+            for old in list(_CUSTOM_SPARSE)[: max(0, len(_CUSTOM_SPARSE) - _MAX_CUSTOM + 1)]:
+                _CUSTOM_SPARSE.pop(old, None)
+            _CUSTOM_SPARSE[self.signature] = got
+        return got or {}
 
     def reaches_past(self, stop: set[Node], inside: set[Node], shared_ids: set[int]) -> bool:
         """Whether the graph reaches a node of ``inside`` or a leaf in ``shared_ids`` from the
@@ -365,3 +428,32 @@ def _holds_leaf(t: type) -> bool:
     if got is None:
         got = _LEAF_TYPES[t] = "variable" in dir(t)
     return got
+
+
+def _learn_sparse(
+    L: torch.Tensor,
+    custom: Sequence[tuple[Node, Sequence[tuple[int, int]]]],
+    leaf_at: dict[int, torch.Tensor],
+) -> dict[int, str]:
+    """Run one backward of ``L.sum()`` to the leaf children of the custom nodes ``custom``
+    (``autograd.grad``, graph kept) and return the leaf positions to which a node returned a
+    sparse (not strided) gradient, with the node's type name."""
+    found: dict[int, str] = {}
+
+    def reader(node: Node, kids: Sequence[tuple[int, int]]) -> Callable[..., None]:
+        def hook(grad_inputs: tuple[torch.Tensor | None, ...], _: object) -> None:
+            for k, j in kids:
+                g = grad_inputs[k]
+                if g is not None and g.layout is not torch.strided:
+                    found[j] = type(node).__name__
+
+        return hook
+
+    leaves = {id(leaf_at[j]): leaf_at[j] for _, kids in custom for _, j in kids}
+    handles = [node.register_hook(reader(node, kids)) for node, kids in custom]
+    try:
+        torch.autograd.grad(L.sum(), list(leaves.values()), retain_graph=True, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return found

@@ -23,6 +23,13 @@ fastest for the rest of the run:
 - the winner, the candidate with the fastest timed probe after its first, then serves every
   probe.
 
+A graph where a shared parameter's gradient is sparse (``nn.Embedding(..., sparse=True)``,
+``torch.gather(..., sparse_grad=True)``, a custom ``autograd.Function`` whose backward returns
+a sparse tensor: the profiler's graph index finds them before the engine runs, see
+:meth:`gradlens.engines._graph.GraphIndex.sparse_leaves`) is served by ``loop``, untimed: the
+batched candidates cannot take a sparse gradient. The Snapshot's notes say so
+(:data:`SPARSE_NOTE`).
+
 The decision is kept per graph shape: the shapes of the shared module's outputs (the batch size,
 the sequence length), the number of autograd nodes, the device, the dtype and T. A new shape
 (e.g. the last, smaller batch of an epoch) is timed anew; a shape seen before reuses its winner.
@@ -66,7 +73,14 @@ from gradlens.engines.gramian import GramianEngine
 from gradlens.engines.loop import LoopEngine
 
 __all__ = [
-    "CANDIDATES", "CLOSE", "MARGIN", "MAX_ROUNDS", "STATE_FORMAT", "AutoEngine", "Decision"
+    "CANDIDATES",
+    "CLOSE",
+    "MARGIN",
+    "MAX_ROUNDS",
+    "SPARSE_NOTE",
+    "STATE_FORMAT",
+    "AutoEngine",
+    "Decision",
 ]
 
 #: The exact candidates, in the order of the first round.
@@ -83,6 +97,9 @@ MARGIN = 1.1
 MAX_ROUNDS = 5
 #: Version of :meth:`AutoEngine.state_dict`.
 STATE_FORMAT = 1
+#: The note of a probe ``auto`` served by ``loop`` untimed: a shared parameter's gradient is
+#: sparse, which the batched candidates cannot take.
+SPARSE_NOTE = "auto-loop:sparse-grad"
 
 
 @dataclass
@@ -186,6 +203,8 @@ class AutoEngine(Engine):
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         #: whether the hooked candidates' hooks are installed (see :meth:`_attach_hooked`)
         self._hooked_on = False
+        #: whether a probe was served by ``loop`` for a sparse gradient (see :meth:`_sparse`)
+        self._served_sparse = False
 
     def attach(self) -> None:
         for e in self.candidates.values():
@@ -327,12 +346,16 @@ class AutoEngine(Engine):
 
     def _sparse(self, ctx: BackwardContext) -> EngineResult:
         """A graph where a shared parameter gets a sparse gradient (``nn.Embedding(...,
-        sparse=True)``): served by ``loop``, the one candidate that takes it, without timing."""
+        sparse=True)``, a custom Function's sparse backward: the profiler's graph index finds
+        them before the engine runs): served by ``loop``, the one candidate that takes it,
+        without timing; the Snapshot's notes say why (:data:`SPARSE_NOTE`)."""
         self._shapes = ()
+        self._served_sparse = True
         engine = self.candidates["loop"]
         result = engine.compute(ctx)
         self._discard_others(engine)
         result.engine = engine.name
+        result.notes.append(SPARSE_NOTE)
         return result
 
     def _release_losers(self) -> None:
@@ -403,6 +426,8 @@ class AutoEngine(Engine):
     def describe(self) -> str:
         """The winners so far, e.g. ``gramian`` or ``gramian-vmap/batched`` (by graph shape)."""
         winners = [d.winner for d in self.decisions.values() if d.winner is not None]
+        if self._served_sparse:
+            winners.append("loop")
         if not winners:
             return "timing"
         return "/".join(dict.fromkeys(winners))
