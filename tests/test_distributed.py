@@ -336,26 +336,17 @@ def test_a_sparse_embedding_is_refused_before_any_side_effect():
 def test_a_custom_functions_sparse_gradient_is_refused_before_any_side_effect():
     """No node type says so: the graph index learns it (one backward), then refuses it."""
 
-    class Rows(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, table, idx):
-            ctx.save_for_backward(idx)
-            ctx.shape = table.shape
-            return table[idx]
+    from tests.engines.test_graph_sparse import _sparse_rows
 
-        @staticmethod
-        def backward(ctx, g):
-            (idx,) = ctx.saved_tensors
-            grad = torch.sparse_coo_tensor(idx.unsqueeze(0), g, ctx.shape, check_invariants=True)
-            return grad, None
-
+    Rows = _sparse_rows()
     table = nn.Parameter(torch.randn(10, 4, dtype=torch.float64))
     model = nn.ModuleDict({"trunk": nn.ParameterDict({"table": table}), "head": nn.Linear(4, 1)})
     model = model.double()
     prof = DistributedProfiler(model, model["trunk"], ["a", "b"], engine="loop")
     z = Rows.apply(table, torch.tensor([1, 2, 2]))
     losses = {"a": model["head"](z).mean(), "b": model["head"](z).pow(2).mean()}
-    with pytest.raises(gl.GradlensError, match=r"DistributedProfiler .* RowsBackward.*\['table'\]"):
+    refused = r"DistributedProfiler .* SparseRowsBackward.*\['table'\]"
+    with pytest.raises(gl.GradlensError, match=refused):
         prof.backward(losses)
     assert prof.step == 0
     assert all(p.grad is None for p in model.parameters())
