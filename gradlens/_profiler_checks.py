@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens.engines._base import Engine, SharedParams, accumulate_grad
+from gradlens.engines._base import Engine, SharedParams
 from gradlens.engines.gramian import UNRECORDED
 
 if TYPE_CHECKING:
@@ -66,43 +66,40 @@ def grads_kept(params: Sequence[torch.Tensor]) -> Iterator[None]:
 def grads_atomic(leaves: Collection[torch.Tensor]) -> Iterator[None]:
     """The block's ``.grad`` writes to ``leaves`` land together or not at all.
 
-    A ``.grad`` already there is set aside for the block (its writes then make fresh tensors)
-    and added back after it as autograd accumulates, into that same tensor; on an exception
-    every ``.grad`` is put back as it was, None where it was None: a failed probe (a user's
-    error in a backward, an out-of-memory error) leaves no half-written gradient for a retry
-    to count twice. The cost: one read of each ``.grad``; where gradients accumulate, the
-    block's writes are fresh tensors (their memory alive until the end) added once after it.
+    The writes go where they would (into a ``.grad`` already there, in place: hooks on the
+    leaves and views into a gradient bucket see what they saw before); a copy of each ``.grad``
+    already there is kept for the block, and on an exception every ``.grad`` is put back as it
+    was (its values into the same tensor; None where it was None): a failed probe (a user's
+    error in a backward, an out-of-memory error, an interrupt) leaves no half-written gradient
+    for a retry to count twice. The cost: one read of each ``.grad`` and, where gradients
+    accumulate, a copy of them alive for the block.
 
     >>> p = torch.zeros(2, requires_grad=True)
     >>> p.grad = torch.ones(2)
     >>> with grads_atomic([p]):
-    ...     p.grad = torch.full((2,), 2.0)
+    ...     p.grad += 2.0
     >>> p.grad.tolist()
     [3.0, 3.0]
     >>> try:
     ...     with grads_atomic([p]):
-    ...         p.grad = torch.full((2,), 5.0)
+    ...         p.grad += 5.0
     ...         raise KeyError("a failure after a write")
     ... except KeyError:
     ...     pass
     >>> p.grad.tolist()
     [3.0, 3.0]
     """
-    held = [(p, g) for p in leaves if (g := p.grad) is not None]
-    for p, _ in held:
-        p.grad = None
+    with torch.no_grad():
+        held = [(p, g, g.clone()) for p in leaves if (g := p.grad) is not None]
     try:
         yield
     except BaseException:
-        for p in leaves:
-            p.grad = None
-        for p, g in held:
-            p.grad = g
+        with torch.no_grad():
+            for p in leaves:
+                p.grad = None
+            for p, g, copy in held:
+                p.grad = copy if g.is_sparse or g.shape != copy.shape else g.copy_(copy)
         raise
-    for p, g in held:
-        new, p.grad = p.grad, g
-        if new is not None:
-            accumulate_grad(p, new)
 
 
 def check_device(L: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.device:

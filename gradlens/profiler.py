@@ -127,6 +127,7 @@ class Profiler:
         self._w_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
         #: A Gram weighting's last weights (total, per layer), held between probes.
         self._held: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._learned: dict[object, dict[int, str]] = {}  # GraphIndex.sparse_leaves' facts
         # the store first: a refused one (a run already there) leaves no hook on the model
         run_meta = self._meta(meta, engine, every)
         self.store = open_store(store, run_meta)
@@ -421,7 +422,7 @@ class Profiler:
         graph = GraphIndex.build(L)  # raises before any side effect (reentrant checkpoint)
         leaves = graph.leaves
         reached = [p for p in self._shared.params if id(p) in leaves]
-        sparse = graph.sparse_leaves(L)  # a custom Function's: learned once per graph shape
+        sparse = graph.sparse_leaves(L, self._learned)  # a custom Function's: learned
         if sparse:
             check_sparse(self._shared, reached, graph.sparse_from, self._sparse_refusal())
         notes: list[str] = []
@@ -472,29 +473,32 @@ class Profiler:
                 gram = gram * inv2
                 layer_grams = {n: g * inv2 for n, g in layer_grams.items()}
             extra: dict[str, Any] = {}
+            held = None
             if weighting is not None:
                 reached_grams = {n: g for n, g in layer_grams.items() if n not in unreached}
-                w, extra = self._apply_weighting(
+                w, extra, held = self._apply_weighting(
                     weighting, gram, reached_grams, Ls, write, retain_graph, result.writer, leaves
                 )
-        with _symmetric_given():  # stack_grams made every Gram exactly symmetric
-            snap = Snapshot(
-                step=step,
-                tasks=self.tasks,
-                gram=gram,
-                layer_grams=layer_grams,
-                weights=w.detach().to("cpu", torch.float64),
-                engine=result.engine or self.engine,
-                level=self._engine.level,
-                rules=result.rules,
-                losses=dict(zip(self.tasks, L.detach().tolist() if values is None else values)),
-                timings=dict(result.timings),
-                unreached=unreached,
-                notes=probe_notes([*notes, *result.notes], scheduled=bool(self._schedule(step))),
-                **extra,
-            )
-        self._warnings.check(snap)
-        log_auto(self)
+            with _symmetric_given():  # stack_grams made every Gram exactly symmetric
+                snap = Snapshot(
+                    step=step,
+                    tasks=self.tasks,
+                    gram=gram,
+                    layer_grams=layer_grams,
+                    weights=w.detach().to("cpu", torch.float64),
+                    engine=result.engine or self.engine,
+                    level=self._engine.level,
+                    rules=result.rules,
+                    losses=dict(zip(self.tasks, L.detach().tolist() if values is None else values)),
+                    timings=dict(result.timings),
+                    unreached=unreached,
+                    notes=probe_notes([*notes, *result.notes], bool(self._schedule(step))),
+                    **extra,
+                )
+            self._warnings.check(snap)
+            log_auto(self)
+        if held is not None:  # held once the probe succeeded: a failed one is retried as such
+            self._held = held
         return snap
 
     def _apply_weighting(
@@ -507,8 +511,9 @@ class Profiler:
         retain_graph: bool,
         writer: Callable[[Mapping[str, torch.Tensor]], None] | None,
         leaves: Mapping[int, torch.Tensor],
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Call a Gram weighting on this probe's Grams, hold and write its update.
+    ) -> tuple[torch.Tensor, dict[str, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Call a Gram weighting on this probe's Grams and write its update; returns the weights
+        as a tensor like ``Ls``, the Snapshot's fields, and the weights to hold.
 
         Everything is checked before anything is written. Where the engine kept the per-task
         blocks of its pass (``writer``: they fit ``memory_budget``), ``J_l^T w_l`` is written
@@ -526,7 +531,6 @@ class Profiler:
             n: _weighting.call_weighting(weighting, _symmetric(g), n)
             for n, g in (layer_grams.items() if per_layer else ())
         }
-        self._held = (w64, layer_w)
         w = w64.to(Ls.device, Ls.dtype)
         if writer is not None:
             path = "kept_blocks"
@@ -545,7 +549,7 @@ class Profiler:
             "weighting_path": path,
             "layer_weights": layer_w,
         }
-        return w, extra
+        return w, extra, (w64, layer_w)
 
     def _write_rest(
         self,
@@ -576,9 +580,8 @@ class Profiler:
         # a layer the held probe did not reach (conditional computation) takes the total weights
         missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
         lw = {**layer_w, **dict.fromkeys(missing, w.detach().cpu())}
-        _weighting.write_per_layer(
-            Ls, shared, self._shared.layer_of, lw, self._budget, graph.sparse_leaves(Ls)
-        )
+        sparse = graph.sparse_leaves(Ls, self._learned)
+        _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget, sparse)
         self._write_rest(Ls, w, retain_graph, leaves)
 
     def _meta(self, meta: Mapping[str, Any] | None, engine: str, every: object) -> dict[str, Any]:

@@ -216,3 +216,141 @@ def test_a_probe_that_fails_in_a_backward_writes_no_grad(engine, weighting, accu
     assert prof.step == step + 1
     for p, g0, g in zip(params, before, plain):
         torch.testing.assert_close(p.grad, g if g0 is None else g0 + g, rtol=1e-10, atol=1e-12)
+
+
+def test_a_warning_raised_as_an_error_after_the_writes_leaves_no_grad():
+    """Under warnings-as-errors, the zero-gradient warning raised after the probe wrote
+    ``.grad`` rolls the writes back: the retry (the warning is given once) counts them once."""
+    trunk, head = _model()
+    x = torch.randn(5, 3)
+    with gl.Profiler(trunk, tasks=["a", "b"], engine="gramian") as prof:
+        z = trunk(x)
+        losses = {"a": head(z)[:, 0].mean(), "b": head.weight.sum() * 0 + z.sum() * 0}
+        with pytest.raises(GradlensWarning, match="zero gradient"):
+            prof.backward(losses)
+        assert prof.step == 0
+        assert all(p.grad is None for p in [*trunk.parameters(), *head.parameters()])
+        z = trunk(x)
+        losses = {"a": head(z)[:, 0].mean(), "b": head.weight.sum() * 0 + z.sum() * 0}
+        params = list(trunk.parameters())
+        want = torch.autograd.grad(sum(losses.values()), params, retain_graph=True)
+        prof.backward(losses)
+    assert prof.step == 1
+    for p, g in zip(trunk.parameters(), want):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_hooks_on_a_head_see_the_accumulated_grad_as_autograd_gives_it():
+    """The probe's writes go into the ``.grad`` already there, in place: a post-accumulate-grad
+    hook on a head sees the sum (as with a plain backward), and a hook that frees ``.grad``
+    (an optimizer step in the backward) leaves it freed."""
+    seen: dict[str, torch.Tensor] = {}
+    for run in ("plain", "probe"):
+        trunk, head = _model()
+        head.weight.grad = torch.ones_like(head.weight)
+        handle = head.weight.register_post_accumulate_grad_hook(
+            lambda p, run=run: seen.__setitem__(run, p.grad.clone())
+        )
+        z = trunk(torch.randn(5, 3, generator=torch.Generator().manual_seed(1)))
+        losses = {"a": head(z)[:, 0].mean(), "b": head(z)[:, 1].pow(2).mean()}
+        if run == "plain":
+            sum(losses.values()).backward()
+        else:
+            with gl.Profiler(trunk, tasks=["a", "b"], engine="batched") as prof:
+                prof.backward(losses)
+        handle.remove()
+    torch.testing.assert_close(seen["probe"], seen["plain"])
+    trunk, head = _model()
+    head.weight.grad = torch.ones_like(head.weight)
+    head.weight.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    z = trunk(torch.randn(5, 3))
+    with gl.Profiler(trunk, tasks=["a", "b"], engine="batched") as prof:
+        prof.backward({"a": head(z)[:, 0].mean(), "b": head(z)[:, 1].pow(2).mean()})
+    assert head.weight.grad is None
+
+
+@pytest.mark.parametrize("engine", ["batched", "gramian", "auto"])
+def test_a_second_profiler_is_not_served_what_another_model_taught(engine):
+    """Two models of one structure whose custom Function differs by a flag (a sparse or a
+    dense gradient): what the first profiler learned is its own."""
+
+    class Rows(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, table, idx, sparse):
+            ctx.save_for_backward(idx)
+            ctx.shape, ctx.sparse = table.shape, sparse
+            return table[idx]
+
+        @staticmethod
+        def backward(ctx, g):
+            (idx,) = ctx.saved_tensors
+            if not ctx.sparse:  # (dense throughout: a batched engine's vmap runs this)
+                return g.new_zeros(ctx.shape).index_add(0, idx, g), None, None
+            grad = torch.sparse_coo_tensor(idx.unsqueeze(0), g, ctx.shape, check_invariants=True)
+            return grad, None, None
+
+    class Lookup(torch.nn.Module):
+        def __init__(self, sparse: bool) -> None:
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(10, 4, dtype=torch.float64))
+            self.sparse = sparse
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return Rows.apply(self.table, idx, self.sparse)
+
+    for sparse in (True, False, True):
+        torch.manual_seed(0)
+        trunk = Lookup(sparse)
+        table = trunk.table
+        head = torch.nn.Linear(4, 2).double()
+        with gl.Profiler(trunk, ["a", "b"], engine=engine) as prof:
+            z = trunk(torch.tensor([1, 2, 2]))
+            losses = {"a": head(z)[:, 0].mean(), "b": head(z)[:, 1].pow(2).mean()}
+            if sparse and engine != "auto":
+                with pytest.raises(GradlensError, match="sparse"):
+                    prof.backward(losses)
+                assert table.grad is None
+                continue
+            want = torch.autograd.grad(sum(losses.values()), table, retain_graph=True)[0]
+            prof.backward(losses)
+        assert table.grad.is_sparse == sparse
+        torch.testing.assert_close(table.grad.to_dense(), want.to_dense())
+
+
+def test_a_failed_write_of_a_gram_weighting_holds_no_weights():
+    """A step probed only because no weights are held yet, whose write fails: the retry is
+    probed again (the weights are held once a probe succeeded)."""
+    torch.manual_seed(0)
+    trunk = _FailingTrunk().double()
+    heads = torch.nn.ModuleList([torch.nn.Linear(8, 1) for _ in range(3)]).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def losses() -> dict[str, torch.Tensor]:
+        z = trunk(x)
+        return {t: (h(z) ** 2).mean() for t, h in zip("abc", heads)}
+
+    calls: list[int] = []
+
+    class WriteFailedError(RuntimeError):
+        pass
+
+    def weighting(G: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        _FailingBackward.error = WriteFailedError("the write's backward fails")  # after the Grams
+        return torch.full((3,), 1 / 3, dtype=G.dtype)
+
+    # a tiny budget: no blocks kept, the update is a second backward through the trunk
+    with gl.Profiler(trunk, ["a", "b", "c"], engine="gramian", every=2, memory_budget=1) as prof:
+        prof.step = 1  # not a scheduled probe: probed because no weights are held
+        try:
+            with pytest.raises(WriteFailedError):
+                prof.backward(losses(), weighting)
+        finally:
+            _FailingBackward.error = None
+        assert prof.step == 1
+        assert all(p.grad is None for p in trunk.parameters())
+        _FailingBackward.error = None
+        with pytest.warns(GradlensWarning, match="no weights held yet"):  # as the first did
+            snap = prof.backward(losses(), lambda G: torch.full((3,), 1 / 3, dtype=G.dtype))
+    assert snap is not None  # probed again
+    assert calls == [1]

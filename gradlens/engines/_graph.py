@@ -57,10 +57,7 @@ _SPARSE_SOURCES = {
     "EmbeddingBagBackward0": "nn.EmbeddingBag(sparse=True)",
     "GatherBackward0": "torch.gather(sparse_grad=True)",
 }
-#: Per graph signature: the positions of the leaves to which a custom ``autograd.Function``
-#: just above them returned a sparse gradient on the first graph of that signature (learned
-#: by one backward, see :meth:`GraphIndex.sparse_leaves`), with the Function's node type name.
-_CUSTOM_SPARSE: dict[Signature, dict[int, str]] = {}
+#: At most this many graph signatures' learned facts are kept (:meth:`GraphIndex.sparse_leaves`).
 _MAX_CUSTOM = 64
 
 _REENTRANT_MESSAGE = (
@@ -314,7 +311,9 @@ class GraphIndex:
                     todo.append(i)
         return frozenset(types[i].__name__ for i in runs)
 
-    def sparse_leaves(self, L: torch.Tensor | None = None) -> set[int]:
+    def sparse_leaves(
+        self, L: torch.Tensor | None = None, learned: dict[object, dict[int, str]] | None = None
+    ) -> set[int]:
         """Ids of the leaves whose gradient autograd makes sparse: the weight of an
         ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True`` and the input of a
         ``torch.gather(..., sparse_grad=True)`` (their nodes' saved flags say so), and a leaf
@@ -322,13 +321,16 @@ class GraphIndex:
         ``BackwardCFunction``, ``torch.library`` ops' included) returns a sparse tensor.
 
         Only running a custom backward tells what it returns: with ``L`` (the losses this index
-        was built from; any other tensor teaches nothing), the first graph of each signature
-        with a custom node above a leaf (its input, or through one-input nodes such as ``t``)
-        runs one backward of ``L.sum()`` to those leaves (``autograd.grad``: no ``.grad``
-        written, the graph kept; a user's error in it propagates as raised), a hook on those
-        nodes reading the layout of what they return; every later graph of the signature uses
-        what was learned (a custom backward whose layout depends on the data is taken as it
-        was then). Without ``L``, what was learned so far. :attr:`sparse_from` then names the
+        was built from; any other tensor teaches nothing) and ``learned`` (the caller's record
+        of what it learned, by graph signature: a profiler keeps its own, so that another model
+        of the same structure whose Function behaves otherwise is not served this one's), the
+        first graph of each signature with a custom node above a leaf (its input, or through
+        one-input nodes such as ``t``) runs one backward of ``L.sum()`` to those leaves
+        (``autograd.grad``: no ``.grad`` written, the graph kept; a user's error in it
+        propagates as raised), a hook on those nodes reading the layout of what they return;
+        every later graph of the signature uses what was learned (a custom backward whose
+        layout depends on the data is taken as it was then). Without ``L``, what ``learned``
+        holds; without ``learned``, the nodes' flags only. :attr:`sparse_from` then names the
         source of each.
 
         >>> emb = torch.nn.Embedding(5, 2, sparse=True)
@@ -343,7 +345,7 @@ class GraphIndex:
             name = self.types[i].__name__
             if getattr(self.nodes[i], _SPARSE_NODES[name], False):  # the node's saved flag
                 out.update((id(self.leaf_at[j]), _SPARSE_SOURCES[name]) for j in leaves)
-        for j, name in self._custom_sparse(L).items():
+        for j, name in self._custom_sparse(L, learned).items():
             out.setdefault(id(self.leaf_at[j]), f"the custom autograd.Function node {name}")
         return set(out)
 
@@ -373,18 +375,23 @@ class GraphIndex:
                     out.append((i, kids))
         return out
 
-    def _custom_sparse(self, L: torch.Tensor | None) -> dict[int, str]:
+    def _custom_sparse(
+        self, L: torch.Tensor | None, learned: dict[object, dict[int, str]] | None
+    ) -> dict[int, str]:
         """Leaf positions a custom Function gives a sparse gradient, with its node's type
-        name: learned once per signature from ``L`` (see :meth:`sparse_leaves`)."""
+        name: learned once per signature from ``L`` into ``learned`` (see
+        :meth:`sparse_leaves`)."""
+        if learned is None:
+            return {}
         custom = self.memo(("custom-nodes",), self._custom_nodes)
         if not custom:
             return {}
-        got = _CUSTOM_SPARSE.get(self.signature)
+        got = learned.get(self.signature)
         if got is None and L is not None and L.grad_fn is self.nodes[0]:  # this index's graph
             got = _learn_sparse(L, [(self.nodes[i], kids) for i, kids in custom], self.leaf_at)
-            for old in list(_CUSTOM_SPARSE)[: max(0, len(_CUSTOM_SPARSE) - _MAX_CUSTOM + 1)]:
-                _CUSTOM_SPARSE.pop(old, None)
-            _CUSTOM_SPARSE[self.signature] = got
+            for old in list(learned)[: max(0, len(learned) - _MAX_CUSTOM + 1)]:
+                learned.pop(old, None)
+            learned[self.signature] = got
         return got or {}
 
     def reaches_past(self, stop: set[Node], inside: set[Node], shared_ids: set[int]) -> bool:

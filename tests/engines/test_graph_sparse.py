@@ -316,12 +316,16 @@ def test_the_index_reads_each_input_of_a_custom_function_by_its_own_gradient():
         y = TwoTables.apply(2.0, a, torch.tensor([0, 4, 4]), b)
         return torch.stack([y.sum(), y.pow(2).sum()])
 
-    assert GraphIndex.build(stacked()).sparse_leaves() == set()  # not learned yet: nothing run
+    learned: dict[object, dict[int, str]] = {}
+    assert GraphIndex.build(stacked()).sparse_leaves(None, learned) == set()  # nothing run yet
     losses = stacked()
     g = GraphIndex.build(losses)
-    assert g.sparse_leaves(stacked()) == set()  # another graph's losses: nothing learned
-    assert g.sparse_leaves(losses) == {id(a)}
+    assert g.sparse_leaves(stacked(), learned) == set()  # another graph's losses: nothing learned
+    assert g.sparse_leaves(losses) == set()  # no record to learn into: the nodes' flags only
+    assert g.sparse_leaves(losses, learned) == {id(a)}
     assert g.sparse_from == {id(a): "the custom autograd.Function node TwoTablesBackward"}
-    assert GraphIndex.build(stacked()).sparse_leaves() == {id(a)}  # the same shape: learned
+    same_shape = GraphIndex.build(stacked())
+    assert same_shape.sparse_leaves(None, learned) == {id(a)}  # learned for this signature
+    assert same_shape.sparse_leaves(None, {}) == set()  # another record (another profiler)
     assert a.grad is None
     assert b.grad is None
