@@ -153,8 +153,11 @@ def check_scale(grad_scale: float | torch.Tensor | Any, L: torch.Tensor) -> torc
             f"one-element tensor; found {type(grad_scale).__name__}."
         )
     f = float(s)
-    if not math.isfinite(f) or f <= 0:
-        raise GradlensError(f"`grad_scale` should be positive and finite; found {f}.")
+    if not math.isfinite(f) or f <= 0 or not math.isfinite(f * f) or f * f == 0:
+        raise GradlensError(
+            "`grad_scale` should be positive and finite, its square too (the Grams are divided "
+            f"by it: at most about 1e154); found {f}."
+        )
     return s
 
 

@@ -163,9 +163,11 @@ def test_overflow_step_is_not_stored(tmp_path):
 @pytest.mark.parametrize(
     ("scale", "match"),
     [
-        (0.0, "positive and finite; found 0.0"),
-        (-2.0, "positive and finite; found -2.0"),
-        (float("nan"), "positive and finite; found nan"),
+        (0.0, "positive and finite.*; found 0.0"),
+        (-2.0, "positive and finite.*; found -2.0"),
+        (float("nan"), "positive and finite.*; found nan"),
+        (1e200, r"its square too .*; found 1e\+200"),  # its square overflows: refused
+        (1e-200, r"its square too .*; found 1e-200"),  # and underflows to 0
         ("8", "found str"),
         (True, "found bool"),
         (torch.ones(2), r"found a tensor of shape \(2,\)"),
