@@ -149,9 +149,6 @@ def linear_grads(
         return kernel_grads(A, D, weights, has_w, has_b, budget)
 
     w = None if weights is None else weights.to(D.dtype)
-    if T * (in_f + 1) * out_f * itemsize <= budget:  # every task's gradient in one product
-        G3, gW3, gb3 = _group_grads(A.unsqueeze(0), [D], w, has_b)
-        return G3[0], None if gW3 is None else gW3[0], None if gb3 is None else gb3[0]
     gW, gb = _weighted_grads(A, D, w, has_w, has_b)
     G = torch.zeros(T, T, dtype=torch.float64, device=D.device)
     if has_b:
