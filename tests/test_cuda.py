@@ -15,6 +15,7 @@ from torch import nn
 
 import gradlens as gl
 from gradlens.engines.rules import _fused
+from gradlens.engines.rules import conv as conv_rules
 from gradlens.testing import reference_grams
 from tests.zoo import assert_gram_close, build, task_losses
 
@@ -78,6 +79,19 @@ def _assert_grads(trunk, heads, plain, tol: float) -> None:
 @pytest.mark.parametrize("engine", ["loop", "batched", "gramian"])
 @pytest.mark.parametrize("model", ["mlp", "cnn_bn", "transformer"])
 def test_engine_matches_reference_on_cuda(model, engine, dtype):
+    _check_engine(model, engine, dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("share", [0.0, 1e9], ids=["weight-route", "kernel-route"])
+def test_both_conv_routes_on_cuda(share, dtype, monkeypatch):
+    """The conv rule's weight route and its kernel route (input patches by unfold), each forced
+    on every convolution of the CNN."""
+    monkeypatch.setattr(conv_rules, "KERNEL_SHARE", share)
+    _check_engine("cnn_bn", "gramian", dtype)
+
+
+def _check_engine(model: str, engine: str, dtype: torch.dtype) -> None:
     trunk, heads, x, ys = _on_device(model, dtype)
     w = _weights(N_TASKS)
     plain = _plain_grads(trunk, heads, x, ys, w)
