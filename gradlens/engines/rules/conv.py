@@ -86,7 +86,7 @@ def conv_weight_grads(
 #: The kernel path serves a convolution when its flops are at most this share of the weight
 #: gradients' (:func:`~gradlens.engines.rules.linear.kernel_wins`): it runs more and smaller
 #: calls (the patches, the copies, the products) than the one weight-gradient kernel it
-#: replaces. Measured on CPU, one thread, T = 3 and 8, 25 layer shapes of the zoo's CNNs: the
+#: replaces. Measured on CPU, one thread, T = 3 and 8, 22 layer shapes of the zoo's CNNs: the
 #: crossover lies at flop ratios 0.5-0.9 (``benchmarks/conv_kernel_path.py``).
 KERNEL_SHARE = 0.5
 
