@@ -448,8 +448,7 @@ class Profiler:
             graph=graph,
             sparse=sparse,
         )
-        # the probe's .grad writes land together or not at all: a failed call changes nothing
-        with grads_atomic(leaves.values() if write else ()):
+        with grads_atomic(leaves.values() if write else ()):  # a failed call changes nothing
             # engines compute in the dtypes of the recorded tensors, never under an autocast region
             with no_autocast(L.device.type):
                 if not measure_only:
@@ -497,8 +496,7 @@ class Profiler:
                 )
             self._warnings.check(snap)
             log_auto(self)
-        if held is not None:  # held once the probe succeeded: a failed one is retried as such
-            self._held = held
+        self._held = self._held if held is None else held  # once the probe succeeded
         return snap
 
     def _apply_weighting(
