@@ -98,7 +98,7 @@ def grads_atomic(leaves: Collection[torch.Tensor]) -> Iterator[None]:
             for p in leaves:
                 p.grad = None
             for p, g, copy in held:
-                p.grad = copy if g.is_sparse or g.shape != copy.shape else g.copy_(copy)
+                p.grad = copy if g.is_sparse else g.copy_(copy)  # the same tensor, its values
         raise
 
 
