@@ -98,7 +98,7 @@ def grads_atomic(leaves: Collection[torch.Tensor]) -> Iterator[None]:
             for p in leaves:
                 p.grad = None
             for p, g, copy in held:
-                p.grad = copy if g.is_sparse else g.copy_(copy)  # the same tensor, its values
+                p.grad = g.copy_(copy)  # the same tensor, its values (sparse ones too)
         raise
 
 
@@ -144,19 +144,25 @@ def check_scale(grad_scale: float | torch.Tensor | Any, L: torch.Tensor) -> torc
                 "`grad_scale` should be a torch.amp.GradScaler, a positive finite number or a "
                 f"one-element tensor; found a tensor of shape {tuple(grad_scale.shape)}."
             )
-        s = grad_scale.detach().reshape(()).to(L.device, L.dtype)
+        f = float(grad_scale.detach().reshape(()))
     elif isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool):
-        s = torch.tensor(float(grad_scale), dtype=L.dtype, device=L.device)
+        f = float(grad_scale)
     else:
         raise GradlensError(
             "`grad_scale` should be a torch.amp.GradScaler, a positive finite number or a "
             f"one-element tensor; found {type(grad_scale).__name__}."
         )
-    f = float(s)
-    if not math.isfinite(f) or f <= 0 or not math.isfinite(f * f) or f * f == 0:
+    # the Grams are divided by its square: the square and its inverse must be normal numbers
+    if not (math.isfinite(f) and f > 0 and sys.float_info.min <= f * f <= sys.float_info.max):
         raise GradlensError(
-            "`grad_scale` should be positive and finite, its square too (the Grams are divided "
-            f"by it: at most about 1e154); found {f}."
+            "`grad_scale` should be positive and finite, its square a normal float too (the "
+            f"Grams are divided by it: about 1.5e-154 to 1.3e154); found {f}."
+        )
+    s = torch.tensor(f, dtype=L.dtype, device=L.device)
+    if not (math.isfinite(float(s)) and float(s) > 0):
+        raise GradlensError(
+            f"`grad_scale` should be representable in the losses' dtype {L.dtype}; found {f}, "
+            f"which is {float(s)} there."
         )
     return s
 

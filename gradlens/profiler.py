@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -464,8 +465,8 @@ class Profiler:
                 result.layer_grams, layers, len(self.tasks), result.stacked
             )
             if scale is not None:
-                inv2 = 1.0 / float(scale) ** 2  # GradScaler scales are powers of two: exact
-                if not bool(torch.isfinite(gram).all()):
+                inv2 = 1.0 / float(scale) ** 2 if float(scale) else math.inf  # (powers of two)
+                if not (math.isfinite(inv2) and bool(torch.isfinite(gram).all())):
                     if weighting is not None and write:  # inf gradients: the scaler skips the step
                         torch.autograd.backward(w @ Ls, retain_graph=retain_graph)
                     return None  # overflowed scaled gradients: the scaler skips this step too

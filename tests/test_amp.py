@@ -166,8 +166,9 @@ def test_overflow_step_is_not_stored(tmp_path):
         (0.0, "positive and finite.*; found 0.0"),
         (-2.0, "positive and finite.*; found -2.0"),
         (float("nan"), "positive and finite.*; found nan"),
-        (1e200, r"its square too .*; found 1e\+200"),  # its square overflows: refused
-        (1e-200, r"its square too .*; found 1e-200"),  # and underflows to 0
+        (1e200, r"its square a normal float .*; found 1e\+200"),  # its square overflows
+        (1e-200, r"its square a normal float .*; found 1e-200"),  # underflows to 0
+        (1e-160, r"its square a normal float .*; found 1e-160"),  # is subnormal: 1/s^2 = inf
         ("8", "found str"),
         (True, "found bool"),
         (torch.ones(2), r"found a tensor of shape \(2,\)"),
@@ -178,6 +179,30 @@ def test_bad_grad_scale(scale, match):
     with gl.Profiler(trunk, ["t0", "t1"]) as prof:
         with pytest.raises(gl.GradlensError, match="`grad_scale` should be .*" + match):
             prof.backward(task_losses(trunk, heads, x, ys), grad_scale=scale)
+
+
+def test_a_scale_not_representable_in_the_losses_dtype_is_refused_naming_it():
+    from gradlens._profiler_checks import check_scale
+
+    half = torch.zeros((), dtype=torch.float16)
+    with pytest.raises(gl.GradlensError, match=r"dtype torch.float16; found 65536.0, .* inf"):
+        check_scale(65536.0, half)
+    with pytest.raises(gl.GradlensError, match=r"dtype torch.float16; found 1e-08, .* 0.0"):
+        check_scale(torch.tensor(1e-8, dtype=torch.float64), half)
+    assert float(check_scale(2.0**15, half)) == 2.0**15
+
+
+def test_a_scaler_whose_scale_is_zero_in_the_losses_dtype_skips_the_probe():
+    """A GradScaler's scale that rounds to 0 in float16 losses (after many overflows): the
+    probe is skipped as for an overflow (no Snapshot, the plain step's .grad), not a raw
+    ZeroDivisionError."""
+    trunk, heads, x, ys = build("mlp", 2, torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**-25)
+    with gl.Profiler(trunk, ["t0", "t1"]) as prof:
+        losses = {t: v.half() for t, v in task_losses(trunk, heads, x, ys).items()}
+        assert prof.backward(losses, grad_scale=scaler) is None
+        assert prof.step == 1
+    assert all(p.grad is not None and not p.grad.any() for p in trunk.parameters())
 
 
 def test_a_disabled_scaler_does_not_scale():
