@@ -39,6 +39,7 @@ __all__ = [
     "no_autocast",
     "open_store",
     "probe_notes",
+    "record",
     "stack_grams",
     "stack_losses",
     "uncompiled",
@@ -474,6 +475,23 @@ class ProbeWarnings:
                 "their cosines are NaN (Snapshot.zero_tasks flags them). Does each of these "
                 "losses depend on the shared part?"
             )
+
+
+def record(sinks: Sequence[Sink], snap: Snapshot, step: int) -> None:
+    """Hand a probe's Snapshot to every sink. A sink that fails (a full disk, a dashboard's
+    error) is raised as a :class:`~gradlens.GradlensError` saying that the step itself
+    succeeded, its ``.grad`` written and the step advanced to ``step``: repeating the backward
+    would count its gradients twice."""
+    for sink in sinks:
+        try:
+            sink.add_snapshot(snap)
+        except Exception as exc:
+            raise GradlensError(
+                f"the probe of step {snap.step} succeeded (.grad written, the profiler's step "
+                f"advanced to {step}), but the sink {type(sink).__name__} failed to record its "
+                f"Snapshot: {exc!r}. Do not repeat the backward (its gradients would count "
+                "twice); fix the sink and go on with the next step."
+            ) from exc
 
 
 def _warn(message: str) -> None:

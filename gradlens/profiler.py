@@ -47,6 +47,7 @@ from gradlens._profiler_checks import (
     no_autocast,
     open_store,
     probe_notes,
+    record,
     stack_grams,
     stack_losses,
     uncompiled,
@@ -388,8 +389,7 @@ class Profiler:
         self._engine.set_recording(bool(self._schedule(self._step)))
         snap = self._after(snap, write)
         if snap is not None:
-            for sink in self._sinks:
-                sink.add_snapshot(snap)
+            record(self._sinks, snap, self._step)
         return snap
 
     def _check_device(self, L: torch.Tensor) -> None:

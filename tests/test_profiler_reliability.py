@@ -354,3 +354,28 @@ def test_a_failed_write_of_a_gram_weighting_holds_no_weights():
             snap = prof.backward(losses(), lambda G: torch.full((3,), 1 / 3, dtype=G.dtype))
     assert snap is not None  # probed again
     assert calls == [1]
+
+
+def test_a_failing_sink_says_the_step_itself_succeeded():
+    """A sink that fails after the probe wrote ``.grad`` and advanced the step: the error says
+    so (repeating the backward would count its gradients twice), with the sink's error chained."""
+
+    class FullDisk:
+        def add_snapshot(self, snap: gl.Snapshot) -> None:
+            raise OSError("no space left on device")
+
+        def close(self) -> None:
+            pass
+
+    trunk, head = _model()
+    with gl.Profiler(trunk, tasks=["a", "b"], engine="gramian", sinks=[FullDisk()]) as prof:
+        z = trunk(torch.randn(5, 3))
+        losses = {"a": head(z)[:, 0].mean(), "b": head(z)[:, 1].pow(2).mean()}
+        params = list(trunk.parameters())
+        want = torch.autograd.grad(sum(losses.values()), params, retain_graph=True)
+        with pytest.raises(GradlensError, match=r"succeeded .* Do not repeat the backward") as err:
+            prof.backward(losses)
+        assert isinstance(err.value.__cause__, OSError)
+        assert prof.step == 1
+    for p, g in zip(trunk.parameters(), want):
+        torch.testing.assert_close(p.grad, g)
