@@ -6,10 +6,13 @@ per task. Kept tiny so that the whole grid (models x engines x T x dtypes) runs 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+import gradlens as gl
+from gradlens.testing import reference_grams
 
 
 class TwiceMLP(nn.Module):
@@ -169,3 +172,28 @@ def assert_gram_close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     scale = torch.clamp(d[:, None] * d[None, :], min=1e-300)
     err = ((got - ref).abs() / scale).max().item()
     assert err <= tol, f"relative Gram error {err:.3g} > {tol}"
+
+
+def probe_matches_reference(
+    prof: gl.Profiler,
+    trunk: nn.Module,
+    losses: Mapping[str, torch.Tensor],
+    w: Mapping[str, float],
+    params: Sequence[torch.Tensor],
+) -> gl.Snapshot:
+    """Probe ``losses`` with weights ``w`` (``params`` without ``.grad``) and assert the loop
+    reference's Grams, total and per layer over the same layers, to 1e-10, and ``.grad`` equal
+    to the plain weighted backward; returns the Snapshot."""
+    ref = reference_grams(dict(losses), trunk)
+    plain = torch.autograd.grad(
+        sum(w[n] * v for n, v in losses.items()), list(params), retain_graph=True
+    )
+    snap = prof.backward(dict(losses), dict(w))
+    assert snap is not None
+    assert list(snap.layer_grams) == list(ref.layer_grams)
+    assert_gram_close(snap.gram, ref.gram, 1e-10)
+    for layer, g in ref.layer_grams.items():
+        assert_gram_close(snap.layer_grams[layer], g, 1e-10)
+    for p, g in zip(params, plain):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+    return snap

@@ -331,26 +331,16 @@ def _inverse_size(G: torch.Tensor) -> torch.Tensor:
 def _check(
     case: _Case,
     engine: str,
-    stage: str | None,
-    budget: int,
-    rebatch: bool,
-    ws: list[float],
-    weighting: str | None = None,
-    accumulate: bool = False,
-    toggle: int | None = None,
-    observe: bool = False,
+    *,
     loop_above: int | None = None,
-    scale: float | None = None,
-    retain: bool = False,
     conv_share: float | None = None,
+    **probes: Any,
 ) -> None:
-    # segments above ``loop_above`` bytes loop over the tasks; the conv rule's kernel route where
-    # its flops are at most ``conv_share`` of the weight gradients' (0: never, 1e9: always)
+    """:func:`_check_probes` with the module constants a draw sets: segments above
+    ``loop_above`` bytes loop over the tasks; the conv rule's kernel route where its flops are
+    at most ``conv_share`` of the weight gradients' (0: never, 1e9: always)."""
     with _set(gramian_mod, "LOOP_ABOVE", loop_above), _set(conv_mod, "KERNEL_SHARE", conv_share):
-        _check_probes(
-            case, engine, stage, budget, rebatch, ws, weighting, accumulate, toggle, observe,
-            scale, retain,
-        )  # fmt: skip
+        _check_probes(case, engine, **probes)
 
 
 @contextlib.contextmanager
@@ -372,12 +362,12 @@ def _check_probes(
     budget: int,
     rebatch: bool,
     ws: list[float],
-    weighting: str | None,
-    accumulate: bool,
-    toggle: int | None,
-    observe: bool,
-    scale: float | None,
-    retain: bool,
+    weighting: str | None = None,
+    accumulate: bool = False,
+    toggle: int | None = None,
+    observe: bool = False,
+    scale: float | None = None,
+    retain: bool = False,
 ) -> None:
     tasks = [f"t{t}" for t in range(case.T)]
     fixed = {t: ws[i % len(ws)] for i, t in enumerate(tasks)}

@@ -15,8 +15,7 @@ from torch import nn
 
 import gradlens as gl
 from gradlens.engines.rules import attention, decline_reason, rule_for
-from gradlens.testing import reference_grams
-from tests.zoo import assert_gram_close
+from tests.zoo import probe_matches_reference
 
 
 @pytest.fixture
@@ -79,17 +78,8 @@ def _check(trunk: nn.Module, x: torch.Tensor, n_tasks: int) -> gl.Snapshot:
     with gl.Profiler(trunk, names, engine="gramian") as prof:
         z = trunk(x)
         losses = {n: (h(z) ** 2).mean() * (1 + t) for t, (n, h) in enumerate(zip(names, heads))}
-        ref = reference_grams(losses, trunk)
-        plain = torch.autograd.grad(
-            sum(w[n] * v for n, v in losses.items()), params, retain_graph=True
-        )
-        snap = prof.backward(losses, w)
-    assert list(snap.layer_grams) == list(ref.layer_grams) == list(prof.layers)
-    assert_gram_close(snap.gram, ref.gram, 1e-10)
-    for layer, g in ref.layer_grams.items():
-        assert_gram_close(snap.layer_grams[layer], g, 1e-10)
-    for p, g in zip(params, plain):
-        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+        snap = probe_matches_reference(prof, trunk, losses, w, params)
+    assert list(snap.layer_grams) == list(prof.layers)
     return snap
 
 
