@@ -68,6 +68,7 @@ from gradlens.engines._base import (
     accumulate_grad,
     batched_grad,
     compute_dtype,
+    grad_dtype,
     gram_of_rows,
     group_by_layer,
     new_grad,
@@ -256,7 +257,9 @@ class DistributedProfiler(Profiler):
         for bucket in _buckets(live, self._bucket_bytes):
             flat = torch.cat(
                 [
-                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                    (
+                        p.grad if p.grad is not None else torch.zeros_like(p, dtype=grad_dtype(p))
+                    ).reshape(-1)
                     for p in bucket
                 ]
             )
@@ -267,6 +270,7 @@ class DistributedProfiler(Profiler):
                 part = flat[k : k + p.numel()].view_as(p)
                 k += p.numel()
                 if p.grad is None:
+                    part = part.to(grad_dtype(p))  # (a bucket's sum of mixed dtypes)
                     p.grad = part.clone() if p.is_contiguous() else new_grad(p, part)
                 else:
                     p.grad.copy_(part)

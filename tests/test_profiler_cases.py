@@ -277,3 +277,38 @@ def test_a_probe_a_weighting_forces_off_schedule_is_named_as_such():
         assert w[0].filename == __file__
         assert snap.notes == ("unscheduled-probe",)
         assert_gram_close(snap.gram, ref.gram, 1e-10)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_gradient_kept_in_another_dtype_than_its_parameter(engine):
+    """``p.grad_dtype`` (torch 2.9 on; e.g. bfloat16 weights with float32 gradients): every
+    engine writes ``.grad`` in that dtype, new and accumulated, as a plain backward does (the
+    engines raised torch's raw 'attempting to assign a gradient with dtype' error before)."""
+    import copy
+
+    if not hasattr(torch.empty(0), "grad_dtype"):
+        pytest.skip("this torch has no Tensor.grad_dtype")
+    torch.manual_seed(0)
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8),
+        nn.LayerNorm(8),
+    )
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in W3])
+    model = nn.ModuleDict({"trunk": trunk, "heads": heads})
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        for p in m.parameters():
+            p.grad_dtype = torch.float64
+    x = torch.randn(4, 3, 6, 6)
+
+    def losses(m):
+        z = m["trunk"](x)
+        return {t: (h(z) ** 2).mean() for t, h in zip(W3, m["heads"])}
+
+    with gl.Profiler(trunk, list(W3), engine=engine) as prof:
+        for _ in range(2):  # a new .grad, then one accumulated into
+            prof.backward(losses(model), W3)
+            sum(W3[t] * v for t, v in losses(twin).items()).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert p.grad.dtype == q.grad.dtype == torch.float64, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)

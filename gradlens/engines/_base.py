@@ -229,13 +229,15 @@ class Engine(ABC):
 def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     """Add ``g`` to ``p.grad`` as autograd's accumulation does (set when None).
 
-    ``g`` is cast to the parameter's dtype (rules may compute in a wider one under autocast).
+    ``g`` is cast to the dtype of the parameter's gradient, :func:`grad_dtype` (rules may
+    compute in a wider one under autocast).
     """
     g = g.detach()
     if g.shape != p.shape:  # each call below costs a dispatch even when it changes nothing
         g = g.reshape(p.shape)
-    if g.dtype != p.dtype:
-        g = g.to(p.dtype)
+    want = grad_dtype(p)
+    if g.dtype != want:
+        g = g.to(want)
     grad = p.grad
     if g.is_sparse:  # a sparse gradient (nn.Embedding(sparse=True)): kept sparse, as autograd's
         p.grad = g if grad is None else grad.add_(g)
@@ -254,6 +256,22 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
             p.grad = g if own and g.stride() == p.stride() else new_grad(p, g)
     else:
         grad.add_(g)
+
+
+def grad_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype autograd gives ``p.grad``: ``p.grad_dtype`` where it is set (torch 2.9 and
+    later: a bfloat16 parameter may keep a float32 gradient), else the parameter's dtype (a
+    ``grad_dtype`` of None admits any dtype, and a plain backward leaves the parameter's).
+
+    >>> p = torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)
+    >>> grad_dtype(p)
+    torch.bfloat16
+    >>> p.grad_dtype = torch.float32
+    >>> grad_dtype(p)
+    torch.float32
+    """
+    d = getattr(p, "grad_dtype", None)
+    return p.dtype if d is None else d
 
 
 def new_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

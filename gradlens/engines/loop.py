@@ -31,6 +31,7 @@ from gradlens.engines._base import (
     Workspace,
     accumulate_grad,
     accumulate_grads,
+    grad_dtype,
     group_by_layer,
     new_grad,
 )
@@ -250,7 +251,7 @@ def write_views(
     for p, v in zip(params, views):
         if skip and id(p) in skip:
             continue
-        if p.grad is None and v.dtype is p.dtype:
+        if p.grad is None and v.dtype is grad_dtype(p):
             p.grad = v.clone() if p.is_contiguous() else new_grad(p, v)
         else:
             rest.append(p)
