@@ -9,14 +9,20 @@ them run in every forward (they do nothing outside their own probes, but the Pyt
 every method the same few microseconds). The phases of a profiled step:
 
 - ``forward``: the model and the losses (with the profiler's forward hooks);
-  (a phase is counted once: a call inside another timed call belongs to the outer one)
+  (a phase is counted once: a call inside another timed call belongs to the outer one, except
+  ``gramian``'s second stage and ``.grad`` writes, which run inside its rules' loop and are
+  taken out of it)
 - ``task backwards``: the T backward passes (``torch.autograd.grad``; one batched call for
-  ``batched``), in LibMTL's step and the engines alike;
+  ``batched``), in LibMTL's step and the engines alike; ``gramian``'s second stage (the batched,
+  or looped, backward of the T rows through the trunk to the recorded layers' outputs);
 - ``flatten``: LibMTL's ``cat`` + ``stack``; the engines' copy into their ``T x P`` buffer;
-- ``grams``: LibMTL's one Gram; the engines' one per layer (:class:`GramPlan`);
+- ``grams``: LibMTL's one Gram; the engines' one per layer (:class:`GramPlan`); ``gramian``'s
+  rules (each layer's Gram and weighted gradient from its inputs and output gradients: every
+  task's weight gradient on the rules' gradient path) and its generic layers;
 - ``write .grad``: the weighted gradient written to the shared parameters;
 - ``heads backward``: the weighted backward through the heads (``torch.autograd.backward``;
-  the loop engine takes the heads' gradients from its T passes instead);
+  the loop engine takes the heads' gradients from its T passes instead; ``gramian``'s first
+  stage, which also captures each task's rows);
 - ``graph index``, ``snapshot``, ``checks``: the profiler's own work (one walk of the graph,
   the Snapshot and its symmetrized Grams, the losses' and the Snapshot's checks);
 - ``rest``: what no phase above covers (Python between the calls).
@@ -34,29 +40,37 @@ from typing import Any
 import torch
 
 import gradlens.bench._setup as setup_mod
+import gradlens.engines._batching as batching_mod
 import gradlens.engines.batched as batched_mod
+import gradlens.engines.gramian as gramian_mod
 import gradlens.engines.loop as loop_mod
 import gradlens.profiler as profiler_mod
 from gradlens.bench._setup import _Setup
 from gradlens.profiler import Profiler
 
 _acc: dict[str, float] = collections.defaultdict(float)
-_depth = [0]  # a call inside a timed one counts to the outer phase only
+# the timed calls under way, each with the time of the inner calls timed apart within it
+_stack: list[list[float]] = []
 
 
-def _wrap(owner: Any, name: str, phase: str) -> None:
+def _wrap(owner: Any, name: str, phase: str, inner: bool = False) -> None:
+    """Time ``owner.name`` to ``phase``. A call inside another timed call belongs to the outer
+    one, unless ``inner``: then it is timed to its own phase and its time taken out of the
+    outer call's (the gramian engine's second stage runs inside its rules' loop)."""
     f = getattr(owner, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
-        if _depth[0]:
+        if _stack and not inner:
             return f(*args, **kwargs)
-        _depth[0] += 1
+        _stack.append([0.0])
         t0 = time.thread_time()
         try:
             return f(*args, **kwargs)
         finally:
-            _acc[phase] += time.thread_time() - t0
-            _depth[0] -= 1
+            dt = time.thread_time() - t0
+            _acc[phase] += dt - _stack.pop()[0]
+            if _stack:
+                _stack[-1][0] += dt
 
     setattr(owner, name, timed)
 
@@ -69,6 +83,21 @@ def _instrument() -> None:
     _wrap(loop_mod.GramPlan, "run", "grams")
     _wrap(loop_mod, "write_flat", "write .grad")
     _wrap(batched_mod, "batched_grad", "task backwards")
+    _wrap(loop_mod, "task_grad", "task backwards")  # the loop engine's direct engine call
+    # gramian: the weighted backward through the heads that captures each task's rows, the
+    # batched (or looped) backward of the rows through the trunk, the rules (Grams, weighted
+    # gradients) and the .grad writes they make
+    _wrap(gramian_mod, "capture_rows", "heads backward")
+    _wrap(gramian_mod.GramianEngine, "_rule_grams", "grams")
+    for owner, name in (
+        (batching_mod, "vmapped_grad_from"),
+        (batching_mod, "looped_grad_from"),  # a segment whose per-task blocks are large
+        (gramian_mod, "looped_grad_from"),
+        (gramian_mod, "batched_grad_from"),  # off CPU
+    ):
+        _wrap(owner, name, "task backwards", inner=True)
+    for name in ("accumulate_grads", "accumulate_grad"):
+        _wrap(gramian_mod, name, "write .grad", inner=True)
     _wrap(profiler_mod.GraphIndex, "build", "graph index")
     _wrap(profiler_mod, "Snapshot", "snapshot")
     for name in ("stack_losses", "check_finite", "stack_grams"):
@@ -112,8 +141,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="bert,vit,resnet")
     ap.add_argument("--tasks", type=int, default=3)
-    ap.add_argument("--methods", default="loop-libmtl,loop,batched,auto")
+    ap.add_argument("--methods", default="loop-libmtl,loop,batched,gramian,auto")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", default="small", help="the zoo trunks' size: small or base")
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10)
     args = ap.parse_args()
@@ -121,7 +151,7 @@ def main() -> None:
     _instrument()
     methods = args.methods.split(",")
     for model in args.models.split(","):
-        setup = _Setup(model, args.tasks, args.batch)
+        setup = _Setup(model, args.tasks, args.batch, size=args.size)
         for m in methods:
             if m != "loop-libmtl":
                 setup._profilers[(m, 1)] = Profiler(setup.trunk, setup.tasks, engine=m)

@@ -19,6 +19,7 @@ from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
 from gradlens.engines._base import Engine, SharedParams
+from gradlens.engines._graph import GraphIndex
 from gradlens.engines.gramian import UNRECORDED
 
 if TYPE_CHECKING:
@@ -101,6 +102,32 @@ def grads_atomic(leaves: Collection[torch.Tensor]) -> Iterator[None]:
             for p, g, copy in held:
                 p.grad = g.copy_(copy)  # the same tensor, its values (sparse ones too)
         raise
+
+
+def graph_index(L: torch.Tensor, passes: str | None) -> GraphIndex:
+    """The graph index of ``L``'s graph; raises before any side effect where the probe cannot
+    run on it: a reentrant checkpoint (:meth:`GraphIndex.build`), a torch.compile'd graph whose
+    backward donates its saved buffers (:meth:`GraphIndex.donating`) when the probe runs that
+    backward more than once (``passes`` says who does; None: once).
+
+    >>> graph_index(torch.ones(2, requires_grad=True).sum(), "engine='loop'").leaves != {}
+    True
+    """
+    graph = GraphIndex.build(L)
+    donating = graph.donating()
+    if donating and passes is not None:
+        raise GradlensError(
+            "`losses` run through a torch.compile'd graph whose compiled backward donates its "
+            f"saved buffers ({', '.join(donating)}; torch._functorch.config.donated_buffer is "
+            "on, the default, and this compilation found buffers to donate, as a recompilation "
+            "for new shapes does): autograd can run that backward once per forward, and "
+            f"{passes} runs it more than once. Set `torch._functorch.config.donated_buffer = "
+            "False` before the compiled module's first forward (then `torch._dynamo.reset()` "
+            "to recompile what was compiled with it), or use engine='features' without "
+            "retain_graph, a Gram weighting or observe(). Nothing was written: .grad and the "
+            "profiler's step are unchanged."
+        )
+    return graph
 
 
 def check_device(L: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.device:

@@ -44,6 +44,7 @@ from gradlens._profiler_checks import (
     check_sparse,
     grads_atomic,
     grads_kept,
+    graph_index,
     no_autocast,
     open_store,
     probe_notes,
@@ -420,7 +421,8 @@ class Profiler:
         weighting: Weighting | None = None,
         values: list[float] | None = None,
     ) -> Snapshot | None:
-        graph = GraphIndex.build(L)  # raises before any side effect (reentrant checkpoint)
+        once = write and weighting is None and not retain_graph and self._engine.one_pass
+        graph = graph_index(L, None if once else f"engine={self.engine!r}")  # (no side effect)
         leaves = graph.leaves
         reached = [p for p in self._shared.params if id(p) in leaves]
         sparse = graph.sparse_leaves(L, self._learned)  # a custom Function's: learned
@@ -573,7 +575,7 @@ class Profiler:
         retain_graph: bool,
     ) -> None:
         """``J_l^T w_l`` on each shared layer, ``sum_t w_t`` of the gradients on other leaves."""
-        graph = GraphIndex.build(Ls)
+        graph = graph_index(Ls, "the held per-layer weights' write (a backward per layer)")
         leaves = graph.leaves
         shared = [p for p in self._shared.params if id(p) in leaves]
         # a layer the held probe did not reach (conditional computation) takes the total weights

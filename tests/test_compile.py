@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -76,3 +78,78 @@ def test_loop_and_features_engines_on_a_compiled_trunk():
             want = J @ J.T if engine == "features" else ref.gram
             torch.testing.assert_close(snap.gram, want, rtol=1e-10, atol=1e-12)
         prof.close()
+
+
+def _donating(trunk: nn.Module) -> tuple[nn.Module, torch.Tensor]:
+    """``trunk`` compiled with a dynamic batch dimension (``aot_eager``: aot_autograd's graphs
+    without Inductor's code generation), whose backward donates its saved buffers, and its
+    input."""
+    torch._dynamo.reset()
+    compiled = torch.compile(trunk, backend="aot_eager")
+    x = torch.randn(10, 6, dtype=torch.float64)
+    torch._dynamo.mark_dynamic(x, 0)
+    return compiled, x
+
+
+@pytest.mark.parametrize("engine", ["auto", "loop", "features-observe", "features-retain"])
+def test_a_compiled_graph_that_donates_its_buffers_is_refused_before_any_write(engine):
+    """A compiled backward that donates its saved buffers runs once per forward (torch raises
+    'compiled with non-empty donated buffers' on a second backward or a kept graph, after the
+    loop engine had written a task's heads); the probe refuses it first, naming the switch."""
+    from gradlens.engines._graph import GraphIndex
+
+    torch.manual_seed(0)
+    trunk, heads = _model()
+    compiled, x = _donating(trunk)
+    y = torch.randn(3, 10, dtype=torch.float64)
+    name = engine.split("-")[0]
+    prof = gl.Profiler(compiled, TASKS, engine=name)
+    z = compiled(x)
+    losses = _losses(z, heads, y)
+    assert GraphIndex.build(torch.stack(list(losses.values()))).donating()
+    feats = z if name == "features" else None
+    call = (
+        partial(prof.observe, losses, W, features=feats)
+        if engine == "features-observe"
+        else partial(prof.backward, losses, W, features=feats, retain_graph=name == "features")
+    )
+    with pytest.raises(gl.GradlensError, match=r"donates its saved buffers.*buffer = False"):
+        call()
+    assert prof.step == 0
+    assert all(p.grad is None for p in [*trunk.parameters(), *heads.parameters()])
+    prof.close()
+    torch._dynamo.reset()
+
+
+def test_a_donating_compiled_graph_takes_the_features_engine_and_the_switch_serves_loop():
+    """The features engine runs the compiled backward once (exact against the plain backward);
+    with ``torch._functorch.config.donated_buffer = False`` the loop engine is exact on the
+    same dynamically compiled trunk."""
+    torch.manual_seed(0)
+    trunk, heads = _model()
+    y = torch.randn(3, 10, dtype=torch.float64)
+    params = [*trunk.parameters(), *heads.parameters()]
+    for engine in ["features", "loop"]:
+        with torch._functorch.config.patch(donated_buffer=engine == "features"):
+            compiled, x = _donating(trunk)
+            with gl.Profiler(compiled, TASKS, engine=engine) as prof:
+                for b in (10, 7):  # a new batch size: the dynamic graph serves it
+                    xb = x[:b]
+                    z = compiled(xb)
+                    losses = _losses(z, heads, y[:, :b])
+                    J = torch.stack(
+                        [torch.autograd.grad(v, z, retain_graph=True)[0].flatten()
+                         for v in losses.values()]
+                    )  # fmt: skip
+                    ref = reference_grams(losses, trunk) if engine == "loop" else None
+                    snap = prof.backward(losses, W, features=z if engine == "features" else None)
+                    got = [p.grad.clone() for p in params]
+                    for p in params:
+                        p.grad = None
+                    sum(W[t] * v for t, v in _losses(trunk(xb), heads, y[:, :b]).items()).backward()
+                    for g, p in zip(got, params):
+                        torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-12)
+                        p.grad = None
+                    want = J @ J.T if ref is None else ref.gram
+                    torch.testing.assert_close(snap.gram, want, rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()

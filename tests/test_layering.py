@@ -187,6 +187,7 @@ PRIVATE_IMPORTS_ALLOWED = {
     ("gradlens.profiler", "gradlens.engines._graph"): "the graph index it builds for its engine",
     ("gradlens.profiler", "gradlens.weightings._apply"): "Gram weightings applied in its backward",
     ("gradlens._profiler_checks", "gradlens.engines._base"): "checks against the engines' contract",
+    ("gradlens._profiler_checks", "gradlens.engines._graph"): "the profiler's graph index, checked",
     ("gradlens.distributed", "gradlens.engines._base"): "wraps an engine across ranks",
     ("gradlens.testing", "gradlens.engines._base"): "resolve_shared: the engines' parameter choice",
     ("gradlens.weightings._apply", "gradlens.engines._base"): "writes .grad as the engines do",

@@ -201,6 +201,9 @@ class Engine(ABC):
     #: Whether the engine takes shared parameters whose gradient is sparse (``nn.Embedding(...,
     #: sparse=True)``): it then writes them a sparse ``.grad``, as autograd does.
     sparse_grads: ClassVar[bool] = False
+    #: Whether the engine runs the shared part's backward once, without keeping the graph
+    #: (all that a torch.compile'd graph whose backward donates its buffers allows).
+    one_pass: ClassVar[bool] = False
 
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         self.shared = shared

@@ -38,12 +38,14 @@ from torch.autograd.graph import Node
 
 from gradlens._errors import GradlensError
 
-__all__ = ["REENTRANT", "GraphIndex", "Signature"]
+__all__ = ["COMPILED", "REENTRANT", "GraphIndex", "Signature"]
 
 T_ = TypeVar("T_")
 
 #: The autograd node of ``checkpoint(..., use_reentrant=True)``.
 REENTRANT = "CheckpointFunctionBackward"
+#: The autograd node of a torch.compile'd graph (aot_autograd's ``CompiledFunction``).
+COMPILED = "CompiledFunctionBackward"
 #: Autograd nodes that give a leaf below them a sparse gradient, with the saved flag that says
 #: so (``nn.Embedding(..., sparse=True)``, ``torch.gather(..., sparse_grad=True)``).
 _SPARSE_NODES = {
@@ -349,6 +351,33 @@ class GraphIndex:
             out.setdefault(id(self.leaf_at[j]), f"the custom autograd.Function node {name}")
         return set(out)
 
+    def donating(self) -> list[str]:
+        """The torch.compile'd graphs in this one whose compiled backward donates its saved
+        buffers (``torch._functorch.config.donated_buffer``, on by default, and buffers found
+        to donate: e.g. a graph recompiled with dynamic shapes): autograd can run such a
+        backward once per forward, and not keep the graph. Each named by its node type and
+        aot id.
+
+        >>> GraphIndex.build(torch.ones(2, requires_grad=True).sum()).donating()
+        []
+        """
+        at = self.memo(("compiled-nodes",), self._compiled_nodes)
+        if not at:
+            return []
+        import torch._functorch.config as functorch_config
+
+        if not functorch_config.donated_buffer:  # (read at backward time, as torch does)
+            return []
+        out = []
+        for i in at:
+            cls = getattr(self.nodes[i], "_forward_cls", None)
+            if getattr(getattr(cls, "metadata", None), "bw_donated_idxs", None):
+                out.append(f"{COMPILED} (aot id {getattr(cls, '_aot_id', '?')})")
+        return out
+
+    def _compiled_nodes(self) -> list[int]:
+        return [i for i, t in enumerate(self.types) if t.__name__ == COMPILED]
+
     def _embedding_nodes(self) -> list[tuple[int, list[int]]]:
         """Positions of the embedding backward nodes, each with its leaf children's."""
         return [
@@ -384,7 +413,7 @@ class GraphIndex:
         if learned is None:
             return {}
         custom = self.memo(("custom-nodes",), self._custom_nodes)
-        if not custom:
+        if not custom or self.donating():  # (a backward that keeps the graph would raise)
             return {}
         got = learned.get(self.signature)
         if got is None and L is not None and L.grad_fn is self.nodes[0]:  # this index's graph

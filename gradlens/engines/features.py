@@ -44,6 +44,7 @@ class FeaturesEngine(Engine):
     level = "features"
     needs_features = True
     sparse_grads = True  # the parameters' .grad come from autograd's own weighted backward
+    one_pass = True  # the batched backward stops at the features
 
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         super().__init__(shared, n_tasks)

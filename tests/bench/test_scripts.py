@@ -45,7 +45,8 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "mha_rule.py": (["--probes", "3", "--reps", "1"], "rule/plain"),
     "page_faults.py": ([], "reused buffer"),
     "probe_phases.py": (
-        ["--models", "mlp-tiny", "--repeats", "2", "--warmup", "2"],
+        ["--models", "mlp-tiny", "--repeats", "2", "--warmup", "2", "--methods",
+         "loop-libmtl,loop,batched,gramian,auto"],
         "task backwards",
     ),
     "profile_step.py": (
