@@ -60,14 +60,22 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from gradlens._errors import GradlensError
-from gradlens.engines._base import BackwardContext, Engine, EngineResult, SharedParams
+from gradlens.engines._base import (
+    BackwardContext,
+    Engine,
+    EngineResult,
+    SharedParams,
+    grads_atomic,
+)
+from gradlens.engines._unbatchable import FREED, UnbatchableGraphError
 from gradlens.engines.batched import BatchedEngine
 from gradlens.engines.gramian import GramianEngine
 from gradlens.engines.loop import LoopEngine
@@ -115,16 +123,45 @@ class Decision:
     #: candidate -> seconds of each of its timed probes
     times: dict[str, list[float]] = field(default_factory=dict)
     winner: str | None = None
+    #: candidate -> why it cannot run this graph (:attr:`UnbatchableGraphError.reason`): it is
+    #: neither timed nor chosen for this graph shape any more (see :meth:`drop`)
+    dropped: dict[str, str] = field(default_factory=dict)
 
     def best(self) -> dict[str, float]:
         """Each timed candidate's fastest probe after its first (which pays one-time costs),
-        in seconds; its first while it has only one.
+        in seconds; its first while it has only one. Dropped candidates are left out.
 
         Example:
             >>> Decision({"loop": [3.0, 1.2, 1.1], "batched": [2.0]}).best()
             {'loop': 1.1, 'batched': 2.0}
         """
-        return {name: min(ts[1:] or ts) for name, ts in self.times.items()}
+        return {
+            name: min(ts[1:] or ts) for name, ts in self.times.items() if name not in self.dropped
+        }
+
+    def live(self, order: Sequence[str]) -> list[str]:
+        """The candidates of ``order`` that are not dropped."""
+        return [n for n in order if n not in self.dropped] if self.dropped else list(order)
+
+    def drop(self, name: str, reason: str) -> list[str]:
+        """Drop candidate ``name``, which cannot run this graph (``reason``), for this graph
+        shape: ``gramian`` takes ``gramian-vmap`` with it (a vmapped segment failed; vmapping
+        every segment fails too); a dropped winner is chosen anew among the others. Returns
+        the Snapshot's notes, ``auto-dropped:<candidate>:<reason>``.
+
+        Example:
+            >>> d = Decision({"loop": [1.0, 1.0]}, winner=None)
+            >>> d.drop("gramian", "random-op")
+            ['auto-dropped:gramian:random-op', 'auto-dropped:gramian-vmap:random-op']
+            >>> d.live(["loop", "batched", "gramian", "gramian-vmap"])
+            ['loop', 'batched']
+        """
+        names = [name, "gramian-vmap"] if name == "gramian" else [name]
+        new = [n for n in names if n not in self.dropped]
+        self.dropped.update(dict.fromkeys(new, reason))
+        if self.winner in self.dropped:
+            self.winner = None
+        return [f"auto-dropped:{n}:{reason}" for n in new]
 
     def in_round(self, k: int, order: Sequence[str]) -> list[str]:
         """The candidates timed in round ``k`` (1-based), from the times of the rounds before
@@ -252,7 +289,7 @@ class AutoEngine(Engine):
         if self.variants[self._order("cpu")[0]][0].uses_hooks:
             return True
         for key, d in self.decisions.items():
-            name = d.winner or d.next_candidate(self._order(str(key[2])))
+            name = d.winner or d.next_candidate(d.live(self._order(str(key[2]))))
             if name is None or self.variants[name][0].uses_hooks:
                 return True
         return False
@@ -294,38 +331,72 @@ class AutoEngine(Engine):
         decision = self.decisions.get(key)
         if decision is None:
             decision = self.decisions[key] = Decision()
-        if decision.winner is not None:
-            # decided: the winner alone, as if called directly (the profiler backpropagates to
-            # the leaves it left, e.g. the heads)
-            engine = self._variant(decision.winner)
-            result = engine.compute(ctx)
-            self._discard_others(engine)
-            result.engine = engine.name
-            result.timings = decision.best()
-            return result
         order = self._order(ctx.losses.device.type)
-        name = decision.next_candidate(order)
-        assert name is not None
+        notes: list[str] = []
+        failed: UnbatchableGraphError | None = None
+        while True:
+            name = decision.winner or decision.next_candidate(decision.live(order))
+            if name is None:  # a candidate was dropped: the rounds are done with those left
+                name = decision.winner = decision.pick()
+                self._release_losers()
+                notes.append(f"auto-chose:{name}")
+            try:
+                result = self._run(ctx, decision, name, order)
+            except UnbatchableGraphError as exc:
+                # this graph cannot run under vmap: the probe goes to the next candidate,
+                # ``.grad`` as it was before this one ran (``loop``, last, raises no such error)
+                notes += decision.drop(name, exc.reason)
+                failed = exc
+                continue
+            except RuntimeError as exc:
+                if failed is not None and FREED in str(exc):
+                    raise _freed_by(failed) from exc
+                raise
+            result.notes[:0] = notes
+            return result
+
+    def _run(
+        self, ctx: BackwardContext, decision: Decision, name: str, order: Sequence[str]
+    ) -> EngineResult:
+        """One probe served by candidate ``name``: the winner's as if called directly, or a
+        candidate's timed (with the backward to the leaves it left: part of its cost).
+
+        A candidate other than ``loop`` may raise :class:`UnbatchableGraphError`: its
+        ``.grad`` writes are then undone (the copies of the ``.grad`` already there cost one
+        read of each), and, on the first run of the candidate on this graph shape or under
+        anomaly mode, the candidate keeps the graph (``retain_graph``), which a backward that
+        failed part way would otherwise have freed in part for the next candidate.
+        """
         engine = self._variant(name)
+        timed = decision.winner is None
+        if name == "loop":
+            guard: AbstractContextManager[None] = nullcontext()
+            run = ctx
+        else:
+            guard = grads_atomic(ctx.leaves.values() if ctx.write else ctx.reached)
+            trusted = name in decision.times and not torch.is_anomaly_enabled()
+            run = ctx if trusted or ctx.retain_graph else replace(ctx, retain_graph=True)
         clock = _clock_for(ctx.losses.device)
-        t0 = clock()
-        result = engine.compute(ctx)
-        if ctx.write:
-            # the backward to every other leaf (the task heads) is part of the probe's cost
-            rest = [v for i, v in ctx.leaves.items() if i not in result.written]
-            if rest:
-                torch.autograd.backward(
-                    ctx.weights @ ctx.losses, inputs=rest, retain_graph=ctx.retain_graph
-                )
-            result.written |= set(ctx.leaves)
-        decision.times.setdefault(name, []).append(clock() - t0)
-        if name == "gramian" and isinstance(engine, GramianEngine) and not engine.last_looped:
-            # its default vmapped every segment: the same run as gramian-vmap
-            decision.times.setdefault("gramian-vmap", decision.times[name])
-        if decision.next_candidate(order) is None:
-            decision.winner = decision.pick()
-            self._release_losers()
-            result.notes.append(f"auto-chose:{decision.winner}")
+        t0 = clock() if timed else 0.0
+        with guard:
+            result = engine.compute(run)
+            if timed and ctx.write:
+                # the backward to every other leaf (the task heads) is part of the probe's cost
+                rest = [v for i, v in ctx.leaves.items() if i not in result.written]
+                if rest:
+                    torch.autograd.backward(
+                        ctx.weights @ ctx.losses, inputs=rest, retain_graph=ctx.retain_graph
+                    )
+                result.written |= set(ctx.leaves)
+        if timed:
+            decision.times.setdefault(name, []).append(clock() - t0)
+            if name == "gramian" and isinstance(engine, GramianEngine) and not engine.last_looped:
+                # its default vmapped every segment: the same run as gramian-vmap
+                decision.times.setdefault("gramian-vmap", decision.times[name])
+            if decision.next_candidate(decision.live(order)) is None:
+                decision.winner = decision.pick()
+                self._release_losers()
+                result.notes.append(f"auto-chose:{decision.winner}")
         self._discard_others(engine)
         result.engine = engine.name
         result.timings = decision.best()
@@ -369,7 +440,12 @@ class AutoEngine(Engine):
     def summary(self) -> list[dict[str, object]]:
         """The decisions made so far, JSON-ready (the run's ``meta["auto"]``)."""
         return [
-            {**_key_json(key), "winner": d.winner, "seconds": d.best()}
+            {
+                **_key_json(key),
+                "winner": d.winner,
+                "seconds": d.best(),
+                **({"dropped": dict(d.dropped)} if d.dropped else {}),
+            }
             for key, d in self.decisions.items()
             if d.winner is not None
         ]
@@ -387,7 +463,7 @@ class AutoEngine(Engine):
             ...     _ = prof.backward({"a": out[:, 0].mean(), "b": out[:, 1].mean()})
             >>> state = prof._engine.state_dict()
             >>> state["format"], sorted(state["decisions"][0])
-            (1, ['device', 'dtype', 'graph_nodes', 'shapes', 'tasks', 'times', 'winner'])
+            (1, ['device', 'dropped', 'dtype', 'graph_nodes', 'shapes', 'tasks', 'times', 'winner'])
             >>> prof.close()
         """
         decisions = [
@@ -395,6 +471,7 @@ class AutoEngine(Engine):
                 **_key_json(key),
                 "times": {name: list(ts) for name, ts in d.times.items()},
                 "winner": d.winner,
+                "dropped": dict(d.dropped),
             }
             for key, d in self.decisions.items()
         ]
@@ -418,19 +495,36 @@ class AutoEngine(Engine):
         self.decisions = {
             key: d
             for key, d in decisions.items()
-            if set(d.times) <= set(self.variants) and d.winner in (None, *self.variants)
+            if set(d.times) | set(d.dropped) <= set(self.variants)
+            and d.winner in (None, *self.variants)
         }
         # the candidates' recording hooks follow the restored decisions from the next forward
         self.set_recording(self._recording)
 
     def describe(self) -> str:
-        """The winners so far, e.g. ``gramian`` or ``gramian-vmap/batched`` (by graph shape)."""
+        """The winners so far, e.g. ``gramian`` or ``gramian-vmap/batched`` (by graph shape),
+        then the candidates dropped for a graph they cannot run, e.g. ``loop (dropped
+        batched: random-op)``."""
         winners = [d.winner for d in self.decisions.values() if d.winner is not None]
         if self._served_sparse:
             winners.append("loop")
+        dropped = {f"{n}: {r}": None for d in self.decisions.values() for n, r in d.dropped.items()}
         if not winners:
             return "timing"
-        return "/".join(dict.fromkeys(winners))
+        chose = "/".join(dict.fromkeys(winners))
+        return chose if not dropped else f"{chose} (dropped {', '.join(dropped)})"
+
+
+def _freed_by(failed: UnbatchableGraphError) -> GradlensError:
+    """The error of a probe that no candidate can serve: a candidate already run on this graph
+    shape (so run without keeping the graph) failed after freeing part of the graph."""
+    return GradlensError(
+        f"engine='auto': its candidate {failed.engine!r}, which ran on this graph shape "
+        f"before, cannot run this probe's graph ({failed.cause}), and its backward freed part "
+        "of the graph before it failed, so no other candidate can serve this probe. Nothing was "
+        f"written: .grad and the profiler's step are unchanged. {failed.engine!r} is dropped "
+        "for this graph shape: run the step's forward again and call backward."
+    )
 
 
 def _clock_for(device: torch.device) -> Callable[[], float]:
@@ -466,7 +560,9 @@ def _parse_state(state: object) -> dict[tuple[object, ...], Decision]:
             key = (shapes, int(d["graph_nodes"]), str(d["device"]), dtype, int(d["tasks"]))
             times = {str(k): [float(t) for t in ts] for k, ts in d["times"].items()}
             winner = None if d["winner"] is None else str(d["winner"])
-            out[key] = Decision(times=times, winner=winner)
+            # (a state saved before candidates could be dropped has no "dropped")
+            dropped = {str(k): str(v) for k, v in d.get("dropped", {}).items()}
+            out[key] = Decision(times=times, winner=winner, dropped=dropped)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise GradlensError(
             "`state` should be an AutoEngine.state_dict() (per graph shape: shapes, graph_nodes, "
