@@ -45,10 +45,7 @@ import torch
 
 from gradlens._errors import GradlensError
 
-__all__ = ["CAUSES", "FREED", "UnbatchableGraphError", "cause_of", "unbatchable"]
-
-#: torch's message for a backward through a graph (part of which) an earlier backward freed.
-FREED = "Trying to backward through the graph a second time"
+__all__ = ["CAUSES", "UnbatchableGraphError", "cause_of", "unbatchable"]
 
 _VMAP = "the batched (vmap) backward cannot batch it"
 

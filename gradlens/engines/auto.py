@@ -30,6 +30,16 @@ a sparse tensor: the profiler's graph index finds them before the engine runs, s
 batched candidates cannot take a sparse gradient. The Snapshot's notes say so
 (:data:`SPARSE_NOTE`).
 
+A graph that a batched (vmap) backward cannot run though a backward per task can (dropout
+inside a non-reentrant activation checkpoint, recomputed under vmap; ``.item()`` or a branch on
+a value in a custom Function's backward; anomaly mode: see :mod:`gradlens.engines._unbatchable`)
+makes ``batched`` or ``gramian`` raise an
+:class:`~gradlens.engines._unbatchable.UnbatchableGraphError`: the candidate is dropped for that
+graph shape (:meth:`Decision.drop`; the Snapshot's notes say
+``auto-dropped:<candidate>:<reason>``, the decision keeps it, ``repr(prof)`` shows it), its
+``.grad`` writes are undone, and the same probe is served by the next candidate, ``loop`` last.
+Any other error propagates as raised.
+
 The decision is kept per graph shape: the shapes of the shared module's outputs (the batch size,
 the sequence length), the number of autograd nodes, the device, the dtype and T. A new shape
 (e.g. the last, smaller batch of an epoch) is timed anew; a shape seen before reuses its winner.
@@ -75,7 +85,7 @@ from gradlens.engines._base import (
     SharedParams,
     grads_atomic,
 )
-from gradlens.engines._unbatchable import FREED, UnbatchableGraphError
+from gradlens.engines._unbatchable import UnbatchableGraphError
 from gradlens.engines.batched import BatchedEngine
 from gradlens.engines.gramian import GramianEngine
 from gradlens.engines.loop import LoopEngine
@@ -333,7 +343,6 @@ class AutoEngine(Engine):
             decision = self.decisions[key] = Decision()
         order = self._order(ctx.losses.device.type)
         notes: list[str] = []
-        failed: UnbatchableGraphError | None = None
         while True:
             name = decision.winner or decision.next_candidate(decision.live(order))
             if name is None:  # a candidate was dropped: the rounds are done with those left
@@ -342,16 +351,11 @@ class AutoEngine(Engine):
                 notes.append(f"auto-chose:{name}")
             try:
                 result = self._run(ctx, decision, name, order)
-            except UnbatchableGraphError as exc:
+            except _Unbatchable as exc:
                 # this graph cannot run under vmap: the probe goes to the next candidate,
                 # ``.grad`` as it was before this one ran (``loop``, last, raises no such error)
                 notes += decision.drop(name, exc.reason)
-                failed = exc
                 continue
-            except RuntimeError as exc:
-                if failed is not None and FREED in str(exc):
-                    raise _freed_by(failed) from exc
-                raise
             result.notes[:0] = notes
             return result
 
@@ -361,33 +365,43 @@ class AutoEngine(Engine):
         """One probe served by candidate ``name``: the winner's as if called directly, or a
         candidate's timed (with the backward to the leaves it left: part of its cost).
 
-        A candidate other than ``loop`` may raise :class:`UnbatchableGraphError`: its
-        ``.grad`` writes are then undone (the copies of the ``.grad`` already there cost one
-        read of each), and, on the first run of the candidate on this graph shape or under
-        anomaly mode, the candidate keeps the graph (``retain_graph``), which a backward that
-        failed part way would otherwise have freed in part for the next candidate.
+        A candidate other than ``loop`` may raise :class:`UnbatchableGraphError`. On its first
+        run on this graph shape (or under anomaly mode, which can be switched on at any time)
+        it runs guarded: its ``.grad`` writes are undone on such an error (the copies of the
+        ``.grad`` already there cost one read of each) and it keeps the graph
+        (``retain_graph``), which a backward failing part way would otherwise have freed in part;
+        the error then comes out as :class:`_Unbatchable`, for the next candidate to serve the
+        probe. A candidate that ran on this graph shape before runs as if called directly (no
+        copy, no graph kept): if it fails there after all (a backward whose behaviour changed),
+        it is dropped and the probe fails with a :class:`~gradlens.GradlensError` saying so
+        (the profiler puts every ``.grad`` back).
         """
         engine = self._variant(name)
         timed = decision.winner is None
-        if name == "loop":
-            guard: AbstractContextManager[None] = nullcontext()
-            run = ctx
-        else:
+        guarded = name != "loop" and (name not in decision.times or torch.is_anomaly_enabled())
+        guard: AbstractContextManager[None] = nullcontext()
+        run = ctx
+        if guarded:
             guard = grads_atomic(ctx.leaves.values() if ctx.write else ctx.reached)
-            trusted = name in decision.times and not torch.is_anomaly_enabled()
-            run = ctx if trusted or ctx.retain_graph else replace(ctx, retain_graph=True)
+            run = ctx if ctx.retain_graph else replace(ctx, retain_graph=True)
         clock = _clock_for(ctx.losses.device)
         t0 = clock() if timed else 0.0
-        with guard:
-            result = engine.compute(run)
-            if timed and ctx.write:
-                # the backward to every other leaf (the task heads) is part of the probe's cost
-                rest = [v for i, v in ctx.leaves.items() if i not in result.written]
-                if rest:
-                    torch.autograd.backward(
-                        ctx.weights @ ctx.losses, inputs=rest, retain_graph=ctx.retain_graph
-                    )
-                result.written |= set(ctx.leaves)
+        try:
+            with guard:
+                result = engine.compute(run)
+                if timed and ctx.write:
+                    # the backward to every other leaf (the task heads): part of the probe's cost
+                    rest = [v for i, v in ctx.leaves.items() if i not in result.written]
+                    if rest:
+                        torch.autograd.backward(
+                            ctx.weights @ ctx.losses, inputs=rest, retain_graph=ctx.retain_graph
+                        )
+                    result.written |= set(ctx.leaves)
+        except UnbatchableGraphError as exc:
+            if guarded:
+                raise _Unbatchable(exc.reason) from exc
+            decision.drop(name, exc.reason)
+            raise _failed_late(exc) from exc
         if timed:
             decision.times.setdefault(name, []).append(clock() - t0)
             if name == "gramian" and isinstance(engine, GramianEngine) and not engine.last_looped:
@@ -515,13 +529,21 @@ class AutoEngine(Engine):
         return chose if not dropped else f"{chose} (dropped {', '.join(dropped)})"
 
 
-def _freed_by(failed: UnbatchableGraphError) -> GradlensError:
-    """The error of a probe that no candidate can serve: a candidate already run on this graph
-    shape (so run without keeping the graph) failed after freeing part of the graph."""
+class _Unbatchable(Exception):  # noqa: N818  # internal signal, never raised to the caller
+    """A guarded candidate cannot run this graph (``reason``): the next one serves the probe."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _failed_late(failed: UnbatchableGraphError) -> GradlensError:
+    """The error of a probe that a candidate already run on this graph shape (so run as if
+    called directly: its writes not undone, the graph not kept) could not run after all."""
     return GradlensError(
         f"engine='auto': its candidate {failed.engine!r}, which ran on this graph shape "
-        f"before, cannot run this probe's graph ({failed.cause}), and its backward freed part "
-        "of the graph before it failed, so no other candidate can serve this probe. Nothing was "
+        f"before, cannot run this probe's graph ({failed.cause}), and it ran without the "
+        "copies a fallback needs, so no other candidate can serve this probe. Nothing was "
         f"written: .grad and the profiler's step are unchanged. {failed.engine!r} is dropped "
         "for this graph shape: run the step's forward again and call backward."
     )

@@ -352,10 +352,11 @@ class _ItemWhenSet(torch.autograd.Function):
         return g
 
 
-def test_a_chosen_candidate_that_freed_the_graph_before_failing_says_so(monkeypatch):
-    """A candidate trusted on this graph shape runs without keeping the graph: where it fails
-    after freeing part of it, no other candidate can serve the probe; the error says so and
-    what to do, nothing is written, and the candidate is dropped."""
+def test_a_chosen_candidate_that_fails_after_all_says_so(monkeypatch):
+    """A candidate that ran on this graph shape before runs as if called directly (no copy of
+    the ``.grad``, the graph not kept): where it fails after all (here after writing the heads'
+    ``.grad`` and freeing part of the graph), no other candidate can serve the probe; the error
+    says so and what to do, nothing is written, and the candidate is dropped."""
     force_auto(monkeypatch, "gramian")
     torch.manual_seed(0)
     trunk = WithFunction(_ItemWhenSet).double()
@@ -369,7 +370,7 @@ def test_a_chosen_candidate_that_freed_the_graph_before_failing_says_so(monkeypa
         step = prof.step
         _ItemWhenSet.on = True
         try:
-            with pytest.raises(gl.GradlensError, match="freed part of the graph") as err:
+            with pytest.raises(gl.GradlensError, match="no other candidate can serve") as err:
                 prof.backward(_losses(trunk, heads), W)
             assert "run the step's forward again" in str(err.value)
             assert prof.step == step
@@ -379,3 +380,5 @@ def test_a_chosen_candidate_that_freed_the_graph_before_failing_says_so(monkeypa
         finally:
             _ItemWhenSet.on = False
         assert snap.engine != "gramian"
+        (decision,) = prof._engine.decisions.values()
+        assert decision.dropped == dict.fromkeys(["gramian", "gramian-vmap"], "item")
