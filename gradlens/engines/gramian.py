@@ -50,7 +50,7 @@ from gradlens.engines._batching import LEGACY_FAST, SDPA_NODE, segment_backward
 from gradlens.engines._capture import capture_rows, split_heads, task_scales
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import fed_tops, segmented
-from gradlens.engines.rules import Rule, served_modules
+from gradlens.engines.rules import Rule, own_state_reason, served_modules
 from gradlens.engines.rules._groups import GROUPED, grouped
 
 __all__ = ["UNRECORDED", "GramianEngine"]
@@ -111,8 +111,12 @@ class GramianEngine(Engine):
             ]
         for layer, mod, rule in self._plan:
             self._modules[layer] = (mod, rule)
-            self._handles.append(mod.register_forward_hook(self._hook(layer, rule)))
-        self._handles.append(root.register_forward_hook(self._boundary_hook()))
+            # first among the module's hooks: a user's hook that returns a new output (noise,
+            # clamping, steering) runs after, on the module's own output recorded here
+            self._handles.append(
+                mod.register_forward_hook(self._hook(layer, rule), prepend=True)
+            )
+        self._handles.append(root.register_forward_hook(self._boundary_hook(), prepend=True))
         self._finalizer = weakref.finalize(self, _remove, list(self._handles))
 
     def _uninstall(self) -> None:
@@ -253,6 +257,8 @@ class GramianEngine(Engine):
                 and all(ctx.uses.get(id(p), 0) == len(live) for p in ps)
                 # the rule computes every trainable parameter of its module: all must be here
                 and {id(p) for p in ps} == _trainable(self._modules[layer][0])
+                # its own forward on its own parameters (not replaced or parametrized since)
+                and own_state_reason(self._modules[layer][0]) is None
             ):
                 rule_layers[layer] = live
             else:
