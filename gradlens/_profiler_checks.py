@@ -104,18 +104,40 @@ def grads_atomic(leaves: Collection[torch.Tensor]) -> Iterator[None]:
         raise
 
 
-def graph_index(L: torch.Tensor, passes: str | None) -> GraphIndex:
+def graph_index(
+    L: torch.Tensor,
+    once: bool,
+    engine: str = "",
+    shared: SharedParams | None = None,
+    who: str | None = None,
+) -> GraphIndex:
     """The graph index of ``L``'s graph; raises before any side effect where the probe cannot
     run on it: a reentrant checkpoint (:meth:`GraphIndex.build`), a torch.compile'd graph whose
-    backward donates its saved buffers (:meth:`GraphIndex.donating`) when the probe runs that
-    backward more than once (``passes`` says who does; None: once).
+    backward donates its saved buffers (:meth:`GraphIndex.donating`) unless the probe runs that
+    backward ``once`` (``who`` runs it more: ``engine`` by default), a vmap ``engine`` on a
+    compiled graph that reads ``shared``'s parameters (a compiled model around the shared
+    module: :func:`uncompiled` sees only the module).
 
-    >>> graph_index(torch.ones(2, requires_grad=True).sum(), "engine='loop'").leaves != {}
+    >>> graph_index(torch.ones(2, requires_grad=True).sum(), False, "loop").leaves != {}
     True
     """
     graph = GraphIndex.build(L)
+    if (
+        engine in VMAP_ENGINES
+        and shared is not None
+        and graph.compiled_reads({id(p) for p in shared.all_params})
+    ):
+        raise GradlensError(
+            f"`engine={engine!r}` cannot profile `shared` here: the losses come from a "
+            "torch.compile'd model whose compiled graph takes the shared parameters, and the "
+            "engine needs a batched (vmap) backward through it, which torch.compile does not "
+            "support. Use engine='loop' (exact, one backward per task) or 'auto', or compile "
+            "only the shared module (engine='features') or the task heads. Nothing was "
+            "written: .grad and the profiler's step are unchanged."
+        )
     donating = graph.donating()
-    if donating and passes is not None:
+    if donating and not once:
+        passes = who or f"engine={engine!r}"
         raise GradlensError(
             "`losses` run through a torch.compile'd graph whose compiled backward donates its "
             f"saved buffers ({', '.join(donating)}; torch._functorch.config.donated_buffer is "

@@ -422,7 +422,7 @@ class Profiler:
         values: list[float] | None = None,
     ) -> Snapshot | None:
         once = write and weighting is None and not retain_graph and self._engine.one_pass
-        graph = graph_index(L, None if once else f"engine={self.engine!r}")  # (no side effect)
+        graph = graph_index(L, once, self.engine, self._shared)  # raises: nothing written yet
         leaves = graph.leaves
         reached = [p for p in self._shared.params if id(p) in leaves]
         sparse = graph.sparse_leaves(L, self._learned)  # a custom Function's: learned
@@ -575,7 +575,7 @@ class Profiler:
         retain_graph: bool,
     ) -> None:
         """``J_l^T w_l`` on each shared layer, ``sum_t w_t`` of the gradients on other leaves."""
-        graph = graph_index(Ls, "the held per-layer weights' write (a backward per layer)")
+        graph = graph_index(Ls, False, who="the held per-layer weights' write (a backward each)")
         leaves = graph.leaves
         shared = [p for p in self._shared.params if id(p) in leaves]
         # a layer the held probe did not reach (conditional computation) takes the total weights
