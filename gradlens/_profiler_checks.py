@@ -355,6 +355,15 @@ def weight_values(
     vals = []
     for t in tasks:
         v = weights[t]
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            raise GradlensError(
+                f"`weights[{t!r}]` should be a number or a tensor without grad; found a tensor "
+                "that requires grad (a learned loss weight): the profiler uses weights as "
+                "numbers, so the weight's own gradient would be lost. Pass it detached and "
+                "backpropagate the weights' objective yourself, e.g. `(w * L.detach()).sum()` "
+                "plus its regulariser, or use gradlens.weightings.make_weighting('uncertainty', "
+                "tasks)."
+            )
         if isinstance(v, (str, bytes, bool)):  # float() would accept "0.5" and True
             raise GradlensError(
                 f"`weights[{t!r}]` should be a real number; found {type(v).__name__} ({v!r})."
@@ -369,6 +378,39 @@ def weight_values(
             raise GradlensError(f"`weights[{t!r}]` should be finite and >= 0; found {f}.")
         vals.append(f)
     return tuple(vals)
+
+
+def meta_of(
+    tasks: Sequence[str],
+    level: str,
+    shared: SharedParams,
+    engine: str,
+    every: object,
+    meta: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """A profiler's run meta: its own keys, then the user's ``meta`` (which may not reuse them:
+    ``meta=vars(args)`` with a field named ``layers`` replaced the profiler's silently).
+
+    >>> from torch import nn
+    >>> from gradlens.engines._base import resolve_shared
+    >>> m = meta_of(["a"], "parameters", resolve_shared(nn.Linear(2, 1)), "loop", 1, {"seed": 0})
+    >>> m["layers"], m["shared_params"], m["seed"]
+    (['(root)'], 3, 0)
+    """
+    out: dict[str, Any] = {
+        "tasks": list(tasks),
+        "engine": engine,
+        "level": level,
+        "layers": list(shared.layers),
+        "every": every if isinstance(every, int) else repr(every),
+        "shared_params": sum(p.numel() for p in shared.params),
+    }
+    if taken := sorted(set(out) & set(meta or {})):
+        raise GradlensError(
+            f"`meta` should not hold the run's own keys {sorted(out)}; found {taken}. Put "
+            "your fields under other names, e.g. meta={'config': vars(args)}."
+        )
+    return out | dict(meta or {})
 
 
 def open_store(store: str | Path | Any | None, meta: dict[str, Any]) -> Sink | None:

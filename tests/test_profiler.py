@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 
 import pytest
 import torch
@@ -194,12 +195,33 @@ def test_loss_that_does_not_require_grad(setup):
         ({"t0": 1.0, "x": 1.0}, r"`weights` should have exactly the tasks"),
         ({"t0": "a", "t1": 1.0}, r"`weights\['t0'\]` should be a real number; found str"),
         ([0.5, 0.5], r"`weights` should be a mapping"),
+        (  # a learned loss weight (uncertainty weighting): its gradient was dropped silently
+            {"t0": torch.zeros((), requires_grad=True).exp(), "t1": 1.0},
+            r"`weights\['t0'\]` should be a number or a tensor without grad; found a tensor "
+            r"that requires grad \(a learned loss weight\)",
+        ),
     ],
 )
 def test_bad_weights(setup, weights, match):
     prof, make = setup
     with pytest.raises(gl.GradlensError, match=match):
         prof.backward(make(), weights)
+
+
+def test_meta_may_not_reuse_the_runs_own_keys(tmp_path):
+    """``meta=vars(args)`` with a field named ``layers`` replaced the profiler's own in
+    meta.json silently; one named ``tasks`` failed at the first probe, the step done. Refused
+    at construction now, before anything is written or hooked."""
+    trunk, *_ = build("mlp", 2)
+    for meta, found in [({"layers": 50, "seed": 0}, "['layers']"), ({"tasks": [1]}, "['tasks']")]:
+        match = rf"`meta` should not hold .*found {re.escape(found)}"
+        with pytest.raises(gl.GradlensError, match=match):
+            gl.Profiler(trunk, ["a", "b"], store=tmp_path / "run", meta=meta)
+        assert not (tmp_path / "run").exists()
+        assert not trunk._forward_hooks
+    with gl.Profiler(trunk, ["a", "b"], store=tmp_path / "run", meta={"config": {"layers": 50}}):
+        pass
+    assert gl.load_run(tmp_path / "run").meta["config"] == {"layers": 50}
 
 
 def test_bad_constructor_arguments():
