@@ -250,6 +250,13 @@ def test_features_engine_needs_features():
             prof.backward(losses)
         with pytest.raises(gl.GradlensError, match="requires_grad=False"):
             prof.backward(losses, features=z.detach())
+        # a z the losses were not computed from (an earlier forward's): an all-zero Gram with a
+        # warning blaming the losses before
+        _, stale = task_losses(trunk, heads, x, ys, features=True)
+        with pytest.raises(gl.GradlensError, match=r"features\[0\] outside the losses' graph"):
+            prof.backward(losses, features=stale)
+        assert prof.step == 0
+        assert all(p.grad is None for p in [*trunk.parameters(), *heads.parameters()])
     with gl.Profiler(trunk, ["t0", "t1"], engine="gramian") as prof:
         with pytest.raises(gl.GradlensError, match=r"`features` is used only by engine='features'"):
             prof.backward(losses, features=z)
