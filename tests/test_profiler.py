@@ -236,10 +236,30 @@ def test_bad_constructor_arguments():
         gl.Profiler(nn.ReLU(), ["a"])
     with pytest.raises(gl.GradlensError, match=r"`shared` should be an nn\.Module or an iterable"):
         gl.Profiler(3, ["a"])
+    w = nn.Parameter(torch.randn(3, 2))
+    with pytest.raises(gl.GradlensError, match=r"found 'param0' at position 0, a tensor computed"):
+        gl.Profiler([w[0]], ["a"])  # a row of a parameter: its gradient is never a leaf's
     with pytest.raises(gl.GradlensError, match="`memory_budget` should be an int >= 1"):
         gl.Profiler(trunk, ["a"], memory_budget=0)
     with pytest.raises(gl.GradlensError, match="`store` should be a run directory path"):
         gl.Profiler(trunk, ["a"], store=42)
+
+
+def test_a_single_parameter_is_one_shared_parameter():
+    """``shared=param`` was iterated row by row (non-leaf views: an all-zero Gram and a warning
+    blaming the losses); it is one parameter, as ``[param]`` is."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with gl.Profiler(w, ["a", "b"], engine="loop") as prof:
+        assert prof.layers == ("param0",)
+        z = x @ w
+        losses = {"a": z[:, 0].pow(2).mean(), "b": z.sum().sin()}
+        ga, gb = (torch.autograd.grad(v, w, retain_graph=True)[0].flatten()
+                  for v in losses.values())
+        snap = prof.backward(losses)
+    want = torch.stack([ga, gb]) @ torch.stack([ga, gb]).T
+    torch.testing.assert_close(snap.gram, want, rtol=1e-12, atol=1e-14)
 
 
 def test_features_engine_needs_features():
