@@ -24,12 +24,14 @@ __all__ = ["Record", "accumulate_own", "block_numel", "blocks_writer", "rule_arg
 
 @dataclass
 class Record:
-    """One recorded call of a rule-served module: its input, its output's edge, shape, dtype."""
+    """One recorded call of a rule-served module: its input, its output's edge, shape, dtype,
+    and the shared root's forward it was made in (counted by the engine)."""
 
     input: torch.Tensor
     edge: GradientEdge
     out_shape: torch.Size
     out_dtype: torch.dtype
+    forward: int = 0
 
 
 def accumulate_own(module: nn.Module, weighted: Mapping[str, torch.Tensor]) -> None:

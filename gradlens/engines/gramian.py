@@ -75,6 +75,7 @@ class GramianEngine(Engine):
         self._recording = True
         self._records: dict[str, list[Record]] = {}
         self._boundary: list[Record] = []
+        self._forwards = 0  # the shared root's forwards recorded (see KEEP_FORWARDS)
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize[..., GramianEngine] | None = None
@@ -151,11 +152,19 @@ class GramianEngine(Engine):
             if engine is None or not engine._recording or not torch.is_grad_enabled():
                 return
             leaves, _ = torch.utils._pytree.tree_flatten(output)
+            n = engine._forwards
             for out in leaves:
                 if isinstance(out, torch.Tensor) and out.requires_grad:
-                    engine._boundary.append(
-                        Record(out.detach(), get_gradient_edge(out), out.shape, out.dtype)
-                    )
+                    edge = get_gradient_edge(out)
+                    engine._boundary.append(Record(out.detach(), edge, out.shape, out.dtype, n))
+            engine._forwards = n = n + 1
+            if n % KEEP_FORWARDS == 0:  # the records of the last KEEP_FORWARDS forwards at least
+                keep = n - KEEP_FORWARDS
+                engine._boundary = [r for r in engine._boundary if r.forward >= keep]
+                engine._records = {
+                    k: kept for k, recs in engine._records.items()
+                    if (kept := [r for r in recs if r.forward >= keep])
+                }  # fmt: skip
 
         return hook
 
@@ -169,7 +178,7 @@ class GramianEngine(Engine):
             if rule.record is not None:  # a projection inside the module's forward
                 got = rule.record(module, args, output)
                 if got is not None:
-                    engine._records.setdefault(layer, []).append(Record(*got))
+                    engine._records.setdefault(layer, []).append(Record(*got, engine._forwards))
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
@@ -179,7 +188,7 @@ class GramianEngine(Engine):
             fn = output.grad_fn  # (GradientEdge directly: get_gradient_edge costs a call more)
             edge = get_gradient_edge(output) if fn is None else GradientEdge(fn, output.output_nr)
             engine._records.setdefault(layer, []).append(
-                Record(x.detach(), edge, output.shape, output.dtype)
+                Record(x.detach(), edge, output.shape, output.dtype, engine._forwards)
             )
 
         return hook
@@ -491,6 +500,14 @@ def _reduced(ctx: BackwardContext, rule_layers: Mapping[str, list[Record]]) -> b
     narrow = any(d.is_floating_point and torch.finfo(d).bits < 32 for d in dts)
     return narrow and ctx.losses.device.type == "cpu"
 
+
+#: Forwards of the shared root whose recorded calls are kept until a probe uses them: a forward
+#: no probe follows (a validation loop left with grad enabled, a step backpropagated plainly)
+#: kept its activations and graph alive until the next probe, without bound. The records of
+#: older forwards are dropped (a probe whose graph still holds such a call serves that layer by
+#: the exact generic path); one step may use up to this many forwards (Siamese inputs,
+#: multi-crop views) with every layer served by its rule.
+KEEP_FORWARDS = 16
 
 #: Per-task bytes of a segment's largest block above which the CPU second stage loops over tasks
 #: (one thread, T = 8, vmapped against looped: our BatchNorm CNN at batch 128 1.48x, at batch 4
