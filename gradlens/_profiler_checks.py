@@ -345,8 +345,16 @@ def weight_values(
     if weights is None:
         return (1.0,) * len(tasks)
     if not isinstance(weights, Mapping):
+        hint = (
+            " (a loss weighting: pass `lw.weights(losses)` as the weights, then call "
+            "`lw.backward(losses)` for its own parameters)"
+            if callable(getattr(weights, "weights", None))
+            and callable(getattr(weights, "end_epoch", None))
+            else ""
+        )
         raise GradlensError(
-            f"`weights` should be a mapping task -> weight or None; found {type(weights).__name__}."
+            f"`weights` should be a mapping task -> weight or None; found "
+            f"{type(weights).__name__}{hint}."
         )
     if set(weights) != set(tasks):
         raise GradlensError(
@@ -361,8 +369,9 @@ def weight_values(
                 "that requires grad (a learned loss weight): the profiler uses weights as "
                 "numbers, so the weight's own gradient would be lost. Pass it detached and "
                 "backpropagate the weights' objective yourself, e.g. `(w * L.detach()).sum()` "
-                "plus its regulariser, or use gradlens.weightings.make_weighting('uncertainty', "
-                "tasks)."
+                "plus its regulariser, or use lw = gradlens.weightings.make_weighting("
+                "'uncertainty', tasks): prof.backward(losses, lw.weights(losses)), then "
+                "lw.backward(losses)."
             )
         if isinstance(v, (str, bytes, bool)):  # float() would accept "0.5" and True
             raise GradlensError(

@@ -13,6 +13,7 @@ from torch import nn
 
 import gradlens as gl
 from gradlens.schedules import Every, First, LogSpaced, Union, as_schedule
+from gradlens.weightings import make_weighting
 from tests.zoo import build, task_losses
 
 ENGINES = ["loop", "batched", "gramian", "features"]
@@ -195,6 +196,10 @@ def test_loss_that_does_not_require_grad(setup):
         ({"t0": 1.0, "x": 1.0}, r"`weights` should have exactly the tasks"),
         ({"t0": "a", "t1": 1.0}, r"`weights\['t0'\]` should be a real number; found str"),
         ([0.5, 0.5], r"`weights` should be a mapping"),
+        (  # a loss weighting given as the weights: the message says how to use it
+            make_weighting("dwa", ["t0", "t1"]),
+            r"found DWA \(a loss weighting: pass `lw.weights\(losses\)` as the weights",
+        ),
         (  # a learned loss weight (uncertainty weighting): its gradient was dropped silently
             {"t0": torch.zeros((), requires_grad=True).exp(), "t1": 1.0},
             r"`weights\['t0'\]` should be a number or a tensor without grad; found a tensor "
