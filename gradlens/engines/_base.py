@@ -86,7 +86,8 @@ def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
         module: nn.Module | None = shared
     else:
         try:
-            items = list(shared)
+            # a single parameter is one (iterating it would give its rows: computed tensors)
+            items = [shared] if isinstance(shared, torch.Tensor) else list(shared)
         except TypeError:
             raise GradlensError(
                 "`shared` should be an nn.Module or an iterable of (name, parameter) pairs; "
@@ -109,6 +110,12 @@ def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
                     f"found an item of type {type(item).__name__} at position {i}."
                 )
         module = None
+        for i, (n, p) in enumerate(named):
+            if not p.is_leaf:
+                raise GradlensError(
+                    f"`shared` should hold parameters (leaf tensors); found {n!r} at position {i}, "
+                    "a tensor computed from others (e.g. a row or a view of a parameter)."
+                )
     if not any(p.requires_grad for _, p in named):
         raise GradlensError(
             "`shared` should hold at least one parameter with requires_grad=True; found none."
@@ -297,13 +304,11 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         return
     if grad is None:
         # alias a tensor that owns exactly its storage (as autograd steals a fresh gradient);
-        # copy a slice of a larger buffer or a strided view
+        # copy a slice of a larger buffer or a strided view. Autograd's layout contract: a new
+        # .grad has its parameter's strides (all of them: a channels-last 1 x 1 convolution's
+        # weight is also "contiguous", with other strides)
         own = g.untyped_storage().nbytes() == g.numel() * g.element_size()
-        if p.is_contiguous():
-            own = own and g.is_contiguous()
-            p.grad = g if own else g.clone(memory_format=torch.contiguous_format)
-        else:  # autograd's layout contract: a new .grad has its parameter's strides
-            p.grad = g if own and g.stride() == p.stride() else new_grad(p, g)
+        p.grad = g if own and g.stride() == p.stride() else new_grad(p, g)
     else:
         grad.add_(g)
 

@@ -28,7 +28,9 @@ A graph where a shared parameter's gradient is sparse (``nn.Embedding(..., spars
 a sparse tensor: the profiler's graph index finds them before the engine runs, see
 :meth:`gradlens.engines._graph.GraphIndex.sparse_leaves`) is served by ``loop``, untimed: the
 batched candidates cannot take a sparse gradient. The Snapshot's notes say so
-(:data:`SPARSE_NOTE`).
+(:data:`SPARSE_NOTE`). So is a graph where a torch.compile'd model around the shared module
+reads its parameters in a compiled graph, which the batched candidates cannot run through
+(:data:`COMPILED_NOTE`).
 
 A graph that a batched (vmap) backward cannot run though a backward per task can (dropout
 inside a non-reentrant activation checkpoint, recomputed under vmap; ``.item()`` or a branch on
@@ -93,6 +95,7 @@ from gradlens.engines.loop import LoopEngine
 __all__ = [
     "CANDIDATES",
     "CLOSE",
+    "COMPILED_NOTE",
     "MARGIN",
     "MAX_ROUNDS",
     "SPARSE_NOTE",
@@ -118,6 +121,9 @@ STATE_FORMAT = 1
 #: The note of a probe ``auto`` served by ``loop`` untimed: a shared parameter's gradient is
 #: sparse, which the batched candidates cannot take.
 SPARSE_NOTE = "auto-loop:sparse-grad"
+#: Note of a probe served by ``loop`` because a torch.compile'd graph reads shared parameters (a
+#: compiled model around the shared module), which the batched candidates cannot run through.
+COMPILED_NOTE = "auto-loop:compiled"
 
 
 @dataclass
@@ -336,6 +342,8 @@ class AutoEngine(Engine):
     def compute(self, ctx: BackwardContext) -> EngineResult:
         if ctx.sparse and any(id(p) in ctx.sparse for p in ctx.reached):
             return self._sparse(ctx)
+        if ctx.graph is not None and ctx.graph.compiled_reads({id(p) for p in ctx.reached}):
+            return self._sparse(ctx, COMPILED_NOTE)
         key = self.key(ctx)
         self._shapes = ()
         decision = self.decisions.get(key)
@@ -429,18 +437,20 @@ class AutoEngine(Engine):
             if e is not engine and e.uses_hooks:
                 e.discard()
 
-    def _sparse(self, ctx: BackwardContext) -> EngineResult:
+    def _sparse(self, ctx: BackwardContext, note: str = "") -> EngineResult:
         """A graph where a shared parameter gets a sparse gradient (``nn.Embedding(...,
         sparse=True)``, a custom Function's sparse backward: the profiler's graph index finds
-        them before the engine runs): served by ``loop``, the one candidate that takes it,
-        without timing; the Snapshot's notes say why (:data:`SPARSE_NOTE`)."""
+        them before the engine runs), or that a compiled model around the shared module makes
+        a compiled graph reading its parameters: served by ``loop``, the one candidate that
+        takes it, without timing; the Snapshot's notes say why (:data:`SPARSE_NOTE`,
+        :data:`COMPILED_NOTE`)."""
         self._shapes = ()
         self._served_sparse = True
         engine = self.candidates["loop"]
         result = engine.compute(ctx)
         self._discard_others(engine)
         result.engine = engine.name
-        result.notes.append(SPARSE_NOTE)
+        result.notes.append(note or SPARSE_NOTE)
         return result
 
     def _release_losers(self) -> None:
