@@ -382,3 +382,26 @@ def test_a_chosen_candidate_that_fails_after_all_says_so(monkeypatch):
         assert snap.engine != "gramian"
         (decision,) = prof._engine.decisions.values()
         assert decision.dropped == dict.fromkeys(["gramian", "gramian-vmap"], "item")
+
+
+@pytest.mark.parametrize("engine", ["loop", "auto"])
+def test_held_per_layer_weights_are_written_where_vmap_cannot_run(engine):
+    """``gl.per_layer`` with ``every=2``: an unprobed step writes the held per-layer weights
+    from per-task gradients (a batched backward, or one backward per task where the graph
+    cannot run under vmap), whatever the engine."""
+    trunk, heads, _ = _setup("checkpointed-dropout")
+    params = [*trunk.parameters(), *heads.parameters()]
+    w = torch.tensor([W[t] for t in TASKS], dtype=torch.float64)
+    weighting = gl.per_layer(lambda G: w)  # the same weights for every layer: .grad is plain
+    with gl.Profiler(trunk, TASKS, engine=engine, every=2) as prof:
+        for step in range(4):
+            for p in params:
+                p.grad = None
+            losses = _losses(trunk, heads)
+            plain = torch.autograd.grad(
+                sum(W[t] * v for t, v in losses.items()), params, retain_graph=True
+            )
+            snap = prof.backward(losses, weighting)
+            assert (snap is None) == (step % 2 == 1)
+            for p, g in zip(params, plain):
+                torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
