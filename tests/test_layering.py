@@ -191,6 +191,7 @@ PRIVATE_IMPORTS_ALLOWED = {
     ("gradlens.distributed", "gradlens.engines._base"): "wraps an engine across ranks",
     ("gradlens.testing", "gradlens.engines._base"): "resolve_shared: the engines' parameter choice",
     ("gradlens.weightings._apply", "gradlens.engines._base"): "writes .grad as the engines do",
+    ("gradlens.weightings._apply", "gradlens.engines._unbatchable"): "vmap errors, as named there",
     ("gradlens.bench._weightings", "gradlens.engines._base"): "quiet_vmap, as the engines call it",
 }  # fmt: skip
 
