@@ -591,8 +591,8 @@ def _forward_seen(ref: weakref.ref[Profiler]) -> Any:
     """A forward hook noting that the shared module ran a forward the engine's hooks saw."""
 
     def hook(module: nn.Module, args: object, output: object) -> None:
-        prof = ref()
-        if prof is not None and torch.is_grad_enabled():
+        prof = ref()  # (module: a deep copy of the model, an EMA teacher, carries the hook)
+        if prof is not None and torch.is_grad_enabled() and module is prof._shared.module:
             prof._seen_forward = True
 
     return hook

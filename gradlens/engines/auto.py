@@ -324,7 +324,8 @@ class AutoEngine(Engine):
 
         def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
             engine = ref()
-            if engine is None or not engine._recording:
+            # (module: a deep copy of the model, an EMA teacher, carries the hook along)
+            if engine is None or not engine._recording or module is not engine.shared.module:
                 return
             if isinstance(output, torch.Tensor) and all(isinstance(a, torch.Tensor) for a in args):
                 leaves: list[Any] = [*args, output]  # the common case, without a pytree walk

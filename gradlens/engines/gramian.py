@@ -152,6 +152,8 @@ class GramianEngine(Engine):
             engine = ref()
             if engine is None or not engine._recording or not torch.is_grad_enabled():
                 return
+            if module is not engine.shared.module:  # a deep copy (an EMA teacher) carries it
+                return
             leaves, _ = torch.utils._pytree.tree_flatten(output)
             n = engine._forwards
             for out in leaves:
@@ -175,6 +177,8 @@ class GramianEngine(Engine):
         def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
             engine = ref()
             if engine is None or not engine._recording or not torch.is_grad_enabled():
+                return
+            if module is not engine._modules[layer][0]:  # a deep copy's (see the boundary's)
                 return
             if rule.record is not None:  # a projection inside the module's forward
                 got = rule.record(module, args, output)

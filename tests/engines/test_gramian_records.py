@@ -55,3 +55,27 @@ def test_a_step_of_several_forwards_keeps_every_call():
         assert prof._engine._forwards == 2 * KEEP_FORWARDS
         snap = probe_matches_reference(prof, trunk, _losses(z, heads), W, params)
         assert set(snap.rules.values()) == {"linear", "norm"}
+
+
+def test_a_deep_copy_of_the_model_records_nothing():
+    """A deep copy made after the Profiler (an EMA teacher) carries the hooks along: its
+    forwards were recorded as the trunk's (activations kept, the 'forward seen' flag set, auto's
+    graph-shape key taken from the teacher's input)."""
+    import copy
+
+    trunk, heads = _model()
+    params = [*trunk.parameters(), *heads.parameters()]
+    for engine in ("gramian", "auto"):
+        with gl.Profiler(trunk, TASKS, engine=engine) as prof:
+            teacher = copy.deepcopy(trunk)
+            teacher(torch.randn(7, 6, dtype=torch.float64)).sum()  # with grad, another shape
+            hooked = prof._engine if engine == "gramian" else prof._engine.candidates["gramian"]
+            assert not hooked._records
+            assert not hooked._boundary
+            assert not prof._seen_forward
+            if engine == "auto":
+                assert prof._engine._shapes == ()
+            x = torch.randn(10, 6, dtype=torch.float64)
+            probe_matches_reference(prof, trunk, _losses(trunk(x), heads), W, params)
+            for p in params:
+                p.grad = None
