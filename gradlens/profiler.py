@@ -56,13 +56,13 @@ from gradlens._profiler_checks import (
     weight_values,
 )
 from gradlens._profiler_state import load_state, log_auto, save_state
-from gradlens._validate import check_int, check_tasks
+from gradlens._validate import check_int, check_tasks, check_type
 from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines.auto import AutoEngine
 from gradlens.engines.gramian import UNRECORDED
-from gradlens.schedules import Schedule, as_schedule
+from gradlens.schedules import Schedule, as_schedule, first_probe
 from gradlens.snapshot import Snapshot, _symmetric, _symmetric_given
 from gradlens.weightings import _apply as _weighting
 
@@ -134,9 +134,10 @@ class Profiler:
         self._learned: dict[object, dict[int, str]] = {}  # GraphIndex.sparse_leaves' facts
         # the store first: a refused one (a run already there) leaves no hook on the model
         run_meta = meta_of(self.tasks, self._engine.level, self._shared, engine, every, meta)
+        first = first_probe(self._schedule)  # (a schedule that fails: no store made)
         self.store = open_store(store, run_meta)
         self._engine.attach()
-        self._engine.set_recording(self._schedule(0))
+        self._engine.set_recording(first)
         self._forward_hook = (
             None
             if self._shared.module is None or not self._engine.uses_hooks
@@ -337,6 +338,7 @@ class Profiler:
         what = "backward" if write else "observe"
         if self._closed:
             raise GradlensError(f"`{what}` was called on a closed Profiler; create a new one.")
+        check_type("retain_graph", retain_graph, bool, "a bool")
         step = self.step
         # is_weighting tells a Gram weighting (a callable) from a mapping of weights
         gw = cast("Weighting", weights) if _weighting.is_weighting(weights) else None

@@ -18,12 +18,13 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from gradlens._errors import GradlensError
 
-__all__ = ["Every", "First", "LogSpaced", "Schedule", "Union", "as_schedule"]
+__all__ = ["Every", "First", "LogSpaced", "Schedule", "Union", "as_schedule", "first_probe"]
 
 Schedule = Callable[[int], bool]
 
@@ -97,12 +98,28 @@ class Union:
         return any(s(step) for s in self.schedules)
 
 
+def first_probe(schedule: Schedule) -> bool:
+    """``schedule(0)``, read when the profiler is made (before anything is written): a callable
+    that cannot be called on a step is a GradlensError naming ``every``.
+
+    >>> first_probe(Every(2)), first_probe(lambda step: step > 3)
+    (True, False)
+    """
+    try:
+        return bool(schedule(0))
+    except Exception as exc:
+        raise GradlensError(
+            "`every` should be a positive int or a callable step -> bool; calling it on step 0 "
+            f"raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def as_schedule(every: int | Schedule) -> Schedule:
     """Turn the profiler's ``every`` argument into a schedule callable."""
     if isinstance(every, bool):
         raise GradlensError(f"`every` should be a positive int or a callable; found {every!r}.")
-    if isinstance(every, int):
-        return Every(every)
+    if isinstance(every, numbers.Integral):  # (numpy's integers too)
+        return Every(int(every))
     if callable(every):
         return every
     raise GradlensError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -64,6 +65,26 @@ def test_schedules():
         as_schedule(0)
     with pytest.raises(gl.GradlensError, match="`every` should be a positive int or a callable"):
         as_schedule("often")
+    assert [s for s in range(7) if as_schedule(np.int64(3))(s)] == [0, 3, 6]  # numpy's ints
+
+
+def test_a_schedule_that_fails_on_step_0_is_refused_before_the_store_exists(tmp_path):
+    """``every=lambda: True`` (no step argument) raised a raw TypeError after the run store was
+    made, so the corrected retry with the same ``store=`` was refused ('already holds a run')."""
+    trunk, *_ = build("mlp", 2)
+    with pytest.raises(gl.GradlensError, match=r"calling it on step 0 raised TypeError"):
+        gl.Profiler(trunk, ["a", "b"], every=lambda: True, store=tmp_path / "run")  # type: ignore[arg-type,misc]
+    assert not (tmp_path / "run").exists()
+    assert not trunk._forward_hooks
+    gl.Profiler(trunk, ["a", "b"], every=lambda step: step % 2 == 0, store=tmp_path / "run").close()
+
+
+def test_retain_graph_is_a_bool():
+    trunk, heads, x, ys = build("mlp", 2)
+    with gl.Profiler(trunk, ["t0", "t1"]) as prof:
+        with pytest.raises(gl.GradlensError, match="`retain_graph` should be a bool; found str"):
+            prof.backward(task_losses(trunk, heads, x, ys), retain_graph="yes")  # type: ignore[arg-type]
+        assert prof.step == 0
 
 
 def test_callable_schedule_and_will_probe():
