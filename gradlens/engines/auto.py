@@ -69,7 +69,7 @@ from torch import nn
 from gradlens._errors import GradlensError
 from gradlens.engines._base import BackwardContext, Engine, EngineResult, SharedParams
 from gradlens.engines.batched import BatchedEngine
-from gradlens.engines.gramian import GramianEngine
+from gradlens.engines.gramian import GramianEngine, _callable
 from gradlens.engines.loop import LoopEngine
 
 __all__ = [
@@ -198,9 +198,13 @@ class AutoEngine(Engine):
         if "gramian" in self.candidates:
             self.variants["gramian-vmap"] = (self.candidates["gramian"], "vmap")
         self.decisions: dict[tuple[object, ...], Decision] = {}
-        self._shapes: tuple[object, ...] = ()
+        #: shapes seen by the shape hooks since the last probe, by module (see :meth:`key`)
+        self._seen: dict[int, tuple[tuple[int, ...], ...]] = {}
         self._recording = True
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        #: the shape hooks: the shared root's first (when it has a forward), then the modules
+        #: called below it (see :func:`_frontier`) until a probe finds the root called
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._root_hooked = False
         #: whether the hooked candidates' hooks are installed (see :meth:`_attach_hooked`)
         self._hooked_on = False
         #: whether a probe was served by ``loop`` for a sparse gradient (see :meth:`_sparse`)
@@ -211,16 +215,34 @@ class AutoEngine(Engine):
             if not e.uses_hooks:
                 e.attach()
         self._attach_hooked(self._hooks_needed())
-        if self.shared.module is not None:
-            self._handle = self.shared.module.register_forward_hook(self._shape_hook())
+        self._hook_shapes()
+
+    def _hook_shapes(self) -> None:
+        """Hook the modules whose call shapes key the decisions (see :meth:`key`)."""
+        self._unhook_shapes()
+        root = self.shared.module
+        if root is None:
+            return
+        mods = _frontier(root)
+        self._root_hooked = bool(mods) and mods[0] is root
+        self._handles = [m.register_forward_hook(self._shape_hook(i)) for i, m in enumerate(mods)]
+
+    def _unhook_shapes(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def shared_changed(self) -> None:
+        for e in self.candidates.values():
+            e.shared_changed()
+        if self._handles:  # the modules below the root may have been replaced too
+            self._hook_shapes()
 
     def detach(self) -> None:
         for e in self.candidates.values():
             e.detach()
         self._hooked_on = False
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._unhook_shapes()
 
     def _attach_hooked(self, on: bool) -> None:
         """Install the hooks of the candidates that record the forward (``gramian``) only while
@@ -266,7 +288,7 @@ class AutoEngine(Engine):
         for e in self.candidates.values():
             e.discard()
 
-    def _shape_hook(self) -> Callable[..., None]:
+    def _shape_hook(self, index: int) -> Callable[..., None]:
         ref = weakref.ref(self)
 
         def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
@@ -277,20 +299,32 @@ class AutoEngine(Engine):
                 leaves: list[Any] = [*args, output]  # the common case, without a pytree walk
             else:
                 leaves, _ = torch.utils._pytree.tree_flatten((args, output))
-            engine._shapes = tuple(tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor))
+            shapes = tuple(tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor))
+            engine._seen[index] = shapes
 
         return hook
 
     def key(self, ctx: BackwardContext) -> tuple[object, ...]:
-        """The graph shape a decision is kept for (see the module docstring)."""
+        """The graph shape a decision is kept for (see the module docstring): the shapes of the
+        shared root's last call; where the root is never called (a ``ModuleList`` of the trunk's
+        pieces, a model whose parts are called one by one), those of the modules called below
+        it, in module order. Once a probe finds the root called, only its hook stays."""
         L = ctx.losses
-        return (self._shapes, len(ctx.nodes), L.device.type, L.dtype, L.shape[0])
+        seen = self._seen
+        if self._root_hooked and 0 in seen:
+            shapes: tuple[object, ...] = seen[0]
+            for h in self._handles[1:]:  # the root is called: the modules below are not needed
+                h.remove()
+            del self._handles[1:]
+        else:
+            shapes = tuple(s for i in sorted(seen) for s in seen[i])
+        return (shapes, len(ctx.nodes), L.device.type, L.dtype, L.shape[0])
 
     def compute(self, ctx: BackwardContext) -> EngineResult:
         if ctx.sparse and any(id(p) in ctx.sparse for p in ctx.reached):
             return self._sparse(ctx)
         key = self.key(ctx)
-        self._shapes = ()
+        self._seen = {}
         decision = self.decisions.get(key)
         if decision is None:
             decision = self.decisions[key] = Decision()
@@ -349,7 +383,7 @@ class AutoEngine(Engine):
         sparse=True)``, a custom Function's sparse backward: the profiler's graph index finds
         them before the engine runs): served by ``loop``, the one candidate that takes it,
         without timing; the Snapshot's notes say why (:data:`SPARSE_NOTE`)."""
-        self._shapes = ()
+        self._seen = {}
         self._served_sparse = True
         engine = self.candidates["loop"]
         result = engine.compute(ctx)
@@ -431,6 +465,29 @@ class AutoEngine(Engine):
         if not winners:
             return "timing"
         return "/".join(dict.fromkeys(winners))
+
+
+def _frontier(root: nn.Module) -> list[nn.Module]:
+    """The modules whose calls key ``auto``'s decisions: the root (when it has a ``forward``:
+    ``nn.ModuleList`` and ``nn.ModuleDict`` have none), then its children, each replaced by its
+    own children while it has no ``forward``.
+
+    >>> body = nn.Sequential(nn.Linear(2, 2))
+    >>> [type(m).__name__ for m in _frontier(nn.ModuleList([body, nn.ModuleDict({"a": body})]))]
+    ['Sequential']
+    >>> [type(m).__name__ for m in _frontier(body)]
+    ['Sequential', 'Linear']
+    """
+    out: list[nn.Module] = [root] if _callable(root) else []
+    todo = list(root.children())
+    while todo:
+        m = todo.pop(0)
+        if _callable(m):
+            if all(m is not o for o in out):
+                out.append(m)
+        else:
+            todo[:0] = list(m.children())
+    return out
 
 
 def _clock_for(device: torch.device) -> Callable[[], float]:

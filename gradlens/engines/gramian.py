@@ -103,17 +103,31 @@ class GramianEngine(Engine):
         root = self.shared.module
         if root is None or self._handles:
             return
+        for layer, mod, rule in self._served(root):
+            self._modules[layer] = (mod, rule)
+            self._handles.append(mod.register_forward_hook(self._hook(layer, rule)))
+        self._handles.append(root.register_forward_hook(self._boundary_hook()))
+        self._finalizer = weakref.finalize(self, _remove, list(self._handles))
+
+    def _served(self, root: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
+        """The modules a rule serves, with their layers (planned once per parameter set)."""
         if self._plan is None:
             shared_ids = {id(p) for p in self.shared.all_params}
             self._plan = [
                 (self.shared.layer_of[id(own[0])], mod, rule)
                 for mod, own, rule in served_modules(root, shared_ids)
             ]
-        for layer, mod, rule in self._plan:
-            self._modules[layer] = (mod, rule)
-            self._handles.append(mod.register_forward_hook(self._hook(layer, rule)))
-        self._handles.append(root.register_forward_hook(self._boundary_hook()))
-        self._finalizer = weakref.finalize(self, _remove, list(self._handles))
+        return self._plan
+
+    def shared_changed(self) -> None:
+        """Plan and hook the modules anew for the new parameters (the records of the coming
+        probe are kept: a module whose parameter was replaced is the same module)."""
+        installed = bool(self._handles)
+        self._uninstall()
+        self._plan = None
+        self._modules = {}
+        if installed:
+            self._install()
 
     def _uninstall(self) -> None:
         if self._finalizer is not None:
@@ -192,9 +206,17 @@ class GramianEngine(Engine):
             return EngineResult({})
         by_layer = group_by_layer(self.shared, params)
         notes = []
-        if self._modules and not records and not boundary:
-            # hooks installed but nothing recorded: the forward ran before the profiler existed
-            # (or outside a probed step); every layer is served by the exact generic path
+        root = self.shared.module
+        # nothing recorded: the forward ran before the profiler existed (or outside a probed
+        # step); every layer is served by the exact generic path. (A root that is never called,
+        # a ModuleList of the trunk's pieces, records nothing at its own hook: its modules'
+        # records tell; with no module served by a rule there is nothing to lose.)
+        if (
+            root is not None
+            and not records
+            and not boundary
+            and (self._served(root) or _callable(root))
+        ):
             notes.append(UNRECORDED)
         rule_layers, generic = self._serve(ctx, records, by_layer)
         inputs: list[torch.Tensor | GradientEdge] = [
@@ -587,6 +609,15 @@ def _param(module: nn.Module, name: str) -> torch.Tensor:
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"internal: {type(module).__name__}.{name} is not a tensor")
     return p
+
+
+def _callable(module: nn.Module) -> bool:
+    """Whether the module has a ``forward`` (``nn.ModuleList``, ``nn.ModuleDict`` have none).
+
+    >>> _callable(nn.Linear(1, 1)), _callable(nn.ModuleList([nn.Linear(1, 1)]))
+    (True, False)
+    """
+    return type(module).forward is not nn.Module.forward
 
 
 def _trainable(module: nn.Module) -> set[int]:
