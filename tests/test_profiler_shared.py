@@ -55,7 +55,7 @@ def _probe_and_check(prof: gl.Profiler, trunk, heads, x, ys, engine: str) -> gl.
 
 @pytest.mark.parametrize("engine", ["loop", "batched", "gramian", "auto", "features"])
 @pytest.mark.parametrize(
-    "arch,how", [("transformer", "assign"), ("mlp", "setattr"), ("cnn_bn", "assign")]
+    ("arch", "how"), [("transformer", "assign"), ("mlp", "setattr"), ("cnn_bn", "assign")]
 )
 def test_parameters_replaced_after_creation_are_measured(engine, arch, how):
     trunk, heads, x, ys = build(arch, len(TASKS))
@@ -108,7 +108,8 @@ def test_a_swapped_submodule_is_measured_and_hooked(engine):
     if engine == "gramian":
         assert [r.get("2.0", r.get("2")) for r in gramian] == ["generic", *["linear"] * 5]
     elif engine == "auto":
-        assert gramian and gramian[-1].get("2", gramian[-1].get("2.0")) == "linear"
+        assert gramian
+        assert gramian[-1].get("2", gramian[-1].get("2.0")) == "linear"
 
 
 def test_parameters_given_as_a_list_refuse_a_replacement():
@@ -125,12 +126,19 @@ def test_parameters_given_as_a_list_refuse_a_replacement():
             prof.backward(losses)
         assert prof.step == 1
         assert all(p.grad is None for p in [*trunk.parameters(), *heads.parameters()])
-    # an unreached parameter with no newly reached look-alike is only flagged (a zero Gram)
+    # every parameter replaced before the first probe (resuming by assignment)
+    with gl.Profiler(list(trunk.named_parameters()), TASKS, engine="gramian") as prof:
+        _replace(trunk, "assign")
+        with pytest.raises(gl.GradlensError, match=r"'0\.weight'.*Create a new Profiler"):
+            prof.backward(task_losses(trunk, heads, x, ys))
+    # a shared parameter no loss uses, next to a head of its shape: flagged (a zero Gram), no
+    # error, at the first probe and after
     trunk, heads, x, ys = build("mlp", len(TASKS))
-    extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    extra = nn.Parameter(torch.zeros(1, 5, dtype=torch.float64))  # the heads' weight shape
     with gl.Profiler([*trunk.named_parameters(), ("extra", extra)], TASKS, "loop") as prof:
-        snap = prof.backward(task_losses(trunk, heads, x, ys))
-        assert snap.unreached == ("extra",)
+        for _ in range(2):
+            snap = prof.backward(task_losses(trunk, heads, x, ys))
+            assert snap.unreached == ("extra",)
 
 
 class _Model(nn.Module):
@@ -198,7 +206,8 @@ def test_auto_notes_an_unrecorded_forward_only_where_gramian_served_it():
     early = task_losses(trunk, heads, x, ys)
     with gl.Profiler(trunk, TASKS) as prof:
         snap = prof.backward(early)
-        assert snap.engine == "loop" and UNRECORDED not in snap.notes
+        assert snap.engine == "loop"
+        assert UNRECORDED not in snap.notes
         while prof._engine.describe() == "timing":
             prof.backward(task_losses(trunk, heads, x, ys))
         for d in prof._engine.decisions.values():
@@ -209,7 +218,28 @@ def test_auto_notes_an_unrecorded_forward_only_where_gramian_served_it():
         prof.load_state_dict(state)
         with pytest.warns(gl.GradlensWarning, match="Create the Profiler before the first"):
             snap = prof.backward(losses)
-        assert snap.engine == "gramian" and UNRECORDED in snap.notes
+        assert snap.engine == "gramian"
+        assert UNRECORDED in snap.notes
         assert set(snap.rules.values()) == {"generic"}
         snap = prof.backward(task_losses(trunk, heads, x, ys))  # recorded
-        assert snap.engine == "gramian" and UNRECORDED not in snap.notes
+        assert snap.engine == "gramian"
+        assert UNRECORDED not in snap.notes
+
+
+def test_held_per_layer_weights_follow_a_replaced_parameter():
+    """Between probes (``every=2``) ``gl.per_layer`` writes each layer's held weights: a weight
+    replaced before an unprobed step gets its layer's weights, not the total's."""
+    trunk, heads, x, ys = build("mlp", len(TASKS))
+    weighting = gl.per_layer(lambda G: 1.0 / torch.sqrt(torch.diagonal(G)))
+    with gl.Profiler(trunk, TASKS, engine="loop", every=2) as prof:
+        snap = prof.backward(task_losses(trunk, heads, x, ys), weighting)
+        held = snap.layer_weights
+        assert not torch.allclose(held["2"], snap.weights)
+        trunk[2].weight = nn.Parameter(trunk[2].weight.detach().clone())
+        for p in [*trunk.parameters(), *heads.parameters()]:
+            p.grad = None
+        losses = task_losses(trunk, heads, x, ys)
+        L = torch.stack([losses[t] for t in TASKS])
+        want = torch.autograd.grad(held["2"].to(L) @ L, trunk[2].weight, retain_graph=True)[0]
+        assert prof.backward(losses, weighting) is None  # unprobed: the held weights
+        torch.testing.assert_close(trunk[2].weight.grad, want, rtol=1e-10, atol=1e-12)

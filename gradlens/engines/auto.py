@@ -68,8 +68,9 @@ from torch import nn
 
 from gradlens._errors import GradlensError
 from gradlens.engines._base import BackwardContext, Engine, EngineResult, SharedParams
+from gradlens.engines._shared import callable_module
 from gradlens.engines.batched import BatchedEngine
-from gradlens.engines.gramian import GramianEngine, _callable
+from gradlens.engines.gramian import GramianEngine
 from gradlens.engines.loop import LoopEngine
 
 __all__ = [
@@ -478,11 +479,11 @@ def _frontier(root: nn.Module) -> list[nn.Module]:
     >>> [type(m).__name__ for m in _frontier(body)]
     ['Sequential', 'Linear']
     """
-    out: list[nn.Module] = [root] if _callable(root) else []
+    out: list[nn.Module] = [root] if callable_module(root) else []
     todo = list(root.children())
     while todo:
         m = todo.pop(0)
-        if _callable(m):
+        if callable_module(m):
             if all(m is not o for o in out):
                 out.append(m)
         else:

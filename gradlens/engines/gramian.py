@@ -50,6 +50,7 @@ from gradlens.engines._batching import LEGACY_FAST, SDPA_NODE, segment_backward
 from gradlens.engines._capture import capture_rows, split_heads, task_scales
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import fed_tops, segmented
+from gradlens.engines._shared import callable_module
 from gradlens.engines.rules import Rule, served_modules
 from gradlens.engines.rules._groups import GROUPED, grouped
 
@@ -120,12 +121,10 @@ class GramianEngine(Engine):
         return self._plan
 
     def shared_changed(self) -> None:
-        """Plan and hook the modules anew for the new parameters (the records of the coming
-        probe are kept: a module whose parameter was replaced is the same module)."""
+        """Plan and hook anew (the coming probe's records are kept: same modules, by layer)."""
         installed = bool(self._handles)
         self._uninstall()
-        self._plan = None
-        self._modules = {}
+        self._plan, self._modules = None, {}
         if installed:
             self._install()
 
@@ -206,18 +205,11 @@ class GramianEngine(Engine):
             return EngineResult({})
         by_layer = group_by_layer(self.shared, params)
         notes = []
+        # nothing recorded (a forward before the profiler, or off a probe): the generic path serves
+        # all; a root never called (ModuleList) records by its modules, if a rule serves one
         root = self.shared.module
-        # nothing recorded: the forward ran before the profiler existed (or outside a probed
-        # step); every layer is served by the exact generic path. (A root that is never called,
-        # a ModuleList of the trunk's pieces, records nothing at its own hook: its modules'
-        # records tell; with no module served by a rule there is nothing to lose.)
-        if (
-            root is not None
-            and not records
-            and not boundary
-            and (self._served(root) or _callable(root))
-        ):
-            notes.append(UNRECORDED)
+        if not (records or boundary) and root is not None:
+            notes += [UNRECORDED] if self._served(root) or callable_module(root) else []
         rule_layers, generic = self._serve(ctx, records, by_layer)
         inputs: list[torch.Tensor | GradientEdge] = [
             r.edge for recs in rule_layers.values() for r in recs
@@ -609,15 +601,6 @@ def _param(module: nn.Module, name: str) -> torch.Tensor:
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"internal: {type(module).__name__}.{name} is not a tensor")
     return p
-
-
-def _callable(module: nn.Module) -> bool:
-    """Whether the module has a ``forward`` (``nn.ModuleList``, ``nn.ModuleDict`` have none).
-
-    >>> _callable(nn.Linear(1, 1)), _callable(nn.ModuleList([nn.Linear(1, 1)]))
-    (True, False)
-    """
-    return type(module).forward is not nn.Module.forward
 
 
 def _trainable(module: nn.Module) -> set[int]:
