@@ -243,3 +243,36 @@ def test_held_per_layer_weights_follow_a_replaced_parameter():
         want = torch.autograd.grad(held["2"].to(L) @ L, trunk[2].weight, retain_graph=True)[0]
         assert prof.backward(losses, weighting) is None  # unprobed: the held weights
         torch.testing.assert_close(trunk[2].weight.grad, want, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_keeps_the_hooks_its_key_needs_only():
+    """A ModuleList of many blocks never called itself: after the first probe, only the hooks
+    of the first ``KEY_MODULES`` called blocks stay (a hook costs every forward); a root that
+    is called keeps its own hook only."""
+    blocks = nn.ModuleList([nn.Linear(6, 6).double() for _ in range(6)])
+    heads = nn.ModuleList([nn.Linear(6, 1).double() for _ in TASKS])
+    x = torch.randn(5, 6, dtype=torch.float64)
+
+    def n_hooks(mods) -> int:
+        return sum(len(m._forward_hooks) for m in mods)
+
+    with gl.Profiler(blocks, TASKS, engine="loop") as prof:  # (no hooks: a baseline)
+        assert n_hooks(blocks) == 0
+    with gl.Profiler(blocks, TASKS) as prof:
+        assert n_hooks(blocks) == 6
+        for _ in range(2):
+            z = x
+            for b in blocks:
+                z = torch.tanh(b(z))
+            snap = prof.backward({t: h(z).pow(2).mean() for t, h in zip(TASKS, heads)})
+            assert len(prof._engine._handles) == 2
+            if snap.engine == "loop":  # (gramian's recording hooks are off before batched's turn)
+                assert n_hooks(blocks) == 2
+        ((key, _),) = prof._engine.decisions.items()
+        assert key[0] == ((5, 6), (5, 6), (5, 6), (5, 6))
+    assert n_hooks(blocks) == 0
+    trunk, heads, x, ys = build("mlp", len(TASKS))
+    with gl.Profiler(trunk, TASKS) as prof:
+        assert n_hooks(trunk.modules()) == 6  # the root and its five children
+        prof.backward(task_losses(trunk, heads, x, ys))
+        assert n_hooks(trunk.modules()) == 1

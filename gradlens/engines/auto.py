@@ -76,6 +76,7 @@ from gradlens.engines.loop import LoopEngine
 __all__ = [
     "CANDIDATES",
     "CLOSE",
+    "KEY_MODULES",
     "MARGIN",
     "MAX_ROUNDS",
     "SPARSE_NOTE",
@@ -96,6 +97,9 @@ CLOSE = 3.0
 MARGIN = 1.1
 #: At most this many rounds (every candidate still close is timed once a round, interleaved).
 MAX_ROUNDS = 5
+#: Where the shared root is never called itself, the decisions are keyed by the call shapes of
+#: at most this many of the modules called below it (a hook each, at every forward).
+KEY_MODULES = 2
 #: Version of :meth:`AutoEngine.state_dict`.
 STATE_FORMAT = 1
 #: The note of a probe ``auto`` served by ``loop`` untimed: a shared parameter's gradient is
@@ -204,7 +208,7 @@ class AutoEngine(Engine):
         self._recording = True
         #: the shape hooks: the shared root's first (when it has a forward), then the modules
         #: called below it (see :func:`_frontier`) until a probe finds the root called
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._root_hooked = False
         #: whether the hooked candidates' hooks are installed (see :meth:`_attach_hooked`)
         self._hooked_on = False
@@ -226,12 +230,13 @@ class AutoEngine(Engine):
             return
         mods = _frontier(root)
         self._root_hooked = bool(mods) and mods[0] is root
-        self._handles = [m.register_forward_hook(self._shape_hook(i)) for i, m in enumerate(mods)]
+        hook = self._shape_hook
+        self._handles = {i: m.register_forward_hook(hook(i)) for i, m in enumerate(mods)}
 
     def _unhook_shapes(self) -> None:
-        for h in self._handles:
+        for h in self._handles.values():
             h.remove()
-        self._handles = []
+        self._handles = {}
 
     def shared_changed(self) -> None:
         for e in self.candidates.values():
@@ -309,16 +314,15 @@ class AutoEngine(Engine):
         """The graph shape a decision is kept for (see the module docstring): the shapes of the
         shared root's last call; where the root is never called (a ``ModuleList`` of the trunk's
         pieces, a model whose parts are called one by one), those of the modules called below
-        it, in module order. Once a probe finds the root called, only its hook stays."""
+        it, the first :data:`KEY_MODULES` of them in module order. Once a probe has seen the
+        root called, only its hook stays; else the hooks of the modules the key takes."""
         L = ctx.losses
         seen = self._seen
-        if self._root_hooked and 0 in seen:
-            shapes: tuple[object, ...] = seen[0]
-            for h in self._handles[1:]:  # the root is called: the modules below are not needed
-                h.remove()
-            del self._handles[1:]
-        else:
-            shapes = tuple(s for i in sorted(seen) for s in seen[i])
+        keep = [0] if self._root_hooked and 0 in seen else sorted(seen)[:KEY_MODULES]
+        shapes = tuple(s for i in keep for s in seen[i])
+        if keep and len(self._handles) > len(keep):  # each hook costs every forward
+            for i in set(self._handles) - set(keep):
+                self._handles.pop(i).remove()
         return (shapes, len(ctx.nodes), L.device.type, L.dtype, L.shape[0])
 
     def compute(self, ctx: BackwardContext) -> EngineResult:
