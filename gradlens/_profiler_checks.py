@@ -104,18 +104,40 @@ def grads_atomic(leaves: Collection[torch.Tensor]) -> Iterator[None]:
         raise
 
 
-def graph_index(L: torch.Tensor, passes: str | None) -> GraphIndex:
+def graph_index(
+    L: torch.Tensor,
+    once: bool,
+    engine: str = "",
+    shared: SharedParams | None = None,
+    who: str | None = None,
+) -> GraphIndex:
     """The graph index of ``L``'s graph; raises before any side effect where the probe cannot
     run on it: a reentrant checkpoint (:meth:`GraphIndex.build`), a torch.compile'd graph whose
-    backward donates its saved buffers (:meth:`GraphIndex.donating`) when the probe runs that
-    backward more than once (``passes`` says who does; None: once).
+    backward donates its saved buffers (:meth:`GraphIndex.donating`) unless the probe runs that
+    backward ``once`` (``who`` runs it more: ``engine`` by default), a vmap ``engine`` on a
+    compiled graph that reads ``shared``'s parameters (a compiled model around the shared
+    module: :func:`uncompiled` sees only the module).
 
-    >>> graph_index(torch.ones(2, requires_grad=True).sum(), "engine='loop'").leaves != {}
+    >>> graph_index(torch.ones(2, requires_grad=True).sum(), False, "loop").leaves != {}
     True
     """
     graph = GraphIndex.build(L)
+    if (
+        engine in VMAP_ENGINES
+        and shared is not None
+        and graph.compiled_reads({id(p) for p in shared.all_params})
+    ):
+        raise GradlensError(
+            f"`engine={engine!r}` cannot profile `shared` here: the losses come from a "
+            "torch.compile'd model whose compiled graph takes the shared parameters, and the "
+            "engine needs a batched (vmap) backward through it, which torch.compile does not "
+            "support. Use engine='loop' (exact, one backward per task) or 'auto', or compile "
+            "only the shared module (engine='features') or the task heads. Nothing was "
+            "written: .grad and the profiler's step are unchanged."
+        )
     donating = graph.donating()
-    if donating and passes is not None:
+    if donating and not once:
+        passes = who or f"engine={engine!r}"
         raise GradlensError(
             "`losses` run through a torch.compile'd graph whose compiled backward donates its "
             f"saved buffers ({', '.join(donating)}; torch._functorch.config.donated_buffer is "
@@ -323,8 +345,16 @@ def weight_values(
     if weights is None:
         return (1.0,) * len(tasks)
     if not isinstance(weights, Mapping):
+        hint = (
+            " (a loss weighting: pass `lw.weights(losses)` as the weights, then call "
+            "`lw.backward(losses)` for its own parameters)"
+            if callable(getattr(weights, "weights", None))
+            and callable(getattr(weights, "end_epoch", None))
+            else ""
+        )
         raise GradlensError(
-            f"`weights` should be a mapping task -> weight or None; found {type(weights).__name__}."
+            f"`weights` should be a mapping task -> weight or None; found "
+            f"{type(weights).__name__}{hint}."
         )
     if set(weights) != set(tasks):
         raise GradlensError(
@@ -333,6 +363,16 @@ def weight_values(
     vals = []
     for t in tasks:
         v = weights[t]
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            raise GradlensError(
+                f"`weights[{t!r}]` should be a number or a tensor without grad; found a tensor "
+                "that requires grad (a learned loss weight): the profiler uses weights as "
+                "numbers, so the weight's own gradient would be lost. Pass it detached and "
+                "backpropagate the weights' objective yourself, e.g. `(w * L.detach()).sum()` "
+                "plus its regulariser, or use lw = gradlens.weightings.make_weighting("
+                "'uncertainty', tasks): prof.backward(losses, lw.weights(losses)), then "
+                "lw.backward(losses)."
+            )
         if isinstance(v, (str, bytes, bool)):  # float() would accept "0.5" and True
             raise GradlensError(
                 f"`weights[{t!r}]` should be a real number; found {type(v).__name__} ({v!r})."
@@ -347,6 +387,39 @@ def weight_values(
             raise GradlensError(f"`weights[{t!r}]` should be finite and >= 0; found {f}.")
         vals.append(f)
     return tuple(vals)
+
+
+def meta_of(
+    tasks: Sequence[str],
+    level: str,
+    shared: SharedParams,
+    engine: str,
+    every: object,
+    meta: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """A profiler's run meta: its own keys, then the user's ``meta`` (which may not reuse them:
+    ``meta=vars(args)`` with a field named ``layers`` replaced the profiler's silently).
+
+    >>> from torch import nn
+    >>> from gradlens.engines._base import resolve_shared
+    >>> m = meta_of(["a"], "parameters", resolve_shared(nn.Linear(2, 1)), "loop", 1, {"seed": 0})
+    >>> m["layers"], m["shared_params"], m["seed"]
+    (['(root)'], 3, 0)
+    """
+    out: dict[str, Any] = {
+        "tasks": list(tasks),
+        "engine": engine,
+        "level": level,
+        "layers": list(shared.layers),
+        "every": every if isinstance(every, int) else repr(every),
+        "shared_params": sum(p.numel() for p in shared.params),
+    }
+    if taken := sorted(set(out) & set(meta or {})):
+        raise GradlensError(
+            f"`meta` should not hold the run's own keys {sorted(out)}; found {taken}. Put "
+            "your fields under other names, e.g. meta={'config': vars(args)}."
+        )
+    return out | dict(meta or {})
 
 
 def open_store(store: str | Path | Any | None, meta: dict[str, Any]) -> Sink | None:

@@ -271,7 +271,7 @@ class DistributedProfiler(Profiler):
                 k += p.numel()
                 if p.grad is None:
                     part = part.to(grad_dtype(p))  # (a bucket's sum of mixed dtypes)
-                    p.grad = part.clone() if p.is_contiguous() else new_grad(p, part)
+                    p.grad = part.clone() if part.stride() == p.stride() else new_grad(p, part)
                 else:
                     p.grad.copy_(part)
 

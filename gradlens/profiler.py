@@ -45,6 +45,7 @@ from gradlens._profiler_checks import (
     grads_atomic,
     grads_kept,
     graph_index,
+    meta_of,
     no_autocast,
     open_store,
     probe_notes,
@@ -130,7 +131,7 @@ class Profiler:
         self._held: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._learned: dict[object, dict[int, str]] = {}  # GraphIndex.sparse_leaves' facts
         # the store first: a refused one (a run already there) leaves no hook on the model
-        run_meta = self._meta(meta, engine, every)
+        run_meta = meta_of(self.tasks, self._engine.level, self._shared, engine, every, meta)
         self.store = open_store(store, run_meta)
         self._engine.attach()
         self._engine.set_recording(self._schedule(0))
@@ -423,7 +424,7 @@ class Profiler:
         values: list[float] | None = None,
     ) -> Snapshot | None:
         once = write and weighting is None and not retain_graph and self._engine.one_pass
-        graph = graph_index(L, None if once else f"engine={self.engine!r}")  # (no side effect)
+        graph = graph_index(L, once, self.engine, self._shared)  # raises: nothing written yet
         leaves = graph.leaves
         self._follow(leaves)  # parameters replaced since the last probe (or raises: no change)
         reached = [p for p in self._shared.params if id(p) in leaves]
@@ -574,7 +575,7 @@ class Profiler:
         retain_graph: bool,
     ) -> None:
         """``J_l^T w_l`` on each shared layer, ``sum_t w_t`` of the gradients on other leaves."""
-        graph = graph_index(Ls, "the held per-layer weights' write (a backward per layer)")
+        graph = graph_index(Ls, False, who="the held per-layer weights' write (a backward each)")
         leaves = graph.leaves
         self._follow(leaves)
         shared = [p for p in self._shared.params if id(p) in leaves]
@@ -584,18 +585,6 @@ class Profiler:
         sparse = graph.sparse_leaves(Ls, self._learned)
         _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget, sparse)
         self._write_rest(Ls, w, retain_graph, leaves)
-
-    def _meta(self, meta: Mapping[str, Any] | None, engine: str, every: object) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "tasks": list(self.tasks),
-            "engine": engine,
-            "level": self._engine.level,
-            "layers": list(self._shared.layers),
-            "every": every if isinstance(every, int) else repr(every),
-            "shared_params": sum(p.numel() for p in self._shared.params),
-        }
-        out.update(meta or {})
-        return out
 
 
 def _finalize(engine: Engine, sinks: list[Sink]) -> None:

@@ -153,3 +153,54 @@ def test_a_donating_compiled_graph_takes_the_features_engine_and_the_switch_serv
                     want = J @ J.T if ref is None else ref.gram
                     torch.testing.assert_close(snap.gram, want, rtol=1e-10, atol=1e-12)
     torch._dynamo.reset()
+
+
+class _Whole(nn.Module):
+    """A model compiled as a whole around its trunk (`torch.compile(model)`), the Profiler on
+    `model.trunk`: the trunk itself is no compiled module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.heads = _model()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _losses(self.trunk(x), self.heads, y)
+
+
+@pytest.mark.parametrize("engine", ["auto", "batched", "gramian"])
+# dynamo traces the gramian engine's forward hooks inside the compiled model and warns on what it
+# inspects of their tensors (a warning only, outside a test that makes warnings errors)
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_a_compiled_model_around_the_shared_module(engine):
+    """The vmap engines cannot run through the compiled graph that reads the trunk's parameters
+    (torch's raw 'Cannot access data pointer' before); `batched`/`gramian` refuse it at the
+    probe, nothing written; `auto` serves it with `loop`, exact, and notes why."""
+    torch.manual_seed(0)
+    model = _Whole()
+    torch._dynamo.reset()
+    whole = torch.compile(model, backend="aot_eager")
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)
+    params = list(model.parameters())
+    prof = gl.Profiler(model.trunk, TASKS, engine=engine)
+    for _ in range(3):
+        losses = whole(x, y)
+        if engine != "auto":
+            with pytest.raises(gl.GradlensError, match=r"torch.compile'd model.*engine='loop'"):
+                prof.backward(losses, W)
+            assert prof.step == 0
+            assert all(p.grad is None for p in params)
+            break
+        ref = reference_grams(losses, model.trunk)
+        snap = prof.backward(losses, W)
+        assert snap.engine == "loop"
+        assert snap.notes == ("auto-loop:compiled",)
+        torch.testing.assert_close(snap.gram, ref.gram, rtol=1e-10, atol=1e-12)
+        got = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        sum(W[t] * v for t, v in model(x, y).items()).backward()
+        for g, p in zip(got, params):
+            torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-12)
+            p.grad = None
+    prof.close()
+    torch._dynamo.reset()

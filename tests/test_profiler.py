@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 import gradlens as gl
 from gradlens.schedules import Every, First, LogSpaced, Union, as_schedule
+from gradlens.weightings import make_weighting
 from tests.zoo import build, task_losses
 
 ENGINES = ["loop", "batched", "gramian", "features"]
@@ -194,12 +196,37 @@ def test_loss_that_does_not_require_grad(setup):
         ({"t0": 1.0, "x": 1.0}, r"`weights` should have exactly the tasks"),
         ({"t0": "a", "t1": 1.0}, r"`weights\['t0'\]` should be a real number; found str"),
         ([0.5, 0.5], r"`weights` should be a mapping"),
+        (  # a loss weighting given as the weights: the message says how to use it
+            make_weighting("dwa", ["t0", "t1"]),
+            r"found DWA \(a loss weighting: pass `lw.weights\(losses\)` as the weights",
+        ),
+        (  # a learned loss weight (uncertainty weighting): its gradient was dropped silently
+            {"t0": torch.zeros((), requires_grad=True).exp(), "t1": 1.0},
+            r"`weights\['t0'\]` should be a number or a tensor without grad; found a tensor "
+            r"that requires grad \(a learned loss weight\)",
+        ),
     ],
 )
 def test_bad_weights(setup, weights, match):
     prof, make = setup
     with pytest.raises(gl.GradlensError, match=match):
         prof.backward(make(), weights)
+
+
+def test_meta_may_not_reuse_the_runs_own_keys(tmp_path):
+    """``meta=vars(args)`` with a field named ``layers`` replaced the profiler's own in
+    meta.json silently; one named ``tasks`` failed at the first probe, the step done. Refused
+    at construction now, before anything is written or hooked."""
+    trunk, *_ = build("mlp", 2)
+    for meta, found in [({"layers": 50, "seed": 0}, "['layers']"), ({"tasks": [1]}, "['tasks']")]:
+        match = rf"`meta` should not hold .*found {re.escape(found)}"
+        with pytest.raises(gl.GradlensError, match=match):
+            gl.Profiler(trunk, ["a", "b"], store=tmp_path / "run", meta=meta)
+        assert not (tmp_path / "run").exists()
+        assert not trunk._forward_hooks
+    with gl.Profiler(trunk, ["a", "b"], store=tmp_path / "run", meta={"config": {"layers": 50}}):
+        pass
+    assert gl.load_run(tmp_path / "run").meta["config"] == {"layers": 50}
 
 
 def test_bad_constructor_arguments():
@@ -214,10 +241,30 @@ def test_bad_constructor_arguments():
         gl.Profiler(nn.ReLU(), ["a"])
     with pytest.raises(gl.GradlensError, match=r"`shared` should be an nn\.Module or an iterable"):
         gl.Profiler(3, ["a"])
+    w = nn.Parameter(torch.randn(3, 2))
+    with pytest.raises(gl.GradlensError, match=r"found 'param0' at position 0, a tensor computed"):
+        gl.Profiler([w[0]], ["a"])  # a row of a parameter: its gradient is never a leaf's
     with pytest.raises(gl.GradlensError, match="`memory_budget` should be an int >= 1"):
         gl.Profiler(trunk, ["a"], memory_budget=0)
     with pytest.raises(gl.GradlensError, match="`store` should be a run directory path"):
         gl.Profiler(trunk, ["a"], store=42)
+
+
+def test_a_single_parameter_is_one_shared_parameter():
+    """``shared=param`` was iterated row by row (non-leaf views: an all-zero Gram and a warning
+    blaming the losses); it is one parameter, as ``[param]`` is."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with gl.Profiler(w, ["a", "b"], engine="loop") as prof:
+        assert prof.layers == ("param0",)
+        z = x @ w
+        losses = {"a": z[:, 0].pow(2).mean(), "b": z.sum().sin()}
+        ga, gb = (torch.autograd.grad(v, w, retain_graph=True)[0].flatten()
+                  for v in losses.values())
+        snap = prof.backward(losses)
+    want = torch.stack([ga, gb]) @ torch.stack([ga, gb]).T
+    torch.testing.assert_close(snap.gram, want, rtol=1e-12, atol=1e-14)
 
 
 def test_features_engine_needs_features():
@@ -228,6 +275,13 @@ def test_features_engine_needs_features():
             prof.backward(losses)
         with pytest.raises(gl.GradlensError, match="requires_grad=False"):
             prof.backward(losses, features=z.detach())
+        # a z the losses were not computed from (an earlier forward's): an all-zero Gram with a
+        # warning blaming the losses before
+        _, stale = task_losses(trunk, heads, x, ys, features=True)
+        with pytest.raises(gl.GradlensError, match=r"features\[0\] outside the losses' graph"):
+            prof.backward(losses, features=stale)
+        assert prof.step == 0
+        assert all(p.grad is None for p in [*trunk.parameters(), *heads.parameters()])
     with gl.Profiler(trunk, ["t0", "t1"], engine="gramian") as prof:
         with pytest.raises(gl.GradlensError, match=r"`features` is used only by engine='features'"):
             prof.backward(losses, features=z)

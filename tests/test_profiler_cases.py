@@ -239,11 +239,13 @@ def test_held_per_layer_weights_write_a_sparse_gradient_on_unprobed_steps():
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_channels_last_model_gets_grads_laid_out_as_its_parameters(engine):
     """autograd's gradient layout contract (a new .grad has its parameter's strides), which
-    DDP's gradient buckets rely on: the engines keep it for a channels-last CNN."""
+    DDP's gradient buckets rely on: the engines keep it for a channels-last CNN, its 1 x 1
+    convolution too (whose weight is also "contiguous", with other strides: its .grad got the
+    contiguous ones before)."""
     torch.manual_seed(0)
     trunk = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.ReLU(), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
     ).double().to(memory_format=torch.channels_last)
     heads = nn.ModuleList([nn.Linear(8, 1) for _ in W3]).double()
     x = torch.randn(4, 3, 12, 12, dtype=torch.float64).to(memory_format=torch.channels_last)
@@ -256,6 +258,8 @@ def test_a_channels_last_model_gets_grads_laid_out_as_its_parameters(engine):
     plain, snap, ref = _probe_and_plain(trunk, losses, params, engine)
     assert_gram_close(snap.gram, ref.gram, 1e-12)
     assert trunk[0].weight.stride() != trunk[0].weight.contiguous().stride()
+    assert trunk[5].weight.is_contiguous()
+    assert trunk[5].weight.stride() == (8, 1, 8, 8)
     for p, g in zip(params, plain):
         assert p.grad.stride() == g.stride() == p.stride()
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)

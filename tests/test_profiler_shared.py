@@ -6,6 +6,8 @@ recorded by its modules' hooks and keys ``auto``'s decisions by their shapes."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -184,10 +186,12 @@ def test_auto_keys_a_never_called_root_by_the_shapes_its_modules_see():
     model = _Model().double()
     with gl.Profiler(model, TASKS) as prof:
         auto = prof._engine
+        teacher = copy.deepcopy(model)  # (an EMA teacher carries the hooks: they ignore it)
         for batch in (10, 4):
             x = torch.randn(batch, 6, dtype=torch.float64)
             for _ in range(3):
                 z = model.trunk(x)
+                teacher.trunk(torch.randn(7, 6, dtype=torch.float64))
                 losses = {t: model.heads[t](z).pow(2).mean() for t in TASKS}
                 ref = reference_grams(losses, model)
                 snap = prof.backward(losses)

@@ -164,13 +164,11 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         return
     if grad is None:
         # alias a tensor that owns exactly its storage (as autograd steals a fresh gradient);
-        # copy a slice of a larger buffer or a strided view
+        # copy a slice of a larger buffer or a strided view. Autograd's layout contract: a new
+        # .grad has its parameter's strides (all of them: a channels-last 1 x 1 convolution's
+        # weight is also "contiguous", with other strides)
         own = g.untyped_storage().nbytes() == g.numel() * g.element_size()
-        if p.is_contiguous():
-            own = own and g.is_contiguous()
-            p.grad = g if own else g.clone(memory_format=torch.contiguous_format)
-        else:  # autograd's layout contract: a new .grad has its parameter's strides
-            p.grad = g if own and g.stride() == p.stride() else new_grad(p, g)
+        p.grad = g if own and g.stride() == p.stride() else new_grad(p, g)
     else:
         grad.add_(g)
 

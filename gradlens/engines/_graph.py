@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TypeVar, cast
 
 import torch
@@ -377,6 +378,20 @@ class GraphIndex:
 
     def _compiled_nodes(self) -> list[int]:
         return [i for i, t in enumerate(self.types) if t.__name__ == COMPILED]
+
+    def compiled_reads(self, ids: AbstractSet[int]) -> bool:
+        """Whether a torch.compile'd graph in this one reads a leaf of ``ids`` directly (a
+        module compiled as part of a larger one: its parameters are the compiled graph's
+        inputs, which a batched (vmap) backward cannot run through).
+
+        >>> GraphIndex.build(torch.ones(2, requires_grad=True).sum()).compiled_reads({1})
+        False
+        """
+        at = self.memo(("compiled-nodes",), self._compiled_nodes)
+        leaf_at, edges = self.leaf_at, self.edges
+        return any(
+            j in leaf_at and id(leaf_at[j]) in ids for i in at for j, _ in edges[i]
+        )
 
     def _embedding_nodes(self) -> list[tuple[int, list[int]]]:
         """Positions of the embedding backward nodes, each with its leaf children's."""

@@ -168,7 +168,8 @@ def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
         module: nn.Module | None = shared
     else:
         try:
-            items = list(shared)
+            # a single parameter is one (iterating it would give its rows: computed tensors)
+            items = [shared] if isinstance(shared, torch.Tensor) else list(shared)
         except TypeError:
             raise GradlensError(
                 "`shared` should be an nn.Module or an iterable of (name, parameter) pairs; "
@@ -191,6 +192,12 @@ def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
                     f"found an item of type {type(item).__name__} at position {i}."
                 )
         module = None
+        for i, (n, p) in enumerate(named):
+            if not p.is_leaf:
+                raise GradlensError(
+                    f"`shared` should hold parameters (leaf tensors); found {n!r} at position {i}, "
+                    "a tensor computed from others (e.g. a row or a view of a parameter)."
+                )
     if not any(p.requires_grad for _, p in named):
         raise GradlensError(
             "`shared` should hold at least one parameter with requires_grad=True; found none."

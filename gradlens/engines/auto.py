@@ -28,7 +28,9 @@ A graph where a shared parameter's gradient is sparse (``nn.Embedding(..., spars
 a sparse tensor: the profiler's graph index finds them before the engine runs, see
 :meth:`gradlens.engines._graph.GraphIndex.sparse_leaves`) is served by ``loop``, untimed: the
 batched candidates cannot take a sparse gradient. The Snapshot's notes say so
-(:data:`SPARSE_NOTE`).
+(:data:`SPARSE_NOTE`). So is a graph where a torch.compile'd model around the shared module
+reads its parameters in a compiled graph, which the batched candidates cannot run through
+(:data:`COMPILED_NOTE`).
 
 The decision is kept per graph shape: the shapes of the shared module's outputs (the batch size,
 the sequence length), the number of autograd nodes, the device, the dtype and T. A new shape
@@ -76,6 +78,7 @@ from gradlens.engines.loop import LoopEngine
 __all__ = [
     "CANDIDATES",
     "CLOSE",
+    "COMPILED_NOTE",
     "KEY_MODULES",
     "MARGIN",
     "MAX_ROUNDS",
@@ -105,6 +108,9 @@ STATE_FORMAT = 1
 #: The note of a probe ``auto`` served by ``loop`` untimed: a shared parameter's gradient is
 #: sparse, which the batched candidates cannot take.
 SPARSE_NOTE = "auto-loop:sparse-grad"
+#: Note of a probe served by ``loop`` because a torch.compile'd graph reads shared parameters (a
+#: compiled model around the shared module), which the batched candidates cannot run through.
+COMPILED_NOTE = "auto-loop:compiled"
 
 
 @dataclass
@@ -209,6 +215,7 @@ class AutoEngine(Engine):
         #: the shape hooks: the shared root's first (when it has a forward), then the modules
         #: called below it (see :func:`_frontier`) until a probe finds the root called
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._keyed: dict[int, nn.Module] = {}
         self._root_hooked = False
         #: whether the hooked candidates' hooks are installed (see :meth:`_attach_hooked`)
         self._hooked_on = False
@@ -231,6 +238,7 @@ class AutoEngine(Engine):
         mods = _frontier(root)
         self._root_hooked = bool(mods) and mods[0] is root
         hook = self._shape_hook
+        self._keyed = dict(enumerate(mods))  # (a hook checks its module: a deep copy carries it)
         self._handles = {i: m.register_forward_hook(hook(i)) for i, m in enumerate(mods)}
 
     def _unhook_shapes(self) -> None:
@@ -299,7 +307,8 @@ class AutoEngine(Engine):
 
         def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
             engine = ref()
-            if engine is None or not engine._recording:
+            # (module: a deep copy of the model, an EMA teacher, carries the hook along)
+            if engine is None or not engine._recording or module is not engine._keyed.get(index):
                 return
             if isinstance(output, torch.Tensor) and all(isinstance(a, torch.Tensor) for a in args):
                 leaves: list[Any] = [*args, output]  # the common case, without a pytree walk
@@ -328,6 +337,8 @@ class AutoEngine(Engine):
     def compute(self, ctx: BackwardContext) -> EngineResult:
         if ctx.sparse and any(id(p) in ctx.sparse for p in ctx.reached):
             return self._sparse(ctx)
+        if ctx.graph is not None and ctx.graph.compiled_reads({id(p) for p in ctx.reached}):
+            return self._sparse(ctx, COMPILED_NOTE)
         key = self.key(ctx)
         self._seen = {}
         decision = self.decisions.get(key)
@@ -383,18 +394,20 @@ class AutoEngine(Engine):
             if e is not engine and e.uses_hooks:
                 e.discard()
 
-    def _sparse(self, ctx: BackwardContext) -> EngineResult:
+    def _sparse(self, ctx: BackwardContext, note: str = "") -> EngineResult:
         """A graph where a shared parameter gets a sparse gradient (``nn.Embedding(...,
         sparse=True)``, a custom Function's sparse backward: the profiler's graph index finds
-        them before the engine runs): served by ``loop``, the one candidate that takes it,
-        without timing; the Snapshot's notes say why (:data:`SPARSE_NOTE`)."""
+        them before the engine runs), or that a compiled model around the shared module makes
+        a compiled graph reading its parameters: served by ``loop``, the one candidate that
+        takes it, without timing; the Snapshot's notes say why (:data:`SPARSE_NOTE`,
+        :data:`COMPILED_NOTE`)."""
         self._seen = {}
         self._served_sparse = True
         engine = self.candidates["loop"]
         result = engine.compute(ctx)
         self._discard_others(engine)
         result.engine = engine.name
-        result.notes.append(SPARSE_NOTE)
+        result.notes.append(note or SPARSE_NOTE)
         return result
 
     def _release_losers(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from gradlens._errors import GradlensError
 from gradlens.engines._base import (
     BackwardContext,
     Engine,
@@ -56,8 +57,14 @@ class FeaturesEngine(Engine):
     def compute(self, ctx: BackwardContext) -> EngineResult:
         # each feature once (a tensor given twice is one feature of the representation)
         unique: dict[tuple[object, int], tuple[torch.Tensor, GradientEdge]] = {}
-        for z in ctx.features or ():
+        for k, z in enumerate(ctx.features or ()):
             e = get_gradient_edge(z)
+            if e.node not in ctx.nodes:  # (checked before anything is written)
+                raise GradlensError(
+                    f"`features` should be tensors the losses were computed from; found "
+                    f"features[{k}] outside the losses' graph (a z of another forward or an "
+                    "earlier step, or one the heads do not read)."
+                )
             unique.setdefault((e.node, e.output_nr), (z, e))
         feats = [z for z, _ in unique.values()]
         edges = [e for _, e in unique.values()]

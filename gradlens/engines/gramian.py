@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,32 +39,30 @@ from gradlens.engines._base import (
     accumulate_grads,
     batched_grad,
     batched_grad_from,
-    compute_dtype,
     gram_of_rows,
     group_by_layer,
     looped_grad_from,
     per_task_grad,
 )
 from gradlens.engines._batching import LEGACY_FAST, SDPA_NODE, segment_backward
+from gradlens.engines._blocks import (
+    Record,
+    accumulate_own,
+    block_numel,
+    blocks_writer,
+    rule_args,
+)
 from gradlens.engines._capture import capture_rows, split_heads, task_scales
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import fed_tops, segmented
 from gradlens.engines._shared import callable_module
-from gradlens.engines.rules import Rule, served_modules
+from gradlens.engines.rules import Rule, own_state_reason, served_modules
 from gradlens.engines.rules._groups import GROUPED, grouped
 
 __all__ = ["UNRECORDED", "GramianEngine"]
 
 #: Note recorded when a probe finds no forward recorded by the hooks (see ``Snapshot.notes``).
 UNRECORDED = "forward-not-recorded"
-
-
-@dataclass
-class _Record:
-    input: torch.Tensor
-    edge: GradientEdge
-    out_shape: torch.Size
-    out_dtype: torch.dtype
 
 
 class GramianEngine(Engine):
@@ -77,8 +74,9 @@ class GramianEngine(Engine):
     def __init__(self, shared: SharedParams, n_tasks: int) -> None:
         super().__init__(shared, n_tasks)
         self._recording = True
-        self._records: dict[str, list[_Record]] = {}
-        self._boundary: list[_Record] = []
+        self._records: dict[str, list[Record]] = {}
+        self._boundary: list[Record] = []
+        self._forwards = 0  # the shared root's forwards recorded (see KEEP_FORWARDS)
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize[..., GramianEngine] | None = None
@@ -106,8 +104,12 @@ class GramianEngine(Engine):
             return
         for layer, mod, rule in self._served(root):
             self._modules[layer] = (mod, rule)
-            self._handles.append(mod.register_forward_hook(self._hook(layer, rule)))
-        self._handles.append(root.register_forward_hook(self._boundary_hook()))
+            # first among the module's hooks: a user's hook that returns a new output (noise,
+            # clamping, steering) runs after, on the module's own output recorded here
+            self._handles.append(
+                mod.register_forward_hook(self._hook(layer, rule), prepend=True)
+            )
+        self._handles.append(root.register_forward_hook(self._boundary_hook(), prepend=True))
         self._finalizer = weakref.finalize(self, _remove, list(self._handles))
 
     def _served(self, root: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
@@ -162,12 +164,22 @@ class GramianEngine(Engine):
             engine = ref()
             if engine is None or not engine._recording or not torch.is_grad_enabled():
                 return
+            if module is not engine.shared.module:  # a deep copy (an EMA teacher) carries it
+                return
             leaves, _ = torch.utils._pytree.tree_flatten(output)
+            n = engine._forwards
             for out in leaves:
                 if isinstance(out, torch.Tensor) and out.requires_grad:
-                    engine._boundary.append(
-                        _Record(out.detach(), get_gradient_edge(out), out.shape, out.dtype)
-                    )
+                    edge = get_gradient_edge(out)
+                    engine._boundary.append(Record(out.detach(), edge, out.shape, out.dtype, n))
+            engine._forwards = n = n + 1
+            if n % KEEP_FORWARDS == 0:  # the records of the last KEEP_FORWARDS forwards at least
+                keep = n - KEEP_FORWARDS
+                engine._boundary = [r for r in engine._boundary if r.forward >= keep]
+                engine._records = {
+                    k: kept for k, recs in engine._records.items()
+                    if (kept := [r for r in recs if r.forward >= keep])
+                }  # fmt: skip
 
         return hook
 
@@ -178,10 +190,12 @@ class GramianEngine(Engine):
             engine = ref()
             if engine is None or not engine._recording or not torch.is_grad_enabled():
                 return
+            if module is not engine._modules[layer][0]:  # a deep copy's (see the boundary's)
+                return
             if rule.record is not None:  # a projection inside the module's forward
                 got = rule.record(module, args, output)
                 if got is not None:
-                    engine._records.setdefault(layer, []).append(_Record(*got))
+                    engine._records.setdefault(layer, []).append(Record(*got, engine._forwards))
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
@@ -191,7 +205,7 @@ class GramianEngine(Engine):
             fn = output.grad_fn  # (GradientEdge directly: get_gradient_edge costs a call more)
             edge = get_gradient_edge(output) if fn is None else GradientEdge(fn, output.output_nr)
             engine._records.setdefault(layer, []).append(
-                _Record(x.detach(), edge, output.shape, output.dtype)
+                Record(x.detach(), edge, output.shape, output.dtype, engine._forwards)
             )
 
         return hook
@@ -219,7 +233,7 @@ class GramianEngine(Engine):
         # a Gram weighting's step: keep every layer's T x output blocks (and the generic
         # layers' T x P_l gradients) when they fit the budget, to write J_l^T w_l afterwards
         keep = ctx.keep_blocks and (
-            T * ctx.losses.element_size() * _block_numel(rule_layers, generic)
+            T * ctx.losses.element_size() * block_numel(rule_layers, generic)
             <= ctx.memory_budget
         )
         u, v, heads, stream = self._output_grads(ctx, inputs, boundary, rule_layers, generic)
@@ -237,7 +251,7 @@ class GramianEngine(Engine):
         ordered = {layer: grams[layer] for layer in by_layer}
         written = {id(p) for p in params} | {id(p) for p in heads}
         if keep:
-            write = _blocks_writer(
+            write = blocks_writer(
                 self.shared, self._modules, rule_layers, kept, by_layer, generic, gen_grads, u,
                 ctx.memory_budget,
             )  # fmt: skip
@@ -252,12 +266,12 @@ class GramianEngine(Engine):
     def _serve(
         self,
         ctx: BackwardContext,
-        records: Mapping[str, list[_Record]],
+        records: Mapping[str, list[Record]],
         by_layer: Mapping[str, list[torch.Tensor]],
-    ) -> tuple[dict[str, list[_Record]], list[torch.Tensor]]:
+    ) -> tuple[dict[str, list[Record]], list[torch.Tensor]]:
         """The layers a rule serves (with their recorded calls in this graph) and the
         parameters of the others (the generic path)."""
-        rule_layers: dict[str, list[_Record]] = {}
+        rule_layers: dict[str, list[Record]] = {}
         generic: list[torch.Tensor] = []
         for layer, ps in by_layer.items():
             live = [r for r in records.get(layer, ()) if r.edge.node in ctx.nodes]
@@ -267,6 +281,8 @@ class GramianEngine(Engine):
                 and all(ctx.uses.get(id(p), 0) == len(live) for p in ps)
                 # the rule computes every trainable parameter of its module: all must be here
                 and {id(p) for p in ps} == _trainable(self._modules[layer][0])
+                # its own forward on its own parameters (not replaced or parametrized since)
+                and own_state_reason(self._modules[layer][0]) is None
             ):
                 rule_layers[layer] = live
             else:
@@ -277,7 +293,7 @@ class GramianEngine(Engine):
         self,
         stream: Iterator[list[tuple[int, torch.Tensor | None]]],
         inputs: list[torch.Tensor | GradientEdge],
-        rule_layers: dict[str, list[_Record]],
+        rule_layers: dict[str, list[Record]],
         T: int,
         v: torch.Tensor | None,
         unscale: torch.Tensor,
@@ -337,7 +353,7 @@ class GramianEngine(Engine):
     def _serve_ready(
         self,
         ready: list[tuple[str, list[torch.Tensor | None]]],
-        rule_layers: dict[str, list[_Record]],
+        rule_layers: dict[str, list[Record]],
         T: int,
         v: torch.Tensor | None,
         budget: int,
@@ -377,18 +393,18 @@ class GramianEngine(Engine):
         for k, (layer, raw) in enumerate(ready):
             if k not in done:
                 mod, rule = self._modules[layer]
-                ins, got = _rule_args(rule_layers[layer], raw, T)
+                ins, got = rule_args(rule_layers[layer], raw, T)
                 G, weighted = rule.fn(mod, ins, got, v, budget)
                 del ins, got
-                _accumulate_own(mod, weighted)
+                accumulate_own(mod, weighted)
                 yield [layer], G
 
     def _output_grads(
         self,
         ctx: BackwardContext,
         inputs: list[torch.Tensor | GradientEdge],
-        boundary: list[_Record],
-        rule_layers: dict[str, list[_Record]],
+        boundary: list[Record],
+        rule_layers: dict[str, list[Record]],
         generic: list[torch.Tensor],
     ) -> tuple[
         torch.Tensor,
@@ -476,7 +492,7 @@ class GramianEngine(Engine):
     def _looped(
         self,
         ctx: BackwardContext,
-        rule_layers: dict[str, list[_Record]],
+        rule_layers: dict[str, list[Record]],
         generic: list[torch.Tensor],
     ) -> bool:
         """Whether every segment runs one backward per task (``stage="looped"``); by default
@@ -496,97 +512,25 @@ def _from_losses(
     return iter([list(enumerate(batched_grad(ctx.losses, inputs)))])
 
 
-def _reduced(ctx: BackwardContext, rule_layers: Mapping[str, list[_Record]]) -> bool:
+def _reduced(ctx: BackwardContext, rule_layers: Mapping[str, list[Record]]) -> bool:
     """On CPU, whether a recorded layer output is narrower than float32 (autocast)."""
     dts = {r.out_dtype for recs in rule_layers.values() for r in recs} | {ctx.losses.dtype}
     narrow = any(d.is_floating_point and torch.finfo(d).bits < 32 for d in dts)
     return narrow and ctx.losses.device.type == "cpu"
 
 
-def _accumulate_own(module: nn.Module, weighted: Mapping[str, torch.Tensor]) -> None:
-    """Add a pure rule's weighted gradients (by attribute name) to the module's own ``.grad``."""
-    accumulate_grads([getattr(module, name) for name in weighted], list(weighted.values()))
-
-
-def _rule_args(
-    recs: list[_Record], raw: list[torch.Tensor | None], T: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """A rule's inputs and per-task output gradients for a layer's recorded calls: a recorded
-    output no task reached gets zeros; bf16/fp16 (autocast) is widened to float32."""
-    got = [
-        torch.zeros((T, *r.out_shape), dtype=compute_dtype(r.out_dtype), device=r.input.device)
-        if g is None
-        else g.to(compute_dtype(g.dtype))
-        for r, g in zip(recs, raw)
-    ]
-    return [_widen(r.input) for r in recs], got
-
-
-def _blocks_writer(
-    shared: SharedParams,
-    modules: Mapping[str, tuple[nn.Module, Rule]],
-    rule_layers: dict[str, list[_Record]],
-    kept: dict[str, list[torch.Tensor | None]],
-    by_layer: Mapping[str, list[torch.Tensor]],
-    generic: list[torch.Tensor],
-    gen_grads: dict[int, torch.Tensor],
-    u: torch.Tensor,
-    budget: int,
-) -> Callable[[Mapping[str, torch.Tensor]], None]:
-    """The writer of ``sum_t w_{l,t} g_{l,t}`` from the kept blocks (rows carry ``u_t``).
-
-    A rule layer called once: its parameter gradient for the weighted output gradient
-    ``sum_t w_t D_t`` comes from autograd on the layer's own output node (the weight-gradient
-    products only: the gradient with respect to its input is not needed, so autograd skips it).
-    A rule layer called several times: autograd from a later call's output would also reach the
-    parameters through the earlier calls, so the rule itself writes the weighted gradient from
-    the kept inputs and output gradients (recomputing its Gram, which is discarded). A generic
-    layer: the weighted sum of its kept per-task gradients.
-    """
-
-    def scaled(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        w64, u64 = w.to(like.device, torch.float64), u.to(like.device, torch.float64)
-        return (w64 / u64).to(like.dtype)
-
-    def write(weights: Mapping[str, torch.Tensor]) -> None:
-        for layer, recs in rule_layers.items():
-            if len(recs) > 1:
-                mod, rule = modules[layer]
-                ins, got = _rule_args(recs, kept[layer], u.shape[0])
-                _, weighted = rule.fn(mod, ins, got, scaled(weights[layer], got[0]), budget)
-                _accumulate_own(mod, weighted)
-                continue
-            edges, grads = [], []
-            for r, g in zip(recs, kept[layer]):
-                if g is not None:
-                    edges.append(r.edge)
-                    grads.append(torch.tensordot(scaled(weights[layer], g), g, dims=1))
-            if not edges:
-                continue
-            ps = by_layer[layer]
-            gs = torch.autograd.grad(
-                edges, ps, grad_outputs=grads, retain_graph=True, allow_unused=True
-            )
-            for p, g in zip(ps, gs):
-                if g is not None:
-                    accumulate_grad(p, g)
-        for p in generic:
-            g = gen_grads[id(p)]
-            accumulate_grad(p, torch.tensordot(scaled(weights[shared.layer_of[id(p)]], g), g, 1))
-
-    return write
-
+#: Forwards of the shared root whose recorded calls are kept until a probe uses them: a forward
+#: no probe follows (a validation loop left with grad enabled, a step backpropagated plainly)
+#: kept its activations and graph alive until the next probe, without bound. The records of
+#: older forwards are dropped (a probe whose graph still holds such a call serves that layer by
+#: the exact generic path); one step may use up to this many forwards (Siamese inputs,
+#: multi-crop views) with every layer served by its rule.
+KEEP_FORWARDS = 16
 
 #: Per-task bytes of a segment's largest block above which the CPU second stage loops over tasks
 #: (one thread, T = 8, vmapped against looped: our BatchNorm CNN at batch 128 1.48x, at batch 4
 #: 1.02x; the ``gradlens bench --zoo`` trunks at batch 4, all below, 0.73x-0.94x).
 LOOP_ABOVE = 2**20
-
-
-def _block_numel(rule_layers: Mapping[str, list[_Record]], generic: list[torch.Tensor]) -> int:
-    """Elements of one task's blocks: every recorded output, every generic parameter."""
-    n = sum(r.out_shape.numel() for recs in rule_layers.values() for r in recs)
-    return n + sum(p.numel() for p in generic)
 
 
 def _node(x: torch.Tensor | GradientEdge) -> Node:
@@ -608,11 +552,6 @@ def _trainable(module: nn.Module) -> set[int]:
     read from ``_parameters`` directly: the generator costs more than the set, per layer and
     probe)."""
     return {id(p) for p in module._parameters.values() if p is not None and p.requires_grad}
-
-
-def _widen(x: torch.Tensor) -> torch.Tensor:
-    """A recorded floating input in the dtype rules compute in (indices stay as they are)."""
-    return x.to(compute_dtype(x.dtype)) if x.is_floating_point() else x
 
 
 def _remove(handles: list[torch.utils.hooks.RemovableHandle]) -> None:

@@ -252,7 +252,7 @@ def write_views(
         if skip and id(p) in skip:
             continue
         if p.grad is None and v.dtype is grad_dtype(p):
-            p.grad = v.clone() if p.is_contiguous() else new_grad(p, v)
+            p.grad = v.clone() if v.stride() == p.stride() else new_grad(p, v)
         else:
             rest.append(p)
             grads.append(v)

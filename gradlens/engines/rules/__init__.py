@@ -62,6 +62,7 @@ __all__ = [
     "Rule",
     "RuleFn",
     "decline_reason",
+    "own_state_reason",
     "register_rule",
     "rule_for",
     "served_modules",
@@ -139,6 +140,36 @@ def _nearest(module: nn.Module | type[nn.Module]) -> Rule | None:
     return None
 
 
+def own_state_reason(module: nn.Module) -> str | None:
+    """Why what a rule reads of ``module`` is not its own forward on its own parameters (None
+    when it is): a ``forward`` replaced on the instance (a monkeypatched adapter, an
+    accelerate-style wrapper: the recorded input and output are the replacement's), or a
+    ``weight``/``bias`` computed from other parameters (``torch.nn.utils.parametrize``, weight
+    norm, pruning: the rule would compute the gradient of the computed tensor, not of the
+    parameters it comes from). Checked where the rules are chosen and at every probe (cheap:
+    dict lookups).
+
+    >>> lin = nn.Linear(2, 2)
+    >>> own_state_reason(lin) is None
+    True
+    >>> _ = torch.nn.utils.prune.l1_unstructured(lin, "weight", amount=0.5)
+    >>> own_state_reason(lin)
+    'its weight is computed from other parameters (a parametrization, weight norm or pruning)'
+    """
+    state = module.__dict__
+    if "forward" in state:
+        return "its forward is replaced on the instance"
+    if "parametrizations" in module._modules or any(
+        isinstance(state.get(name), torch.Tensor) for name in ("weight", "bias")
+    ):
+        name = "weight" if "weight" not in module._parameters else "bias"
+        return (
+            f"its {name} is computed from other parameters (a parametrization, weight norm or "
+            "pruning)"
+        )
+    return None
+
+
 def decline_reason(module: nn.Module) -> str | None:
     """Why no rule serves ``module`` (None when one does).
 
@@ -153,6 +184,9 @@ def decline_reason(module: nn.Module) -> str | None:
             f"{type(module).__name__} overrides {rule.cls.__name__}.forward (the recorded input "
             f"may not be what the {rule.name!r} rule assumes)"
         )
+    own = own_state_reason(module)
+    if own is not None:
+        return f"the {rule.name!r} rule declines this {type(module).__name__}: {own}"
     if not rule.applies(module):
         return f"the {rule.name!r} rule declines this {type(module).__name__} (its `applies`)"
     return None
