@@ -77,6 +77,7 @@ class GramianEngine(Engine):
         self._records: dict[str, list[Record]] = {}
         self._boundary: list[Record] = []
         self._forwards = 0  # the shared root's forwards recorded (see KEEP_FORWARDS)
+        self._tick_layer: str | None = None  # counts them where the root is never called
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize[..., GramianEngine] | None = None
@@ -102,7 +103,9 @@ class GramianEngine(Engine):
         root = self.shared.module
         if root is None or self._handles:
             return
-        for layer, mod, rule in self._served(root):
+        plan = self._served(root)
+        self._tick_layer = None if callable_module(root) or not plan else plan[0][0]
+        for layer, mod, rule in plan:
             self._modules[layer] = (mod, rule)
             # first among the module's hooks: a user's hook that returns a new output (noise,
             # clamping, steering) runs after, on the module's own output recorded here
@@ -172,16 +175,22 @@ class GramianEngine(Engine):
                 if isinstance(out, torch.Tensor) and out.requires_grad:
                     edge = get_gradient_edge(out)
                     engine._boundary.append(Record(out.detach(), edge, out.shape, out.dtype, n))
-            engine._forwards = n = n + 1
-            if n % KEEP_FORWARDS == 0:  # the records of the last KEEP_FORWARDS forwards at least
-                keep = n - KEEP_FORWARDS
-                engine._boundary = [r for r in engine._boundary if r.forward >= keep]
-                engine._records = {
-                    k: kept for k, recs in engine._records.items()
-                    if (kept := [r for r in recs if r.forward >= keep])
-                }  # fmt: skip
+            engine._tick()
 
         return hook
+
+    def _tick(self) -> None:
+        """One more forward of the shared part: keep the records of the last KEEP_FORWARDS
+        forwards at least (counted at the root's output, or, for a root that is never called,
+        a ModuleList, at its first module that a rule serves)."""
+        self._forwards = n = self._forwards + 1
+        if n % KEEP_FORWARDS == 0:
+            keep = n - KEEP_FORWARDS
+            self._boundary = [r for r in self._boundary if r.forward >= keep]
+            self._records = {
+                k: kept for k, recs in self._records.items()
+                if (kept := [r for r in recs if r.forward >= keep])
+            }  # fmt: skip
 
     def _hook(self, layer: str, rule: Rule) -> Callable[..., None]:
         ref = weakref.ref(self)
@@ -192,6 +201,8 @@ class GramianEngine(Engine):
                 return
             if module is not engine._modules[layer][0]:  # a deep copy's (see the boundary's)
                 return
+            if layer == engine._tick_layer:
+                engine._tick()
             if rule.record is not None:  # a projection inside the module's forward
                 got = rule.record(module, args, output)
                 if got is not None:
