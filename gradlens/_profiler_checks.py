@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gradlens._errors import GradlensError, GradlensWarning
-from gradlens.engines._base import Engine, SharedParams
+from gradlens.engines._base import Engine, SharedParams, grads_atomic
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines.gramian import UNRECORDED
 
@@ -62,46 +62,6 @@ def grads_kept(params: Sequence[torch.Tensor]) -> Iterator[None]:
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-
-
-@contextmanager
-def grads_atomic(leaves: Collection[torch.Tensor]) -> Iterator[None]:
-    """The block's ``.grad`` writes to ``leaves`` land together or not at all.
-
-    The writes go where they would (into a ``.grad`` already there, in place: hooks on the
-    leaves and views into a gradient bucket see what they saw before); a copy of each ``.grad``
-    already there is kept for the block, and on an exception every ``.grad`` is put back as it
-    was (its values into the same tensor; None where it was None): a failed probe (a user's
-    error in a backward, an out-of-memory error, an interrupt) leaves no half-written gradient
-    for a retry to count twice. The cost: one read of each ``.grad`` and, where gradients
-    accumulate, a copy of them alive for the block.
-
-    >>> p = torch.zeros(2, requires_grad=True)
-    >>> p.grad = torch.ones(2)
-    >>> with grads_atomic([p]):
-    ...     p.grad += 2.0
-    >>> p.grad.tolist()
-    [3.0, 3.0]
-    >>> try:
-    ...     with grads_atomic([p]):
-    ...         p.grad += 5.0
-    ...         raise KeyError("a failure after a write")
-    ... except KeyError:
-    ...     pass
-    >>> p.grad.tolist()
-    [3.0, 3.0]
-    """
-    with torch.no_grad():
-        held = [(p, g, g.clone()) for p in leaves if (g := p.grad) is not None]
-    try:
-        yield
-    except BaseException:
-        with torch.no_grad():
-            for p in leaves:
-                p.grad = None
-            for p, g, copy in held:
-                p.grad = g.copy_(copy)  # the same tensor, its values (sparse ones too)
-        raise
 
 
 def graph_index(

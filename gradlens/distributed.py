@@ -73,6 +73,7 @@ from gradlens.engines._base import (
     group_by_layer,
     new_grad,
 )
+from gradlens.engines._unbatchable import unbatchable
 from gradlens.engines.features import FeaturesEngine
 from gradlens.engines.loop import loop_task_grads
 from gradlens.profiler import Profiler, Sink
@@ -374,7 +375,8 @@ class _GlobalBatched(_GlobalParams):
     def _task_grads(
         self, ctx: BackwardContext, params: list[torch.Tensor]
     ) -> list[torch.Tensor | None]:
-        return list(batched_grad(ctx.losses, params))
+        with unbatchable(self.name):  # a graph vmap cannot run: a GradlensError naming the fix
+            return list(batched_grad(ctx.losses, params))
 
 
 class _GlobalLoop(_GlobalParams):

@@ -583,8 +583,9 @@ class Profiler:
         missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
         lw = {**layer_w, **dict.fromkeys(missing, w.detach().cpu())}
         sparse = graph.sparse_leaves(Ls, self._learned)
-        _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget, sparse)
-        self._write_rest(Ls, w, retain_graph, leaves)
+        with grads_atomic(leaves.values()):  # (an unprobed step's: a failure writes nothing)
+            _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget, sparse)
+            self._write_rest(Ls, w, retain_graph, leaves)
 
 
 def _finalize(engine: Engine, sinks: list[Sink]) -> None:

@@ -351,3 +351,23 @@ def test_a_custom_functions_sparse_gradient_is_refused_before_any_side_effect():
     assert prof.step == 0
     assert all(p.grad is None for p in model.parameters())
     prof.close()
+
+
+@pytest.mark.usefixtures("group")
+def test_a_graph_vmap_cannot_run_is_refused_naming_the_fix():
+    """Dropout inside a non-reentrant activation checkpoint runs again under the batched
+    backward's vmap: the global batched engine raised torch's raw vmap error."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = MTL().double().train()
+    drop = nn.Dropout(0.5)
+    x, y = _data()
+    prof = DistributedProfiler(model, model.trunk, TASKS, engine="batched", grams="global")
+    z = checkpoint(lambda t: drop(model.trunk(t)), x, use_reentrant=False)
+    losses = _losses([h(z).squeeze(1) for h in model.heads], y)
+    with pytest.raises(gl.GradlensError, match=r"engine='loop'"):
+        prof.backward(losses, W)
+    assert prof.step == 0
+    assert all(p.grad is None for p in model.parameters())
+    prof.close()

@@ -189,8 +189,10 @@ PRIVATE_IMPORTS_ALLOWED = {
     ("gradlens._profiler_checks", "gradlens.engines._base"): "checks against the engines' contract",
     ("gradlens._profiler_checks", "gradlens.engines._graph"): "the profiler's graph index, checked",
     ("gradlens.distributed", "gradlens.engines._base"): "wraps an engine across ranks",
+    ("gradlens.distributed", "gradlens.engines._unbatchable"): "vmap errors, named as engines do",
     ("gradlens.testing", "gradlens.engines._base"): "resolve_shared: the engines' parameter choice",
     ("gradlens.weightings._apply", "gradlens.engines._base"): "writes .grad as the engines do",
+    ("gradlens.weightings._apply", "gradlens.engines._unbatchable"): "vmap errors, as named there",
     ("gradlens.bench._weightings", "gradlens.engines._base"): "quiet_vmap, as the engines call it",
 }  # fmt: skip
 

@@ -379,3 +379,60 @@ def test_a_failing_sink_says_the_step_itself_succeeded():
         assert prof.step == 1
     for p, g in zip(trunk.parameters(), want):
         torch.testing.assert_close(p.grad, g)
+
+
+class _FailsOnCall(torch.autograd.Function):
+    """Identity whose backward raises on its ``fail_on``-th call (counted in ``calls``)."""
+
+    calls = 0
+    fail_on = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _FailsOnCall.calls += 1
+        if _FailsOnCall.calls == _FailsOnCall.fail_on:
+            raise RuntimeError("user error in a backward")
+        return g
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["fresh", "accumulating"])
+def test_an_unprobed_held_per_layer_write_that_fails_writes_no_grad(accumulate):
+    """Held per-layer weights (``gl.per_layer``, ``every=2``) write an unprobed step by batched
+    backwards per chunk of tasks, then the heads' by a weighted backward: a failure in that last
+    one (a user's Function in a head) left the shared layers written."""
+    from gradlens.weightings import make_weighting
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh()).double()
+    heads = torch.nn.ModuleList([torch.nn.Linear(8, 1) for _ in range(3)]).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    params = [*trunk.parameters(), *heads.parameters()]
+
+    def losses() -> dict[str, torch.Tensor]:
+        z = trunk(x)
+        out = {t: (h(z) ** 2).mean() for t, h in zip("abc", heads)}
+        out["c"] = _FailsOnCall.apply(out["c"])
+        return out
+
+    weighting = gl.per_layer(make_weighting("upgrad", list("abc")))
+    with gl.Profiler(trunk, list("abc"), engine="loop", every=2) as prof:
+        prof.backward(losses(), weighting)  # step 0: probed, the weights held
+        if not accumulate:
+            for p in params:
+                p.grad = None
+        before = [None if p.grad is None else p.grad.clone() for p in params]
+        L = losses()
+        _FailsOnCall.calls, _FailsOnCall.fail_on = 0, 2  # the heads' backward, after the trunk's
+        try:
+            with pytest.raises(RuntimeError, match="user error in a backward"):
+                prof.backward(L, weighting)  # step 1: unprobed, the held weights written
+        finally:
+            _FailsOnCall.fail_on = 0
+        assert _FailsOnCall.calls == 2
+        assert prof.step == 1
+        for p, g in zip(params, before):
+            assert (p.grad is None) if g is None else torch.equal(p.grad, g)

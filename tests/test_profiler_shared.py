@@ -269,7 +269,7 @@ def test_auto_keeps_the_hooks_its_key_needs_only():
             for b in blocks:
                 z = torch.tanh(b(z))
             snap = prof.backward({t: h(z).pow(2).mean() for t, h in zip(TASKS, heads)})
-            assert len(prof._engine._handles) == 2
+            assert len(prof._engine._keys._handles) == 2
             if snap.engine == "loop":  # (gramian's recording hooks are off before batched's turn)
                 assert n_hooks(blocks) == 2
         ((key, _),) = prof._engine.decisions.items()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,8 +32,10 @@ __all__ = [
     "Engine",
     "EngineResult",
     "SharedParams",
+    "grads_atomic",
     "resolve_shared",
 ]
+
 
 @dataclass
 class BackwardContext:
@@ -141,6 +143,46 @@ class Engine(ABC):
     @abstractmethod
     def compute(self, ctx: BackwardContext) -> EngineResult:
         """Compute the per-layer Grams and write the weighted gradient (see module docstring)."""
+
+
+@contextmanager
+def grads_atomic(leaves: Collection[torch.Tensor]) -> Iterator[None]:
+    """The block's ``.grad`` writes to ``leaves`` land together or not at all.
+
+    The writes go where they would (into a ``.grad`` already there, in place: hooks on the
+    leaves and views into a gradient bucket see what they saw before); a copy of each ``.grad``
+    already there is kept for the block, and on an exception every ``.grad`` is put back as it
+    was (its values into the same tensor; None where it was None): a failed probe (a user's
+    error in a backward, an out-of-memory error, an interrupt) leaves no half-written gradient
+    for a retry to count twice. The cost: one read of each ``.grad`` and, where gradients
+    accumulate, a copy of them alive for the block.
+
+    >>> p = torch.zeros(2, requires_grad=True)
+    >>> p.grad = torch.ones(2)
+    >>> with grads_atomic([p]):
+    ...     p.grad += 2.0
+    >>> p.grad.tolist()
+    [3.0, 3.0]
+    >>> try:
+    ...     with grads_atomic([p]):
+    ...         p.grad += 5.0
+    ...         raise KeyError("a failure after a write")
+    ... except KeyError:
+    ...     pass
+    >>> p.grad.tolist()
+    [3.0, 3.0]
+    """
+    with torch.no_grad():
+        held = [(p, g, g.clone()) for p in leaves if (g := p.grad) is not None]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for p in leaves:
+                p.grad = None
+            for p, g, copy in held:
+                p.grad = g.copy_(copy)  # the same tensor, its values (sparse ones too)
+        raise
 
 
 def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:

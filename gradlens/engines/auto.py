@@ -32,6 +32,16 @@ batched candidates cannot take a sparse gradient. The Snapshot's notes say so
 reads its parameters in a compiled graph, which the batched candidates cannot run through
 (:data:`COMPILED_NOTE`).
 
+A graph that a batched (vmap) backward cannot run though a backward per task can (dropout
+inside a non-reentrant activation checkpoint, recomputed under vmap; ``.item()`` or a branch on
+a value in a custom Function's backward; anomaly mode: see :mod:`gradlens.engines._unbatchable`)
+makes ``batched`` or ``gramian`` raise an
+:class:`~gradlens.engines._unbatchable.UnbatchableGraphError`: the candidate is dropped for that
+graph shape (:meth:`Decision.drop`; the Snapshot's notes say
+``auto-dropped:<candidate>:<reason>``, the decision keeps it, ``repr(prof)`` shows it), its
+``.grad`` writes are undone, and the same probe is served by the next candidate, ``loop`` last.
+Any other error propagates as raised.
+
 The decision is kept per graph shape: the shapes of the shared module's outputs (the batch size,
 the sequence length), the number of autograd nodes, the device, the dtype and T. A new shape
 (e.g. the last, smaller batch of an epoch) is timed anew; a shape seen before reuses its winner.
@@ -60,17 +70,23 @@ Example:
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
-from torch import nn
 
 from gradlens._errors import GradlensError
-from gradlens.engines._base import BackwardContext, Engine, EngineResult, SharedParams
-from gradlens.engines._shared import callable_module
+from gradlens.engines._base import (
+    BackwardContext,
+    Engine,
+    EngineResult,
+    SharedParams,
+    grads_atomic,
+)
+from gradlens.engines._shapekey import ShapeKey
+from gradlens.engines._unbatchable import UnbatchableGraphError
 from gradlens.engines.batched import BatchedEngine
 from gradlens.engines.gramian import GramianEngine
 from gradlens.engines.loop import LoopEngine
@@ -79,7 +95,6 @@ __all__ = [
     "CANDIDATES",
     "CLOSE",
     "COMPILED_NOTE",
-    "KEY_MODULES",
     "MARGIN",
     "MAX_ROUNDS",
     "SPARSE_NOTE",
@@ -100,9 +115,6 @@ CLOSE = 3.0
 MARGIN = 1.1
 #: At most this many rounds (every candidate still close is timed once a round, interleaved).
 MAX_ROUNDS = 5
-#: Where the shared root is never called itself, the decisions are keyed by the call shapes of
-#: at most this many of the modules called below it (a hook each, at every forward).
-KEY_MODULES = 2
 #: Version of :meth:`AutoEngine.state_dict`.
 STATE_FORMAT = 1
 #: The note of a probe ``auto`` served by ``loop`` untimed: a shared parameter's gradient is
@@ -126,16 +138,45 @@ class Decision:
     #: candidate -> seconds of each of its timed probes
     times: dict[str, list[float]] = field(default_factory=dict)
     winner: str | None = None
+    #: candidate -> why it cannot run this graph (:attr:`UnbatchableGraphError.reason`): it is
+    #: neither timed nor chosen for this graph shape any more (see :meth:`drop`)
+    dropped: dict[str, str] = field(default_factory=dict)
 
     def best(self) -> dict[str, float]:
         """Each timed candidate's fastest probe after its first (which pays one-time costs),
-        in seconds; its first while it has only one.
+        in seconds; its first while it has only one. Dropped candidates are left out.
 
         Example:
             >>> Decision({"loop": [3.0, 1.2, 1.1], "batched": [2.0]}).best()
             {'loop': 1.1, 'batched': 2.0}
         """
-        return {name: min(ts[1:] or ts) for name, ts in self.times.items()}
+        return {
+            name: min(ts[1:] or ts) for name, ts in self.times.items() if name not in self.dropped
+        }
+
+    def live(self, order: Sequence[str]) -> list[str]:
+        """The candidates of ``order`` that are not dropped."""
+        return [n for n in order if n not in self.dropped] if self.dropped else list(order)
+
+    def drop(self, name: str, reason: str) -> list[str]:
+        """Drop candidate ``name``, which cannot run this graph (``reason``), for this graph
+        shape: ``gramian`` takes ``gramian-vmap`` with it (a vmapped segment failed; vmapping
+        every segment fails too); a dropped winner is chosen anew among the others. Returns
+        the Snapshot's notes, ``auto-dropped:<candidate>:<reason>``.
+
+        Example:
+            >>> d = Decision({"loop": [1.0, 1.0]}, winner=None)
+            >>> d.drop("gramian", "random-op")
+            ['auto-dropped:gramian:random-op', 'auto-dropped:gramian-vmap:random-op']
+            >>> d.live(["loop", "batched", "gramian", "gramian-vmap"])
+            ['loop', 'batched']
+        """
+        names = [name, "gramian-vmap"] if name == "gramian" else [name]
+        new = [n for n in names if n not in self.dropped]
+        self.dropped.update(dict.fromkeys(new, reason))
+        if self.winner in self.dropped:
+            self.winner = None
+        return [f"auto-dropped:{n}:{reason}" for n in new]
 
     def in_round(self, k: int, order: Sequence[str]) -> list[str]:
         """The candidates timed in round ``k`` (1-based), from the times of the rounds before
@@ -209,14 +250,9 @@ class AutoEngine(Engine):
         if "gramian" in self.candidates:
             self.variants["gramian-vmap"] = (self.candidates["gramian"], "vmap")
         self.decisions: dict[tuple[object, ...], Decision] = {}
-        #: shapes seen by the shape hooks since the last probe, by module (see :meth:`key`)
-        self._seen: dict[int, tuple[tuple[int, ...], ...]] = {}
         self._recording = True
-        #: the shape hooks: the shared root's first (when it has a forward), then the modules
-        #: called below it (see :func:`_frontier`) until a probe finds the root called
-        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
-        self._keyed: dict[int, nn.Module] = {}
-        self._root_hooked = False
+        #: the call shapes of the shared part since the last probe (see :meth:`key`)
+        self._keys = ShapeKey()
         #: whether the hooked candidates' hooks are installed (see :meth:`_attach_hooked`)
         self._hooked_on = False
         #: whether a probe was served by ``loop`` for a sparse gradient (see :meth:`_sparse`)
@@ -227,36 +263,19 @@ class AutoEngine(Engine):
             if not e.uses_hooks:
                 e.attach()
         self._attach_hooked(self._hooks_needed())
-        self._hook_shapes()
-
-    def _hook_shapes(self) -> None:
-        """Hook the modules whose call shapes key the decisions (see :meth:`key`)."""
-        self._unhook_shapes()
-        root = self.shared.module
-        if root is None:
-            return
-        mods = _frontier(root)
-        self._root_hooked = bool(mods) and mods[0] is root
-        hook = self._shape_hook
-        self._keyed = dict(enumerate(mods))  # (a hook checks its module: a deep copy carries it)
-        self._handles = {i: m.register_forward_hook(hook(i)) for i, m in enumerate(mods)}
-
-    def _unhook_shapes(self) -> None:
-        for h in self._handles.values():
-            h.remove()
-        self._handles = {}
+        self._keys.hook(self.shared.module)
 
     def shared_changed(self) -> None:
         for e in self.candidates.values():
             e.shared_changed()
-        if self._handles:  # the modules below the root may have been replaced too
-            self._hook_shapes()
+        if self._keys.hooked:  # the modules below the root may have been replaced too
+            self._keys.hook(self.shared.module)
 
     def detach(self) -> None:
         for e in self.candidates.values():
             e.detach()
         self._hooked_on = False
-        self._unhook_shapes()
+        self._keys.unhook()
 
     def _attach_hooked(self, on: bool) -> None:
         """Install the hooks of the candidates that record the forward (``gramian``) only while
@@ -274,7 +293,7 @@ class AutoEngine(Engine):
         self._hooked_on = on
 
     def set_recording(self, on: bool) -> None:
-        self._recording = on
+        self._recording = self._keys.recording = on
         needed = self._hooks_needed()
         self._attach_hooked(needed)
         for e in self.candidates.values():
@@ -288,7 +307,7 @@ class AutoEngine(Engine):
         if self.variants[self._order("cpu")[0]][0].uses_hooks:
             return True
         for key, d in self.decisions.items():
-            name = d.winner or d.next_candidate(self._order(str(key[2])))
+            name = d.winner or d.next_candidate(d.live(self._order(str(key[2]))))
             if name is None or self.variants[name][0].uses_hooks:
                 return True
         return False
@@ -302,37 +321,14 @@ class AutoEngine(Engine):
         for e in self.candidates.values():
             e.discard()
 
-    def _shape_hook(self, index: int) -> Callable[..., None]:
-        ref = weakref.ref(self)
-
-        def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
-            engine = ref()
-            # (module: a deep copy of the model, an EMA teacher, carries the hook along)
-            if engine is None or not engine._recording or module is not engine._keyed.get(index):
-                return
-            if isinstance(output, torch.Tensor) and all(isinstance(a, torch.Tensor) for a in args):
-                leaves: list[Any] = [*args, output]  # the common case, without a pytree walk
-            else:
-                leaves, _ = torch.utils._pytree.tree_flatten((args, output))
-            shapes = tuple(tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor))
-            engine._seen[index] = shapes
-
-        return hook
-
     def key(self, ctx: BackwardContext) -> tuple[object, ...]:
         """The graph shape a decision is kept for (see the module docstring): the shapes of the
         shared root's last call; where the root is never called (a ``ModuleList`` of the trunk's
         pieces, a model whose parts are called one by one), those of the modules called below
-        it, the first :data:`KEY_MODULES` of them in module order. Once a probe has seen the
-        root called, only its hook stays; else the hooks of the modules the key takes."""
+        it, the first :data:`~gradlens.engines._shapekey.KEY_MODULES` of them, in module order
+        (see :class:`~gradlens.engines._shapekey.ShapeKey`)."""
         L = ctx.losses
-        seen = self._seen
-        keep = [0] if self._root_hooked and 0 in seen else sorted(seen)[:KEY_MODULES]
-        shapes = tuple(s for i in keep for s in seen[i])
-        if keep and len(self._handles) > len(keep):  # each hook costs every forward
-            for i in set(self._handles) - set(keep):
-                self._handles.pop(i).remove()
-        return (shapes, len(ctx.nodes), L.device.type, L.dtype, L.shape[0])
+        return (self._keys.shapes(), len(ctx.nodes), L.device.type, L.dtype, L.shape[0])
 
     def compute(self, ctx: BackwardContext) -> EngineResult:
         if ctx.sparse and any(id(p) in ctx.sparse for p in ctx.reached):
@@ -340,42 +336,80 @@ class AutoEngine(Engine):
         if ctx.graph is not None and ctx.graph.compiled_reads({id(p) for p in ctx.reached}):
             return self._sparse(ctx, COMPILED_NOTE)
         key = self.key(ctx)
-        self._seen = {}
+        self._keys.reset()
         decision = self.decisions.get(key)
         if decision is None:
             decision = self.decisions[key] = Decision()
-        if decision.winner is not None:
-            # decided: the winner alone, as if called directly (the profiler backpropagates to
-            # the leaves it left, e.g. the heads)
-            engine = self._variant(decision.winner)
-            result = engine.compute(ctx)
-            self._discard_others(engine)
-            result.engine = engine.name
-            result.timings = decision.best()
-            return result
         order = self._order(ctx.losses.device.type)
-        name = decision.next_candidate(order)
-        assert name is not None
+        notes: list[str] = []
+        while True:
+            name = decision.winner or decision.next_candidate(decision.live(order))
+            if name is None:  # a candidate was dropped: the rounds are done with those left
+                name = decision.winner = decision.pick()
+                self._release_losers()
+                notes.append(f"auto-chose:{name}")
+            try:
+                result = self._run(ctx, decision, name, order)
+            except _Unbatchable as exc:
+                # this graph cannot run under vmap: the probe goes to the next candidate,
+                # ``.grad`` as it was before this one ran (``loop``, last, raises no such error)
+                notes += decision.drop(name, exc.reason)
+                continue
+            result.notes[:0] = notes
+            return result
+
+    def _run(
+        self, ctx: BackwardContext, decision: Decision, name: str, order: Sequence[str]
+    ) -> EngineResult:
+        """One probe served by candidate ``name``: the winner's as if called directly, or a
+        candidate's timed (with the backward to the leaves it left: part of its cost).
+
+        A candidate other than ``loop`` may raise :class:`UnbatchableGraphError`. On its first
+        run on this graph shape (or under anomaly mode, which can be switched on at any time)
+        it runs guarded: its ``.grad`` writes are undone on such an error (the copies of the
+        ``.grad`` already there cost one read of each) and it keeps the graph
+        (``retain_graph``), which a backward failing part way would otherwise have freed in part;
+        the error then comes out as :class:`_Unbatchable`, for the next candidate to serve the
+        probe. A candidate that ran on this graph shape before runs as if called directly (no
+        copy, no graph kept): if it fails there after all (a backward whose behaviour changed),
+        it is dropped and the probe fails with a :class:`~gradlens.GradlensError` saying so
+        (the profiler puts every ``.grad`` back).
+        """
         engine = self._variant(name)
+        timed = decision.winner is None
+        guarded = name != "loop" and (name not in decision.times or torch.is_anomaly_enabled())
+        guard: AbstractContextManager[None] = nullcontext()
+        run = ctx
+        if guarded:
+            guard = grads_atomic(ctx.leaves.values() if ctx.write else ctx.reached)
+            run = ctx if ctx.retain_graph else replace(ctx, retain_graph=True)
         clock = _clock_for(ctx.losses.device)
-        t0 = clock()
-        result = engine.compute(ctx)
-        if ctx.write:
-            # the backward to every other leaf (the task heads) is part of the probe's cost
-            rest = [v for i, v in ctx.leaves.items() if i not in result.written]
-            if rest:
-                torch.autograd.backward(
-                    ctx.weights @ ctx.losses, inputs=rest, retain_graph=ctx.retain_graph
-                )
-            result.written |= set(ctx.leaves)
-        decision.times.setdefault(name, []).append(clock() - t0)
-        if name == "gramian" and isinstance(engine, GramianEngine) and not engine.last_looped:
-            # its default vmapped every segment: the same run as gramian-vmap
-            decision.times.setdefault("gramian-vmap", decision.times[name])
-        if decision.next_candidate(order) is None:
-            decision.winner = decision.pick()
-            self._release_losers()
-            result.notes.append(f"auto-chose:{decision.winner}")
+        t0 = clock() if timed else 0.0
+        try:
+            with guard:
+                result = engine.compute(run)
+                if timed and ctx.write:
+                    # the backward to every other leaf (the task heads): part of the probe's cost
+                    rest = [v for i, v in ctx.leaves.items() if i not in result.written]
+                    if rest:
+                        torch.autograd.backward(
+                            ctx.weights @ ctx.losses, inputs=rest, retain_graph=ctx.retain_graph
+                        )
+                    result.written |= set(ctx.leaves)
+        except UnbatchableGraphError as exc:
+            if guarded:
+                raise _Unbatchable(exc.reason) from exc
+            decision.drop(name, exc.reason)
+            raise _failed_late(exc) from exc
+        if timed:
+            decision.times.setdefault(name, []).append(clock() - t0)
+            if name == "gramian" and isinstance(engine, GramianEngine) and not engine.last_looped:
+                # its default vmapped every segment: the same run as gramian-vmap
+                decision.times.setdefault("gramian-vmap", decision.times[name])
+            if decision.next_candidate(decision.live(order)) is None:
+                decision.winner = decision.pick()
+                self._release_losers()
+                result.notes.append(f"auto-chose:{decision.winner}")
         self._discard_others(engine)
         result.engine = engine.name
         result.timings = decision.best()
@@ -401,7 +435,7 @@ class AutoEngine(Engine):
         a compiled graph reading its parameters: served by ``loop``, the one candidate that
         takes it, without timing; the Snapshot's notes say why (:data:`SPARSE_NOTE`,
         :data:`COMPILED_NOTE`)."""
-        self._seen = {}
+        self._keys.reset()
         self._served_sparse = True
         engine = self.candidates["loop"]
         result = engine.compute(ctx)
@@ -421,7 +455,12 @@ class AutoEngine(Engine):
     def summary(self) -> list[dict[str, object]]:
         """The decisions made so far, JSON-ready (the run's ``meta["auto"]``)."""
         return [
-            {**_key_json(key), "winner": d.winner, "seconds": d.best()}
+            {
+                **_key_json(key),
+                "winner": d.winner,
+                "seconds": d.best(),
+                **({"dropped": dict(d.dropped)} if d.dropped else {}),
+            }
             for key, d in self.decisions.items()
             if d.winner is not None
         ]
@@ -439,7 +478,7 @@ class AutoEngine(Engine):
             ...     _ = prof.backward({"a": out[:, 0].mean(), "b": out[:, 1].mean()})
             >>> state = prof._engine.state_dict()
             >>> state["format"], sorted(state["decisions"][0])
-            (1, ['device', 'dtype', 'graph_nodes', 'shapes', 'tasks', 'times', 'winner'])
+            (1, ['device', 'dropped', 'dtype', 'graph_nodes', 'shapes', 'tasks', 'times', 'winner'])
             >>> prof.close()
         """
         decisions = [
@@ -447,6 +486,7 @@ class AutoEngine(Engine):
                 **_key_json(key),
                 "times": {name: list(ts) for name, ts in d.times.items()},
                 "winner": d.winner,
+                "dropped": dict(d.dropped),
             }
             for key, d in self.decisions.items()
         ]
@@ -470,42 +510,44 @@ class AutoEngine(Engine):
         self.decisions = {
             key: d
             for key, d in decisions.items()
-            if set(d.times) <= set(self.variants) and d.winner in (None, *self.variants)
+            if set(d.times) | set(d.dropped) <= set(self.variants)
+            and d.winner in (None, *self.variants)
         }
         # the candidates' recording hooks follow the restored decisions from the next forward
         self.set_recording(self._recording)
 
     def describe(self) -> str:
-        """The winners so far, e.g. ``gramian`` or ``gramian-vmap/batched`` (by graph shape)."""
+        """The winners so far, e.g. ``gramian`` or ``gramian-vmap/batched`` (by graph shape),
+        then the candidates dropped for a graph they cannot run, e.g. ``loop (dropped
+        batched: random-op)``."""
         winners = [d.winner for d in self.decisions.values() if d.winner is not None]
         if self._served_sparse:
             winners.append("loop")
+        dropped = {f"{n}: {r}": None for d in self.decisions.values() for n, r in d.dropped.items()}
         if not winners:
             return "timing"
-        return "/".join(dict.fromkeys(winners))
+        chose = "/".join(dict.fromkeys(winners))
+        return chose if not dropped else f"{chose} (dropped {', '.join(dropped)})"
 
 
-def _frontier(root: nn.Module) -> list[nn.Module]:
-    """The modules whose calls key ``auto``'s decisions: the root (when it has a ``forward``:
-    ``nn.ModuleList`` and ``nn.ModuleDict`` have none), then its children, each replaced by its
-    own children while it has no ``forward``.
+class _Unbatchable(Exception):  # noqa: N818  # internal signal, never raised to the caller
+    """A guarded candidate cannot run this graph (``reason``): the next one serves the probe."""
 
-    >>> body = nn.Sequential(nn.Linear(2, 2))
-    >>> [type(m).__name__ for m in _frontier(nn.ModuleList([body, nn.ModuleDict({"a": body})]))]
-    ['Sequential']
-    >>> [type(m).__name__ for m in _frontier(body)]
-    ['Sequential', 'Linear']
-    """
-    out: list[nn.Module] = [root] if callable_module(root) else []
-    todo = list(root.children())
-    while todo:
-        m = todo.pop(0)
-        if callable_module(m):
-            if all(m is not o for o in out):
-                out.append(m)
-        else:
-            todo[:0] = list(m.children())
-    return out
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _failed_late(failed: UnbatchableGraphError) -> GradlensError:
+    """The error of a probe that a candidate already run on this graph shape (so run as if
+    called directly: its writes not undone, the graph not kept) could not run after all."""
+    return GradlensError(
+        f"engine='auto': its candidate {failed.engine!r}, which ran on this graph shape "
+        f"before, cannot run this probe's graph ({failed.cause}), and it ran without the "
+        "copies a fallback needs, so no other candidate can serve this probe. Nothing was "
+        f"written: .grad and the profiler's step are unchanged. {failed.engine!r} is dropped "
+        "for this graph shape: run the step's forward again and call backward."
+    )
 
 
 def _clock_for(device: torch.device) -> Callable[[], float]:
@@ -541,7 +583,9 @@ def _parse_state(state: object) -> dict[tuple[object, ...], Decision]:
             key = (shapes, int(d["graph_nodes"]), str(d["device"]), dtype, int(d["tasks"]))
             times = {str(k): [float(t) for t in ts] for k, ts in d["times"].items()}
             winner = None if d["winner"] is None else str(d["winner"])
-            out[key] = Decision(times=times, winner=winner)
+            # (a state saved before candidates could be dropped has no "dropped")
+            dropped = {str(k): str(v) for k, v in d.get("dropped", {}).items()}
+            out[key] = Decision(times=times, winner=winner, dropped=dropped)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise GradlensError(
             "`state` should be an AutoEngine.state_dict() (per graph shape: shapes, graph_nodes, "

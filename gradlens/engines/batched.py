@@ -21,6 +21,7 @@ from gradlens.engines._base import (
     gram_of_rows,
     group_by_layer,
 )
+from gradlens.engines._unbatchable import unbatchable
 from gradlens.engines.loop import FlatEngine, fill_row
 
 __all__ = ["BatchedEngine"]
@@ -32,6 +33,12 @@ class BatchedEngine(FlatEngine):
     name = "batched"
 
     def compute(self, ctx: BackwardContext) -> EngineResult:
+        # a graph a batched backward cannot run (dropout recomputed by a non-reentrant
+        # checkpoint, .item() in a backward, anomaly mode): an UnbatchableGraphError
+        with unbatchable(self.name):
+            return self._compute(ctx)
+
+    def _compute(self, ctx: BackwardContext) -> EngineResult:
         params = ctx.reached
         if not params:
             return EngineResult({})

@@ -56,6 +56,7 @@ from gradlens.engines._capture import capture_rows, split_heads, task_scales
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import fed_tops, segmented
 from gradlens.engines._shared import callable_module
+from gradlens.engines._unbatchable import unbatchable
 from gradlens.engines.rules import Rule, own_state_reason, served_modules
 from gradlens.engines.rules._groups import GROUPED, grouped
 
@@ -223,6 +224,12 @@ class GramianEngine(Engine):
 
     # -- compute -----------------------------------------------------------------------------
     def compute(self, ctx: BackwardContext) -> EngineResult:
+        # a graph a batched backward cannot run (dropout recomputed by a non-reentrant
+        # checkpoint, .item() in a backward, anomaly mode): an UnbatchableGraphError
+        with unbatchable(self.name):
+            return self._compute(ctx)
+
+    def _compute(self, ctx: BackwardContext) -> EngineResult:
         records, self._records = self._records, {}
         boundary, self._boundary = self._boundary, []
         params = ctx.reached

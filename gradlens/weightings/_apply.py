@@ -16,6 +16,7 @@ import torch
 
 from gradlens._errors import GradlensError
 from gradlens.engines._base import accumulate_grad, batched_grad
+from gradlens.engines._unbatchable import cause_of
 
 __all__ = [
     "PerLayer",
@@ -206,7 +207,7 @@ def write_per_layer(
     acc: list[torch.Tensor | None] = [None] * len(params)
     for lo in range(0, T, chunk):
         hi = min(T, lo + chunk)
-        gs = batched_grad(losses, params, slice(lo, hi))
+        gs = _chunk_grads(losses, params, lo, hi)
         for k, (p, g) in enumerate(zip(params, gs)):
             if g is None:
                 continue
@@ -216,6 +217,35 @@ def write_per_layer(
     for p, g in zip(params, acc):
         if g is not None:
             accumulate_grad(p, g)
+
+
+def _chunk_grads(
+    losses: torch.Tensor, params: Sequence[torch.Tensor], lo: int, hi: int
+) -> Sequence[torch.Tensor | None]:
+    """Tasks ``lo:hi``'s gradients of ``params``, stacked: one batched backward, or one backward
+    per task where the graph cannot run under vmap (dropout inside a non-reentrant activation
+    checkpoint, ``.item()`` in a backward, anomaly mode: see :mod:`gradlens.engines._unbatchable`;
+    the batched backward keeps the graph, so it is whole for the loop)."""
+    try:
+        return batched_grad(losses, params, slice(lo, hi))
+    except RuntimeError as exc:
+        if cause_of(exc) is None:
+            raise
+    eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
+    rows = [
+        torch.autograd.grad(losses, params, eye[t], retain_graph=True, allow_unused=True)
+        for t in range(lo, hi)
+    ]
+    out: list[torch.Tensor | None] = []
+    for k in range(len(params)):
+        got = [r[k] for r in rows]
+        like = next((g for g in got if g is not None), None)
+        out.append(
+            None
+            if like is None
+            else torch.stack([torch.zeros_like(like) if g is None else g for g in got])
+        )
+    return out
 
 
 def is_weighting(weights: object) -> bool:

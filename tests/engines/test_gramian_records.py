@@ -73,7 +73,7 @@ def test_a_deep_copy_of_the_model_records_nothing():
             assert not hooked._records
             assert not hooked._boundary
             if engine == "auto":  # (the profiler keeps no 'forward seen' flag of its own now)
-                assert prof._engine._seen == {}
+                assert prof._engine._keys._seen == {}
             x = torch.randn(10, 6, dtype=torch.float64)
             probe_matches_reference(prof, trunk, _losses(trunk(x), heads), W, params)
             for p in params:

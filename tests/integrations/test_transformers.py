@@ -120,6 +120,51 @@ def test_callback_profiles_a_trainer_run_without_changing_it(tmp_path):
     assert cb.profiler is None
 
 
+class CheckpointedTwoTaskBert(TwoTaskBert):
+    """The same model, with what the Trainer's activation checkpointing calls (its name in
+    transformers 5, and the older one)."""
+
+    supports_gradient_checkpointing = True
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kw):
+        enable = getattr(self.bert, "activation_checkpointing_enable", None)
+        if enable is None:
+            self.bert.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+        else:
+            enable(activation_checkpointing_kwargs)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
+
+
+def test_gradient_checkpointing_with_dropout_trains_and_auto_serves_it_with_loop(tmp_path):
+    """``gradient_checkpointing=True`` (non-reentrant) in train mode with BERT's dropout: the
+    recomputed segment's dropout cannot run under vmap, so ``auto`` drops ``batched`` and
+    ``gramian`` for the graph and serves every probe with ``loop``; training is unchanged."""
+
+    def fit(name, callbacks=()):
+        torch.manual_seed(0)
+        model = CheckpointedTwoTaskBert()
+        new = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+        kind = "activation_checkpointing" if new else "gradient_checkpointing"
+        args = _args(
+            tmp_path / name, **{kind: True, f"{kind}_kwargs": {"use_reentrant": False}}
+        )
+        Trainer(model=model, args=args, train_dataset=_data(), callbacks=list(callbacks)).train()
+        return model
+
+    plain = fit("plain")
+    cb = GradlensTrainerCallback(TASKS, shared_attr="bert", every=1)
+    observed = fit("auto", [cb])
+    for (name, p), q in zip(plain.named_parameters(), observed.parameters()):
+        assert torch.equal(p, q), name
+    cb_loop = GradlensTrainerCallback(TASKS, shared_attr="bert", engine="loop", every=1)
+    fit("loop", [cb_loop])
+    assert [s.engine for s in cb.snapshots] == ["loop"] * 4
+    assert "auto-dropped:batched:random-op" in cb.snapshots[1].notes
+    for a, b in zip(cb.snapshots, cb_loop.snapshots):
+        torch.testing.assert_close(a.gram, b.gram, rtol=1e-4, atol=1e-9)
+
+
 class _Sink:
     def __init__(self) -> None:
         self.steps: list[int] = []
