@@ -61,7 +61,6 @@ from gradlens.engines import engine_class
 from gradlens.engines._base import BackwardContext, Engine, resolve_shared
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines.auto import AutoEngine
-from gradlens.engines.gramian import UNRECORDED
 from gradlens.schedules import Schedule, as_schedule, first_probe
 from gradlens.snapshot import Snapshot, _symmetric, _symmetric_given
 from gradlens.weightings import _apply as _weighting
@@ -126,7 +125,6 @@ class Profiler:
         self._closed = False
         self._warnings = ProbeWarnings()
         self._device_ok: torch.device | None = None
-        self._seen_forward = False
         self._auto_logged: set[tuple[object, ...]] = set()
         self._w_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
         #: A Gram weighting's last weights (total, per layer), held between probes.
@@ -138,11 +136,6 @@ class Profiler:
         self.store = open_store(store, run_meta)
         self._engine.attach()
         self._engine.set_recording(first)
-        self._forward_hook = (
-            None
-            if self._shared.module is None or not self._engine.uses_hooks
-            else self._shared.module.register_forward_hook(_forward_seen(weakref.ref(self)))
-        )
         self._sinks: list[Sink] = list(sinks)
         for sink in self._sinks:  # dashboards log the run meta as config/params
             update = getattr(sink, "update_meta", None)
@@ -150,9 +143,7 @@ class Profiler:
                 update(**run_meta)
         if self.store is not None:
             self._sinks.insert(0, self.store)
-        self._finalizer = weakref.finalize(
-            self, _finalize, self._engine, list(self._sinks), self._forward_hook
-        )
+        self._finalizer = weakref.finalize(self, _finalize, self._engine, list(self._sinks))
 
     # -- public --------------------------------------------------------------------------------
     @property
@@ -184,8 +175,18 @@ class Profiler:
     def layers(self) -> tuple[str, ...]:
         """Layer names (modules owning shared parameters that require grad now), in parameter
         order: the layers of every Snapshot from now on (a layer no loss reaches has a zero
-        Gram there, listed in ``Snapshot.unreached``)."""
+        Gram there, listed in ``Snapshot.unreached``); those of the module's current parameters
+        (one replaced since the profiler was created is followed)."""
+        self._follow(None)
         return tuple(self._shared.layers)
+
+    def _follow(self, leaves: Mapping[int, torch.Tensor] | None) -> None:
+        """Follow the shared module's current parameters (:meth:`SharedParams.follow`, given a
+        probe's reached leaves; :meth:`SharedParams.sync` without); the engine replans."""
+        changed = self._shared.sync() if leaves is None else self._shared.follow(leaves)
+        if changed:
+            self._device_ok = None
+            self._engine.shared_changed()
 
     def will_probe(self, step: int | None = None) -> bool:
         """Whether ``step`` (default: the coming one) is probed."""
@@ -427,14 +428,12 @@ class Profiler:
         once = write and weighting is None and not retain_graph and self._engine.one_pass
         graph = graph_index(L, once, self.engine, self._shared)  # raises: nothing written yet
         leaves = graph.leaves
+        self._follow(leaves)  # parameters replaced since the last probe (or raises: no change)
         reached = [p for p in self._shared.params if id(p) in leaves]
         sparse = graph.sparse_leaves(L, self._learned)  # a custom Function's: learned
         if sparse:
             check_sparse(self._shared, reached, graph.sparse_from, self._sparse_refusal())
-        notes: list[str] = []
-        if self._engine.uses_hooks and self._forward_hook is not None and not self._seen_forward:
-            notes.append(UNRECORDED)
-        self._seen_forward = False
+        notes: list[str] = []  # (an unrecorded forward: noted by the engine that served)
         Ls = L if scale is None else L * scale
         # a Gram weighting: the engine measures only (as for observe), the writes come after
         measure_only = not write or weighting is not None
@@ -580,6 +579,7 @@ class Profiler:
         """``J_l^T w_l`` on each shared layer, ``sum_t w_t`` of the gradients on other leaves."""
         graph = graph_index(Ls, False, who="the held per-layer weights' write (a backward each)")
         leaves = graph.leaves
+        self._follow(leaves)
         shared = [p for p in self._shared.params if id(p) in leaves]
         # a layer the held probe did not reach (conditional computation) takes the total weights
         missing = {self._shared.layer_of[id(p)] for p in shared} - set(layer_w)
@@ -590,22 +590,7 @@ class Profiler:
             self._write_rest(Ls, w, retain_graph, leaves)
 
 
-def _forward_seen(ref: weakref.ref[Profiler]) -> Any:
-    """A forward hook noting that the shared module ran a forward the engine's hooks saw."""
-
-    def hook(module: nn.Module, args: object, output: object) -> None:
-        prof = ref()  # (module: a deep copy of the model, an EMA teacher, carries the hook)
-        if prof is not None and torch.is_grad_enabled() and module is prof._shared.module:
-            prof._seen_forward = True
-
-    return hook
-
-
-def _finalize(
-    engine: Engine, sinks: list[Sink], hook: torch.utils.hooks.RemovableHandle | None
-) -> None:
-    if hook is not None:
-        hook.remove()
+def _finalize(engine: Engine, sinks: list[Sink]) -> None:
     engine.detach()
     for sink in sinks:
         sink.close()

@@ -111,8 +111,9 @@ class Snapshot:
     timings: Mapping[str, float] = field(default_factory=dict)
     #: Shared layers that no loss reached at this step: their Gram is zero (listed, not absent).
     unreached: tuple[str, ...] = ()
-    #: Facts about this probe: ``"forward-not-recorded"`` (the forward ran before the profiler
-    #: existed, or bypassed the shared module's hooks: every layer took the generic path),
+    #: Facts about this probe: ``"forward-not-recorded"`` (the ``gramian`` engine served it with
+    #: nothing recorded by its hooks, e.g. the forward ran before the profiler existed: every
+    #: layer took the generic path),
     #: ``"auto-chose:<engine>"`` (the probe that settled ``auto``'s choice),
     #: ``"auto-loop:sparse-grad"`` (``auto`` served the probe by ``loop``, untimed: a shared
     #: parameter's gradient is sparse).

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from typing import ClassVar, cast
 
 import torch
-from torch import nn
 
 from gradlens._errors import GradlensError
-from gradlens._types import RENAMED_TOTAL, TOTAL_LAYER, Level
+from gradlens._types import Level
 from gradlens.engines._graph import GraphIndex
+from gradlens.engines._shared import ROOT_LAYER, SharedParams, resolve_shared
 
 __all__ = [
+    "ROOT_LAYER",
     "BackwardContext",
     "Engine",
     "EngineResult",
@@ -34,109 +35,6 @@ __all__ = [
     "grads_atomic",
     "resolve_shared",
 ]
-
-#: Layer name of parameters owned directly by the root module given as ``shared``.
-ROOT_LAYER = "(root)"
-
-
-@dataclass
-class SharedParams:
-    """The shared parameters, grouped by layer (the module that owns each one).
-
-    Every parameter is kept, frozen ones too: ``named``, ``params`` and ``layers`` follow
-    ``requires_grad`` at the time they are read, so a parameter frozen when the profiler was
-    created and unfrozen later joins the Grams from the next probe on (and leaves them when
-    frozen again).
-    """
-
-    all_named: list[tuple[str, torch.Tensor]]
-    module: nn.Module | None
-    layer_of: dict[int, str]
-    all_layers: list[str]
-
-    @property
-    def named(self) -> list[tuple[str, torch.Tensor]]:
-        """The ``(name, parameter)`` pairs that require grad now."""
-        return [(n, p) for n, p in self.all_named if p.requires_grad]
-
-    @property
-    def params(self) -> list[torch.Tensor]:
-        """The parameters that require grad now."""
-        return [p for _, p in self.all_named if p.requires_grad]
-
-    @property
-    def all_params(self) -> list[torch.Tensor]:
-        """Every shared parameter, frozen or not."""
-        return [p for _, p in self.all_named]
-
-    @property
-    def layers(self) -> list[str]:
-        """Layers owning at least one parameter that requires grad now, in parameter order."""
-        live = {self.layer_of[id(p)] for _, p in self.all_named if p.requires_grad}
-        return [layer for layer in self.all_layers if layer in live]
-
-
-def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
-    """Resolve ``Profiler(shared=...)``: a module, or an iterable of (name, parameter) pairs.
-
-    Frozen parameters are kept (see :class:`SharedParams`); at least one must require grad.
-    """
-    if isinstance(shared, nn.Module):
-        named: list[tuple[str, torch.Tensor]] = list(shared.named_parameters())
-        module: nn.Module | None = shared
-    else:
-        try:
-            # a single parameter is one (iterating it would give its rows: computed tensors)
-            items = [shared] if isinstance(shared, torch.Tensor) else list(shared)
-        except TypeError:
-            raise GradlensError(
-                "`shared` should be an nn.Module or an iterable of (name, parameter) pairs; "
-                f"found {type(shared).__name__}."
-            ) from None
-        named = []
-        for i, item in enumerate(items):
-            if (
-                isinstance(item, tuple)
-                and len(item) == 2
-                and isinstance(item[0], str)
-                and isinstance(item[1], torch.Tensor)
-            ):
-                named.append(item)
-            elif isinstance(item, torch.Tensor):
-                named.append((f"param{i}", item))
-            else:
-                raise GradlensError(
-                    "`shared` should be an nn.Module or an iterable of (name, parameter) pairs; "
-                    f"found an item of type {type(item).__name__} at position {i}."
-                )
-        module = None
-        for i, (n, p) in enumerate(named):
-            if not p.is_leaf:
-                raise GradlensError(
-                    f"`shared` should hold parameters (leaf tensors); found {n!r} at position {i}, "
-                    "a tensor computed from others (e.g. a row or a view of a parameter)."
-                )
-    if not any(p.requires_grad for _, p in named):
-        raise GradlensError(
-            "`shared` should hold at least one parameter with requires_grad=True; found none."
-        )
-    seen: set[int] = set()
-    unique = []
-    for n, p in named:
-        if id(p) not in seen:
-            seen.add(id(p))
-            unique.append((n, p))
-    layer_of: dict[int, str] = {}
-    layers: list[str] = []
-    for n, p in unique:
-        layer = n.rpartition(".")[0] if module is not None else (n.rpartition(".")[0] or n)
-        layer = layer or ROOT_LAYER
-        if layer == TOTAL_LAYER:  # a module called like the total is never merged with it
-            layer = RENAMED_TOTAL
-        layer_of[id(p)] = layer
-        if layer not in layers:
-            layers.append(layer)
-    return SharedParams(unique, module, layer_of, layers)
 
 
 @dataclass
@@ -237,6 +135,10 @@ class Engine(ABC):
 
     def release(self) -> None:
         """Free the buffers kept from one probe to the next (``auto``: a candidate that lost)."""
+
+    def shared_changed(self) -> None:
+        """The shared parameters were replaced (:meth:`SharedParams.follow`): drop whatever was
+        planned for the old ones (called by the profiler before the probe's ``compute``)."""
 
     @abstractmethod
     def compute(self, ctx: BackwardContext) -> EngineResult:

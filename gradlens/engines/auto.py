@@ -70,14 +70,12 @@ Example:
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
-from torch import nn
 
 from gradlens._errors import GradlensError
 from gradlens.engines._base import (
@@ -87,6 +85,7 @@ from gradlens.engines._base import (
     SharedParams,
     grads_atomic,
 )
+from gradlens.engines._shapekey import ShapeKey
 from gradlens.engines._unbatchable import UnbatchableGraphError
 from gradlens.engines.batched import BatchedEngine
 from gradlens.engines.gramian import GramianEngine
@@ -251,9 +250,9 @@ class AutoEngine(Engine):
         if "gramian" in self.candidates:
             self.variants["gramian-vmap"] = (self.candidates["gramian"], "vmap")
         self.decisions: dict[tuple[object, ...], Decision] = {}
-        self._shapes: tuple[object, ...] = ()
         self._recording = True
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        #: the call shapes of the shared part since the last probe (see :meth:`key`)
+        self._keys = ShapeKey()
         #: whether the hooked candidates' hooks are installed (see :meth:`_attach_hooked`)
         self._hooked_on = False
         #: whether a probe was served by ``loop`` for a sparse gradient (see :meth:`_sparse`)
@@ -264,16 +263,19 @@ class AutoEngine(Engine):
             if not e.uses_hooks:
                 e.attach()
         self._attach_hooked(self._hooks_needed())
-        if self.shared.module is not None:
-            self._handle = self.shared.module.register_forward_hook(self._shape_hook())
+        self._keys.hook(self.shared.module)
+
+    def shared_changed(self) -> None:
+        for e in self.candidates.values():
+            e.shared_changed()
+        if self._keys.hooked:  # the modules below the root may have been replaced too
+            self._keys.hook(self.shared.module)
 
     def detach(self) -> None:
         for e in self.candidates.values():
             e.detach()
         self._hooked_on = False
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._keys.unhook()
 
     def _attach_hooked(self, on: bool) -> None:
         """Install the hooks of the candidates that record the forward (``gramian``) only while
@@ -291,7 +293,7 @@ class AutoEngine(Engine):
         self._hooked_on = on
 
     def set_recording(self, on: bool) -> None:
-        self._recording = on
+        self._recording = self._keys.recording = on
         needed = self._hooks_needed()
         self._attach_hooked(needed)
         for e in self.candidates.values():
@@ -319,26 +321,14 @@ class AutoEngine(Engine):
         for e in self.candidates.values():
             e.discard()
 
-    def _shape_hook(self) -> Callable[..., None]:
-        ref = weakref.ref(self)
-
-        def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
-            engine = ref()
-            # (module: a deep copy of the model, an EMA teacher, carries the hook along)
-            if engine is None or not engine._recording or module is not engine.shared.module:
-                return
-            if isinstance(output, torch.Tensor) and all(isinstance(a, torch.Tensor) for a in args):
-                leaves: list[Any] = [*args, output]  # the common case, without a pytree walk
-            else:
-                leaves, _ = torch.utils._pytree.tree_flatten((args, output))
-            engine._shapes = tuple(tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor))
-
-        return hook
-
     def key(self, ctx: BackwardContext) -> tuple[object, ...]:
-        """The graph shape a decision is kept for (see the module docstring)."""
+        """The graph shape a decision is kept for (see the module docstring): the shapes of the
+        shared root's last call; where the root is never called (a ``ModuleList`` of the trunk's
+        pieces, a model whose parts are called one by one), those of the modules called below
+        it, the first :data:`~gradlens.engines._shapekey.KEY_MODULES` of them, in module order
+        (see :class:`~gradlens.engines._shapekey.ShapeKey`)."""
         L = ctx.losses
-        return (self._shapes, len(ctx.nodes), L.device.type, L.dtype, L.shape[0])
+        return (self._keys.shapes(), len(ctx.nodes), L.device.type, L.dtype, L.shape[0])
 
     def compute(self, ctx: BackwardContext) -> EngineResult:
         if ctx.sparse and any(id(p) in ctx.sparse for p in ctx.reached):
@@ -346,7 +336,7 @@ class AutoEngine(Engine):
         if ctx.graph is not None and ctx.graph.compiled_reads({id(p) for p in ctx.reached}):
             return self._sparse(ctx, COMPILED_NOTE)
         key = self.key(ctx)
-        self._shapes = ()
+        self._keys.reset()
         decision = self.decisions.get(key)
         if decision is None:
             decision = self.decisions[key] = Decision()
@@ -445,7 +435,7 @@ class AutoEngine(Engine):
         a compiled graph reading its parameters: served by ``loop``, the one candidate that
         takes it, without timing; the Snapshot's notes say why (:data:`SPARSE_NOTE`,
         :data:`COMPILED_NOTE`)."""
-        self._shapes = ()
+        self._keys.reset()
         self._served_sparse = True
         engine = self.candidates["loop"]
         result = engine.compute(ctx)

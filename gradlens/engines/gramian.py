@@ -55,6 +55,7 @@ from gradlens.engines._blocks import (
 from gradlens.engines._capture import capture_rows, split_heads, task_scales
 from gradlens.engines._graph import GraphIndex
 from gradlens.engines._segments import fed_tops, segmented
+from gradlens.engines._shared import callable_module
 from gradlens.engines._unbatchable import unbatchable
 from gradlens.engines.rules import Rule, own_state_reason, served_modules
 from gradlens.engines.rules._groups import GROUPED, grouped
@@ -77,6 +78,7 @@ class GramianEngine(Engine):
         self._records: dict[str, list[Record]] = {}
         self._boundary: list[Record] = []
         self._forwards = 0  # the shared root's forwards recorded (see KEEP_FORWARDS)
+        self._tick_layer: str | None = None  # counts them where the root is never called
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize[..., GramianEngine] | None = None
@@ -102,13 +104,9 @@ class GramianEngine(Engine):
         root = self.shared.module
         if root is None or self._handles:
             return
-        if self._plan is None:
-            shared_ids = {id(p) for p in self.shared.all_params}
-            self._plan = [
-                (self.shared.layer_of[id(own[0])], mod, rule)
-                for mod, own, rule in served_modules(root, shared_ids)
-            ]
-        for layer, mod, rule in self._plan:
+        plan = self._served(root)
+        self._tick_layer = None if callable_module(root) or not plan else plan[0][0]
+        for layer, mod, rule in plan:
             self._modules[layer] = (mod, rule)
             # first among the module's hooks: a user's hook that returns a new output (noise,
             # clamping, steering) runs after, on the module's own output recorded here
@@ -117,6 +115,24 @@ class GramianEngine(Engine):
             )
         self._handles.append(root.register_forward_hook(self._boundary_hook(), prepend=True))
         self._finalizer = weakref.finalize(self, _remove, list(self._handles))
+
+    def _served(self, root: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
+        """The modules a rule serves, with their layers (planned once per parameter set)."""
+        if self._plan is None:
+            shared_ids = {id(p) for p in self.shared.all_params}
+            self._plan = [
+                (self.shared.layer_of[id(own[0])], mod, rule)
+                for mod, own, rule in served_modules(root, shared_ids)
+            ]
+        return self._plan
+
+    def shared_changed(self) -> None:
+        """Plan and hook anew (the coming probe's records are kept: same modules, by layer)."""
+        installed = bool(self._handles)
+        self._uninstall()
+        self._plan, self._modules = None, {}
+        if installed:
+            self._install()
 
     def _uninstall(self) -> None:
         if self._finalizer is not None:
@@ -160,16 +176,22 @@ class GramianEngine(Engine):
                 if isinstance(out, torch.Tensor) and out.requires_grad:
                     edge = get_gradient_edge(out)
                     engine._boundary.append(Record(out.detach(), edge, out.shape, out.dtype, n))
-            engine._forwards = n = n + 1
-            if n % KEEP_FORWARDS == 0:  # the records of the last KEEP_FORWARDS forwards at least
-                keep = n - KEEP_FORWARDS
-                engine._boundary = [r for r in engine._boundary if r.forward >= keep]
-                engine._records = {
-                    k: kept for k, recs in engine._records.items()
-                    if (kept := [r for r in recs if r.forward >= keep])
-                }  # fmt: skip
+            engine._tick()
 
         return hook
+
+    def _tick(self) -> None:
+        """One more forward of the shared part: keep the records of the last KEEP_FORWARDS
+        forwards at least (counted at the root's output, or, for a root that is never called,
+        a ModuleList, at its first module that a rule serves)."""
+        self._forwards = n = self._forwards + 1
+        if n % KEEP_FORWARDS == 0:
+            keep = n - KEEP_FORWARDS
+            self._boundary = [r for r in self._boundary if r.forward >= keep]
+            self._records = {
+                k: kept for k, recs in self._records.items()
+                if (kept := [r for r in recs if r.forward >= keep])
+            }  # fmt: skip
 
     def _hook(self, layer: str, rule: Rule) -> Callable[..., None]:
         ref = weakref.ref(self)
@@ -180,6 +202,8 @@ class GramianEngine(Engine):
                 return
             if module is not engine._modules[layer][0]:  # a deep copy's (see the boundary's)
                 return
+            if layer == engine._tick_layer:
+                engine._tick()
             if rule.record is not None:  # a projection inside the module's forward
                 got = rule.record(module, args, output)
                 if got is not None:
@@ -213,10 +237,11 @@ class GramianEngine(Engine):
             return EngineResult({})
         by_layer = group_by_layer(self.shared, params)
         notes = []
-        if self._modules and not records and not boundary:
-            # hooks installed but nothing recorded: the forward ran before the profiler existed
-            # (or outside a probed step); every layer is served by the exact generic path
-            notes.append(UNRECORDED)
+        # nothing recorded (a forward before the profiler, or off a probe): the generic path serves
+        # all; a root never called (ModuleList) records by its modules, if a rule serves one
+        root = self.shared.module
+        if not (records or boundary) and root is not None:
+            notes += [UNRECORDED] if self._served(root) or callable_module(root) else []
         rule_layers, generic = self._serve(ctx, records, by_layer)
         inputs: list[torch.Tensor | GradientEdge] = [
             r.edge for recs in rule_layers.values() for r in recs

@@ -293,6 +293,10 @@ class FlatEngine(Engine):
         self._plan = None
         self._views = None
 
+    def shared_changed(self) -> None:
+        self._cols = None  # (keyed by ids: a replaced parameter's id may be reused)
+        self.release()
+
     def flat_buffer(self, rows: int, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """An uninitialised ``rows x P`` buffer in the parameters' (promoted) dtype, float32 at
         least; reused from one probe to the next on CPU up to :data:`KEEP` bytes."""

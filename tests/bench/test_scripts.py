@@ -54,6 +54,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
         "aten::",
     ),
     "second_stage.py": (["bert", "3", "1"], "gramian"),
+    "shared_follow.py": (["--tasks", "2", "--repeats", "1", "--calls", "3"], "fingerprint"),
     "unprobed_step.py": (["--models", "mlp-tiny", "--steps", "2"], "unprobed step"),
     "zoo_table.py": ([str(BENCH / "results" / "cpu_zoo_exact_engines.json")], "MobileNetV2"),
 }

@@ -72,10 +72,25 @@ def test_a_deep_copy_of_the_model_records_nothing():
             hooked = prof._engine if engine == "gramian" else prof._engine.candidates["gramian"]
             assert not hooked._records
             assert not hooked._boundary
-            assert not prof._seen_forward
-            if engine == "auto":
-                assert prof._engine._shapes == ()
+            if engine == "auto":  # (the profiler keeps no 'forward seen' flag of its own now)
+                assert prof._engine._keys._seen == {}
             x = torch.randn(10, 6, dtype=torch.float64)
             probe_matches_reference(prof, trunk, _losses(trunk(x), heads), W, params)
             for p in params:
                 p.grad = None
+
+
+def test_a_root_that_is_never_called_bounds_its_records_too():
+    """``shared = nn.ModuleList([...])`` is never called itself: its forwards are counted at its
+    first rule-served module, so a validation loop's records are bounded there as well."""
+    trunk, heads = _model()
+    shared = nn.ModuleList([trunk[:2], trunk[2:]])
+    params = [*trunk.parameters(), *heads.parameters()]
+    with gl.Profiler(shared, TASKS, engine="gramian") as prof:
+        engine = prof._engine
+        for _ in range(5 * KEEP_FORWARDS + 3):  # a validation loop with grad enabled
+            trunk(torch.randn(10, 6, dtype=torch.float64)).sum()
+        assert 0 < max(len(recs) for recs in engine._records.values()) < 2 * KEEP_FORWARDS
+        x = torch.randn(10, 6, dtype=torch.float64)
+        snap = probe_matches_reference(prof, shared, _losses(trunk(x), heads), W, params)
+        assert set(snap.rules.values()) == {"linear", "norm"}
