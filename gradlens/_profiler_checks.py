@@ -289,10 +289,20 @@ def check_sparse(
         )
 
 
-def check_finite(L: torch.Tensor, tasks: tuple[str, ...]) -> list[float]:
-    """The losses' values (one read on the host, reused for the Snapshot), all finite."""
+def check_finite(
+    L: torch.Tensor, tasks: tuple[str, ...], scaled: bool = False
+) -> list[float] | None:
+    """The losses' values (one read on the host, reused for the Snapshot), all finite; None
+    where one is not and the step is ``scaled`` (a loss scaler's overflow: the step goes on as
+    an unprobed one, whose inf/NaN gradients the scaler skips).
+
+    >>> check_finite(torch.tensor([1.0, float("inf")]), ("a", "b"), scaled=True) is None
+    True
+    """
     vals: list[float] = L.detach().tolist()
     if not all(map(math.isfinite, vals)):
+        if scaled:
+            return None
         bad = {t: v for t, v in zip(tasks, vals) if not math.isfinite(v)}
         raise GradlensError(f"`losses` should be finite; found {bad}.")
     return vals

@@ -221,8 +221,8 @@ class Profiler:
                 with ``losses`` unscaled. ``.grad`` then equals that of
                 ``scaler.scale(sum_t w_t L_t).backward()``, so ``scaler.step(opt)`` follows as
                 usual, and the Grams are unscaled (divided by ``scale**2``). A probed step whose
-                scaled gradients overflow (the scaler skips it too) returns None and stores
-                nothing.
+                scaled gradients overflow, or whose losses are not finite (an fp16 forward's
+                overflow), returns None and stores nothing: the scaler skips it too.
 
         Returns:
             A :class:`Snapshot` on probed steps, else None.
@@ -358,7 +358,8 @@ class Profiler:
         # which on a GPU would stall every step (an unprobed step then behaves as plain training)
         L, parts = stack_losses(losses, self.tasks)
         self._check_device(L)
-        values = check_finite(L, self.tasks) if probe else None
+        values = check_finite(L, self.tasks, grad_scale is not None) if probe else None
+        probe = probe and values is not None  # (a scaler's overflow: a plain step, skipped by it)
         if gw is None:
             w = self._weights_on(cast("Mapping[str, float | torch.Tensor] | None", weights), L)
         else:

@@ -245,3 +245,25 @@ def test_a_loss_computed_in_half_precision_with_a_generic_layer(engine):
             assert _rel([p.grad for p in params], list(plain)) <= GRAD_TOL[torch.bfloat16]
             for p in params:
                 p.grad = None
+
+
+@pytest.mark.parametrize("engine", ["auto", "loop", "batched", "gramian"])
+def test_a_non_finite_loss_under_a_scaler_is_its_overflow_on_a_probed_step_too(engine):
+    """An fp16 forward that overflows gives an inf loss: the event GradScaler skips. A probed
+    step raised 'losses should be finite' where an unprobed one went through, so an AMP run died
+    or not by its schedule; now both are the scaler's skipped step (None, no Snapshot)."""
+    trunk, heads, x, ys = build("mlp", 3, torch.float32, batch=8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    opt = torch.optim.SGD(_params(trunk, heads), lr=0.0)
+    with gl.Profiler(trunk, list(W), engine=engine, every=2) as prof:
+        for step in range(4):  # steps 1 (unprobed) and 2 (probed) overflow
+            losses = task_losses(trunk, heads, x, ys)
+            if step in (1, 2):
+                losses["t1"] = losses["t1"] * float("inf")
+            snap = prof.backward(losses, W, grad_scale=scaler)
+            assert (snap is None) == (step in (1, 2) or step % 2 == 1)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        assert prof.step == 4
+    assert scaler.get_scale() == 2.0**6  # halved by each of the two overflows
