@@ -511,10 +511,11 @@ class ProbeWarnings:
             self.unrecorded = True
             _warn(
                 f"the forward of the probe at step {snap.step} was not seen by the profiler's "
-                "hooks on the shared module (was the Profiler created after the forward, or "
-                "the trunk called through .forward()?): the gramian engine served every layer "
-                "by its exact but slower generic path (Snapshot.notes records it). Create the "
-                "Profiler before the first forward."
+                "hooks on the shared module (was the Profiler created after the forward, the "
+                "trunk called through .forward(), or this graph probed already by an earlier "
+                "call with retain_graph=True?): the gramian engine served every layer by its "
+                "exact but slower generic path (Snapshot.notes records it). Create the Profiler "
+                "before the first forward; a second probe of one graph is exact as it is."
             )
         if UNSCHEDULED in snap.notes and not self.unscheduled:
             self.unscheduled = True
