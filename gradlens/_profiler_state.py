@@ -88,6 +88,9 @@ def load_state(prof: Profiler, state: object, stacklevel: int = 3) -> None:
             stacklevel=stacklevel,
         )
         auto.decisions = {}
+    rewind = getattr(prof.store, "rewind", None)
+    if callable(rewind):  # a run store reopened to append: cut back to the checkpoint's step
+        rewind(step)
     prof._held = held
     prof.step = step  # (the engine's recording follows the schedule at this step)
     if auto is not None:

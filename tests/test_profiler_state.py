@@ -162,3 +162,26 @@ def test_a_refused_store_leaves_no_hook_on_the_model(tmp_path, engine):
     with pytest.raises(gl.StoreError, match="already holds a run"):
         gl.Profiler(trunk, TASKS, engine=engine, store=tmp_path / "run")
     assert all(not m._forward_hooks for m in trunk.modules())
+
+
+def test_a_resumed_loop_cuts_its_run_store_back_to_the_checkpoint(tmp_path):
+    """A crash after the checkpoint at step 6 left probes 6 and 8 flushed in the run; the
+    resumed loop reopens the run to append and loads the state: the store is cut back to step
+    6, and the resumed probes 6, 8, ... are stored (it failed with 'snap.step should increase
+    strictly' at every probe up to the crashed run's last one before)."""
+    from gradlens.store import RunWriter, load_run
+
+    trunk, heads = _model()
+    run = tmp_path / "run"
+    prof = gl.Profiler(trunk, TASKS, engine="loop", every=2, store=run)
+    _run(prof, trunk, heads, range(6))
+    state = _roundtrip(prof.state_dict())
+    _run(prof, trunk, heads, range(6, 9))  # steps 6 and 8 probed and flushed, then a crash
+    prof.close()  # (its writer's lock released, as a killed process's is taken over)
+    assert list(load_run(run).probed_steps) == [0, 2, 4, 6, 8]
+    writer = RunWriter(run, append=True)
+    with gl.Profiler(trunk, TASKS, engine="loop", every=2, store=writer) as resumed:
+        resumed.load_state_dict(state)
+        assert list(load_run(run).probed_steps) == [0, 2, 4]
+        _run(resumed, trunk, heads, range(6, 11))
+    assert list(load_run(run).probed_steps) == [0, 2, 4, 6, 8, 10]
