@@ -26,11 +26,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Draw and save the heatmap; print its path."""
     from gradlens import plots
+    from gradlens._errors import GradlensError
     from gradlens.store import load_run
 
     out = args.out if args.out is not None else args.run / "heatmap.png"
     _check_image_path(out)
-    fig = plots.conflict_heatmap(load_run(args.run), layer=args.layer)
+    run_ = load_run(args.run)
+    if len(run_.tasks) < 2:
+        raise GradlensError(
+            f"`RUN` should be a run of at least 2 tasks for a task x task heatmap; found "
+            f"{list(run_.tasks)} in {args.run}."
+        )
+    fig = plots.conflict_heatmap(run_, layer=args.layer)
     path = plots.save(fig, out, dpi=args.dpi)
     sys.stdout.write(f"wrote {path}\n")
     return 0

@@ -95,6 +95,13 @@ def _check_evals(root: Path, splits: dict[str, str], metric: str) -> None:
 
     found = [c.split(".") for c in load_runs(root).columns if c.startswith("final.")]
     have_splits = sorted({parts[1] for parts in found if len(parts) >= 4})
+    if not have_splits:
+        raise GradlensError(
+            f"`DIR` should hold runs with final evaluations (each run's scores per split, which "
+            f"a report compares across runs); found none under {root}. Report one run with "
+            "`gradlens report RUN` (a directory with meta.json), or evaluate the runs (a sweep "
+            "does)."
+        )
     for flag, split in splits.items():
         if split not in have_splits:
             raise GradlensError(

@@ -70,6 +70,19 @@ def test_report_refuses_unknown_split_and_metric(capsys, run_dir):
     _fails(capsys, ["report", root, "--split", "val", "--metric", "nosuch"], "`--metric`")
 
 
+def test_report_and_heatmap_name_what_the_runs_lack(capsys, tmp_path):
+    """Runs with no final evaluations: the report said '`--split` should be ... one of []' (no
+    split could ever do); a one-task run's heatmap named the plotting function's argument."""
+    for name, tasks in (("r1", ("a", "b")), ("single", ("only",))):
+        with RunWriter(tmp_path / "runs" / name, meta={"tasks": list(tasks)}) as w:
+            g = torch.eye(len(tasks), dtype=torch.float64)
+            w.add_snapshot(Snapshot(0, tasks, g, {"fc": g}, torch.ones(len(tasks))))
+    _fails(capsys, ["report", str(tmp_path / "runs"), "--no-progress"],
+           "`DIR` should hold runs with final evaluations")  # fmt: skip
+    _fails(capsys, ["heatmap", str(tmp_path / "runs" / "single")],
+           "`RUN` should be a run of at least 2 tasks")  # fmt: skip
+
+
 def test_file_system_errors_are_one_line(capsys, run_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     err = _fails(
