@@ -225,6 +225,27 @@ class DistributedProfiler(Profiler):
         super()._step_moved()
         self._set_ddp_sync()  # a step set from outside (a resumed run): DDP follows it too
 
+    def _check_write(self, probe: bool, held_per_layer: bool) -> None:
+        if not self._synced_step:  # the profiler averages this step itself
+            return
+        if probe:  # a Gram weighting with no weights held yet forces a probe on this step
+            raise GradlensError(
+                f"step {self.step} should be one the schedule probes: a Gram weighting with no "
+                "weights held yet makes it a probe, but DDP was set to average it (the "
+                "schedule does not probe it), and DDP cannot average a probe's gradients. "
+                "Probe the step where the weighting starts (a schedule that probes it, e.g. "
+                "every=1 until then). Nothing was written."
+            )
+        if not held_per_layer:
+            return
+        raise GradlensError(
+            "`weights=gl.per_layer(...)` with unprobed steps under DDP: an unprobed step writes "
+            "the held per-layer weights outside autograd, where DDP's reducer cannot average "
+            "them. Use every=1 (the profiler averages every probed step), whole-model weights, "
+            "or pass the unwrapped module as `model` (the profiler then averages every step). "
+            "Nothing was written."
+        )
+
     def _after(self, snap: Snapshot | None, wrote: bool) -> Snapshot | None:
         if wrote and not self._synced_step:
             self._average_grads()

@@ -327,6 +327,10 @@ class Profiler:
         """Hook run after the gradients are written and before sinks see the snapshot."""
         return snap
 
+    def _check_write(self, probe: bool, held_per_layer: bool) -> None:
+        """Hook run before anything is written: whether this step is probed, and whether an
+        unprobed one writes held per-layer weights (a subclass may refuse either)."""
+
     def _run(
         self,
         losses: Mapping[str, torch.Tensor],
@@ -354,6 +358,7 @@ class Profiler:
         if held is not None and per_layer and not held[1]:
             held = None  # whole-model weights are held; per-layer ones are needed
         probe = bool(self._schedule(step)) or (gw is not None and held is None)
+        self._check_write(probe, bool(per_layer and held is not None and write))
         # finiteness is checked on probed steps only: the check reads the losses on the host,
         # which on a GPU would stall every step (an unprobed step then behaves as plain training)
         L, parts = stack_losses(losses, self.tasks)

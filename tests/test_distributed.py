@@ -371,3 +371,33 @@ def test_a_graph_vmap_cannot_run_is_refused_naming_the_fix():
     assert prof.step == 0
     assert all(p.grad is None for p in model.parameters())
     prof.close()
+
+
+@pytest.mark.usefixtures("group")
+@pytest.mark.parametrize("case", ["per-layer held", "forced probe"])
+def test_writes_ddp_cannot_average_are_refused_before_anything_is_written(case):
+    """Held per-layer weights on an unprobed step are written outside autograd, and a probe a
+    Gram weighting forces on a step the schedule skips comes after DDP prepared to reduce it:
+    DDP averaged neither (then torch's 'Expected to have finished reduction' error)."""
+    from gradlens.weightings import make_weighting
+
+    torch.manual_seed(0)
+    model = MTL().double()
+    net = nn.parallel.DistributedDataParallel(model)
+    x, y = _data()
+    mgda = make_weighting("mgda", TASKS)
+    weighting = gl.per_layer(mgda) if case == "per-layer held" else mgda
+    prof = DistributedProfiler(net, model.trunk, TASKS, engine="loop", every=2)
+    if case == "per-layer held":
+        prof.backward(_losses(net(x)[1], y), weighting)  # step 0: probed, weights held
+        for p in model.parameters():
+            p.grad = None
+    else:
+        prof.step = 1  # the schedule skips it; no weights held yet
+    losses = _losses(net(x)[1], y)
+    match = "per_layer" if case == "per-layer held" else "should be one the schedule probes"
+    with pytest.raises(gl.GradlensError, match=match):
+        prof.backward(losses, weighting)
+    assert prof.step == 1
+    assert all(p.grad is None for p in model.parameters())
+    prof.close()
