@@ -7,6 +7,7 @@ what was found; the general ones come from :mod:`gradlens._validate`.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -381,7 +382,7 @@ def meta_of(
         "engine": engine,
         "level": level,
         "layers": list(shared.layers),
-        "every": every if isinstance(every, int) else repr(every),
+        "every": int(every) if isinstance(every, numbers.Integral) else repr(every),
         "shared_params": sum(p.numel() for p in shared.params),
     }
     if taken := sorted(set(out) & set(meta or {})):

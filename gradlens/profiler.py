@@ -221,8 +221,9 @@ class Profiler:
                 with ``losses`` unscaled. ``.grad`` then equals that of
                 ``scaler.scale(sum_t w_t L_t).backward()``, so ``scaler.step(opt)`` follows as
                 usual, and the Grams are unscaled (divided by ``scale**2``). A probed step whose
-                scaled gradients overflow, or whose losses are not finite (an fp16 forward's
-                overflow), returns None and stores nothing: the scaler skips it too.
+                scaled gradients overflow, or, with an enabled GradScaler, whose losses are not
+                finite (an fp16 forward's overflow), returns None and stores nothing: the
+                scaler skips it too.
 
         Returns:
             A :class:`Snapshot` on probed steps, else None.
@@ -343,7 +344,7 @@ class Profiler:
         what = "backward" if write else "observe"
         if self._closed:
             raise GradlensError(f"`{what}` was called on a closed Profiler; create a new one.")
-        check_type("retain_graph", retain_graph, bool, "a bool")
+        retain_graph = bool(check_type("retain_graph", retain_graph, (bool, type(None)), "a bool"))
         step = self.step
         # is_weighting tells a Gram weighting (a callable) from a mapping of weights
         gw = cast("Weighting", weights) if _weighting.is_weighting(weights) else None
@@ -363,7 +364,7 @@ class Profiler:
         # which on a GPU would stall every step (an unprobed step then behaves as plain training)
         L, parts = stack_losses(losses, self.tasks)
         self._check_device(L)
-        values = check_finite(L, self.tasks, grad_scale is not None) if probe else None
+        values = check_finite(L, self.tasks, _scaler_on(grad_scale)) if probe else None
         probe = probe and values is not None  # (a scaler's overflow: a plain step, skipped by it)
         if gw is None:
             w = self._weights_on(cast("Mapping[str, float | torch.Tensor] | None", weights), L)
@@ -594,6 +595,11 @@ class Profiler:
         with grads_atomic(leaves.values()):  # (an unprobed step's: a failure writes nothing)
             _weighting.write_per_layer(Ls, shared, self._shared.layer_of, lw, self._budget, sparse)
             self._write_rest(Ls, w, retain_graph, leaves)
+
+
+def _scaler_on(grad_scale: object) -> bool:
+    """Whether ``grad_scale`` is an enabled GradScaler (its overflow step is skipped by it)."""
+    return isinstance(grad_scale, torch.amp.GradScaler) and grad_scale.is_enabled()
 
 
 def _finalize(engine: Engine, sinks: list[Sink]) -> None:

@@ -267,3 +267,20 @@ def test_a_non_finite_loss_under_a_scaler_is_its_overflow_on_a_probed_step_too(e
             opt.zero_grad(set_to_none=True)
         assert prof.step == 4
     assert scaler.get_scale() == 2.0**6  # halved by each of the two overflows
+
+
+@pytest.mark.parametrize(
+    "scale", [torch.amp.GradScaler("cpu", enabled=False), 2.0], ids=["disabled-scaler", "float"]
+)
+def test_a_non_finite_loss_without_an_enabled_scaler_is_still_refused(scale):
+    """Only an enabled GradScaler skips a step whose gradients are not finite: with a disabled
+    one (GradScaler(enabled=use_amp), AMP off) or a static scale, a non-finite loss on a probed
+    step is refused as without a scale (it trained on NaN gradients, silently)."""
+    trunk, heads, x, ys = build("mlp", 3, torch.float32, batch=8)
+    with gl.Profiler(trunk, list(W), engine="loop") as prof:
+        losses = task_losses(trunk, heads, x, ys)
+        losses["t1"] = losses["t1"] * float("inf")
+        with pytest.raises(gl.GradlensError, match="`losses` should be finite"):
+            prof.backward(losses, W, grad_scale=scale)
+        assert prof.step == 0
+    assert all(p.grad is None for p in _params(trunk, heads))

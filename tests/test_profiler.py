@@ -85,6 +85,8 @@ def test_retain_graph_is_a_bool():
         with pytest.raises(gl.GradlensError, match="`retain_graph` should be a bool; found str"):
             prof.backward(task_losses(trunk, heads, x, ys), retain_graph="yes")  # type: ignore[arg-type]
         assert prof.step == 0
+        prof.backward(task_losses(trunk, heads, x, ys), retain_graph=None)  # type: ignore[arg-type]  # torch's own default
+        assert prof.step == 1
 
 
 def test_callable_schedule_and_will_probe():

@@ -7,6 +7,7 @@ recorded by its modules' hooks and keys ``auto``'s decisions by their shapes."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -114,25 +115,29 @@ def test_a_swapped_submodule_is_measured_and_hooked(engine):
         assert gramian[-1].get("2", gramian[-1].get("2.0")) == "linear"
 
 
-def test_parameters_given_as_a_list_refuse_a_replacement():
-    """Given parameters, not a module, a replacement cannot be followed: an error naming the
-    parameter and the fix, before anything is written."""
+def test_parameters_given_as_a_list_warn_of_a_replacement_once():
+    """Given parameters, not a module, a replacement cannot be followed: a warning naming the
+    parameter and the fix (once); the probe measures what it reaches (the old parameter's part
+    of its layer's Gram zero). Not an error: routing that skips a shared parameter while
+    another of its shape is used (mixture of experts, layer drop) looks the same, and is
+    measured right."""
     trunk, heads, x, ys = build("mlp", len(TASKS))
     with gl.Profiler(list(trunk.named_parameters()), TASKS, engine="loop") as prof:
         _probe_and_check(prof, trunk, heads, x, ys, "loop")
         trunk[2].weight = nn.Parameter(trunk[2].weight.detach().clone())
         for p in [*trunk.parameters(), *heads.parameters()]:
             p.grad = None
-        losses = task_losses(trunk, heads, x, ys)
-        with pytest.raises(gl.GradlensError, match=r"'2\.weight'.*Create a new Profiler"):
-            prof.backward(losses)
-        assert prof.step == 1
-        assert all(p.grad is None for p in [*trunk.parameters(), *heads.parameters()])
+        with pytest.warns(gl.GradlensWarning, match=r"'2\.weight'.*create a new Profiler"):
+            snap = prof.backward(task_losses(trunk, heads, x, ys))
+        assert snap is not None
+        # warned once: a second warning would fail this test (warnings are errors here)
+        prof.backward(task_losses(trunk, heads, x, ys))
     # every parameter replaced before the first probe (resuming by assignment)
     with gl.Profiler(list(trunk.named_parameters()), TASKS, engine="gramian") as prof:
         _replace(trunk, "assign")
-        with pytest.raises(gl.GradlensError, match=r"'0\.weight'.*Create a new Profiler"):
+        with pytest.warns(gl.GradlensWarning) as rec:  # this one, and every Gram zero
             prof.backward(task_losses(trunk, heads, x, ys))
+        assert any(re.search(r"'0\.weight'.*create a new Profiler", str(r.message)) for r in rec)
     # a shared parameter no loss uses, next to a head of its shape: flagged (a zero Gram), no
     # error, at the first probe and after
     trunk, heads, x, ys = build("mlp", len(TASKS))

@@ -388,6 +388,8 @@ class GraphIndex:
         False
         """
         at = self.memo(("compiled-nodes",), self._compiled_nodes)
+        if not at:  # (the edges' lists cost a pass over the whole graph)
+            return False
         leaf_at, edges = self.leaf_at, self.edges
         return any(
             j in leaf_at and id(leaf_at[j]) in ids for i in at for j, _ in edges[i]

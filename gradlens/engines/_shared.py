@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from gradlens._errors import GradlensError
+from gradlens._errors import GradlensError, GradlensWarning
 from gradlens._types import RENAMED_TOTAL, TOTAL_LAYER
 
 __all__ = ["ROOT_LAYER", "SharedParams", "callable_module", "resolve_shared"]
@@ -39,6 +40,7 @@ class SharedParams:
     #: leaves outside the set, by id); None before the first.
     _seen: tuple[frozenset[int], frozenset[int]] | None = field(default=None, repr=False)
     _ids: frozenset[int] = field(default=frozenset(), repr=False)
+    _warned_kept: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self._ids = frozenset(id(p) for _, p in self.all_named)
@@ -73,8 +75,8 @@ class SharedParams:
         not reach, or the reached leaves outside the set, differ from the last probe's (a
         replaced parameter is no longer reached; its replacement is a new leaf outside the set).
         Given parameters rather than a module, a replacement cannot be followed: a trainable
-        shared parameter that is not reached while a new leaf of its shape is raises a
-        :class:`~gradlens.GradlensError` naming it (see :meth:`check_kept`).
+        shared parameter that is not reached while a new leaf of its shape is warns once, naming
+        it (see :meth:`check_kept`: routing that skips a parameter looks the same).
 
         >>> lin = nn.Linear(2, 2)
         >>> shared = resolve_shared(lin)
@@ -118,7 +120,7 @@ class SharedParams:
     def check_kept(
         self, leaves: Mapping[int, torch.Tensor], seen: tuple[frozenset[int], frozenset[int]]
     ) -> None:
-        """Raise when a given (not module-owned) trainable shared parameter looks replaced: not
+        """Warn once when a given (not module-owned) trainable shared parameter looks replaced: not
         reached, while a parameter outside the set with its shape, dtype and device is newly
         reached (not at the last probe), and it was reached at the last probe (at the first,
         only when no shared parameter is reached: a shared parameter that no loss uses next to a
@@ -138,16 +140,23 @@ class SharedParams:
             if id(p) in unreached and any(
                 q.shape == p.shape and q.dtype == p.dtype and q.device == p.device for q in new
             ):
-                raise GradlensError(
+                if self._warned_kept:
+                    return
+                self._warned_kept = True
+                warnings.warn(
                     f"`shared` was given as parameters, which a Profiler keeps as given; found "
                     f"shared parameter {n!r} (shape {tuple(p.shape)}) not reached by the losses "
-                    "while a parameter of its shape outside `shared` is: was it replaced after "
-                    "the Profiler was created (`load_state_dict(..., assign=True)`, "
-                    "`module.weight = nn.Parameter(...)`)? Create a new Profiler after replacing "
+                    "while a parameter of its shape outside `shared` newly is. If it was replaced "
+                    "after the Profiler was created (`load_state_dict(..., assign=True)`, "
+                    "`module.weight = nn.Parameter(...)`), its Gram is measured on the old one "
+                    "(zero, listed in Snapshot.unreached): create a new Profiler after replacing "
                     "parameters, or pass the module as `shared` (its current parameters are "
-                    f"followed). If {n!r} is simply unused by these losses, freeze it "
-                    "(requires_grad=False) or leave it out of `shared`."
+                    "followed). Routing (mixture of experts, layer drop) that skips it this step "
+                    "is measured right as it is. Warned once.",
+                    GradlensWarning,
+                    stacklevel=6,
                 )
+                return
 
     def _fingerprint(
         self, leaves: Mapping[int, torch.Tensor]

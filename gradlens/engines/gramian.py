@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+from torch.nn.modules.module import _global_forward_hooks as _GLOBAL_HOOKS
 
 from gradlens.engines._base import (
     BackwardContext,
@@ -79,6 +80,9 @@ class GramianEngine(Engine):
         self._boundary: list[Record] = []
         self._forwards = 0  # the shared root's forwards recorded (see KEEP_FORWARDS)
         self._tick_layer: str | None = None  # counts them where the root is never called
+        self._last_layer: str | None = None  # (the layer whose call was recorded last)
+        self._ends: str | None = None  # (the last layer a rule serves, in module order)
+        self._first_hook: dict[str, int] = {}  # layer -> its hook's handle id
         self._modules: dict[str, tuple[nn.Module, Rule]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer: weakref.finalize[..., GramianEngine] | None = None
@@ -106,14 +110,18 @@ class GramianEngine(Engine):
             return
         plan = self._served(root)
         self._tick_layer = None if callable_module(root) or not plan else plan[0][0]
+        self._ends = plan[-1][0] if plan else None
+        # (first, so that a root a rule serves has its layer's hook first: see below)
+        self._handles.append(root.register_forward_hook(self._boundary_hook(), prepend=True))
         for layer, mod, rule in plan:
             self._modules[layer] = (mod, rule)
             # first among the module's hooks: a user's hook that returns a new output (noise,
-            # clamping, steering) runs after, on the module's own output recorded here
-            self._handles.append(
-                mod.register_forward_hook(self._hook(layer, rule), prepend=True)
-            )
-        self._handles.append(root.register_forward_hook(self._boundary_hook(), prepend=True))
+            # clamping, steering) runs after, on the module's own output recorded here (one
+            # registered later with prepend=True, or a global one, comes first: the hook then
+            # records nothing and the layer takes the generic path)
+            handle = mod.register_forward_hook(self._hook(layer, rule), prepend=True)
+            self._first_hook[layer] = handle.id
+            self._handles.append(handle)
         self._finalizer = weakref.finalize(self, _remove, list(self._handles))
 
     def _served(self, root: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
@@ -202,8 +210,11 @@ class GramianEngine(Engine):
                 return
             if module is not engine._modules[layer][0]:  # a deep copy's (see the boundary's)
                 return
-            if layer == engine._tick_layer:
-                engine._tick()
+            if layer == engine._tick_layer and engine._last_layer in (None, engine._ends):
+                engine._tick()  # (a first module called again within a forward: no new one)
+            engine._last_layer = layer
+            if _GLOBAL_HOOKS or next(iter(module._forward_hooks)) != engine._first_hook[layer]:
+                return  # another hook ran first and may have changed the output
             if rule.record is not None:  # a projection inside the module's forward
                 got = rule.record(module, args, output)
                 if got is not None:

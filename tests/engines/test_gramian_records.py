@@ -94,3 +94,22 @@ def test_a_root_that_is_never_called_bounds_its_records_too():
         x = torch.randn(10, 6, dtype=torch.float64)
         snap = probe_matches_reference(prof, shared, _losses(trunk(x), heads), W, params)
         assert set(snap.rules.values()) == {"linear", "norm"}
+
+
+def test_a_first_module_called_many_times_in_a_forward_counts_one_forward():
+    """A root that is never called (a ModuleList) counts forwards at its first module a rule
+    serves: called 40 times in one forward (a recurrent block), it counted 40 forwards and the
+    bound dropped that forward's own calls (the layer then went generic)."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)]).double()
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in TASKS]).double()
+    params = [*blocks.parameters(), *heads.parameters()]
+    with gl.Profiler(blocks, TASKS, engine="gramian") as prof:
+        for _ in range(3):
+            h = torch.randn(5, 8, dtype=torch.float64)
+            for _ in range(2 * KEEP_FORWARDS + 8):
+                h = torch.tanh(blocks[0](h))
+            snap = probe_matches_reference(prof, blocks, _losses(blocks[1](h), heads), W, params)
+            assert set(snap.rules.values()) == {"linear"}
+            for p in params:
+                p.grad = None

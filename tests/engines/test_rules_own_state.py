@@ -46,11 +46,29 @@ def _change(trunk: nn.Sequential, how: str) -> None:
             torch.nn.utils.weight_norm(lin)
     elif how == "pruning":
         prune.l1_unstructured(lin, "weight", amount=0.5)
+    elif how == "hook prepended after":  # (before the Profiler: an x2 hook as above)
+        lin.register_forward_hook(lambda m, a, o: o * 2.0, prepend=True)
+    elif how == "global hook":  # torch runs global forward hooks before any module's
+        _GLOBAL.append(
+            nn.modules.module.register_module_forward_hook(
+                lambda m, a, o: o * 2.0 if m is lin else None
+            )
+        )
+
+
+_GLOBAL: list[torch.utils.hooks.RemovableHandle] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_global_hook_left():
+    yield
+    while _GLOBAL:
+        _GLOBAL.pop().remove()
 
 
 CHANGES = [
     "hook x2 on Linear", "hook clamp on LayerNorm", "instance forward", "weight_norm",
-    "custom parametrization", "old weight_norm", "pruning",
+    "custom parametrization", "old weight_norm", "pruning", "hook prepended after", "global hook",
 ]  # fmt: skip
 
 
@@ -91,7 +109,20 @@ def test_a_changed_module_is_served_exactly(how, when, engine):
     prof.close()
 
 
-@pytest.mark.parametrize("how", CHANGES[2:])
+def test_a_constant_tensor_attribute_is_no_computed_parameter():
+    """A Linear subclass that keeps a fixed bias as a plain tensor attribute (no grad, no
+    pre-hook) is served: it was declined as 'computed from other parameters'."""
+
+    class BiasConst(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(4, 3, bias=False)
+            del self.bias
+            self.bias = torch.ones(3)
+
+    assert own_state_reason(BiasConst()) is None
+
+
+@pytest.mark.parametrize("how", CHANGES[2:7])
 def test_the_decline_is_named(how):
     lin = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.LayerNorm(8))
     _change(lin, how)

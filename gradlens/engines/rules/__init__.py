@@ -159,8 +159,11 @@ def own_state_reason(module: nn.Module) -> str | None:
     state = module.__dict__
     if "forward" in state:
         return "its forward is replaced on the instance"
+    computed = [  # a plain tensor attribute that autograd reaches, or one a pre-hook sets
+        t for name in ("weight", "bias") if isinstance(t := state.get(name), torch.Tensor)
+    ]
     if "parametrizations" in module._modules or any(
-        isinstance(state.get(name), torch.Tensor) for name in ("weight", "bias")
+        t.requires_grad or module._forward_pre_hooks for t in computed
     ):
         name = "weight" if "weight" not in module._parameters else "bias"
         return (
