@@ -264,6 +264,11 @@ def test_bad_constructor_arguments():
         gl.Profiler(nn.ReLU(), ["a"])
     with pytest.raises(gl.GradlensError, match=r"`shared` should be an nn\.Module or an iterable"):
         gl.Profiler(3, ["a"])
+    lazy = nn.Sequential(nn.LazyLinear(4), nn.ReLU())  # torch's raw ValueError before
+    with pytest.raises(gl.GradlensError, match=r"lazy ones not initialized yet \['0\.weight'"):
+        gl.Profiler(lazy, ["a"])
+    lazy(torch.randn(2, 3))  # one forward initializes them
+    gl.Profiler(lazy, ["a"]).close()
     w = nn.Parameter(torch.randn(3, 2))
     with pytest.raises(gl.GradlensError, match=r"found 'param0' at position 0, a tensor computed"):
         gl.Profiler([w[0]], ["a"])  # a row of a parameter: its gradient is never a leaf's

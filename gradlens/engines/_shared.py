@@ -207,6 +207,13 @@ def resolve_shared(shared: nn.Module | Iterable[object]) -> SharedParams:
                     f"`shared` should hold parameters (leaf tensors); found {n!r} at position {i}, "
                     "a tensor computed from others (e.g. a row or a view of a parameter)."
                 )
+    lazy = [n for n, p in named if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise GradlensError(
+            f"`shared` should hold initialized parameters; found lazy ones not initialized yet "
+            f"{lazy[:5]} (nn.LazyLinear, ...). Run one forward with a batch before creating the "
+            "Profiler, as torch asks before anything else uses them."
+        )
     if not any(p.requires_grad for _, p in named):
         raise GradlensError(
             "`shared` should hold at least one parameter with requires_grad=True; found none."
