@@ -86,7 +86,7 @@ def graph_index(
     if (
         engine in VMAP_ENGINES
         and shared is not None
-        and graph.compiled_reads({id(p) for p in shared.all_params})
+        and graph.compiled_reads(shared.ids)
     ):
         raise GradlensError(
             f"`engine={engine!r}` cannot profile `shared` here: the losses come from a "

@@ -56,6 +56,11 @@ class SharedParams:
         return [p for _, p in self.all_named if p.requires_grad]
 
     @property
+    def ids(self) -> frozenset[int]:
+        """The ids of every shared parameter, frozen or not (kept with the set)."""
+        return self._ids
+
+    @property
     def all_params(self) -> list[torch.Tensor]:
         """Every shared parameter, frozen or not."""
         return [p for _, p in self.all_named]

@@ -255,8 +255,8 @@ class AutoEngine(Engine):
         self._keys = ShapeKey()
         #: whether the hooked candidates' hooks are installed (see :meth:`_attach_hooked`)
         self._hooked_on = False
-        #: whether a probe was served by ``loop`` for a sparse gradient (see :meth:`_sparse`)
-        self._served_sparse = False
+        #: whether a probe was served by ``loop`` untimed (see :meth:`_loop_only`)
+        self._served_loop = False
 
     def attach(self) -> None:
         for e in self.candidates.values():
@@ -332,9 +332,9 @@ class AutoEngine(Engine):
 
     def compute(self, ctx: BackwardContext) -> EngineResult:
         if ctx.sparse and any(id(p) in ctx.sparse for p in ctx.reached):
-            return self._sparse(ctx)
-        if ctx.graph is not None and ctx.graph.compiled_reads({id(p) for p in ctx.reached}):
-            return self._sparse(ctx, COMPILED_NOTE)
+            return self._loop_only(ctx, SPARSE_NOTE)
+        if ctx.graph is not None and ctx.graph.compiled_reads(self.shared.ids):
+            return self._loop_only(ctx, COMPILED_NOTE)
         key = self.key(ctx)
         self._keys.reset()
         decision = self.decisions.get(key)
@@ -428,7 +428,7 @@ class AutoEngine(Engine):
             if e is not engine and e.uses_hooks:
                 e.discard()
 
-    def _sparse(self, ctx: BackwardContext, note: str = "") -> EngineResult:
+    def _loop_only(self, ctx: BackwardContext, note: str) -> EngineResult:
         """A graph where a shared parameter gets a sparse gradient (``nn.Embedding(...,
         sparse=True)``, a custom Function's sparse backward: the profiler's graph index finds
         them before the engine runs), or that a compiled model around the shared module makes
@@ -436,12 +436,12 @@ class AutoEngine(Engine):
         takes it, without timing; the Snapshot's notes say why (:data:`SPARSE_NOTE`,
         :data:`COMPILED_NOTE`)."""
         self._keys.reset()
-        self._served_sparse = True
+        self._served_loop = True
         engine = self.candidates["loop"]
         result = engine.compute(ctx)
         self._discard_others(engine)
         result.engine = engine.name
-        result.notes.append(note or SPARSE_NOTE)
+        result.notes.append(note)
         return result
 
     def _release_losers(self) -> None:
@@ -521,7 +521,7 @@ class AutoEngine(Engine):
         then the candidates dropped for a graph they cannot run, e.g. ``loop (dropped
         batched: random-op)``."""
         winners = [d.winner for d in self.decisions.values() if d.winner is not None]
-        if self._served_sparse:
+        if self._served_loop:
             winners.append("loop")
         dropped = {f"{n}: {r}": None for d in self.decisions.values() for n, r in d.dropped.items()}
         if not winners:

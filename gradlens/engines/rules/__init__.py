@@ -152,7 +152,8 @@ def own_state_reason(module: nn.Module) -> str | None:
     >>> lin = nn.Linear(2, 2)
     >>> own_state_reason(lin) is None
     True
-    >>> _ = torch.nn.utils.prune.l1_unstructured(lin, "weight", amount=0.5)
+    >>> from torch.nn.utils import prune
+    >>> _ = prune.l1_unstructured(lin, "weight", amount=0.5)
     >>> own_state_reason(lin)
     'its weight is computed from other parameters (a parametrization, weight norm or pruning)'
     """
