@@ -325,8 +325,14 @@ def test_a_sparse_embedding_is_refused_before_any_side_effect():
     prof = DistributedProfiler(model, model["trunk"], ["a", "b"], engine="loop")
     z = model["trunk"](torch.tensor([[1, 2, 3], [4, 5, 6]]))
     losses = {"a": model["head"](z).mean(), "b": model["head"](z).pow(2).mean()}
-    with pytest.raises(gl.GradlensError, match=r"DistributedProfiler .* sparse=False"):
-        prof.backward(losses)
+    _refused_unchanged(prof, model, losses, r"DistributedProfiler .* sparse=False")
+
+
+def _refused_unchanged(prof, model, losses, match, weights=None):
+    """``prof.backward`` refuses ``losses`` (a GradlensError matching ``match``) and changes
+    nothing: the step and every ``.grad`` as they were; the profiler is closed after."""
+    with pytest.raises(gl.GradlensError, match=match):
+        prof.backward(losses, weights)
     assert prof.step == 0
     assert all(p.grad is None for p in model.parameters())
     prof.close()
@@ -346,11 +352,7 @@ def test_a_custom_functions_sparse_gradient_is_refused_before_any_side_effect():
     z = Rows.apply(table, torch.tensor([1, 2, 2]))
     losses = {"a": model["head"](z).mean(), "b": model["head"](z).pow(2).mean()}
     refused = r"DistributedProfiler .* SparseRowsBackward.*\['table'\]"
-    with pytest.raises(gl.GradlensError, match=refused):
-        prof.backward(losses)
-    assert prof.step == 0
-    assert all(p.grad is None for p in model.parameters())
-    prof.close()
+    _refused_unchanged(prof, model, losses, refused)
 
 
 @pytest.mark.usefixtures("group")
@@ -366,11 +368,7 @@ def test_a_graph_vmap_cannot_run_is_refused_naming_the_fix():
     prof = DistributedProfiler(model, model.trunk, TASKS, engine="batched", grams="global")
     z = checkpoint(lambda t: drop(model.trunk(t)), x, use_reentrant=False)
     losses = _losses([h(z).squeeze(1) for h in model.heads], y)
-    with pytest.raises(gl.GradlensError, match=r"engine='loop'"):
-        prof.backward(losses, W)
-    assert prof.step == 0
-    assert all(p.grad is None for p in model.parameters())
-    prof.close()
+    _refused_unchanged(prof, model, losses, r"engine='loop'", W)
 
 
 @pytest.mark.usefixtures("group")
